@@ -1,0 +1,289 @@
+//! The collective benchmark behind `gantry bench collectives`, in the spirit of nccl-tests:
+//! per size, a correctness check against a locally computed expectation, then timed
+//! iterations. Each iteration is timed on every rank and the slowest rank's time counts
+//! (that is when the collective is done for the job); the median over iterations is reported.
+
+use crate::comm::Communicator;
+use crate::dtype::{DType, ReduceOp};
+use crate::error::CommError;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchOp {
+    AllReduce,
+    AllGather,
+    ReduceScatter,
+    Broadcast,
+    Reduce,
+    AllToAll,
+}
+
+impl BenchOp {
+    pub const fn name(self) -> &'static str {
+        match self {
+            BenchOp::AllReduce => "all_reduce",
+            BenchOp::AllGather => "all_gather",
+            BenchOp::ReduceScatter => "reduce_scatter",
+            BenchOp::Broadcast => "broadcast",
+            BenchOp::Reduce => "reduce",
+            BenchOp::AllToAll => "all_to_all",
+        }
+    }
+
+    /// busbw = algbw × this factor: the fraction of the data each link must carry, so figures
+    /// compare across world sizes (nccl-tests' convention).
+    pub fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            BenchOp::AllReduce => 2.0 * (n - 1.0) / n,
+            BenchOp::AllGather | BenchOp::ReduceScatter | BenchOp::AllToAll => (n - 1.0) / n,
+            BenchOp::Broadcast | BenchOp::Reduce => 1.0,
+        }
+    }
+}
+
+impl std::str::FromStr for BenchOp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [BenchOp::AllReduce, BenchOp::AllGather, BenchOp::ReduceScatter, BenchOp::Broadcast, BenchOp::Reduce, BenchOp::AllToAll]
+            .into_iter()
+            .find(|o| o.name() == s.replace('-', "_"))
+            .ok_or_else(|| format!("unknown op `{s}` (all_reduce, all_gather, reduce_scatter, broadcast, reduce, all_to_all)"))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub op: BenchOp,
+    pub dtype: DType,
+    /// Total buffer bytes per rank (for all_gather: the gathered output).
+    pub sizes: Vec<usize>,
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig { op: BenchOp::AllReduce, dtype: DType::F32, sizes: vec![1 << 10, 1 << 20, 64 << 20], iters: 20, warmup: 5 }
+    }
+}
+
+impl BenchConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.iters == 0 {
+            return Err("iters must be at least 1".into());
+        }
+        if self.sizes.is_empty() {
+            return Err("no sizes given".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub op: &'static str,
+    pub dtype: DType,
+    pub transport: String,
+    pub bytes: usize,
+    pub count: usize,
+    pub world: usize,
+    /// Median over iterations of the slowest rank's time.
+    pub time_us: f64,
+    pub mean_us: f64,
+    pub algbw_gbps: f64,
+    pub busbw_gbps: f64,
+    pub ok: bool,
+}
+
+/// Parse `1K`, `64M`, `2G`, `4096` (powers of 1024) into bytes.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: usize = num.parse().map_err(|_| format!("bad size `{s}` (examples: 1024, 1K, 64M, 1G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Values exactly representable in every dtype, so sums of up to a few dozen ranks are exact.
+fn pattern(rank: usize, i: usize) -> f64 {
+    ((rank + 1) * (i % 7 + 1)) as f64
+}
+
+fn fill(buf: &mut [u8], dtype: DType, f: impl Fn(usize) -> f64) {
+    macro_rules! go {
+        ($t:ty) => {{
+            for (i, x) in bytemuck::cast_slice_mut::<u8, $t>(buf).iter_mut().enumerate() {
+                *x = <$t as crate::dtype::Element>::from_f64(f(i));
+            }
+        }};
+    }
+    match dtype {
+        DType::F32 => go!(f32),
+        DType::F64 => go!(f64),
+        DType::F16 => go!(half::f16),
+        DType::BF16 => go!(half::bf16),
+        DType::I32 => go!(i32),
+        DType::I64 => go!(i64),
+        DType::U8 => go!(u8),
+    }
+}
+
+fn matches(buf: &[u8], dtype: DType, f: impl Fn(usize) -> f64) -> bool {
+    macro_rules! go {
+        ($t:ty) => {
+            bytemuck::cast_slice::<u8, $t>(buf)
+                .iter()
+                .enumerate()
+                .all(|(i, x)| crate::dtype::Element::to_f64(*x) == <$t as crate::dtype::Element>::from_f64(f(i)).to_f64_lossless())
+        };
+    }
+    trait Lossless {
+        fn to_f64_lossless(self) -> f64;
+    }
+    impl<T: crate::dtype::Element> Lossless for T {
+        fn to_f64_lossless(self) -> f64 {
+            self.to_f64()
+        }
+    }
+    match dtype {
+        DType::F32 => go!(f32),
+        DType::F64 => go!(f64),
+        DType::F16 => go!(half::f16),
+        DType::BF16 => go!(half::bf16),
+        DType::I32 => go!(i32),
+        DType::I64 => go!(i64),
+        DType::U8 => go!(u8),
+    }
+}
+
+/// One run of `op` on `buf` (the layout each op expects) — shared by the check and the timing.
+fn run_op(comm: &mut Communicator, op: BenchOp, dtype: DType, buf: &mut [u8], out: &mut [u8]) -> Result<(), CommError> {
+    match op {
+        BenchOp::AllReduce => comm.all_reduce_bytes(buf, dtype, ReduceOp::Sum),
+        BenchOp::AllGather => comm.all_gather_bytes(buf, dtype),
+        BenchOp::ReduceScatter => comm.reduce_scatter_bytes(buf, dtype, ReduceOp::Sum),
+        BenchOp::Broadcast => comm.broadcast_bytes(buf, dtype, 0),
+        BenchOp::Reduce => comm.reduce_bytes(buf, dtype, ReduceOp::Sum, 0),
+        BenchOp::AllToAll => comm.all_to_all_bytes(buf, out, dtype),
+    }
+}
+
+/// Fill for the check and verify the result; returns whether every element matched on this rank.
+fn check(comm: &mut Communicator, op: BenchOp, dtype: DType, buf: &mut [u8], out: &mut [u8]) -> Result<bool, CommError> {
+    let (n, r) = (comm.size(), comm.rank());
+    let count = buf.len() / dtype.size();
+    let block = count / n.max(1);
+    let sum_ranks = (n * (n + 1) / 2) as f64;
+    match op {
+        BenchOp::AllGather => fill(buf, dtype, |i| if i / block.max(1) == r { pattern(r, i) } else { 0.0 }),
+        BenchOp::AllToAll => fill(buf, dtype, |i| pattern(r, i) + (i / block.max(1)) as f64),
+        _ => fill(buf, dtype, |i| pattern(r, i)),
+    }
+    run_op(comm, op, dtype, buf, out)?;
+    let ok = match op {
+        BenchOp::AllReduce => matches(buf, dtype, |i| (i % 7 + 1) as f64 * sum_ranks),
+        BenchOp::Reduce if r != 0 => true,
+        BenchOp::Reduce => matches(buf, dtype, |i| (i % 7 + 1) as f64 * sum_ranks),
+        BenchOp::Broadcast => matches(buf, dtype, |i| pattern(0, i)),
+        BenchOp::AllGather => matches(buf, dtype, |i| pattern(i / block, i)),
+        BenchOp::ReduceScatter => {
+            let b = block * dtype.size();
+            matches(&buf[r * b..(r + 1) * b], dtype, |j| ((r * block + j) % 7 + 1) as f64 * sum_ranks)
+        }
+        // Block j of our output came from rank j's block r: pattern(j, idx) + r, at idx = r*block + k.
+        BenchOp::AllToAll => matches(out, dtype, |i| pattern(i / block, r * block + i % block) + r as f64),
+    };
+    Ok(ok)
+}
+
+/// Run the benchmark on every rank of `comm`; every rank returns the same rows.
+pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Result<Vec<BenchRow>, CommError> {
+    let n = comm.size();
+    let mut rows = Vec::new();
+    for &size in &cfg.sizes {
+        let elem = cfg.dtype.size();
+        // Round to whole elements and, for blocked ops, whole blocks per rank.
+        let unit = match cfg.op {
+            BenchOp::AllGather | BenchOp::ReduceScatter | BenchOp::AllToAll => elem * n,
+            _ => elem,
+        };
+        let bytes = size / unit * unit;
+        let mut store = crate::algo::scratch(bytes);
+        let buf = crate::algo::scratch_bytes(&mut store, bytes);
+        let mut out_store = crate::algo::scratch(if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
+        let out = crate::algo::scratch_bytes(&mut out_store, if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
+
+        let ok_here = check(comm, cfg.op, cfg.dtype, buf, out)?;
+        let mut ok = [u8::from(ok_here)];
+        comm.all_reduce_in_place(&mut ok, ReduceOp::Min)?;
+
+        for _ in 0..cfg.warmup {
+            run_op(comm, cfg.op, cfg.dtype, buf, out)?;
+        }
+        comm.barrier()?;
+        let mut times = vec![0f64; cfg.iters];
+        for t in times.iter_mut() {
+            let start = Instant::now();
+            run_op(comm, cfg.op, cfg.dtype, buf, out)?;
+            *t = start.elapsed().as_secs_f64() * 1e6;
+        }
+        comm.all_reduce_in_place(&mut times, ReduceOp::Max)?;
+        let mean_us = times.iter().sum::<f64>() / times.len() as f64;
+        times.sort_by(f64::total_cmp);
+        let time_us = times[times.len() / 2];
+        let algbw = if time_us > 0.0 { bytes as f64 / (time_us * 1e-6) / 1e9 } else { 0.0 };
+        rows.push(BenchRow {
+            op: cfg.op.name(),
+            dtype: cfg.dtype,
+            transport: transport.to_string(),
+            bytes,
+            count: bytes / elem,
+            world: n,
+            time_us,
+            mean_us,
+            algbw_gbps: algbw,
+            busbw_gbps: algbw * cfg.op.bus_factor(n),
+            ok: ok[0] == 1,
+        });
+    }
+    Ok(rows)
+}
+
+/// A human-readable size: 1K, 64M.
+pub fn format_size(bytes: usize) -> String {
+    for (unit, shift) in [("G", 30), ("M", 20), ("K", 10)] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1K").unwrap(), 1024);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("12").unwrap(), 12);
+        assert!(parse_size("x").is_err());
+        assert_eq!(format_size(256 << 20), "256M");
+        assert_eq!(format_size(1000), "1000");
+    }
+
+    #[test]
+    fn bus_factors_follow_nccl_tests() {
+        assert_eq!(BenchOp::AllReduce.bus_factor(2), 1.0);
+        assert_eq!(BenchOp::AllGather.bus_factor(4), 0.75);
+        assert_eq!(BenchOp::Broadcast.bus_factor(8), 1.0);
+    }
+}

@@ -1,0 +1,434 @@
+//! How a process joins a world and reaches its peers.
+//!
+//! [`Fabric::join`] meets the other ranks through a [`Store`]: it agrees on a session id,
+//! publishes this rank's TCP listen address, host identity and pid, and barriers. After that,
+//! communicators ([`Fabric::world`], [`Fabric::group`], [`Communicator::split`]) make links
+//! lazily, per peer, the first time an operation needs them: shared memory when the peer is on
+//! this host (same hostname and boot id), TCP otherwise, unless [`TransportChoice`] forces one.
+//! [`Bootstrap::from_env`] reads torchrun-compatible variables so `gantry` ranks start the same
+//! way torchrun's do.
+
+use crate::comm::Communicator;
+use crate::error::{CommError, LinkError};
+use crate::link::Link;
+use crate::local::LocalRegistry;
+use crate::recorder::RecorderSet;
+use crate::shm::ShmLink;
+use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
+use crate::tcp::{self, Acceptor, TcpLink};
+use crate::transport::{LinkConnector, MeshTransport};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which links to use between ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// Shared memory between ranks on one host, TCP between hosts.
+    Auto,
+    Tcp,
+    /// Shared memory only (every peer must be on this host).
+    Shm,
+    /// Threads of one process (tests); only through [`Fabric::local_world`].
+    Local,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportChoice::Auto),
+            "tcp" => Ok(TransportChoice::Tcp),
+            "shm" => Ok(TransportChoice::Shm),
+            "local" => Ok(TransportChoice::Local),
+            _ => Err(format!("unknown transport `{s}` (expected auto, tcp or shm)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FabricConfig {
+    pub transport: TransportChoice,
+    /// Default deadline of every collective call.
+    pub timeout: Duration,
+    /// Address the TCP listener binds (port 0 = any free port).
+    pub bind_addr: String,
+    /// Host name or IP peers use to reach this rank; detected when `None`.
+    pub advertise_host: Option<String>,
+    pub shm_dir: PathBuf,
+    pub shm_ring_bytes: usize,
+    /// Bytes at or below which all_reduce, broadcast and reduce use the latency-optimal
+    /// algorithms (recursive doubling, binomial trees) instead of rings and chains.
+    pub small_message_bytes: usize,
+    /// Ring/chain segment size: the unit of pipelining.
+    pub segment_bytes: usize,
+    /// Operations kept per communicator by the flight recorder.
+    pub flight_records: usize,
+    /// Where flight-recorder dumps go (default: `$TMPDIR/gantry-flight`).
+    pub flight_dir: PathBuf,
+    /// How long joining waits for all ranks.
+    pub join_timeout: Duration,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            transport: TransportChoice::Auto,
+            timeout: crate::error::DEFAULT_TIMEOUT,
+            bind_addr: "0.0.0.0:0".into(),
+            advertise_host: None,
+            shm_dir: PathBuf::from("/dev/shm"),
+            shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
+            small_message_bytes: 64 * 1024,
+            segment_bytes: 4 << 20,
+            flight_records: 256,
+            flight_dir: std::env::temp_dir().join("gantry-flight"),
+            join_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl FabricConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.timeout.is_zero() {
+            return Err("timeout must be positive".into());
+        }
+        if self.segment_bytes < 1024 {
+            return Err(format!("segment_bytes must be at least 1024, got {}", self.segment_bytes));
+        }
+        if self.shm_ring_bytes < 64 * 1024 {
+            return Err(format!("shm_ring_bytes must be at least 65536, got {}", self.shm_ring_bytes));
+        }
+        if self.flight_records == 0 {
+            return Err("flight_records must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`,
+    /// `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`.
+    pub fn with_env(mut self) -> Result<Self, String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(t) = var("GANTRY_TRANSPORT") {
+            self.transport = t.parse()?;
+        }
+        if let Some(ms) = var("GANTRY_TIMEOUT_MS") {
+            self.timeout = Duration::from_millis(ms.parse().map_err(|_| format!("GANTRY_TIMEOUT_MS=`{ms}` is not a number"))?);
+        }
+        if let Some(b) = var("GANTRY_SHM_RING_BYTES") {
+            self.shm_ring_bytes = b.parse().map_err(|_| format!("GANTRY_SHM_RING_BYTES=`{b}` is not a number"))?;
+        }
+        if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
+            self.advertise_host = Some(h);
+        }
+        if let Some(d) = var("GANTRY_FLIGHT_DIR") {
+            self.flight_dir = PathBuf::from(d);
+        }
+        self.validate()?;
+        Ok(self)
+    }
+}
+
+/// Where this rank sits and where the rendezvous store is, as torchrun passes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bootstrap {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub local_world: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// The launcher hosts the store (`GANTRY_STORE_EXTERNAL=1`); rank 0 only connects to it.
+    pub store_external: bool,
+}
+
+impl Bootstrap {
+    /// Read `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+    /// `MASTER_PORT` (torchrun's names). Returns `Ok(None)` when `RANK` is not set.
+    pub fn from_env() -> Result<Option<Bootstrap>, String> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, String> {
+        let Some(rank) = get("RANK") else { return Ok(None) };
+        let num = |name: &str, v: String| -> Result<usize, String> {
+            v.trim().parse().map_err(|_| format!("{name}=`{v}` is not a non-negative integer"))
+        };
+        let rank = num("RANK", rank)?;
+        let world = num("WORLD_SIZE", get("WORLD_SIZE").ok_or("RANK is set but WORLD_SIZE is not")?)?;
+        if world == 0 || rank >= world {
+            return Err(format!("RANK={rank} must be below WORLD_SIZE={world}"));
+        }
+        let local_rank = get("LOCAL_RANK").map(|v| num("LOCAL_RANK", v)).transpose()?.unwrap_or(rank);
+        let local_world = get("LOCAL_WORLD_SIZE").map(|v| num("LOCAL_WORLD_SIZE", v)).transpose()?.unwrap_or(world);
+        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port = get("MASTER_PORT").ok_or("RANK is set but MASTER_PORT is not")?;
+        let master_port = port.trim().parse().map_err(|_| format!("MASTER_PORT=`{port}` is not a port number"))?;
+        let store_external = get("GANTRY_STORE_EXTERNAL").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        Ok(Some(Bootstrap { rank, world, local_rank, local_world, master_addr, master_port, store_external }))
+    }
+
+    /// The environment a launcher gives rank `rank` of a local world.
+    pub fn env_for(rank: usize, world: usize, master_addr: &str, master_port: u16) -> Vec<(String, String)> {
+        [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", master_addr.to_string()),
+            ("MASTER_PORT", master_port.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PeerInfo {
+    addr: Option<String>,
+    host: String,
+    pid: u32,
+}
+
+/// A process's membership in a world: cheap to clone, shared by all its communicators.
+#[derive(Clone)]
+pub struct Fabric {
+    pub(crate) inner: Arc<FabricInner>,
+}
+
+pub(crate) struct FabricInner {
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: FabricConfig,
+    session: String,
+    host: String,
+    acceptor: Option<Acceptor>,
+    local: Option<Arc<LocalRegistry>>,
+    pub(crate) recorders: RecorderSet,
+    peers: Mutex<HashMap<usize, PeerInfo>>,
+    _server: Option<StoreServer>,
+}
+
+fn setup(e: impl std::fmt::Display) -> CommError {
+    CommError::Setup(e.to_string())
+}
+
+/// Hostname plus boot id: equal only for processes that can share `/dev/shm`.
+fn host_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{}/{}", host.trim(), boot.trim())
+}
+
+/// The local IP a connection to `target` would leave from (no packet is sent).
+fn route_ip_towards(target: &str) -> Option<String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect((target, 9)).ok()?;
+    Some(sock.local_addr().ok()?.ip().to_string())
+}
+
+impl Fabric {
+    /// Join as `rank` of `world` through `store`. Collective: every rank must call it.
+    pub fn join(rank: usize, world: usize, store: Arc<dyn Store>, config: FabricConfig) -> Result<Fabric, CommError> {
+        Self::join_inner(rank, world, store, config, None, "127.0.0.1")
+    }
+
+    /// Join from torchrun-style environment variables; rank 0 serves the TCP store at
+    /// `MASTER_ADDR:MASTER_PORT`.
+    pub fn from_env(config: FabricConfig) -> Result<Fabric, CommError> {
+        let boot = Bootstrap::from_env().map_err(setup)?.ok_or_else(|| setup("RANK is not set: not launched as a rank"))?;
+        Self::from_bootstrap(&boot, config)
+    }
+
+    pub fn from_bootstrap(boot: &Bootstrap, config: FabricConfig) -> Result<Fabric, CommError> {
+        let addr = format!("{}:{}", boot.master_addr, boot.master_port);
+        let (server, client) = if boot.store_external {
+            (None, TcpStore::connect(&addr, config.join_timeout)?)
+        } else {
+            serve_or_connect(boot.rank, &addr, config.join_timeout)?
+        };
+        let store: Arc<dyn Store> = Arc::new(client);
+        Self::join_inner(boot.rank, boot.world, store, config, server, &boot.master_addr)
+    }
+
+    fn join_inner(
+        rank: usize,
+        world: usize,
+        store: Arc<dyn Store>,
+        config: FabricConfig,
+        server: Option<StoreServer>,
+        master_addr: &str,
+    ) -> Result<Fabric, CommError> {
+        config.validate().map_err(setup)?;
+        if rank >= world {
+            return Err(setup(format!("rank {rank} is not below world size {world}")));
+        }
+        let proposal = format!("{:x}-{:x}", std::process::id(), unique_nanos());
+        let session = String::from_utf8_lossy(&store.set_if_absent("gantry/session", proposal.as_bytes())?).into_owned();
+        let acceptor = match config.transport {
+            TransportChoice::Tcp | TransportChoice::Auto => Some(
+                Acceptor::bind(config.bind_addr.as_str())
+                    .map_err(|e| setup(format!("cannot listen on {}: {e}", config.bind_addr)))?,
+            ),
+            _ => None,
+        };
+        let addr = acceptor.as_ref().map(|a| {
+            let host = config
+                .advertise_host
+                .clone()
+                .or_else(|| route_ip_towards(master_addr))
+                .unwrap_or_else(|| "127.0.0.1".into());
+            format!("{host}:{}", a.local_addr().port())
+        });
+        let info = PeerInfo { addr, host: host_identity(), pid: std::process::id() };
+        store.set(&format!("gantry/peer/{rank}"), &serde_json::to_vec(&info).map_err(setup)?)?;
+        store.barrier("gantry/join", world, config.join_timeout)?;
+        tracing::debug!(rank, world, session, "joined");
+        Ok(Fabric {
+            inner: Arc::new(FabricInner {
+                rank,
+                world,
+                store,
+                recorders: RecorderSet::new(config.flight_dir.clone()),
+                config,
+                session,
+                host: info.host,
+                acceptor,
+                local: None,
+                peers: Mutex::default(),
+                _server: server,
+            }),
+        })
+    }
+
+    /// `n` fabrics for threads of this process, linked by in-memory pipes of `pipe_bytes`.
+    pub fn local_world(n: usize, config: FabricConfig, pipe_bytes: usize) -> Vec<Fabric> {
+        let store: Arc<dyn Store> = Arc::new(MemStore::default());
+        let registry = LocalRegistry::new(pipe_bytes);
+        (0..n)
+            .map(|rank| Fabric {
+                inner: Arc::new(FabricInner {
+                    rank,
+                    world: n,
+                    store: store.clone(),
+                    recorders: RecorderSet::new(config.flight_dir.clone()),
+                    config: FabricConfig { transport: TransportChoice::Local, ..config.clone() },
+                    session: "local".into(),
+                    host: host_identity(),
+                    acceptor: None,
+                    local: Some(registry.clone()),
+                    peers: Mutex::default(),
+                    _server: None,
+                }),
+            })
+            .collect()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.inner.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.inner.world
+    }
+
+    pub fn config(&self) -> &FabricConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The communicator over every rank.
+    pub fn world(&self) -> Communicator {
+        self.group("world", (0..self.inner.world).collect())
+    }
+
+    /// A communicator over `members` (global ranks, in group-rank order) named `key`. Every
+    /// member must create it with the same key and members; links are made on first use.
+    pub fn group(&self, key: &str, members: Vec<usize>) -> Communicator {
+        let me = members.iter().position(|&g| g == self.inner.rank).unwrap_or_else(|| {
+            panic!("rank {} is not a member of group `{key}` {members:?}", self.inner.rank)
+        });
+        let connector = FabricConnector { fabric: self.inner.clone(), key: key.to_string(), members: members.clone() };
+        let transport = MeshTransport::new(me, members.len(), Box::new(connector));
+        Communicator::new(key.to_string(), members, Box::new(transport), Some(self.clone()))
+    }
+
+    /// Dump every live communicator's flight recorder as JSON when the process gets SIGUSR1.
+    pub fn install_sigusr1_dump(&self) -> Result<(), CommError> {
+        self.inner.recorders.install_sigusr1().map_err(|e| setup(format!("cannot install SIGUSR1 handler: {e}")))
+    }
+
+    pub fn recorders(&self) -> &RecorderSet {
+        &self.inner.recorders
+    }
+}
+
+fn unique_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+struct FabricConnector {
+    fabric: Arc<FabricInner>,
+    key: String,
+    members: Vec<usize>,
+}
+
+impl FabricInner {
+    fn peer_info(&self, peer: usize, deadline: Instant) -> Result<PeerInfo, LinkError> {
+        if let Some(info) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&peer) {
+            return Ok(info.clone());
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let raw = self
+            .store
+            .get(&format!("gantry/peer/{peer}"), wait)
+            .map_err(|e| LinkError::Protocol(format!("looking up rank {peer}: {e}")))?;
+        let info: PeerInfo = serde_json::from_slice(&raw)
+            .map_err(|e| LinkError::Protocol(format!("bad peer record for rank {peer}: {e}")))?;
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, info.clone());
+        Ok(info)
+    }
+}
+
+impl LinkConnector for FabricConnector {
+    fn connect(&mut self, peer_index: usize, deadline: Instant) -> Result<Box<dyn Link>, LinkError> {
+        let f = &self.fabric;
+        let (me, peer) = (f.rank, self.members[peer_index]);
+        if let Some(registry) = &f.local {
+            return Ok(Box::new(registry.link(&self.key, me, peer)));
+        }
+        let info = f.peer_info(peer, deadline)?;
+        let same_host = info.host == f.host;
+        let use_shm = match f.config.transport {
+            TransportChoice::Shm if !same_host => {
+                return Err(LinkError::Protocol(format!(
+                    "transport shm was requested but rank {peer} is on another host ({})",
+                    info.host
+                )));
+            }
+            TransportChoice::Shm => true,
+            TransportChoice::Auto => same_host,
+            TransportChoice::Tcp | TransportChoice::Local => false,
+        };
+        if use_shm {
+            let link = ShmLink::connect(&f.config.shm_dir, &f.session, &self.key, me, peer, f.config.shm_ring_bytes, deadline)?;
+            return Ok(Box::new(link));
+        }
+        let acceptor = f.acceptor.as_ref().ok_or_else(|| LinkError::Protocol("TCP is disabled".into()))?;
+        let stream = if me > peer {
+            let addr = info.addr.ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
+            tcp::connect(&addr, &self.key, me, deadline)?
+        } else {
+            acceptor.take(&self.key, peer, deadline)?
+        };
+        Ok(Box::new(TcpLink::new(stream)?))
+    }
+}

@@ -1,0 +1,57 @@
+//! # gantry-collectives
+//!
+//! Process groups for gantry's rank processes: a [`Communicator`] offers all_reduce,
+//! broadcast, reduce, all_gather, reduce_scatter, all_to_all, tagged send/recv and barrier over
+//! plain host buffers of seven dtypes, with a deadline on every call, mismatch detection and a
+//! flight recorder. GPU buffers go through the separate [`nccl`] backend.
+//!
+//! # Layout
+//! - [`dtype`], [`reduce`]: element types and the vectorizable reduction kernels.
+//! - [`header`]: the 40-byte header every message carries (what the mismatch check compares).
+//! - [`link`]: the [`Link`] trait, a nonblocking byte pipe to one peer, implemented by
+//!   [`tcp`], [`shm`] (rings in `/dev/shm`) and [`local`] (threads, for tests).
+//! - [`transport`]: the [`Transport`] trait the algorithms are written against (one primitive,
+//!   `exchange`: send to one peer while receiving, and maybe reducing, from another) and
+//!   [`MeshTransport`], which implements it over links: framing, header checks,
+//!   reduce-on-arrival, deadlines, waiting.
+//! - [`algo`]: the collective algorithms (pipelined ring, recursive doubling, binomial trees,
+//!   pairwise all-to-all) as plain functions over `&mut dyn Transport`.
+//! - [`comm`]: [`Communicator`], the public API: sequence numbers, algorithm choice, deadlines,
+//!   error attribution, `split` into sub-groups.
+//! - [`fabric`]: how a process joins a world: rendezvous through a [`store::Store`], lazy
+//!   per-peer links (shared memory when the peer is on this host, TCP otherwise), env bootstrap
+//!   compatible with torchrun.
+//! - [`layout`]: [`ParallelLayout`], the DP×PP×TP mesh and its groups.
+//! - [`recorder`]: the flight recorder dumped on errors and SIGUSR1.
+//! - [`bench`]: the nccl-tests-style benchmark behind `gantry bench collectives`.
+//!
+//! Data flows: caller buffer → `Communicator` (checks, seq, recorder) → `algo::*` → `Transport::exchange`
+//! → `Link`s → peer's `Link` → peer's receive sink (copy or reduce into its buffer).
+
+pub mod algo;
+pub mod bench;
+pub mod comm;
+pub mod dtype;
+pub mod error;
+pub mod fabric;
+pub mod header;
+pub mod layout;
+pub mod link;
+pub mod local;
+pub mod nccl;
+pub mod recorder;
+pub mod reduce;
+pub mod shm;
+pub mod spawn;
+pub mod store;
+pub mod tcp;
+pub mod transport;
+
+pub use comm::{Algorithm, CallOptions, Communicator};
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{CommError, LinkError};
+pub use fabric::{Bootstrap, Fabric, FabricConfig, TransportChoice};
+pub use header::{OpDesc, OpKind};
+pub use layout::ParallelLayout;
+pub use link::{Link, LinkKind};
+pub use transport::{MeshTransport, Transport};

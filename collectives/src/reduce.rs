@@ -1,0 +1,206 @@
+//! Reduction kernels over raw little-endian buffers.
+//!
+//! The dtype and operator are matched once per call, outside the loop; the loops themselves
+//! are monomorphized element-wise closures the compiler vectorizes. Half types are widened
+//! to f32 in blocks, combined and rounded back, which keeps the result commutative (every rank
+//! of a recursive-doubling exchange computes bit-identical values).
+
+use crate::dtype::{DType, ReduceOp};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+
+const HALF_BLOCK: usize = 1024;
+
+/// `dst[i] = dst[i] ⊕ src[i]` for every element, where both slices hold `dtype` elements.
+/// `Avg` combines like `Sum`; the division happens once at the end ([`finish_avg`]).
+///
+/// Panics if the lengths differ or are not a multiple of the element size: callers guarantee
+/// both (it is a bug, never user input, when they do not).
+pub fn reduce_bytes(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "reduce_bytes: length mismatch");
+    assert_eq!(dst.len() % dtype.size(), 0, "reduce_bytes: partial element");
+    let align = dtype.size();
+    if (dst.as_ptr() as usize) % align != 0 || (src.as_ptr() as usize) % align != 0 {
+        // Rare (transports deliver aligned data); bounce through an aligned scratch buffer.
+        let mut d = vec![0u64; dst.len().div_ceil(8)];
+        let mut s = vec![0u64; src.len().div_ceil(8)];
+        let db = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut d)[..dst.len()];
+        let sb = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut s)[..src.len()];
+        db.copy_from_slice(dst);
+        sb.copy_from_slice(src);
+        reduce_bytes(dtype, op, db, sb);
+        dst.copy_from_slice(db);
+        return;
+    }
+    match dtype {
+        DType::F32 => float_op::<f32>(op, cast_mut(dst), cast(src)),
+        DType::F64 => float_op::<f64>(op, cast_mut(dst), cast(src)),
+        DType::I32 => int_op!(i32, op, cast_mut(dst), cast(src)),
+        DType::I64 => int_op!(i64, op, cast_mut(dst), cast(src)),
+        DType::U8 => int_op!(u8, op, dst, src),
+        DType::F16 => half_op::<f16>(op, cast_mut(dst), cast(src)),
+        DType::BF16 => half_op::<bf16>(op, cast_mut(dst), cast(src)),
+    }
+}
+
+/// Divide every element by `n`, turning a sum into the average.
+pub fn finish_avg(dtype: DType, buf: &mut [u8], n: usize) {
+    if n <= 1 {
+        return;
+    }
+    match dtype {
+        DType::F32 => cast_mut::<f32>(buf).iter_mut().for_each(|x| *x /= n as f32),
+        DType::F64 => cast_mut::<f64>(buf).iter_mut().for_each(|x| *x /= n as f64),
+        DType::I32 => cast_mut::<i32>(buf).iter_mut().for_each(|x| *x /= n as i32),
+        DType::I64 => cast_mut::<i64>(buf).iter_mut().for_each(|x| *x /= n as i64),
+        DType::U8 => buf.iter_mut().for_each(|x| *x = (*x as usize / n) as u8),
+        DType::F16 => half_map::<f16>(cast_mut(buf), |x| x / n as f32),
+        DType::BF16 => half_map::<bf16>(cast_mut(buf), |x| x / n as f32),
+    }
+}
+
+fn cast<T: bytemuck::Pod>(b: &[u8]) -> &[T] {
+    bytemuck::cast_slice(b)
+}
+
+fn cast_mut<T: bytemuck::Pod>(b: &mut [u8]) -> &mut [T] {
+    bytemuck::cast_slice_mut(b)
+}
+
+#[inline(always)]
+fn zip_apply<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f(*d, *s);
+    }
+}
+
+trait Float: Copy + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> {
+    fn fmax(self, o: Self) -> Self;
+    fn fmin(self, o: Self) -> Self;
+}
+impl Float for f32 {
+    fn fmax(self, o: Self) -> Self {
+        self.max(o)
+    }
+    fn fmin(self, o: Self) -> Self {
+        self.min(o)
+    }
+}
+impl Float for f64 {
+    fn fmax(self, o: Self) -> Self {
+        self.max(o)
+    }
+    fn fmin(self, o: Self) -> Self {
+        self.min(o)
+    }
+}
+
+fn float_op<T: Float>(op: ReduceOp, dst: &mut [T], src: &[T]) {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => zip_apply(dst, src, |a, b| a + b),
+        ReduceOp::Product => zip_apply(dst, src, |a, b| a * b),
+        ReduceOp::Max => zip_apply(dst, src, T::fmax),
+        ReduceOp::Min => zip_apply(dst, src, T::fmin),
+    }
+}
+
+macro_rules! int_op {
+    ($t:ty, $op:expr, $dst:expr, $src:expr) => {{
+        let (dst, src): (&mut [$t], &[$t]) = ($dst, $src);
+        match $op {
+            ReduceOp::Sum | ReduceOp::Avg => zip_apply(dst, src, <$t>::wrapping_add),
+            ReduceOp::Product => zip_apply(dst, src, <$t>::wrapping_mul),
+            ReduceOp::Max => zip_apply(dst, src, <$t>::max),
+            ReduceOp::Min => zip_apply(dst, src, <$t>::min),
+        }
+    }};
+}
+use int_op;
+
+/// Widen blocks to f32, combine, round back.
+fn half_op<H>(op: ReduceOp, dst: &mut [H], src: &[H])
+where
+    [H]: HalfFloatSliceExt,
+    H: Copy,
+{
+    let mut a = [0f32; HALF_BLOCK];
+    let mut b = [0f32; HALF_BLOCK];
+    for (d, s) in dst.chunks_mut(HALF_BLOCK).zip(src.chunks(HALF_BLOCK)) {
+        let n = d.len();
+        d.convert_to_f32_slice(&mut a[..n]);
+        s.convert_to_f32_slice(&mut b[..n]);
+        float_op::<f32>(op, &mut a[..n], &b[..n]);
+        d.convert_from_f32_slice(&a[..n]);
+    }
+}
+
+fn half_map<H>(buf: &mut [H], f: impl Fn(f32) -> f32)
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut a = [0f32; HALF_BLOCK];
+    for chunk in buf.chunks_mut(HALF_BLOCK) {
+        let n = chunk.len();
+        chunk.convert_to_f32_slice(&mut a[..n]);
+        a[..n].iter_mut().for_each(|x| *x = f(*x));
+        chunk.convert_from_f32_slice(&a[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
+        bytemuck::cast_slice(v).to_vec()
+    }
+
+    #[test]
+    fn every_dtype_and_op() {
+        let a = [3.0f32, -1.0, 2.5];
+        let b = [1.0f32, 4.0, -2.5];
+        for (op, want) in [
+            (ReduceOp::Sum, [4.0, 3.0, 0.0]),
+            (ReduceOp::Max, [3.0, 4.0, 2.5]),
+            (ReduceOp::Min, [1.0, -1.0, -2.5]),
+            (ReduceOp::Product, [3.0, -4.0, -6.25]),
+        ] {
+            let mut d = bytes(&a);
+            reduce_bytes(DType::F32, op, &mut d, &bytes(&b));
+            assert_eq!(bytemuck::cast_slice::<u8, f32>(&d), &want);
+
+            let mut d = bytes(&a.map(|x| x as f64));
+            reduce_bytes(DType::F64, op, &mut d, &bytes(&b.map(|x| x as f64)));
+            assert_eq!(bytemuck::cast_slice::<u8, f64>(&d), &want.map(|x| x as f64));
+
+            let mut d = bytes(&a.map(f16::from_f32));
+            reduce_bytes(DType::F16, op, &mut d, &bytes(&b.map(f16::from_f32)));
+            assert_eq!(bytemuck::cast_slice::<u8, f16>(&d), &want.map(f16::from_f32));
+
+            let mut d = bytes(&a.map(bf16::from_f32));
+            reduce_bytes(DType::BF16, op, &mut d, &bytes(&b.map(bf16::from_f32)));
+            assert_eq!(bytemuck::cast_slice::<u8, bf16>(&d), &want.map(bf16::from_f32));
+        }
+        let mut d = bytes(&[5i64, -7, i64::MAX]);
+        reduce_bytes(DType::I64, ReduceOp::Sum, &mut d, &bytes(&[1i64, 7, 1]));
+        assert_eq!(bytemuck::cast_slice::<u8, i64>(&d), &[6, 0, i64::MIN]);
+        let mut d = vec![200u8, 3];
+        reduce_bytes(DType::U8, ReduceOp::Max, &mut d, &[100, 9]);
+        assert_eq!(d, [200, 9]);
+        let mut d = bytes(&[9i32, -9]);
+        finish_avg(DType::I32, &mut d, 2);
+        assert_eq!(bytemuck::cast_slice::<u8, i32>(&d), &[4, -4]);
+    }
+
+    #[test]
+    fn unaligned_inputs_take_the_bounce_path() {
+        let a = bytes(&[1.0f32, 2.0, 3.0]);
+        let b = bytes(&[10.0f32, 20.0, 30.0]);
+        let mut da = vec![0u8; 13];
+        let mut sb = vec![0u8; 13];
+        da[1..].copy_from_slice(&a);
+        sb[1..].copy_from_slice(&b);
+        reduce_bytes(DType::F32, ReduceOp::Sum, &mut da[1..], &sb[1..]);
+        let out: Vec<f32> = da[1..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(out, [11.0, 22.0, 33.0]);
+    }
+}

@@ -1,0 +1,111 @@
+//! Start a world of rank processes on this host: the launcher hosts the rendezvous store and
+//! passes each child torchrun-style variables plus `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins
+//! the launcher's store instead of serving one). Used by `gantry bench collectives` and by the
+//! multi-process tests.
+
+use crate::fabric::Bootstrap;
+use crate::store::{StoreError, StoreServer};
+use std::ffi::OsString;
+use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct LocalWorld {
+    /// Kept alive for the children's lifetime.
+    pub store: StoreServer,
+    /// Children in rank order.
+    pub children: Vec<Child>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Children share the launcher's stdout/stderr.
+    Inherit,
+    /// Rank 0 inherits stdout; everyone inherits stderr; other ranks' stdout is discarded.
+    Rank0Stdout,
+    /// Pipes for the caller to read (tests).
+    Piped,
+}
+
+/// Spawn `world` copies of `program args…` as ranks 0..world.
+pub fn spawn_local_world(
+    program: &Path,
+    args: &[OsString],
+    world: usize,
+    extra_env: &[(String, String)],
+    output: Output,
+) -> Result<LocalWorld, StoreError> {
+    let store = StoreServer::bind("127.0.0.1:0")?;
+    let port = store.local_addr().port();
+    let mut children = Vec::with_capacity(world);
+    for rank in 0..world {
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(Bootstrap::env_for(rank, world, "127.0.0.1", port)).env("GANTRY_STORE_EXTERNAL", "1");
+        cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
+        let (out, err) = match output {
+            Output::Inherit => (Stdio::inherit(), Stdio::inherit()),
+            Output::Rank0Stdout if rank == 0 => (Stdio::inherit(), Stdio::inherit()),
+            Output::Rank0Stdout => (Stdio::null(), Stdio::inherit()),
+            Output::Piped => (Stdio::piped(), Stdio::piped()),
+        };
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+        // A rank must not outlive its launcher (a killed launcher would leave ranks waiting
+        // on each other until their deadlines).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                for mut c in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(StoreError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start rank {rank} ({}): {e}", program.display()),
+                )));
+            }
+        }
+    }
+    Ok(LocalWorld { store, children })
+}
+
+impl LocalWorld {
+    /// Wait for every rank, up to `timeout`; ranks still running then are killed and reported
+    /// as `None`.
+    pub fn wait_all(&mut self, timeout: Duration) -> Vec<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let mut status: Vec<Option<ExitStatus>> = vec![None; self.children.len()];
+        loop {
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if status[i].is_none() {
+                    status[i] = c.try_wait().ok().flatten();
+                }
+            }
+            if status.iter().all(Option::is_some) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if status[i].is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        status
+    }
+
+    /// Kill every rank still running (used when one rank fails so the others don't linger).
+    pub fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+    }
+}

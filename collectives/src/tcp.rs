@@ -1,0 +1,281 @@
+//! TCP links: one connection per peer pair and communicator, TCP_NODELAY, large socket
+//! buffers, nonblocking I/O driven by [`crate::transport::MeshTransport`].
+//!
+//! Connection set-up: every process runs one [`Acceptor`] (a listener thread). For each pair
+//! the higher global rank connects to the lower one's advertised address and sends a small
+//! handshake (magic, communicator key, its global rank); the acceptor files the stream under
+//! (key, rank) until the lower rank asks for it. Small reads go through a 64 KiB buffer (one
+//! syscall for a header and its payload); large reads land directly in the destination.
+
+use crate::error::LinkError;
+use crate::link::{Interest, Link, LinkKind};
+use socket2::SockRef;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const HANDSHAKE_MAGIC: [u8; 4] = *b"GNTC";
+const MAX_KEY_LEN: usize = 1024;
+const READ_BUF: usize = 64 * 1024;
+/// Socket buffer size asked of the kernel (it may grant less, or double it).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+pub struct TcpLink {
+    stream: TcpStream,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+}
+
+impl TcpLink {
+    pub fn new(stream: TcpStream) -> io::Result<TcpLink> {
+        stream.set_nodelay(true)?;
+        let sock = SockRef::from(&stream);
+        // Best effort: a kernel limit below this is not an error.
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        stream.set_nonblocking(true)?;
+        Ok(TcpLink { stream, rbuf: vec![0u8; READ_BUF].into_boxed_slice(), rstart: 0, rend: 0 })
+    }
+}
+
+fn nonblocking<T>(r: io::Result<T>, zero: T) -> Result<T, LinkError> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(zero),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            Err(LinkError::Closed)
+        }
+        Err(e) => Err(LinkError::Io(e)),
+    }
+}
+
+impl Link for TcpLink {
+    fn kind(&self) -> LinkKind {
+        LinkKind::Tcp
+    }
+
+    fn try_write(&mut self, data: &[u8]) -> Result<usize, LinkError> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        nonblocking((&self.stream).write(data), 0)
+    }
+
+    fn try_read_into(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.rstart < self.rend {
+            let n = buf.len().min(self.rend - self.rstart);
+            buf[..n].copy_from_slice(&self.rbuf[self.rstart..self.rstart + n]);
+            self.rstart += n;
+            return Ok(n);
+        }
+        let n = if buf.len() >= READ_BUF {
+            nonblocking((&self.stream).read(buf), usize::MAX)?
+        } else {
+            let got = nonblocking((&self.stream).read(&mut self.rbuf), usize::MAX)?;
+            if got != usize::MAX && got != 0 {
+                self.rstart = 0;
+                self.rend = got;
+                let n = buf.len().min(got);
+                buf[..n].copy_from_slice(&self.rbuf[..n]);
+                self.rstart = n;
+                return Ok(n);
+            }
+            got
+        };
+        match n {
+            usize::MAX => Ok(0),
+            0 => Err(LinkError::Closed),
+            n => Ok(n),
+        }
+    }
+
+    fn try_read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
+        if self.rstart == self.rend {
+            match nonblocking((&self.stream).read(&mut self.rbuf), usize::MAX)? {
+                usize::MAX => return Ok(0),
+                0 => return Err(LinkError::Closed),
+                got => {
+                    self.rstart = 0;
+                    self.rend = got;
+                }
+            }
+        }
+        let n = max.min(self.rend - self.rstart);
+        sink(&self.rbuf[self.rstart..self.rstart + n]);
+        self.rstart += n;
+        Ok(n)
+    }
+
+    fn wait(&self, interest: Interest, timeout: Duration) {
+        if interest.read && self.rstart < self.rend {
+            return;
+        }
+        let mut events = 0;
+        if interest.read {
+            events |= libc::POLLIN;
+        }
+        if interest.write {
+            events |= libc::POLLOUT;
+        }
+        let mut pfd = libc::pollfd { fd: self.stream.as_raw_fd(), events, revents: 0 };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
+    fn poll_fd(&self) -> Option<RawFd> {
+        // Buffered bytes would not wake poll; report no fd so the caller does not sleep on them.
+        (self.rstart == self.rend).then(|| self.stream.as_raw_fd())
+    }
+
+    fn abort(&mut self, _culprit: Option<usize>, _reason: &str) {
+        // TCP has no side channel here: the peer sees the connection close and looks up the
+        // reason in the rendezvous store, where the communicator published it first.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+type Pending = Mutex<HashMap<(String, usize), TcpStream>>;
+
+/// This process's listener for incoming peer connections.
+pub struct Acceptor {
+    addr: SocketAddr,
+    pending: Arc<(Pending, Condvar)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Acceptor> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let pending: Arc<(Pending, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (pending, stop) = (pending.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("gantry-accept".into())
+                .spawn(move || accept_loop(listener, pending, stop))?
+        };
+        Ok(Acceptor { addr, pending, stop, thread: Some(thread) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Wait for `peer` to connect for communicator `key`.
+    pub fn take(&self, key: &str, peer: usize, deadline: Instant) -> Result<TcpStream, LinkError> {
+        let (lock, cv) = &*self.pending;
+        let mut map = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = map.remove(&(key.to_string(), peer)) {
+                return Ok(s);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LinkError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("rank {peer} did not connect for communicator `{key}`"),
+                )));
+            }
+            map = cv.wait_timeout(map, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, pending: Arc<(Pending, Condvar)>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = conn else { continue };
+        let pending = pending.clone();
+        // Read the handshake off the accept thread so a silent client cannot block others.
+        let _ = std::thread::Builder::new().name("gantry-handshake".into()).spawn(move || {
+            match read_handshake(&stream) {
+                Ok((key, rank)) => {
+                    let (lock, cv) = &*pending;
+                    lock.lock().unwrap_or_else(|p| p.into_inner()).insert((key, rank), stream);
+                    cv.notify_all();
+                }
+                Err(e) => tracing::warn!("rejected a peer connection: {e}"),
+            }
+        });
+    }
+}
+
+fn read_handshake(mut stream: &TcpStream) -> io::Result<(String, usize)> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = [0u8; 4 + 4 + 2];
+    stream.read_exact(&mut head)?;
+    if head[..4] != HANDSHAKE_MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad handshake magic"));
+    }
+    let rank = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+    let key_len = u16::from_le_bytes(head[8..10].try_into().unwrap()) as usize;
+    if key_len > MAX_KEY_LEN {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "handshake key too long"));
+    }
+    let mut key = vec![0u8; key_len];
+    stream.read_exact(&mut key)?;
+    stream.set_read_timeout(None)?;
+    let key = String::from_utf8(key).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "key not UTF-8"))?;
+    Ok((key, rank))
+}
+
+/// Connect to `addr` (retrying until `deadline`: the peer may still be starting) and introduce
+/// ourselves as global rank `me` for communicator `key`.
+pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<TcpStream, LinkError> {
+    let mut last_err = None;
+    while Instant::now() < deadline {
+        let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => return Err(LinkError::Io(io::Error::new(e.kind(), format!("bad peer address `{addr}`: {e}")))),
+        };
+        for sa in addrs {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            match TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(5))) {
+                Ok(mut s) => {
+                    let mut hs = Vec::with_capacity(10 + key.len());
+                    hs.extend_from_slice(&HANDSHAKE_MAGIC);
+                    hs.extend_from_slice(&(me as u32).to_le_bytes());
+                    hs.extend_from_slice(&(key.len() as u16).to_le_bytes());
+                    hs.extend_from_slice(key.as_bytes());
+                    s.write_all(&hs)?;
+                    return Ok(s);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(LinkError::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("could not connect to {addr}: {}", last_err.map_or("timed out".into(), |e| e.to_string())),
+    )))
+}

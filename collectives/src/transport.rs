@@ -1,0 +1,439 @@
+//! The [`Transport`] trait the algorithms are written against, and [`MeshTransport`], its one
+//! implementation over per-peer [`Link`]s.
+//!
+//! The whole data plane goes through one primitive, [`Transport::exchange`]: send one message
+//! to a peer while receiving one from a (possibly different) peer, driven together so that
+//! rings and pairwise exchanges never deadlock on full buffers. The receive side either copies
+//! into the destination or reduces into it as bytes arrive, so a pipelined ring overlaps the
+//! transfer of one segment with the reduction of the previous one without extra buffers.
+
+use crate::dtype::ReduceOp;
+use crate::error::LinkError;
+use crate::header::{HEADER_LEN, Header, OpDesc};
+use crate::link::{Interest, Link, LinkKind};
+use crate::reduce::reduce_bytes;
+use std::time::{Duration, Instant};
+
+/// Deadline and identity of the operation an exchange belongs to (for errors).
+#[derive(Clone, Copy, Debug)]
+pub struct OpCtx {
+    pub desc: OpDesc,
+    pub seq: u64,
+    pub started: Instant,
+    pub deadline: Instant,
+}
+
+impl OpCtx {
+    pub fn send<'a>(&self, peer: usize, step: u32, data: &'a [u8]) -> SendPart<'a> {
+        SendPart { peer, desc: self.desc, seq: self.seq, step, data }
+    }
+    pub fn recv<'a>(&self, peer: usize, step: u32, sink: RecvSink<'a>) -> RecvPart<'a> {
+        RecvPart { peer, desc: self.desc, seq: self.seq, step, sink }
+    }
+}
+
+/// One outgoing message: the header is built from `desc`, `seq`, `step` and `data.len()`.
+pub struct SendPart<'a> {
+    pub peer: usize,
+    pub desc: OpDesc,
+    pub seq: u64,
+    pub step: u32,
+    pub data: &'a [u8],
+}
+
+/// One expected incoming message; its header must match `desc`, `seq`, `step` and the sink's
+/// length, or the exchange fails with a mismatch.
+pub struct RecvPart<'a> {
+    pub peer: usize,
+    pub desc: OpDesc,
+    pub seq: u64,
+    pub step: u32,
+    pub sink: RecvSink<'a>,
+}
+
+/// Where received payload bytes go.
+pub enum RecvSink<'a> {
+    Copy(&'a mut [u8]),
+    /// `dst ⊕= payload`, element-wise in `desc.dtype`.
+    Reduce { dst: &'a mut [u8], op: ReduceOp },
+}
+
+impl RecvSink<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RecvSink::Copy(d) | RecvSink::Reduce { dst: d, .. } => d.len(),
+        }
+    }
+}
+
+/// Why an exchange failed. `peer` is the group-local index of the peer involved; the
+/// communicator turns it into a global rank and a [`crate::CommError`].
+#[derive(Debug)]
+pub struct ExchangeError {
+    pub peer: usize,
+    pub kind: ExchangeErrorKind,
+}
+
+#[derive(Debug)]
+pub enum ExchangeErrorKind {
+    /// Deadline passed. `entered` tells whether the peer had sent anything for this operation
+    /// (if not, it probably never entered it: it is the one to blame).
+    Timeout { entered: bool, detail: String },
+    Link(LinkError),
+    Mismatch { remote: Header },
+    Protocol(String),
+    Connect(LinkError),
+}
+
+/// The primitive the algorithms use. `rank`/`size` are positions within the group.
+pub trait Transport: Send {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Send and receive concurrently; returns when both are complete.
+    fn exchange(
+        &mut self,
+        ctx: &OpCtx,
+        send: Option<SendPart<'_>>,
+        recv: Option<RecvPart<'_>>,
+    ) -> Result<(), ExchangeError>;
+    /// Tell every connected peer we are giving up (best effort).
+    fn abort(&mut self, culprit: Option<usize>, reason: &str);
+    /// The kind of link used to reach `peer`, if connected (for reports).
+    fn link_kind(&self, peer: usize) -> Option<LinkKind>;
+}
+
+/// Makes the link to a peer the first time an exchange needs it. Both sides of a pair reach
+/// for the link at the same point of the same collective, so lazy connection is symmetric.
+pub trait LinkConnector: Send {
+    fn connect(&mut self, peer: usize, deadline: Instant) -> Result<Box<dyn Link>, LinkError>;
+}
+
+/// Messages up to this size are written header and payload in one call.
+const COALESCE_BYTES: usize = 16 * 1024;
+/// Busy-wait iterations before yielding, and how long to keep yielding before sleeping.
+const SPIN_ITERS: u32 = 64;
+const YIELD_FOR: Duration = Duration::from_micros(1500);
+const LIVENESS_EVERY: Duration = Duration::from_millis(20);
+const MAX_SLEEP: Duration = Duration::from_millis(10);
+
+pub struct MeshTransport {
+    rank: usize,
+    size: usize,
+    links: Vec<Option<Box<dyn Link>>>,
+    connector: Box<dyn LinkConnector>,
+    coalesce: Vec<u8>,
+}
+
+impl MeshTransport {
+    pub fn new(rank: usize, size: usize, connector: Box<dyn LinkConnector>) -> MeshTransport {
+        MeshTransport { rank, size, links: (0..size).map(|_| None).collect(), connector, coalesce: Vec::new() }
+    }
+
+    fn ensure_link(&mut self, peer: usize, deadline: Instant) -> Result<(), ExchangeError> {
+        assert!(peer < self.size && peer != self.rank, "exchange with invalid peer {peer}");
+        if self.links[peer].is_none() {
+            let link = self
+                .connector
+                .connect(peer, deadline)
+                .map_err(|e| ExchangeError { peer, kind: ExchangeErrorKind::Connect(e) })?;
+            self.links[peer] = Some(link);
+        }
+        Ok(())
+    }
+
+    fn link(&mut self, peer: usize) -> &mut dyn Link {
+        self.links[peer].as_deref_mut().expect("link connected before use")
+    }
+}
+
+struct TxState<'a> {
+    peer: usize,
+    header: [u8; HEADER_LEN],
+    data: &'a [u8],
+    /// Position in header ++ data.
+    pos: usize,
+    coalesced: bool,
+}
+
+impl TxState<'_> {
+    fn total(&self) -> usize {
+        HEADER_LEN + self.data.len()
+    }
+    fn done(&self) -> bool {
+        self.pos == self.total()
+    }
+}
+
+struct RxState<'a> {
+    peer: usize,
+    expect: Header,
+    hdr: [u8; HEADER_LEN],
+    hdr_got: usize,
+    sink: RecvSink<'a>,
+    off: usize,
+    /// Bytes of a partially received element (links are byte streams).
+    carry: [u8; 8],
+    carry_len: usize,
+}
+
+impl RxState<'_> {
+    fn done(&self) -> bool {
+        self.hdr_got == HEADER_LEN && self.off == self.sink.len()
+    }
+}
+
+fn link_err(peer: usize) -> impl Fn(LinkError) -> ExchangeError {
+    move |e| ExchangeError { peer, kind: ExchangeErrorKind::Link(e) }
+}
+
+impl Transport for MeshTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn link_kind(&self, peer: usize) -> Option<LinkKind> {
+        self.links.get(peer)?.as_ref().map(|l| l.kind())
+    }
+
+    fn abort(&mut self, culprit: Option<usize>, reason: &str) {
+        for link in self.links.iter_mut().flatten() {
+            link.abort(culprit, reason);
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        ctx: &OpCtx,
+        send: Option<SendPart<'_>>,
+        recv: Option<RecvPart<'_>>,
+    ) -> Result<(), ExchangeError> {
+        if let Some(s) = &send {
+            self.ensure_link(s.peer, ctx.deadline)?;
+        }
+        if let Some(r) = &recv {
+            self.ensure_link(r.peer, ctx.deadline)?;
+        }
+        let mut tx = send.map(|s| {
+            let header =
+                Header { desc: s.desc, seq: s.seq, step: s.step, len: s.data.len() as u64 }.encode();
+            TxState { peer: s.peer, header, data: s.data, pos: 0, coalesced: s.data.len() <= COALESCE_BYTES }
+        });
+        if let Some(t) = tx.as_ref().filter(|t| t.coalesced) {
+            self.coalesce.clear();
+            self.coalesce.extend_from_slice(&t.header);
+            self.coalesce.extend_from_slice(t.data);
+        }
+        let mut rx = recv.map(|r| RxState {
+            peer: r.peer,
+            expect: Header { desc: r.desc, seq: r.seq, step: r.step, len: r.sink.len() as u64 },
+            hdr: [0; HEADER_LEN],
+            hdr_got: 0,
+            sink: r.sink,
+            off: 0,
+            carry: [0; 8],
+            carry_len: 0,
+        });
+
+        let mut idle_since: Option<Instant> = None;
+        let mut spins = 0u32;
+        let mut last_liveness = Instant::now();
+        loop {
+            let mut progressed = false;
+            if let Some(t) = tx.as_mut().filter(|t| !t.done()) {
+                progressed |= progress_tx(self.links[t.peer].as_deref_mut().unwrap(), t, &self.coalesce)?;
+            }
+            if let Some(r) = rx.as_mut().filter(|r| !r.done()) {
+                progressed |= progress_rx(self.links[r.peer].as_deref_mut().unwrap(), r)?;
+            }
+            let tx_done = tx.as_ref().is_none_or(|t| t.done());
+            let rx_done = rx.as_ref().is_none_or(|r| r.done());
+            if tx_done && rx_done {
+                return Ok(());
+            }
+            if progressed {
+                idle_since = None;
+                spins = 0;
+                continue;
+            }
+            let now = Instant::now();
+            let idle_start = *idle_since.get_or_insert(now);
+            if now >= ctx.deadline {
+                return Err(timeout_error(ctx, tx.as_ref().filter(|_| !tx_done), rx.as_ref().filter(|_| !rx_done)));
+            }
+            if spins < SPIN_ITERS {
+                spins += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            if now.duration_since(idle_start) < YIELD_FOR {
+                std::thread::yield_now();
+                continue;
+            }
+            if now.duration_since(last_liveness) >= LIVENESS_EVERY {
+                last_liveness = now;
+                for peer in [tx.as_ref().filter(|_| !tx_done).map(|t| t.peer), rx.as_ref().filter(|_| !rx_done).map(|r| r.peer)]
+                    .into_iter()
+                    .flatten()
+                {
+                    if !self.link(peer).peer_alive() {
+                        return Err(ExchangeError { peer, kind: ExchangeErrorKind::Link(LinkError::PeerDied) });
+                    }
+                }
+            }
+            let sleep = (ctx.deadline - now).min(MAX_SLEEP);
+            let tx_peer = tx.as_ref().filter(|_| !tx_done).map(|t| t.peer);
+            let rx_peer = rx.as_ref().filter(|_| !rx_done).map(|r| r.peer);
+            self.wait_for(tx_peer, rx_peer, sleep);
+        }
+    }
+}
+
+impl MeshTransport {
+    /// Sleep until one of the pending links may progress. Links with file descriptors are polled
+    /// together; otherwise the receive side is waited on in short slices (the send side is
+    /// re-tried between slices).
+    fn wait_for(&mut self, tx_peer: Option<usize>, rx_peer: Option<usize>, timeout: Duration) {
+        match (tx_peer, rx_peer) {
+            (Some(t), Some(r)) if t == r => self.link(t).wait(Interest { read: true, write: true }, timeout),
+            (Some(t), None) => self.link(t).wait(Interest { read: false, write: true }, timeout),
+            (None, Some(r)) => self.link(r).wait(Interest { read: true, write: false }, timeout),
+            (Some(t), Some(r)) => {
+                let fds = (self.link(t).poll_fd(), self.link(r).poll_fd());
+                if let (Some(tfd), Some(rfd)) = fds {
+                    let mut pfds = [
+                        libc::pollfd { fd: tfd, events: libc::POLLOUT, revents: 0 },
+                        libc::pollfd { fd: rfd, events: libc::POLLIN, revents: 0 },
+                    ];
+                    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+                    // SAFETY: `pfds` is a valid array of two pollfd structs for the call's duration.
+                    unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+                } else {
+                    let slice = timeout.min(Duration::from_micros(200));
+                    self.link(r).wait(Interest { read: true, write: false }, slice);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+fn progress_tx(link: &mut dyn Link, t: &mut TxState<'_>, coalesce: &[u8]) -> Result<bool, ExchangeError> {
+    let mut progressed = false;
+    while !t.done() {
+        let n = if t.coalesced {
+            link.try_write(&coalesce[t.pos..])
+        } else if t.pos < HEADER_LEN {
+            link.try_write(&t.header[t.pos..])
+        } else {
+            link.try_write(&t.data[t.pos - HEADER_LEN..])
+        }
+        .map_err(link_err(t.peer))?;
+        if n == 0 {
+            break;
+        }
+        t.pos += n;
+        progressed = true;
+    }
+    Ok(progressed)
+}
+
+fn progress_rx(link: &mut dyn Link, r: &mut RxState<'_>) -> Result<bool, ExchangeError> {
+    let mut progressed = false;
+    while r.hdr_got < HEADER_LEN {
+        let n = link.try_read_into(&mut r.hdr[r.hdr_got..]).map_err(link_err(r.peer))?;
+        if n == 0 {
+            return Ok(progressed);
+        }
+        r.hdr_got += n;
+        progressed = true;
+        if r.hdr_got == HEADER_LEN {
+            check_header(r)?;
+        }
+    }
+    let peer = r.peer;
+    while !r.done() {
+        let n = match &mut r.sink {
+            RecvSink::Copy(dst) => link.try_read_into(&mut dst[r.off..]).map_err(link_err(peer))?,
+            RecvSink::Reduce { dst, op } => {
+                let (dtype, op) = (r.expect.desc.dtype, *op);
+                let elem = dtype.size();
+                let remaining = dst.len() - r.off - r.carry_len;
+                let (off, carry, carry_len) = (&mut r.off, &mut r.carry, &mut r.carry_len);
+                link.try_read_with(remaining, &mut |mut bytes: &[u8]| {
+                    if *carry_len > 0 {
+                        let take = (elem - *carry_len).min(bytes.len());
+                        carry[*carry_len..*carry_len + take].copy_from_slice(&bytes[..take]);
+                        *carry_len += take;
+                        bytes = &bytes[take..];
+                        if *carry_len == elem {
+                            reduce_bytes(dtype, op, &mut dst[*off..*off + elem], &carry[..elem]);
+                            *off += elem;
+                            *carry_len = 0;
+                        }
+                    }
+                    let whole = bytes.len() / elem * elem;
+                    if whole > 0 {
+                        reduce_bytes(dtype, op, &mut dst[*off..*off + whole], &bytes[..whole]);
+                        *off += whole;
+                    }
+                    let rest = &bytes[whole..];
+                    carry[*carry_len..*carry_len + rest.len()].copy_from_slice(rest);
+                    *carry_len += rest.len();
+                })
+                .map_err(link_err(peer))?
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        if let RecvSink::Copy(_) = r.sink {
+            r.off += n;
+        }
+        progressed = true;
+    }
+    Ok(progressed)
+}
+
+fn check_header(r: &RxState<'_>) -> Result<(), ExchangeError> {
+    let got = Header::decode(&r.hdr)
+        .map_err(|m| ExchangeError { peer: r.peer, kind: ExchangeErrorKind::Protocol(m) })?;
+    if got != r.expect {
+        return Err(ExchangeError { peer: r.peer, kind: ExchangeErrorKind::Mismatch { remote: got } });
+    }
+    Ok(())
+}
+
+fn timeout_error(ctx: &OpCtx, tx: Option<&TxState<'_>>, rx: Option<&RxState<'_>>) -> ExchangeError {
+    let waited = ctx.deadline.duration_since(ctx.started);
+    match (rx, tx) {
+        (Some(r), _) => ExchangeError {
+            peer: r.peer,
+            kind: ExchangeErrorKind::Timeout {
+                entered: r.hdr_got > 0,
+                detail: format!(
+                    "waited {waited:?} to receive step {} from it; got {} of {} payload bytes{}",
+                    r.expect.step,
+                    r.off,
+                    r.sink.len(),
+                    if r.hdr_got == 0 { " and no header (it never sent this step)" } else { "" }
+                ),
+            },
+        },
+        (None, Some(t)) => ExchangeError {
+            peer: t.peer,
+            kind: ExchangeErrorKind::Timeout {
+                entered: true,
+                detail: format!(
+                    "waited {waited:?} for it to accept step data; {} of {} bytes sent",
+                    t.pos,
+                    t.total()
+                ),
+            },
+        },
+        (None, None) => unreachable!("timeout with nothing pending"),
+    }
+}

@@ -1,0 +1,51 @@
+//! # gantry
+//!
+//! The single command-line entry point of gantry. It only wires crates together: argument
+//! parsing (clap), logging, and the call into the library that does the work.
+//!
+//! # Layout
+//! - `main.rs`: the command tree and logging set-up.
+//! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
+//!   `gantry bench nccl` (the NCCL device self test).
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// gantry: a distributed training runtime (collectives, sharded data, checkpoints, registry).
+#[derive(Parser)]
+#[command(name = "gantry", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks that print figures (never pass/fail on speed).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gantry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

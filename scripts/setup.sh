@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: install and build what gantry's tests and benchmarks need.
+#
+# Idempotent: every step checks first and does nothing when its work is done,
+# so a second run costs a few seconds (dpkg queries, a no-op `cargo build`).
+#
+#   bash scripts/setup.sh [--skip-gantry-build]    run it
+#   . scripts/setup.sh                             source it: the steps run in a
+#                                                  subshell (strict mode and exit
+#                                                  stay there), then the GANTRY_*
+#                                                  variables are exported into
+#                                                  your shell
+#
+# Environment:
+#   GANTRY_SKIP_BUILD=1   do not build target/release/gantry (tests use debug
+#                         builds through cargo; the benchmarks need it)
+#   GANTRY_SETUP_FORCE=1  rebuild the C peers even when they look up to date
+#   CARGO_TARGET_DIR      honoured; default <repo>/target
+#
+# Exports (also when run, for child processes started from here):
+#   GANTRY_REPO, GANTRY_SHARED (<repo>/../shared), GANTRY_TARGET_DIR,
+#   GANTRY_BIN (release gantry CLI), GANTRY_MPI_ALLREDUCE (C peer benchmark)
+#
+# Extension points: one `ensure_<dependency>` function per dependency, called
+# in order from `setup_main`. To add one (the libtorch venv, the s3s-fs test
+# server, ...), fill in its function below, make it check-then-act like the
+# others, and add it to SETUP_STEPS.
+
+if ! (return 0 2>/dev/null); then
+    # Executed, not sourced.
+    set -euo pipefail
+fi
+
+# ---------------------------------------------------------------- helpers
+
+setup_log() { printf '==> %s\n' "$*" >&2; }
+setup_die() {
+    printf 'setup.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# Run a command as root: directly when root, through sudo otherwise.
+setup_as_root() {
+    if [[ ${EUID:-$(id -u)} -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        setup_die "need root (or sudo) to run: $*"
+    fi
+}
+
+# True when a Debian package is fully installed (`dpkg -s` would also succeed
+# for a removed package whose config files remain, hence the status check).
+setup_pkg_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+SETUP_APT_UPDATED=0
+# Install the named Debian packages that are missing; `apt-get update` at most
+# once per run, and only when something is missing.
+setup_apt_install() {
+    local missing=() p
+    for p in "$@"; do
+        setup_pkg_installed "$p" || missing+=("$p")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    command -v apt-get >/dev/null 2>&1 || setup_die "missing packages (${missing[*]}) and no apt-get"
+    local apt_opts=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
+    if [[ $SETUP_APT_UPDATED -eq 0 ]]; then
+        setup_log "apt-get update"
+        setup_as_root env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" update -qq
+        SETUP_APT_UPDATED=1
+    fi
+    setup_log "apt-get install ${missing[*]}"
+    setup_as_root env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ---------------------------------------------------------------- paths
+
+setup_paths() {
+    GANTRY_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    GANTRY_SHARED="$(cd "$GANTRY_REPO/.." && pwd)/shared"
+    local t="${CARGO_TARGET_DIR:-target}"
+    [[ $t = /* ]] || t="$GANTRY_REPO/$t"
+    GANTRY_TARGET_DIR="$t"
+    GANTRY_BIN="$GANTRY_TARGET_DIR/release/gantry"
+    GANTRY_MPI_ALLREDUCE="$GANTRY_TARGET_DIR/peers/mpi_allreduce"
+    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE
+}
+
+# ---------------------------------------------------------------- dependencies
+
+# Rust toolchain pieces the scripts call (preinstalled on the project machines).
+ensure_rust() {
+    command -v cargo >/dev/null 2>&1 || setup_die "cargo not found (install Rust 1.95 via rustup)"
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        command -v rustup >/dev/null 2>&1 || setup_die "missing ${missing[*]} and no rustup"
+        setup_log "rustup component add ${missing[*]}"
+        rustup component add "${missing[@]}"
+    fi
+}
+
+# Open MPI 4.1 from Debian: the peer the collectives are measured against.
+ensure_openmpi() {
+    local pkgs=(openmpi-bin libopenmpi-dev)
+    # mpicc is a wrapper around the system C compiler.
+    command -v cc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+    setup_apt_install "${pkgs[@]}"
+    command -v mpicc >/dev/null 2>&1 || setup_die "mpicc not found after installing Open MPI"
+    command -v mpirun >/dev/null 2>&1 || setup_die "mpirun not found after installing Open MPI"
+}
+
+# bench/peers/mpi_allreduce.c -> target/peers/mpi_allreduce (rebuilt only when
+# the source is newer than the binary).
+ensure_mpi_peer() {
+    local src="$GANTRY_REPO/bench/peers/mpi_allreduce.c"
+    local out="$GANTRY_MPI_ALLREDUCE"
+    if [[ ${GANTRY_SETUP_FORCE:-0} != 1 && -x $out && ! $src -nt $out ]]; then
+        return 0
+    fi
+    setup_log "mpicc -O3 bench/peers/mpi_allreduce.c -> ${out#"$GANTRY_REPO"/}"
+    mkdir -p "$(dirname "$out")"
+    mpicc -O3 -Wall -Wextra -o "$out.tmp.$$" "$src"
+    mv -f "$out.tmp.$$" "$out"
+}
+
+# The gantry CLI, release build (the benchmarks run it).
+ensure_gantry_build() {
+    if [[ ${GANTRY_SKIP_BUILD:-0} == 1 ]]; then
+        setup_log "skipping gantry release build (GANTRY_SKIP_BUILD=1)"
+        return 0
+    fi
+    local locked=()
+    [[ -f $GANTRY_REPO/Cargo.lock ]] && locked=(--locked)
+    setup_log "cargo build --release -p gantry ${locked[*]}"
+    (cd "$GANTRY_REPO" && cargo build --release -p gantry "${locked[@]}")
+    [[ -x $GANTRY_BIN ]] || setup_die "build finished but $GANTRY_BIN is missing"
+}
+
+# Extension point (not enabled yet): libtorch for tch 0.24.0, from PyPI.
+# Recipe (shared/FACTS.md): a venv under .tools/ with pinned wheels, no deps:
+#   python3 -m venv .tools/torch-venv
+#   .tools/torch-venv/bin/pip install --no-deps torch==2.11.0 \
+#       nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+# then export LIBTORCH=.tools/torch-venv/lib/python3.11/site-packages/torch and
+# LD_LIBRARY_PATH=$LIBTORCH/lib (in setup_paths, so sourcing picks them up).
+# Check first: skip when `pip show torch` in the venv already reports 2.11.0.
+ensure_libtorch() {
+    :
+}
+
+# Extension point (not enabled yet): the S3 test server.
+#   cargo install s3s-fs@0.14.1 --features binary --locked --root .tools
+# Check first: skip when .tools/bin/s3s-fs exists; export its path.
+ensure_s3s_fs() {
+    :
+}
+
+# ---------------------------------------------------------------- main
+
+# Order matters: the peer build needs Open MPI.
+SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_gantry_build)
+
+setup_main() {
+    local arg
+    for arg in "$@"; do
+        case $arg in
+            --skip-gantry-build) GANTRY_SKIP_BUILD=1 ;;
+            -h | --help)
+                sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+                return 0
+                ;;
+            *) setup_die "unknown argument: $arg" ;;
+        esac
+    done
+    setup_paths
+    local step
+    for step in "${SETUP_STEPS[@]}"; do
+        "$step"
+    done
+    setup_log "setup done"
+}
+
+if (return 0 2>/dev/null); then
+    # Sourced: keep strict mode and `exit` out of the caller's shell. (Not
+    # `( ... ) || return`: errexit is ignored inside the left side of `||`.)
+    (
+        set -euo pipefail
+        setup_main "$@"
+    )
+    _gantry_setup_rc=$?
+    if [[ $_gantry_setup_rc -ne 0 ]]; then
+        unset _gantry_setup_rc
+        return 1
+    fi
+    unset _gantry_setup_rc
+    setup_paths
+else
+    setup_main "$@"
+fi
