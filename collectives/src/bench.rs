@@ -47,10 +47,19 @@ impl BenchOp {
 impl std::str::FromStr for BenchOp {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [BenchOp::AllReduce, BenchOp::AllGather, BenchOp::ReduceScatter, BenchOp::Broadcast, BenchOp::Reduce, BenchOp::AllToAll]
-            .into_iter()
-            .find(|o| o.name() == s.replace('-', "_"))
-            .ok_or_else(|| format!("unknown op `{s}` (all_reduce, all_gather, reduce_scatter, broadcast, reduce, all_to_all)"))
+        [
+            BenchOp::AllReduce,
+            BenchOp::AllGather,
+            BenchOp::ReduceScatter,
+            BenchOp::Broadcast,
+            BenchOp::Reduce,
+            BenchOp::AllToAll,
+        ]
+        .into_iter()
+        .find(|o| o.name() == s.replace('-', "_"))
+        .ok_or_else(|| {
+            format!("unknown op `{s}` (all_reduce, all_gather, reduce_scatter, broadcast, reduce, all_to_all)")
+        })
     }
 }
 
@@ -66,7 +75,13 @@ pub struct BenchConfig {
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { op: BenchOp::AllReduce, dtype: DType::F32, sizes: vec![1 << 10, 1 << 20, 64 << 20], iters: 20, warmup: 5 }
+        BenchConfig {
+            op: BenchOp::AllReduce,
+            dtype: DType::F32,
+            sizes: vec![1 << 10, 1 << 20, 64 << 20],
+            iters: 20,
+            warmup: 5,
+        }
     }
 }
 
@@ -107,7 +122,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         Some('G') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: usize = num.parse().map_err(|_| format!("bad size `{s}` (examples: 1024, 1K, 64M, 1G)"))?;
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("bad size `{s}` (examples: 1024, 1K, 64M, 1G)"))?;
     n.checked_mul(mult).ok_or_else(|| format!("size `{s}` is too large"))
 }
 
@@ -141,7 +158,9 @@ fn matches(buf: &[u8], dtype: DType, f: impl Fn(usize) -> f64) -> bool {
             bytemuck::cast_slice::<u8, $t>(buf)
                 .iter()
                 .enumerate()
-                .all(|(i, x)| crate::dtype::Element::to_f64(*x) == <$t as crate::dtype::Element>::from_f64(f(i)).to_f64_lossless())
+                .all(|(i, x)| {
+                    crate::dtype::Element::to_f64(*x) == <$t as crate::dtype::Element>::from_f64(f(i)).to_f64_lossless()
+                })
         };
     }
     trait Lossless {
@@ -176,7 +195,13 @@ fn run_op(comm: &mut Communicator, op: BenchOp, dtype: DType, buf: &mut [u8], ou
 }
 
 /// Fill for the check and verify the result; returns whether every element matched on this rank.
-fn check(comm: &mut Communicator, op: BenchOp, dtype: DType, buf: &mut [u8], out: &mut [u8]) -> Result<bool, CommError> {
+fn check(
+    comm: &mut Communicator,
+    op: BenchOp,
+    dtype: DType,
+    buf: &mut [u8],
+    out: &mut [u8],
+) -> Result<bool, CommError> {
     let (n, r) = (comm.size(), comm.rank());
     let count = buf.len() / dtype.size();
     let block = count / n.max(1);
@@ -195,7 +220,9 @@ fn check(comm: &mut Communicator, op: BenchOp, dtype: DType, buf: &mut [u8], out
         BenchOp::AllGather => matches(buf, dtype, |i| pattern(i / block, i)),
         BenchOp::ReduceScatter => {
             let b = block * dtype.size();
-            matches(&buf[r * b..(r + 1) * b], dtype, |j| ((r * block + j) % 7 + 1) as f64 * sum_ranks)
+            matches(&buf[r * b..(r + 1) * b], dtype, |j| {
+                ((r * block + j) % 7 + 1) as f64 * sum_ranks
+            })
         }
         // Block j of our output came from rank j's block r: pattern(j, idx) + r, at idx = r*block + k.
         BenchOp::AllToAll => matches(out, dtype, |i| pattern(i / block, r * block + i % block) + r as f64),
@@ -238,7 +265,11 @@ pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Resul
         let mean_us = times.iter().sum::<f64>() / times.len() as f64;
         times.sort_by(f64::total_cmp);
         let time_us = times[times.len() / 2];
-        let algbw = if time_us > 0.0 { bytes as f64 / (time_us * 1e-6) / 1e9 } else { 0.0 };
+        let algbw = if time_us > 0.0 {
+            bytes as f64 / (time_us * 1e-6) / 1e9
+        } else {
+            0.0
+        };
         rows.push(BenchRow {
             op: cfg.op.name(),
             dtype: cfg.dtype,
@@ -259,7 +290,7 @@ pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Resul
 /// A human-readable size: 1K, 64M.
 pub fn format_size(bytes: usize) -> String {
     for (unit, shift) in [("G", 30), ("M", 20), ("K", 10)] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

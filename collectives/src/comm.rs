@@ -78,12 +78,20 @@ pub struct Communicator {
 }
 
 fn invalid(op: OpKind, message: impl Into<String>) -> CommError {
-    CommError::InvalidArgument { op, message: message.into() }
+    CommError::InvalidArgument {
+        op,
+        message: message.into(),
+    }
 }
 
 impl Communicator {
     /// Wrap a transport. `members` are the global ranks of the group in group-rank order.
-    pub fn new(name: String, members: Vec<usize>, transport: Box<dyn Transport>, fabric: Option<Fabric>) -> Communicator {
+    pub fn new(
+        name: String,
+        members: Vec<usize>,
+        transport: Box<dyn Transport>,
+        fabric: Option<Fabric>,
+    ) -> Communicator {
         let rank = transport.rank();
         let size = transport.size();
         assert_eq!(members.len(), size, "members must list every rank of the transport");
@@ -207,7 +215,12 @@ impl Communicator {
         if recv.len() != send.len() * self.size() {
             return Err(invalid(
                 OpKind::AllGather,
-                format!("recv holds {} elements, expected {} × {}", recv.len(), self.size(), send.len()),
+                format!(
+                    "recv holds {} elements, expected {} × {}",
+                    recv.len(),
+                    self.size(),
+                    send.len()
+                ),
             ));
         }
         let r = self.rank;
@@ -225,7 +238,12 @@ impl Communicator {
         if send.len() != recv.len() * self.size() {
             return Err(invalid(
                 OpKind::ReduceScatter,
-                format!("send holds {} elements, expected {} × {}", send.len(), self.size(), recv.len()),
+                format!(
+                    "send holds {} elements, expected {} × {}",
+                    send.len(),
+                    self.size(),
+                    recv.len()
+                ),
             ));
         }
         let mut tmp = send.to_vec();
@@ -260,12 +278,30 @@ impl Communicator {
     }
 
     /// Send to `to` while receiving from `from` (no deadlock when both sides do it at once).
-    pub fn send_recv<T: Element>(&mut self, send: &[T], to: usize, recv: &mut [T], from: usize, tag: u32) -> Result<()> {
-        self.p2p(Some((bytemuck::cast_slice(send), to)), Some((bytemuck::cast_slice_mut(recv), from)), T::DTYPE, tag)
+    pub fn send_recv<T: Element>(
+        &mut self,
+        send: &[T],
+        to: usize,
+        recv: &mut [T],
+        from: usize,
+        tag: u32,
+    ) -> Result<()> {
+        self.p2p(
+            Some((bytemuck::cast_slice(send), to)),
+            Some((bytemuck::cast_slice_mut(recv), from)),
+            T::DTYPE,
+            tag,
+        )
     }
 
     pub fn barrier(&mut self) -> Result<()> {
-        let desc = OpDesc { kind: OpKind::Barrier, dtype: DType::U8, reduce: None, count: 0, root: 0 };
+        let desc = OpDesc {
+            kind: OpKind::Barrier,
+            dtype: DType::U8,
+            reduce: None,
+            count: 0,
+            root: 0,
+        };
         self.run(desc, 0, "dissemination", |t, ctx| algo::doubling::barrier(t, ctx))
     }
 
@@ -273,14 +309,24 @@ impl Communicator {
 
     pub fn all_reduce_bytes(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let count = check_buf(OpKind::AllReduce, buf, dtype)?;
-        let desc = OpDesc { kind: OpKind::AllReduce, dtype, reduce: Some(op), count, root: 0 };
+        let desc = OpDesc {
+            kind: OpKind::AllReduce,
+            dtype,
+            reduce: Some(op),
+            count,
+            root: 0,
+        };
         let tree = self.pick_tree(buf.len());
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
         if tree {
-            self.run(desc, buf.len(), "recursive_doubling", |t, ctx| algo::doubling::all_reduce(t, ctx, buf, dtype, op))?;
+            self.run(desc, buf.len(), "recursive_doubling", |t, ctx| {
+                algo::doubling::all_reduce(t, ctx, buf, dtype, op)
+            })?;
         } else {
-            self.run(desc, buf.len(), "ring", |t, ctx| algo::ring::all_reduce(t, ctx, buf, chunking, op))?;
+            self.run(desc, buf.len(), "ring", |t, ctx| {
+                algo::ring::all_reduce(t, ctx, buf, chunking, op)
+            })?;
         }
         if op == ReduceOp::Avg {
             finish_avg(dtype, buf, n);
@@ -291,19 +337,35 @@ impl Communicator {
     pub fn broadcast_bytes(&mut self, buf: &mut [u8], dtype: DType, root: usize) -> Result<()> {
         let count = check_buf(OpKind::Broadcast, buf, dtype)?;
         self.check_root(OpKind::Broadcast, root)?;
-        let desc = OpDesc { kind: OpKind::Broadcast, dtype, reduce: None, count, root: root as u32 };
+        let desc = OpDesc {
+            kind: OpKind::Broadcast,
+            dtype,
+            reduce: None,
+            count,
+            root: root as u32,
+        };
         let seg = self.segment_bytes;
         if self.pick_tree(buf.len()) {
-            self.run(desc, buf.len(), "binomial_tree", |t, ctx| algo::tree::broadcast_binomial(t, ctx, buf, root))
+            self.run(desc, buf.len(), "binomial_tree", |t, ctx| {
+                algo::tree::broadcast_binomial(t, ctx, buf, root)
+            })
         } else {
-            self.run(desc, buf.len(), "chain", |t, ctx| algo::tree::broadcast_chain(t, ctx, buf, root, seg))
+            self.run(desc, buf.len(), "chain", |t, ctx| {
+                algo::tree::broadcast_chain(t, ctx, buf, root, seg)
+            })
         }
     }
 
     pub fn reduce_bytes(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
         let count = check_buf(OpKind::Reduce, buf, dtype)?;
         self.check_root(OpKind::Reduce, root)?;
-        let desc = OpDesc { kind: OpKind::Reduce, dtype, reduce: Some(op), count, root: root as u32 };
+        let desc = OpDesc {
+            kind: OpKind::Reduce,
+            dtype,
+            reduce: Some(op),
+            count,
+            root: root as u32,
+        };
         let tree = self.pick_tree(buf.len());
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
@@ -318,9 +380,13 @@ impl Communicator {
             w
         };
         if tree {
-            self.run(desc, work.len(), "binomial_tree", |t, ctx| algo::tree::reduce_binomial(t, ctx, work, dtype, op, root))?;
+            self.run(desc, work.len(), "binomial_tree", |t, ctx| {
+                algo::tree::reduce_binomial(t, ctx, work, dtype, op, root)
+            })?;
         } else {
-            self.run(desc, work.len(), "ring", |t, ctx| algo::tree::reduce_ring(t, ctx, work, chunking, op, root))?;
+            self.run(desc, work.len(), "ring", |t, ctx| {
+                algo::tree::reduce_ring(t, ctx, work, chunking, op, root)
+            })?;
         }
         if is_root && op == ReduceOp::Avg {
             finish_avg(dtype, work, n);
@@ -331,18 +397,34 @@ impl Communicator {
     pub fn all_gather_bytes(&mut self, buf: &mut [u8], dtype: DType) -> Result<()> {
         let total = check_buf(OpKind::AllGather, buf, dtype)? as usize;
         let per_rank = self.per_rank(OpKind::AllGather, total)?;
-        let desc = OpDesc { kind: OpKind::AllGather, dtype, reduce: None, count: per_rank as u64, root: 0 };
+        let desc = OpDesc {
+            kind: OpKind::AllGather,
+            dtype,
+            reduce: None,
+            count: per_rank as u64,
+            root: 0,
+        };
         let chunking = self.chunking(total, dtype);
-        self.run(desc, buf.len(), "ring", |t, ctx| algo::ring::all_gather_phase(t, ctx, buf, chunking))
+        self.run(desc, buf.len(), "ring", |t, ctx| {
+            algo::ring::all_gather_phase(t, ctx, buf, chunking)
+        })
     }
 
     pub fn reduce_scatter_bytes(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let total = check_buf(OpKind::ReduceScatter, buf, dtype)? as usize;
         let per_rank = self.per_rank(OpKind::ReduceScatter, total)?;
-        let desc = OpDesc { kind: OpKind::ReduceScatter, dtype, reduce: Some(op), count: per_rank as u64, root: 0 };
+        let desc = OpDesc {
+            kind: OpKind::ReduceScatter,
+            dtype,
+            reduce: Some(op),
+            count: per_rank as u64,
+            root: 0,
+        };
         let chunking = self.chunking(total, dtype);
         let n = self.size();
-        self.run(desc, buf.len(), "ring", |t, ctx| algo::ring::reduce_scatter_phase(t, ctx, buf, chunking, op))?;
+        self.run(desc, buf.len(), "ring", |t, ctx| {
+            algo::ring::reduce_scatter_phase(t, ctx, buf, chunking, op)
+        })?;
         if op == ReduceOp::Avg {
             let block = per_rank * dtype.size();
             finish_avg(dtype, &mut buf[self.rank * block..(self.rank + 1) * block], n);
@@ -353,12 +435,23 @@ impl Communicator {
     pub fn all_to_all_bytes(&mut self, send: &[u8], recv: &mut [u8], dtype: DType) -> Result<()> {
         let total = check_buf(OpKind::AllToAll, recv, dtype)? as usize;
         if send.len() != recv.len() {
-            return Err(invalid(OpKind::AllToAll, format!("send has {} bytes but recv has {}", send.len(), recv.len())));
+            return Err(invalid(
+                OpKind::AllToAll,
+                format!("send has {} bytes but recv has {}", send.len(), recv.len()),
+            ));
         }
         let per_rank = self.per_rank(OpKind::AllToAll, total)?;
-        let desc = OpDesc { kind: OpKind::AllToAll, dtype, reduce: None, count: per_rank as u64, root: 0 };
+        let desc = OpDesc {
+            kind: OpKind::AllToAll,
+            dtype,
+            reduce: None,
+            count: per_rank as u64,
+            root: 0,
+        };
         let block = per_rank * dtype.size();
-        self.run(desc, send.len(), "pairwise", |t, ctx| algo::alltoall::all_to_all(t, ctx, send, recv, block))
+        self.run(desc, send.len(), "pairwise", |t, ctx| {
+            algo::alltoall::all_to_all(t, ctx, send, recv, block)
+        })
     }
 
     // ----- groups -----------------------------------------------------------------------------
@@ -367,15 +460,19 @@ impl Communicator {
     /// (`key`, current rank); `None` opts out. Collective over this communicator.
     pub fn split(&mut self, color: Option<u32>, key: u32) -> Result<Option<Communicator>> {
         let Some(fabric) = self.fabric.clone() else {
-            return Err(CommError::Setup("this communicator has no fabric to create groups from".into()));
+            return Err(CommError::Setup(
+                "this communicator has no fabric to create groups from".into(),
+            ));
         };
         let mine = [color.map_or(-1, i64::from), i64::from(key)];
         let mut all = vec![0i64; 2 * self.size()];
         self.with_options(CallOptions::default(), |c| c.all_gather(&mine, &mut all))?;
         self.splits += 1;
         let Some(color) = color else { return Ok(None) };
-        let mut group: Vec<(i64, usize)> =
-            (0..self.size()).filter(|&r| all[2 * r] == i64::from(color)).map(|r| (all[2 * r + 1], r)).collect();
+        let mut group: Vec<(i64, usize)> = (0..self.size())
+            .filter(|&r| all[2 * r] == i64::from(color))
+            .map(|r| (all[2 * r + 1], r))
+            .collect();
         group.sort();
         let members = group.iter().map(|&(_, r)| self.members[r]).collect();
         let name = format!("{}/split{}-c{}", self.name, self.splits, color);
@@ -393,19 +490,29 @@ impl Communicator {
     }
 
     fn chunking(&self, count: usize, dtype: DType) -> Chunking {
-        Chunking { count, elem: dtype.size(), segment_bytes: self.segment_bytes }
+        Chunking {
+            count,
+            elem: dtype.size(),
+            segment_bytes: self.segment_bytes,
+        }
     }
 
     fn check_root(&self, op: OpKind, root: usize) -> Result<()> {
         if root >= self.size() {
-            return Err(invalid(op, format!("root {root} is not a rank of this {}-rank group", self.size())));
+            return Err(invalid(
+                op,
+                format!("root {root} is not a rank of this {}-rank group", self.size()),
+            ));
         }
         Ok(())
     }
 
     fn per_rank(&self, op: OpKind, total: usize) -> Result<usize> {
-        if total % self.size() != 0 {
-            return Err(invalid(op, format!("{total} elements do not split evenly over {} ranks", self.size())));
+        if !total.is_multiple_of(self.size()) {
+            return Err(invalid(
+                op,
+                format!("{total} elements do not split evenly over {} ranks", self.size()),
+            ));
         }
         Ok(total / self.size())
     }
@@ -427,22 +534,49 @@ impl Communicator {
         }
         self.seq += 1;
         let started = Instant::now();
-        let ctx = OpCtx { desc, seq: self.seq, started, deadline: self.exchange_deadline(started) };
-        self.recorder.start(ctx.seq, desc.kind, desc.dtype, bytes as u64, self.members.clone(), algorithm);
-        let result = if self.size() == 1 { Ok(()) } else { f(&mut *self.transport, &ctx) };
+        let ctx = OpCtx {
+            desc,
+            seq: self.seq,
+            started,
+            deadline: self.exchange_deadline(started),
+        };
+        self.recorder.start(
+            ctx.seq,
+            desc.kind,
+            desc.dtype,
+            bytes as u64,
+            self.members.clone(),
+            algorithm,
+        );
+        let result = f(&mut *self.transport, &ctx);
         self.conclude(&ctx, result)
     }
 
-    fn p2p(&mut self, send: Option<(&[u8], usize)>, recv: Option<(&mut [u8], usize)>, dtype: DType, tag: u32) -> Result<()> {
+    fn p2p(
+        &mut self,
+        send: Option<(&[u8], usize)>,
+        recv: Option<(&mut [u8], usize)>,
+        dtype: DType,
+        tag: u32,
+    ) -> Result<()> {
         if let Some(why) = &self.broken {
             return Err(CommError::Broken(why.clone()));
         }
         for peer in send.as_ref().map(|s| s.1).into_iter().chain(recv.as_ref().map(|r| r.1)) {
             if peer >= self.size() || peer == self.rank {
-                return Err(invalid(OpKind::SendRecv, format!("peer {peer} is not another rank of this {}-rank group", self.size())));
+                return Err(invalid(
+                    OpKind::SendRecv,
+                    format!("peer {peer} is not another rank of this {}-rank group", self.size()),
+                ));
             }
         }
-        let desc_for = |bytes: usize| OpDesc { kind: OpKind::SendRecv, dtype, reduce: None, count: (bytes / dtype.size()) as u64, root: tag };
+        let desc_for = |bytes: usize| OpDesc {
+            kind: OpKind::SendRecv,
+            dtype,
+            reduce: None,
+            count: (bytes / dtype.size()) as u64,
+            root: tag,
+        };
         if let Some((b, _)) = &send {
             check_buf(OpKind::SendRecv, b, dtype)?;
         }
@@ -451,19 +585,51 @@ impl Communicator {
         }
         let send_part = send.map(|(data, peer)| {
             self.p2p_sent[peer] += 1;
-            SendPart { peer, desc: desc_for(data.len()), seq: self.p2p_sent[peer], step: 0, data }
+            SendPart {
+                peer,
+                desc: desc_for(data.len()),
+                seq: self.p2p_sent[peer],
+                step: 0,
+                data,
+            }
         });
         let recv_part = recv.map(|(data, peer)| {
             self.p2p_received[peer] += 1;
-            crate::transport::RecvPart { peer, desc: desc_for(data.len()), seq: self.p2p_received[peer], step: 0, sink: RecvSink::Copy(data) }
+            crate::transport::RecvPart {
+                peer,
+                desc: desc_for(data.len()),
+                seq: self.p2p_received[peer],
+                step: 0,
+                sink: RecvSink::Copy(data),
+            }
         });
-        let peers: Vec<usize> = send_part.iter().map(|s| s.peer).chain(recv_part.iter().map(|r| r.peer)).map(|p| self.members[p]).collect();
-        let bytes = send_part.as_ref().map_or(0, |s| s.data.len()) + recv_part.as_ref().map_or(0, |r| r.desc.count as usize * dtype.size());
-        let seq = send_part.as_ref().map(|s| s.seq).or(recv_part.as_ref().map(|r| r.seq)).unwrap_or(0);
-        let desc = send_part.as_ref().map(|s| s.desc).or(recv_part.as_ref().map(|r| r.desc)).unwrap_or(desc_for(0));
+        let peers: Vec<usize> = send_part
+            .iter()
+            .map(|s| s.peer)
+            .chain(recv_part.iter().map(|r| r.peer))
+            .map(|p| self.members[p])
+            .collect();
+        let bytes = send_part.as_ref().map_or(0, |s| s.data.len())
+            + recv_part.as_ref().map_or(0, |r| r.desc.count as usize * dtype.size());
+        let seq = send_part
+            .as_ref()
+            .map(|s| s.seq)
+            .or(recv_part.as_ref().map(|r| r.seq))
+            .unwrap_or(0);
+        let desc = send_part
+            .as_ref()
+            .map(|s| s.desc)
+            .or(recv_part.as_ref().map(|r| r.desc))
+            .unwrap_or(desc_for(0));
         let started = Instant::now();
-        let ctx = OpCtx { desc, seq, started, deadline: self.exchange_deadline(started) };
-        self.recorder.start(seq, OpKind::SendRecv, dtype, bytes as u64, peers, "p2p");
+        let ctx = OpCtx {
+            desc,
+            seq,
+            started,
+            deadline: self.exchange_deadline(started),
+        };
+        self.recorder
+            .start(seq, OpKind::SendRecv, dtype, bytes as u64, peers, "p2p");
         let result = self.transport.exchange(&ctx, send_part, recv_part);
         self.conclude(&ctx, result)
     }
@@ -480,7 +646,11 @@ impl Communicator {
                 self.broken = Some(err.to_string());
                 if let Some(f) = &self.fabric {
                     match self.recorder.dump_to(f.recorders().dir()) {
-                        Ok(path) => tracing::error!(rank = self.members[self.rank], "{err}; flight recorder dumped to {}", path.display()),
+                        Ok(path) => tracing::error!(
+                            rank = self.members[self.rank],
+                            "{err}; flight recorder dumped to {}",
+                            path.display()
+                        ),
                         Err(e) => tracing::error!("{err}; flight recorder dump failed: {e}"),
                     }
                 }
@@ -520,20 +690,31 @@ impl Communicator {
         let me = self.members[self.rank];
         let (op, seq) = (ctx.desc.kind, ctx.seq);
         let from_record = |rec: AbortRecord, fallback: CommError| match rec.culprit {
-            Some(c) if rec.reporter != me => CommError::Aborted { rank: c, op, seq, reason: rec.reason },
+            Some(c) if rec.reporter != me => CommError::Aborted {
+                rank: c,
+                op,
+                seq,
+                reason: rec.reason,
+            },
             _ => fallback,
         };
         let err = match e.kind {
-            ExchangeErrorKind::Timeout { entered: false, detail } => {
-                CommError::RankTimeout { rank: peer, op, seq, waited: self.timeout, detail }
-            }
+            ExchangeErrorKind::Timeout { entered: false, detail } => CommError::RankTimeout {
+                rank: peer,
+                op,
+                seq,
+                waited: self.timeout,
+                detail,
+            },
             ExchangeErrorKind::Timeout { entered: true, detail } => {
                 let fallback = CommError::RankTimeout {
                     rank: peer,
                     op,
                     seq,
                     waited: self.timeout,
-                    detail: format!("{detail}; it had entered this operation, so it may itself be waiting on another rank"),
+                    detail: format!(
+                        "{detail}; it had entered this operation, so it may itself be waiting on another rank"
+                    ),
                 };
                 let grace = (ctx.started + self.timeout).saturating_duration_since(Instant::now());
                 match self.wait_abort_record(grace) {
@@ -541,11 +722,19 @@ impl Communicator {
                     None => fallback,
                 }
             }
-            ExchangeErrorKind::Link(LinkError::Aborted { culprit, reason }) => {
-                CommError::Aborted { rank: culprit.unwrap_or(peer), op, seq, reason }
-            }
+            ExchangeErrorKind::Link(LinkError::Aborted { culprit, reason }) => CommError::Aborted {
+                rank: culprit.unwrap_or(peer),
+                op,
+                seq,
+                reason,
+            },
             ExchangeErrorKind::Link(link) => {
-                let fallback = CommError::PeerLost { rank: peer, op, seq, detail: link.to_string() };
+                let fallback = CommError::PeerLost {
+                    rank: peer,
+                    op,
+                    seq,
+                    detail: link.to_string(),
+                };
                 // A peer that aborted published its reason before closing; one that died did not.
                 match self.wait_abort_record(Duration::from_millis(50)) {
                     Some(rec) => from_record(rec, fallback),
@@ -560,20 +749,36 @@ impl Communicator {
                 remote_seq: remote.seq,
                 remote: remote.desc,
             },
-            ExchangeErrorKind::Protocol(m) => {
-                CommError::PeerLost { rank: peer, op, seq, detail: format!("protocol error: {m}") }
-            }
+            ExchangeErrorKind::Protocol(m) => CommError::PeerLost {
+                rank: peer,
+                op,
+                seq,
+                detail: format!("protocol error: {m}"),
+            },
             ExchangeErrorKind::Connect(LinkError::Io(io)) if io.kind() == std::io::ErrorKind::TimedOut => {
-                CommError::RankTimeout { rank: peer, op, seq, waited: self.timeout, detail: format!("never connected: {io}") }
+                CommError::RankTimeout {
+                    rank: peer,
+                    op,
+                    seq,
+                    waited: self.timeout,
+                    detail: format!("never connected: {io}"),
+                }
             }
-            ExchangeErrorKind::Connect(link) => {
-                CommError::PeerLost { rank: peer, op, seq, detail: format!("could not connect: {link}") }
-            }
+            ExchangeErrorKind::Connect(link) => CommError::PeerLost {
+                rank: peer,
+                op,
+                seq,
+                detail: format!("could not connect: {link}"),
+            },
         };
         let culprit = err.rank();
         let reason = err.to_string();
         if let Some(f) = &self.fabric {
-            let rec = AbortRecord { culprit, reporter: me, reason: reason.clone() };
+            let rec = AbortRecord {
+                culprit,
+                reporter: me,
+                reason: reason.clone(),
+            };
             if let Ok(bytes) = serde_json::to_vec(&rec) {
                 let _ = f.store().set_if_absent(&self.abort_key(), &bytes);
             }
@@ -593,11 +798,17 @@ fn same_len(op: OpKind, send: usize, recv: usize) -> Result<()> {
 /// Checks length and alignment of a raw buffer; returns its element count.
 fn check_buf(op: OpKind, buf: &[u8], dtype: DType) -> Result<u64> {
     let size = dtype.size();
-    if buf.len() % size != 0 {
-        return Err(invalid(op, format!("{} bytes is not a whole number of {dtype} elements", buf.len())));
+    if !buf.len().is_multiple_of(size) {
+        return Err(invalid(
+            op,
+            format!("{} bytes is not a whole number of {dtype} elements", buf.len()),
+        ));
     }
-    if (buf.as_ptr() as usize) % size != 0 {
-        return Err(invalid(op, format!("buffer is not aligned to {size} bytes for {dtype}")));
+    if !(buf.as_ptr() as usize).is_multiple_of(size) {
+        return Err(invalid(
+            op,
+            format!("buffer is not aligned to {size} bytes for {dtype}"),
+        ));
     }
     Ok((buf.len() / size) as u64)
 }

@@ -25,15 +25,33 @@ pub enum LinkError {
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     #[error("rank {rank} did not respond within {waited:?} during {op} seq {seq}: {detail}")]
-    RankTimeout { rank: usize, op: OpKind, seq: u64, waited: Duration, detail: String },
+    RankTimeout {
+        rank: usize,
+        op: OpKind,
+        seq: u64,
+        waited: Duration,
+        detail: String,
+    },
 
     #[error("rank {rank} died or closed its connection during {op} seq {seq}: {detail}")]
-    PeerLost { rank: usize, op: OpKind, seq: u64, detail: String },
+    PeerLost {
+        rank: usize,
+        op: OpKind,
+        seq: u64,
+        detail: String,
+    },
 
     #[error("{op} seq {seq} aborted because rank {rank} failed: {reason}")]
-    Aborted { rank: usize, op: OpKind, seq: u64, reason: String },
+    Aborted {
+        rank: usize,
+        op: OpKind,
+        seq: u64,
+        reason: String,
+    },
 
-    #[error("collective mismatch at seq {seq}: rank {local_rank} called {local} but rank {remote_rank} called {remote} (its seq {remote_seq})")]
+    #[error(
+        "collective mismatch at seq {seq}: rank {local_rank} called {local} but rank {remote_rank} called {remote} (its seq {remote_seq})"
+    )]
     Mismatch {
         seq: u64,
         local_rank: usize,

@@ -97,10 +97,16 @@ impl FabricConfig {
             return Err("timeout must be positive".into());
         }
         if self.segment_bytes < 1024 {
-            return Err(format!("segment_bytes must be at least 1024, got {}", self.segment_bytes));
+            return Err(format!(
+                "segment_bytes must be at least 1024, got {}",
+                self.segment_bytes
+            ));
         }
         if self.shm_ring_bytes < 64 * 1024 {
-            return Err(format!("shm_ring_bytes must be at least 65536, got {}", self.shm_ring_bytes));
+            return Err(format!(
+                "shm_ring_bytes must be at least 65536, got {}",
+                self.shm_ring_bytes
+            ));
         }
         if self.flight_records == 0 {
             return Err("flight_records must be at least 1".into());
@@ -116,10 +122,15 @@ impl FabricConfig {
             self.transport = t.parse()?;
         }
         if let Some(ms) = var("GANTRY_TIMEOUT_MS") {
-            self.timeout = Duration::from_millis(ms.parse().map_err(|_| format!("GANTRY_TIMEOUT_MS=`{ms}` is not a number"))?);
+            self.timeout = Duration::from_millis(
+                ms.parse()
+                    .map_err(|_| format!("GANTRY_TIMEOUT_MS=`{ms}` is not a number"))?,
+            );
         }
         if let Some(b) = var("GANTRY_SHM_RING_BYTES") {
-            self.shm_ring_bytes = b.parse().map_err(|_| format!("GANTRY_SHM_RING_BYTES=`{b}` is not a number"))?;
+            self.shm_ring_bytes = b
+                .parse()
+                .map_err(|_| format!("GANTRY_SHM_RING_BYTES=`{b}` is not a number"))?;
         }
         if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
             self.advertise_host = Some(h);
@@ -155,20 +166,42 @@ impl Bootstrap {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, String> {
         let Some(rank) = get("RANK") else { return Ok(None) };
         let num = |name: &str, v: String| -> Result<usize, String> {
-            v.trim().parse().map_err(|_| format!("{name}=`{v}` is not a non-negative integer"))
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{name}=`{v}` is not a non-negative integer"))
         };
         let rank = num("RANK", rank)?;
-        let world = num("WORLD_SIZE", get("WORLD_SIZE").ok_or("RANK is set but WORLD_SIZE is not")?)?;
+        let world = num(
+            "WORLD_SIZE",
+            get("WORLD_SIZE").ok_or("RANK is set but WORLD_SIZE is not")?,
+        )?;
         if world == 0 || rank >= world {
             return Err(format!("RANK={rank} must be below WORLD_SIZE={world}"));
         }
-        let local_rank = get("LOCAL_RANK").map(|v| num("LOCAL_RANK", v)).transpose()?.unwrap_or(rank);
-        let local_world = get("LOCAL_WORLD_SIZE").map(|v| num("LOCAL_WORLD_SIZE", v)).transpose()?.unwrap_or(world);
+        let local_rank = get("LOCAL_RANK")
+            .map(|v| num("LOCAL_RANK", v))
+            .transpose()?
+            .unwrap_or(rank);
+        let local_world = get("LOCAL_WORLD_SIZE")
+            .map(|v| num("LOCAL_WORLD_SIZE", v))
+            .transpose()?
+            .unwrap_or(world);
         let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let port = get("MASTER_PORT").ok_or("RANK is set but MASTER_PORT is not")?;
-        let master_port = port.trim().parse().map_err(|_| format!("MASTER_PORT=`{port}` is not a port number"))?;
+        let master_port = port
+            .trim()
+            .parse()
+            .map_err(|_| format!("MASTER_PORT=`{port}` is not a port number"))?;
         let store_external = get("GANTRY_STORE_EXTERNAL").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-        Ok(Some(Bootstrap { rank, world, local_rank, local_world, master_addr, master_port, store_external }))
+        Ok(Some(Bootstrap {
+            rank,
+            world,
+            local_rank,
+            local_world,
+            master_addr,
+            master_port,
+            store_external,
+        }))
     }
 
     /// The environment a launcher gives rank `rank` of a local world.
@@ -241,7 +274,9 @@ impl Fabric {
     /// Join from torchrun-style environment variables; rank 0 serves the TCP store at
     /// `MASTER_ADDR:MASTER_PORT`.
     pub fn from_env(config: FabricConfig) -> Result<Fabric, CommError> {
-        let boot = Bootstrap::from_env().map_err(setup)?.ok_or_else(|| setup("RANK is not set: not launched as a rank"))?;
+        let boot = Bootstrap::from_env()
+            .map_err(setup)?
+            .ok_or_else(|| setup("RANK is not set: not launched as a rank"))?;
         Self::from_bootstrap(&boot, config)
     }
 
@@ -269,7 +304,8 @@ impl Fabric {
             return Err(setup(format!("rank {rank} is not below world size {world}")));
         }
         let proposal = format!("{:x}-{:x}", std::process::id(), unique_nanos());
-        let session = String::from_utf8_lossy(&store.set_if_absent("gantry/session", proposal.as_bytes())?).into_owned();
+        let session =
+            String::from_utf8_lossy(&store.set_if_absent("gantry/session", proposal.as_bytes())?).into_owned();
         let acceptor = match config.transport {
             TransportChoice::Tcp | TransportChoice::Auto => Some(
                 Acceptor::bind(config.bind_addr.as_str())
@@ -285,8 +321,15 @@ impl Fabric {
                 .unwrap_or_else(|| "127.0.0.1".into());
             format!("{host}:{}", a.local_addr().port())
         });
-        let info = PeerInfo { addr, host: host_identity(), pid: std::process::id() };
-        store.set(&format!("gantry/peer/{rank}"), &serde_json::to_vec(&info).map_err(setup)?)?;
+        let info = PeerInfo {
+            addr,
+            host: host_identity(),
+            pid: std::process::id(),
+        };
+        store.set(
+            &format!("gantry/peer/{rank}"),
+            &serde_json::to_vec(&info).map_err(setup)?,
+        )?;
         store.barrier("gantry/join", world, config.join_timeout)?;
         tracing::debug!(rank, world, session, "joined");
         Ok(Fabric {
@@ -317,7 +360,10 @@ impl Fabric {
                     world: n,
                     store: store.clone(),
                     recorders: RecorderSet::new(config.flight_dir.clone()),
-                    config: FabricConfig { transport: TransportChoice::Local, ..config.clone() },
+                    config: FabricConfig {
+                        transport: TransportChoice::Local,
+                        ..config.clone()
+                    },
                     session: "local".into(),
                     host: host_identity(),
                     acceptor: None,
@@ -353,17 +399,25 @@ impl Fabric {
     /// A communicator over `members` (global ranks, in group-rank order) named `key`. Every
     /// member must create it with the same key and members; links are made on first use.
     pub fn group(&self, key: &str, members: Vec<usize>) -> Communicator {
-        let me = members.iter().position(|&g| g == self.inner.rank).unwrap_or_else(|| {
-            panic!("rank {} is not a member of group `{key}` {members:?}", self.inner.rank)
-        });
-        let connector = FabricConnector { fabric: self.inner.clone(), key: key.to_string(), members: members.clone() };
+        let me = members
+            .iter()
+            .position(|&g| g == self.inner.rank)
+            .unwrap_or_else(|| panic!("rank {} is not a member of group `{key}` {members:?}", self.inner.rank));
+        let connector = FabricConnector {
+            fabric: self.inner.clone(),
+            key: key.to_string(),
+            members: members.clone(),
+        };
         let transport = MeshTransport::new(me, members.len(), Box::new(connector));
         Communicator::new(key.to_string(), members, Box::new(transport), Some(self.clone()))
     }
 
     /// Dump every live communicator's flight recorder as JSON when the process gets SIGUSR1.
     pub fn install_sigusr1_dump(&self) -> Result<(), CommError> {
-        self.inner.recorders.install_sigusr1().map_err(|e| setup(format!("cannot install SIGUSR1 handler: {e}")))
+        self.inner
+            .recorders
+            .install_sigusr1()
+            .map_err(|e| setup(format!("cannot install SIGUSR1 handler: {e}")))
     }
 
     pub fn recorders(&self) -> &RecorderSet {
@@ -372,7 +426,10 @@ impl Fabric {
 }
 
 fn unique_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 struct FabricConnector {
@@ -393,7 +450,10 @@ impl FabricInner {
             .map_err(|e| LinkError::Protocol(format!("looking up rank {peer}: {e}")))?;
         let info: PeerInfo = serde_json::from_slice(&raw)
             .map_err(|e| LinkError::Protocol(format!("bad peer record for rank {peer}: {e}")))?;
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, info.clone());
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, info.clone());
         Ok(info)
     }
 }
@@ -419,12 +479,25 @@ impl LinkConnector for FabricConnector {
             TransportChoice::Tcp | TransportChoice::Local => false,
         };
         if use_shm {
-            let link = ShmLink::connect(&f.config.shm_dir, &f.session, &self.key, me, peer, f.config.shm_ring_bytes, deadline)?;
+            let link = ShmLink::connect(
+                &f.config.shm_dir,
+                &f.session,
+                &self.key,
+                me,
+                peer,
+                f.config.shm_ring_bytes,
+                deadline,
+            )?;
             return Ok(Box::new(link));
         }
-        let acceptor = f.acceptor.as_ref().ok_or_else(|| LinkError::Protocol("TCP is disabled".into()))?;
+        let acceptor = f
+            .acceptor
+            .as_ref()
+            .ok_or_else(|| LinkError::Protocol("TCP is disabled".into()))?;
         let stream = if me > peer {
-            let addr = info.addr.ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
+            let addr = info
+                .addr
+                .ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
             tcp::connect(&addr, &self.key, me, deadline)?
         } else {
             acceptor.take(&self.key, peer, deadline)?

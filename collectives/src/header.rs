@@ -45,9 +45,19 @@ impl OpKind {
 
     fn from_code(code: u8) -> Option<OpKind> {
         use OpKind::*;
-        [AllReduce, Broadcast, Reduce, AllGather, ReduceScatter, AllToAll, SendRecv, Barrier, Split]
-            .into_iter()
-            .find(|k| *k as u8 == code)
+        [
+            AllReduce,
+            Broadcast,
+            Reduce,
+            AllGather,
+            ReduceScatter,
+            AllToAll,
+            SendRecv,
+            Barrier,
+            Split,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == code)
     }
 }
 
@@ -126,7 +136,13 @@ impl Header {
             c => Some(ReduceOp::from_code(c).ok_or_else(|| format!("unknown reduce op code {c}"))?),
         };
         Ok(Header {
-            desc: OpDesc { kind, dtype, reduce, count: u64_at(24), root: u32_at(8) },
+            desc: OpDesc {
+                kind,
+                dtype,
+                reduce,
+                count: u64_at(24),
+                root: u32_at(8),
+            },
             step: u32_at(12),
             seq: u64_at(16),
             len: u64_at(32),

@@ -307,10 +307,7 @@ impl ParallelLayout {
         let w = |n: usize| n.to_string().len().max(2);
         let (wr, wd, wt, wp) = (w(self.world - 1).max(4), w(self.dp), w(self.tp), w(self.pp));
         let mut out = format!("{self} (Megatron order: tp innermost, pp outermost)\n");
-        out += &format!(
-            "{:>wr$}  {:>wd$}  {:>wt$}  {:>wp$}\n",
-            "rank", "dp", "tp", "pp"
-        );
+        out += &format!("{:>wr$}  {:>wd$}  {:>wt$}  {:>wp$}\n", "rank", "dp", "tp", "pp");
         for rank in 0..self.world {
             let c = self.coords(rank);
             out += &format!("{rank:>wr$}  {:>wd$}  {:>wt$}  {:>wp$}\n", c.dp, c.tp, c.pp);
@@ -483,13 +480,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/layout");
         let bless = std::env::var("GANTRY_BLESS").is_ok_and(|v| v == "1");
         let mut failures = Vec::new();
-        for (world, dp, tp, pp) in [
-            (8, 2, 2, 2),
-            (8, 1, 2, 4),
-            (12, 3, 2, 2),
-            (6, 3, 2, 1),
-            (1, 1, 1, 1),
-        ] {
+        for (world, dp, tp, pp) in [(8, 2, 2, 2), (8, 1, 2, 4), (12, 3, 2, 2), (6, 3, 2, 1), (1, 1, 1, 1)] {
             let actual = render_golden(&ParallelLayout::new(world, dp, tp, pp).unwrap());
             let path = dir.join(format!("{world}-dp{dp}-tp{tp}-pp{pp}.txt"));
             if bless {

@@ -31,6 +31,8 @@
 pub mod algo;
 pub mod bench;
 pub mod comm;
+#[doc(hidden)]
+pub mod conformance;
 pub mod dtype;
 pub mod error;
 pub mod fabric;

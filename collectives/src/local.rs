@@ -25,7 +25,11 @@ struct Pipe {
 
 impl Pipe {
     fn new(capacity: usize) -> Arc<Pipe> {
-        Arc::new(Pipe { capacity, state: Mutex::new(PipeState::default()), cv: Condvar::new() })
+        Arc::new(Pipe {
+            capacity,
+            state: Mutex::new(PipeState::default()),
+            cv: Condvar::new(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
@@ -35,7 +39,10 @@ impl Pipe {
 
 fn check(state: &PipeState) -> Result<(), LinkError> {
     if let Some((culprit, reason)) = &state.aborted {
-        return Err(LinkError::Aborted { culprit: *culprit, reason: reason.clone() });
+        return Err(LinkError::Aborted {
+            culprit: *culprit,
+            reason: reason.clone(),
+        });
     }
     Ok(())
 }
@@ -88,7 +95,11 @@ impl Link for LocalLink {
         } else {
             (&self.tx, |s, cap| s.data.len() < cap || s.closed || s.aborted.is_some())
         };
-        let timeout = if interest.read && interest.write { timeout.min(Duration::from_micros(200)) } else { timeout };
+        let timeout = if interest.read && interest.write {
+            timeout.min(Duration::from_micros(200))
+        } else {
+            timeout
+        };
         let s = pipe.lock();
         if !ready(&s, pipe.capacity) {
             let _ = pipe.cv.wait_timeout(s, timeout);
@@ -121,16 +132,25 @@ pub struct LocalRegistry {
 
 impl LocalRegistry {
     pub fn new(capacity: usize) -> Arc<LocalRegistry> {
-        Arc::new(LocalRegistry { pipes: Mutex::default(), capacity: capacity.max(1) })
+        Arc::new(LocalRegistry {
+            pipes: Mutex::default(),
+            capacity: capacity.max(1),
+        })
     }
 
     fn pipe(&self, key: &str, from: usize, to: usize) -> Arc<Pipe> {
         let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
-        pipes.entry((key.to_string(), from, to)).or_insert_with(|| Pipe::new(self.capacity)).clone()
+        pipes
+            .entry((key.to_string(), from, to))
+            .or_insert_with(|| Pipe::new(self.capacity))
+            .clone()
     }
 
     /// The link from global rank `me` to global rank `peer` for communicator `key`.
     pub fn link(&self, key: &str, me: usize, peer: usize) -> LocalLink {
-        LocalLink { tx: self.pipe(key, me, peer), rx: self.pipe(key, peer, me) }
+        LocalLink {
+            tx: self.pipe(key, me, peer),
+            rx: self.pipe(key, peer, me),
+        }
     }
 }

@@ -268,12 +268,7 @@ unsafe impl Send for NcclCommunicator {}
 impl NcclCommunicator {
     /// `ncclCommInitRank` for `rank` of `world` on CUDA device `device_ordinal` (its primary
     /// context, which torch shares). Blocks until all `world` ranks have called it with `id`.
-    pub fn new(
-        device_ordinal: usize,
-        rank: usize,
-        world: usize,
-        id: &NcclUniqueId,
-    ) -> NcclResult<Self> {
+    pub fn new(device_ordinal: usize, rank: usize, world: usize, id: &NcclUniqueId) -> NcclResult<Self> {
         const OP: &str = "ncclCommInitRank";
         let nranks = c_int::try_from(world).map_err(|_| invalid(OP, "world size too large"))?;
         if rank >= world {
@@ -282,14 +277,12 @@ impl NcclCommunicator {
         nccl_available()?;
         guard(OP, || {
             // Retains the primary context and makes it current: NCCL takes the device from it.
-            let ctx = CudaContext::new(device_ordinal)
-                .map_err(cuda_err("cuDeviceGet/cuDevicePrimaryCtxRetain"))?;
+            let ctx = CudaContext::new(device_ordinal).map_err(cuda_err("cuDeviceGet/cuDevicePrimaryCtxRetain"))?;
             let stream = ctx.default_stream();
             let mut comm: sys::ncclComm_t = null_mut();
             // SAFETY: `comm` is a valid out-pointer, the id plain bytes. On failure NCCL frees
             // what it allocated, so a failed `comm` is never touched.
-            let status =
-                unsafe { nres::comm_init_rank(&mut comm, nranks, id.to_sys(), rank as c_int) };
+            let status = unsafe { nres::comm_init_rank(&mut comm, nranks, id.to_sys(), rank as c_int) };
             check(OP, null_mut(), status)?;
             Ok(NcclCommunicator {
                 comm,
@@ -354,13 +347,9 @@ impl NcclCommunicator {
                 match coll {
                     Coll::AllReduce(o) => nres::all_reduce(s, r, count, t, nccl_op(o), c, st),
                     Coll::Broadcast(root) => nres::broadcast(s, r, count, t, root as c_int, c, st),
-                    Coll::Reduce(o, root) => {
-                        nres::reduce(s, r, count, t, nccl_op(o), root as c_int, c, st)
-                    }
+                    Coll::Reduce(o, root) => nres::reduce(s, r, count, t, nccl_op(o), root as c_int, c, st),
                     Coll::AllGather => nres::all_gather(s, r, count, t, c, st),
-                    Coll::ReduceScatter(o) => {
-                        nres::reduce_scatter(s, r, count, t, nccl_op(o), c, st)
-                    }
+                    Coll::ReduceScatter(o) => nres::reduce_scatter(s, r, count, t, nccl_op(o), c, st),
                     Coll::Send(peer) => nres::send(s, count, t, peer as c_int, c, st),
                     Coll::Recv(peer) => nres::recv(r, count, t, peer as c_int, c, st),
                 }
@@ -376,27 +365,14 @@ impl NcclCommunicator {
     /// elements the operation touches and neither freed nor reused until
     /// [`Self::synchronize`] returns (or later work on the same stream is ordered after it).
     /// The same holds for every operation below.
-    pub unsafe fn all_reduce(
-        &self,
-        send: u64,
-        recv: u64,
-        count: usize,
-        dtype: DType,
-        op: ReduceOp,
-    ) -> NcclResult {
+    pub unsafe fn all_reduce(&self, send: u64, recv: u64, count: usize, dtype: DType, op: ReduceOp) -> NcclResult {
         self.enqueue(Coll::AllReduce(op), send, recv, count, dtype)
     }
 
     /// Broadcast `count` elements of `buf` from rank `root` to every rank, in place.
     /// # Safety
     /// As for [`Self::all_reduce`].
-    pub unsafe fn broadcast(
-        &self,
-        buf: u64,
-        count: usize,
-        dtype: DType,
-        root: usize,
-    ) -> NcclResult {
+    pub unsafe fn broadcast(&self, buf: u64, count: usize, dtype: DType, root: usize) -> NcclResult {
         self.enqueue(Coll::Broadcast(root), buf, buf, count, dtype)
     }
 
@@ -419,13 +395,7 @@ impl NcclCommunicator {
     /// elements, rank-major) on every rank.
     /// # Safety
     /// As for [`Self::all_reduce`].
-    pub unsafe fn all_gather(
-        &self,
-        send: u64,
-        recv: u64,
-        count_per_rank: usize,
-        dtype: DType,
-    ) -> NcclResult {
+    pub unsafe fn all_gather(&self, send: u64, recv: u64, count_per_rank: usize, dtype: DType) -> NcclResult {
         self.enqueue(Coll::AllGather, send, recv, count_per_rank, dtype)
     }
 
@@ -556,9 +526,7 @@ pub fn device_all_reduce_self_test(count: usize) -> NcclResult<SelfTestReport> {
             // SAFETY: `buf` holds `count` f32 on device 0 and outlives the synchronize below.
             unsafe { comm.all_reduce(ptr, ptr, count, DType::F32, op)? };
             comm.synchronize()?;
-            let back = stream
-                .clone_dtoh(&buf)
-                .map_err(cuda_err("cuMemcpyDtoHAsync"));
+            let back = stream.clone_dtoh(&buf).map_err(cuda_err("cuMemcpyDtoHAsync"));
             let back = back?;
             mismatches += back.iter().zip(&host).filter(|(a, b)| a != b).count();
         }
@@ -640,10 +608,7 @@ mod tests {
         match nccl_available() {
             Err(NcclError::Unavailable(msg)) => {
                 let named = ["libcuda", "libnccl.so", "no CUDA device"];
-                assert!(
-                    named.iter().any(|m| msg.contains(m)),
-                    "names nothing: {msg}"
-                );
+                assert!(named.iter().any(|m| msg.contains(m)), "names nothing: {msg}");
                 let id = NcclUniqueId([0; NcclUniqueId::LEN]);
                 let unavailable = |e: NcclError| assert!(e.is_unavailable(), "{e}");
                 unavailable(NcclUniqueId::new().unwrap_err());

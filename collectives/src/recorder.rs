@@ -34,7 +34,10 @@ pub struct OpRecord {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// One communicator's recent history.
@@ -61,7 +64,12 @@ pub struct FlightDump {
 
 impl FlightRecorder {
     pub fn new(comm: String, rank: usize, capacity: usize) -> FlightRecorder {
-        FlightRecorder { comm, rank, capacity: capacity.max(1), records: Mutex::new(VecDeque::new()) }
+        FlightRecorder {
+            comm,
+            rank,
+            capacity: capacity.max(1),
+            records: Mutex::new(VecDeque::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<OpRecord>> {
@@ -89,8 +97,16 @@ impl FlightRecorder {
 
     pub fn finish(&self, seq: u64, op: OpKind, error: Option<String>) {
         let mut r = self.lock();
-        if let Some(rec) = r.iter_mut().rev().find(|x| x.seq == seq && x.op == op && x.state == OpState::Started) {
-            rec.state = if error.is_some() { OpState::Failed } else { OpState::Completed };
+        if let Some(rec) = r
+            .iter_mut()
+            .rev()
+            .find(|x| x.seq == seq && x.op == op && x.state == OpState::Started)
+        {
+            rec.state = if error.is_some() {
+                OpState::Failed
+            } else {
+                OpState::Completed
+            };
             rec.end_unix_us = Some(now_us());
             rec.error = error;
         }
@@ -103,8 +119,16 @@ impl FlightRecorder {
             rank: self.rank,
             pid: std::process::id(),
             dumped_unix_us: now_us(),
-            last_completed: records.iter().filter(|r| r.state == OpState::Completed).map(|r| r.seq).max(),
-            in_flight: records.iter().filter(|r| r.state == OpState::Started).cloned().collect(),
+            last_completed: records
+                .iter()
+                .filter(|r| r.state == OpState::Completed)
+                .map(|r| r.seq)
+                .max(),
+            in_flight: records
+                .iter()
+                .filter(|r| r.state == OpState::Started)
+                .cloned()
+                .collect(),
             failed: records.iter().filter(|r| r.state == OpState::Failed).cloned().collect(),
             records,
         }
@@ -113,7 +137,11 @@ impl FlightRecorder {
     /// Write the snapshot to `dir/flight-rank{R}-{comm}-{pid}.json`; returns the path.
     pub fn dump_to(&self, dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
-        let safe: String = self.comm.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let safe: String = self
+            .comm
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         let path = dir.join(format!("flight-rank{}-{}-{}.json", self.rank, safe, std::process::id()));
         let json = serde_json::to_vec_pretty(&self.snapshot()).map_err(std::io::Error::other)?;
         let tmp = path.with_extension("json.tmp");
@@ -132,7 +160,10 @@ pub struct RecorderSet {
 
 impl RecorderSet {
     pub fn new(dir: PathBuf) -> RecorderSet {
-        RecorderSet { dir, live: Arc::default() }
+        RecorderSet {
+            dir,
+            live: Arc::default(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -147,7 +178,13 @@ impl RecorderSet {
 
     /// Dump every live recorder; returns the files written.
     pub fn dump_all(&self) -> Vec<PathBuf> {
-        let live: Vec<_> = self.live.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        let live: Vec<_> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         live.iter()
             .filter_map(|r| match r.dump_to(&self.dir) {
                 Ok(p) => Some(p),
@@ -163,13 +200,15 @@ impl RecorderSet {
     pub fn install_sigusr1(&self) -> std::io::Result<()> {
         let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
         let set = self.clone();
-        std::thread::Builder::new().name("gantry-sigusr1".into()).spawn(move || {
-            for _ in signals.forever() {
-                for path in set.dump_all() {
-                    eprintln!("gantry: flight recorder dumped to {}", path.display());
+        std::thread::Builder::new()
+            .name("gantry-sigusr1".into())
+            .spawn(move || {
+                for _ in signals.forever() {
+                    for path in set.dump_all() {
+                        eprintln!("gantry: flight recorder dumped to {}", path.display());
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ pub fn reduce_bytes(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "reduce_bytes: length mismatch");
     assert_eq!(dst.len() % dtype.size(), 0, "reduce_bytes: partial element");
     let align = dtype.size();
-    if (dst.as_ptr() as usize) % align != 0 || (src.as_ptr() as usize) % align != 0 {
+    if !(dst.as_ptr() as usize).is_multiple_of(align) || !(src.as_ptr() as usize).is_multiple_of(align) {
         // Rare (transports deliver aligned data); bounce through an aligned scratch buffer.
         let mut d = vec![0u64; dst.len().div_ceil(8)];
         let mut s = vec![0u64; src.len().div_ceil(8)];
@@ -195,12 +195,15 @@ mod tests {
     fn unaligned_inputs_take_the_bounce_path() {
         let a = bytes(&[1.0f32, 2.0, 3.0]);
         let b = bytes(&[10.0f32, 20.0, 30.0]);
-        let mut da = vec![0u8; 13];
-        let mut sb = vec![0u8; 13];
+        let mut da = [0u8; 13];
+        let mut sb = [0u8; 13];
         da[1..].copy_from_slice(&a);
         sb[1..].copy_from_slice(&b);
         reduce_bytes(DType::F32, ReduceOp::Sum, &mut da[1..], &sb[1..]);
-        let out: Vec<f32> = da[1..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let out: Vec<f32> = da[1..]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(out, [11.0, 22.0, 33.0]);
     }
 }

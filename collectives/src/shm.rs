@@ -112,15 +112,13 @@ struct Header {
 // The last byte of the header page stays unused: glibc's posix_fallocate fallback (for file
 // systems without fallocate) may write a zero byte at the end of each block.
 const _: () = assert!(size_of::<Header>() < HEADER_BYTES);
-const _: () =
-    assert!(std::mem::offset_of!(Header, cons) >= std::mem::offset_of!(Header, prod) + 64);
+const _: () = assert!(std::mem::offset_of!(Header, cons) >= std::mem::offset_of!(Header, prod) + 64);
 
 /// 64-bit FNV-1a: stable across processes and builds, unlike std's `RandomState`.
 fn fnv1a(s: &str) -> u64 {
     let prime = 0x100_0000_01b3;
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(prime)
-    })
+    s.bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(prime))
 }
 
 /// Name of the file holding the ring that carries bytes from rank `from` to rank `to`.
@@ -129,10 +127,7 @@ pub fn ring_file_name(session: &str, comm_key: &str, from: usize, to: usize) -> 
 }
 
 fn io_err(e: io::Error, what: &str, path: &Path) -> LinkError {
-    LinkError::Io(io::Error::new(
-        e.kind(),
-        format!("{what} {}: {e}", path.display()),
-    ))
+    LinkError::Io(io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
@@ -158,16 +153,13 @@ fn process_alive(pid: i32) -> bool {
         return true;
     }
     // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    let exists = unsafe { libc::kill(pid, 0) } == 0
-        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    let exists = unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     // kill(pid, 0) succeeds for zombies (a SIGKILLed child its parent has not reaped), so check
     // the state too. The command name (field 2) may contain ')': the state follows the last one.
     exists
         && match fs::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(stat) => {
-                let state = stat
-                    .rfind(')')
-                    .and_then(|i| stat[i + 1..].trim_start().chars().next());
+                let state = stat.rfind(')').and_then(|i| stat[i + 1..].trim_start().chars().next());
                 !matches!(state, Some('Z' | 'X' | 'x'))
             }
             Err(e) => e.kind() != io::ErrorKind::NotFound,
@@ -203,11 +195,7 @@ impl Ring {
         // SAFETY: the fd is valid while `file` lives. posix_fallocate returns the error number.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
         if rc != 0 {
-            return Err(io_err(
-                io::Error::from_raw_os_error(rc),
-                "allocating",
-                &path,
-            ));
+            return Err(io_err(io::Error::from_raw_os_error(rc), "allocating", &path));
         }
         let meta = file.metadata().map_err(|e| io_err(e, "stat of", &path))?;
         let (len, id) = (meta.len(), (meta.dev(), meta.ino()));
@@ -218,8 +206,7 @@ impl Ring {
         // SAFETY: mapping is unsafe because others may modify or truncate the file. Modification
         // is the point (all shared access goes through atomics or protocol-owned ranges); the
         // file has its full size, and only the peer, which never truncates, has it open.
-        let mut map =
-            unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err(e, "mapping", &path))?;
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err(e, "mapping", &path))?;
         let base = NonNull::new(map.as_mut_ptr()).expect("mmap returned null");
         let ring = Ring {
             path,
@@ -367,12 +354,10 @@ impl ShmLink {
             return Err(LinkError::Protocol(msg));
         }
         let cap = capacity.max(MIN_RING_BYTES).checked_next_power_of_two();
-        let cap =
-            cap.ok_or_else(|| LinkError::Protocol(format!("ring size {capacity} too big")))?;
+        let cap = cap.ok_or_else(|| LinkError::Protocol(format!("ring size {capacity} too big")))?;
         let out_path = dir.join(ring_file_name(session, comm_key, me, peer));
         let in_path = dir.join(ring_file_name(session, comm_key, peer, me));
-        let rings = Ring::open(out_path.clone(), cap)
-            .and_then(|o| Ok((o, Ring::open(in_path.clone(), cap)?)));
+        let rings = Ring::open(out_path.clone(), cap).and_then(|o| Ok((o, Ring::open(in_path.clone(), cap)?)));
         let (out, inc) = rings.inspect_err(|_| {
             // We may have created them; a peer that has them open keeps its mappings.
             let _ = fs::remove_file(&out_path);
@@ -418,15 +403,12 @@ impl ShmLink {
     /// An abort the peer posted on either ring.
     fn peer_abort(&self) -> Result<(), LinkError> {
         let abort = self.inc.abort_by(ABORT_BY_WRITER);
-        abort
-            .or_else(|| self.out.abort_by(ABORT_BY_READER))
-            .map_or(Ok(()), Err)
+        abort.or_else(|| self.out.abort_by(ABORT_BY_READER)).map_or(Ok(()), Err)
     }
 
     /// Bytes published in `inc` and not yet consumed.
     fn readable(&self) -> Result<usize, LinkError> {
-        self.inc
-            .used(self.inc.hdr().prod.write_pos.load(Acquire), self.in_pos)
+        self.inc.used(self.inc.hdr().prod.write_pos.load(Acquire), self.in_pos)
     }
 
     /// Free bytes in `out`.
@@ -438,27 +420,17 @@ impl ShmLink {
     }
 
     fn ready_to_read(&self) -> bool {
-        !matches!(self.readable(), Ok(0))
-            || self.inc.closed(CLOSED_WRITER)
-            || self.peer_abort().is_err()
+        !matches!(self.readable(), Ok(0)) || self.inc.closed(CLOSED_WRITER) || self.peer_abort().is_err()
     }
 
     fn ready_to_write(&self) -> bool {
-        !matches!(self.writable(), Ok(0))
-            || self.out.closed(CLOSED_READER)
-            || self.peer_abort().is_err()
+        !matches!(self.writable(), Ok(0)) || self.out.closed(CLOSED_READER) || self.peer_abort().is_err()
     }
 
     /// Sleep on `seq` unless `ready`. Setting `flag` and the fence pair with the other side's
     /// fence between publishing and checking the flag: either it sees our flag and wakes us, or
     /// we see its update here (no lost wake-up).
-    fn sleep_on(
-        &self,
-        flag: &AtomicU32,
-        seq: &AtomicU32,
-        ready: fn(&Self) -> bool,
-        timeout: Duration,
-    ) {
+    fn sleep_on(&self, flag: &AtomicU32, seq: &AtomicU32, ready: fn(&Self) -> bool, timeout: Duration) {
         flag.store(1, Relaxed);
         fence(SeqCst);
         let expected = seq.load(Acquire);
@@ -470,12 +442,7 @@ impl ShmLink {
 
     fn wait_readable(&self, timeout: Duration) {
         let h = self.inc.hdr();
-        self.sleep_on(
-            &h.cons.reader_waiting,
-            &h.prod.data_seq,
-            Self::ready_to_read,
-            timeout,
-        );
+        self.sleep_on(&h.cons.reader_waiting, &h.prod.data_seq, Self::ready_to_read, timeout);
     }
 }
 
@@ -525,11 +492,7 @@ impl Link for ShmLink {
         })
     }
 
-    fn try_read_with(
-        &mut self,
-        max: usize,
-        sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, LinkError> {
+    fn try_read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
         if !self.attached {
             self.poll_attach();
         }
@@ -573,12 +536,7 @@ impl Link for ShmLink {
             (true, false) => self.wait_readable(timeout),
             (false, true) => {
                 let h = self.out.hdr();
-                self.sleep_on(
-                    &h.prod.writer_waiting,
-                    &h.cons.space_seq,
-                    Self::ready_to_write,
-                    timeout,
-                );
+                self.sleep_on(&h.prod.writer_waiting, &h.cons.space_seq, Self::ready_to_write, timeout);
             }
             (true, true) if self.ready_to_write() => {}
             (true, true) => self.wait_readable(timeout.min(BOTH_SLICE)),
@@ -740,18 +698,10 @@ mod tests {
         let msg: Vec<u8> = (0..100).collect();
         assert_eq!(a.try_write(&msg).unwrap(), 100);
         let mut slices = Vec::new();
-        assert_eq!(
-            b.try_read_with(60, &mut |s| slices.push(s.to_vec()))
-                .unwrap(),
-            60
-        );
+        assert_eq!(b.try_read_with(60, &mut |s| slices.push(s.to_vec())).unwrap(), 60);
         assert_eq!(slices, [&msg[..10], &msg[10..60]]); // two slices, split at the wrap
         got.clear();
-        assert_eq!(
-            b.try_read_with(1000, &mut |s| got.extend_from_slice(s))
-                .unwrap(),
-            40
-        );
+        assert_eq!(b.try_read_with(1000, &mut |s| got.extend_from_slice(s)).unwrap(), 40);
         assert_eq!(got, msg[60..]);
         // The other direction; a full ring says "would block".
         let big = vec![1u8; 2 * MIN_RING_BYTES];
@@ -843,19 +793,12 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(3600);
         let _a = ShmLink::connect(&dir.0, "s", "k", 0, 1, MIN_RING_BYTES, far).unwrap();
         let r = ShmLink::connect(&dir.0, "s", "k", 1, 0, 2 * MIN_RING_BYTES, far);
-        assert!(
-            matches!(r, Err(LinkError::Protocol(_))),
-            "{:?}",
-            r.map(|_| ())
-        );
+        assert!(matches!(r, Err(LinkError::Protocol(_))), "{:?}", r.map(|_| ()));
     }
 
     #[test]
     fn killed_unreaped_child_is_dead() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("10")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
         let pid = child.id() as i32;
         assert!(process_alive(pid));
         child.kill().unwrap(); // not waited for: it stays a zombie

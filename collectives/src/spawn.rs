@@ -6,8 +6,8 @@
 use crate::fabric::Bootstrap;
 use crate::store::{StoreError, StoreServer};
 use std::ffi::OsString;
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,9 @@ pub fn spawn_local_world(
     let mut children = Vec::with_capacity(world);
     for rank in 0..world {
         let mut cmd = Command::new(program);
-        cmd.args(args).envs(Bootstrap::env_for(rank, world, "127.0.0.1", port)).env("GANTRY_STORE_EXTERNAL", "1");
+        cmd.args(args)
+            .envs(Bootstrap::env_for(rank, world, "127.0.0.1", port))
+            .env("GANTRY_STORE_EXTERNAL", "1");
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
         let (out, err) = match output {
             Output::Inherit => (Stdio::inherit(), Stdio::inherit()),

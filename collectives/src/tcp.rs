@@ -40,7 +40,12 @@ impl TcpLink {
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
         let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
         stream.set_nonblocking(true)?;
-        Ok(TcpLink { stream, rbuf: vec![0u8; READ_BUF].into_boxed_slice(), rstart: 0, rend: 0 })
+        Ok(TcpLink {
+            stream,
+            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+        })
     }
 }
 
@@ -131,7 +136,11 @@ impl Link for TcpLink {
         if interest.write {
             events |= libc::POLLOUT;
         }
-        let mut pfd = libc::pollfd { fd: self.stream.as_raw_fd(), events, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events,
+            revents: 0,
+        };
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -171,7 +180,12 @@ impl Acceptor {
                 .name("gantry-accept".into())
                 .spawn(move || accept_loop(listener, pending, stop))?
         };
-        Ok(Acceptor { addr, pending, stop, thread: Some(thread) })
+        Ok(Acceptor {
+            addr,
+            pending,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -193,7 +207,10 @@ impl Acceptor {
                     format!("rank {peer} did not connect for communicator `{key}`"),
                 )));
             }
-            map = cv.wait_timeout(map, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            map = cv
+                .wait_timeout(map, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
@@ -216,16 +233,18 @@ fn accept_loop(listener: TcpListener, pending: Arc<(Pending, Condvar)>, stop: Ar
         let Ok(stream) = conn else { continue };
         let pending = pending.clone();
         // Read the handshake off the accept thread so a silent client cannot block others.
-        let _ = std::thread::Builder::new().name("gantry-handshake".into()).spawn(move || {
-            match read_handshake(&stream) {
+        let _ = std::thread::Builder::new()
+            .name("gantry-handshake".into())
+            .spawn(move || match read_handshake(&stream) {
                 Ok((key, rank)) => {
                     let (lock, cv) = &*pending;
-                    lock.lock().unwrap_or_else(|p| p.into_inner()).insert((key, rank), stream);
+                    lock.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((key, rank), stream);
                     cv.notify_all();
                 }
                 Err(e) => tracing::warn!("rejected a peer connection: {e}"),
-            }
-        });
+            });
     }
 }
 
@@ -255,10 +274,17 @@ pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<Tc
     while Instant::now() < deadline {
         let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
             Ok(a) => a.collect(),
-            Err(e) => return Err(LinkError::Io(io::Error::new(e.kind(), format!("bad peer address `{addr}`: {e}")))),
+            Err(e) => {
+                return Err(LinkError::Io(io::Error::new(
+                    e.kind(),
+                    format!("bad peer address `{addr}`: {e}"),
+                )));
+            }
         };
         for sa in addrs {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             match TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(5))) {
                 Ok(mut s) => {
                     let mut hs = Vec::with_capacity(10 + key.len());
@@ -276,6 +302,9 @@ pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<Tc
     }
     Err(LinkError::Io(io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("could not connect to {addr}: {}", last_err.map_or("timed out".into(), |e| e.to_string())),
+        format!(
+            "could not connect to {addr}: {}",
+            last_err.map_or("timed out".into(), |e| e.to_string())
+        ),
     )))
 }

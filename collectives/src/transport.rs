@@ -25,10 +25,22 @@ pub struct OpCtx {
 
 impl OpCtx {
     pub fn send<'a>(&self, peer: usize, step: u32, data: &'a [u8]) -> SendPart<'a> {
-        SendPart { peer, desc: self.desc, seq: self.seq, step, data }
+        SendPart {
+            peer,
+            desc: self.desc,
+            seq: self.seq,
+            step,
+            data,
+        }
     }
     pub fn recv<'a>(&self, peer: usize, step: u32, sink: RecvSink<'a>) -> RecvPart<'a> {
-        RecvPart { peer, desc: self.desc, seq: self.seq, step, sink }
+        RecvPart {
+            peer,
+            desc: self.desc,
+            seq: self.seq,
+            step,
+            sink,
+        }
     }
 }
 
@@ -55,7 +67,10 @@ pub struct RecvPart<'a> {
 pub enum RecvSink<'a> {
     Copy(&'a mut [u8]),
     /// `dst ⊕= payload`, element-wise in `desc.dtype`.
-    Reduce { dst: &'a mut [u8], op: ReduceOp },
+    Reduce {
+        dst: &'a mut [u8],
+        op: ReduceOp,
+    },
 }
 
 impl RecvSink<'_> {
@@ -78,9 +93,14 @@ pub struct ExchangeError {
 pub enum ExchangeErrorKind {
     /// Deadline passed. `entered` tells whether the peer had sent anything for this operation
     /// (if not, it probably never entered it: it is the one to blame).
-    Timeout { entered: bool, detail: String },
+    Timeout {
+        entered: bool,
+        detail: String,
+    },
     Link(LinkError),
-    Mismatch { remote: Header },
+    Mismatch {
+        remote: Header,
+    },
     Protocol(String),
     Connect(LinkError),
 }
@@ -126,16 +146,25 @@ pub struct MeshTransport {
 
 impl MeshTransport {
     pub fn new(rank: usize, size: usize, connector: Box<dyn LinkConnector>) -> MeshTransport {
-        MeshTransport { rank, size, links: (0..size).map(|_| None).collect(), connector, coalesce: Vec::new() }
+        MeshTransport {
+            rank,
+            size,
+            links: (0..size).map(|_| None).collect(),
+            connector,
+            coalesce: Vec::new(),
+        }
     }
 
     fn ensure_link(&mut self, peer: usize, deadline: Instant) -> Result<(), ExchangeError> {
-        assert!(peer < self.size && peer != self.rank, "exchange with invalid peer {peer}");
+        assert!(
+            peer < self.size && peer != self.rank,
+            "exchange with invalid peer {peer}"
+        );
         if self.links[peer].is_none() {
-            let link = self
-                .connector
-                .connect(peer, deadline)
-                .map_err(|e| ExchangeError { peer, kind: ExchangeErrorKind::Connect(e) })?;
+            let link = self.connector.connect(peer, deadline).map_err(|e| ExchangeError {
+                peer,
+                kind: ExchangeErrorKind::Connect(e),
+            })?;
             self.links[peer] = Some(link);
         }
         Ok(())
@@ -183,7 +212,10 @@ impl RxState<'_> {
 }
 
 fn link_err(peer: usize) -> impl Fn(LinkError) -> ExchangeError {
-    move |e| ExchangeError { peer, kind: ExchangeErrorKind::Link(e) }
+    move |e| ExchangeError {
+        peer,
+        kind: ExchangeErrorKind::Link(e),
+    }
 }
 
 impl Transport for MeshTransport {
@@ -218,9 +250,20 @@ impl Transport for MeshTransport {
             self.ensure_link(r.peer, ctx.deadline)?;
         }
         let mut tx = send.map(|s| {
-            let header =
-                Header { desc: s.desc, seq: s.seq, step: s.step, len: s.data.len() as u64 }.encode();
-            TxState { peer: s.peer, header, data: s.data, pos: 0, coalesced: s.data.len() <= COALESCE_BYTES }
+            let header = Header {
+                desc: s.desc,
+                seq: s.seq,
+                step: s.step,
+                len: s.data.len() as u64,
+            }
+            .encode();
+            TxState {
+                peer: s.peer,
+                header,
+                data: s.data,
+                pos: 0,
+                coalesced: s.data.len() <= COALESCE_BYTES,
+            }
         });
         if let Some(t) = tx.as_ref().filter(|t| t.coalesced) {
             self.coalesce.clear();
@@ -229,7 +272,12 @@ impl Transport for MeshTransport {
         }
         let mut rx = recv.map(|r| RxState {
             peer: r.peer,
-            expect: Header { desc: r.desc, seq: r.seq, step: r.step, len: r.sink.len() as u64 },
+            expect: Header {
+                desc: r.desc,
+                seq: r.seq,
+                step: r.step,
+                len: r.sink.len() as u64,
+            },
             hdr: [0; HEADER_LEN],
             hdr_got: 0,
             sink: r.sink,
@@ -262,7 +310,11 @@ impl Transport for MeshTransport {
             let now = Instant::now();
             let idle_start = *idle_since.get_or_insert(now);
             if now >= ctx.deadline {
-                return Err(timeout_error(ctx, tx.as_ref().filter(|_| !tx_done), rx.as_ref().filter(|_| !rx_done)));
+                return Err(timeout_error(
+                    ctx,
+                    tx.as_ref().filter(|_| !tx_done),
+                    rx.as_ref().filter(|_| !rx_done),
+                ));
             }
             if spins < SPIN_ITERS {
                 spins += 1;
@@ -275,12 +327,18 @@ impl Transport for MeshTransport {
             }
             if now.duration_since(last_liveness) >= LIVENESS_EVERY {
                 last_liveness = now;
-                for peer in [tx.as_ref().filter(|_| !tx_done).map(|t| t.peer), rx.as_ref().filter(|_| !rx_done).map(|r| r.peer)]
-                    .into_iter()
-                    .flatten()
+                for peer in [
+                    tx.as_ref().filter(|_| !tx_done).map(|t| t.peer),
+                    rx.as_ref().filter(|_| !rx_done).map(|r| r.peer),
+                ]
+                .into_iter()
+                .flatten()
                 {
                     if !self.link(peer).peer_alive() {
-                        return Err(ExchangeError { peer, kind: ExchangeErrorKind::Link(LinkError::PeerDied) });
+                        return Err(ExchangeError {
+                            peer,
+                            kind: ExchangeErrorKind::Link(LinkError::PeerDied),
+                        });
                     }
                 }
             }
@@ -298,22 +356,54 @@ impl MeshTransport {
     /// re-tried between slices).
     fn wait_for(&mut self, tx_peer: Option<usize>, rx_peer: Option<usize>, timeout: Duration) {
         match (tx_peer, rx_peer) {
-            (Some(t), Some(r)) if t == r => self.link(t).wait(Interest { read: true, write: true }, timeout),
-            (Some(t), None) => self.link(t).wait(Interest { read: false, write: true }, timeout),
-            (None, Some(r)) => self.link(r).wait(Interest { read: true, write: false }, timeout),
+            (Some(t), Some(r)) if t == r => self.link(t).wait(
+                Interest {
+                    read: true,
+                    write: true,
+                },
+                timeout,
+            ),
+            (Some(t), None) => self.link(t).wait(
+                Interest {
+                    read: false,
+                    write: true,
+                },
+                timeout,
+            ),
+            (None, Some(r)) => self.link(r).wait(
+                Interest {
+                    read: true,
+                    write: false,
+                },
+                timeout,
+            ),
             (Some(t), Some(r)) => {
                 let fds = (self.link(t).poll_fd(), self.link(r).poll_fd());
                 if let (Some(tfd), Some(rfd)) = fds {
                     let mut pfds = [
-                        libc::pollfd { fd: tfd, events: libc::POLLOUT, revents: 0 },
-                        libc::pollfd { fd: rfd, events: libc::POLLIN, revents: 0 },
+                        libc::pollfd {
+                            fd: tfd,
+                            events: libc::POLLOUT,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: rfd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
                     ];
                     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
                     // SAFETY: `pfds` is a valid array of two pollfd structs for the call's duration.
                     unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
                 } else {
                     let slice = timeout.min(Duration::from_micros(200));
-                    self.link(r).wait(Interest { read: true, write: false }, slice);
+                    self.link(r).wait(
+                        Interest {
+                            read: true,
+                            write: false,
+                        },
+                        slice,
+                    );
                 }
             }
             (None, None) => {}
@@ -399,10 +489,15 @@ fn progress_rx(link: &mut dyn Link, r: &mut RxState<'_>) -> Result<bool, Exchang
 }
 
 fn check_header(r: &RxState<'_>) -> Result<(), ExchangeError> {
-    let got = Header::decode(&r.hdr)
-        .map_err(|m| ExchangeError { peer: r.peer, kind: ExchangeErrorKind::Protocol(m) })?;
+    let got = Header::decode(&r.hdr).map_err(|m| ExchangeError {
+        peer: r.peer,
+        kind: ExchangeErrorKind::Protocol(m),
+    })?;
     if got != r.expect {
-        return Err(ExchangeError { peer: r.peer, kind: ExchangeErrorKind::Mismatch { remote: got } });
+        return Err(ExchangeError {
+            peer: r.peer,
+            kind: ExchangeErrorKind::Mismatch { remote: got },
+        });
     }
     Ok(())
 }
@@ -419,7 +514,11 @@ fn timeout_error(ctx: &OpCtx, tx: Option<&TxState<'_>>, rx: Option<&RxState<'_>>
                     r.expect.step,
                     r.off,
                     r.sink.len(),
-                    if r.hdr_got == 0 { " and no header (it never sent this step)" } else { "" }
+                    if r.hdr_got == 0 {
+                        " and no header (it never sent this step)"
+                    } else {
+                        ""
+                    }
                 ),
             },
         },

@@ -78,9 +78,22 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
 }
 
 fn collectives(args: CollectivesArgs) -> Result<ExitCode> {
-    let sizes = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    let cfg = BenchConfig { op: args.op, dtype: args.dtype, sizes, iters: args.iters, warmup: args.warmup };
-    cfg.validate().map_err(anyhow::Error::msg).context("invalid benchmark settings")?;
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let cfg = BenchConfig {
+        op: args.op,
+        dtype: args.dtype,
+        sizes,
+        iters: args.iters,
+        warmup: args.warmup,
+    };
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid benchmark settings")?;
     if args.transport == TransportChoice::Local {
         bail!("--transport local is for in-process tests; use auto, tcp or shm");
     }
@@ -117,9 +130,13 @@ fn spawn(args: &CollectivesArgs) -> Result<ExitCode> {
 }
 
 fn join_and_run(boot: &Bootstrap, args: &CollectivesArgs, cfg: &BenchConfig) -> Result<ExitCode> {
-    let config = FabricConfig { transport: args.transport, timeout: Duration::from_secs(args.timeout_secs), ..FabricConfig::default() }
-        .with_env()
-        .map_err(anyhow::Error::msg)?;
+    let config = FabricConfig {
+        transport: args.transport,
+        timeout: Duration::from_secs(args.timeout_secs),
+        ..FabricConfig::default()
+    }
+    .with_env()
+    .map_err(anyhow::Error::msg)?;
     let fabric = Fabric::from_bootstrap(boot, config).with_context(|| format!("rank {} could not join", boot.rank))?;
     fabric.install_sigusr1_dump()?;
     let mut comm = fabric.world();
@@ -130,13 +147,25 @@ fn join_and_run(boot: &Bootstrap, args: &CollectivesArgs, cfg: &BenchConfig) -> 
     if boot.rank == 0 && !args.json {
         println!(
             "# gantry bench collectives: {} {} world {} transport {} algorithm {:?} iters {} warmup {}",
-            cfg.op.name(), cfg.dtype, comm.size(), transport, args.algorithm, cfg.iters, cfg.warmup
+            cfg.op.name(),
+            cfg.dtype,
+            comm.size(),
+            transport,
+            args.algorithm,
+            cfg.iters,
+            cfg.warmup
         );
-        println!("# {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>5}", "size", "count", "time_us", "mean_us", "algbw_GB/s", "busbw_GB/s", "ok");
+        println!(
+            "# {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>5}",
+            "size", "count", "time_us", "mean_us", "algbw_GB/s", "busbw_GB/s", "ok"
+        );
     }
     let mut all_ok = true;
     for &size in &cfg.sizes {
-        let one = BenchConfig { sizes: vec![size], ..cfg.clone() };
+        let one = BenchConfig {
+            sizes: vec![size],
+            ..cfg.clone()
+        };
         for row in bench::run(&mut comm, &one, &transport)? {
             all_ok &= row.ok;
             if boot.rank == 0 {
@@ -152,7 +181,10 @@ fn join_and_run(boot: &Bootstrap, args: &CollectivesArgs, cfg: &BenchConfig) -> 
 }
 
 fn describe_links(comm: &gantry_collectives::Communicator, asked: TransportChoice) -> String {
-    let mut kinds: Vec<&str> = (0..comm.size()).filter_map(|p| comm.link_kind(p)).map(|k| k.name()).collect();
+    let mut kinds: Vec<&str> = (0..comm.size())
+        .filter_map(|p| comm.link_kind(p))
+        .map(|k| k.name())
+        .collect();
     kinds.sort();
     kinds.dedup();
     match kinds.as_slice() {
@@ -168,7 +200,13 @@ fn print_row(row: &BenchRow, json: bool) -> Result<()> {
     } else {
         println!(
             "  {:>10} {:>12} {:>12.1} {:>12.1} {:>12.3} {:>12.3} {:>5}",
-            format_size(row.bytes), row.count, row.time_us, row.mean_us, row.algbw_gbps, row.busbw_gbps, if row.ok { "ok" } else { "FAIL" }
+            format_size(row.bytes),
+            row.count,
+            row.time_us,
+            row.mean_us,
+            row.algbw_gbps,
+            row.busbw_gbps,
+            if row.ok { "ok" } else { "FAIL" }
         );
     }
     Ok(())
@@ -182,7 +220,11 @@ fn nccl_self_test(args: NcclArgs) -> Result<ExitCode> {
             } else {
                 println!("{report:#?}");
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Err(e) => bail!("NCCL self test: {e}"),
     }

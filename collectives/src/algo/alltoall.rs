@@ -14,7 +14,11 @@ pub fn all_to_all(t: &mut dyn Transport, ctx: &OpCtx, send: &[u8], recv: &mut [u
         let from = (r + n - s) % n;
         let out = &send[to * block..(to + 1) * block];
         let inp = &mut recv[from * block..(from + 1) * block];
-        t.exchange(ctx, Some(ctx.send(to, s as u32, out)), Some(ctx.recv(from, s as u32, RecvSink::Copy(inp))))?;
+        t.exchange(
+            ctx,
+            Some(ctx.send(to, s as u32, out)),
+            Some(ctx.recv(from, s as u32, RecvSink::Copy(inp))),
+        )?;
     }
     Ok(())
 }

@@ -38,9 +38,17 @@ pub fn all_reduce(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], dtype: DTy
         let mut mask = 1;
         while mask < p {
             let partner_nr = nr ^ mask;
-            let partner = if partner_nr < rem { partner_nr * 2 + 1 } else { partner_nr + rem };
+            let partner = if partner_nr < rem {
+                partner_nr * 2 + 1
+            } else {
+                partner_nr + rem
+            };
             let step = mask as u32;
-            t.exchange(ctx, Some(ctx.send(partner, step, buf)), Some(ctx.recv(partner, step, RecvSink::Copy(tmp))))?;
+            t.exchange(
+                ctx,
+                Some(ctx.send(partner, step, buf)),
+                Some(ctx.recv(partner, step, RecvSink::Copy(tmp))),
+            )?;
             reduce_bytes(dtype, op, buf, tmp);
             mask <<= 1;
         }
@@ -66,7 +74,11 @@ pub fn barrier(t: &mut dyn Transport, ctx: &OpCtx) -> AlgoResult {
     while k < n {
         let to = (r + k) % n;
         let from = (r + n - k) % n;
-        t.exchange(ctx, Some(ctx.send(to, step, &[])), Some(ctx.recv(from, step, RecvSink::Copy(&mut []))))?;
+        t.exchange(
+            ctx,
+            Some(ctx.send(to, step, &[])),
+            Some(ctx.recv(from, step, RecvSink::Copy(&mut []))),
+        )?;
         k <<= 1;
         step += 1;
     }

@@ -39,8 +39,10 @@ pub fn segment(range: &Range<usize>, k: usize, seg: usize) -> Range<usize> {
 
 /// Split one buffer into a read-only range and a disjoint mutable range.
 pub fn disjoint(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8], &mut [u8]) {
-    assert!(read.end <= write.start || write.end <= read.start || read.is_empty() || write.is_empty(),
-        "overlapping ranges {read:?} and {write:?}");
+    assert!(
+        read.end <= write.start || write.end <= read.start || read.is_empty() || write.is_empty(),
+        "overlapping ranges {read:?} and {write:?}"
+    );
     if read.is_empty() {
         return (&[], &mut buf[write]);
     }

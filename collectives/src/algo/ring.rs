@@ -33,7 +33,13 @@ impl Chunking {
 
 /// Reduce-scatter phase: afterwards chunk `rank` of `buf` holds the reduction of everyone's
 /// chunk `rank`. Other chunks hold partial sums.
-pub fn reduce_scatter_phase(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], c: Chunking, op: ReduceOp) -> AlgoResult {
+pub fn reduce_scatter_phase(
+    t: &mut dyn Transport,
+    ctx: &OpCtx,
+    buf: &mut [u8],
+    c: Chunking,
+    op: ReduceOp,
+) -> AlgoResult {
     let (n, r) = (t.size(), t.rank());
     if n == 1 {
         return Ok(());
@@ -48,7 +54,11 @@ pub fn reduce_scatter_phase(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], 
             let rr = segment(&c.chunk(n, recv_c), k, seg);
             let step = (k * 2 * n + s) as u32;
             let (sb, rb) = disjoint(buf, sr, rr);
-            t.exchange(ctx, Some(ctx.send(to, step, sb)), Some(ctx.recv(from, step, RecvSink::Reduce { dst: rb, op })))?;
+            t.exchange(
+                ctx,
+                Some(ctx.send(to, step, sb)),
+                Some(ctx.recv(from, step, RecvSink::Reduce { dst: rb, op })),
+            )?;
         }
     }
     Ok(())
@@ -70,7 +80,11 @@ pub fn all_gather_phase(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], c: C
             let rr = segment(&c.chunk(n, recv_c), k, seg);
             let step = (k * 2 * n + n + s) as u32;
             let (sb, rb) = disjoint(buf, sr, rr);
-            t.exchange(ctx, Some(ctx.send(to, step, sb)), Some(ctx.recv(from, step, RecvSink::Copy(rb))))?;
+            t.exchange(
+                ctx,
+                Some(ctx.send(to, step, sb)),
+                Some(ctx.recv(from, step, RecvSink::Copy(rb))),
+            )?;
         }
     }
     Ok(())

@@ -42,7 +42,13 @@ pub fn broadcast_binomial(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], ro
     Ok(())
 }
 
-pub fn broadcast_chain(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], root: usize, segment_bytes: usize) -> AlgoResult {
+pub fn broadcast_chain(
+    t: &mut dyn Transport,
+    ctx: &OpCtx,
+    buf: &mut [u8],
+    root: usize,
+    segment_bytes: usize,
+) -> AlgoResult {
     let n = t.size();
     if n == 1 {
         return Ok(());
@@ -98,14 +104,25 @@ pub fn reduce_binomial(
 }
 
 /// Ring reduce-scatter, then every rank sends its finished chunk to the root.
-pub fn reduce_ring(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], c: Chunking, op: ReduceOp, root: usize) -> AlgoResult {
+pub fn reduce_ring(
+    t: &mut dyn Transport,
+    ctx: &OpCtx,
+    buf: &mut [u8],
+    c: Chunking,
+    op: ReduceOp,
+    root: usize,
+) -> AlgoResult {
     let (n, r) = (t.size(), t.rank());
     reduce_scatter_phase(t, ctx, buf, c, op)?;
     let gather_step = u32::MAX - 1;
     if r == root {
         for i in (0..n).filter(|&i| i != root) {
             let range = chunk_range(c.count, n, i, c.elem);
-            t.exchange(ctx, None, Some(ctx.recv(i, gather_step, RecvSink::Copy(&mut buf[range]))))?;
+            t.exchange(
+                ctx,
+                None,
+                Some(ctx.recv(i, gather_step, RecvSink::Copy(&mut buf[range]))),
+            )?;
         }
     } else {
         let range = chunk_range(c.count, n, r, c.elem);

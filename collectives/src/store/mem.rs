@@ -72,10 +72,7 @@ impl Store for MemStore {
                 return Ok(value.clone());
             }
             map = match deadline {
-                None => self
-                    .changed
-                    .wait(map)
-                    .unwrap_or_else(PoisonError::into_inner),
+                None => self.changed.wait(map).unwrap_or_else(PoisonError::into_inner),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
@@ -103,9 +100,9 @@ impl Store for MemStore {
             Some(value) => parse_counter(key, value)?,
             None => 0,
         };
-        let new = current.checked_add(delta).ok_or_else(|| {
-            StoreError::Protocol(format!("counter `{key}` overflows: {current} + {delta}"))
-        })?;
+        let new = current
+            .checked_add(delta)
+            .ok_or_else(|| StoreError::Protocol(format!("counter `{key}` overflows: {current} + {delta}")))?;
         map.insert(key.to_owned(), new.to_string().into_bytes());
         drop(map);
         self.changed.notify_all();
@@ -175,9 +172,7 @@ mod tests {
     fn get_times_out_naming_key() {
         let store = MemStore::new();
         let start = Instant::now();
-        let err = store
-            .get("missing", Duration::from_millis(100))
-            .unwrap_err();
+        let err = store.get("missing", Duration::from_millis(100)).unwrap_err();
         assert!(start.elapsed() >= Duration::from_millis(100));
         match err {
             StoreError::Timeout { key, waited } => {
@@ -225,11 +220,7 @@ mod tests {
         let threads: Vec<_> = (0..16)
             .map(|i| {
                 let store = Arc::clone(&store);
-                thread::spawn(move || {
-                    store
-                        .set_if_absent("leader", format!("rank{i}").as_bytes())
-                        .unwrap()
-                })
+                thread::spawn(move || store.set_if_absent("leader", format!("rank{i}").as_bytes()).unwrap())
             })
             .collect();
         let seen: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -255,9 +246,7 @@ mod tests {
     #[test]
     fn barrier_times_out_when_short_of_world() {
         let store = MemStore::new();
-        let err = store
-            .barrier("b", 2, Duration::from_millis(50))
-            .unwrap_err();
+        let err = store.barrier("b", 2, Duration::from_millis(50)).unwrap_err();
         assert!(matches!(err, StoreError::Timeout { ref key, .. } if key == "b/done"));
     }
 }

@@ -18,10 +18,7 @@ pub enum StoreError {
     #[error("timed out after {waited:?} waiting for key `{key}`")]
     Timeout { key: String, waited: Duration },
     #[error("cannot reach the rendezvous store at {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("rendezvous store I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("rendezvous store protocol error: {0}")]
@@ -107,19 +104,10 @@ mod tests {
         store.set("big", &big).unwrap();
         assert_eq!(store.get("big", LONG).unwrap(), big);
         let long_key = "k".repeat(MAX_KEY_LEN + 1);
-        assert!(matches!(
-            store.set(&long_key, b"v"),
-            Err(StoreError::Protocol(_))
-        ));
+        assert!(matches!(store.set(&long_key, b"v"), Err(StoreError::Protocol(_))));
         let huge = vec![0u8; MAX_VALUE_LEN as usize + 1];
-        assert!(matches!(
-            store.set("huge", &huge),
-            Err(StoreError::Protocol(_))
-        ));
-        assert_eq!(
-            store.try_get("big").unwrap().map(|v| v.len()),
-            Some(big.len())
-        );
+        assert!(matches!(store.set("huge", &huge), Err(StoreError::Protocol(_))));
+        assert_eq!(store.try_get("big").unwrap().map(|v| v.len()), Some(big.len()));
     }
 
     #[test]
@@ -191,9 +179,7 @@ mod tests {
                 let addr = addr.clone();
                 thread::spawn(move || {
                     let store = TcpStore::connect(&addr, LONG).unwrap();
-                    store
-                        .set_if_absent("leader", format!("rank{i}").as_bytes())
-                        .unwrap()
+                    store.set_if_absent("leader", format!("rank{i}").as_bytes()).unwrap()
                 })
             })
             .collect();

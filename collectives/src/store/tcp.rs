@@ -149,10 +149,7 @@ fn read_request(op: u8, r: &mut impl Read) -> Result<Request, FrameError> {
     Ok(match op {
         OP_SET => Request::Set(key, read_value(r)?),
         OP_SET_IF_ABSENT => Request::SetIfAbsent(key, read_value(r)?),
-        OP_GET => Request::Get(
-            key,
-            Duration::from_millis(u64::from_le_bytes(read_array(r)?)),
-        ),
+        OP_GET => Request::Get(key, Duration::from_millis(u64::from_le_bytes(read_array(r)?))),
         OP_TRY_GET => Request::TryGet(key),
         OP_ADD => Request::Add(key, i64::from_le_bytes(read_array(r)?)),
         _ => Request::Delete(key),
@@ -202,10 +199,7 @@ impl Shared {
     fn handle(&self, req: Request, stream: &TcpStream) -> Option<Vec<u8>> {
         let result = match req {
             Request::Set(key, value) => self.store.set(&key, &value).map(|()| vec![STATUS_OK]),
-            Request::SetIfAbsent(key, value) => self
-                .store
-                .set_if_absent(&key, &value)
-                .map(|v| value_reply(&v)),
+            Request::SetIfAbsent(key, value) => self.store.set_if_absent(&key, &value).map(|v| value_reply(&v)),
             Request::Get(key, timeout) => return self.wait_get(&key, timeout, stream),
             Request::TryGet(key) => self.store.try_get(&key).map(|v| match v {
                 Some(v) => {
@@ -347,12 +341,8 @@ impl StoreServer {
     /// Bind `addr` (port 0 picks a free port) and start serving on background threads.
     pub fn bind(addr: impl ToSocketAddrs) -> Result<StoreServer, StoreError> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot bind rendezvous store at {addrs:?}: {e}"),
-            )
-        })?;
+        let listener = TcpListener::bind(&addrs[..])
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind rendezvous store at {addrs:?}: {e}")))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let accept_thread = {
@@ -437,9 +427,7 @@ impl TcpStore {
         // `None` when the timeout is too large to represent: retry forever.
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            let left = deadline.map_or(Duration::MAX, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             match open(addr, left.min(Duration::from_secs(5))) {
                 Ok(stream) => {
                     return Ok(TcpStore {
@@ -477,11 +465,10 @@ impl TcpStore {
             }
         };
         if guard.is_none() {
-            let stream =
-                open(&self.addr, Duration::from_secs(5)).map_err(|source| StoreError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
+            let stream = open(&self.addr, Duration::from_secs(5)).map_err(|source| StoreError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
             *guard = Some(stream);
         }
         let Some(stream) = guard.as_mut() else {
@@ -503,13 +490,9 @@ impl TcpStore {
                         return Err(StoreError::Protocol("oversized error reply".into()));
                     }
                     let msg = read_bytes(stream, len as u64)?;
-                    Err(StoreError::Protocol(
-                        String::from_utf8_lossy(&msg).into_owned(),
-                    ))
+                    Err(StoreError::Protocol(String::from_utf8_lossy(&msg).into_owned()))
                 }
-                status => Err(StoreError::Protocol(format!(
-                    "unexpected reply status {status}"
-                ))),
+                status => Err(StoreError::Protocol(format!("unexpected reply status {status}"))),
             }
         })();
         if result.is_err() {
@@ -557,9 +540,7 @@ impl TcpStore {
 fn parse_value(r: &mut TcpStream) -> Result<Vec<u8>, StoreError> {
     let len = u64::from_le_bytes(read_array(r)?);
     if len > MAX_VALUE_LEN {
-        return Err(StoreError::Protocol(format!(
-            "oversized value in reply ({len} bytes)"
-        )));
+        return Err(StoreError::Protocol(format!("oversized value in reply ({len} bytes)")));
     }
     Ok(read_bytes(r, len)?)
 }
@@ -587,14 +568,11 @@ impl Store for TcpStore {
     }
 
     fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.call_ok(
-            &Self::frame(OP_TRY_GET, key, None, &[])?,
-            |r| match read_u8(r)? {
-                0 => Ok(None),
-                1 => parse_value(r).map(Some),
-                b => Err(StoreError::Protocol(format!("bad presence flag {b}"))),
-            },
-        )
+        self.call_ok(&Self::frame(OP_TRY_GET, key, None, &[])?, |r| match read_u8(r)? {
+            0 => Ok(None),
+            1 => parse_value(r).map(Some),
+            b => Err(StoreError::Protocol(format!("bad presence flag {b}"))),
+        })
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
