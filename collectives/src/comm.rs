@@ -683,6 +683,44 @@ impl Communicator {
         }
     }
 
+    /// After a timeout, find the rank that never entered this operation. Every rank that
+    /// times out records `waiting on P` for this sequence number in the store; a stalled rank
+    /// records nothing. Waiting on an individual peer cannot tell a stalled peer from one that
+    /// is itself waiting (in recursive doubling, a rank's second partner is blocked on the
+    /// stalled first one), so the ranks compare notes for the rest of the call's budget.
+    fn find_absent_rank(&self, ctx: &OpCtx, waiting_on: usize) -> Option<usize> {
+        let store = self.fabric.as_ref()?.store();
+        let me = self.members[self.rank];
+        let base = format!("gantry/timeout/{}/{}", self.name, ctx.seq);
+        store
+            .set(&format!("{base}/{me}"), waiting_on.to_string().as_bytes())
+            .ok()?;
+        store.add(&format!("{base}/count"), 1).ok()?;
+        let until = ctx.started + self.timeout;
+        let others = self.size() as i64 - 1;
+        loop {
+            let count = store.try_get(&format!("{base}/count")).ok().flatten();
+            let count: i64 = count
+                .and_then(|c| String::from_utf8_lossy(&c).parse().ok())
+                .unwrap_or(0);
+            if count >= others || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let absent: Vec<usize> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| m != me && store.try_get(&format!("{base}/{m}")).ok().flatten().is_none())
+            .collect();
+        if absent.contains(&waiting_on) {
+            Some(waiting_on)
+        } else {
+            absent.first().copied()
+        }
+    }
+
     /// Turn an exchange failure into an error that blames the right rank, publish it for the
     /// other ranks, and abort our links so they stop waiting for us.
     fn attribute(&mut self, ctx: &OpCtx, e: ExchangeError) -> CommError {
@@ -699,27 +737,37 @@ impl Communicator {
             _ => fallback,
         };
         let err = match e.kind {
-            ExchangeErrorKind::Timeout { entered: false, detail } => CommError::RankTimeout {
-                rank: peer,
-                op,
-                seq,
-                waited: self.timeout,
-                detail,
-            },
-            ExchangeErrorKind::Timeout { entered: true, detail } => {
-                let fallback = CommError::RankTimeout {
-                    rank: peer,
-                    op,
-                    seq,
-                    waited: self.timeout,
-                    detail: format!(
-                        "{detail}; it had entered this operation, so it may itself be waiting on another rank"
-                    ),
-                };
-                let grace = (ctx.started + self.timeout).saturating_duration_since(Instant::now());
-                match self.wait_abort_record(grace) {
-                    Some(rec) => from_record(rec, fallback),
-                    None => fallback,
+            ExchangeErrorKind::Timeout { detail, .. } => {
+                if let Some(rec) = self
+                    .read_abort_record()
+                    .filter(|r| r.culprit.is_some() && r.reporter != me)
+                {
+                    CommError::Aborted {
+                        rank: rec.culprit.unwrap_or(peer),
+                        op,
+                        seq,
+                        reason: rec.reason,
+                    }
+                } else {
+                    match self.find_absent_rank(ctx, peer) {
+                        Some(absent) if absent != peer => CommError::RankTimeout {
+                            rank: absent,
+                            op,
+                            seq,
+                            waited: self.timeout,
+                            detail: format!(
+                                "it never reached this operation (every other rank timed out inside it); \
+                                 this rank was waiting on rank {peer}: {detail}"
+                            ),
+                        },
+                        _ => CommError::RankTimeout {
+                            rank: peer,
+                            op,
+                            seq,
+                            waited: self.timeout,
+                            detail,
+                        },
+                    }
                 }
             }
             ExchangeErrorKind::Link(LinkError::Aborted { culprit, reason }) => CommError::Aborted {

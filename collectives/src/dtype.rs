@@ -6,6 +6,7 @@ use std::fmt;
 
 /// The element type of a buffer, as it travels in message headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum DType {
     F32 = 1,
@@ -77,6 +78,7 @@ impl std::str::FromStr for DType {
 
 /// How `all_reduce`, `reduce` and `reduce_scatter` combine contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum ReduceOp {
     Sum = 1,

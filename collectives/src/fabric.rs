@@ -83,7 +83,7 @@ impl Default for FabricConfig {
             shm_dir: PathBuf::from("/dev/shm"),
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
             small_message_bytes: 64 * 1024,
-            segment_bytes: 4 << 20,
+            segment_bytes: 256 << 10,
             flight_records: 256,
             flight_dir: std::env::temp_dir().join("gantry-flight"),
             join_timeout: Duration::from_secs(300),
@@ -114,7 +114,7 @@ impl FabricConfig {
         Ok(())
     }
 
-    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`,
+    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
     /// `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`.
     pub fn with_env(mut self) -> Result<Self, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -131,6 +131,11 @@ impl FabricConfig {
             self.shm_ring_bytes = b
                 .parse()
                 .map_err(|_| format!("GANTRY_SHM_RING_BYTES=`{b}` is not a number"))?;
+        }
+        if let Some(b) = var("GANTRY_SEGMENT_BYTES") {
+            self.segment_bytes = b
+                .parse()
+                .map_err(|_| format!("GANTRY_SEGMENT_BYTES=`{b}` is not a number"))?;
         }
         if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
             self.advertise_host = Some(h);
@@ -244,6 +249,10 @@ pub(crate) struct FabricInner {
     local: Option<Arc<LocalRegistry>>,
     pub(crate) recorders: RecorderSet,
     peers: Mutex<HashMap<usize, PeerInfo>>,
+    /// How many communicators each key has named so far: the n-th creation of a key becomes
+    /// `key#n`, so a re-created communicator never meets its predecessor's links, ring files
+    /// or abort records. Every rank creates groups in the same order, so the suffixes agree.
+    instances: Mutex<HashMap<String, u32>>,
     _server: Option<StoreServer>,
 }
 
@@ -344,6 +353,7 @@ impl Fabric {
                 acceptor,
                 local: None,
                 peers: Mutex::default(),
+                instances: Mutex::default(),
                 _server: server,
             }),
         })
@@ -369,6 +379,7 @@ impl Fabric {
                     acceptor: None,
                     local: Some(registry.clone()),
                     peers: Mutex::default(),
+                    instances: Mutex::default(),
                     _server: None,
                 }),
             })
@@ -403,6 +414,14 @@ impl Fabric {
             .iter()
             .position(|&g| g == self.inner.rank)
             .unwrap_or_else(|| panic!("rank {} is not a member of group `{key}` {members:?}", self.inner.rank));
+        let instance = {
+            let mut seen = self.inner.instances.lock().unwrap_or_else(|p| p.into_inner());
+            let n = seen.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let key = format!("{key}#{instance}");
+        let key = key.as_str();
         let connector = FabricConnector {
             fabric: self.inner.clone(),
             key: key.to_string(),

@@ -14,6 +14,7 @@ const MAGIC: u32 = u32::from_le_bytes(*b"GNT1");
 
 /// Which communicator call a message belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum OpKind {
     AllReduce = 1,

@@ -20,15 +20,17 @@ pub fn reduce_bytes(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len() % dtype.size(), 0, "reduce_bytes: partial element");
     let align = dtype.size();
     if !(dst.as_ptr() as usize).is_multiple_of(align) || !(src.as_ptr() as usize).is_multiple_of(align) {
-        // Rare (transports deliver aligned data); bounce through an aligned scratch buffer.
-        let mut d = vec![0u64; dst.len().div_ceil(8)];
-        let mut s = vec![0u64; src.len().div_ceil(8)];
-        let db = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut d)[..dst.len()];
-        let sb = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut s)[..src.len()];
-        db.copy_from_slice(dst);
-        sb.copy_from_slice(src);
-        reduce_bytes(dtype, op, db, sb);
-        dst.copy_from_slice(db);
+        // Rare (the transports keep payloads 8-byte aligned): bounce through aligned stack blocks.
+        let mut d = [0u64; 512];
+        let mut s = [0u64; 512];
+        for (dc, sc) in dst.chunks_mut(4096).zip(src.chunks(4096)) {
+            let db = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut d)[..dc.len()];
+            let sb = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut s)[..sc.len()];
+            db.copy_from_slice(dc);
+            sb.copy_from_slice(sc);
+            reduce_bytes(dtype, op, db, sb);
+            dc.copy_from_slice(db);
+        }
         return;
     }
     match dtype {

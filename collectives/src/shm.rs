@@ -32,8 +32,10 @@
 //!   connect) unlinks the files, so nothing leaks in `/dev/shm` even if a process is later
 //!   SIGKILLed. A blocking rendezvous would deadlock as soon as ranks connect lazily in a cycle
 //!   (each to its right neighbour first, as a ring step does); bytes written before the peer
-//!   attaches simply wait in the ring. Dropping a link the peer never attached unlinks it too.
-//! - Dropping a link sets `closed`: the peer drains what was written, then gets `Closed`.
+//!   attaches simply wait in the ring.
+//! - Dropping a link sets `closed`: the peer drains what was written, then gets `Closed`. This
+//!   holds even if the peer attaches later (the files are left for it, as TCP would deliver);
+//!   files of a peer that never comes stay until [`remove_session_files`].
 //!
 //! Trust: the peer runs as the same user and follows the protocol. A peer that scribbles on the
 //! data region can only corrupt the bytes we receive; one that truncates the file can crash us
@@ -53,7 +55,7 @@ use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64, fe
 use std::time::{Duration, Instant};
 
 /// Default ring size per direction.
-pub const DEFAULT_RING_BYTES: usize = 4 << 20;
+pub const DEFAULT_RING_BYTES: usize = 256 << 10;
 /// Smallest ring size; requested capacities are rounded up to a power of two at least this.
 pub const MIN_RING_BYTES: usize = 64 << 10;
 
@@ -124,6 +126,38 @@ fn fnv1a(s: &str) -> u64 {
 /// Name of the file holding the ring that carries bytes from rank `from` to rank `to`.
 pub fn ring_file_name(session: &str, comm_key: &str, from: usize, to: usize) -> String {
     format!("gantry-{session}-{:016x}-{from}-{to}", fnv1a(comm_key))
+}
+
+/// Remove the ring files of `session` left in `dir` by links whose peer never attached (for
+/// example because it crashed). Call when the job is over; returns how many were removed.
+pub fn remove_session_files(dir: &Path, session: &str) -> io::Result<usize> {
+    let prefix = format!("gantry-{session}-");
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        // `{key_hash:016x}-{from}-{to}`, so that session "a" leaves session "a-b" alone.
+        let parts: Vec<&str> = rest.split('-').collect();
+        let digits = |p: &str, hex: bool| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
+        };
+        if parts.len() == 3
+            && parts[0].len() == 16
+            && digits(parts[0], true)
+            && digits(parts[1], false)
+            && digits(parts[2], false)
+        {
+            match fs::remove_file(dir.join(&name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => removed += 1,
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn io_err(e: io::Error, what: &str, path: &Path) -> LinkError {
@@ -219,6 +253,23 @@ impl Ring {
         ring.claim(&m.magic, MAGIC, "magic")?;
         ring.claim(&m.capacity, cap as u64, "capacity")?;
         Ok(ring)
+    }
+
+    /// Open as writer (or reader). A file whose writer (reader) pid is already set was left by
+    /// an earlier link of ours with this name whose peer never came: replace it.
+    fn open_fresh(path: &Path, cap: usize, writer: bool) -> Result<Ring, LinkError> {
+        for _ in 0..2 {
+            let ring = Ring::open(path.to_path_buf(), cap)?;
+            let m = &ring.hdr().meta;
+            if (if writer { &m.writer_pid } else { &m.reader_pid }).load(Acquire) == 0 {
+                return Ok(ring);
+            }
+            ring.unlink();
+        }
+        Err(LinkError::Protocol(format!(
+            "{} is in use by another link",
+            path.display()
+        )))
     }
 
     /// Remove our file from the directory, if it is still there (the peer may have been first).
@@ -338,8 +389,8 @@ impl ShmLink {
     /// This does not wait for the peer (so `_deadline` bounds nothing): bytes written before
     /// the peer attaches wait in the ring, and a read just finds nothing yet. A blocking
     /// rendezvous would deadlock ranks that each connect to their right neighbour first. The
-    /// files are unlinked as soon as either side sees that both have attached (at the latest
-    /// when the second side connects), or when an unattached link is dropped.
+    /// files are unlinked as soon as either side sees that both have attached, at the latest
+    /// when the second side connects.
     pub fn connect(
         dir: &Path,
         session: &str,
@@ -357,12 +408,8 @@ impl ShmLink {
         let cap = cap.ok_or_else(|| LinkError::Protocol(format!("ring size {capacity} too big")))?;
         let out_path = dir.join(ring_file_name(session, comm_key, me, peer));
         let in_path = dir.join(ring_file_name(session, comm_key, peer, me));
-        let rings = Ring::open(out_path.clone(), cap).and_then(|o| Ok((o, Ring::open(in_path.clone(), cap)?)));
-        let (out, inc) = rings.inspect_err(|_| {
-            // We may have created them; a peer that has them open keeps its mappings.
-            let _ = fs::remove_file(&out_path);
-            let _ = fs::remove_file(&in_path);
-        })?;
+        let out = Ring::open_fresh(&out_path, cap, true)?;
+        let inc = Ring::open_fresh(&in_path, cap, false)?;
         let (out_pos, in_pos) = (
             out.hdr().prod.write_pos.load(Acquire),
             inc.hdr().cons.read_pos.load(Acquire),
@@ -557,10 +604,6 @@ impl Link for ShmLink {
 impl Drop for ShmLink {
     /// Tell the peer the stream has ended: its reads drain what we wrote, then get `Closed`.
     fn drop(&mut self) {
-        if !self.attached {
-            self.out.unlink();
-            self.inc.unlink();
-        }
         self.out.hdr().meta.closed.fetch_or(CLOSED_WRITER, Release);
         self.inc.hdr().meta.closed.fetch_or(CLOSED_READER, Release);
         self.out.wake_all();
@@ -598,6 +641,8 @@ mod tests {
                 std::env::temp_dir()
             };
             let dir = base.join(format!("gantry-shm-test-{}-{n}", std::process::id()));
+            // A recycled pid may find a directory an earlier, killed test run left behind.
+            let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
         }
@@ -748,18 +793,39 @@ mod tests {
     fn connect_does_not_wait_for_the_peer() {
         let dir = TempDir::new(false);
         let far = Instant::now() + Duration::from_secs(3600);
-        let mut a = ShmLink::connect(&dir.0, "s", "k", 0, 1, MIN_RING_BYTES, far).unwrap();
+        let connect = |me, key| ShmLink::connect(&dir.0, "s", key, me, 1 - me, 0, far).unwrap();
+        let mut a = connect(0, "k");
         assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 2);
-        assert_eq!(a.try_write(b"early").unwrap(), 5); // waits in the ring for the peer
         assert_eq!(a.try_read_into(&mut [0; 8]).unwrap(), 0);
-        assert!(a.peer_alive()); // unknown yet
-        let mut b = ShmLink::connect(&dir.0, "s", "k", 1, 0, MIN_RING_BYTES, far).unwrap();
+        assert!(a.peer_alive()); // not known yet
+        assert_eq!(a.try_write(b"early").unwrap(), 5); // waits in the ring for the peer
+        drop(a); // even gone before the peer comes, like a TCP sender
+        let mut b = connect(1, "k");
         assert!(dir.is_empty());
         let mut buf = [0u8; 8];
         assert_eq!(b.try_read_into(&mut buf).unwrap(), 5);
         assert_eq!(&buf[..5], b"early");
-        // A link whose peer never comes removes its files when dropped.
-        drop(ShmLink::connect(&dir.0, "s", "other", 0, 1, MIN_RING_BYTES, far).unwrap());
+        assert!(matches!(b.try_read_into(&mut buf), Err(LinkError::Closed)));
+        assert!(matches!(b.try_write(b"x"), Err(LinkError::Closed)));
+    }
+
+    #[test]
+    fn stale_files_are_replaced_and_removable() {
+        let dir = TempDir::new(false);
+        let far = Instant::now() + Duration::from_secs(3600);
+        let connect = |s, me| ShmLink::connect(&dir.0, s, "k", me, 1 - me, 0, far).unwrap();
+        // A link whose peer never came leaves its files; a new link with the same name must not
+        // pick up its bytes.
+        connect("s", 0).try_write(b"old").unwrap();
+        let mut a = connect("s", 0);
+        let mut b = connect("s", 1);
+        a.try_write(b"new").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(b.try_read_into(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"new");
+        drop((connect("s", 0), connect("s-2", 0)));
+        assert_eq!(remove_session_files(&dir.0, "s").unwrap(), 2);
+        assert_eq!(remove_session_files(&dir.0, "s-2").unwrap(), 2);
         assert!(dir.is_empty());
     }
 
@@ -776,7 +842,12 @@ mod tests {
                     let (mut right, mut left) = (connect((me + 1) % 3), connect((me + 2) % 3));
                     write_all(&mut right, &[me as u8]);
                     let mut got = [0u8];
+                    let give_up = Instant::now() + Duration::from_secs(30);
                     while left.try_read_into(&mut got).unwrap() == 0 {
+                        assert!(
+                            Instant::now() < give_up,
+                            "rank {me} never heard from its left neighbour"
+                        );
                         left.wait(READ, Duration::from_millis(100));
                     }
                     assert_eq!(usize::from(got[0]), (me + 2) % 3);

@@ -4,7 +4,8 @@
 //! multi-process tests.
 
 use crate::fabric::Bootstrap;
-use crate::store::{StoreError, StoreServer};
+use crate::shm::remove_session_files;
+use crate::store::{Store, StoreError, StoreServer, TcpStore};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -101,7 +102,22 @@ impl LocalWorld {
                 let _ = c.wait();
             }
         }
+        self.remove_ring_files();
         status
+    }
+
+    /// Shared-memory ring files are unlinked once both ends map them; a rank that died before
+    /// its peer attached leaves its half behind. The launcher hosts the store, so it knows
+    /// the session and removes what is left once every rank is gone.
+    fn remove_ring_files(&self) {
+        let addr = self.store.local_addr().to_string();
+        let Ok(client) = TcpStore::connect(&addr, Duration::from_secs(2)) else {
+            return;
+        };
+        if let Ok(Some(session)) = client.try_get("gantry/session") {
+            let session = String::from_utf8_lossy(&session).into_owned();
+            let _ = remove_session_files(Path::new("/dev/shm"), &session);
+        }
     }
 
     /// Kill every rank still running (used when one rank fails so the others don't linger).

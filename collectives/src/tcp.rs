@@ -27,9 +27,13 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 pub struct TcpLink {
     stream: TcpStream,
-    rbuf: Box<[u8]>,
+    /// 8-byte aligned read buffer; refills start at the stream position modulo 8 so aligned
+    /// data in the stream stays aligned in memory.
+    rbuf: Box<[u64]>,
     rstart: usize,
     rend: usize,
+    /// Bytes delivered to callers so far.
+    delivered: u64,
 }
 
 impl TcpLink {
@@ -42,9 +46,10 @@ impl TcpLink {
         stream.set_nonblocking(true)?;
         Ok(TcpLink {
             stream,
-            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rbuf: vec![0u64; READ_BUF / 8 + 1].into_boxed_slice(),
             rstart: 0,
             rend: 0,
+            delivered: 0,
         })
     }
 }
@@ -65,6 +70,32 @@ fn nonblocking<T>(r: io::Result<T>, zero: T) -> Result<T, LinkError> {
     }
 }
 
+impl TcpLink {
+    fn buffered(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.rbuf)[self.rstart..self.rend]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.rstart += n;
+        self.delivered += n as u64;
+    }
+
+    /// Read what the socket has into the (empty) buffer; `false` when it has nothing yet.
+    fn refill(&mut self) -> Result<bool, LinkError> {
+        let shift = (self.delivered % 8) as usize;
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.rbuf)[shift..shift + READ_BUF];
+        match nonblocking((&self.stream).read(bytes), usize::MAX)? {
+            usize::MAX => Ok(false),
+            0 => Err(LinkError::Closed),
+            got => {
+                self.rstart = shift;
+                self.rend = shift + got;
+                Ok(true)
+            }
+        }
+    }
+}
+
 impl Link for TcpLink {
     fn kind(&self) -> LinkKind {
         LinkKind::Tcp
@@ -81,47 +112,32 @@ impl Link for TcpLink {
         if buf.is_empty() {
             return Ok(0);
         }
-        if self.rstart < self.rend {
-            let n = buf.len().min(self.rend - self.rstart);
-            buf[..n].copy_from_slice(&self.rbuf[self.rstart..self.rstart + n]);
-            self.rstart += n;
+        if self.rstart == self.rend && buf.len() >= READ_BUF {
+            // Large reads land directly in the destination.
+            let n = match nonblocking((&self.stream).read(buf), usize::MAX)? {
+                usize::MAX => return Ok(0),
+                0 => return Err(LinkError::Closed),
+                n => n,
+            };
+            self.delivered += n as u64;
             return Ok(n);
         }
-        let n = if buf.len() >= READ_BUF {
-            nonblocking((&self.stream).read(buf), usize::MAX)?
-        } else {
-            let got = nonblocking((&self.stream).read(&mut self.rbuf), usize::MAX)?;
-            if got != usize::MAX && got != 0 {
-                self.rstart = 0;
-                self.rend = got;
-                let n = buf.len().min(got);
-                buf[..n].copy_from_slice(&self.rbuf[..n]);
-                self.rstart = n;
-                return Ok(n);
-            }
-            got
-        };
-        match n {
-            usize::MAX => Ok(0),
-            0 => Err(LinkError::Closed),
-            n => Ok(n),
+        if self.rstart == self.rend && !self.refill()? {
+            return Ok(0);
         }
+        let n = buf.len().min(self.rend - self.rstart);
+        buf[..n].copy_from_slice(&self.buffered()[..n]);
+        self.consume(n);
+        Ok(n)
     }
 
     fn try_read_with(&mut self, max: usize, sink: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
-        if self.rstart == self.rend {
-            match nonblocking((&self.stream).read(&mut self.rbuf), usize::MAX)? {
-                usize::MAX => return Ok(0),
-                0 => return Err(LinkError::Closed),
-                got => {
-                    self.rstart = 0;
-                    self.rend = got;
-                }
-            }
+        if self.rstart == self.rend && !self.refill()? {
+            return Ok(0);
         }
         let n = max.min(self.rend - self.rstart);
-        sink(&self.rbuf[self.rstart..self.rstart + n]);
-        self.rstart += n;
+        sink(&self.buffered()[..n]);
+        self.consume(n);
         Ok(n)
     }
 

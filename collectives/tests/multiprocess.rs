@@ -209,25 +209,37 @@ fn killed_peer_is_named_shm() {
 }
 
 fn read_dump(dir: &Path, rank: usize) -> Value {
-    let entry = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .find(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("flight-rank{rank}-world-"))
-        })
-        .unwrap_or_else(|| panic!("no flight-recorder dump for rank {rank} in {}", dir.display()));
-    serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap()
+    // The dump is written by another process: wait for it to appear (it is renamed into place).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("flight-rank{rank}-world_"))
+            })
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"));
+        if let Some(entry) = found {
+            return serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+        }
+        assert!(
+            Instant::now() < until,
+            "no flight-recorder dump for rank {rank} in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
-fn stalled_peer(transport: &str) {
+fn stalled_peer(transport: &str, bytes: usize) {
     let stalled = 1;
     let after = 4usize;
     let timeout_ms = 4_000u64;
-    let flight = temp_dir(&format!("stall-{transport}"));
+    let flight = temp_dir(&format!("stall-{transport}-{bytes}"));
     let mut world = spawn(
-        &["loop", "1000000", "65536"],
+        &["loop", "1000000", &bytes.to_string()],
         4,
         &[
             ("GANTRY_TRANSPORT", transport.into()),
@@ -257,7 +269,7 @@ fn stalled_peer(transport: &str) {
         Some(after as u64 + 1),
         "live dump: {live:#}"
     );
-    assert_eq!(live["in_flight"][0]["op"].as_str(), Some("AllReduce"));
+    assert_eq!(live["in_flight"][0]["op"].as_str(), Some("all_reduce"));
 
     let errors = wait_errors(&lines, &[0, 2, 3], Duration::from_millis(timeout_ms + 5_000));
     for (rank, e) in &errors {
@@ -299,12 +311,14 @@ fn stalled_peer(transport: &str) {
 
 #[test]
 fn stalled_peer_is_named_tcp() {
-    stalled_peer("tcp");
+    stalled_peer("tcp", 64 << 10); // recursive doubling
+    stalled_peer("tcp", 1 << 20); // pipelined ring
 }
 
 #[test]
 fn stalled_peer_is_named_shm() {
-    stalled_peer("shm");
+    stalled_peer("shm", 64 << 10);
+    stalled_peer("shm", 1 << 20);
 }
 
 fn mismatch(kind: &str, transport: &str) {
