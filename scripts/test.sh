@@ -78,16 +78,17 @@ run_phase fmt cargo fmt --all -- --check
 # 3. lints
 run_phase clippy cargo clippy --workspace --all-targets "${LOCKED[@]}" -- -D warnings
 
-# 4. tests
+# 4. doc tests first (nextest does not run them), so the test runner's closing summary
+#    below is the run's last word.
+run_phase doctests cargo test --workspace --doc "${LOCKED[@]}" --no-fail-fast
+
+# 5. tests
 if cargo nextest --version >/dev/null 2>&1; then
     run_phase tests cargo nextest run --workspace "${LOCKED[@]}" --no-fail-fast --no-tests=warn
 else
     log "cargo-nextest not found; using cargo test"
     run_phase tests cargo test --workspace "${LOCKED[@]}" --no-fail-fast
 fi
-
-# 5. doc tests (nextest does not run them)
-run_phase doctests cargo test --workspace --doc "${LOCKED[@]}" --no-fail-fast
 
 summary
 exit "$FAILED"

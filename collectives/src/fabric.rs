@@ -16,7 +16,7 @@ use crate::recorder::RecorderSet;
 use crate::shm::ShmLink;
 use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
 use crate::tcp::{self, Acceptor, TcpLink};
-use crate::transport::{LinkConnector, MeshTransport};
+use crate::transport::{LinkConnector, MeshTransport, WaitPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,6 +71,8 @@ pub struct FabricConfig {
     pub flight_dir: PathBuf,
     /// How long joining waits for all ranks.
     pub join_timeout: Duration,
+    /// Spin, then yield, then sleep: see [`WaitPolicy`].
+    pub wait: WaitPolicy,
 }
 
 impl Default for FabricConfig {
@@ -87,6 +89,7 @@ impl Default for FabricConfig {
             flight_records: 256,
             flight_dir: std::env::temp_dir().join("gantry-flight"),
             join_timeout: Duration::from_secs(300),
+            wait: WaitPolicy::default(),
         }
     }
 }
@@ -136,6 +139,17 @@ impl FabricConfig {
             self.segment_bytes = b
                 .parse()
                 .map_err(|_| format!("GANTRY_SEGMENT_BYTES=`{b}` is not a number"))?;
+        }
+        if let Some(us) = var("GANTRY_YIELD_US") {
+            let us = us
+                .parse()
+                .map_err(|_| format!("GANTRY_YIELD_US=`{us}` is not a number"))?;
+            self.wait.yield_for = Duration::from_micros(us);
+        }
+        if let Some(n) = var("GANTRY_SPIN_ITERS") {
+            self.wait.spin_iters = n
+                .parse()
+                .map_err(|_| format!("GANTRY_SPIN_ITERS=`{n}` is not a number"))?;
         }
         if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
             self.advertise_host = Some(h);
@@ -427,7 +441,7 @@ impl Fabric {
             key: key.to_string(),
             members: members.clone(),
         };
-        let transport = MeshTransport::new(me, members.len(), Box::new(connector));
+        let transport = MeshTransport::new(me, members.len(), Box::new(connector), self.inner.config.wait);
         Communicator::new(key.to_string(), members, Box::new(transport), Some(self.clone()))
     }
 

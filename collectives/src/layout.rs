@@ -103,6 +103,17 @@ impl Coords {
 ///
 /// Methods that take a rank or [`Coords`] panic when it is outside the mesh: that is a bug in
 /// the caller, not a runtime condition.
+/// ```
+/// use gantry_collectives::ParallelLayout;
+///
+/// // 8 ranks: 2 data-parallel replicas × 2-way tensor × 2-way pipeline parallelism.
+/// let layout = ParallelLayout::new(8, 2, 2, 2).unwrap();
+/// assert_eq!(layout.tp_group(5), vec![4, 5]); // TP innermost: neighbours share a node
+/// assert_eq!(layout.dp_group(5), vec![5, 7]);
+/// assert_eq!(layout.pp_group(5), vec![1, 5]);
+/// let err = ParallelLayout::new(8, 2, 2, 3).unwrap_err().to_string();
+/// assert!(err.contains("dp (2) × tp (2) × pp (3) = 12, but world size is 8"), "{err}");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "LayoutSpec")]
 pub struct ParallelLayout {

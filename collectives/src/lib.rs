@@ -25,6 +25,29 @@
 //! - [`recorder`]: the flight recorder dumped on errors and SIGUSR1.
 //! - [`bench`]: the nccl-tests-style benchmark behind `gantry bench collectives`.
 //!
+//! # Example
+//!
+//! Two ranks as threads of one process (real processes join with [`Fabric::from_env`]):
+//!
+//! ```
+//! use gantry_collectives::{Fabric, FabricConfig, ReduceOp};
+//!
+//! let ranks: Vec<_> = Fabric::local_world(2, FabricConfig::default(), 1 << 16)
+//!     .into_iter()
+//!     .map(|fabric| {
+//!         std::thread::spawn(move || {
+//!             let mut world = fabric.world();
+//!             let mut grads = [world.rank() as f32 + 1.0; 4];
+//!             world.all_reduce_in_place(&mut grads, ReduceOp::Avg).unwrap();
+//!             grads
+//!         })
+//!     })
+//!     .collect();
+//! for rank in ranks {
+//!     assert_eq!(rank.join().unwrap(), [1.5; 4]);
+//! }
+//! ```
+//!
 //! Data flows: caller buffer → `Communicator` (checks, seq, recorder) → `algo::*` → `Transport::exchange`
 //! → `Link`s → peer's `Link` → peer's receive sink (copy or reduce into its buffer).
 
