@@ -476,7 +476,7 @@ impl Communicator {
         group.sort();
         let members = group.iter().map(|&(_, r)| self.members[r]).collect();
         let name = format!("{}/split{}-c{}", self.name, self.splits, color);
-        Ok(Some(fabric.group(&name, members)))
+        Ok(Some(fabric.group(&name, members)?))
     }
 
     // ----- internals --------------------------------------------------------------------------
@@ -789,13 +789,22 @@ impl Communicator {
                     None => fallback,
                 }
             }
-            ExchangeErrorKind::Mismatch { remote } => CommError::Mismatch {
+            ExchangeErrorKind::Mismatch { remote, expected } => CommError::Mismatch {
                 seq,
                 local_rank: me,
-                local: ctx.desc,
+                local: expected.desc,
                 remote_rank: peer,
                 remote_seq: remote.seq,
                 remote: remote.desc,
+                detail: if remote.desc == expected.desc && remote.seq == expected.seq {
+                    format!(
+                        "; its message was step {} with {} bytes where step {} with {} bytes was expected \
+                         (do the ranks use different segment sizes, thresholds or algorithms?)",
+                        remote.step, remote.len, expected.step, expected.len
+                    )
+                } else {
+                    String::new()
+                },
             },
             ExchangeErrorKind::Protocol(m) => CommError::PeerLost {
                 rank: peer,

@@ -50,7 +50,7 @@ pub enum CommError {
     },
 
     #[error(
-        "collective mismatch at seq {seq}: rank {local_rank} called {local} but rank {remote_rank} called {remote} (its seq {remote_seq})"
+        "collective mismatch at seq {seq}: rank {local_rank} called {local} but rank {remote_rank} called {remote} (its seq {remote_seq}){detail}"
     )]
     Mismatch {
         seq: u64,
@@ -59,6 +59,9 @@ pub enum CommError {
         remote_rank: usize,
         remote_seq: u64,
         remote: OpDesc,
+        /// Set when the calls look alike but their messages differ (step or length), which
+        /// happens when ranks run with different segment sizes, thresholds or algorithms.
+        detail: String,
     },
 
     #[error("invalid argument to {op}: {message}")]

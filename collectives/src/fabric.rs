@@ -12,6 +12,7 @@ use crate::comm::Communicator;
 use crate::error::{CommError, LinkError};
 use crate::link::Link;
 use crate::local::LocalRegistry;
+use crate::nccl::{NcclCommunicator, NcclError, NcclUniqueId};
 use crate::recorder::RecorderSet;
 use crate::shm::ShmLink;
 use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
@@ -418,16 +419,34 @@ impl Fabric {
 
     /// The communicator over every rank.
     pub fn world(&self) -> Communicator {
-        self.group("world", (0..self.inner.world).collect())
+        self.group_unchecked("world", (0..self.inner.world).collect(), self.inner.rank)
     }
 
     /// A communicator over `members` (global ranks, in group-rank order) named `key`. Every
     /// member must create it with the same key and members; links are made on first use.
-    pub fn group(&self, key: &str, members: Vec<usize>) -> Communicator {
-        let me = members
-            .iter()
-            .position(|&g| g == self.inner.rank)
-            .unwrap_or_else(|| panic!("rank {} is not a member of group `{key}` {members:?}", self.inner.rank));
+    /// Fails when this rank is not a member, or a member is repeated or outside the world.
+    pub fn group(&self, key: &str, members: Vec<usize>) -> Result<Communicator, CommError> {
+        let world = self.inner.world;
+        if let Some(bad) = members.iter().find(|&&m| m >= world) {
+            return Err(setup(format!(
+                "group `{key}` names rank {bad}, but the world has {world} ranks"
+            )));
+        }
+        let mut sorted = members.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(setup(format!("group `{key}` names rank {} twice", w[0])));
+        }
+        let me = members.iter().position(|&g| g == self.inner.rank).ok_or_else(|| {
+            setup(format!(
+                "rank {} is not a member of group `{key}` {members:?}",
+                self.inner.rank
+            ))
+        })?;
+        Ok(self.group_unchecked(key, members, me))
+    }
+
+    fn group_unchecked(&self, key: &str, members: Vec<usize>, me: usize) -> Communicator {
         let instance = {
             let mut seen = self.inner.instances.lock().unwrap_or_else(|p| p.into_inner());
             let n = seen.entry(key.to_string()).or_insert(0);
@@ -443,6 +462,51 @@ impl Fabric {
         };
         let transport = MeshTransport::new(me, members.len(), Box::new(connector), self.inner.config.wait);
         Communicator::new(key.to_string(), members, Box::new(transport), Some(self.clone()))
+    }
+
+    /// A NCCL communicator over `members` (global ranks, in NCCL rank order) on CUDA device
+    /// `device`. The first member creates the NCCL unique id and shares it through the
+    /// rendezvous store; if it cannot (no GPU, no `libnccl.so`), it shares the reason instead,
+    /// so every member fails at once with the same typed error rather than waiting.
+    pub fn nccl_communicator(
+        &self,
+        key: &str,
+        members: &[usize],
+        device: usize,
+    ) -> Result<NcclCommunicator, CommError> {
+        let me = members.iter().position(|&g| g == self.inner.rank).ok_or_else(|| {
+            setup(format!(
+                "rank {} is not a member of NCCL group `{key}` {members:?}",
+                self.inner.rank
+            ))
+        })?;
+        let store_key = format!("gantry/nccl/{key}");
+        let published = if me == 0 {
+            let (record, result) = match NcclUniqueId::new() {
+                Ok(id) => ([b"I".as_slice(), &id.to_bytes()].concat(), Ok(())),
+                Err(e) => ([b"E".as_slice(), e.to_string().as_bytes()].concat(), Err(e)),
+            };
+            self.inner.store.set(&store_key, &record)?;
+            result?;
+            record
+        } else {
+            self.inner.store.get(&store_key, self.inner.config.join_timeout)?
+        };
+        match published.split_first() {
+            Some((b'I', id)) => Ok(NcclCommunicator::new(
+                device,
+                me,
+                members.len(),
+                &NcclUniqueId::from_bytes(id)?,
+            )?),
+            Some((b'E', why)) => Err(NcclError::Unavailable(format!(
+                "rank {} could not create the NCCL unique id: {}",
+                members[0],
+                String::from_utf8_lossy(why)
+            ))
+            .into()),
+            _ => Err(setup(format!("bad NCCL id record under `{store_key}`"))),
+        }
     }
 
     /// Dump every live communicator's flight recorder as JSON when the process gets SIGUSR1.

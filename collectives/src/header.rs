@@ -77,7 +77,7 @@ pub struct OpDesc {
     pub reduce: Option<ReduceOp>,
     /// Element count of the caller's buffer as the operation defines it (per rank).
     pub count: u64,
-    /// Root rank for rooted operations, peer for send/recv, user tag mixed in for send/recv.
+    /// Root rank for rooted operations (broadcast, reduce); the user's tag for send/recv.
     pub root: u32,
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Connection set-up: every process runs one [`Acceptor`] (a listener thread). For each pair
 //! the higher global rank connects to the lower one's advertised address and sends a small
-//! handshake (magic, communicator key, its global rank); the acceptor files the stream under
+//! handshake (magic, its global rank, communicator key); the acceptor files the stream under
 //! (key, rank) until the lower rank asks for it. Small reads go through a 64 KiB buffer (one
 //! syscall for a header and its payload); large reads land directly in the destination.
 
@@ -286,6 +286,12 @@ fn read_handshake(mut stream: &TcpStream) -> io::Result<(String, usize)> {
 /// Connect to `addr` (retrying until `deadline`: the peer may still be starting) and introduce
 /// ourselves as global rank `me` for communicator `key`.
 pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<TcpStream, LinkError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(LinkError::Protocol(format!(
+            "communicator key is {} bytes, the TCP handshake allows {MAX_KEY_LEN}: `{key:.64}…`",
+            key.len()
+        )));
+    }
     let mut last_err = None;
     while Instant::now() < deadline {
         let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {

@@ -100,6 +100,7 @@ pub enum ExchangeErrorKind {
     Link(LinkError),
     Mismatch {
         remote: Header,
+        expected: Header,
     },
     Protocol(String),
     Connect(LinkError),
@@ -552,7 +553,10 @@ fn check_header(r: &RxState<'_>) -> Result<(), ExchangeError> {
     if got != r.expect {
         return Err(ExchangeError {
             peer: r.peer,
-            kind: ExchangeErrorKind::Mismatch { remote: got },
+            kind: ExchangeErrorKind::Mismatch {
+                remote: got,
+                expected: r.expect,
+            },
         });
     }
     Ok(())

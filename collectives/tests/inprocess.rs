@@ -240,3 +240,68 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn same_call_with_different_algorithms_is_a_mismatch_with_details() {
+    let results = on_every_rank(fabrics(2, TransportChoice::Local, 4096, 1 << 16), |mut comm| {
+        let algo = if comm.rank() == 0 {
+            Algorithm::Ring
+        } else {
+            Algorithm::Tree
+        };
+        comm.set_timeout(Duration::from_secs(5));
+        let mut buf = vec![1.0f32; 1000];
+        let err = comm
+            .with_options(
+                CallOptions {
+                    algorithm: Some(algo),
+                    ..Default::default()
+                },
+                |c| c.all_reduce_in_place(&mut buf, ReduceOp::Sum),
+            )
+            .unwrap_err();
+        // The communicator is broken afterwards, and says so.
+        let again = comm.barrier().unwrap_err().to_string();
+        (err.to_string(), again)
+    });
+    for (rank, (err, again)) in results.iter().enumerate() {
+        assert!(err.contains("collective mismatch at seq 1"), "rank {rank}: {err}");
+        assert!(
+            err.contains("different segment sizes, thresholds or algorithms"),
+            "rank {rank}: {err}"
+        );
+        assert!(again.contains("broken"), "rank {rank}: {again}");
+    }
+}
+
+#[test]
+fn nccl_rendezvous_fails_fast_and_typed_without_a_gpu() {
+    if gantry_collectives::nccl::nccl_available().is_ok() {
+        return; // a GPU machine: the GPU checks cover this path
+    }
+    let fabrics = fabrics(3, TransportChoice::Local, 4096, 1 << 16);
+    let started = std::time::Instant::now();
+    let handles: Vec<_> = fabrics
+        .into_iter()
+        .map(|f| std::thread::spawn(move || f.nccl_communicator("tp", &[0, 1, 2], 0).err().map(|e| e.to_string())))
+        .collect();
+    for h in handles {
+        let err = h.join().unwrap().expect("NCCL cannot work on this machine");
+        assert!(err.contains("NCCL is not available"), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "members waited instead of failing fast"
+    );
+}
+
+#[test]
+fn bad_group_membership_is_an_error() {
+    let fabric = Fabric::local_world(2, config(TransportChoice::Local, 4096), 1024).remove(0);
+    let msg =
+        |r: Result<Communicator, gantry_collectives::CommError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg(fabric.group("g", vec![1])).contains("rank 0 is not a member"));
+    assert!(msg(fabric.group("g", vec![0, 5])).contains("names rank 5, but the world has 2 ranks"));
+    assert!(msg(fabric.group("g", vec![0, 0])).contains("names rank 0 twice"));
+    assert_eq!(fabric.group("g", vec![0]).unwrap().size(), 1);
+}

@@ -41,6 +41,19 @@ fn collect_lines(world: &mut LocalWorld) -> mpsc::Receiver<(usize, String)> {
     rx
 }
 
+/// Every line still in flight: readers end at the children's EOF, which closes the channel.
+fn drain(lines: &mpsc::Receiver<(usize, String)>) -> Vec<(usize, String)> {
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    loop {
+        match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(line) => out.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return out,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("rank output did not end within 30 s"),
+        }
+    }
+}
+
 fn stderr_of(world: &mut LocalWorld, rank: usize) -> String {
     let mut s = String::new();
     if let Some(mut e) = world.children[rank].stderr.take() {
@@ -60,7 +73,7 @@ fn conformance(transport: &str, world_size: usize) {
     );
     let lines = collect_lines(&mut world);
     let status = world.wait_all(Duration::from_secs(300));
-    let out: Vec<(usize, String)> = lines.try_iter().collect();
+    let out = drain(&lines);
     for (rank, st) in status.iter().enumerate() {
         let mine: Vec<&str> = out
             .iter()

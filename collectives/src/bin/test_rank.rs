@@ -85,7 +85,9 @@ fn conformance_scenario(fabric: &Fabric, comm: &mut Communicator) {
     let tp = if n % 2 == 0 { 2 } else { 1 };
     let layout = ParallelLayout::infer(n, tp, 1).expect("layout");
     for (name, members) in [("tp", layout.tp_group(r)), ("dp", layout.dp_group(r))] {
-        let mut g = fabric.group(&format!("{name}@{}", members[0]), members.clone());
+        let mut g = fabric
+            .group(&format!("{name}@{}", members[0]), members.clone())
+            .expect("layout group");
         let mut v = [r as i32 + 1];
         match g.all_reduce_in_place(&mut v, ReduceOp::Sum) {
             Ok(()) => {
