@@ -4,7 +4,7 @@
 //! (that is when the collective is done for the job); the median over iterations is reported.
 
 use crate::comm::Communicator;
-use crate::dtype::{DType, ReduceOp};
+use crate::dtype::{DType, Element, ReduceOp, with_element_type};
 use crate::error::CommError;
 use serde::Serialize;
 use std::time::Instant;
@@ -134,52 +134,15 @@ fn pattern(rank: usize, i: usize) -> f64 {
 }
 
 fn fill(buf: &mut [u8], dtype: DType, f: impl Fn(usize) -> f64) {
-    macro_rules! go {
-        ($t:ty) => {{
-            for (i, x) in bytemuck::cast_slice_mut::<u8, $t>(buf).iter_mut().enumerate() {
-                *x = <$t as crate::dtype::Element>::from_f64(f(i));
-            }
-        }};
-    }
-    match dtype {
-        DType::F32 => go!(f32),
-        DType::F64 => go!(f64),
-        DType::F16 => go!(half::f16),
-        DType::BF16 => go!(half::bf16),
-        DType::I32 => go!(i32),
-        DType::I64 => go!(i64),
-        DType::U8 => go!(u8),
-    }
+    crate::dtype::fill_from_f64(buf, dtype, f)
 }
 
+/// Every element equals `f(i)` rounded to the dtype.
 fn matches(buf: &[u8], dtype: DType, f: impl Fn(usize) -> f64) -> bool {
-    macro_rules! go {
-        ($t:ty) => {
-            bytemuck::cast_slice::<u8, $t>(buf)
-                .iter()
-                .enumerate()
-                .all(|(i, x)| {
-                    crate::dtype::Element::to_f64(*x) == <$t as crate::dtype::Element>::from_f64(f(i)).to_f64_lossless()
-                })
-        };
-    }
-    trait Lossless {
-        fn to_f64_lossless(self) -> f64;
-    }
-    impl<T: crate::dtype::Element> Lossless for T {
-        fn to_f64_lossless(self) -> f64 {
-            self.to_f64()
-        }
-    }
-    match dtype {
-        DType::F32 => go!(f32),
-        DType::F64 => go!(f64),
-        DType::F16 => go!(half::f16),
-        DType::BF16 => go!(half::bf16),
-        DType::I32 => go!(i32),
-        DType::I64 => go!(i64),
-        DType::U8 => go!(u8),
-    }
+    with_element_type!(dtype, T => bytemuck::cast_slice::<u8, T>(buf)
+        .iter()
+        .enumerate()
+        .all(|(i, x)| x.to_f64() == T::from_f64(f(i)).to_f64()))
 }
 
 /// One run of `op` on `buf` (the layout each op expects) — shared by the check and the timing.

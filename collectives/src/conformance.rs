@@ -8,7 +8,7 @@
 //! TCP and shared-memory links) and by the multi-process tests through `collectives-test-rank`.
 
 use crate::comm::{Algorithm, CallOptions, Communicator};
-use crate::dtype::{DType, Element, ReduceOp};
+use crate::dtype::{DType, ReduceOp, with_element_type};
 use half::{bf16, f16};
 
 /// Element counts exercised; the largest crosses the 64 KiB small-message threshold for every
@@ -52,43 +52,12 @@ pub fn quantize(v: f64, dtype: DType) -> f64 {
 pub fn encode(vals: &[f64], dtype: DType) -> Vec<u64> {
     let mut store = vec![0u64; (vals.len() * dtype.size()).div_ceil(8)];
     let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut store)[..vals.len() * dtype.size()];
-    macro_rules! go {
-        ($t:ty) => {
-            for (d, v) in bytemuck::cast_slice_mut::<u8, $t>(bytes).iter_mut().zip(vals) {
-                *d = <$t>::from_f64(*v);
-            }
-        };
-    }
-    match dtype {
-        DType::F32 => go!(f32),
-        DType::F64 => go!(f64),
-        DType::F16 => go!(f16),
-        DType::BF16 => go!(bf16),
-        DType::I32 => go!(i32),
-        DType::I64 => go!(i64),
-        DType::U8 => go!(u8),
-    }
+    crate::dtype::fill_from_f64(bytes, dtype, |i| vals[i]);
     store
 }
 
 pub fn decode(bytes: &[u8], dtype: DType) -> Vec<f64> {
-    macro_rules! go {
-        ($t:ty) => {
-            bytemuck::cast_slice::<u8, $t>(bytes)
-                .iter()
-                .map(|x| x.to_f64())
-                .collect()
-        };
-    }
-    match dtype {
-        DType::F32 => go!(f32),
-        DType::F64 => go!(f64),
-        DType::F16 => go!(f16),
-        DType::BF16 => go!(bf16),
-        DType::I32 => go!(i32),
-        DType::I64 => go!(i64),
-        DType::U8 => go!(u8),
-    }
+    crate::dtype::to_f64_vec(bytes, dtype)
 }
 
 fn bytes_of(store: &mut [u64], len: usize, dtype: DType) -> &mut [u8] {
@@ -397,41 +366,6 @@ fn p2p(comm: &mut Communicator, dtype: DType, salt: &mut u64, fails: &mut Failur
     }
 }
 
-macro_rules! dispatch {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::I32 => {
-                type $t = i32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-        }
-    };
-}
-
 fn typed_send_recv(
     c: &mut Communicator,
     s: &[u8],
@@ -440,15 +374,15 @@ fn typed_send_recv(
     from: usize,
     dtype: DType,
 ) -> crate::error::Result<()> {
-    dispatch!(dtype, T => c.send_recv::<T>(bytemuck::cast_slice(s), to, bytemuck::cast_slice_mut(r), from, 3))
+    with_element_type!(dtype, T => c.send_recv::<T>(bytemuck::cast_slice(s), to, bytemuck::cast_slice_mut(r), from, 3))
 }
 
 fn bytes_send(c: &mut Communicator, s: &[u8], to: usize, tag: u32, dtype: DType) -> crate::error::Result<()> {
-    dispatch!(dtype, T => c.send::<T>(bytemuck::cast_slice(s), to, tag))
+    with_element_type!(dtype, T => c.send::<T>(bytemuck::cast_slice(s), to, tag))
 }
 
 fn bytes_recv(c: &mut Communicator, r: &mut [u8], from: usize, tag: u32, dtype: DType) -> crate::error::Result<()> {
-    dispatch!(dtype, T => c.recv::<T>(bytemuck::cast_slice_mut(r), from, tag))
+    with_element_type!(dtype, T => c.recv::<T>(bytemuck::cast_slice_mut(r), from, tag))
 }
 
 /// The typed out-of-place and in-place entry points agree with each other.

@@ -164,6 +164,58 @@ element!(i32, DType::I32, |x: i32| x as f64, |v: f64| v as i32);
 element!(i64, DType::I64, |x: i64| x as f64, |v: f64| v as i64);
 element!(u8, DType::U8, |x: u8| x as f64, |v: f64| v as u8);
 
+/// Run `$body` with the type alias `$t` bound to the Rust element type of `$dtype`: the one
+/// place a run-time dtype becomes a compile-time type.
+macro_rules! with_element_type {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::dtype::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            $crate::dtype::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::dtype::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            $crate::dtype::DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            $crate::dtype::DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            $crate::dtype::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_element_type;
+
+/// Set element i of `buf` (holding `dtype` elements) to `f(i)`, rounded to the dtype.
+pub fn fill_from_f64(buf: &mut [u8], dtype: DType, f: impl Fn(usize) -> f64) {
+    with_element_type!(dtype, T => {
+        for (i, x) in bytemuck::cast_slice_mut::<u8, T>(buf).iter_mut().enumerate() {
+            *x = T::from_f64(f(i));
+        }
+    })
+}
+
+/// Element i of `buf` as f64, for every i.
+pub fn to_f64_vec(buf: &[u8], dtype: DType) -> Vec<f64> {
+    with_element_type!(dtype, T => bytemuck::cast_slice::<u8, T>(buf).iter().map(|x| x.to_f64()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
