@@ -7,8 +7,10 @@
 //! - `main.rs`: the command tree and logging set-up.
 //! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
 //!   `gantry bench nccl` (the NCCL device self test).
+//! - `data.rs`: `gantry data synth` and `gantry data inspect`.
 
 mod bench;
+mod data;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +28,9 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Token datasets: synthesize, inspect.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 fn init_logging() {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Data(cmd) => data::run(cmd),
     };
     match result {
         Ok(code) => code,

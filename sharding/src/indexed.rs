@@ -1,0 +1,617 @@
+//! The Megatron indexed dataset format, version 1 ("MMIDIDX"), byte for byte.
+//!
+//! A dataset is a pair of files sharing a prefix: `PREFIX.bin` holds the raw tokens of every
+//! sequence back to back; `PREFIX.idx` says where each sequence starts and which sequences
+//! make up each document. All integers are little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 9 | magic `MMIDIDX\0\0` |
+//! | 9 | 8 | version, u64 = 1 |
+//! | 17 | 1 | token dtype code: 1 u8, 2 i8, 3 i16, 4 i32, 5 i64, 6 f64, 7 f32, 8 u16 |
+//! | 18 | 8 | sequence count S, u64 |
+//! | 26 | 8 | document index count D, u64 (documents + 1) |
+//! | 34 | 4·S | sequence lengths in tokens, i32 |
+//! | 34+4S | 8·S | sequence byte offsets into `.bin`, i64 |
+//! | 34+12S | 8·D | document indices, i64: 0, then the sequence index where each document ends |
+//!
+//! The reader maps both files and checks every count, length, offset and document index
+//! against the file sizes before anything is used, so a corrupt or truncated file is an error
+//! that names the file and the offset, never a panic or an out-of-bounds read. The `.idx`
+//! arrays start at offset 34 (not aligned), so they are decoded on access; token slices in
+//! `.bin` are aligned (offsets are multiples of the token size) and handed out zero-copy.
+
+use memmap2::Mmap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+#[cfg(target_endian = "big")]
+compile_error!("the indexed dataset format is little-endian; big-endian hosts are not supported");
+
+pub const MAGIC: &[u8; 9] = b"MMIDIDX\0\0";
+pub const VERSION: u64 = 1;
+const HEADER_LEN: usize = 34;
+
+/// Token element types. Megatron's codes 6 (f64) and 7 (f32) exist in the format but are not
+/// token types; they are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDType {
+    U8,
+    I8,
+    I16,
+    I32,
+    I64,
+    U16,
+}
+
+impl TokenDType {
+    pub const fn code(self) -> u8 {
+        match self {
+            TokenDType::U8 => 1,
+            TokenDType::I8 => 2,
+            TokenDType::I16 => 3,
+            TokenDType::I32 => 4,
+            TokenDType::I64 => 5,
+            TokenDType::U16 => 8,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<TokenDType> {
+        [
+            TokenDType::U8,
+            TokenDType::I8,
+            TokenDType::I16,
+            TokenDType::I32,
+            TokenDType::I64,
+            TokenDType::U16,
+        ]
+        .into_iter()
+        .find(|d| d.code() == code)
+    }
+
+    pub const fn size(self) -> usize {
+        match self {
+            TokenDType::U8 | TokenDType::I8 => 1,
+            TokenDType::I16 | TokenDType::U16 => 2,
+            TokenDType::I32 => 4,
+            TokenDType::I64 => 8,
+        }
+    }
+
+    /// The type gantry writes for a vocabulary: u16 below 65,500 tokens (Megatron's cut-off),
+    /// else i32.
+    pub fn for_vocab(vocab_size: usize) -> TokenDType {
+        if vocab_size < 65_500 {
+            TokenDType::U16
+        } else {
+            TokenDType::I32
+        }
+    }
+
+    /// Largest token id this type can hold.
+    pub const fn max_token(self) -> u64 {
+        match self {
+            TokenDType::U8 => u8::MAX as u64,
+            TokenDType::I8 => i8::MAX as u64,
+            TokenDType::I16 => i16::MAX as u64,
+            TokenDType::U16 => u16::MAX as u64,
+            TokenDType::I32 => i32::MAX as u64,
+            TokenDType::I64 => i64::MAX as u64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexedError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: file is {got} bytes, too short for {what} (needs {needed})")]
+    Truncated {
+        path: PathBuf,
+        what: &'static str,
+        needed: u64,
+        got: u64,
+    },
+    #[error("{path}: not an indexed dataset index (magic {found:?} at offset 0, expected \"MMIDIDX\\0\\0\")")]
+    BadMagic { path: PathBuf, found: String },
+    #[error("{path}: format version {version} at offset 9 is not supported (only version 1)")]
+    UnsupportedVersion { path: PathBuf, version: u64 },
+    #[error(
+        "{path}: token dtype code {code} at offset 17 is not a token type (1 u8, 2 i8, 3 i16, 4 i32, 5 i64, 8 u16)"
+    )]
+    BadDType { path: PathBuf, code: u8 },
+    #[error(
+        "{path}: header says {sequences} sequences and {doc_entries} document entries, so the file should be {expected} bytes, but it is {actual}"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        sequences: u64,
+        doc_entries: u64,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: the dataset is empty (no {what})")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("{path}: sequence {index} at offset {offset}: {message}")]
+    BadSequence {
+        path: PathBuf,
+        index: u64,
+        offset: u64,
+        message: String,
+    },
+    #[error("{path}: document index {index} at offset {offset}: {message}")]
+    BadDocument {
+        path: PathBuf,
+        index: u64,
+        offset: u64,
+        message: String,
+    },
+    #[error("{path}: holds {actual} bytes but the index describes {expected}")]
+    BinSizeMismatch { path: PathBuf, expected: u64, actual: u64 },
+    #[error("token {token} does not fit the dataset's {dtype:?} tokens (largest {max})")]
+    TokenOutOfRange { token: u64, dtype: TokenDType, max: u64 },
+    #[error("sequence of {len} tokens is longer than the format allows (i32 lengths)")]
+    SequenceTooLong { len: usize },
+}
+
+pub type Result<T, E = IndexedError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> IndexedError + '_ {
+    move |source| IndexedError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `PREFIX.bin` and `PREFIX.idx`.
+pub fn paths(prefix: &Path) -> (PathBuf, PathBuf) {
+    let with = |ext: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    (with(".bin"), with(".idx"))
+}
+
+/// Streams sequences into `PREFIX.bin` and writes `PREFIX.idx` on [`IndexedWriter::finish`].
+pub struct IndexedWriter {
+    bin: BufWriter<File>,
+    bin_path: PathBuf,
+    idx_path: PathBuf,
+    dtype: TokenDType,
+    lengths: Vec<i32>,
+    doc_indices: Vec<i64>,
+    tokens: u64,
+    scratch: Vec<u8>,
+}
+
+/// What a finished writer produced.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexedSummary {
+    pub sequences: u64,
+    pub documents: u64,
+    pub tokens: u64,
+    pub bin_bytes: u64,
+    pub idx_bytes: u64,
+}
+
+impl IndexedWriter {
+    pub fn create(prefix: &Path, dtype: TokenDType) -> Result<IndexedWriter> {
+        let (bin_path, idx_path) = paths(prefix);
+        let file = File::create(&bin_path).map_err(io_err(&bin_path))?;
+        Ok(IndexedWriter {
+            bin: BufWriter::with_capacity(1 << 20, file),
+            bin_path,
+            idx_path,
+            dtype,
+            lengths: Vec::new(),
+            doc_indices: vec![0],
+            tokens: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Append one sequence. Token ids that do not fit the dtype are refused.
+    pub fn add_sequence(&mut self, tokens: &[u32]) -> Result<()> {
+        let len = i32::try_from(tokens.len()).map_err(|_| IndexedError::SequenceTooLong { len: tokens.len() })?;
+        let max = self.dtype.max_token();
+        if let Some(&bad) = tokens.iter().find(|&&t| u64::from(t) > max) {
+            return Err(IndexedError::TokenOutOfRange {
+                token: bad.into(),
+                dtype: self.dtype,
+                max,
+            });
+        }
+        self.scratch.clear();
+        match self.dtype {
+            TokenDType::U8 => self.scratch.extend(tokens.iter().map(|&t| t as u8)),
+            TokenDType::I8 => self.scratch.extend(tokens.iter().map(|&t| t as i8 as u8)),
+            TokenDType::I16 => tokens
+                .iter()
+                .for_each(|&t| self.scratch.extend_from_slice(&(t as i16).to_le_bytes())),
+            TokenDType::U16 => tokens
+                .iter()
+                .for_each(|&t| self.scratch.extend_from_slice(&(t as u16).to_le_bytes())),
+            TokenDType::I32 => tokens
+                .iter()
+                .for_each(|&t| self.scratch.extend_from_slice(&(t as i32).to_le_bytes())),
+            TokenDType::I64 => tokens
+                .iter()
+                .for_each(|&t| self.scratch.extend_from_slice(&i64::from(t).to_le_bytes())),
+        }
+        self.bin.write_all(&self.scratch).map_err(io_err(&self.bin_path))?;
+        self.lengths.push(len);
+        self.tokens += tokens.len() as u64;
+        Ok(())
+    }
+
+    /// Close the current document (the sequences added since the previous one).
+    pub fn end_document(&mut self) {
+        self.doc_indices.push(self.lengths.len() as i64);
+    }
+
+    /// Append a one-sequence document.
+    pub fn add_document(&mut self, tokens: &[u32]) -> Result<()> {
+        self.add_sequence(tokens)?;
+        self.end_document();
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<IndexedSummary> {
+        self.bin.flush().map_err(io_err(&self.bin_path))?;
+        let bin = self.bin.into_inner().map_err(|e| IndexedError::Io {
+            path: self.bin_path.clone(),
+            source: e.into_error(),
+        })?;
+        bin.sync_all().map_err(io_err(&self.bin_path))?;
+        let bin_bytes = self.tokens * self.dtype.size() as u64;
+
+        let file = File::create(&self.idx_path).map_err(io_err(&self.idx_path))?;
+        let mut idx = BufWriter::with_capacity(1 << 20, file);
+        let (dtype, lengths, doc_indices) = (self.dtype, &self.lengths, &self.doc_indices);
+        let write = |out: &mut BufWriter<File>| -> std::io::Result<()> {
+            out.write_all(MAGIC)?;
+            out.write_all(&VERSION.to_le_bytes())?;
+            out.write_all(&[dtype.code()])?;
+            out.write_all(&(lengths.len() as u64).to_le_bytes())?;
+            out.write_all(&(doc_indices.len() as u64).to_le_bytes())?;
+            for len in lengths {
+                out.write_all(&len.to_le_bytes())?;
+            }
+            let mut pointer = 0i64;
+            for len in lengths {
+                out.write_all(&pointer.to_le_bytes())?;
+                pointer += i64::from(*len) * dtype.size() as i64;
+            }
+            for d in doc_indices {
+                out.write_all(&d.to_le_bytes())?;
+            }
+            Ok(())
+        };
+        write(&mut idx).map_err(io_err(&self.idx_path))?;
+        let file = idx.into_inner().map_err(|e| IndexedError::Io {
+            path: self.idx_path.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&self.idx_path))?;
+        let idx_bytes = (HEADER_LEN + 12 * self.lengths.len() + 8 * self.doc_indices.len()) as u64;
+        Ok(IndexedSummary {
+            sequences: self.lengths.len() as u64,
+            documents: self.doc_indices.len() as u64 - 1,
+            tokens: self.tokens,
+            bin_bytes,
+            idx_bytes,
+        })
+    }
+}
+
+/// A zero-copy view of tokens in the dataset's own type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokens<'a> {
+    U8(&'a [u8]),
+    I8(&'a [i8]),
+    I16(&'a [i16]),
+    U16(&'a [u16]),
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+impl Tokens<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Tokens::U8(t) => t.len(),
+            Tokens::I8(t) => t.len(),
+            Tokens::I16(t) => t.len(),
+            Tokens::U16(t) => t.len(),
+            Tokens::I32(t) => t.len(),
+            Tokens::I64(t) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, i: usize) -> Option<i64> {
+        Some(match self {
+            Tokens::U8(t) => i64::from(*t.get(i)?),
+            Tokens::I8(t) => i64::from(*t.get(i)?),
+            Tokens::I16(t) => i64::from(*t.get(i)?),
+            Tokens::U16(t) => i64::from(*t.get(i)?),
+            Tokens::I32(t) => i64::from(*t.get(i)?),
+            Tokens::I64(t) => *t.get(i)?,
+        })
+    }
+
+    /// Append the tokens to `out` as i64 (what tensors take).
+    pub fn extend_i64(&self, out: &mut Vec<i64>) {
+        match self {
+            Tokens::U8(t) => out.extend(t.iter().map(|&x| i64::from(x))),
+            Tokens::I8(t) => out.extend(t.iter().map(|&x| i64::from(x))),
+            Tokens::I16(t) => out.extend(t.iter().map(|&x| i64::from(x))),
+            Tokens::U16(t) => out.extend(t.iter().map(|&x| i64::from(x))),
+            Tokens::I32(t) => out.extend(t.iter().map(|&x| i64::from(x))),
+            Tokens::I64(t) => out.extend_from_slice(t),
+        }
+    }
+}
+
+/// A validated, memory-mapped `.idx` + `.bin` pair.
+pub struct IndexedDataset {
+    idx: Mmap,
+    bin: Mmap,
+    idx_path: PathBuf,
+    dtype: TokenDType,
+    sequences: usize,
+    doc_entries: usize,
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is read-only; a concurrent writer truncating the file could fault us
+    // (the usual mmap caveat). Datasets are written once, to a temporary name, and renamed.
+    unsafe { Mmap::map(&file) }.map_err(io_err(path))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl IndexedDataset {
+    /// Open `PREFIX.idx` and `PREFIX.bin`, checking everything (O(sequences)).
+    pub fn open(prefix: &Path) -> Result<IndexedDataset> {
+        let (bin_path, idx_path) = paths(prefix);
+        let idx = map(&idx_path)?;
+        let bin = map(&bin_path)?;
+        let (dtype, sequences, doc_entries) = check_header(&idx, &idx_path)?;
+        let ds = IndexedDataset {
+            idx,
+            bin,
+            idx_path,
+            dtype,
+            sequences,
+            doc_entries,
+        };
+        ds.check_arrays(&bin_path)?;
+        Ok(ds)
+    }
+
+    pub fn dtype(&self) -> TokenDType {
+        self.dtype
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.sequences
+    }
+
+    pub fn num_documents(&self) -> usize {
+        self.doc_entries - 1
+    }
+
+    pub fn num_tokens(&self) -> u64 {
+        self.bin.len() as u64 / self.dtype.size() as u64
+    }
+
+    pub fn idx_path(&self) -> &Path {
+        &self.idx_path
+    }
+
+    fn length_at(&self, i: usize) -> usize {
+        let at = HEADER_LEN + 4 * i;
+        i32::from_le_bytes(self.idx[at..at + 4].try_into().expect("4 bytes")) as usize
+    }
+
+    fn pointer_at(&self, i: usize) -> usize {
+        le_u64(&self.idx, HEADER_LEN + 4 * self.sequences + 8 * i) as usize
+    }
+
+    fn doc_index_at(&self, d: usize) -> usize {
+        le_u64(&self.idx, HEADER_LEN + 12 * self.sequences + 8 * d) as usize
+    }
+
+    /// Tokens of sequence `i`. Panics if `i` is out of range (a caller bug).
+    pub fn sequence_len(&self, i: usize) -> usize {
+        assert!(
+            i < self.sequences,
+            "sequence {i} out of range ({} sequences)",
+            self.sequences
+        );
+        self.length_at(i)
+    }
+
+    /// `len` tokens of sequence `i` starting at `offset`, zero-copy. Panics if out of range.
+    pub fn tokens(&self, i: usize, offset: usize, len: usize) -> Tokens<'_> {
+        let seq_len = self.sequence_len(i);
+        assert!(
+            offset + len <= seq_len,
+            "tokens {offset}..{} of a {seq_len}-token sequence",
+            offset + len
+        );
+        let size = self.dtype.size();
+        let start = self.pointer_at(i) + offset * size;
+        let bytes = &self.bin[start..start + len * size];
+        match self.dtype {
+            TokenDType::U8 => Tokens::U8(bytes),
+            TokenDType::I8 => Tokens::I8(bytemuck::cast_slice(bytes)),
+            TokenDType::I16 => Tokens::I16(bytemuck::cast_slice(bytes)),
+            TokenDType::U16 => Tokens::U16(bytemuck::cast_slice(bytes)),
+            TokenDType::I32 => Tokens::I32(bytemuck::cast_slice(bytes)),
+            TokenDType::I64 => Tokens::I64(bytemuck::cast_slice(bytes)),
+        }
+    }
+
+    pub fn sequence(&self, i: usize) -> Tokens<'_> {
+        self.tokens(i, 0, self.sequence_len(i))
+    }
+
+    /// The sequences of document `d`.
+    pub fn document(&self, d: usize) -> Range<usize> {
+        assert!(
+            d < self.num_documents(),
+            "document {d} out of range ({} documents)",
+            self.num_documents()
+        );
+        self.doc_index_at(d)..self.doc_index_at(d + 1)
+    }
+
+    /// Tokens per document, in order (what the sampler packs).
+    pub fn document_lengths(&self) -> Vec<u64> {
+        (0..self.num_documents())
+            .map(|d| self.document(d).map(|s| self.length_at(s) as u64).sum())
+            .collect()
+    }
+
+    fn check_arrays(&self, bin_path: &Path) -> Result<()> {
+        let path = || self.idx_path.clone();
+        let size = self.dtype.size() as u64;
+        let mut expected_pointer = 0u64;
+        for i in 0..self.sequences {
+            let len_offset = (HEADER_LEN + 4 * i) as u64;
+            let at = len_offset as usize;
+            let len = i32::from_le_bytes(self.idx[at..at + 4].try_into().expect("4 bytes"));
+            if len < 0 {
+                return Err(IndexedError::BadSequence {
+                    path: path(),
+                    index: i as u64,
+                    offset: len_offset,
+                    message: format!("negative length {len}"),
+                });
+            }
+            let ptr_offset = (HEADER_LEN + 4 * self.sequences + 8 * i) as u64;
+            let pointer = le_u64(&self.idx, ptr_offset as usize);
+            if pointer != expected_pointer {
+                return Err(IndexedError::BadSequence {
+                    path: path(),
+                    index: i as u64,
+                    offset: ptr_offset,
+                    message: format!(
+                        "starts at byte {pointer} of the .bin, but the lengths before it put it at {expected_pointer}"
+                    ),
+                });
+            }
+            expected_pointer = pointer + len as u64 * size;
+        }
+        if expected_pointer != self.bin.len() as u64 {
+            return Err(IndexedError::BinSizeMismatch {
+                path: bin_path.to_path_buf(),
+                expected: expected_pointer,
+                actual: self.bin.len() as u64,
+            });
+        }
+        let mut previous = 0u64;
+        for d in 0..self.doc_entries {
+            let offset = (HEADER_LEN + 12 * self.sequences + 8 * d) as u64;
+            let value = le_u64(&self.idx, offset as usize);
+            let bad = |message: String| IndexedError::BadDocument {
+                path: path(),
+                index: d as u64,
+                offset,
+                message,
+            };
+            if d == 0 && value != 0 {
+                return Err(bad(format!("the first entry must be 0, found {value}")));
+            }
+            if value < previous || value > self.sequences as u64 {
+                return Err(bad(format!(
+                    "{value} is out of order or past the {} sequences (previous entry {previous})",
+                    self.sequences
+                )));
+            }
+            previous = value;
+        }
+        if previous != self.sequences as u64 {
+            let offset = (HEADER_LEN + 12 * self.sequences + 8 * (self.doc_entries - 1)) as u64;
+            return Err(IndexedError::BadDocument {
+                path: path(),
+                index: self.doc_entries as u64 - 1,
+                offset,
+                message: format!(
+                    "the last entry must be the sequence count {}, found {previous}",
+                    self.sequences
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Check the fixed header and the file size it implies; returns (dtype, sequences, doc entries).
+fn check_header(idx: &[u8], path: &Path) -> Result<(TokenDType, usize, usize)> {
+    let got = idx.len() as u64;
+    if idx.len() < HEADER_LEN {
+        return Err(IndexedError::Truncated {
+            path: path.into(),
+            what: "the header",
+            needed: HEADER_LEN as u64,
+            got,
+        });
+    }
+    if &idx[..9] != MAGIC {
+        return Err(IndexedError::BadMagic {
+            path: path.into(),
+            found: String::from_utf8_lossy(&idx[..9]).escape_debug().to_string(),
+        });
+    }
+    let version = le_u64(idx, 9);
+    if version != VERSION {
+        return Err(IndexedError::UnsupportedVersion {
+            path: path.into(),
+            version,
+        });
+    }
+    let dtype = TokenDType::from_code(idx[17]).ok_or(IndexedError::BadDType {
+        path: path.into(),
+        code: idx[17],
+    })?;
+    let sequences = le_u64(idx, 18);
+    let doc_entries = le_u64(idx, 26);
+    let expected = sequences
+        .checked_mul(12)
+        .and_then(|a| doc_entries.checked_mul(8).and_then(|b| a.checked_add(b)))
+        .and_then(|n| n.checked_add(HEADER_LEN as u64));
+    if expected != Some(got) {
+        return Err(IndexedError::SizeMismatch {
+            path: path.into(),
+            sequences,
+            doc_entries,
+            expected: expected.unwrap_or(u64::MAX),
+            actual: got,
+        });
+    }
+    if sequences == 0 {
+        return Err(IndexedError::Empty {
+            path: path.into(),
+            what: "sequences",
+        });
+    }
+    if doc_entries < 2 {
+        return Err(IndexedError::Empty {
+            path: path.into(),
+            what: "documents",
+        });
+    }
+    Ok((dtype, sequences as usize, doc_entries as usize))
+}

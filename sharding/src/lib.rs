@@ -1,0 +1,26 @@
+//! # gantry-sharding
+//!
+//! Training data for gantry's rank processes: token shards on disk in the Megatron indexed
+//! dataset format (byte-compatible, so Megatron-LM can read what gantry writes and the other
+//! way round), read through memory maps with zero-copy token slices, packed into fixed-length
+//! samples and handed out to data-parallel ranks by a deterministic, resumable sampler.
+//!
+//! # Layout
+//! - [`indexed`]: the `.idx` / `.bin` format (MMIDIDX version 1): a streaming
+//!   [`indexed::IndexedWriter`] and a validating, memory-mapped [`indexed::IndexedDataset`].
+//!   Every malformed input is a typed error naming the file and, where it applies, the byte
+//!   offset; nothing is trusted before it is checked against the file sizes.
+//! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
+//!   version) and building a dataset directory under a temporary name, renamed when complete.
+//! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
+//! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
+//!   boundaries, the seeded global shuffle, partitioning over DP ranks and micro-batches, and
+//!   the serializable [`sampler::Cursor`] that resumes the global sample stream with any DP size.
+//!
+//! Data flows: documents → `IndexedWriter` → `.bin` + `.idx` → `IndexedDataset` (mmap) →
+//! sample spans from `sampler` → token slices for the trainer.
+
+pub mod indexed;
+pub mod manifest;
+pub mod sampler;
+pub mod synth;

@@ -1,0 +1,226 @@
+//! `manifest.json`: what a dataset directory holds. Written last, after every shard is
+//! complete, and the directory itself is built under a temporary name and renamed into place,
+//! so a directory with a manifest is always a finished dataset.
+
+use crate::indexed::{IndexedDataset, IndexedSummary, TokenDType, paths};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the layout of a dataset directory changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub dtype: TokenDType,
+    pub vocab_size: u64,
+    /// Where the tokens came from: a tokenizer file name next to the shards, or a generator.
+    pub tokenizer: TokenizerInfo,
+    pub shards: Vec<ShardInfo>,
+    pub documents: u64,
+    pub sequences: u64,
+    pub tokens: u64,
+    /// Set for synthetic data: the exact entropy rate of the source, so a model's validation
+    /// loss can be compared with its floor.
+    pub entropy_nats_per_token: Option<f64>,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenizerInfo {
+    /// A Hugging Face `tokenizer.json` stored next to the shards under this name.
+    File { path: String },
+    /// Tokens generated directly (no text behind them).
+    Synthetic { generator: String, seed: u64 },
+    /// Raw bytes as tokens (vocabulary 256).
+    Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File prefix relative to the dataset directory (`PREFIX.bin`, `PREFIX.idx`).
+    pub prefix: String,
+    pub documents: u64,
+    pub sequences: u64,
+    pub tokens: u64,
+    pub bin_bytes: u64,
+    pub idx_bytes: u64,
+    /// xxh3-64 of each file, lowercase hex.
+    pub bin_xxh3: String,
+    pub idx_xxh3: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid manifest: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: format version {found} is newer than this gantry understands ({FORMAT_VERSION})")]
+    TooNew { path: PathBuf, found: u32 },
+    #[error("{path}: checksum mismatch: manifest says {expected}, file hashes to {actual}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: manifest says {expected} bytes, file has {actual}")]
+    Size { path: PathBuf, expected: u64, actual: u64 },
+    #[error(transparent)]
+    Indexed(#[from] crate::indexed::IndexedError),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ManifestError + '_ {
+    move |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// xxh3-64 of a file, streamed in 4 MiB blocks.
+pub fn file_xxh3(path: &Path) -> Result<String, ManifestError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:016x}", hasher.digest()))
+}
+
+impl ShardInfo {
+    /// Describe a finished shard `dir/prefix.{bin,idx}`, hashing both files.
+    pub fn describe(dir: &Path, prefix: &str, summary: &IndexedSummary) -> Result<ShardInfo, ManifestError> {
+        let (bin, idx) = paths(&dir.join(prefix));
+        Ok(ShardInfo {
+            prefix: prefix.to_string(),
+            documents: summary.documents,
+            sequences: summary.sequences,
+            tokens: summary.tokens,
+            bin_bytes: summary.bin_bytes,
+            idx_bytes: summary.idx_bytes,
+            bin_xxh3: file_xxh3(&bin)?,
+            idx_xxh3: file_xxh3(&idx)?,
+        })
+    }
+}
+
+impl Manifest {
+    pub fn new(dtype: TokenDType, vocab_size: u64, tokenizer: TokenizerInfo, shards: Vec<ShardInfo>) -> Manifest {
+        Manifest {
+            format: "megatron-mmidx-v1".into(),
+            format_version: FORMAT_VERSION,
+            dtype,
+            vocab_size,
+            tokenizer,
+            documents: shards.iter().map(|s| s.documents).sum(),
+            sequences: shards.iter().map(|s| s.sequences).sum(),
+            tokens: shards.iter().map(|s| s.tokens).sum(),
+            shards,
+            entropy_nats_per_token: None,
+            created_by: format!("gantry {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(MANIFEST);
+        let raw = std::fs::read(&path).map_err(io(&path))?;
+        let m: Manifest = serde_json::from_slice(&raw).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if m.format_version > FORMAT_VERSION {
+            return Err(ManifestError::TooNew {
+                path,
+                found: m.format_version,
+            });
+        }
+        if let Some(bad) = m
+            .shards
+            .iter()
+            .find(|s| s.prefix.contains('/') || s.prefix.contains(".."))
+        {
+            return Err(ManifestError::Invalid {
+                path,
+                message: format!("shard prefix `{}` leaves the directory", bad.prefix),
+            });
+        }
+        Ok(m)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<(), ManifestError> {
+        let path = dir.join(MANIFEST);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, json).map_err(io(&path))
+    }
+
+    /// Re-hash every shard file and open every shard (which validates its index).
+    pub fn verify(&self, dir: &Path) -> Result<(), ManifestError> {
+        for shard in &self.shards {
+            let (bin, idx) = paths(&dir.join(&shard.prefix));
+            for (path, bytes, sum) in [
+                (&bin, shard.bin_bytes, &shard.bin_xxh3),
+                (&idx, shard.idx_bytes, &shard.idx_xxh3),
+            ] {
+                let actual = std::fs::metadata(path).map_err(io(path))?.len();
+                if actual != bytes {
+                    return Err(ManifestError::Size {
+                        path: path.clone(),
+                        expected: bytes,
+                        actual,
+                    });
+                }
+                let hash = file_xxh3(path)?;
+                if &hash != sum {
+                    return Err(ManifestError::Checksum {
+                        path: path.clone(),
+                        expected: sum.clone(),
+                        actual: hash,
+                    });
+                }
+            }
+            IndexedDataset::open(&dir.join(&shard.prefix))?;
+        }
+        Ok(())
+    }
+}
+
+/// Build a dataset in `DIR.tmp-PID`, then rename it to `DIR`: an interrupted build never
+/// leaves a directory that looks finished. Refuses to replace an existing `DIR`.
+pub fn build_atomically<T>(
+    dir: &Path,
+    build: impl FnOnce(&Path) -> Result<T, ManifestError>,
+) -> Result<T, ManifestError> {
+    if dir.exists() {
+        return Err(ManifestError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory already exists"),
+        });
+    }
+    let mut tmp = dir.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    match build(&tmp) {
+        Ok(v) => {
+            std::fs::rename(&tmp, dir).map_err(io(dir))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
