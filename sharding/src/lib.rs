@@ -10,6 +10,8 @@
 //!   [`indexed::IndexedWriter`] and a validating, memory-mapped [`indexed::IndexedDataset`].
 //!   Every malformed input is a typed error naming the file and, where it applies, the byte
 //!   offset; nothing is trusted before it is checked against the file sizes.
+//! - [`gpt`]: the shards of a dataset directory as one document stream, fixed-length samples
+//!   through the sampler, micro-batches for a DP rank, and a background [`gpt::Prefetcher`].
 //! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
 //!   version) and building a dataset directory under a temporary name, renamed when complete.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
@@ -20,6 +22,7 @@
 //! Data flows: documents → `IndexedWriter` → `.bin` + `.idx` → `IndexedDataset` (mmap) →
 //! sample spans from `sampler` → token slices for the trainer.
 
+pub mod gpt;
 pub mod indexed;
 pub mod manifest;
 pub mod sampler;

@@ -1,0 +1,325 @@
+//! The GPT dataset: every shard of a dataset directory as one stream of documents (shards in
+//! manifest order, documents in shard order), packed into samples of `seq_len + 1` tokens by
+//! [`crate::sampler::PackedIndex`], shuffled and split over data-parallel ranks by
+//! [`crate::sampler::Sampler`], read zero-copy from the memory maps, and prefetched on a
+//! background thread so the training loop never waits on page faults.
+
+use crate::indexed::{IndexedDataset, IndexedError};
+use crate::manifest::{MANIFEST, Manifest, ManifestError};
+use crate::sampler::{Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Indexed(#[from] IndexedError),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+    #[error("{dir}: document {doc} has {tokens} tokens; documents are limited to 2^32 - 1 tokens")]
+    DocumentTooLong { dir: PathBuf, doc: usize, tokens: u64 },
+    #[error("the prefetch thread stopped: {0}")]
+    PrefetchStopped(String),
+}
+
+/// All shards of a dataset directory, opened and validated.
+pub struct TokenDataset {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Vec<IndexedDataset>,
+    /// `doc_base[s]` = global index of shard `s`'s first document; last = total documents.
+    doc_base: Vec<usize>,
+    fingerprint: u64,
+}
+
+impl TokenDataset {
+    pub fn open(dir: &Path) -> Result<TokenDataset, DatasetError> {
+        let manifest = Manifest::read(dir)?;
+        let raw = std::fs::read(dir.join(MANIFEST)).map_err(|source| ManifestError::Io {
+            path: dir.join(MANIFEST),
+            source,
+        })?;
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut doc_base = vec![0usize];
+        for s in &manifest.shards {
+            let ds = IndexedDataset::open(&dir.join(&s.prefix))?;
+            doc_base.push(doc_base.last().copied().unwrap_or(0) + ds.num_documents());
+            shards.push(ds);
+        }
+        Ok(TokenDataset {
+            dir: dir.to_path_buf(),
+            manifest,
+            shards,
+            doc_base,
+            fingerprint: xxhash_rust::xxh3::xxh3_64(&raw),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Identifies the dataset in sampler cursors (xxh3 of `manifest.json`).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn num_documents(&self) -> usize {
+        self.doc_base.last().copied().unwrap_or(0)
+    }
+
+    /// Tokens per document, in stream order.
+    pub fn document_lengths(&self) -> Result<Vec<u32>, DatasetError> {
+        let mut out = Vec::with_capacity(self.num_documents());
+        for ds in &self.shards {
+            for len in ds.document_lengths() {
+                let doc = out.len();
+                out.push(u32::try_from(len).map_err(|_| DatasetError::DocumentTooLong {
+                    dir: self.dir.clone(),
+                    doc,
+                    tokens: len,
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Append tokens `offset..offset+len` of global document `doc` to `out`.
+    pub fn read_span(&self, span: Span, out: &mut Vec<i64>) {
+        let doc = span.doc as usize;
+        let shard = self.doc_base.partition_point(|&b| b <= doc) - 1;
+        let ds = &self.shards[shard];
+        let (mut offset, mut left) = (span.offset as usize, span.len as usize);
+        for seq in ds.document(doc - self.doc_base[shard]) {
+            if left == 0 {
+                break;
+            }
+            let seq_len = ds.sequence_len(seq);
+            if offset >= seq_len {
+                offset -= seq_len;
+                continue;
+            }
+            let n = left.min(seq_len - offset);
+            ds.tokens(seq, offset, n).extend_i64(out);
+            left -= n;
+            offset = 0;
+        }
+    }
+}
+
+/// Fixed-length samples over a [`TokenDataset`].
+pub struct GptDataset {
+    data: TokenDataset,
+    packed: PackedIndex,
+}
+
+impl GptDataset {
+    pub fn open(dir: &Path, seq_len: usize) -> Result<GptDataset, DatasetError> {
+        let data = TokenDataset::open(dir)?;
+        let packed = PackedIndex::new(&data.document_lengths()?, seq_len)?;
+        Ok(GptDataset { data, packed })
+    }
+
+    pub fn data(&self) -> &TokenDataset {
+        &self.data
+    }
+
+    pub fn num_samples(&self) -> u64 {
+        self.packed.num_samples()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.packed.seq_len() as usize
+    }
+
+    /// Append sample `sample`'s `seq_len + 1` tokens to `out`; `spans` is scratch space.
+    pub fn sample_into(&self, sample: u64, spans: &mut Vec<Span>, out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        spans.clear();
+        self.packed.spans_into(sample, spans)?;
+        for span in spans.iter() {
+            self.data.read_span(*span, out);
+        }
+        Ok(())
+    }
+
+    /// The tokens of one micro-batch of one DP rank at `cursor`'s step, row-major
+    /// (`micro_batch_size × (seq_len + 1)`).
+    pub fn micro_batch(
+        &self,
+        sampler: &Sampler,
+        cursor: &Cursor,
+        dp_rank: usize,
+        dp_size: usize,
+        micro_batches: usize,
+        micro: usize,
+    ) -> Result<Batch, DatasetError> {
+        let refs = sampler.micro_batch(cursor, dp_rank, dp_size, micro_batches, micro)?;
+        let mut tokens = Vec::with_capacity(refs.len() * (self.seq_len() + 1));
+        let mut spans = Vec::new();
+        for r in &refs {
+            self.sample_into(r.sample, &mut spans, &mut tokens)?;
+        }
+        Ok(Batch {
+            step: cursor.step(),
+            micro,
+            samples: refs,
+            tokens,
+        })
+    }
+}
+
+/// One micro-batch, ready for the trainer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub step: u64,
+    pub micro: usize,
+    pub samples: Vec<SampleRef>,
+    /// `samples.len() × (seq_len + 1)` tokens, row-major.
+    pub tokens: Vec<i64>,
+}
+
+/// Builds the next micro-batches on a background thread, `depth` ahead of the consumer.
+/// Dropping it stops the thread.
+pub struct Prefetcher {
+    rx: Option<Receiver<Result<Batch, DatasetError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Stream micro-batches for this DP rank starting at `cursor`, step by step, micro-batch
+    /// by micro-batch, without end (epochs roll over).
+    pub fn spawn(
+        dataset: Arc<GptDataset>,
+        sampler: Sampler,
+        mut cursor: Cursor,
+        dp_rank: usize,
+        dp_size: usize,
+        micro_batches: usize,
+        depth: usize,
+    ) -> Prefetcher {
+        let (tx, rx): (SyncSender<Result<Batch, DatasetError>>, _) = sync_channel(depth.max(1));
+        let thread = std::thread::Builder::new()
+            .name("gantry-prefetch".into())
+            .spawn(move || {
+                loop {
+                    for micro in 0..micro_batches {
+                        let batch = dataset.micro_batch(&sampler, &cursor, dp_rank, dp_size, micro_batches, micro);
+                        let failed = batch.is_err();
+                        if tx.send(batch).is_err() || failed {
+                            return;
+                        }
+                    }
+                    if let Err(e) = cursor.advance(1) {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                }
+            })
+            .ok();
+        Prefetcher { rx: Some(rx), thread }
+    }
+
+    /// The next micro-batch (blocks only if the thread has fallen behind).
+    pub fn next_batch(&self) -> Result<Batch, DatasetError> {
+        let rx = self
+            .rx
+            .as_ref()
+            .ok_or_else(|| DatasetError::PrefetchStopped("already shut down".into()))?;
+        rx.recv()
+            .map_err(|_| DatasetError::PrefetchStopped("the prefetch thread is gone".into()))?
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        drop(self.rx.take()); // the thread's next send fails and it returns
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What `gantry data bench` measures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReadBench {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub samples: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    /// Tokens delivered as ready `batch × (seq_len + 1)` i64 batches per second, one thread.
+    pub tokens_per_s: f64,
+    /// A plain memcpy of as many bytes as the reader read from the `.bin` files.
+    pub memcpy_gbps: f64,
+    pub memcpy_tokens_per_s: f64,
+}
+
+/// One reader thread assembling batches of shuffled samples for about `seconds`, after a pass
+/// that warms the page cache; then a memcpy of the same number of token bytes.
+pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> Result<ReadBench, DatasetError> {
+    use std::time::Instant;
+    let sampler = Sampler::new(ds.num_samples(), seed, 1)?;
+    // Warm the page cache: touch every token once.
+    let mut sink = Vec::new();
+    for (doc, len) in ds.data().document_lengths()?.into_iter().enumerate() {
+        sink.clear();
+        ds.data().read_span(
+            Span {
+                doc: doc as u32,
+                offset: 0,
+                len,
+            },
+            &mut sink,
+        );
+    }
+    let row = ds.seq_len() + 1;
+    let mut tokens = Vec::with_capacity(batch * row);
+    let mut spans = Vec::new();
+    let (mut position, mut samples) = (0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        tokens.clear();
+        for _ in 0..batch {
+            ds.sample_into(sampler.at(position).sample, &mut spans, &mut tokens)?;
+            position += 1;
+        }
+        samples += batch as u64;
+        std::hint::black_box(&tokens);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let total_tokens = samples * row as u64;
+
+    let token_bytes = ds.data().manifest().dtype.size();
+    let bytes = (total_tokens as usize * token_bytes).max(1);
+    let block = bytes.min(256 << 20);
+    let src = vec![1u8; block];
+    let mut dst = vec![0u8; block];
+    dst.copy_from_slice(&src); // fault the pages in before timing
+    let copy_start = Instant::now();
+    let mut copied = 0;
+    while copied < bytes {
+        let n = block.min(bytes - copied);
+        dst[..n].copy_from_slice(&src[..n]);
+        std::hint::black_box(&dst);
+        copied += n;
+    }
+    let copy_secs = copy_start.elapsed().as_secs_f64().max(1e-9);
+    let memcpy_gbps = bytes as f64 / copy_secs / 1e9;
+    Ok(ReadBench {
+        implementation: "gantry",
+        seq_len: ds.seq_len(),
+        batch,
+        samples,
+        tokens: total_tokens,
+        seconds: elapsed,
+        tokens_per_s: total_tokens as f64 / elapsed,
+        memcpy_gbps,
+        memcpy_tokens_per_s: memcpy_gbps * 1e9 / token_bytes as f64,
+    })
+}
