@@ -6,7 +6,7 @@
 
 use crate::indexed::{IndexedDataset, IndexedError};
 use crate::manifest::{MANIFEST, Manifest, ManifestError};
-use crate::sampler::{Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span};
+use crate::sampler::{Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -117,10 +117,43 @@ pub struct GptDataset {
     packed: PackedIndex,
 }
 
+/// Which documents a [`GptDataset`] packs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Split {
+    All,
+    /// Documents not drawn for validation by [`crate::sampler::split_documents`].
+    Train {
+        valid_fraction: f64,
+        seed: u64,
+    },
+    /// Documents drawn for validation (the complement of `Train` with the same settings).
+    Valid {
+        valid_fraction: f64,
+        seed: u64,
+    },
+}
+
 impl GptDataset {
     pub fn open(dir: &Path, seq_len: usize) -> Result<GptDataset, DatasetError> {
+        Self::open_split(dir, seq_len, Split::All)
+    }
+
+    /// Pack only one side of a train/validation split by documents (no document is in both).
+    pub fn open_split(dir: &Path, seq_len: usize, split: Split) -> Result<GptDataset, DatasetError> {
         let data = TokenDataset::open(dir)?;
-        let packed = PackedIndex::new(&data.document_lengths()?, seq_len)?;
+        let lengths = data.document_lengths()?;
+        let packed = match split {
+            Split::All => PackedIndex::new(&lengths, seq_len)?,
+            Split::Train { valid_fraction, seed } | Split::Valid { valid_fraction, seed } => {
+                let (train, valid) = split_documents(lengths.len(), valid_fraction, seed)?;
+                let docs = if matches!(split, Split::Train { .. }) {
+                    train
+                } else {
+                    valid
+                };
+                PackedIndex::from_documents(&lengths, &docs, seq_len)?
+            }
+        };
         Ok(GptDataset { data, packed })
     }
 

@@ -172,3 +172,43 @@ fn opening_a_missing_or_damaged_dataset_names_the_file() {
     assert!(err.contains("/nonexistent/gantry/manifest.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn train_and_validation_splits_share_no_document() {
+    use gantry_sharding::gpt::Split;
+    let dir = synth("split");
+    let all = GptDataset::open(&dir, 50).unwrap();
+    let train = GptDataset::open_split(
+        &dir,
+        50,
+        Split::Train {
+            valid_fraction: 0.25,
+            seed: 4,
+        },
+    )
+    .unwrap();
+    let valid = GptDataset::open_split(
+        &dir,
+        50,
+        Split::Valid {
+            valid_fraction: 0.25,
+            seed: 4,
+        },
+    )
+    .unwrap();
+    let docs_of = |ds: &GptDataset| {
+        let mut docs = BTreeSet::new();
+        let mut spans = Vec::new();
+        for s in 0..ds.num_samples() {
+            let mut out = Vec::new();
+            ds.sample_into(s, &mut spans, &mut out).unwrap();
+            docs.extend(spans.iter().map(|sp| sp.doc));
+        }
+        docs
+    };
+    let (t, v) = (docs_of(&train), docs_of(&valid));
+    assert!(t.is_disjoint(&v), "a document is in both splits");
+    assert!(!v.is_empty() && t.len() > v.len());
+    assert!(train.num_samples() + valid.num_samples() <= all.num_samples());
+    let _ = std::fs::remove_dir_all(&dir);
+}
