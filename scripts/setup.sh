@@ -19,7 +19,8 @@
 #
 # Exports (also when run, for child processes started from here):
 #   GANTRY_REPO, GANTRY_SHARED (<repo>/../shared), GANTRY_TARGET_DIR,
-#   GANTRY_BIN (release gantry CLI), GANTRY_MPI_ALLREDUCE (C peer benchmark)
+#   GANTRY_BIN (release gantry CLI), GANTRY_MPI_ALLREDUCE (C peer benchmark),
+#   GANTRY_PY (Python with numpy, for bench/peers/*.py)
 #
 # Extension points: one `ensure_<dependency>` function per dependency, called
 # in order from `setup_main`. To add one (the libtorch venv, the s3s-fs test
@@ -87,7 +88,8 @@ setup_paths() {
     GANTRY_TARGET_DIR="$t"
     GANTRY_BIN="$GANTRY_TARGET_DIR/release/gantry"
     GANTRY_MPI_ALLREDUCE="$GANTRY_TARGET_DIR/peers/mpi_allreduce"
-    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE
+    GANTRY_PY="$GANTRY_REPO/.tools/py/bin/python"
+    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY
 }
 
 # ---------------------------------------------------------------- dependencies
@@ -129,6 +131,25 @@ ensure_mpi_peer() {
     mv -f "$out.tmp.$$" "$out"
 }
 
+# The Python peers (bench/peers/*.py, e.g. megatron_read.py): a venv at .tools/py
+# with numpy from PyPI. Skipped when the venv's python already imports numpy.
+SETUP_NUMPY_VERSION=2.4.6
+ensure_python_peers() {
+    if [[ -x $GANTRY_PY ]] && "$GANTRY_PY" -c 'import numpy' >/dev/null 2>&1; then
+        return 0
+    fi
+    local venv="${GANTRY_PY%/bin/python}"
+    # A venv made without ensurepip (Debian's python3-venv) has no pip: remake it.
+    if ! [[ -x $GANTRY_PY ]] || ! "$GANTRY_PY" -m pip --version >/dev/null 2>&1; then
+        setup_apt_install python3 python3-venv
+        setup_log "python3 -m venv ${venv#"$GANTRY_REPO"/}"
+        python3 -m venv --clear "$venv"
+    fi
+    setup_log "pip install numpy==$SETUP_NUMPY_VERSION into ${venv#"$GANTRY_REPO"/}"
+    "$GANTRY_PY" -m pip install --quiet --disable-pip-version-check "numpy==$SETUP_NUMPY_VERSION"
+    "$GANTRY_PY" -c 'import numpy' || setup_die "numpy does not import in $venv after installing it"
+}
+
 # The gantry CLI, release build (the benchmarks run it).
 ensure_gantry_build() {
     if [[ ${GANTRY_SKIP_BUILD:-0} == 1 ]]; then
@@ -164,7 +185,7 @@ ensure_s3s_fs() {
 # ---------------------------------------------------------------- main
 
 # Order matters: the peer build needs Open MPI.
-SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_gantry_build)
+SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_gantry_build)
 
 setup_main() {
     local arg
