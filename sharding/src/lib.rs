@@ -14,6 +14,8 @@
 //!   through the sampler, micro-batches for a DP rank, and a background [`gpt::Prefetcher`].
 //! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
 //!   version) and building a dataset directory under a temporary name, renamed when complete.
+//! - [`prepare`]: text corpora (.txt, JSON lines) → a loaded or freshly trained byte-level BPE
+//!   tokenizer → token shards with a manifest (`gantry data prepare`).
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
 //! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
 //!   boundaries, the seeded global shuffle, partitioning over DP ranks and micro-batches, and
@@ -25,5 +27,6 @@
 pub mod gpt;
 pub mod indexed;
 pub mod manifest;
+pub mod prepare;
 pub mod sampler;
 pub mod synth;
