@@ -6,7 +6,7 @@
 
 use crate::indexed::{IndexedDataset, IndexedError};
 use crate::manifest::{MANIFEST, Manifest, ManifestError};
-use crate::sampler::{Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
+use crate::sampler::{Blend, Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -199,9 +199,102 @@ impl GptDataset {
         Ok(Batch {
             step: cursor.step(),
             micro,
+            datasets: vec![0; refs.len()],
             samples: refs,
             tokens,
         })
+    }
+}
+
+/// Several datasets interleaved by weight ([`crate::sampler::Blend`]): blended position `p`
+/// goes to dataset `d` as the next position of `d`'s own shuffled stream (seed `seed + d`).
+/// DP partitioning and resumption work on the blended positions exactly as for one dataset.
+pub struct BlendedGptDataset {
+    parts: Vec<GptDataset>,
+    blend: Blend,
+    samplers: Vec<Sampler>,
+    /// Batch geometry and cursor identity of the blended stream.
+    top: Sampler,
+    fingerprint: u64,
+}
+
+impl BlendedGptDataset {
+    pub fn open(
+        dirs: &[(PathBuf, f64)],
+        seq_len: usize,
+        seed: u64,
+        global_batch: usize,
+    ) -> Result<BlendedGptDataset, DatasetError> {
+        let parts = dirs
+            .iter()
+            .map(|(d, _)| GptDataset::open(d, seq_len))
+            .collect::<Result<Vec<_>, _>>()?;
+        let weights: Vec<f64> = dirs.iter().map(|(_, w)| *w).collect();
+        let sizes: Vec<u64> = parts.iter().map(GptDataset::num_samples).collect();
+        let blend = Blend::new(&weights, &sizes)?;
+        let samplers = parts
+            .iter()
+            .enumerate()
+            .map(|(d, p)| Sampler::new(p.num_samples(), seed.wrapping_add(d as u64), 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let top = Sampler::new(sizes.iter().sum(), seed, global_batch)?;
+        let mut key = Vec::new();
+        for (part, w) in parts.iter().zip(&weights) {
+            key.extend_from_slice(&part.data().fingerprint().to_le_bytes());
+            key.extend_from_slice(&w.to_bits().to_le_bytes());
+        }
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(&key);
+        Ok(BlendedGptDataset {
+            parts,
+            blend,
+            samplers,
+            top,
+            fingerprint,
+        })
+    }
+
+    /// The sampler whose cursors this blend takes (`start`, `check_cursor`, `advance`).
+    pub fn sampler(&self) -> &Sampler {
+        &self.top
+    }
+
+    /// Identifies the datasets and their weights in cursors.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// Which dataset and sample blended position `p` reads.
+    pub fn at(&self, position: u64) -> (usize, SampleRef) {
+        let (d, q) = self.blend.at(position);
+        (d, self.samplers[d].at(q))
+    }
+
+    pub fn micro_batch(
+        &self,
+        cursor: &Cursor,
+        dp_rank: usize,
+        dp_size: usize,
+        micro_batches: usize,
+        micro: usize,
+    ) -> Result<Batch, DatasetError> {
+        let positions = self
+            .top
+            .micro_batch_positions(cursor, dp_rank, dp_size, micro_batches, micro)?;
+        let mut batch = Batch {
+            step: cursor.step(),
+            micro,
+            samples: Vec::new(),
+            datasets: Vec::new(),
+            tokens: Vec::new(),
+        };
+        let mut spans = Vec::new();
+        for p in positions {
+            let (d, r) = self.at(p);
+            self.parts[d].sample_into(r.sample, &mut spans, &mut batch.tokens)?;
+            batch.samples.push(r);
+            batch.datasets.push(d);
+        }
+        Ok(batch)
     }
 }
 
@@ -211,6 +304,8 @@ pub struct Batch {
     pub step: u64,
     pub micro: usize,
     pub samples: Vec<SampleRef>,
+    /// Which dataset each sample came from (all 0 without blending).
+    pub datasets: Vec<usize>,
     /// `samples.len() × (seq_len + 1)` tokens, row-major.
     pub tokens: Vec<i64>,
 }

@@ -212,3 +212,44 @@ fn train_and_validation_splits_share_no_document() {
     assert!(train.num_samples() + valid.num_samples() <= all.num_samples());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn blended_datasets_follow_their_weights_and_partition_exactly() {
+    use gantry_sharding::gpt::BlendedGptDataset;
+    let (a, b) = (synth("blend-a"), temp("blend-b"));
+    let cfg = SynthConfig {
+        tokens: 30_000,
+        seed: 99,
+        vocab_size: 500,
+        support: 8,
+        doc_tokens: 500,
+        shard_tokens: 30_000,
+    };
+    synthesize(&b, &cfg).unwrap();
+    let blended = BlendedGptDataset::open(&[(a.clone(), 3.0), (b.clone(), 1.0)], 32, 5, 16).unwrap();
+    let sampler = blended.sampler();
+    let mut cursor = sampler.start(blended.fingerprint());
+    let (mut from_a, mut total) = (0usize, 0usize);
+    for _ in 0..10 {
+        let mut seen = BTreeSet::new();
+        for r in 0..2 {
+            for m in 0..2 {
+                let batch = blended.micro_batch(&cursor, r, 2, 2, m).unwrap();
+                assert_eq!(batch.tokens.len(), batch.samples.len() * 33);
+                from_a += batch.datasets.iter().filter(|&&d| d == 0).count();
+                total += batch.samples.len();
+                seen.extend(batch.samples.iter().zip(&batch.datasets).map(|(s, d)| (*d, *s)));
+            }
+        }
+        // The step's 16 blended positions, each exactly once.
+        let want: BTreeSet<_> = (cursor.consumed..cursor.consumed + 16).map(|p| blended.at(p)).collect();
+        assert_eq!(seen, want);
+        cursor.advance(1).unwrap();
+    }
+    // 160 positions at weights 3:1: dataset 0 gets 120, within the schedule's bound of 2.
+    assert_eq!(total, 160);
+    assert!(from_a.abs_diff(120) <= 2, "{from_a} of 160 from the weight-3 dataset");
+    for d in [a, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

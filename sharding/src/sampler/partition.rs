@@ -162,23 +162,17 @@ impl Sampler {
         Ok(self.global_batch / product as u64)
     }
 
-    /// The samples of micro-batch `micro` (of `micro_batches`) on data-parallel rank `dp_rank`
-    /// (of `dp_size`) in the step starting at `cursor`: global positions
-    /// `consumed + micro·(GB/M) + dp_rank·(GB/(M·D)) + k` for `k` in `0..GB/(M·D)`, in that
-    /// order. Over all ranks and micro-batches these are exactly the step's `GB` positions,
-    /// each once.
-    ///
-    /// Errors if the cursor belongs to another sampler (seed, samples per epoch, global batch)
-    /// or is not on a step boundary, if the batch does not divide, or a rank / micro-batch
-    /// index is out of range.
-    pub fn micro_batch(
+    /// The global positions of micro-batch `micro` on rank `dp_rank` in the step starting at
+    /// `cursor` (see [`Self::micro_batch`]); for callers that map positions themselves, such as
+    /// a blend of several datasets.
+    pub fn micro_batch_positions(
         &self,
         cursor: &Cursor,
         dp_rank: usize,
         dp_size: usize,
         micro_batches: usize,
         micro: usize,
-    ) -> Result<Vec<SampleRef>, SamplerError> {
+    ) -> Result<std::ops::Range<u64>, SamplerError> {
         self.check_compatible(cursor)?;
         let size = self.micro_batch_size(dp_size, micro_batches)?;
         if dp_rank >= dp_size {
@@ -198,6 +192,28 @@ impl Sampler {
         let per_micro = self.global_batch / micro_batches as u64;
         let first = cursor.consumed + micro as u64 * per_micro + dp_rank as u64 * size;
 
+        Ok(first..first + size)
+    }
+
+    /// The samples of micro-batch `micro` (of `micro_batches`) on data-parallel rank `dp_rank`
+    /// (of `dp_size`) in the step starting at `cursor`: global positions
+    /// `consumed + micro·(GB/M) + dp_rank·(GB/(M·D)) + k` for `k` in `0..GB/(M·D)`, in that
+    /// order. Over all ranks and micro-batches these are exactly the step's `GB` positions,
+    /// each once.
+    ///
+    /// Errors if the cursor belongs to another sampler (seed, samples per epoch, global batch)
+    /// or is not on a step boundary, if the batch does not divide, or a rank / micro-batch
+    /// index is out of range.
+    pub fn micro_batch(
+        &self,
+        cursor: &Cursor,
+        dp_rank: usize,
+        dp_size: usize,
+        micro_batches: usize,
+        micro: usize,
+    ) -> Result<Vec<SampleRef>, SamplerError> {
+        let positions = self.micro_batch_positions(cursor, dp_rank, dp_size, micro_batches, micro)?;
+        let (first, size) = (positions.start, positions.end - positions.start);
         let n = self.num_samples();
         let mut keys = None;
         let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
