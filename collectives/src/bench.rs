@@ -4,7 +4,7 @@
 //! (that is when the collective is done for the job); the median over iterations is reported.
 
 use crate::comm::Communicator;
-use crate::dtype::{DType, Element, ReduceOp, with_element_type};
+use crate::dtype::{DType, Element, ReduceOp, fill_from_f64, with_element_type};
 use crate::error::CommError;
 use serde::Serialize;
 use std::time::Instant;
@@ -133,10 +133,6 @@ fn pattern(rank: usize, i: usize) -> f64 {
     ((rank + 1) * (i % 7 + 1)) as f64
 }
 
-fn fill(buf: &mut [u8], dtype: DType, f: impl Fn(usize) -> f64) {
-    crate::dtype::fill_from_f64(buf, dtype, f)
-}
-
 /// Every element equals `f(i)` rounded to the dtype.
 fn matches(buf: &[u8], dtype: DType, f: impl Fn(usize) -> f64) -> bool {
     with_element_type!(dtype, T => bytemuck::cast_slice::<u8, T>(buf)
@@ -170,9 +166,9 @@ fn check(
     let block = count / n.max(1);
     let sum_ranks = (n * (n + 1) / 2) as f64;
     match op {
-        BenchOp::AllGather => fill(buf, dtype, |i| if i / block.max(1) == r { pattern(r, i) } else { 0.0 }),
-        BenchOp::AllToAll => fill(buf, dtype, |i| pattern(r, i) + (i / block.max(1)) as f64),
-        _ => fill(buf, dtype, |i| pattern(r, i)),
+        BenchOp::AllGather => fill_from_f64(buf, dtype, |i| if i / block.max(1) == r { pattern(r, i) } else { 0.0 }),
+        BenchOp::AllToAll => fill_from_f64(buf, dtype, |i| pattern(r, i) + (i / block.max(1)) as f64),
+        _ => fill_from_f64(buf, dtype, |i| pattern(r, i)),
     }
     run_op(comm, op, dtype, buf, out)?;
     let ok = match op {
