@@ -3,14 +3,22 @@
 //! [`crate::sampler::PackedIndex`], shuffled and split over data-parallel ranks by
 //! [`crate::sampler::Sampler`], read zero-copy from the memory maps, and prefetched on a
 //! background thread so the training loop never waits on page faults.
+//!
+//! Shards whose `.bin` is absent but which have a zstd variant ([`crate::frames`]) are read
+//! from their frames instead ([`TokenSource::Auto`]), or always ([`TokenSource::Zstd`]): the
+//! frames a span touches are decompressed and the most recently used ones kept.
 
-use crate::indexed::{IndexedDataset, IndexedError};
+use crate::frames::{FrameError, FramedBin};
+use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths, tokens_of};
 use crate::manifest::{MANIFEST, Manifest, ManifestError};
 use crate::sampler::{Blend, Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
+
+// The benchmark lived here first; keep its path.
+pub use crate::bench::{ReadBench, bench_reader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -20,17 +28,65 @@ pub enum DatasetError {
     Indexed(#[from] IndexedError),
     #[error(transparent)]
     Sampler(#[from] SamplerError),
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    #[error("{dir}: shard {prefix} has no zstd variant in the manifest (written with --compress zstd?)")]
+    NoZstd { dir: PathBuf, prefix: String },
     #[error("{dir}: document {doc} has {tokens} tokens; documents are limited to 2^32 - 1 tokens")]
     DocumentTooLong { dir: PathBuf, doc: usize, tokens: u64 },
     #[error("the prefetch thread stopped: {0}")]
     PrefetchStopped(String),
 }
 
+/// Where a dataset's tokens are read from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A shard's `.bin` when it is there, else its zstd frames.
+    #[default]
+    Auto,
+    /// The `.bin` files only.
+    Bin,
+    /// The zstd frames only (every shard must have them).
+    Zstd,
+}
+
+/// How [`TokenDataset::open_with`] reads the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub source: TokenSource,
+    /// Decompressed frames kept per zstd shard (4 MiB each by default).
+    pub cache_frames: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            source: TokenSource::Auto,
+            cache_frames: 16,
+        }
+    }
+}
+
+/// One shard: a mapped `.bin`, or the `.idx` and the zstd frames standing in for the `.bin`.
+enum Shard {
+    Mapped(IndexedDataset),
+    Framed { index: IndexedIndex, frames: FramedBin },
+}
+
+impl Shard {
+    fn index(&self) -> &IndexedIndex {
+        match self {
+            Shard::Mapped(ds) => ds.index(),
+            Shard::Framed { index, .. } => index,
+        }
+    }
+}
+
 /// All shards of a dataset directory, opened and validated.
 pub struct TokenDataset {
     dir: PathBuf,
     manifest: Manifest,
-    shards: Vec<IndexedDataset>,
+    shards: Vec<Shard>,
     /// `doc_base[s]` = global index of shard `s`'s first document; last = total documents.
     doc_base: Vec<usize>,
     fingerprint: u64,
@@ -38,6 +94,10 @@ pub struct TokenDataset {
 
 impl TokenDataset {
     pub fn open(dir: &Path) -> Result<TokenDataset, DatasetError> {
+        Self::open_with(dir, &OpenOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<TokenDataset, DatasetError> {
         let manifest = Manifest::read(dir)?;
         let raw = std::fs::read(dir.join(MANIFEST)).map_err(|source| ManifestError::Io {
             path: dir.join(MANIFEST),
@@ -46,9 +106,30 @@ impl TokenDataset {
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut doc_base = vec![0usize];
         for s in &manifest.shards {
-            let ds = IndexedDataset::open(&dir.join(&s.prefix))?;
-            doc_base.push(doc_base.last().copied().unwrap_or(0) + ds.num_documents());
-            shards.push(ds);
+            let prefix = dir.join(&s.prefix);
+            let (bin, idx) = paths(&prefix);
+            let framed = match (opts.source, &s.zstd) {
+                (TokenSource::Bin, _) | (TokenSource::Auto, None) => false,
+                (TokenSource::Auto, Some(_)) => !bin.exists(),
+                (TokenSource::Zstd, Some(_)) => true,
+                (TokenSource::Zstd, None) => {
+                    return Err(DatasetError::NoZstd {
+                        dir: dir.to_path_buf(),
+                        prefix: s.prefix.clone(),
+                    });
+                }
+            };
+            let shard = match &s.zstd {
+                Some(z) if framed => {
+                    let zst = dir.join(&z.file);
+                    let frames = FramedBin::open(&zst, &dir.join(&z.index), opts.cache_frames)?;
+                    let index = IndexedIndex::open(&idx, &zst, frames.len())?;
+                    Shard::Framed { index, frames }
+                }
+                _ => Shard::Mapped(IndexedDataset::open(&prefix)?),
+            };
+            doc_base.push(doc_base.last().copied().unwrap_or(0) + shard.index().num_documents());
+            shards.push(shard);
         }
         Ok(TokenDataset {
             dir: dir.to_path_buf(),
@@ -72,11 +153,24 @@ impl TokenDataset {
         self.doc_base.last().copied().unwrap_or(0)
     }
 
+    /// Whether any shard is read from zstd frames.
+    pub fn reads_zstd(&self) -> bool {
+        self.shards.iter().any(|s| matches!(s, Shard::Framed { .. }))
+    }
+
+    /// The zstd frames of every shard read from them.
+    pub fn framed_shards(&self) -> impl Iterator<Item = &FramedBin> {
+        self.shards.iter().filter_map(|s| match s {
+            Shard::Framed { frames, .. } => Some(frames),
+            Shard::Mapped(_) => None,
+        })
+    }
+
     /// Tokens per document, in stream order.
     pub fn document_lengths(&self) -> Result<Vec<u32>, DatasetError> {
         let mut out = Vec::with_capacity(self.num_documents());
-        for ds in &self.shards {
-            for len in ds.document_lengths() {
+        for shard in &self.shards {
+            for len in shard.index().document_lengths() {
                 let doc = out.len();
                 out.push(u32::try_from(len).map_err(|_| DatasetError::DocumentTooLong {
                     dir: self.dir.clone(),
@@ -88,26 +182,36 @@ impl TokenDataset {
         Ok(out)
     }
 
-    /// Append tokens `offset..offset+len` of global document `doc` to `out`.
-    pub fn read_span(&self, span: Span, out: &mut Vec<i64>) {
+    /// Append tokens `offset..offset+len` of global document `doc` to `out`. Only frames can
+    /// fail (a damaged frame); mapped shards were fully checked when opened.
+    pub fn read_span(&self, span: Span, out: &mut Vec<i64>) -> Result<(), DatasetError> {
         let doc = span.doc as usize;
         let shard = self.doc_base.partition_point(|&b| b <= doc) - 1;
-        let ds = &self.shards[shard];
+        let index = self.shards[shard].index();
         let (mut offset, mut left) = (span.offset as usize, span.len as usize);
-        for seq in ds.document(doc - self.doc_base[shard]) {
+        for seq in index.document(doc - self.doc_base[shard]) {
             if left == 0 {
                 break;
             }
-            let seq_len = ds.sequence_len(seq);
+            let seq_len = index.sequence_len(seq);
             if offset >= seq_len {
                 offset -= seq_len;
                 continue;
             }
             let n = left.min(seq_len - offset);
-            ds.tokens(seq, offset, n).extend_i64(out);
+            match &self.shards[shard] {
+                Shard::Mapped(ds) => ds.tokens(seq, offset, n).extend_i64(out),
+                Shard::Framed { index, frames } => {
+                    let range = index.byte_range(seq, offset, n);
+                    frames.read(range.start as u64..range.end as u64, |bytes| {
+                        tokens_of(index.dtype(), bytes).extend_i64(out)
+                    })?;
+                }
+            }
             left -= n;
             offset = 0;
         }
+        Ok(())
     }
 }
 
@@ -140,7 +244,12 @@ impl GptDataset {
 
     /// Pack only one side of a train/validation split by documents (no document is in both).
     pub fn open_split(dir: &Path, seq_len: usize, split: Split) -> Result<GptDataset, DatasetError> {
-        let data = TokenDataset::open(dir)?;
+        Self::open_with(dir, seq_len, split, &OpenOptions::default())
+    }
+
+    /// [`GptDataset::open_split`] with a choice of token source (e.g. zstd frames only).
+    pub fn open_with(dir: &Path, seq_len: usize, split: Split, opts: &OpenOptions) -> Result<GptDataset, DatasetError> {
+        let data = TokenDataset::open_with(dir, opts)?;
         let lengths = data.document_lengths()?;
         let packed = match split {
             Split::All => PackedIndex::new(&lengths, seq_len)?,
@@ -174,7 +283,7 @@ impl GptDataset {
         spans.clear();
         self.packed.spans_into(sample, spans)?;
         for span in spans.iter() {
-            self.data.read_span(*span, out);
+            self.data.read_span(*span, out)?;
         }
         Ok(())
     }
@@ -369,85 +478,4 @@ impl Drop for Prefetcher {
             let _ = t.join();
         }
     }
-}
-
-/// What `gantry data bench` measures.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ReadBench {
-    #[serde(rename = "impl")]
-    pub implementation: &'static str,
-    pub seq_len: usize,
-    pub batch: usize,
-    pub samples: u64,
-    pub tokens: u64,
-    pub seconds: f64,
-    /// Tokens delivered as ready `batch × (seq_len + 1)` i64 batches per second, one thread.
-    pub tokens_per_s: f64,
-    /// A plain memcpy of as many bytes as the reader read from the `.bin` files.
-    pub memcpy_gbps: f64,
-    pub memcpy_tokens_per_s: f64,
-}
-
-/// One reader thread assembling batches of shuffled samples for about `seconds`, after a pass
-/// that warms the page cache; then a memcpy of the same number of token bytes.
-pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> Result<ReadBench, DatasetError> {
-    use std::time::Instant;
-    let sampler = Sampler::new(ds.num_samples(), seed, 1)?;
-    // Warm the page cache: touch every token once.
-    let mut sink = Vec::new();
-    for (doc, len) in ds.data().document_lengths()?.into_iter().enumerate() {
-        sink.clear();
-        ds.data().read_span(
-            Span {
-                doc: doc as u32,
-                offset: 0,
-                len,
-            },
-            &mut sink,
-        );
-    }
-    let row = ds.seq_len() + 1;
-    let mut tokens = Vec::with_capacity(batch * row);
-    let mut spans = Vec::new();
-    let (mut position, mut samples) = (0u64, 0u64);
-    let started = Instant::now();
-    while started.elapsed().as_secs_f64() < seconds {
-        tokens.clear();
-        for _ in 0..batch {
-            ds.sample_into(sampler.at(position).sample, &mut spans, &mut tokens)?;
-            position += 1;
-        }
-        samples += batch as u64;
-        std::hint::black_box(&tokens);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let total_tokens = samples * row as u64;
-
-    let token_bytes = ds.data().manifest().dtype.size();
-    let bytes = (total_tokens as usize * token_bytes).max(1);
-    let block = bytes.min(256 << 20);
-    let src = vec![1u8; block];
-    let mut dst = vec![0u8; block];
-    dst.copy_from_slice(&src); // fault the pages in before timing
-    let copy_start = Instant::now();
-    let mut copied = 0;
-    while copied < bytes {
-        let n = block.min(bytes - copied);
-        dst[..n].copy_from_slice(&src[..n]);
-        std::hint::black_box(&dst);
-        copied += n;
-    }
-    let copy_secs = copy_start.elapsed().as_secs_f64().max(1e-9);
-    let memcpy_gbps = bytes as f64 / copy_secs / 1e9;
-    Ok(ReadBench {
-        implementation: "gantry",
-        seq_len: ds.seq_len(),
-        batch,
-        samples,
-        tokens: total_tokens,
-        seconds: elapsed,
-        tokens_per_s: total_tokens as f64 / elapsed,
-        memcpy_gbps,
-        memcpy_tokens_per_s: memcpy_gbps * 1e9 / token_bytes as f64,
-    })
 }

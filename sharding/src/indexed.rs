@@ -185,6 +185,8 @@ pub struct IndexedWriter {
     lengths: Vec<i32>,
     doc_indices: Vec<i64>,
     tokens: u64,
+    /// Tokens of the sequence being written, not yet in `lengths`.
+    open_len: usize,
     scratch: Vec<u8>,
 }
 
@@ -210,13 +212,20 @@ impl IndexedWriter {
             lengths: Vec::new(),
             doc_indices: vec![0],
             tokens: 0,
+            open_len: 0,
             scratch: Vec::new(),
         })
     }
 
     /// Append one sequence. Token ids that do not fit the dtype are refused.
     pub fn add_sequence(&mut self, tokens: &[u32]) -> Result<()> {
-        let len = i32::try_from(tokens.len()).map_err(|_| IndexedError::SequenceTooLong { len: tokens.len() })?;
+        self.extend_sequence(tokens)?;
+        self.end_sequence()
+    }
+
+    /// Append tokens to the sequence being written (begun by the first call after the previous
+    /// [`IndexedWriter::end_sequence`]), so a long sequence can be streamed in pieces.
+    pub fn extend_sequence(&mut self, tokens: &[u32]) -> Result<()> {
         let max = self.dtype.max_token();
         if let Some(&bad) = tokens.iter().find(|&&t| u64::from(t) > max) {
             return Err(IndexedError::TokenOutOfRange {
@@ -224,6 +233,10 @@ impl IndexedWriter {
                 dtype: self.dtype,
                 max,
             });
+        }
+        let open = self.open_len + tokens.len();
+        if i32::try_from(open).is_err() {
+            return Err(IndexedError::SequenceTooLong { len: open });
         }
         self.scratch.clear();
         match self.dtype {
@@ -243,8 +256,15 @@ impl IndexedWriter {
                 .for_each(|&t| self.scratch.extend_from_slice(&i64::from(t).to_le_bytes())),
         }
         self.bin.write_all(&self.scratch).map_err(io_err(&self.bin_path))?;
-        self.lengths.push(len);
+        self.open_len = open;
         self.tokens += tokens.len() as u64;
+        Ok(())
+    }
+
+    /// Close the sequence being written (an empty one if nothing was added since the last).
+    pub fn end_sequence(&mut self) -> Result<()> {
+        self.lengths.push(self.open_len as i32);
+        self.open_len = 0;
         Ok(())
     }
 
@@ -359,14 +379,21 @@ impl Tokens<'_> {
     }
 }
 
-/// A validated, memory-mapped `.idx` + `.bin` pair.
-pub struct IndexedDataset {
+/// A validated, memory-mapped `.idx`: where every sequence lies in its `.bin` and which
+/// sequences make up each document. Checked against the `.bin`'s size, so it can describe a
+/// `.bin` that is not on disk (the zstd frames of [`crate::frames`] serve the bytes instead).
+pub struct IndexedIndex {
     idx: Mmap,
-    bin: Mmap,
     idx_path: PathBuf,
     dtype: TokenDType,
     sequences: usize,
     doc_entries: usize,
+}
+
+/// A validated, memory-mapped `.idx` + `.bin` pair.
+pub struct IndexedDataset {
+    index: IndexedIndex,
+    bin: Mmap,
 }
 
 fn map(path: &Path) -> Result<Mmap> {
@@ -380,23 +407,24 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-impl IndexedDataset {
-    /// Open `PREFIX.idx` and `PREFIX.bin`, checking everything (O(sequences)).
-    pub fn open(prefix: &Path) -> Result<IndexedDataset> {
-        let (bin_path, idx_path) = paths(prefix);
-        let idx = map(&idx_path)?;
-        let bin = map(&bin_path)?;
-        let (dtype, sequences, doc_entries) = check_header(&idx, &idx_path)?;
-        let ds = IndexedDataset {
+impl IndexedIndex {
+    /// Open `idx_path` and check it against a `.bin` of `bin_len` bytes (named `bin_path` in
+    /// errors), O(sequences).
+    pub fn open(idx_path: &Path, bin_path: &Path, bin_len: u64) -> Result<IndexedIndex> {
+        Self::from_map(map(idx_path)?, idx_path, bin_path, bin_len)
+    }
+
+    fn from_map(idx: Mmap, idx_path: &Path, bin_path: &Path, bin_len: u64) -> Result<IndexedIndex> {
+        let (dtype, sequences, doc_entries) = check_header(&idx, idx_path)?;
+        let index = IndexedIndex {
             idx,
-            bin,
-            idx_path,
+            idx_path: idx_path.to_path_buf(),
             dtype,
             sequences,
             doc_entries,
         };
-        ds.check_arrays(&bin_path)?;
-        Ok(ds)
+        index.check_arrays(bin_path, bin_len)?;
+        Ok(index)
     }
 
     pub fn dtype(&self) -> TokenDType {
@@ -409,10 +437,6 @@ impl IndexedDataset {
 
     pub fn num_documents(&self) -> usize {
         self.doc_entries - 1
-    }
-
-    pub fn num_tokens(&self) -> u64 {
-        self.bin.len() as u64 / self.dtype.size() as u64
     }
 
     pub fn idx_path(&self) -> &Path {
@@ -442,8 +466,9 @@ impl IndexedDataset {
         self.length_at(i)
     }
 
-    /// `len` tokens of sequence `i` starting at `offset`, zero-copy. Panics if out of range.
-    pub fn tokens(&self, i: usize, offset: usize, len: usize) -> Tokens<'_> {
+    /// Byte offset of token `offset` of sequence `i` in the `.bin`, checked against the
+    /// sequence (`len` tokens from there must lie inside it). Panics if out of range.
+    pub fn byte_range(&self, i: usize, offset: usize, len: usize) -> Range<usize> {
         let seq_len = self.sequence_len(i);
         assert!(
             offset + len <= seq_len,
@@ -452,19 +477,7 @@ impl IndexedDataset {
         );
         let size = self.dtype.size();
         let start = self.pointer_at(i) + offset * size;
-        let bytes = &self.bin[start..start + len * size];
-        match self.dtype {
-            TokenDType::U8 => Tokens::U8(bytes),
-            TokenDType::I8 => Tokens::I8(bytemuck::cast_slice(bytes)),
-            TokenDType::I16 => Tokens::I16(bytemuck::cast_slice(bytes)),
-            TokenDType::U16 => Tokens::U16(bytemuck::cast_slice(bytes)),
-            TokenDType::I32 => Tokens::I32(bytemuck::cast_slice(bytes)),
-            TokenDType::I64 => Tokens::I64(bytemuck::cast_slice(bytes)),
-        }
-    }
-
-    pub fn sequence(&self, i: usize) -> Tokens<'_> {
-        self.tokens(i, 0, self.sequence_len(i))
+        start..start + len * size
     }
 
     /// The sequences of document `d`.
@@ -484,7 +497,7 @@ impl IndexedDataset {
             .collect()
     }
 
-    fn check_arrays(&self, bin_path: &Path) -> Result<()> {
+    fn check_arrays(&self, bin_path: &Path, bin_len: u64) -> Result<()> {
         let path = || self.idx_path.clone();
         let size = self.dtype.size() as u64;
         let mut expected_pointer = 0u64;
@@ -514,11 +527,11 @@ impl IndexedDataset {
             }
             expected_pointer = pointer + len as u64 * size;
         }
-        if expected_pointer != self.bin.len() as u64 {
+        if expected_pointer != bin_len {
             return Err(IndexedError::BinSizeMismatch {
                 path: bin_path.to_path_buf(),
                 expected: expected_pointer,
-                actual: self.bin.len() as u64,
+                actual: bin_len,
             });
         }
         let mut previous = 0u64;
@@ -555,6 +568,79 @@ impl IndexedDataset {
             });
         }
         Ok(())
+    }
+}
+
+/// Interpret `bytes` (a whole number of tokens) as tokens of `dtype`, zero-copy. The bytes
+/// must be aligned to the token size (maps and frame buffers are).
+pub fn tokens_of(dtype: TokenDType, bytes: &[u8]) -> Tokens<'_> {
+    match dtype {
+        TokenDType::U8 => Tokens::U8(bytes),
+        TokenDType::I8 => Tokens::I8(bytemuck::cast_slice(bytes)),
+        TokenDType::I16 => Tokens::I16(bytemuck::cast_slice(bytes)),
+        TokenDType::U16 => Tokens::U16(bytemuck::cast_slice(bytes)),
+        TokenDType::I32 => Tokens::I32(bytemuck::cast_slice(bytes)),
+        TokenDType::I64 => Tokens::I64(bytemuck::cast_slice(bytes)),
+    }
+}
+
+impl IndexedDataset {
+    /// Open `PREFIX.idx` and `PREFIX.bin`, checking everything (O(sequences)).
+    pub fn open(prefix: &Path) -> Result<IndexedDataset> {
+        let (bin_path, idx_path) = paths(prefix);
+        let idx = map(&idx_path)?;
+        let bin = map(&bin_path)?;
+        let index = IndexedIndex::from_map(idx, &idx_path, &bin_path, bin.len() as u64)?;
+        Ok(IndexedDataset { index, bin })
+    }
+
+    /// The validated `.idx`.
+    pub fn index(&self) -> &IndexedIndex {
+        &self.index
+    }
+
+    pub fn dtype(&self) -> TokenDType {
+        self.index.dtype
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.index.sequences
+    }
+
+    pub fn num_documents(&self) -> usize {
+        self.index.num_documents()
+    }
+
+    pub fn num_tokens(&self) -> u64 {
+        self.bin.len() as u64 / self.index.dtype.size() as u64
+    }
+
+    pub fn idx_path(&self) -> &Path {
+        &self.index.idx_path
+    }
+
+    /// Tokens of sequence `i`. Panics if `i` is out of range (a caller bug).
+    pub fn sequence_len(&self, i: usize) -> usize {
+        self.index.sequence_len(i)
+    }
+
+    /// `len` tokens of sequence `i` starting at `offset`, zero-copy. Panics if out of range.
+    pub fn tokens(&self, i: usize, offset: usize, len: usize) -> Tokens<'_> {
+        tokens_of(self.index.dtype, &self.bin[self.index.byte_range(i, offset, len)])
+    }
+
+    pub fn sequence(&self, i: usize) -> Tokens<'_> {
+        self.tokens(i, 0, self.sequence_len(i))
+    }
+
+    /// The sequences of document `d`.
+    pub fn document(&self, d: usize) -> Range<usize> {
+        self.index.document(d)
+    }
+
+    /// Tokens per document, in order (what the sampler packs).
+    pub fn document_lengths(&self) -> Vec<u64> {
+        self.index.document_lengths()
     }
 }
 

@@ -10,12 +10,18 @@
 //!   [`indexed::IndexedWriter`] and a validating, memory-mapped [`indexed::IndexedDataset`].
 //!   Every malformed input is a typed error naming the file and, where it applies, the byte
 //!   offset; nothing is trusted before it is checked against the file sizes.
+//! - [`frames`]: the zstd variant of a `.bin` (independent frames of ~4 MiB and a checked
+//!   frame index) and [`frames::FramedBin`], which serves byte ranges from the frames with a
+//!   small cache of decompressed ones.
 //! - [`gpt`]: the shards of a dataset directory as one document stream, fixed-length samples
 //!   through the sampler, micro-batches for a DP rank, and a background [`gpt::Prefetcher`].
 //! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
 //!   version) and building a dataset directory under a temporary name, renamed when complete.
-//! - [`prepare`]: text corpora (.txt, JSON lines) → a loaded or freshly trained byte-level BPE
-//!   tokenizer → token shards with a manifest (`gantry data prepare`).
+//! - [`prepare`]: text corpora (.txt, JSON lines, stdin) → a loaded or freshly trained
+//!   byte-level BPE tokenizer → token shards with a manifest (`gantry data prepare`), with a
+//!   fast exact encoder for byte-level BPE tokenizers ([`prepare::fast`]) and progress
+//!   reporting.
+//! - [`bench`]: what `gantry data bench` measures.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
 //! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
 //!   boundaries, the seeded global shuffle, partitioning over DP ranks and micro-batches, and
@@ -24,6 +30,8 @@
 //! Data flows: documents → `IndexedWriter` → `.bin` + `.idx` → `IndexedDataset` (mmap) →
 //! sample spans from `sampler` → token slices for the trainer.
 
+pub mod bench;
+pub mod frames;
 pub mod gpt;
 pub mod indexed;
 pub mod manifest;

@@ -2,7 +2,8 @@
 //! complete, and the directory itself is built under a temporary name and renamed into place,
 //! so a directory with a manifest is always a finished dataset.
 
-use crate::indexed::{IndexedDataset, IndexedSummary, TokenDType, paths};
+use crate::frames::{self, FramedBin, ZstdOptions};
+use crate::indexed::{IndexedDataset, IndexedIndex, IndexedSummary, TokenDType, paths};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,25 @@ pub struct ShardInfo {
     /// xxh3-64 of each file, lowercase hex.
     pub bin_xxh3: String,
     pub idx_xxh3: String,
+    /// The zstd variant of the `.bin`, when one was written (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd: Option<ZstdInfo>,
+}
+
+/// The zstd frames of a shard's `.bin` ([`crate::frames`]) and their frame index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZstdInfo {
+    /// File names relative to the dataset directory (`PREFIX.bin.zst`, `PREFIX.zidx`).
+    pub file: String,
+    pub index: String,
+    pub level: i32,
+    pub frame_bytes: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub index_bytes: u64,
+    /// xxh3-64 of each file, lowercase hex. The frames decompress to the `.bin` (`bin_xxh3`).
+    pub xxh3: String,
+    pub index_xxh3: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +90,18 @@ pub enum ManifestError {
     },
     #[error("{path}: manifest says {expected} bytes, file has {actual}")]
     Size { path: PathBuf, expected: u64, actual: u64 },
+    #[error("{path}: the frames decompress to content hashing to {actual}, but the .bin's checksum is {expected}")]
+    ContentChecksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{dir}: shard {prefix} has neither {bin} nor a zstd variant")]
+    MissingShard { dir: PathBuf, prefix: String, bin: String },
     #[error(transparent)]
     Indexed(#[from] crate::indexed::IndexedError),
+    #[error(transparent)]
+    Frames(#[from] crate::frames::FrameError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ManifestError + '_ {
@@ -109,6 +139,40 @@ impl ShardInfo {
             idx_bytes: summary.idx_bytes,
             bin_xxh3: file_xxh3(&bin)?,
             idx_xxh3: file_xxh3(&idx)?,
+            zstd: None,
+        })
+    }
+
+    /// Describe a finished shard and write its zstd variant next to it.
+    pub fn describe_compressed(
+        dir: &Path,
+        prefix: &str,
+        summary: &IndexedSummary,
+        opts: &ZstdOptions,
+    ) -> Result<ShardInfo, ManifestError> {
+        let mut info = Self::describe(dir, prefix, summary)?;
+        info.zstd = Some(ZstdInfo::write(dir, prefix, opts)?);
+        Ok(info)
+    }
+}
+
+impl ZstdInfo {
+    /// Compress `dir/prefix.bin` into frames and describe the two new files.
+    pub fn write(dir: &Path, prefix: &str, opts: &ZstdOptions) -> Result<ZstdInfo, ManifestError> {
+        let (bin, _) = paths(&dir.join(prefix));
+        let (zst, zidx) = frames::paths(&dir.join(prefix));
+        let summary = frames::compress_file(&bin, &zst, &zidx, opts)?;
+        let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        Ok(ZstdInfo {
+            file: name(&zst),
+            index: name(&zidx),
+            level: opts.level,
+            frame_bytes: opts.frame_bytes,
+            frames: summary.frames,
+            bytes: summary.compressed_bytes,
+            index_bytes: summary.index_bytes,
+            xxh3: file_xxh3(&zst)?,
+            index_xxh3: file_xxh3(&zidx)?,
         })
     }
 }
@@ -143,15 +207,19 @@ impl Manifest {
                 found: m.format_version,
             });
         }
-        if let Some(bad) = m
-            .shards
-            .iter()
-            .find(|s| s.prefix.contains('/') || s.prefix.contains(".."))
-        {
-            return Err(ManifestError::Invalid {
-                path,
-                message: format!("shard prefix `{}` leaves the directory", bad.prefix),
-            });
+        let leaves = |name: &str| name.contains('/') || name.contains("..");
+        for s in &m.shards {
+            let names = [
+                Some(&s.prefix),
+                s.zstd.as_ref().map(|z| &z.file),
+                s.zstd.as_ref().map(|z| &z.index),
+            ];
+            if let Some(bad) = names.into_iter().flatten().find(|n| leaves(n)) {
+                return Err(ManifestError::Invalid {
+                    path,
+                    message: format!("file name `{bad}` of shard {} leaves the directory", s.prefix),
+                });
+            }
         }
         Ok(m)
     }
@@ -165,35 +233,70 @@ impl Manifest {
         std::fs::write(&path, json).map_err(io(&path))
     }
 
-    /// Re-hash every shard file and open every shard (which validates its index).
+    /// Re-hash every shard file and open every shard (which validates its index). A shard
+    /// with a zstd variant also has its frame files hashed and its frames decompressed and
+    /// compared with the `.bin`'s checksum; its `.bin` may then be absent (compressed-only
+    /// copies of a dataset).
     pub fn verify(&self, dir: &Path) -> Result<(), ManifestError> {
         for shard in &self.shards {
             let (bin, idx) = paths(&dir.join(&shard.prefix));
-            for (path, bytes, sum) in [
-                (&bin, shard.bin_bytes, &shard.bin_xxh3),
-                (&idx, shard.idx_bytes, &shard.idx_xxh3),
-            ] {
-                let actual = std::fs::metadata(path).map_err(io(path))?.len();
-                if actual != bytes {
-                    return Err(ManifestError::Size {
-                        path: path.clone(),
-                        expected: bytes,
+            let mut files = vec![(idx.clone(), shard.idx_bytes, &shard.idx_xxh3)];
+            let have_bin = bin.exists();
+            if have_bin {
+                files.push((bin.clone(), shard.bin_bytes, &shard.bin_xxh3));
+            }
+            if let Some(z) = &shard.zstd {
+                files.push((dir.join(&z.file), z.bytes, &z.xxh3));
+                files.push((dir.join(&z.index), z.index_bytes, &z.index_xxh3));
+            } else if !have_bin {
+                return Err(ManifestError::MissingShard {
+                    dir: dir.to_path_buf(),
+                    prefix: shard.prefix.clone(),
+                    bin: bin.display().to_string(),
+                });
+            }
+            for (path, bytes, sum) in &files {
+                check_file(path, *bytes, sum)?;
+            }
+            if have_bin {
+                IndexedDataset::open(&dir.join(&shard.prefix))?;
+            }
+            if let Some(z) = &shard.zstd {
+                let zst = dir.join(&z.file);
+                let framed = FramedBin::open(&zst, &dir.join(&z.index), 1)?;
+                IndexedIndex::open(&idx, &zst, framed.len())?;
+                let actual = framed.content_xxh3()?;
+                if actual != shard.bin_xxh3 {
+                    return Err(ManifestError::ContentChecksum {
+                        path: zst,
+                        expected: shard.bin_xxh3.clone(),
                         actual,
                     });
                 }
-                let hash = file_xxh3(path)?;
-                if &hash != sum {
-                    return Err(ManifestError::Checksum {
-                        path: path.clone(),
-                        expected: sum.clone(),
-                        actual: hash,
-                    });
-                }
             }
-            IndexedDataset::open(&dir.join(&shard.prefix))?;
         }
         Ok(())
     }
+}
+
+fn check_file(path: &Path, bytes: u64, sum: &str) -> Result<(), ManifestError> {
+    let actual = std::fs::metadata(path).map_err(io(path))?.len();
+    if actual != bytes {
+        return Err(ManifestError::Size {
+            path: path.to_path_buf(),
+            expected: bytes,
+            actual,
+        });
+    }
+    let hash = file_xxh3(path)?;
+    if hash != sum {
+        return Err(ManifestError::Checksum {
+            path: path.to_path_buf(),
+            expected: sum.to_string(),
+            actual: hash,
+        });
+    }
+    Ok(())
 }
 
 /// Build a dataset in `DIR.tmp-PID`, then rename it to `DIR`: an interrupted build never

@@ -10,6 +10,7 @@
 //! manifest is the entropy of the numbers actually drawn from, not an approximation. The
 //! generator is the crate's own SplitMix64, so a given seed yields the same data forever.
 
+use crate::frames::ZstdOptions;
 use crate::indexed::{IndexedWriter, TokenDType};
 use crate::manifest::{Manifest, ManifestError, ShardInfo, TokenizerInfo, build_atomically};
 use crate::sampler::prng::{GOLDEN_GAMMA, mix64};
@@ -160,10 +161,19 @@ impl MarkovSource {
 
 /// Write `cfg.tokens` tokens of the source into a new dataset directory `dir`.
 pub fn synthesize(dir: &Path, cfg: &SynthConfig) -> Result<Manifest, ManifestError> {
-    cfg.validate().map_err(|message| ManifestError::Invalid {
+    synthesize_with(dir, cfg, None)
+}
+
+/// [`synthesize`], also writing each shard's zstd variant when `zstd` is given.
+pub fn synthesize_with(dir: &Path, cfg: &SynthConfig, zstd: Option<&ZstdOptions>) -> Result<Manifest, ManifestError> {
+    let invalid = |message| ManifestError::Invalid {
         path: dir.to_path_buf(),
         message,
-    })?;
+    };
+    cfg.validate().map_err(invalid)?;
+    if let Some(z) = zstd {
+        z.validate().map_err(invalid)?;
+    }
     let dtype = TokenDType::for_vocab(cfg.vocab_size as usize);
     build_atomically(dir, |tmp| {
         let mut source = MarkovSource::new(cfg.vocab_size, cfg.support, cfg.seed);
@@ -183,7 +193,10 @@ pub fn synthesize(dir: &Path, cfg: &SynthConfig) -> Result<Manifest, ManifestErr
                 left -= n;
             }
             let summary = writer.finish()?;
-            shards.push(ShardInfo::describe(tmp, &prefix, &summary)?);
+            shards.push(match zstd {
+                Some(z) => ShardInfo::describe_compressed(tmp, &prefix, &summary, z)?,
+                None => ShardInfo::describe(tmp, &prefix, &summary)?,
+            });
         }
         let mut manifest = Manifest::new(
             dtype,

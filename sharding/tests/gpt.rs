@@ -26,7 +26,8 @@ fn stream(data: &TokenDataset) -> Vec<i64> {
                 len,
             },
             &mut out,
-        );
+        )
+        .unwrap();
     }
     out
 }
@@ -104,7 +105,8 @@ fn multi_sequence_documents_read_in_order() {
             len: 5,
         },
         &mut out,
-    );
+    )
+    .unwrap();
     let doc2_start: usize = data.document_lengths().unwrap()[..2].iter().map(|&l| l as usize).sum();
     assert_eq!(out, expected[doc2_start + 4..doc2_start + 9]);
     let _ = std::fs::remove_dir_all(&dir);
