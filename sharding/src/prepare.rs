@@ -3,22 +3,37 @@
 //! Inputs are `.txt` files (split into documents per file, per blank-line-separated block or
 //! per line) and JSON-lines files (`.jsonl` / `.json`, one document per record, the text in a
 //! configurable field), given as files or directories (searched recursively, in sorted order so
-//! the output is deterministic). Documents are streamed: files are read line by line and
-//! encoded in batches (in parallel, order preserved) while the next batch is being read.
+//! the output is deterministic), or `-` for standard input (text split the same way, or JSON
+//! lines with [`SplitBy::Record`]). Documents are streamed ([`input`]): a reader thread reads
+//! line by line into batches of a few MB while the previous batch is encoded on every core
+//! (order preserved) and written; long documents travel in pieces. So memory is bounded by
+//! the batch and piece sizes, not by the corpus, a file or a document.
 //!
 //! The tokenizer is either a Hugging Face `tokenizer.json` or a byte-level BPE trained on the
-//! inputs (one extra pass). Either way it is stored as `tokenizer.json` next to the shards.
-//! Every document ends with the end-of-document token. Everything is built through
+//! inputs (one extra pass; not possible from standard input, which can be read only once).
+//! Either way it is stored as `tokenizer.json` next to the shards. Byte-level BPE tokenizers
+//! are encoded by [`fast`], which gives the HF encoder's ids several times faster; others by
+//! the HF encoder. Every document ends with the end-of-document token. Each shard can also be
+//! written as zstd frames ([`crate::frames`]). Everything is built through
 //! [`build_atomically`], so an interrupted prepare leaves no directory that looks finished.
 
+pub mod fast;
+pub mod input;
+pub mod progress;
+
+pub use input::{STDIN, collect_inputs};
+pub use progress::ProgressMode;
+
+use crate::frames::ZstdOptions;
 use crate::indexed::{IndexedError, IndexedSummary, IndexedWriter, TokenDType};
 use crate::manifest::{Manifest, ManifestError, ShardInfo, TokenizerInfo, build_atomically};
+use fast::{FastEncoder, WordCache};
+use input::{Doc, DocReader};
+use progress::Progress;
 use serde::Serialize;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::ModelWrapper;
 use tokenizers::models::TrainerWrapper;
@@ -74,8 +89,16 @@ pub struct PrepareConfig {
     /// Documents per encoding batch (also bounded by `batch_bytes`).
     pub batch_docs: usize,
     pub batch_bytes: usize,
-    /// Progress lines on stderr every ~2 s.
-    pub progress: bool,
+    /// Documents longer than this are read, encoded and written in pieces (when that is
+    /// exact for the tokenizer; see [`fast::FastEncoder::pieces_are_exact`]).
+    pub piece_bytes: usize,
+    /// Encoding threads (0: every core).
+    pub threads: usize,
+    /// Use the fast byte-level BPE encoder when the tokenizer allows it (same ids as HF).
+    pub fast: bool,
+    /// Also write each shard as zstd frames.
+    pub compress: Option<ZstdOptions>,
+    pub progress: ProgressMode,
 }
 
 impl PrepareConfig {
@@ -90,7 +113,11 @@ impl PrepareConfig {
             shard_tokens: 256 << 20,
             batch_docs: 4096,
             batch_bytes: 8 << 20,
-            progress: false,
+            piece_bytes: 4 << 20,
+            threads: 0,
+            fast: true,
+            compress: None,
+            progress: ProgressMode::Off,
         }
     }
 }
@@ -122,6 +149,15 @@ pub struct PrepareReport {
     /// Input megabytes per second in the encoding pass alone.
     pub encode_mb_per_s: f64,
     pub tokens_per_s: f64,
+    /// Threads that encoded.
+    pub threads: usize,
+    /// Whether the fast byte-level BPE encoder was used; if not, why.
+    pub fast_path: bool,
+    pub fast_path_unavailable: Option<String>,
+    /// Documents (or pieces) that held an added token's text and went to the HF encoder.
+    pub hf_fallback_docs: u64,
+    /// Total size of the zstd frame files, when written.
+    pub zstd_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,207 +192,16 @@ pub enum PrepareError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Indexed(#[from] IndexedError),
+    #[error(
+        "cannot train a tokenizer on standard input: it can be read only once (give --tokenizer, or save the input to a file)"
+    )]
+    TrainOnStdin,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> PrepareError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> PrepareError + '_ {
     move |source| PrepareError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Text,
-    JsonLines,
-}
-
-fn kind_of(path: &Path) -> Option<Kind> {
-    match path.extension()?.to_str()? {
-        "txt" => Some(Kind::Text),
-        "jsonl" | "json" => Some(Kind::JsonLines),
-        _ => None,
-    }
-}
-
-/// The input files: explicit files in the order given (each must be .txt/.jsonl/.json),
-/// directories searched recursively with their supported files in sorted order.
-pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PrepareError> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PrepareError> {
-        let mut entries = std::fs::read_dir(dir)
-            .map_err(io(dir))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io(dir))?;
-        entries.sort();
-        for path in entries {
-            if path.is_dir() {
-                walk(&path, out)?;
-            } else if kind_of(&path).is_some() {
-                out.push(path);
-            }
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    for input in inputs {
-        let meta = std::fs::metadata(input).map_err(io(input))?;
-        if meta.is_dir() {
-            walk(input, &mut files)?;
-        } else if kind_of(input).is_some() {
-            files.push(input.clone());
-        } else {
-            return Err(PrepareError::Unsupported { path: input.clone() });
-        }
-    }
-    if files.is_empty() {
-        let names: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
-        return Err(PrepareError::NoInputs {
-            inputs: names.join(", "),
-        });
-    }
-    Ok(files)
-}
-
-/// One document and the file it came from (index into the file list).
-struct Doc {
-    file: usize,
-    text: String,
-}
-
-/// Streams the documents of the input files, line by line.
-struct DocReader<'a> {
-    files: &'a [PathBuf],
-    split_by: SplitBy,
-    text_field: &'a str,
-    next_file: usize,
-    current: Option<(usize, Kind, BufReader<File>)>,
-    line_no: u64,
-    buf: Vec<u8>,
-    bytes: u64,
-    skipped_empty: u64,
-}
-
-impl<'a> DocReader<'a> {
-    fn new(files: &'a [PathBuf], split_by: SplitBy, text_field: &'a str) -> DocReader<'a> {
-        DocReader {
-            files,
-            split_by,
-            text_field,
-            next_file: 0,
-            current: None,
-            line_no: 0,
-            buf: Vec::new(),
-            bytes: 0,
-            skipped_empty: 0,
-        }
-    }
-
-    /// The next line of the current file (with its line ending), or None at its end.
-    fn line(&mut self) -> Result<Option<&str>, PrepareError> {
-        let (file, _, reader) = self.current.as_mut().expect("a file is open");
-        self.buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut self.buf)
-            .map_err(io(&self.files[*file]))?;
-        if n == 0 {
-            return Ok(None);
-        }
-        self.bytes += n as u64;
-        self.line_no += 1;
-        std::str::from_utf8(&self.buf)
-            .map(Some)
-            .map_err(|_| PrepareError::Utf8 {
-                path: self.files[*file].clone(),
-                line: self.line_no,
-            })
-    }
-
-    fn next_doc(&mut self) -> Result<Option<Doc>, PrepareError> {
-        loop {
-            if self.current.is_none() {
-                let Some(path) = self.files.get(self.next_file) else {
-                    return Ok(None);
-                };
-                let reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(io(path))?);
-                let kind = kind_of(path).unwrap_or(Kind::Text);
-                self.current = Some((self.next_file, kind, reader));
-                self.next_file += 1;
-                self.line_no = 0;
-            }
-            let (file, kind) = self.current.as_ref().map(|(f, k, _)| (*f, *k)).expect("a file is open");
-            let doc = match (kind, self.split_by) {
-                (Kind::JsonLines, _) => self.json_record(file)?,
-                (Kind::Text, SplitBy::File | SplitBy::Record) => {
-                    let mut text = String::new();
-                    while let Some(line) = self.line()? {
-                        text.push_str(line);
-                    }
-                    self.current = None;
-                    Some(text)
-                }
-                (Kind::Text, SplitBy::Line) => self.line()?.map(|line| {
-                    let line = line.strip_suffix('\n').unwrap_or(line);
-                    line.strip_suffix('\r').unwrap_or(line).to_string()
-                }),
-                (Kind::Text, SplitBy::BlankLine) => self.block()?,
-            };
-            match doc {
-                None => self.current = None,
-                Some(text) if text.is_empty() => self.skipped_empty += 1,
-                Some(text) => return Ok(Some(Doc { file, text })),
-            }
-        }
-    }
-
-    /// The next blank-line-separated block, or None at the end of the file.
-    fn block(&mut self) -> Result<Option<String>, PrepareError> {
-        let mut text = String::new();
-        while let Some(line) = self.line()? {
-            if line.trim().is_empty() {
-                if text.is_empty() {
-                    continue;
-                }
-                break;
-            }
-            text.push_str(line);
-        }
-        if text.is_empty() {
-            return Ok(None);
-        }
-        if text.ends_with('\n') {
-            text.pop();
-            if text.ends_with('\r') {
-                text.pop();
-            }
-        }
-        Ok(Some(text))
-    }
-
-    /// The text of the next record (blank lines are skipped), or None at the end of the file.
-    fn json_record(&mut self, file: usize) -> Result<Option<String>, PrepareError> {
-        loop {
-            let field = self.text_field;
-            let Some(line) = self.line()? else {
-                return Ok(None);
-            };
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| PrepareError::Json {
-                path: self.files[file].clone(),
-                line: self.line_no,
-                message: e.to_string(),
-            })?;
-            return match value.get(field) {
-                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-                _ => Err(PrepareError::MissingField {
-                    path: self.files[file].clone(),
-                    line: self.line_no,
-                    field: field.to_string(),
-                }),
-            };
-        }
     }
 }
 
@@ -379,7 +224,8 @@ fn train_bpe(
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field);
+    // The trained tokenizer is a plain byte-level BPE, for which pieces are exact.
+    let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field, cfg.piece_bytes);
     let mut failure = None;
     let docs = std::iter::from_fn(|| match reader.next_doc() {
         Ok(Some(doc)) => Some(doc.text),
@@ -434,14 +280,18 @@ struct ShardWriter<'a> {
     dir: &'a Path,
     dtype: TokenDType,
     shard_tokens: u64,
+    compress: Option<ZstdOptions>,
     current: Option<(String, IndexedWriter, u64)>,
     done: Vec<ShardInfo>,
 }
 
 impl ShardWriter<'_> {
-    fn add(&mut self, tokens: &[u32]) -> Result<(), PrepareError> {
+    /// Add a document's tokens, or a piece of them. A document begins a new shard when its
+    /// first piece would overflow the current one; its later pieces follow it there.
+    fn add(&mut self, tokens: &[u32], continued: bool, last: bool) -> Result<(), PrepareError> {
         let len = tokens.len() as u64;
-        if let Some((_, _, n)) = &self.current
+        if !continued
+            && let Some((_, _, n)) = &self.current
             && *n > 0
             && n + len > self.shard_tokens
         {
@@ -453,7 +303,11 @@ impl ShardWriter<'_> {
             self.current = Some((prefix, writer, 0));
         }
         let (_, writer, n) = self.current.as_mut().expect("open shard");
-        writer.add_document(tokens)?;
+        writer.extend_sequence(tokens)?;
+        if last {
+            writer.end_sequence()?;
+            writer.end_document();
+        }
         *n += len;
         Ok(())
     }
@@ -461,7 +315,10 @@ impl ShardWriter<'_> {
     fn close(&mut self) -> Result<(), PrepareError> {
         if let Some((prefix, writer, _)) = self.current.take() {
             let summary: IndexedSummary = writer.finish()?;
-            self.done.push(ShardInfo::describe(self.dir, &prefix, &summary)?);
+            self.done.push(match &self.compress {
+                Some(z) => ShardInfo::describe_compressed(self.dir, &prefix, &summary, z)?,
+                None => ShardInfo::describe(self.dir, &prefix, &summary)?,
+            });
         }
         Ok(())
     }
@@ -482,12 +339,18 @@ pub fn prepare(cfg: &PrepareConfig) -> Result<PrepareReport, PrepareError> {
     if cfg.text_field.is_empty() {
         return Err(PrepareError::Config("--text-field must not be empty".into()));
     }
+    if let Some(z) = &cfg.compress {
+        z.validate().map_err(PrepareError::Config)?;
+    }
     if cfg.output.exists() {
         return Err(PrepareError::OutputExists {
             path: cfg.output.clone(),
         });
     }
     let files = collect_inputs(&cfg.inputs)?;
+    if matches!(cfg.tokenizer, TokenizerSource::TrainBpe { .. }) && files.iter().any(|f| input::is_stdin(f)) {
+        return Err(PrepareError::TrainOnStdin);
+    }
     // build_atomically wants a ManifestError to clean up; keep the real error aside.
     let mut failure = None;
     let result = build_atomically(&cfg.output, |tmp| match prepare_into(cfg, &files, tmp) {
@@ -506,8 +369,87 @@ pub fn prepare(cfg: &PrepareConfig) -> Result<PrepareReport, PrepareError> {
     }
 }
 
+/// How documents become ids.
+enum Encoder<'t> {
+    Fast(Box<FastEncoder<'t>>),
+    Hf(&'t Tokenizer),
+}
+
+/// One thread's share of a batch: the ids of its documents back to back.
+#[derive(Default)]
+struct Encoded {
+    ids: Vec<u32>,
+    /// End of each document's ids in `ids`.
+    ends: Vec<usize>,
+    hf_docs: u64,
+}
+
+impl Encoder<'_> {
+    fn encode_into(&self, docs: &[Doc], cache: &mut WordCache, files: &[PathBuf]) -> Result<Encoded, PrepareError> {
+        let mut out = Encoded::default();
+        for doc in docs {
+            let failed = |message: String| PrepareError::Encode {
+                path: files[doc.file].clone(),
+                message,
+            };
+            match self {
+                Encoder::Fast(fast) => {
+                    if !fast.encode(&doc.text, cache, &mut out.ids).map_err(failed)? {
+                        out.hf_docs += 1;
+                    }
+                }
+                Encoder::Hf(tokenizer) => {
+                    let enc = tokenizer
+                        .encode(doc.text.as_str(), false)
+                        .map_err(|e| failed(e.to_string()))?;
+                    out.ids.extend_from_slice(enc.get_ids());
+                }
+            }
+            out.ends.push(out.ids.len());
+        }
+        Ok(out)
+    }
+
+    /// Encode a batch on `caches.len()` threads, each taking a contiguous run of documents
+    /// of about equal bytes; results in document order.
+    fn encode_batch(
+        &self,
+        docs: &[Doc],
+        caches: &mut [WordCache],
+        files: &[PathBuf],
+    ) -> Result<Vec<Encoded>, PrepareError> {
+        let total: usize = docs.iter().map(|d| d.text.len()).sum();
+        let share = total.div_ceil(caches.len()).max(1);
+        let mut chunks = Vec::with_capacity(caches.len());
+        let (mut start, mut bytes) = (0, 0);
+        for (i, d) in docs.iter().enumerate() {
+            bytes += d.text.len();
+            if bytes >= share && chunks.len() + 1 < caches.len() {
+                chunks.push(&docs[start..=i]);
+                (start, bytes) = (i + 1, 0);
+            }
+        }
+        chunks.push(&docs[start..]);
+        if chunks.len() == 1 {
+            return Ok(vec![self.encode_into(chunks[0], &mut caches[0], files)?]);
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .zip(caches.iter_mut())
+                .map(|(chunk, cache)| scope.spawn(move || self.encode_into(chunk, cache, files)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        })
+    }
+}
+
 fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<PrepareReport, PrepareError> {
     let started = Instant::now();
+    let mut progress = Progress::new(cfg.progress, input::total_bytes(files));
     let eod_token = cfg.eod_token.clone().unwrap_or_else(|| DEFAULT_EOD.to_string());
     let (tokenizer, trained) = match &cfg.tokenizer {
         TokenizerSource::File(path) => {
@@ -521,12 +463,10 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
             (t, false)
         }
         TokenizerSource::TrainBpe { vocab_size } => {
-            if cfg.progress {
-                eprintln!(
-                    "prepare: training a byte-level BPE (vocabulary {vocab_size}) on {} file(s)",
-                    files.len()
-                );
-            }
+            progress.message(&format!(
+                "prepare: training a byte-level BPE (vocabulary {vocab_size}) on {} file(s)",
+                files.len()
+            ));
             (train_bpe(files, cfg, *vocab_size, &eod_token)?, true)
         }
     };
@@ -550,23 +490,44 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
     let vocab_size = (tokenizer.get_vocab_size(true) as u64).max(u64::from(max_id) + 1);
     let dtype = TokenDType::for_vocab(vocab_size as usize);
 
+    let fast_path_unavailable = if cfg.fast {
+        fast::unsupported_reason(&tokenizer)
+    } else {
+        Some("disabled".to_string())
+    };
+    let encoder = match (cfg.fast, FastEncoder::new(&tokenizer)) {
+        (true, Some(fast)) => Encoder::Fast(Box::new(fast)),
+        _ => Encoder::Hf(&tokenizer),
+    };
+    // Pieces are exact only where the fast encoder vouches for the pre-tokenizer.
+    let piece_bytes = match &encoder {
+        Encoder::Fast(f) if f.pieces_are_exact() => cfg.piece_bytes,
+        _ => 0,
+    };
+    let threads = if cfg.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.threads
+    };
+    let mut caches: Vec<WordCache> = (0..threads).map(|_| WordCache::default()).collect();
+
     let encode_started = Instant::now();
     let mut shards = ShardWriter {
         dir: tmp,
         dtype,
         shard_tokens: cfg.shard_tokens,
+        compress: cfg.compress,
         current: None,
         done: Vec::new(),
     };
-    let (mut documents, mut tokens, mut bytes, mut skipped_empty) = (0u64, 0u64, 0u64, 0u64);
-    let mut last_log = Instant::now();
+    let (mut documents, mut tokens, mut bytes, mut skipped_empty, mut hf_docs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     std::thread::scope(|scope| -> Result<(), PrepareError> {
         // Read the next batch while this one is encoded. The reader reports the bytes read so far
-        // with each batch, and its error (if any) ends the stream.
+        // with each batch, and its error (if any) ends the stream. Two batches in flight at most.
         type Batch = (Vec<Doc>, u64, u64);
-        let (tx, rx) = mpsc::sync_channel::<Result<Batch, PrepareError>>(2);
+        let (tx, rx) = mpsc::sync_channel::<Result<Batch, PrepareError>>(1);
         scope.spawn(move || {
-            let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field);
+            let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field, piece_bytes);
             loop {
                 let mut batch = Vec::new();
                 let mut batch_bytes = 0;
@@ -608,35 +569,34 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
             if batch.is_empty() {
                 continue;
             }
-            let first_file = batch[0].file;
-            let texts: Vec<String> = batch.into_iter().map(|d| d.text).collect();
-            let encodings = tokenizer.encode_batch(texts, false).map_err(|e| PrepareError::Encode {
-                path: files[first_file].clone(),
-                message: e.to_string(),
-            })?;
-            let mut ids = Vec::new();
-            for enc in &encodings {
-                ids.clear();
-                ids.extend_from_slice(enc.get_ids());
-                ids.push(eod_id);
-                shards.add(&ids)?;
-                documents += 1;
-                tokens += ids.len() as u64;
+            let encoded = encoder.encode_batch(&batch, &mut caches, files)?;
+            let mut with_eod = Vec::new();
+            let mut docs = batch.iter();
+            for part in &encoded {
+                hf_docs += part.hf_docs;
+                let mut from = 0;
+                for &end in &part.ends {
+                    let doc = docs.next().expect("one result per document");
+                    let ids = &part.ids[from..end];
+                    from = end;
+                    if doc.last {
+                        // The EOD token counts when deciding whether the document starts a shard.
+                        with_eod.clear();
+                        with_eod.extend_from_slice(ids);
+                        with_eod.push(eod_id);
+                        shards.add(&with_eod, doc.continued, true)?;
+                        documents += 1;
+                    } else {
+                        shards.add(ids, doc.continued, false)?;
+                    }
+                    tokens += ids.len() as u64 + u64::from(doc.last);
+                }
             }
-            if cfg.progress && last_log.elapsed() >= Duration::from_secs(2) {
-                last_log = Instant::now();
-                let secs = encode_started.elapsed().as_secs_f64();
-                eprintln!(
-                    "prepare: {:.1} MB, {documents} documents, {tokens} tokens in {secs:.1}s ({:.2} MB/s, {:.0} documents/s, {:.2}M tokens/s)",
-                    bytes as f64 / 1e6,
-                    bytes as f64 / 1e6 / secs,
-                    documents as f64 / secs,
-                    tokens as f64 / 1e6 / secs
-                );
-            }
+            progress.update(bytes, documents, tokens);
         }
         Ok(())
     })?;
+    progress.finish();
     if documents == 0 {
         return Err(PrepareError::NoDocuments);
     }
@@ -653,6 +613,14 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
     manifest.write(tmp)?;
     let encode_seconds = encode_started.elapsed().as_secs_f64();
     let seconds = started.elapsed().as_secs_f64();
+    let zstd_bytes = cfg.compress.map(|_| {
+        manifest
+            .shards
+            .iter()
+            .filter_map(|s| s.zstd.as_ref())
+            .map(|z| z.bytes)
+            .sum()
+    });
     let report = PrepareReport {
         output: cfg.output.display().to_string(),
         files: files.len(),
@@ -671,14 +639,17 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
         mb_per_s: bytes as f64 / 1e6 / seconds.max(1e-9),
         encode_mb_per_s: bytes as f64 / 1e6 / encode_seconds.max(1e-9),
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        threads,
+        fast_path: matches!(encoder, Encoder::Fast(_)),
+        fast_path_unavailable,
+        hf_fallback_docs: hf_docs,
+        zstd_bytes,
     };
-    if cfg.progress {
-        eprintln!(
-            "prepare: done: {:.1} MB, {documents} documents, {tokens} tokens, {} shard(s) in {seconds:.1}s ({:.2} MB/s)",
-            bytes as f64 / 1e6,
-            report.shards,
-            report.mb_per_s
-        );
-    }
+    progress.message(&format!(
+        "prepare: done: {:.1} MB, {documents} documents, {tokens} tokens, {} shard(s) in {seconds:.1}s ({:.2} MB/s)",
+        bytes as f64 / 1e6,
+        report.shards,
+        report.mb_per_s
+    ));
     Ok(report)
 }
