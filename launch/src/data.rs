@@ -2,11 +2,13 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use gantry_sharding::gpt::{GptDataset, bench_reader};
-use gantry_sharding::indexed::IndexedDataset;
+use gantry_sharding::bench::{FrameBench, ReadBench, bench_frames, bench_reader};
+use gantry_sharding::frames::ZstdOptions;
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
-use gantry_sharding::prepare::{PrepareConfig, SplitBy, TokenizerSource, decode_with, prepare};
-use gantry_sharding::synth::{SynthConfig, synthesize};
+use gantry_sharding::prepare::{PrepareConfig, ProgressMode, SplitBy, TokenizerSource, decode_with, prepare};
+use gantry_sharding::sampler::Span;
+use gantry_sharding::synth::{SynthConfig, synthesize_with};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -22,7 +24,8 @@ pub enum DataCommand {
     /// Summarize a dataset directory, verify its checksums and indexes, show a sample.
     Inspect(InspectArgs),
     /// Tokens per second one reader delivers as ready batches (warm page cache), next to a
-    /// plain memcpy of the same bytes measured in the same run.
+    /// plain memcpy of the same bytes measured in the same run; with --zstd also from the
+    /// zstd frames (batches through the frame cache, and raw frame decompression).
     Bench(BenchArgs),
     /// Tokenize text files into token shards (train a byte-level BPE or load a tokenizer.json).
     ///
@@ -34,10 +37,16 @@ pub enum DataCommand {
     ///
     /// With `--vocab-size` a byte-level BPE is trained on the inputs first (one extra pass);
     /// with `--tokenizer` a Hugging Face tokenizer.json is used as is. Either way it is saved as
-    /// tokenizer.json next to the shards and named in manifest.json. The directory is built
-    /// under a temporary name and renamed when complete. Progress goes to stderr every ~2 s.
+    /// tokenizer.json next to the shards and named in manifest.json. Byte-level BPE tokenizers
+    /// are encoded by gantry's fast path (the same ids as the HF encoder) on every core.
+    /// `--input -` reads standard input as one stream (text cut per --split-by, or JSON lines
+    /// with --split-by record; needs --tokenizer). `--compress zstd` also writes each shard's
+    /// tokens as independent zstd frames with a frame index, listed in manifest.json. The
+    /// directory is built under a temporary name and renamed when complete. Progress goes to
+    /// stderr: a bar on a terminal, a log line every ~2 s otherwise.
     ///
     /// Example: gantry data prepare --input corpus/ --output data/corpus --vocab-size 32000
+    ///          cat corpus/*.txt | gantry data prepare --input - --output data/c2 --tokenizer data/corpus/tokenizer.json
     #[command(verbatim_doc_comment)]
     Prepare(PrepareArgs),
 }
@@ -82,9 +91,52 @@ pub struct PrepareArgs {
     /// Most tokens per shard (documents never split across shards).
     #[arg(long, default_value_t = 256 << 20)]
     shard_tokens: u64,
+    /// Encoding threads (0: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Encode with the Hugging Face encoder even where gantry's fast path applies.
+    #[arg(long)]
+    no_fast: bool,
+    #[command(flatten)]
+    zstd: CompressArgs,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Compression {
+    /// Independent zstd frames plus a frame index, next to the .bin/.idx.
+    Zstd,
+}
+
+#[derive(Args)]
+struct CompressArgs {
+    /// Also write each shard's tokens compressed.
+    #[arg(long, value_enum)]
+    compress: Option<Compression>,
+    /// zstd level.
+    #[arg(long, default_value_t = 3, requires = "compress")]
+    zstd_level: i32,
+    /// Uncompressed bytes per zstd frame (a multiple of 8).
+    #[arg(long, default_value_t = 4 << 20, requires = "compress")]
+    zstd_frame_bytes: u64,
+}
+
+impl CompressArgs {
+    fn options(&self) -> Result<Option<ZstdOptions>> {
+        let Some(Compression::Zstd) = self.compress else {
+            return Ok(None);
+        };
+        let opts = ZstdOptions {
+            level: self.zstd_level,
+            frame_bytes: self.zstd_frame_bytes,
+        };
+        opts.validate()
+            .map_err(anyhow::Error::msg)
+            .context("invalid zstd settings")?;
+        Ok(Some(opts))
+    }
 }
 
 #[derive(Args)]
@@ -101,6 +153,13 @@ pub struct BenchArgs {
     seconds: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also read from the zstd frames (the dataset must have them): batches through the frame
+    /// cache and the raw decompression rate, next to the uncompressed figure.
+    #[arg(long)]
+    zstd: bool,
+    /// Decompressed frames each zstd shard keeps.
+    #[arg(long, default_value_t = 16)]
+    cache_frames: usize,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -127,6 +186,8 @@ pub struct SynthArgs {
     /// Tokens per shard.
     #[arg(long, default_value_t = 64 << 20)]
     shard_tokens: u64,
+    #[command(flatten)]
+    zstd: CompressArgs,
     /// Print the manifest as JSON.
     #[arg(long)]
     json: bool,
@@ -172,13 +233,16 @@ fn prepare_cmd(a: PrepareArgs) -> Result<ExitCode> {
         SplitArg::Record => SplitBy::Record,
     };
     cfg.shard_tokens = a.shard_tokens;
-    cfg.progress = true;
+    cfg.threads = a.threads;
+    cfg.fast = !a.no_fast;
+    cfg.compress = a.zstd.options()?;
+    cfg.progress = ProgressMode::Auto;
     let r = prepare(&cfg).with_context(|| format!("preparing {}", a.output.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "wrote {} documents, {} tokens ({:?}, vocabulary {}) in {} shard(s) to {} from {} file(s), {:.1} MB in {:.2}s ({:.2} MB/s, {:.2}M tokens/s){}",
+            "wrote {} documents, {} tokens ({:?}, vocabulary {}) in {} shard(s) to {} from {} file(s), {:.1} MB in {:.2}s ({:.2} MB/s on {} thread(s), {:.2}M tokens/s, {}){}{}",
             r.documents,
             r.tokens,
             r.dtype,
@@ -189,7 +253,15 @@ fn prepare_cmd(a: PrepareArgs) -> Result<ExitCode> {
             r.bytes as f64 / 1e6,
             r.seconds,
             r.mb_per_s,
+            r.threads,
             r.tokens_per_s / 1e6,
+            match &r.fast_path_unavailable {
+                None => "fast byte-level BPE".to_string(),
+                Some(why) => format!("HF encoder: fast path {why}"),
+            },
+            r.zstd_bytes
+                .map(|b| format!("; zstd frames {:.1} MB", b as f64 / 1e6))
+                .unwrap_or_default(),
             if r.trained_tokenizer {
                 format!("; tokenizer trained in {:.2}s", r.train_seconds)
             } else {
@@ -210,8 +282,10 @@ fn synth(a: SynthArgs) -> Result<ExitCode> {
         shard_tokens: a.shard_tokens,
     };
     cfg.validate().map_err(anyhow::Error::msg).context("invalid settings")?;
+    let zstd = a.zstd.options()?;
     let started = Instant::now();
-    let manifest = synthesize(&a.output, &cfg).with_context(|| format!("writing {}", a.output.display()))?;
+    let manifest =
+        synthesize_with(&a.output, &cfg, zstd.as_ref()).with_context(|| format!("writing {}", a.output.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
@@ -242,14 +316,21 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     if !a.no_verify {
         manifest.verify(&a.dir).context("verification failed")?;
     }
-    let Some(first) = manifest.shards.first() else {
+    if manifest.shards.is_empty() {
         bail!("{}: the manifest lists no shards", a.dir.display())
-    };
-    let ds = IndexedDataset::open(&a.dir.join(&first.prefix))?;
+    }
+    // Auto: the .bin where present, else the zstd frames (compressed-only copies).
+    let data = TokenDataset::open(&a.dir).with_context(|| format!("opening {}", a.dir.display()))?;
+    let first_len = data.document_lengths()?.first().copied().unwrap_or(0);
     let mut sample = Vec::new();
-    let seq = ds.document(0).start;
-    let n = a.sample.min(ds.sequence_len(seq));
-    ds.tokens(seq, 0, n).extend_i64(&mut sample);
+    data.read_span(
+        Span {
+            doc: 0,
+            offset: 0,
+            len: first_len.min(u32::try_from(a.sample).unwrap_or(u32::MAX)),
+        },
+        &mut sample,
+    )?;
     let sample_text = match manifest.tokenizer {
         TokenizerInfo::Bytes => {
             Some(String::from_utf8_lossy(&sample.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned())
@@ -290,13 +371,27 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
         m.tokens
     );
     println!("  tokenizer: {:?}", m.tokenizer);
+    let zstd: Vec<_> = m.shards.iter().filter_map(|s| s.zstd.as_ref()).collect();
+    if !zstd.is_empty() {
+        let bin: u64 = m.shards.iter().filter(|s| s.zstd.is_some()).map(|s| s.bin_bytes).sum();
+        let packed: u64 = zstd.iter().map(|z| z.bytes).sum();
+        println!(
+            "  zstd frames: {} of {} shard(s), {} frames, {:.1} MB for {:.1} MB of tokens ({:.2}x)",
+            zstd.len(),
+            m.shards.len(),
+            zstd.iter().map(|z| z.frames).sum::<u64>(),
+            packed as f64 / 1e6,
+            bin as f64 / 1e6,
+            bin as f64 / packed.max(1) as f64
+        );
+    }
     if let Some(h) = m.entropy_nats_per_token {
         println!("  entropy rate: {h:.4} nats/token (the loss floor for a perfect model)");
     }
     println!(
         "  checksums and indexes: {}",
         if report.verified {
-            "verified"
+            "verified (zstd frames: files hashed and decompressed to the .bin's checksum)"
         } else {
             "not checked (--no-verify)"
         }
@@ -312,13 +407,17 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.batch == 0 || a.seq_len == 0 || a.seconds.is_nan() || a.seconds <= 0.0 {
         bail!("--batch and --seq-len must be at least 1 and --seconds positive");
     }
-    let ds = GptDataset::open(&a.dir, a.seq_len).with_context(|| format!("opening {}", a.dir.display()))?;
-    let r = bench_reader(&ds, a.batch, a.seconds, a.seed)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
+    let open = |source| {
+        let opts = OpenOptions {
+            source,
+            cache_frames: a.cache_frames,
+        };
+        GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts)
+            .with_context(|| format!("opening {}", a.dir.display()))
+    };
+    let print = |label: &str, r: &ReadBench| {
         println!(
-            "{}: {} samples of {} tokens in batches of {} in {:.2}s: {:.1}M tokens/s (one thread); \
+            "{} ({label}): {} samples of {} tokens in batches of {} in {:.2}s: {:.1}M tokens/s (one thread); \
              memcpy of the same bytes: {:.2} GB/s = {:.1}M tokens/s",
             a.dir.display(),
             r.samples,
@@ -329,6 +428,66 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
             r.memcpy_gbps,
             r.memcpy_tokens_per_s / 1e6
         );
+    };
+    if !a.zstd {
+        let r = bench_reader(&open(TokenSource::Auto)?, a.batch, a.seconds, a.seed)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            print(
+                if r.implementation == "gantry" {
+                    ".bin"
+                } else {
+                    "zstd frames"
+                },
+                &r,
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
     }
+    #[derive(serde::Serialize)]
+    struct ZstdBench {
+        uncompressed: Option<ReadBench>,
+        zstd: ReadBench,
+        zstd_decode: FrameBench,
+    }
+    let manifest = Manifest::read(&a.dir)?;
+    let have_bin = manifest
+        .shards
+        .iter()
+        .all(|s| a.dir.join(format!("{}.bin", s.prefix)).exists());
+    let uncompressed = if have_bin {
+        Some(bench_reader(&open(TokenSource::Bin)?, a.batch, a.seconds, a.seed)?)
+    } else {
+        None
+    };
+    let framed = open(TokenSource::Zstd)?;
+    let zstd = bench_reader(&framed, a.batch, a.seconds, a.seed)?;
+    let decode = bench_frames(framed.data(), a.seconds)?;
+    if a.json {
+        let r = ZstdBench {
+            uncompressed,
+            zstd,
+            zstd_decode: decode,
+        };
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(r) = &uncompressed {
+        print(".bin", r);
+    }
+    print(&format!("zstd frames, {} cached per shard", a.cache_frames), &zstd);
+    println!(
+        "{} (zstd decode): {} frames, {:.1} MB -> {:.1} MB ({:.2}x), {} pass(es) in {:.2}s: {:.2} GB/s = {:.1}M tokens/s (one thread)",
+        a.dir.display(),
+        decode.frames,
+        decode.compressed_bytes as f64 / 1e6,
+        decode.uncompressed_bytes as f64 / 1e6,
+        decode.ratio,
+        decode.passes,
+        decode.seconds,
+        decode.gbps,
+        decode.tokens_per_s / 1e6
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -45,6 +45,128 @@ fn data_synth_then_inspect_json() {
 }
 
 #[test]
+fn data_prepare_from_stdin_with_zstd_then_inspect_and_bench() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let root = std::env::temp_dir().join(format!("gantry-cli-prepare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let text: String = (0..300)
+        .map(|i| {
+            format!(
+                "Paragraph {i}: it's a small test, naïve but fine.\nSecond line {}.\n\n",
+                i * 7
+            )
+        })
+        .collect();
+    let input = root.join("t.txt");
+    std::fs::write(&input, &text).unwrap();
+    let from_file = root.join("file");
+    let out = gantry()
+        .args([
+            "data",
+            "prepare",
+            "--vocab-size",
+            "400",
+            "--split-by",
+            "blank-line",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(&from_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // stderr is not a terminal here: plain log lines, no bar.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("prepare: done:"), "{stderr}");
+
+    let from_stdin = root.join("stdin");
+    let mut child = gantry()
+        .args([
+            "data",
+            "prepare",
+            "--input",
+            "-",
+            "--split-by",
+            "blank-line",
+            "--compress",
+            "zstd",
+            "--json",
+        ])
+        .arg("--tokenizer")
+        .arg(from_file.join("tokenizer.json"))
+        .arg("--output")
+        .arg(&from_stdin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["documents"], 300);
+    assert_eq!(report["fast_path"], true);
+    let manifest = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (manifest(&from_file), manifest(&from_stdin));
+    assert_eq!(
+        a["shards"][0]["bin_xxh3"], b["shards"][0]["bin_xxh3"],
+        "stdin gives the same tokens"
+    );
+    assert!(b["shards"][0]["zstd"]["xxh3"].is_string());
+
+    // Inspect verifies the frames, also with the .bin gone.
+    std::fs::remove_file(from_stdin.join("shard-00000.bin")).unwrap();
+    let out = gantry().args(["data", "inspect"]).arg(&from_stdin).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("zstd frames: 1 of 1 shard(s)") && stdout.contains("Paragraph 0"),
+        "{stdout}"
+    );
+
+    let out = gantry()
+        .args([
+            "data",
+            "bench",
+            "--zstd",
+            "--json",
+            "--seconds",
+            "0.1",
+            "--seq-len",
+            "64",
+        ])
+        .arg(&from_stdin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bench: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(bench["uncompressed"].is_null(), "no .bin left");
+    assert_eq!(bench["zstd"]["impl"], "gantry-zstd");
+    assert!(bench["zstd_decode"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    // A damaged frame file: inspect names it.
+    let zst = from_stdin.join("shard-00000.bin.zst");
+    let mut z = std::fs::read(&zst).unwrap();
+    let mid = z.len() / 2;
+    z[mid] ^= 0xff;
+    std::fs::write(&zst, z).unwrap();
+    let out = gantry().args(["data", "inspect"]).arg(&from_stdin).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shard-00000.bin.zst") && stderr.contains("checksum mismatch"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn bench_collectives_rejects_bad_input_clearly() {
     let out = gantry()
         .args(["bench", "collectives", "--sizes", "12Q"])
