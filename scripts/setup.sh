@@ -89,6 +89,16 @@ setup_paths() {
     GANTRY_BIN="$GANTRY_TARGET_DIR/release/gantry"
     GANTRY_MPI_ALLREDUCE="$GANTRY_TARGET_DIR/peers/mpi_allreduce"
     GANTRY_PY="$GANTRY_REPO/.tools/py/bin/python"
+    # tch's build script reads LIBTORCH; the binaries find the libraries
+    # through LD_LIBRARY_PATH (tch has no rpath).
+    local site
+    site="$(ls -d "$GANTRY_REPO"/.tools/torch-venv/lib/python3*/site-packages 2>/dev/null | head -n1 || true)"
+    LIBTORCH="${site:-$GANTRY_REPO/.tools/torch-venv/lib/python3.11/site-packages}/torch"
+    case ":${LD_LIBRARY_PATH:-}:" in
+        *":$LIBTORCH/lib:"*) ;;
+        *) LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+    esac
+    export LIBTORCH LD_LIBRARY_PATH
     export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY
 }
 
@@ -163,16 +173,32 @@ ensure_gantry_build() {
     [[ -x $GANTRY_BIN ]] || setup_die "build finished but $GANTRY_BIN is missing"
 }
 
-# Extension point (not enabled yet): libtorch for tch 0.24.0, from PyPI.
-# Recipe (shared/FACTS.md): a venv under .tools/ with pinned wheels, no deps:
-#   python3 -m venv .tools/torch-venv
-#   .tools/torch-venv/bin/pip install --no-deps torch==2.11.0 \
-#       nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
-# then export LIBTORCH=.tools/torch-venv/lib/python3.11/site-packages/torch and
-# LD_LIBRARY_PATH=$LIBTORCH/lib (in setup_paths, so sourcing picks them up).
-# Check first: skip when `pip show torch` in the venv already reports 2.11.0.
+# libtorch 2.11.0 for tch 0.24.0 (train/ only), from PyPI (shared/FACTS.md):
+# PyPI has no CPU-only torch wheel for x86_64, so install the CUDA wheel
+# without its ~4.7 GB of nvidia dependencies, plus the two small libraries
+# libtorch_cpu needs at load time (libcudart.so.13, libcupti.so.13). `import
+# torch` fails in this venv; that is fine: only the shared libraries are used.
+# Skipped when the marker file says this exact set is installed.
+SETUP_TORCH_PKGS=(torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85)
 ensure_libtorch() {
-    :
+    local venv="$GANTRY_REPO/.tools/torch-venv"
+    local marker="$venv/.gantry-installed"
+    if [[ -f $marker && "$(cat "$marker")" == "${SETUP_TORCH_PKGS[*]}" && -f $GANTRY_REPO/.tools/libtorch/lib/libtorch_cpu.so ]]; then
+        return 0
+    fi
+    if ! [[ -x $venv/bin/python ]] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+        setup_apt_install python3 python3-venv
+        setup_log "python3 -m venv ${venv#"$GANTRY_REPO"/}"
+        python3 -m venv --clear "$venv"
+    fi
+    setup_log "pip install --no-deps ${SETUP_TORCH_PKGS[*]} (about 530 MB)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${SETUP_TORCH_PKGS[@]}"
+    setup_paths
+    [[ -f $LIBTORCH/lib/libtorch_cpu.so ]] || setup_die "libtorch_cpu.so missing under $LIBTORCH after pip install"
+    # A stable path for .cargo/config.toml's LIBTORCH (the venv's site-packages
+    # path carries the Python version).
+    ln -sfn "$LIBTORCH" "$GANTRY_REPO/.tools/libtorch"
+    printf '%s' "${SETUP_TORCH_PKGS[*]}" >"$marker"
 }
 
 # Extension point (not enabled yet): the S3 test server.
@@ -185,7 +211,7 @@ ensure_s3s_fs() {
 # ---------------------------------------------------------------- main
 
 # Order matters: the peer build needs Open MPI.
-SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_gantry_build)
+SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_libtorch ensure_gantry_build)
 
 setup_main() {
     local arg

@@ -19,7 +19,7 @@ pub struct LocalWorld {
     pub children: Vec<Child>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
     /// Children share the launcher's stdout/stderr.
     Inherit,
@@ -27,6 +27,8 @@ pub enum Output {
     Rank0Stdout,
     /// Pipes for the caller to read (tests).
     Piped,
+    /// Each rank's stdout and stderr appended to `<dir>/rank-<i>.log`.
+    Files(std::path::PathBuf),
 }
 
 /// Spawn `world` copies of `program args…` as ranks 0..world.
@@ -46,11 +48,21 @@ pub fn spawn_local_world(
             .envs(Bootstrap::env_for(rank, world, "127.0.0.1", port))
             .env("GANTRY_STORE_EXTERNAL", "1");
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
-        let (out, err) = match output {
+        let (out, err) = match &output {
             Output::Inherit => (Stdio::inherit(), Stdio::inherit()),
             Output::Rank0Stdout if rank == 0 => (Stdio::inherit(), Stdio::inherit()),
             Output::Rank0Stdout => (Stdio::null(), Stdio::inherit()),
             Output::Piped => (Stdio::piped(), Stdio::piped()),
+            Output::Files(dir) => {
+                let path = dir.join(format!("rank-{rank}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| StoreError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
+                let dup = file.try_clone().map_err(StoreError::Io)?;
+                (Stdio::from(file), Stdio::from(dup))
+            }
         };
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.

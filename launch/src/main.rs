@@ -8,9 +8,11 @@
 //! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
 //!   `gantry bench nccl` (the NCCL device self test).
 //! - `data.rs`: `gantry data synth` and `gantry data inspect`.
+//! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
 
 mod bench;
 mod data;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -31,6 +33,12 @@ enum Command {
     /// Token datasets: synthesize, inspect.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train a job on this host: spawn N rank processes, follow them, summarize.
+    Launch(train::LaunchArgs),
+    /// One rank process of a job (started by `gantry launch` or a worker; reads torchrun-style
+    /// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
+    #[command(hide = true)]
+    Rank(train::RankArgs),
 }
 
 fn init_logging() {
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Data(cmd) => data::run(cmd),
+        Command::Launch(args) => train::launch(args),
+        Command::Rank(args) => train::rank(args),
     };
     match result {
         Ok(code) => code,

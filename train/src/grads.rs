@@ -1,0 +1,348 @@
+//! Data-parallel gradient synchronization in buckets, overlapped with backward.
+//!
+//! Parameters are grouped into buckets (about `bucket_mb` each) in reverse creation order,
+//! which is the order backward finishes them. A bucket never mixes parameters that the
+//! optimizer or the norm treat differently (weight decay or not, counted in the global norm
+//! or not), and a tied embedding shared across pipeline stages gets a bucket of its own so the
+//! first and last stage hold identically shaped buckets for it.
+//!
+//! During the last micro-batch's backward, when the last unit touching every parameter of a
+//! bucket has finished, the bucket's gradients are packed and handed to a dedicated thread
+//! that owns the data-parallel communicator: it all-reduces (average) them — or, with ZeRO-1,
+//! reduce-scatters them so each rank keeps only its shard — while the main thread continues
+//! backward. [`GradSync::finish`] waits for every bucket.
+
+use crate::error::TrainError;
+use crate::model::Model;
+use crate::param::ParamId;
+use gantry_collectives::{CommError, Communicator, ReduceOp};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use tch::{Device, Kind, Tensor};
+
+pub struct Bucket {
+    pub params: Vec<ParamId>,
+    /// Start of each parameter in the flat bucket.
+    pub offsets: Vec<usize>,
+    /// Flat length, padded to a multiple of the DP size.
+    pub len: usize,
+    pub decay: bool,
+    pub counts_in_norm: bool,
+    /// Holds only the tied embedding of a pipelined model.
+    pub tied: bool,
+}
+
+impl Bucket {
+    /// This rank's range of the flat bucket: all of it, or its ZeRO-1 shard.
+    pub fn shard(&self, zero: bool, dp_rank: usize, dp: usize) -> std::ops::Range<usize> {
+        if zero {
+            let n = self.len / dp;
+            dp_rank * n..(dp_rank + 1) * n
+        } else {
+            0..self.len
+        }
+    }
+}
+
+/// Group the model's parameters into buckets of about `bucket_bytes`.
+pub fn plan_buckets(model: &Model, tp_rank: usize, dp: usize, bucket_bytes: usize, pipelined: bool) -> Vec<Bucket> {
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut open: Vec<Option<usize>> = vec![None; 4];
+    let params: Vec<(ParamId, &crate::param::Param)> = model.params.iter().collect();
+    for &(id, p) in params.iter().rev() {
+        let tied = pipelined && model.spec.tie_embeddings && p.name == "embed.wte";
+        let (decay, norm) = (p.decay, p.counts_in_norm(tp_rank));
+        let key = usize::from(decay) * 2 + usize::from(norm);
+        let slot = if tied { None } else { open[key] };
+        let b = match slot {
+            Some(b) if buckets[b].len * 4 < bucket_bytes => b,
+            _ => {
+                buckets.push(Bucket {
+                    params: Vec::new(),
+                    offsets: Vec::new(),
+                    len: 0,
+                    decay,
+                    counts_in_norm: norm,
+                    tied,
+                });
+                let b = buckets.len() - 1;
+                if !tied {
+                    open[key] = Some(b);
+                }
+                b
+            }
+        };
+        let bucket = &mut buckets[b];
+        bucket.offsets.push(bucket.len);
+        bucket.params.push(id);
+        bucket.len += p.numel();
+        if tied {
+            open[key] = open[key].filter(|&o| o != b);
+        }
+    }
+    for b in &mut buckets {
+        b.len = b.len.div_ceil(dp) * dp;
+    }
+    buckets
+}
+
+enum Job {
+    AllReduce(usize, Vec<f32>),
+    ReduceScatter(usize, Vec<f32>),
+    AllGather(usize, Vec<f32>),
+}
+
+type JobResult = (usize, Result<Vec<f32>, CommError>);
+
+/// The thread that owns the data-parallel communicator.
+struct DpThread {
+    jobs: Option<Sender<Job>>,
+    results: Receiver<JobResult>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl DpThread {
+    fn spawn(mut comm: Communicator) -> DpThread {
+        let (jobs, rx) = channel::<Job>();
+        let (tx, results) = channel::<JobResult>();
+        let handle = std::thread::Builder::new()
+            .name("gantry-dp-grads".into())
+            .spawn(move || {
+                let size = comm.size();
+                for job in rx {
+                    let out = match job {
+                        Job::AllReduce(b, mut v) => (b, comm.all_reduce_in_place(&mut v, ReduceOp::Avg).map(|_| v)),
+                        Job::ReduceScatter(b, v) => {
+                            let mut out = vec![0f32; v.len() / size];
+                            (b, comm.reduce_scatter(&v, &mut out, ReduceOp::Avg).map(|_| out))
+                        }
+                        Job::AllGather(b, v) => {
+                            let mut out = vec![0f32; v.len() * size];
+                            (b, comm.all_gather(&v, &mut out).map(|_| out))
+                        }
+                    };
+                    if tx.send(out).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the data-parallel gradient thread");
+        DpThread {
+            jobs: Some(jobs),
+            results,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for DpThread {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+pub struct GradSync {
+    pub buckets: Vec<Bucket>,
+    /// Per parameter: its bucket.
+    bucket_of: Vec<usize>,
+    /// Per parameter: how many units read it (a tied embedding: two).
+    uses: Vec<usize>,
+    uses_left: Vec<usize>,
+    params_left: Vec<usize>,
+    thread: Option<DpThread>,
+    pub zero: bool,
+    pub dp_rank: usize,
+    pub dp: usize,
+    rank: usize,
+    in_flight: usize,
+    device: Device,
+    /// Synchronized gradients per bucket (the shard under ZeRO-1), after `finish`.
+    pub reduced: Vec<Option<Tensor>>,
+}
+
+impl GradSync {
+    pub fn new(
+        model: &Model,
+        dp_comm: Option<Communicator>,
+        zero: bool,
+        tp_rank: usize,
+        rank: usize,
+        bucket_bytes: usize,
+        pipelined: bool,
+    ) -> GradSync {
+        let dp_comm = dp_comm.filter(|c| c.size() > 1);
+        let (dp, dp_rank) = dp_comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
+        let buckets = plan_buckets(model, tp_rank, dp, bucket_bytes, pipelined);
+        let n = model.params.len();
+        let mut bucket_of = vec![0; n];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for p in &bucket.params {
+                bucket_of[p.0] = b;
+            }
+        }
+        let mut uses = vec![0; n];
+        for u in 0..model.units.len() {
+            for p in model.unit_params(u) {
+                uses[p.0] += 1;
+            }
+        }
+        let nb = buckets.len();
+        GradSync {
+            params_left: buckets.iter().map(|b| b.params.len()).collect(),
+            buckets,
+            bucket_of,
+            uses_left: uses.clone(),
+            uses,
+            thread: dp_comm.map(DpThread::spawn),
+            zero: zero && dp > 1,
+            dp_rank,
+            dp,
+            rank,
+            in_flight: 0,
+            device: model.params.device(),
+            reduced: (0..nb).map(|_| None).collect(),
+        }
+    }
+
+    /// Start of a step's last micro-batch backward.
+    pub fn reset(&mut self) {
+        self.uses_left.clone_from(&self.uses);
+        for (b, bucket) in self.buckets.iter().enumerate() {
+            self.params_left[b] = bucket.params.len();
+        }
+        self.reduced.iter_mut().for_each(|r| *r = None);
+    }
+
+    /// Unit `unit` finished its last backward of the step: launch the buckets it completes.
+    pub fn unit_done(&mut self, model: &Model, unit: usize) -> Result<(), TrainError> {
+        for p in model.unit_params(unit) {
+            self.uses_left[p.0] -= 1;
+            if self.uses_left[p.0] == 0 {
+                let b = self.bucket_of[p.0];
+                self.params_left[b] -= 1;
+                if self.params_left[b] == 0 {
+                    self.launch(model, b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(&mut self, model: &Model, b: usize) -> Result<(), TrainError> {
+        let flat = pack_grads(model, &self.buckets[b]);
+        match &self.thread {
+            None => self.reduced[b] = Some(flat),
+            Some(t) => {
+                let host = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
+                let job = if self.zero {
+                    Job::ReduceScatter(b, host)
+                } else {
+                    Job::AllReduce(b, host)
+                };
+                self.send(t, job)?;
+                self.in_flight += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, t: &DpThread, job: Job) -> Result<(), TrainError> {
+        t.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| TrainError::GradientThread {
+                rank: self.rank,
+                message: "the thread has stopped".into(),
+            })
+    }
+
+    /// Wait for every bucket of the step.
+    pub fn finish(&mut self) -> Result<(), TrainError> {
+        while self.in_flight > 0 {
+            let t = self.thread.as_ref().expect("in flight implies a thread");
+            let (b, r) = t.results.recv().map_err(|_| TrainError::GradientThread {
+                rank: self.rank,
+                message: "the thread exited".into(),
+            })?;
+            self.in_flight -= 1;
+            let v = r?;
+            self.reduced[b] = Some(Tensor::from_slice(&v).to_device(self.device));
+        }
+        if let Some(b) = self.reduced.iter().position(Option::is_none) {
+            return Err(TrainError::Internal(format!(
+                "bucket {b} never became ready (a unit's backward was not reported)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1: gather every rank's updated shard of each bucket into full flat buckets.
+    pub fn all_gather(&mut self, shards: Vec<Tensor>) -> Result<Vec<Tensor>, TrainError> {
+        let Some(t) = &self.thread else { return Ok(shards) };
+        let n = shards.len();
+        for (b, s) in shards.into_iter().enumerate() {
+            let host = Vec::<f32>::try_from(&s.to_device(Device::Cpu))?;
+            self.send(t, Job::AllGather(b, host))?;
+        }
+        let mut out: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let (b, r) = t.results.recv().map_err(|_| TrainError::GradientThread {
+                rank: self.rank,
+                message: "the thread exited".into(),
+            })?;
+            out[b] = Some(Tensor::from_slice(&r?).to_device(self.device));
+        }
+        Ok(out.into_iter().map(|t| t.expect("every bucket gathered")).collect())
+    }
+}
+
+/// A bucket's gradients as one flat f32 tensor (zeros for padding and missing gradients).
+pub fn pack_grads(model: &Model, bucket: &Bucket) -> Tensor {
+    let device = model.params.device();
+    let mut parts = Vec::with_capacity(bucket.params.len() + 1);
+    let mut used = 0;
+    for &p in &bucket.params {
+        let t = model.params.get(p);
+        let g = t.grad();
+        parts.push(if g.defined() {
+            g.detach().to_kind(Kind::Float).reshape([-1])
+        } else {
+            Tensor::zeros([t.numel() as i64], (Kind::Float, device))
+        });
+        used += t.numel();
+    }
+    if bucket.len > used {
+        parts.push(Tensor::zeros([(bucket.len - used) as i64], (Kind::Float, device)));
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// A bucket's parameter values as one flat f32 tensor.
+pub fn pack_params(model: &Model, bucket: &Bucket) -> Tensor {
+    let device = model.params.device();
+    let mut parts: Vec<Tensor> = bucket
+        .params
+        .iter()
+        .map(|&p| model.params.get(p).detach().to_kind(Kind::Float).reshape([-1]))
+        .collect();
+    let used: usize = bucket.params.iter().map(|&p| model.params.get(p).numel()).sum();
+    if bucket.len > used {
+        parts.push(Tensor::zeros([(bucket.len - used) as i64], (Kind::Float, device)));
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// Write a full flat bucket back into the parameters.
+pub fn unpack_params(model: &Model, bucket: &Bucket, flat: &Tensor) {
+    tch::no_grad(|| {
+        for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
+            let mut t = model.params.get(p).shallow_clone();
+            let n = t.numel() as i64;
+            let src = flat.narrow(0, off as i64, n).view(t.size().as_slice());
+            t.copy_(&src);
+        }
+    });
+}

@@ -1,0 +1,208 @@
+//! Parameters as slices of global tensors. Every parameter knows its global name and shape
+//! and which hyper-rectangle of it this rank holds, so initialization, gradient-norm
+//! accounting and (later) checkpoints see the same global model whatever the layout.
+//!
+//! Initialization is layout-independent: a tensor's values come from a seed derived from
+//! (job seed, tensor name) and are generated globally, then sliced. Two layouts therefore
+//! start from bit-identical global weights.
+
+use tch::{Device, Kind, Tensor};
+
+/// How a parameter starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal { std: f64 },
+    Zeros,
+    Ones,
+}
+
+/// Index of a parameter in its stage's [`ParamStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub usize);
+
+pub struct Param {
+    /// Global name, e.g. `layers.3.attn.qkv.weight`.
+    pub name: String,
+    pub global_shape: Vec<i64>,
+    /// Start of this rank's slice along each dimension (all zero when unsharded).
+    pub offsets: Vec<i64>,
+    /// The local values: a leaf that requires grad.
+    pub tensor: Tensor,
+    /// Identical on every TP rank (norms, biases after a reduction, position embeddings):
+    /// counted once in the global gradient norm.
+    pub tp_replicated: bool,
+    /// Gets weight decay (matrices and embeddings; not norms or biases).
+    pub decay: bool,
+    /// The last pipeline stage's copy of a tied embedding: kept equal to the first stage's
+    /// by summing their gradients; not counted again in the norm.
+    pub tied_copy: bool,
+}
+
+impl Param {
+    pub fn local_shape(&self) -> Vec<i64> {
+        self.tensor.size()
+    }
+    pub fn numel(&self) -> usize {
+        self.tensor.numel()
+    }
+    /// Counts toward the global gradient norm on this rank (with `tp_rank`).
+    pub fn counts_in_norm(&self, tp_rank: usize) -> bool {
+        !self.tied_copy && (!self.tp_replicated || tp_rank == 0)
+    }
+}
+
+/// The parameters of one pipeline stage on one rank, in creation order (= forward order;
+/// gradients become ready roughly in reverse).
+pub struct ParamStore {
+    params: Vec<Param>,
+    seed: u64,
+    device: Device,
+}
+
+/// Deterministic per-tensor seed (FNV-1a over the name, mixed with the job seed).
+pub fn tensor_seed(seed: u64, name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+pub struct NewParam<'a> {
+    pub name: &'a str,
+    pub global_shape: &'a [i64],
+    /// (dimension, number of parts, this rank's part): the slice along one dimension.
+    pub split: Option<(usize, i64, i64)>,
+    pub init: Init,
+    pub decay: bool,
+    pub tied_copy: bool,
+}
+
+impl ParamStore {
+    pub fn new(seed: u64, device: Device) -> ParamStore {
+        ParamStore {
+            params: Vec::new(),
+            seed,
+            device,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Create a parameter: generate the global tensor from its seed (on the CPU, so every
+    /// device and layout gets the same numbers), keep this rank's slice.
+    pub fn add(&mut self, p: NewParam<'_>) -> ParamId {
+        let shape = p.global_shape.to_vec();
+        let mut offsets = vec![0i64; shape.len()];
+        let full = match p.init {
+            Init::Zeros => Tensor::zeros(&shape, (Kind::Float, Device::Cpu)),
+            Init::Ones => Tensor::ones(&shape, (Kind::Float, Device::Cpu)),
+            Init::Normal { std } => {
+                tch::manual_seed(tensor_seed(self.seed, p.name));
+                Tensor::randn(&shape, (Kind::Float, Device::Cpu)) * std
+            }
+        };
+        let local = match p.split {
+            Some((dim, parts, part)) if parts > 1 => {
+                let len = shape[dim] / parts;
+                offsets[dim] = part * len;
+                full.narrow(dim as i64, part * len, len)
+            }
+            _ => full,
+        };
+        let tensor = local
+            .contiguous()
+            .to_device(self.device)
+            .detach()
+            .set_requires_grad(true);
+        let tp_replicated = !matches!(p.split, Some((_, parts, _)) if parts > 1);
+        self.params.push(Param {
+            name: p.name.to_string(),
+            global_shape: shape,
+            offsets,
+            tensor,
+            tp_replicated,
+            decay: p.decay,
+            tied_copy: p.tied_copy,
+        });
+        ParamId(self.params.len() - 1)
+    }
+
+    pub fn get(&self, id: ParamId) -> &Tensor {
+        &self.params[id.0].tensor
+    }
+
+    pub fn param(&self, id: ParamId) -> &Param {
+        &self.params[id.0]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(Param::numel).sum()
+    }
+
+    /// Drop every accumulated gradient (before a step's first micro-batch).
+    pub fn zero_grads(&self) {
+        for p in &self.params {
+            // A shallow clone shares the tensor and its gradient.
+            p.tensor.shallow_clone().zero_grad();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_of_a_split_parameter_tile_the_unsplit_one() {
+        let mut whole = ParamStore::new(7, Device::Cpu);
+        let w = whole.add(NewParam {
+            name: "w",
+            global_shape: &[3, 8, 4],
+            split: None,
+            init: Init::Normal { std: 1.0 },
+            decay: true,
+            tied_copy: false,
+        });
+        let parts: Vec<Tensor> = (0..2)
+            .map(|r| {
+                let mut s = ParamStore::new(7, Device::Cpu);
+                let id = s.add(NewParam {
+                    name: "w",
+                    global_shape: &[3, 8, 4],
+                    split: Some((1, 2, r)),
+                    init: Init::Normal { std: 1.0 },
+                    decay: true,
+                    tied_copy: false,
+                });
+                assert_eq!(s.param(id).offsets, vec![0, 4 * r, 0]);
+                assert!(!s.param(id).tp_replicated);
+                s.get(id).detach()
+            })
+            .collect();
+        let joined = Tensor::cat(&parts, 1);
+        assert!(joined.equal(&whole.get(w).detach()));
+    }
+
+    #[test]
+    fn seeds_differ_by_name_and_job_seed() {
+        assert_ne!(tensor_seed(1, "a"), tensor_seed(1, "b"));
+        assert_ne!(tensor_seed(1, "a"), tensor_seed(2, "a"));
+        assert_eq!(tensor_seed(3, "x.y"), tensor_seed(3, "x.y"));
+    }
+}

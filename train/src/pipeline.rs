@@ -1,0 +1,197 @@
+//! The unit executor and the pipeline interpreter.
+//!
+//! Forward: every unit starts from a leaf (`input.detach()` with grad), so the autograd graph
+//! is one small graph per unit. Backward walks the units in reverse: `(out · grad_out).sum()`
+//! backpropagates exactly `grad_out` through the unit's graph, then each tensor-parallel cut
+//! (f) has its leaf gradient all-reduced over TP and backpropagated from the cut's source; the
+//! unit's input leaf now holds the gradient for the previous unit (or the previous stage).
+//! Every graph is traversed once.
+//!
+//! [`run_schedule`] interprets a [`crate::schedule`] program: compute ops call the executor,
+//! communication ops move activations and gradients over the pipeline communicator.
+
+use crate::comm::TensorComm;
+use crate::error::TrainError;
+use crate::model::{MicroBatch, Model};
+use crate::schedule::{Op, tag};
+use crate::tensor_parallel::{Cut, Fwd};
+use gantry_collectives::ReduceOp;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// What one unit's forward left for its backward.
+pub struct UnitRecord {
+    input: Option<Tensor>,
+    output: Tensor,
+    cuts: Vec<Cut>,
+}
+
+/// Run the stage's units on one micro-batch. `input`: activations from the previous stage
+/// (None on the first stage). Returns the output (hidden state, or the loss on the last
+/// stage) and, when `grad`, the records backward needs.
+pub fn forward_stage(
+    model: &Model,
+    input: Option<Tensor>,
+    batch: &MicroBatch,
+    tp: &mut TensorComm,
+    grad: bool,
+    autocast: bool,
+    want_logits: bool,
+) -> Result<(Tensor, Vec<UnitRecord>), TrainError> {
+    let mut records = Vec::with_capacity(model.units.len());
+    let mut x = input;
+    for u in 0..model.units.len() {
+        let leaf = x
+            .take()
+            .map(|t| if grad { t.detach().set_requires_grad(true) } else { t });
+        let mut cx = Fwd {
+            tp: &mut *tp,
+            grad,
+            cuts: Vec::new(),
+        };
+        let out = tch::autocast(autocast, || {
+            model.forward_unit(u, leaf.as_ref(), batch, &mut cx, want_logits)
+        })?;
+        let cuts = cx.cuts;
+        if grad {
+            records.push(UnitRecord {
+                input: leaf,
+                output: out.shallow_clone(),
+                cuts,
+            });
+        }
+        x = Some(out);
+    }
+    let out = x.ok_or_else(|| TrainError::Internal("a stage without units".into()))?;
+    Ok((out, records))
+}
+
+/// Backward through a stage's records. `grad_out`: gradient of the stage output (None on the
+/// last stage, whose output is the loss, scaled by `loss_scale`). Calls `unit_done(u)` as each
+/// unit finishes. Returns the gradient of the stage input (None on the first stage).
+pub fn backward_stage(
+    records: Vec<UnitRecord>,
+    grad_out: Option<Tensor>,
+    loss_scale: f64,
+    tp: &mut TensorComm,
+    unit_done: &mut dyn FnMut(usize) -> Result<(), TrainError>,
+) -> Result<Option<Tensor>, TrainError> {
+    let mut grad = grad_out;
+    for (u, rec) in records.into_iter().enumerate().rev() {
+        let seed = match grad.take() {
+            Some(g) => (&rec.output * g.to_kind(rec.output.kind())).sum(Kind::Float),
+            None => &rec.output * loss_scale,
+        };
+        seed.f_backward()?;
+        for cut in rec.cuts.iter().rev() {
+            let mut g = cut.leaf.grad();
+            if !g.defined() {
+                continue;
+            }
+            tp.all_reduce_(&mut g, ReduceOp::Sum)?;
+            (&cut.source * g.to_kind(cut.source.kind()))
+                .sum(Kind::Float)
+                .f_backward()?;
+        }
+        unit_done(u)?;
+        grad = match &rec.input {
+            Some(leaf) => {
+                let g = leaf.grad();
+                Some(if g.defined() { g } else { leaf.zeros_like() })
+            }
+            None => None,
+        };
+    }
+    Ok(grad)
+}
+
+/// Per-step pipeline state for one stage.
+pub struct StepIo<'a> {
+    pub model: &'a Model,
+    pub tp: &'a mut TensorComm,
+    pub pp: &'a mut TensorComm,
+    /// Micro-batch `mb`'s inputs (tokens on the first stage, targets on the last).
+    pub batches: &'a [MicroBatch],
+    /// Shape of the activations exchanged between stages.
+    pub act_shape: Vec<i64>,
+    pub device: Device,
+    pub autocast: bool,
+    /// Scale of each micro-batch's loss in backward (1 / micro-batches).
+    pub loss_scale: f64,
+}
+
+/// Run one step's program on this stage. Returns the sum of the micro-batch losses (last
+/// stage; zero elsewhere). `unit_done(mb, unit)` is called as units finish backward.
+pub fn run_schedule(
+    io: &mut StepIo<'_>,
+    ops: &[Op],
+    grad: bool,
+    unit_done: &mut dyn FnMut(usize, usize) -> Result<(), TrainError>,
+) -> Result<f64, TrainError> {
+    let pp_rank = io.pp.rank();
+    let (prev, next) = (pp_rank.wrapping_sub(1), pp_rank + 1);
+    let mut inputs: HashMap<usize, Tensor> = HashMap::new();
+    let mut outputs: HashMap<usize, Tensor> = HashMap::new();
+    let mut records: HashMap<usize, Vec<UnitRecord>> = HashMap::new();
+    let mut out_grads: HashMap<usize, Tensor> = HashMap::new();
+    let mut in_grads: HashMap<usize, Tensor> = HashMap::new();
+    let mut loss_sum: Option<Tensor> = None;
+    let last = io.model.plan.last;
+    let missing =
+        |what: &str, mb: usize| TrainError::Internal(format!("stage {pp_rank}: no {what} for micro-batch {mb}"));
+    for &op in ops {
+        match op {
+            Op::RecvForward { mb } => {
+                let t = io.pp.recv(&io.act_shape, io.device, prev, tag(op))?;
+                inputs.insert(mb, t);
+            }
+            Op::Forward { mb } => {
+                let input = inputs.remove(&mb);
+                let (out, recs) = forward_stage(io.model, input, &io.batches[mb], io.tp, grad, io.autocast, false)?;
+                if last {
+                    let l = out.detach().to_kind(Kind::Double);
+                    loss_sum = Some(match loss_sum {
+                        Some(s) => s + l,
+                        None => l,
+                    });
+                } else {
+                    outputs.insert(mb, out.detach());
+                }
+                if grad {
+                    records.insert(mb, recs);
+                }
+            }
+            Op::SendForward { mb } => {
+                let t = outputs.remove(&mb).ok_or_else(|| missing("output", mb))?;
+                io.pp.send(&t, next, tag(op))?;
+            }
+            Op::RecvBackward { mb } => {
+                let t = io.pp.recv(&io.act_shape, io.device, next, tag(op))?;
+                out_grads.insert(mb, t);
+            }
+            Op::Backward { mb } => {
+                let recs = records.remove(&mb).ok_or_else(|| missing("forward record", mb))?;
+                let g = out_grads.remove(&mb);
+                let input_grad = backward_stage(recs, g, io.loss_scale, io.tp, &mut |u| unit_done(mb, u))?;
+                if let Some(g) = input_grad {
+                    in_grads.insert(mb, g);
+                }
+            }
+            Op::SendBackward { mb } => {
+                let g = in_grads.remove(&mb).ok_or_else(|| missing("input gradient", mb))?;
+                io.pp.send(&g, prev, tag(op))?;
+            }
+            Op::SendForwardRecvBackward { send, recv } => {
+                let t = outputs.remove(&send).ok_or_else(|| missing("output", send))?;
+                let g = io.pp.send_recv(&t, &io.act_shape, io.device, next, tag(op))?;
+                out_grads.insert(recv, g);
+            }
+            Op::SendBackwardRecvForward { send, recv } => {
+                let g = in_grads.remove(&send).ok_or_else(|| missing("input gradient", send))?;
+                let t = io.pp.send_recv(&g, &io.act_shape, io.device, prev, tag(op))?;
+                inputs.insert(recv, t);
+            }
+        }
+    }
+    Ok(loss_sum.map_or(0.0, |s| s.double_value(&[])))
+}

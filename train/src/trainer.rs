@@ -1,0 +1,449 @@
+//! One rank's training run, start to finish: join the fabric, build the communicators of the
+//! layout, build this rank's slice of the model, then per step: micro-batches through the
+//! pipeline schedule, data-parallel bucket sync (overlapped with backward), tied-embedding
+//! sync, global-norm clipping, AdamW (ZeRO-1 optional), metrics; validation every K steps.
+
+use crate::comm::{CommClock, TensorComm};
+use crate::error::TrainError;
+use crate::grads::{GradSync, pack_params, unpack_params};
+use crate::metrics::{H200_PEAK_FLOPS, MetricsWriter, RunSummary, StepMetrics};
+use crate::model::{MicroBatch, Model, StagePlan, partition_layers};
+use crate::optim::{AdamState, clip_coefficient, learning_rate};
+use crate::pipeline::{StepIo, run_schedule};
+use crate::schedule::{MAX_MICRO_BATCHES, forward_schedule, train_schedule};
+use crate::spec::{DeviceSpec, JobSpec};
+use gantry_collectives::layout::Dim;
+use gantry_collectives::{Fabric, ParallelLayout, ReduceOp};
+use gantry_sharding::gpt::{GptDataset, Prefetcher, Split};
+use gantry_sharding::sampler::Sampler;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Everything a rank needs to know about where it sits.
+pub struct RankPlace {
+    pub rank: usize,
+    pub layout: ParallelLayout,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    pub stage: usize,
+}
+
+impl RankPlace {
+    pub fn reports(&self) -> bool {
+        self.dp_rank == 0 && self.tp_rank == 0 && self.stage + 1 == self.layout.pp()
+    }
+}
+
+struct Comms {
+    tp: TensorComm,
+    pp: TensorComm,
+    /// Small data-parallel values on the main thread (losses); gradients use their own thread.
+    dp_main: TensorComm,
+    world: TensorComm,
+    /// First and last pipeline stage of the same (dp, tp) coordinates: the tied embedding.
+    embed: TensorComm,
+}
+
+fn build_comms(
+    fabric: &Fabric,
+    place: &RankPlace,
+    tied: bool,
+    clock: &CommClock,
+) -> Result<(Comms, Option<gantry_collectives::Communicator>), TrainError> {
+    let l = &place.layout;
+    let r = place.rank;
+    let group = |dim: Dim, name: &str| -> Result<TensorComm, TrainError> {
+        let members = l.group(dim, r);
+        let c = fabric.group(&format!("{name}/{}", l.color(dim, r)), members)?;
+        Ok(TensorComm::new(Some(c), clock.clone()))
+    };
+    let tp = group(Dim::Tp, "tp")?;
+    let pp = group(Dim::Pp, "pp")?;
+    let dp_main = group(Dim::Dp, "dp-main")?;
+    let dp_grads = fabric.group(&format!("dp-grads/{}", l.color(Dim::Dp, r)), l.group(Dim::Dp, r))?;
+    let world = TensorComm::new(Some(fabric.world()), clock.clone());
+    let embed = if tied && l.pp() > 1 && (place.stage == 0 || place.stage + 1 == l.pp()) {
+        let pp_members = l.group(Dim::Pp, r);
+        let members = vec![pp_members[0], pp_members[l.pp() - 1]];
+        let key = format!("embed/{}", l.color(Dim::Pp, r));
+        TensorComm::new(Some(fabric.group(&key, members)?), clock.clone())
+    } else {
+        TensorComm::new(None, clock.clone())
+    };
+    Ok((
+        Comms {
+            tp,
+            pp,
+            dp_main,
+            world,
+            embed,
+        },
+        Some(dp_grads),
+    ))
+}
+
+/// Token rows of a prefetched batch as model inputs and targets.
+fn micro_batch(tokens: &[i64], rows: usize, seq_len: usize, device: Device) -> MicroBatch {
+    let t = Tensor::from_slice(tokens).view([rows as i64, seq_len as i64 + 1]);
+    MicroBatch {
+        tokens: t.narrow(1, 0, seq_len as i64).to_device(device),
+        targets: t.narrow(1, 1, seq_len as i64).contiguous().to_device(device),
+    }
+}
+
+fn placeholder_batch() -> MicroBatch {
+    MicroBatch {
+        tokens: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+        targets: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+    }
+}
+
+pub fn device_of(spec: &JobSpec) -> Result<Device, TrainError> {
+    match spec.train.device {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(TrainError::Device(
+                    "train.device = \"cuda\" but no CUDA device is visible (libtorch_cuda.so not loaded or no GPU)"
+                        .into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Train per `spec` as rank `fabric.rank()`, writing metrics under `run_dir` when this rank
+/// reports. Returns the run summary (meaningful on the reporting rank).
+pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSummary, TrainError> {
+    spec.validate(fabric.world_size())?;
+    let p = &spec.parallel;
+    let layout =
+        ParallelLayout::new(fabric.world_size(), p.dp, p.tp, p.pp).map_err(|e| TrainError::Bootstrap(e.to_string()))?;
+    let coords = layout.coords(fabric.rank());
+    let place = RankPlace {
+        rank: fabric.rank(),
+        layout,
+        dp_rank: coords.dp,
+        tp_rank: coords.tp,
+        stage: coords.pp,
+    };
+    let device = device_of(spec)?;
+    let autocast = device != Device::Cpu;
+    let micro = spec.micro_batches();
+    if micro >= MAX_MICRO_BATCHES {
+        return Err(TrainError::Internal(format!(
+            "{micro} micro-batches per step is more than {MAX_MICRO_BATCHES}"
+        )));
+    }
+    let ranges = partition_layers(&spec.model, p.pp, &p.stage_layers);
+    let plan = StagePlan {
+        first: place.stage == 0,
+        last: place.stage + 1 == p.pp,
+        layers: ranges[place.stage].clone(),
+    };
+    let clock = CommClock::default();
+    let (mut comms, dp_grads) = build_comms(fabric, &place, spec.model.tie_embeddings, &clock)?;
+    let model = Model::build(&spec.model, plan.clone(), p.tp, place.tp_rank, spec.train.seed, device);
+    tracing::info!(
+        rank = place.rank,
+        dp = place.dp_rank,
+        tp = place.tp_rank,
+        stage = place.stage,
+        layers = ?plan.layers,
+        params = model.params.numel(),
+        "stage built"
+    );
+    let bucket_bytes = (p.bucket_mb * 1024.0 * 1024.0) as usize;
+    let mut grads = GradSync::new(
+        &model,
+        dp_grads,
+        p.zero1,
+        place.tp_rank,
+        place.rank,
+        bucket_bytes,
+        p.pp > 1,
+    );
+    let mut states: Vec<AdamState> = grads
+        .buckets
+        .iter()
+        .map(|b| {
+            let flat = pack_params(&model, b);
+            let r = b.shard(grads.zero, grads.dp_rank, grads.dp);
+            AdamState::new(flat.narrow(0, r.start as i64, r.len() as i64), b.decay)
+        })
+        .collect();
+
+    // Data: only the first stage (tokens) and the last (targets) read it.
+    let needs_data = plan.first || plan.last;
+    let seq = spec.model.seq_len;
+    let split = |valid: bool| {
+        let (f, s) = (spec.data.valid_fraction, spec.data.seed);
+        if f == 0.0 {
+            Split::All
+        } else if valid {
+            Split::Valid {
+                valid_fraction: f,
+                seed: s,
+            }
+        } else {
+            Split::Train {
+                valid_fraction: f,
+                seed: s,
+            }
+        }
+    };
+    let mut prefetch = None;
+    if needs_data {
+        let ds = Arc::new(GptDataset::open_split(&spec.data.path, seq, split(false))?);
+        let sampler = Sampler::new(ds.num_samples(), spec.data.seed, spec.train.global_batch)
+            .map_err(gantry_sharding::gpt::DatasetError::from)?;
+        let cursor = sampler.start(ds.data().fingerprint());
+        prefetch = Some(Prefetcher::spawn(
+            ds,
+            sampler,
+            cursor,
+            place.dp_rank,
+            p.dp,
+            micro,
+            2 * micro,
+        ));
+    }
+    let valid = if needs_data && spec.data.valid_fraction > 0.0 {
+        Some(GptDataset::open_split(&spec.data.path, seq, split(true))?)
+    } else {
+        None
+    };
+
+    let mut metrics = if place.reports() {
+        Some(MetricsWriter::create(&run_dir.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
+    let act_shape = vec![spec.train.micro_batch as i64, seq as i64, spec.model.d_model as i64];
+    let ops = train_schedule(p.schedule, place.stage, p.pp, micro);
+    let tokens_per_step = (spec.train.global_batch * seq) as u64;
+    let mut summary = RunSummary {
+        params: spec.model.num_params(),
+        ..RunSummary::default()
+    };
+    let (mut sum_tps, mut sum_ms, mut sum_comm) = (0.0, 0.0, 0.0);
+    let run_start = Instant::now();
+    for step in 0..spec.train.steps {
+        let t0 = Instant::now();
+        clock.take();
+        let batches: Vec<MicroBatch> = match &prefetch {
+            Some(pf) => (0..micro)
+                .map(|_| {
+                    pf.next_batch()
+                        .map(|b| micro_batch(&b.tokens, b.samples.len(), seq, device))
+                })
+                .collect::<Result<_, _>>()?,
+            None => (0..micro).map(|_| placeholder_batch()).collect(),
+        };
+        model.params.zero_grads();
+        grads.reset();
+        let loss_sum = {
+            let mut io = StepIo {
+                model: &model,
+                tp: &mut comms.tp,
+                pp: &mut comms.pp,
+                batches: &batches,
+                act_shape: act_shape.clone(),
+                device,
+                autocast,
+                loss_scale: 1.0 / micro as f64,
+            };
+            let grads = &mut grads;
+            let model = &model;
+            run_schedule(&mut io, &ops, true, &mut |mb, u| {
+                if mb + 1 == micro {
+                    grads.unit_done(model, u)?;
+                }
+                Ok(())
+            })?
+        };
+        let wait = Instant::now();
+        grads.finish()?;
+        clock.add(wait.elapsed().as_secs_f64());
+
+        // Tied embedding: first and last stage sum their gradients.
+        for (b, bucket) in grads.buckets.iter().enumerate() {
+            if bucket.tied {
+                let g = grads.reduced[b].as_mut().expect("finished");
+                comms.embed.all_reduce_(g, ReduceOp::Sum)?;
+            }
+        }
+        // Global gradient norm over distinct gradient values.
+        let mut sumsq = [0f64];
+        if grads.zero || place.dp_rank == 0 {
+            for (b, bucket) in grads.buckets.iter().enumerate() {
+                if bucket.counts_in_norm {
+                    let g = grads.reduced[b].as_ref().expect("finished");
+                    sumsq[0] += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+                }
+            }
+        }
+        comms.world.all_reduce_f64(&mut sumsq, ReduceOp::Sum)?;
+        let grad_norm = sumsq[0].sqrt();
+        let coef = clip_coefficient(grad_norm, spec.optim.grad_clip);
+        let lr = learning_rate(&spec.optim, step, spec.train.steps);
+        for (b, state) in states.iter_mut().enumerate() {
+            let g = grads.reduced[b].as_ref().expect("finished");
+            state.update(g, &spec.optim, lr, step + 1, coef);
+        }
+        let full: Vec<Tensor> = if grads.zero {
+            let shards = states.iter().map(|s| s.master.shallow_clone()).collect();
+            let wait = Instant::now();
+            let full = grads.all_gather(shards)?;
+            clock.add(wait.elapsed().as_secs_f64());
+            full
+        } else {
+            states.iter().map(|s| s.master.shallow_clone()).collect()
+        };
+        for (bucket, flat) in grads.buckets.iter().zip(&full) {
+            unpack_params(&model, bucket, flat);
+        }
+
+        // The step's loss: mean over micro-batches, then over data-parallel ranks.
+        let mut loss = [loss_sum / micro as f64];
+        if plan.last {
+            comms.dp_main.all_reduce_f64(&mut loss, ReduceOp::Avg)?;
+            if !loss[0].is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    rank: place.rank,
+                    step,
+                    loss: loss[0],
+                });
+            }
+        }
+        if device != Device::Cpu {
+            tch::Cuda::synchronize(0);
+        }
+        let step_s = t0.elapsed().as_secs_f64();
+        let comm_s = clock.take();
+        let val_loss =
+            if (spec.train.eval_every > 0 && (step + 1) % spec.train.eval_every == 0) || step + 1 == spec.train.steps {
+                Some(evaluate(
+                    spec,
+                    &model,
+                    &mut comms,
+                    valid.as_ref(),
+                    &place,
+                    device,
+                    autocast,
+                )?)
+            } else {
+                None
+            };
+        let tps = tokens_per_step as f64 / step_s;
+        let mfu = (device != Device::Cpu)
+            .then(|| spec.model.flops_per_token() * tps / H200_PEAK_FLOPS / fabric.world_size() as f64);
+        let m = StepMetrics {
+            step: step + 1,
+            loss: loss[0],
+            lr,
+            grad_norm,
+            tokens: tokens_per_step * (step + 1),
+            tokens_per_s: tps,
+            step_ms: step_s * 1e3,
+            comm_ms: comm_s * 1e3,
+            mfu,
+            val_loss: val_loss.flatten(),
+        };
+        if step > 0 || spec.train.steps == 1 {
+            sum_tps += tps;
+            sum_ms += step_s * 1e3;
+            sum_comm += comm_s * 1e3;
+        }
+        if let Some(w) = metrics.as_mut() {
+            w.write(&m)?;
+        }
+        summary.steps = step + 1;
+        summary.final_loss = m.loss;
+        summary.tokens = m.tokens;
+        if m.val_loss.is_some() {
+            summary.val_loss = m.val_loss;
+        }
+    }
+    let counted = spec.train.steps.saturating_sub(1).max(1) as f64;
+    summary.mean_tokens_per_s = sum_tps / counted;
+    summary.mean_step_ms = sum_ms / counted;
+    summary.comm_share = if sum_ms > 0.0 { sum_comm / sum_ms } else { 0.0 };
+    tracing::info!(
+        rank = place.rank,
+        seconds = run_start.elapsed().as_secs_f64(),
+        "training done"
+    );
+    if spec.train.sample_tokens > 0 {
+        summary.samples = crate::generate::sample(spec, &model, &mut comms.tp, &mut comms.pp, &place, device)?;
+    }
+    Ok(summary)
+}
+
+/// Mean validation loss over `eval_batches` global batches (the same batches every time).
+/// Returns `Some` on the last stage.
+fn evaluate(
+    spec: &JobSpec,
+    model: &Model,
+    comms: &mut Comms,
+    valid: Option<&GptDataset>,
+    place: &RankPlace,
+    device: Device,
+    autocast: bool,
+) -> Result<Option<f64>, TrainError> {
+    let micro = spec.micro_batches();
+    let seq = spec.model.seq_len;
+    let ops = forward_schedule(place.stage, place.layout.pp(), micro);
+    let sampler = match valid {
+        Some(v) => Some(
+            Sampler::new(v.num_samples(), spec.data.seed, spec.train.global_batch)
+                .map_err(gantry_sharding::gpt::DatasetError::from)?,
+        ),
+        None => None,
+    };
+    if spec.data.valid_fraction == 0.0 {
+        return Ok(None);
+    }
+    let mut cursor = match (valid, &sampler) {
+        (Some(v), Some(s)) => Some(s.start(v.data().fingerprint())),
+        _ => None,
+    };
+    let mut total = 0.0;
+    for _ in 0..spec.train.eval_batches {
+        let batches: Vec<MicroBatch> = match (valid, &sampler, &mut cursor) {
+            (Some(v), Some(s), Some(c)) => {
+                let out = (0..micro)
+                    .map(|m| {
+                        v.micro_batch(s, c, place.dp_rank, place.layout.dp(), micro, m)
+                            .map(|b| micro_batch(&b.tokens, b.samples.len(), seq, device))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                c.advance(1).map_err(gantry_sharding::gpt::DatasetError::from)?;
+                out
+            }
+            _ => (0..micro).map(|_| placeholder_batch()).collect(),
+        };
+        let mut io = StepIo {
+            model,
+            tp: &mut comms.tp,
+            pp: &mut comms.pp,
+            batches: &batches,
+            act_shape: vec![spec.train.micro_batch as i64, seq as i64, spec.model.d_model as i64],
+            device,
+            autocast,
+            loss_scale: 1.0,
+        };
+        let loss_sum = tch::no_grad(|| run_schedule(&mut io, &ops, false, &mut |_, _| Ok(())))?;
+        total += loss_sum / micro as f64;
+    }
+    if !model.plan.last {
+        return Ok(None);
+    }
+    let mut mean = [total / spec.train.eval_batches.max(1) as f64];
+    comms.dp_main.all_reduce_f64(&mut mean, ReduceOp::Avg)?;
+    Ok(Some(mean[0]))
+}
