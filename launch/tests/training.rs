@@ -172,7 +172,7 @@ fn rank_pid(run: &Path, rank: usize) -> Option<u32> {
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if !(args.iter().any(|a| a == "rank") && args.iter().any(|a| *a == want_arg)) {
+        if !(args.iter().any(|a| a == "rank") && args.contains(&want_arg)) {
             continue;
         }
         let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
