@@ -79,6 +79,9 @@ pub struct RunSummary {
     pub mean_tokens_per_s: f64,
     pub mean_step_ms: f64,
     pub comm_share: f64,
+    /// Mean MFU over the steps after the first (GPU runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mean_mfu: Option<f64>,
     pub params: u64,
     pub samples: Vec<String>,
 }

@@ -373,6 +373,9 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
     summary.mean_tokens_per_s = sum_tps / counted;
     summary.mean_step_ms = sum_ms / counted;
     summary.comm_share = if sum_ms > 0.0 { sum_comm / sum_ms } else { 0.0 };
+    summary.mean_mfu = (device != Device::Cpu).then(|| {
+        spec.model.flops_per_token() * summary.mean_tokens_per_s / H200_PEAK_FLOPS / fabric.world_size() as f64
+    });
     tracing::info!(
         rank = place.rank,
         seconds = run_start.elapsed().as_secs_f64(),
