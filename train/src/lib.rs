@@ -23,6 +23,7 @@
 
 pub mod comm;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod grads;
 pub mod metrics;

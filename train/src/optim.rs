@@ -1,9 +1,15 @@
 //! AdamW over flat buckets (or their ZeRO-1 shards), the learning-rate schedule and global
 //! gradient-norm clipping. The update is elementwise, so a parameter's new value does not
 //! depend on which bucket or shard it sits in: every layout computes the same numbers.
+//!
+//! With master weights on CUDA the update runs ATen's fused AdamW kernel ([`crate::fused`]);
+//! elsewhere the hand-written elementwise update. `GANTRY_ADAMW=fused|manual` forces either
+//! (see [`AdamImpl`]).
 
+use crate::fused::{self, AdamWHyper, FusedAdamError, FusedAdamItem};
 use crate::spec::OptimSpec;
-use tch::{Kind, Tensor};
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
 
 /// Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to `min_lr` at
 /// `total` steps (and `min_lr` after). `step` counts from 0.
@@ -27,27 +33,158 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
+/// Which AdamW implementation [`AdamState::update`] runs.
+///
+/// By default the fused ATen kernel ([`crate::fused`], `at::_fused_adamw_`: one multi-tensor
+/// launch instead of about a dozen elementwise kernels) runs when the master weights are on a
+/// CUDA device, and the hand-written elementwise update elsewhere. The environment variable
+/// `GANTRY_ADAMW=fused|manual` forces one on every device (libtorch has CPU and CUDA
+/// implementations of the fused kernel). Both compute the same update up to f32 rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdamImpl {
+    Fused,
+    Manual,
+}
+
+impl AdamImpl {
+    /// Parse a `GANTRY_ADAMW` value; `None` or an empty value means "choose by device".
+    pub fn parse(value: Option<&str>) -> Result<Option<AdamImpl>, String> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) if v.eq_ignore_ascii_case("fused") => Ok(Some(AdamImpl::Fused)),
+            Some(v) if v.eq_ignore_ascii_case("manual") => Ok(Some(AdamImpl::Manual)),
+            Some(v) => Err(format!("GANTRY_ADAMW=`{v}`: expected `fused` or `manual`")),
+        }
+    }
+
+    /// The default for master weights on `device`, unless `forced`.
+    pub fn choose(forced: Option<AdamImpl>, device: Device) -> AdamImpl {
+        forced.unwrap_or(if device.is_cuda() {
+            AdamImpl::Fused
+        } else {
+            AdamImpl::Manual
+        })
+    }
+
+    /// [`AdamImpl::choose`] with `GANTRY_ADAMW` (read once per process).
+    ///
+    /// # Panics
+    /// If `GANTRY_ADAMW` is set to something other than `fused` or `manual`.
+    pub fn for_device(device: Device) -> AdamImpl {
+        static FORCED: OnceLock<Result<Option<AdamImpl>, String>> = OnceLock::new();
+        let forced = FORCED.get_or_init(|| AdamImpl::parse(std::env::var("GANTRY_ADAMW").ok().as_deref()));
+        match forced {
+            Ok(f) => AdamImpl::choose(*f, device),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// AdamW state of one flat bucket (shard): fp32 master weights and the two moments.
 pub struct AdamState {
     pub master: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
     pub decay: bool,
+    /// The fused kernel's step counter: one f32 on the master's device. The kernel reads it
+    /// for bias correction and does not advance it; each fused update sets it to `step`.
+    pub step: Tensor,
+    pub imp: AdamImpl,
 }
 
 impl AdamState {
+    /// State for `master` (copied to f32, detached), with [`AdamImpl::for_device`].
+    ///
+    /// # Panics
+    /// If `GANTRY_ADAMW` holds an unknown value.
     pub fn new(master: Tensor, decay: bool) -> AdamState {
+        let imp = AdamImpl::for_device(master.device());
+        AdamState::with_impl(master, decay, imp)
+    }
+
+    /// State that always runs `imp`.
+    pub fn with_impl(master: Tensor, decay: bool, imp: AdamImpl) -> AdamState {
         let master = master.to_kind(Kind::Float).detach();
         AdamState {
             exp_avg: master.zeros_like(),
             exp_avg_sq: master.zeros_like(),
+            step: Tensor::zeros([1], (Kind::Float, master.device())),
             master,
             decay,
+            imp,
         }
     }
 
-    /// One decoupled-weight-decay Adam step (`step` counts from 1).
+    /// One decoupled-weight-decay Adam step (`step` counts from 1): the gradient is first
+    /// multiplied by `grad_scale` (the clip coefficient); weight decay applies only if
+    /// `self.decay`.
+    ///
+    /// # Panics
+    /// If the fused kernel fails (see [`AdamState::try_update`]); the manual path panics on
+    /// libtorch errors like any tch operation.
     pub fn update(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64, grad_scale: f64) {
+        if let Err(e) = self.try_update(grad, o, lr, step, grad_scale) {
+            panic!("AdamW update: {e}");
+        }
+    }
+
+    /// [`AdamState::update`], returning the fused kernel's failure instead of panicking.
+    pub fn try_update(
+        &mut self,
+        grad: &Tensor,
+        o: &OptimSpec,
+        lr: f64,
+        step: u64,
+        grad_scale: f64,
+    ) -> Result<(), FusedAdamError> {
+        match self.imp {
+            AdamImpl::Fused => self.update_fused(grad, o, lr, step, grad_scale),
+            AdamImpl::Manual => {
+                self.update_manual(grad, o, lr, step, grad_scale);
+                Ok(())
+            }
+        }
+    }
+
+    fn update_fused(
+        &mut self,
+        grad: &Tensor,
+        o: &OptimSpec,
+        lr: f64,
+        step: u64,
+        grad_scale: f64,
+    ) -> Result<(), FusedAdamError> {
+        tch::no_grad(|| {
+            // The kernel wants the gradient in the master's kind, contiguous; the clip
+            // coefficient is applied here (the kernel's own `grad_scale` divides, for AMP,
+            // and would overwrite the gradient in place).
+            let g = if grad.kind() == self.master.kind() {
+                grad.shallow_clone()
+            } else {
+                grad.to_kind(self.master.kind())
+            };
+            let g = if grad_scale == 1.0 { g } else { g * grad_scale };
+            let g = g.contiguous();
+            let _ = self.step.fill_(step as f64);
+            let hyper = AdamWHyper {
+                lr,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                weight_decay: if self.decay { o.weight_decay } else { 0.0 },
+                eps: o.eps,
+            };
+            let mut items = [FusedAdamItem {
+                param: &mut self.master,
+                grad: &g,
+                exp_avg: &mut self.exp_avg,
+                exp_avg_sq: &mut self.exp_avg_sq,
+                step: &self.step,
+            }];
+            fused::adamw_step(&mut items, &hyper)
+        })
+    }
+
+    fn update_manual(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64, grad_scale: f64) {
         tch::no_grad(|| {
             let g = if grad_scale == 1.0 {
                 grad.shallow_clone()
@@ -136,5 +273,121 @@ mod tests {
         }
         let joined = Tensor::cat(&[&halves[0].master, &halves[1].master], 0);
         assert!(joined.equal(&whole.master));
+    }
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let diff = (a - b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]);
+        if scale == 0.0 { diff } else { diff / scale }
+    }
+
+    #[test]
+    fn fused_and_manual_agree_over_ten_steps() {
+        tch::manual_seed(7);
+        let o = OptimSpec {
+            weight_decay: 0.1,
+            ..OptimSpec::default()
+        };
+        let n = 1003; // not a multiple of any vector width: the kernels' tails run too
+        for decay in [false, true] {
+            for grad_scale in [1.0, 0.37] {
+                let p = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
+                let mut fused = AdamState::with_impl(p.copy(), decay, AdamImpl::Fused);
+                let mut manual = AdamState::with_impl(p.copy(), decay, AdamImpl::Manual);
+                for step in 1..=10u64 {
+                    let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * 0.1;
+                    let lr = learning_rate(&o, step - 1, 10) * 10.0;
+                    fused.try_update(&g, &o, lr, step, grad_scale).unwrap();
+                    manual.update(&g, &o, lr, step, grad_scale);
+                }
+                assert!(!fused.master.allclose(&p, 1e-3, 1e-3, false), "the weights moved");
+                for (name, f, m) in [
+                    ("master", &fused.master, &manual.master),
+                    ("exp_avg", &fused.exp_avg, &manual.exp_avg),
+                    ("exp_avg_sq", &fused.exp_avg_sq, &manual.exp_avg_sq),
+                ] {
+                    let r = rel_diff(f, m);
+                    assert!(r < 1e-6, "{name} decay={decay} grad_scale={grad_scale}: relative {r:e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_shards_agree_with_the_whole() {
+        tch::manual_seed(11);
+        let o = OptimSpec::default();
+        // Uneven, unaligned shard sizes.
+        let sizes = [250i64, 333, 420];
+        let n: i64 = sizes.iter().sum();
+        let p = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
+        let mut whole = AdamState::with_impl(p.copy(), true, AdamImpl::Fused);
+        let mut shards: Vec<(i64, i64, AdamState)> = Vec::new();
+        let mut at = 0;
+        for len in sizes {
+            shards.push((
+                at,
+                len,
+                AdamState::with_impl(p.narrow(0, at, len).copy(), true, AdamImpl::Fused),
+            ));
+            at += len;
+        }
+        for step in 1..=5 {
+            let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
+            whole.update(&g, &o, 0.01, step, 0.5);
+            for (at, len, s) in shards.iter_mut() {
+                s.update(&g.narrow(0, *at, *len), &o, 0.01, step, 0.5);
+            }
+        }
+        let parts: Vec<&Tensor> = shards.iter().map(|(_, _, s)| &s.master).collect();
+        let joined = Tensor::cat(&parts, 0);
+        assert!(
+            joined.equal(&whole.master),
+            "relative {:e}",
+            rel_diff(&joined, &whole.master)
+        );
+    }
+
+    #[test]
+    fn fused_and_manual_agree_on_cuda_when_present() {
+        // Skips on CPU-only hosts; on a GPU host this checks the CUDA kernel.
+        crate::load_cuda_backend();
+        if !tch::Cuda::is_available() {
+            eprintln!("no CUDA device: skipped");
+            return;
+        }
+        let dev = tch::Device::Cuda(0);
+        tch::manual_seed(3);
+        let o = OptimSpec::default();
+        let p = Tensor::randn([1 << 20], (Kind::Float, dev));
+        let mut fused = AdamState::with_impl(p.copy(), true, AdamImpl::Fused);
+        let mut manual = AdamState::with_impl(p.copy(), true, AdamImpl::Manual);
+        for step in 1..=10 {
+            let g = Tensor::randn([1 << 20], (Kind::Float, dev)) * 0.1;
+            fused.try_update(&g, &o, 0.01, step, 0.5).unwrap();
+            manual.update(&g, &o, 0.01, step, 0.5);
+        }
+        let r = rel_diff(&fused.master, &manual.master);
+        assert!(r < 1e-6, "relative {r:e}");
+        assert_eq!(fused.step.device(), dev);
+    }
+
+    #[test]
+    fn gantry_adamw_parses_and_defaults_by_device() {
+        assert_eq!(AdamImpl::parse(None), Ok(None));
+        assert_eq!(AdamImpl::parse(Some("")), Ok(None));
+        assert_eq!(AdamImpl::parse(Some("fused")), Ok(Some(AdamImpl::Fused)));
+        assert_eq!(AdamImpl::parse(Some("Manual")), Ok(Some(AdamImpl::Manual)));
+        assert!(AdamImpl::parse(Some("apex")).is_err());
+        assert_eq!(AdamImpl::choose(None, tch::Device::Cpu), AdamImpl::Manual);
+        assert_eq!(AdamImpl::choose(None, tch::Device::Cuda(0)), AdamImpl::Fused);
+        assert_eq!(
+            AdamImpl::choose(Some(AdamImpl::Fused), tch::Device::Cpu),
+            AdamImpl::Fused
+        );
+        assert_eq!(
+            AdamImpl::choose(Some(AdamImpl::Manual), tch::Device::Cuda(0)),
+            AdamImpl::Manual
+        );
     }
 }

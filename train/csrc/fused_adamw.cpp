@@ -1,0 +1,72 @@
+// A C entry point for ATen's fused AdamW kernel (`at::_fused_adamw_`), which tch 0.24 does
+// not bind. Tensors arrive as tch handles: in torch-sys a `C_tensor*` is a `torch::Tensor*`,
+// i.e. an `at::Tensor*` (libtch/torch_api.h: `typedef torch::Tensor *tensor;`).
+//
+// Only the operator header and the Tensor class are included (not <torch/torch.h>) to keep
+// this translation unit cheap to compile. C++ exceptions never cross into Rust: they are
+// caught here and reported through a caller-provided buffer.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/_fused_adamw_ops.h>
+
+#include <cstddef>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <vector>
+
+namespace {
+
+std::vector<at::Tensor> gather(const at::Tensor *const *handles, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(*handles[i]);  // a reference-count bump, not a copy of the data
+  }
+  return out;
+}
+
+void report(char *err, size_t err_len, const char *msg) {
+  if (err == nullptr || err_len == 0) return;
+  std::strncpy(err, msg, err_len - 1);
+  err[err_len - 1] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// One AdamW step over `n` tensors (amsgrad = false, maximize = false, no grad_scale or
+// found_inf): params, exp_avgs and exp_avg_sqs are updated in place. The kernel reads each
+// `state_steps[i]` (a one-element float tensor on the param's device) as the 1-based step
+// for bias correction; it does not increment it. Returns 0 on success; otherwise 1 with a
+// NUL-terminated message (truncated to `err_len`) in `err`.
+int gantry_fused_adamw(const at::Tensor *const *params, const at::Tensor *const *grads,
+                       const at::Tensor *const *exp_avgs,
+                       const at::Tensor *const *exp_avg_sqs,
+                       const at::Tensor *const *state_steps, size_t n, double lr,
+                       double beta1, double beta2, double weight_decay, double eps,
+                       char *err, size_t err_len) {
+  try {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> p = gather(params, n);
+    std::vector<at::Tensor> g = gather(grads, n);
+    std::vector<at::Tensor> m = gather(exp_avgs, n);
+    std::vector<at::Tensor> v = gather(exp_avg_sqs, n);
+    std::vector<at::Tensor> s = gather(state_steps, n);
+    std::vector<at::Tensor> max_v;  // empty: amsgrad is off
+    // Equivalent to at::_fused_adamw_ (ATen/ops/_fused_adamw.h, `double lr` overload).
+    at::_ops::_fused_adamw_::call(p, g, m, v, max_v, s, lr, beta1, beta2, weight_decay, eps,
+                                  /*amsgrad=*/false, /*maximize=*/false,
+                                  /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
+    return 0;
+  } catch (const std::exception &e) {
+    report(err, err_len, e.what());
+  } catch (...) {
+    report(err, err_len, "unknown C++ exception in at::_fused_adamw_");
+  }
+  return 1;
+}
+
+}  // extern "C"
