@@ -168,58 +168,140 @@ fn byte_chars() -> [char; 256] {
     table
 }
 
-/// FxHash: words are short and trusted, so a multiply-rotate hash beats SipHash several times.
+/// A multiply-xorshift hash: words are short and trusted, so this beats SipHash several
+/// times. The final mix matters: the table picks buckets by the low bits, which a bare
+/// multiply leaves depending on the low input bits only.
 #[derive(Default)]
-struct FxHasher(u64);
+struct WordHasher(u64);
 
-impl Hasher for FxHasher {
+const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Hasher for WordHasher {
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
-            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
+            self.write_u64(u64::from_le_bytes(c.try_into().expect("8 bytes")));
         }
         let mut tail = [0u8; 8];
         let rest = chunks.remainder();
         tail[..rest.len()].copy_from_slice(rest);
-        self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ rest.len() as u64).wrapping_mul(K);
+        self.write_u64(u64::from_le_bytes(tail) ^ ((rest.len() as u64) << 59));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(23) ^ v).wrapping_mul(K);
+    }
+
+    #[inline]
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
     }
 
     #[inline]
     fn write_usize(&mut self, n: usize) {
-        self.0 = (self.0.rotate_left(5) ^ n as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        self.write_u64(n as u64);
     }
 
+    #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        let h = self.0;
+        (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (h >> 32)
     }
 }
 
-/// Word → token ids, per thread. Cleared when it reaches its entry limit, so its memory is
-/// bounded whatever the corpus.
+type Hashed = BuildHasherDefault<WordHasher>;
+
+/// Word → token ids, per thread. Words of up to 15 bytes (nearly all) are keyed by their
+/// bytes packed into a u128, so a lookup is one integer compare, not a `memcmp` call; ids
+/// live in one arena. Cleared when it reaches its entry limit, so its memory is bounded
+/// whatever the corpus.
 pub struct WordCache {
-    map: HashMap<Box<[u8]>, Box<[u32]>, BuildHasherDefault<FxHasher>>,
+    /// Direct-mapped front for the most frequent words: small enough to stay in L2, where
+    /// the full table's random accesses miss it (Zipf: a few thousand words are most text).
+    front: Box<[(u128, u32, u32)]>,
+    short: HashMap<u128, (u32, u32), Hashed>,
+    long: HashMap<Box<[u8]>, (u32, u32), Hashed>,
+    ids: Vec<u32>,
     limit: usize,
     mapped: String,
+}
+
+/// The bytes of a word of at most 15 bytes and its length, as one integer.
+#[inline]
+fn short_key(w: &[u8]) -> Option<u128> {
+    if w.len() > 15 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    b[..w.len()].copy_from_slice(w);
+    b[15] = w.len() as u8;
+    Some(u128::from_le_bytes(b))
+}
+
+const FRONT_BITS: u32 = 12;
+
+#[inline]
+fn front_slot(key: u128) -> usize {
+    let h = ((key as u64) ^ ((key >> 64) as u64).wrapping_mul(K)).wrapping_mul(K);
+    (h >> (64 - FRONT_BITS)) as usize
 }
 
 impl WordCache {
     pub fn new(limit: usize) -> WordCache {
         WordCache {
-            map: HashMap::default(),
+            // Key 0 is never a word (a short key holds the length, at least 1, in its top byte).
+            front: vec![(0, 0, 0); 1 << FRONT_BITS].into_boxed_slice(),
+            short: HashMap::default(),
+            long: HashMap::default(),
+            ids: Vec::new(),
             limit: limit.max(1),
             mapped: String::new(),
         }
+    }
+
+    #[inline]
+    fn get(&mut self, w: &[u8]) -> Option<&[u32]> {
+        let (start, len) = match short_key(w) {
+            Some(k) => {
+                let slot = front_slot(k);
+                let (key, start, len) = self.front[slot];
+                if key == k {
+                    (start, len)
+                } else {
+                    let &(start, len) = self.short.get(&k)?;
+                    self.front[slot] = (k, start, len);
+                    (start, len)
+                }
+            }
+            None => *self.long.get(w)?,
+        };
+        Some(&self.ids[start as usize..(start + len) as usize])
+    }
+
+    fn insert(&mut self, w: &[u8], ids: &[u32]) {
+        if self.short.len() + self.long.len() >= self.limit || self.ids.len() + ids.len() > u32::MAX as usize {
+            self.front.fill((0, 0, 0));
+            self.short.clear();
+            self.long.clear();
+            self.ids.clear();
+        }
+        let at = (self.ids.len() as u32, ids.len() as u32);
+        self.ids.extend_from_slice(ids);
+        match short_key(w) {
+            Some(k) => self.short.insert(k, at),
+            None => self.long.insert(w.into(), at),
+        };
     }
 }
 
 impl Default for WordCache {
     fn default() -> Self {
-        // ~1/4 million words: far more than the distinct frequent words of a language, and
-        // a few tens of MB at most.
-        WordCache::new(1 << 18)
+        // A million words: the frequent words of a language and a good part of its long tail
+        // (names, numbers, typos), whose misses cost a BPE merge each; ~40 MB at most.
+        WordCache::new(1 << 20)
     }
 }
 
@@ -322,20 +404,21 @@ impl<'t> FastEncoder<'t> {
         failure.map_or(Ok(true), Err)
     }
 
+    #[inline]
     fn word(&self, w: &str, cache: &mut WordCache, out: &mut Vec<u32>) -> Result<(), String> {
-        if let Some(ids) = cache.map.get(w.as_bytes()) {
-            out.extend_from_slice(ids);
+        if let Some(ids) = cache.get(w.as_bytes()) {
+            // Most words are one or two ids: a plain loop beats a memcpy call.
+            for &id in ids {
+                out.push(id);
+            }
             return Ok(());
         }
         cache.mapped.clear();
         cache.mapped.extend(w.bytes().map(|b| self.byte_chars[b as usize]));
         let tokens = self.bpe.tokenize(&cache.mapped).map_err(|e| e.to_string())?;
-        let ids: Box<[u32]> = tokens.iter().map(|t| t.id).collect();
-        out.extend_from_slice(&ids);
-        if cache.map.len() >= cache.limit {
-            cache.map.clear();
-        }
-        cache.map.insert(w.as_bytes().into(), ids);
+        let start = out.len();
+        out.extend(tokens.iter().map(|t| t.id));
+        cache.insert(w.as_bytes(), &out[start..]);
         Ok(())
     }
 }
