@@ -13,6 +13,8 @@ pub enum TrainError {
     Comm(#[from] CommError),
     #[error(transparent)]
     Data(#[from] DatasetError),
+    #[error(transparent)]
+    FusedAdam(#[from] crate::fused::FusedAdamError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]

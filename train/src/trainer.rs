@@ -8,7 +8,7 @@ use crate::error::TrainError;
 use crate::grads::{GradSync, pack_params, unpack_params};
 use crate::metrics::{H200_PEAK_FLOPS, MetricsWriter, RunSummary, StepMetrics};
 use crate::model::{MicroBatch, Model, StagePlan, partition_layers};
-use crate::optim::{AdamState, clip_coefficient, learning_rate};
+use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate};
 use crate::pipeline::{StepIo, run_schedule};
 use crate::schedule::{MAX_MICRO_BATCHES, forward_schedule, train_schedule};
 use crate::spec::{DeviceSpec, JobSpec};
@@ -167,13 +167,15 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         bucket_bytes,
         p.pp > 1,
     );
+    let forced = AdamImpl::parse(std::env::var("GANTRY_ADAMW").ok().as_deref()).map_err(TrainError::Device)?;
+    let adam_impl = AdamImpl::choose(forced, device);
     let mut states: Vec<AdamState> = grads
         .buckets
         .iter()
         .map(|b| {
             let flat = pack_params(&model, b);
             let r = b.shard(grads.zero, grads.dp_rank, grads.dp);
-            AdamState::new(flat.narrow(0, r.start as i64, r.len() as i64), b.decay)
+            AdamState::with_impl(flat.narrow(0, r.start as i64, r.len() as i64), b.decay, adam_impl)
         })
         .collect();
 
@@ -293,7 +295,7 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         let lr = learning_rate(&spec.optim, step, spec.train.steps);
         for (b, state) in states.iter_mut().enumerate() {
             let g = grads.reduced[b].as_ref().expect("finished");
-            state.update(g, &spec.optim, lr, step + 1, coef);
+            state.try_update(g, &spec.optim, lr, step + 1, coef)?;
         }
         let full: Vec<Tensor> = if grads.zero {
             let shards = states.iter().map(|s| s.master.shallow_clone()).collect();
