@@ -512,6 +512,7 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
     let mut caches: Vec<WordCache> = (0..threads).map(|_| WordCache::default()).collect();
 
     let encode_started = Instant::now();
+    progress.restart();
     let mut shards = ShardWriter {
         dir: tmp,
         dtype,

@@ -55,6 +55,15 @@ impl Progress {
         }
     }
 
+    /// Rates count from here (the encoding pass, not tokenizer training).
+    pub fn restart(&mut self) {
+        self.started = Instant::now();
+        if let Some(bar) = &self.bar {
+            bar.reset_elapsed();
+            bar.reset_eta();
+        }
+    }
+
     pub fn message(&self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
