@@ -508,10 +508,14 @@ impl FrameDecoder {
 }
 
 /// Recently used decompressed frames, least recently used evicted first.
+const NOT_CACHED: u32 = u32::MAX;
+
 struct FrameCache {
     decoder: Option<FrameDecoder>,
     /// (frame, bytes in u64 storage, last use)
     frames: Vec<(usize, Vec<u64>, u64)>,
+    /// Slot of each frame of the file in `frames`, or `NOT_CACHED` (O(1) hits with a large cache).
+    slot_of: Vec<u32>,
     capacity: usize,
     clock: u64,
 }
@@ -532,6 +536,7 @@ impl FramedBin {
                 actual: map.len() as u64,
             });
         }
+        let frame_count = index.frames.len();
         Ok(FramedBin {
             zst: map,
             zst_path: zst.to_path_buf(),
@@ -539,7 +544,8 @@ impl FramedBin {
             cache: Mutex::new(FrameCache {
                 decoder: None,
                 frames: Vec::new(),
-                capacity: cache_frames.max(1),
+                slot_of: vec![NOT_CACHED; frame_count],
+                capacity: cache_frames.clamp(1, u32::MAX as usize - 1),
                 clock: 0,
             }),
         })
@@ -582,9 +588,9 @@ impl FramedBin {
             let hi = range.end.min(f.uncompressed_offset + u64::from(f.uncompressed_len)) - f.uncompressed_offset;
             cache.clock += 1;
             let clock = cache.clock;
-            let slot = match cache.frames.iter().position(|(n, _, _)| *n == i) {
-                Some(slot) => slot,
-                None => self.load(cache, i)?,
+            let slot = match cache.slot_of[i] {
+                NOT_CACHED => self.load(cache, i)?,
+                slot => slot as usize,
             };
             let (_, words, used) = &mut cache.frames[slot];
             *used = clock;
@@ -601,18 +607,22 @@ impl FramedBin {
         }
         let decoder = cache.decoder.as_mut().expect("just made");
         decoder.decode(self, i)?;
-        let words = decoder.len.div_ceil(8);
-        if cache.frames.len() < cache.capacity {
-            cache.frames.push((i, decoder.buf[..words].to_vec(), 0));
-            return Ok(cache.frames.len() - 1);
-        }
-        let slot = (0..cache.frames.len())
-            .min_by_key(|&s| cache.frames[s].2)
-            .expect("capacity is at least 1");
-        let entry = &mut cache.frames[slot];
-        entry.0 = i;
-        entry.1.clear();
-        entry.1.extend_from_slice(&decoder.buf[..words]);
+        // The decoder's buffer becomes the cache entry (no copy); the evicted one, if any,
+        // becomes the decoder's buffer.
+        let slot = if cache.frames.len() < cache.capacity {
+            cache.frames.push((i, std::mem::take(&mut decoder.buf), 0));
+            cache.frames.len() - 1
+        } else {
+            let slot = (0..cache.frames.len())
+                .min_by_key(|&s| cache.frames[s].2)
+                .expect("capacity is at least 1");
+            let entry = &mut cache.frames[slot];
+            cache.slot_of[entry.0] = NOT_CACHED;
+            entry.0 = i;
+            std::mem::swap(&mut entry.1, &mut decoder.buf);
+            slot
+        };
+        cache.slot_of[i] = slot as u32;
         Ok(slot)
     }
 
