@@ -70,7 +70,10 @@ impl Default for OpenOptions {
 /// One shard: a mapped `.bin`, or the `.idx` and the zstd frames standing in for the `.bin`.
 enum Shard {
     Mapped(IndexedDataset),
-    Framed { index: IndexedIndex, frames: FramedBin },
+    Framed {
+        index: IndexedIndex,
+        frames: Box<FramedBin>,
+    },
 }
 
 impl Shard {
@@ -124,7 +127,10 @@ impl TokenDataset {
                     let zst = dir.join(&z.file);
                     let frames = FramedBin::open(&zst, &dir.join(&z.index), opts.cache_frames)?;
                     let index = IndexedIndex::open(&idx, &zst, frames.len())?;
-                    Shard::Framed { index, frames }
+                    Shard::Framed {
+                        index,
+                        frames: Box::new(frames),
+                    }
                 }
                 _ => Shard::Mapped(IndexedDataset::open(&prefix)?),
             };
