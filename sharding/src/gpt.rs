@@ -167,7 +167,7 @@ impl TokenDataset {
     /// The zstd frames of every shard read from them.
     pub fn framed_shards(&self) -> impl Iterator<Item = &FramedBin> {
         self.shards.iter().filter_map(|s| match s {
-            Shard::Framed { frames, .. } => Some(frames),
+            Shard::Framed { frames, .. } => Some(&**frames),
             Shard::Mapped(_) => None,
         })
     }
