@@ -7,7 +7,7 @@
 //! - `main.rs`: the command tree and logging set-up.
 //! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
 //!   `gantry bench nccl` (the NCCL device self test).
-//! - `data.rs`: `gantry data synth` and `gantry data inspect`.
+//! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
 
 mod bench;
@@ -30,7 +30,7 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Token datasets: synthesize, inspect.
+    /// Token datasets: prepare (tokenize text), synthesize, inspect, benchmark the reader.
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train a job on this host: spawn N rank processes, follow them, summarize.
@@ -52,6 +52,12 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `gantry data inspect DIR | head` would panic in println! once
+    // the pipe closes; restore the default (exit quietly), as other Unix tools do.
+    // SAFETY: setting a signal disposition at start, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
