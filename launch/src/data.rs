@@ -2,10 +2,11 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use gantry_sharding::bench::{FrameBench, ReadBench, bench_frames, bench_reader};
+use gantry_sharding::bench::{FrameBench, MaterializeBench, ReadBench, bench_frames, bench_materialize, bench_reader};
 use gantry_sharding::frames::ZstdOptions;
-use gantry_sharding::gpt::{GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
+use gantry_sharding::gpt::{FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
+use gantry_sharding::materialize::default_cache_root;
 use gantry_sharding::prepare::{PrepareConfig, ProgressMode, SplitBy, TokenizerSource, decode_with, prepare};
 use gantry_sharding::sampler::Span;
 use gantry_sharding::synth::{SynthConfig, synthesize_with};
@@ -25,7 +26,8 @@ pub enum DataCommand {
     Inspect(InspectArgs),
     /// Tokens per second one reader delivers as ready batches (warm page cache), next to a
     /// plain memcpy of the same bytes measured in the same run; with --zstd also from the
-    /// zstd frames (batches through the frame cache, and raw frame decompression).
+    /// zstd frames (batches through the frame cache, raw frame decompression, and
+    /// materializing the frames into a local .bin then reading batches from it).
     Bench(BenchArgs),
     /// Tokenize text files into token shards (train a byte-level BPE or load a tokenizer.json).
     ///
@@ -154,12 +156,21 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also read from the zstd frames (the dataset must have them): batches through the frame
-    /// cache and the raw decompression rate, next to the uncompressed figure.
+    /// cache, the raw decompression rate, and the time to materialize the frames into a
+    /// local .bin (in a fresh directory under the cache root, removed afterwards) followed by
+    /// batches read from it, next to the uncompressed figure.
     #[arg(long)]
     zstd: bool,
-    /// Decompressed frames each zstd shard keeps.
+    /// Decompressed frames each zstd shard keeps (the frame-cache reader).
     #[arg(long, default_value_t = 16)]
     cache_frames: usize,
+    /// Root of the materialized-shard cache [default: $GANTRY_DATA_CACHE, else
+    /// $TMPDIR/gantry-data-cache].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Threads decompressing frames when materializing (0: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -319,8 +330,10 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     if manifest.shards.is_empty() {
         bail!("{}: the manifest lists no shards", a.dir.display())
     }
-    // Auto: the .bin where present, else the zstd frames (compressed-only copies).
-    let data = TokenDataset::open(&a.dir).with_context(|| format!("opening {}", a.dir.display()))?;
+    // Auto: the .bin where present, else the zstd frames (compressed-only copies), read
+    // through the frame cache: a sample needs a few frames, not a local copy.
+    let data = TokenDataset::open_with(&a.dir, &OpenOptions::lru(TokenSource::Auto, 4))
+        .with_context(|| format!("opening {}", a.dir.display()))?;
     let first_len = data.document_lengths()?.first().copied().unwrap_or(0);
     let mut sample = Vec::new();
     data.read_span(
@@ -407,10 +420,13 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.batch == 0 || a.seq_len == 0 || a.seconds.is_nan() || a.seconds <= 0.0 {
         bail!("--batch and --seq-len must be at least 1 and --seconds positive");
     }
-    let open = |source| {
+    let open = |source, frames| {
         let opts = OpenOptions {
             source,
+            frames,
             cache_frames: a.cache_frames,
+            cache_dir: a.cache_dir.clone(),
+            threads: a.threads,
         };
         GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts)
             .with_context(|| format!("opening {}", a.dir.display()))
@@ -430,15 +446,20 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     };
     if !a.zstd {
-        let r = bench_reader(&open(TokenSource::Auto)?, a.batch, a.seconds, a.seed)?;
+        let r = bench_reader(
+            &open(TokenSource::Auto, FrameMode::Materialize)?,
+            a.batch,
+            a.seconds,
+            a.seed,
+        )?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             print(
-                if r.implementation == "gantry" {
-                    ".bin"
-                } else {
-                    "zstd frames"
+                match r.implementation {
+                    "gantry" => ".bin",
+                    "gantry-materialized" => ".bin materialized from zstd frames",
+                    _ => "zstd frames",
                 },
                 &r,
             );
@@ -450,6 +471,8 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         uncompressed: Option<ReadBench>,
         zstd: ReadBench,
         zstd_decode: FrameBench,
+        zstd_materialize: MaterializeBench,
+        materialized: ReadBench,
     }
     let manifest = Manifest::read(&a.dir)?;
     let have_bin = manifest
@@ -457,18 +480,38 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         .iter()
         .all(|s| a.dir.join(format!("{}.bin", s.prefix)).exists());
     let uncompressed = if have_bin {
-        Some(bench_reader(&open(TokenSource::Bin)?, a.batch, a.seconds, a.seed)?)
+        Some(bench_reader(
+            &open(TokenSource::Bin, FrameMode::Lru)?,
+            a.batch,
+            a.seconds,
+            a.seed,
+        )?)
     } else {
         None
     };
-    let framed = open(TokenSource::Zstd)?;
+    let framed = open(TokenSource::Zstd, FrameMode::Lru)?;
     let zstd = bench_reader(&framed, a.batch, a.seconds, a.seed)?;
     let decode = bench_frames(framed.data(), a.seconds)?;
+    drop(framed);
+    // A fresh cache root, so the copies are built (and timed), removed afterwards.
+    let root = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(default_cache_root)
+        .join(format!("bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let measured = bench_materialize(&a.dir, a.seq_len, &root, a.threads)
+        .with_context(|| format!("materializing {} under {}", a.dir.display(), root.display()))
+        .and_then(|(ds, m)| Ok((bench_reader(&ds, a.batch, a.seconds, a.seed)?, m)));
+    let _ = std::fs::remove_dir_all(&root);
+    let (materialized, made) = measured?;
     if a.json {
         let r = ZstdBench {
             uncompressed,
             zstd,
             zstd_decode: decode,
+            zstd_materialize: made,
+            materialized,
         };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -489,5 +532,21 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         decode.gbps,
         decode.tokens_per_s / 1e6
     );
+    let per_core = match (made.cpu_seconds, made.mb_per_s_per_core) {
+        (Some(cpu), Some(rate)) => format!(", {cpu:.2} CPU-s: {rate:.0} MB/s per core"),
+        _ => String::new(),
+    };
+    println!(
+        "{} (zstd materialize): {} shard(s), {:.1} MB on {} thread(s) in {:.2}s: {:.0} MB/s{per_core}; \
+         reopen (size + xxh3 check) {:.2}s",
+        a.dir.display(),
+        made.shards,
+        made.bytes as f64 / 1e6,
+        made.threads,
+        made.seconds,
+        made.mb_per_s,
+        made.reopen_seconds
+    );
+    print(".bin materialized from zstd frames", &materialized);
     Ok(ExitCode::SUCCESS)
 }

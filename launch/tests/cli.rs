@@ -140,7 +140,9 @@ fn data_prepare_from_stdin_with_zstd_then_inspect_and_bench() {
             "0.1",
             "--seq-len",
             "64",
+            "--cache-dir",
         ])
+        .arg(root.join("cache"))
         .arg(&from_stdin)
         .output()
         .unwrap();
@@ -149,6 +151,39 @@ fn data_prepare_from_stdin_with_zstd_then_inspect_and_bench() {
     assert!(bench["uncompressed"].is_null(), "no .bin left");
     assert_eq!(bench["zstd"]["impl"], "gantry-zstd");
     assert!(bench["zstd_decode"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Materialized into a fresh directory under --cache-dir, read from there, then removed.
+    let cache = root.join("cache");
+    let made = &bench["zstd_materialize"];
+    assert_eq!(made["shards"], 1);
+    assert!(made["bytes"].as_u64().unwrap() > 0 && made["mb_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(bench["materialized"]["impl"], "gantry-materialized");
+    assert!(bench["materialized"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    // Without --zstd, a compressed-only dataset is read through a materialized copy, made
+    // under --cache-dir on the first run and reused by the next.
+    for _ in 0..2 {
+        let out = gantry()
+            .args([
+                "data",
+                "bench",
+                "--json",
+                "--seconds",
+                "0.1",
+                "--seq-len",
+                "64",
+                "--cache-dir",
+            ])
+            .arg(&cache)
+            .arg(&from_stdin)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bench: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(bench["impl"], "gantry-materialized");
+    }
+    let copies: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(copies.len(), 1, "one dataset directory: {copies:?}");
+    assert!(copies[0].join("shard-00000.bin").is_file());
 
     // A damaged frame file: inspect names it.
     let zst = from_stdin.join("shard-00000.bin.zst");

@@ -1,8 +1,10 @@
 //! `gantry data bench`: what one reader thread delivers, next to a memcpy of the same bytes
-//! and, for zstd shards, the raw frame decompression rate.
+//! and, for zstd shards, the raw frame decompression rate and the cost of materializing the
+//! frames into a local `.bin`.
 
-use crate::gpt::{DatasetError, GptDataset, TokenDataset};
+use crate::gpt::{DatasetError, FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use crate::sampler::{Sampler, Span};
+use std::path::Path;
 use std::time::Instant;
 
 /// What `gantry data bench` measures.
@@ -75,6 +77,8 @@ pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> R
     Ok(ReadBench {
         implementation: if ds.data().reads_zstd() {
             "gantry-zstd"
+        } else if !ds.data().materialized().is_empty() {
+            "gantry-materialized"
         } else {
             "gantry"
         },
@@ -144,4 +148,83 @@ pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench, Dat
         gbps,
         tokens_per_s: gbps * 1e9 / token_bytes,
     })
+}
+
+/// CPU time (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (Linux; in clock ticks of 1/100 s). `None` where that cannot be read.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Materializing every shard's zstd frames into a fresh cache directory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MaterializeBench {
+    pub shards: usize,
+    /// Uncompressed bytes written.
+    pub bytes: u64,
+    pub threads: usize,
+    /// Wall time of the open that built the copies (decompression, fsync, xxh3 check,
+    /// rename, index validation).
+    pub seconds: f64,
+    /// CPU time of that open, all threads (`None` without `/proc/self/stat`).
+    pub cpu_seconds: Option<f64>,
+    /// Uncompressed MB (10^6 bytes) per second of wall time.
+    pub mb_per_s: f64,
+    /// Uncompressed MB per CPU-second: what one core delivers, whatever else the machine runs.
+    pub mb_per_s_per_core: Option<f64>,
+    /// Wall time of a second open, which reuses the copies after checking size and xxh3.
+    pub reopen_seconds: f64,
+}
+
+/// Open `dir`'s zstd frames materialized into `cache_root` (which should hold no copy of this
+/// dataset yet, so the copies are built), time that, time a second open that reuses them, and
+/// return the second dataset (reading through the copies) with the figures.
+pub fn bench_materialize(
+    dir: &Path,
+    seq_len: usize,
+    cache_root: &Path,
+    threads: usize,
+) -> Result<(GptDataset, MaterializeBench), DatasetError> {
+    let opts = OpenOptions {
+        source: TokenSource::Zstd,
+        frames: FrameMode::Materialize,
+        cache_dir: Some(cache_root.to_path_buf()),
+        threads,
+        ..OpenOptions::default()
+    };
+    let cpu0 = process_cpu_seconds();
+    let started = Instant::now();
+    let first = TokenDataset::open_with(dir, &opts)?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    let cpu_seconds = process_cpu_seconds().zip(cpu0).map(|(b, a)| (b - a).max(0.01));
+    let built = first.materialized();
+    let bytes: u64 = built.iter().map(|m| m.bytes).sum();
+    let bench = MaterializeBench {
+        shards: built.len(),
+        bytes,
+        threads: built.iter().map(|m| m.threads).max().unwrap_or(0),
+        seconds,
+        cpu_seconds,
+        mb_per_s: bytes as f64 / 1e6 / seconds,
+        mb_per_s_per_core: cpu_seconds.map(|c| bytes as f64 / 1e6 / c),
+        reopen_seconds: 0.0,
+    };
+    drop(first);
+    let started = Instant::now();
+    let second = GptDataset::open_with(dir, seq_len, Split::All, &opts)?;
+    let reopen_seconds = started.elapsed().as_secs_f64();
+    Ok((
+        second,
+        MaterializeBench {
+            reopen_seconds,
+            ..bench
+        },
+    ))
 }

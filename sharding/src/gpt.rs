@@ -5,12 +5,16 @@
 //! background thread so the training loop never waits on page faults.
 //!
 //! Shards whose `.bin` is absent but which have a zstd variant ([`crate::frames`]) are read
-//! from their frames instead ([`TokenSource::Auto`]), or always ([`TokenSource::Zstd`]): the
-//! frames a span touches are decompressed and the most recently used ones kept.
+//! from their frames instead ([`TokenSource::Auto`]), or always ([`TokenSource::Zstd`]). By
+//! default ([`FrameMode::Materialize`]) such a shard's frames are decompressed once, in
+//! parallel, into a checked local `.bin` in a cache directory ([`crate::materialize`]), which
+//! is then mapped and read like any `.bin`; [`FrameMode::Lru`] instead decompresses the frames
+//! a span touches and keeps the most recently used ones (sequential scans, no disk to spare).
 
 use crate::frames::{FrameError, FramedBin};
 use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths, tokens_of};
 use crate::manifest::{MANIFEST, Manifest, ManifestError};
+use crate::materialize::{MaterializeError, Materialized, dataset_cache_dir, default_cache_root, materialize};
 use crate::sampler::{Blend, Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +34,8 @@ pub enum DatasetError {
     Sampler(#[from] SamplerError),
     #[error(transparent)]
     Frames(#[from] FrameError),
+    #[error(transparent)]
+    Materialize(#[from] MaterializeError),
     #[error("{dir}: shard {prefix} has no zstd variant in the manifest (written with --compress zstd?)")]
     NoZstd { dir: PathBuf, prefix: String },
     #[error("{dir}: document {doc} has {tokens} tokens; documents are limited to 2^32 - 1 tokens")]
@@ -50,19 +56,55 @@ pub enum TokenSource {
     Zstd,
 }
 
+/// How shards read from zstd frames are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FrameMode {
+    /// Decompress every frame once into a local `.bin` in the cache directory (checked
+    /// against the manifest's xxh3, renamed into place when complete, reused by later opens),
+    /// then read it like any `.bin`: uncompressed speed for shuffled reads.
+    #[default]
+    Materialize,
+    /// Decompress the frames a span touches, keeping the `cache_frames` most recently used
+    /// per shard: no disk used, fine for sequential scans, hopeless for shuffled reads of a
+    /// shard larger than the cache (each ~2 KB sample costs a 4 MiB frame).
+    Lru,
+}
+
 /// How [`TokenDataset::open_with`] reads the shards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     pub source: TokenSource,
-    /// Decompressed frames kept per zstd shard (4 MiB each by default).
+    pub frames: FrameMode,
+    /// [`FrameMode::Lru`]: decompressed frames kept per zstd shard (4 MiB each by default).
     pub cache_frames: usize,
+    /// [`FrameMode::Materialize`]: the cache root; shards go to
+    /// `ROOT/<dataset fingerprint, 16 hex digits>/PREFIX.bin`. `None`: `$GANTRY_DATA_CACHE`,
+    /// else `$TMPDIR/gantry-data-cache` ([`crate::materialize::default_cache_root`]).
+    pub cache_dir: Option<PathBuf>,
+    /// [`FrameMode::Materialize`]: decompression threads, 0 for every available core.
+    pub threads: usize,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             source: TokenSource::Auto,
+            frames: FrameMode::Materialize,
             cache_frames: 16,
+            cache_dir: None,
+            threads: 0,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read frames through the LRU frame cache of `cache_frames` frames per shard.
+    pub fn lru(source: TokenSource, cache_frames: usize) -> OpenOptions {
+        OpenOptions {
+            source,
+            frames: FrameMode::Lru,
+            cache_frames,
+            ..OpenOptions::default()
         }
     }
 }
@@ -93,6 +135,7 @@ pub struct TokenDataset {
     /// `doc_base[s]` = global index of shard `s`'s first document; last = total documents.
     doc_base: Vec<usize>,
     fingerprint: u64,
+    materialized: Vec<Materialized>,
 }
 
 impl TokenDataset {
@@ -106,7 +149,16 @@ impl TokenDataset {
             path: dir.join(MANIFEST),
             source,
         })?;
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(&raw);
+        let cache_dir = match opts.frames {
+            FrameMode::Materialize => Some(dataset_cache_dir(
+                &opts.cache_dir.clone().unwrap_or_else(default_cache_root),
+                fingerprint,
+            )),
+            FrameMode::Lru => None,
+        };
         let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut materialized = Vec::new();
         let mut doc_base = vec![0usize];
         for s in &manifest.shards {
             let prefix = dir.join(&s.prefix);
@@ -126,10 +178,21 @@ impl TokenDataset {
                 Some(z) if framed => {
                     let zst = dir.join(&z.file);
                     let frames = FramedBin::open(&zst, &dir.join(&z.index), opts.cache_frames)?;
+                    // Check the .idx against the frames before spending time on them.
                     let index = IndexedIndex::open(&idx, &zst, frames.len())?;
-                    Shard::Framed {
-                        index,
-                        frames: Box::new(frames),
+                    match &cache_dir {
+                        Some(cache) => {
+                            let local = cache.join(format!("{}.bin", s.prefix));
+                            let done = materialize(&frames, &local, &s.bin_xxh3, opts.threads)?;
+                            drop(index);
+                            let shard = Shard::Mapped(IndexedDataset::open_files(&idx, &done.path)?);
+                            materialized.push(done);
+                            shard
+                        }
+                        None => Shard::Framed {
+                            index,
+                            frames: Box::new(frames),
+                        },
                     }
                 }
                 _ => Shard::Mapped(IndexedDataset::open(&prefix)?),
@@ -142,8 +205,15 @@ impl TokenDataset {
             manifest,
             shards,
             doc_base,
-            fingerprint: xxhash_rust::xxh3::xxh3_64(&raw),
+            fingerprint,
+            materialized,
         })
+    }
+
+    /// The shards read from local copies of their zstd frames ([`FrameMode::Materialize`]):
+    /// where each copy is and whether this open built or reused it.
+    pub fn materialized(&self) -> &[Materialized] {
+        &self.materialized
     }
 
     pub fn manifest(&self) -> &Manifest {

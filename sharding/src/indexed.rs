@@ -594,6 +594,15 @@ impl IndexedDataset {
         Ok(IndexedDataset { index, bin })
     }
 
+    /// Open an `.idx` and a `.bin` that live apart (a `.bin` materialized from zstd frames
+    /// into a cache directory), checking everything as [`IndexedDataset::open`] does.
+    pub fn open_files(idx_path: &Path, bin_path: &Path) -> Result<IndexedDataset> {
+        let idx = map(idx_path)?;
+        let bin = map(bin_path)?;
+        let index = IndexedIndex::from_map(idx, idx_path, bin_path, bin.len() as u64)?;
+        Ok(IndexedDataset { index, bin })
+    }
+
     /// The validated `.idx`.
     pub fn index(&self) -> &IndexedIndex {
         &self.index

@@ -13,6 +13,8 @@
 //! - [`frames`]: the zstd variant of a `.bin` (independent frames of ~4 MiB and a checked
 //!   frame index) and [`frames::FramedBin`], which serves byte ranges from the frames with a
 //!   small cache of decompressed ones.
+//! - [`materialize`]: decompressing a shard's frames once, in parallel, into a checked local
+//!   `.bin` in a cache directory (renamed into place when complete), read like any `.bin`.
 //! - [`gpt`]: the shards of a dataset directory as one document stream, fixed-length samples
 //!   through the sampler, micro-batches for a DP rank, and a background [`gpt::Prefetcher`].
 //! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
@@ -35,6 +37,7 @@ pub mod frames;
 pub mod gpt;
 pub mod indexed;
 pub mod manifest;
+pub mod materialize;
 pub mod prepare;
 pub mod sampler;
 pub mod synth;

@@ -63,7 +63,7 @@ fn stream(data: &TokenDataset) -> Vec<i64> {
 }
 
 fn open(dir: &Path, source: TokenSource, cache_frames: usize) -> Result<TokenDataset, DatasetError> {
-    TokenDataset::open_with(dir, &OpenOptions { source, cache_frames })
+    TokenDataset::open_with(dir, &OpenOptions::lru(source, cache_frames))
 }
 
 #[test]
@@ -86,10 +86,7 @@ fn frames_serve_the_same_tokens_and_samples_as_the_bin() {
         }
         // Sample by sample, shuffled order, through the GPT dataset.
         let a = GptDataset::open_with(&dir.0, 100, Split::All, &OpenOptions::default()).unwrap();
-        let opts = OpenOptions {
-            source: TokenSource::Zstd,
-            cache_frames: 2,
-        };
+        let opts = OpenOptions::lru(TokenSource::Zstd, 2);
         let b = GptDataset::open_with(&dir.0, 100, Split::All, &opts).unwrap();
         let (mut sa, mut sb, mut spans) = (Vec::new(), Vec::new(), Vec::new());
         for s in (0..a.num_samples()).rev().step_by(7) {
@@ -110,7 +107,8 @@ fn a_compressed_only_directory_is_read_and_verified_from_its_frames() {
     for s in &m.shards {
         std::fs::remove_file(dir.0.join(format!("{}.bin", s.prefix))).unwrap();
     }
-    let auto = TokenDataset::open(&dir.0).unwrap();
+    // Through the frame cache (the default, materializing, is tested in materialize.rs).
+    let auto = open(&dir.0, TokenSource::Auto, 16).unwrap();
     assert!(auto.reads_zstd());
     assert_eq!(stream(&auto), expected);
     m.verify(&dir.0).unwrap();
