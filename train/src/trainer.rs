@@ -215,7 +215,11 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         ));
     }
     let valid = if needs_data && spec.data.valid_fraction > 0.0 {
-        Some(GptDataset::open_split(&spec.data.path, seq, split(true))?)
+        let v = GptDataset::open_split(&spec.data.path, seq, split(true))?;
+        // Fail now, not at the first evaluation, if the split cannot fill a global batch.
+        Sampler::new(v.num_samples(), spec.data.seed, spec.train.global_batch)
+            .map_err(gantry_sharding::gpt::DatasetError::from)?;
+        Some(v)
     } else {
         None
     };
