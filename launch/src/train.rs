@@ -163,11 +163,28 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     if let Some((rank, how)) = failed {
         // Give the others a moment to report their own view (a peer's error names the rank
         // it blames), then stop them.
-        let _ = world.wait_all(Duration::from_secs(3));
+        let final_status = world.wait_all(Duration::from_secs(3));
         progress.finish();
         let log = logs.join(format!("rank-{rank}.log"));
         eprintln!("gantry: rank {rank} failed ({how}); last lines of {}:", log.display());
         eprintln!("{}", tail(&log, 20));
+        // The first rank to exit is often not the culprit (it saw a peer leave after that peer
+        // timed out on the real one): show every rank's last error, and who never exited.
+        for (r, st) in final_status.iter().enumerate() {
+            match st {
+                Some(st) if st.success() => {}
+                Some(st) => {
+                    let path = logs.join(format!("rank-{r}.log"));
+                    let last = last_error(&path).unwrap_or_else(|| format!("exited with {st}"));
+                    if last.starts_with(&format!("rank {r}:")) {
+                        eprintln!("gantry: {last}");
+                    } else {
+                        eprintln!("gantry: rank {r}: {last}");
+                    }
+                }
+                None => eprintln!("gantry: rank {r}: still running when the others failed; stopped"),
+            }
+        }
         bail!(
             "training failed: rank {rank} exited with {how} (logs in {})",
             logs.display()
@@ -221,6 +238,15 @@ fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
         println!("  sample {i}: {text}");
     }
     println!("  metrics: {}", run_dir.join("metrics.jsonl").display());
+}
+
+/// The last `gantry: error:` line of a rank's log, without the prefix.
+fn last_error(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("gantry: error: "))
+        .map(str::to_string)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
