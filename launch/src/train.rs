@@ -4,7 +4,6 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
-use gantry_collectives::layout::Coords;
 use gantry_collectives::spawn::{Output, spawn_local_world};
 use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
 use gantry_sharding::manifest::Manifest;
@@ -351,12 +350,7 @@ pub fn rank(args: RankArgs) -> anyhow::Result<ExitCode> {
     let mut summary = trainer::train(&spec, &fabric, &args.run_dir).with_context(|| format!("rank {rank}"))?;
     let p = &spec.parallel;
     let layout = ParallelLayout::new(fabric.world_size(), p.dp, p.tp, p.pp)?;
-    let reporter = layout.rank_of(Coords {
-        dp: 0,
-        tp: 0,
-        pp: p.pp - 1,
-    });
-    if rank == reporter {
+    if rank == trainer::reporting_rank(&layout) {
         summary.entropy_floor = Manifest::read(&spec.data.path)
             .ok()
             .and_then(|m| m.entropy_nats_per_token);

@@ -76,9 +76,6 @@ pub fn plan_buckets(model: &Model, tp_rank: usize, dp: usize, bucket_bytes: usiz
         bucket.offsets.push(bucket.len);
         bucket.params.push(id);
         bucket.len += p.numel();
-        if tied {
-            open[key] = open[key].filter(|&o| o != b);
-        }
     }
     for b in &mut buckets {
         b.len = b.len.div_ceil(dp) * dp;

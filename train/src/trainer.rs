@@ -12,7 +12,7 @@ use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate};
 use crate::pipeline::{StepIo, run_schedule};
 use crate::schedule::{MAX_MICRO_BATCHES, forward_schedule, train_schedule};
 use crate::spec::{DeviceSpec, JobSpec};
-use gantry_collectives::layout::Dim;
+use gantry_collectives::layout::{Coords, Dim};
 use gantry_collectives::{Fabric, ParallelLayout, ReduceOp};
 use gantry_sharding::gpt::{GptDataset, Prefetcher, Split};
 use gantry_sharding::sampler::Sampler;
@@ -30,10 +30,26 @@ pub struct RankPlace {
     pub stage: usize,
 }
 
+/// The rank that writes `metrics.jsonl` and `summary.json`: the last pipeline stage (where the
+/// loss is known), data- and tensor-parallel rank 0.
+pub fn reporting_rank(layout: &ParallelLayout) -> usize {
+    layout.rank_of(Coords {
+        dp: 0,
+        tp: 0,
+        pp: layout.pp() - 1,
+    })
+}
+
 impl RankPlace {
     pub fn reports(&self) -> bool {
-        self.dp_rank == 0 && self.tp_rank == 0 && self.stage + 1 == self.layout.pp()
+        self.rank == reporting_rank(&self.layout)
     }
+}
+
+/// The validation split and its sampler (first and last stage only: the others read no data).
+struct ValidSet {
+    data: GptDataset,
+    sampler: Sampler,
 }
 
 struct Comms {
@@ -93,7 +109,8 @@ fn micro_batch(tokens: &[i64], rows: usize, seq_len: usize, device: Device) -> M
     }
 }
 
-fn placeholder_batch() -> MicroBatch {
+/// Middle pipeline stages read neither tokens nor targets: their units only see activations.
+fn empty_batch() -> MicroBatch {
     MicroBatch {
         tokens: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
         targets: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
@@ -214,12 +231,12 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
             2 * micro,
         ));
     }
+    // Built once, before training, so an unusable validation split fails at start.
     let valid = if needs_data && spec.data.valid_fraction > 0.0 {
-        let v = GptDataset::open_split(&spec.data.path, seq, split(true))?;
-        // Fail now, not at the first evaluation, if the split cannot fill a global batch.
-        Sampler::new(v.num_samples(), spec.data.seed, spec.train.global_batch)
+        let data = GptDataset::open_split(&spec.data.path, seq, split(true))?;
+        let sampler = Sampler::new(data.num_samples(), spec.data.seed, spec.train.global_batch)
             .map_err(gantry_sharding::gpt::DatasetError::from)?;
-        Some(v)
+        Some(ValidSet { data, sampler })
     } else {
         None
     };
@@ -248,7 +265,7 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
                         .map(|b| micro_batch(&b.tokens, b.samples.len(), seq, device))
                 })
                 .collect::<Result<_, _>>()?,
-            None => (0..micro).map(|_| placeholder_batch()).collect(),
+            None => (0..micro).map(|_| empty_batch()).collect(),
         };
         model.params.zero_grads();
         grads.reset();
@@ -339,6 +356,7 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
                     &mut comms,
                     valid.as_ref(),
                     &place,
+                    &act_shape,
                     device,
                     autocast,
                 )?)
@@ -395,53 +413,46 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
 
 /// Mean validation loss over `eval_batches` global batches (the same batches every time).
 /// Returns `Some` on the last stage.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     spec: &JobSpec,
     model: &Model,
     comms: &mut Comms,
-    valid: Option<&GptDataset>,
+    valid: Option<&ValidSet>,
     place: &RankPlace,
+    act_shape: &[i64],
     device: Device,
     autocast: bool,
 ) -> Result<Option<f64>, TrainError> {
-    let micro = spec.micro_batches();
-    let seq = spec.model.seq_len;
-    let ops = forward_schedule(place.stage, place.layout.pp(), micro);
-    let sampler = match valid {
-        Some(v) => Some(
-            Sampler::new(v.num_samples(), spec.data.seed, spec.train.global_batch)
-                .map_err(gantry_sharding::gpt::DatasetError::from)?,
-        ),
-        None => None,
-    };
     if spec.data.valid_fraction == 0.0 {
         return Ok(None);
     }
-    let mut cursor = match (valid, &sampler) {
-        (Some(v), Some(s)) => Some(s.start(v.data().fingerprint())),
-        _ => None,
-    };
+    let micro = spec.micro_batches();
+    let seq = spec.model.seq_len;
+    let ops = forward_schedule(place.stage, place.layout.pp(), micro);
+    let mut cursor = valid.map(|v| v.sampler.start(v.data.data().fingerprint()));
     let mut total = 0.0;
     for _ in 0..spec.train.eval_batches {
-        let batches: Vec<MicroBatch> = match (valid, &sampler, &mut cursor) {
-            (Some(v), Some(s), Some(c)) => {
+        let batches: Vec<MicroBatch> = match (valid, &mut cursor) {
+            (Some(v), Some(c)) => {
                 let out = (0..micro)
                     .map(|m| {
-                        v.micro_batch(s, c, place.dp_rank, place.layout.dp(), micro, m)
+                        v.data
+                            .micro_batch(&v.sampler, c, place.dp_rank, place.layout.dp(), micro, m)
                             .map(|b| micro_batch(&b.tokens, b.samples.len(), seq, device))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 c.advance(1).map_err(gantry_sharding::gpt::DatasetError::from)?;
                 out
             }
-            _ => (0..micro).map(|_| placeholder_batch()).collect(),
+            _ => (0..micro).map(|_| empty_batch()).collect(),
         };
         let mut io = StepIo {
             model,
             tp: &mut comms.tp,
             pp: &mut comms.pp,
             batches: &batches,
-            act_shape: vec![spec.train.micro_batch as i64, seq as i64, spec.model.d_model as i64],
+            act_shape: act_shape.to_vec(),
             device,
             autocast,
             loss_scale: 1.0,
