@@ -42,6 +42,16 @@ device = "cuda"
 steps = $STEPS
 SPEC
 
+# row NAME IMPL JSON TOKENS_KEY STEP_MS_KEY MFU_KEY: one table line from a run's JSON.
+row() {
+    "$PY" - "$@" <<'PYEOF'
+import json, sys
+name, impl, path, tps, ms, mfu = sys.argv[1:]
+s = json.load(open(path))
+print(f"{name:<6} {impl:<10} {s[tps]:>12.0f} {100*(s.get(mfu) or 0):>7.1f}% {s[ms]:>12.1f} {s['params']:>8}")
+PYEOF
+}
+
 printf '%-6s %-10s %12s %8s %12s %8s\n' model impl tokens/s MFU step_ms params
 for cfg in "124M 768 12 12 16" "350M 1024 24 16 8" "1.3B 2048 24 16 8"; do
     read -r name d l h b <<<"$cfg"
@@ -49,21 +59,13 @@ for cfg in "124M 768 12 12 16" "350M 1024 24 16 8" "1.3B 2048 24 16 8"; do
     if "$GANTRY" launch "$OUT_DIR/job.toml" --local 1 --run-dir "$run" --json \
         --set model.d_model="$d" --set model.n_layers="$l" --set model.n_heads="$h" \
         --set train.global_batch="$b" --set train.micro_batch="$b" >"$OUT_DIR/gantry-$name.json" 2>"$OUT_DIR/gantry-$name.err"; then
-        "$PY" - "$OUT_DIR/gantry-$name.json" "$name" <<'PYEOF'
-import json, sys
-s = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]:<6} {'gantry':<10} {s['mean_tokens_per_s']:>12.0f} {100*(s.get('mean_mfu') or 0):>7.1f}% {s['mean_step_ms']:>12.1f} {s['params']:>8}")
-PYEOF
+        row "$name" gantry "$OUT_DIR/gantry-$name.json" mean_tokens_per_s mean_step_ms mean_mfu
     else
         echo "$name gantry FAILED: $(tail -3 "$OUT_DIR/gantry-$name.err")"
     fi
     if "$PY" bench/peers/torch_gpt_mfu.py --d-model "$d" --layers "$l" --heads "$h" --batch "$b" --steps "$STEPS" \
         >"$OUT_DIR/torch-$name.json" 2>"$OUT_DIR/torch-$name.err"; then
-        "$PY" - "$OUT_DIR/torch-$name.json" "$name" <<'PYEOF'
-import json, sys
-s = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]:<6} {'torch':<10} {s['tokens_per_s']:>12.0f} {100*s['mfu']:>7.1f}% {s['step_ms']:>12.1f} {s['params']:>8}")
-PYEOF
+        row "$name" torch "$OUT_DIR/torch-$name.json" tokens_per_s step_ms mfu
     else
         echo "$name torch FAILED: $(tail -3 "$OUT_DIR/torch-$name.err")"
     fi
