@@ -1,6 +1,9 @@
 //! The zstd variant of shards: layout, reading through the frames, compressed-only datasets,
 //! damaged frame files and indexes.
 
+mod common;
+
+use common::stream;
 use gantry_sharding::frames::{self, FrameError, FrameIndex, FramedBin, ZstdOptions};
 use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use gantry_sharding::manifest::{Manifest, ManifestError};
@@ -43,23 +46,6 @@ fn synth(dir: &Path, vocab_size: u32, zstd: &ZstdOptions) -> Manifest {
         shard_tokens: 25_000,
     };
     synthesize_with(dir, &cfg, Some(zstd)).unwrap()
-}
-
-/// Every token of the dataset in stream order.
-fn stream(data: &TokenDataset) -> Vec<i64> {
-    let mut out = Vec::new();
-    for (doc, len) in data.document_lengths().unwrap().into_iter().enumerate() {
-        data.read_span(
-            Span {
-                doc: doc as u32,
-                offset: 0,
-                len,
-            },
-            &mut out,
-        )
-        .unwrap();
-    }
-    out
 }
 
 fn open(dir: &Path, source: TokenSource, cache_frames: usize) -> Result<TokenDataset, DatasetError> {

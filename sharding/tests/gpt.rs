@@ -1,5 +1,8 @@
 //! The GPT dataset over real shard files: samples, DP micro-batches, prefetch, resume.
 
+mod common;
+
+use common::stream;
 use gantry_sharding::gpt::{GptDataset, Prefetcher, TokenDataset};
 use gantry_sharding::indexed::{IndexedWriter, TokenDType};
 use gantry_sharding::manifest::{Manifest, ShardInfo, TokenizerInfo};
@@ -13,23 +16,6 @@ fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gantry-gpt-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-/// The whole token stream, document after document.
-fn stream(data: &TokenDataset) -> Vec<i64> {
-    let mut out = Vec::new();
-    for (doc, len) in data.document_lengths().unwrap().into_iter().enumerate() {
-        data.read_span(
-            Span {
-                doc: doc as u32,
-                offset: 0,
-                len,
-            },
-            &mut out,
-        )
-        .unwrap();
-    }
-    out
 }
 
 fn synth(name: &str) -> PathBuf {
