@@ -109,9 +109,19 @@ impl DpThread {
                 for job in rx {
                     let out = match job {
                         Job::AllReduce(b, mut v) => (b, comm.all_reduce_in_place(&mut v, ReduceOp::Avg).map(|_| v)),
-                        Job::ReduceScatter(b, v) => {
-                            let mut out = vec![0f32; v.len() / size];
-                            (b, comm.reduce_scatter(&v, &mut out, ReduceOp::Avg).map(|_| out))
+                        // In place on the packed bucket we own (`reduce_scatter` would copy
+                        // it first); this rank's block is then its shard.
+                        Job::ReduceScatter(b, mut v) => {
+                            let (n, r) = (v.len() / size, comm.rank());
+                            let out = comm.reduce_scatter_in_place(&mut v, ReduceOp::Avg);
+                            (
+                                b,
+                                out.map(|_| {
+                                    v.copy_within(r * n..(r + 1) * n, 0);
+                                    v.truncate(n);
+                                    v
+                                }),
+                            )
                         }
                         Job::AllGather(b, v) => {
                             let mut out = vec![0f32; v.len() * size];
