@@ -20,7 +20,8 @@
 # Exports (also when run, for child processes started from here):
 #   GANTRY_REPO, GANTRY_SHARED (<repo>/../shared), GANTRY_TARGET_DIR,
 #   GANTRY_BIN (release gantry CLI), GANTRY_MPI_ALLREDUCE (C peer benchmark),
-#   GANTRY_PY (Python with numpy, for bench/peers/*.py)
+#   GANTRY_PY (Python with numpy, for bench/peers/*.py),
+#   GANTRY_S3S_FS (the s3s-fs S3 test server, for checkpoint/ tests)
 #
 # Extension points: one `ensure_<dependency>` function per dependency, called
 # in order from `setup_main`. To add one (the libtorch venv, the s3s-fs test
@@ -89,6 +90,7 @@ setup_paths() {
     GANTRY_BIN="$GANTRY_TARGET_DIR/release/gantry"
     GANTRY_MPI_ALLREDUCE="$GANTRY_TARGET_DIR/peers/mpi_allreduce"
     GANTRY_PY="$GANTRY_REPO/.tools/py/bin/python"
+    GANTRY_S3S_FS="$GANTRY_REPO/.tools/bin/s3s-fs"
     # tch's build script reads LIBTORCH; the binaries find the libraries
     # through LD_LIBRARY_PATH (tch has no rpath).
     local site
@@ -99,7 +101,7 @@ setup_paths() {
         *) LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
     esac
     export LIBTORCH LD_LIBRARY_PATH
-    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY
+    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY GANTRY_S3S_FS
 }
 
 # ---------------------------------------------------------------- dependencies
@@ -201,17 +203,26 @@ ensure_libtorch() {
     printf '%s' "${SETUP_TORCH_PKGS[*]}" >"$marker"
 }
 
-# Extension point (not enabled yet): the S3 test server.
-#   cargo install s3s-fs@0.14.1 --features binary --locked --root .tools
-# Check first: skip when .tools/bin/s3s-fs exists; export its path.
+# The S3 test server for checkpoint/'s object-store tests: s3s-fs from
+# crates.io, built into .tools/bin (0.14.1: later releases need a newer rustc).
+# Skipped when .tools/bin/s3s-fs already reports this version.
+SETUP_S3S_FS_VERSION=0.14.1
 ensure_s3s_fs() {
-    :
+    local bin="$GANTRY_S3S_FS"
+    if [[ -x $bin ]] && "$bin" --version 2>/dev/null | grep -qw -- "$SETUP_S3S_FS_VERSION"; then
+        return 0
+    fi
+    setup_log "cargo install s3s-fs@$SETUP_S3S_FS_VERSION --features binary --locked --root .tools (a few minutes)"
+    cargo install "s3s-fs@$SETUP_S3S_FS_VERSION" --features binary --locked --force --root "$GANTRY_REPO/.tools"
+    [[ -x $bin ]] || setup_die "cargo install finished but $bin is missing"
+    "$bin" --version 2>/dev/null | grep -qw -- "$SETUP_S3S_FS_VERSION" ||
+        setup_die "$bin does not report version $SETUP_S3S_FS_VERSION after installing it"
 }
 
 # ---------------------------------------------------------------- main
 
 # Order matters: the peer build needs Open MPI.
-SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_libtorch ensure_gantry_build)
+SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_libtorch ensure_s3s_fs ensure_gantry_build)
 
 setup_main() {
     local arg
