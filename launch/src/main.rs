@@ -7,10 +7,12 @@
 //! - `main.rs`: the command tree and logging set-up.
 //! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
 //!   `gantry bench nccl` (the NCCL device self test).
+//! - `checkpoint.rs`: `gantry checkpoint list|inspect|verify|export`.
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
 
 mod bench;
+mod checkpoint;
 mod data;
 mod train;
 
@@ -30,6 +32,9 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Checkpoints: list, inspect, verify (re-read every checksum), export to safetensors.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
     /// Token datasets: prepare (tokenize text), synthesize, inspect, benchmark the reader.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Checkpoint(cmd) => checkpoint::run(cmd),
         Command::Data(cmd) => data::run(cmd),
         Command::Launch(args) => train::launch(args),
         Command::Rank(args) => train::rank(args),

@@ -28,6 +28,15 @@ pub struct LaunchArgs {
     /// Run directory (default: runs/<name>-<unix time>).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Save checkpoints here: a directory, file:///… or s3://bucket/prefix (S3 settings from
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Same as
+    /// `--set checkpoint.dir=URL`; `checkpoint.every` sets how often (default: at the end).
+    #[arg(long, value_name = "URL")]
+    pub checkpoint_dir: Option<String>,
+    /// Resume from the checkpoint directory's `latest` committed checkpoint or a step number,
+    /// in any layout.
+    #[arg(long, value_name = "latest|STEP")]
+    pub resume: Option<String>,
     /// Print the run summary as JSON on stdout (no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -74,6 +83,11 @@ pub fn resolve_spec(path: &Path, overrides: &[String], world: usize) -> anyhow::
             .map_or("job".into(), |s| s.to_string_lossy().into_owned());
     }
     spec.data.path = std::path::absolute(&spec.data.path).unwrap_or(spec.data.path.clone());
+    // Ranks may run elsewhere: a relative checkpoint directory means this one's.
+    let dir = &spec.checkpoint.dir;
+    if !dir.is_empty() && !dir.contains("://") {
+        spec.checkpoint.dir = std::path::absolute(dir).map_or(dir.clone(), |p| p.display().to_string());
+    }
     spec.validate(world)?;
     Ok(spec)
 }
@@ -82,7 +96,14 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     if args.local == 0 {
         bail!("--local must be at least 1");
     }
-    let spec = resolve_spec(&args.spec, &args.overrides, args.local)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(dir) = &args.checkpoint_dir {
+        overrides.push(format!("checkpoint.dir={}", toml_string(dir)));
+    }
+    if let Some(which) = &args.resume {
+        overrides.push(format!("checkpoint.resume={}", toml_string(which)));
+    }
+    let spec = resolve_spec(&args.spec, &overrides, args.local)?;
     let run_dir = match &args.run_dir {
         Some(d) => d.clone(),
         None => {
@@ -206,6 +227,20 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         print_summary(&summary, started.elapsed(), &run_dir);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A TOML string literal, so `--set` values with any characters parse as strings.
+fn toml_string(v: &str) -> String {
+    let mut out = String::from("\"");
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {

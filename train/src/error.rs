@@ -15,6 +15,8 @@ pub enum TrainError {
     Data(#[from] DatasetError),
     #[error(transparent)]
     FusedAdam(#[from] crate::fused::FusedAdamError),
+    #[error(transparent)]
+    Checkpoint(#[from] gantry_checkpoint::CheckpointError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]

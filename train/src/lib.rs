@@ -10,8 +10,11 @@
 //! - [`pipeline`]: the unit executor (leaf inputs, cut gradients) and schedule interpreter.
 //! - [`grads`]: data-parallel gradient buckets on their own thread; ZeRO-1 shards.
 //! - [`optim`]: AdamW over flat buckets, LR schedule, clipping.
+//! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
 //! - [`trainer`]: one rank's run; [`metrics`]: `metrics.jsonl`; [`generate`]: samples.
 //! - [`comm`]: tch tensors over gantry communicators.
+//! - [`checkpointing`]: which slices a rank saves and loads (params, AdamW moments, ZeRO-1
+//!   shards as rectangles), snapshots, resume.
 //!
 //! # Data flow of a step
 //! The prefetcher yields this DP rank's micro-batches; the first stage embeds tokens, units
@@ -21,11 +24,13 @@
 //! while backward continues; then clipping by the global norm and AdamW; ZeRO-1 gathers the
 //! updated shards. The model sees no globals: every group is passed in.
 
+pub mod checkpointing;
 pub mod comm;
 pub mod error;
 pub mod fused;
 pub mod generate;
 pub mod grads;
+pub mod hf;
 pub mod metrics;
 pub mod model;
 pub mod optim;

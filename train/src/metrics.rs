@@ -26,6 +26,24 @@ pub struct StepMetrics {
     /// Validation loss, on the steps where it was measured.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_loss: Option<f64>,
+    /// On a step that took a checkpoint: how long training paused for it (snapshotting into
+    /// host memory, plus any wait for the previous save to commit).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ckpt_stall_ms: Option<f64>,
+    /// On the step where a save was found committed: what it wrote and how long it took.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ckpt_committed: Option<CommittedSave>,
+}
+
+/// A committed checkpoint as seen by the reporting rank.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommittedSave {
+    pub step: u64,
+    /// Bytes this rank wrote.
+    pub bytes: u64,
+    pub write_s: f64,
+    /// From hand-off to commit.
+    pub save_s: f64,
 }
 
 /// Dense bf16 peak of one H200 (the MFU denominator).
@@ -51,6 +69,15 @@ impl MetricsWriter {
 
     pub fn write(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
         let mut line = serde_json::to_string(m).expect("metrics serialize");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
+
+    /// A line of its own for a save that committed after the last step: `{"ckpt_committed": …}`.
+    pub fn write_committed(&mut self, c: &CommittedSave) -> Result<(), TrainError> {
+        let mut line = serde_json::json!({ "ckpt_committed": c }).to_string();
         line.push('\n');
         self.file
             .write_all(line.as_bytes())

@@ -237,6 +237,9 @@ pub struct TrainSpec {
     pub threads: usize,
     /// At the end, continue validation text with this many sampled tokens (0 = none).
     pub sample_tokens: usize,
+    /// Stop after this many steps (0 = run all `steps`), keeping the learning-rate schedule of
+    /// `steps`: a run cut short on purpose, to be resumed from its checkpoint.
+    pub stop_after: u64,
 }
 
 impl Default for TrainSpec {
@@ -251,7 +254,52 @@ impl Default for TrainSpec {
             eval_batches: 4,
             threads: 0,
             sample_tokens: 0,
+            stop_after: 0,
         }
+    }
+}
+
+/// Where and when to save checkpoints, and what to resume from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSpec {
+    /// A local directory, `file:///…` or `s3://bucket/prefix` (S3 settings from the standard
+    /// `AWS_*` environment variables). Empty = no checkpoints.
+    pub dir: String,
+    /// Save every this many steps (0 = only at the end of the run).
+    pub every: u64,
+    /// Save when the run ends (at `steps` or `stop_after`).
+    pub at_end: bool,
+    /// Keep the newest K committed checkpoints (0 = keep all) ...
+    pub keep_last: usize,
+    /// ... plus every step divisible by this (0 = none).
+    pub keep_every: u64,
+    /// Resume from `latest` or a step number; empty = start fresh.
+    pub resume: String,
+    /// Chunk objects are cut at about this many MiB.
+    pub chunk_mb: f64,
+    /// How long rank 0 waits for the other ranks' writes before giving up on a save.
+    pub commit_timeout_s: f64,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            dir: String::new(),
+            every: 0,
+            at_end: true,
+            keep_last: 0,
+            keep_every: 0,
+            resume: String::new(),
+            chunk_mb: 256.0,
+            commit_timeout_s: 600.0,
+        }
+    }
+}
+
+impl CheckpointSpec {
+    pub fn enabled(&self) -> bool {
+        !self.dir.is_empty()
     }
 }
 
@@ -265,6 +313,7 @@ pub struct JobSpec {
     pub data: DataSpec,
     pub optim: OptimSpec,
     pub train: TrainSpec,
+    pub checkpoint: CheckpointSpec,
 }
 
 impl JobSpec {
@@ -407,6 +456,25 @@ impl JobSpec {
             if !(0.0..1.0).contains(&b) {
                 return Err(invalid(field, format!("{b} is not in [0, 1)")));
             }
+        }
+        let c = &self.checkpoint;
+        if !c.resume.is_empty() && c.resume.parse::<gantry_checkpoint::Which>().is_err() {
+            return Err(invalid(
+                "checkpoint.resume",
+                format!("{:?} is neither `latest` nor a step number", c.resume),
+            ));
+        }
+        if !c.resume.is_empty() && !c.enabled() {
+            return Err(invalid("checkpoint.resume", "needs checkpoint.dir"));
+        }
+        if c.chunk_mb.is_nan() || c.chunk_mb <= 0.0 || c.commit_timeout_s.is_nan() || c.commit_timeout_s <= 0.0 {
+            return Err(invalid("checkpoint", "chunk_mb and commit_timeout_s must be positive"));
+        }
+        if t.stop_after > t.steps {
+            return Err(invalid(
+                "train.stop_after",
+                format!("{} is past train.steps {}", t.stop_after, t.steps),
+            ));
         }
         if !(0.0..1.0).contains(&self.data.valid_fraction) {
             return Err(invalid(

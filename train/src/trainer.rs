@@ -3,10 +3,11 @@
 //! pipeline schedule, data-parallel bucket sync (overlapped with backward), tied-embedding
 //! sync, global-norm clipping, AdamW (ZeRO-1 optional), metrics; validation every K steps.
 
+use crate::checkpointing::{Checkpointing, job_state};
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
 use crate::grads::{GradSync, pack_params, unpack_params};
-use crate::metrics::{H200_PEAK_FLOPS, MetricsWriter, RunSummary, StepMetrics};
+use crate::metrics::{CommittedSave, H200_PEAK_FLOPS, MetricsWriter, RunSummary, StepMetrics};
 use crate::model::{MicroBatch, Model, StagePlan, partition_layers};
 use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate};
 use crate::pipeline::{StepIo, run_schedule};
@@ -196,6 +197,32 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         })
         .collect();
 
+    // Checkpoints: every rank agrees on an attempt id (rank 0's), so the committer never
+    // mixes this run's writes with a crashed run's leftovers under the same step.
+    let mut ckpt = if spec.checkpoint.enabled() {
+        let mut id = [if place.rank == 0 { attempt_nonce() } else { 0.0 }];
+        comms.world.all_reduce_f64(&mut id, ReduceOp::Sum)?;
+        Checkpointing::start(spec, &place, &format!("{:013x}", id[0] as u64))?
+    } else {
+        None
+    };
+    let resumed = match &ckpt {
+        Some(c) => c.resume(spec, &model, &grads, &mut states, &place)?,
+        None => None,
+    };
+    let start_step = resumed.as_ref().map_or(0, |r| r.step);
+    let end_step = if spec.train.stop_after > 0 {
+        spec.train.stop_after
+    } else {
+        spec.train.steps
+    };
+    let job_id = std::env::var("GANTRY_JOB_ID").unwrap_or_else(|_| {
+        run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+
     // Data: only the first stage (tokens) and the last (targets) read it.
     let needs_data = plan.first || plan.last;
     let seq = spec.model.seq_len;
@@ -216,11 +243,30 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         }
     };
     let mut prefetch = None;
+    // The data position after the last completed step (kept on data-reading ranks).
+    let mut data_cursor = None;
     if needs_data {
         let ds = Arc::new(GptDataset::open_split(&spec.data.path, seq, split(false))?);
         let sampler = Sampler::new(ds.num_samples(), spec.data.seed, spec.train.global_batch)
             .map_err(gantry_sharding::gpt::DatasetError::from)?;
-        let cursor = sampler.start(ds.data().fingerprint());
+        let mut cursor = sampler.start(ds.data().fingerprint());
+        cursor
+            .advance(start_step)
+            .map_err(gantry_sharding::gpt::DatasetError::from)?;
+        if let Some(saved) = resumed.as_ref().and_then(|r| r.cursor.as_ref()) {
+            // A checkpoint of this run's data resumes the same global stream; anything else
+            // (another dataset, seed, sequence length or global batch) is refused by name.
+            sampler
+                .check_cursor(saved, ds.data().fingerprint())
+                .map_err(gantry_sharding::gpt::DatasetError::from)?;
+            if saved.consumed != cursor.consumed {
+                return Err(TrainError::Internal(format!(
+                    "checkpoint at step {start_step} says {} samples consumed, expected {}",
+                    saved.consumed, cursor.consumed
+                )));
+            }
+        }
+        data_cursor = Some(cursor.clone());
         prefetch = Some(Prefetcher::spawn(
             ds,
             sampler,
@@ -255,14 +301,21 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
     };
     let (mut sum_tps, mut sum_ms, mut sum_comm) = (0.0, 0.0, 0.0);
     let run_start = Instant::now();
-    for step in 0..spec.train.steps {
+    summary.steps = start_step;
+    let log_samples = std::env::var_os("GANTRY_LOG_SAMPLES").is_some() && plan.first && place.tp_rank == 0;
+    let mut sample_log = Vec::new();
+    for step in start_step..end_step {
         let t0 = Instant::now();
         clock.take();
         let batches: Vec<MicroBatch> = match &prefetch {
             Some(pf) => (0..micro)
                 .map(|_| {
-                    pf.next_batch()
-                        .map(|b| micro_batch(&b.tokens, b.samples.len(), seq, device))
+                    pf.next_batch().map(|b| {
+                        if log_samples {
+                            sample_log.extend(b.samples.iter().map(|s| (step + 1, s.epoch, s.sample)));
+                        }
+                        micro_batch(&b.tokens, b.samples.len(), seq, device)
+                    })
                 })
                 .collect::<Result<_, _>>()?,
             None => (0..micro).map(|_| empty_batch()).collect(),
@@ -363,6 +416,34 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
             } else {
                 None
             };
+        if let Some(c) = data_cursor.as_mut() {
+            c.advance(1).map_err(gantry_sharding::gpt::DatasetError::from)?;
+        }
+        let done = step + 1;
+        let mut ckpt_stall_ms = None;
+        let mut ckpt_committed = None;
+        if let Some(c) = ckpt.as_mut() {
+            let report = if c.due(done, done == end_step) {
+                let job = job_state(spec, tokens_per_step * done, data_cursor.as_ref(), &job_id);
+                let rank_state = serde_json::json!({
+                    "rank": place.rank, "dp": place.dp_rank, "tp": place.tp_rank, "pp": place.stage,
+                    // Training draws no random numbers after initialization (no dropout): the
+                    // seeds are the whole RNG state.
+                    "rng": { "init_seed": spec.train.seed, "data_seed": spec.data.seed },
+                });
+                let (stall_s, previous) = c.save(done, &model, &grads, &states, &place, job, rank_state)?;
+                ckpt_stall_ms = Some(stall_s * 1e3);
+                previous
+            } else {
+                c.poll()?
+            };
+            ckpt_committed = report.map(|r| CommittedSave {
+                step: r.step,
+                bytes: r.bytes,
+                write_s: r.write_s,
+                save_s: r.commit_s,
+            });
+        }
         let tps = tokens_per_step as f64 / step_s;
         let mfu = (device != Device::Cpu)
             .then(|| spec.model.flops_per_token() * tps / H200_PEAK_FLOPS / fabric.world_size() as f64);
@@ -377,8 +458,10 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
             comm_ms: comm_s * 1e3,
             mfu,
             val_loss: val_loss.flatten(),
+            ckpt_stall_ms,
+            ckpt_committed,
         };
-        if step > 0 || spec.train.steps == 1 {
+        if step > start_step || end_step - start_step == 1 {
             sum_tps += tps;
             sum_ms += step_s * 1e3;
             sum_comm += comm_s * 1e3;
@@ -393,7 +476,39 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
             summary.val_loss = m.val_loss;
         }
     }
-    let counted = spec.train.steps.saturating_sub(1).max(1) as f64;
+    if let Some(c) = ckpt.as_mut()
+        && let Some(r) = c.finish()?
+    {
+        tracing::info!(
+            rank = place.rank,
+            step = r.step,
+            bytes = r.bytes,
+            save_s = r.commit_s,
+            "checkpoint committed"
+        );
+        if let Some(w) = metrics.as_mut() {
+            w.write_committed(&CommittedSave {
+                step: r.step,
+                bytes: r.bytes,
+                write_s: r.write_s,
+                save_s: r.commit_s,
+            })?;
+        }
+    }
+    if log_samples {
+        let path = run_dir.join(format!("samples-rank-{}.jsonl", place.rank));
+        let text: String = sample_log
+            .iter()
+            .map(|(s, e, i)| {
+                format!(
+                    "{{\"step\":{s},\"dp\":{},\"epoch\":{e},\"sample\":{i}}}\n",
+                    place.dp_rank
+                )
+            })
+            .collect();
+        std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+    }
+    let counted = (end_step - start_step).saturating_sub(1).max(1) as f64;
     summary.mean_tokens_per_s = sum_tps / counted;
     summary.mean_step_ms = sum_ms / counted;
     summary.comm_share = if sum_ms > 0.0 { sum_comm / sum_ms } else { 0.0 };
@@ -409,6 +524,16 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         summary.samples = crate::generate::sample(spec, &model, &mut comms.tp, &mut comms.pp, &place, device)?;
     }
     Ok(summary)
+}
+
+/// 52 random bits (they survive an f64 all-reduce exactly) from the clock and the pid.
+fn attempt_nonce() -> f64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mixed = xxhash_rust::xxh3::xxh3_64(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
+    (mixed & ((1 << 52) - 1)) as f64
 }
 
 /// Mean validation loss over `eval_batches` global batches (the same batches every time).

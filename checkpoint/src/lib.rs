@@ -1,0 +1,39 @@
+//! # gantry-checkpoint
+//!
+//! Sharded checkpoints on object storage, independent of any tensor library: the trainer
+//! hands in named slices of global tensors as bytes (dtype, global shape, offsets, lengths)
+//! and asks for slices back in whatever layout it now has.
+//!
+//! # How data flows
+//! - **Save** ([`writer`]): each rank's [`writer::Saver`] packs its slices into chunk objects
+//!   under `step-NNNNNNNN/rank-RRRRR/`, checksums them (xxh3) and uploads them on a background
+//!   thread, then writes its rank index. Rank 0 waits for every rank's index, checks the slices
+//!   tile every tensor and creates `manifest.json` if absent — the commit — then moves
+//!   `latest` and applies [`retention`].
+//! - **Load** ([`reader`]): [`reader::Checkpoint::open`] reads a committed manifest;
+//!   [`reader::Checkpoint::load`] asks the pure [`planner`] which saved entries overlap each
+//!   requested slice, fetches just those byte ranges, verifies their checksums and copies the
+//!   overlaps into place ([`boxes`]). Any change of TP, PP, DP or ZeRO-1 is a different set of
+//!   requested rectangles.
+//! - **Storage** ([`store`]): one blocking API over `object_store` for local paths, `file://`
+//!   and `s3://`, with multipart uploads, ranged reads and create-if-absent.
+//! - [`export`]: a whole model as one safetensors file.
+//!
+//! The format is specified in docs/checkpoint-format.md.
+
+pub mod boxes;
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod planner;
+pub mod reader;
+pub mod retention;
+pub mod store;
+pub mod writer;
+
+pub use error::CheckpointError;
+pub use format::{DType, JobState, Lineage, Manifest, SliceSpec};
+pub use reader::{Checkpoint, Which, committed_steps};
+pub use retention::Retention;
+pub use store::{S3Options, Store, StoreConfig};
+pub use writer::{SaveReport, SaveRequest, Saver, SaverConfig, TensorData};

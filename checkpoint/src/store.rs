@@ -1,0 +1,340 @@
+//! One blocking API over `object_store` for local directories, `file://` URLs and S3
+//! (`s3://bucket/prefix`), with keys relative to the checkpoint root. The store owns a small
+//! tokio runtime so callers (training threads, CLI commands) stay synchronous; concurrency
+//! lives inside: many objects at once, large objects as parallel multipart uploads.
+
+use crate::error::CheckpointError;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// S3 connection settings. Unset fields fall back to the standard AWS environment variables
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+/// Upload tuning.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Objects larger than this go up as multipart uploads.
+    pub multipart_threshold: usize,
+    /// Part size of multipart uploads (S3 needs at least 5 MiB).
+    pub part_size: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            multipart_threshold: 32 << 20,
+            part_size: 16 << 20,
+            concurrency: 8,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+    config: StoreConfig,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+fn bad(url: &str, reason: impl Into<String>) -> CheckpointError {
+    CheckpointError::BadUrl {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Store {
+    /// Open `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`. A local
+    /// directory is created if missing.
+    pub fn open(url: &str, s3: &S3Options) -> Result<Store, CheckpointError> {
+        Store::open_with(url, s3, StoreConfig::default())
+    }
+
+    pub fn open_with(url: &str, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gantry-store")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(url, format!("cannot start I/O runtime: {e}")))?;
+        let (inner, root, shown): (Arc<dyn ObjectStore>, Path, String) = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad(url, "no bucket name after s3://"));
+            }
+            // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's
+            // (and our own checksums'), and hashing every part twice halves upload speed.
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_unsigned_payload(true);
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e);
+            }
+            let endpoint = s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+            if let Some(e) = &endpoint {
+                b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+                if e.starts_with("http://") {
+                    b = b.with_allow_http(true);
+                }
+            }
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            }
+            if let Some(k) = &s3.access_key {
+                b = b.with_access_key_id(k);
+            }
+            if let Some(k) = &s3.secret_key {
+                b = b.with_secret_access_key(k);
+            }
+            let store = b.build().map_err(|e| bad(url, e.to_string()))?;
+            let root = Path::parse(prefix.trim_matches('/')).map_err(|e| bad(url, e.to_string()))?;
+            (Arc::new(store), root, url.trim_end_matches('/').to_string())
+        } else {
+            let path = match url.strip_prefix("file://") {
+                Some(p) => std::path::PathBuf::from(p),
+                None if url.contains("://") => {
+                    return Err(bad(url, "only local paths, file:// and s3:// are supported"));
+                }
+                None => std::path::PathBuf::from(url),
+            };
+            if path.as_os_str().is_empty() {
+                return Err(bad(url, "empty path"));
+            }
+            std::fs::create_dir_all(&path).map_err(|e| bad(url, format!("cannot create directory: {e}")))?;
+            let abs = std::fs::canonicalize(&path).map_err(|e| bad(url, e.to_string()))?;
+            let fs = LocalFileSystem::new_with_prefix(&abs).map_err(|e| bad(url, e.to_string()))?;
+            (Arc::new(fs), Path::default(), abs.display().to_string())
+        };
+        Ok(Store {
+            inner,
+            root,
+            url: shown,
+            config,
+            rt: Arc::new(rt),
+        })
+    }
+
+    /// The root as given (local paths made absolute).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn is_local(&self) -> bool {
+        !self.url.starts_with("s3://")
+    }
+
+    fn path(&self, key: &str) -> Path {
+        key.split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    fn key_of(&self, p: &Path) -> String {
+        let full = p.as_ref();
+        let root = self.root.as_ref();
+        if root.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(root)
+                .unwrap_or(full)
+                .trim_start_matches('/')
+                .to_string()
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &str, source: object_store::Error) -> CheckpointError {
+        CheckpointError::Store {
+            url: self.url.clone(),
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    /// Run async work on the store's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    async fn put_async(&self, key: &str, data: Bytes) -> Result<(), CheckpointError> {
+        let path = self.path(key);
+        if data.len() <= self.config.multipart_threshold {
+            self.inner
+                .put(&path, PutPayload::from(data))
+                .await
+                .map_err(|e| self.err("put", key, e))?;
+            return Ok(());
+        }
+        let mut upload = self
+            .inner
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.err("start multipart upload", key, e))?;
+        let parts: Vec<_> = (0..data.len())
+            .step_by(self.config.part_size)
+            .map(|a| {
+                upload.put_part(PutPayload::from(
+                    data.slice(a..(a + self.config.part_size).min(data.len())),
+                ))
+            })
+            .collect();
+        let sent = stream::iter(parts)
+            .buffer_unordered(self.config.concurrency)
+            .try_collect::<Vec<()>>()
+            .await;
+        if let Err(e) = sent {
+            let _ = upload.abort().await;
+            return Err(self.err("upload part of", key, e));
+        }
+        upload
+            .complete()
+            .await
+            .map_err(|e| self.err("complete multipart upload", key, e))?;
+        Ok(())
+    }
+
+    /// Write one object (multipart when large); readers see all of it or nothing.
+    pub fn put(&self, key: &str, data: Bytes) -> Result<(), CheckpointError> {
+        self.block_on(self.put_async(key, data))
+    }
+
+    /// Write many objects concurrently; returns each one's byte count in order.
+    pub fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<(), CheckpointError> {
+        self.block_on(async {
+            stream::iter(
+                objects
+                    .into_iter()
+                    .map(|(k, d)| async move { self.put_async(&k, d).await }),
+            )
+            .buffer_unordered(self.config.concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+        })
+    }
+
+    /// Create `key` only if it does not exist: `Ok(false)` if it already did.
+    pub fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, CheckpointError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self.block_on(self.inner.put_opts(&self.path(key), PutPayload::from(data), opts)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err("create", key, e)),
+        }
+    }
+
+    /// The whole object, or `None` if it does not exist.
+    pub fn get(&self, key: &str) -> Result<Option<Bytes>, CheckpointError> {
+        self.block_on(async {
+            match self.inner.get(&self.path(key)).await {
+                Ok(r) => r.bytes().await.map(Some).map_err(|e| self.err("read", key, e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("read", key, e)),
+            }
+        })
+    }
+
+    async fn get_range_async(&self, key: &str, range: Range<u64>) -> Result<Bytes, CheckpointError> {
+        match self.inner.get_range(&self.path(key), range.clone()).await {
+            Ok(b) => Ok(b),
+            Err(object_store::Error::NotFound { .. }) => Err(CheckpointError::MissingObject {
+                object: format!("{}/{key}", self.url),
+            }),
+            Err(e) => Err(self.err("ranged read of", key, e)),
+        }
+    }
+
+    /// Byte ranges of objects, fetched concurrently, in request order.
+    pub fn get_ranges(&self, ranges: &[(String, Range<u64>)]) -> Result<Vec<Bytes>, CheckpointError> {
+        self.block_on(async {
+            stream::iter(ranges.iter().map(|(k, r)| self.get_range_async(k, r.clone())))
+                .buffered(self.config.concurrency.max(1))
+                .try_collect()
+                .await
+        })
+    }
+
+    /// Size of an object, or `None` if it does not exist.
+    pub fn size(&self, key: &str) -> Result<Option<u64>, CheckpointError> {
+        self.block_on(async {
+            match self.inner.head(&self.path(key)).await {
+                Ok(m) => Ok(Some(m.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("stat", key, e)),
+            }
+        })
+    }
+
+    /// Immediate sub-directories of `prefix` ("" for the root).
+    pub fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, CheckpointError> {
+        let p = self.path(prefix);
+        let listed = self
+            .block_on(self.inner.list_with_delimiter(Some(&p)))
+            .map_err(|e| self.err("list", prefix, e))?;
+        let mut dirs: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|d| d.filename().map(str::to_string))
+            .collect();
+        dirs.sort();
+        Ok(dirs)
+    }
+
+    /// Every object under `prefix`, with sizes, as keys relative to the root.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, CheckpointError> {
+        let p = self.path(prefix);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .block_on(self.inner.list(Some(&p)).try_collect())
+            .map_err(|e| self.err("list", prefix, e))?;
+        let mut out: Vec<(String, u64)> = metas.iter().map(|m| (self.key_of(&m.location), m.size)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), CheckpointError> {
+        match self.block_on(self.inner.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+
+    /// Delete every object under `prefix`.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<usize, CheckpointError> {
+        let keys = self.list(prefix)?;
+        for (k, _) in &keys {
+            self.delete(k)?;
+        }
+        if self.is_local() {
+            // object_store leaves empty directories behind on local disks.
+            let dir = std::path::Path::new(&self.url).join(prefix);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(keys.len())
+    }
+}

@@ -1,0 +1,274 @@
+//! `gantry checkpoint list|inspect|verify|export URL`: look at, check and export the
+//! checkpoints a run saved, on local disk or S3.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use gantry_checkpoint::export::write_safetensors;
+use gantry_checkpoint::{Checkpoint, DType, S3Options, SliceSpec, Store, Which, committed_steps};
+use gantry_train::hf::{gpt2_sources, to_gpt2};
+use gantry_train::spec::ModelSpec;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// S3 connection flags; each falls back to the standard AWS environment variable.
+#[derive(Args, Clone, Debug, Default)]
+pub struct S3Args {
+    /// S3 endpoint URL (for S3-compatible servers) [env: AWS_ENDPOINT_URL]
+    #[arg(long, global = true)]
+    pub endpoint: Option<String>,
+    /// S3 region [env: AWS_REGION]
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    /// S3 access key id [env: AWS_ACCESS_KEY_ID]
+    #[arg(long, global = true)]
+    pub access_key: Option<String>,
+    /// S3 secret access key [env: AWS_SECRET_ACCESS_KEY]
+    #[arg(long, global = true, hide_env_values = true)]
+    pub secret_key: Option<String>,
+}
+
+impl S3Args {
+    fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum CheckpointCommand {
+    /// Committed checkpoints under URL (a directory, file:///… or s3://bucket/prefix).
+    List {
+        url: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// One checkpoint's manifest: step, layout, model, lineage, tensors and sizes.
+    Inspect {
+        url: String,
+        /// `latest` or a step number.
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Re-read every chunk and check every checksum and size.
+    Verify {
+        url: String,
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+    /// Write the model as one safetensors file plus a Hugging Face style config.json.
+    Export {
+        url: String,
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Safetensors)]
+        format: ExportFormat,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        s3: S3Args,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Safetensors,
+}
+
+fn open(url: &str, s3: &S3Args, step: &str) -> anyhow::Result<Checkpoint> {
+    let which: Which = step.parse().map_err(|e: String| anyhow::anyhow!("--step: {e}"))?;
+    let store = Store::open(url, &s3.options())?;
+    Ok(Checkpoint::open(&store, which)?)
+}
+
+pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CheckpointCommand::List { url, json, s3 } => list(&url, json, &s3),
+        CheckpointCommand::Inspect { url, step, json, s3 } => inspect(&open(&url, &s3, &step)?, json),
+        CheckpointCommand::Verify { url, step, json, s3 } => verify(&open(&url, &s3, &step)?, json),
+        CheckpointCommand::Export { url, step, out, s3, .. } => export(&open(&url, &s3, &step)?, &out),
+    }
+}
+
+fn list(url: &str, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
+    let store = Store::open(url, &s3.options())?;
+    let mut rows = Vec::new();
+    for step in committed_steps(&store)? {
+        let c = Checkpoint::open(&store, Which::Step(step))?;
+        let m = &c.manifest;
+        rows.push(serde_json::json!({
+            "step": m.step,
+            "tokens_seen": m.job.tokens_seen,
+            "bytes": m.total_bytes(),
+            "world_size": m.world_size,
+            "layout": m.job.layout,
+            "committed_at": m.committed_at,
+            "job_id": m.job.lineage.job_id,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("no committed checkpoints in {}", store.url());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>10}  {:>14}  {:>10}  {:>5}  layout",
+        "step", "tokens", "MiB", "ranks"
+    );
+    for r in &rows {
+        println!(
+            "{:>10}  {:>14}  {:>10.1}  {:>5}  {}",
+            r["step"],
+            r["tokens_seen"],
+            r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            r["world_size"],
+            r["layout"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(c: &Checkpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let m = &c.manifest;
+    let tensors = m.tensors();
+    if json {
+        let out = serde_json::json!({
+            "url": c.store.url(),
+            "step": m.step,
+            "format_version": m.format_version,
+            "tokens_seen": m.job.tokens_seen,
+            "world_size": m.world_size,
+            "bytes": m.total_bytes(),
+            "objects": m.objects.len(),
+            "entries": m.entries.len(),
+            "model": m.job.model,
+            "layout": m.job.layout,
+            "optimizer": m.job.optimizer,
+            "data_cursor": m.job.data_cursor,
+            "lineage": m.job.lineage,
+            "tensors": tensors.iter().map(|(n, d, s)| serde_json::json!({"name": n, "dtype": d, "shape": s})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("checkpoint {} step {}", c.store.url(), m.step);
+    println!("  format version  {}", m.format_version);
+    println!("  tokens seen     {}", m.job.tokens_seen);
+    println!("  written by      {} ranks, layout {}", m.world_size, m.job.layout);
+    println!(
+        "  size            {:.1} MiB in {} objects, {} slices",
+        m.total_bytes() as f64 / (1 << 20) as f64,
+        m.objects.len(),
+        m.entries.len()
+    );
+    println!(
+        "  lineage         job {}, spec {}, gantry {}",
+        m.job.lineage.job_id, m.job.lineage.spec_hash, m.job.lineage.gantry_version
+    );
+    println!("  model           {}", m.job.model);
+    println!("  data cursor     {}", m.job.data_cursor);
+    println!("  tensors ({}):", tensors.len());
+    for (name, dtype, shape) in &tensors {
+        println!("    {name:<40} {dtype:?} {shape:?}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(c: &Checkpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let total = c.manifest.total_bytes();
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template("verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+                .expect("valid template"),
+        );
+        b
+    });
+    let started = Instant::now();
+    let result = c.verify(&mut |done| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = result?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "step": c.step(), "objects": report.objects, "entries": report.entries, "bytes": report.bytes, "seconds": secs})
+        );
+    } else {
+        println!(
+            "checkpoint step {} OK: {} objects, {} slices, {:.1} MiB checked in {secs:.2} s",
+            c.step(),
+            report.objects,
+            report.entries,
+            report.bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(c: &Checkpoint, out: &PathBuf) -> anyhow::Result<ExitCode> {
+    let m = &c.manifest;
+    let model: ModelSpec = serde_json::from_value(m.job.model.clone())
+        .context("the checkpoint's model section is not a gantry model spec")?;
+    let sources = gpt2_sources(&model);
+    let requests: Vec<SliceSpec> = sources
+        .iter()
+        .map(|(name, shape)| SliceSpec::full(name, DType::F32, shape))
+        .collect();
+    let started = Instant::now();
+    let loaded = c.load(&requests)?;
+    let tensors: HashMap<String, (Vec<u64>, Vec<u8>)> =
+        sources.into_iter().zip(loaded).map(|((n, s), b)| (n, (s, b))).collect();
+    let (tensors, config) = match to_gpt2(&model, tensors) {
+        Ok(v) => v,
+        Err(e) => bail!("{}: {e}", c.store.url()),
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("gantry_step".to_string(), m.step.to_string()),
+        ("gantry_job_id".to_string(), m.job.lineage.job_id.clone()),
+    ]);
+    let path = out.join("model.safetensors");
+    let bytes = write_safetensors(&tensors, metadata, &path)?;
+    let config_path = out.join("config.json");
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    println!(
+        "exported step {} ({} tensors, {:.1} MiB) to {} and {} in {:.2} s",
+        m.step,
+        tensors.len(),
+        bytes as f64 / (1 << 20) as f64,
+        path.display(),
+        config_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}

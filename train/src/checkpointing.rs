@@ -1,0 +1,333 @@
+//! The trainer's side of checkpoints: which slices this rank saves and loads, snapshotting
+//! them off the device, and restoring model, optimizer and data position.
+//!
+//! Everything is named in global terms, so any layout can load what any other wrote:
+//! - a parameter is its hyper-rectangle of the global tensor (`layers.3.mlp.up.weight`);
+//! - AdamW moments are `optim.exp_avg/<param>` and `optim.exp_avg_sq/<param>` with the
+//!   parameter's shape. Without ZeRO-1 a rank holds them for its whole slice; with ZeRO-1 it
+//!   holds a flat range of a bucket, cut into rectangles (`boxes::flat_range_to_regions`).
+//!
+//! Replicas write once: a DP- (and, for TP-replicated tensors, TP-) replicated slice is
+//! written by the replica its name hashes to, so the write load spreads over replicas; a
+//! ZeRO-1 moment of a TP-replicated parameter is written by TP rank 0 (other TP ranks may cut
+//! their buckets differently); the last stage's copy of a tied embedding is never written.
+//! Every rank loads everything it holds.
+
+use crate::error::TrainError;
+use crate::grads::{GradSync, pack_params};
+use crate::model::Model;
+use crate::optim::AdamState;
+use crate::spec::JobSpec;
+use crate::trainer::RankPlace;
+use gantry_checkpoint::boxes::flat_range_to_regions;
+use gantry_checkpoint::{
+    Checkpoint, CheckpointError, DType, JobState, Lineage, Retention, SaveReport, SaveRequest, Saver, SaverConfig,
+    SliceSpec, Store, TensorData, Which,
+};
+use gantry_sharding::sampler::Cursor;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// A contiguous flat range of a local tensor that is one saved rectangle.
+struct Piece {
+    slice: SliceSpec,
+    tensor: Tensor,
+    flat: Range<i64>,
+    write: bool,
+}
+
+fn writer_index(name: &str, replicas: usize) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % replicas.max(1) as u64) as usize
+}
+
+fn u64s(v: &[i64]) -> Vec<u64> {
+    v.iter().map(|&x| x as u64).collect()
+}
+
+/// Every rectangle this rank holds, and whether it is the one to write it.
+fn pieces(model: &Model, grads: &GradSync, states: &[AdamState], place: &RankPlace) -> Vec<Piece> {
+    let (dp, tp) = (place.layout.dp(), place.layout.tp());
+    // Which of a slice's replicas this rank is, and how many there are.
+    let replica = |tp_replicated: bool, over_dp: bool| -> (usize, usize) {
+        let (tp_n, tp_i) = if tp_replicated { (tp, place.tp_rank) } else { (1, 0) };
+        let (dp_n, dp_i) = if over_dp { (dp, place.dp_rank) } else { (1, 0) };
+        (dp_i * tp_n + tp_i, dp_n * tp_n)
+    };
+    let mut out = Vec::new();
+    for (_, p) in model.params.iter() {
+        let (me, n) = replica(p.tp_replicated, true);
+        out.push(Piece {
+            slice: SliceSpec {
+                name: p.name.clone(),
+                dtype: DType::F32,
+                global_shape: u64s(&p.global_shape),
+                offsets: u64s(&p.offsets),
+                lengths: u64s(&p.local_shape()),
+            },
+            tensor: p.tensor.shallow_clone(),
+            flat: 0..p.numel() as i64,
+            write: !p.tied_copy && me == writer_index(&p.name, n),
+        });
+    }
+    for (bucket, state) in grads.buckets.iter().zip(states) {
+        let shard = bucket.shard(grads.zero, grads.dp_rank, grads.dp);
+        for (i, &id) in bucket.params.iter().enumerate() {
+            let p = model.params.param(id);
+            let (start, n) = (bucket.offsets[i], p.numel());
+            let (lo, hi) = (shard.start.max(start), shard.end.min(start + n));
+            if lo >= hi {
+                continue;
+            }
+            let write = !p.tied_copy
+                && if grads.zero {
+                    !p.tp_replicated || place.tp_rank == 0
+                } else {
+                    let (me, n) = replica(p.tp_replicated, true);
+                    me == writer_index(&p.name, n)
+                };
+            let local = u64s(&p.local_shape());
+            let mut at = (lo - shard.start) as i64;
+            for region in flat_range_to_regions(&local, (lo - start) as u64, (hi - start) as u64) {
+                let len = region.numel() as i64;
+                let global = region.shifted(&u64s(&p.offsets));
+                for (kind, t) in [("exp_avg", &state.exp_avg), ("exp_avg_sq", &state.exp_avg_sq)] {
+                    out.push(Piece {
+                        slice: SliceSpec {
+                            name: format!("optim.{kind}/{}", p.name),
+                            dtype: DType::F32,
+                            global_shape: u64s(&p.global_shape),
+                            offsets: global.offsets.clone(),
+                            lengths: global.lengths.clone(),
+                        },
+                        tensor: t.shallow_clone(),
+                        flat: at..at + len,
+                        write,
+                    });
+                }
+                at += len;
+            }
+        }
+    }
+    out
+}
+
+fn flat_view(t: &Tensor, r: &Range<i64>) -> Tensor {
+    t.view([-1]).narrow(0, r.start, r.end - r.start)
+}
+
+/// Copy a piece off the device into host bytes (the only part of a save the loop waits for).
+fn snapshot(piece: &Piece) -> Vec<u8> {
+    let host = flat_view(&piece.tensor, &piece.flat)
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let n = host.numel();
+    let mut bytes = vec![0u8; n * 4];
+    host.copy_data_u8(&mut bytes, n);
+    bytes
+}
+
+fn restore(piece: &Piece, bytes: &[u8]) {
+    let n = (piece.flat.end - piece.flat.start) as usize;
+    let src = Tensor::from_data_size(bytes, &[n as i64], Kind::Float).to_device(piece.tensor.device());
+    tch::no_grad(|| {
+        flat_view(&piece.tensor, &piece.flat).copy_(&src);
+    });
+}
+
+/// Where a resumed run starts.
+pub struct Resumed {
+    /// Steps already done.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// The data position saved with it (`None` if the checkpoint has none).
+    pub cursor: Option<Cursor>,
+}
+
+/// A run's checkpoint store, saver and schedule.
+pub struct Checkpointing {
+    store: Store,
+    saver: Saver,
+    every: u64,
+    at_end: bool,
+}
+
+/// Differences between the model a checkpoint holds and the one being built.
+fn model_mismatch(saved: &serde_json::Value, current: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (saved.as_object(), current.as_object()) else {
+        return vec![format!("model section {saved} vs {current}")];
+    };
+    let mut out = Vec::new();
+    for (k, v) in b {
+        match a.get(k) {
+            Some(s) if s == v => {}
+            Some(s) => out.push(format!("model.{k}: checkpoint {s}, job {v}")),
+            None => out.push(format!("model.{k}: not in the checkpoint, job {v}")),
+        }
+    }
+    out
+}
+
+impl Checkpointing {
+    /// Open the store and start the writer, or `None` when the spec has no `checkpoint.dir`.
+    /// `attempt` must be the same on every rank of this run.
+    pub fn start(spec: &JobSpec, place: &RankPlace, attempt: &str) -> Result<Option<Checkpointing>, TrainError> {
+        let c = &spec.checkpoint;
+        if !c.enabled() {
+            return Ok(None);
+        }
+        let store = Store::open(&c.dir, &gantry_checkpoint::S3Options::default())?;
+        let mut config = SaverConfig::new(place.rank, place.layout.world(), attempt);
+        config.chunk_bytes = (c.chunk_mb * 1024.0 * 1024.0) as usize;
+        config.commit_timeout = Duration::from_secs_f64(c.commit_timeout_s);
+        config.retention = Retention {
+            keep_last: (c.keep_last > 0).then_some(c.keep_last),
+            keep_every: (c.keep_every > 0).then_some(c.keep_every),
+        };
+        Ok(Some(Checkpointing {
+            saver: Saver::new(store.clone(), config),
+            store,
+            every: c.every,
+            at_end: c.at_end,
+        }))
+    }
+
+    /// Load `spec.checkpoint.resume` (if set) into the model, the optimizer states and their
+    /// master weights.
+    pub fn resume(
+        &self,
+        spec: &JobSpec,
+        model: &Model,
+        grads: &GradSync,
+        states: &mut [AdamState],
+        place: &RankPlace,
+    ) -> Result<Option<Resumed>, TrainError> {
+        let which = match spec.checkpoint.resume.as_str() {
+            "" => return Ok(None),
+            w => w
+                .parse::<Which>()
+                .map_err(|m| TrainError::Internal(format!("checkpoint.resume: {m}")))?,
+        };
+        let ckpt = Checkpoint::open(&self.store, which)?;
+        let current = serde_json::to_value(&spec.model).expect("model spec serializes");
+        let diff = model_mismatch(&ckpt.manifest.job.model, &current);
+        if !diff.is_empty() {
+            return Err(CheckpointError::ModelMismatch(format!(
+                "{}/step {} holds a different model: {}",
+                self.store.url(),
+                ckpt.step(),
+                diff.join("; ")
+            ))
+            .into());
+        }
+        let all = pieces(model, grads, states, place);
+        let requests: Vec<SliceSpec> = all.iter().map(|p| p.slice.clone()).collect();
+        let started = Instant::now();
+        let loaded = ckpt.load(&requests)?;
+        for (piece, bytes) in all.iter().zip(&loaded) {
+            restore(piece, bytes);
+        }
+        // The fp32 master copies are the parameters: rebuild them from what was loaded.
+        for (bucket, state) in grads.buckets.iter().zip(states.iter_mut()) {
+            let r = bucket.shard(grads.zero, grads.dp_rank, grads.dp);
+            let flat = pack_params(model, bucket);
+            tch::no_grad(|| {
+                state
+                    .master
+                    .copy_(&flat.narrow(0, r.start as i64, r.len() as i64).to_kind(Kind::Float))
+            });
+        }
+        tracing::info!(
+            rank = place.rank,
+            step = ckpt.step(),
+            bytes = loaded.iter().map(Vec::len).sum::<usize>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "resumed from checkpoint"
+        );
+        let cursor = match &ckpt.manifest.job.data_cursor {
+            serde_json::Value::Null => None,
+            v => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                TrainError::Internal(format!("checkpoint step {}: unreadable data cursor: {e}", ckpt.step()))
+            })?),
+        };
+        Ok(Some(Resumed {
+            step: ckpt.step(),
+            tokens_seen: ckpt.manifest.job.tokens_seen,
+            cursor,
+        }))
+    }
+
+    /// Whether to save after `done` steps; `last` is the run's final step.
+    pub fn due(&self, done: u64, last: bool) -> bool {
+        (self.every > 0 && done.is_multiple_of(self.every)) || (last && self.at_end)
+    }
+
+    /// Snapshot this rank's share and hand it to the writer. Returns how long the loop was
+    /// paused and the previous save's report, if it finished meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save(
+        &mut self,
+        done: u64,
+        model: &Model,
+        grads: &GradSync,
+        states: &[AdamState],
+        place: &RankPlace,
+        job: JobState,
+        rank_state: serde_json::Value,
+    ) -> Result<(f64, Option<SaveReport>), TrainError> {
+        let started = Instant::now();
+        let tensors: Vec<TensorData> = pieces(model, grads, states, place)
+            .into_iter()
+            .filter(|p| p.write)
+            .map(|p| TensorData {
+                bytes: snapshot(&p),
+                slice: p.slice,
+            })
+            .collect();
+        let previous = self.saver.save(SaveRequest {
+            step: done,
+            tensors,
+            rank_state,
+            job,
+        })?;
+        Ok((started.elapsed().as_secs_f64(), previous))
+    }
+
+    /// A finished save's report, without waiting.
+    pub fn poll(&mut self) -> Result<Option<SaveReport>, TrainError> {
+        Ok(self.saver.poll()?)
+    }
+
+    /// Wait for the save in flight to commit.
+    pub fn finish(&mut self) -> Result<Option<SaveReport>, TrainError> {
+        Ok(self.saver.wait()?)
+    }
+}
+
+/// The job-wide part of a manifest.
+pub fn job_state(spec: &JobSpec, tokens_seen: u64, cursor: Option<&Cursor>, job_id: &str) -> JobState {
+    let p = &spec.parallel;
+    JobState {
+        tokens_seen,
+        model: serde_json::to_value(&spec.model).expect("model spec serializes"),
+        layout: serde_json::json!({
+            "dp": p.dp, "tp": p.tp, "pp": p.pp, "zero1": p.zero1,
+            "schedule": p.schedule, "stage_layers": p.stage_layers,
+        }),
+        optimizer: serde_json::json!({
+            "kind": "adamw",
+            "tensors": ["optim.exp_avg/<param>", "optim.exp_avg_sq/<param>"],
+            "master_weights": "the parameters (fp32)",
+            "step": "the checkpoint's step",
+        }),
+        data_cursor: cursor.map_or(serde_json::Value::Null, |c| {
+            serde_json::to_value(c).expect("cursor serializes")
+        }),
+        lineage: Lineage {
+            job_id: job_id.to_string(),
+            spec_hash: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(spec.to_toml().as_bytes())),
+            gantry_version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    }
+}
