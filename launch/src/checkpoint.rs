@@ -139,10 +139,10 @@ fn list(url: &str, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
     for r in &rows {
         println!(
             "{:>10}  {:>14}  {:>10.1}  {:>5}  {}",
-            r["step"],
-            r["tokens_seen"],
+            r["step"].as_u64().unwrap_or(0),
+            r["tokens_seen"].as_u64().unwrap_or(0),
             r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-            r["world_size"],
+            r["world_size"].as_u64().unwrap_or(0),
             r["layout"]
         );
     }
