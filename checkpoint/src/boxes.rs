@@ -153,7 +153,7 @@ fn cut(shape: &[u64], start: u64, end: u64, base: &mut Vec<u64>, dim: usize, out
     };
     let (first, last) = (start / inner, (end - 1) / inner);
     if first == last {
-        if start % inner == 0 && end - start == inner {
+        if start.is_multiple_of(inner) && end - start == inner {
             out.push(full(first, first + 1, base));
         } else {
             base[dim] = first;
@@ -163,17 +163,17 @@ fn cut(shape: &[u64], start: u64, end: u64, base: &mut Vec<u64>, dim: usize, out
         return;
     }
     let mut block_lo = first;
-    if start % inner != 0 {
+    if !start.is_multiple_of(inner) {
         base[dim] = first;
         cut(shape, start % inner, inner, base, dim + 1, out);
         base[dim] = 0;
         block_lo = first + 1;
     }
-    let block_hi = if end % inner != 0 { last } else { last + 1 };
+    let block_hi = if !end.is_multiple_of(inner) { last } else { last + 1 };
     if block_hi > block_lo {
         out.push(full(block_lo, block_hi, base));
     }
-    if end % inner != 0 {
+    if !end.is_multiple_of(inner) {
         base[dim] = last;
         cut(shape, 0, end - last * inner, base, dim + 1, out);
         base[dim] = 0;

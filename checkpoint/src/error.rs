@@ -11,7 +11,7 @@ pub enum CheckpointError {
         op: &'static str,
         key: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("no committed checkpoint in {url}")]
     NoCheckpoint { url: String },

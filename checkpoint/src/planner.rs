@@ -237,7 +237,10 @@ mod tests {
         }
     }
 
-    fn summary(p: &Plan) -> Vec<(String, Vec<(usize, Vec<u64>, Vec<u64>)>)> {
+    /// (request, offsets, lengths) of one copy.
+    type CopySummary = (usize, Vec<u64>, Vec<u64>);
+
+    fn summary(p: &Plan) -> Vec<(String, Vec<CopySummary>)> {
         p.reads
             .iter()
             .map(|r| {

@@ -170,7 +170,7 @@ impl Store {
             url: self.url.clone(),
             op,
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
