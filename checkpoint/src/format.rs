@@ -161,6 +161,9 @@ pub struct Manifest {
     /// Seconds since the Unix epoch when it was committed.
     pub committed_at: f64,
     pub world_size: usize,
+    /// The save attempt that committed it.
+    #[serde(default)]
+    pub attempt: String,
     #[serde(flatten)]
     pub job: JobState,
     /// Per-rank state, indexed by rank.
@@ -252,6 +255,7 @@ mod tests {
             step: 7,
             committed_at: 1.5,
             world_size: 2,
+            attempt: "a1".into(),
             job: JobState {
                 tokens_seen: 99,
                 model: serde_json::json!({"d_model": 8}),

@@ -253,17 +253,29 @@ fn write_and_commit(store: &Store, config: &SaverConfig, req: SaveRequest) -> Re
 fn wait_for_commit(store: &Store, config: &SaverConfig, step: u64) -> Result<(), CheckpointError> {
     let key = format!("{}/{MANIFEST}", step_dir(step));
     let started = Instant::now();
-    while store.size(&key)?.is_none() {
+    loop {
+        if let Some(bytes) = store.get(&key)? {
+            // A manifest of another attempt: this step was committed before (a run resumed
+            // from an older step); this rank's writes are not part of it.
+            let attempt = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|m| m.get("attempt").and_then(|a| a.as_str()).map(str::to_string));
+            if attempt.as_deref() != Some(config.attempt.as_str()) {
+                return Err(CheckpointError::AlreadyCommitted {
+                    step,
+                    url: store.url().to_string(),
+                });
+            }
+            return Ok(());
+        }
         if started.elapsed() > config.commit_timeout {
-            return Err(CheckpointError::CommitTimeout {
+            return Err(CheckpointError::CommitNotSeen {
                 step,
-                missing: vec![0],
                 waited_s: started.elapsed().as_secs_f64(),
             });
         }
         std::thread::sleep(config.poll);
     }
-    Ok(())
 }
 
 /// Collect every rank's index of this attempt, then create the manifest.
@@ -315,6 +327,7 @@ fn commit(
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
         world_size: config.world_size,
+        attempt: config.attempt.clone(),
         job,
         ranks: Vec::with_capacity(config.world_size),
         entries: Vec::new(),

@@ -174,7 +174,7 @@ fn uncommitted_step_is_invisible(b: &Backend) {
         other => panic!("committer: expected a commit timeout naming rank 1, got {other:?}"),
     }
     assert!(
-        matches!(&results[1], Err(CheckpointError::CommitTimeout { step: 2, .. })),
+        matches!(&results[1], Err(CheckpointError::CommitNotSeen { step: 2, .. })),
         "rank 2: {:?}",
         results[1]
     );
@@ -215,7 +215,7 @@ fn retention(b: &Backend) {
     let store = b.store();
     let abandoned = save_ranks(b, vec![crashed_rank(1, "crashed", 0), crashed_rank(2, "crashed", 9)]);
     for r in &abandoned {
-        assert!(matches!(r, Err(CheckpointError::CommitTimeout { .. })), "{r:?}");
+        assert!(matches!(r, Err(CheckpointError::CommitNotSeen { .. })), "{r:?}");
     }
     assert!(!objects_under(&store, 0).is_empty());
     let step9 = objects_under(&store, 9);
@@ -300,7 +300,7 @@ fn second_attempt_over_leftovers(b: &Backend) {
     let crashed = save_ranks(b, vec![crashed_rank(1, "attemptA", 5), crashed_rank(2, "attemptA", 5)]);
     for r in &crashed {
         assert!(
-            matches!(r, Err(CheckpointError::CommitTimeout { step: 5, .. })),
+            matches!(r, Err(CheckpointError::CommitNotSeen { step: 5, .. })),
             "{r:?}"
         );
     }
