@@ -1,4 +1,5 @@
-//! `gantry bench …`: thin wiring over `gantry_collectives::bench`.
+//! `gantry bench …`: thin wiring over `gantry_collectives::bench`; `gantry bench checkpoint`
+//! lives in `bench_checkpoint.rs`.
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -24,6 +25,16 @@ pub enum BenchCommand {
     Collectives(CollectivesArgs),
     /// NCCL world-size-1 all_reduce on GPU memory (needs a CUDA GPU and libnccl.so).
     Nccl(NcclArgs),
+    /// Checkpoint save, load and verify throughput next to raw writes and reads of the same
+    /// bytes in the same place (local disk: std::fs with and without fsync; S3: one plain
+    /// multipart put and get), in one run.
+    ///
+    /// R in-process ranks, each with its own Store and Saver, save GiB/R each (f32 row blocks
+    /// of global tensors); save time runs from the first save() hand-off until every rank's
+    /// wait() returned. Load opens the latest checkpoint afresh and loads every whole tensor
+    /// (R ranks resharded to 1), checking every element. Everything goes under a fresh
+    /// gantry-bench-<pid>-<time> prefix of --url, removed at the end unless --keep.
+    Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -74,6 +85,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Collectives(args) => collectives(args),
         BenchCommand::Nccl(args) => nccl_self_test(args),
+        BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
     }
 }
 

@@ -12,6 +12,7 @@
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
 
 mod bench;
+mod bench_checkpoint;
 mod checkpoint;
 mod data;
 mod train;
