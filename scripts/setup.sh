@@ -213,7 +213,10 @@ ensure_s3s_fs() {
         return 0
     fi
     setup_log "cargo install s3s-fs@$SETUP_S3S_FS_VERSION --features binary --locked --root .tools (a few minutes)"
-    cargo install "s3s-fs@$SETUP_S3S_FS_VERSION" --features binary --locked --force --root "$GANTRY_REPO/.tools"
+    # A test server: opt-level 1 and many codegen units roughly halve its build on 2 cores,
+    # and it still serves far faster than the tests need.
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_LTO=false \
+        cargo install "s3s-fs@$SETUP_S3S_FS_VERSION" --features binary --locked --force --root "$GANTRY_REPO/.tools"
     [[ -x $bin ]] || setup_die "cargo install finished but $bin is missing"
     "$bin" --version 2>/dev/null | grep -qw -- "$SETUP_S3S_FS_VERSION" ||
         setup_die "$bin does not report version $SETUP_S3S_FS_VERSION after installing it"

@@ -156,39 +156,36 @@ impl Drop for Saver {
     }
 }
 
-/// Pack tensors into chunk objects of about `chunk_bytes`, recording each slice's place.
+/// Group tensors into chunk objects of about `chunk_bytes`, recording each slice's place. A
+/// chunk is the list of its slices' own buffers: nothing is copied to pack it.
 fn pack(
     rank: usize,
     attempt: &str,
     tensors: Vec<TensorData>,
     chunk_bytes: usize,
-) -> (Vec<(String, Bytes)>, Vec<ChunkEntry>) {
-    let mut objects = Vec::new();
+) -> (Vec<(String, Vec<Bytes>)>, Vec<ChunkEntry>) {
+    let mut objects: Vec<(String, Vec<Bytes>)> = Vec::new();
     let mut entries = Vec::new();
-    let mut buf: Vec<u8> = Vec::new();
-    let flush = |buf: &mut Vec<u8>, objects: &mut Vec<(String, Bytes)>| {
-        if !buf.is_empty() {
-            let name = chunk_name(rank, attempt, objects.len());
-            objects.push((name, Bytes::from(std::mem::take(buf))));
-        }
-    };
+    let mut open: Vec<Bytes> = Vec::new();
+    let mut filled = 0usize;
     for t in tensors {
-        if !buf.is_empty() && buf.len() + t.bytes.len() > chunk_bytes {
-            flush(&mut buf, &mut objects);
-        }
-        if buf.is_empty() {
-            buf.reserve(chunk_bytes.max(t.bytes.len()));
+        if filled > 0 && filled + t.bytes.len() > chunk_bytes {
+            objects.push((chunk_name(rank, attempt, objects.len()), std::mem::take(&mut open)));
+            filled = 0;
         }
         entries.push(ChunkEntry {
             object: chunk_name(rank, attempt, objects.len()),
-            offset: buf.len() as u64,
+            offset: filled as u64,
             len: t.bytes.len() as u64,
             xxh3: xxh3_hex(&t.bytes),
             slice: t.slice,
         });
-        buf.extend_from_slice(&t.bytes);
+        filled += t.bytes.len();
+        open.push(Bytes::from(t.bytes));
     }
-    flush(&mut buf, &mut objects);
+    if filled > 0 {
+        objects.push((chunk_name(rank, attempt, objects.len()), open));
+    }
     (objects, entries)
 }
 
@@ -215,12 +212,13 @@ fn write_and_commit(store: &Store, config: &SaverConfig, req: SaveRequest) -> Re
         }
     }
     let (objects, entries) = pack(config.rank, &config.attempt, req.tensors, config.chunk_bytes);
-    let bytes: u64 = objects.iter().map(|(_, b)| b.len() as u64).sum();
+    let size = |parts: &[Bytes]| parts.iter().map(|b| b.len() as u64).sum::<u64>();
+    let bytes: u64 = objects.iter().map(|(_, b)| size(b)).sum();
     let infos: Vec<ObjectInfo> = objects
         .iter()
         .map(|(k, b)| ObjectInfo {
             object: k.clone(),
-            size: b.len() as u64,
+            size: size(b),
         })
         .collect();
     store.put_many(objects.into_iter().map(|(k, b)| (format!("{dir}/{k}"), b)).collect())?;
