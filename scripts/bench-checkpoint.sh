@@ -35,23 +35,9 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() {
-    printf 'bench-checkpoint.sh: error: %s\n' "$*" >&2
-    exit 2
-}
-
-JSON=0
-for arg in "$@"; do
-    case $arg in
-        --json) JSON=1 ;;
-        -h | --help)
-            sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-            exit 0
-            ;;
-        *) die "unknown argument: $arg (try --help)" ;;
-    esac
-done
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
+bench_args "$@"
 
 GIB=${GIB:-1}
 RANKS=${RANKS:-2}
