@@ -16,8 +16,8 @@
 //!   S3: one object of the same total size through a plain multipart `Store::put`, and a
 //!   plain `Store::get` of it.
 //! - **Diagnostic**: the same slices put as one object each through `Store::put_many` (R
-//!   stores in parallel): object_store's own path, without the Saver's packing into chunk
-//!   buffers and its checksums, to show where a gap to the raw peer comes from.
+//!   stores in parallel): object_store's own path, without the Saver's chunking, checksums
+//!   and commit, to show where a gap to the raw peer comes from.
 //!
 //! With `--repeat N` every write-side operation runs N times round-robin (so all of them see the
 //! machine's slow and fast phases alike), then every read-side one; the table shows medians, the
@@ -267,7 +267,7 @@ const RAW_READ: &str = "raw read";
 const RAW_READ_COLD: &str = "raw read, cold";
 const RAW_PUT: &str = "raw put (1 object, Store::put multipart)";
 const RAW_GET: &str = "raw get (1 object, Store::get)";
-const PUT_MANY: &str = "Store::put_many of the slices (no pack/checksum)";
+const PUT_MANY: &str = "Store::put_many of the slices (one object each, no checksums)";
 const SAVE: &str = "checkpoint save (save() -> all committed)";
 const LOAD: &str = "checkpoint load (open latest + load, R->1)";
 const LOAD_COLD: &str = "checkpoint load, cold";
@@ -294,41 +294,38 @@ fn span(times: &[(Instant, Instant)]) -> f64 {
     secs(start, end)
 }
 
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
+/// Every directory (including `dir`) and every regular file under `dir`, recursively.
+fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
             let e = e?;
             let t = e.file_type()?;
             if t.is_dir() {
-                todo.push(e.path());
+                pending.push(e.path());
             } else if t.is_file() {
-                out.push(e.path());
+                files.push(e.path());
             }
         }
+        dirs.push(d);
     }
-    out.sort();
-    Ok(out)
+    files.sort();
+    Ok((dirs, files))
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(walk(dir)?.1)
 }
 
 /// fsync every file and directory under `dir`.
 fn fsync_tree(dir: &Path) -> Result<()> {
-    for f in files_under(dir)? {
-        std::fs::File::open(&f)?
+    let (dirs, files) = walk(dir)?;
+    for f in files.iter().chain(&dirs) {
+        std::fs::File::open(f)?
             .sync_all()
             .with_context(|| format!("fsync {}", f.display()))?;
-    }
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        std::fs::File::open(&d)?.sync_all()?;
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                todo.push(e.path());
-            }
-        }
     }
     Ok(())
 }
@@ -408,7 +405,8 @@ fn raw_read(dir: &Path, tag: &str, ranks: usize) -> Result<(u64, f64)> {
 }
 
 /// Diagnostic: R threads, each with its own Store on `url`, put their slices as one object each
-/// through `Store::put_many`: object_store's path without the Saver's packing and checksums.
+/// through `Store::put_many`: object_store's path without the Saver's chunking, checksums and
+/// commit.
 fn store_put_many(url: &str, s3: &S3Options, store_cfg: &StoreConfig, data: &[Vec<Vec<u8>>]) -> Result<f64> {
     let ranks = data.len();
     let stores = (0..ranks)
@@ -840,7 +838,7 @@ fn print_report(x: &Setup, samples: &Samples, saves: &[RankSave]) -> Result<()> 
         med(|r| r.handoff_s) * 1e3
     );
     println!(
-        "# inside the save (slowest rank, median): write_s {:.3} s (pack + checksum + upload + index), \
+        "# inside the save (slowest rank, median): write_s {:.3} s (chunking + checksum + upload + index), \
          commit_s {:.3} s (hand-off to commit)",
         med(|r| r.write_s),
         med(|r| r.commit_s)
