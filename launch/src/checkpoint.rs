@@ -54,38 +54,40 @@ pub enum CheckpointCommand {
     },
     /// One checkpoint's manifest: step, layout, model, lineage, tensors and sizes.
     Inspect {
-        url: String,
-        /// `latest` or a step number.
-        #[arg(long, default_value = "latest")]
-        step: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        s3: S3Args,
     },
     /// Re-read every chunk and check every checksum and size.
     Verify {
-        url: String,
-        #[arg(long, default_value = "latest")]
-        step: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        s3: S3Args,
     },
     /// Write the model as one safetensors file plus a Hugging Face style config.json.
     Export {
-        url: String,
-        #[arg(long, default_value = "latest")]
-        step: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, value_enum, default_value_t = ExportFormat::Safetensors)]
         format: ExportFormat,
         /// Output directory (created).
         #[arg(long)]
         out: PathBuf,
-        #[command(flatten)]
-        s3: S3Args,
     },
+}
+
+/// One checkpoint: where, which step, how to reach S3.
+#[derive(Args)]
+pub struct Target {
+    /// A directory, file:///… or s3://bucket/prefix.
+    url: String,
+    /// `latest` or a step number.
+    #[arg(long, default_value = "latest")]
+    step: String,
+    #[command(flatten)]
+    s3: S3Args,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -93,18 +95,18 @@ pub enum ExportFormat {
     Safetensors,
 }
 
-fn open(url: &str, s3: &S3Args, step: &str) -> anyhow::Result<Checkpoint> {
-    let which: Which = step.parse().map_err(|e: String| anyhow::anyhow!("--step: {e}"))?;
-    let store = Store::open(url, &s3.options())?;
+fn open(t: &Target) -> anyhow::Result<Checkpoint> {
+    let which: Which = t.step.parse().map_err(|e: String| anyhow::anyhow!("--step: {e}"))?;
+    let store = Store::open(&t.url, &t.s3.options())?;
     Ok(Checkpoint::open(&store, which)?)
 }
 
 pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CheckpointCommand::List { url, json, s3 } => list(&url, json, &s3),
-        CheckpointCommand::Inspect { url, step, json, s3 } => inspect(&open(&url, &s3, &step)?, json),
-        CheckpointCommand::Verify { url, step, json, s3 } => verify(&open(&url, &s3, &step)?, json),
-        CheckpointCommand::Export { url, step, out, s3, .. } => export(&open(&url, &s3, &step)?, &out),
+        CheckpointCommand::Inspect { target, json } => inspect(&open(&target)?, json),
+        CheckpointCommand::Verify { target, json } => verify(&open(&target)?, json),
+        CheckpointCommand::Export { target, out, .. } => export(&open(&target)?, &out),
     }
 }
 
