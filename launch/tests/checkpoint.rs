@@ -4,14 +4,15 @@
 //! the same global sample stream; a checkpoint of another model is refused by field; export
 //! writes a GPT-2 safetensors file.
 
+mod common;
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
 mod s3_server;
+
+use common::{GANTRY, text};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
 
 const SPEC: &str = r#"
 [model]
@@ -34,34 +35,11 @@ threads = 1
 const SAVED: &[&str] = &["parallel.dp=2", "parallel.tp=2", "parallel.zero1=true"];
 
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gantry-ckpt-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("ckpt", tag)
 }
 
 fn setup(dir: &Path) -> PathBuf {
-    let out = Command::new(GANTRY)
-        .args(["data", "synth", "--tokens", "100000", "--seed", "5", "--output"])
-        .arg(dir.join("data"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let spec = dir.join("job.toml");
-    std::fs::write(
-        &spec,
-        format!("{SPEC}\n[data]\npath = \"{}\"\n", dir.join("data").display()),
-    )
-    .unwrap();
-    spec
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::synth_job(dir, SPEC, 100_000, 5)
 }
 
 /// Run `gantry launch` with `sets` and extra arguments; sample logging on.

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
+mod common;
+
+use common::GANTRY;
+
 const STEPS: usize = 20;
 const TOLERANCE: f64 = 1e-4;
 
@@ -34,19 +37,6 @@ eval_every = 10
 eval_batches = 2
 threads = 1
 "#;
-
-fn synth(dir: &Path) {
-    let out = Command::new(GANTRY)
-        .args(["data", "synth", "--tokens", "200000", "--seed", "3", "--output"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "synth failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn losses(
     tmp: &Path,
@@ -99,7 +89,7 @@ fn losses(
 fn check(arch: &str) {
     let tmp = tempdir(arch);
     let data = tmp.join("data");
-    synth(&data);
+    common::synth(&data, 200_000, 3);
     let reference = losses(&tmp, &data, arch, (1, 1, 1), false, &[]);
     assert!(reference.iter().all(|l| l.is_finite()));
     assert!(
@@ -159,10 +149,7 @@ fn check(arch: &str) {
 }
 
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gantry-layouts-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("layouts", tag)
 }
 
 #[test]

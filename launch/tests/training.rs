@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
+mod common;
+
+use common::{GANTRY, text};
 
 const SPEC: &str = r#"
 [model]
@@ -27,27 +29,12 @@ eval_every = 30
 "#;
 
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gantry-training-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("training", tag)
 }
 
 /// A job spec and a small synthetic dataset in `dir`.
 fn setup(dir: &Path) -> PathBuf {
-    let out = Command::new(GANTRY)
-        .args(["data", "synth", "--tokens", "200000", "--seed", "3", "--output"])
-        .arg(dir.join("data"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let spec = dir.join("job.toml");
-    std::fs::write(
-        &spec,
-        format!("{SPEC}\n[data]\npath = \"{}\"\n", dir.join("data").display()),
-    )
-    .unwrap();
-    spec
+    common::synth_job(dir, SPEC, 200_000, 3)
 }
 
 fn launch(spec: &Path, local: usize, run: &Path, sets: &[&str]) -> Command {
@@ -58,14 +45,6 @@ fn launch(spec: &Path, local: usize, run: &Path, sets: &[&str]) -> Command {
         .arg(run)
         .args(sets.iter().flat_map(|s| ["--set", s]));
     c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

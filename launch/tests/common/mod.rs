@@ -1,0 +1,58 @@
+//! Helpers shared by the `gantry` end-to-end tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
+
+/// A fresh, empty `gantry-<suite>-<tag>-<pid>` under the system temp dir.
+pub fn tempdir(suite: &str, tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gantry-{suite}-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `gantry data synth` of `tokens` tokens with `seed` into `out`.
+pub fn synth(out: &Path, tokens: u64, seed: u64) {
+    let result = Command::new(GANTRY)
+        .args([
+            "data",
+            "synth",
+            "--tokens",
+            &tokens.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--output",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "synth failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// A synthetic dataset in `dir/data` and `dir/job.toml`: `spec` plus its `[data]` path.
+pub fn synth_job(dir: &Path, spec: &str, tokens: u64, seed: u64) -> PathBuf {
+    synth(&dir.join("data"), tokens, seed);
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!("{spec}\n[data]\npath = \"{}\"\n", dir.join("data").display()),
+    )
+    .unwrap();
+    path
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
