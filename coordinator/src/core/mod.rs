@@ -1,0 +1,704 @@
+//! The pure scheduling core: events in, actions out, no I/O and no clock of its own.
+//!
+//! [`Scheduler`] owns the cluster's truth (workers, jobs, placements, restart counts) and
+//! changes it only in response to calls that carry the current time in milliseconds:
+//! a worker registering, a heartbeat with rank reports, a submission, a cancel, a mode
+//! change, a timer tick. Each call returns the [`Action`]s it decided. The desired rank set
+//! of every worker ([`Scheduler::desired`]) follows from the state, so the shell only has to
+//! hand it to the worker on its next heartbeat, and persist the records that
+//! [`Scheduler::take_dirty`] names.
+//!
+//! Policy, in one place:
+//! - Queue: by priority (higher first), then submission order; strict, so a large job at
+//!   the head is not starved by smaller ones behind it.
+//! - Placement: gang (all or nothing), TP groups inside a worker; see [`placement`].
+//! - A rank exiting non-zero (or failing to start), or its worker missing heartbeats past
+//!   the deadline, ends the attempt: every rank of the job is stopped and the job is queued
+//!   again (resuming from its latest checkpoint) until `max_restarts` is spent.
+//! - Elastic jobs restarting after a failure take the largest data-parallel degree that fits
+//!   (a divisor of the requested one, at least `min_dp`), and grow back on later restarts.
+
+pub mod model;
+pub mod placement;
+
+pub use model::*;
+
+use placement::{Capacity, Shape};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// A worker silent this long is lost and its jobs restart (default 10 s).
+    pub heartbeat_deadline_ms: u64,
+    /// A rank whose step time exceeds the median by this factor is flagged as a straggler.
+    pub straggler_factor: f64,
+    /// Events kept per job (oldest dropped first, the first one kept).
+    pub max_events_per_job: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            heartbeat_deadline_ms: 10_000,
+            straggler_factor: 1.5,
+            max_events_per_job: 200,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Usage {
+    slots: u32,
+    gpus: BTreeSet<u32>,
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    workers: BTreeMap<String, Worker>,
+    jobs: BTreeMap<JobId, Job>,
+    next_job: JobId,
+    /// Running jobs with ranks on each worker (derived from placements).
+    by_worker: HashMap<String, BTreeSet<JobId>>,
+    usage: HashMap<String, Usage>,
+    port_cursor: HashMap<String, u16>,
+    dirty_jobs: BTreeSet<JobId>,
+    dirty_workers: BTreeSet<String>,
+}
+
+/// A limit on job size that keeps a hostile request from allocating the world.
+pub const MAX_WORLD: u64 = 1 << 20;
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Scheduler {
+        Scheduler::restore(config, Vec::new(), Vec::new(), 0)
+    }
+
+    /// Rebuild from persisted records (a restarted coordinator). Every worker gets a fresh
+    /// heartbeat deadline from `now_ms`: it has that long to reconnect.
+    pub fn restore(config: SchedulerConfig, workers: Vec<Worker>, jobs: Vec<Job>, now_ms: u64) -> Scheduler {
+        let mut s = Scheduler {
+            config,
+            workers: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            next_job: 1,
+            by_worker: HashMap::new(),
+            usage: HashMap::new(),
+            port_cursor: HashMap::new(),
+            dirty_jobs: BTreeSet::new(),
+            dirty_workers: BTreeSet::new(),
+        };
+        for mut w in workers {
+            w.last_heartbeat_ms = now_ms;
+            s.workers.insert(w.info.name.clone(), w);
+        }
+        for job in jobs {
+            s.next_job = s.next_job.max(job.id + 1);
+            let id = job.id;
+            let running = job.state == JobState::Running;
+            s.jobs.insert(id, job);
+            if running {
+                s.occupy(id);
+            }
+        }
+        s
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+    pub fn worker(&self, name: &str) -> Option<&Worker> {
+        self.workers.get(name)
+    }
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    /// Slots in use and ranks running on `worker`.
+    pub fn worker_load(&self, worker: &str) -> (u32, usize) {
+        let slots = self.usage.get(worker).map_or(0, |u| u.slots);
+        let ranks = self.by_worker.get(worker).map_or(0, |jobs| {
+            jobs.iter()
+                .filter_map(|j| self.jobs.get(j))
+                .map(|j| j.placement.iter().filter(|s| s.worker == worker).count())
+                .sum()
+        });
+        (slots, ranks)
+    }
+
+    /// Records changed since the last call; the shell persists them before answering.
+    pub fn take_dirty(&mut self) -> (Vec<JobId>, Vec<String>) {
+        (
+            std::mem::take(&mut self.dirty_jobs).into_iter().collect(),
+            std::mem::take(&mut self.dirty_workers).into_iter().collect(),
+        )
+    }
+
+    /// The rank processes `worker` should be running now: (job, rank) of current attempts.
+    pub fn desired(&self, worker: &str) -> Vec<(&Job, u32)> {
+        let Some(jobs) = self.by_worker.get(worker) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for id in jobs {
+            let job = &self.jobs[id];
+            for (rank, slot) in job.placement.iter().enumerate() {
+                if slot.worker == worker {
+                    out.push((job, rank as u32));
+                }
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------------ events
+
+    /// A worker daemon registered (first time, after a restart, or after losing us).
+    pub fn worker_joined(&mut self, now_ms: u64, info: WorkerInfo, running: Vec<RankReport>) -> Vec<Action> {
+        let name = info.name.clone();
+        let mode = self.workers.get(&name).map_or(WorkerMode::Active, |w| w.mode);
+        self.workers.insert(
+            name.clone(),
+            Worker {
+                info,
+                mode,
+                alive: true,
+                last_heartbeat_ms: now_ms,
+            },
+        );
+        self.dirty_workers.insert(name.clone());
+        let mut actions = Vec::new();
+        for r in running {
+            self.apply_report(now_ms, &name, r, &mut actions);
+        }
+        self.schedule(now_ms, &mut actions);
+        actions
+    }
+
+    /// A heartbeat. Returns `None` when the worker must register again (unknown, or
+    /// declared lost: its ranks were already given up on).
+    pub fn heartbeat(&mut self, now_ms: u64, worker: &str, reports: Vec<RankReport>) -> Option<Vec<Action>> {
+        let w = self.workers.get_mut(worker)?;
+        if !w.alive {
+            return None;
+        }
+        w.last_heartbeat_ms = now_ms;
+        let mut actions = Vec::new();
+        for r in reports {
+            self.apply_report(now_ms, worker, r, &mut actions);
+        }
+        if !actions.is_empty() {
+            self.schedule(now_ms, &mut actions);
+        }
+        Some(actions)
+    }
+
+    pub fn submit(&mut self, now_ms: u64, mut request: JobRequest) -> Result<(JobId, Vec<Action>), SubmitError> {
+        validate(&mut request)?;
+        let world = request.world();
+        let shape = Shape {
+            world,
+            tp: request.tp,
+            gpus_per_rank: request.gpus_per_rank,
+            labels: &request.labels,
+        };
+        let what = format!(
+            "dp {} × tp {} × pp {}{}",
+            request.dp,
+            request.tp,
+            request.pp,
+            if request.gpus_per_rank > 0 {
+                format!(", {} GPU each", request.gpus_per_rank)
+            } else {
+                String::new()
+            }
+        );
+        let now_free = placement::rank_capacity(&self.capacities(), &shape);
+        let queue_ahead = self.jobs.values().any(|j| j.state == JobState::Queued);
+        if !request.queue && (now_free < world || queue_ahead) {
+            let reason = if now_free < world {
+                format!("only {now_free} fit on the schedulable workers now")
+            } else {
+                "other jobs are waiting ahead of it".to_string()
+            };
+            return Err(SubmitError::DoesNotFit {
+                name: request.name,
+                needed: world,
+                what,
+                reason,
+            });
+        }
+        let id = self.next_job;
+        self.next_job += 1;
+        let dp = request.dp;
+        let mut job = Job {
+            id,
+            request,
+            state: JobState::Queued,
+            reason: String::new(),
+            attempt: 0,
+            restarts: 0,
+            dp,
+            placement: Vec::new(),
+            master_addr: String::new(),
+            master_port: 0,
+            ranks: Vec::new(),
+            events: Vec::new(),
+            submitted_ms: now_ms,
+            finished_ms: 0,
+        };
+        push_event(&mut job, now_ms, "submitted", format!("{what}, {world} ranks"), 0);
+        self.jobs.insert(id, job);
+        self.dirty_jobs.insert(id);
+        let mut actions = Vec::new();
+        self.schedule(now_ms, &mut actions);
+        Ok((id, actions))
+    }
+
+    pub fn cancel(&mut self, now_ms: u64, id: JobId) -> Result<Vec<Action>, AdminError> {
+        let state = self.jobs.get(&id).ok_or(AdminError::UnknownJob(id))?.state;
+        let mut actions = Vec::new();
+        if !state.is_final() {
+            self.finish(
+                now_ms,
+                id,
+                JobState::Cancelled,
+                "cancelled by request".into(),
+                &mut actions,
+            );
+            self.schedule(now_ms, &mut actions);
+        }
+        Ok(actions)
+    }
+
+    pub fn set_mode(&mut self, now_ms: u64, worker: &str, mode: WorkerMode) -> Result<Vec<Action>, AdminError> {
+        let w = self
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| AdminError::UnknownWorker(worker.to_string()))?;
+        w.mode = mode;
+        self.dirty_workers.insert(worker.to_string());
+        let mut actions = Vec::new();
+        self.schedule(now_ms, &mut actions);
+        Ok(actions)
+    }
+
+    /// Timer: declare silent workers lost (restarting their jobs) and retry the queue.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let deadline = self.config.heartbeat_deadline_ms;
+        let lost: Vec<(String, u64)> = self
+            .workers
+            .values()
+            .filter(|w| w.alive && now_ms.saturating_sub(w.last_heartbeat_ms) > deadline)
+            .map(|w| (w.info.name.clone(), now_ms - w.last_heartbeat_ms))
+            .collect();
+        for (name, silent_ms) in lost {
+            if let Some(w) = self.workers.get_mut(&name) {
+                w.alive = false;
+            }
+            self.dirty_workers.insert(name.clone());
+            actions.push(Action::MarkWorkerLost {
+                worker: name.clone(),
+                silent_ms,
+            });
+            let jobs: Vec<JobId> = self
+                .by_worker
+                .get(&name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for id in jobs {
+                let reason = format!(
+                    "worker {name} lost: no heartbeat for {:.1} s",
+                    silent_ms as f64 / 1000.0
+                );
+                self.fail_attempt(now_ms, id, reason, &mut actions);
+            }
+        }
+        self.schedule(now_ms, &mut actions);
+        actions
+    }
+
+    /// Ranks whose step time is above `straggler_factor` × the median of the job's ranks.
+    pub fn stragglers(&self, job: &Job) -> Vec<bool> {
+        let times: Vec<f64> = job
+            .ranks
+            .iter()
+            .filter_map(|r| r.stats.as_ref().map(|s| s.step_ms))
+            .filter(|t| *t > 0.0)
+            .collect();
+        if times.len() < 2 {
+            return vec![false; job.ranks.len()];
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        job.ranks
+            .iter()
+            .map(|r| {
+                r.stats
+                    .as_ref()
+                    .is_some_and(|s| s.step_ms > self.config.straggler_factor * median)
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    fn apply_report(&mut self, now_ms: u64, worker: &str, r: RankReport, actions: &mut Vec<Action>) {
+        let max_events = self.config.max_events_per_job;
+        let Some(job) = self.jobs.get_mut(&r.job) else { return };
+        let rank = r.rank as usize;
+        if r.attempt < job.attempt {
+            // The attempt already ended; how its other ranks went is still worth recording
+            // (the rank that failed first is not always the culprit).
+            if let Some(how) = failure_text(&r.phase) {
+                let msg = format!("attempt {}: rank {rank} on worker {worker} {how}", r.attempt);
+                if !job.events.iter().any(|e| e.message == msg) {
+                    push_event(job, now_ms, "rank-exit", msg, max_events);
+                    self.dirty_jobs.insert(r.job);
+                }
+            }
+            return;
+        }
+        if job.state != JobState::Running
+            || r.attempt != job.attempt
+            || rank >= job.placement.len()
+            || job.placement[rank].worker != worker
+        {
+            return; // a stranger: not desired, the worker stops it
+        }
+        if let Some(stats) = r.stats {
+            job.ranks[rank].stats = Some(stats);
+        }
+        let failure = match &r.phase {
+            RankPhase::Pending => None,
+            RankPhase::Running { .. } => {
+                if matches!(job.ranks[rank].phase, RankPhase::Pending | RankPhase::Running { .. }) {
+                    job.ranks[rank].phase = r.phase.clone();
+                }
+                None
+            }
+            RankPhase::Exited { code: Some(0), .. } => {
+                if job.ranks[rank].phase != r.phase {
+                    job.ranks[rank].phase = r.phase.clone();
+                    self.dirty_jobs.insert(r.job);
+                }
+                None
+            }
+            RankPhase::Exited { .. } | RankPhase::FailedToStart { .. } => {
+                job.ranks[rank].phase = r.phase.clone();
+                failure_text(&r.phase).map(|how| format!("rank {rank} on worker {worker} {how}"))
+            }
+        };
+        if let Some(reason) = failure {
+            self.fail_attempt(now_ms, r.job, reason, actions);
+            return;
+        }
+        let job = &self.jobs[&r.job];
+        if job.ranks.iter().all(|s| {
+            s.phase
+                == (RankPhase::Exited {
+                    code: Some(0),
+                    signal: None,
+                })
+        }) {
+            let msg = format!("all {} ranks exited with code 0", job.ranks.len());
+            self.finish(now_ms, r.job, JobState::Succeeded, msg, actions);
+        }
+    }
+
+    /// End the current attempt after a failure: stop every rank, then queue a restart or
+    /// give up.
+    fn fail_attempt(&mut self, now_ms: u64, id: JobId, reason: String, actions: &mut Vec<Action>) {
+        let max_events = self.config.max_events_per_job;
+        let Some(job) = self.jobs.get(&id) else { return };
+        if job.state != JobState::Running {
+            return;
+        }
+        if job.restarts >= job.request.max_restarts {
+            let why = format!(
+                "{reason}; gave up after {} restarts (max_restarts = {})",
+                job.restarts, job.request.max_restarts
+            );
+            self.finish(now_ms, id, JobState::Failed, why, actions);
+            return;
+        }
+        self.release(id, actions);
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        job.restarts += 1;
+        job.state = JobState::Queued;
+        let restart = job.restarts;
+        push_event(
+            job,
+            now_ms,
+            "restart",
+            format!("restart {restart}: {reason}"),
+            max_events,
+        );
+        self.dirty_jobs.insert(id);
+        actions.push(Action::RestartJob {
+            job: id,
+            restart,
+            reason,
+        });
+    }
+
+    fn finish(&mut self, now_ms: u64, id: JobId, state: JobState, reason: String, actions: &mut Vec<Action>) {
+        let max_events = self.config.max_events_per_job;
+        if self.jobs.get(&id).is_some_and(|j| j.state == JobState::Running) {
+            self.release(id, actions);
+        }
+        let job = self.jobs.get_mut(&id).expect("caller checked the job exists");
+        job.state = state;
+        job.reason = reason.clone();
+        job.finished_ms = now_ms;
+        push_event(job, now_ms, state.name(), reason.clone(), max_events);
+        self.dirty_jobs.insert(id);
+        actions.push(Action::FinishJob { job: id, state, reason });
+    }
+
+    /// Free a running job's slots and tell its workers to stop its ranks. The placement
+    /// stays on the record so views can still show where the ranks ran.
+    fn release(&mut self, id: JobId, actions: &mut Vec<Action>) {
+        let job = &self.jobs[&id];
+        let mut workers: Vec<&str> = job.placement.iter().map(|s| s.worker.as_str()).collect();
+        workers.dedup();
+        let workers: BTreeSet<String> = workers.into_iter().map(str::to_string).collect();
+        let attempt = job.attempt;
+        for slot in &job.placement {
+            if let Some(u) = self.usage.get_mut(&slot.worker) {
+                u.slots = u.slots.saturating_sub(1);
+                for g in &slot.gpus {
+                    u.gpus.remove(g);
+                }
+            }
+        }
+        for w in workers {
+            if let Some(set) = self.by_worker.get_mut(&w) {
+                set.remove(&id);
+            }
+            actions.push(Action::StopRanks {
+                worker: w,
+                job: id,
+                attempt,
+            });
+        }
+    }
+
+    /// Count a running job's placement in the usage tables.
+    fn occupy(&mut self, id: JobId) {
+        let job = &self.jobs[&id];
+        for slot in &job.placement {
+            let u = self.usage.entry(slot.worker.clone()).or_default();
+            u.slots += 1;
+            u.gpus.extend(slot.gpus.iter().copied());
+            self.by_worker.entry(slot.worker.clone()).or_default().insert(id);
+        }
+    }
+
+    fn capacities(&self) -> Vec<Capacity<'_>> {
+        self.workers
+            .values()
+            .filter(|w| w.alive && w.mode == WorkerMode::Active)
+            .map(|w| {
+                let used = self.usage.get(&w.info.name);
+                let used_slots = used.map_or(0, |u| u.slots);
+                Capacity {
+                    name: &w.info.name,
+                    free_slots: w.info.slots.saturating_sub(used_slots),
+                    free_gpus: w
+                        .info
+                        .gpus
+                        .iter()
+                        .map(|g| g.index)
+                        .filter(|g| used.is_none_or(|u| !u.gpus.contains(g)))
+                        .collect(),
+                    labels: &w.info.labels,
+                }
+            })
+            .collect()
+    }
+
+    /// Start queued jobs in priority order while the head of the queue fits.
+    fn schedule(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let mut queued: Vec<(i32, JobId)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| (j.request.priority, j.id))
+            .collect();
+        queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, id) in queued {
+            if !self.try_start(now_ms, id, actions) {
+                break;
+            }
+        }
+    }
+
+    fn try_start(&mut self, now_ms: u64, id: JobId, actions: &mut Vec<Action>) -> bool {
+        let job = &self.jobs[&id];
+        let req = &job.request;
+        let mut choices = vec![req.dp];
+        if req.elastic && job.restarts > 0 {
+            choices.extend((req.min_dp.max(1)..req.dp).rev().filter(|d| req.dp.is_multiple_of(*d)));
+        }
+        let caps = self.capacities();
+        let mut found = None;
+        for dp in choices {
+            let shape = Shape {
+                world: dp as u64 * req.tp as u64 * req.pp as u64,
+                tp: req.tp,
+                gpus_per_rank: req.gpus_per_rank,
+                labels: &req.labels,
+            };
+            if let Some(p) = placement::place(&caps, &shape) {
+                found = Some((dp, p));
+                break;
+            }
+        }
+        drop(caps);
+        let Some((dp, slots)) = found else { return false };
+        let master_worker = slots[0].worker.clone();
+        let port = self.next_port(&master_worker);
+        let address = self.workers[&master_worker].info.address.clone();
+        let max_events = self.config.max_events_per_job;
+        let job = self.jobs.get_mut(&id).expect("queued job exists");
+        let shrunk = dp != job.request.dp;
+        job.state = JobState::Running;
+        job.attempt += 1;
+        job.dp = dp;
+        job.ranks = vec![
+            RankStatus {
+                phase: RankPhase::Pending,
+                stats: None
+            };
+            slots.len()
+        ];
+        job.placement = slots;
+        job.master_addr = address;
+        job.master_port = port;
+        let mut per_worker: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (rank, s) in job.placement.iter().enumerate() {
+            per_worker.entry(s.worker.clone()).or_default().push(rank as u32);
+        }
+        let what = format!(
+            "attempt {} on {} worker(s), dp {}{}",
+            job.attempt,
+            per_worker.len(),
+            dp,
+            if shrunk {
+                format!(" (elastic: requested {})", job.request.dp)
+            } else {
+                String::new()
+            }
+        );
+        push_event(job, now_ms, "started", what, max_events);
+        let attempt = job.attempt;
+        actions.push(Action::PlaceJob { job: id, attempt, dp });
+        for (worker, ranks) in per_worker {
+            actions.push(Action::StartRanks {
+                worker,
+                job: id,
+                attempt,
+                ranks,
+            });
+        }
+        self.occupy(id);
+        self.dirty_jobs.insert(id);
+        true
+    }
+
+    /// A MASTER_PORT from the worker's range, rotating so a restart never reuses the port
+    /// its previous attempt may still hold, and skipping ports running jobs use.
+    fn next_port(&mut self, worker: &str) -> u16 {
+        let (lo, hi) = self.workers[worker].info.ports;
+        let (lo, hi) = (lo.min(hi), hi.max(lo));
+        let in_use: BTreeSet<u16> = self
+            .by_worker
+            .get(worker)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.placement.first().is_some_and(|s| s.worker == worker))
+            .map(|j| j.master_port)
+            .collect();
+        let cursor = self.port_cursor.entry(worker.to_string()).or_insert(lo);
+        let span = (hi - lo) as u32 + 1;
+        for _ in 0..span {
+            let p = (*cursor).clamp(lo, hi);
+            *cursor = if p >= hi { lo } else { p + 1 };
+            if !in_use.contains(&p) {
+                return p;
+            }
+        }
+        lo
+    }
+}
+
+fn validate(r: &mut JobRequest) -> Result<(), SubmitError> {
+    let bad = |m: String| Err(SubmitError::Invalid(m));
+    if r.name.trim().is_empty() {
+        r.name = "job".into();
+    }
+    if r.dp == 0 || r.tp == 0 || r.pp == 0 {
+        return bad(format!(
+            "dp, tp and pp must be at least 1 (got dp {} tp {} pp {})",
+            r.dp, r.tp, r.pp
+        ));
+    }
+    if r.world() > MAX_WORLD {
+        return bad(format!(
+            "{} ranks is more than the {MAX_WORLD} a job may have",
+            r.world()
+        ));
+    }
+    if r.gpus_per_rank > 64 {
+        return bad(format!("gpus_per_rank {} is more than any node has", r.gpus_per_rank));
+    }
+    if r.min_dp == 0 {
+        r.min_dp = 1;
+    }
+    if r.min_dp > r.dp {
+        return bad(format!("min_dp {} is larger than dp {}", r.min_dp, r.dp));
+    }
+    match &r.program {
+        Program::Command { argv, .. } if argv.is_empty() || argv[0].is_empty() => {
+            bad("`command` is empty: give the program and its arguments".into())
+        }
+        Program::Train { spec_toml } if spec_toml.trim().is_empty() => bad("the training spec is empty".into()),
+        _ => Ok(()),
+    }
+}
+
+/// How a rank ended, when that is a failure.
+fn failure_text(phase: &RankPhase) -> Option<String> {
+    match phase {
+        RankPhase::Exited { signal: Some(s), .. } => Some(format!("was killed by signal {s}")),
+        RankPhase::Exited { code: Some(0), .. } => None,
+        RankPhase::Exited { code: Some(c), .. } => Some(format!("exited with code {c}")),
+        RankPhase::Exited {
+            code: None,
+            signal: None,
+        } => Some("exited".to_string()),
+        RankPhase::FailedToStart { message } => Some(format!("failed to start: {message}")),
+        RankPhase::Pending | RankPhase::Running { .. } => None,
+    }
+}
+
+fn push_event(job: &mut Job, at_ms: u64, kind: &str, message: String, max: usize) {
+    job.events.push(JobEvent {
+        at_ms,
+        kind: kind.to_string(),
+        message,
+    });
+    let max = if max == 0 { usize::MAX } else { max.max(2) };
+    if job.events.len() > max {
+        job.events.remove(1);
+    }
+}

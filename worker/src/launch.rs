@@ -1,0 +1,408 @@
+//! How one rank process is started: where its files go, what environment it gets, which
+//! program runs, and the per-rank thread that spawns it and waits for it.
+//!
+//! Each rank gets its own OS thread that spawns the process and then blocks in `wait()`.
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process,
+//! so the spawning thread must outlive the rank: a thread that waits for its child does
+//! exactly that, and a runtime worker thread (which a runtime may retire) would not.
+
+use crate::error::StartError;
+use crate::reconcile::RankKey;
+use gantry_coordinator::proto::{RankAssignment, job_program};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use tokio::sync::{mpsc, oneshot};
+
+/// `<state_dir>/jobs/<job>/attempt-<attempt>`: the rank's working files and, for commands
+/// without a `workdir`, its working directory.
+pub fn run_dir(state_dir: &Path, job: u64, attempt: u32) -> PathBuf {
+    state_dir
+        .join("jobs")
+        .join(job.to_string())
+        .join(format!("attempt-{attempt}"))
+}
+
+/// Where the rank's stdout and stderr go.
+pub fn log_path(state_dir: &Path, key: RankKey) -> PathBuf {
+    run_dir(state_dir, key.job, key.attempt).join(format!("rank-{}.log", key.rank))
+}
+
+/// Where the rank writes its progress (`GANTRY_PROGRESS_FILE`).
+pub fn progress_path(state_dir: &Path, key: RankKey) -> PathBuf {
+    run_dir(state_dir, key.job, key.attempt).join(format!("rank-{}.progress.json", key.rank))
+}
+
+/// What every launch on this worker shares.
+#[derive(Clone, Debug)]
+pub struct LaunchContext {
+    pub state_dir: PathBuf,
+    /// The `gantry` binary that runs training ranks (`gantry rank …`).
+    pub rank_program: PathBuf,
+    /// The worker has GPUs, so a rank without GPUs is hidden from them.
+    pub has_gpus: bool,
+    /// Passed as `GANTRY_ADVERTISE_HOST` (the address peers reach ranks at) when the worker
+    /// was told its address explicitly; otherwise ranks find their route themselves.
+    pub advertise_host: Option<String>,
+}
+
+/// The environment a rank gets on top of the worker's own. `parent` looks up the worker's
+/// environment (a parameter so tests need not change the process environment).
+pub fn rank_env(
+    a: &RankAssignment,
+    ctx: &LaunchContext,
+    parent: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    let key = RankKey {
+        job: a.job,
+        attempt: a.attempt,
+        rank: a.rank,
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("RANK".into(), a.rank.to_string()),
+        ("LOCAL_RANK".into(), a.local_rank.to_string()),
+        ("WORLD_SIZE".into(), a.world_size.to_string()),
+        ("LOCAL_WORLD_SIZE".into(), a.local_world_size.to_string()),
+        ("MASTER_ADDR".into(), a.master_addr.clone()),
+        ("MASTER_PORT".into(), a.master_port.to_string()),
+        // torchelastic counts restarts from 0; gantry counts attempts from 1.
+        (
+            "TORCHELASTIC_RESTART_COUNT".into(),
+            a.attempt.saturating_sub(1).to_string(),
+        ),
+        ("TORCHELASTIC_RUN_ID".into(), format!("gantry-{}", a.job)),
+        ("GANTRY_JOB_ID".into(), a.job.to_string()),
+        ("GANTRY_JOB_NAME".into(), a.job_name.clone()),
+        ("GANTRY_ATTEMPT".into(), a.attempt.to_string()),
+        (
+            "GANTRY_PROGRESS_FILE".into(),
+            progress_path(&ctx.state_dir, key).display().to_string(),
+        ),
+    ];
+    if let Some(visible) = visible_devices(&a.gpus, ctx.has_gpus, parent("CUDA_VISIBLE_DEVICES").as_deref()) {
+        env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
+    }
+    if parent("GANTRY_LOG").is_none() {
+        env.push(("GANTRY_LOG".into(), "info".into()));
+    }
+    if let Some(host) = &ctx.advertise_host
+        && parent("GANTRY_ADVERTISE_HOST").is_none()
+    {
+        env.push(("GANTRY_ADVERTISE_HOST".into(), host.clone()));
+    }
+    let is_train = matches!(
+        a.program.as_ref().and_then(|p| p.kind.as_ref()),
+        Some(job_program::Kind::TrainSpecToml(_))
+    );
+    // libgomp's threads spin while waiting for work; with several ranks per host they steal
+    // the cores the others need (see launch/src/train.rs). Sleep instead, unless the user chose.
+    if is_train && parent("OMP_WAIT_POLICY").is_none() && !a.env.contains_key("OMP_WAIT_POLICY") {
+        env.push(("OMP_WAIT_POLICY".into(), "PASSIVE".into()));
+    }
+    // The job's own variables last, so they win over gantry's defaults.
+    let mut own: Vec<(&String, &String)> = a.env.iter().collect();
+    own.sort();
+    env.extend(own.into_iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// `CUDA_VISIBLE_DEVICES` for a rank given GPU indices `gpus` as this worker numbers them.
+/// The worker numbers the devices it sees, so when it runs under a `CUDA_VISIBLE_DEVICES`
+/// of its own, index i means the i-th entry of that list, not physical GPU i.
+fn visible_devices(gpus: &[u32], has_gpus: bool, parent: Option<&str>) -> Option<String> {
+    if gpus.is_empty() {
+        // A CPU rank must not grab a GPU (CUDA libraries default to device 0).
+        return has_gpus.then(String::new);
+    }
+    let parent: Vec<&str> = parent
+        .map(|p| p.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let mapped: Vec<String> = gpus
+        .iter()
+        .map(|&i| match parent.get(i as usize) {
+            Some(entry) => (*entry).to_string(),
+            None => i.to_string(),
+        })
+        .collect();
+    Some(mapped.join(","))
+}
+
+/// How a rank process ended, as the per-rank thread saw it.
+#[derive(Debug)]
+pub(crate) struct ExitEvent {
+    pub key: RankKey,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when waiting for the process failed (the status is then unknown).
+    pub error: Option<String>,
+}
+
+/// Starts the rank on its own thread. Replies with the pid (or why it could not start) on
+/// `started`; when the process ends, sends its status on `exits`.
+pub(crate) fn spawn_rank(
+    key: RankKey,
+    assignment: RankAssignment,
+    ctx: LaunchContext,
+    started: oneshot::Sender<Result<u32, StartError>>,
+    exits: mpsc::UnboundedSender<ExitEvent>,
+) -> Result<(), StartError> {
+    let body = move || {
+        let mut child = match prepare(key, &assignment, &ctx)
+            .and_then(|(mut cmd, program)| cmd.spawn().map_err(|source| StartError::Spawn { key, program, source }))
+        {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
+            }
+        };
+        let pid = child.id();
+        let _ = started.send(Ok(pid));
+        let (code, signal, error) = match child.wait() {
+            Ok(status) => (status.code(), status.signal(), None),
+            Err(e) => (None, None, Some(format!("cannot wait for pid {pid}: {e}"))),
+        };
+        // The rank is over; whatever it left running in its process group goes with it.
+        crate::supervisor::kill_group(pid, libc::SIGKILL);
+        let _ = exits.send(ExitEvent {
+            key,
+            code,
+            signal,
+            error,
+        });
+    };
+    std::thread::Builder::new()
+        .name(format!("rank-{}-{}-{}", key.job, key.attempt, key.rank))
+        .spawn(body)
+        .map(drop)
+        .map_err(|source| StartError::Thread { key, source })
+}
+
+/// Creates the run directory and log file and builds the command; returns it with the
+/// program's name (for error messages).
+fn prepare(key: RankKey, a: &RankAssignment, ctx: &LaunchContext) -> Result<(Command, String), StartError> {
+    let dir = run_dir(&ctx.state_dir, key.job, key.attempt);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::Io { key, path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // A progress file left by an earlier run in a reused state directory is not this rank's.
+    let progress = progress_path(&ctx.state_dir, key);
+    match std::fs::remove_file(&progress) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&progress)(e)),
+        _ => {}
+    }
+    let log = log_path(&ctx.state_dir, key);
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(io(&log))?;
+    let err = out.try_clone().map_err(io(&log))?;
+
+    let kind = a
+        .program
+        .as_ref()
+        .and_then(|p| p.kind.as_ref())
+        .ok_or(StartError::NoProgram { key })?;
+    let (mut cmd, program) = match kind {
+        job_program::Kind::TrainSpecToml(toml) => {
+            let spec = write_spec(&dir, key, toml).map_err(io(&dir.join("spec.toml")))?;
+            let mut cmd = Command::new(&ctx.rank_program);
+            cmd.arg("rank").arg("--spec").arg(&spec).arg("--run-dir").arg(&dir);
+            cmd.arg("--set").arg(format!("parallel.dp={}", a.dp));
+            if a.resume {
+                cmd.arg("--resume-auto");
+            }
+            cmd.current_dir(&dir);
+            (cmd, ctx.rank_program.display().to_string())
+        }
+        job_program::Kind::Command(c) => {
+            let (program, args) = c.argv.split_first().ok_or(StartError::EmptyArgv { key })?;
+            let workdir = if c.workdir.is_empty() {
+                dir.clone()
+            } else {
+                PathBuf::from(&c.workdir)
+            };
+            // Checked here because spawn reports a missing directory as ENOENT, which reads
+            // as if the program were missing.
+            let bad_dir = |reason: String| StartError::Workdir {
+                key,
+                program: program.clone(),
+                path: workdir.clone(),
+                reason,
+            };
+            match std::fs::metadata(&workdir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(bad_dir("not a directory".into())),
+                Err(e) => return Err(bad_dir(e.to_string())),
+            }
+            let mut cmd = Command::new(program);
+            cmd.args(args).current_dir(&workdir);
+            (cmd, program.clone())
+        }
+    };
+    cmd.envs(rank_env(a, ctx, &|k| std::env::var(k).ok()));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    // Its own process group, so stopping the rank reaches every process it started.
+    cmd.process_group(0);
+    let worker = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (prctl, getppid), no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Ranks die with their worker: a killed worker daemon is a lost node, and ranks
+            // left behind would hold GPUs and ports the next attempt needs.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The worker may have died between fork and prctl; then nobody would kill us.
+            if libc::getppid() != worker {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, program))
+}
+
+/// Writes the spec to `<dir>/spec.toml` through a per-rank temporary file and a rename, so
+/// ranks of one attempt starting together never read each other's half-written copy.
+fn write_spec(dir: &Path, key: RankKey, toml: &str) -> std::io::Result<PathBuf> {
+    let path = dir.join("spec.toml");
+    let tmp = dir.join(format!(".spec.toml.rank-{}.tmp", key.rank));
+    let mut f = File::create(&tmp)?;
+    f.write_all(toml.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_coordinator::proto::{CommandProgram, JobProgram};
+
+    fn ctx(has_gpus: bool) -> LaunchContext {
+        LaunchContext {
+            state_dir: PathBuf::from("/state"),
+            rank_program: PathBuf::from("gantry"),
+            has_gpus,
+            advertise_host: None,
+        }
+    }
+
+    fn assignment(gpus: Vec<u32>, train: bool) -> RankAssignment {
+        let kind = if train {
+            job_program::Kind::TrainSpecToml("[model]\n".into())
+        } else {
+            job_program::Kind::Command(CommandProgram {
+                argv: vec!["true".into()],
+                workdir: String::new(),
+            })
+        };
+        RankAssignment {
+            job: 12,
+            attempt: 3,
+            rank: 5,
+            world_size: 8,
+            local_rank: 1,
+            local_world_size: 4,
+            master_addr: "10.0.0.7".into(),
+            master_port: 29517,
+            gpus,
+            program: Some(JobProgram { kind: Some(kind) }),
+            dp: 2,
+            tp: 2,
+            pp: 2,
+            resume: true,
+            job_name: "tiny".into(),
+            env: [("JOB_VAR".to_string(), "from-the-job".to_string())].into(),
+        }
+    }
+
+    fn get(env: &[(String, String)], k: &str) -> Option<String> {
+        env.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn torchrun_and_gantry_variables() {
+        let env = rank_env(&assignment(vec![], false), &ctx(false), &|_| None);
+        let want = [
+            ("RANK", "5"),
+            ("LOCAL_RANK", "1"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "10.0.0.7"),
+            ("MASTER_PORT", "29517"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+            ("TORCHELASTIC_RUN_ID", "gantry-12"),
+            ("GANTRY_JOB_ID", "12"),
+            ("GANTRY_JOB_NAME", "tiny"),
+            ("GANTRY_ATTEMPT", "3"),
+            ("GANTRY_PROGRESS_FILE", "/state/jobs/12/attempt-3/rank-5.progress.json"),
+            ("GANTRY_LOG", "info"),
+            ("JOB_VAR", "from-the-job"),
+        ];
+        for (k, v) in want {
+            assert_eq!(get(&env, k).as_deref(), Some(v), "{k}");
+        }
+        // No GPUs anywhere: leave CUDA_VISIBLE_DEVICES alone; commands get no OMP policy.
+        assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES"), None);
+        assert_eq!(get(&env, "OMP_WAIT_POLICY"), None);
+        assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST"), None);
+    }
+
+    #[test]
+    fn the_workers_own_settings_win() {
+        let parent = |k: &str| match k {
+            "GANTRY_LOG" => Some("debug".to_string()),
+            "OMP_WAIT_POLICY" => Some("ACTIVE".to_string()),
+            "GANTRY_ADVERTISE_HOST" => Some("10.9.9.9".to_string()),
+            _ => None,
+        };
+        let mut c = ctx(false);
+        c.advertise_host = Some("10.0.0.1".into());
+        let env = rank_env(&assignment(vec![], true), &c, &parent);
+        assert_eq!(get(&env, "GANTRY_LOG"), None, "inherited, not overridden");
+        assert_eq!(get(&env, "OMP_WAIT_POLICY"), None);
+        assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST"), None);
+        let env = rank_env(&assignment(vec![], true), &c, &|_| None);
+        assert_eq!(get(&env, "OMP_WAIT_POLICY").as_deref(), Some("PASSIVE"));
+        assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST").as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn cuda_visible_devices() {
+        let env = rank_env(&assignment(vec![2, 3], false), &ctx(true), &|_| None);
+        assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some("2,3"));
+        // A CPU rank on a GPU worker sees no GPU.
+        let env = rank_env(&assignment(vec![], false), &ctx(true), &|_| None);
+        assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some(""));
+        // The worker itself runs under a mask: index i is the i-th visible device.
+        assert_eq!(visible_devices(&[0, 1], true, Some("4, 6")).as_deref(), Some("4,6"));
+        assert_eq!(
+            visible_devices(&[1], true, Some("GPU-aa,GPU-bb")).as_deref(),
+            Some("GPU-bb")
+        );
+        assert_eq!(visible_devices(&[1], true, Some("")).as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn paths() {
+        let key = RankKey {
+            job: 4,
+            attempt: 2,
+            rank: 7,
+        };
+        assert_eq!(
+            log_path(Path::new("/s"), key),
+            PathBuf::from("/s/jobs/4/attempt-2/rank-7.log")
+        );
+        assert_eq!(run_dir(Path::new("/s"), 4, 2), PathBuf::from("/s/jobs/4/attempt-2"));
+    }
+}
