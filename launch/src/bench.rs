@@ -35,6 +35,13 @@ pub enum BenchCommand {
     /// (R ranks resharded to 1), checking every element. Everything goes under a fresh
     /// gantry-bench-<pid>-<time> prefix of --url, removed at the end unless --keep.
     Checkpoint(crate::bench_checkpoint::CheckpointBenchArgs),
+    /// Control-plane scale: a real coordinator process and many simulated workers (clients
+    /// in this process) heartbeating; heartbeat latency p50/p99, coordinator CPU, and the
+    /// time to place and assign a very large job.
+    Cluster(crate::bench_cluster::ClusterBenchArgs),
+    /// Time from `gantry submit` to every rank's first training step (real coordinator,
+    /// worker and rank processes on this host).
+    Startup(crate::bench_cluster::StartupBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -86,6 +93,8 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Collectives(args) => collectives(args),
         BenchCommand::Nccl(args) => nccl_self_test(args),
         BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
+        BenchCommand::Cluster(args) => crate::bench_cluster::cluster(args),
+        BenchCommand::Startup(args) => crate::bench_cluster::startup(args),
     }
 }
 

@@ -8,13 +8,22 @@
 //! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
 //!   `gantry bench nccl` (the NCCL device self test).
 //! - `checkpoint.rs`: `gantry checkpoint list|inspect|verify|export`.
+//! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
+//!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
+//! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
 
 mod bench;
 mod bench_checkpoint;
+mod bench_cluster;
 mod checkpoint;
+mod cluster;
+mod daemons;
 mod data;
+mod jobfile;
+mod slurm;
+mod torchrun;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -33,14 +42,36 @@ enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Cancel a job: its ranks are stopped on every worker.
+    Cancel(cluster::CancelArgs),
     /// Checkpoints: list, inspect, verify (re-read every checksum), export to safetensors.
     #[command(subcommand)]
     Checkpoint(checkpoint::CheckpointCommand),
+    /// Run the coordinator daemon: worker registry, job queue, placement, restarts.
+    Coordinator(daemons::CoordinatorArgs),
+    /// Stop placing new ranks on a worker (running ranks continue).
+    Cordon(cluster::ModeArgs),
     /// Token datasets: prepare (tokenize text), synthesize, inspect, benchmark the reader.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Drain a worker: no new ranks; shown as drained once its ranks are gone.
+    Drain(cluster::ModeArgs),
+    /// One job: state, restarts, per-rank step and loss, stragglers, events.
+    Job(cluster::JobArgs),
+    /// List jobs.
+    Jobs(cluster::JobsArgs),
     /// Train a job on this host: spawn N rank processes, follow them, summarize.
     Launch(train::LaunchArgs),
+    /// Print (or --follow) a rank's log, read from the worker that runs it.
+    Logs(cluster::LogsArgs),
+    /// Submit a job file to the coordinator; prints the job id.
+    Submit(cluster::SubmitArgs),
+    /// Let a cordoned or draining worker take new ranks again.
+    Uncordon(cluster::ModeArgs),
+    /// Run a worker daemon: registers this host's slots and GPUs, runs assigned ranks.
+    Worker(daemons::WorkerArgs),
+    /// Registered workers: liveness, mode, slots, GPUs, ranks, labels.
+    Workers(cluster::WorkersArgs),
     /// One rank process of a job (started by `gantry launch` or a worker; reads torchrun-style
     /// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
     #[command(hide = true)]
@@ -64,11 +95,23 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    init_logging();
     let cli = Cli::parse();
+    daemons::prepare_logging(matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)));
+    init_logging();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Cancel(args) => cluster::cancel(args),
         Command::Checkpoint(cmd) => checkpoint::run(cmd),
+        Command::Coordinator(args) => daemons::coordinator(args),
+        Command::Cordon(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Cordoned),
+        Command::Drain(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Draining),
+        Command::Job(args) => cluster::job(args),
+        Command::Jobs(args) => cluster::jobs(args),
+        Command::Logs(args) => cluster::logs(args),
+        Command::Submit(args) => cluster::submit(args),
+        Command::Uncordon(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Active),
+        Command::Worker(args) => daemons::worker(args),
+        Command::Workers(args) => cluster::workers(args),
         Command::Data(cmd) => data::run(cmd),
         Command::Launch(args) => train::launch(args),
         Command::Rank(args) => train::rank(args),

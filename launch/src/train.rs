@@ -1,31 +1,53 @@
 //! `gantry launch JOB.toml --local N` (spawn N rank processes on this host, follow their
-//! metrics with a progress bar, summarize) and `gantry rank` (one rank process: the entry
-//! point the launcher, and later the worker daemons, start).
+//! metrics with a progress bar, summarize), `gantry launch JOB.toml` as one task of a Slurm
+//! job step, and `gantry rank` (one rank process: the entry point the launcher, and the
+//! worker daemons, start). `gantry launch -- PROGRAM` (any command, torchrun-style) is
+//! dispatched from here to `torchrun.rs`.
 
+use crate::slurm::SlurmEnv;
+use crate::torchrun;
 use anyhow::{Context, bail};
 use clap::Args;
+use gantry_collectives::fabric::Bootstrap;
 use gantry_collectives::spawn::{Output, spawn_local_world};
 use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
 use gantry_sharding::manifest::Manifest;
 use gantry_train::metrics::{RunSummary, StepMetrics};
 use gantry_train::{JobSpec, trainer};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Args)]
+#[command(after_help = "Forms:
+  gantry launch JOB.toml --local N            train a job as N rank processes on this host
+  gantry launch --nproc N -- PROGRAM ARGS...  run any command as N ranks with torchrun's
+                                              environment (RANK, LOCAL_RANK, WORLD_SIZE,
+                                              LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...)
+Under Slurm (SLURM_PROCID set), without --local / --nproc, `srun gantry launch JOB.toml` and
+`srun gantry launch -- PROGRAM` run as one rank each: rank SLURM_PROCID of SLURM_NTASKS, rank
+0 serving the store on the nodelist's first host at MASTER_PORT (default 29500 + job id % 1000).")]
 pub struct LaunchArgs {
     /// The job spec (TOML): [model], [parallel], [data], [optim], [train]; see examples/.
-    pub spec: PathBuf,
-    /// Run this many rank processes on this host (must equal dp × tp × pp).
+    /// Omit it to run a command given after `--`.
+    pub spec: Option<PathBuf>,
+    /// Run the job spec as this many rank processes on this host (must equal dp × tp × pp).
     #[arg(long, value_name = "N")]
-    pub local: usize,
+    pub local: Option<usize>,
+    /// Run the command after `--` as this many processes with torchrun's environment.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// MASTER_PORT for a command's ranks (default: a free port) or a Slurm task (default:
+    /// $MASTER_PORT, else 29500 + SLURM_JOB_ID % 1000).
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
     /// Override a spec value, e.g. `--set train.steps=20 --set parallel.tp=2` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Run directory (default: runs/<name>-<unix time>).
+    /// Run directory (default: runs/<name>-<unix time>; under Slurm runs/<name>-slurm-<job id>).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Save checkpoints here: a directory, file:///… or s3://bucket/prefix (S3 settings from
@@ -34,12 +56,16 @@ pub struct LaunchArgs {
     #[arg(long, value_name = "URL")]
     pub checkpoint_dir: Option<String>,
     /// Resume from the checkpoint directory's `latest` committed checkpoint or a step number,
-    /// in any layout.
-    #[arg(long, value_name = "latest|STEP")]
+    /// in any layout; `auto`: the latest if there is one, else start at step 0.
+    #[arg(long, value_name = "latest|auto|STEP")]
     pub resume: Option<String>,
-    /// Print the run summary as JSON on stdout (no progress bar).
+    /// Print the run summary as JSON on stdout (no progress bar); with --nproc, each rank's
+    /// exit status.
     #[arg(long)]
     pub json: bool,
+    /// The command to run (after `--`), e.g. `-- python train.py --lr 3e-4`.
+    #[arg(last = true, value_name = "PROGRAM ARGS")]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Args)]
@@ -50,11 +76,26 @@ pub struct RankArgs {
     /// Where the reporting rank writes metrics.jsonl and summary.json.
     #[arg(long)]
     pub run_dir: PathBuf,
+    /// Override a spec value, e.g. `--set parallel.dp=4` (repeatable; as `gantry launch`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// When the spec has `checkpoint.dir` and no `checkpoint.resume`: resume from the newest
+    /// committed checkpoint there if one exists, else start from step 0.
+    #[arg(long)]
+    pub resume_auto: bool,
 }
 
-/// Read, override, resolve (vocabulary from the dataset, threads per rank) and validate.
+/// Read, override, resolve (vocabulary from the dataset, threads per rank) and validate for a
+/// world of `world` ranks, all on this host.
 pub fn resolve_spec(path: &Path, overrides: &[String], world: usize) -> anyhow::Result<JobSpec> {
+    resolve_spec_for(path, overrides, world, world)
+}
+
+/// [`resolve_spec`] for a world of `world` ranks of which `here` share this host's cores.
+pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: usize) -> anyhow::Result<JobSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec {}", path.display()))?;
+    // A job file for `gantry submit` may carry a [cluster] section; it means nothing here.
+    let text = crate::jobfile::without_cluster_section(&text, &path.display().to_string())?;
     let mut spec = JobSpec::parse(&text, &path.display().to_string(), overrides)?;
     let manifest = Manifest::read(&spec.data.path).with_context(|| {
         format!(
@@ -75,7 +116,7 @@ pub fn resolve_spec(path: &Path, overrides: &[String], world: usize) -> anyhow::
     }
     if spec.train.threads == 0 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        spec.train.threads = (cores / world.max(1)).max(1);
+        spec.train.threads = (cores / here.max(1)).max(1);
     }
     if spec.name.is_empty() {
         spec.name = path
@@ -93,9 +134,92 @@ pub fn resolve_spec(path: &Path, overrides: &[String], world: usize) -> anyhow::
 }
 
 pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
-    if args.local == 0 {
-        bail!("--local must be at least 1");
+    match (&args.spec, args.command.is_empty()) {
+        (Some(spec), false) => bail!(
+            "give either a job spec (`gantry launch {} --local N`) or a command after `--` \
+             (`gantry launch --nproc N -- PROGRAM ARGS…`), not both",
+            spec.display()
+        ),
+        (None, true) => bail!(
+            "nothing to launch: give a job spec (`gantry launch JOB.toml --local N`) or a command \
+             after `--` (`gantry launch --nproc N -- PROGRAM ARGS…`)"
+        ),
+        (None, false) => launch_command(&args),
+        (Some(spec), true) => {
+            if args.nproc.is_some() {
+                bail!("--nproc runs a command given after `--`; a job spec runs with --local N");
+            }
+            match args.local {
+                Some(0) => bail!("--local must be at least 1"),
+                Some(n) => {
+                    if args.master_port.is_some() {
+                        bail!("--master-port is for a command (--nproc) or a Slurm task; --local hosts its own store");
+                    }
+                    launch_spec(&args, spec, n)
+                }
+                None => match slurm_env()? {
+                    Some(slurm) => slurm_rank(&args, spec, &slurm),
+                    None => bail!(
+                        "--local N is required: how many rank processes to run on this host \
+                         (or run under srun, one Slurm task per rank)"
+                    ),
+                },
+            }
+        }
     }
+}
+
+fn slurm_env() -> anyhow::Result<Option<SlurmEnv>> {
+    SlurmEnv::from_env().context("reading this Slurm task's environment")
+}
+
+/// `gantry launch [--nproc N] -- PROGRAM ARGS…`.
+fn launch_command(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
+    if args.local.is_some() {
+        bail!("--local is for a job spec (`gantry launch JOB.toml --local N`); a command runs with --nproc N");
+    }
+    for (flag, given) in [
+        ("--set", !args.overrides.is_empty()),
+        ("--run-dir", args.run_dir.is_some()),
+        ("--checkpoint-dir", args.checkpoint_dir.is_some()),
+        ("--resume", args.resume.is_some()),
+    ] {
+        if given {
+            bail!("{flag} applies to a job spec, not to a command");
+        }
+    }
+    match args.nproc {
+        Some(0) => bail!("--nproc must be at least 1"),
+        Some(n) => {
+            if let Ok(Some(s)) = SlurmEnv::from_env()
+                && s.world > 1
+            {
+                eprintln!(
+                    "gantry: --nproc {n}: running {n} local ranks in each of the {} Slurm tasks (one world per task); \
+                     drop --nproc to make the Slurm tasks the ranks",
+                    s.world
+                );
+            }
+            torchrun::launch_local(n, args.master_port, args.json, &args.command)
+        }
+        None => match slurm_env()? {
+            Some(slurm) => {
+                if args.json {
+                    bail!("--json reports the ranks gantry spawns (--nproc); a Slurm task runs the command itself");
+                }
+                let port = args.master_port.unwrap_or(slurm.master_port);
+                torchrun::exec_slurm_task(&slurm, port, &args.command)
+            }
+            None => bail!(
+                "--nproc N is required to run a command: how many ranks to start on this host \
+                 (or run under srun, one Slurm task per rank)"
+            ),
+        },
+    }
+}
+
+/// `--set`, `--checkpoint-dir` and `--resume` as spec overrides.
+fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.checkpoint_dir {
         overrides.push(format!("checkpoint.dir={}", toml_string(dir)));
@@ -103,7 +227,12 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     if let Some(which) = &args.resume {
         overrides.push(format!("checkpoint.resume={}", toml_string(which)));
     }
-    let spec = resolve_spec(&args.spec, &overrides, args.local)?;
+    overrides
+}
+
+/// `gantry launch JOB.toml --local N`.
+fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Result<ExitCode> {
+    let spec = resolve_spec(spec_path, &spec_overrides(args), local)?;
     let run_dir = match &args.run_dir {
         Some(d) => d.clone(),
         None => {
@@ -134,14 +263,14 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     // threads >= cores) spinning threads steal the cores the others need (measured: 4–7×
     // slower on a loaded 2-core machine). Sleep instead, unless the user chose.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() && args.local * spec.train.threads >= cores {
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() && local * spec.train.threads >= cores {
         env.push(("OMP_WAIT_POLICY".to_string(), "PASSIVE".to_string()));
     }
     let (p, t) = (&spec.parallel, &spec.train);
     if !args.json {
         eprintln!(
             "gantry: {} ranks (dp {} × tp {} × pp {}{}), {} parameters, {} steps of {} samples × {} tokens; run dir {}",
-            args.local,
+            local,
             p.dp,
             p.tp,
             p.pp,
@@ -154,12 +283,12 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let started = Instant::now();
-    let mut world = spawn_local_world(&exe, &argv, args.local, &env, Output::Files(logs.clone()))?;
+    let mut world = spawn_local_world(&exe, &argv, local, &env, Output::Files(logs.clone()))?;
     let progress = Progress::new(t.steps, args.json);
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut follower = MetricsFollower::default();
     let mut failed: Option<(usize, String)> = None;
-    let mut status = vec![None; args.local];
+    let mut status = vec![None; local];
     loop {
         for m in follower.poll(&metrics_path) {
             progress.update(&m);
@@ -367,11 +496,92 @@ impl Progress {
     }
 }
 
-/// `gantry rank`: one rank process of a job.
+/// `gantry launch JOB.toml` as task SLURM_PROCID of a Slurm job step: resolve the spec for
+/// the whole step, then train as that rank in this process (rank 0 serves the store at
+/// MASTER_ADDR:MASTER_PORT). The reporting rank prints the summary.
+fn slurm_rank(args: &LaunchArgs, spec_path: &Path, slurm: &SlurmEnv) -> anyhow::Result<ExitCode> {
+    let spec = resolve_spec_for(spec_path, &spec_overrides(args), slurm.world, slurm.local_world)?;
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-slurm-{}", spec.name, slurm.job_id)));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let p = &spec.parallel;
+    let layout = ParallelLayout::new(slurm.world, p.dp, p.tp, p.pp)?;
+    if slurm.rank == 0 {
+        write_atomically(&run_dir.join("spec.toml"), spec.to_toml().as_bytes())?;
+    }
+    if slurm.rank == trainer::reporting_rank(&layout) {
+        // Only this rank writes them, so it alone clears a previous attempt's (a requeued
+        // job keeps its id, hence its run directory).
+        for f in ["metrics.jsonl", "summary.json"] {
+            let _ = std::fs::remove_file(run_dir.join(f));
+        }
+        if !args.json {
+            eprintln!(
+                "gantry: Slurm job {}: {} ranks (dp {} × tp {} × pp {}), store at {}:{}; run dir {}",
+                slurm.job_id,
+                slurm.world,
+                p.dp,
+                p.tp,
+                p.pp,
+                slurm.master_addr,
+                args.master_port.unwrap_or(slurm.master_port),
+                run_dir.display()
+            );
+        }
+    }
+    let boot = Bootstrap {
+        rank: slurm.rank,
+        world: slurm.world,
+        local_rank: slurm.local_rank,
+        local_world: slurm.local_world,
+        master_addr: slurm.master_addr.clone(),
+        master_port: args.master_port.unwrap_or(slurm.master_port),
+        store_external: false,
+    };
+    let started = Instant::now();
+    if let Some(summary) = run_rank(&spec, &run_dir, &boot)? {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            print_summary(&summary, started.elapsed(), &run_dir);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gantry rank`: one rank process of a job, placed by torchrun-style variables.
 pub fn rank(args: RankArgs) -> anyhow::Result<ExitCode> {
-    gantry_train::load_cuda_backend();
     let text = std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read {}", args.spec.display()))?;
-    let spec = JobSpec::parse(&text, &args.spec.display().to_string(), &[])?;
+    let mut spec = JobSpec::parse(&text, &args.spec.display().to_string(), &args.overrides)?;
+    if args.resume_auto {
+        if !spec.checkpoint.enabled() {
+            tracing::info!("--resume-auto: the spec has no checkpoint.dir, so nothing to resume; starting from step 0");
+        } else if spec.checkpoint.resume.is_empty() {
+            // Decided by the trainer (rank 0 lists the directory, every rank opens that step).
+            spec.checkpoint.resume = "auto".into();
+        } else {
+            tracing::info!(
+                resume = spec.checkpoint.resume,
+                "--resume-auto: the spec already names checkpoint.resume; using it"
+            );
+        }
+    }
+    let boot = Bootstrap::from_env().map_err(anyhow::Error::msg)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "RANK is not set: `gantry rank` runs as a rank of a job, placed by torchrun-style \
+             RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (started by `gantry launch` or a worker)"
+        )
+    })?;
+    run_rank(&spec, &args.run_dir, &boot)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Join the job's ranks per `boot` and train; the reporting rank writes `summary.json` and
+/// gets the summary back.
+fn run_rank(spec: &JobSpec, run_dir: &Path, boot: &Bootstrap) -> anyhow::Result<Option<RunSummary>> {
+    gantry_train::load_cuda_backend();
     if spec.train.threads > 0 {
         gantry_train::tch::set_num_threads(spec.train.threads as i32);
         gantry_train::tch::set_num_interop_threads(1);
@@ -380,20 +590,27 @@ pub fn rank(args: RankArgs) -> anyhow::Result<ExitCode> {
         .with_env()
         .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;
     config.timeout = Duration::from_secs_f64(spec.parallel.timeout_s);
-    let fabric = Fabric::from_env(config).context("joining the job's ranks")?;
+    let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
     let rank = fabric.rank();
-    let mut summary = trainer::train(&spec, &fabric, &args.run_dir).with_context(|| format!("rank {rank}"))?;
+    let mut summary = trainer::train(spec, &fabric, run_dir).with_context(|| format!("rank {rank}"))?;
     let p = &spec.parallel;
     let layout = ParallelLayout::new(fabric.world_size(), p.dp, p.tp, p.pp)?;
-    if rank == trainer::reporting_rank(&layout) {
-        summary.entropy_floor = Manifest::read(&spec.data.path)
-            .ok()
-            .and_then(|m| m.entropy_nats_per_token);
-        let path = args.run_dir.join("summary.json");
-        let tmp = args.run_dir.join("summary.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&summary)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    if rank != trainer::reporting_rank(&layout) {
+        return Ok(None);
     }
-    Ok(ExitCode::SUCCESS)
+    summary.entropy_floor = Manifest::read(&spec.data.path)
+        .ok()
+        .and_then(|m| m.entropy_nats_per_token);
+    write_atomically(&run_dir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    Ok(Some(summary))
+}
+
+/// Write `<path>.tmp`, then rename: a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }

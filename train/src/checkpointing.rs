@@ -22,7 +22,7 @@ use crate::trainer::RankPlace;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
     Checkpoint, CheckpointError, DType, JobState, Lineage, Retention, SaveReport, SaveRequest, Saver, SaverConfig,
-    SliceSpec, Store, TensorData, Which,
+    SliceSpec, Store, TensorData, Which, committed_steps,
 };
 use gantry_sharding::sampler::Cursor;
 use std::ops::Range;
@@ -193,22 +193,27 @@ impl Checkpointing {
         }))
     }
 
-    /// Load `spec.checkpoint.resume` (if set) into the model, the optimizer states and their
-    /// master weights.
+    /// The newest committed step in the store, if any.
+    pub fn latest_committed(&self) -> Result<Option<u64>, TrainError> {
+        Ok(committed_steps(&self.store)?.last().copied())
+    }
+
+    pub fn url(&self) -> &str {
+        self.store.url()
+    }
+
+    /// Load checkpoint `which` (if any) into the model, the optimizer states and their master
+    /// weights.
     pub fn resume(
         &self,
         spec: &JobSpec,
+        which: Option<Which>,
         model: &Model,
         grads: &GradSync,
         states: &mut [AdamState],
         place: &RankPlace,
     ) -> Result<Option<Resumed>, TrainError> {
-        let which = match spec.checkpoint.resume.as_str() {
-            "" => return Ok(None),
-            w => w
-                .parse::<Which>()
-                .map_err(|m| TrainError::Internal(format!("checkpoint.resume: {m}")))?,
-        };
+        let Some(which) = which else { return Ok(None) };
         let ckpt = Checkpoint::open(&self.store, which)?;
         let current = serde_json::to_value(&spec.model).expect("model spec serializes");
         let diff = model_mismatch(&ckpt.manifest.job.model, &current);
@@ -302,6 +307,31 @@ impl Checkpointing {
     /// Wait for the save in flight to commit.
     pub fn finish(&mut self) -> Result<Option<SaveReport>, TrainError> {
         Ok(self.saver.wait()?)
+    }
+}
+
+/// What `checkpoint.resume` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeRequest {
+    /// Start from step 0.
+    Fresh,
+    /// This checkpoint; it must exist.
+    Open(Which),
+    /// The newest committed checkpoint if there is one, else step 0. Every rank must open
+    /// the same step, so one rank decides (see the trainer).
+    Auto,
+}
+
+impl ResumeRequest {
+    pub fn of(spec: &JobSpec) -> Result<ResumeRequest, TrainError> {
+        match spec.checkpoint.resume.as_str() {
+            "" => Ok(ResumeRequest::Fresh),
+            "auto" => Ok(ResumeRequest::Auto),
+            w => w
+                .parse::<Which>()
+                .map(ResumeRequest::Open)
+                .map_err(|m| TrainError::Internal(format!("checkpoint.resume: {m}"))),
+        }
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`grads`]: data-parallel gradient buckets on their own thread; ZeRO-1 shards.
 //! - [`optim`]: AdamW over flat buckets, LR schedule, clipping.
 //! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
-//! - [`trainer`]: one rank's run; [`metrics`]: `metrics.jsonl`; [`generate`]: samples.
+//! - [`trainer`]: one rank's run; [`metrics`]: `metrics.jsonl`; [`generate`]: samples;
+//!   [`progress`]: the per-rank progress file a worker watches (`GANTRY_PROGRESS_FILE`).
 //! - [`comm`]: tch tensors over gantry communicators.
 //! - [`checkpointing`]: which slices a rank saves and loads (params, AdamW moments, ZeRO-1
 //!   shards as rectangles), snapshots, resume.
@@ -36,6 +37,7 @@ pub mod model;
 pub mod optim;
 pub mod param;
 pub mod pipeline;
+pub mod progress;
 pub mod schedule;
 pub mod spec;
 pub mod tensor_parallel;

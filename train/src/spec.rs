@@ -274,7 +274,8 @@ pub struct CheckpointSpec {
     pub keep_last: usize,
     /// ... plus every step divisible by this (0 = none).
     pub keep_every: u64,
-    /// Resume from `latest` or a step number; empty = start fresh.
+    /// Resume from `latest` or a step number; `auto` = the latest committed checkpoint if
+    /// there is one, else start fresh; empty = start fresh.
     pub resume: String,
     /// Chunk objects are cut at about this many MiB.
     pub chunk_mb: f64,
@@ -458,10 +459,10 @@ impl JobSpec {
             }
         }
         let c = &self.checkpoint;
-        if !c.resume.is_empty() && c.resume.parse::<gantry_checkpoint::Which>().is_err() {
+        if !c.resume.is_empty() && c.resume != "auto" && c.resume.parse::<gantry_checkpoint::Which>().is_err() {
             return Err(invalid(
                 "checkpoint.resume",
-                format!("{:?} is neither `latest` nor a step number", c.resume),
+                format!("{:?} is neither `latest`, `auto` nor a step number", c.resume),
             ));
         }
         if !c.resume.is_empty() && !c.enabled() {

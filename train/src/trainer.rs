@@ -3,7 +3,7 @@
 //! pipeline schedule, data-parallel bucket sync (overlapped with backward), tied-embedding
 //! sync, global-norm clipping, AdamW (ZeRO-1 optional), metrics; validation every K steps.
 
-use crate::checkpointing::{Checkpointing, job_state};
+use crate::checkpointing::{Checkpointing, ResumeRequest, job_state};
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
 use crate::grads::{GradSync, pack_params, unpack_params};
@@ -11,8 +11,10 @@ use crate::metrics::{CommittedSave, H200_PEAK_FLOPS, MetricsWriter, RunSummary, 
 use crate::model::{MicroBatch, Model, StagePlan, partition_layers};
 use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate};
 use crate::pipeline::{StepIo, run_schedule};
+use crate::progress::{Progress, ProgressFile};
 use crate::schedule::{MAX_MICRO_BATCHES, forward_schedule, train_schedule};
 use crate::spec::{DeviceSpec, JobSpec};
+use gantry_checkpoint::Which;
 use gantry_collectives::layout::{Coords, Dim};
 use gantry_collectives::{Fabric, ParallelLayout, ReduceOp};
 use gantry_sharding::gpt::{GptDataset, Prefetcher, Split};
@@ -207,7 +209,14 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         None
     };
     let resumed = match &ckpt {
-        Some(c) => c.resume(spec, &model, &grads, &mut states, &place)?,
+        Some(c) => {
+            let which = match ResumeRequest::of(spec)? {
+                ResumeRequest::Fresh => None,
+                ResumeRequest::Open(w) => Some(w),
+                ResumeRequest::Auto => auto_resume_step(c, &place, &mut comms.world)?.map(Which::Step),
+            };
+            c.resume(spec, which, &model, &grads, &mut states, &place)?
+        }
         None => None,
     };
     let start_step = resumed.as_ref().map_or(0, |r| r.step);
@@ -303,6 +312,7 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
     let run_start = Instant::now();
     summary.steps = start_step;
     let log_samples = std::env::var_os("GANTRY_LOG_SAMPLES").is_some() && plan.first && place.tp_rank == 0;
+    let mut progress_file = ProgressFile::from_env();
     let mut sample_log = Vec::new();
     for step in start_step..end_step {
         let t0 = Instant::now();
@@ -469,6 +479,17 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         if let Some(w) = metrics.as_mut() {
             w.write(&m)?;
         }
+        if let Some(f) = progress_file.as_mut() {
+            f.write(&Progress {
+                step: m.step,
+                step_ms: m.step_ms,
+                tokens_per_s: m.tokens_per_s,
+                // Only the last stage computes the loss (averaged over DP above, the same on
+                // its TP ranks); earlier stages never learn it, so they write 0.0 rather than
+                // pay a broadcast per step for a progress file.
+                loss: if plan.last { m.loss } else { 0.0 },
+            });
+        }
         summary.steps = step + 1;
         summary.final_loss = m.loss;
         summary.tokens = m.tokens;
@@ -524,6 +545,34 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
         summary.samples = crate::generate::sample(spec, &model, &mut comms.tp, &mut comms.pp, &place, device)?;
     }
     Ok(summary)
+}
+
+/// `checkpoint.resume = "auto"`: the newest committed step, or `None` to start from step 0.
+/// Rank 0 lists the store and the others take its answer, so every rank opens the same step
+/// even if the listing changes while they start.
+fn auto_resume_step(c: &Checkpointing, place: &RankPlace, world: &mut TensorComm) -> Result<Option<u64>, TrainError> {
+    // Steps travel as step + 1 (0 = none) in an f64: exact up to 2^53.
+    let mut found = [if place.rank == 0 {
+        c.latest_committed()?.map_or(0.0, |s| s as f64 + 1.0)
+    } else {
+        0.0
+    }];
+    world.all_reduce_f64(&mut found, ReduceOp::Sum)?;
+    let step = (found[0] > 0.0).then(|| found[0] as u64 - 1);
+    if place.rank == 0 {
+        match step {
+            Some(s) => tracing::info!(
+                dir = c.url(),
+                step = s,
+                "checkpoint.resume = auto: resuming from the latest committed checkpoint"
+            ),
+            None => tracing::info!(
+                dir = c.url(),
+                "checkpoint.resume = auto: no committed checkpoint; starting from step 0"
+            ),
+        }
+    }
+    Ok(step)
 }
 
 /// 52 random bits (they survive an f64 all-reduce exactly) from the clock and the pid.

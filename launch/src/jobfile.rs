@@ -1,0 +1,243 @@
+//! `gantry submit JOB.toml`: turn a job file into a [`JobRequest`].
+//!
+//! A job file is either a training spec (the same file `gantry launch` runs; its `[parallel]`
+//! section gives the layout) or a command job:
+//!
+//! ```toml
+//! name = "ddp-smoke"
+//! command = ["python", "train.py", "--epochs", "1"]
+//! workdir = "/srv/project"   # default: the rank's run directory on the worker
+//! nproc = 4                  # or [parallel] dp / tp / pp
+//! env = { NCCL_DEBUG = "WARN" }
+//! ```
+//!
+//! Both may carry a `[cluster]` section: `max_restarts`, `elastic`, `min_dp`, `priority`,
+//! `queue`, `labels`, `gpus_per_rank`. Unknown keys anywhere are errors that name the key.
+
+use anyhow::{Context, bail};
+use gantry_coordinator::proto as p;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(default)]
+    pub max_restarts: u32,
+    #[serde(default)]
+    pub elastic: bool,
+    #[serde(default)]
+    pub min_dp: u32,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default = "yes")]
+    pub queue: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gpus_per_rank: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            max_restarts: 0,
+            elastic: false,
+            min_dp: 0,
+            priority: 0,
+            queue: true,
+            labels: BTreeMap::new(),
+            gpus_per_rank: 0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Layout {
+    #[serde(default = "one")]
+    dp: u32,
+    #[serde(default = "one")]
+    tp: u32,
+    #[serde(default = "one")]
+    pp: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandJob {
+    #[serde(default)]
+    name: String,
+    command: Vec<String>,
+    #[serde(default)]
+    workdir: String,
+    nproc: Option<u32>,
+    parallel: Option<Layout>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    cluster: ClusterSection,
+}
+
+/// Flags of `gantry submit` that override the file's `[cluster]` section.
+#[derive(Default)]
+pub struct SubmitOverrides {
+    pub spec_overrides: Vec<String>,
+    pub max_restarts: Option<u32>,
+    pub elastic: bool,
+    pub priority: Option<i32>,
+    pub no_queue: bool,
+    pub name: Option<String>,
+}
+
+pub fn load(path: &Path, o: &SubmitOverrides) -> anyhow::Result<p::JobRequest> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+    let origin = path.display().to_string();
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {e}"))?;
+    let stem = path
+        .file_stem()
+        .map_or("job".into(), |s| s.to_string_lossy().into_owned());
+    let mut req = if table.contains_key("command") {
+        if !o.spec_overrides.is_empty() {
+            bail!("{origin}: --set applies to training specs, not command jobs");
+        }
+        let job: CommandJob = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        command_request(job, &origin, &stem)?
+    } else {
+        let cluster: ClusterSection = match table.remove("cluster") {
+            Some(v) => v
+                .try_into()
+                .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: [cluster]: {e}"))?,
+            None => ClusterSection::default(),
+        };
+        train_request(&toml::to_string(&table)?, path, &stem, o, cluster)?
+    };
+    if let Some(n) = o.max_restarts {
+        req.max_restarts = n;
+    }
+    if o.elastic {
+        req.elastic = true;
+    }
+    if let Some(pr) = o.priority {
+        req.priority = pr;
+    }
+    if o.no_queue {
+        req.queue = false;
+    }
+    if let Some(name) = &o.name {
+        req.name = name.clone();
+    }
+    Ok(req)
+}
+
+/// The job file without its `[cluster]` section (the scheduler's part), for the trainer.
+pub fn without_cluster_section(text: &str, origin: &str) -> anyhow::Result<String> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {e}"))?;
+    if table.remove("cluster").is_none() {
+        return Ok(text.to_string());
+    }
+    Ok(toml::to_string(&table)?)
+}
+
+fn base(
+    name: String,
+    program: p::job_program::Kind,
+    (dp, tp, pp): (u32, u32, u32),
+    c: ClusterSection,
+) -> p::JobRequest {
+    p::JobRequest {
+        name,
+        program: Some(p::JobProgram { kind: Some(program) }),
+        dp,
+        tp,
+        pp,
+        gpus_per_rank: c.gpus_per_rank,
+        max_restarts: c.max_restarts,
+        elastic: c.elastic,
+        min_dp: c.min_dp,
+        priority: c.priority,
+        queue: c.queue,
+        labels: c.labels.into_iter().collect(),
+        env: HashMap::new(),
+    }
+}
+
+fn command_request(job: CommandJob, origin: &str, stem: &str) -> anyhow::Result<p::JobRequest> {
+    if job.command.is_empty() || job.command[0].is_empty() {
+        bail!(
+            "{origin}: `command` is empty: give the program and its arguments, e.g. command = [\"python\", \"train.py\"]"
+        );
+    }
+    let layout = match (job.nproc, &job.parallel) {
+        (Some(_), Some(_)) => bail!("{origin}: give either `nproc` or a [parallel] section, not both"),
+        (Some(0), None) => bail!("{origin}: `nproc` must be at least 1"),
+        (Some(n), None) => (n, 1, 1),
+        (None, Some(l)) => (l.dp, l.tp, l.pp),
+        (None, None) => (1, 1, 1),
+    };
+    let workdir = if job.workdir.is_empty() {
+        String::new()
+    } else {
+        std::path::absolute(&job.workdir).map_or(job.workdir.clone(), |p| p.display().to_string())
+    };
+    let name = if job.name.is_empty() {
+        stem.to_string()
+    } else {
+        job.name
+    };
+    let program = p::job_program::Kind::Command(p::CommandProgram {
+        argv: job.command,
+        workdir,
+    });
+    let mut req = base(name, program, layout, job.cluster);
+    req.env = job.env.into_iter().collect();
+    Ok(req)
+}
+
+fn train_request(
+    text: &str,
+    path: &Path,
+    stem: &str,
+    o: &SubmitOverrides,
+    cluster: ClusterSection,
+) -> anyhow::Result<p::JobRequest> {
+    let origin = path.display().to_string();
+    let spec = gantry_train::JobSpec::parse(text, &origin, &o.spec_overrides)?;
+    let (dp, tp, pp) = (spec.parallel.dp, spec.parallel.tp, spec.parallel.pp);
+    let world = dp * tp * pp;
+    // Resolve exactly as `gantry launch` does (dataset vocabulary, absolute paths,
+    // validation of the layout), from a copy without the [cluster] section.
+    let dir = std::env::temp_dir().join(format!("gantry-submit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let copy = dir.join(format!("{stem}.toml"));
+    std::fs::write(&copy, text).with_context(|| format!("cannot write {}", copy.display()))?;
+    // Relative data and checkpoint paths are relative to where the user runs submit.
+    let resolved = crate::train::resolve_spec(&copy, &o.spec_overrides, world);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut spec = resolved.with_context(|| format!("job file {origin}"))?;
+    if spec.name.is_empty() {
+        spec.name = stem.to_string();
+    }
+    let to_u32 = |v: usize, what: &str| {
+        u32::try_from(v).with_context(|| format!("{origin}: parallel.{what} = {v} is too large"))
+    };
+    Ok(base(
+        spec.name.clone(),
+        p::job_program::Kind::TrainSpecToml(spec.to_toml()),
+        (to_u32(dp, "dp")?, to_u32(tp, "tp")?, to_u32(pp, "pp")?),
+        cluster,
+    ))
+}
