@@ -608,4 +608,40 @@ mod tests {
         };
         assert_eq!(m.num_params(), 124_439_808);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Mutated job files and arbitrary `--set` overrides (what `gantry submit` and the
+        /// daemons accept from users) parse to a spec or an error; validation then either
+        /// passes or names a field. Never a panic.
+        #[test]
+        fn mutated_specs_and_overrides_never_panic(
+            cut in 0usize..400,
+            insert in "\\PC{0,8}",
+            key in proptest::sample::select(vec![
+                "model.d_model", "model.n_heads", "model.n_layers", "model.seq_len", "model.vocab_size",
+                "parallel.dp", "parallel.tp", "parallel.pp", "parallel.stage_layers", "train.steps",
+                "train.global_batch", "train.micro_batch", "optim.lr", "checkpoint.every", "checkpoint.resume",
+                "nonsense.key", "model", "",
+            ]),
+            value in proptest::prop_oneof![
+                "-?[0-9]{1,12}", "[0-9]\\.[0-9]e-?[0-9]{1,3}", "\"\\PC{0,6}\"", "\\[[0-9, ]{0,8}\\]",
+                proptest::strategy::Just("true".to_string()), proptest::strategy::Just("nan".to_string()),
+                proptest::strategy::Just("inf".to_string()), "\\PC{0,6}",
+            ],
+            world in 0usize..9,
+        ) {
+            let base = "[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nseq_len = 32\nvocab_size = 512\n\
+                        [parallel]\ndp = 2\n[train]\nsteps = 8\nglobal_batch = 16\nmicro_batch = 2\n";
+            let mut text: String = base.chars().take(cut).collect();
+            text.push_str(&insert);
+            text.extend(base.chars().skip(cut));
+            for (t, o) in [(text.as_str(), vec![]), (base, vec![format!("{key}={value}")])] {
+                if let Ok(spec) = JobSpec::parse(t, "fuzz.toml", &o) {
+                    let _ = spec.validate(world);
+                }
+            }
+        }
+    }
 }
