@@ -13,8 +13,9 @@
 #             on this host; time from `gantry submit` to every rank's first step.
 # 3. torchrun the peer: `torchrun --standalone --nproc-per-node 4` of a script that
 #             runs init_process_group(gloo) + barrier; time from launch to rank 0 past
-#             the barrier (Python start, torch import, rendezvous). Installs torch's
-#             Python dependencies into .tools/torch-venv (the wheel setup installed).
+#             the barrier (Python start, torch import, rendezvous). Uses TORCH_PYTHON, or
+#             .tools/torch-venv with torch's Python dependencies added; skipped when
+#             PyTorch does not import (the CUDA wheel without NVIDIA's libraries here).
 #
 # Environment (defaults in brackets):
 #   WORKERS [10000]  RANKS [100000]  SECONDS [10]  REPEAT [3]
@@ -52,11 +53,17 @@ log "startup: gantry submit → first step, 4 ranks"
 
 log "torchrun: rendezvous of 4 local processes"
 VENV="$REPO/.tools/torch-venv"
-[[ -x $VENV/bin/torchrun ]] || die "$VENV/bin/torchrun missing (setup installs the torch wheel)"
-if ! "$VENV/bin/python" -c "import torch.distributed" 2>/dev/null; then
+PY=${TORCH_PYTHON:-$VENV/bin/python}
+if ! "$PY" -c "import torch.distributed" 2>/dev/null && [[ -z ${TORCH_PYTHON:-} ]]; then
     log "pip install torch's Python dependencies into .tools/torch-venv"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        typing_extensions sympy networkx jinja2 fsspec filelock >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check \
+        typing_extensions sympy networkx jinja2 fsspec filelock >&2 || true
+fi
+if ! err=$("$PY" -c "import torch.distributed" 2>&1); then
+    # The wheel setup installs is the CUDA build without NVIDIA's libraries (enough for
+    # libtorch, not for `import torch`); set TORCH_PYTHON to a Python with PyTorch.
+    echo "torchrun: skipped, PyTorch does not import with $PY: $(tail -n1 <<<"$err")"
+    exit 0
 fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -72,7 +79,7 @@ PY
 times=()
 for _ in $(seq "$REPEAT"); do
     t0=$(python3 -c 'import time; print(time.time())')
-    t=$(T0=$t0 OMP_NUM_THREADS=1 "$VENV/bin/torchrun" --standalone --nproc-per-node 4 "$WORK/rdzv.py" 2>/dev/null | tail -n1)
+    t=$(T0=$t0 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node 4 "$WORK/rdzv.py" 2>/dev/null | tail -n1)
     times+=("$t")
 done
 median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(((REPEAT + 1) / 2))p")

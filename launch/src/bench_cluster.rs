@@ -318,7 +318,8 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     let (register_s, idle, submit_ms, loaded) = report?;
     let alone_ms = placement_alone(args.workers, args.slots, args.ranks, 1);
-    let alone_tp8_ms = placement_alone(args.workers, args.slots.max(8) / 8 * 8, args.ranks / 8 * 8, 8);
+    // TP 8 on 8-slot nodes: one TP group per node.
+    let alone_tp8_ms = placement_alone(args.ranks.div_ceil(8) as usize, 8, args.ranks.div_ceil(8) * 8, 8);
     if args.json {
         println!(
             "{}",
@@ -339,8 +340,9 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     println!("  registered all workers in {register_s:.2} s");
     print_phase("idle cluster:", &idle);
     println!(
-        "  {}-rank job: submit RPC {submit_ms:.0} ms (placement, rank assignment, durable commit); placement alone {alone_ms:.1} ms (tp 8: {alone_tp8_ms:.1} ms)",
-        args.ranks
+        "  {}-rank job: submit RPC {submit_ms:.0} ms (placement, rank assignment, durable commit); placement alone {alone_ms:.1} ms (tp 8 on {} 8-slot workers: {alone_tp8_ms:.1} ms)",
+        args.ranks,
+        args.ranks.div_ceil(8)
     );
     print_phase(&format!("with the {}-rank job:", args.ranks), &loaded);
     Ok(ExitCode::SUCCESS)
@@ -380,7 +382,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<ExitCode> {
     let dir = scratch("startup")?;
     let data = dir.join("data");
     let out = Command::new(&exe)
-        .args(["data", "synth", "--tokens", "20000", "--seed", "1", "--output"])
+        .args(["data", "synth", "--tokens", "100000", "--seed", "1", "--output"])
         .arg(&data)
         .output()?;
     if !out.status.success() {
@@ -397,7 +399,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<ExitCode> {
     )?;
     let (coordinator, addr) = start_coordinator(&dir.join("coordinator"), 100, 10.0)?;
     let worker_state = dir.join("worker");
-    let _worker = Daemon(
+    let worker = Daemon(
         Command::new(&exe)
             .args(["worker", "--coordinator", &addr, "--token", TOKEN, "--name", "bench"])
             .args(["--slots", &args.nproc.to_string()])
@@ -436,6 +438,12 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<ExitCode> {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
         let id = v["job"].as_u64().context("job id")?;
         let run = worker_state.join(format!("jobs/{id}/attempt-1"));
+        let job_failed = |id: u64| -> anyhow::Result<bool> {
+            let o = client(&["job", &id.to_string(), "--json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            Ok(v["state"] == "failed")
+        };
+        let mut polls = 0u64;
         loop {
             let stepped = (0..args.nproc).all(|r| {
                 std::fs::read(run.join(format!("rank-{r}.progress.json")))
@@ -447,9 +455,10 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<ExitCode> {
             if stepped {
                 break;
             }
-            if t0.elapsed() > Duration::from_secs(120) {
+            if t0.elapsed() > Duration::from_secs(120) || (polls % 100 == 99 && job_failed(id)?) {
                 bail!("job {id} did not reach its first step; see {}", run.display());
             }
+            polls += 1;
             std::thread::sleep(Duration::from_millis(5));
         }
         times.push(t0.elapsed().as_secs_f64());
@@ -462,6 +471,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    drop(worker);
     drop(coordinator);
     let _ = std::fs::remove_dir_all(&dir);
     let mut sorted = times.clone();

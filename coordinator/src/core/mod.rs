@@ -57,8 +57,9 @@ pub struct Scheduler {
     workers: BTreeMap<String, Worker>,
     jobs: BTreeMap<JobId, Job>,
     next_job: JobId,
-    /// Running jobs with ranks on each worker (derived from placements).
-    by_worker: HashMap<String, BTreeSet<JobId>>,
+    /// Ranks of running jobs on each worker (derived from placements), so a heartbeat costs
+    /// O(ranks on that worker), not O(ranks of its jobs).
+    by_worker: HashMap<String, BTreeMap<JobId, Vec<u32>>>,
     usage: HashMap<String, Usage>,
     port_cursor: HashMap<String, u16>,
     dirty_jobs: BTreeSet<JobId>,
@@ -122,12 +123,7 @@ impl Scheduler {
     /// Slots in use and ranks running on `worker`.
     pub fn worker_load(&self, worker: &str) -> (u32, usize) {
         let slots = self.usage.get(worker).map_or(0, |u| u.slots);
-        let ranks = self.by_worker.get(worker).map_or(0, |jobs| {
-            jobs.iter()
-                .filter_map(|j| self.jobs.get(j))
-                .map(|j| j.placement.iter().filter(|s| s.worker == worker).count())
-                .sum()
-        });
+        let ranks = self.by_worker.get(worker).map_or(0, |jobs| jobs.values().map(Vec::len).sum());
         (slots, ranks)
     }
 
@@ -145,13 +141,9 @@ impl Scheduler {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for id in jobs {
+        for (id, ranks) in jobs {
             let job = &self.jobs[id];
-            for (rank, slot) in job.placement.iter().enumerate() {
-                if slot.worker == worker {
-                    out.push((job, rank as u32));
-                }
-            }
+            out.extend(ranks.iter().map(|r| (job, *r)));
         }
         out
     }
@@ -310,7 +302,7 @@ impl Scheduler {
             let jobs: Vec<JobId> = self
                 .by_worker
                 .get(&name)
-                .map(|s| s.iter().copied().collect())
+                .map(|s| s.keys().copied().collect())
                 .unwrap_or_default();
             for id in jobs {
                 let reason = format!(
@@ -480,8 +472,8 @@ impl Scheduler {
             }
         }
         for w in workers {
-            if let Some(set) = self.by_worker.get_mut(&w) {
-                set.remove(&id);
+            if let Some(jobs) = self.by_worker.get_mut(&w) {
+                jobs.remove(&id);
             }
             actions.push(Action::StopRanks {
                 worker: w,
@@ -494,11 +486,12 @@ impl Scheduler {
     /// Count a running job's placement in the usage tables.
     fn occupy(&mut self, id: JobId) {
         let job = &self.jobs[&id];
-        for slot in &job.placement {
+        for (rank, slot) in job.placement.iter().enumerate() {
             let u = self.usage.entry(slot.worker.clone()).or_default();
             u.slots += 1;
             u.gpus.extend(slot.gpus.iter().copied());
-            self.by_worker.entry(slot.worker.clone()).or_default().insert(id);
+            let jobs = self.by_worker.entry(slot.worker.clone()).or_default();
+            jobs.entry(id).or_default().push(rank as u32);
         }
     }
 
@@ -623,7 +616,7 @@ impl Scheduler {
             .by_worker
             .get(worker)
             .into_iter()
-            .flatten()
+            .flat_map(|jobs| jobs.keys())
             .filter_map(|id| self.jobs.get(id))
             .filter(|j| j.placement.first().is_some_and(|s| s.worker == worker))
             .map(|j| j.master_port)
