@@ -12,7 +12,9 @@
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
 //! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
-//! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process).
+//! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
+//!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
+//! - `bench_cluster.rs`: `gantry bench cluster` and `gantry bench startup`.
 
 mod bench;
 mod bench_checkpoint;
@@ -60,7 +62,8 @@ enum Command {
     Job(cluster::JobArgs),
     /// List jobs.
     Jobs(cluster::JobsArgs),
-    /// Train a job on this host: spawn N rank processes, follow them, summarize.
+    /// Run without a coordinator: train JOB.toml on N local ranks (--local N), run any command
+    /// as N ranks with torchrun's environment (--nproc N -- CMD), or, under srun, be one rank.
     Launch(train::LaunchArgs),
     /// Print (or --follow) a rank's log, read from the worker that runs it.
     Logs(cluster::LogsArgs),

@@ -123,7 +123,10 @@ impl Scheduler {
     /// Slots in use and ranks running on `worker`.
     pub fn worker_load(&self, worker: &str) -> (u32, usize) {
         let slots = self.usage.get(worker).map_or(0, |u| u.slots);
-        let ranks = self.by_worker.get(worker).map_or(0, |jobs| jobs.values().map(Vec::len).sum());
+        let ranks = self
+            .by_worker
+            .get(worker)
+            .map_or(0, |jobs| jobs.values().map(Vec::len).sum());
         (slots, ranks)
     }
 
