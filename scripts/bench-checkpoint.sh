@@ -50,13 +50,8 @@ has_case() { [[ " $CASES " == *" $1 "* ]]; }
 command -v python3 >/dev/null 2>&1 || die "python3 is needed (free port, metrics summary)"
 
 # ------------------------------------------------------------------ setup
-log "setup"
-bash scripts/setup.sh >&2
-TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-[[ $TARGET_DIR = /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
-GANTRY_BIN=${GANTRY_BIN:-$TARGET_DIR/release/gantry}
+bench_setup
 S3S_FS=${GANTRY_S3S_FS:-$REPO/.tools/bin/s3s-fs}
-[[ -x $GANTRY_BIN ]] || die "$GANTRY_BIN not found (build it: bash scripts/setup.sh)"
 
 mkdir -p "$WORK"
 S3_PID=""

@@ -34,12 +34,7 @@ RANKS=${RANKS:-100000}
 SECONDS_PER_PHASE=${SECONDS:-10}
 REPEAT=${REPEAT:-3}
 
-log "setup"
-bash scripts/setup.sh >&2
-TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-[[ $TARGET_DIR = /* ]] || TARGET_DIR="$REPO/$TARGET_DIR"
-GANTRY_BIN=${GANTRY_BIN:-$TARGET_DIR/release/gantry}
-[[ -x $GANTRY_BIN ]] || die "$GANTRY_BIN not found (build it: bash scripts/setup.sh)"
+bench_setup
 JSON_ARG=()
 [[ $JSON == 1 ]] && JSON_ARG=(--json)
 

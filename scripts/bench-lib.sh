@@ -25,3 +25,15 @@ bench_args() {
         esac
     done
 }
+
+# Runs scripts/setup.sh (its log on stderr) and sets TARGET_DIR (absolute) and GANTRY_BIN
+# (the release binary unless GANTRY_BIN is set); dies when the binary is missing.
+# shellcheck disable=SC2034 # TARGET_DIR is read by the calling scripts
+bench_setup() {
+    log "setup"
+    bash scripts/setup.sh >&2
+    TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+    [[ $TARGET_DIR = /* ]] || TARGET_DIR="$PWD/$TARGET_DIR"
+    GANTRY_BIN=${GANTRY_BIN:-$TARGET_DIR/release/gantry}
+    [[ -x $GANTRY_BIN ]] || die "$GANTRY_BIN not found (build it: bash scripts/setup.sh)"
+}

@@ -52,7 +52,7 @@ impl ClientArgs {
         Ok(AdminClient::with_interceptor(ch, AddToken::new(&self.token)?))
     }
 
-    fn logs_client(&self, addr: &str) -> anyhow::Result<WorkerLogsClient<InterceptedService<Channel, AddToken>>> {
+    fn logs_client(&self, addr: &str) -> anyhow::Result<LogClient> {
         let ch = channel(addr, &self.tls())?;
         Ok(WorkerLogsClient::with_interceptor(ch, AddToken::new(&self.token)?))
     }
@@ -67,6 +67,21 @@ fn rpc(e: tonic::Status, what: &str, coordinator: &str) -> anyhow::Error {
         tonic::Code::Unauthenticated => anyhow::anyhow!("{what}: {} (coordinator {coordinator})", e.message()),
         _ => anyhow::anyhow!("{what}: {}", e.message()),
     }
+}
+
+/// One admin RPC, blocking, with its error in the user's words.
+fn admin_call<T, F, Fut>(client: &ClientArgs, what: &str, call: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Admin) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    runtime()?.block_on(async {
+        let admin = client.admin()?;
+        call(admin)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| rpc(e, what, &client.coordinator))
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -114,14 +129,10 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     };
     let job = crate::jobfile::load(&args.job, &overrides)?;
     let (name, world) = (job.name.clone(), job.dp * job.tp * job.pp);
-    let reply = runtime()?.block_on(async {
-        let mut admin = args.client.admin()?;
-        admin
-            .submit(p::SubmitRequest { job: Some(job) })
-            .await
-            .map_err(|e| rpc(e, &format!("submit {}", args.job.display()), &args.client.coordinator))
+    let what = format!("submit {}", args.job.display());
+    let r = admin_call(&args.client, &what, |mut a| async move {
+        a.submit(p::SubmitRequest { job: Some(job) }).await
     })?;
-    let r = reply.into_inner();
     if args.client.json {
         println!(
             "{}",
@@ -141,14 +152,10 @@ pub struct JobsArgs {
 }
 
 pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
-    let jobs = runtime()?.block_on(async {
-        let mut admin = args.client.admin()?;
-        admin
-            .list_jobs(p::ListJobsRequest {})
-            .await
-            .map_err(|e| rpc(e, "list jobs", &args.client.coordinator))
-    })?;
-    let jobs = jobs.into_inner().jobs;
+    let jobs = admin_call(&args.client, "list jobs", |mut a| async move {
+        a.list_jobs(p::ListJobsRequest {}).await
+    })?
+    .jobs;
     if args.client.json {
         println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
         return Ok(ExitCode::SUCCESS);
@@ -298,55 +305,68 @@ pub struct LogsArgs {
     pub client: ClientArgs,
 }
 
+/// The rank's entry in the job and a log client for the worker that runs (or ran) it.
+async fn locate(args: &LogsArgs) -> anyhow::Result<(p::RankView, LogClient)> {
+    let job = get_job(&args.client, args.id).await?;
+    let Some(rank) = job.ranks.iter().find(|r| r.rank == args.rank) else {
+        let why = if job.ranks.is_empty() {
+            "; it has not been placed yet"
+        } else {
+            ""
+        };
+        bail!(
+            "job {} has no rank {} (it has {} ranks{why})",
+            args.id,
+            args.rank,
+            job.ranks.len()
+        );
+    };
+    if rank.worker_service.is_empty() {
+        bail!(
+            "worker {} of job {} rank {} serves no logs",
+            rank.worker,
+            args.id,
+            args.rank
+        );
+    }
+    let client = args.client.logs_client(&rank.worker_service)?;
+    Ok((rank.clone(), client))
+}
+
+type LogClient = WorkerLogsClient<InterceptedService<Channel, AddToken>>;
+
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let job = get_job(&args.client, args.id).await?;
-        let Some(rank) = job.ranks.iter().find(|r| r.rank == args.rank) else {
-            bail!(
-                "job {} has no rank {} (it has {} ranks{})",
-                args.id,
-                args.rank,
-                job.ranks.len(),
-                if job.ranks.is_empty() {
-                    "; it has not been placed yet"
-                } else {
-                    ""
-                }
-            );
-        };
-        if rank.worker_service.is_empty() {
-            bail!(
-                "worker {} of job {} rank {} serves no logs",
-                rank.worker,
-                args.id,
-                args.rank
-            );
-        }
-        let mut client = args.client.logs_client(&rank.worker_service)?;
-        let mut offset = 0;
-        let attempt = args.attempt.unwrap_or(0);
+        let (mut rank, mut client) = locate(&args).await?;
         let mut out = std::io::stdout().lock();
+        let mut offset = 0;
+        // Which attempt is being printed: the one asked for, else the latest on first read.
+        let mut attempt = args.attempt.unwrap_or(0);
         loop {
-            let reply = client
-                .read_log(p::ReadLogRequest {
-                    job: args.id,
-                    rank: args.rank,
-                    attempt,
-                    offset,
-                    max_bytes: 1 << 20,
-                })
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "logs of job {} rank {} from worker {} ({}): {}",
-                        args.id,
-                        args.rank,
-                        rank.worker,
-                        rank.worker_service,
-                        e.message()
-                    )
-                })?
-                .into_inner();
+            let request = p::ReadLogRequest {
+                job: args.id,
+                rank: args.rank,
+                attempt,
+                offset,
+                max_bytes: 1 << 20,
+            };
+            let reply = match client.read_log(request).await {
+                Ok(r) => r.into_inner(),
+                // A restarted rank's log appears when the worker starts it.
+                Err(e) if args.follow && e.code() == tonic::Code::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+                Err(e) => bail!(
+                    "logs of job {} rank {} from worker {} ({}): {}",
+                    args.id,
+                    args.rank,
+                    rank.worker,
+                    rank.worker_service,
+                    e.message()
+                ),
+            };
+            attempt = reply.attempt;
             out.write_all(&reply.data)?;
             out.flush()?;
             let got = reply.next_offset > offset;
@@ -354,14 +374,27 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
             if got {
                 continue;
             }
-            if !args.follow || !reply.running {
-                // A following reader stops once the rank is gone and the job is no longer
-                // running there (a restart moves on to a new attempt).
-                if !args.follow {
-                    break;
+            if !args.follow {
+                break;
+            }
+            if !reply.running {
+                // The coordinator may be restarting; a follower waits for it.
+                let Ok(job) = get_job(&args.client, args.id).await else {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                };
+                if args.attempt.is_none() && job.state == "running" && job.attempt > attempt {
+                    // The job restarted: follow the rank into its new attempt, wherever it runs.
+                    writeln!(
+                        out,
+                        "--- gantry: job {} restarted, attempt {} ---",
+                        args.id, job.attempt
+                    )?;
+                    (rank, client) = locate(&args).await?;
+                    (attempt, offset) = (job.attempt, 0);
+                    continue;
                 }
-                let j = get_job(&args.client, args.id).await?;
-                if j.state != "running" && j.state != "queued" {
+                if job.state != "running" && job.state != "queued" {
                     break;
                 }
             }
@@ -380,14 +413,11 @@ pub struct CancelArgs {
 }
 
 pub fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
-    let reply = runtime()?.block_on(async {
-        let mut admin = args.client.admin()?;
-        admin
-            .cancel_job(p::CancelJobRequest { job: args.id })
-            .await
-            .map_err(|e| rpc(e, &format!("cancel job {}", args.id), &args.client.coordinator))
+    let request = p::CancelJobRequest { job: args.id };
+    let reply = admin_call(&args.client, &format!("cancel job {}", args.id), |mut a| async move {
+        a.cancel_job(request).await
     })?;
-    let job = reply.into_inner().job.context("the coordinator returned no job")?;
+    let job = reply.job.context("the coordinator returned no job")?;
     if args.client.json {
         println!("{}", job_json(&job));
     } else {
@@ -423,14 +453,10 @@ fn worker_json(w: &p::WorkerView) -> Value {
 }
 
 pub fn workers(args: WorkersArgs) -> anyhow::Result<ExitCode> {
-    let reply = runtime()?.block_on(async {
-        let mut admin = args.client.admin()?;
-        admin
-            .list_workers(p::ListWorkersRequest {})
-            .await
-            .map_err(|e| rpc(e, "list workers", &args.client.coordinator))
-    })?;
-    let workers = reply.into_inner().workers;
+    let workers = admin_call(&args.client, "list workers", |mut a| async move {
+        a.list_workers(p::ListWorkersRequest {}).await
+    })?
+    .workers;
     if args.client.json {
         println!("{}", Value::Array(workers.iter().map(worker_json).collect()));
         return Ok(ExitCode::SUCCESS);
@@ -469,20 +495,14 @@ pub struct ModeArgs {
 }
 
 pub fn set_mode(args: ModeArgs, mode: p::WorkerMode) -> anyhow::Result<ExitCode> {
-    let reply = runtime()?.block_on(async {
-        let mut admin = args.client.admin()?;
-        admin
-            .set_worker_mode(p::SetWorkerModeRequest {
-                worker: args.worker.clone(),
-                mode: mode as i32,
-            })
-            .await
-            .map_err(|e| rpc(e, &format!("worker {}", args.worker), &args.client.coordinator))
+    let request = p::SetWorkerModeRequest {
+        worker: args.worker.clone(),
+        mode: mode as i32,
+    };
+    let reply = admin_call(&args.client, &format!("worker {}", args.worker), |mut a| async move {
+        a.set_worker_mode(request).await
     })?;
-    let w = reply
-        .into_inner()
-        .worker
-        .context("the coordinator returned no worker")?;
+    let w = reply.worker.context("the coordinator returned no worker")?;
     if args.client.json {
         println!("{}", worker_json(&w));
     } else {

@@ -85,8 +85,10 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Rank and daemon logs usually go to files: colour only on a terminal.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

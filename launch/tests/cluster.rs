@@ -471,6 +471,17 @@ fn training_survives_a_killed_rank_and_a_killed_coordinator() {
 
     let mut c = Cluster::start(&dir, &[("n1", 1), ("n2", 1), ("n3", 1)]);
     let id = c.submit(&spec, &[]);
+    // Follow rank 0's log for the whole job: through the restart and the coordinator's
+    // absence, ending by itself when the job does.
+    let follow_out = std::fs::File::create(dir.join("follow.txt")).unwrap();
+    let mut follower = Command::new(GANTRY)
+        .args(["logs", &id.to_string(), "--rank", "0", "--follow"])
+        .env("GANTRY_COORDINATOR", &c.addr)
+        .env("GANTRY_TOKEN", TOKEN)
+        .stdout(follow_out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Kill one rank once a checkpoint exists and training has moved past it.
     let j = c.wait_job(id, "step 120", Duration::from_secs(300), |j| step_of(j) >= 120);
     let victim = j["ranks"][1]["pid"].as_u64().unwrap() as i32;
@@ -509,6 +520,30 @@ fn training_survives_a_killed_rank_and_a_killed_coordinator() {
         got.to_bits(),
         want.to_bits(),
         "final loss {got} vs uninterrupted {want}"
+    );
+
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "`gantry logs --follow` did not end with the job"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    follower.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let followed = std::fs::read_to_string(dir.join("follow.txt")).unwrap();
+    assert!(status.success(), "logs --follow: {err}");
+    assert!(
+        followed.contains("restarted, attempt 2"),
+        "followed into the new attempt:\n{followed}\n{err}"
+    );
+    assert!(
+        followed.contains("resuming from the latest committed checkpoint"),
+        "{followed}"
     );
 }
 

@@ -27,17 +27,9 @@ micro_batch = 4
 threads = 1
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `world` rank processes of `gantry rank --spec SPEC --run-dir RUN ARGS…`.
 fn ranks(world: usize, spec: &Path, run: &Path, args: &[&str]) -> Vec<Child> {
-    let port = free_port().to_string();
+    let port = common::free_port().to_string();
     (0..world)
         .map(|r| {
             Command::new(GANTRY)

@@ -375,14 +375,6 @@ micro_batch = 4
 threads = 1
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn progress(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
@@ -393,7 +385,7 @@ fn two_tasks_train_a_job_without_a_coordinator() {
     let spec = common::synth_job(&dir, SPEC, 200_000, 5);
     let run = dir.join("run");
     // A free port rather than the job id's: other tests may run at the same time.
-    let port = free_port().to_string();
+    let port = common::free_port().to_string();
     let children: Vec<Child> = (0..2)
         .map(|r| {
             task(

@@ -48,6 +48,15 @@ pub fn synth_job(dir: &Path, spec: &str, tokens: u64, seed: u64) -> PathBuf {
     path
 }
 
+/// A port that was free a moment ago (bound to port 0 and released), for MASTER_PORT.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
