@@ -10,6 +10,8 @@
 //!   job finishes on the remaining workers with fewer data-parallel replicas.
 
 mod common;
+#[path = "../../worker/tests/common/tls.rs"]
+mod tls;
 
 use common::{GANTRY, text};
 use serde_json::Value;
@@ -38,7 +40,7 @@ struct Cluster {
     workers: Vec<(String, Option<Daemon>)>,
 }
 
-fn start_coordinator(dir: &Path, listen: &str) -> (Daemon, String) {
+fn start_coordinator(dir: &Path, listen: &str, extra: &[&str]) -> (Daemon, String) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -54,7 +56,9 @@ fn start_coordinator(dir: &Path, listen: &str) -> (Daemon, String) {
             "--heartbeat-ms",
             "200",
         ])
-        .args(["--heartbeat-deadline-s", "3", "--state"])
+        .args(["--heartbeat-deadline-s", "3"])
+        .args(extra)
+        .arg("--state")
         .arg(dir.join("coordinator-state"))
         .stdout(Stdio::piped())
         .stderr(log)
@@ -81,7 +85,7 @@ impl Cluster {
     /// A coordinator and one worker per `(name, slots)`, each with its own state directory
     /// and MASTER_PORT range (they share this host's ports).
     fn start(dir: &Path, workers: &[(&str, u32)]) -> Cluster {
-        let (coordinator, addr) = start_coordinator(dir, "127.0.0.1:0");
+        let (coordinator, addr) = start_coordinator(dir, "127.0.0.1:0", &[]);
         let mut c = Cluster {
             dir: dir.to_path_buf(),
             addr,
@@ -190,7 +194,7 @@ impl Cluster {
     }
 
     fn restart_coordinator(&mut self) {
-        let (d, addr) = start_coordinator(&self.dir, &self.addr);
+        let (d, addr) = start_coordinator(&self.dir, &self.addr, &[]);
         assert_eq!(addr, self.addr);
         self.coordinator = Some(d);
     }
@@ -579,4 +583,77 @@ fn lost_worker_is_detected_and_elastic_job_finishes_smaller() {
             .all(|r| r["worker"] != victim.as_str())
     );
     assert!(final_loss(&c, &done).is_finite());
+}
+
+#[test]
+fn tls_between_the_cli_the_coordinator_and_workers() {
+    let dir = common::tempdir("cluster", "tls");
+    if tls::make_certs(&dir).is_none() {
+        eprintln!("skipped: the openssl command is not available to make test certificates");
+        return;
+    }
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (cert, key, ca) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+    let (_coordinator, addr) = start_coordinator(&dir, "127.0.0.1:0", &["--tls-cert", &cert, "--tls-key", &key]);
+    let log = std::fs::File::create(dir.join("worker-tls.log")).unwrap();
+    let _worker = Daemon {
+        child: Command::new(GANTRY)
+            .args([
+                "worker",
+                "--coordinator",
+                &addr,
+                "--token",
+                TOKEN,
+                "--name",
+                "secure",
+                "--slots",
+                "1",
+            ])
+            .args(["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key, "--state"])
+            .arg(dir.join("worker-secure"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    };
+    let cli = |args: &[&str], tls: bool| {
+        let mut c = Command::new(GANTRY);
+        c.args(args).env("GANTRY_COORDINATOR", &addr).env("GANTRY_TOKEN", TOKEN);
+        if tls {
+            c.args(["--tls-ca", &ca]);
+        }
+        c.output().unwrap()
+    };
+    let job = dir.join("hello.toml");
+    std::fs::write(&job, "command = [\"echo\", \"hello over tls\"]\nnproc = 1\n").unwrap();
+    let start = Instant::now();
+    // Accepted now; it waits in the queue until the worker has registered over TLS.
+    let out = cli(&["submit", job.to_str().unwrap(), "--json"], true);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job"]
+        .as_u64()
+        .unwrap();
+    loop {
+        let out = cli(&["job", &id.to_string(), "--json"], true);
+        let j: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if j["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job over TLS did not finish: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Logs come from the worker's own TLS service.
+    let out = cli(&["logs", &id.to_string()], true);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello over tls"),
+        "{}",
+        text(&out)
+    );
+    // A client that does not speak TLS gets an error, not an answer.
+    let out = cli(&["jobs"], false);
+    assert!(!out.status.success(), "plaintext was answered: {}", text(&out));
 }

@@ -2,6 +2,8 @@
 //! latest attempt, running flag, errors) and `GET /metrics` over plain HTTP/1.1.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls;
 
 use common::*;
 use gantry_coordinator::auth::{self, AddToken, TlsFiles};
@@ -220,69 +222,10 @@ async fn metrics_over_plain_http() {
     server.stop().await;
 }
 
-/// A CA and a leaf certificate for localhost / 127.0.0.1, made with the `openssl` CLI; `None`
-/// (the test is skipped) on a machine without it.
-fn make_certs(dir: &std::path::Path) -> Option<()> {
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .ok()?;
-    let ok = run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=gantry test CA",
-        ],
-    ]
-    .concat())
-        && run(&[
-            &["req"][..],
-            &ec,
-            &["-keyout", "key.pem", "-out", "req.csr", "-subj", "/CN=localhost"],
-        ]
-        .concat())
-        && run(&[
-            "x509",
-            "-req",
-            "-in",
-            "req.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-    ok.then_some(())
-}
-
 #[tokio::test]
 async fn read_log_over_tls() {
     let h = harness("server-tls", Duration::from_secs(10), false);
-    if make_certs(h.dir.path()).is_none() {
+    if tls::make_certs(h.dir.path()).is_none() {
         eprintln!("skipped: the openssl command is not available to make test certificates");
         return;
     }
