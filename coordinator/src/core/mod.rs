@@ -94,6 +94,14 @@ impl Scheduler {
         }
         for job in jobs {
             s.next_job = s.next_job.max(job.id + 1);
+            // Continue the port rotation past every port a restored job used, so the next
+            // attempt does not reuse one its predecessor may still hold.
+            if let Some(first) = job.placement.first()
+                && job.master_port > 0
+            {
+                let cursor = s.port_cursor.entry(first.worker.clone()).or_insert(0);
+                *cursor = (*cursor).max(job.master_port.saturating_add(1));
+            }
             let id = job.id;
             let running = job.state == JobState::Running;
             s.jobs.insert(id, job);
@@ -168,8 +176,27 @@ impl Scheduler {
         );
         self.dirty_workers.insert(name.clone());
         let mut actions = Vec::new();
+        let reported: BTreeSet<(JobId, u32, u32)> = running.iter().map(|r| (r.job, r.attempt, r.rank)).collect();
         for r in running {
             self.apply_report(now_ms, &name, r, &mut actions);
+        }
+        // A rank it was running that it no longer reports died with a previous incarnation
+        // of the worker daemon: that attempt cannot finish.
+        let lost: Vec<(JobId, u32)> = self
+            .by_worker
+            .get(&name)
+            .into_iter()
+            .flat_map(|jobs| jobs.iter())
+            .flat_map(|(id, ranks)| ranks.iter().map(move |r| (*id, *r)))
+            .filter(|(id, r)| {
+                let job = &self.jobs[id];
+                matches!(job.ranks[*r as usize].phase, RankPhase::Running { .. })
+                    && !reported.contains(&(*id, job.attempt, *r))
+            })
+            .collect();
+        for (id, rank) in lost {
+            let reason = format!("rank {rank} on worker {name} is gone: the worker daemon restarted without it");
+            self.fail_attempt(now_ms, id, reason, &mut actions);
         }
         self.schedule(now_ms, &mut actions);
         actions
