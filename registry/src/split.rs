@@ -1,0 +1,102 @@
+//! Weighted choice between an alias's versions, deterministic in a caller-supplied draw (a
+//! request seed or counter): there is no random number generator here. Over the draws
+//! `0..total` each target is chosen exactly `weight` times, so a counter gives exact shares
+//! and a hash of a request id gives sticky ones.
+
+/// Why a set of `(version, weight)` targets is unusable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("an alias needs at least one target version")]
+    Empty,
+    #[error("version {version} has weight 0; every target needs a weight > 0 (remove it instead)")]
+    ZeroWeight { version: u32 },
+    #[error("version {version} is listed more than once")]
+    Duplicate { version: u32 },
+    #[error("the weights add up to more than {}", u32::MAX)]
+    Overflow,
+}
+
+/// Check targets and return the total weight.
+pub fn validate(targets: &[(u32, u32)]) -> Result<u32, WeightError> {
+    if targets.is_empty() {
+        return Err(WeightError::Empty);
+    }
+    let mut total: u32 = 0;
+    for (i, &(version, weight)) in targets.iter().enumerate() {
+        if weight == 0 {
+            return Err(WeightError::ZeroWeight { version });
+        }
+        if targets[..i].iter().any(|&(v, _)| v == version) {
+            return Err(WeightError::Duplicate { version });
+        }
+        total = total.checked_add(weight).ok_or(WeightError::Overflow)?;
+    }
+    Ok(total)
+}
+
+/// The version that `draw` selects: `draw % total` walked through the cumulative weights.
+pub fn pick(targets: &[(u32, u32)], draw: u64) -> Result<u32, WeightError> {
+    let total = validate(targets)?;
+    let mut left = (draw % u64::from(total)) as u32;
+    for &(version, weight) in targets {
+        if left < weight {
+            return Ok(version);
+        }
+        left -= weight;
+    }
+    // validate() guarantees the walk ends inside the targets; keep a total function anyway.
+    Ok(targets[targets.len() - 1].0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn counts(targets: &[(u32, u32)], draws: std::ops::Range<u64>) -> HashMap<u32, u64> {
+        let mut out = HashMap::new();
+        for d in draws {
+            *out.entry(pick(targets, d).unwrap()).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn ninety_ten_over_a_hundred_draws_is_exact() {
+        let c = counts(&[(3, 90), (4, 10)], 0..100);
+        assert_eq!(c[&3], 90);
+        assert_eq!(c[&4], 10);
+        // And again on the next window.
+        assert_eq!(counts(&[(3, 90), (4, 10)], 100..200), c);
+    }
+
+    #[test]
+    fn a_plain_alias_always_picks_its_version() {
+        for d in [0, 1, 7, u64::MAX] {
+            assert_eq!(pick(&[(5, 1)], d), Ok(5));
+        }
+    }
+
+    #[test]
+    fn bad_weights_are_named() {
+        assert_eq!(validate(&[]), Err(WeightError::Empty));
+        assert_eq!(validate(&[(1, 3), (2, 0)]), Err(WeightError::ZeroWeight { version: 2 }));
+        assert_eq!(validate(&[(1, 3), (1, 2)]), Err(WeightError::Duplicate { version: 1 }));
+        assert_eq!(validate(&[(1, u32::MAX), (2, 1)]), Err(WeightError::Overflow));
+        assert_eq!(validate(&[(1, u32::MAX)]), Ok(u32::MAX));
+        assert_eq!(pick(&[], 0), Err(WeightError::Empty));
+    }
+
+    proptest! {
+        #[test]
+        fn each_target_gets_exactly_its_weight(weights in proptest::collection::vec(1u32..50, 1..6), start in 0u64..1_000_000) {
+            let targets: Vec<(u32, u32)> = weights.iter().enumerate().map(|(i, &w)| (i as u32 + 1, w)).collect();
+            let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            let c = counts(&targets, start..start + total);
+            for &(v, w) in &targets {
+                prop_assert_eq!(c.get(&v).copied().unwrap_or(0), u64::from(w));
+            }
+        }
+    }
+}
