@@ -11,6 +11,7 @@
 //! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
 //! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
+//! - `registry.rs`: `gantry registry serve`.
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
 //!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
@@ -24,6 +25,7 @@ mod cluster;
 mod daemons;
 mod data;
 mod jobfile;
+mod registry;
 mod slurm;
 mod torchrun;
 mod train;
@@ -75,6 +77,9 @@ enum Command {
     Worker(daemons::WorkerArgs),
     /// Registered workers: liveness, mode, slots, GPUs, ranks, labels.
     Workers(cluster::WorkersArgs),
+    /// The model registry service.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
     /// One rank process of a job (started by `gantry launch` or a worker; reads torchrun-style
     /// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
     #[command(hide = true)]
@@ -101,7 +106,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    daemons::prepare_logging(matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)));
+    daemons::prepare_logging(matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Worker(_) | Command::Registry(_)
+    ));
     init_logging();
     let result = match cli.command {
         Command::Bench(cmd) => bench::run(cmd),
@@ -120,6 +128,7 @@ fn main() -> ExitCode {
         Command::Data(cmd) => data::run(cmd),
         Command::Launch(args) => train::launch(args),
         Command::Rank(args) => train::rank(args),
+        Command::Registry(cmd) => registry::run(cmd),
     };
     match result {
         Ok(code) => code,

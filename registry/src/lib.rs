@@ -3,7 +3,7 @@
 //! The model registry: named models, each a sequence of immutable versions registered from
 //! committed gantry checkpoints, with movable aliases (`production`, `staging`, ...) that may
 //! split traffic between versions by weight. This crate is the storage and domain core; it
-//! knows nothing of HTTP and never loads a tensor.
+//! never loads a tensor; its HTTP face lives in [`http`], over the same API.
 //!
 //! # How data flows
 //! 1. **Checkpoint URL → verify** ([`intake`], called by
@@ -22,10 +22,13 @@
 //!    `name@latest` mean the highest version, `name@3` version 3, `name@alias` the alias's
 //!    target chosen by [`split::pick`] from a caller-supplied draw (deterministic; no RNG).
 //!
+//! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`).
+//!
 //! Storage is one redb file (copy-on-write, fsynced commits, locked against a second opener),
 //! records as JSON, like the coordinator's state.
 
 pub mod error;
+pub mod http;
 pub mod intake;
 pub mod model;
 pub mod name;

@@ -1,0 +1,253 @@
+//! The hand-written OpenAPI 3.0 document served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// Every route the router serves, as `(METHOD, OpenAPI path)`; the document describes exactly
+/// these (checked by a test).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/openapi.json"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{model}"),
+    ("get", "/v1/models/{model}/versions"),
+    ("post", "/v1/models/{model}/versions"),
+    ("get", "/v1/models/{model}/versions/{version}"),
+    ("post", "/v1/models/{model}/versions/{version}/evals"),
+    ("get", "/v1/models/{model}/versions/{version}/files/{path}"),
+    ("get", "/v1/models/{model}/aliases"),
+    ("get", "/v1/models/{model}/aliases/{alias}"),
+    ("put", "/v1/models/{model}/aliases/{alias}"),
+    ("delete", "/v1/models/{model}/aliases/{alias}"),
+];
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" }, "description": description })
+}
+
+fn query_param(name: &str, ty: &str, description: &str) -> Value {
+    json!({ "name": name, "in": "query", "required": false, "schema": { "type": ty }, "description": description })
+}
+
+fn model_p() -> Value {
+    path_param("model", "model name")
+}
+fn version_p() -> Value {
+    path_param("version", "version number, `latest`, or an alias name")
+}
+fn alias_p() -> Value {
+    path_param("alias", "alias name")
+}
+
+fn ok(description: &str, schema: Value) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": schema } } })
+}
+
+fn schema(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+/// Error responses by status code.
+fn errors(codes: &[u16]) -> serde_json::Map<String, Value> {
+    codes
+        .iter()
+        .map(|c| {
+            let what = match c {
+                400 => "bad input or malformed JSON",
+                401 => "missing or invalid token",
+                403 => "a read token on a write",
+                404 => "unknown model, version, alias or file",
+                409 => "that checkpoint step is already registered",
+                415 => "the body is not declared as JSON",
+                416 => "the range is outside the file",
+                422 => "checkpoint refused: uncommitted, corrupt or incomplete",
+                501 => "files of S3 checkpoints are not served yet",
+                _ => "error",
+            };
+            (c.to_string(), ok(what, schema("Error")))
+        })
+        .collect()
+}
+
+fn responses(success: (&str, Value), codes: &[u16]) -> Value {
+    let mut m = errors(codes);
+    m.insert(success.0.to_string(), success.1);
+    Value::Object(m)
+}
+
+fn json_body(name: &str) -> Value {
+    json!({ "required": true, "content": { "application/json": { "schema": schema(name) } } })
+}
+
+const READ: &[u16] = &[400, 401, 404];
+const WRITE: &[u16] = &[400, 401, 403, 404, 415];
+
+/// The document.
+pub fn document() -> Value {
+    let write_security = json!([{ "bearer": [] }]);
+    let read_security = json!([{}, { "bearer": [] }]);
+    let paging = |extra: Vec<Value>| {
+        let mut p = extra;
+        p.push(query_param("after", "string", "cursor from the previous page's `next`"));
+        p.push(query_param("limit", "integer", "page size, 1..=1000 (default 100)"));
+        p
+    };
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "gantry model registry",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Immutable model versions registered from committed gantry checkpoints, movable aliases with weighted splits, and the checkpoint files. Reads may be open (server setting) or need a read/write token; writes need a write token."
+        },
+        "paths": {
+            "/healthz": { "get": { "summary": "liveness", "security": [], "responses": { "200": ok("serving", json!({ "type": "object" })) } } },
+            "/openapi.json": { "get": { "summary": "this document", "security": [], "responses": { "200": ok("the OpenAPI document", json!({ "type": "object" })) } } },
+            "/v1/models": { "get": {
+                "summary": "list models (name contains `filter`), by name",
+                "security": read_security,
+                "parameters": paging(vec![query_param("filter", "string", "substring of the model name")]),
+                "responses": responses(("200", ok("a page of models", schema("ModelPage"))), &[400, 401]),
+            }},
+            "/v1/models/{model}": { "get": {
+                "summary": "a model (plain name), or the version a reference resolves to (`name@3`, `name@latest`, `name@alias`, with `resolved_from`)",
+                "security": read_security,
+                "parameters": [path_param("model", "model name or reference `name@selector`")],
+                "responses": responses(("200", ok("the model, or the resolved version", json!({ "oneOf": [schema("Model"), schema("Version")] }))), READ),
+            }},
+            "/v1/models/{model}/versions": {
+                "get": {
+                    "summary": "list versions, by number",
+                    "security": read_security,
+                    "parameters": paging(vec![model_p()]),
+                    "responses": responses(("200", ok("a page of versions", schema("VersionPage"))), READ),
+                },
+                "post": {
+                    "summary": "register the checkpoint (newest committed step, or `step`) as the next version; verified in full first",
+                    "security": write_security,
+                    "parameters": [model_p()],
+                    "requestBody": json_body("RegisterRequest"),
+                    "responses": responses(("201", ok("the new version", schema("Version"))), &[400, 401, 403, 409, 415, 422]),
+                }
+            },
+            "/v1/models/{model}/versions/{version}": { "get": {
+                "summary": "one version",
+                "security": read_security,
+                "parameters": [model_p(), version_p()],
+                "responses": responses(("200", ok("the version", schema("Version"))), READ),
+            }},
+            "/v1/models/{model}/versions/{version}/evals": { "post": {
+                "summary": "append an evaluation to a version",
+                "security": write_security,
+                "parameters": [model_p(), version_p()],
+                "requestBody": json_body("EvalRequest"),
+                "responses": responses(("201", ok("the version with the eval appended", schema("Version"))), WRITE),
+            }},
+            "/v1/models/{model}/versions/{version}/files/{path}": { "get": {
+                "summary": "a file of the version's checkpoint step: `manifest.json` or a chunk object it lists; supports Range and If-None-Match",
+                "security": read_security,
+                "parameters": [
+                    model_p(), version_p(),
+                    path_param("path", "`manifest.json` or an object such as `rank-00000/<attempt>-0000.bin` (may contain `/`)"),
+                    { "name": "Range", "in": "header", "required": false, "schema": { "type": "string" }, "description": "`bytes=a-b`, `bytes=a-` or `bytes=-n`; with several ranges only the first is served" },
+                    { "name": "If-None-Match", "in": "header", "required": false, "schema": { "type": "string" } }
+                ],
+                "responses": responses(("200", json!({
+                    "description": "the file",
+                    "headers": {
+                        "ETag": { "schema": { "type": "string" } },
+                        "Content-Length": { "schema": { "type": "integer" } },
+                        "X-Gantry-Version": { "schema": { "type": "integer" }, "description": "the version served" }
+                    },
+                    "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } }
+                })), &[400, 401, 404, 416, 501])
+                .as_object().cloned().map(|mut m| {
+                    m.insert("206".into(), json!({ "description": "the requested range, with Content-Range", "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } }));
+                    m.insert("304".into(), json!({ "description": "not modified (If-None-Match matched the ETag)" }));
+                    Value::Object(m)
+                }),
+            }},
+            "/v1/models/{model}/aliases": { "get": {
+                "summary": "every alias of a model",
+                "security": read_security,
+                "parameters": [model_p()],
+                "responses": responses(("200", ok("the aliases", json!({ "type": "object", "properties": { "aliases": { "type": "array", "items": schema("Alias") } } }))), READ),
+            }},
+            "/v1/models/{model}/aliases/{alias}": {
+                "get": {
+                    "summary": "one alias",
+                    "security": read_security,
+                    "parameters": [model_p(), alias_p()],
+                    "responses": responses(("200", ok("the alias", schema("Alias"))), READ),
+                },
+                "put": {
+                    "summary": "set or move an alias atomically (one version, or weighted targets)",
+                    "security": write_security,
+                    "parameters": [model_p(), alias_p()],
+                    "requestBody": json_body("AliasRequest"),
+                    "responses": responses(("200", ok("the alias as set", schema("Alias"))), WRITE),
+                },
+                "delete": {
+                    "summary": "remove an alias",
+                    "security": write_security,
+                    "parameters": [model_p(), alias_p()],
+                    "responses": responses(("200", ok("what the alias pointed at", schema("Alias"))), &[400, 401, 403, 404]),
+                }
+            }
+        },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "a read or write token" } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
+                "Model": { "type": "object", "properties": {
+                    "name": { "type": "string" }, "created_ms": { "type": "integer" }, "description": { "type": "string" },
+                    "latest_version": { "type": "integer", "nullable": true },
+                    "aliases": { "type": "array", "items": schema("Alias") } } },
+                "Version": { "type": "object", "properties": {
+                    "model": { "type": "string" }, "version": { "type": "integer" }, "created_ms": { "type": "integer" },
+                    "checkpoint_url": { "type": "string" }, "step": { "type": "integer" }, "tokens_seen": { "type": "integer" },
+                    "model_config": { "type": "object" }, "layout": { "type": "object" }, "data_cursor": { "type": "object" },
+                    "lineage": { "type": "object" }, "spec_hash": { "type": "string" }, "bytes": { "type": "integer" },
+                    "tensors": { "type": "integer" }, "evals": { "type": "array", "items": schema("Eval") },
+                    "resolved_from": { "type": "string", "description": "only when fetched by reference" } } },
+                "Eval": { "type": "object", "properties": {
+                    "at_ms": { "type": "integer" }, "dataset": { "type": "string" }, "loss": { "type": "number" },
+                    "perplexity": { "type": "number" }, "tokens": { "type": "integer" }, "tp": { "type": "integer" }, "note": { "type": "string" } } },
+                "Alias": { "type": "object", "properties": {
+                    "model": { "type": "string" }, "name": { "type": "string" },
+                    "targets": { "type": "array", "description": "[version, weight] pairs", "items": { "type": "array", "items": { "type": "integer" }, "minItems": 2, "maxItems": 2 } },
+                    "updated_ms": { "type": "integer" } } },
+                "ModelPage": { "type": "object", "properties": { "models": { "type": "array", "items": schema("Model") }, "next": { "type": "string", "nullable": true } } },
+                "VersionPage": { "type": "object", "properties": { "versions": { "type": "array", "items": schema("Version") }, "next": { "type": "string", "nullable": true } } },
+                "RegisterRequest": { "type": "object", "required": ["checkpoint"], "additionalProperties": false, "properties": {
+                    "checkpoint": { "type": "string", "description": "checkpoint root: local path, file:// or s3://" },
+                    "step": { "type": "integer", "description": "a committed step (default: the newest)" } } },
+                "EvalRequest": { "type": "object", "required": ["dataset", "loss", "perplexity", "tokens", "tp"], "additionalProperties": false, "properties": {
+                    "at_ms": { "type": "integer", "description": "default: now" }, "dataset": { "type": "string" }, "loss": { "type": "number" },
+                    "perplexity": { "type": "number" }, "tokens": { "type": "integer" }, "tp": { "type": "integer" }, "note": { "type": "string" } } },
+                "AliasRequest": { "type": "object", "additionalProperties": false, "description": "exactly one of `version` or `targets`", "properties": {
+                    "version": { "type": "integer" },
+                    "targets": { "type": "array", "items": { "type": "object", "required": ["version", "weight"], "properties": { "version": { "type": "integer" }, "weight": { "type": "integer" } } } } } }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_describes_exactly_the_routes() {
+        let doc = document();
+        let mut described: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(op["responses"].is_object(), "{method} {path} has responses");
+                described.push((method.clone(), path.clone()));
+            }
+        }
+        let mut routes: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        described.sort();
+        routes.sort();
+        assert_eq!(described, routes);
+    }
+}
