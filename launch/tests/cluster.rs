@@ -15,7 +15,7 @@ mod tls;
 
 use common::{GANTRY, text};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -64,20 +64,12 @@ fn start_coordinator(dir: &Path, listen: &str, extra: &[&str]) -> (Daemon, Strin
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| {
-            panic!(
-                "coordinator did not start: `{line}`; see {}",
-                dir.join("coordinator.log").display()
-            )
-        })
-        .to_string();
+    let addr = common::listening_address(&mut child).unwrap_or_else(|| {
+        panic!(
+            "coordinator did not start; see {}",
+            dir.join("coordinator.log").display()
+        )
+    });
     (Daemon { child }, addr)
 }
 

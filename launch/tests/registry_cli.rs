@@ -4,7 +4,7 @@
 mod common;
 
 use common::{GANTRY, text};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 fn http(addr: &str, request: &str) -> String {
@@ -33,15 +33,7 @@ fn serve_answers_checks_tokens_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_string();
+    let addr = common::listening_address(&mut child).expect("the registry announces its address");
 
     let health = http(
         &addr,

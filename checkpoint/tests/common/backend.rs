@@ -7,30 +7,11 @@
 use super::s3_server::S3Server;
 use gantry_checkpoint::{CheckpointError, S3Options, SaveReport, SaveRequest, Saver, SaverConfig, Store, StoreConfig};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Prefix under the bucket for S3 checkpoints: a root that is not the bucket's root.
 pub const S3_PREFIX: &str = "some/prefix";
 
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("gantry-ckpt-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use super::tempdir::TempDir;
 
 pub enum Backend {
     Local(TempDir),

@@ -2,6 +2,7 @@ pub mod backend;
 pub mod model;
 pub mod pattern;
 pub mod s3_server;
+pub mod tempdir;
 
 /// `both!(name, scenario)`: a module `name` with tests `local` and `s3` running
 /// `scenario(&Backend)` against a fresh temporary directory and a fresh S3 server.

@@ -57,6 +57,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The address a daemon started with piped stdout announces first (`listening on ADDR`);
+/// `None` when it exited or printed something else.
+pub fn listening_address(child: &mut std::process::Child) -> Option<String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take()?)
+        .read_line(&mut line)
+        .ok()?;
+    line.trim().strip_prefix("listening on ").map(str::to_string)
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
