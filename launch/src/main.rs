@@ -11,7 +11,7 @@
 //! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
 //! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
-//! - `registry.rs`: `gantry registry serve`.
+//! - `registry.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client).
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
 //!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
@@ -25,6 +25,7 @@ mod cluster;
 mod daemons;
 mod data;
 mod jobfile;
+mod models;
 mod registry;
 mod slurm;
 mod torchrun;
@@ -73,6 +74,9 @@ enum Command {
     Submit(cluster::SubmitArgs),
     /// Let a cordoned or draining worker take new ranks again.
     Uncordon(cluster::ModeArgs),
+    /// The model registry from the command line: list, show, register, alias, download.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
     /// Run a worker daemon: registers this host's slots and GPUs, runs assigned ranks.
     Worker(daemons::WorkerArgs),
     /// Registered workers: liveness, mode, slots, GPUs, ranks, labels.
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
         Command::Launch(args) => train::launch(args),
         Command::Rank(args) => train::rank(args),
         Command::Registry(cmd) => registry::run(cmd),
+        Command::Models(cmd) => models::run(cmd),
     };
     match result {
         Ok(code) => code,

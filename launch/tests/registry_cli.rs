@@ -75,3 +75,107 @@ fn serve_answers_checks_tokens_and_stops_on_sigterm() {
     assert!(!out.status.success());
     assert!(text(&out).contains("line 2"), "{}", text(&out));
 }
+
+const SPEC: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 16
+[train]
+steps = 4
+global_batch = 4
+micro_batch = 2
+threads = 1
+[parallel]
+dp = 2
+"#;
+
+#[test]
+fn models_cli_registers_aliases_shows_and_downloads_a_verified_checkpoint() {
+    let dir = common::tempdir("registry-cli", "models");
+    let spec = common::synth_job(&dir, SPEC, 60_000, 3);
+    let ckpt = dir.join("ckpt");
+    let out = Command::new(GANTRY)
+        .arg("launch")
+        .arg(&spec)
+        .args(["--local", "2", "--json", "--checkpoint-dir"])
+        .arg(&ckpt)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "read reader-token-0123456789\nwrite writer-token-0123456789\n").unwrap();
+    let mut server = Command::new(GANTRY)
+        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.join("registry.redb"))
+        .arg("--token-file")
+        .arg(&tokens)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = common::listening_address(&mut server).expect("the registry announces its address");
+    let models = |args: &[&str], token: &str| {
+        Command::new(GANTRY)
+            .arg("models")
+            .args(args)
+            .env("GANTRY_REGISTRY", &addr)
+            .env("GANTRY_REGISTRY_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let ck = ckpt.to_str().unwrap();
+    let refused = models(&["register", "gpt", "--checkpoint", ck], "reader-token-0123456789");
+    assert!(
+        !refused.status.success() && text(&refused).contains("403"),
+        "{}",
+        text(&refused)
+    );
+    let reg = models(
+        &["register", "gpt", "--checkpoint", ck, "--json"],
+        "writer-token-0123456789",
+    );
+    assert!(reg.status.success(), "{}", text(&reg));
+    let v: serde_json::Value = serde_json::from_slice(&reg.stdout).unwrap();
+    assert_eq!((v["version"].as_u64(), v["step"].as_u64()), (Some(1), Some(4)), "{v}");
+    let alias = models(&["alias", "gpt", "prod", "1"], "writer-token-0123456789");
+    assert!(alias.status.success(), "{}", text(&alias));
+    let show = models(&["show", "gpt@prod", "--json"], "reader-token-0123456789");
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["version"], 1, "{shown}");
+    let list = models(&["list", "--json"], "");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("\"gpt\""),
+        "{}",
+        text(&list)
+    );
+
+    // The download is a checkpoint root: it verifies like the original.
+    let copy = dir.join("download");
+    let got = models(&["download", "gpt@prod", "--out", copy.to_str().unwrap(), "--json"], "");
+    assert!(got.status.success(), "{}", text(&got));
+    let verify = Command::new(GANTRY)
+        .args(["checkpoint", "verify"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+    // A second download finds every object complete and fetches nothing.
+    let again = models(&["download", "gpt@prod", "--out", copy.to_str().unwrap(), "--json"], "");
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["fetched_bytes"], 0, "{report}");
+    let missing = models(&["show", "nosuch@prod"], "");
+    assert!(
+        !missing.status.success() && text(&missing).contains("404"),
+        "{}",
+        text(&missing)
+    );
+
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+}
