@@ -64,17 +64,11 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn default_log_level() {
-    if std::env::var_os("GANTRY_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
-        // SAFETY: called before any thread is started.
-        unsafe { std::env::set_var("GANTRY_LOG", "info") };
-    }
-}
-
 /// Daemons log at info unless told otherwise; called by main before logging starts.
 pub fn prepare_logging(is_daemon: bool) {
-    if is_daemon {
-        default_log_level();
+    if is_daemon && std::env::var_os("GANTRY_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: called before any thread is started.
+        unsafe { std::env::set_var("GANTRY_LOG", "info") };
     }
 }
 

@@ -121,7 +121,7 @@ pub fn load(path: &Path, o: &SubmitOverrides) -> anyhow::Result<p::JobRequest> {
                 .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: [cluster]: {e}"))?,
             None => ClusterSection::default(),
         };
-        train_request(&toml::to_string(&table)?, path, &stem, o, cluster)?
+        train_request(&toml::to_string(&table)?, path, o, cluster)?
     };
     if let Some(n) = o.max_restarts {
         req.max_restarts = n;
@@ -210,27 +210,17 @@ fn command_request(job: CommandJob, origin: &str, stem: &str) -> anyhow::Result<
 fn train_request(
     text: &str,
     path: &Path,
-    stem: &str,
     o: &SubmitOverrides,
     cluster: ClusterSection,
 ) -> anyhow::Result<p::JobRequest> {
     let origin = path.display().to_string();
     let spec = gantry_train::JobSpec::parse(text, &origin, &o.spec_overrides)?;
     let (dp, tp, pp) = (spec.parallel.dp, spec.parallel.tp, spec.parallel.pp);
-    let world = dp * tp * pp;
-    // Resolve exactly as `gantry launch` does (dataset vocabulary, absolute paths,
-    // validation of the layout), from a copy without the [cluster] section.
-    let dir = std::env::temp_dir().join(format!("gantry-submit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let copy = dir.join(format!("{stem}.toml"));
-    std::fs::write(&copy, text).with_context(|| format!("cannot write {}", copy.display()))?;
-    // Relative data and checkpoint paths are relative to where the user runs submit.
-    let resolved = crate::train::resolve_spec(&copy, &o.spec_overrides, world);
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut spec = resolved.with_context(|| format!("job file {origin}"))?;
-    if spec.name.is_empty() {
-        spec.name = stem.to_string();
-    }
+    // Resolve exactly as `gantry launch` does (it skips the [cluster] section too): dataset
+    // vocabulary, name from the file, data and checkpoint paths made absolute against
+    // where the user runs submit, validation of the layout.
+    let spec = crate::train::resolve_spec(path, &o.spec_overrides, dp * tp * pp)
+        .with_context(|| format!("job file {origin}"))?;
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v).with_context(|| format!("{origin}: parallel.{what} = {v} is too large"))
     };

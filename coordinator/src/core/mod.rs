@@ -489,9 +489,7 @@ impl Scheduler {
     /// stays on the record so views can still show where the ranks ran.
     fn release(&mut self, id: JobId, actions: &mut Vec<Action>) {
         let job = &self.jobs[&id];
-        let mut workers: Vec<&str> = job.placement.iter().map(|s| s.worker.as_str()).collect();
-        workers.dedup();
-        let workers: BTreeSet<String> = workers.into_iter().map(str::to_string).collect();
+        let workers: BTreeSet<String> = job.placement.iter().map(|s| s.worker.clone()).collect();
         let attempt = job.attempt;
         for slot in &job.placement {
             if let Some(u) = self.usage.get_mut(&slot.worker) {
