@@ -15,7 +15,7 @@ mod tls;
 
 use common::{GANTRY, text};
 use serde_json::Value;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -202,14 +202,6 @@ fn alive(pid: u32) -> bool {
     pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn command_jobs_cli_and_bad_input() {
     let dir = common::tempdir("cluster", "cmd");
@@ -371,7 +363,7 @@ env = { EXTRA = "yes" }
     assert!(text(&c.cli(&["cordon", "nobody"])).contains("no worker named `nobody`"));
 
     // Prometheus metrics on the gRPC port, plain HTTP/1.1.
-    let metrics = http_get(&c.addr, "/metrics");
+    let metrics = common::http_get(&c.addr, "/metrics", &[]);
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for want in [
         "gantry_coordinator_workers{state=\"alive\"} 2",
@@ -383,7 +375,7 @@ env = { EXTRA = "yes" }
     }
     let w = c.json(&["workers"]);
     let service = w[0]["service_address"].as_str().unwrap().to_string();
-    let metrics = http_get(&service, "/metrics");
+    let metrics = common::http_get(&service, "/metrics", &[]);
     assert!(metrics.contains("gantry_worker_"), "{metrics}");
 }
 

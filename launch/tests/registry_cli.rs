@@ -4,15 +4,21 @@
 mod common;
 
 use common::{GANTRY, text};
-use std::io::{Read, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-fn http(addr: &str, request: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+/// `gantry registry serve` on port 0 with this token file (and extra flags); stdout piped
+/// (the address line), stderr discarded unless the caller sets it.
+fn serve(dir: &Path, tokens: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(GANTRY);
+    c.args(["registry", "serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.join("registry.redb"))
+        .arg("--token-file")
+        .arg(tokens)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    c
 }
 
 #[test]
@@ -24,36 +30,18 @@ fn serve_answers_checks_tokens_and_stops_on_sigterm() {
         "# registry tokens\nread  reader-token-0123456789\nwrite writer-token-0123456789\n",
     )
     .unwrap();
-    let mut child = Command::new(GANTRY)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--closed-reads", "--db"])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve(&dir, &tokens, &["--closed-reads"]).spawn().unwrap();
     let addr = common::listening_address(&mut child).expect("the registry announces its address");
 
-    let health = http(
-        &addr,
-        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    );
+    let health = common::http_get(&addr, "/healthz", &[]);
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    let closed = http(
-        &addr,
-        &format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    );
+    let closed = common::http_get(&addr, "/v1/models", &[]);
     assert!(
         closed.starts_with("HTTP/1.1 401") && closed.contains("\"error\""),
         "{closed}"
     );
-    let open = http(
-        &addr,
-        &format!(
-            "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer reader-token-0123456789\r\nConnection: close\r\n\r\n"
-        ),
-    );
+    let reader = [("Authorization", "Bearer reader-token-0123456789")];
+    let open = common::http_get(&addr, "/v1/models", &reader);
     assert!(
         open.starts_with("HTTP/1.1 200") && open.contains("\"models\""),
         "{open}"
@@ -65,13 +53,7 @@ fn serve_answers_checks_tokens_and_stops_on_sigterm() {
     assert!(status.success(), "stops cleanly on SIGTERM: {status}");
 
     std::fs::write(&tokens, "read ok-token-0123456789\nadmin nope\n").unwrap();
-    let out = Command::new(GANTRY)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .output()
-        .unwrap();
+    let out = serve(&dir, &tokens, &[]).stderr(Stdio::piped()).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("line 2"), "{}", text(&out));
 }
@@ -109,15 +91,7 @@ fn models_cli_registers_aliases_shows_and_downloads_a_verified_checkpoint() {
 
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, "read reader-token-0123456789\nwrite writer-token-0123456789\n").unwrap();
-    let mut server = Command::new(GANTRY)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = serve(&dir, &tokens, &[]).spawn().unwrap();
     let addr = common::listening_address(&mut server).expect("the registry announces its address");
     let models = |args: &[&str], token: &str| {
         Command::new(GANTRY)

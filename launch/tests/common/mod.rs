@@ -68,6 +68,22 @@ pub fn listening_address(child: &mut std::process::Child) -> Option<String> {
     line.trim().strip_prefix("listening on ").map(str::to_string)
 }
 
+/// A plain HTTP/1.1 GET over a fresh connection with extra `headers`; the whole response
+/// (status line, headers, body) as text.
+pub fn http_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    use std::io::{Read, Write};
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
