@@ -138,6 +138,42 @@ pub struct Lineage {
     pub gantry_version: String,
 }
 
+/// One model parameter and the dimension tensor parallelism splits it along (`None`: every
+/// TP rank holds all of it). With this list a reader can cut any TP degree's share of the
+/// model without knowing the model's code ([`tp_share`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamLayout {
+    pub name: String,
+    #[serde(default)]
+    pub tp_split: Option<usize>,
+}
+
+/// The rectangle of a `global_shape` tensor that TP rank `rank` of `tp` holds when the tensor
+/// is split evenly along `split` (or all of it when `split` is `None` or `tp` is 1).
+pub fn tp_share(
+    global_shape: &[u64],
+    split: Option<usize>,
+    tp: u64,
+    rank: u64,
+) -> Result<(Vec<u64>, Vec<u64>), String> {
+    let mut offsets = vec![0; global_shape.len()];
+    let mut lengths = global_shape.to_vec();
+    if tp == 0 || rank >= tp {
+        return Err(format!("TP rank {rank} of {tp} does not exist"));
+    }
+    if let Some(d) = split.filter(|_| tp > 1) {
+        let Some(&n) = global_shape.get(d) else {
+            return Err(format!("split dimension {d} of a {}-d tensor", global_shape.len()));
+        };
+        if n % tp != 0 {
+            return Err(format!("dimension {d} ({n}) does not divide into {tp} TP parts"));
+        }
+        lengths[d] = n / tp;
+        offsets[d] = rank * lengths[d];
+    }
+    Ok((offsets, lengths))
+}
+
 /// Job-wide facts the committing rank supplies; opaque JSON where it belongs to the trainer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobState {
@@ -151,6 +187,14 @@ pub struct JobState {
     /// The data sampler's position after `step` steps.
     pub data_cursor: serde_json::Value,
     pub lineage: Lineage,
+    /// The model's parameters (not optimizer state) and how TP splits each; empty in
+    /// checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<ParamLayout>,
+    /// What the model was trained on, for evaluation and serving (the trainer's: dataset
+    /// path, validation split, tokenizer kind); `null` when unknown.
+    #[serde(default)]
+    pub data: serde_json::Value,
 }
 
 /// `manifest.json`: the commit record of one step.
@@ -188,6 +232,11 @@ impl Manifest {
         out
     }
 }
+
+/// Files a model needs beside its tensors (its tokenizer) are stored as whole `u8` tensors
+/// under this prefix (`asset/tokenizer.json`), so chunking, checksums, verification,
+/// downloads and retention treat them like any tensor.
+pub const ASSET_PREFIX: &str = "asset/";
 
 /// `step-00001200`.
 pub fn step_dir(step: u64) -> String {
@@ -239,6 +288,32 @@ mod tests {
         assert!(e.contains("tensor w") && e.contains("dimension 0"), "{e}");
         s.lengths = vec![1];
         assert!(s.check().unwrap_err().contains("do not match"));
+    }
+
+    #[test]
+    fn tp_shares_tile_the_split_dimension() {
+        assert_eq!(tp_share(&[8, 6], None, 4, 3).unwrap(), (vec![0, 0], vec![8, 6]));
+        assert_eq!(tp_share(&[8, 6], Some(1), 1, 0).unwrap(), (vec![0, 0], vec![8, 6]));
+        assert_eq!(
+            tp_share(&[3, 8, 6], Some(1), 2, 1).unwrap(),
+            (vec![0, 4, 0], vec![3, 4, 6])
+        );
+        for tp in [1u64, 2, 3, 6] {
+            let mut next = 0;
+            for r in 0..tp {
+                let (o, l) = tp_share(&[4, 6], Some(1), tp, r).unwrap();
+                assert_eq!((o[1], o[0], l[0]), (next, 0, 4));
+                next += l[1];
+            }
+            assert_eq!(next, 6);
+        }
+        assert!(
+            tp_share(&[4, 6], Some(1), 4, 0)
+                .unwrap_err()
+                .contains("does not divide")
+        );
+        assert!(tp_share(&[4], Some(1), 2, 0).unwrap_err().contains("split dimension 1"));
+        assert!(tp_share(&[4], Some(0), 2, 2).unwrap_err().contains("does not exist"));
     }
 
     #[test]

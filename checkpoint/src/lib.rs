@@ -32,7 +32,7 @@ pub mod store;
 pub mod writer;
 
 pub use error::CheckpointError;
-pub use format::{DType, JobState, Lineage, Manifest, SliceSpec};
+pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_share};
 pub use reader::{Checkpoint, Which, committed_steps};
 pub use retention::Retention;
 pub use store::{S3Options, Store, StoreConfig};

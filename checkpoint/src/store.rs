@@ -50,7 +50,20 @@ pub struct Store {
     root: Path,
     url: String,
     config: StoreConfig,
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<OwnedRuntime>,
+}
+
+/// The store's runtime, shut down without blocking when the last handle goes: a store may be
+/// dropped from inside another runtime's async task (the registry's server), where dropping
+/// a runtime the usual way panics.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -157,7 +170,7 @@ impl Store {
             root,
             url: shown,
             config,
-            rt: Arc::new(rt),
+            rt: Arc::new(OwnedRuntime(Some(rt))),
         })
     }
 
@@ -200,7 +213,7 @@ impl Store {
 
     /// Run async work on the store's runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+        self.rt.0.as_ref().expect("runtime lives until drop").block_on(f)
     }
 
     /// Upload an object given as a list of buffers, concatenated without copying them.

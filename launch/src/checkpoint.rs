@@ -32,7 +32,7 @@ pub struct S3Args {
 }
 
 impl S3Args {
-    fn options(&self) -> S3Options {
+    pub fn options(&self) -> S3Options {
         S3Options {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),

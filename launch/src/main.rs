@@ -11,12 +11,15 @@
 //! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
 //! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
-//! - `registry.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client).
+//! - `registry.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client);
+//!   `serving.rs`: the registry's model loader (libtorch models with a KV cache);
+//!   `eval.rs`: `gantry eval` (weights from the registry at any TP degree).
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
 //!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
 //! - `bench_cluster.rs`: `gantry bench cluster` and `gantry bench startup`.
 
+mod autoregister;
 mod bench;
 mod bench_checkpoint;
 mod bench_cluster;
@@ -24,9 +27,11 @@ mod checkpoint;
 mod cluster;
 mod daemons;
 mod data;
+mod eval;
 mod jobfile;
 mod models;
 mod registry;
+mod serving;
 mod slurm;
 mod torchrun;
 mod train;
@@ -61,6 +66,9 @@ enum Command {
     Data(data::DataCommand),
     /// Drain a worker: no new ranks; shown as drained once its ranks are gone.
     Drain(cluster::ModeArgs),
+    /// Evaluate a registered model (loss, perplexity) on a dataset's validation split at any
+    /// TP degree, loading weights from the registry, and record the result on the version.
+    Eval(eval::EvalArgs),
     /// One job: state, restarts, per-rank step and loss, stragglers, events.
     Job(cluster::JobArgs),
     /// List jobs.
@@ -121,6 +129,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(cmd) => checkpoint::run(cmd),
         Command::Coordinator(args) => daemons::coordinator(args),
         Command::Cordon(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Cordoned),
+        Command::Eval(args) => eval::run(args),
         Command::Drain(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Draining),
         Command::Job(args) => cluster::job(args),
         Command::Jobs(args) => cluster::jobs(args),

@@ -15,13 +15,13 @@ use std::process::ExitCode;
 pub struct RegistryClient {
     /// Registry address (http://host:port).
     #[arg(long, env = "GANTRY_REGISTRY", default_value = "http://127.0.0.1:7080")]
-    registry: String,
-    /// Registry token (a write token for register and alias).
+    pub registry: String,
+    /// Registry token (a write token for register, alias and recording evals).
     #[arg(long, env = "GANTRY_REGISTRY_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub token: Option<String>,
     /// Print JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -75,14 +75,14 @@ pub enum ModelsCommand {
     },
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn new(c: &RegistryClient) -> anyhow::Result<Api> {
+    pub(crate) fn new(c: &RegistryClient) -> anyhow::Result<Api> {
         let base = c.registry.trim_end_matches('/').to_string();
         let base = if base.contains("://") {
             base
@@ -96,7 +96,7 @@ impl Api {
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
             Some(t) => r.bearer_auth(t),
@@ -105,7 +105,7 @@ impl Api {
     }
 
     /// Send, and turn the registry's JSON errors into messages.
-    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub(crate) async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = r
             .send()
             .await
@@ -122,12 +122,12 @@ impl Api {
         bail!("registry: {status}: {message}")
     }
 
-    async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    pub(crate) async fn json(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let text = self.send(r).await?.text().await?;
         serde_json::from_str(&text).context("the registry answered with something that is not JSON")
     }
 
-    async fn post_json(&self, method: reqwest::Method, path: &str, body: &Value) -> anyhow::Result<Value> {
+    pub(crate) async fn post_json(&self, method: reqwest::Method, path: &str, body: &Value) -> anyhow::Result<Value> {
         let r = self
             .request(method, path)
             .header("content-type", "application/json")
@@ -137,7 +137,7 @@ impl Api {
 }
 
 /// Path segments are names the registry already validates; only `@` needs no escaping.
-fn seg(s: &str) -> String {
+pub(crate) fn seg(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-._@".contains(c) {

@@ -1,17 +1,22 @@
 //! `gantry registry serve`: the model registry's HTTP/JSON service (the routes and their
 //! OpenAPI document live in `gantry_registry::http`).
 
+use crate::serving::TchLoader;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use gantry_registry::http::{ServeConfig, parse_token_file, start};
+use gantry_registry::http::{ServeConfig, parse_token_file, start_with};
+use gantry_registry::serving::ModelLoader;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Subcommand)]
 pub enum RegistryCommand {
     /// Serve the registry over HTTP: models, versions from verified committed checkpoints,
-    /// aliases (weighted), eval records, file downloads with ranges and ETags;
-    /// `GET /openapi.json` documents every route.
+    /// aliases (weighted), eval records, file downloads with ranges and ETags, per-TP-rank
+    /// tensor shares, and text generation (`POST /v1/models/NAME@ALIAS/generate`: a KV cache,
+    /// concurrent requests batched, weighted aliases for A/B and canary traffic, per-version
+    /// figures on `/metrics`); `GET /openapi.json` documents every route.
     Serve(ServeArgs),
 }
 
@@ -33,6 +38,22 @@ pub struct ServeArgs {
     /// Print the address as JSON.
     #[arg(long)]
     json: bool,
+    /// Memory for versions loaded for generation (weights and KV caches); the least recently
+    /// used are evicted past it, and a version that alone needs more is refused (507).
+    #[arg(long, default_value_t = 4096)]
+    model_cache_mb: u64,
+    /// Sequences generated together per loaded version (the KV cache's slots); more
+    /// concurrent requests wait for a free slot.
+    #[arg(long, default_value_t = 8)]
+    batch_slots: usize,
+    /// Intra-op threads for generation (0: libtorch's default, every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Do not load models: `generate` answers 501.
+    #[arg(long)]
+    no_generate: bool,
+    #[command(flatten)]
+    s3: crate::checkpoint::S3Args,
 }
 
 pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
@@ -49,13 +70,28 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         db: args.db.clone(),
         tokens,
         open_reads: !args.closed_reads,
+        s3: args.s3.options(),
+        model_cache_bytes: args.model_cache_mb.saturating_mul(1 << 20),
+    };
+    if args.batch_slots == 0 {
+        anyhow::bail!("--batch-slots must be at least 1");
+    }
+    let loader: Option<Arc<dyn ModelLoader>> = if args.no_generate {
+        None
+    } else {
+        if args.threads > 0 {
+            gantry_train::tch::set_num_threads(args.threads as i32);
+        }
+        Some(Arc::new(TchLoader {
+            slots: args.batch_slots,
+        }))
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let mut running = start(config).await?;
+        let mut running = start_with(config, loader).await?;
         if args.json {
             println!(
                 "{}",

@@ -4,6 +4,7 @@
 //! worker daemons, start). `gantry launch -- PROGRAM` (any command, torchrun-style) is
 //! dispatched from here to `torchrun.rs`.
 
+use crate::autoregister::AutoRegister;
 use crate::slurm::SlurmEnv;
 use crate::torchrun;
 use anyhow::{Context, bail};
@@ -400,6 +401,26 @@ fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
     for (i, text) in s.samples.iter().enumerate() {
         println!("  sample {i}: {text}");
     }
+    let registered = std::fs::read_to_string(run_dir.join("registry.jsonl")).unwrap_or_default();
+    for line in registered.lines() {
+        let Ok(r) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match r["error"].as_str() {
+            Some(e) => println!("  registry           step {} NOT registered: {e}", r["step"]),
+            None => println!(
+                "  registry           step {} registered as {}@{}{}",
+                r["step"],
+                r["model"].as_str().unwrap_or(""),
+                r["version"],
+                r["alias"]
+                    .as_str()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| format!(" (alias {a})"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
     println!("  metrics: {}", run_dir.join("metrics.jsonl").display());
 }
 
@@ -592,7 +613,20 @@ fn run_rank(spec: &JobSpec, run_dir: &Path, boot: &Bootstrap) -> anyhow::Result<
     config.timeout = Duration::from_secs_f64(spec.parallel.timeout_s);
     let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
     let rank = fabric.rank();
-    let mut summary = trainer::train(spec, &fabric, run_dir).with_context(|| format!("rank {rank}"))?;
+    let mut registry = if rank == 0 {
+        AutoRegister::new(spec, run_dir)
+    } else {
+        None
+    };
+    let trained = trainer::train_observed(spec, &fabric, run_dir, &mut |step| {
+        if let Some(r) = registry.as_mut() {
+            r.committed(step);
+        }
+    });
+    if let Some(r) = registry {
+        r.finish();
+    }
+    let mut summary = trained.with_context(|| format!("rank {rank}"))?;
     let p = &spec.parallel;
     let layout = ParallelLayout::new(fabric.world_size(), p.dp, p.tp, p.pp)?;
     if rank != trainer::reporting_rank(&layout) {

@@ -40,7 +40,7 @@ fn canonical_json(v: &serde_json::Value, out: &mut String) {
 }
 
 /// Open a committed checkpoint and verify every chunk; refuse anything else.
-pub(crate) fn open_verified(url: &str, step: Option<u64>) -> Result<(Checkpoint, u64), RegistryError> {
+pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Result<(Checkpoint, u64), RegistryError> {
     let refuse = |message: String| RegistryError::Checkpoint {
         url: url.to_string(),
         message,
@@ -52,7 +52,7 @@ pub(crate) fn open_verified(url: &str, step: Option<u64>) -> Result<(Checkpoint,
             return Err(refuse(format!("{} is not a directory", local.display())));
         }
     }
-    let store = Store::open(url, &S3Options::default()).map_err(|e| refuse(e.to_string()))?;
+    let store = Store::open(url, s3).map_err(|e| refuse(e.to_string()))?;
     let which = step.map_or(Which::Latest, Which::Step);
     let ckpt = Checkpoint::open(&store, which).map_err(|e| refuse(e.to_string()))?;
     let report = ckpt.verify(&mut |_| {}).map_err(|e| refuse(e.to_string()))?;
@@ -97,6 +97,7 @@ pub(crate) fn version_record(
         spec_hash: xxh3_hex(spec.as_bytes()),
         bytes,
         tensors: m.tensors().len(),
+        data: m.job.data.clone(),
         evals: Vec::new(),
     }
 }

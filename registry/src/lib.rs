@@ -22,7 +22,10 @@
 //!    `name@latest` mean the highest version, `name@3` version 3, `name@alias` the alias's
 //!    target chosen by [`split::pick`] from a caller-supplied draw (deterministic; no RNG).
 //!
-//! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`).
+//! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`), including
+//! each version's checkpoint files, the tensor slices one TP rank needs, and text generation
+//! through [`serving`] (continuous batching over a KV cache; the model itself is plugged in
+//! by the binary, so this crate never links a tensor library).
 //!
 //! Storage is one redb file (copy-on-write, fsynced commits, locked against a second opener),
 //! records as JSON, like the coordinator's state.
@@ -32,6 +35,7 @@ pub mod http;
 pub mod intake;
 pub mod model;
 pub mod name;
+pub mod serving;
 pub mod split;
 pub mod store;
 

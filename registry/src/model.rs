@@ -44,6 +44,10 @@ pub struct VersionRecord {
     pub bytes: u64,
     /// Distinct tensors in the checkpoint.
     pub tensors: usize,
+    /// What the model was trained on (the manifest's `data`: dataset path, validation
+    /// fraction and seed, tokenizer kind), so an evaluation can pick the same split.
+    #[serde(default)]
+    pub data: serde_json::Value,
     #[serde(default)]
     pub evals: Vec<EvalRecord>,
 }

@@ -16,6 +16,7 @@ use crate::intake::{open_verified, version_record};
 use crate::model::{Alias, EvalRecord, ModelRecord, VersionRecord};
 use crate::name::{ModelRef, Selector, check_alias_name, check_model_name};
 use crate::split;
+use gantry_checkpoint::S3Options;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -56,6 +57,8 @@ impl Page {
 pub struct Registry {
     db: Database,
     path: PathBuf,
+    /// How to reach `s3://` checkpoints (unset fields: the AWS environment variables).
+    s3: S3Options,
 }
 
 /// Turn any redb error into [`RegistryError::Database`] naming the file.
@@ -88,13 +91,27 @@ impl Registry {
             std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
         }
         let db = Database::create(&path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let registry = Registry { db, path };
+        let registry = Registry {
+            db,
+            path,
+            s3: S3Options::default(),
+        };
         registry.init()?;
         Ok(registry)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Reach `s3://` checkpoints with these settings instead of the environment alone.
+    pub fn with_s3(mut self, s3: S3Options) -> Registry {
+        self.s3 = s3;
+        self
+    }
+
+    pub fn s3(&self) -> &S3Options {
+        &self.s3
     }
 
     fn init(&self) -> Result<()> {
@@ -200,7 +217,7 @@ impl Registry {
                 message: "empty checkpoint location".to_string(),
             });
         }
-        let (ckpt, bytes) = open_verified(url, step)?;
+        let (ckpt, bytes) = open_verified(url, step, &self.s3)?;
         let source = format!("{}@{url}", ckpt.step());
         let txn = self.db.begin_write().db(self)?;
         let record = {

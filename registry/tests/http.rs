@@ -3,163 +3,11 @@
 
 mod common;
 
-use common::{TempDir, chunk_files, save_steps};
-use gantry_registry::http::{ROUTES, Running, Scope, ServeConfig, TokenEntry, start};
-use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-
-const READ: &str = "read-token-0123456789";
-const WRITE: &str = "write-token-0123456789";
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: body is not JSON ({e}): {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-    fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .expect("an error code")
-            .to_string()
-    }
-}
-
-/// One request on a fresh connection (`Connection: close`); the body is read to EOF and
-/// checked against `Content-Length`.
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).expect("send");
-    if let Some(b) = body {
-        s.write_all(b).expect("send body");
-    }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read reply");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
-    let head = String::from_utf8(raw[..split].to_vec()).expect("ascii head");
-    let body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (k, v) = l.split_once(':').expect("header line");
-            (k.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
-    let reply = Reply { status, headers, body };
-    if let Some(len) = reply.header("content-length") {
-        assert_eq!(
-            len.parse::<usize>().unwrap(),
-            reply.body.len(),
-            "Content-Length of {method} {path}"
-        );
-    }
-    reply
-}
-
-fn get(addr: SocketAddr, path: &str) -> Reply {
-    http(addr, "GET", path, &[], None)
-}
-
-fn send_json(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &Value) -> Reply {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut h = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        h.push(("Authorization", a.as_str()));
-    }
-    http(addr, method, path, &h, Some(body.to_string().as_bytes()))
-}
-
-struct Server {
-    rt: tokio::runtime::Runtime,
-    running: Option<Running>,
-    addr: SocketAddr,
-    dir: TempDir,
-    ckpt: PathBuf,
-}
-
-impl Server {
-    fn start(tag: &str, open_reads: bool) -> Server {
-        let dir = TempDir::new(tag);
-        let ckpt = dir.0.join("ckpt");
-        save_steps(&ckpt, &[10, 20]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let config = ServeConfig {
-            listen: "127.0.0.1:0".into(),
-            db: dir.0.join("registry.redb"),
-            tokens: vec![
-                TokenEntry {
-                    token: READ.into(),
-                    scope: Scope::Read,
-                },
-                TokenEntry {
-                    token: WRITE.into(),
-                    scope: Scope::Write,
-                },
-            ],
-            open_reads,
-        };
-        let running = rt.block_on(start(config)).expect("start");
-        let addr = running.addr;
-        Server {
-            rt,
-            running: Some(running),
-            addr,
-            dir,
-            ckpt,
-        }
-    }
-
-    fn register(&self, model: &str, step: u64) -> Value {
-        let r = send_json(
-            self.addr,
-            "POST",
-            &format!("/v1/models/{model}/versions"),
-            Some(WRITE),
-            &json!({ "checkpoint": self.ckpt.display().to_string(), "step": step }),
-        );
-        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-        r.json()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            self.rt.block_on(r.stop()).expect("clean stop");
-        }
-    }
-}
+use common::chunk_files;
+use common::server::{READ, Server, WRITE, get, http, send_json};
+use gantry_registry::http::ROUTES;
+use serde_json::json;
+use std::path::Path;
 
 /// The object name (relative to the step dir) of a chunk file.
 fn object_name(ckpt: &Path, step: u64, file: &Path) -> String {
@@ -181,7 +29,7 @@ fn register_alias_resolve_download_and_eval() {
         "POST",
         "/v1/models/gpt/versions",
         Some(WRITE),
-        &json!({ "checkpoint": srv.ckpt.display().to_string(), "step": 20 }),
+        &json!({ "checkpoint": srv.ckpt, "step": 20 }),
     );
     assert_eq!((again.status, again.error_code().as_str()), (409, "already_registered"));
 
@@ -239,9 +87,9 @@ fn register_alias_resolve_download_and_eval() {
     );
 
     // A chunk of the version behind `prod`, by range.
-    let chunk = &chunk_files(&srv.ckpt, 10)[0];
+    let chunk = &chunk_files(Path::new(&srv.ckpt), 10)[0];
     let bytes = std::fs::read(chunk).unwrap();
-    let object = object_name(&srv.ckpt, 10, chunk);
+    let object = object_name(Path::new(&srv.ckpt), 10, chunk);
     let url = format!("/v1/models/gpt/versions/prod/files/{object}");
     let full = get(a, &url);
     assert_eq!((full.status, full.body.as_slice()), (200, bytes.as_slice()));
@@ -273,7 +121,10 @@ fn register_alias_resolve_download_and_eval() {
     );
     // Same object name at step 20 (version 2): different bytes, different ETag.
     let v2 = get(a, &format!("/v1/models/gpt/versions/2/files/{object}"));
-    assert_eq!(v2.body, std::fs::read(chunk_files(&srv.ckpt, 20)[0].clone()).unwrap());
+    assert_eq!(
+        v2.body,
+        std::fs::read(chunk_files(Path::new(&srv.ckpt), 20)[0].clone()).unwrap()
+    );
     assert_ne!(v2.header("etag"), Some(etag.as_str()));
     let manifest = get(a, "/v1/models/gpt/versions/1/files/manifest.json");
     assert_eq!(manifest.status, 200);
@@ -317,11 +168,11 @@ fn refusals_auth_and_bad_input_are_json_errors() {
     srv.register("gpt", 10);
 
     // A corrupted checkpoint is refused with the checkpoint message.
-    let chunk = &chunk_files(&srv.ckpt, 20)[0];
+    let chunk = &chunk_files(Path::new(&srv.ckpt), 20)[0];
     let mut b = std::fs::read(chunk).unwrap();
     b[0] ^= 0xff;
     std::fs::write(chunk, &b).unwrap();
-    let body = json!({ "checkpoint": srv.ckpt.display().to_string(), "step": 20 });
+    let body = json!({ "checkpoint": srv.ckpt, "step": 20 });
     let r = send_json(a, "POST", "/v1/models/gpt/versions", Some(WRITE), &body);
     assert_eq!((r.status, r.error_code().as_str()), (422, "checkpoint_refused"));
     assert!(
@@ -489,11 +340,11 @@ fn concurrent_downloads_while_the_alias_moves() {
         .status,
         200
     );
-    let chunk10 = &chunk_files(&srv.ckpt, 10)[0];
-    let object = object_name(&srv.ckpt, 10, chunk10);
+    let chunk10 = &chunk_files(Path::new(&srv.ckpt), 10)[0];
+    let object = object_name(Path::new(&srv.ckpt), 10, chunk10);
     let expected = [
         std::fs::read(chunk10).unwrap(),
-        std::fs::read(srv.ckpt.join("step-00000020").join(&object)).unwrap(),
+        std::fs::read(Path::new(&srv.ckpt).join("step-00000020").join(&object)).unwrap(),
     ];
     assert_ne!(expected[0], expected[1]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

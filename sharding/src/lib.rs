@@ -23,6 +23,7 @@
 //!   byte-level BPE tokenizer → token shards with a manifest (`gantry data prepare`), with a
 //!   fast exact encoder for byte-level BPE tokenizers ([`prepare::fast`]) and progress
 //!   reporting.
+//! - [`codec`]: text ↔ ids with a dataset's tokenizer, for evaluation and serving.
 //! - [`bench`]: what `gantry data bench` measures.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
 //! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
@@ -33,6 +34,7 @@
 //! sample spans from `sampler` → token slices for the trainer.
 
 pub mod bench;
+pub mod codec;
 pub mod frames;
 pub mod gpt;
 pub mod indexed;

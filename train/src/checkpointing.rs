@@ -21,9 +21,10 @@ use crate::spec::JobSpec;
 use crate::trainer::RankPlace;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
-    Checkpoint, CheckpointError, DType, JobState, Lineage, Retention, SaveReport, SaveRequest, Saver, SaverConfig,
-    SliceSpec, Store, TensorData, Which, committed_steps,
+    Checkpoint, CheckpointError, DType, JobState, Lineage, ParamLayout, Retention, SaveReport, SaveRequest, Saver,
+    SaverConfig, SliceSpec, Store, TensorData, Which, committed_steps,
 };
+use gantry_sharding::manifest::TokenizerInfo;
 use gantry_sharding::sampler::Cursor;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -151,6 +152,22 @@ pub struct Checkpointing {
     saver: Saver,
     every: u64,
     at_end: bool,
+    /// Files saved beside the tensors by this rank (rank 0: the dataset's tokenizer).
+    assets: Vec<(String, Vec<u8>)>,
+}
+
+/// Under this asset name the dataset's tokenizer (a Hugging Face `tokenizer.json`) is saved
+/// with every checkpoint, so evaluation and serving decode with what the model was trained on.
+pub const TOKENIZER_ASSET: &str = "asset/tokenizer.json";
+
+/// The dataset's tokenizer file, if it has one (synthetic and byte-level data do not).
+fn tokenizer_file(spec: &JobSpec) -> Result<Option<std::path::PathBuf>, TrainError> {
+    let manifest =
+        gantry_sharding::manifest::Manifest::read(&spec.data.path).map_err(gantry_sharding::gpt::DatasetError::from)?;
+    Ok(match manifest.tokenizer {
+        TokenizerInfo::File { path } => Some(spec.data.path.join(path)),
+        _ => None,
+    })
 }
 
 /// Differences between the model a checkpoint holds and the one being built.
@@ -185,11 +202,19 @@ impl Checkpointing {
             keep_last: (c.keep_last > 0).then_some(c.keep_last),
             keep_every: (c.keep_every > 0).then_some(c.keep_every),
         };
+        let mut assets = Vec::new();
+        if place.rank == 0
+            && let Some(path) = tokenizer_file(spec)?
+        {
+            let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+            assets.push((TOKENIZER_ASSET.to_string(), bytes));
+        }
         Ok(Some(Checkpointing {
             saver: Saver::new(store.clone(), config),
             store,
             every: c.every,
             at_end: c.at_end,
+            assets,
         }))
     }
 
@@ -282,7 +307,7 @@ impl Checkpointing {
         rank_state: serde_json::Value,
     ) -> Result<(f64, Option<SaveReport>), TrainError> {
         let started = Instant::now();
-        let tensors: Vec<TensorData> = pieces(model, grads, states, place)
+        let mut tensors: Vec<TensorData> = pieces(model, grads, states, place)
             .into_iter()
             .filter(|p| p.write)
             .map(|p| TensorData {
@@ -290,6 +315,10 @@ impl Checkpointing {
                 slice: p.slice,
             })
             .collect();
+        tensors.extend(self.assets.iter().map(|(name, bytes)| TensorData {
+            slice: SliceSpec::full(name, DType::U8, &[bytes.len() as u64]),
+            bytes: bytes.clone(),
+        }));
         let previous = self.saver.save(SaveRequest {
             step: done,
             tensors,
@@ -338,7 +367,20 @@ impl ResumeRequest {
 /// The job-wide part of a manifest.
 pub fn job_state(spec: &JobSpec, tokens_seen: u64, cursor: Option<&Cursor>, job_id: &str) -> JobState {
     let p = &spec.parallel;
+    let tokenizer = gantry_sharding::manifest::Manifest::read(&spec.data.path)
+        .map(|m| serde_json::to_value(m.tokenizer).expect("tokenizer info serializes"))
+        .unwrap_or(serde_json::Value::Null);
     JobState {
+        params: Model::parameter_layout(&spec.model)
+            .into_iter()
+            .map(|(name, tp_split)| ParamLayout { name, tp_split })
+            .collect(),
+        data: serde_json::json!({
+            "path": spec.data.path,
+            "valid_fraction": spec.data.valid_fraction,
+            "seed": spec.data.seed,
+            "tokenizer": tokenizer,
+        }),
         tokens_seen,
         model: serde_json::to_value(&spec.model).expect("model spec serializes"),
         layout: serde_json::json!({

@@ -29,6 +29,8 @@ pub enum TrainError {
     Bootstrap(String),
     #[error("{0}")]
     Device(String),
+    #[error("evaluation: {0}")]
+    Eval(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

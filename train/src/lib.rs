@@ -15,7 +15,11 @@
 //!   [`progress`]: the per-rank progress file a worker watches (`GANTRY_PROGRESS_FILE`).
 //! - [`comm`]: tch tensors over gantry communicators.
 //! - [`checkpointing`]: which slices a rank saves and loads (params, AdamW moments, ZeRO-1
-//!   shards as rectangles), snapshots, resume.
+//!   shards as rectangles), snapshots, resume; the parameter layout and tokenizer saved with
+//!   each checkpoint for evaluation and serving.
+//! - [`weights`]: a model's parameters from a checkpoint or a registry TP share;
+//!   [`eval`]: loss and perplexity over a validation split at any TP degree;
+//!   [`infer`]: generation with a KV cache over several sequences at once.
 //!
 //! # Data flow of a step
 //! The prefetcher yields this DP rank's micro-batches; the first stage embeds tokens, units
@@ -28,10 +32,12 @@
 pub mod checkpointing;
 pub mod comm;
 pub mod error;
+pub mod eval;
 pub mod fused;
 pub mod generate;
 pub mod grads;
 pub mod hf;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod optim;
@@ -42,6 +48,7 @@ pub mod schedule;
 pub mod spec;
 pub mod tensor_parallel;
 pub mod trainer;
+pub mod weights;
 
 pub use error::TrainError;
 pub use spec::JobSpec;

@@ -23,9 +23,9 @@ pub struct MicroBatch {
     pub targets: Tensor,
 }
 
-struct Norm {
-    weight: ParamId,
-    bias: Option<ParamId>,
+pub(crate) struct Norm {
+    pub(crate) weight: ParamId,
+    pub(crate) bias: Option<ParamId>,
 }
 
 impl Norm {
@@ -51,7 +51,7 @@ impl Norm {
         Norm { weight, bias }
     }
 
-    fn apply(&self, ps: &ParamStore, x: &Tensor, eps: f64) -> Tensor {
+    pub(crate) fn apply(&self, ps: &ParamStore, x: &Tensor, eps: f64) -> Tensor {
         let d = x.size()[x.dim() - 1];
         match self.bias {
             Some(b) => x.layer_norm([d], Some(ps.get(self.weight)), Some(ps.get(b)), eps, true),
@@ -61,38 +61,38 @@ impl Norm {
 }
 
 pub struct Embed {
-    wte: ParamId,
-    wpe: Option<ParamId>,
-    shard: VocabShard,
+    pub(crate) wte: ParamId,
+    pub(crate) wpe: Option<ParamId>,
+    pub(crate) shard: VocabShard,
 }
 
 pub struct Attention {
-    norm: Norm,
-    qkv: ParamId,
-    qkv_bias: Option<ParamId>,
-    out: ParamId,
-    out_bias: Option<ParamId>,
-    heads: i64,
-    head_dim: i64,
+    pub(crate) norm: Norm,
+    pub(crate) qkv: ParamId,
+    pub(crate) qkv_bias: Option<ParamId>,
+    pub(crate) out: ParamId,
+    pub(crate) out_bias: Option<ParamId>,
+    pub(crate) heads: i64,
+    pub(crate) head_dim: i64,
     /// `[T, head_dim / 2]` rotary tables (llama).
-    rope: Option<(Tensor, Tensor)>,
+    pub(crate) rope: Option<(Tensor, Tensor)>,
 }
 
 pub struct Mlp {
-    norm: Norm,
+    pub(crate) norm: Norm,
     /// gpt2: fc `[ffn, d]`; llama: gate/up `[2, ffn, d]`.
-    up: ParamId,
-    up_bias: Option<ParamId>,
-    down: ParamId,
-    down_bias: Option<ParamId>,
-    arch: Arch,
+    pub(crate) up: ParamId,
+    pub(crate) up_bias: Option<ParamId>,
+    pub(crate) down: ParamId,
+    pub(crate) down_bias: Option<ParamId>,
+    pub(crate) arch: Arch,
 }
 
 pub struct Head {
-    norm: Norm,
+    pub(crate) norm: Norm,
     /// The output embedding: `embed.wte` when tied, else `head.weight`.
-    weight: ParamId,
-    shard: VocabShard,
+    pub(crate) weight: ParamId,
+    pub(crate) shard: VocabShard,
 }
 
 pub enum Unit {
@@ -131,6 +131,49 @@ impl Model {
         seed: u64,
         device: tch::Device,
     ) -> Model {
+        Model::build_into(spec, plan, tp, tp_rank, ParamStore::new(seed, device))
+    }
+
+    /// This rank's stage with zeroed parameters, for weights loaded right after.
+    pub fn build_for_loading(
+        spec: &ModelSpec,
+        plan: StagePlan,
+        tp: usize,
+        tp_rank: usize,
+        device: tch::Device,
+    ) -> Model {
+        Model::build_into(spec, plan, tp, tp_rank, ParamStore::zeroed(device))
+    }
+
+    /// The whole model (every layer, one stage) as TP rank `tp_rank` of `tp` holds it,
+    /// zeroed for loading.
+    pub fn whole_for_loading(spec: &ModelSpec, tp: usize, tp_rank: usize, device: tch::Device) -> Model {
+        let plan = StagePlan {
+            first: true,
+            last: true,
+            layers: 0..spec.n_layers,
+        };
+        Model::build_for_loading(spec, plan, tp, tp_rank, device)
+    }
+
+    /// Every parameter of the whole model (all stages) with the dimension TP splits it along,
+    /// in creation order, without creating any values.
+    pub fn parameter_layout(spec: &ModelSpec) -> Vec<(String, Option<usize>)> {
+        let plan = StagePlan {
+            first: true,
+            last: true,
+            layers: 0..spec.n_layers,
+        };
+        let meta = Model::build_into(spec, plan, 1, 0, ParamStore::meta());
+        meta.params
+            .iter()
+            .filter(|(_, p)| !p.tied_copy)
+            .map(|(_, p)| (p.name.clone(), p.tp_split))
+            .collect()
+    }
+
+    fn build_into(spec: &ModelSpec, plan: StagePlan, tp: usize, tp_rank: usize, mut ps: ParamStore) -> Model {
+        let device = ps.device();
         let m = spec;
         let (d, v, f, t) = (m.d_model as i64, m.vocab_size as i64, m.ffn() as i64, m.seq_len as i64);
         let (tp, r) = (tp as i64, tp_rank as i64);
@@ -140,7 +183,6 @@ impl Model {
             len: v / tp,
         };
         let out_std = m.init_std / (2.0 * m.n_layers as f64).sqrt();
-        let mut ps = ParamStore::new(seed, device);
         let mut units = Vec::new();
         let add = |ps: &mut ParamStore, name: String, shape: &[i64], split: Split, init: Init, decay: bool| {
             ps.add(NewParam {

@@ -36,6 +36,9 @@ pub struct Param {
     /// The last pipeline stage's copy of a tied embedding: kept equal to the first stage's
     /// by summing their gradients; not counted again in the norm.
     pub tied_copy: bool,
+    /// The dimension tensor parallelism splits this parameter along (whatever the TP degree
+    /// of this run), or `None` when every TP rank holds all of it.
+    pub tp_split: Option<usize>,
 }
 
 impl Param {
@@ -57,7 +60,21 @@ pub struct ParamStore {
     params: Vec<Param>,
     seed: u64,
     device: Device,
+    fill: Fill,
 }
+
+/// What [`ParamStore::add`] puts in a new parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// Its initialization, generated globally from the tensor's seed and sliced.
+    Initialized,
+    /// Zeros, for weights about to be loaded (no global tensor is generated).
+    Zeros,
+    /// Nothing: only names, shapes and splits are recorded ([`ParamStore::meta`]).
+    Meta,
+}
+
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Deterministic per-tensor seed (FNV-1a over the name, mixed with the job seed).
 pub fn tensor_seed(seed: u64, name: &str) -> i64 {
@@ -85,6 +102,25 @@ impl ParamStore {
             params: Vec::new(),
             seed,
             device,
+            fill: Fill::Initialized,
+        }
+    }
+
+    /// A store whose parameters start as zeros of their local shape, for a model whose
+    /// weights are loaded right after (evaluation, serving): nothing is generated.
+    pub fn zeroed(device: Device) -> ParamStore {
+        ParamStore {
+            fill: Fill::Zeros,
+            ..ParamStore::new(0, device)
+        }
+    }
+
+    /// A store that creates no values: building a model into it lists every parameter's
+    /// name, global shape and TP split without allocating the model (tensors are empty).
+    pub fn meta() -> ParamStore {
+        ParamStore {
+            fill: Fill::Meta,
+            ..ParamStore::new(0, Device::Cpu)
         }
     }
 
@@ -97,15 +133,44 @@ impl ParamStore {
     pub fn add(&mut self, p: NewParam<'_>) -> ParamId {
         let shape = p.global_shape.to_vec();
         let mut offsets = vec![0i64; shape.len()];
+        let tp_split = p.split.map(|(dim, _, _)| dim);
+        let tp_replicated = !matches!(p.split, Some((_, parts, _)) if parts > 1);
+        if self.fill == Fill::Meta {
+            self.params.push(Param {
+                name: p.name.to_string(),
+                global_shape: shape,
+                offsets,
+                tensor: Tensor::empty([0], (Kind::Float, Device::Cpu)),
+                tp_replicated,
+                decay: p.decay,
+                tied_copy: p.tied_copy,
+                tp_split,
+            });
+            return ParamId(self.params.len() - 1);
+        }
         let full = match p.init {
+            _ if self.fill == Fill::Zeros => {
+                let mut local = shape.clone();
+                if let Some((dim, parts, _)) = p.split.filter(|s| s.1 > 1) {
+                    local[dim] /= parts;
+                }
+                Tensor::zeros(&local, (Kind::Float, Device::Cpu))
+            }
             Init::Zeros => Tensor::zeros(&shape, (Kind::Float, Device::Cpu)),
             Init::Ones => Tensor::ones(&shape, (Kind::Float, Device::Cpu)),
             Init::Normal { std } => {
+                // libtorch's generator is global: seed and draw under one lock, so models built
+                // on several threads at once (tests, a server) still get their own numbers.
+                let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(tensor_seed(self.seed, p.name));
                 Tensor::randn(&shape, (Kind::Float, Device::Cpu)) * std
             }
         };
         let local = match p.split {
+            Some((dim, parts, part)) if parts > 1 && self.fill == Fill::Zeros => {
+                offsets[dim] = part * (shape[dim] / parts);
+                full
+            }
             Some((dim, parts, part)) if parts > 1 => {
                 let len = shape[dim] / parts;
                 offsets[dim] = part * len;
@@ -118,7 +183,6 @@ impl ParamStore {
             .to_device(self.device)
             .detach()
             .set_requires_grad(true);
-        let tp_replicated = !matches!(p.split, Some((_, parts, _)) if parts > 1);
         self.params.push(Param {
             name: p.name.to_string(),
             global_shape: shape,
@@ -127,6 +191,7 @@ impl ParamStore {
             tp_replicated,
             decay: p.decay,
             tied_copy: p.tied_copy,
+            tp_split,
         });
         ParamId(self.params.len() - 1)
     }

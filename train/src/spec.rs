@@ -304,6 +304,41 @@ impl CheckpointSpec {
     }
 }
 
+/// Registering the run's committed checkpoints as versions of a model in a registry
+/// (`gantry registry serve`); rank 0 does it in the background, so training never waits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySpec {
+    /// The registry's address (`http://host:port`); empty = do not register.
+    pub url: String,
+    /// The model the checkpoints become versions of.
+    pub model: String,
+    /// `final`: the run's last committed checkpoint; `every`: each committed checkpoint.
+    pub register: String,
+    /// Move this alias (e.g. `staging`) to each new version; empty = none.
+    pub alias: String,
+    /// The environment variable that holds a write token.
+    pub token_env: String,
+}
+
+impl Default for RegistrySpec {
+    fn default() -> Self {
+        RegistrySpec {
+            url: String::new(),
+            model: String::new(),
+            register: "final".into(),
+            alias: String::new(),
+            token_env: "GANTRY_REGISTRY_TOKEN".into(),
+        }
+    }
+}
+
+impl RegistrySpec {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobSpec {
@@ -315,6 +350,7 @@ pub struct JobSpec {
     pub optim: OptimSpec,
     pub train: TrainSpec,
     pub checkpoint: CheckpointSpec,
+    pub registry: RegistrySpec,
 }
 
 impl JobSpec {
@@ -470,6 +506,27 @@ impl JobSpec {
         }
         if c.chunk_mb.is_nan() || c.chunk_mb <= 0.0 || c.commit_timeout_s.is_nan() || c.commit_timeout_s <= 0.0 {
             return Err(invalid("checkpoint", "chunk_mb and commit_timeout_s must be positive"));
+        }
+        let r = &self.registry;
+        if r.enabled() {
+            if !c.enabled() {
+                return Err(invalid(
+                    "registry.url",
+                    "registers checkpoints, so it needs checkpoint.dir",
+                ));
+            }
+            if r.model.trim().is_empty() {
+                return Err(invalid(
+                    "registry.model",
+                    "names the model the checkpoints become versions of",
+                ));
+            }
+            if r.register != "final" && r.register != "every" {
+                return Err(invalid(
+                    "registry.register",
+                    format!("{:?} is neither `final` nor `every`", r.register),
+                ));
+            }
         }
         if t.stop_after > t.steps {
             return Err(invalid(

@@ -139,6 +139,17 @@ pub fn device_of(spec: &JobSpec) -> Result<Device, TrainError> {
 /// Train per `spec` as rank `fabric.rank()`, writing metrics under `run_dir` when this rank
 /// reports. Returns the run summary (meaningful on the reporting rank).
 pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSummary, TrainError> {
+    train_observed(spec, fabric, run_dir, &mut |_| {})
+}
+
+/// As [`train`], calling `on_commit(step)` on rank 0 as each checkpoint commits (the
+/// registration hook; it must not block for long).
+pub fn train_observed(
+    spec: &JobSpec,
+    fabric: &Fabric,
+    run_dir: &Path,
+    on_commit: &mut dyn FnMut(u64),
+) -> Result<RunSummary, TrainError> {
     spec.validate(fabric.world_size())?;
     let p = &spec.parallel;
     let layout =
@@ -447,6 +458,9 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
             } else {
                 c.poll()?
             };
+            if let Some(r) = report.as_ref().filter(|_| place.rank == 0) {
+                on_commit(r.step);
+            }
             ckpt_committed = report.map(|r| CommittedSave {
                 step: r.step,
                 bytes: r.bytes,
@@ -500,6 +514,9 @@ pub fn train(spec: &JobSpec, fabric: &Fabric, run_dir: &Path) -> Result<RunSumma
     if let Some(c) = ckpt.as_mut()
         && let Some(r) = c.finish()?
     {
+        if place.rank == 0 {
+            on_commit(r.step);
+        }
         tracing::info!(
             rank = place.rank,
             step = r.step,

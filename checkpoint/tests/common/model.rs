@@ -76,6 +76,7 @@ pub fn job(step: u64) -> JobState {
             spec_hash: "deadbeefdeadbeef".to_string(),
             gantry_version: "0.1.0-test".to_string(),
         },
+        ..JobState::default()
     }
 }
 

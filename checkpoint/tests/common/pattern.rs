@@ -169,5 +169,6 @@ pub fn crash_job(step: u64) -> JobState {
             spec_hash: "0123456789abcdef".to_string(),
             gantry_version: "test".to_string(),
         },
+        ..JobState::default()
     }
 }

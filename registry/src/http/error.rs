@@ -3,7 +3,7 @@
 //! Statuses: 400 bad input or malformed JSON, 401 missing/invalid token, 403 read token on a
 //! write, 404 unknown model/version/alias/file/route, 405 wrong method, 409 already
 //! registered, 415 a JSON body without a JSON content type, 416 unsatisfiable range, 422
-//! checkpoint refused, 500 database trouble, 501 files of S3 checkpoints.
+//! checkpoint refused or no longer readable, 500 database trouble.
 
 use crate::error::RegistryError;
 use axum::extract::{FromRequest, Request};

@@ -2,13 +2,14 @@
 //! checkpoint step: `manifest.json` and the chunk objects the manifest lists
 //! (`rank-RRRRR/<attempt>-CCCC.bin`). Anything else (other files, `..`, absolute paths) is 404.
 //!
-//! - Local checkpoints only (a plain path or `file://`); `s3://` is a 501.
+//! - Local checkpoints (a plain path or `file://`) are read with tokio's file API; others
+//!   (`s3://`) through the checkpoint store with ranged reads, sizes from the manifest.
 //! - `Range: bytes=a-b | a- | -n` → 206 + `Content-Range`; an unsatisfiable range → 416 with
 //!   `Content-Range: bytes */SIZE`; a syntactically invalid `Range` is ignored (200, full
 //!   body, as RFC 9110 allows); with several ranges only the first is served (a single-part 206).
-//! - `ETag`: strong, `"<xxh3 of model, version, file name, size and mtime>"`; a version is
-//!   immutable and its files were verified at registration, so size + mtime (nanoseconds)
-//!   change whenever the bytes could have. `If-None-Match` (list or `*`) → 304.
+//! - `ETag`: strong, `"<xxh3 of model, version, file name, size and mtime>"` (in a store:
+//!   the commit's attempt and time instead of the mtime); a version is immutable and its
+//!   files were verified at registration, so these change whenever the bytes could have. `If-None-Match` (list or `*`) → 304.
 //! - Every response names the served version in `X-Gantry-Version`, so a client that fetched
 //!   through an alias can pin the rest of its downloads to that version.
 
@@ -21,12 +22,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gantry_checkpoint::format::{ObjectInfo, step_dir, xxh3_hex};
+use gantry_checkpoint::{Checkpoint, CheckpointError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// Bytes read per streamed body chunk.
+/// Bytes read per streamed body chunk (local files).
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes per ranged read of an object in a store (S3).
+const STORE_PIECE: u64 = 8 << 20;
 /// The header naming the version a file was served from.
 pub const VERSION_HEADER: &str = "x-gantry-version";
 const MANIFEST: &str = "manifest.json";
@@ -112,21 +116,91 @@ fn unknown_file(v: &VersionRecord, path: &str) -> ApiError {
     )
 }
 
-/// The local step directory of a version, or the 501 for S3.
-fn step_root(v: &VersionRecord) -> Result<PathBuf, ApiError> {
+/// Where a version's step directory is: a local directory, or a store (S3).
+fn local_step_dir(v: &VersionRecord) -> Option<PathBuf> {
     let url = v.checkpoint_url.as_str();
     if url.contains("://") && !url.starts_with("file://") {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            format!("files of S3 checkpoints are not served yet ({url})"),
-        ));
+        return None;
     }
-    let root = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-    Ok(root.join(step_dir(v.step)))
+    Some(PathBuf::from(url.strip_prefix("file://").unwrap_or(url)).join(step_dir(v.step)))
+}
+
+/// A response started for a file: the builder with its headers, status, first byte and
+/// length of the body to send.
+type Started = (axum::http::response::Builder, StatusCode, u64, u64);
+
+/// What a response for one file needs before its body.
+struct FileHead {
+    size: u64,
+    etag: String,
+}
+
+fn file_response(
+    headers: &HeaderMap,
+    v: &VersionRecord,
+    path: &str,
+    head: &FileHead,
+) -> Result<Result<Started, Response>, ApiError> {
+    let header_str = |name: header::HeaderName| headers.get(name).and_then(|h| h.to_str().ok());
+    let mut builder = Response::builder()
+        .header(header::ETAG, &head.etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(VERSION_HEADER, v.version.to_string());
+    if none_match(header_str(header::IF_NONE_MATCH), &head.etag) {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map(Err)
+            .map_err(|e| ApiError::internal(e.to_string()));
+    }
+    let size = head.size;
+    let (status, start, len) = match parse_range(header_str(header::RANGE), size) {
+        RangeAnswer::Full => (StatusCode::OK, 0, size),
+        RangeAnswer::Partial(a, b) => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("{path} has {size} bytes; the requested range is outside it"),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).map_err(|e| ApiError::internal(e.to_string()))?,
+            );
+            return Ok(Err(r));
+        }
+    };
+    let content_type = if path == MANIFEST {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    let builder = builder
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, len);
+    Ok(Ok((builder, status, start, len)))
 }
 
 pub(crate) async fn get_file(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(parts): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let result = get_file_inner(State(s.clone()), headers, Path(parts)).await;
+    s.metrics.download(
+        "files",
+        result
+            .as_ref()
+            .map_or_else(|e| e.status.as_u16(), |r| r.status().as_u16()),
+    );
+    result
+}
+
+async fn get_file_inner(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((model, version, path)): Path<(String, String, String)>,
@@ -140,10 +214,22 @@ pub(crate) async fn get_file(
         ));
     }
     let v = s.resolve_segments(&model, &version).await?;
-    let dir = step_root(&v)?;
     if !safe_relative(&path) {
         return Err(unknown_file(&v, &path));
     }
+    match local_step_dir(&v) {
+        Some(dir) => local_file(&headers, &v, &dir, &path).await,
+        None => stored_file(&s, &headers, &v, &path).await,
+    }
+}
+
+/// A file of a checkpoint on local disk, read with tokio's file API.
+async fn local_file(
+    headers: &HeaderMap,
+    v: &VersionRecord,
+    dir: &std::path::Path,
+    path: &str,
+) -> Result<Response, ApiError> {
     if path != MANIFEST {
         let text = tokio::fs::read(dir.join(MANIFEST))
             .await
@@ -151,10 +237,10 @@ pub(crate) async fn get_file(
         let manifest: Listed = serde_json::from_slice(&text)
             .map_err(|e| ApiError::internal(format!("parsing the manifest of {}@{}: {e}", v.model, v.version)))?;
         if !manifest.objects.iter().any(|o| o.object == path) {
-            return Err(unknown_file(&v, &path));
+            return Err(unknown_file(v, path));
         }
     }
-    let file_path = dir.join(&path);
+    let file_path = dir.join(path);
     let mut file = match tokio::fs::File::open(&file_path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -179,47 +265,15 @@ pub(crate) async fn get_file(
         "\"{}\"",
         xxh3_hex(format!("{}\0{}\0{path}\0{size}\0{mtime}", v.model, v.version).as_bytes())
     );
-    let header_str = |name: header::HeaderName| headers.get(name).and_then(|h| h.to_str().ok());
-    let mut builder = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(VERSION_HEADER, v.version.to_string());
-    if none_match(header_str(header::IF_NONE_MATCH), &etag) {
-        return builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .map_err(|e| ApiError::internal(e.to_string()));
-    }
-    let (status, start, len) = match parse_range(header_str(header::RANGE), size) {
-        RangeAnswer::Full => (StatusCode::OK, 0, size),
-        RangeAnswer::Partial(a, b) => {
-            builder = builder.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{size}"));
-            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
-        }
-        RangeAnswer::Unsatisfiable => {
-            let mut r = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("{path} has {size} bytes; the requested range is outside it"),
-            )
-            .into_response();
-            r.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).map_err(|e| ApiError::internal(e.to_string()))?,
-            );
-            return Ok(r);
-        }
+    let (builder, status, start, len) = match file_response(headers, v, path, &FileHead { size, etag })? {
+        Ok(parts) => parts,
+        Err(done) => return Ok(done),
     };
     if start > 0 {
         file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|e| ApiError::internal(format!("seeking {}: {e}", file_path.display())))?;
     }
-    let content_type = if path == MANIFEST {
-        "application/json"
-    } else {
-        "application/octet-stream"
-    };
     let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
         if left == 0 {
             return None;
@@ -243,9 +297,108 @@ pub(crate) async fn get_file(
     });
     builder
         .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// A file of a checkpoint in object storage (S3): sizes come from the manifest (checked at
+/// registration), bytes from ranged reads of [`STORE_PIECE`] on the blocking pool, a piece
+/// ahead of the client.
+async fn stored_file(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    v: &VersionRecord,
+    path: &str,
+) -> Result<Response, ApiError> {
+    let (opened, registry) = (s.opened.clone(), s.registry.clone());
+    let record = v.clone();
+    let ckpt = tokio::task::spawn_blocking(move || opened.open(&record, registry.s3()))
+        .await
+        .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))??;
+    let manifest_bytes = if path == MANIFEST {
+        let c = ckpt.clone();
+        let key = format!("{}/{MANIFEST}", step_dir(v.step));
+        let bytes = tokio::task::spawn_blocking(move || c.store.get(&key))
+            .await
+            .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("reading the manifest of {}@{}: {e}", v.model, v.version)))?
+            .ok_or_else(|| unknown_file(v, path))?;
+        Some(bytes)
+    } else {
+        None
+    };
+    let size = match &manifest_bytes {
+        Some(b) => b.len() as u64,
+        None => {
+            ckpt.manifest
+                .objects
+                .iter()
+                .find(|o| o.object == path)
+                .ok_or_else(|| unknown_file(v, path))?
+                .size
+        }
+    };
+    let etag = format!(
+        "\"{}\"",
+        xxh3_hex(
+            format!(
+                "{}\0{}\0{path}\0{size}\0{}\0{}",
+                v.model, v.version, ckpt.manifest.attempt, ckpt.manifest.committed_at
+            )
+            .as_bytes()
+        )
+    );
+    let (builder, status, start, len) = match file_response(headers, v, path, &FileHead { size, etag })? {
+        Ok(parts) => parts,
+        Err(done) => return Ok(done),
+    };
+    let body = match manifest_bytes {
+        Some(b) => Body::from(b.slice(start as usize..(start + len) as usize)),
+        None => {
+            let key = format!("{}/{path}", step_dir(v.step));
+            // The first piece is read before answering, so a missing or unreadable object
+            // is a proper error status rather than a cut-off 200.
+            let read = move |ckpt: &Checkpoint, key: &str, at: u64| {
+                let end = (at + STORE_PIECE).min(start + len);
+                ckpt.store
+                    .get_ranges(&[(key.to_string(), at..end)])
+                    .map(|mut v| v.remove(0))
+            };
+            let (c, k) = (ckpt.clone(), key.clone());
+            let first = tokio::task::spawn_blocking(move || read(&c, &k, start))
+                .await
+                .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))?
+                .map_err(|e| match e {
+                    CheckpointError::MissingObject { .. } => ApiError::not_found(
+                        "unknown_file",
+                        format!("{}@{}: {path} is listed but missing in the store", v.model, v.version),
+                    ),
+                    e => ApiError::internal(format!("{}@{}: reading {path}: {e}", v.model, v.version)),
+                })?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+            tokio::task::spawn_blocking(move || {
+                let mut at = start + first.len() as u64;
+                if tx.blocking_send(Ok(first)).is_err() {
+                    return;
+                }
+                while at < start + len {
+                    let piece = read(&ckpt, &key, at).map_err(|e| std::io::Error::other(e.to_string()));
+                    let got = piece.as_ref().map_or(0, |b| b.len() as u64);
+                    let failed = piece.is_err();
+                    if tx.blocking_send(piece).is_err() || failed {
+                        return;
+                    }
+                    at += got;
+                }
+            });
+            Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            }))
+        }
+    };
+    builder
+        .status(status)
+        .body(body)
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 

@@ -9,6 +9,11 @@
 //!   pool (redb is synchronous).
 //! - [`files`]: a version's checkpoint files (`manifest.json` and its chunk objects) with range
 //!   requests, strong ETags and `If-None-Match`.
+//! - [`tensors`]: the parameter slices one tensor-parallel rank needs, as one safetensors
+//!   file, cut by the checkpoint reader's reshard planner.
+//! - [`opened`]: opened checkpoints shared across requests.
+//! - [`generate`]: text generation from served versions (JSON or server-sent events);
+//!   [`metrics`]: `/metrics` per served version, downloads and the model cache.
 //! - [`openapi`]: the OpenAPI 3.0 document served at `/openapi.json`, and [`ROUTES`], the
 //!   list of routes it describes.
 //!
@@ -20,14 +25,20 @@
 pub mod auth;
 pub mod error;
 pub mod files;
+pub mod generate;
+pub mod metrics;
 pub mod openapi;
+pub mod opened;
 pub mod routes;
+pub mod tensors;
 
 pub use auth::{Scope, TokenEntry, TokenFileError, parse_token_file};
 pub use error::ApiError;
 pub use openapi::{ROUTES, document};
 
 use crate::error::RegistryError;
+use crate::serving::ModelLoader;
+use crate::serving::cache::ModelCache;
 use crate::store::Registry;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +58,10 @@ pub struct ServeConfig {
     pub tokens: Vec<TokenEntry>,
     /// Reads without a token are allowed (a token that is presented must still be valid).
     pub open_reads: bool,
+    /// How to reach `s3://` checkpoints (unset fields fall back to the AWS environment).
+    pub s3: gantry_checkpoint::S3Options,
+    /// Memory for versions loaded for generation; least recently used ones are evicted.
+    pub model_cache_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +71,8 @@ impl Default for ServeConfig {
             db: PathBuf::from("gantry-registry.redb"),
             tokens: Vec::new(),
             open_reads: true,
+            s3: gantry_checkpoint::S3Options::default(),
+            model_cache_bytes: 4 << 30,
         }
     }
 }
@@ -120,11 +137,17 @@ impl Running {
     }
 }
 
-/// Open the registry, bind, and serve in the background.
+/// Open the registry, bind, and serve in the background, without generation.
 pub async fn start(config: ServeConfig) -> Result<Running, ServeError> {
+    start_with(config, None).await
+}
+
+/// As [`start`], generating with models made by `loader` when one is given.
+pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>>) -> Result<Running, ServeError> {
     config.validate()?;
     let db = config.db.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open(db))
+    let s3 = config.s3.clone();
+    let registry = tokio::task::spawn_blocking(move || Registry::open(db).map(|r| r.with_s3(s3)))
         .await
         .map_err(|e| ServeError::Serve(e.to_string()))??;
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -137,10 +160,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, ServeError> {
         addr: config.listen.clone(),
         source,
     })?;
+    let serving = loader.map(|l| Arc::new(ModelCache::new(l, config.model_cache_bytes, config.s3.clone())));
     let state = Arc::new(routes::AppState::new(
         Arc::new(registry),
         auth::Tokens::new(config.tokens.clone()),
         config.open_reads,
+        serving,
     ));
     let app = routes::router(state);
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();

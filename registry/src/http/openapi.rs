@@ -7,13 +7,16 @@ use serde_json::{Value, json};
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
     ("get", "/openapi.json"),
+    ("get", "/metrics"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{model}"),
+    ("post", "/v1/models/{model}/generate"),
     ("get", "/v1/models/{model}/versions"),
     ("post", "/v1/models/{model}/versions"),
     ("get", "/v1/models/{model}/versions/{version}"),
     ("post", "/v1/models/{model}/versions/{version}/evals"),
     ("get", "/v1/models/{model}/versions/{version}/files/{path}"),
+    ("get", "/v1/models/{model}/versions/{version}/tensors"),
     ("get", "/v1/models/{model}/aliases"),
     ("get", "/v1/models/{model}/aliases/{alias}"),
     ("put", "/v1/models/{model}/aliases/{alias}"),
@@ -59,8 +62,9 @@ fn errors(codes: &[u16]) -> serde_json::Map<String, Value> {
                 409 => "that checkpoint step is already registered",
                 415 => "the body is not declared as JSON",
                 416 => "the range is outside the file",
-                422 => "checkpoint refused: uncommitted, corrupt or incomplete",
-                501 => "files of S3 checkpoints are not served yet",
+                501 => "this server does not generate (started with --no-generate)",
+                507 => "the model needs more memory than the model cache's limit",
+                422 => "checkpoint refused (uncommitted, corrupt or incomplete) or no longer readable",
                 _ => "error",
             };
             (c.to_string(), ok(what, schema("Error")))
@@ -101,6 +105,21 @@ pub fn document() -> Value {
         "paths": {
             "/healthz": { "get": { "summary": "liveness", "security": [], "responses": { "200": ok("serving", json!({ "type": "object" })) } } },
             "/openapi.json": { "get": { "summary": "this document", "security": [], "responses": { "200": ok("the OpenAPI document", json!({ "type": "object" })) } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics: generation requests, latency, time to first token and tokens per served version; downloads; the model cache; batching", "security": [], "responses": { "200": { "description": "text exposition format", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
+            "/v1/models/{model}/generate": { "post": {
+                "summary": "generate text with a version (`name`, `name@3`, `name@alias`; a weighted alias picks a version per request, named in `version` and `X-Gantry-Version`). With `stream: true` the answer is server-sent events: `token` events `{token, text}`, then `done` with the whole answer (or `error`)",
+                "security": read_security,
+                "parameters": [path_param("model", "model name or reference `name@selector`")],
+                "requestBody": json_body("GenerateRequest"),
+                "responses": responses(("200", json!({
+                    "description": "the generation (JSON), or an event stream when `stream` is true",
+                    "headers": { "X-Gantry-Version": { "schema": { "type": "integer" }, "description": "the version that served the request" } },
+                    "content": {
+                        "application/json": { "schema": schema("Generation") },
+                        "text/event-stream": { "schema": { "type": "string" } }
+                    }
+                })), &[400, 401, 404, 415, 422, 501, 507]),
+            }},
             "/v1/models": { "get": {
                 "summary": "list models (name contains `filter`), by name",
                 "security": read_security,
@@ -158,12 +177,30 @@ pub fn document() -> Value {
                         "X-Gantry-Version": { "schema": { "type": "integer" }, "description": "the version served" }
                     },
                     "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } }
-                })), &[400, 401, 404, 416, 501])
+                })), &[400, 401, 404, 416, 422])
                 .as_object().cloned().map(|mut m| {
                     m.insert("206".into(), json!({ "description": "the requested range, with Content-Range", "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } }));
                     m.insert("304".into(), json!({ "description": "not modified (If-None-Match matched the ETag)" }));
                     Value::Object(m)
                 }),
+            }},
+            "/v1/models/{model}/versions/{version}/tensors": { "get": {
+                "summary": "the parameter slices tensor-parallel rank `rank` of `tp` holds, as one safetensors file (cut from any saved layout by the checkpoint's reshard planner); `__metadata__` has `gantry.slices`: each tensor's `global_shape` and `offsets`",
+                "security": read_security,
+                "parameters": [
+                    model_p(), version_p(),
+                    query_param("tp", "integer", "tensor-parallel degree (default 1)"),
+                    query_param("rank", "integer", "tensor-parallel rank, 0..tp (default 0)"),
+                    { "name": "If-None-Match", "in": "header", "required": false, "schema": { "type": "string" } }
+                ],
+                "responses": responses(("200", json!({
+                    "description": "a safetensors file",
+                    "headers": {
+                        "ETag": { "schema": { "type": "string" } },
+                        "X-Gantry-Version": { "schema": { "type": "integer" }, "description": "the version served" }
+                    },
+                    "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } }
+                })), &[400, 401, 404, 422]),
             }},
             "/v1/models/{model}/aliases": { "get": {
                 "summary": "every alias of a model",
@@ -223,6 +260,24 @@ pub fn document() -> Value {
                 "EvalRequest": { "type": "object", "required": ["dataset", "loss", "perplexity", "tokens", "tp"], "additionalProperties": false, "properties": {
                     "at_ms": { "type": "integer", "description": "default: now" }, "dataset": { "type": "string" }, "loss": { "type": "number" },
                     "perplexity": { "type": "number" }, "tokens": { "type": "integer" }, "tp": { "type": "integer" }, "note": { "type": "string" } } },
+                "GenerateRequest": { "type": "object", "additionalProperties": false, "description": "exactly one of `prompt` or `tokens`", "properties": {
+                    "prompt": { "type": "string", "description": "text, encoded with the tokenizer the model was trained with" },
+                    "tokens": { "type": "array", "items": { "type": "integer" } },
+                    "max_tokens": { "type": "integer", "description": "default 16, at most the model's context" },
+                    "temperature": { "type": "number", "description": "default 1; 0 is greedy" },
+                    "top_p": { "type": "number", "description": "(0, 1], default 1" },
+                    "seed": { "type": "integer", "description": "default: drawn, and returned in the answer" },
+                    "stop": { "oneOf": [{ "type": "string" }, { "type": "array", "items": { "type": "string" } }], "description": "the text ends before the first of these" },
+                    "stop_at_eod": { "type": "boolean", "description": "end at the end-of-document token (default true)" },
+                    "stream": { "type": "boolean", "description": "server-sent events (default false)" } } },
+                "Generation": { "type": "object", "properties": {
+                    "model": { "type": "string" }, "version": { "type": "integer" }, "resolved_from": { "type": "string" },
+                    "text": { "type": "string", "nullable": true, "description": "null for models without a tokenizer" },
+                    "tokens": { "type": "array", "items": { "type": "integer" } },
+                    "prompt_tokens": { "type": "integer" }, "completion_tokens": { "type": "integer" },
+                    "finish_reason": { "type": "string", "enum": ["length", "eod", "context", "stop"] },
+                    "seed": { "type": "integer" },
+                    "timing": { "type": "object", "properties": { "total_ms": { "type": "number" }, "first_token_ms": { "type": "number" } } } } },
                 "AliasRequest": { "type": "object", "additionalProperties": false, "description": "exactly one of `version` or `targets`", "properties": {
                     "version": { "type": "integer" },
                     "targets": { "type": "array", "items": { "type": "object", "required": ["version", "weight"], "properties": { "version": { "type": "integer" }, "weight": { "type": "integer" } } } } } }

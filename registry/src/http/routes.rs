@@ -3,9 +3,12 @@
 
 use super::auth::{Scope, Tokens};
 use super::error::{ApiError, JsonBody, json_errors};
-use super::{files, openapi};
+use super::metrics::ServiceMetrics;
+use super::opened::OpenedCheckpoints;
+use super::{files, generate, openapi, tensors};
 use crate::model::{EvalRecord, VersionRecord};
 use crate::name::{ModelRef, Selector};
+use crate::serving::cache::ModelCache;
 use crate::store::{Page, Registry};
 use axum::Router;
 use axum::extract::{Path, RawQuery, State};
@@ -22,6 +25,11 @@ pub const DEFAULT_LIMIT: usize = 100;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Loaded versions for generation (`None`: this server does not generate).
+    pub serving: Option<Arc<ModelCache>>,
+    pub metrics: Arc<ServiceMetrics>,
+    /// Checkpoints opened for file and tensor reads, shared across requests.
+    pub opened: Arc<OpenedCheckpoints>,
     tokens: Tokens,
     open_reads: bool,
     /// Draws for weighted aliases: one per resolution, so traffic follows the weights.
@@ -29,9 +37,17 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(registry: Arc<Registry>, tokens: Tokens, open_reads: bool) -> AppState {
+    pub fn new(
+        registry: Arc<Registry>,
+        tokens: Tokens,
+        open_reads: bool,
+        serving: Option<Arc<ModelCache>>,
+    ) -> AppState {
         AppState {
             registry,
+            serving,
+            metrics: Arc::new(ServiceMetrics::default()),
+            opened: Arc::new(OpenedCheckpoints::default()),
             tokens,
             open_reads,
             draws: AtomicU64::new(0),
@@ -67,7 +83,7 @@ impl AppState {
     }
 }
 
-fn parse_ref(s: &str) -> Result<ModelRef, ApiError> {
+pub(crate) fn parse_ref(s: &str) -> Result<ModelRef, ApiError> {
     ModelRef::parse(s).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_name", e.to_string()))
 }
 
@@ -82,6 +98,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { axum::Json(json!({ "ok": true })) }))
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
+        .route("/metrics", get(metrics))
+        .route("/v1/models/{model}/generate", axum::routing::post(generate::generate))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/versions", get(list_versions).post(register))
@@ -94,6 +112,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/models/{model}/versions/{version}/files/{*path}",
             get(files::get_file),
         )
+        .route(
+            "/v1/models/{model}/versions/{version}/tensors",
+            get(tensors::get_tensors),
+        )
         .route("/v1/models/{model}/aliases", get(list_aliases))
         .route(
             "/v1/models/{model}/aliases/{alias}",
@@ -102,6 +124,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("not_found", "no such route; see /openapi.json") })
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(s.serving.as_deref()),
+    )
+        .into_response()
 }
 
 /// `?filter=&after=&limit=`, parsed by hand so a bad value is a JSON 400.
@@ -129,7 +159,7 @@ fn page_query(raw: Option<String>) -> Result<(String, Page), ApiError> {
 }
 
 /// Split and percent-decode `a=1&b=2` (`+` is a space).
-fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     fn decode(s: &str) -> Result<String, ApiError> {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());

@@ -6,9 +6,12 @@
 
 #[path = "../../../checkpoint/tests/common/pattern.rs"]
 pub mod pattern;
+#[path = "../../../checkpoint/tests/common/s3_server.rs"]
+pub mod s3_server;
+pub mod server;
 
 use gantry_checkpoint::{
-    DType, JobState, Lineage, S3Options, SaveRequest, Saver, SaverConfig, SliceSpec, Store, TensorData,
+    DType, JobState, Lineage, ParamLayout, S3Options, SaveRequest, Saver, SaverConfig, SliceSpec, Store, TensorData,
 };
 use pattern::{slice_bytes, split_dim};
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ pub const WORLD: usize = 2;
 mod tempdir;
 pub use tempdir::TempDir;
 
-fn tensors() -> Vec<SliceSpec> {
+pub fn tensors() -> Vec<SliceSpec> {
     vec![
         SliceSpec::full("embed", DType::Bf16, &[64, 16]),
         SliceSpec::full("layers.0.w", DType::F32, &[32, 24]),
@@ -41,6 +44,17 @@ pub fn job(step: u64) -> JobState {
             spec_hash: "00112233aabbccdd".to_string(),
             gantry_version: "0.1.0-test".to_string(),
         },
+        params: ["embed:0", "layers.0.w:1", "ln:-"]
+            .iter()
+            .map(|p| {
+                let (name, split) = p.split_once(':').unwrap();
+                ParamLayout {
+                    name: name.to_string(),
+                    tp_split: split.parse().ok(),
+                }
+            })
+            .collect(),
+        data: serde_json::json!({ "valid_fraction": 0.1, "seed": 3 }),
     }
 }
 
@@ -69,10 +83,14 @@ fn request(rank: usize, step: u64) -> SaveRequest {
 
 /// Save and commit `steps` under the checkpoint root `root` with two ranks.
 pub fn save_steps(root: &Path, steps: &[u64]) {
-    let url = root.display().to_string();
+    save_steps_to(&root.display().to_string(), &S3Options::default(), steps);
+}
+
+/// Save and commit `steps` under checkpoint root `url` (a path or `s3://…`) with two ranks.
+pub fn save_steps_to(url: &str, s3: &S3Options, steps: &[u64]) {
     let handles: Vec<_> = (0..WORLD)
         .map(|rank| {
-            let store = Store::open(&url, &S3Options::default()).expect("open checkpoint store");
+            let store = Store::open(url, s3).expect("open checkpoint store");
             let steps = steps.to_vec();
             std::thread::spawn(move || {
                 let mut config = SaverConfig::new(rank, WORLD, "00000000000a1");

@@ -1,0 +1,317 @@
+//! `gantry eval --model NAME[@ALIAS|@VERSION] --registry URL --data DIR [--tp T]`: loss and
+//! perplexity of a registered version on a dataset's validation split, recorded back on the
+//! version as an eval record.
+//!
+//! The model reference is resolved once (an alias that splits traffic picks one version) and
+//! pinned as `NAME@N`. With `--tp 1` the evaluation runs in this process; with `--tp T`, T
+//! local rank processes (this binary, hidden `--rank-result`) join one tensor-parallel
+//! group, each downloading only its share of the weights (`…/tensors?tp=T&rank=R`), and rank
+//! 0's result is the answer (every TP rank computes the same loss).
+
+use crate::models::{Api, RegistryClient, seg};
+use crate::serving::model_spec;
+use anyhow::{Context, bail};
+use clap::Args;
+use gantry_collectives::fabric::Bootstrap;
+use gantry_collectives::spawn::{Output, spawn_local_world};
+use gantry_collectives::{Fabric, FabricConfig};
+use gantry_registry::VersionRecord;
+use gantry_train::comm::{CommClock, TensorComm};
+use gantry_train::eval::{EvalConfig, EvalResult, evaluate};
+use gantry_train::model::Model;
+use gantry_train::weights;
+use serde_json::json;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The model: NAME (its latest version), NAME@VERSION or NAME@ALIAS.
+    #[arg(long)]
+    model: String,
+    /// Token dataset directory (from `gantry data prepare` or `gantry data synth`).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Tensor-parallel degree: T local rank processes, each loading only its share.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Evaluate only the first N samples of the split.
+    #[arg(long)]
+    max_samples: Option<u64>,
+    /// Fraction of documents in the validation split; 0 evaluates every document
+    /// [default: the training run's data.valid_fraction, else 0.05].
+    #[arg(long)]
+    valid_fraction: Option<f64>,
+    /// Seed that picks the validation documents [default: the training run's data.seed, else 0].
+    #[arg(long)]
+    split_seed: Option<u64>,
+    /// Do not record the result on the version (no write token needed).
+    #[arg(long)]
+    no_record: bool,
+    /// A note stored with the eval record.
+    #[arg(long, default_value = "")]
+    note: String,
+    /// Give up on rank processes after this long.
+    #[arg(long, default_value_t = 1800.0)]
+    timeout_s: f64,
+    #[command(flatten)]
+    client: RegistryClient,
+    /// Internal: run as one TP rank and write the result into this directory.
+    #[arg(long, hide = true, value_name = "DIR")]
+    rank_result: Option<PathBuf>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// The version a reference names, pinned.
+fn resolve(api: &Api, model: &str) -> anyhow::Result<VersionRecord> {
+    let reference = if model.contains('@') {
+        model.to_string()
+    } else {
+        format!("{model}@latest")
+    };
+    let v =
+        runtime()?.block_on(api.json(api.request(reqwest::Method::GET, &format!("/v1/models/{}", seg(&reference)))))?;
+    serde_json::from_value(v).context("the registry's version record does not parse")
+}
+
+/// The evaluation settings: flags, else what the training run used, else defaults.
+fn config(args: &EvalArgs, v: &VersionRecord) -> EvalConfig {
+    let defaults = EvalConfig::default();
+    EvalConfig {
+        data: args.data.clone(),
+        valid_fraction: args
+            .valid_fraction
+            .or_else(|| v.data["valid_fraction"].as_f64())
+            .unwrap_or(defaults.valid_fraction),
+        split_seed: args
+            .split_seed
+            .or_else(|| v.data["seed"].as_u64())
+            .unwrap_or(defaults.split_seed),
+        batch: args.batch,
+        max_samples: args.max_samples,
+    }
+}
+
+/// Evaluate as TP rank `rank` of `tp`, `comm` being the TP group (None at TP 1).
+fn eval_rank(
+    api: &Api,
+    v: &VersionRecord,
+    cfg: &EvalConfig,
+    tp: usize,
+    rank: usize,
+    comm: TensorComm,
+) -> anyhow::Result<EvalResult> {
+    let spec = model_spec(v).map_err(anyhow::Error::msg)?;
+    let path = format!(
+        "/v1/models/{}/versions/{}/tensors?tp={tp}&rank={rank}",
+        seg(&v.model),
+        v.version
+    );
+    let started = Instant::now();
+    let bytes = runtime()?.block_on(async {
+        let resp = api.send(api.request(reqwest::Method::GET, &path)).await?;
+        Ok::<_, anyhow::Error>(resp.bytes().await?)
+    })?;
+    let model = Model::whole_for_loading(&spec, tp, rank, gantry_train::tch::Device::Cpu);
+    weights::load_from_safetensors(&model, &bytes)
+        .with_context(|| format!("{}@{} TP share {rank}/{tp}", v.model, v.version))?;
+    tracing::info!(
+        rank,
+        tp,
+        bytes = bytes.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "weights loaded"
+    );
+    let mut comm = comm;
+    Ok(evaluate(&model, &mut comm, cfg, gantry_train::tch::Device::Cpu)?)
+}
+
+fn check_tp(v: &VersionRecord, tp: usize) -> anyhow::Result<()> {
+    let spec = model_spec(v).map_err(anyhow::Error::msg)?;
+    if tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    for (what, n) in [
+        ("model.n_heads", spec.n_heads),
+        ("model.vocab_size", spec.vocab_size),
+        ("model.ffn", spec.ffn()),
+    ] {
+        if n % tp != 0 {
+            bail!("--tp {tp} does not divide {what} = {n} of {}@{}", v.model, v.version);
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    gantry_train::load_cuda_backend();
+    let api = Api::new(&args.client)?;
+    if let Some(dir) = &args.rank_result {
+        return rank(&args, &api, dir);
+    }
+    let v = resolve(&api, &args.model)?;
+    check_tp(&v, args.tp)?;
+    let cfg = config(&args, &v);
+    cfg.validate()?;
+    let started = Instant::now();
+    let result = if args.tp == 1 {
+        eval_rank(&api, &v, &cfg, 1, 0, TensorComm::new(None, CommClock::default()))?
+    } else {
+        spawn_ranks(&args, &v, &cfg)?
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let dataset = args.data.display().to_string();
+    let note = format!(
+        "{}valid_fraction {} split_seed {}, {} samples",
+        if args.note.is_empty() {
+            String::new()
+        } else {
+            format!("{}; ", args.note)
+        },
+        cfg.valid_fraction,
+        cfg.split_seed,
+        result.samples
+    );
+    if !args.no_record {
+        let body = json!({
+            "dataset": dataset, "loss": result.loss, "perplexity": result.perplexity,
+            "tokens": result.tokens, "tp": args.tp, "note": note,
+        });
+        let path = format!("/v1/models/{}/versions/{}/evals", seg(&v.model), v.version);
+        runtime()?
+            .block_on(api.post_json(reqwest::Method::POST, &path, &body))
+            .context("recording the eval on the version (a write token is needed; --no-record skips it)")?;
+    }
+    let report = json!({
+        "model": v.model, "version": v.version, "step": v.step, "dataset": dataset, "tp": args.tp,
+        "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
+        "samples": result.samples, "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
+        "seconds": seconds, "recorded": !args.no_record,
+    });
+    if args.client.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{}@{} (step {}): loss {:.6} nats/token, perplexity {:.4} over {} tokens ({} samples, tp {}) in {:.1} s{}",
+            v.model,
+            v.version,
+            v.step,
+            result.loss,
+            result.perplexity,
+            result.tokens,
+            result.samples,
+            args.tp,
+            seconds,
+            if args.no_record {
+                ""
+            } else {
+                "; recorded on the version"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Spawn `tp` rank processes and return rank 0's result.
+fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::Result<EvalResult> {
+    let dir = std::env::temp_dir().join(format!("gantry-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut child: Vec<OsString> = vec![
+        "eval".into(),
+        "--model".into(),
+        format!("{}@{}", v.model, v.version).into(),
+        "--data".into(),
+        cfg.data.clone().into(),
+        "--tp".into(),
+        args.tp.to_string().into(),
+        "--batch".into(),
+        cfg.batch.to_string().into(),
+        "--valid-fraction".into(),
+        cfg.valid_fraction.to_string().into(),
+        "--split-seed".into(),
+        cfg.split_seed.to_string().into(),
+        "--registry".into(),
+        args.client.registry.clone().into(),
+        "--rank-result".into(),
+        dir.clone().into(),
+    ];
+    if let Some(n) = cfg.max_samples {
+        child.extend(["--max-samples".into(), n.to_string().into()]);
+    }
+    let exe = std::env::current_exe().context("cannot find the gantry binary")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let env = vec![("GANTRY_EVAL_THREADS".to_string(), (cores / args.tp).max(1).to_string())];
+    let mut world = spawn_local_world(&exe, &child, args.tp, &env, Output::Files(dir.clone()))
+        .context("starting the evaluation ranks")?;
+    let status = world.wait_all(Duration::from_secs_f64(args.timeout_s));
+    let failed: Vec<usize> = status
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_some_and(|s| s.success()))
+        .map(|(r, _)| r)
+        .collect();
+    if !failed.is_empty() {
+        let logs: Vec<String> = failed
+            .iter()
+            .map(|r| {
+                format!(
+                    "rank {r} ({}):\n{}",
+                    dir.join(format!("rank-{r}.log")).display(),
+                    log_tail(&dir.join(format!("rank-{r}.log")))
+                )
+            })
+            .collect();
+        bail!("evaluation ranks {failed:?} failed or timed out\n{}", logs.join("\n"));
+    }
+    let path = dir.join("result-0.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let result: serde_json::Value = serde_json::from_str(&text)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(EvalResult {
+        loss: result["loss"].as_f64().context("result without loss")?,
+        perplexity: result["perplexity"].as_f64().context("result without perplexity")?,
+        tokens: result["tokens"].as_u64().context("result without tokens")?,
+        samples: result["samples"].as_u64().context("result without samples")?,
+    })
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// One TP rank (hidden mode of `gantry eval`).
+fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
+    if let Some(n) = std::env::var("GANTRY_EVAL_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<i32>().ok())
+    {
+        gantry_train::tch::set_num_threads(n);
+        gantry_train::tch::set_num_interop_threads(1);
+    }
+    let boot = Bootstrap::from_env()
+        .map_err(anyhow::Error::msg)?
+        .context("--rank-result is for the rank processes `gantry eval --tp T` starts")?;
+    let fabric = Fabric::from_bootstrap(
+        &boot,
+        FabricConfig::default().with_env().map_err(|e| anyhow::anyhow!("{e}"))?,
+    )
+    .context("joining the evaluation ranks")?;
+    let (rank, tp) = (fabric.rank(), fabric.world_size());
+    let v = resolve(api, &args.model)?;
+    let cfg = config(args, &v);
+    let comm = TensorComm::new(Some(fabric.world()), CommClock::default());
+    let result = eval_rank(api, &v, &cfg, tp, rank, comm).with_context(|| format!("rank {rank}"))?;
+    let path = dir.join(format!("result-{rank}.json"));
+    std::fs::write(&path, serde_json::to_vec(&result)?).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,234 @@
+//! `/metrics` (Prometheus text): generation requests, latency, time to first token and tokens
+//! per served version, so an A/B or canary split can be read off side by side; downloads by
+//! route; the model cache (loaded versions, bytes, loads, evictions) and each engine's
+//! batching (decode steps and the sequences they advanced: the mean batch size).
+
+use crate::serving::cache::ModelCache;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+/// Upper bounds (seconds) of the latency histograms.
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Clone, Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        self.count += 1;
+        self.sum += seconds;
+        for (b, bound) in self.buckets.iter_mut().zip(BUCKETS) {
+            if seconds <= bound {
+                *b += 1;
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (b, bound) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {b}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}",
+            self.sum, self.count
+        );
+    }
+}
+
+#[derive(Clone, Default)]
+struct VersionStats {
+    /// Requests by outcome (`ok`, `error`, `cancelled`).
+    requests: BTreeMap<&'static str, u64>,
+    tokens: u64,
+    prompt_tokens: u64,
+    latency: Histogram,
+    first_token: Histogram,
+}
+
+/// What the service counts.
+#[derive(Default)]
+pub struct ServiceMetrics {
+    versions: Mutex<BTreeMap<(String, u32), VersionStats>>,
+    /// Requests per route family (`files`, `tensors`) and status.
+    downloads: Mutex<BTreeMap<(&'static str, u16), u64>>,
+}
+
+/// One finished generation request, as counted.
+pub struct GenerationOutcome<'a> {
+    pub model: &'a str,
+    pub version: u32,
+    pub outcome: &'static str,
+    pub prompt_tokens: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub first_token_seconds: Option<f64>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl ServiceMetrics {
+    pub fn generation(&self, o: GenerationOutcome<'_>) {
+        let mut v = self.versions.lock().expect("metrics lock");
+        let s = v.entry((o.model.to_string(), o.version)).or_default();
+        *s.requests.entry(o.outcome).or_default() += 1;
+        s.tokens += o.tokens;
+        s.prompt_tokens += o.prompt_tokens;
+        s.latency.observe(o.seconds);
+        if let Some(t) = o.first_token_seconds {
+            s.first_token.observe(t);
+        }
+    }
+
+    pub fn download(&self, route: &'static str, status: u16) {
+        *self
+            .downloads
+            .lock()
+            .expect("metrics lock")
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    pub fn render(&self, cache: Option<&ModelCache>) -> String {
+        let mut out = String::new();
+        let versions = self.versions.lock().expect("metrics lock").clone();
+        let label = |(m, v): &(String, u32)| format!("model=\"{}\",version=\"{v}\"", escape(m));
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let name = "gantry_registry_generate_requests_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Generation requests per served version, by outcome.",
+        );
+        for (k, s) in &versions {
+            for (outcome, n) in &s.requests {
+                let _ = writeln!(out, "{name}{{{},outcome=\"{outcome}\"}} {n}", label(k));
+            }
+        }
+        type PerVersion = fn(&VersionStats) -> u64;
+        let counters: [(&str, &str, PerVersion); 2] = [
+            (
+                "gantry_registry_generate_tokens_total",
+                "Tokens generated per served version.",
+                |s| s.tokens,
+            ),
+            (
+                "gantry_registry_generate_prompt_tokens_total",
+                "Prompt tokens prefilled per served version.",
+                |s| s.prompt_tokens,
+            ),
+        ];
+        for (name, help, get) in counters {
+            header(&mut out, name, "counter", help);
+            for (k, s) in &versions {
+                let _ = writeln!(out, "{name}{{{}}} {}", label(k), get(s));
+            }
+        }
+        let name = "gantry_registry_generate_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Generation request latency per served version.",
+        );
+        for (k, s) in &versions {
+            s.latency.render(&mut out, name, &label(k));
+        }
+        let name = "gantry_registry_generate_first_token_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Time to the first generated token per served version.",
+        );
+        for (k, s) in &versions {
+            s.first_token.render(&mut out, name, &label(k));
+        }
+        let name = "gantry_registry_download_requests_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Checkpoint file and tensor-share requests, by route and status.",
+        );
+        for ((route, status), n) in self.downloads.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        if let Some(cache) = cache {
+            let loaded = cache.loaded();
+            let gauges = [
+                (
+                    "gantry_registry_models_loaded",
+                    "Versions loaded for serving.",
+                    loaded.len() as u64,
+                ),
+                (
+                    "gantry_registry_model_cache_bytes",
+                    "Bytes held by loaded versions (weights and KV caches).",
+                    loaded.iter().map(|m| m.bytes).sum(),
+                ),
+                (
+                    "gantry_registry_model_cache_limit_bytes",
+                    "The model cache's limit.",
+                    cache.limit_bytes(),
+                ),
+            ];
+            for (name, help, v) in gauges {
+                header(&mut out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {v}");
+            }
+            for (name, help, v) in [
+                (
+                    "gantry_registry_model_loads_total",
+                    "Versions loaded.",
+                    cache.loads.load(Ordering::Relaxed),
+                ),
+                (
+                    "gantry_registry_model_evictions_total",
+                    "Versions evicted to stay under the limit.",
+                    cache.evictions.load(Ordering::Relaxed),
+                ),
+            ] {
+                header(&mut out, name, "counter", help);
+                let _ = writeln!(out, "{name} {v}");
+            }
+            type PerEngine = fn(&crate::serving::engine::EngineStats) -> u64;
+            let per_engine: [(&str, &str, PerEngine); 2] = [
+                (
+                    "gantry_registry_decode_steps_total",
+                    "Batched decode steps per loaded version.",
+                    |s| s.steps.load(Ordering::Relaxed),
+                ),
+                (
+                    "gantry_registry_decoded_sequences_total",
+                    "Sequences advanced by those steps (divided by the steps: the mean batch size).",
+                    |s| s.decoded.load(Ordering::Relaxed),
+                ),
+            ];
+            for (name, help, get) in per_engine {
+                header(&mut out, name, "counter", help);
+                for m in &loaded {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{}}} {}",
+                        label(&(m.model.clone(), m.version)),
+                        get(&m.engine.stats)
+                    );
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,209 @@
+//! Loaded versions in memory, under a byte limit. The first request for a version loads it
+//! (on the blocking pool; concurrent requests for the same version wait for that one load);
+//! later ones find it. When the total passes the limit, the least recently used versions are
+//! dropped from the cache; requests already running on them finish first (they hold the
+//! model), then its engine thread ends and the memory is freed. A failed load is not cached:
+//! the next request tries again.
+
+use super::engine::{EngineHandle, spawn_engine};
+use super::{ModelLoader, TextCodec};
+use crate::model::VersionRecord;
+use gantry_checkpoint::S3Options;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A version being served.
+pub struct ServedModel {
+    pub model: String,
+    pub version: u32,
+    pub engine: EngineHandle,
+    pub codec: Option<Box<dyn TextCodec>>,
+    pub eod: Option<u32>,
+    pub bytes: u64,
+    pub max_len: usize,
+    pub vocab_size: usize,
+    pub load_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CacheError {
+    #[error(
+        "{model}@{version} needs about {needs} bytes, more than the model cache's limit of {limit} bytes (--model-cache-mb)"
+    )]
+    TooLarge {
+        model: String,
+        version: u32,
+        needs: u64,
+        limit: u64,
+    },
+    #[error("loading {model}@{version}: {message}")]
+    Load {
+        model: String,
+        version: u32,
+        message: String,
+    },
+}
+
+type Cell = Arc<tokio::sync::OnceCell<Result<Arc<ServedModel>, CacheError>>>;
+
+struct Entry {
+    cell: Cell,
+    last_used: u64,
+}
+
+/// `(model, version)`.
+type Key = (String, u32);
+
+/// The entries and the use counter that orders them.
+#[derive(Default)]
+struct Entries {
+    map: HashMap<Key, Entry>,
+    clock: u64,
+}
+
+pub struct ModelCache {
+    loader: Arc<dyn ModelLoader>,
+    limit_bytes: u64,
+    s3: S3Options,
+    entries: Mutex<Entries>,
+    pub loads: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+impl ModelCache {
+    pub fn new(loader: Arc<dyn ModelLoader>, limit_bytes: u64, s3: S3Options) -> ModelCache {
+        ModelCache {
+            loader,
+            limit_bytes,
+            s3,
+            entries: Mutex::default(),
+            loads: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
+    /// The loaded versions and their bytes.
+    pub fn loaded(&self) -> Vec<Arc<ServedModel>> {
+        let entries = self.entries.lock().expect("model cache lock");
+        entries
+            .map
+            .values()
+            .filter_map(|e| e.cell.get().and_then(|r| r.as_ref().ok()).cloned())
+            .collect()
+    }
+
+    /// The served model for `v`, loading it if needed.
+    pub async fn get(&self, v: &VersionRecord) -> Result<Arc<ServedModel>, CacheError> {
+        let key = (v.model.clone(), v.version);
+        let cell = {
+            let mut guard = self.entries.lock().expect("model cache lock");
+            guard.clock += 1;
+            let now = guard.clock;
+            let e = guard.map.entry(key.clone()).or_insert_with(|| Entry {
+                cell: Arc::new(tokio::sync::OnceCell::new()),
+                last_used: now,
+            });
+            e.last_used = now;
+            e.cell.clone()
+        };
+        let mut loaded_here = false;
+        let result = cell
+            .get_or_init(|| {
+                loaded_here = true;
+                self.load(v)
+            })
+            .await
+            .clone();
+        match &result {
+            Err(_) => {
+                let mut guard = self.entries.lock().expect("model cache lock");
+                if guard.map.get(&key).is_some_and(|e| Arc::ptr_eq(&e.cell, &cell)) {
+                    guard.map.remove(&key);
+                }
+            }
+            Ok(_) if loaded_here => self.evict_over_limit(&key),
+            Ok(_) => {}
+        }
+        result
+    }
+
+    async fn load(&self, v: &VersionRecord) -> Result<Arc<ServedModel>, CacheError> {
+        let too_large = |needs: u64| CacheError::TooLarge {
+            model: v.model.clone(),
+            version: v.version,
+            needs,
+            limit: self.limit_bytes,
+        };
+        if let Some(needs) = self.loader.estimate_bytes(v).filter(|&n| n > self.limit_bytes) {
+            return Err(too_large(needs));
+        }
+        let (loader, record, s3) = (self.loader.clone(), v.clone(), self.s3.clone());
+        let started = Instant::now();
+        let fail = |message: String| CacheError::Load {
+            model: v.model.clone(),
+            version: v.version,
+            message,
+        };
+        let loaded = tokio::task::spawn_blocking(move || loader.load(&record, &s3))
+            .await
+            .map_err(|e| fail(format!("loader task failed: {e}")))?
+            .map_err(fail)?;
+        if loaded.bytes > self.limit_bytes {
+            return Err(too_large(loaded.bytes));
+        }
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let max_len = loaded.model.max_len();
+        let name = format!("{}@{}", v.model, v.version);
+        let engine = spawn_engine(loaded.model, loaded.eod, name.clone())
+            .map_err(|e| fail(format!("cannot start the engine thread: {e}")))?;
+        let served = ServedModel {
+            model: v.model.clone(),
+            version: v.version,
+            engine,
+            codec: loaded.codec,
+            eod: loaded.eod,
+            bytes: loaded.bytes,
+            max_len,
+            vocab_size: loaded.vocab_size,
+            load_seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(model = %name, bytes = served.bytes, seconds = served.load_seconds, "model loaded for serving");
+        Ok(Arc::new(served))
+    }
+
+    /// Drop least recently used loaded versions (never `keep`) until the total fits.
+    fn evict_over_limit(&self, keep: &Key) {
+        let mut guard = self.entries.lock().expect("model cache lock");
+        let entries = &mut guard.map;
+        loop {
+            let ready: Vec<(&Key, u64, u64)> = entries
+                .iter()
+                .filter_map(|(k, e)| match e.cell.get() {
+                    Some(Ok(m)) => Some((k, m.bytes, e.last_used)),
+                    _ => None,
+                })
+                .collect();
+            let total: u64 = ready.iter().map(|r| r.1).sum();
+            if total <= self.limit_bytes {
+                return;
+            }
+            let Some(victim) = ready
+                .iter()
+                .filter(|r| r.0 != keep)
+                .min_by_key(|r| r.2)
+                .map(|r| r.0.clone())
+            else {
+                return;
+            };
+            tracing::info!(model = %victim.0, version = victim.1, "evicting a model from the serving cache");
+            entries.remove(&victim);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

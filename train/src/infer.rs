@@ -1,0 +1,357 @@
+//! Generation with a KV cache, several sequences at once, on one process (TP 1, the whole
+//! model): what the registry's `generate` endpoint runs.
+//!
+//! The cache has a fixed number of *slots*; a sequence owns one from its prefill until it is
+//! released. Per layer it holds keys and values `[slots, heads, seq_len, head_dim]`.
+//! - [`KvModel::prefill`] runs a prompt through the model exactly as training's forward pass
+//!   does (same shapes, causal attention over the prompt) and stores its keys and values.
+//! - [`KvModel::decode`] advances any set of slots by one token each in one batched pass: the
+//!   new token's query attends to its slot's cached keys (a mask hides positions past each
+//!   slot's length), its key and value are written at its position.
+//!
+//! Embedding and attention are written here (they depend on positions); the MLP and head
+//! units are training's own code ([`Model::forward_unit`]), so the two paths cannot drift.
+
+use crate::comm::{CommClock, TensorComm};
+use crate::error::TrainError;
+use crate::model::{Attention, MicroBatch, Model, Unit};
+use crate::tensor_parallel::Fwd;
+use tch::{Device, IndexOp, Kind, Tensor};
+
+pub struct KvModel {
+    pub model: Model,
+    device: Device,
+    /// Per attention unit (in layer order): cached keys and values.
+    cache: Vec<(Tensor, Tensor)>,
+    /// Tokens cached per slot.
+    lens: Vec<usize>,
+}
+
+/// Logits of the next token for one sequence: `[vocab]` as f32.
+pub type Logits = Vec<f32>;
+
+impl KvModel {
+    /// A cache of `slots` sequences of up to the model's `seq_len` tokens. `model` must be a
+    /// whole model (one stage, TP 1) with its weights loaded.
+    pub fn new(model: Model, slots: usize, device: Device) -> Result<KvModel, TrainError> {
+        if !(model.plan.first && model.plan.last) {
+            return Err(TrainError::Internal(
+                "generation needs the whole model on one process".into(),
+            ));
+        }
+        let t = model.spec.seq_len as i64;
+        let cache = model
+            .units
+            .iter()
+            .filter_map(|u| match u {
+                Unit::Attention(a) => Some(a),
+                _ => None,
+            })
+            .map(|a| {
+                if a.heads * a.head_dim != model.spec.d_model as i64 {
+                    return Err(TrainError::Internal("generation needs TP 1 (all heads)".into()));
+                }
+                let shape = [slots as i64, a.heads, t, a.head_dim];
+                Ok((
+                    Tensor::zeros(shape, (Kind::Float, device)),
+                    Tensor::zeros(shape, (Kind::Float, device)),
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KvModel {
+            model,
+            device,
+            cache,
+            lens: vec![0; slots],
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.model.spec.seq_len
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.spec.vocab_size
+    }
+
+    /// Bytes of weights and cache.
+    pub fn bytes(&self) -> u64 {
+        let weights: usize = self.model.params.iter().map(|(_, p)| p.numel() * 4).sum();
+        let cache: usize = self.cache.iter().map(|(k, v)| (k.numel() + v.numel()) * 4).sum();
+        (weights + cache) as u64
+    }
+
+    /// Start a sequence in `slot` with `tokens` (1 ..= seq_len of them); returns the logits of
+    /// the token after them.
+    pub fn prefill(&mut self, slot: usize, tokens: &[u32]) -> Result<Logits, TrainError> {
+        if slot >= self.slots() || tokens.is_empty() || tokens.len() > self.max_len() {
+            return Err(TrainError::Internal(format!(
+                "prefill of {} tokens into slot {slot} (of {}, up to {} tokens)",
+                tokens.len(),
+                self.slots(),
+                self.max_len()
+            )));
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len() as i64;
+        let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
+        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
+        let logits = tch::no_grad(|| self.run(&tokens, &positions, Step::Prefill { slot }))?;
+        self.lens[slot] = tokens.size()[1] as usize;
+        Ok(Vec::<f32>::try_from(logits.view([-1]).to_device(Device::Cpu))?)
+    }
+
+    /// One more token for each `(slot, token)`; returns each slot's next-token logits in
+    /// order. A slot at `seq_len` tokens cannot take another.
+    pub fn decode(&mut self, batch: &[(usize, u32)]) -> Result<Vec<Logits>, TrainError> {
+        for &(slot, _) in batch {
+            if slot >= self.slots() || self.lens[slot] == 0 || self.lens[slot] >= self.max_len() {
+                return Err(TrainError::Internal(format!(
+                    "decode in slot {slot}: {} tokens cached of {}",
+                    self.lens.get(slot).copied().unwrap_or(0),
+                    self.max_len()
+                )));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = batch.len() as i64;
+        let ids: Vec<i64> = batch.iter().map(|&(_, t)| i64::from(t)).collect();
+        let pos: Vec<i64> = batch.iter().map(|&(s, _)| self.lens[s] as i64).collect();
+        let slots: Vec<i64> = batch.iter().map(|&(s, _)| s as i64).collect();
+        let tokens = Tensor::from_slice(&ids).view([b, 1]).to_device(self.device);
+        let positions = Tensor::from_slice(&pos).view([b, 1]).to_device(self.device);
+        let slot_ids = Tensor::from_slice(&slots).to_device(self.device);
+        let len = pos.iter().max().copied().unwrap_or(0) + 1;
+        let logits = tch::no_grad(|| self.run(&tokens, &positions, Step::Decode { slots: &slot_ids, len }))?;
+        for &(s, _) in batch {
+            self.lens[s] += 1;
+        }
+        let flat = Vec::<f32>::try_from(logits.contiguous().view([-1]).to_device(Device::Cpu))?;
+        Ok(flat.chunks(self.vocab_size()).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Forget a slot's sequence.
+    pub fn release(&mut self, slot: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+
+    /// Tokens `[B, n]` at `positions` `[B, n]` through every unit; the last position's logits.
+    fn run(&mut self, tokens: &Tensor, positions: &Tensor, step: Step<'_>) -> Result<Tensor, TrainError> {
+        let mut comm = TensorComm::new(None, CommClock::default());
+        let batch = MicroBatch {
+            tokens: tokens.shallow_clone(),
+            targets: tokens.shallow_clone(),
+        };
+        let ps = &self.model.params;
+        let mut x: Option<Tensor> = None;
+        let mut layer = 0;
+        for (u, unit) in self.model.units.iter().enumerate() {
+            x = Some(match unit {
+                Unit::Embed(e) => {
+                    let (b, n) = (tokens.size()[0], tokens.size()[1]);
+                    let h = ps.get(e.wte).index_select(0, &tokens.view([-1])).view([b, n, -1]);
+                    match e.wpe {
+                        Some(wpe) => h + ps.get(wpe).index_select(0, &positions.view([-1])).view([b, n, -1]),
+                        None => h,
+                    }
+                }
+                Unit::Attention(a) => {
+                    let input = x
+                        .as_ref()
+                        .ok_or_else(|| TrainError::Internal("attention without input".into()))?;
+                    let out = attend(&self.model, a, input, positions, &mut self.cache[layer], &step);
+                    layer += 1;
+                    out
+                }
+                Unit::Mlp(_) | Unit::Head(_) => {
+                    let mut cx = Fwd {
+                        tp: &mut comm,
+                        grad: false,
+                        cuts: Vec::new(),
+                    };
+                    self.model.forward_unit(u, x.as_ref(), &batch, &mut cx, true)?
+                }
+            });
+        }
+        x.ok_or_else(|| TrainError::Internal("a model without units".into()))
+    }
+}
+
+enum Step<'a> {
+    Prefill {
+        slot: usize,
+    },
+    /// `len`: the longest slot's length after this token.
+    Decode {
+        slots: &'a Tensor,
+        len: i64,
+    },
+}
+
+/// Rotary embedding of `x` `[B, H, n, hd]` at `positions` `[B, n]`.
+fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &Tensor) -> Tensor {
+    let (b, n) = (positions.size()[0], positions.size()[1]);
+    let half = x.size()[3] / 2;
+    let pick = |t: &Tensor| {
+        t.index_select(0, &positions.view([-1]))
+            .view([b, 1, n, half])
+            .to_kind(x.kind())
+    };
+    let (cos, sin) = (pick(cos), pick(sin));
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], 3)
+}
+
+/// One attention unit with the cache (the residual included, as in training).
+fn attend(
+    model: &Model,
+    a: &Attention,
+    x: &Tensor,
+    positions: &Tensor,
+    cache: &mut (Tensor, Tensor),
+    step: &Step<'_>,
+) -> Tensor {
+    let ps = &model.params;
+    let (b, n) = (x.size()[0], x.size()[1]);
+    let (h, hd) = (a.heads, a.head_dim);
+    let normed = a.norm.apply(ps, x, model.spec.norm_eps);
+    let w = ps.get(a.qkv).view([3 * h * hd, -1]);
+    let bias = a.qkv_bias.map(|id| ps.get(id).view([3 * h * hd]));
+    let qkv = normed
+        .linear(&w, bias.as_ref())
+        .view([b, n, 3, h, hd])
+        .permute([2, 0, 3, 1, 4]);
+    let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+    if let Some((cos, sin)) = &a.rope {
+        q = rope_at(&q, cos, sin, positions);
+        k = rope_at(&k, cos, sin, positions);
+    }
+    let (cache_k, cache_v) = cache;
+    let y = match step {
+        Step::Prefill { slot } => {
+            let s = *slot as i64;
+            cache_k.i((s..s + 1, .., 0..n, ..)).copy_(&k);
+            cache_v.i((s..s + 1, .., 0..n, ..)).copy_(&v);
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        }
+        Step::Decode { slots, len } => {
+            let len = *len;
+            let pos = positions.view([-1]);
+            let index = [Some(slots.shallow_clone()), None, Some(pos.shallow_clone())];
+            let _ = cache_k.index_put_(&index, &k.squeeze_dim(2), false);
+            let _ = cache_v.index_put_(&index, &v.squeeze_dim(2), false);
+            let keys = cache_k.index_select(0, slots).narrow(2, 0, len);
+            let values = cache_v.index_select(0, slots).narrow(2, 0, len);
+            let mask = Tensor::arange(len, (Kind::Int64, x.device()))
+                .view([1, len])
+                .le_tensor(&pos.view([b, 1]))
+                .view([b, 1, 1, len]);
+            Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(&mask), 0.0, false, None, false)
+        }
+    };
+    let y = y.transpose(1, 2).reshape([b, n, h * hd]);
+    let o = y.linear::<Tensor>(ps.get(a.out), None);
+    let o = match a.out_bias {
+        Some(id) => o + ps.get(id),
+        None => o,
+    };
+    x + o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StagePlan;
+    use crate::pipeline::forward_stage;
+    use crate::spec::{Arch, ModelSpec};
+
+    fn tiny(arch: Arch) -> Model {
+        let spec = ModelSpec {
+            arch,
+            vocab_size: 64,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            seq_len: 16,
+            ..ModelSpec::default()
+        };
+        let plan = StagePlan {
+            first: true,
+            last: true,
+            layers: 0..spec.n_layers,
+        };
+        Model::build(&spec, plan, 1, 0, 7, Device::Cpu)
+    }
+
+    /// Training's forward pass over `tokens`: the last position's logits.
+    fn full_forward(model: &Model, tokens: &[u32]) -> Vec<f32> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let t = Tensor::from_slice(&ids).view([1, ids.len() as i64]);
+        let batch = MicroBatch {
+            tokens: t.shallow_clone(),
+            targets: t,
+        };
+        let mut tp = TensorComm::new(None, CommClock::default());
+        let (logits, _) = tch::no_grad(|| forward_stage(model, None, &batch, &mut tp, false, false, true)).unwrap();
+        Vec::<f32>::try_from(logits.view([-1])).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn cached_generation_matches_the_training_forward_pass() {
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let reference = tiny(arch);
+            let mut kv = KvModel::new(tiny(arch), 3, Device::Cpu).unwrap();
+            // Two sequences of different lengths advance together in slots 2 and 0.
+            let a: Vec<u32> = vec![5, 17, 3, 60, 9, 41, 2, 33, 12, 8, 50, 1];
+            let b: Vec<u32> = vec![7, 7, 21, 44, 0, 63, 30, 11, 19, 26, 4, 39];
+            let (pa, pb) = (4, 2);
+            let la = kv.prefill(2, &a[..pa]).unwrap();
+            let lb = kv.prefill(0, &b[..pb]).unwrap();
+            assert!(
+                max_diff(&la, &full_forward(&reference, &a[..pa])) < 1e-5,
+                "{arch:?} prefill a"
+            );
+            assert!(
+                max_diff(&lb, &full_forward(&reference, &b[..pb])) < 1e-5,
+                "{arch:?} prefill b"
+            );
+            for step in 0..8 {
+                let (na, nb) = (pa + step, pb + step);
+                let out = kv.decode(&[(2, a[na]), (0, b[nb])]).unwrap();
+                let da = max_diff(&out[0], &full_forward(&reference, &a[..=na]));
+                let db = max_diff(&out[1], &full_forward(&reference, &b[..=nb]));
+                assert!(da < 1e-4 && db < 1e-4, "{arch:?} step {step}: {da} {db}");
+            }
+            // A released slot starts over.
+            kv.release(2);
+            let again = kv.prefill(2, &b[..3]).unwrap();
+            assert!(max_diff(&again, &full_forward(&reference, &b[..3])) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn slots_and_context_are_checked() {
+        let mut kv = KvModel::new(tiny(Arch::Gpt2), 2, Device::Cpu).unwrap();
+        assert!(kv.prefill(2, &[1]).is_err());
+        assert!(kv.prefill(0, &[]).is_err());
+        assert!(kv.prefill(0, &[1; 17]).is_err());
+        assert!(kv.decode(&[(1, 3)]).is_err(), "decode of an empty slot");
+        kv.prefill(0, &[1; 16]).unwrap();
+        assert!(kv.decode(&[(0, 3)]).is_err(), "the context is full");
+        assert!(kv.bytes() > 0);
+    }
+}
