@@ -87,7 +87,7 @@ fn serve(dir: &Path, tag: &str, extra: &[&str]) -> Registry {
 
 /// A tokenizer-backed dataset (tinyshakespeare, byte-level BPE of 512).
 fn shakespeare(dir: &Path) -> PathBuf {
-    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
     let data = dir.join("ts");
     let out = Command::new(GANTRY)
         .args([
@@ -99,7 +99,7 @@ fn shakespeare(dir: &Path) -> PathBuf {
             "blank-line",
             "--input",
         ])
-        .arg(&text)
+        .arg(&source)
         .arg("--output")
         .arg(&data)
         .output()
@@ -361,7 +361,7 @@ fn train_register_eval_and_serve() {
         ("shakespeare", json!({ "tokens": [1], "max_tokens": 0 }), 400),
         ("shakespeare", json!({ "tokens": [1], "prompt": "x" }), 400),
         ("shakespeare", json!({ "tokens": [1], "temperature": -1 }), 400),
-        ("shakespeare", json!({ "tokens": [1; 65] }), 400),
+        ("shakespeare", json!({ "tokens": vec![1; 65] }), 400),
         ("shakespeare", json!({ "tokens": [1], "bogus": true }), 400),
     ] {
         let r = generate(&reg.addr, model, body.clone());
@@ -386,15 +386,17 @@ fn train_register_eval_and_serve() {
         1
     );
 
-    // A cache too small for any model refuses it; one that holds one version evicts the other.
-    let small = serve(&dir, "small", &["--model-cache-mb", "0"]);
+    // A cache too small for any model refuses it; one that holds one version evicts the other
+    // (the same database, served again with other limits).
+    drop(reg);
+    let small = serve(&dir, "main", &["--model-cache-mb", "0"]);
     let none = generate(&small.addr, "shakespeare@1", json!({ "tokens": [1] }));
     assert_eq!(
         (none.status, none.json()["error"]["code"].as_str()),
         (507, Some("model_too_large"))
     );
     drop(small);
-    let one_model = serve(&dir, "one", &["--model-cache-mb", "1"]);
+    let one_model = serve(&dir, "main", &["--model-cache-mb", "1"]);
     for v in [1, 2, 1] {
         let r = generate(
             &one_model.addr,
