@@ -138,7 +138,10 @@ fn trainer_greedy(ckpt_root: &Path, step: u64, prompt: &[u64], n: usize) -> Vec<
             tokens: t.shallow_clone(),
             targets: t,
         };
-        let (logits, _) = tch::no_grad(|| forward_stage(&model, None, &batch, &mut tp, false, false, true)).unwrap();
+        let (logits, _) = tch::no_grad(|| {
+            forward_stage(&model, None, &batch, &mut tp, false, false, true).map_err(|e| e.to_string())
+        })
+        .unwrap();
         let next = logits.view([-1]).argmax(0, false).int64_value(&[]);
         out.push(next as u64);
         seq.push(next);

@@ -301,7 +301,9 @@ mod tests {
             targets: t,
         };
         let mut tp = TensorComm::new(None, CommClock::default());
-        let (logits, _) = tch::no_grad(|| forward_stage(model, None, &batch, &mut tp, false, false, true)).unwrap();
+        let (logits, _) =
+            tch::no_grad(|| forward_stage(model, None, &batch, &mut tp, false, false, true).map_err(|e| e.to_string()))
+                .unwrap();
         Vec::<f32>::try_from(logits.view([-1])).unwrap()
     }
 
