@@ -42,6 +42,10 @@ pub enum BenchCommand {
     /// Time from `gantry submit` to every rank's first training step (real coordinator,
     /// worker and rank processes on this host).
     Startup(crate::bench_cluster::StartupBenchArgs),
+    /// The registry service: download throughput of a large checkpoint object through it
+    /// next to reading the same file directly, and generation tokens/s and latency (p50,
+    /// p99) of a served checkpoint at several concurrencies.
+    Registry(crate::bench_registry::RegistryBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -94,6 +98,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Nccl(args) => nccl_self_test(args),
         BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
         BenchCommand::Cluster(args) => crate::bench_cluster::cluster(args),
+        BenchCommand::Registry(args) => crate::bench_registry::run(args),
         BenchCommand::Startup(args) => crate::bench_cluster::startup(args),
     }
 }

@@ -198,7 +198,7 @@ struct RankSave {
     commit_s: f64,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -332,14 +332,17 @@ fn fsync_tree(dir: &Path) -> Result<()> {
 
 /// Write back and drop every file under `dir` from the page cache.
 fn evict_tree(dir: &Path) -> Result<()> {
+    files_under(dir)?.iter().try_for_each(|f| evict_file(f))
+}
+
+/// Write back and drop one file from the page cache.
+pub(crate) fn evict_file(f: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
-    for f in files_under(dir)? {
-        let file = std::fs::File::open(&f)?;
-        file.sync_all()?;
-        // SAFETY: a valid open descriptor; advice only, no memory is touched.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        ensure!(rc == 0, "posix_fadvise({}) failed: error {rc}", f.display());
-    }
+    let file = std::fs::File::open(f)?;
+    file.sync_all()?;
+    // SAFETY: a valid open descriptor; advice only, no memory is touched.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    ensure!(rc == 0, "posix_fadvise({}) failed: error {rc}", f.display());
     Ok(())
 }
 

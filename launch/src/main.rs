@@ -17,12 +17,14 @@
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
 //! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
 //!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
-//! - `bench_cluster.rs`: `gantry bench cluster` and `gantry bench startup`.
+//! - `bench_cluster.rs`: `gantry bench cluster` and `gantry bench startup`;
+//!   `bench_registry.rs`: `gantry bench registry` (downloads, generation).
 
 mod autoregister;
 mod bench;
 mod bench_checkpoint;
 mod bench_cluster;
+mod bench_registry;
 mod checkpoint;
 mod cluster;
 mod daemons;

@@ -25,12 +25,13 @@ use gantry_checkpoint::format::{ObjectInfo, step_dir, xxh3_hex};
 use gantry_checkpoint::{Checkpoint, CheckpointError};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// Bytes read per streamed body chunk (local files).
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes per read of a local file, one body chunk each.
+const READ_CHUNK: usize = 4 << 20;
+/// Pieces read ahead of the client.
+const READ_AHEAD: usize = 4;
 /// Bytes per ranged read of an object in a store (S3).
-const STORE_PIECE: u64 = 8 << 20;
+const STORE_PIECE: usize = 8 << 20;
 /// The header naming the version a file was served from.
 pub const VERSION_HEADER: &str = "x-gantry-version";
 const MANIFEST: &str = "manifest.json";
@@ -241,7 +242,7 @@ async fn local_file(
         }
     }
     let file_path = dir.join(path);
-    let mut file = match tokio::fs::File::open(&file_path).await {
+    let file = match tokio::fs::File::open(&file_path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ApiError::not_found(
@@ -269,40 +270,54 @@ async fn local_file(
         Ok(parts) => parts,
         Err(done) => return Ok(done),
     };
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal(format!("seeking {}: {e}", file_path.display())))?;
-    }
-    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
-        if left == 0 {
-            return None;
-        }
-        let want = (left as usize).min(READ_CHUNK);
+    let file = file.into_std().await;
+    let body = read_ahead(start, len, READ_CHUNK, move |at, want| {
+        use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; want];
-        match file.read(&mut buf).await {
-            Ok(0) => Some((
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the file shrank while being served",
-                )),
-                (file, 0),
-            )),
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), (file, left - n as u64)))
+        let mut got = 0;
+        while got < want {
+            match file.read_at(&mut buf[got..], at + got as u64)? {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file shrank while being served",
+                    ));
+                }
+                n => got += n,
             }
-            Err(e) => Some((Err(e), (file, 0))),
+        }
+        Ok(Bytes::from(buf))
+    });
+    builder.status(status).body(body).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// A body of `len` bytes from `start`, read in pieces of `piece` bytes by `read(at, want)`
+/// on the blocking pool, [`READ_AHEAD`] pieces ahead of the client: reading the next piece
+/// overlaps with sending this one (a cold file is read while the network is busy).
+fn read_ahead<F>(start: u64, len: u64, piece: usize, mut read: F) -> Body
+where
+    F: FnMut(u64, usize) -> std::io::Result<Bytes> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let mut at = start;
+        while at < start + len {
+            let want = (start + len - at).min(piece as u64) as usize;
+            let piece = read(at, want);
+            let failed = piece.is_err();
+            if tx.blocking_send(piece).is_err() || failed {
+                return;
+            }
+            at += want as u64;
         }
     });
-    builder
-        .status(status)
-        .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::internal(e.to_string()))
+    Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
 }
 
 /// A file of a checkpoint in object storage (S3): sizes come from the manifest (checked at
-/// registration), bytes from ranged reads of [`STORE_PIECE`] on the blocking pool, a piece
+/// registration), bytes from ranged reads of [`STORE_PIECE`] on the blocking pool, read
 /// ahead of the client.
 async fn stored_file(
     s: &Arc<AppState>,
@@ -356,16 +371,16 @@ async fn stored_file(
         Some(b) => Body::from(b.slice(start as usize..(start + len) as usize)),
         None => {
             let key = format!("{}/{path}", step_dir(v.step));
-            // The first piece is read before answering, so a missing or unreadable object
-            // is a proper error status rather than a cut-off 200.
-            let read = move |ckpt: &Checkpoint, key: &str, at: u64| {
-                let end = (at + STORE_PIECE).min(start + len);
+            let read = move |ckpt: &Checkpoint, at: u64, want: usize| {
                 ckpt.store
-                    .get_ranges(&[(key.to_string(), at..end)])
+                    .get_ranges(&[(key.clone(), at..at + want as u64)])
                     .map(|mut v| v.remove(0))
             };
-            let (c, k) = (ckpt.clone(), key.clone());
-            let first = tokio::task::spawn_blocking(move || read(&c, &k, start))
+            // The first piece is read before answering, so a missing or unreadable object
+            // is a proper error status rather than a cut-off 200.
+            let first_len = (STORE_PIECE as u64).min(len) as usize;
+            let (c, r) = (ckpt.clone(), read.clone());
+            let first = tokio::task::spawn_blocking(move || r(&c, start, first_len))
                 .await
                 .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))?
                 .map_err(|e| match e {
@@ -375,25 +390,13 @@ async fn stored_file(
                     ),
                     e => ApiError::internal(format!("{}@{}: reading {path}: {e}", v.model, v.version)),
                 })?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-            tokio::task::spawn_blocking(move || {
-                let mut at = start + first.len() as u64;
-                if tx.blocking_send(Ok(first)).is_err() {
-                    return;
-                }
-                while at < start + len {
-                    let piece = read(&ckpt, &key, at).map_err(|e| std::io::Error::other(e.to_string()));
-                    let got = piece.as_ref().map_or(0, |b| b.len() as u64);
-                    let failed = piece.is_err();
-                    if tx.blocking_send(piece).is_err() || failed {
-                        return;
-                    }
-                    at += got;
-                }
-            });
-            Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|item| (item, rx))
-            }))
+            let rest = start + first_len as u64;
+            let mut first = Some(first);
+            read_ahead(start, len, STORE_PIECE, move |at, want| match first.take() {
+                Some(b) => Ok(b),
+                None if at >= rest => read(&ckpt, at, want).map_err(|e| std::io::Error::other(e.to_string())),
+                None => Err(std::io::Error::other("a piece out of order")),
+            })
         }
     };
     builder
