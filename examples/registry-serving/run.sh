@@ -59,11 +59,11 @@ echo "== evaluation from the registry at TP 1 and TP 2"
 
 echo "== production: 90% version 2, 10% version 3"
 "$G" models alias shakespeare production --split 2:90,3:10
-for i in $(seq 10); do
+for i in $(seq 20); do
     curl -s -X POST "$GANTRY_REGISTRY/v1/models/shakespeare@production/generate" \
         -H 'Content-Type: application/json' \
         -d "{\"prompt\": \"ROMEO:\", \"max_tokens\": 24, \"temperature\": 0.8, \"seed\": $i}" |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"v{r[\"version\"]}: {r[\"text\"]!r}")'
+        python3 -c 'import json,sys; r=json.load(sys.stdin); print("v%s: %r" % (r["version"], r["text"]))'
 done
 
 echo "== streamed (server-sent events) from staging"

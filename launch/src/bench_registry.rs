@@ -197,7 +197,9 @@ fn read_over_tcp(path: &Path) -> Result<u64> {
         }
         n += got as u64;
     }
-    sender.join().map_err(|_| anyhow::anyhow!("the TCP sender panicked"))??;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the TCP sender panicked"))??;
     Ok(n)
 }
 
@@ -233,7 +235,14 @@ async fn bench_download(server: &Server, work: &Path, args: &RegistryBenchArgs) 
     Ok(json!({ "warm": warm, "cold": cold }))
 }
 
-async fn download_runs(server: &Server, file: &Path, path: &str, size: u64, repeat: usize, cold: bool) -> Result<Value> {
+async fn download_runs(
+    server: &Server,
+    file: &Path,
+    path: &str,
+    size: u64,
+    repeat: usize,
+    cold: bool,
+) -> Result<Value> {
     let evict = || if cold { evict_file(file) } else { Ok(()) };
     if !cold {
         read_direct(file)?;
@@ -386,7 +395,10 @@ pub fn run(args: RegistryBenchArgs) -> Result<ExitCode> {
         println!("{report}");
         return Ok(ExitCode::SUCCESS);
     }
-    for (cache, d) in ["warm", "cold"].iter().filter_map(|c| report["download"][c].as_object().map(|d| (c, d))) {
+    for (cache, d) in ["warm", "cold"]
+        .iter()
+        .filter_map(|c| report["download"][c].as_object().map(|d| (c, d)))
+    {
         let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "download of a {:.0} MiB object, {cache} page cache, median of {}:",

@@ -1,7 +1,8 @@
 //! Weighted choice between an alias's versions, deterministic in a caller-supplied draw (a
 //! request seed or counter): there is no random number generator here. Over the draws
-//! `0..total` each target is chosen exactly `weight` times, so a counter gives exact shares
-//! and a hash of a request id gives sticky ones.
+//! `0..total` each target is chosen exactly `weight` times, spread through the window rather
+//! than in one block, so a counter gives exact, interleaved shares and a hash of a request
+//! id gives sticky ones.
 
 /// Why a set of `(version, weight)` targets is unusable.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -34,10 +35,26 @@ pub fn validate(targets: &[(u32, u32)]) -> Result<u32, WeightError> {
     Ok(total)
 }
 
-/// The version that `draw` selects: `draw % total` walked through the cumulative weights.
+/// A stride coprime with `total` near `total / φ`: stepping through `0..total` by it visits
+/// every position once per `total` steps, with consecutive steps far apart.
+fn stride(total: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let near = (total as f64 * 0.618_033_988_749_895).round() as u64;
+    (0..total)
+        .flat_map(|d| [near.saturating_sub(d), near + d])
+        .find(|&k| k > 0 && gcd(k, total) == 1)
+        .unwrap_or(1)
+}
+
+/// The version that `draw` selects: the draw's position in its window of `total` draws is
+/// spread by a coprime stride (so a 10% canary gets every ~10th draw, not ten in a row at the
+/// end of each hundred) and walked through the cumulative weights.
 pub fn pick(targets: &[(u32, u32)], draw: u64) -> Result<u32, WeightError> {
     let total = validate(targets)?;
-    let mut left = (draw % u64::from(total)) as u32;
+    let n = u64::from(total);
+    let mut left = ((draw % n) * stride(n) % n) as u32;
     for &(version, weight) in targets {
         if left < weight {
             return Ok(version);
@@ -69,6 +86,26 @@ mod tests {
         assert_eq!(c[&4], 10);
         // And again on the next window.
         assert_eq!(counts(&[(3, 90), (4, 10)], 100..200), c);
+    }
+
+    #[test]
+    fn a_small_share_is_spread_through_the_window() {
+        // Picked at most twice the ideal gap apart, never in one block per window.
+        for (w, t) in [(10u32, 100u32), (5, 100), (30, 100), (1, 20), (3, 7)] {
+            let targets = [(1, t - w), (2, w)];
+            let hits: Vec<u64> = (0..3 * u64::from(t)).filter(|&d| pick(&targets, d) == Ok(2)).collect();
+            assert_eq!(hits.len() as u32, 3 * w);
+            let widest = hits.windows(2).map(|p| p[1] - p[0]).max().unwrap_or(0);
+            assert!(widest <= 2 * u64::from(t / w) + 3, "{w}/{t}: gap {widest}");
+        }
+        let halves: Vec<u32> = (0..6).map(|d| pick(&[(1, 1), (2, 1)], d).unwrap()).collect();
+        assert_eq!(halves, [1, 2, 1, 2, 1, 2]);
+        for total in 1..200u64 {
+            let k = stride(total);
+            let mut seen: Vec<u64> = (0..total).map(|d| d * k % total).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..total).collect::<Vec<_>>(), "stride {k} of {total}");
+        }
     }
 
     #[test]

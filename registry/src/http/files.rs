@@ -288,7 +288,10 @@ async fn local_file(
         }
         Ok(Bytes::from(buf))
     });
-    builder.status(status).body(body).map_err(|e| ApiError::internal(e.to_string()))
+    builder
+        .status(status)
+        .body(body)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// A body of `len` bytes from `start`, read in pieces of `piece` bytes by `read(at, want)`
