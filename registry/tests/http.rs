@@ -4,7 +4,8 @@
 mod common;
 
 use common::chunk_files;
-use common::server::{READ, Server, WRITE, get, http, send_json};
+use common::http_client::{get, http, send_json};
+use common::server::{READ, Server, WRITE};
 use gantry_registry::http::ROUTES;
 use serde_json::json;
 use std::path::Path;

@@ -4,9 +4,10 @@
 
 mod common;
 
+use common::http_client::{get, http};
 use common::pattern::slice_bytes;
 use common::s3_server::S3Server;
-use common::server::{Server, get, http};
+use common::server::Server;
 use common::{TempDir, save_steps_to, tensors};
 use gantry_checkpoint::format::tp_share;
 use gantry_checkpoint::{S3Options, SliceSpec};

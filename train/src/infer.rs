@@ -14,7 +14,7 @@
 
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
-use crate::model::{Attention, MicroBatch, Model, Unit};
+use crate::model::{Attention, MicroBatch, Model, Unit, rotate_half};
 use crate::tensor_parallel::Fwd;
 use tch::{Device, IndexOp, Kind, Tensor};
 
@@ -200,15 +200,8 @@ enum Step<'a> {
 fn rope_at(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &Tensor) -> Tensor {
     let (b, n) = (positions.size()[0], positions.size()[1]);
     let half = x.size()[3] / 2;
-    let pick = |t: &Tensor| {
-        t.index_select(0, &positions.view([-1]))
-            .view([b, 1, n, half])
-            .to_kind(x.kind())
-    };
-    let (cos, sin) = (pick(cos), pick(sin));
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], 3)
+    let pick = |t: &Tensor| t.index_select(0, &positions.view([-1])).view([b, 1, n, half]);
+    rotate_half(x, &pick(cos), &pick(sin))
 }
 
 /// One attention unit with the cache (the residual included, as in training).

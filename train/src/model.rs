@@ -448,14 +448,18 @@ fn rope_tables(t: i64, head_dim: i64, theta: f64, device: tch::Device) -> (Tenso
 
 /// Rotate-half rotary embedding of `x` `[B, H, T, hd]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, t: i64) -> Tensor {
-    let half = x.size()[3] / 2;
-    let (cos, sin) = (
-        cos.narrow(0, 0, t).to_kind(x.kind()),
-        sin.narrow(0, 0, t).to_kind(x.kind()),
-    );
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], 3)
+    rotate_half(x, &cos.narrow(0, 0, t), &sin.narrow(0, 0, t))
+}
+
+/// `x` `[…, hd]` rotated by angles whose cosines and sines (`[…, hd / 2]`, broadcast against
+/// `x`) are given.
+pub(crate) fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
+    let last = x.dim() as i64 - 1;
+    let x1 = x.narrow(last, 0, half);
+    let x2 = x.narrow(last, half, half);
+    Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], last)
 }
 
 /// Split `n_layers` over `pp` stages: explicit counts, or balanced so the largest stage's

@@ -191,14 +191,8 @@ pub(crate) async fn get_file(
     headers: HeaderMap,
     Path(parts): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let result = get_file_inner(State(s.clone()), headers, Path(parts)).await;
-    s.metrics.download(
-        "files",
-        result
-            .as_ref()
-            .map_or_else(|e| e.status.as_u16(), |r| r.status().as_u16()),
-    );
-    result
+    let answer = get_file_inner(State(s.clone()), headers, Path(parts)).await;
+    s.metrics.download("files", answer)
 }
 
 async fn get_file_inner(

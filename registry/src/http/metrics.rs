@@ -89,13 +89,20 @@ impl ServiceMetrics {
         }
     }
 
-    pub fn download(&self, route: &'static str, status: u16) {
+    /// Count a files or tensors answer by its status, and hand it on.
+    pub fn download(
+        &self,
+        route: &'static str,
+        answer: Result<axum::response::Response, super::ApiError>,
+    ) -> Result<axum::response::Response, super::ApiError> {
+        let status = answer.as_ref().map_or_else(|e| e.status, |r| r.status()).as_u16();
         *self
             .downloads
             .lock()
             .expect("metrics lock")
             .entry((route, status))
             .or_default() += 1;
+        answer
     }
 
     pub fn render(&self, cache: Option<&ModelCache>) -> String {

@@ -161,14 +161,8 @@ pub(crate) async fn get_tensors(
     Path(parts): Path<(String, String)>,
     query: RawQuery,
 ) -> Result<Response, ApiError> {
-    let result = get_tensors_inner(State(s.clone()), headers, Path(parts), query).await;
-    s.metrics.download(
-        "tensors",
-        result
-            .as_ref()
-            .map_or_else(|e| e.status.as_u16(), |r| r.status().as_u16()),
-    );
-    result
+    let answer = get_tensors_inner(State(s.clone()), headers, Path(parts), query).await;
+    s.metrics.download("tensors", answer)
 }
 
 async fn get_tensors_inner(

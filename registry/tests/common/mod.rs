@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod http_client;
 #[path = "../../../checkpoint/tests/common/pattern.rs"]
 pub mod pattern;
 #[path = "../../../checkpoint/tests/common/s3_server.rs"]

@@ -1,98 +1,16 @@
-//! A real registry server on 127.0.0.1:0 over real committed checkpoints, and a minimal
-//! HTTP/1.1 client over `std::net::TcpStream`, for the HTTP tests.
+//! A real registry server on 127.0.0.1:0 over real committed checkpoints, for the HTTP tests
+//! (with the client of `http_client.rs`).
 
 use super::{TempDir, save_steps};
 use gantry_checkpoint::S3Options;
 use gantry_registry::http::{Running, Scope, ServeConfig, TokenEntry, start};
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+
+use super::http_client::send_json;
 
 pub const READ: &str = "read-token-0123456789";
 pub const WRITE: &str = "write-token-0123456789";
-
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: body is not JSON ({e}): {:?}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-    pub fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .expect("an error code")
-            .to_string()
-    }
-}
-
-/// One request on a fresh connection (`Connection: close`); the body is read to EOF and
-/// checked against `Content-Length`.
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).expect("send");
-    if let Some(b) = body {
-        s.write_all(b).expect("send body");
-    }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read reply");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
-    let head = String::from_utf8(raw[..split].to_vec()).expect("ascii head");
-    let body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (k, v) = l.split_once(':').expect("header line");
-            (k.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
-    let reply = Reply { status, headers, body };
-    if let Some(len) = reply.header("content-length") {
-        assert_eq!(
-            len.parse::<usize>().unwrap(),
-            reply.body.len(),
-            "Content-Length of {method} {path}"
-        );
-    }
-    reply
-}
-
-pub fn get(addr: SocketAddr, path: &str) -> Reply {
-    http(addr, "GET", path, &[], None)
-}
-
-pub fn send_json(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &Value) -> Reply {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let mut h = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        h.push(("Authorization", a.as_str()));
-    }
-    http(addr, method, path, &h, Some(body.to_string().as_bytes()))
-}
 
 pub struct Server {
     pub rt: tokio::runtime::Runtime,
