@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// concurrent requests wait for a free slot.
     #[arg(long, default_value_t = 8)]
     batch_slots: usize,
+    /// Generation requests in flight per served version (generating or waiting for a slot)
+    /// before new ones are answered 503.
+    #[arg(long, default_value_t = gantry_registry::http::DEFAULT_MAX_PENDING)]
+    max_pending: usize,
     /// Intra-op threads for generation (0: libtorch's default, every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -72,6 +76,7 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         open_reads: !args.closed_reads,
         s3: args.s3.options(),
         model_cache_bytes: args.model_cache_mb.saturating_mul(1 << 20),
+        max_pending: args.max_pending,
     };
     if args.batch_slots == 0 {
         anyhow::bail!("--batch-slots must be at least 1");

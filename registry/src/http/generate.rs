@@ -18,7 +18,7 @@ use super::files::VERSION_HEADER;
 use super::metrics::GenerationOutcome;
 use super::routes::{AppState, parse_ref};
 use crate::serving::TextCodec;
-use crate::serving::cache::{CacheError, ServedModel};
+use crate::serving::cache::{Admitted, CacheError, ServedModel};
 use crate::serving::engine::{GenEvent, GenerateJob};
 use crate::serving::sampling::SamplingParams;
 use axum::extract::{Path, State};
@@ -168,6 +168,8 @@ impl Collector {
 
 struct Prepared {
     served: Arc<ServedModel>,
+    /// Held until the request ends: counts it against the version's queue limit.
+    _admitted: Admitted,
     resolved_from: String,
     prompt: Vec<u32>,
     seed: u64,
@@ -224,6 +226,16 @@ pub(crate) async fn generate(
         return Err(ApiError::bad_request("stop strings need a model with a tokenizer"));
     }
     let prompt = prompt_tokens(&body, &served)?;
+    let admitted = served.admit(s.max_pending).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "{}@{} already has {} requests in flight (--max-pending); retry later",
+                served.model, served.version, s.max_pending
+            ),
+        )
+    })?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = GenerateJob {
         prompt: prompt.clone(),
@@ -239,6 +251,7 @@ pub(crate) async fn generate(
         )));
     }
     let prepared = Prepared {
+        _admitted: admitted,
         collector: Collector {
             codec_text: served.codec.is_some(),
             stops,

@@ -44,6 +44,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Generation requests in flight per served version (generating or queued for a KV-cache
+/// slot) before new ones are answered 503.
+pub const DEFAULT_MAX_PENDING: usize = 256;
+
 /// The shortest token accepted, so a guessable token is refused at startup.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -62,6 +66,8 @@ pub struct ServeConfig {
     pub s3: gantry_checkpoint::S3Options,
     /// Memory for versions loaded for generation; least recently used ones are evicted.
     pub model_cache_bytes: u64,
+    /// Generation requests in flight per served version before new ones get 503.
+    pub max_pending: usize,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +79,7 @@ impl Default for ServeConfig {
             open_reads: true,
             s3: gantry_checkpoint::S3Options::default(),
             model_cache_bytes: 4 << 30,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 }
@@ -109,6 +116,9 @@ impl ServeConfig {
             if t.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return bad(format!("token {} contains whitespace or control characters", i + 1));
             }
+        }
+        if self.max_pending == 0 {
+            return bad("max_pending must be at least 1".into());
         }
         if !self.open_reads && self.tokens.is_empty() {
             return bad("reads need a token (open_reads is off) but no tokens are configured".into());
@@ -161,12 +171,14 @@ pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>
         source,
     })?;
     let serving = loader.map(|l| Arc::new(ModelCache::new(l, config.model_cache_bytes, config.s3.clone())));
-    let state = Arc::new(routes::AppState::new(
+    let mut state = routes::AppState::new(
         Arc::new(registry),
         auth::Tokens::new(config.tokens.clone()),
         config.open_reads,
         serving,
-    ));
+    );
+    state.max_pending = config.max_pending;
+    let state = Arc::new(state);
     let app = routes::router(state);
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(%addr, db = %config.db.display(), open_reads = config.open_reads, "registry serving");

@@ -63,6 +63,7 @@ fn errors(codes: &[u16]) -> serde_json::Map<String, Value> {
                 415 => "the body is not declared as JSON",
                 416 => "the range is outside the file",
                 501 => "this server does not generate (started with --no-generate)",
+                503 => "too many generation requests in flight for this version (--max-pending); retry later",
                 507 => "the model needs more memory than the model cache's limit",
                 422 => "checkpoint refused (uncommitted, corrupt or incomplete) or no longer readable",
                 _ => "error",
@@ -118,7 +119,7 @@ pub fn document() -> Value {
                         "application/json": { "schema": schema("Generation") },
                         "text/event-stream": { "schema": { "type": "string" } }
                     }
-                })), &[400, 401, 404, 415, 422, 501, 507]),
+                })), &[400, 401, 404, 415, 422, 501, 503, 507]),
             }},
             "/v1/models": { "get": {
                 "summary": "list models (name contains `filter`), by name",

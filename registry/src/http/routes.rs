@@ -28,6 +28,8 @@ pub struct AppState {
     /// Loaded versions for generation (`None`: this server does not generate).
     pub serving: Option<Arc<ModelCache>>,
     pub metrics: Arc<ServiceMetrics>,
+    /// Generation requests in flight per served version before new ones get 503.
+    pub max_pending: usize,
     /// Checkpoints opened for file and tensor reads, shared across requests.
     pub opened: Arc<OpenedCheckpoints>,
     tokens: Tokens,
@@ -47,6 +49,7 @@ impl AppState {
             registry,
             serving,
             metrics: Arc::new(ServiceMetrics::default()),
+            max_pending: super::DEFAULT_MAX_PENDING,
             opened: Arc::new(OpenedCheckpoints::default()),
             tokens,
             open_reads,

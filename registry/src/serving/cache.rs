@@ -25,6 +25,29 @@ pub struct ServedModel {
     pub max_len: usize,
     pub vocab_size: usize,
     pub load_seconds: f64,
+    /// Requests admitted and not finished (generating or waiting for a slot).
+    pub pending: std::sync::atomic::AtomicUsize,
+}
+
+/// A request's claim on a served model's queue; released when dropped.
+pub struct Admitted(Arc<ServedModel>);
+
+impl ServedModel {
+    /// Admit one more request unless `limit` are already pending (the caller answers 503).
+    pub fn admit(self: &Arc<ServedModel>, limit: usize) -> Option<Admitted> {
+        let before = self.pending.fetch_add(1, Ordering::AcqRel);
+        if before >= limit {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admitted(self.clone()))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -172,6 +195,7 @@ impl ModelCache {
             max_len,
             vocab_size: loaded.vocab_size,
             load_seconds: started.elapsed().as_secs_f64(),
+            pending: Default::default(),
         };
         tracing::info!(model = %name, bytes = served.bytes, seconds = served.load_seconds, "model loaded for serving");
         Ok(Arc::new(served))
@@ -205,5 +229,140 @@ impl ModelCache {
             entries.remove(&victim);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serving::{LanguageModel, LoadedModel};
+
+    /// One token, always token 0.
+    struct Constant;
+
+    impl LanguageModel for Constant {
+        fn slots(&self) -> usize {
+            1
+        }
+        fn max_len(&self) -> usize {
+            8
+        }
+        fn prefill(&mut self, _: usize, _: &[u32]) -> Result<Vec<f32>, String> {
+            Ok(vec![1.0])
+        }
+        fn decode(&mut self, batch: &[(usize, u32)]) -> Result<Vec<Vec<f32>>, String> {
+            Ok(vec![vec![1.0]; batch.len()])
+        }
+        fn release(&mut self, _: usize) {}
+    }
+
+    /// Loads `Constant` models of `bytes` bytes, counting loads; version 13 fails to load.
+    struct Loader {
+        bytes: u64,
+        loads: AtomicU64,
+    }
+
+    impl ModelLoader for Loader {
+        fn load(&self, v: &VersionRecord, _: &S3Options) -> Result<super::super::LoadedModel, String> {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            if v.version == 13 {
+                return Err("version 13 is unloadable".into());
+            }
+            Ok(LoadedModel {
+                model: Box::new(Constant),
+                codec: None,
+                eod: None,
+                bytes: self.bytes,
+                vocab_size: 1,
+            })
+        }
+        fn estimate_bytes(&self, _: &VersionRecord) -> Option<u64> {
+            Some(self.bytes)
+        }
+    }
+
+    fn version(v: u32) -> VersionRecord {
+        VersionRecord {
+            model: "m".into(),
+            version: v,
+            created_ms: 0,
+            checkpoint_url: String::new(),
+            step: 0,
+            tokens_seen: 0,
+            model_config: serde_json::Value::Null,
+            layout: serde_json::Value::Null,
+            data_cursor: serde_json::Value::Null,
+            lineage: serde_json::Value::Null,
+            spec_hash: String::new(),
+            bytes: 0,
+            tensors: 0,
+            data: serde_json::Value::Null,
+            evals: Vec::new(),
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn loads_once_evicts_least_recently_used_and_retries_failures() {
+        let loader = Arc::new(Loader {
+            bytes: 100,
+            loads: AtomicU64::new(0),
+        });
+        let cache = ModelCache::new(loader.clone(), 250, S3Options::default());
+        rt().block_on(async {
+            let one = version(1);
+            let (a, b) = tokio::join!(cache.get(&one), cache.get(&one));
+            assert!(
+                Arc::ptr_eq(&a.unwrap(), &b.unwrap()),
+                "one load for concurrent requests"
+            );
+            cache.get(&version(2)).await.unwrap();
+            cache.get(&version(1)).await.unwrap(); // 1 is now the most recently used
+            cache.get(&version(3)).await.unwrap(); // 300 > 250: 2 goes
+            let mut loaded: Vec<u32> = cache.loaded().iter().map(|m| m.version).collect();
+            loaded.sort();
+            assert_eq!(loaded, [1, 3]);
+            assert_eq!(cache.evictions.load(Ordering::Relaxed), 1);
+            assert!(matches!(cache.get(&version(13)).await, Err(CacheError::Load { .. })));
+            assert!(cache.get(&version(13)).await.is_err());
+            assert_eq!(
+                loader.loads.load(Ordering::Relaxed),
+                5,
+                "1, 2, 3 once; 13 twice (failures are not cached)"
+            );
+        });
+        let small = ModelCache::new(loader.clone(), 50, S3Options::default());
+        let refused = rt().block_on(small.get(&version(1)));
+        assert!(matches!(
+            refused,
+            Err(CacheError::TooLarge {
+                needs: 100,
+                limit: 50,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn admission_stops_at_the_limit_and_releases_on_drop() {
+        let loader = Arc::new(Loader {
+            bytes: 1,
+            loads: AtomicU64::new(0),
+        });
+        let cache = ModelCache::new(loader, 10, S3Options::default());
+        let served = rt().block_on(cache.get(&version(1))).unwrap();
+        let first = served.admit(2).expect("room for one");
+        let second = served.admit(2).expect("room for two");
+        assert!(served.admit(2).is_none(), "a third is refused");
+        drop(first);
+        let third = served.admit(2).expect("room again");
+        drop((second, third));
+        assert_eq!(served.pending.load(Ordering::Relaxed), 0);
     }
 }
