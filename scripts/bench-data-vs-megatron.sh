@@ -6,7 +6,7 @@
 #   bash scripts/bench-data-vs-megatron.sh
 #
 # Environment: TOKENS [20000000] (synthetic dataset size), SEQ_LEN [1024], BATCH [8],
-# SECONDS [5], DATA_DIR [target/bench/data-<TOKENS>] (created with `gantry data synth` if absent).
+# BENCH_SECONDS [5], DATA_DIR [target/bench/data-<TOKENS>] (created with `gantry data synth` if absent).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -14,7 +14,7 @@ bash scripts/setup.sh >&2
 TOKENS=${TOKENS:-20000000}
 SEQ_LEN=${SEQ_LEN:-1024}
 BATCH=${BATCH:-8}
-SECONDS_=${SECONDS:-5}
+SECONDS_=${BENCH_SECONDS:-5}
 DATA_DIR=${DATA_DIR:-target/bench/data-$TOKENS}
 GANTRY=target/release/gantry
 PY=.tools/py/bin/python
