@@ -134,8 +134,21 @@ fn eval_rank(
     Ok(evaluate(&model, &mut comm, cfg, gantry_train::tch::Device::Cpu)?)
 }
 
-fn check_tp(v: &VersionRecord, tp: usize) -> anyhow::Result<()> {
+/// The model can read the dataset's tokens, and `tp` divides what TP splits.
+fn check(v: &VersionRecord, data: &Path, tp: usize) -> anyhow::Result<()> {
     let spec = model_spec(v).map_err(anyhow::Error::msg)?;
+    let manifest = gantry_sharding::manifest::Manifest::read(data)
+        .with_context(|| format!("{} is not a token dataset", data.display()))?;
+    if manifest.vocab_size > spec.vocab_size as u64 {
+        bail!(
+            "{} has a vocabulary of {} tokens; {}@{} reads {} (model.vocab_size): another tokenizer?",
+            data.display(),
+            manifest.vocab_size,
+            v.model,
+            v.version,
+            spec.vocab_size
+        );
+    }
     if tp == 0 {
         bail!("--tp must be at least 1");
     }
@@ -158,7 +171,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         return rank(&args, &api, dir);
     }
     let v = resolve(&api, &args.model)?;
-    check_tp(&v, args.tp)?;
+    check(&v, &args.data, args.tp)?;
     let cfg = config(&args, &v);
     cfg.validate()?;
     let started = Instant::now();

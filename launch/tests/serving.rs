@@ -228,6 +228,23 @@ fn train_register_eval_and_serve() {
         one["tokens"].as_u64() == Some(40 * 64) && p1 > 1.0 && p1 < 512.0,
         "{one}"
     );
+    let data_flag = data.to_str().unwrap();
+    for (flags, says) in [
+        (["--tp", "3", "--data", data_flag], "does not divide model.n_heads"),
+        (["--tp", "1", "--data", "/nonexistent"], "is not a token dataset"),
+    ] {
+        let out = Command::new(GANTRY)
+            .args(["eval", "--model", "shakespeare@staging"])
+            .args(flags)
+            .env("GANTRY_REGISTRY", &reg.addr)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success() && text(&out).contains(says),
+            "{flags:?}: {}",
+            text(&out)
+        );
+    }
     let evals = http(&reg.addr, "GET", "/v1/models/shakespeare/versions/2", &[], None).json()["evals"].clone();
     assert_eq!(evals.as_array().map(Vec::len), Some(2), "{evals}");
     assert_eq!(evals[1]["tp"], 2);
