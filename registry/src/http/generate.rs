@@ -245,8 +245,9 @@ pub(crate) async fn generate(
         events: tx,
     };
     if !served.engine.submit(job) {
+        cache.forget(&served);
         return Err(ApiError::internal(format!(
-            "the generation engine of {}@{} has stopped",
+            "the generation engine of {}@{} had stopped; it is loaded again on the next request",
             served.model, served.version
         )));
     }

@@ -201,6 +201,22 @@ impl ModelCache {
         Ok(Arc::new(served))
     }
 
+    /// Drop a loaded version whose engine stopped (its thread died), so the next request
+    /// loads it afresh.
+    pub fn forget(&self, model: &ServedModel) {
+        let mut guard = self.entries.lock().expect("model cache lock");
+        let key = (model.model.clone(), model.version);
+        let same = guard
+            .map
+            .get(&key)
+            .and_then(|e| e.cell.get())
+            .is_some_and(|r| r.as_ref().is_ok_and(|m| std::ptr::eq(Arc::as_ptr(m), model)));
+        if same {
+            tracing::warn!(model = %key.0, version = key.1, "the generation engine stopped; the version will be loaded again");
+            guard.map.remove(&key);
+        }
+    }
+
     /// Drop least recently used loaded versions (never `keep`) until the total fits.
     fn evict_over_limit(&self, keep: &Key) {
         let mut guard = self.entries.lock().expect("model cache lock");

@@ -110,6 +110,14 @@ impl Batcher {
         self.queue.len()
     }
 
+    /// End every queued and active request with `message`.
+    pub fn fail_all(&mut self, message: &str) {
+        let active = self.slots.iter_mut().filter_map(Option::take).map(|a| a.job);
+        for job in self.queue.drain(..).chain(active) {
+            let _ = job.events.send(GenEvent::Failed(message.to_string()));
+        }
+    }
+
     /// Admit queued requests into free slots, then advance every active request by one token.
     pub fn step(&mut self, model: &mut dyn LanguageModel) {
         self.admit(model);
@@ -262,7 +270,19 @@ pub fn spawn_engine(
                 while let Ok(job) = rx.try_recv() {
                     batcher.submit(job);
                 }
-                batcher.step(model.as_mut());
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batcher.step(model.as_mut())));
+                if let Err(panic) = stepped {
+                    // The model's state is unknown after a panic: fail what is here and stop;
+                    // the cache loads the version afresh for the next request.
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    tracing::error!(model = %name, panic = what, "the generation engine failed");
+                    batcher.fail_all(&format!("the model failed: {what}"));
+                    break;
+                }
             }
             tracing::info!(model = %name, "generation engine stopped");
         })?;
@@ -474,6 +494,48 @@ mod tests {
                 "{prompt:?} {n}"
             );
         }
+    }
+
+    /// Panics on its first decode.
+    struct Failing(Counting);
+
+    impl LanguageModel for Failing {
+        fn slots(&self) -> usize {
+            self.0.slots()
+        }
+        fn max_len(&self) -> usize {
+            self.0.max_len()
+        }
+        fn prefill(&mut self, slot: usize, tokens: &[u32]) -> Result<Vec<f32>, String> {
+            self.0.prefill(slot, tokens)
+        }
+        fn decode(&mut self, _: &[(usize, u32)]) -> Result<Vec<Vec<f32>>, String> {
+            panic!("kernel exploded")
+        }
+        fn release(&mut self, slot: usize) {
+            self.0.release(slot)
+        }
+    }
+
+    #[test]
+    fn a_panicking_model_fails_its_requests_and_stops_the_engine() {
+        let engine = spawn_engine(Box::new(Failing(Counting::new(2, 64))), None, "failing".into()).unwrap();
+        let (j, mut rx) = job(&[1], 5);
+        assert!(engine.submit(j));
+        let mut events = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            events.push(e);
+        }
+        assert!(
+            matches!(events.as_slice(), [GenEvent::Token(_), GenEvent::Failed(m)] if m.contains("kernel exploded")),
+            "{events:?}"
+        );
+        // The thread has gone: new work is refused, so the caller can reload the model.
+        let refused = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            !engine.submit(job(&[1], 1).0)
+        });
+        assert!(refused);
     }
 
     #[test]
