@@ -144,12 +144,29 @@ impl Collector {
             self.finish = Some("stop");
             return new;
         }
-        if settled.len() > self.text.len() && settled.starts_with(&self.text) {
-            let new = settled[self.text.len()..].to_string();
-            self.text = settled.to_string();
+        // Hold back the end of the text while it could be the start of a stop string, so
+        // streamed text never has to be taken back.
+        let safe = &settled[..settled.len() - self.partial_stop(settled)];
+        if safe.len() > self.text.len() && safe.starts_with(&self.text) {
+            let new = safe[self.text.len()..].to_string();
+            self.text = safe.to_string();
             return new;
         }
         String::new()
+    }
+
+    /// Bytes at the end of `text` that are a proper prefix of some stop string.
+    fn partial_stop(&self, text: &str) -> usize {
+        self.stops
+            .iter()
+            .filter_map(|stop| {
+                (1..stop.len())
+                    .rev()
+                    .filter(|&n| stop.is_char_boundary(n))
+                    .find(|&n| text.ends_with(&stop[..n]))
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The final text once generation has ended (flushes held-back characters).
@@ -398,4 +415,62 @@ fn stream(s: Arc<AppState>, mut p: Prepared) -> Response {
     let mut r = Sse::new(events).into_response();
     r.headers_mut().insert(VERSION_HEADER, HeaderValue::from(version));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One character per token id (`a` + id).
+    struct Letters;
+
+    impl TextCodec for Letters {
+        fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+            Ok(text.bytes().map(|b| u32::from(b - b'a')).collect())
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String, String> {
+            Ok(ids.iter().map(|&i| char::from(b'a' + i as u8)).collect())
+        }
+    }
+
+    fn collector(stops: &[&str]) -> Collector {
+        Collector {
+            codec_text: true,
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: None,
+        }
+    }
+
+    fn feed(c: &mut Collector, text: &str) -> Vec<String> {
+        let ids = Letters.encode(text).unwrap();
+        let codec: &dyn TextCodec = &Letters;
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(c.token(Some(codec), id));
+            if c.finish.is_some() {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stop_strings_end_the_text_and_streamed_text_is_never_taken_back() {
+        let mut c = collector(&["cde"]);
+        let pieces = feed(&mut c, "abcdcdefg");
+        assert_eq!(c.finish, Some("stop"));
+        assert_eq!(c.text, "abcd");
+        // "c" and "cd" were held back while they could have begun "cde".
+        assert_eq!(pieces, ["a", "b", "", "", "cd", "", ""]);
+        assert_eq!(pieces.concat(), c.text);
+
+        let mut c = collector(&["xyz", "bb"]);
+        let pieces = feed(&mut c, "abab");
+        assert_eq!((c.finish, pieces.concat()), (None, "aba".to_string()));
+        let codec: &dyn TextCodec = &Letters;
+        c.finish_text(Some(codec));
+        assert_eq!(c.text, "abab", "the end flushes what was held back");
+    }
 }
