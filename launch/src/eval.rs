@@ -261,7 +261,11 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     }
     let exe = std::env::current_exe().context("cannot find the gantry binary")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let env = vec![("GANTRY_EVAL_THREADS".to_string(), (cores / args.tp).max(1).to_string())];
+    let mut env = vec![("GANTRY_EVAL_THREADS".to_string(), (cores / args.tp).max(1).to_string())];
+    // A token given as --token reaches the ranks through their environment, not argv.
+    if let Some(token) = &args.client.token {
+        env.push(("GANTRY_REGISTRY_TOKEN".to_string(), token.clone()));
+    }
     let mut world = spawn_local_world(&exe, &child, args.tp, &env, Output::Files(dir.clone()))
         .context("starting the evaluation ranks")?;
     let status = world.wait_all(Duration::from_secs_f64(args.timeout_s));
