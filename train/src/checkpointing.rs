@@ -154,20 +154,36 @@ pub struct Checkpointing {
     at_end: bool,
     /// Files saved beside the tensors by this rank (rank 0: the dataset's tokenizer).
     assets: Vec<(String, Vec<u8>)>,
+    /// The manifest's `params` and `data`, the same for every save of the run.
+    params: Vec<ParamLayout>,
+    data: serde_json::Value,
 }
 
 /// Under this asset name the dataset's tokenizer (a Hugging Face `tokenizer.json`) is saved
 /// with every checkpoint, so evaluation and serving decode with what the model was trained on.
 pub const TOKENIZER_ASSET: &str = "asset/tokenizer.json";
 
-/// The dataset's tokenizer file, if it has one (synthetic and byte-level data do not).
-fn tokenizer_file(spec: &JobSpec) -> Result<Option<std::path::PathBuf>, TrainError> {
+/// What every manifest of the run says about the model's parameters (each with its TP split)
+/// and its data (dataset, validation split, tokenizer kind), and the dataset's tokenizer file
+/// if it has one (synthetic and byte-level data do not).
+fn describe(spec: &JobSpec) -> Result<(Vec<ParamLayout>, serde_json::Value, Option<std::path::PathBuf>), TrainError> {
     let manifest =
         gantry_sharding::manifest::Manifest::read(&spec.data.path).map_err(gantry_sharding::gpt::DatasetError::from)?;
-    Ok(match manifest.tokenizer {
+    let params = Model::parameter_layout(&spec.model)
+        .into_iter()
+        .map(|(name, tp_split)| ParamLayout { name, tp_split })
+        .collect();
+    let data = serde_json::json!({
+        "path": spec.data.path,
+        "valid_fraction": spec.data.valid_fraction,
+        "seed": spec.data.seed,
+        "tokenizer": manifest.tokenizer,
+    });
+    let tokenizer = match manifest.tokenizer {
         TokenizerInfo::File { path } => Some(spec.data.path.join(path)),
         _ => None,
-    })
+    };
+    Ok((params, data, tokenizer))
 }
 
 /// Differences between the model a checkpoint holds and the one being built.
@@ -202,9 +218,10 @@ impl Checkpointing {
             keep_last: (c.keep_last > 0).then_some(c.keep_last),
             keep_every: (c.keep_every > 0).then_some(c.keep_every),
         };
+        let (params, data, tokenizer) = describe(spec)?;
         let mut assets = Vec::new();
         if place.rank == 0
-            && let Some(path) = tokenizer_file(spec)?
+            && let Some(path) = tokenizer
         {
             let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
             assets.push((TOKENIZER_ASSET.to_string(), bytes));
@@ -215,6 +232,8 @@ impl Checkpointing {
             every: c.every,
             at_end: c.at_end,
             assets,
+            params,
+            data,
         }))
     }
 
@@ -319,6 +338,11 @@ impl Checkpointing {
             slice: SliceSpec::full(name, DType::U8, &[bytes.len() as u64]),
             bytes: bytes.clone(),
         }));
+        let job = JobState {
+            params: self.params.clone(),
+            data: self.data.clone(),
+            ..job
+        };
         let previous = self.saver.save(SaveRequest {
             step: done,
             tensors,
@@ -364,23 +388,11 @@ impl ResumeRequest {
     }
 }
 
-/// The job-wide part of a manifest.
+/// The job-wide part of a manifest that changes from save to save (the run's `params` and
+/// `data` are added by [`Checkpointing::save`]).
 pub fn job_state(spec: &JobSpec, tokens_seen: u64, cursor: Option<&Cursor>, job_id: &str) -> JobState {
     let p = &spec.parallel;
-    let tokenizer = gantry_sharding::manifest::Manifest::read(&spec.data.path)
-        .map(|m| serde_json::to_value(m.tokenizer).expect("tokenizer info serializes"))
-        .unwrap_or(serde_json::Value::Null);
     JobState {
-        params: Model::parameter_layout(&spec.model)
-            .into_iter()
-            .map(|(name, tp_split)| ParamLayout { name, tp_split })
-            .collect(),
-        data: serde_json::json!({
-            "path": spec.data.path,
-            "valid_fraction": spec.data.valid_fraction,
-            "seed": spec.data.seed,
-            "tokenizer": tokenizer,
-        }),
         tokens_seen,
         model: serde_json::to_value(&spec.model).expect("model spec serializes"),
         layout: serde_json::json!({
@@ -401,5 +413,6 @@ pub fn job_state(spec: &JobSpec, tokens_seen: u64, cursor: Option<&Cursor>, job_
             spec_hash: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(spec.to_toml().as_bytes())),
             gantry_version: env!("CARGO_PKG_VERSION").to_string(),
         },
+        ..JobState::default()
     }
 }
