@@ -117,7 +117,6 @@ fn prompt_tokens(body: &GenerateBody, m: &ServedModel) -> Result<Vec<u32>, ApiEr
 
 /// Collects one generation: tokens, decoded text, stop strings.
 struct Collector {
-    codec_text: bool,
     stops: Vec<String>,
     tokens: Vec<u32>,
     /// Text sent so far (streaming) or decided so far.
@@ -130,7 +129,7 @@ impl Collector {
     /// across tokens). Sets `finish` when a stop string appears.
     fn token(&mut self, codec: Option<&dyn TextCodec>, token: u32) -> String {
         self.tokens.push(token);
-        let Some(codec) = codec.filter(|_| self.codec_text) else {
+        let Some(codec) = codec else {
             return String::new();
         };
         let Ok(full) = codec.decode(&self.tokens) else {
@@ -174,10 +173,7 @@ impl Collector {
         if self.finish == Some("stop") {
             return;
         }
-        if let Some(full) = codec
-            .filter(|_| self.codec_text)
-            .and_then(|c| c.decode(&self.tokens).ok())
-        {
+        if let Some(full) = codec.and_then(|c| c.decode(&self.tokens).ok()) {
             self.text = full;
         }
     }
@@ -271,7 +267,6 @@ pub(crate) async fn generate(
     let prepared = Prepared {
         _admitted: admitted,
         collector: Collector {
-            codec_text: served.codec.is_some(),
             stops,
             tokens: Vec::new(),
             text: String::new(),
@@ -435,7 +430,6 @@ mod tests {
 
     fn collector(stops: &[&str]) -> Collector {
         Collector {
-            codec_text: true,
             stops: stops.iter().map(|s| s.to_string()).collect(),
             tokens: Vec::new(),
             text: String::new(),
