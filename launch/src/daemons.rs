@@ -51,16 +51,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub async fn shutdown_signal() {
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the daemon still serves; it just cannot stop gracefully.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // Registered now, not when the future is first polled: a daemon calls this before it
+    // announces its address, so a SIGTERM that follows the announcement is always handled
+    // (never the default action, which kills the process).
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the daemon still serves; it just cannot stop gracefully.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -93,6 +99,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         },
     };
     runtime()?.block_on(async {
+        let shutdown = shutdown_signal();
         let mut running = start(config).await?;
         if args.json {
             println!(
@@ -105,7 +112,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(address = %running.addr, state = %args.state.display(), "coordinator serving");
         tokio::select! {
             r = running.wait_ref() => return r.map_err(anyhow::Error::from),
-            _ = shutdown_signal() => {}
+            _ = shutdown => {}
         }
         tracing::info!("coordinator stopping");
         running.stop().await?;
@@ -199,9 +206,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     config.validate()?;
     runtime()?.block_on(async {
+        let shutdown = shutdown_signal();
         let worker = gantry_worker::start(config).await?;
         println!("serving on {}", worker.service_addr());
-        worker.run(shutdown_signal()).await
+        worker.run(shutdown).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -96,6 +96,7 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let shutdown = crate::daemons::shutdown_signal();
         let mut running = start_with(config, loader).await?;
         if args.json {
             println!(
@@ -107,7 +108,7 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         }
         tokio::select! {
             r = running.wait_ref() => return r.map_err(anyhow::Error::from),
-            _ = crate::daemons::shutdown_signal() => {}
+            _ = shutdown => {}
         }
         running.stop().await?;
         Ok::<_, anyhow::Error>(())
