@@ -143,25 +143,24 @@ impl ServiceMetrics {
                 let _ = writeln!(out, "{name}{{{}}} {}", label(k), get(s));
             }
         }
-        let name = "gantry_registry_generate_seconds";
-        header(
-            &mut out,
-            name,
-            "histogram",
-            "Generation request latency per served version.",
-        );
-        for (k, s) in &versions {
-            s.latency.render(&mut out, name, &label(k));
-        }
-        let name = "gantry_registry_generate_first_token_seconds";
-        header(
-            &mut out,
-            name,
-            "histogram",
-            "Time to the first generated token per served version.",
-        );
-        for (k, s) in &versions {
-            s.first_token.render(&mut out, name, &label(k));
+        type PerVersionHistogram = fn(&VersionStats) -> &Histogram;
+        let histograms: [(&str, &str, PerVersionHistogram); 2] = [
+            (
+                "gantry_registry_generate_seconds",
+                "Generation request latency per served version.",
+                |s| &s.latency,
+            ),
+            (
+                "gantry_registry_generate_first_token_seconds",
+                "Time to the first generated token per served version.",
+                |s| &s.first_token,
+            ),
+        ];
+        for (name, help, get) in histograms {
+            header(&mut out, name, "histogram", help);
+            for (k, s) in &versions {
+                get(s).render(&mut out, name, &label(k));
+            }
         }
         let name = "gantry_registry_download_requests_total";
         header(
