@@ -25,9 +25,11 @@ pub struct ReadBench {
 }
 
 /// One reader thread assembling batches of shuffled samples for about `seconds`, after a pass
-/// that warms the page cache; then a memcpy of the same number of token bytes.
+/// that warms the page cache; then a memcpy of the same number of token bytes. Batches are
+/// made the way the trainer's prefetch thread makes them ([`GptDataset::micro_batch`], one DP
+/// rank, the cursor advancing a step per batch).
 pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> Result<ReadBench, DatasetError> {
-    let sampler = Sampler::new(ds.num_samples(), seed, 1)?;
+    let sampler = Sampler::new(ds.num_samples(), seed, batch)?;
     // Warm the page cache: touch every token once.
     let mut sink = Vec::new();
     for (doc, len) in ds.data().document_lengths()?.into_iter().enumerate() {
@@ -42,18 +44,15 @@ pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> R
         )?;
     }
     let row = ds.seq_len() + 1;
-    let mut tokens = Vec::with_capacity(batch * row);
-    let mut spans = Vec::new();
-    let (mut position, mut samples) = (0u64, 0u64);
+    let mut cursor = sampler.start(ds.data().fingerprint());
+    let mut samples = 0u64;
     let started = Instant::now();
     while started.elapsed().as_secs_f64() < seconds {
-        tokens.clear();
-        for _ in 0..batch {
-            ds.sample_into(sampler.at(position).sample, &mut spans, &mut tokens)?;
-            position += 1;
-        }
+        let ready = ds.micro_batch(&sampler, &cursor, 0, 1, 1, 0)?;
+        debug_assert_eq!(ready.tokens.len(), batch * row);
+        std::hint::black_box(&ready.tokens);
+        cursor.advance(1)?;
         samples += batch as u64;
-        std::hint::black_box(&tokens);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let total_tokens = samples * row as u64;

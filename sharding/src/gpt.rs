@@ -12,7 +12,7 @@
 //! a span touches and keeps the most recently used ones (sequential scans, no disk to spare).
 
 use crate::frames::{FrameError, FramedBin};
-use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths, tokens_of};
+use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths};
 use crate::manifest::{MANIFEST, Manifest, ManifestError};
 use crate::materialize::{MaterializeError, Materialized, dataset_cache_dir, default_cache_root, materialize};
 use crate::sampler::{Blend, Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
+
+mod gather;
+pub(crate) use gather::prefetch;
 
 // The benchmark lived here first; keep its path.
 pub use crate::bench::{ReadBench, bench_reader};
@@ -261,31 +264,10 @@ impl TokenDataset {
     /// Append tokens `offset..offset+len` of global document `doc` to `out`. Only frames can
     /// fail (a damaged frame); mapped shards were fully checked when opened.
     pub fn read_span(&self, span: Span, out: &mut Vec<i64>) -> Result<(), DatasetError> {
-        let doc = span.doc as usize;
-        let shard = self.doc_base.partition_point(|&b| b <= doc) - 1;
-        let index = self.shards[shard].index();
-        let (mut offset, mut left) = (span.offset as usize, span.len as usize);
-        for seq in index.document(doc - self.doc_base[shard]) {
-            if left == 0 {
-                break;
-            }
-            let seq_len = index.sequence_len(seq);
-            if offset >= seq_len {
-                offset -= seq_len;
-                continue;
-            }
-            let n = left.min(seq_len - offset);
-            match &self.shards[shard] {
-                Shard::Mapped(ds) => ds.tokens(seq, offset, n).extend_i64(out),
-                Shard::Framed { index, frames } => {
-                    let range = index.byte_range(seq, offset, n);
-                    frames.read(range.start as u64..range.end as u64, |bytes| {
-                        tokens_of(index.dtype(), bytes).extend_i64(out)
-                    })?;
-                }
-            }
-            left -= n;
-            offset = 0;
+        let mut pieces = Vec::with_capacity(1);
+        self.locate_span(span, &mut pieces);
+        for piece in &pieces {
+            self.read_piece(piece, out)?;
         }
         Ok(())
     }
@@ -354,14 +336,15 @@ impl GptDataset {
         self.packed.seq_len() as usize
     }
 
-    /// Append sample `sample`'s `seq_len + 1` tokens to `out`; `spans` is scratch space.
-    pub fn sample_into(&self, sample: u64, spans: &mut Vec<Span>, out: &mut Vec<i64>) -> Result<(), DatasetError> {
-        spans.clear();
-        self.packed.spans_into(sample, spans)?;
-        for span in spans.iter() {
-            self.data.read_span(*span, out)?;
-        }
-        Ok(())
+    /// The document ranges sample `sample` is made of, in order.
+    pub fn spans(&self, sample: u64) -> Result<Vec<Span>, DatasetError> {
+        Ok(self.packed.spans(sample)?)
+    }
+
+    /// Append sample `sample`'s `seq_len + 1` tokens to `out` (several at once:
+    /// [`GptDataset::samples_into`]).
+    pub fn sample_into(&self, sample: u64, out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        self.samples_into(&[sample], out)
     }
 
     /// The tokens of one micro-batch of one DP rank at `cursor`'s step, row-major
@@ -376,11 +359,9 @@ impl GptDataset {
         micro: usize,
     ) -> Result<Batch, DatasetError> {
         let refs = sampler.micro_batch(cursor, dp_rank, dp_size, micro_batches, micro)?;
-        let mut tokens = Vec::with_capacity(refs.len() * (self.seq_len() + 1));
-        let mut spans = Vec::new();
-        for r in &refs {
-            self.sample_into(r.sample, &mut spans, &mut tokens)?;
-        }
+        let samples: Vec<u64> = refs.iter().map(|r| r.sample).collect();
+        let mut tokens = Vec::new();
+        self.samples_into(&samples, &mut tokens)?;
         Ok(Batch {
             step: cursor.step(),
             micro,
@@ -472,13 +453,14 @@ impl BlendedGptDataset {
             datasets: Vec::new(),
             tokens: Vec::new(),
         };
-        let mut spans = Vec::new();
+        let mut picks = Vec::new();
         for p in positions {
             let (d, r) = self.at(p);
-            self.parts[d].sample_into(r.sample, &mut spans, &mut batch.tokens)?;
+            picks.push((d, r.sample));
             batch.samples.push(r);
             batch.datasets.push(d);
         }
+        self.samples_into(&picks, &mut batch.tokens)?;
         Ok(batch)
     }
 }

@@ -39,13 +39,23 @@ fn samples_are_windows_of_the_stream_across_documents_and_shards() {
     let all = stream(ds.data());
     assert_eq!(all.len(), 60_000);
     assert_eq!(ds.num_samples(), 599);
-    let (mut spans, mut out) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
     for sample in [0u64, 1, 6, 7, 199, 200, 598] {
         out.clear();
-        ds.sample_into(sample, &mut spans, &mut out).unwrap();
+        ds.sample_into(sample, &mut out).unwrap();
         let start = sample as usize * 100;
         assert_eq!(out, all[start..start + 101], "sample {sample}");
     }
+    // A batch read at once (all samples located before any is copied) is the same windows,
+    // in the order asked for, repeats included.
+    let picks = [598u64, 0, 200, 7, 7, 1, 399, 6];
+    out.clear();
+    ds.samples_into(&picks, &mut out).unwrap();
+    let expected: Vec<i64> = picks
+        .iter()
+        .flat_map(|&s| all[s as usize * 100..s as usize * 100 + 101].iter().copied())
+        .collect();
+    assert_eq!(out, expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -186,11 +196,8 @@ fn train_and_validation_splits_share_no_document() {
     .unwrap();
     let docs_of = |ds: &GptDataset| {
         let mut docs = BTreeSet::new();
-        let mut spans = Vec::new();
         for s in 0..ds.num_samples() {
-            let mut out = Vec::new();
-            ds.sample_into(s, &mut spans, &mut out).unwrap();
-            docs.extend(spans.iter().map(|sp| sp.doc));
+            docs.extend(ds.spans(s).unwrap().iter().map(|sp| sp.doc));
         }
         docs
     };

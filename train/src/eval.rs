@@ -97,16 +97,14 @@ pub fn evaluate(
             seq + 1
         )));
     }
-    let mut spans = Vec::new();
     let mut total = 0.0f64;
     let mut tokens = 0u64;
     let mut next = 0u64;
     while next < n {
         let rows = (n - next).min(cfg.batch as u64);
+        let samples: Vec<u64> = (next..next + rows).collect();
         let mut ids = Vec::with_capacity(rows as usize * (seq + 1));
-        for i in next..next + rows {
-            ds.sample_into(i, &mut spans, &mut ids)?;
-        }
+        ds.samples_into(&samples, &mut ids)?;
         let t = Tensor::from_slice(&ids).view([rows as i64, seq as i64 + 1]);
         let batch = MicroBatch {
             tokens: t.narrow(1, 0, seq as i64).to_device(device),

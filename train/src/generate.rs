@@ -51,8 +51,8 @@ pub fn sample(
                 Split::All
             };
             let ds = GptDataset::open_split(&spec.data.path, seq, split)?;
-            let (mut spans, mut toks) = (Vec::new(), Vec::new());
-            ds.sample_into((s as u64) % ds.num_samples().max(1), &mut spans, &mut toks)?;
+            let mut toks = Vec::new();
+            ds.sample_into((s as u64) % ds.num_samples().max(1), &mut toks)?;
             prompt.copy_from_slice(&toks[..prompt_len]);
         }
         pp.broadcast_slice(&mut prompt, 0)?;

@@ -8,8 +8,11 @@
 //! `i + 1` starts on the last token of sample `i`. Only full samples count:
 //! `num_samples = (total_tokens - 1) / seq_len`.
 //!
-//! [`PackedIndex`] keeps one prefix sum per non-empty document and finds a sample's first
-//! document by binary search, so memory is `O(documents)` however many samples there are.
+//! [`PackedIndex`] keeps one prefix sum per non-empty document, so memory is `O(documents)`
+//! however many samples there are. A sample's first document is found in O(1) on average
+//! through a bucket table over the stream (one `u32` per bucket of about an average
+//! document's length): a binary search over all documents costs a cache miss per level on a
+//! large dataset, and that was as much of a sample's read time as copying its tokens.
 
 use super::SamplerError;
 use super::prng::{DOMAIN_SPLIT, hash, unit_f64};
@@ -31,6 +34,10 @@ pub struct PackedIndex {
     /// `starts[j]` = stream offset of `docs[j]`'s first token; `starts[docs.len()]` = total
     /// tokens. Strictly increasing because empty documents are dropped.
     starts: Vec<u64>,
+    /// Stream positions are bucketed by `pos >> bucket_shift`; `bucket_first[b]` is the
+    /// document holding position `b << bucket_shift` (the last one for positions past the end).
+    bucket_shift: u32,
+    bucket_first: Vec<u32>,
     seq_len: u64,
     num_samples: u64,
 }
@@ -103,9 +110,12 @@ impl PackedIndex {
         }
         docs.shrink_to_fit();
         starts.shrink_to_fit();
+        let (bucket_shift, bucket_first) = bucket_table(&starts);
         Ok(PackedIndex {
             docs,
             starts,
+            bucket_shift,
+            bucket_first,
             seq_len,
             num_samples: (total - 1) / seq_len,
         })
@@ -135,6 +145,11 @@ impl PackedIndex {
     /// together exactly `seq_len + 1` tokens. Reuse `out` across calls to avoid allocating.
     pub fn spans_into(&self, sample: u64, out: &mut Vec<Span>) -> Result<(), SamplerError> {
         out.clear();
+        self.push_spans(sample, out)
+    }
+
+    /// [`Self::spans_into`] without clearing `out` first.
+    pub(crate) fn push_spans(&self, sample: u64, out: &mut Vec<Span>) -> Result<(), SamplerError> {
         if sample >= self.num_samples {
             return Err(SamplerError::SampleOutOfRange {
                 sample,
@@ -144,8 +159,7 @@ impl PackedIndex {
         // No overflow: sample < (total - 1) / seq_len, so end <= total.
         let start = sample * self.seq_len;
         let end = start + self.seq_len + 1;
-        // The last document starting at or before `start` (starts[0] == 0 <= start).
-        let mut j = self.starts.partition_point(|&s| s <= start) - 1;
+        let mut j = self.document_at(start);
         let mut pos = start;
         while pos < end {
             let (doc_start, doc_end) = (self.starts[j], self.starts[j + 1]);
@@ -162,12 +176,66 @@ impl PackedIndex {
         Ok(())
     }
 
+    /// Index (into `docs`) of the document holding stream position `pos` (< total tokens):
+    /// the last one starting at or before it, searched for only among the documents that
+    /// start inside `pos`'s bucket.
+    fn document_at(&self, pos: u64) -> usize {
+        let bucket = (pos >> self.bucket_shift) as usize;
+        let lo = self.bucket_first[bucket] as usize;
+        let hi = self.bucket_first[bucket + 1] as usize;
+        // starts[lo] <= pos, and the answer is at most hi (hi's document holds a later position).
+        lo + self.starts[lo + 1..=hi].partition_point(|&s| s <= pos)
+    }
+
+    /// Hint the CPU to load the bucket entries [`Self::spans_into`] reads first for `sample`
+    /// (samples past the end are ignored).
+    pub(crate) fn prefetch_bucket(&self, sample: u64) {
+        if sample < self.num_samples {
+            let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
+            crate::gpt::prefetch(bytemuck::cast_slice(&self.bucket_first[bucket..bucket + 2]));
+        }
+    }
+
+    /// Hint the CPU to load the document starts and ids [`Self::spans_into`] reads next for
+    /// `sample` (best after [`Self::prefetch_bucket`] has had time to land).
+    pub(crate) fn prefetch_documents(&self, sample: u64) {
+        if sample < self.num_samples {
+            let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
+            let lo = self.bucket_first[bucket] as usize;
+            crate::gpt::prefetch(bytemuck::cast_slice(&self.starts[lo..lo + 2]));
+            crate::gpt::prefetch(bytemuck::cast_slice(&self.docs[lo..lo + 1]));
+        }
+    }
+
     /// The spans of `sample`; see [`Self::spans_into`].
     pub fn spans(&self, sample: u64) -> Result<Vec<Span>, SamplerError> {
         let mut out = Vec::new();
         self.spans_into(sample, &mut out)?;
         Ok(out)
     }
+}
+
+/// The bucket table of [`PackedIndex::document_at`] for prefix sums `starts` (at least one
+/// document): buckets a power of two at least the average document's length, so there are no
+/// more buckets than documents and a bucket holds about one document start.
+fn bucket_table(starts: &[u64]) -> (u32, Vec<u32>) {
+    let docs = starts.len() - 1;
+    let total = starts[docs];
+    let average = total.div_ceil(docs as u64).max(1);
+    let shift = u64::BITS - (average - 1).leading_zeros();
+    // Positions run up to total - 1; one more bucket so `bucket + 1` is always there.
+    let buckets = ((total - 1) >> shift) as usize + 2;
+    let mut table = Vec::with_capacity(buckets);
+    let mut j = 0;
+    for b in 0..buckets as u64 {
+        let pos = b << shift;
+        while j + 1 < docs && starts[j + 1] <= pos {
+            j += 1;
+        }
+        // `check_doc_count` keeps document indices within u32.
+        table.push(j as u32);
+    }
+    (shift, table)
 }
 
 fn check_doc_count(num_documents: usize) -> Result<(), SamplerError> {
@@ -296,6 +364,7 @@ mod tests {
         assert_eq!(packed.num_samples(), ((4096u64 << 20) - 1) / 8);
         assert_eq!(packed.starts.len(), 4097);
         assert_eq!(packed.docs.len(), 4096);
+        assert!(packed.bucket_first.len() <= 4096 + 2);
         let last = packed.spans(packed.num_samples() - 1).unwrap();
         assert_eq!(last.iter().map(|s| s.len).sum::<u32>(), 9);
     }
@@ -392,6 +461,23 @@ mod tests {
                     prop_assert!(total <= seq_len as u64);
                 }
                 Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+
+        /// The bucket table finds the same document as a binary search over all of them, for
+        /// every position, however unevenly the lengths fall (runs of tiny documents around
+        /// huge ones put many starts in one bucket and none in others).
+        #[test]
+        fn bucket_lookup_equals_binary_search(
+            lengths in proptest::collection::vec(prop_oneof![1u32..4, 1u32..64, 500u32..3000], 1..60),
+        ) {
+            // Two tokens at least, so that there is a sample (seq_len 1).
+            let lengths: Vec<u32> = std::iter::once(2).chain(lengths).collect();
+            let packed = PackedIndex::new(&lengths, 1).unwrap();
+            prop_assert!(packed.bucket_first.len() <= lengths.len() + 2);
+            for pos in 0..packed.total_tokens() {
+                let expected = packed.starts.partition_point(|&s| s <= pos) - 1;
+                prop_assert_eq!(packed.document_at(pos), expected, "position {}", pos);
             }
         }
     }

@@ -213,25 +213,20 @@ impl Sampler {
         micro: usize,
     ) -> Result<Vec<SampleRef>, SamplerError> {
         let positions = self.micro_batch_positions(cursor, dp_rank, dp_size, micro_batches, micro)?;
-        let (first, size) = (positions.start, positions.end - positions.start);
         let n = self.num_samples();
-        let mut keys = None;
-        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        for position in first..first + size {
+        let mut out = Vec::with_capacity(usize::try_from(positions.end - positions.start).unwrap_or(0));
+        let mut ids = Vec::with_capacity(out.capacity());
+        let mut position = positions.start;
+        // A micro-batch spans at most a few epochs: one set of round keys per epoch.
+        while position < positions.end {
             let epoch = position / n;
-            // A micro-batch spans at most a few epochs; reuse the round keys within one.
-            let epoch_keys = match keys {
-                Some((e, k)) if e == epoch => k,
-                _ => {
-                    let k = self.shuffle.epoch_keys(epoch);
-                    keys = Some((epoch, k));
-                    k
-                }
-            };
-            out.push(SampleRef {
-                epoch,
-                sample: self.shuffle.permute(&epoch_keys, position % n),
-            });
+            let epoch_end = (epoch + 1).saturating_mul(n).min(positions.end);
+            ids.clear();
+            let keys = self.shuffle.epoch_keys(epoch);
+            self.shuffle
+                .permute_range(&keys, position % n..(epoch_end - 1) % n + 1, &mut ids);
+            out.extend(ids.iter().map(|&sample| SampleRef { epoch, sample }));
+            position = epoch_end;
         }
         Ok(out)
     }

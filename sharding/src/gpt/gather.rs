@@ -1,0 +1,162 @@
+//! Reading several samples at once. Finding a sample's tokens is a chain of dependent loads
+//! (bucket table → document start and id → the `.idx` document entry → the sequence's length
+//! and pointer → the tokens), each a cache miss on a large dataset; read one sample at a
+//! time, the misses queue one behind the other. Here a batch goes through the chain level by
+//! level: each pass prefetches the next level's entries for every sample, so the misses of one
+//! level overlap across the batch, and only the last pass copies tokens (group prefetching).
+
+use super::{BlendedGptDataset, DatasetError, GptDataset, Shard, TokenDataset};
+use crate::indexed::tokens_of;
+use crate::sampler::Span;
+use std::ops::Range;
+
+/// A run of contiguous token bytes: `bytes` of shard `shard`'s `.bin` (or of the bytes its
+/// zstd frames stand for).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Piece {
+    shard: usize,
+    bytes: Range<usize>,
+}
+
+/// Bytes between two prefetch hints: one per cache line.
+const LINE: usize = 64;
+
+impl TokenDataset {
+    /// The shard holding global document `doc`, and the document's index in it.
+    fn shard_of(&self, doc: usize) -> (usize, usize) {
+        let shard = match self.shards.len() {
+            1 => 0,
+            _ => self.doc_base.partition_point(|&b| b <= doc) - 1,
+        };
+        (shard, doc - self.doc_base[shard])
+    }
+
+    /// Hint the CPU to load global document `doc`'s `.idx` entry.
+    fn prefetch_document(&self, doc: u32) {
+        let (shard, local) = self.shard_of(doc as usize);
+        self.shards[shard].index().prefetch_document(local);
+    }
+
+    /// Hint the CPU to load the length and pointer of global document `doc`'s first sequence
+    /// (best after [`Self::prefetch_document`] has had time to land).
+    fn prefetch_sequence(&self, doc: u32) {
+        let (shard, local) = self.shard_of(doc as usize);
+        let index = self.shards[shard].index();
+        index.prefetch_sequence(index.document(local).start);
+    }
+
+    /// Append where span `span`'s tokens lie to `out`, and hint the CPU to start loading them.
+    pub(crate) fn locate_span(&self, span: Span, out: &mut Vec<Piece>) {
+        let (shard, local) = self.shard_of(span.doc as usize);
+        let index = self.shards[shard].index();
+        let (mut offset, mut left) = (span.offset as usize, span.len as usize);
+        for seq in index.document(local) {
+            if left == 0 {
+                break;
+            }
+            let seq_len = index.sequence_len(seq);
+            if offset >= seq_len {
+                offset -= seq_len;
+                continue;
+            }
+            let n = left.min(seq_len - offset);
+            let bytes = index.byte_range(seq, offset, n);
+            if let Shard::Mapped(ds) = &self.shards[shard] {
+                prefetch(&ds.bin()[bytes.clone()]);
+            }
+            out.push(Piece { shard, bytes });
+            left -= n;
+            offset = 0;
+        }
+    }
+
+    /// Append the tokens of `piece`, widened to i64, to `out`. Only frames can fail (a damaged
+    /// frame); mapped shards were fully checked when opened.
+    pub(crate) fn read_piece(&self, piece: &Piece, out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        match &self.shards[piece.shard] {
+            Shard::Mapped(ds) => ds.tokens_at(piece.bytes.clone()).extend_i64(out),
+            Shard::Framed { index, frames } => {
+                let range = piece.bytes.start as u64..piece.bytes.end as u64;
+                frames.read(range, |bytes| tokens_of(index.dtype(), bytes).extend_i64(out))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GptDataset {
+    /// Append the `seq_len + 1` tokens of each of `samples`, in order, to `out` (row-major):
+    /// all samples are located (and their bytes prefetched) before any is copied.
+    pub fn samples_into(&self, samples: &[u64], out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        let parts = std::iter::repeat_n(self, samples.len());
+        read_batch(parts.zip(samples.iter().copied()), out)
+    }
+}
+
+/// Append the tokens of each `(dataset, sample)` to `out`, in order, through the passes the
+/// module documentation describes.
+fn read_batch<'a>(
+    picks: impl Iterator<Item = (&'a GptDataset, u64)> + Clone,
+    out: &mut Vec<i64>,
+) -> Result<(), DatasetError> {
+    for (ds, sample) in picks.clone() {
+        ds.packed.prefetch_bucket(sample);
+    }
+    for (ds, sample) in picks.clone() {
+        ds.packed.prefetch_documents(sample);
+    }
+    let mut spans = Vec::with_capacity(16);
+    let mut owners = Vec::with_capacity(16);
+    let mut rows = 0;
+    for (ds, sample) in picks {
+        ds.packed.push_spans(sample, &mut spans)?;
+        owners.resize(spans.len(), ds);
+        rows += ds.seq_len() + 1;
+    }
+    for (span, ds) in spans.iter().zip(&owners) {
+        ds.data.prefetch_document(span.doc);
+    }
+    for (span, ds) in spans.iter().zip(&owners) {
+        ds.data.prefetch_sequence(span.doc);
+    }
+    let mut pieces = Vec::with_capacity(spans.len());
+    let mut piece_owners = Vec::with_capacity(spans.len());
+    for (span, ds) in spans.iter().zip(&owners) {
+        ds.data.locate_span(*span, &mut pieces);
+        piece_owners.resize(pieces.len(), *ds);
+    }
+    out.reserve(rows);
+    for (piece, ds) in pieces.iter().zip(&piece_owners) {
+        ds.data.read_piece(piece, out)?;
+    }
+    Ok(())
+}
+
+impl BlendedGptDataset {
+    /// [`GptDataset::samples_into`] for samples of several datasets: `(dataset, sample)`.
+    pub(crate) fn samples_into(&self, samples: &[(usize, u64)], out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        read_batch(samples.iter().map(|&(d, sample)| (&self.parts[d], sample)), out)
+    }
+}
+
+/// Hint the CPU to load `bytes` into cache (a no-op where there is no stable hint). The hint
+/// is non-temporal: everything hinted is read once, soon after (5% more tokens/s than T0).
+pub(crate) fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // From the start of the cache line holding bytes[0], one hint per line.
+        let lead = bytes.as_ptr() as usize % LINE;
+        let first = bytes.as_ptr().wrapping_sub(lead);
+        for offset in (0..lead + bytes.len()).step_by(LINE) {
+            // SAFETY: a prefetch is only a hint: it never faults (and every address hinted
+            // shares a cache line, so a page, with a byte of `bytes`).
+            #[allow(unused_unsafe)]
+            unsafe {
+                use std::arch::x86_64::_mm_prefetch;
+                _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(first.wrapping_add(offset).cast());
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
