@@ -3,7 +3,9 @@
 # eager in the same run (shared/GPU.md host). Not part of CI; the device tool runs it.
 #
 # On the development machine:
-#   cargo build --release -p gantry && mkdir -p .gpu && cp target/release/gantry .gpu/
+#   cargo build --release -p gantry && mkdir -p .gpu && strip -o .gpu/gantry target/release/gantry
+#   (stripped: ~28 MB against ~200 MB with debug info; the device tool carries 64 MiB at most;
+#   /.gpu/ is listed in .git/info/exclude)
 # Then on the GPU host, from the repository root (with .gpu/ carried):
 #   bash scripts/bench-train-gpu.sh [OUT_DIR]
 #
