@@ -22,7 +22,6 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 mod gather;
-pub(crate) use gather::prefetch;
 
 // The benchmark lived here first; keep its path.
 pub use crate::bench::{ReadBench, bench_reader};

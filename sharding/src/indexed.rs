@@ -497,7 +497,7 @@ impl IndexedIndex {
     pub(crate) fn prefetch_document(&self, d: usize) {
         let at = HEADER_LEN + 12 * self.sequences + 8 * d;
         if let Some(entries) = self.idx.get(at..at + 16) {
-            crate::gpt::prefetch(entries);
+            crate::cache_hint::prefetch(entries);
         }
     }
 
@@ -505,8 +505,8 @@ impl IndexedIndex {
     pub(crate) fn prefetch_sequence(&self, i: usize) {
         let (length, pointer) = (HEADER_LEN + 4 * i, HEADER_LEN + 4 * self.sequences + 8 * i);
         if let (Some(length), Some(pointer)) = (self.idx.get(length..length + 4), self.idx.get(pointer..pointer + 8)) {
-            crate::gpt::prefetch(length);
-            crate::gpt::prefetch(pointer);
+            crate::cache_hint::prefetch(length);
+            crate::cache_hint::prefetch(pointer);
         }
     }
 

@@ -16,7 +16,9 @@
 //! - [`materialize`]: decompressing a shard's frames once, in parallel, into a checked local
 //!   `.bin` in a cache directory (renamed into place when complete), read like any `.bin`.
 //! - [`gpt`]: the shards of a dataset directory as one document stream, fixed-length samples
-//!   through the sampler, micro-batches for a DP rank, and a background [`gpt::Prefetcher`].
+//!   through the sampler, micro-batches for a DP rank (read a batch at a time, every level of
+//!   the lookup prefetched for all samples before the next: `gpt/gather.rs`, `cache_hint.rs`),
+//!   and a background [`gpt::Prefetcher`].
 //! - [`manifest`]: `manifest.json` (shards, counts, xxh3 checksums, tokenizer, format
 //!   version) and building a dataset directory under a temporary name, renamed when complete.
 //! - [`prepare`]: text corpora (.txt, JSON lines, stdin) → a loaded or freshly trained
@@ -34,6 +36,7 @@
 //! sample spans from `sampler` → token slices for the trainer.
 
 pub mod bench;
+mod cache_hint;
 pub mod codec;
 pub mod frames;
 pub mod gpt;

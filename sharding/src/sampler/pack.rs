@@ -192,7 +192,7 @@ impl PackedIndex {
     pub(crate) fn prefetch_bucket(&self, sample: u64) {
         if sample < self.num_samples {
             let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
-            crate::gpt::prefetch(bytemuck::cast_slice(&self.bucket_first[bucket..bucket + 2]));
+            crate::cache_hint::prefetch(bytemuck::cast_slice(&self.bucket_first[bucket..bucket + 2]));
         }
     }
 
@@ -202,8 +202,8 @@ impl PackedIndex {
         if sample < self.num_samples {
             let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
             let lo = self.bucket_first[bucket] as usize;
-            crate::gpt::prefetch(bytemuck::cast_slice(&self.starts[lo..lo + 2]));
-            crate::gpt::prefetch(bytemuck::cast_slice(&self.docs[lo..lo + 1]));
+            crate::cache_hint::prefetch(bytemuck::cast_slice(&self.starts[lo..lo + 2]));
+            crate::cache_hint::prefetch(bytemuck::cast_slice(&self.docs[lo..lo + 1]));
         }
     }
 
