@@ -19,36 +19,49 @@ pub(crate) struct Piece {
     bytes: Range<usize>,
 }
 
+/// Where a global document lives: shard `shard`, document `local` of its `.idx`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DocAt {
+    shard: usize,
+    local: usize,
+}
+
 impl TokenDataset {
     /// The shard holding global document `doc`, and the document's index in it.
-    fn shard_of(&self, doc: usize) -> (usize, usize) {
+    fn doc_at(&self, doc: u32) -> DocAt {
+        let doc = doc as usize;
         let shard = match self.shards.len() {
             1 => 0,
             _ => self.doc_base.partition_point(|&b| b <= doc) - 1,
         };
-        (shard, doc - self.doc_base[shard])
+        DocAt {
+            shard,
+            local: doc - self.doc_base[shard],
+        }
     }
 
-    /// Hint the CPU to load global document `doc`'s `.idx` entry.
-    fn prefetch_document(&self, doc: u32) {
-        let (shard, local) = self.shard_of(doc as usize);
-        self.shards[shard].index().prefetch_document(local);
+    /// Hint the CPU to load the document's `.idx` entry.
+    fn prefetch_document(&self, at: DocAt) {
+        self.shards[at.shard].index().prefetch_document(at.local);
     }
 
-    /// Hint the CPU to load the length and pointer of global document `doc`'s first sequence
-    /// (best after [`Self::prefetch_document`] has had time to land).
-    fn prefetch_sequence(&self, doc: u32) {
-        let (shard, local) = self.shard_of(doc as usize);
-        let index = self.shards[shard].index();
-        index.prefetch_sequence(index.document(local).start);
+    /// Hint the CPU to load the length and pointer of the document's first sequence (best
+    /// after [`Self::prefetch_document`] has had time to land).
+    fn prefetch_sequence(&self, at: DocAt) {
+        let index = self.shards[at.shard].index();
+        index.prefetch_sequence(index.document(at.local).start);
     }
 
     /// Append where span `span`'s tokens lie to `out`, and hint the CPU to start loading them.
     pub(crate) fn locate_span(&self, span: Span, out: &mut Vec<Piece>) {
-        let (shard, local) = self.shard_of(span.doc as usize);
-        let index = self.shards[shard].index();
+        self.locate(self.doc_at(span.doc), span, out);
+    }
+
+    /// [`Self::locate_span`] with the span's document already found.
+    fn locate(&self, at: DocAt, span: Span, out: &mut Vec<Piece>) {
+        let index = self.shards[at.shard].index();
         let (mut offset, mut left) = (span.offset as usize, span.len as usize);
-        for seq in index.document(local) {
+        for seq in index.document(at.local) {
             if left == 0 {
                 break;
             }
@@ -59,10 +72,10 @@ impl TokenDataset {
             }
             let n = left.min(seq_len - offset);
             let bytes = index.byte_range(seq, offset, n);
-            if let Shard::Mapped(ds) = &self.shards[shard] {
+            if let Shard::Mapped(ds) = &self.shards[at.shard] {
                 prefetch(&ds.bin()[bytes.clone()]);
             }
-            out.push(Piece { shard, bytes });
+            out.push(Piece { shard: at.shard, bytes });
             left -= n;
             offset = 0;
         }
@@ -111,16 +124,21 @@ fn read_batch<'a>(
         owners.resize(spans.len(), ds);
         rows += ds.seq_len() + 1;
     }
-    for (span, ds) in spans.iter().zip(&owners) {
-        ds.data.prefetch_document(span.doc);
+    let docs: Vec<DocAt> = spans
+        .iter()
+        .zip(&owners)
+        .map(|(span, ds)| ds.data.doc_at(span.doc))
+        .collect();
+    for (&at, ds) in docs.iter().zip(&owners) {
+        ds.data.prefetch_document(at);
     }
-    for (span, ds) in spans.iter().zip(&owners) {
-        ds.data.prefetch_sequence(span.doc);
+    for (&at, ds) in docs.iter().zip(&owners) {
+        ds.data.prefetch_sequence(at);
     }
     let mut pieces = Vec::with_capacity(spans.len());
     let mut piece_owners = Vec::with_capacity(spans.len());
-    for (span, ds) in spans.iter().zip(&owners) {
-        ds.data.locate_span(*span, &mut pieces);
+    for ((&at, span), ds) in docs.iter().zip(&spans).zip(&owners) {
+        ds.data.locate(at, *span, &mut pieces);
         piece_owners.resize(pieces.len(), *ds);
     }
     out.reserve(rows);
