@@ -699,7 +699,7 @@ impl IndexedDataset {
     }
 
     /// The mapped `.bin`.
-    pub fn bin(&self) -> &[u8] {
+    pub(crate) fn bin(&self) -> &[u8] {
         &self.bin
     }
 
