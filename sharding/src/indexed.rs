@@ -480,22 +480,37 @@ impl IndexedIndex {
         &self.idx_path
     }
 
+    /// Byte offset in the `.idx` of sequence `i`'s length (i32), after the header.
+    fn length_offset(&self, i: usize) -> usize {
+        HEADER_LEN + 4 * i
+    }
+
+    /// Byte offset of sequence `i`'s pointer (i64), after all the lengths.
+    fn pointer_offset(&self, i: usize) -> usize {
+        HEADER_LEN + 4 * self.sequences + 8 * i
+    }
+
+    /// Byte offset of document index entry `d` (i64), after all the pointers.
+    fn doc_index_offset(&self, d: usize) -> usize {
+        HEADER_LEN + 12 * self.sequences + 8 * d
+    }
+
     fn length_at(&self, i: usize) -> usize {
-        let at = HEADER_LEN + 4 * i;
+        let at = self.length_offset(i);
         i32::from_le_bytes(self.idx[at..at + 4].try_into().expect("4 bytes")) as usize
     }
 
     fn pointer_at(&self, i: usize) -> usize {
-        le_u64(&self.idx, HEADER_LEN + 4 * self.sequences + 8 * i) as usize
+        le_u64(&self.idx, self.pointer_offset(i)) as usize
     }
 
     fn doc_index_at(&self, d: usize) -> usize {
-        le_u64(&self.idx, HEADER_LEN + 12 * self.sequences + 8 * d) as usize
+        le_u64(&self.idx, self.doc_index_offset(d)) as usize
     }
 
     /// Hint the CPU to load the entries [`Self::document`] reads for document `d`.
     pub(crate) fn prefetch_document(&self, d: usize) {
-        let at = HEADER_LEN + 12 * self.sequences + 8 * d;
+        let at = self.doc_index_offset(d);
         if let Some(entries) = self.idx.get(at..at + 16) {
             crate::cache_hint::prefetch(entries);
         }
@@ -503,7 +518,7 @@ impl IndexedIndex {
 
     /// Hint the CPU to load the entries [`Self::byte_range`] reads for sequence `i`.
     pub(crate) fn prefetch_sequence(&self, i: usize) {
-        let (length, pointer) = (HEADER_LEN + 4 * i, HEADER_LEN + 4 * self.sequences + 8 * i);
+        let (length, pointer) = (self.length_offset(i), self.pointer_offset(i));
         if let (Some(length), Some(pointer)) = (self.idx.get(length..length + 4), self.idx.get(pointer..pointer + 8)) {
             crate::cache_hint::prefetch(length);
             crate::cache_hint::prefetch(pointer);
@@ -556,7 +571,7 @@ impl IndexedIndex {
         let size = self.dtype.size() as u64;
         let mut expected_pointer = 0u64;
         for i in 0..self.sequences {
-            let len_offset = (HEADER_LEN + 4 * i) as u64;
+            let len_offset = self.length_offset(i) as u64;
             let at = len_offset as usize;
             let len = i32::from_le_bytes(self.idx[at..at + 4].try_into().expect("4 bytes"));
             if len < 0 {
@@ -567,7 +582,7 @@ impl IndexedIndex {
                     message: format!("negative length {len}"),
                 });
             }
-            let ptr_offset = (HEADER_LEN + 4 * self.sequences + 8 * i) as u64;
+            let ptr_offset = self.pointer_offset(i) as u64;
             let pointer = le_u64(&self.idx, ptr_offset as usize);
             if pointer != expected_pointer {
                 return Err(IndexedError::BadSequence {
@@ -590,7 +605,7 @@ impl IndexedIndex {
         }
         let mut previous = 0u64;
         for d in 0..self.doc_entries {
-            let offset = (HEADER_LEN + 12 * self.sequences + 8 * d) as u64;
+            let offset = self.doc_index_offset(d) as u64;
             let value = le_u64(&self.idx, offset as usize);
             let bad = |message: String| IndexedError::BadDocument {
                 path: path(),
@@ -610,7 +625,7 @@ impl IndexedIndex {
             previous = value;
         }
         if previous != self.sequences as u64 {
-            let offset = (HEADER_LEN + 12 * self.sequences + 8 * (self.doc_entries - 1)) as u64;
+            let offset = self.doc_index_offset(self.doc_entries - 1) as u64;
             return Err(IndexedError::BadDocument {
                 path: path(),
                 index: self.doc_entries as u64 - 1,

@@ -180,18 +180,23 @@ impl PackedIndex {
     /// the last one starting at or before it, searched for only among the documents that
     /// start inside `pos`'s bucket.
     fn document_at(&self, pos: u64) -> usize {
-        let bucket = (pos >> self.bucket_shift) as usize;
+        let bucket = self.bucket_of(pos);
         let lo = self.bucket_first[bucket] as usize;
         let hi = self.bucket_first[bucket + 1] as usize;
         // starts[lo] <= pos, and the answer is at most hi (hi's document holds a later position).
         lo + self.starts[lo + 1..=hi].partition_point(|&s| s <= pos)
     }
 
+    /// The bucket of stream position `pos` in the table of [`Self::document_at`].
+    fn bucket_of(&self, pos: u64) -> usize {
+        (pos >> self.bucket_shift) as usize
+    }
+
     /// Hint the CPU to load the bucket entries [`Self::spans_into`] reads first for `sample`
     /// (samples past the end are ignored).
     pub(crate) fn prefetch_bucket(&self, sample: u64) {
         if sample < self.num_samples {
-            let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
+            let bucket = self.bucket_of(sample * self.seq_len);
             crate::cache_hint::prefetch(bytemuck::cast_slice(&self.bucket_first[bucket..bucket + 2]));
         }
     }
@@ -200,8 +205,7 @@ impl PackedIndex {
     /// `sample` (best after [`Self::prefetch_bucket`] has had time to land).
     pub(crate) fn prefetch_documents(&self, sample: u64) {
         if sample < self.num_samples {
-            let bucket = ((sample * self.seq_len) >> self.bucket_shift) as usize;
-            let lo = self.bucket_first[bucket] as usize;
+            let lo = self.bucket_first[self.bucket_of(sample * self.seq_len)] as usize;
             crate::cache_hint::prefetch(bytemuck::cast_slice(&self.starts[lo..lo + 2]));
             crate::cache_hint::prefetch(bytemuck::cast_slice(&self.docs[lo..lo + 1]));
         }
