@@ -382,12 +382,7 @@ impl Model {
                 }
                 let y = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false);
                 let y = y.transpose(1, 2).reshape([b, t, local]);
-                let o = y.linear::<Tensor>(ps.get(a.out), None);
-                let o = cx.reduce_tp(&o)?;
-                let o = match a.out_bias {
-                    Some(id) => o + ps.get(id),
-                    None => o,
-                };
+                let o = cx.row_parallel_linear(&y, ps.get(a.out), a.out_bias.map(|id| ps.get(id)))?;
                 Ok(x + o)
             }
             Unit::Mlp(m) => {
@@ -404,12 +399,7 @@ impl Model {
                         parts[0].silu() * &parts[1]
                     }
                 };
-                let o = hidden.linear::<Tensor>(ps.get(m.down), None);
-                let o = cx.reduce_tp(&o)?;
-                let o = match m.down_bias {
-                    Some(id) => o + ps.get(id),
-                    None => o,
-                };
+                let o = cx.row_parallel_linear(&hidden, ps.get(m.down), m.down_bias.map(|id| ps.get(id)))?;
                 Ok(x + o)
             }
             Unit::Head(hd) => {

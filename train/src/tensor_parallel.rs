@@ -59,6 +59,20 @@ impl Fwd<'_> {
         Ok(reduced + (x - x.detach()))
     }
 
+    /// A row-parallel linear layer: `x · wᵀ` summed over TP (g), then `bias` added once. With
+    /// a single TP rank the bias goes into the matmul itself (one fused kernel, as in
+    /// `nn.Linear`; under autocast it also keeps the output in bf16).
+    pub fn row_parallel_linear(&mut self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, TrainError> {
+        if self.tp.is_trivial() {
+            return Ok(x.linear(w, bias));
+        }
+        let o = self.reduce_tp(&x.linear::<Tensor>(w, None))?;
+        Ok(match bias {
+            Some(b) => o + b,
+            None => o,
+        })
+    }
+
     /// All-reduce with max, no gradient (used for the softmax shift).
     fn max_tp(&mut self, x: &Tensor) -> Result<Tensor, TrainError> {
         if self.tp.is_trivial() {

@@ -1,0 +1,77 @@
+//! A stage's parameters and gradients as flat f32 buffers, one pair per gradient bucket.
+//!
+//! [`FlatBuckets::adopt`] moves every parameter's values into a view of its bucket's
+//! parameter buffer (`set_data`) and points its `.grad` at a view of the bucket's gradient
+//! buffer ([`crate::autograd::set_grad`]). From then on:
+//! - backward accumulates straight into the flat gradients (autograd adds into a defined
+//!   `.grad` in place), so a finished bucket is reduced, measured and clipped without packing;
+//! - the optimizer updates the flat parameter buffer, or this rank's ZeRO-1 shard of it, in
+//!   place, and the model computes with the new values without an unpacking copy; the fp32
+//!   master weights *are* the parameters, so they are not stored twice;
+//! - zeroing the gradients is one fill per bucket.
+//!
+//! This is PyTorch DDP's `gradient_as_bucket_view` and Megatron's contiguous parameter and
+//! gradient buffers. Each parameter starts at a multiple of [`ALIGN`] elements
+//! ([`crate::grads::plan_buckets`]), so the views keep the alignment that vectorized kernels
+//! and cuBLAS want; the gaps stay zero (zero gradient, zero moments: AdamW leaves them zero).
+
+use crate::autograd::set_grad;
+use crate::error::TrainError;
+use crate::grads::Bucket;
+use crate::model::Model;
+use tch::{Kind, Tensor};
+
+/// Every parameter's offset in its bucket is a multiple of this many f32 elements (256 bytes).
+pub const ALIGN: usize = 64;
+
+pub struct FlatBuckets {
+    /// Per bucket: the parameter values (`bucket.len` f32), shared with the model.
+    pub params: Vec<Tensor>,
+    /// Per bucket: the gradients (`bucket.len` f32), shared with the parameters' `.grad`.
+    pub grads: Vec<Tensor>,
+}
+
+impl FlatBuckets {
+    /// Allocate one parameter and one gradient buffer per bucket on the model's device, copy
+    /// each parameter into its place and make the parameter and its gradient views of them.
+    pub fn adopt(model: &Model, buckets: &[Bucket]) -> Result<FlatBuckets, TrainError> {
+        let device = model.params.device();
+        let mut flat = FlatBuckets {
+            params: Vec::with_capacity(buckets.len()),
+            grads: Vec::with_capacity(buckets.len()),
+        };
+        for bucket in buckets {
+            let values = Tensor::zeros([bucket.len as i64], (Kind::Float, device));
+            let grads = Tensor::zeros([bucket.len as i64], (Kind::Float, device));
+            for (&id, &offset) in bucket.params.iter().zip(&bucket.offsets) {
+                let p = model.params.param(id);
+                if p.tensor.kind() != Kind::Float {
+                    return Err(TrainError::Internal(format!(
+                        "parameter {} is {:?}; flat buckets hold f32 master weights",
+                        p.name,
+                        p.tensor.kind()
+                    )));
+                }
+                let shape = p.tensor.size();
+                let n = p.numel() as i64;
+                let mut view = values.narrow(0, offset as i64, n).view(shape.as_slice());
+                tch::no_grad(|| view.copy_(&p.tensor));
+                // A shallow clone shares the parameter's tensor: setting its data moves the
+                // model's parameter, which stays a leaf that requires grad.
+                p.tensor.shallow_clone().set_data(&view);
+                set_grad(&p.tensor, &grads.narrow(0, offset as i64, n).view(shape.as_slice()))
+                    .map_err(|e| TrainError::Internal(format!("parameter {}: {e}", p.name)))?;
+            }
+            flat.params.push(values);
+            flat.grads.push(grads);
+        }
+        Ok(flat)
+    }
+
+    /// Zero every gradient (the parameters' `.grad` stay views of the buffers).
+    pub fn zero_grads(&mut self) {
+        for g in &mut self.grads {
+            let _ = g.zero_();
+        }
+    }
+}
