@@ -1,9 +1,10 @@
 // 1. tch links libtorch dynamically and sets no rpath: without one every test binary and the
 //    `gantry` CLI would need LD_LIBRARY_PATH. Point the runtime search path at the libtorch
 //    the build used.
-// 2. Compile csrc/fused_adamw.cpp, a C entry point for `at::_fused_adamw_` (tch 0.24 has no
-//    binding for it), against the same libtorch headers, with the same C++ ABI choice as
-//    torch-sys (LIBTORCH_CXX11_ABI, default 1; PyTorch 2.11 wheels use the CXX11 ABI).
+// 2. Compile the C shims (csrc/): `at::_fused_adamw_`, backward with a given gradient and
+//    setting a parameter's `.grad` (tch 0.24 binds none of them), against the same libtorch
+//    headers, with the same C++ ABI choice as torch-sys (LIBTORCH_CXX11_ABI, default 1;
+//    PyTorch 2.11 wheels use the CXX11 ABI).
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -12,7 +13,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    println!("cargo:rerun-if-changed=csrc");
 
     let Ok(root) = std::env::var("LIBTORCH") else {
         // torch-sys fails without LIBTORCH anyway (no download feature); say why here too.
@@ -46,5 +47,6 @@ fn compile_shim(include: &Path, abi: &str) {
         // libtorch's headers are not warning-clean; the shim itself is small.
         .warnings(false)
         .file("csrc/fused_adamw.cpp")
-        .compile("gantry_fused_adamw");
+        .file("csrc/autograd.cpp")
+        .compile("gantry_shims");
 }

@@ -10,8 +10,9 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/_fused_adamw_ops.h>
 
+#include "shim_report.h"
+
 #include <cstddef>
-#include <cstring>
 #include <exception>
 #include <optional>
 #include <vector>
@@ -27,13 +28,9 @@ std::vector<at::Tensor> gather(const at::Tensor *const *handles, size_t n) {
   return out;
 }
 
-void report(char *err, size_t err_len, const char *msg) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, msg, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
 }  // namespace
+
+using gantry_shim::report;
 
 extern "C" {
 

@@ -51,7 +51,9 @@ pub fn backward_with(output: &Tensor, grad: &Tensor) -> Result<(), AutogradError
 pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), AutogradError> {
     // SAFETY: as in `backward_with`; the shim checks kind, device and shape before it
     // assigns, so the parameter never holds a gradient of the wrong shape.
-    call("set_grad", |err, len| unsafe { gantry_set_grad(param.as_ptr().cast(), grad.as_ptr().cast(), err, len) })
+    call("set_grad", |err, len| unsafe {
+        gantry_set_grad(param.as_ptr().cast(), grad.as_ptr().cast(), err, len)
+    })
 }
 
 #[cfg(test)]
@@ -66,8 +68,8 @@ mod tests {
         let g = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
         backward_with(&x.matmul(&w).tanh(), &g).unwrap();
         let (gx, gw) = (x.grad().copy(), w.grad().copy());
-        x.grad().zero_();
-        w.grad().zero_();
+        let _ = x.grad().zero_();
+        let _ = w.grad().zero_();
         (x.matmul(&w).tanh() * &g).sum(Kind::Float).backward();
         assert!(gx.allclose(&x.grad(), 1e-6, 1e-6, false));
         assert!(gw.allclose(&w.grad(), 1e-6, 1e-6, false));

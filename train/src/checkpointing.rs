@@ -14,7 +14,7 @@
 //! Every rank loads everything it holds.
 
 use crate::error::TrainError;
-use crate::grads::{GradSync, pack_params};
+use crate::grads::GradSync;
 use crate::model::Model;
 use crate::optim::AdamState;
 use crate::spec::JobSpec;
@@ -277,16 +277,8 @@ impl Checkpointing {
         for (piece, bytes) in all.iter().zip(&loaded) {
             restore(piece, bytes);
         }
-        // The fp32 master copies are the parameters: rebuild them from what was loaded.
-        for (bucket, state) in grads.buckets.iter().zip(states.iter_mut()) {
-            let r = bucket.shard(grads.zero, grads.dp_rank, grads.dp);
-            let flat = pack_params(model, bucket);
-            tch::no_grad(|| {
-                state
-                    .master
-                    .copy_(&flat.narrow(0, r.start as i64, r.len() as i64).to_kind(Kind::Float))
-            });
-        }
+        // The fp32 master weights are views of the parameters' flat buffers
+        // (`crate::flat`): restoring the parameters restored them.
         tracing::info!(
             rank = place.rank,
             step = ckpt.step(),

@@ -6,23 +6,28 @@
 //! or not), and a tied embedding shared across pipeline stages gets a bucket of its own so the
 //! first and last stage hold identically shaped buckets for it.
 //!
-//! During the last micro-batch's backward, when the last unit touching every parameter of a
-//! bucket has finished, the bucket's gradients are packed and handed to a dedicated thread
-//! that owns the data-parallel communicator: it all-reduces (average) them — or, with ZeRO-1,
-//! reduce-scatters them so each rank keeps only its shard — while the main thread continues
-//! backward. [`GradSync::finish`] waits for every bucket.
+//! Each bucket's parameters and gradients live in flat buffers ([`crate::flat`]): backward
+//! accumulates into the bucket's gradient buffer directly. During the last micro-batch's
+//! backward, when the last unit touching every parameter of a bucket has finished, the
+//! bucket's gradients are handed to a dedicated thread that owns the data-parallel
+//! communicator: it all-reduces (average) them — or, with ZeRO-1, reduce-scatters them so
+//! each rank keeps only its shard — while the main thread continues backward.
+//! [`GradSync::finish`] waits for every bucket. Without data parallelism the buffer itself is
+//! the reduced gradient.
 
 use crate::error::TrainError;
+use crate::flat::{ALIGN, FlatBuckets};
 use crate::model::Model;
 use crate::param::ParamId;
 use gantry_collectives::{CommError, Communicator, ReduceOp};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 pub struct Bucket {
     pub params: Vec<ParamId>,
-    /// Start of each parameter in the flat bucket.
+    /// Start of each parameter in the flat bucket, a multiple of [`ALIGN`] elements (the gaps
+    /// between parameters stay zero).
     pub offsets: Vec<usize>,
     /// Flat length, padded to a multiple of the DP size.
     pub len: usize,
@@ -73,9 +78,10 @@ pub fn plan_buckets(model: &Model, tp_rank: usize, dp: usize, bucket_bytes: usiz
             }
         };
         let bucket = &mut buckets[b];
-        bucket.offsets.push(bucket.len);
+        let start = bucket.len.next_multiple_of(ALIGN);
+        bucket.offsets.push(start);
         bucket.params.push(id);
-        bucket.len += p.numel();
+        bucket.len = start + p.numel();
     }
     for b in &mut buckets {
         b.len = b.len.div_ceil(dp) * dp;
@@ -168,6 +174,8 @@ pub struct GradSync {
     device: Device,
     /// Synchronized gradients per bucket (the shard under ZeRO-1), after `finish`.
     pub reduced: Vec<Option<Tensor>>,
+    /// The buckets' parameter and gradient buffers, which the model's tensors are views of.
+    pub flat: FlatBuckets,
 }
 
 impl GradSync {
@@ -179,10 +187,11 @@ impl GradSync {
         rank: usize,
         bucket_bytes: usize,
         pipelined: bool,
-    ) -> GradSync {
+    ) -> Result<GradSync, TrainError> {
         let dp_comm = dp_comm.filter(|c| c.size() > 1);
         let (dp, dp_rank) = dp_comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
         let buckets = plan_buckets(model, tp_rank, dp, bucket_bytes, pipelined);
+        let flat = FlatBuckets::adopt(model, &buckets)?;
         let n = model.params.len();
         let mut bucket_of = vec![0; n];
         for (b, bucket) in buckets.iter().enumerate() {
@@ -197,7 +206,7 @@ impl GradSync {
             }
         }
         let nb = buckets.len();
-        GradSync {
+        Ok(GradSync {
             params_left: buckets.iter().map(|b| b.params.len()).collect(),
             buckets,
             bucket_of,
@@ -211,11 +220,13 @@ impl GradSync {
             in_flight: 0,
             device: model.params.device(),
             reduced: (0..nb).map(|_| None).collect(),
-        }
+            flat,
+        })
     }
 
-    /// Start of a step's last micro-batch backward.
+    /// Start of a step: zero the gradients and expect every bucket again.
     pub fn reset(&mut self) {
+        self.flat.zero_grads();
         self.uses_left.clone_from(&self.uses);
         for (b, bucket) in self.buckets.iter().enumerate() {
             self.params_left[b] = bucket.params.len();
@@ -231,17 +242,17 @@ impl GradSync {
                 let b = self.bucket_of[p.0];
                 self.params_left[b] -= 1;
                 if self.params_left[b] == 0 {
-                    self.launch(model, b)?;
+                    self.launch(b)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn launch(&mut self, model: &Model, b: usize) -> Result<(), TrainError> {
-        let flat = pack_grads(model, &self.buckets[b]);
+    fn launch(&mut self, b: usize) -> Result<(), TrainError> {
+        let flat = &self.flat.grads[b];
         match &self.thread {
-            None => self.reduced[b] = Some(flat),
+            None => self.reduced[b] = Some(flat.shallow_clone()),
             Some(t) => {
                 let host = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
                 let job = if self.zero {
@@ -286,70 +297,23 @@ impl GradSync {
         Ok(())
     }
 
-    /// ZeRO-1: gather every rank's updated shard of each bucket into full flat buckets.
-    pub fn all_gather(&mut self, shards: Vec<Tensor>) -> Result<Vec<Tensor>, TrainError> {
-        let Some(t) = &self.thread else { return Ok(shards) };
+    /// ZeRO-1: gather every rank's updated shard of each bucket into the parameters' flat
+    /// buffers (without ZeRO-1 the update already happened in place).
+    pub fn all_gather(&mut self, shards: Vec<Tensor>) -> Result<(), TrainError> {
+        let Some(t) = &self.thread else { return Ok(()) };
         let n = shards.len();
         for (b, s) in shards.into_iter().enumerate() {
             let host = Vec::<f32>::try_from(&s.to_device(Device::Cpu))?;
             self.send(t, Job::AllGather(b, host))?;
         }
-        let mut out: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
             let (b, r) = t.results.recv().map_err(|_| TrainError::GradientThread {
                 rank: self.rank,
                 message: "the thread exited".into(),
             })?;
-            out[b] = Some(Tensor::from_slice(&r?).to_device(self.device));
+            let full = Tensor::from_slice(&r?).to_device(self.device);
+            tch::no_grad(|| self.flat.params[b].copy_(&full));
         }
-        Ok(out.into_iter().map(|t| t.expect("every bucket gathered")).collect())
+        Ok(())
     }
-}
-
-/// A bucket's gradients as one flat f32 tensor (zeros for padding and missing gradients).
-pub fn pack_grads(model: &Model, bucket: &Bucket) -> Tensor {
-    let device = model.params.device();
-    let mut parts = Vec::with_capacity(bucket.params.len() + 1);
-    let mut used = 0;
-    for &p in &bucket.params {
-        let t = model.params.get(p);
-        let g = t.grad();
-        parts.push(if g.defined() {
-            g.detach().to_kind(Kind::Float).reshape([-1])
-        } else {
-            Tensor::zeros([t.numel() as i64], (Kind::Float, device))
-        });
-        used += t.numel();
-    }
-    if bucket.len > used {
-        parts.push(Tensor::zeros([(bucket.len - used) as i64], (Kind::Float, device)));
-    }
-    Tensor::cat(&parts, 0)
-}
-
-/// A bucket's parameter values as one flat f32 tensor.
-pub fn pack_params(model: &Model, bucket: &Bucket) -> Tensor {
-    let device = model.params.device();
-    let mut parts: Vec<Tensor> = bucket
-        .params
-        .iter()
-        .map(|&p| model.params.get(p).detach().to_kind(Kind::Float).reshape([-1]))
-        .collect();
-    let used: usize = bucket.params.iter().map(|&p| model.params.get(p).numel()).sum();
-    if bucket.len > used {
-        parts.push(Tensor::zeros([(bucket.len - used) as i64], (Kind::Float, device)));
-    }
-    Tensor::cat(&parts, 0)
-}
-
-/// Write a full flat bucket back into the parameters.
-pub fn unpack_params(model: &Model, bucket: &Bucket, flat: &Tensor) {
-    tch::no_grad(|| {
-        for (&p, &off) in bucket.params.iter().zip(&bucket.offsets) {
-            let mut t = model.params.get(p).shallow_clone();
-            let n = t.numel() as i64;
-            let src = flat.narrow(0, off as i64, n).view(t.size().as_slice());
-            t.copy_(&src);
-        }
-    });
 }

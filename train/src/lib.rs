@@ -8,6 +8,8 @@
 //! - [`model`]: the decoder as units (embedding, attention, MLP, head); stage partitioning.
 //! - [`schedule`]: 1F1B and GPipe as data, with a rendezvous simulator in the tests.
 //! - [`pipeline`]: the unit executor (leaf inputs, cut gradients) and schedule interpreter.
+//! - [`flat`]: parameters and gradients as views of flat per-bucket buffers;
+//!   [`autograd`]: the two autograd calls tch lacks (backward with a gradient, set `.grad`).
 //! - [`grads`]: data-parallel gradient buckets on their own thread; ZeRO-1 shards.
 //! - [`optim`]: AdamW over flat buckets, LR schedule, clipping.
 //! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
@@ -29,10 +31,12 @@
 //! while backward continues; then clipping by the global norm and AdamW; ZeRO-1 gathers the
 //! updated shards. The model sees no globals: every group is passed in.
 
+pub mod autograd;
 pub mod checkpointing;
 pub mod comm;
 pub mod error;
 pub mod eval;
+pub mod flat;
 pub mod fused;
 pub mod generate;
 pub mod grads;

@@ -20,6 +20,11 @@ pub struct StepMetrics {
     pub step_ms: f64,
     /// Time this rank spent blocked in communication during the step.
     pub comm_ms: f64,
+    /// The part of the step after forward and backward: waiting for the gradient buckets,
+    /// the global norm, clipping, the optimizer update (and ZeRO-1's gather). On CUDA the
+    /// backward has finished on the device when this starts (the step's loss is read first).
+    #[serde(default)]
+    pub update_ms: f64,
     /// Model FLOPs utilization against the H200's 989 TFLOP/s bf16 (GPU runs only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub mfu: Option<f64>,
@@ -105,6 +110,9 @@ pub struct RunSummary {
     pub tokens: u64,
     pub mean_tokens_per_s: f64,
     pub mean_step_ms: f64,
+    /// Mean of [`StepMetrics::update_ms`] over the same steps.
+    #[serde(default)]
+    pub mean_update_ms: f64,
     pub comm_share: f64,
     /// Mean MFU over the steps after the first (GPU runs only).
     #[serde(skip_serializing_if = "Option::is_none", default)]

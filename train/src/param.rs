@@ -219,14 +219,6 @@ impl ParamStore {
     pub fn numel(&self) -> usize {
         self.params.iter().map(Param::numel).sum()
     }
-
-    /// Drop every accumulated gradient (before a step's first micro-batch).
-    pub fn zero_grads(&self) {
-        for p in &self.params {
-            // A shallow clone shares the tensor and its gradient.
-            p.tensor.shallow_clone().zero_grad();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The unit executor and the pipeline interpreter.
 //!
 //! Forward: every unit starts from a leaf (`input.detach()` with grad), so the autograd graph
-//! is one small graph per unit. Backward walks the units in reverse: `(out · grad_out).sum()`
-//! backpropagates exactly `grad_out` through the unit's graph, then each tensor-parallel cut
+//! is one small graph per unit. Backward walks the units in reverse: backward from the unit's
+//! output with `grad_out` ([`crate::autograd::backward_with`]), then each tensor-parallel cut
 //! (f) has its leaf gradient all-reduced over TP and backpropagated from the cut's source; the
 //! unit's input leaf now holds the gradient for the previous unit (or the previous stage).
 //! Every graph is traversed once.
@@ -10,6 +10,7 @@
 //! [`run_schedule`] interprets a [`crate::schedule`] program: compute ops call the executor,
 //! communication ops move activations and gradients over the pipeline communicator.
 
+use crate::autograd::backward_with;
 use crate::comm::TensorComm;
 use crate::error::TrainError;
 use crate::model::{MicroBatch, Model};
@@ -78,20 +79,17 @@ pub fn backward_stage(
 ) -> Result<Option<Tensor>, TrainError> {
     let mut grad = grad_out;
     for (u, rec) in records.into_iter().enumerate().rev() {
-        let seed = match grad.take() {
-            Some(g) => (&rec.output * g.to_kind(rec.output.kind())).sum(Kind::Float),
-            None => &rec.output * loss_scale,
-        };
-        seed.f_backward()?;
+        match grad.take() {
+            Some(g) => backward_with(&rec.output, &g.to_kind(rec.output.kind()))?,
+            None => (&rec.output * loss_scale).f_backward()?,
+        }
         for cut in rec.cuts.iter().rev() {
             let mut g = cut.leaf.grad();
             if !g.defined() {
                 continue;
             }
             tp.all_reduce_(&mut g, ReduceOp::Sum)?;
-            (&cut.source * g.to_kind(cut.source.kind()))
-                .sum(Kind::Float)
-                .f_backward()?;
+            backward_with(&cut.source, &g.to_kind(cut.source.kind()))?;
         }
         unit_done(u)?;
         grad = match &rec.input {

@@ -6,10 +6,10 @@
 use crate::checkpointing::{Checkpointing, ResumeRequest, job_state};
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
-use crate::grads::{GradSync, pack_params, unpack_params};
+use crate::grads::GradSync;
 use crate::metrics::{CommittedSave, H200_PEAK_FLOPS, MetricsWriter, RunSummary, StepMetrics};
 use crate::model::{MicroBatch, Model, StagePlan, partition_layers};
-use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate};
+use crate::optim::{AdamImpl, AdamState, clip_coefficient, learning_rate, sum_of_squares};
 use crate::pipeline::{StepIo, run_schedule};
 use crate::progress::{Progress, ProgressFile};
 use crate::schedule::{MAX_MICRO_BATCHES, forward_schedule, train_schedule};
@@ -197,16 +197,18 @@ pub fn train_observed(
         place.rank,
         bucket_bytes,
         p.pp > 1,
-    );
+    )?;
     let forced = AdamImpl::parse(std::env::var("GANTRY_ADAMW").ok().as_deref()).map_err(TrainError::Device)?;
-    let adam_impl = AdamImpl::choose(forced, device);
+    let adam_impl = AdamImpl::choose(forced);
     let mut states: Vec<AdamState> = grads
         .buckets
         .iter()
-        .map(|b| {
-            let flat = pack_params(&model, b);
+        .zip(&grads.flat.params)
+        .map(|(b, values)| {
+            // The master weights are the parameters' flat buffer (or this rank's ZeRO-1
+            // shard of it): updating them in place updates the model.
             let r = b.shard(grads.zero, grads.dp_rank, grads.dp);
-            AdamState::with_impl(flat.narrow(0, r.start as i64, r.len() as i64), b.decay, adam_impl)
+            AdamState::with_impl(values.narrow(0, r.start as i64, r.len() as i64), b.decay, adam_impl)
         })
         .collect();
 
@@ -319,7 +321,7 @@ pub fn train_observed(
         params: spec.model.num_params(),
         ..RunSummary::default()
     };
-    let (mut sum_tps, mut sum_ms, mut sum_comm) = (0.0, 0.0, 0.0);
+    let (mut sum_tps, mut sum_ms, mut sum_comm, mut sum_update) = (0.0, 0.0, 0.0, 0.0);
     let run_start = Instant::now();
     summary.steps = start_step;
     let log_samples = std::env::var_os("GANTRY_LOG_SAMPLES").is_some() && plan.first && place.tp_rank == 0;
@@ -341,7 +343,6 @@ pub fn train_observed(
                 .collect::<Result<_, _>>()?,
             None => (0..micro).map(|_| empty_batch()).collect(),
         };
-        model.params.zero_grads();
         grads.reset();
         let loss_sum = {
             let mut io = StepIo {
@@ -363,6 +364,7 @@ pub fn train_observed(
                 Ok(())
             })?
         };
+        let update_start = Instant::now();
         let wait = Instant::now();
         grads.finish()?;
         clock.add(wait.elapsed().as_secs_f64());
@@ -374,35 +376,38 @@ pub fn train_observed(
                 comms.embed.all_reduce_(g, ReduceOp::Sum)?;
             }
         }
-        // Global gradient norm over distinct gradient values.
+        // Global gradient norm over distinct gradient values: each bucket's sum of squares
+        // stays on the device; their total is read once (one synchronization per step).
         let mut sumsq = [0f64];
         if grads.zero || place.dp_rank == 0 {
-            for (b, bucket) in grads.buckets.iter().enumerate() {
-                if bucket.counts_in_norm {
-                    let g = grads.reduced[b].as_ref().expect("finished");
-                    sumsq[0] += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
-                }
+            let per_bucket: Vec<Tensor> = grads
+                .buckets
+                .iter()
+                .zip(&grads.reduced)
+                .filter(|(bucket, _)| bucket.counts_in_norm)
+                .map(|(_, g)| sum_of_squares(g.as_ref().expect("finished")))
+                .collect();
+            if !per_bucket.is_empty() {
+                sumsq[0] = Tensor::stack(&per_bucket, 0).sum(Kind::Double).double_value(&[]);
             }
         }
         comms.world.all_reduce_f64(&mut sumsq, ReduceOp::Sum)?;
         let grad_norm = sumsq[0].sqrt();
         let coef = clip_coefficient(grad_norm, spec.optim.grad_clip);
         let lr = learning_rate(&spec.optim, step, spec.train.steps);
-        for (b, state) in states.iter_mut().enumerate() {
-            let g = grads.reduced[b].as_ref().expect("finished");
-            state.try_update(g, &spec.optim, lr, step + 1, coef)?;
+        for (g, state) in grads.reduced.iter_mut().zip(states.iter_mut()) {
+            let g = g.as_mut().expect("finished");
+            if coef != 1.0 {
+                // In place: the gradient buffer is ours and rewritten next step.
+                let _ = g.g_mul_scalar_(coef);
+            }
+            state.try_update(g, &spec.optim, lr, step + 1, 1.0)?;
         }
-        let full: Vec<Tensor> = if grads.zero {
+        if grads.zero {
             let shards = states.iter().map(|s| s.master.shallow_clone()).collect();
             let wait = Instant::now();
-            let full = grads.all_gather(shards)?;
+            grads.all_gather(shards)?;
             clock.add(wait.elapsed().as_secs_f64());
-            full
-        } else {
-            states.iter().map(|s| s.master.shallow_clone()).collect()
-        };
-        for (bucket, flat) in grads.buckets.iter().zip(&full) {
-            unpack_params(&model, bucket, flat);
         }
 
         // The step's loss: mean over micro-batches, then over data-parallel ranks.
@@ -421,6 +426,7 @@ pub fn train_observed(
             tch::Cuda::synchronize(0);
         }
         let step_s = t0.elapsed().as_secs_f64();
+        let update_s = update_start.elapsed().as_secs_f64();
         let comm_s = clock.take();
         let val_loss =
             if (spec.train.eval_every > 0 && (step + 1) % spec.train.eval_every == 0) || step + 1 == spec.train.steps {
@@ -480,6 +486,7 @@ pub fn train_observed(
             tokens_per_s: tps,
             step_ms: step_s * 1e3,
             comm_ms: comm_s * 1e3,
+            update_ms: update_s * 1e3,
             mfu,
             val_loss: val_loss.flatten(),
             ckpt_stall_ms,
@@ -489,6 +496,7 @@ pub fn train_observed(
             sum_tps += tps;
             sum_ms += step_s * 1e3;
             sum_comm += comm_s * 1e3;
+            sum_update += update_s * 1e3;
         }
         if let Some(w) = metrics.as_mut() {
             w.write(&m)?;
@@ -549,6 +557,7 @@ pub fn train_observed(
     let counted = (end_step - start_step).saturating_sub(1).max(1) as f64;
     summary.mean_tokens_per_s = sum_tps / counted;
     summary.mean_step_ms = sum_ms / counted;
+    summary.mean_update_ms = sum_update / counted;
     summary.comm_share = if sum_ms > 0.0 { sum_comm / sum_ms } else { 0.0 };
     summary.mean_mfu = (device != Device::Cpu).then(|| {
         spec.model.flops_per_token() * summary.mean_tokens_per_s / H200_PEAK_FLOPS / fabric.world_size() as f64
