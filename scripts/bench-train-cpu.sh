@@ -10,6 +10,7 @@
 # table row per run:
 #   tokens/s    mean over the steps after the first (the run's summary.json)
 #   step ms     mean step time over the same steps
+#   update ms   the part of it after backward: gradient wait, norm, clipping, AdamW (mean)
 #   comm share  share of step time the reporting rank (dp 0, tp 0, last stage) spent blocked
 #               in communication: transfers *and* waiting for slower peers, which on an
 #               oversubscribed host (more ranks than cores) includes waiting for CPU time
@@ -67,7 +68,7 @@ json_field() {
 
 CORES="$(nproc)"
 printf '# %s, %s cores, %s\n' "$(uname -n)" "$CORES" "$(date -u +%Y-%m-%dT%H:%MZ)"
-printf '%-6s %-12s %6s %10s %10s %10s %8s\n' model "dp×tp×pp" ranks params "tokens/s" "step ms" "comm %"
+printf '%-6s %-12s %6s %10s %10s %10s %10s %8s\n' model "dp×tp×pp" ranks params "tokens/s" "step ms" "update ms" "comm %"
 
 run_one() { # model spec steps dp tp pp extra-overrides...
     local model="$1" spec="$2" steps="$3" dp="$4" tp="$5" pp="$6"
@@ -88,8 +89,8 @@ run_one() { # model spec steps dp tp pp extra-overrides...
     params="$(json_field "$s" params)"
     awk -v m="$model" -v l="${dp}×${tp}×${pp}" -v n="$n" -v p="${params:-?}" \
         -v tps="$(json_field "$s" mean_tokens_per_s)" -v ms="$(json_field "$s" mean_step_ms)" \
-        -v c="$(json_field "$s" comm_share)" \
-        'BEGIN { printf "%-6s %-12s %6s %10s %10.0f %10.1f %7.0f%%\n", m, l, n, p, tps, ms, 100 * c }'
+        -v c="$(json_field "$s" comm_share)" -v u="$(json_field "$s" mean_update_ms)" \
+        'BEGIN { printf "%-6s %-12s %6s %10s %10.0f %10.1f %10.1f %7.0f%%\n", m, l, n, p, tps, ms, u, 100 * c }'
 }
 
 TINY_LAYOUTS=("1 1 1" "2 1 1" "1 2 1" "1 1 2" "2 2 1" "2 2 2")

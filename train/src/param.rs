@@ -26,7 +26,8 @@ pub struct Param {
     pub global_shape: Vec<i64>,
     /// Start of this rank's slice along each dimension (all zero when unsharded).
     pub offsets: Vec<i64>,
-    /// The local values: a leaf that requires grad.
+    /// The local values: a leaf that requires grad. In training, a view of its bucket's flat
+    /// buffer, with its `.grad` a view of the bucket's gradient buffer ([`crate::flat`]).
     pub tensor: Tensor,
     /// Identical on every TP rank (norms, biases after a reduction, position embeddings):
     /// counted once in the global gradient norm.
