@@ -75,3 +75,86 @@ impl FlatBuckets {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grads::plan_buckets;
+    use crate::model::StagePlan;
+    use crate::spec::ModelSpec;
+    use tch::Device;
+
+    fn tiny() -> Model {
+        let spec = ModelSpec {
+            vocab_size: 64,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            seq_len: 16,
+            ..ModelSpec::default()
+        };
+        let plan = StagePlan {
+            first: true,
+            last: true,
+            layers: 0..spec.n_layers,
+        };
+        Model::build(&spec, plan, 1, 0, 7, Device::Cpu)
+    }
+
+    /// Sum over all parameters of `Σ w · c` with a fixed coefficient per element: its gradient
+    /// is known exactly, and it touches every parameter.
+    fn probe_loss(model: &Model) -> Tensor {
+        let terms: Vec<Tensor> = (model.params.iter().enumerate())
+            .map(|(i, (_, p))| (&p.tensor * (i as f64 + 1.0)).sum(Kind::Float))
+            .collect();
+        Tensor::stack(&terms, 0).sum(Kind::Float)
+    }
+
+    #[test]
+    fn parameters_and_gradients_become_views_of_the_buckets() {
+        let model = tiny();
+        let before: Vec<Tensor> = model.params.iter().map(|(_, p)| p.tensor.copy()).collect();
+        // Small buckets, so there are several and parameters share them.
+        let buckets = plan_buckets(&model, 0, 1, 4096, false);
+        assert!(buckets.len() > 2);
+        let mut flat = FlatBuckets::adopt(&model, &buckets).unwrap();
+
+        for (b, bucket) in buckets.iter().enumerate() {
+            for (&id, &off) in bucket.params.iter().zip(&bucket.offsets) {
+                let p = model.params.param(id);
+                assert_eq!(off % ALIGN, 0, "{} starts at {off}", p.name);
+                // Values kept, now read from the flat buffer.
+                assert!(p.tensor.equal(&before[id.0]), "{}", p.name);
+                let slice = flat.params[b].narrow(0, off as i64, p.numel() as i64);
+                assert!(slice.equal(&before[id.0].view([-1])), "{}", p.name);
+                assert!(p.tensor.requires_grad() && p.tensor.is_leaf(), "{}", p.name);
+            }
+        }
+
+        // Backward twice accumulates into the flat gradients; zeroing clears them.
+        for _ in 0..2 {
+            probe_loss(&model).backward();
+        }
+        for (b, bucket) in buckets.iter().enumerate() {
+            let mut expected = vec![0f32; bucket.len];
+            for (&id, &off) in bucket.params.iter().zip(&bucket.offsets) {
+                let n = model.params.param(id).numel();
+                expected[off..off + n].fill(2.0 * (id.0 as f32 + 1.0));
+            }
+            assert_eq!(Vec::<f32>::try_from(&flat.grads[b]).unwrap(), expected, "bucket {b}");
+        }
+        flat.zero_grads();
+        assert!(
+            model
+                .params
+                .iter()
+                .all(|(_, p)| p.tensor.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0)
+        );
+
+        // An in-place update of a flat buffer is the model's new value.
+        let _ = flat.params[0].g_add_scalar_(1.0);
+        let (id, off) = (buckets[0].params[0], buckets[0].offsets[0]);
+        assert_eq!(off, 0);
+        assert!(model.params.get(id).equal(&(&before[id.0] + 1.0)));
+    }
+}
