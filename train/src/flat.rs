@@ -80,25 +80,9 @@ impl FlatBuckets {
 mod tests {
     use super::*;
     use crate::grads::plan_buckets;
-    use crate::model::StagePlan;
-    use crate::spec::ModelSpec;
-    use tch::Device;
 
     fn tiny() -> Model {
-        let spec = ModelSpec {
-            vocab_size: 64,
-            d_model: 32,
-            n_layers: 2,
-            n_heads: 4,
-            seq_len: 16,
-            ..ModelSpec::default()
-        };
-        let plan = StagePlan {
-            first: true,
-            last: true,
-            layers: 0..spec.n_layers,
-        };
-        Model::build(&spec, plan, 1, 0, 7, Device::Cpu)
+        crate::model::tiny_test_model(crate::spec::Arch::Gpt2)
     }
 
     /// Sum over all parameters of `Σ w · c` with a fixed coefficient per element: its gradient

@@ -263,26 +263,11 @@ fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::StagePlan;
     use crate::pipeline::forward_stage;
-    use crate::spec::{Arch, ModelSpec};
+    use crate::spec::Arch;
 
     fn tiny(arch: Arch) -> Model {
-        let spec = ModelSpec {
-            arch,
-            vocab_size: 64,
-            d_model: 32,
-            n_layers: 2,
-            n_heads: 4,
-            seq_len: 16,
-            ..ModelSpec::default()
-        };
-        let plan = StagePlan {
-            first: true,
-            last: true,
-            layers: 0..spec.n_layers,
-        };
-        Model::build(&spec, plan, 1, 0, 7, Device::Cpu)
+        crate::model::tiny_test_model(arch)
     }
 
     /// Training's forward pass over `tokens`: the last position's logits.

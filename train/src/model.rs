@@ -514,6 +514,26 @@ pub fn balance(n_layers: usize, pp: usize, layer_cost: u64, edge_cost: u64) -> V
     fits(lo).expect("the upper bound always fits")
 }
 
+/// A whole 2-layer model (vocabulary 64, d 32, 4 heads, sequence 16) on the CPU, for tests.
+#[cfg(test)]
+pub(crate) fn tiny_test_model(arch: Arch) -> Model {
+    let spec = ModelSpec {
+        arch,
+        vocab_size: 64,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        seq_len: 16,
+        ..ModelSpec::default()
+    };
+    let plan = StagePlan {
+        first: true,
+        last: true,
+        layers: 0..spec.n_layers,
+    };
+    Model::build(&spec, plan, 1, 0, 7, tch::Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
