@@ -398,6 +398,13 @@ fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
         s.mean_step_ms,
         100.0 * s.comm_share
     );
+    println!(
+        "  after backward     {:.1} ms/step (gradient buckets, norm, clipping, AdamW)",
+        s.mean_update_ms
+    );
+    if let Some(mfu) = s.mean_mfu {
+        println!("  MFU                {:.1}% of the H200's dense bf16 peak", 100.0 * mfu);
+    }
     for (i, text) in s.samples.iter().enumerate() {
         println!("  sample {i}: {text}");
     }
