@@ -18,9 +18,9 @@
 #include "shim_report.h"
 
 #include <cstddef>
-#include <exception>
 #include <sstream>
 
+using gantry_shim::guarded;
 using gantry_shim::report;
 
 extern "C" {
@@ -29,15 +29,10 @@ extern "C" {
 // `.grad`; the graph is freed. Returns 0, or 1 with a message in `err`.
 int gantry_backward_with(const at::Tensor *output, const at::Tensor *grad, char *err,
                          size_t err_len) {
-  try {
+  return guarded(err, err_len, "unknown C++ exception in Tensor::backward", [&] {
     output->backward(*grad, /*retain_graph=*/false, /*create_graph=*/false);
     return 0;
-  } catch (const std::exception &e) {
-    report(err, err_len, e.what());
-  } catch (...) {
-    report(err, err_len, "unknown C++ exception in Tensor::backward");
-  }
-  return 1;
+  });
 }
 
 // Make `grad` the `.grad` of `param` (shared, not copied). It must match the parameter's
@@ -45,7 +40,7 @@ int gantry_backward_with(const at::Tensor *output, const at::Tensor *grad, char 
 // message in `err`.
 int gantry_set_grad(const at::Tensor *param, const at::Tensor *grad, char *err,
                     size_t err_len) {
-  try {
+  return guarded(err, err_len, "unknown C++ exception setting a gradient", [&] {
     if (grad->scalar_type() != param->scalar_type() || grad->device() != param->device() ||
         grad->sizes() != param->sizes()) {
       std::ostringstream msg;
@@ -57,12 +52,7 @@ int gantry_set_grad(const at::Tensor *param, const at::Tensor *grad, char *err,
     }
     param->mutable_grad() = *grad;
     return 0;
-  } catch (const std::exception &e) {
-    report(err, err_len, e.what());
-  } catch (...) {
-    report(err, err_len, "unknown C++ exception setting a gradient");
-  }
-  return 1;
+  });
 }
 
 }  // extern "C"

@@ -13,7 +13,6 @@
 #include "shim_report.h"
 
 #include <cstddef>
-#include <exception>
 #include <optional>
 #include <vector>
 
@@ -30,7 +29,7 @@ std::vector<at::Tensor> gather(const at::Tensor *const *handles, size_t n) {
 
 }  // namespace
 
-using gantry_shim::report;
+using gantry_shim::guarded;
 
 extern "C" {
 
@@ -45,7 +44,7 @@ int gantry_fused_adamw(const at::Tensor *const *params, const at::Tensor *const 
                        const at::Tensor *const *state_steps, size_t n, double lr,
                        double beta1, double beta2, double weight_decay, double eps,
                        char *err, size_t err_len) {
-  try {
+  return guarded(err, err_len, "unknown C++ exception in at::_fused_adamw_", [&] {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> p = gather(params, n);
     std::vector<at::Tensor> g = gather(grads, n);
@@ -58,12 +57,7 @@ int gantry_fused_adamw(const at::Tensor *const *params, const at::Tensor *const 
                                   /*amsgrad=*/false, /*maximize=*/false,
                                   /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
     return 0;
-  } catch (const std::exception &e) {
-    report(err, err_len, e.what());
-  } catch (...) {
-    report(err, err_len, "unknown C++ exception in at::_fused_adamw_");
-  }
-  return 1;
+  });
 }
 
 }  // extern "C"

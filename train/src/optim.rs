@@ -146,55 +146,39 @@ impl AdamState {
         }
     }
 
-    /// One decoupled-weight-decay Adam step (`step` counts from 1): the gradient is first
-    /// multiplied by `grad_scale` (the clip coefficient); weight decay applies only if
-    /// `self.decay`.
+    /// One decoupled-weight-decay Adam step (`step` counts from 1) with `grad` as given
+    /// (clipping has already scaled it: the trainer scales its gradient buffers in place);
+    /// weight decay applies only if `self.decay`.
     ///
     /// # Panics
     /// If the fused kernel fails (see [`AdamState::try_update`]); the manual path panics on
     /// libtorch errors like any tch operation.
-    pub fn update(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64, grad_scale: f64) {
-        if let Err(e) = self.try_update(grad, o, lr, step, grad_scale) {
+    pub fn update(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) {
+        if let Err(e) = self.try_update(grad, o, lr, step) {
             panic!("AdamW update: {e}");
         }
     }
 
     /// [`AdamState::update`], returning the fused kernel's failure instead of panicking.
-    pub fn try_update(
-        &mut self,
-        grad: &Tensor,
-        o: &OptimSpec,
-        lr: f64,
-        step: u64,
-        grad_scale: f64,
-    ) -> Result<(), FusedAdamError> {
+    pub fn try_update(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) -> Result<(), FusedAdamError> {
         match self.imp {
-            AdamImpl::Fused => self.update_fused(grad, o, lr, step, grad_scale),
+            AdamImpl::Fused => self.update_fused(grad, o, lr, step),
             AdamImpl::Manual => {
-                self.update_manual(grad, o, lr, step, grad_scale);
+                self.update_manual(grad, o, lr, step);
                 Ok(())
             }
         }
     }
 
-    fn update_fused(
-        &mut self,
-        grad: &Tensor,
-        o: &OptimSpec,
-        lr: f64,
-        step: u64,
-        grad_scale: f64,
-    ) -> Result<(), FusedAdamError> {
+    fn update_fused(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) -> Result<(), FusedAdamError> {
         tch::no_grad(|| {
-            // The kernel wants the gradient in the master's kind, contiguous; the clip
-            // coefficient is applied here (the kernel's own `grad_scale` divides, for AMP,
-            // and would overwrite the gradient in place).
+            // The kernel wants the gradient in the master's kind, contiguous (its own
+            // `grad_scale` is AMP's unscaling, not clipping, and is not used).
             let g = if grad.kind() == self.master.kind() {
                 grad.shallow_clone()
             } else {
                 grad.to_kind(self.master.kind())
             };
-            let g = if grad_scale == 1.0 { g } else { g * grad_scale };
             let g = g.contiguous();
             let _ = self.step.fill_(step as f64);
             let hyper = AdamWHyper {
@@ -215,17 +199,12 @@ impl AdamState {
         })
     }
 
-    fn update_manual(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64, grad_scale: f64) {
+    fn update_manual(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) {
         tch::no_grad(|| {
-            let g = if grad_scale == 1.0 {
-                grad.shallow_clone()
-            } else {
-                grad * grad_scale
-            };
             let _ = self.exp_avg.g_mul_scalar_(o.beta1);
-            let _ = self.exp_avg.g_add_(&(&g * (1.0 - o.beta1)));
+            let _ = self.exp_avg.g_add_(&(grad * (1.0 - o.beta1)));
             let _ = self.exp_avg_sq.g_mul_scalar_(o.beta2);
-            let _ = self.exp_avg_sq.g_add_(&(&g * &g * (1.0 - o.beta2)));
+            let _ = self.exp_avg_sq.g_add_(&(grad * grad * (1.0 - o.beta2)));
             if self.decay && o.weight_decay > 0.0 {
                 let _ = self.master.g_mul_scalar_(1.0 - lr * o.weight_decay);
             }
@@ -294,7 +273,7 @@ mod tests {
             ..OptimSpec::default()
         };
         let mut s = AdamState::new(Tensor::from_slice(&[1.0f32, -2.0, 3.0]), true);
-        s.update(&Tensor::from_slice(&[0.5f32, -0.25, 0.0]), &o, 0.1, 1, 1.0);
+        s.update(&Tensor::from_slice(&[0.5f32, -0.25, 0.0]), &o, 0.1, 1);
         let got = Vec::<f32>::try_from(&s.master).unwrap();
         assert!(
             (got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6 && (got[2] - 3.0).abs() < 1e-6,
@@ -306,16 +285,16 @@ mod tests {
     fn adam_is_elementwise_so_shards_agree_with_the_whole() {
         let o = OptimSpec::default();
         let p = Tensor::randn([64], (Kind::Float, tch::Device::Cpu));
-        let g = Tensor::randn([64], (Kind::Float, tch::Device::Cpu));
+        let g = Tensor::randn([64], (Kind::Float, tch::Device::Cpu)) * 0.5;
         let mut whole = AdamState::new(p.copy(), true);
         let mut halves = [
             AdamState::new(p.narrow(0, 0, 32).copy(), true),
             AdamState::new(p.narrow(0, 32, 32).copy(), true),
         ];
         for step in 1..=5 {
-            whole.update(&g, &o, 0.01, step, 0.5);
+            whole.update(&g, &o, 0.01, step);
             for (i, h) in halves.iter_mut().enumerate() {
-                h.update(&g.narrow(0, 32 * i as i64, 32), &o, 0.01, step, 0.5);
+                h.update(&g.narrow(0, 32 * i as i64, 32), &o, 0.01, step);
             }
         }
         let joined = Tensor::cat(&[&halves[0].master, &halves[1].master], 0);
@@ -342,10 +321,10 @@ mod tests {
                 let mut fused = AdamState::with_impl(p.copy(), decay, AdamImpl::Fused);
                 let mut manual = AdamState::with_impl(p.copy(), decay, AdamImpl::Manual);
                 for step in 1..=10u64 {
-                    let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * 0.1;
+                    let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * (0.1 * grad_scale);
                     let lr = learning_rate(&o, step - 1, 10) * 10.0;
-                    fused.try_update(&g, &o, lr, step, grad_scale).unwrap();
-                    manual.update(&g, &o, lr, step, grad_scale);
+                    fused.try_update(&g, &o, lr, step).unwrap();
+                    manual.update(&g, &o, lr, step);
                 }
                 assert!(!fused.master.allclose(&p, 1e-3, 1e-3, false), "the weights moved");
                 for (name, f, m) in [
@@ -380,10 +359,10 @@ mod tests {
             at += len;
         }
         for step in 1..=5 {
-            let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu));
-            whole.update(&g, &o, 0.01, step, 0.5);
+            let g = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * 0.5;
+            whole.update(&g, &o, 0.01, step);
             for (at, len, s) in shards.iter_mut() {
-                s.update(&g.narrow(0, *at, *len), &o, 0.01, step, 0.5);
+                s.update(&g.narrow(0, *at, *len), &o, 0.01, step);
             }
         }
         let parts: Vec<&Tensor> = shards.iter().map(|(_, _, s)| &s.master).collect();
@@ -410,9 +389,9 @@ mod tests {
         let mut fused = AdamState::with_impl(p.copy(), true, AdamImpl::Fused);
         let mut manual = AdamState::with_impl(p.copy(), true, AdamImpl::Manual);
         for step in 1..=10 {
-            let g = Tensor::randn([1 << 20], (Kind::Float, dev)) * 0.1;
-            fused.try_update(&g, &o, 0.01, step, 0.5).unwrap();
-            manual.update(&g, &o, 0.01, step, 0.5);
+            let g = Tensor::randn([1 << 20], (Kind::Float, dev)) * 0.05;
+            fused.try_update(&g, &o, 0.01, step).unwrap();
+            manual.update(&g, &o, 0.01, step);
         }
         let r = rel_diff(&fused.master, &manual.master);
         assert!(r < 1e-6, "relative {r:e}");

@@ -401,7 +401,7 @@ pub fn train_observed(
                 // In place: the gradient buffer is ours and rewritten next step.
                 let _ = g.g_mul_scalar_(coef);
             }
-            state.try_update(g, &spec.optim, lr, step + 1, 1.0)?;
+            state.try_update(g, &spec.optim, lr, step + 1)?;
         }
         if grads.zero {
             let shards = states.iter().map(|s| s.master.shallow_clone()).collect();
