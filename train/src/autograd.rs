@@ -24,16 +24,20 @@ pub struct AutogradError {
     pub message: String,
 }
 
-fn call(op: &'static str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), AutogradError> {
-    let mut err = vec![0u8; 2048];
+/// Call a C shim that returns 0 on success, or nonzero with a NUL-terminated message written
+/// into the buffer it is handed (`f` gets the buffer and its length); the message on failure.
+/// Every shim in `csrc/` follows this convention.
+pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut err = vec![0u8; 4096];
     if f(err.as_mut_ptr().cast(), err.len()) == 0 {
         return Ok(());
     }
     let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(AutogradError {
-        op,
-        message: String::from_utf8_lossy(&err[..end]).into_owned(),
-    })
+    Err(String::from_utf8_lossy(&err[..end]).into_owned())
+}
+
+fn call(op: &'static str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), AutogradError> {
+    call_shim(f).map_err(|message| AutogradError { op, message })
 }
 
 /// Backpropagate `grad` from `output` (same shape), accumulating into the leaves' `.grad`;

@@ -119,12 +119,11 @@ pub fn adamw_step(items: &mut [FusedAdamItem<'_>], h: &AdamWHyper) -> Result<(),
     let exp_avgs = ptrs(&|it| it.exp_avg.as_ptr().cast());
     let exp_avg_sqs = ptrs(&|it| it.exp_avg_sq.as_ptr().cast());
     let steps = ptrs(&|it| it.step.as_ptr().cast());
-    let mut err = vec![0u8; 4096];
     // SAFETY: every array holds `items.len()` live tensor handles, borrowed from `items` for
     // the whole call (the in-place targets mutably). The kernel was handed contiguous tensors
     // of matching kind, shape and device (checked above), so it stays within their storage.
-    // The shim catches every C++ exception and writes at most `err.len()` bytes, NUL included.
-    let rc = unsafe {
+    // The shim catches every C++ exception and writes at most `err_len` bytes, NUL included.
+    crate::autograd::call_shim(|err, err_len| unsafe {
         gantry_fused_adamw(
             params.as_ptr(),
             grads.as_ptr(),
@@ -137,15 +136,11 @@ pub fn adamw_step(items: &mut [FusedAdamItem<'_>], h: &AdamWHyper) -> Result<(),
             h.beta2,
             h.weight_decay,
             h.eps,
-            err.as_mut_ptr().cast(),
-            err.len(),
+            err,
+            err_len,
         )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(FusedAdamError::Torch(String::from_utf8_lossy(&err[..end]).into_owned()))
+    })
+    .map_err(FusedAdamError::Torch)
 }
 
 #[cfg(test)]
