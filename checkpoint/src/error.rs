@@ -15,6 +15,10 @@ pub enum CheckpointError {
     },
     #[error("no committed checkpoint in {url}")]
     NoCheckpoint { url: String },
+    #[error("no readable checkpoint in {url}: every committed step was skipped ({})", skipped.join("; "))]
+    NoReadableCheckpoint { url: String, skipped: Vec<String> },
+    #[error("{path} is {kind}, not a regular file: checkpoints hold only plain files and directories")]
+    NotPlainFile { path: String, kind: &'static str },
     #[error("step {step} in {url} is not committed (no manifest.json): it does not exist for readers")]
     NotCommitted { url: String, step: u64 },
     #[error("{object}: {message}")]

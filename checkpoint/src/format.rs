@@ -69,10 +69,20 @@ impl SliceSpec {
     pub fn nbytes(&self) -> u64 {
         self.numel() * self.dtype.size() as u64
     }
-    /// Ranks agree, the slice lies inside the global shape and the tensor is not empty of
-    /// dimensions that exist.
+    /// Ranks agree, the slice lies inside the global shape and the whole tensor's byte count
+    /// fits in a `u64` (so every product of its sizes can be computed without overflow).
     pub fn check(&self) -> Result<(), String> {
         let n = self.global_shape.len();
+        let global_bytes = self
+            .global_shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |acc, &d| acc.checked_mul(d));
+        if global_bytes.is_none() {
+            return Err(format!(
+                "tensor {}: global shape {:?} of {:?} is too large to address",
+                self.name, self.global_shape, self.dtype
+            ));
+        }
         if self.offsets.len() != n || self.lengths.len() != n {
             return Err(format!(
                 "tensor {}: offsets {:?} / lengths {:?} do not match the {n}-d global shape {:?}",

@@ -18,6 +18,8 @@
 //! - **Storage** ([`store`]): one blocking API over `object_store` for local paths, `file://`
 //!   and `s3://`, with multipart uploads, ranged reads and create-if-absent.
 //! - [`export`]: a whole model as one safetensors file.
+//! - [`plain`]: opening a local checkpoint's file without following symlinks (what a server
+//!   that hands out checkpoint files uses).
 //!
 //! The format is specified in docs/checkpoint-format.md.
 
@@ -25,6 +27,7 @@ pub mod boxes;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod plain;
 pub mod planner;
 pub mod reader;
 pub mod retention;
@@ -33,7 +36,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_share};
-pub use reader::{Checkpoint, Which, committed_steps};
+pub use reader::{Checkpoint, SkippedStep, Which, committed_steps};
 pub use retention::Retention;
 pub use store::{S3Options, Store, StoreConfig};
 pub use writer::{SaveReport, SaveRequest, Saver, SaverConfig, TensorData};

@@ -11,16 +11,23 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// S3 connection settings. Unset fields fall back to the standard AWS environment variables
-/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...),
+/// unless `configured_only` is set.
 #[derive(Clone, Debug, Default)]
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
+    /// Use these fields and nothing else: no `AWS_*` environment, and no credential
+    /// discovery (instance metadata, web identity). Without an endpoint and both keys,
+    /// opening an `s3://` location is refused at once. A server that opens locations its
+    /// clients name (the registry) sets this, so a request cannot make it probe the network.
+    pub configured_only: bool,
 }
 
 /// Upload tuning.
@@ -48,6 +55,8 @@ impl Default for StoreConfig {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     root: Path,
+    /// The canonical directory of a local store.
+    local: Option<PathBuf>,
     url: String,
     config: StoreConfig,
     rt: Arc<OwnedRuntime>,
@@ -114,60 +123,71 @@ impl Store {
             .enable_all()
             .build()
             .map_err(|e| bad(url, format!("cannot start I/O runtime: {e}")))?;
-        let (inner, root, shown): (Arc<dyn ObjectStore>, Path, String) = if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(bad(url, "no bucket name after s3://"));
-            }
-            // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's
-            // (and our own checksums'), and hashing every part twice halves upload speed.
-            let mut b = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_unsigned_payload(true);
-            if let Some(e) = &s3.endpoint {
-                b = b.with_endpoint(e);
-            }
-            let endpoint = s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-            if let Some(e) = &endpoint {
-                b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
-                if e.starts_with("http://") {
-                    b = b.with_allow_http(true);
+        let (inner, root, shown, local): (Arc<dyn ObjectStore>, Path, String, Option<PathBuf>) =
+            if let Some(rest) = url.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad(url, "no bucket name after s3://"));
                 }
-            }
-            if let Some(r) = &s3.region {
-                b = b.with_region(r);
-            }
-            if let Some(k) = &s3.access_key {
-                b = b.with_access_key_id(k);
-            }
-            if let Some(k) = &s3.secret_key {
-                b = b.with_secret_access_key(k);
-            }
-            let store = b.build().map_err(|e| bad(url, e.to_string()))?;
-            let root = Path::parse(prefix.trim_matches('/')).map_err(|e| bad(url, e.to_string()))?;
-            (Arc::new(store), root, url.trim_end_matches('/').to_string())
-        } else {
-            let path = match url.strip_prefix("file://") {
-                Some(p) => std::path::PathBuf::from(p),
-                None if url.contains("://") => {
-                    return Err(bad(url, "only local paths, file:// and s3:// are supported"));
+                // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's
+                // (and our own checksums'), and hashing every part twice halves upload speed.
+                if s3.configured_only && (s3.endpoint.is_none() || s3.access_key.is_none() || s3.secret_key.is_none()) {
+                    return Err(bad(
+                        url,
+                        "this server has no S3 endpoint and credentials configured, so it opens no s3:// location",
+                    ));
                 }
-                None => std::path::PathBuf::from(url),
+                let base = if s3.configured_only {
+                    AmazonS3Builder::new()
+                } else {
+                    AmazonS3Builder::from_env()
+                };
+                let mut b = base.with_bucket_name(bucket).with_unsigned_payload(true);
+                let endpoint = match s3.configured_only {
+                    true => s3.endpoint.clone(),
+                    false => s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()),
+                };
+                if let Some(e) = &endpoint {
+                    b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+                    if e.starts_with("http://") {
+                        b = b.with_allow_http(true);
+                    }
+                }
+                if let Some(r) = &s3.region {
+                    b = b.with_region(r);
+                }
+                if let Some(k) = &s3.access_key {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &s3.secret_key {
+                    b = b.with_secret_access_key(k);
+                }
+                let store = b.build().map_err(|e| bad(url, e.to_string()))?;
+                let root = Path::parse(prefix.trim_matches('/')).map_err(|e| bad(url, e.to_string()))?;
+                (Arc::new(store), root, url.trim_end_matches('/').to_string(), None)
+            } else {
+                let path = match url.strip_prefix("file://") {
+                    Some(p) => std::path::PathBuf::from(p),
+                    None if url.contains("://") => {
+                        return Err(bad(url, "only local paths, file:// and s3:// are supported"));
+                    }
+                    None => std::path::PathBuf::from(url),
+                };
+                if path.as_os_str().is_empty() {
+                    return Err(bad(url, "empty path"));
+                }
+                std::fs::create_dir_all(&path).map_err(|e| bad(url, format!("cannot create directory: {e}")))?;
+                let abs = std::fs::canonicalize(&path).map_err(|e| bad(url, e.to_string()))?;
+                // fsync: a commit must only ever name chunks that survive a power loss too.
+                let fs = LocalFileSystem::new_with_prefix(&abs)
+                    .map_err(|e| bad(url, e.to_string()))?
+                    .with_fsync(true);
+                (Arc::new(fs), Path::default(), abs.display().to_string(), Some(abs))
             };
-            if path.as_os_str().is_empty() {
-                return Err(bad(url, "empty path"));
-            }
-            std::fs::create_dir_all(&path).map_err(|e| bad(url, format!("cannot create directory: {e}")))?;
-            let abs = std::fs::canonicalize(&path).map_err(|e| bad(url, e.to_string()))?;
-            // fsync: a commit must only ever name chunks that survive a power loss too.
-            let fs = LocalFileSystem::new_with_prefix(&abs)
-                .map_err(|e| bad(url, e.to_string()))?
-                .with_fsync(true);
-            (Arc::new(fs), Path::default(), abs.display().to_string())
-        };
         Ok(Store {
             inner,
             root,
+            local,
             url: shown,
             config,
             rt: Arc::new(OwnedRuntime(Some(rt))),
@@ -180,7 +200,12 @@ impl Store {
     }
 
     pub fn is_local(&self) -> bool {
-        !self.url.starts_with("s3://")
+        self.local.is_some()
+    }
+
+    /// The canonical directory of a local store (`None` for S3).
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local.as_deref()
     }
 
     fn path(&self, key: &str) -> Path {

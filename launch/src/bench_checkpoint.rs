@@ -274,15 +274,6 @@ const LOAD_COLD: &str = "checkpoint load, cold";
 const VERIFY: &str = "checkpoint verify";
 const VERIFY_COLD: &str = "checkpoint verify, cold";
 
-fn s3_options(a: &S3Args) -> S3Options {
-    S3Options {
-        endpoint: a.endpoint.clone(),
-        region: a.region.clone(),
-        access_key: a.access_key.clone(),
-        secret_key: a.secret_key.clone(),
-    }
-}
-
 fn secs(a: Instant, b: Instant) -> f64 {
     b.saturating_duration_since(a).as_secs_f64()
 }
@@ -595,7 +586,7 @@ pub fn run(args: CheckpointBenchArgs) -> Result<ExitCode> {
     ensure!(per_rank > 0, "--gib {} is too small for {} ranks", args.gib, args.ranks);
     let tensors = plan_tensors(per_rank);
     let total = per_rank * args.ranks as u64;
-    let s3 = s3_options(&args.s3);
+    let s3 = args.s3.options();
     let mut store_cfg = StoreConfig::default();
     if let Some(p) = args.part_mib {
         ensure!(p >= 5, "--part-mib must be at least 5 (S3's minimum part size)");

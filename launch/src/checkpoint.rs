@@ -14,20 +14,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// S3 connection flags; each falls back to the standard AWS environment variable.
+/// S3 connection flags; each falls back to the standard AWS environment variable (read here,
+/// by the binary: the libraries are handed plain fields).
 #[derive(Args, Clone, Debug, Default)]
 pub struct S3Args {
-    /// S3 endpoint URL (for S3-compatible servers) [env: AWS_ENDPOINT_URL]
-    #[arg(long, global = true)]
+    /// S3 endpoint URL (for S3-compatible servers)
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL")]
     pub endpoint: Option<String>,
-    /// S3 region [env: AWS_REGION]
-    #[arg(long, global = true)]
+    /// S3 region
+    #[arg(long, global = true, env = "AWS_REGION")]
     pub region: Option<String>,
-    /// S3 access key id [env: AWS_ACCESS_KEY_ID]
-    #[arg(long, global = true)]
+    /// S3 access key id
+    #[arg(long, global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
     pub access_key: Option<String>,
-    /// S3 secret access key [env: AWS_SECRET_ACCESS_KEY]
-    #[arg(long, global = true, hide_env_values = true)]
+    /// S3 secret access key
+    #[arg(long, global = true, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
 }
 
@@ -38,6 +39,7 @@ impl S3Args {
             region: self.region.clone(),
             access_key: self.access_key.clone(),
             secret_key: self.secret_key.clone(),
+            ..Default::default()
         }
     }
 }
@@ -114,7 +116,14 @@ fn list(url: &str, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
     let store = Store::open(url, &s3.options())?;
     let mut rows = Vec::new();
     for step in committed_steps(&store)? {
-        let c = Checkpoint::open(&store, Which::Step(step))?;
+        // A step whose manifest does not read is listed as damaged, with the others.
+        let c = match Checkpoint::open(&store, Which::Step(step)) {
+            Ok(c) => c,
+            Err(e) => {
+                rows.push(serde_json::json!({ "step": step, "damaged": e.to_string() }));
+                continue;
+            }
+        };
         let m = &c.manifest;
         rows.push(serde_json::json!({
             "step": m.step,
@@ -139,6 +148,10 @@ fn list(url: &str, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
         "step", "tokens", "MiB", "ranks"
     );
     for r in &rows {
+        if let Some(why) = r["damaged"].as_str() {
+            println!("{:>10}  DAMAGED: {why}", r["step"].as_u64().unwrap_or(0));
+            continue;
+        }
         println!(
             "{:>10}  {:>14}  {:>10.1}  {:>5}  {}",
             r["step"].as_u64().unwrap_or(0),

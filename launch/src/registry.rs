@@ -4,6 +4,8 @@
 use crate::serving::TchLoader;
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use gantry_registry::CheckpointRoot;
+use gantry_registry::http::conn::ConnectionLimits;
 use gantry_registry::http::{ServeConfig, parse_token_file, start_with};
 use gantry_registry::serving::ModelLoader;
 use std::path::PathBuf;
@@ -56,6 +58,22 @@ pub struct ServeArgs {
     /// Do not load models: `generate` answers 501.
     #[arg(long)]
     no_generate: bool,
+    /// Accept registrations only from under these locations (comma-separated directories,
+    /// file:// or s3://bucket/prefix); anything else is refused with 403, without saying
+    /// whether it exists. Without it, any location the server can read is accepted.
+    #[arg(long, value_name = "DIR,…", value_delimiter = ',')]
+    checkpoint_roots: Vec<String>,
+    /// Seconds a client has to send a request's headers (also the longest wait for the next
+    /// request on a kept-alive HTTP/1 connection).
+    #[arg(long, default_value_t = 15.0, value_name = "SECONDS")]
+    header_timeout_s: f64,
+    /// Seconds a connection may stay open with no request in flight.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    idle_timeout_s: f64,
+    /// Open connections at once; at the cap the longest-idle one is closed to make room, and
+    /// when all are busy a newcomer gets 503.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     #[command(flatten)]
     s3: crate::checkpoint::S3Args,
 }
@@ -69,12 +87,26 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         }
         None => Vec::new(),
     };
+    let checkpoint_roots = args
+        .checkpoint_roots
+        .iter()
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| CheckpointRoot::parse(r.trim()).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("--checkpoint-roots")?;
     let config = ServeConfig {
         listen: args.listen.clone(),
         db: args.db.clone(),
         tokens,
         open_reads: !args.closed_reads,
         s3: args.s3.options(),
+        checkpoint_roots,
+        connections: ConnectionLimits {
+            header_read_timeout: seconds("--header-timeout-s", args.header_timeout_s)?,
+            idle_timeout: seconds("--idle-timeout-s", args.idle_timeout_s)?,
+            max_connections: args.max_connections,
+            ..ConnectionLimits::default()
+        },
         model_cache_bytes: args.model_cache_mb.saturating_mul(1 << 20),
         max_pending: args.max_pending,
     };
@@ -114,4 +146,12 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A duration flag: finite, positive, at most a day.
+fn seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        anyhow::bail!("{flag} must be a number of seconds between 0 and 86400, not {value}");
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
 }

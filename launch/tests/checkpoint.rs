@@ -201,6 +201,38 @@ fn resume_is_bit_exact_and_any_layout_continues_the_same_stream() {
             assert_eq!(s[&step], sa[&step], "{tag} step {step}: samples repeated or skipped");
         }
     }
+
+    // Step 8's manifest garbled: `list` shows it as damaged beside step 4, and `--resume
+    // latest` falls back to step 4 (saying which step it skipped) and continues the stream.
+    std::fs::write(ckpt.join("step-00000008/manifest.json"), b"{\"garbled").unwrap();
+    let listed = Command::new(GANTRY)
+        .args(["checkpoint", "list", "--json"])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", text(&listed));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows[0]["damaged"].is_null() && rows[0]["step"] == 4, "{rows:?}");
+    assert!(
+        rows[1]["damaged"].as_str().is_some_and(|d| d.contains("manifest")),
+        "{rows:?}"
+    );
+    let run = dir.join("resumed-past-damage");
+    let mut sets = SAVED.to_vec();
+    sets.push("checkpoint.at_end=false");
+    let out = launch(
+        &spec,
+        4,
+        &run,
+        &sets,
+        &["--checkpoint-dir", ckpt.to_str().unwrap(), "--resume", "latest"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(losses(&run).keys().copied().collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+    let logs = std::fs::read_to_string(run.join("logs/rank-0.log")).unwrap_or_default();
+    assert!(logs.contains("skipped an unreadable checkpoint"), "{logs}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

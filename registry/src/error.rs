@@ -16,6 +16,10 @@ pub enum RegistryError {
     /// crate's, naming the object at fault.
     #[error("checkpoint {url} refused: {message}")]
     Checkpoint { url: String, message: String },
+    /// The location is outside the registry's `--checkpoint-roots`; whether anything is
+    /// there is not said.
+    #[error("checkpoint location {url} is outside this registry's checkpoint roots")]
+    OutsideRoots { url: String },
     #[error(transparent)]
     BadName(#[from] NameError),
     #[error("bad alias targets: {0}")]

@@ -5,8 +5,8 @@
 use crate::error::RegistryError;
 use crate::model::VersionRecord;
 use gantry_checkpoint::format::xxh3_hex;
-use gantry_checkpoint::{Checkpoint, S3Options, Store, Which};
-use std::path::Path;
+use gantry_checkpoint::{Checkpoint, CheckpointError, S3Options, Store, Which};
+use std::path::{Path, PathBuf};
 
 /// JSON with object keys sorted at every level, whatever map order serde_json was built with.
 fn canonical_json(v: &serde_json::Value, out: &mut String) {
@@ -39,24 +39,124 @@ fn canonical_json(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// Open a committed checkpoint and verify every chunk; refuse anything else.
+/// Open a committed checkpoint and verify every chunk; refuse anything else. A location that
+/// does not exist and one that holds no checkpoint get the same answer, so registration
+/// cannot be used to probe the server's file system.
 pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Result<(Checkpoint, u64), RegistryError> {
     let refuse = |message: String| RegistryError::Checkpoint {
         url: url.to_string(),
         message,
     };
+    let nothing = || refuse("no committed gantry checkpoint there (nothing at that path, or not a checkpoint)".into());
     if !url.starts_with("s3://") {
         // Store::open creates a missing local directory; a registry must not.
         let local = Path::new(url.strip_prefix("file://").unwrap_or(url));
         if !local.is_dir() {
-            return Err(refuse(format!("{} is not a directory", local.display())));
+            return Err(nothing());
         }
     }
     let store = Store::open(url, s3).map_err(|e| refuse(e.to_string()))?;
     let which = step.map_or(Which::Latest, Which::Step);
-    let ckpt = Checkpoint::open(&store, which).map_err(|e| refuse(e.to_string()))?;
+    let ckpt = Checkpoint::open(&store, which).map_err(|e| match e {
+        CheckpointError::NoCheckpoint { .. } => nothing(),
+        e => refuse(e.to_string()),
+    })?;
     let report = ckpt.verify(&mut |_| {}).map_err(|e| refuse(e.to_string()))?;
     Ok((ckpt, report.bytes))
+}
+
+/// Where a registry accepts checkpoints from (`--checkpoint-roots`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckpointRoot {
+    /// A local directory, canonical (symlinks resolved at startup).
+    Local(PathBuf),
+    /// `s3://bucket/prefix`: that bucket, keys under the prefix (may be empty).
+    S3 { bucket: String, prefix: String },
+}
+
+impl CheckpointRoot {
+    /// Parse one root. A local root must exist (it is canonicalized, so a symlink cannot later
+    /// widen it).
+    pub fn parse(root: &str) -> Result<CheckpointRoot, String> {
+        if let Some(rest) = root.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let prefix = prefix.trim_matches('/');
+            if bucket.is_empty() || prefix.split('/').any(|p| p == "..") {
+                return Err(format!("checkpoint root {root:?}: expected s3://bucket[/prefix]"));
+            }
+            return Ok(CheckpointRoot::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            });
+        }
+        if root.contains("://") && !root.starts_with("file://") {
+            return Err(format!(
+                "checkpoint root {root:?}: only local paths, file:// and s3:// are supported"
+            ));
+        }
+        let path = Path::new(root.strip_prefix("file://").unwrap_or(root));
+        let canonical = std::fs::canonicalize(path).map_err(|e| format!("checkpoint root {root:?}: {e}"))?;
+        if !canonical.is_dir() {
+            return Err(format!("checkpoint root {root:?} is not a directory"));
+        }
+        Ok(CheckpointRoot::Local(canonical))
+    }
+}
+
+/// Is `url` inside one of `roots`? Checked on the path as written (`..` resolved without
+/// touching the disk) and, for a local path that exists, again after resolving symlinks, so
+/// neither `root/../etc` nor a symlink inside a root leads out of it.
+pub fn within_roots(url: &str, roots: &[CheckpointRoot]) -> bool {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        let parts: Vec<&str> = key.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.iter().any(|p| *p == "." || *p == "..") {
+            return false;
+        }
+        return roots.iter().any(|r| match r {
+            CheckpointRoot::S3 { bucket: b, prefix } => {
+                let want: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+                b == bucket && parts.starts_with(&want)
+            }
+            CheckpointRoot::Local(_) => false,
+        });
+    }
+    if url.contains("://") && !url.starts_with("file://") {
+        return false;
+    }
+    let Ok(path) = std::path::absolute(url.strip_prefix("file://").unwrap_or(url)) else {
+        return false;
+    };
+    let lexical = lexical_normal(&path);
+    let inside = |p: &Path| {
+        roots
+            .iter()
+            .any(|r| matches!(r, CheckpointRoot::Local(root) if p.starts_with(root)))
+    };
+    if !inside(&lexical) {
+        return false;
+    }
+    match std::fs::canonicalize(&lexical) {
+        Ok(real) => inside(&real),
+        // Nothing there: inside by its name, and registration will find nothing.
+        Err(_) => true,
+    }
+}
+
+/// `path` with `.` and `..` resolved by name only.
+fn lexical_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 pub(crate) fn version_record(
@@ -105,6 +205,37 @@ pub(crate) fn version_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roots_hold_what_is_under_them_and_nothing_else() {
+        let base = std::env::temp_dir().join(format!("gantry-roots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("runs/a")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside"), base.join("runs/escape")).unwrap();
+        let roots = vec![
+            CheckpointRoot::parse(base.join("runs").to_str().unwrap()).unwrap(),
+            CheckpointRoot::parse("s3://bkt/models/").unwrap(),
+        ];
+        let p = |rel: &str| base.join(rel).display().to_string();
+        assert!(within_roots(&p("runs/a"), &roots));
+        assert!(within_roots(&format!("file://{}", p("runs/a")), &roots));
+        assert!(within_roots(&p("runs/not-yet"), &roots));
+        assert!(!within_roots(&p("outside"), &roots));
+        assert!(!within_roots(&p("runs/../outside"), &roots));
+        assert!(!within_roots(&p("runs/escape"), &roots), "a symlink out of a root");
+        assert!(!within_roots(&p("runsx"), &roots), "a sibling sharing the prefix");
+        assert!(!within_roots("/etc", &roots));
+        assert!(within_roots("s3://bkt/models/run-1", &roots));
+        assert!(within_roots("s3://bkt/models", &roots));
+        assert!(!within_roots("s3://bkt/modelsx/run", &roots));
+        assert!(!within_roots("s3://bkt/models/../other", &roots));
+        assert!(!within_roots("s3://other/models/run", &roots));
+        assert!(!within_roots("gs://bkt/models/run", &roots));
+        assert!(CheckpointRoot::parse("s3://").is_err());
+        assert!(CheckpointRoot::parse(&p("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&base);
+    }
 
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {

@@ -40,6 +40,7 @@ pub mod split;
 pub mod store;
 
 pub use error::RegistryError;
+pub use intake::CheckpointRoot;
 pub use model::{Alias, EvalRecord, ModelRecord, VersionRecord};
 pub use name::{ModelRef, NameError, Selector};
 pub use split::WeightError;

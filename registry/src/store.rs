@@ -12,7 +12,7 @@
 //! ([`crate::intake`]), the slow part of a registration, happens before it.
 
 use crate::error::RegistryError;
-use crate::intake::{open_verified, version_record};
+use crate::intake::{CheckpointRoot, open_verified, version_record, within_roots};
 use crate::model::{Alias, EvalRecord, ModelRecord, VersionRecord};
 use crate::name::{ModelRef, Selector, check_alias_name, check_model_name};
 use crate::split;
@@ -59,6 +59,8 @@ pub struct Registry {
     path: PathBuf,
     /// How to reach `s3://` checkpoints (unset fields: the AWS environment variables).
     s3: S3Options,
+    /// Where checkpoints may be registered from (empty: anywhere this process can read).
+    roots: Vec<CheckpointRoot>,
 }
 
 /// Turn any redb error into [`RegistryError::Database`] naming the file.
@@ -95,6 +97,7 @@ impl Registry {
             db,
             path,
             s3: S3Options::default(),
+            roots: Vec::new(),
         };
         registry.init()?;
         Ok(registry)
@@ -107,6 +110,12 @@ impl Registry {
     /// Reach `s3://` checkpoints with these settings instead of the environment alone.
     pub fn with_s3(mut self, s3: S3Options) -> Registry {
         self.s3 = s3;
+        self
+    }
+
+    /// Accept registrations only from under these roots (403 for anything else).
+    pub fn with_checkpoint_roots(mut self, roots: Vec<CheckpointRoot>) -> Registry {
+        self.roots = roots;
         self
     }
 
@@ -216,6 +225,9 @@ impl Registry {
                 url: checkpoint_url.to_string(),
                 message: "empty checkpoint location".to_string(),
             });
+        }
+        if !self.roots.is_empty() && !within_roots(url, &self.roots) {
+            return Err(RegistryError::OutsideRoots { url: url.to_string() });
         }
         let (ckpt, bytes) = open_verified(url, step, &self.s3)?;
         let source = format!("{}@{url}", ckpt.step());

@@ -108,8 +108,13 @@ fn uncommitted_and_missing_checkpoints_are_refused() {
 
     let empty = dir.0.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let e = reg.register_version("gpt", &url(&empty), None, 0).unwrap_err();
-    assert!(e.to_string().contains("no committed checkpoint"), "{e}");
+    let e2 = reg.register_version("gpt", &url(&empty), None, 0).unwrap_err();
+    assert!(e2.to_string().contains("no committed gantry checkpoint"), "{e2}");
+    // Missing and empty answer alike: registration does not tell what exists.
+    assert_eq!(
+        e.to_string().replace(&url(&missing), "URL"),
+        e2.to_string().replace(&url(&empty), "URL")
+    );
     // Nothing half-registered.
     assert_eq!(reg.list_versions("gpt", &Page::first(10)).unwrap().0.len(), 1);
 }

@@ -116,6 +116,7 @@ fn files_and_tp_shares_of_an_s3_checkpoint() {
         region: Some("us-east-1".into()),
         access_key: Some(s3.access_key.clone()),
         secret_key: Some(s3.secret_key.clone()),
+        ..Default::default()
     };
     let url = format!("s3://{}/models/run-1", s3.bucket);
     save_steps_to(&url, &opts, &[10]);

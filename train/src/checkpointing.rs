@@ -22,7 +22,7 @@ use crate::trainer::RankPlace;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
     Checkpoint, CheckpointError, DType, JobState, Lineage, ParamLayout, Retention, SaveReport, SaveRequest, Saver,
-    SaverConfig, SliceSpec, Store, TensorData, Which, committed_steps,
+    SaverConfig, SliceSpec, Store, TensorData, Which,
 };
 use gantry_sharding::manifest::TokenizerInfo;
 use gantry_sharding::sampler::Cursor;
@@ -237,9 +237,19 @@ impl Checkpointing {
         }))
     }
 
-    /// The newest committed step in the store, if any.
+    /// The newest committed step in the store whose manifest reads, if any; newer steps that
+    /// do not read are logged with the reason and skipped.
     pub fn latest_committed(&self) -> Result<Option<u64>, TrainError> {
-        Ok(committed_steps(&self.store)?.last().copied())
+        match Checkpoint::open_latest(&self.store) {
+            Ok((ckpt, skipped)) => {
+                for s in skipped {
+                    tracing::warn!(dir = self.store.url(), step = s.step, reason = %s.reason, "skipping an unreadable checkpoint");
+                }
+                Ok(Some(ckpt.step()))
+            }
+            Err(CheckpointError::NoCheckpoint { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn url(&self) -> &str {

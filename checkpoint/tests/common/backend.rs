@@ -50,6 +50,7 @@ impl Backend {
                 region: Some("us-east-1".to_string()),
                 access_key: Some(s.access_key.clone()),
                 secret_key: Some(s.secret_key.clone()),
+                ..Default::default()
             },
         }
     }

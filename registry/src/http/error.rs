@@ -52,6 +52,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
             RegistryError::UnknownAlias { .. } => (StatusCode::NOT_FOUND, "unknown_alias"),
             RegistryError::Checkpoint { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_refused"),
+            RegistryError::OutsideRoots { .. } => (StatusCode::FORBIDDEN, "outside_checkpoint_roots"),
             RegistryError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
             RegistryError::BadWeights(_) => (StatusCode::BAD_REQUEST, "bad_weights"),
             RegistryError::BadCursor { .. } => (StatusCode::BAD_REQUEST, "bad_cursor"),

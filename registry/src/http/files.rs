@@ -2,8 +2,13 @@
 //! checkpoint step: `manifest.json` and the chunk objects the manifest lists
 //! (`rank-RRRRR/<attempt>-CCCC.bin`). Anything else (other files, `..`, absolute paths) is 404.
 //!
-//! - Local checkpoints (a plain path or `file://`) are read with tokio's file API; others
-//!   (`s3://`) through the checkpoint store with ranged reads, sizes from the manifest.
+//! - Only what the committed manifest names is served. Local checkpoints (a plain path or
+//!   `file://`) are opened without following any symlink below the checkpoint root and must
+//!   be regular files of the manifest's size (`gantry_checkpoint::plain`); others (`s3://`)
+//!   are read through the checkpoint store with ranged reads, sizes from the manifest.
+//! - A whole object is checked against the manifest's checksums as it streams out: a byte
+//!   changed since registration ends the response with an error instead of completing it.
+//!   Ranged reads check the file's identity and size.
 //! - `Range: bytes=a-b | a- | -n` → 206 + `Content-Range`; an unsatisfiable range → 416 with
 //!   `Content-Range: bytes */SIZE`; a syntactically invalid `Range` is ignored (200, full
 //!   body, as RFC 9110 allows); with several ranges only the first is served (a single-part 206).
@@ -21,9 +26,10 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use gantry_checkpoint::format::{ObjectInfo, step_dir, xxh3_hex};
+use gantry_checkpoint::format::{step_dir, xxh3_hex};
+use gantry_checkpoint::plain::{PlainFileError, open_plain};
+use gantry_checkpoint::reader::ObjectCheck;
 use gantry_checkpoint::{Checkpoint, CheckpointError};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Bytes per read of a local file, one body chunk each.
@@ -35,12 +41,6 @@ const STORE_PIECE: usize = 8 << 20;
 /// The header naming the version a file was served from.
 pub const VERSION_HEADER: &str = "x-gantry-version";
 const MANIFEST: &str = "manifest.json";
-
-/// The part of a manifest this module reads.
-#[derive(serde::Deserialize)]
-struct Listed {
-    objects: Vec<ObjectInfo>,
-}
 
 /// What a `Range` header asks for, against a file of `size` bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,11 +103,7 @@ pub fn none_match(header: Option<&str>, etag: &str) -> bool {
 /// A path from the URL is served only if it is the manifest or one of its objects, and has no
 /// `..`, empty or absolute parts even then (a manifest is data, not trusted to be sane).
 fn safe_relative(path: &str) -> bool {
-    !path.is_empty()
-        && !path.starts_with('/')
-        && !path.contains('\\')
-        && !path.contains(':')
-        && path.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    gantry_checkpoint::reader::is_safe_key(path) && !path.contains(':')
 }
 
 fn unknown_file(v: &VersionRecord, path: &str) -> ApiError {
@@ -115,15 +111,6 @@ fn unknown_file(v: &VersionRecord, path: &str) -> ApiError {
         "unknown_file",
         format!("{}@{} has no file {path:?}", v.model, v.version),
     )
-}
-
-/// Where a version's step directory is: a local directory, or a store (S3).
-fn local_step_dir(v: &VersionRecord) -> Option<PathBuf> {
-    let url = v.checkpoint_url.as_str();
-    if url.contains("://") && !url.starts_with("file://") {
-        return None;
-    }
-    Some(PathBuf::from(url.strip_prefix("file://").unwrap_or(url)).join(step_dir(v.step)))
 }
 
 /// A response started for a file: the builder with its headers, status, first byte and
@@ -212,45 +199,107 @@ async fn get_file_inner(
     if !safe_relative(&path) {
         return Err(unknown_file(&v, &path));
     }
-    match local_step_dir(&v) {
-        Some(dir) => local_file(&headers, &v, &dir, &path).await,
-        None => stored_file(&s, &headers, &v, &path).await,
+    let ckpt = open_checkpoint(&s, &v).await?;
+    match ckpt.store.local_root().map(ToOwned::to_owned) {
+        Some(root) => local_file(&headers, &v, ckpt, &root, &path).await,
+        None => stored_file(&headers, &v, ckpt, &path).await,
     }
 }
 
-/// A file of a checkpoint on local disk, read with tokio's file API.
+/// The version's checkpoint, opened once and shared (its manifest parsed and checked).
+async fn open_checkpoint(s: &Arc<AppState>, v: &VersionRecord) -> Result<Arc<Checkpoint>, ApiError> {
+    let (opened, registry) = (s.opened.clone(), s.registry.clone());
+    let record = v.clone();
+    tokio::task::spawn_blocking(move || opened.open(&record, registry.s3()))
+        .await
+        .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))?
+}
+
+/// The size the manifest records for `path` (404 when it lists no such object).
+fn listed_size(ckpt: &Checkpoint, v: &VersionRecord, path: &str) -> Result<u64, ApiError> {
+    ckpt.manifest
+        .objects
+        .iter()
+        .find(|o| o.object == path)
+        .map(|o| o.size)
+        .ok_or_else(|| unknown_file(v, path))
+}
+
+/// Wrap `read` so that, when the body is the whole object, every byte is checked against the
+/// manifest's checksums as it passes ([`ObjectCheck`]); a mismatch ends the body with an error.
+fn checked_whole<F>(
+    check: Option<ObjectCheck>,
+    end: u64,
+    mut read: F,
+) -> impl FnMut(u64, usize) -> std::io::Result<Bytes> + Send + 'static
+where
+    F: FnMut(u64, usize) -> std::io::Result<Bytes> + Send + 'static,
+{
+    let mut check = check;
+    move |at, want| {
+        let piece = read(at, want)?;
+        if let Some(c) = check.as_mut() {
+            let fed = c.feed(&piece).and_then(|()| match at + want as u64 == end {
+                true => check.take().expect("checked above").finish(),
+                false => Ok(()),
+            });
+            if let Err(e) = fed {
+                tracing::error!(error = %e, "a served checkpoint object no longer matches its manifest");
+                return Err(std::io::Error::other(e.to_string()));
+            }
+        }
+        Ok(piece)
+    }
+}
+
+/// A file of a checkpoint on local disk: opened without following symlinks, a regular file of
+/// the size the manifest records.
 async fn local_file(
     headers: &HeaderMap,
     v: &VersionRecord,
-    dir: &std::path::Path,
+    ckpt: Arc<Checkpoint>,
+    root: &std::path::Path,
     path: &str,
 ) -> Result<Response, ApiError> {
-    if path != MANIFEST {
-        let text = tokio::fs::read(dir.join(MANIFEST))
-            .await
-            .map_err(|e| ApiError::internal(format!("reading the manifest of {}@{}: {e}", v.model, v.version)))?;
-        let manifest: Listed = serde_json::from_slice(&text)
-            .map_err(|e| ApiError::internal(format!("parsing the manifest of {}@{}: {e}", v.model, v.version)))?;
-        if !manifest.objects.iter().any(|o| o.object == path) {
-            return Err(unknown_file(v, path));
-        }
-    }
-    let file_path = dir.join(path);
-    let file = match tokio::fs::File::open(&file_path).await {
+    let listed = match path {
+        MANIFEST => None,
+        _ => Some(listed_size(&ckpt, v, path)?),
+    };
+    let (root, key) = (root.to_owned(), format!("{}/{path}", step_dir(v.step)));
+    let opened = tokio::task::spawn_blocking(move || open_plain(&root, &key))
+        .await
+        .map_err(|e| ApiError::internal(format!("file task failed: {e}")))?;
+    let file = match opened {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(PlainFileError::NotFound { .. }) => {
             return Err(ApiError::not_found(
                 "unknown_file",
                 format!("{}@{}: {path} is listed but missing on disk", v.model, v.version),
             ));
         }
-        Err(e) => return Err(ApiError::internal(format!("opening {}: {e}", file_path.display()))),
+        Err(e @ PlainFileError::NotPlain { .. }) => {
+            tracing::warn!(model = %v.model, version = v.version, error = %e, "refused to serve a checkpoint file");
+            return Err(ApiError::not_found(
+                "unknown_file",
+                format!(
+                    "{}@{}: {path} is not a regular file of the checkpoint; not served",
+                    v.model, v.version
+                ),
+            ));
+        }
+        Err(e) => return Err(ApiError::internal(format!("{}@{}: {e}", v.model, v.version))),
     };
     let meta = file
         .metadata()
-        .await
-        .map_err(|e| ApiError::internal(format!("reading {}: {e}", file_path.display())))?;
+        .map_err(|e| ApiError::internal(format!("{}@{}: reading {path}: {e}", v.model, v.version)))?;
     let size = meta.len();
+    if let Some(listed) = listed.filter(|&l| l != size) {
+        return Err(changed(
+            v,
+            path,
+            format!("{size} bytes on disk, {listed} in the manifest"),
+        ));
+    }
     let mtime = meta
         .modified()
         .ok()
@@ -264,8 +313,8 @@ async fn local_file(
         Ok(parts) => parts,
         Err(done) => return Ok(done),
     };
-    let file = file.into_std().await;
-    let body = read_ahead(start, len, READ_CHUNK, move |at, want| {
+    let check = whole_object_check(&ckpt, path, start, len, size);
+    let read = move |at: u64, want: usize| {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; want];
         let mut got = 0;
@@ -281,11 +330,33 @@ async fn local_file(
             }
         }
         Ok(Bytes::from(buf))
-    });
+    };
+    let body = read_ahead(start, len, READ_CHUNK, checked_whole(check, start + len, read));
     builder
         .status(status)
         .body(body)
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// A 409 for a file that no longer is what was registered.
+fn changed(v: &VersionRecord, path: &str, how: String) -> ApiError {
+    tracing::error!(model = %v.model, version = v.version, path, how, "checkpoint file changed since registration");
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "checkpoint_changed",
+        format!(
+            "{}@{}: {path} changed since registration ({how}); not served",
+            v.model, v.version
+        ),
+    )
+}
+
+/// The checksum check for a body that is the whole of a chunk object (the manifest has no
+/// checksum of its own; it was parsed and checked when opened).
+fn whole_object_check(ckpt: &Arc<Checkpoint>, path: &str, start: u64, len: u64, size: u64) -> Option<ObjectCheck> {
+    (path != MANIFEST && start == 0 && len == size)
+        .then(|| ObjectCheck::new(ckpt.clone(), path))
+        .flatten()
 }
 
 /// A body of `len` bytes from `start`, read in pieces of `piece` bytes by `read(at, want)`
@@ -317,16 +388,11 @@ where
 /// registration), bytes from ranged reads of [`STORE_PIECE`] on the blocking pool, read
 /// ahead of the client.
 async fn stored_file(
-    s: &Arc<AppState>,
     headers: &HeaderMap,
     v: &VersionRecord,
+    ckpt: Arc<Checkpoint>,
     path: &str,
 ) -> Result<Response, ApiError> {
-    let (opened, registry) = (s.opened.clone(), s.registry.clone());
-    let record = v.clone();
-    let ckpt = tokio::task::spawn_blocking(move || opened.open(&record, registry.s3()))
-        .await
-        .map_err(|e| ApiError::internal(format!("checkpoint task failed: {e}")))??;
     let manifest_bytes = if path == MANIFEST {
         let c = ckpt.clone();
         let key = format!("{}/{MANIFEST}", step_dir(v.step));
@@ -341,14 +407,7 @@ async fn stored_file(
     };
     let size = match &manifest_bytes {
         Some(b) => b.len() as u64,
-        None => {
-            ckpt.manifest
-                .objects
-                .iter()
-                .find(|o| o.object == path)
-                .ok_or_else(|| unknown_file(v, path))?
-                .size
-        }
+        None => listed_size(&ckpt, v, path)?,
     };
     let etag = format!(
         "\"{}\"",
@@ -389,11 +448,13 @@ async fn stored_file(
                 })?;
             let rest = start + first_len as u64;
             let mut first = Some(first);
-            read_ahead(start, len, STORE_PIECE, move |at, want| match first.take() {
+            let check = whole_object_check(&ckpt, path, start, len, size);
+            let pieces = move |at, want| match first.take() {
                 Some(b) => Ok(b),
                 None if at >= rest => read(&ckpt, at, want).map_err(|e| std::io::Error::other(e.to_string())),
                 None => Err(std::io::Error::other("a piece out of order")),
-            })
+            };
+            read_ahead(start, len, STORE_PIECE, checked_whole(check, start + len, pieces))
         }
     };
     builder

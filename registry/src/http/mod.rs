@@ -2,6 +2,8 @@
 //! [--token-file FILE]`.
 //!
 //! - [`ServeConfig`] / [`start`] / [`Running`]: bind, serve in the background, stop gracefully.
+//! - [`conn`]: the accept loop: header-read and idle timeouts, a cap on open connections
+//!   (idle ones are closed first when it is reached).
 //! - [`auth`]: bearer tokens with `read` or `write` scope ([`parse_token_file`]).
 //! - [`error`]: every error is `{"error": {"code", "message"}}` with a fitting status, including
 //!   axum's own rejections (malformed JSON, unknown routes, wrong methods).
@@ -23,6 +25,7 @@
 //! draws from a per-server counter, so consecutive requests follow the weights exactly.
 
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod files;
 pub mod generate;
@@ -62,8 +65,14 @@ pub struct ServeConfig {
     pub tokens: Vec<TokenEntry>,
     /// Reads without a token are allowed (a token that is presented must still be valid).
     pub open_reads: bool,
-    /// How to reach `s3://` checkpoints (unset fields fall back to the AWS environment).
+    /// How to reach `s3://` checkpoints: these settings only (the server never reads the AWS
+    /// environment or probes for credentials itself; without an endpoint and keys, `s3://`
+    /// locations are refused).
     pub s3: gantry_checkpoint::S3Options,
+    /// Where checkpoints may be registered from; empty: anywhere the server can read.
+    pub checkpoint_roots: Vec<crate::CheckpointRoot>,
+    /// Open connections, their timeouts and the cap on their number.
+    pub connections: conn::ConnectionLimits,
     /// Memory for versions loaded for generation; least recently used ones are evicted.
     pub model_cache_bytes: u64,
     /// Generation requests in flight per served version before new ones get 503.
@@ -78,6 +87,8 @@ impl Default for ServeConfig {
             tokens: Vec::new(),
             open_reads: true,
             s3: gantry_checkpoint::S3Options::default(),
+            checkpoint_roots: Vec::new(),
+            connections: conn::ConnectionLimits::default(),
             model_cache_bytes: 4 << 30,
             max_pending: DEFAULT_MAX_PENDING,
         }
@@ -117,6 +128,7 @@ impl ServeConfig {
                 return bad(format!("token {} contains whitespace or control characters", i + 1));
             }
         }
+        self.connections.validate().map_err(ServeError::Config)?;
         if self.max_pending == 0 {
             return bad("max_pending must be at least 1".into());
         }
@@ -156,10 +168,15 @@ pub async fn start(config: ServeConfig) -> Result<Running, ServeError> {
 pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>>) -> Result<Running, ServeError> {
     config.validate()?;
     let db = config.db.clone();
-    let s3 = config.s3.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open(db).map(|r| r.with_s3(s3)))
-        .await
-        .map_err(|e| ServeError::Serve(e.to_string()))??;
+    let s3 = gantry_checkpoint::S3Options {
+        configured_only: true,
+        ..config.s3.clone()
+    };
+    let (s3_models, roots) = (s3.clone(), config.checkpoint_roots.clone());
+    let registry =
+        tokio::task::spawn_blocking(move || Registry::open(db).map(|r| r.with_s3(s3).with_checkpoint_roots(roots)))
+            .await
+            .map_err(|e| ServeError::Serve(e.to_string()))??;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -170,7 +187,7 @@ pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>
         addr: config.listen.clone(),
         source,
     })?;
-    let serving = loader.map(|l| Arc::new(ModelCache::new(l, config.model_cache_bytes, config.s3.clone())));
+    let serving = loader.map(|l| Arc::new(ModelCache::new(l, config.model_cache_bytes, s3_models)));
     let mut state = routes::AppState::new(
         Arc::new(registry),
         auth::Tokens::new(config.tokens.clone()),
@@ -182,13 +199,13 @@ pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>
     let app = routes::router(state);
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(%addr, db = %config.db.display(), open_reads = config.open_reads, "registry serving");
+    let limits = config.connections.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-            .map_err(|e| ServeError::Serve(e.to_string()))
+        conn::serve_connections(listener, app, limits, async {
+            let _ = rx.await;
+        })
+        .await;
+        Ok(())
     });
     Ok(Running { addr, shutdown, task })
 }

@@ -129,12 +129,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    (
+/// `/metrics` is a read like any other: with `--closed-reads` it needs the read token.
+async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    s.authorize(&headers, Scope::Read)?;
+    Ok((
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(s.serving.as_deref()),
     )
-        .into_response()
+        .into_response())
 }
 
 /// `?filter=&after=&limit=`, parsed by hand so a bad value is a JSON 400.

@@ -33,6 +33,15 @@ impl Server {
 
     /// A server over checkpoint root `ckpt` (already saved), reaching S3 with `s3`.
     pub fn serve(dir: TempDir, ckpt: String, open_reads: bool, s3: S3Options) -> Server {
+        Server::serve_with(dir, ckpt, |c| {
+            c.open_reads = open_reads;
+            c.s3 = s3;
+        })
+    }
+
+    /// A server over checkpoint root `ckpt` with the test tokens and `edit`'s changes to the
+    /// configuration.
+    pub fn serve_with(dir: TempDir, ckpt: String, edit: impl FnOnce(&mut ServeConfig)) -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -51,10 +60,10 @@ impl Server {
                     scope: Scope::Write,
                 },
             ],
-            open_reads,
-            s3,
             ..ServeConfig::default()
         };
+        let mut config = config;
+        edit(&mut config);
         let running = rt.block_on(start(config)).expect("start");
         let addr = running.addr;
         Server {
