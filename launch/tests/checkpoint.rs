@@ -137,6 +137,17 @@ fn stop_and_resume_bit_exact(dir: &Path, spec: &Path, ckpt: &str, env: &[(&str, 
     reference
 }
 
+/// `gantry checkpoint list --json` of `ckpt`.
+fn list_json(ckpt: &Path) -> Vec<serde_json::Value> {
+    let listed = Command::new(GANTRY)
+        .args(["checkpoint", "list", "--json"])
+        .arg(ckpt)
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", text(&listed));
+    serde_json::from_slice(&listed.stdout).unwrap()
+}
+
 #[test]
 fn resume_is_bit_exact_and_any_layout_continues_the_same_stream() {
     let dir = tempdir("local");
@@ -144,13 +155,7 @@ fn resume_is_bit_exact_and_any_layout_continues_the_same_stream() {
     let ckpt = dir.join("ckpt");
     let reference = stop_and_resume_bit_exact(&dir, &spec, ckpt.to_str().unwrap(), &[]);
     // keep_last = 1 removed the stopped run's step 2; the resumed run saved step 8.
-    let listed = Command::new(GANTRY)
-        .args(["checkpoint", "list", "--json"])
-        .arg(&ckpt)
-        .output()
-        .unwrap();
-    assert!(listed.status.success(), "{}", text(&listed));
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let rows = list_json(&ckpt);
     let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, vec![4, 8]);
 
@@ -205,13 +210,7 @@ fn resume_is_bit_exact_and_any_layout_continues_the_same_stream() {
     // Step 8's manifest garbled: `list` shows it as damaged beside step 4, and `--resume
     // latest` falls back to step 4 (saying which step it skipped) and continues the stream.
     std::fs::write(ckpt.join("step-00000008/manifest.json"), b"{\"garbled").unwrap();
-    let listed = Command::new(GANTRY)
-        .args(["checkpoint", "list", "--json"])
-        .arg(&ckpt)
-        .output()
-        .unwrap();
-    assert!(listed.status.success(), "{}", text(&listed));
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let rows = list_json(&ckpt);
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows[0]["damaged"].is_null() && rows[0]["step"] == 4, "{rows:?}");
     assert!(

@@ -286,19 +286,24 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
-#[test]
-fn slow_headers_and_idle_connections_are_closed_and_the_cap_keeps_serving() {
-    let dir = TempDir::new("hard-conn");
+/// A server over a one-step checkpoint with these connection limits.
+fn limited_server(tag: &str, header_read_timeout: Duration, idle_timeout: Duration, max_connections: usize) -> Server {
+    let dir = TempDir::new(tag);
     let ckpt = dir.0.join("ckpt");
     save_steps(&ckpt, &[10]);
-    let srv = Server::serve_with(dir, ckpt.display().to_string(), |c| {
+    Server::serve_with(dir, ckpt.display().to_string(), |c| {
         c.connections = ConnectionLimits {
-            header_read_timeout: Duration::from_millis(400),
-            idle_timeout: Duration::from_millis(800),
-            max_connections: 4,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
             ..ConnectionLimits::default()
         }
-    });
+    })
+}
+
+#[test]
+fn slow_headers_and_idle_connections_are_closed_and_the_cap_keeps_serving() {
+    let srv = limited_server("hard-conn", Duration::from_millis(400), Duration::from_millis(800), 4);
     let a = srv.addr;
     // A client that sends half a request head and stops.
     let mut slow = TcpStream::connect(a).unwrap();
@@ -319,17 +324,7 @@ fn slow_headers_and_idle_connections_are_closed_and_the_cap_keeps_serving() {
 
     // The cap, with timeouts too long to help: 4 connections that send nothing hold every
     // slot; ordinary clients are still served (the idlest hog is closed to make room).
-    let dir = TempDir::new("hard-cap");
-    let ckpt = dir.0.join("ckpt");
-    save_steps(&ckpt, &[10]);
-    let srv = Server::serve_with(dir, ckpt.display().to_string(), |c| {
-        c.connections = ConnectionLimits {
-            header_read_timeout: Duration::from_secs(120),
-            idle_timeout: Duration::from_secs(120),
-            max_connections: 4,
-            ..ConnectionLimits::default()
-        }
-    });
+    let srv = limited_server("hard-cap", Duration::from_secs(120), Duration::from_secs(120), 4);
     let mut hogs: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(srv.addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..6 {
