@@ -98,6 +98,7 @@ pub fn rank_report(r: p::RankReport) -> c::RankReport {
             tokens_per_s: finite(s.tokens_per_s),
             loss: finite(s.loss),
         }),
+        blamed: r.blamed_rank,
     }
 }
 

@@ -15,6 +15,7 @@ pub struct Counters {
     pub submits: u64,
     pub restarts: u64,
     pub workers_lost: u64,
+    pub workers_suspected: u64,
     heartbeat_buckets: [u64; BUCKETS.len()],
     heartbeat_sum: f64,
 }
@@ -119,6 +120,11 @@ pub fn render(s: &Scheduler, c: &Counters) -> String {
             "gantry_coordinator_workers_lost_total",
             "Workers declared lost (missed heartbeats).",
             c.workers_lost,
+        ),
+        (
+            "gantry_coordinator_workers_suspected_total",
+            "Workers suspected because a peer reported their rank failed (no new ranks until heard from).",
+            c.workers_suspected,
         ),
         (
             "gantry_coordinator_registrations_total",

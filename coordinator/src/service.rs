@@ -65,6 +65,16 @@ impl Inner {
                     self.counters.workers_lost += 1;
                     tracing::warn!(worker, silent_ms, "worker lost");
                 }
+                Action::SuspectWorker { worker, job, rank } => {
+                    self.counters.workers_suspected += 1;
+                    tracing::warn!(
+                        worker,
+                        job,
+                        rank,
+                        "worker suspected: a peer reports its rank failed; no new ranks there until it is heard from"
+                    );
+                }
+                Action::ClearSuspicion { worker } => tracing::info!(worker, "suspected worker heard from again"),
                 Action::FinishJob { job, state, reason } => tracing::info!(job, state = state.name(), "{reason}"),
                 Action::PlaceJob { job, attempt, dp } => tracing::info!(job, attempt, dp, "job placed"),
                 Action::StartRanks {

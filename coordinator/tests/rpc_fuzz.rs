@@ -116,6 +116,7 @@ fn report() -> impl Strategy<Value = p::RankReport> {
                 loss: -0.0,
             }),
             message: String::new(),
+            blamed_rank: (rank % 3 == 1).then_some(rank ^ 1),
         })
 }
 

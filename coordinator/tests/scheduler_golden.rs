@@ -5,10 +5,11 @@
 //!
 //! Script lines: `@<ms> <command> [args]`, `#` comments.
 //! - `join W slots=N [gpus=N] [labels=k:v,..] [running=J/A/R/PID,..]`
-//! - `hb W [J/A/R:run] [J/A/R:exit=C] [J/A/R:signal=S] [J/A/R:nostart] [J/A/R:step=MS]`
+//! - `hb W [J/A/R:run] [J/A/R:exit=C] [J/A/R:signal=S] [J/A/R:nostart] [J/A/R:step=MS]`;
+//!   a `>P` suffix (`1/1/0:exit=1>2`) says the rank's error names rank P as failed
 //! - `submit NAME dp=N [tp=N] [pp=N] [gpus=N] [max_restarts=N] [elastic] [min_dp=N]
 //!   [priority=N] [noqueue] [labels=k:v]`
-//! - `cancel J`, `mode W active|cordoned|draining`, `tick`, `show`
+//! - `cancel J`, `mode W active|cordoned|draining`, `tick`, `show`, `events J`
 //! - `restart`: persist every record as JSON and restore a new scheduler from it (a
 //!   coordinator restart), then `show`.
 
@@ -46,6 +47,10 @@ fn rank_ref(s: &str) -> (u64, u32, u32) {
 }
 
 fn report(item: &str) -> RankReport {
+    let (item, blamed) = match item.split_once('>') {
+        Some((item, peer)) => (item, Some(peer.parse().expect(">P: a rank"))),
+        None => (item, None),
+    };
     let (r, what) = item.split_once(':').expect("J/A/R:what");
     let (job, attempt, rank) = rank_ref(r);
     let (mut phase, mut stats) = (RankPhase::Running { pid: 1000 + rank }, None);
@@ -84,6 +89,7 @@ fn report(item: &str) -> RankReport {
         rank,
         phase,
         stats,
+        blamed,
     }
 }
 
@@ -92,9 +98,10 @@ fn show(s: &Scheduler, out: &mut String) {
         let (used, ranks) = s.worker_load(&w.info.name);
         let _ = writeln!(
             out,
-            "  worker {} {} {:?} slots {}/{} ranks {}",
+            "  worker {} {}{} {:?} slots {}/{} ranks {}",
             w.info.name,
             if w.alive { "alive" } else { "lost" },
+            if s.is_suspected(&w.info.name) { " suspected" } else { "" },
             w.mode,
             used,
             w.info.slots,
@@ -191,6 +198,7 @@ fn run_script(text: &str) -> String {
                                         pid: v[3].parse().unwrap(),
                                     },
                                     stats: None,
+                                    blamed: None,
                                 }
                             })
                             .collect()
@@ -233,6 +241,13 @@ fn run_script(text: &str) -> String {
                 s.set_mode(now, args[0], mode).map_err(|e| e.to_string())
             }
             "tick" => Ok(s.tick(now)),
+            "events" => {
+                let job = s.job(args[0].parse().unwrap()).expect("events of a known job");
+                for e in &job.events {
+                    let _ = writeln!(out, "  @{} {}: {}", e.at_ms, e.kind, e.message);
+                }
+                Ok(vec![])
+            }
             "show" => {
                 show(&s, &mut out);
                 Ok(vec![])
@@ -311,4 +326,8 @@ fn queue_priority_cordon_drain_and_refusals() {
 #[test]
 fn coordinator_restart_keeps_running_jobs() {
     check("restart");
+}
+#[test]
+fn peer_death_report_blames_and_suspects_the_dead_worker() {
+    check("peer_death");
 }

@@ -8,6 +8,9 @@
 //!   loss of an uninterrupted run.
 //! - A SIGKILLed worker daemon is declared lost after the heartbeat deadline and the elastic
 //!   job finishes on the remaining workers with fewer data-parallel replicas.
+//! - A SIGKILLed worker daemon costs a job exactly one restart, which names the rank and
+//!   worker that died (the surviving rank's report blames it and the coordinator suspects
+//!   its worker instead of placing the restart there).
 
 mod common;
 #[path = "../../worker/tests/common/tls.rs"]
@@ -399,7 +402,11 @@ dp = 3
 "#;
 
 fn training_job(dir: &Path, cluster: &str) -> PathBuf {
-    let base = common::synth_job(dir, SPEC, 60_000, 11);
+    training_job_with(dir, SPEC, cluster)
+}
+
+fn training_job_with(dir: &Path, spec: &str, cluster: &str) -> PathBuf {
+    let base = common::synth_job(dir, spec, 60_000, 11);
     let text = std::fs::read_to_string(&base).unwrap();
     let path = dir.join("train.toml");
     std::fs::write(
@@ -565,6 +572,90 @@ fn lost_worker_is_detected_and_elastic_job_finishes_smaller() {
             .unwrap()
             .iter()
             .all(|r| r["worker"] != victim.as_str())
+    );
+    assert!(final_loss(&c, &done).is_finite());
+}
+
+/// Two data-parallel ranks, one per worker.
+const PAIR_SPEC: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 16
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+[train]
+steps = 400
+global_batch = 8
+micro_batch = 2
+threads = 1
+[parallel]
+dp = 2
+"#;
+
+/// Issue 15: SIGKILL one of the two workers running a 2-rank job. Its rank dies with it and
+/// the surviving rank fails naming it; the coordinator must blame that rank and worker,
+/// keep the restart off the dead worker (still "alive" until its heartbeat deadline), and
+/// so restart exactly once, on the spare worker.
+#[test]
+fn killed_worker_costs_one_restart_that_names_it() {
+    let dir = common::tempdir("cluster", "peer");
+    let spec = training_job_with(&dir, PAIR_SPEC, "[cluster]\nmax_restarts = 3\n");
+    let mut c = Cluster::start(&dir, &[("p1", 1), ("p2", 1), ("p3", 1)]);
+    let id = c.submit(&spec, &[]);
+    let j = c.wait_job(id, "step 60", Duration::from_secs(300), |j| step_of(j) >= 60);
+    assert_eq!(j["restarts"], 0, "{j:#}");
+    let victim = j["ranks"][1]["worker"].as_str().unwrap().to_string();
+    let survivor = j["ranks"][0]["worker"].as_str().unwrap().to_string();
+    assert_ne!(victim, survivor, "one rank per worker: {j:#}");
+    c.kill_worker(&victim);
+
+    // The restart happens at once, off the victim.
+    let j = c.wait_job(id, "a restart", Duration::from_secs(120), |j| {
+        j["restarts"] == 1 && j["state"] == "running"
+    });
+    assert!(
+        j["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["worker"] != victim.as_str()),
+        "the restart was placed on the killed worker {victim}: {j:#}"
+    );
+    // The victim's deadline passes; that is no second failure of the job.
+    c.wait_for("the killed worker declared lost", Duration::from_secs(120), |c| {
+        c.json(&["workers"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["name"] == victim.as_str() && w["alive"] == false)
+    });
+    let done = c.wait_job(id, "succeeded", Duration::from_secs(600), |j| j["state"] == "succeeded");
+    let restarts: Vec<&str> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "restart")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(restarts.len(), 1, "one failure, one restart: {done:#}");
+    assert_eq!(
+        (done["restarts"].as_u64(), done["attempt"].as_u64()),
+        (Some(1), Some(2)),
+        "{done:#}"
+    );
+    let want = format!("restart 1: rank 1 on worker {victim} failed");
+    assert!(
+        restarts[0].starts_with(&want),
+        "the restart names the rank and worker that died: want `{want}…`, got `{}`",
+        restarts[0]
+    );
+    assert!(
+        done["events"].to_string().contains(&format!("worker {victim} lost")),
+        "the loss confirms the blame in the job's events: {done:#}"
     );
     assert!(final_loss(&c, &done).is_finite());
 }

@@ -20,7 +20,9 @@
 //!   gantry environment variables, stdout and stderr appended to
 //!   `<state_dir>/jobs/<job>/attempt-<attempt>/rank-<rank>.log`. Stopping sends SIGTERM to
 //!   the group, SIGKILL after the grace period. Exits are noticed at once and reported by an
-//!   early heartbeat. Step statistics come from the progress file the rank writes.
+//!   early heartbeat. Step statistics come from the progress file the rank writes; a
+//!   failed rank's last error line, when it names a dead or silent peer rank, is reported
+//!   as `blamed_rank` ([`blame`]) so the coordinator blames that rank and suspects its worker.
 //! - **Serve** ([`server`]): one port with the `WorkerLogs` gRPC service (the CLI reads and
 //!   follows logs here, behind the cluster token) and `GET /metrics` ([`metrics`]).
 //!
@@ -31,11 +33,13 @@
 //! - [`daemon`]: [`start`] (bind, find resources) and [`Worker::run`] / [`run`] (the loop).
 //! - [`reconcile`]: the pure desired-vs-known decision, with [`RankKey`].
 //! - [`supervisor`]: rank states, stop with grace, exit events, reports, progress files.
+//! - [`blame`]: the peer rank a failed rank's last error names.
 //! - [`launch`]: paths, the rank environment, the command line, the per-rank thread.
 //! - [`resources`]: hostname, the route to the coordinator, CPU slots, GPUs.
 //! - [`server`] and [`metrics`]: the worker's port.
 //! - [`error`]: [`WorkerError`] for the daemon, [`StartError`] for a rank that cannot start.
 
+pub mod blame;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -6,6 +6,7 @@
 //! each rank's process is spawned and waited for on its own thread ([`crate::launch`]),
 //! which sends the exit back over a channel that [`Supervisor::next_event`] drains.
 
+use crate::blame;
 use crate::error::StartError;
 use crate::launch::{self, ExitEvent, LaunchContext};
 use crate::metrics::{Metrics, Outcome};
@@ -87,6 +88,8 @@ struct Entry {
     stats: Option<RankStats>,
     /// Exited, and the progress file has been read once since.
     stats_final: bool,
+    /// The peer rank a failed rank's last error names (read with the final stats).
+    blamed: Option<u32>,
 }
 
 /// Something that happened to the ranks; the daemon heartbeats promptly after an exit.
@@ -189,6 +192,7 @@ impl Supervisor {
                 state,
                 stats: None,
                 stats_final,
+                blamed: None,
             },
         );
     }
@@ -350,6 +354,9 @@ impl Supervisor {
             if !entry.stats_final {
                 entry.stats = read_progress(launch::progress_path(&state_dir, *key)).await;
                 entry.stats_final = matches!(entry.state, RankState::Exited { .. });
+                if failed_by_itself(&entry.state) {
+                    entry.blamed = blame::read_blamed_peer(&launch::log_path(&state_dir, *key)).await;
+                }
             }
             let mut r = RankReport {
                 job: key.job,
@@ -375,6 +382,7 @@ impl Supervisor {
                     r.exit_code = *code;
                     r.signal = *signal;
                     r.message = message.clone();
+                    r.blamed_rank = entry.blamed;
                 }
                 RankState::FailedToStart { message } => {
                     r.set_state(WireState::FailedToStart);
@@ -415,6 +423,11 @@ impl Drop for Supervisor {
             }
         }
     }
+}
+
+/// Exited with a failure that the worker did not cause by stopping it.
+fn failed_by_itself(state: &RankState) -> bool {
+    matches!(state, RankState::Exited { stopped: false, code, .. } if *code != Some(0))
 }
 
 /// The rank's progress file: `{"step":u64,"step_ms":f64,"tokens_per_s":f64,"loss":f64}`,

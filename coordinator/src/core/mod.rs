@@ -17,14 +17,19 @@
 //!   again (resuming from its latest checkpoint) until `max_restarts` is spent.
 //! - Elastic jobs restarting after a failure take the largest data-parallel degree that fits
 //!   (a divisor of the requested one, at least `min_dp`), and grow back on later restarts.
+//! - A failed rank whose error names a peer rank as dead blames that peer: the restart
+//!   reason names the peer's rank and worker, and the peer's worker is suspected, not
+//!   placeable until heard from or lost (see [`suspect`]). One lost worker costs one restart.
 
 pub mod model;
 pub mod placement;
+pub mod suspect;
 
 pub use model::*;
 
 use placement::{Capacity, Shape};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use suspect::Suspects;
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -64,6 +69,8 @@ pub struct Scheduler {
     port_cursor: HashMap<String, u16>,
     dirty_jobs: BTreeSet<JobId>,
     dirty_workers: BTreeSet<String>,
+    /// Workers a peer-death report named; not placeable until heard from or lost.
+    suspects: Suspects,
 }
 
 /// A limit on job size that keeps a hostile request from allocating the world.
@@ -87,6 +94,7 @@ impl Scheduler {
             port_cursor: HashMap::new(),
             dirty_jobs: BTreeSet::new(),
             dirty_workers: BTreeSet::new(),
+            suspects: Suspects::default(),
         };
         for mut w in workers {
             w.last_heartbeat_ms = now_ms;
@@ -126,6 +134,11 @@ impl Scheduler {
     }
     pub fn job(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)
+    }
+
+    /// Whether a peer-death report made `worker` unplaceable until it is heard from.
+    pub fn is_suspected(&self, worker: &str) -> bool {
+        self.suspects.is_suspected(worker)
     }
 
     /// Slots in use and ranks running on `worker`.
@@ -176,6 +189,7 @@ impl Scheduler {
         );
         self.dirty_workers.insert(name.clone());
         let mut actions = Vec::new();
+        self.heard_from(&name, &mut actions);
         let reported: BTreeSet<(JobId, u32, u32)> = running.iter().map(|r| (r.job, r.attempt, r.rank)).collect();
         for r in running {
             self.apply_report(now_ms, &name, r, &mut actions);
@@ -211,6 +225,7 @@ impl Scheduler {
         }
         w.last_heartbeat_ms = now_ms;
         let mut actions = Vec::new();
+        self.heard_from(worker, &mut actions);
         for r in reports {
             self.apply_report(now_ms, worker, r, &mut actions);
         }
@@ -334,6 +349,7 @@ impl Scheduler {
                 .get(&name)
                 .map(|s| s.keys().copied().collect())
                 .unwrap_or_default();
+            self.confirm_suspicion(now_ms, &name, silent_ms, &jobs);
             for id in jobs {
                 let reason = format!(
                     "worker {name} lost: no heartbeat for {:.1} s",
@@ -373,19 +389,16 @@ impl Scheduler {
     // ------------------------------------------------------------------ internals
 
     fn apply_report(&mut self, now_ms: u64, worker: &str, r: RankReport, actions: &mut Vec<Action>) {
-        let max_events = self.config.max_events_per_job;
         let Some(job) = self.jobs.get_mut(&r.job) else { return };
         let rank = r.rank as usize;
-        if r.attempt < job.attempt {
-            // The attempt already ended; how its other ranks went is still worth recording
-            // (the rank that failed first is not always the culprit).
-            if let Some(how) = failure_text(&r.phase) {
-                let msg = format!("attempt {}: rank {rank} on worker {worker} {how}", r.attempt);
-                if !job.events.iter().any(|e| e.message == msg) {
-                    push_event(job, now_ms, "rank-exit", msg, max_events);
-                    self.dirty_jobs.insert(r.job);
-                }
-            }
+        // An attempt has ended when a later one exists, or when the job went back to the
+        // queue (or gave up) after it and no later one was placed yet.
+        let ended = r.attempt < job.attempt
+            || (r.attempt == job.attempt
+                && job.attempt > 0
+                && matches!(job.state, JobState::Queued | JobState::Failed));
+        if ended {
+            self.record_late_exit(now_ms, worker, &r);
             return;
         }
         if job.state != JobState::Running
@@ -395,8 +408,8 @@ impl Scheduler {
         {
             return; // a stranger: not desired, the worker stops it
         }
-        if let Some(stats) = r.stats {
-            job.ranks[rank].stats = Some(stats);
+        if let Some(stats) = &r.stats {
+            job.ranks[rank].stats = Some(stats.clone());
         }
         let failure = match &r.phase {
             RankPhase::Pending => None,
@@ -415,10 +428,11 @@ impl Scheduler {
             }
             RankPhase::Exited { .. } | RankPhase::FailedToStart { .. } => {
                 job.ranks[rank].phase = r.phase.clone();
-                failure_text(&r.phase).map(|how| format!("rank {rank} on worker {worker} {how}"))
+                failure_text(&r.phase)
             }
         };
-        if let Some(reason) = failure {
+        if let Some(how) = failure {
+            let reason = self.blame(now_ms, worker, &r, &how, actions);
             self.fail_attempt(now_ms, r.job, reason, actions);
             return;
         }
@@ -432,6 +446,77 @@ impl Scheduler {
         }) {
             let msg = format!("all {} ranks exited with code 0", job.ranks.len());
             self.finish(now_ms, r.job, JobState::Succeeded, msg, actions);
+        }
+    }
+
+    /// A report about an attempt that already ended: how its ranks went is still worth
+    /// recording (the rank that failed first is not always the culprit).
+    fn record_late_exit(&mut self, now_ms: u64, worker: &str, r: &RankReport) {
+        let max_events = self.config.max_events_per_job;
+        let (Some(job), Some(how)) = (self.jobs.get_mut(&r.job), failure_text(&r.phase)) else {
+            return;
+        };
+        let msg = format!("attempt {}: rank {} on worker {worker} {how}", r.attempt, r.rank);
+        if !job.events.iter().any(|e| e.message == msg) {
+            push_event(job, now_ms, "rank-exit", msg, max_events);
+            self.dirty_jobs.insert(r.job);
+        }
+    }
+
+    /// Why the current attempt of `r.job` failed, given that rank `r.rank` on `worker`
+    /// failed (`how`). When its error names another rank of the attempt as the one that
+    /// failed, that rank is the culprit: the reason names it and its worker, and that worker
+    /// (when it is another live one) is suspected until heard from. Otherwise the reporting
+    /// rank is the culprit.
+    fn blame(&mut self, now_ms: u64, worker: &str, r: &RankReport, how: &str, actions: &mut Vec<Action>) -> String {
+        let job = &self.jobs[&r.job];
+        let peer = r.blamed.filter(|b| *b != r.rank && (*b as usize) < job.placement.len());
+        let Some(peer) = peer else {
+            return format!("rank {} on worker {worker} {how}", r.rank);
+        };
+        let peer_worker = job.placement[peer as usize].worker.clone();
+        let attempt = job.attempt;
+        let alive = self.workers.get(&peer_worker).is_some_and(|w| w.alive);
+        if peer_worker != worker && alive && self.suspects.suspect(now_ms, &peer_worker, r.job, attempt) {
+            actions.push(Action::SuspectWorker {
+                worker: peer_worker.clone(),
+                job: r.job,
+                rank: peer,
+            });
+        }
+        format!(
+            "rank {peer} on worker {peer_worker} failed, as reported by rank {} on worker {worker}, which {how}",
+            r.rank
+        )
+    }
+
+    /// `worker` was heard from: it is alive, whatever a peer's report said.
+    fn heard_from(&mut self, worker: &str, actions: &mut Vec<Action>) {
+        if self.suspects.heard_from(worker).is_some() {
+            actions.push(Action::ClearSuspicion {
+                worker: worker.to_string(),
+            });
+        }
+    }
+
+    /// A worker just declared lost was suspected: the jobs whose failure named it learn
+    /// that it is gone (jobs still running on it learn it from their restart reason).
+    fn confirm_suspicion(&mut self, now_ms: u64, name: &str, silent_ms: u64, running: &[JobId]) {
+        let Some(suspicion) = self.suspects.lost(name) else {
+            return;
+        };
+        let max_events = self.config.max_events_per_job;
+        for (id, attempt) in suspicion.reports {
+            if running.contains(&id) {
+                continue;
+            }
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            let msg = format!(
+                "worker {name} lost: no heartbeat for {:.1} s; it held the rank that ended attempt {attempt}",
+                silent_ms as f64 / 1000.0
+            );
+            push_event(job, now_ms, "worker-lost", msg, max_events);
+            self.dirty_jobs.insert(id);
         }
     }
 
@@ -526,7 +611,7 @@ impl Scheduler {
     fn capacities(&self) -> Vec<Capacity<'_>> {
         self.workers
             .values()
-            .filter(|w| w.alive && w.mode == WorkerMode::Active)
+            .filter(|w| w.alive && w.mode == WorkerMode::Active && !self.suspects.is_suspected(&w.info.name))
             .map(|w| {
                 let used = self.usage.get(&w.info.name);
                 let used_slots = used.map_or(0, |u| u.slots);

@@ -231,6 +231,11 @@ pub struct RankReport {
     pub rank: u32,
     pub phase: RankPhase,
     pub stats: Option<RankStats>,
+    /// For a failed rank: the peer rank its last error names as the one that failed (a
+    /// closed connection, a peer that stopped responding). The worker reads it from the
+    /// rank's log; it is a claim to check, not a verdict.
+    #[serde(default)]
+    pub blamed: Option<u32>,
 }
 
 /// What the scheduler decided; the shell logs them, counts them in metrics, and the
@@ -251,6 +256,17 @@ pub enum Action {
     MarkWorkerLost {
         worker: String,
         silent_ms: u64,
+    },
+    /// A failed rank of `job` named `rank`, which runs on `worker`, as failed: no new ranks
+    /// go to `worker` until it is heard from or declared lost.
+    SuspectWorker {
+        worker: String,
+        job: JobId,
+        rank: u32,
+    },
+    /// A suspected worker was heard from again and is placeable.
+    ClearSuspicion {
+        worker: String,
     },
     /// A job got its ranks: attempt `attempt` runs with `dp` data-parallel replicas.
     PlaceJob {
