@@ -373,8 +373,15 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     let m = report.manifest;
     println!(
-        "{}: {} v{}, {:?} tokens, vocabulary {}",
-        report.dir, m.format, m.format_version, m.dtype, m.vocab_size
+        "{}: {} v{}, {:?} tokens, vocabulary {}{}",
+        report.dir,
+        m.format,
+        m.format_version,
+        m.dtype,
+        m.vocab_size,
+        m.max_token_id
+            .map(|id| format!(" (largest id {id})"))
+            .unwrap_or_default()
     );
     println!(
         "  {} shard(s), {} documents, {} sequences, {} tokens",
@@ -427,6 +434,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
             cache_frames: a.cache_frames,
             cache_dir: a.cache_dir.clone(),
             threads: a.threads,
+            vocab_size: None,
         };
         GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts)
             .with_context(|| format!("opening {}", a.dir.display()))

@@ -12,6 +12,7 @@ use clap::Args;
 use gantry_collectives::fabric::Bootstrap;
 use gantry_collectives::spawn::{Output, spawn_local_world};
 use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
+use gantry_sharding::gpt::{FrameMode, OpenOptions, TokenDataset};
 use gantry_sharding::manifest::Manifest;
 use gantry_train::metrics::{RunSummary, StepMetrics};
 use gantry_train::{JobSpec, trainer};
@@ -104,16 +105,12 @@ pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: u
             spec.data.path.display()
         )
     })?;
-    let data_vocab = manifest.vocab_size as usize;
     if spec.model.vocab_size == 0 {
         let m = spec.model.vocab_multiple.max(1);
-        spec.model.vocab_size = data_vocab.div_ceil(m) * m;
-    } else if spec.model.vocab_size < data_vocab {
-        bail!(
-            "job spec: `model.vocab_size`: {} is smaller than the dataset's vocabulary {data_vocab} ({})",
-            spec.model.vocab_size,
-            spec.data.path.display()
-        );
+        spec.model.vocab_size = (manifest.vocab_size as usize).div_ceil(m) * m;
+    } else {
+        gantry_sharding::vocab::check_declared(&manifest, &spec.data.path, spec.model.vocab_size as u64)
+            .context("job spec: `model.vocab_size`")?;
     }
     if spec.train.threads == 0 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -231,9 +228,73 @@ fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
     overrides
 }
 
+/// Before any rank starts, on this host: every file training reads hashes to the manifest's
+/// xxh3 (the first time only: the verdict is kept in the data cache under the dataset's
+/// fingerprint, so later launches read no shard), and every token id is below the model's
+/// vocabulary (each shard's largest id from the manifest, or found by that check), else an
+/// error naming the shard, the document and the id. `quiet`: no report line.
+fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
+    let dir = &spec.data.path;
+    // The ranks' dataset opens look for the verdict in the same place (their default).
+    let root = gantry_sharding::materialize::default_cache_root();
+    let host = gantry_sharding::verify::check_on_host(dir, &root, 0)
+        .with_context(|| format!("data.path = {}: the dataset does not match its manifest", dir.display()))?;
+    if !quiet {
+        if host.reused {
+            eprintln!(
+                "gantry: dataset {} matches its manifest (checked on this host before: {})",
+                dir.display(),
+                host.verdict.display()
+            );
+        } else {
+            eprintln!(
+                "gantry: checked {} files of {} against its manifest (xxh3, {:.3} GB in {:.2} s){}",
+                host.files,
+                dir.display(),
+                host.bytes as f64 / 1e9,
+                host.seconds,
+                match &host.not_saved {
+                    None => format!("; verdict kept in {}", host.verdict.display()),
+                    Some(why) => format!("; not remembered ({why}): the next launch checks again"),
+                }
+            );
+        }
+    }
+    // Each shard's largest id: recorded in the manifest, else found by the check above (a
+    // compressed-only shard of an older dataset has neither: the ranks scan it on first read).
+    let manifest = Manifest::read(dir)?;
+    let vocab = spec.model.vocab_size as u64;
+    let largest: Vec<Option<u64>> = manifest
+        .shards
+        .iter()
+        .zip(&host.max_token_ids)
+        .map(|(s, found)| s.max_token_id.or(*found))
+        .collect();
+    if largest
+        .iter()
+        .flatten()
+        .all(|&max| gantry_sharding::vocab::fits(max, vocab))
+    {
+        return Ok(());
+    }
+    // Open the dataset to find the offending document (frames, if any, through the frame
+    // cache: nothing is decompressed to disk here).
+    let opts = OpenOptions {
+        frames: FrameMode::Lru,
+        cache_dir: Some(root),
+        vocab_size: Some(vocab),
+        ..OpenOptions::default()
+    };
+    let data = TokenDataset::open_with(dir, &opts).with_context(|| format!("data.path = {}", dir.display()))?;
+    data.check_largest_ids(&largest)
+        .with_context(|| format!("data.path = {}", dir.display()))?;
+    Ok(())
+}
+
 /// `gantry launch JOB.toml --local N`.
 fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Result<ExitCode> {
     let spec = resolve_spec(spec_path, &spec_overrides(args), local)?;
+    check_dataset(&spec, args.json)?;
     let run_dir = match &args.run_dir {
         Some(d) => d.clone(),
         None => {
@@ -536,6 +597,8 @@ fn slurm_rank(args: &LaunchArgs, spec_path: &Path, slurm: &SlurmEnv) -> anyhow::
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let p = &spec.parallel;
     let layout = ParallelLayout::new(slurm.world, p.dp, p.tp, p.pp)?;
+    // Every task checks (tasks on one host wait for the first and reuse its verdict).
+    check_dataset(&spec, args.json || slurm.rank != 0)?;
     if slurm.rank == 0 {
         write_atomically(&run_dir.join("spec.toml"), spec.to_toml().as_bytes())?;
     }

@@ -224,3 +224,201 @@ fn a_stalled_rank_is_named_within_the_deadline() {
     assert!(took < Duration::from_secs(60), "took {took:?}");
     let _ = std::fs::remove_dir_all(run.parent().unwrap());
 }
+
+/// A dataset of two shards of 12 documents of 100 tokens, declaring a vocabulary of 128,
+/// written through the crate's writer; document 7 of shard 1 holds `bad_id` at position 40.
+/// `old`: the manifest as older gantry versions wrote it (no largest ids recorded).
+fn bad_dataset(dir: &Path, bad_id: u32, old: bool) -> PathBuf {
+    use gantry_sharding::indexed::{IndexedWriter, TokenDType};
+    use gantry_sharding::manifest::{MANIFEST, Manifest, ShardInfo, TokenizerInfo};
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut shards = Vec::new();
+    for s in 0..2usize {
+        let prefix = format!("shard-{s:05}");
+        let mut w = IndexedWriter::create(&data.join(&prefix), TokenDType::U16).unwrap();
+        for d in 0..12usize {
+            let mut doc: Vec<u32> = (0..100).map(|i| ((i * 5 + d * 3 + s) % 128) as u32).collect();
+            if (s, d) == (1, 7) {
+                doc[40] = bad_id;
+            }
+            w.add_document(&doc).unwrap();
+        }
+        shards.push(ShardInfo::describe(&data, &prefix, &w.finish().unwrap()).unwrap());
+    }
+    let m = Manifest::new(TokenDType::U16, 128, TokenizerInfo::Bytes, shards);
+    m.write(&data).unwrap();
+    if old {
+        let path = data.join(MANIFEST);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("max_token_id");
+        for s in v["shards"].as_array_mut().unwrap() {
+            s.as_object_mut().unwrap().remove("max_token_id");
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+    let spec = dir.join("job.toml");
+    std::fs::write(&spec, format!("{SPEC}\n[data]\npath = \"{}\"\n", data.display())).unwrap();
+    spec
+}
+
+/// Steps recorded in a run's metrics.jsonl (none when it is missing).
+fn steps_done(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |m| m.lines().count())
+}
+
+/// `gantry launch --nproc N -- gantry rank`: the ranks open the dataset themselves, with no
+/// launcher check before them.
+fn ranks_only(spec: &Path, n: usize, run: &Path, sets: &[&str], cache: &Path) -> Output {
+    std::fs::create_dir_all(run).unwrap();
+    Command::new(GANTRY)
+        .args(["launch", "--nproc", &n.to_string(), "--", GANTRY, "rank", "--spec"])
+        .arg(spec)
+        .arg("--run-dir")
+        .arg(run)
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .env("GANTRY_DATA_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_token_id_outside_the_vocabulary_fails_before_any_step_naming_shard_document_and_id() {
+    let dir = tempdir("badid");
+    let spec = bad_dataset(&dir, 65_535, false);
+    let cache = dir.join("cache");
+    let needles = ["shard-00001.bin", "document 7", "token id 65535", "vocabulary is 128"];
+    for tp in [1usize, 2] {
+        // The launcher refuses before starting a rank.
+        let run = dir.join(format!("run-tp{tp}"));
+        let out = launch(&spec, tp, &run, &[&format!("parallel.tp={tp}")])
+            .env("GANTRY_DATA_CACHE", &cache)
+            .output()
+            .unwrap();
+        let msg = text(&out);
+        assert!(!out.status.success(), "tp {tp}: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "tp {tp}: expected `{n}` in:\n{msg}");
+        }
+        assert!(!run.join("logs").exists(), "tp {tp}: no rank started");
+        // Ranks started without the launcher's check refuse it when they open the dataset.
+        let run = dir.join(format!("ranks-tp{tp}"));
+        let sets = [format!("parallel.tp={tp}"), "model.vocab_size=128".into()];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let out = ranks_only(&spec, tp, &run, &sets, &cache);
+        let msg = text(&out);
+        assert!(!out.status.success(), "tp {tp}: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "ranks, tp {tp}: expected `{n}` in:\n{msg}");
+        }
+        assert!(
+            !msg.contains("panicked") && !msg.contains("index out of range"),
+            "{msg}"
+        );
+        assert_eq!(steps_done(&run), 0, "tp {tp}: no step ran");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_manifest_without_largest_ids_is_scanned() {
+    let dir = tempdir("oldmanifest");
+    let spec = bad_dataset(&dir, 200, true);
+    let needles = [
+        "shard-00001.bin",
+        "document 7",
+        "token id 200",
+        "(token 40 of the document)",
+    ];
+    // The launcher's check finds the largest ids while hashing the shards.
+    let run = dir.join("run");
+    let out = launch(&spec, 2, &run, &["parallel.tp=2"])
+        .env("GANTRY_DATA_CACHE", dir.join("cache"))
+        .output()
+        .unwrap();
+    let msg = text(&out);
+    assert!(!out.status.success(), "{msg}");
+    for n in needles {
+        assert!(msg.contains(n), "expected `{n}` in:\n{msg}");
+    }
+    assert!(!run.join("logs").exists(), "no rank started");
+    // Ranks on a host that never checked the dataset scan each shard on its first read:
+    // the first micro-batch touching shard 1 fails, before the first step completes.
+    for tp in [1usize, 2] {
+        let run = dir.join(format!("ranks-tp{tp}"));
+        // No validation split: the training reads are what meets shard 1 first.
+        let sets = [
+            format!("parallel.tp={tp}"),
+            "model.vocab_size=128".into(),
+            "data.valid_fraction=0.0".into(),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let out = ranks_only(&spec, tp, &run, &sets, &dir.join(format!("fresh-cache-{tp}")));
+        let msg = text(&out);
+        assert!(!out.status.success(), "tp {tp}: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "ranks, tp {tp}: expected `{n}` in:\n{msg}");
+        }
+        assert_eq!(steps_done(&run), 0, "tp {tp}: no step ran");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn launch_checks_the_shards_once_per_host_and_a_flipped_byte_is_named() {
+    let dir = tempdir("verify");
+    let spec = setup(&dir);
+    let cache = dir.join("cache");
+    let run = |tag: &str| {
+        let out = launch(&spec, 1, &dir.join(tag), &["train.steps=2"])
+            .env("GANTRY_DATA_CACHE", &cache)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    let verdicts = || -> Vec<PathBuf> {
+        std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("verified.json"))
+            .filter(|p| p.exists())
+            .collect()
+    };
+    let (ok, msg) = run("first");
+    assert!(ok, "{msg}");
+    assert!(
+        msg.contains("against its manifest (xxh3"),
+        "the first launch hashes:\n{msg}"
+    );
+    let found = verdicts();
+    assert_eq!(found.len(), 1, "one verdict in {}", cache.display());
+    let verdict = std::fs::read(&found[0]).unwrap();
+    // The second launch reads the verdict, not the shards.
+    let (ok, msg) = run("second");
+    assert!(ok, "{msg}");
+    assert!(
+        msg.contains("matches its manifest (checked on this host before"),
+        "the second launch reuses the verdict:\n{msg}"
+    );
+    assert!(!msg.contains("(xxh3"), "the second launch hashed again:\n{msg}");
+    assert_eq!(
+        std::fs::read(&found[0]).unwrap(),
+        verdict,
+        "the verdict is kept as it was"
+    );
+    // One flipped byte in a shard, written in place: the shard changed since the verdict,
+    // it is hashed again, and the launch fails naming it before any rank starts.
+    let bin = dir.join("data/shard-00000.bin");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[1001] ^= 0x10;
+    std::fs::write(&bin, &bytes).unwrap();
+    let (ok, msg) = run("flipped");
+    assert!(!ok, "{msg}");
+    assert!(
+        msg.contains("shard-00000.bin") && msg.contains("checksum mismatch"),
+        "the flipped shard is named:\n{msg}"
+    );
+    assert!(!dir.join("flipped/logs").exists(), "no rank started");
+    let _ = std::fs::remove_dir_all(&dir);
+}

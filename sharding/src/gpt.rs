@@ -10,15 +10,21 @@
 //! parallel, into a checked local `.bin` in a cache directory ([`crate::materialize`]), which
 //! is then mapped and read like any `.bin`; [`FrameMode::Lru`] instead decompresses the frames
 //! a span touches and keeps the most recently used ones (sequential scans, no disk to spare).
+//!
+//! Opened for a model ([`OpenOptions::vocab_size`]), a dataset refuses token ids the model
+//! cannot embed ([`crate::vocab`]): shards whose largest id is known (the manifest, or a
+//! current per-host verdict of [`crate::verify`]) are checked when opened; the others are
+//! scanned once, on their first read.
 
 use crate::frames::{FrameError, FramedBin};
-use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths};
-use crate::manifest::{MANIFEST, Manifest, ManifestError};
+use crate::indexed::{IndexedDataset, IndexedError, IndexedIndex, paths, tokens_of};
+use crate::manifest::{Manifest, ManifestError};
 use crate::materialize::{MaterializeError, Materialized, dataset_cache_dir, default_cache_root, materialize};
 use crate::sampler::{Blend, Cursor, PackedIndex, SampleRef, Sampler, SamplerError, Span, split_documents};
+use crate::vocab::{self, VocabError};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 mod gather;
@@ -38,6 +44,8 @@ pub enum DatasetError {
     Frames(#[from] FrameError),
     #[error(transparent)]
     Materialize(#[from] MaterializeError),
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
     #[error("{dir}: shard {prefix} has no zstd variant in the manifest (written with --compress zstd?)")]
     NoZstd { dir: PathBuf, prefix: String },
     #[error("{dir}: document {doc} has {tokens} tokens; documents are limited to 2^32 - 1 tokens")]
@@ -85,6 +93,12 @@ pub struct OpenOptions {
     pub cache_dir: Option<PathBuf>,
     /// [`FrameMode::Materialize`]: decompression threads, 0 for every available core.
     pub threads: usize,
+    /// The vocabulary of the model that reads the tokens: the dataset's declared vocabulary
+    /// must fit it and every token id must be below it ([`crate::vocab`]). Checked when
+    /// opened for shards whose largest id is known (recorded in the manifest, or found by a
+    /// current per-host check in the cache root, [`crate::verify`]); other shards are scanned
+    /// once, on their first read. `None`: ids are not checked.
+    pub vocab_size: Option<u64>,
 }
 
 impl Default for OpenOptions {
@@ -95,6 +109,7 @@ impl Default for OpenOptions {
             cache_frames: 16,
             cache_dir: None,
             threads: 0,
+            vocab_size: None,
         }
     }
 }
@@ -106,6 +121,14 @@ impl OpenOptions {
             source,
             frames: FrameMode::Lru,
             cache_frames,
+            ..OpenOptions::default()
+        }
+    }
+
+    /// The default options, for a model of `vocab_size` tokens.
+    pub fn for_vocab(vocab_size: u64) -> OpenOptions {
+        OpenOptions {
+            vocab_size: Some(vocab_size),
             ..OpenOptions::default()
         }
     }
@@ -138,6 +161,12 @@ pub struct TokenDataset {
     doc_base: Vec<usize>,
     fingerprint: u64,
     materialized: Vec<Materialized>,
+    /// The file each shard's tokens come from (named in errors): the `.bin` or the `.bin.zst`.
+    sources: Vec<PathBuf>,
+    /// [`OpenOptions::vocab_size`].
+    vocab: Option<u64>,
+    /// Per shard, once its ids have been checked against `vocab`: the verdict.
+    vetted: Vec<OnceLock<Result<(), VocabError>>>,
 }
 
 impl TokenDataset {
@@ -146,12 +175,10 @@ impl TokenDataset {
     }
 
     pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<TokenDataset, DatasetError> {
-        let manifest = Manifest::read(dir)?;
-        let raw = std::fs::read(dir.join(MANIFEST)).map_err(|source| ManifestError::Io {
-            path: dir.join(MANIFEST),
-            source,
-        })?;
-        let fingerprint = xxhash_rust::xxh3::xxh3_64(&raw);
+        let (manifest, fingerprint) = Manifest::read_with_fingerprint(dir)?;
+        if let Some(v) = opts.vocab_size {
+            vocab::check_declared(&manifest, dir, v)?;
+        }
         let cache_dir = match opts.frames {
             FrameMode::Materialize => Some(dataset_cache_dir(
                 &opts.cache_dir.clone().unwrap_or_else(default_cache_root),
@@ -162,6 +189,7 @@ impl TokenDataset {
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut materialized = Vec::new();
         let mut doc_base = vec![0usize];
+        let mut sources = Vec::with_capacity(manifest.shards.len());
         for s in &manifest.shards {
             let prefix = dir.join(&s.prefix);
             let (bin, idx) = paths(&prefix);
@@ -176,6 +204,10 @@ impl TokenDataset {
                     });
                 }
             };
+            sources.push(match &s.zstd {
+                Some(z) if framed => dir.join(&z.file),
+                _ => bin.clone(),
+            });
             let shard = match &s.zstd {
                 Some(z) if framed => {
                     let zst = dir.join(&z.file);
@@ -202,14 +234,109 @@ impl TokenDataset {
             doc_base.push(doc_base.last().copied().unwrap_or(0) + shard.index().num_documents());
             shards.push(shard);
         }
-        Ok(TokenDataset {
+        let vetted = manifest.shards.iter().map(|_| OnceLock::new()).collect();
+        let data = TokenDataset {
             dir: dir.to_path_buf(),
             manifest,
             shards,
             doc_base,
             fingerprint,
             materialized,
-        })
+            sources,
+            vocab: opts.vocab_size,
+            vetted,
+        };
+        if opts.vocab_size.is_some() {
+            data.check_known_ids(&opts.cache_dir.clone().unwrap_or_else(default_cache_root))?;
+        }
+        Ok(data)
+    }
+
+    /// Check every shard whose largest id is known (the manifest's record, else a current
+    /// per-host verdict under `cache_root`) against the vocabulary now; the rest wait for their first
+    /// read ([`Self::vet`]).
+    fn check_known_ids(&self, cache_root: &Path) -> Result<(), DatasetError> {
+        let recorded: Vec<Option<u64>> = self.manifest.shards.iter().map(|s| s.max_token_id).collect();
+        self.check_largest_ids(&recorded)?;
+        if recorded.iter().any(Option::is_none)
+            && let Some(cached) =
+                crate::verify::cached_max_token_ids(&self.dir, &self.manifest, self.fingerprint, cache_root)
+        {
+            self.check_largest_ids(&cached)?;
+        }
+        Ok(())
+    }
+
+    /// Check the shards whose largest token id `max_token_ids` gives (per shard, manifest
+    /// order; found by a caller, e.g. [`crate::verify::check_on_host`]) against the
+    /// vocabulary the dataset was opened for, now. Without [`OpenOptions::vocab_size`],
+    /// nothing to do.
+    pub fn check_largest_ids(&self, max_token_ids: &[Option<u64>]) -> Result<(), DatasetError> {
+        let Some(vocab) = self.vocab else {
+            return Ok(());
+        };
+        for (shard, max) in max_token_ids.iter().enumerate().take(self.shards.len()) {
+            if let Some(max) = *max
+                && self.vetted[shard].get().is_none()
+            {
+                let verdict = match vocab::fits(max, vocab) {
+                    true => Ok(()),
+                    false => self.search(shard, vocab)?,
+                };
+                self.vetted[shard].get_or_init(|| verdict).clone()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether shard `shard`'s ids are all below the vocabulary the dataset was opened for:
+    /// scanned on the first call (a vectorized max over its tokens, and only when that is too
+    /// large a search for the first offender), remembered after.
+    fn vet(&self, shard: usize, vocab: u64) -> Result<(), DatasetError> {
+        if let Some(verdict) = self.vetted[shard].get() {
+            return Ok(verdict.clone()?);
+        }
+        let max = match &self.shards[shard] {
+            Shard::Mapped(ds) => ds.tokens_at(0..ds.bin().len()).max_id(),
+            Shard::Framed { index, frames } => {
+                let mut max = 0;
+                frames.for_each_frame(|bytes| max = max.max(tokens_of(index.dtype(), bytes).max_id()))?;
+                max
+            }
+        };
+        let verdict = match vocab::fits(max, vocab) {
+            true => Ok(()),
+            false => self.search(shard, vocab)?,
+        };
+        // A damaged frame above is returned without being remembered; this is not.
+        Ok(self.vetted[shard].get_or_init(|| verdict).clone()?)
+    }
+
+    /// Search shard `shard` for its first id at or above `vocab`: the error naming it, or
+    /// `Ok` when there is none (a recorded largest id that was too cautious).
+    fn search(&self, shard: usize, vocab: u64) -> Result<Result<(), VocabError>, DatasetError> {
+        let name = &self.sources[shard];
+        let found = match &self.shards[shard] {
+            Shard::Mapped(ds) => vocab::first_outside(ds.index(), name, vocab, |bytes, sink| {
+                sink(ds.tokens_at(bytes));
+                Ok::<_, DatasetError>(())
+            })?,
+            Shard::Framed { index, frames } => vocab::first_outside(index, name, vocab, |bytes, sink| {
+                frames.read(bytes.start as u64..bytes.end as u64, |b| {
+                    sink(tokens_of(index.dtype(), b))
+                })
+            })?,
+        };
+        Ok(found.map_or(Ok(()), Err))
+    }
+
+    /// Check every shard's ids against the vocabulary the dataset was opened for now, rather
+    /// than on each shard's first read. Without [`OpenOptions::vocab_size`], nothing to do.
+    pub fn check_all_ids(&self) -> Result<(), DatasetError> {
+        match self.vocab {
+            Some(v) => (0..self.shards.len()).try_for_each(|s| self.vet(s, v)),
+            None => Ok(()),
+        }
     }
 
     /// The shards read from local copies of their zstd frames ([`FrameMode::Materialize`]):

@@ -185,6 +185,8 @@ pub struct IndexedWriter {
     lengths: Vec<i32>,
     doc_indices: Vec<i64>,
     tokens: u64,
+    /// The largest token id written so far.
+    max_token: u32,
     /// Tokens of the sequence being written, not yet in `lengths`.
     open_len: usize,
     scratch: Vec<u8>,
@@ -198,6 +200,9 @@ pub struct IndexedSummary {
     pub tokens: u64,
     pub bin_bytes: u64,
     pub idx_bytes: u64,
+    /// The largest token id in the `.bin` (0 when it holds no tokens).
+    #[serde(default)]
+    pub max_token_id: u64,
 }
 
 impl IndexedWriter {
@@ -212,6 +217,7 @@ impl IndexedWriter {
             lengths: Vec::new(),
             doc_indices: vec![0],
             tokens: 0,
+            max_token: 0,
             open_len: 0,
             scratch: Vec::new(),
         })
@@ -227,9 +233,10 @@ impl IndexedWriter {
     /// [`IndexedWriter::end_sequence`]), so a long sequence can be streamed in pieces.
     pub fn extend_sequence(&mut self, tokens: &[u32]) -> Result<()> {
         let max = self.dtype.max_token();
-        if let Some(&bad) = tokens.iter().find(|&&t| u64::from(t) > max) {
+        let largest = tokens.iter().fold(0, |m, &t| m.max(t));
+        if u64::from(largest) > max {
             return Err(IndexedError::TokenOutOfRange {
-                token: bad.into(),
+                token: largest.into(),
                 dtype: self.dtype,
                 max,
             });
@@ -258,6 +265,7 @@ impl IndexedWriter {
         self.bin.write_all(&self.scratch).map_err(io_err(&self.bin_path))?;
         self.open_len = open;
         self.tokens += tokens.len() as u64;
+        self.max_token = self.max_token.max(largest);
         Ok(())
     }
 
@@ -324,6 +332,7 @@ impl IndexedWriter {
             tokens: self.tokens,
             bin_bytes,
             idx_bytes,
+            max_token_id: self.max_token.into(),
         })
     }
 }
@@ -364,6 +373,20 @@ impl Tokens<'_> {
             Tokens::I32(t) => i64::from(*t.get(i)?),
             Tokens::I64(t) => *t.get(i)?,
         })
+    }
+
+    /// The largest token id (0 when empty), for checking ids against a vocabulary. A negative
+    /// id (signed types) counts as `u64::MAX`: above every vocabulary. One pass, vectorized
+    /// like [`Tokens::extend_i64`].
+    pub fn max_id(&self) -> u64 {
+        match self {
+            Tokens::U8(t) => largest(t, u64::from(u8::MAX)),
+            Tokens::U16(t) => largest(t, u64::from(u16::MAX)),
+            Tokens::I8(t) => largest_signed(t),
+            Tokens::I16(t) => largest_signed(t),
+            Tokens::I32(t) => largest_signed(t),
+            Tokens::I64(t) => largest_signed(t),
+        }
     }
 
     /// Append the tokens to `out` as i64 (what tensors take).
@@ -408,6 +431,74 @@ unsafe fn widen_avx512<T: Copy + Into<i64>>(tokens: &[T], out: &mut Vec<i64>) {
 #[target_feature(enable = "avx2")]
 unsafe fn widen_avx2<T: Copy + Into<i64>>(tokens: &[T], out: &mut Vec<i64>) {
     out.extend(tokens.iter().map(|&x| x.into()));
+}
+
+/// The largest of `tokens` (0 when empty); stops early at `ceiling`, the type's largest value.
+/// Blocks of 4096 are reduced by a loop the compiler vectorizes (compiled for the baseline and
+/// again for AVX2, picked at run time as in [`widen`]).
+fn largest<T: Copy + Ord + Default + Into<u64>>(tokens: &[T], ceiling: u64) -> u64 {
+    let mut m = 0;
+    for block in tokens.chunks(4096) {
+        m = m.max(block_max(block).into());
+        if m == ceiling {
+            break;
+        }
+    }
+    m
+}
+
+/// [`largest`] for a signed type: a negative id anywhere makes it `u64::MAX`.
+fn largest_signed<T: Copy + Ord + Default + Into<i64>>(tokens: &[T]) -> u64 {
+    let (mut lo, mut hi) = (0i64, 0i64);
+    for block in tokens.chunks(4096) {
+        let (l, h) = block_min_max(block);
+        (lo, hi) = (lo.min(l.into()), hi.max(h.into()));
+        if lo < 0 {
+            return u64::MAX;
+        }
+    }
+    hi as u64
+}
+
+fn block_max<T: Copy + Ord + Default>(block: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { block_max_avx2(block) };
+        }
+    }
+    block.iter().fold(T::default(), |m, &t| m.max(t))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn block_max_avx2<T: Copy + Ord + Default>(block: &[T]) -> T {
+    block.iter().fold(T::default(), |m, &t| m.max(t))
+}
+
+fn block_min_max<T: Copy + Ord + Default>(block: &[T]) -> (T, T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { block_min_max_avx2(block) };
+        }
+    }
+    min_max(block)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn block_min_max_avx2<T: Copy + Ord + Default>(block: &[T]) -> (T, T) {
+    min_max(block)
+}
+
+#[inline(always)]
+fn min_max<T: Copy + Ord + Default>(block: &[T]) -> (T, T) {
+    block
+        .iter()
+        .fold((T::default(), T::default()), |(lo, hi), &t| (lo.min(t), hi.max(t)))
 }
 
 /// A validated, memory-mapped `.idx`: where every sequence lies in its `.bin` and which

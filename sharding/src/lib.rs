@@ -27,6 +27,11 @@
 //!   reporting.
 //! - [`codec`]: text ↔ ids with a dataset's tokenizer, for evaluation and serving.
 //! - [`bench`]: what `gantry data bench` measures.
+//! - [`vocab`]: whether a model can read a dataset's token ids (declared vocabulary, each
+//!   shard's largest id recorded in the manifest or scanned once, the first offending
+//!   document named).
+//! - [`verify`]: checking a dataset's files against the manifest's xxh3 once per host, the
+//!   verdict remembered in the data cache by fingerprint.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
 //! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
 //!   boundaries, the seeded global shuffle, partitioning over DP ranks and micro-batches, and
@@ -46,3 +51,5 @@ pub mod materialize;
 pub mod prepare;
 pub mod sampler;
 pub mod synth;
+pub mod verify;
+pub mod vocab;

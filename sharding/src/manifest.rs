@@ -24,6 +24,10 @@ pub struct Manifest {
     pub documents: u64,
     pub sequences: u64,
     pub tokens: u64,
+    /// The largest token id in any shard, when every shard records its own (absent in older
+    /// manifests: readers then scan the shards, [`crate::vocab`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_id: Option<u64>,
     /// Set for synthetic data: the exact entropy rate of the source, so a model's validation
     /// loss can be compared with its floor.
     pub entropy_nats_per_token: Option<f64>,
@@ -50,6 +54,9 @@ pub struct ShardInfo {
     pub tokens: u64,
     pub bin_bytes: u64,
     pub idx_bytes: u64,
+    /// The largest token id in the `.bin` (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_id: Option<u64>,
     /// xxh3-64 of each file, lowercase hex.
     pub bin_xxh3: String,
     pub idx_xxh3: String,
@@ -137,6 +144,7 @@ impl ShardInfo {
             tokens: summary.tokens,
             bin_bytes: summary.bin_bytes,
             idx_bytes: summary.idx_bytes,
+            max_token_id: Some(summary.max_token_id),
             bin_xxh3: file_xxh3(&bin)?,
             idx_xxh3: file_xxh3(&idx)?,
             zstd: None,
@@ -188,6 +196,10 @@ impl Manifest {
             documents: shards.iter().map(|s| s.documents).sum(),
             sequences: shards.iter().map(|s| s.sequences).sum(),
             tokens: shards.iter().map(|s| s.tokens).sum(),
+            max_token_id: shards
+                .iter()
+                .map(|s| s.max_token_id)
+                .try_fold(0, |m, s| Some(m.max(s?))),
             shards,
             entropy_nats_per_token: None,
             created_by: format!("gantry {}", env!("CARGO_PKG_VERSION")),
@@ -195,8 +207,16 @@ impl Manifest {
     }
 
     pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
+        Ok(Self::read_with_fingerprint(dir)?.0)
+    }
+
+    /// [`Manifest::read`], and the dataset's fingerprint: xxh3-64 of `manifest.json` (what
+    /// sampler cursors and the per-host caches key on; any change to the manifest, hence to
+    /// any shard's checksum, changes it).
+    pub fn read_with_fingerprint(dir: &Path) -> Result<(Manifest, u64), ManifestError> {
         let path = dir.join(MANIFEST);
         let raw = std::fs::read(&path).map_err(io(&path))?;
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(&raw);
         let m: Manifest = serde_json::from_slice(&raw).map_err(|e| ManifestError::Invalid {
             path: path.clone(),
             message: e.to_string(),
@@ -221,7 +241,7 @@ impl Manifest {
                 });
             }
         }
-        Ok(m)
+        Ok((m, fingerprint))
     }
 
     pub fn write(&self, dir: &Path) -> Result<(), ManifestError> {

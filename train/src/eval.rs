@@ -7,7 +7,7 @@ use crate::comm::TensorComm;
 use crate::error::TrainError;
 use crate::model::{MicroBatch, Model};
 use crate::pipeline::forward_stage;
-use gantry_sharding::gpt::{GptDataset, Split};
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
@@ -87,7 +87,12 @@ pub fn evaluate(
             seed: cfg.split_seed,
         }
     };
-    let ds = GptDataset::open_split(&cfg.data, seq, split)?;
+    let ds = GptDataset::open_with(
+        &cfg.data,
+        seq,
+        split,
+        &OpenOptions::for_vocab(model.spec.vocab_size as u64),
+    )?;
     let available = ds.num_samples();
     let n = cfg.max_samples.map_or(available, |m| m.min(available));
     if n == 0 {

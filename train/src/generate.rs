@@ -12,7 +12,7 @@ use crate::schedule::{Op, tag};
 use crate::spec::JobSpec;
 use crate::tensor_parallel::gather_vocab;
 use crate::trainer::RankPlace;
-use gantry_sharding::gpt::{GptDataset, Split};
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
 use gantry_sharding::synth::SplitMix64;
 use tch::{Device, Kind, Tensor};
@@ -50,7 +50,8 @@ pub fn sample(
             } else {
                 Split::All
             };
-            let ds = GptDataset::open_split(&spec.data.path, seq, split)?;
+            let opts = OpenOptions::for_vocab(spec.model.vocab_size as u64);
+            let ds = GptDataset::open_with(&spec.data.path, seq, split, &opts)?;
             let mut toks = Vec::new();
             ds.sample_into((s as u64) % ds.num_samples().max(1), &mut toks)?;
             prompt.copy_from_slice(&toks[..prompt_len]);

@@ -17,7 +17,7 @@ use crate::spec::{DeviceSpec, JobSpec};
 use gantry_checkpoint::Which;
 use gantry_collectives::layout::{Coords, Dim};
 use gantry_collectives::{Fabric, ParallelLayout, ReduceOp};
-use gantry_sharding::gpt::{GptDataset, Prefetcher, Split};
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Prefetcher, Split};
 use gantry_sharding::sampler::Sampler;
 use std::path::Path;
 use std::sync::Arc;
@@ -264,11 +264,15 @@ pub fn train_observed(
             }
         }
     };
+    // Opened for the model's vocabulary: a token id the embedding cannot hold is an error
+    // naming the shard, document and id before the first step (or, for a shard whose largest
+    // id neither the manifest nor this host's dataset check recorded, on its first read).
+    let opts = OpenOptions::for_vocab(spec.model.vocab_size as u64);
     let mut prefetch = None;
     // The data position after the last completed step (kept on data-reading ranks).
     let mut data_cursor = None;
     if needs_data {
-        let ds = Arc::new(GptDataset::open_split(&spec.data.path, seq, split(false))?);
+        let ds = Arc::new(GptDataset::open_with(&spec.data.path, seq, split(false), &opts)?);
         let sampler = Sampler::new(ds.num_samples(), spec.data.seed, spec.train.global_batch)
             .map_err(gantry_sharding::gpt::DatasetError::from)?;
         let mut cursor = sampler.start(ds.data().fingerprint());
@@ -301,7 +305,7 @@ pub fn train_observed(
     }
     // Built once, before training, so an unusable validation split fails at start.
     let valid = if needs_data && spec.data.valid_fraction > 0.0 {
-        let data = GptDataset::open_split(&spec.data.path, seq, split(true))?;
+        let data = GptDataset::open_with(&spec.data.path, seq, split(true), &opts)?;
         let sampler = Sampler::new(data.num_samples(), spec.data.seed, spec.train.global_batch)
             .map_err(gantry_sharding::gpt::DatasetError::from)?;
         Some(ValidSet { data, sampler })

@@ -81,9 +81,13 @@ impl TokenDataset {
         }
     }
 
-    /// Append the tokens of `piece`, widened to i64, to `out`. Only frames can fail (a damaged
-    /// frame); mapped shards were fully checked when opened.
+    /// Append the tokens of `piece`, widened to i64, to `out`. Fails on a damaged frame, or
+    /// when the dataset was opened for a vocabulary and the piece's shard, checked on its first
+    /// read, holds an id outside it; mapped shards were otherwise fully checked when opened.
     pub(crate) fn read_piece(&self, piece: &Piece, out: &mut Vec<i64>) -> Result<(), DatasetError> {
+        if let Some(vocab) = self.vocab {
+            self.vet(piece.shard, vocab)?;
+        }
         match &self.shards[piece.shard] {
             Shard::Mapped(ds) => ds.tokens_at(piece.bytes.clone()).extend_i64(out),
             Shard::Framed { index, frames } => {
