@@ -9,8 +9,12 @@ use crate::proto::admin_server::AdminServer;
 use crate::proto::cluster_server::ClusterServer;
 use crate::service::{Coordinator, Inner, now_ms};
 use crate::state::{StateError, StateStore};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -18,6 +22,8 @@ pub struct CoordinatorConfig {
     pub listen: String,
     pub state_dir: PathBuf,
     pub token: String,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <this>`.
+    pub metrics_token: Option<String>,
     pub tls: TlsFiles,
     /// How often workers heartbeat.
     pub heartbeat_ms: u32,
@@ -30,6 +36,7 @@ impl Default for CoordinatorConfig {
             listen: "127.0.0.1:7070".into(),
             state_dir: PathBuf::from("gantry-coordinator"),
             token: String::new(),
+            metrics_token: None,
             tls: TlsFiles::default(),
             heartbeat_ms: 1000,
             scheduler: SchedulerConfig::default(),
@@ -47,6 +54,8 @@ pub enum CoordinatorError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    MetricsToken(#[from] BadMetricsToken),
     #[error("gRPC server: {0}")]
     Serve(String),
 }
@@ -57,6 +66,7 @@ impl CoordinatorConfig {
         if self.token.is_empty() {
             return bad("a cluster token is required (--token or GANTRY_TOKEN); workers and clients must present it");
         }
+        MetricsAccess::new(self.metrics_token.as_deref())?;
         if self.heartbeat_ms == 0 {
             return bad("heartbeat interval must be positive");
         }
@@ -123,16 +133,17 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
     let mut routes = tonic::service::Routes::new(ClusterServer::with_interceptor(coordinator.clone(), token.clone()))
         .add_service(AdminServer::with_interceptor(coordinator.clone(), token));
     let scrape = coordinator.clone();
+    let access = MetricsAccess::new(config.metrics_token.as_deref())?;
     let router = std::mem::take(routes.axum_router_mut()).route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: HeaderMap| {
             let c = scrape.clone();
+            let access = access.clone();
             async move {
-                let g = c.lock();
-                (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    render(&g.sched, &g.counters),
-                )
+                access.respond(&headers, || {
+                    let g = c.lock();
+                    render(&g.sched, &g.counters)
+                })
             }
         }),
     );
@@ -172,4 +183,112 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
         shutdown,
         task,
     })
+}
+
+/// The metrics token is empty or cannot travel in a header.
+#[derive(Debug, thiserror::Error)]
+#[error("the metrics token is empty or not valid in a header (use printable ASCII without spaces)")]
+pub struct BadMetricsToken;
+
+/// Who may read `/metrics` on the coordinator and the workers: anyone when no metrics token
+/// is set, else only requests with `Authorization: Bearer <metrics token>` (compared in
+/// constant time). It is not the cluster token on purpose: a scraper holding that could
+/// submit and cancel jobs.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsAccess {
+    token: Option<Arc<[u8]>>,
+}
+
+impl MetricsAccess {
+    /// `None`: open to anyone. A token must be non-empty printable ASCII without spaces.
+    pub fn new(token: Option<&str>) -> Result<MetricsAccess, BadMetricsToken> {
+        let Some(token) = token else {
+            return Ok(MetricsAccess::default());
+        };
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(BadMetricsToken);
+        }
+        Ok(MetricsAccess {
+            token: Some(token.as_bytes().into()),
+        })
+    }
+
+    /// Whether a request with these headers may read the metrics.
+    pub fn allows(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let Some((scheme, presented)) = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+        else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("bearer") && constant_time_eq(presented.trim().as_bytes(), expected)
+    }
+
+    /// The reply to `GET /metrics`: `render()` in the Prometheus text format when allowed,
+    /// else 401 with `WWW-Authenticate: Bearer` (nothing rendered).
+    pub fn respond(&self, headers: &HeaderMap, render: impl FnOnce() -> String) -> Response {
+        if !self.allows(headers) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(WWW_AUTHENTICATE, "Bearer")],
+                "/metrics needs `Authorization: Bearer <metrics token>`\n",
+            )
+                .into_response();
+        }
+        ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render()).into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn metrics_access() {
+        let open = MetricsAccess::new(None).unwrap();
+        assert!(open.allows(&headers(None)));
+        assert!(open.allows(&headers(Some("Bearer anything"))));
+
+        let closed = MetricsAccess::new(Some("scrape-me")).unwrap();
+        assert!(closed.allows(&headers(Some("Bearer scrape-me"))));
+        assert!(closed.allows(&headers(Some("bearer scrape-me"))));
+        for bad in [
+            None,
+            Some("Bearer wrong"),
+            Some("scrape-me"),
+            Some("Basic scrape-me"),
+            Some("Bearer scrape-me2"),
+        ] {
+            assert!(!closed.allows(&headers(bad)), "{bad:?}");
+        }
+        let r = closed.respond(&headers(None), || unreachable!("rendered without the token"));
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()[WWW_AUTHENTICATE], "Bearer");
+        let r = closed.respond(&headers(Some("Bearer scrape-me")), || "m 1\n".into());
+        assert_eq!(r.status(), StatusCode::OK);
+
+        for bad in ["", "has space", "new\nline"] {
+            assert!(MetricsAccess::new(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
 }

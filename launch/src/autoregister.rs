@@ -5,7 +5,7 @@
 //! log and to `registry.jsonl` in the run directory; a failure is reported, not fatal (the
 //! checkpoint stays and `gantry models register` can register it later).
 
-use crate::models::{Api, RegistryClient, seg};
+use crate::models::{Api, seg};
 use gantry_train::spec::RegistrySpec;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -99,13 +99,8 @@ impl AutoRegister {
 
 /// Register `step` of `checkpoint` and move the alias; the outcome as a JSON line.
 fn register(spec: &RegistrySpec, checkpoint: &str, token: Option<String>, step: u64) -> Value {
-    let client = RegistryClient {
-        registry: spec.url.clone(),
-        token,
-        json: false,
-    };
     let attempt = || -> anyhow::Result<Value> {
-        let api = Api::new(&client)?;
+        let api = Api::with_token(&spec.url, token.clone())?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             let v = api

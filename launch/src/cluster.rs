@@ -2,6 +2,7 @@
 //! `cordon`, `uncordon`, `drain`. Each is one or two gRPC calls to the coordinator (logs go
 //! to the worker that ran the rank), printed as a table or, with `--json`, as JSON.
 
+use crate::secrets::ClusterTokenArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use gantry_coordinator::auth::{AddToken, TlsFiles, channel};
@@ -22,9 +23,9 @@ pub struct ClientArgs {
     /// Coordinator address: host:port, http://… or https://…
     #[arg(long, env = "GANTRY_COORDINATOR", default_value = "127.0.0.1:7070")]
     pub coordinator: String,
-    /// Cluster token (the one the coordinator was started with).
-    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// The cluster token (the one the coordinator was started with).
+    #[command(flatten)]
+    pub token: ClusterTokenArgs,
     /// CA certificate (PEM) to verify a TLS coordinator; turns TLS on.
     #[arg(long, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
@@ -49,12 +50,15 @@ impl ClientArgs {
 
     fn admin(&self) -> anyhow::Result<Admin> {
         let ch = channel(&self.coordinator, &self.tls())?;
-        Ok(AdminClient::with_interceptor(ch, AddToken::new(&self.token)?))
+        Ok(AdminClient::with_interceptor(ch, AddToken::new(&self.token.get()?)?))
     }
 
     fn logs_client(&self, addr: &str) -> anyhow::Result<LogClient> {
         let ch = channel(addr, &self.tls())?;
-        Ok(WorkerLogsClient::with_interceptor(ch, AddToken::new(&self.token)?))
+        Ok(WorkerLogsClient::with_interceptor(
+            ch,
+            AddToken::new(&self.token.get()?)?,
+        ))
     }
 }
 

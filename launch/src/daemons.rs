@@ -1,8 +1,10 @@
 //! `gantry coordinator` and `gantry worker`: the two long-running daemons. Both log with
 //! `tracing` (GANTRY_LOG=info by default here), stop cleanly on SIGINT/SIGTERM, and print one
 //! line on stdout once they serve: the address, so scripts and tests can start them on
-//! port 0.
+//! port 0. Both take the cluster token and an optional `/metrics` token from a flag, a file
+//! or the environment (`secrets.rs`).
 
+use crate::secrets::{ClusterTokenArgs, MetricsTokenArgs};
 use anyhow::Context;
 use clap::Args;
 use gantry_coordinator::auth::TlsFiles;
@@ -21,9 +23,11 @@ pub struct CoordinatorArgs {
     /// pick up every worker and job.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
-    /// Cluster token that workers and clients must present.
-    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// The cluster token that workers and clients must present.
+    #[command(flatten)]
+    pub token: ClusterTokenArgs,
+    #[command(flatten)]
+    pub metrics_token: MetricsTokenArgs,
     /// Worker heartbeat interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u32,
@@ -85,7 +89,8 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let config = CoordinatorConfig {
         listen: args.listen.clone(),
         state_dir: args.state.clone(),
-        token: args.token.clone(),
+        token: args.token.get()?,
+        metrics_token: args.metrics_token.get()?,
         tls: TlsFiles {
             cert: args.tls_cert.clone(),
             key: args.tls_key.clone(),
@@ -126,9 +131,11 @@ pub struct WorkerArgs {
     /// Coordinator address (host:port, http://… or https://…).
     #[arg(long, env = "GANTRY_COORDINATOR")]
     pub coordinator: String,
-    /// Cluster token.
-    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// The cluster token (sent to the coordinator; required by this worker's log service).
+    #[command(flatten)]
+    pub token: ClusterTokenArgs,
+    #[command(flatten)]
+    pub metrics_token: MetricsTokenArgs,
     /// Worker name (default: the hostname); a restarted worker with the same name is the
     /// same worker.
     #[arg(long)]
@@ -187,7 +194,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     let config = gantry_worker::WorkerConfig {
         coordinator: args.coordinator.clone(),
-        token: args.token.clone(),
+        token: args.token.get()?,
+        metrics_token: args.metrics_token.get()?,
         tls: TlsFiles {
             cert: args.tls_cert.clone(),
             key: args.tls_key.clone(),
@@ -203,6 +211,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         port_range: parse_ports(&args.ports)?,
         grace: Duration::from_secs_f64(args.grace_s),
         rank_program: std::env::current_exe().context("cannot find the gantry executable to start ranks")?,
+        // Ranks start from this environment minus its secrets (gantry_worker::scrub).
+        env: std::env::vars_os().collect(),
     };
     config.validate()?;
     runtime()?.block_on(async {

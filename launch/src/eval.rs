@@ -262,9 +262,12 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     let exe = std::env::current_exe().context("cannot find the gantry binary")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut env = vec![("GANTRY_EVAL_THREADS".to_string(), (cores / args.tp).max(1).to_string())];
-    // A token given as --token reaches the ranks through their environment, not argv.
-    if let Some(token) = &args.client.token {
-        env.push(("GANTRY_REGISTRY_TOKEN".to_string(), token.clone()));
+    // The token (from --token, --token-file or the environment) reaches the ranks through
+    // their environment, not argv; a token file variable they inherit is blanked so the two
+    // never conflict.
+    if let Some(token) = args.client.token()? {
+        env.push(("GANTRY_REGISTRY_TOKEN".to_string(), token));
+        env.push(("GANTRY_REGISTRY_TOKEN_FILE".to_string(), String::new()));
     }
     let mut world = spawn_local_world(&exe, &child, args.tp, &env, Output::Files(dir.clone()))
         .context("starting the evaluation ranks")?;

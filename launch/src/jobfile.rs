@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Both may carry a `[cluster]` section: `max_restarts`, `elastic`, `min_dp`, `priority`,
-//! `queue`, `labels`, `gpus_per_rank`. Unknown keys anywhere are errors that name the key.
+//! `queue`, `labels`, `gpus_per_rank`, `env_pass` (secret-looking variables of the worker's
+//! environment the ranks may inherit; sent as `GANTRY_ENV_PASS` in the job's `env`, and a
+//! training spec's `registry.token_env` is added to it). Unknown keys anywhere are errors
+//! that name the key.
 
 use anyhow::{Context, bail};
 use gantry_coordinator::proto as p;
@@ -37,6 +40,10 @@ pub struct ClusterSection {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub gpus_per_rank: u32,
+    /// Variables of the worker's environment the ranks need although they look secret
+    /// (`AWS_ACCESS_KEY_ID`, …); every other secret is removed (`gantry_worker::scrub`).
+    #[serde(default)]
+    pub env_pass: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -53,6 +60,7 @@ impl Default for ClusterSection {
             queue: true,
             labels: BTreeMap::new(),
             gpus_per_rank: 0,
+            env_pass: Vec::new(),
         }
     }
 }
@@ -152,6 +160,33 @@ pub fn without_cluster_section(text: &str, origin: &str) -> anyhow::Result<Strin
     Ok(toml::to_string(&table)?)
 }
 
+/// Adds `names` to the job's `GANTRY_ENV_PASS` (the list the worker reads), keeping any
+/// names the job's `env` already gives there. Each must be a plain variable name.
+fn add_env_pass(env: &mut HashMap<String, String>, names: &[String], origin: &str) -> anyhow::Result<()> {
+    let key = gantry_worker::scrub::ENV_PASS;
+    let mut all: Vec<String> = env
+        .get(key)
+        .map(|l| {
+            gantry_worker::scrub::parse_pass(l)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    for n in names {
+        if n.is_empty() || n.contains(|c: char| c == '=' || c == ',' || c == '\0' || c.is_whitespace()) {
+            bail!("{origin}: [cluster] env_pass: `{n}` is not an environment variable name");
+        }
+        if !all.contains(n) {
+            all.push(n.clone());
+        }
+    }
+    if !all.is_empty() {
+        env.insert(key.to_string(), all.join(","));
+    }
+    Ok(())
+}
+
 fn base(
     name: String,
     program: p::job_program::Kind,
@@ -202,8 +237,10 @@ fn command_request(job: CommandJob, origin: &str, stem: &str) -> anyhow::Result<
         argv: job.command,
         workdir,
     });
+    let pass = job.cluster.env_pass.clone();
     let mut req = base(name, program, layout, job.cluster);
     req.env = job.env.into_iter().collect();
+    add_env_pass(&mut req.env, &pass, origin)?;
     Ok(req)
 }
 
@@ -219,15 +256,45 @@ fn train_request(
     // Resolve exactly as `gantry launch` does (it skips the [cluster] section too): dataset
     // vocabulary, name from the file, data and checkpoint paths made absolute against
     // where the user runs submit, validation of the layout.
-    let spec = crate::train::resolve_spec(path, &o.spec_overrides, dp * tp * pp)
+    // Saturating: a product that overflows is refused by validation, naming the factors.
+    let spec = crate::train::resolve_spec(path, &o.spec_overrides, dp.saturating_mul(tp).saturating_mul(pp))
         .with_context(|| format!("job file {origin}"))?;
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v).with_context(|| format!("{origin}: parallel.{what} = {v} is too large"))
     };
-    Ok(base(
+    let mut pass = cluster.env_pass.clone();
+    // A spec that registers its checkpoints names the variable holding its registry token.
+    if spec.registry.enabled() && !spec.registry.token_env.is_empty() {
+        pass.push(spec.registry.token_env.clone());
+    }
+    let mut req = base(
         spec.name.clone(),
         p::job_program::Kind::TrainSpecToml(spec.to_toml()),
         (to_u32(dp, "dp")?, to_u32(tp, "tp")?, to_u32(pp, "pp")?),
         cluster,
-    ))
+    );
+    add_env_pass(&mut req.env, &pass, &origin)?;
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pass_merges_into_the_jobs_env() {
+        let mut env = HashMap::new();
+        add_env_pass(&mut env, &[], "job.toml").unwrap();
+        assert!(env.is_empty(), "nothing asked, nothing added");
+        env.insert("GANTRY_ENV_PASS".to_string(), "HF_TOKEN".to_string());
+        let names = ["AWS_ACCESS_KEY_ID".to_string(), "HF_TOKEN".to_string()];
+        add_env_pass(&mut env, &names, "job.toml").unwrap();
+        assert_eq!(env["GANTRY_ENV_PASS"], "HF_TOKEN,AWS_ACCESS_KEY_ID");
+        for bad in ["", "A=B", "A,B", "A B"] {
+            let e = add_env_pass(&mut env, &[bad.to_string()], "job.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("env_pass") && e.contains("job.toml"), "{e}");
+        }
+    }
 }

@@ -10,7 +10,8 @@
 //! - `checkpoint.rs`: `gantry checkpoint list|inspect|verify|export`.
 //! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
-//! - `daemons.rs`: `gantry coordinator` and `gantry worker`.
+//! - `daemons.rs`: `gantry coordinator` and `gantry worker`; `secrets.rs`: tokens from
+//!   `--token`, `--token-file` or the environment.
 //! - `registry.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client);
 //!   `serving.rs`: the registry's model loader (libtorch models with a KV cache);
 //!   `eval.rs`: `gantry eval` (weights from the registry at any TP degree).
@@ -33,6 +34,7 @@ mod eval;
 mod jobfile;
 mod models;
 mod registry;
+mod secrets;
 mod serving;
 mod slurm;
 mod torchrun;

@@ -16,9 +16,14 @@ pub struct RegistryClient {
     /// Registry address (http://host:port).
     #[arg(long, env = "GANTRY_REGISTRY", default_value = "http://127.0.0.1:7080")]
     pub registry: String,
-    /// Registry token (a write token for register, alias and recording evals).
-    #[arg(long, env = "GANTRY_REGISTRY_TOKEN", hide_env_values = true)]
+    /// Registry token (a write token for register, alias and recording evals)
+    /// [env: GANTRY_REGISTRY_TOKEN]. Visible to every local user in `ps`: prefer --token-file.
+    #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// File holding the registry token alone (surrounding whitespace is ignored)
+    /// [env: GANTRY_REGISTRY_TOKEN_FILE].
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -75,6 +80,14 @@ pub enum ModelsCommand {
     },
 }
 
+impl RegistryClient {
+    /// The token from `--token`, `--token-file`, `GANTRY_REGISTRY_TOKEN` or
+    /// `GANTRY_REGISTRY_TOKEN_FILE`; `None` without one.
+    pub(crate) fn token(&self) -> anyhow::Result<Option<String>> {
+        crate::secrets::registry_token(self.token.as_deref(), self.token_file.as_deref())
+    }
+}
+
 pub(crate) struct Api {
     base: String,
     token: Option<String>,
@@ -82,8 +95,15 @@ pub(crate) struct Api {
 }
 
 impl Api {
+    /// A client for the command line: the token from `--token`, `--token-file` or the
+    /// environment (`crate::secrets`).
     pub(crate) fn new(c: &RegistryClient) -> anyhow::Result<Api> {
-        let base = c.registry.trim_end_matches('/').to_string();
+        Api::with_token(&c.registry, c.token()?)
+    }
+
+    /// A client with exactly this token (none: anonymous).
+    pub(crate) fn with_token(registry: &str, token: Option<String>) -> anyhow::Result<Api> {
+        let base = registry.trim_end_matches('/').to_string();
         let base = if base.contains("://") {
             base
         } else {
@@ -91,7 +111,7 @@ impl Api {
         };
         Ok(Api {
             base,
-            token: c.token.clone().filter(|t| !t.is_empty()),
+            token: token.filter(|t| !t.is_empty()),
             http: reqwest::Client::builder().build()?,
         })
     }

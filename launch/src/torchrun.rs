@@ -5,11 +5,15 @@
 //!
 //! Like torchrun, the launcher hosts no store: it picks a free port and rank 0 of the program
 //! serves the store there (torch's `env://` init; gantry's `Fabric::from_env`). Like torchrun's
-//! agent, it stops every rank when one fails and exits with that rank's code.
+//! agent, it stops every rank when one fails and exits with that rank's code. Unlike
+//! torchrun, the program does not inherit secrets (tokens, cloud keys: the worker's rule,
+//! `gantry_worker::scrub`) unless `GANTRY_ENV_PASS` names them.
 
 use crate::slurm::SlurmEnv;
 use anyhow::{Context, bail};
-use std::ffi::OsString;
+use gantry_worker::scrub;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -73,17 +77,39 @@ impl TorchEnv {
         ]
     }
 
-    /// A command of `program args…` with this environment.
-    fn command(&self, program: &[OsString]) -> Command {
-        let mut cmd = Command::new(&program[0]);
-        cmd.args(&program[1..]).envs(self.vars());
+    /// The complete environment of the rank: the launcher's `parent` environment without
+    /// its secrets (the rule of the worker's ranks, `gantry_worker::scrub`; the launcher's own
+    /// `GANTRY_ENV_PASS` names secrets to keep), then torchrun's variables.
+    pub fn environment<I>(&self, parent: I) -> Vec<(OsString, OsString)>
+    where
+        I: IntoIterator<Item = (OsString, OsString)>,
+    {
+        let parent: Vec<(OsString, OsString)> = parent.into_iter().collect();
+        let pass_list = parent
+            .iter()
+            .find(|(k, _)| k == scrub::ENV_PASS)
+            .map(|(_, v)| v.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut env: BTreeMap<OsString, OsString> = scrub::inherited(parent, &scrub::parse_pass(&pass_list))
+            .into_iter()
+            .collect();
         // Set by gantry's own launcher for ranks that join its store; here rank 0 serves it.
-        cmd.env_remove("GANTRY_STORE_EXTERNAL");
+        env.remove(OsStr::new("GANTRY_STORE_EXTERNAL"));
         // torchrun's rule: several ranks on a node each spawning one OpenMP thread per core
         // would oversubscribe it, so one thread each unless the user chose.
-        if self.local_world > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
-            cmd.env("OMP_NUM_THREADS", "1");
+        if self.local_world > 1 {
+            env.entry("OMP_NUM_THREADS".into()).or_insert_with(|| "1".into());
         }
+        env.extend(self.vars().into_iter().map(|(k, v)| (k.into(), v.into())));
+        env.into_iter().collect()
+    }
+
+    /// A command of `program args…` with this environment (and nothing else inherited).
+    fn command(&self, program: &[OsString]) -> Command {
+        let mut cmd = Command::new(&program[0]);
+        cmd.args(&program[1..])
+            .env_clear()
+            .envs(self.environment(std::env::vars_os()));
         cmd
     }
 }
@@ -404,4 +430,62 @@ pub fn launch_local(
             ExitCode::from(End::Signal(s).exit_code())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(env: &[(OsString, OsString)], k: &str) -> Option<String> {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn environment_without_secrets() {
+        let t = TorchEnv {
+            rank: 1,
+            local_rank: 1,
+            world: 2,
+            local_world: 2,
+            group_rank: 0,
+            group_world: 1,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29400,
+            run_id: "r".into(),
+        };
+        let parent = |pairs: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+            pairs.iter().map(|(k, v)| (k.into(), v.into())).collect()
+        };
+        let env = t.environment(parent(&[
+            ("PATH", "/bin"),
+            ("RANK", "7"),
+            ("GANTRY_STORE_EXTERNAL", "1"),
+            ("GANTRY_TOKEN", "cluster"),
+            ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("HF_TOKEN", "hf"),
+        ]));
+        assert_eq!(get(&env, "PATH").as_deref(), Some("/bin"));
+        assert_eq!(get(&env, "RANK").as_deref(), Some("1"));
+        assert_eq!(get(&env, "MASTER_PORT").as_deref(), Some("29400"));
+        assert_eq!(get(&env, "OMP_NUM_THREADS").as_deref(), Some("1"));
+        for gone in [
+            "GANTRY_STORE_EXTERNAL",
+            "GANTRY_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "HF_TOKEN",
+        ] {
+            assert_eq!(get(&env, gone), None, "{gone}");
+        }
+        let env = t.environment(parent(&[
+            ("GANTRY_ENV_PASS", "HF_TOKEN"),
+            ("HF_TOKEN", "hf"),
+            ("GANTRY_TOKEN", "cluster"),
+            ("OMP_NUM_THREADS", "4"),
+        ]));
+        assert_eq!(get(&env, "HF_TOKEN").as_deref(), Some("hf"));
+        assert_eq!(get(&env, "GANTRY_TOKEN"), None);
+        assert_eq!(get(&env, "OMP_NUM_THREADS").as_deref(), Some("4"), "the user's choice");
+    }
 }

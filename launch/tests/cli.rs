@@ -216,3 +216,94 @@ fn bench_collectives_rejects_bad_input_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op `scan`"));
 }
+
+/// `--token-file` errors name the file: missing, empty, several lines; `--token` with
+/// `--token-file` is refused. Nothing needs a coordinator: the token is read first.
+#[test]
+fn token_files_are_checked_before_anything_connects() {
+    let dir = std::env::temp_dir().join(format!("gantry-cli-token-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let mut c = gantry();
+        c.args(args).args(["--coordinator", "127.0.0.1:9"]);
+        for k in ["GANTRY_TOKEN", "GANTRY_TOKEN_FILE", "GANTRY_COORDINATOR"] {
+            c.env_remove(k);
+        }
+        let out = c.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let path = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(dir.join("empty"), "\n").unwrap();
+    std::fs::write(dir.join("two-lines"), "read a\nwrite b\n").unwrap();
+    std::fs::write(dir.join("good"), "tok\n").unwrap();
+
+    let missing = path("missing");
+    let (ok, text) = run(&["jobs", "--token-file", &missing]);
+    assert!(
+        !ok && text.contains("cannot read the cluster token file") && text.contains(&missing),
+        "{text}"
+    );
+    let empty = path("empty");
+    let (ok, text) = run(&["jobs", "--token-file", &empty]);
+    assert!(
+        !ok && text.contains(&format!("the cluster token file {empty} is empty")),
+        "{text}"
+    );
+    let two = path("two-lines");
+    let (ok, text) = run(&["jobs", "--token-file", &two]);
+    assert!(
+        !ok && text.contains("more than one line") && text.contains(&two),
+        "{text}"
+    );
+    let (ok, text) = run(&["jobs", "--token", "x", "--token-file", &path("good")]);
+    assert!(!ok && text.contains("cannot be used with"), "{text}");
+    let (ok, text) = run(&["jobs"]);
+    assert!(!ok && text.contains("a cluster token is required"), "{text}");
+    // The daemons check it before they serve.
+    let (ok, text) = run(&["worker", "--token-file", &missing, "--state", &path("state")]);
+    assert!(!ok && text.contains(&missing), "{text}");
+    let mut c = gantry();
+    c.args(["coordinator", "--listen", "127.0.0.1:0", "--state", &path("cstate")])
+        .args(["--token-file", &path("good"), "--metrics-token-file", &missing]);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("cannot read the metrics token file") && text.contains(&missing),
+        "{text}"
+    );
+    // The registry client too.
+    let (ok, text) = run_models(&[
+        "models",
+        "list",
+        "--registry",
+        "http://127.0.0.1:9",
+        "--token-file",
+        &empty,
+    ]);
+    assert!(
+        !ok && text.contains(&format!("the registry token file {empty} is empty")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn run_models(args: &[&str]) -> (bool, String) {
+    let mut c = gantry();
+    c.args(args);
+    for k in ["GANTRY_REGISTRY_TOKEN", "GANTRY_REGISTRY_TOKEN_FILE", "GANTRY_REGISTRY"] {
+        c.env_remove(k);
+    }
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

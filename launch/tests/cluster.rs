@@ -732,3 +732,209 @@ fn tls_between_the_cli_the_coordinator_and_workers() {
     let out = cli(&["jobs"], false);
     assert!(!out.status.success(), "plaintext was answered: {}", text(&out));
 }
+
+/// The README's setup (`export GANTRY_TOKEN=…; gantry worker …`) with cloud and registry
+/// secrets in the worker's environment: a command job that prints its environment sees
+/// torchrun's and gantry's variables and the worker's plain ones, none of the secrets
+/// except the one its `[cluster] env_pass` names. The coordinator and the CLI read the
+/// cluster token from a file; `/metrics` on both daemons needs the metrics token.
+#[test]
+fn secrets_stay_out_of_jobs_tokens_from_files_metrics_behind_a_token() {
+    let dir = common::tempdir("cluster", "secrets");
+    let token_file = dir.join("cluster.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let metrics_file = dir.join("metrics.token");
+    std::fs::write(&metrics_file, "scrape-token-5150\n").unwrap();
+    let scrub = |c: &mut Command| {
+        for k in [
+            "GANTRY_TOKEN",
+            "GANTRY_TOKEN_FILE",
+            "GANTRY_METRICS_TOKEN",
+            "GANTRY_METRICS_TOKEN_FILE",
+            "GANTRY_ENV_PASS",
+            "GANTRY_COORDINATOR",
+        ] {
+            c.env_remove(k);
+        }
+    };
+
+    let mut coordinator = Command::new(GANTRY);
+    coordinator
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token_file)
+        .arg("--metrics-token-file")
+        .arg(&metrics_file)
+        .args(["--heartbeat-ms", "200", "--state"])
+        .arg(dir.join("coordinator-state"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap());
+    scrub(&mut coordinator);
+    let mut child = coordinator.spawn().unwrap();
+    let addr = common::listening_address(&mut child).unwrap_or_else(|| {
+        panic!(
+            "coordinator did not start; see {}",
+            dir.join("coordinator.log").display()
+        )
+    });
+    let _coordinator = Daemon { child };
+
+    let mut worker = Command::new(GANTRY);
+    scrub(&mut worker);
+    worker
+        .args([
+            "worker",
+            "--coordinator",
+            &addr,
+            "--name",
+            "keeper",
+            "--slots",
+            "1",
+            "--state",
+        ])
+        .arg(dir.join("worker-keeper"))
+        .env("GANTRY_TOKEN", TOKEN)
+        .env("GANTRY_METRICS_TOKEN", "scrape-token-5150")
+        .env("GANTRY_REGISTRY_TOKEN", "registry-secret-7734")
+        .env("AWS_ACCESS_KEY_ID", "AKIAPASSEDBYNAME")
+        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-9921")
+        .env("AWS_SESSION_TOKEN", "aws-session-4410")
+        .env("GANTRY_TEST_PLAIN", "kept")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("worker-keeper.log")).unwrap());
+    let _worker = Daemon {
+        child: worker.spawn().unwrap(),
+    };
+
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(GANTRY);
+        c.args(args)
+            .args(["--coordinator", &addr, "--token-file"])
+            .arg(&token_file);
+        scrub(&mut c);
+        c.output().unwrap()
+    };
+    let json = |args: &[&str]| -> Value {
+        let out = cli(args);
+        assert!(out.status.success(), "gantry {args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    let start = Instant::now();
+    while json(&["workers", "--json"])
+        .as_array()
+        .is_none_or(|w| !w.iter().any(|w| w["alive"] == true))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker did not register; logs in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let job = dir.join("env.toml");
+    std::fs::write(
+        &job,
+        "name = \"print-env\"\ncommand = [\"env\"]\nnproc = 1\n[cluster]\nenv_pass = [\"AWS_ACCESS_KEY_ID\"]\n",
+    )
+    .unwrap();
+    let id = json(&["submit", job.to_str().unwrap(), "--json"])["job"]
+        .as_u64()
+        .unwrap();
+    loop {
+        let j = json(&["job", &id.to_string(), "--json"]);
+        if j["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            j["state"] != "failed" && start.elapsed() < Duration::from_secs(120),
+            "job {id}: {j:#}; logs in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = cli(&["logs", &id.to_string(), "--rank", "0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let env = String::from_utf8_lossy(&out.stdout).to_string();
+    let has = |line: &str| env.lines().any(|l| l == line);
+    let has_var = |name: &str| env.lines().any(|l| l.starts_with(&format!("{name}=")));
+    for line in [
+        "RANK=0",
+        "LOCAL_RANK=0",
+        "WORLD_SIZE=1",
+        "LOCAL_WORLD_SIZE=1",
+        "TORCHELASTIC_RESTART_COUNT=0",
+        &format!("GANTRY_JOB_ID={id}"),
+        "GANTRY_JOB_NAME=print-env",
+        "GANTRY_ATTEMPT=1",
+        "GANTRY_TEST_PLAIN=kept",
+        "AWS_ACCESS_KEY_ID=AKIAPASSEDBYNAME",
+        "GANTRY_ENV_PASS=AWS_ACCESS_KEY_ID",
+    ] {
+        assert!(has(line), "missing `{line}` in the job's environment:\n{env}");
+    }
+    for name in ["MASTER_ADDR", "MASTER_PORT", "GANTRY_PROGRESS_FILE", "PATH"] {
+        assert!(has_var(name), "missing {name} in the job's environment:\n{env}");
+    }
+    for name in [
+        "GANTRY_TOKEN",
+        "GANTRY_METRICS_TOKEN",
+        "GANTRY_REGISTRY_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        assert!(!has_var(name), "{name} reached the job:\n{env}");
+    }
+    for secret in [
+        TOKEN,
+        "scrape-token-5150",
+        "registry-secret-7734",
+        "aws-secret-9921",
+        "aws-session-4410",
+    ] {
+        assert!(!env.contains(secret), "`{secret}` reached the job:\n{env}");
+    }
+
+    // A token file with the wrong token is refused by the coordinator, naming the reason.
+    let wrong = dir.join("wrong.token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let mut c = Command::new(GANTRY);
+    c.args(["jobs", "--coordinator", &addr, "--token-file"]).arg(&wrong);
+    scrub(&mut c);
+    let out = c.output().unwrap();
+    assert!(
+        !out.status.success() && text(&out).contains("wrong cluster token"),
+        "{}",
+        text(&out)
+    );
+
+    // /metrics on the coordinator and on the worker: 401 without the metrics token (the
+    // cluster token is not it), 200 with it.
+    let service = json(&["workers", "--json"])[0]["service_address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (daemon, at, family) in [
+        ("coordinator", addr.as_str(), "gantry_coordinator_"),
+        ("worker", service.as_str(), "gantry_worker_"),
+    ] {
+        let cluster_auth = format!("Bearer {TOKEN}");
+        for (auth, status) in [
+            (None, "401"),
+            (Some("Bearer wrong"), "401"),
+            (Some(cluster_auth.as_str()), "401"),
+            (Some("Bearer scrape-token-5150"), "200"),
+        ] {
+            let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
+            let reply = common::http_get(at, "/metrics", &headers);
+            assert!(
+                reply.starts_with(&format!("HTTP/1.1 {status}")),
+                "{daemon} with {auth:?}: {reply}"
+            );
+            assert_eq!(
+                reply.contains(family),
+                status == "200",
+                "{daemon} with {auth:?}: {reply}"
+            );
+        }
+    }
+}

@@ -2,7 +2,9 @@
 
 use crate::error::WorkerError;
 use gantry_coordinator::auth::{AddToken, TlsFiles};
+use gantry_coordinator::server::MetricsAccess;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +15,8 @@ pub struct WorkerConfig {
     /// The cluster token: sent to the coordinator, and required from callers of this
     /// worker's log service.
     pub token: String,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <this>`.
+    pub metrics_token: Option<String>,
     /// `cert` + `key`: serve TLS; `ca`: use TLS towards the coordinator.
     pub tls: TlsFiles,
     /// Unique worker name (default: the hostname).
@@ -33,6 +37,9 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// The `gantry` binary that runs training ranks (`gantry rank …`).
     pub rank_program: PathBuf,
+    /// The environment ranks start from, before secrets are removed ([`crate::scrub`]):
+    /// the binary passes its own. Empty by default.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl Default for WorkerConfig {
@@ -40,6 +47,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             coordinator: String::new(),
             token: String::new(),
+            metrics_token: None,
             tls: TlsFiles::default(),
             name: None,
             slots: None,
@@ -50,6 +58,7 @@ impl Default for WorkerConfig {
             port_range: (29500, 29999),
             grace: Duration::from_secs(10),
             rank_program: PathBuf::from("gantry"),
+            env: Vec::new(),
         }
     }
 }
@@ -73,6 +82,9 @@ impl WorkerConfig {
             );
         }
         AddToken::new(&self.token)?;
+        if let Err(e) = MetricsAccess::new(self.metrics_token.as_deref()) {
+            return bad("metrics_token", &e.to_string());
+        }
         if self.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             return bad("name", "the worker name is empty");
         }
@@ -235,5 +247,12 @@ mod tests {
             ..TlsFiles::default()
         };
         assert_eq!(field(WorkerConfig { tls, ..good() }), "tls");
+        assert_eq!(
+            field(WorkerConfig {
+                metrics_token: Some(String::new()),
+                ..good()
+            }),
+            "metrics_token"
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::supervisor::{Event, LiveRanks, Supervisor, SupervisorConfig};
 use gantry_coordinator::auth::{self, AddToken};
 use gantry_coordinator::proto::cluster_client::ClusterClient;
 use gantry_coordinator::proto::{HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, WorkerResources};
+use gantry_coordinator::server::MetricsAccess;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -81,7 +82,19 @@ pub async fn start(mut config: WorkerConfig) -> Result<Worker, WorkerError> {
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(LiveRanks::default());
     let logs = LogService::new(config.state_dir.clone(), live.clone());
-    let server = server::bind(&config.listen, &config.token, &config.tls, logs, metrics.clone()).await?;
+    let access = MetricsAccess::new(config.metrics_token.as_deref()).map_err(|e| WorkerError::Config {
+        field: "metrics_token",
+        reason: e.to_string(),
+    })?;
+    let server = server::bind(
+        &config.listen,
+        &config.token,
+        &config.tls,
+        logs,
+        metrics.clone(),
+        access,
+    )
+    .await?;
     let bound = server.local_addr();
 
     let gpus = tokio::task::spawn_blocking(resources::detect_gpus)
@@ -106,6 +119,7 @@ pub async fn start(mut config: WorkerConfig) -> Result<Worker, WorkerError> {
         rank_program: config.rank_program.clone(),
         has_gpus: !resources.gpus.is_empty(),
         advertise_host: config.advertise_address.clone(),
+        env: config.env.clone().into(),
     };
     let supervisor = Supervisor::new(
         SupervisorConfig {

@@ -8,12 +8,16 @@
 
 use crate::error::StartError;
 use crate::reconcile::RankKey;
+use crate::scrub;
 use gantry_coordinator::proto::{RankAssignment, job_program};
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// `<state_dir>/jobs/<job>/attempt-<attempt>`: the rank's working files and, for commands
@@ -46,51 +50,60 @@ pub struct LaunchContext {
     /// Passed as `GANTRY_ADVERTISE_HOST` (the address peers reach ranks at) when the worker
     /// was told its address explicitly; otherwise ranks find their route themselves.
     pub advertise_host: Option<String>,
+    /// The environment ranks start from: the worker's own, as the binary read it at start.
+    /// Secrets are removed from it for every rank ([`rank_env`]).
+    pub env: Arc<[(OsString, OsString)]>,
 }
 
-/// The environment a rank gets on top of the worker's own. `parent` looks up the worker's
-/// environment (a parameter so tests need not change the process environment).
-pub fn rank_env(
-    a: &RankAssignment,
-    ctx: &LaunchContext,
-    parent: &dyn Fn(&str) -> Option<String>,
-) -> Vec<(String, String)> {
+/// The complete environment of a rank: what it inherits from `ctx.env` (the worker's own
+/// environment) minus secrets ([`crate::scrub`]; the job's [`scrub::ENV_PASS`] keeps the ones
+/// it names), then torchrun's and gantry's variables, then the job's own `env`.
+///
+/// Gantry's variables replace inherited ones of the same name; `GANTRY_LOG`,
+/// `OMP_WAIT_POLICY` (training ranks) and `GANTRY_ADVERTISE_HOST` are only defaults, so the
+/// worker's own settings win; the job's `env` wins over everything.
+pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsString)> {
     let key = RankKey {
         job: a.job,
         attempt: a.attempt,
         rank: a.rank,
     };
-    let mut env: Vec<(String, String)> = vec![
-        ("RANK".into(), a.rank.to_string()),
-        ("LOCAL_RANK".into(), a.local_rank.to_string()),
-        ("WORLD_SIZE".into(), a.world_size.to_string()),
-        ("LOCAL_WORLD_SIZE".into(), a.local_world_size.to_string()),
-        ("MASTER_ADDR".into(), a.master_addr.clone()),
-        ("MASTER_PORT".into(), a.master_port.to_string()),
-        // torchelastic counts restarts from 0; gantry counts attempts from 1.
-        (
-            "TORCHELASTIC_RESTART_COUNT".into(),
-            a.attempt.saturating_sub(1).to_string(),
-        ),
-        ("TORCHELASTIC_RUN_ID".into(), format!("gantry-{}", a.job)),
-        ("GANTRY_JOB_ID".into(), a.job.to_string()),
-        ("GANTRY_JOB_NAME".into(), a.job_name.clone()),
-        ("GANTRY_ATTEMPT".into(), a.attempt.to_string()),
-        (
-            "GANTRY_PROGRESS_FILE".into(),
-            progress_path(&ctx.state_dir, key).display().to_string(),
-        ),
-    ];
-    if let Some(visible) = visible_devices(&a.gpus, ctx.has_gpus, parent("CUDA_VISIBLE_DEVICES").as_deref()) {
-        env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
+    let pass = a
+        .env
+        .get(scrub::ENV_PASS)
+        .map(|l| scrub::parse_pass(l))
+        .unwrap_or_default();
+    let mut env: BTreeMap<OsString, OsString> = scrub::inherited(ctx.env.iter().cloned(), &pass).into_iter().collect();
+    let parent_visible = env.get(OsStr::new("CUDA_VISIBLE_DEVICES")).cloned();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.into(), v.into());
+    };
+    set("RANK", a.rank.to_string());
+    set("LOCAL_RANK", a.local_rank.to_string());
+    set("WORLD_SIZE", a.world_size.to_string());
+    set("LOCAL_WORLD_SIZE", a.local_world_size.to_string());
+    set("MASTER_ADDR", a.master_addr.clone());
+    set("MASTER_PORT", a.master_port.to_string());
+    // torchelastic counts restarts from 0; gantry counts attempts from 1.
+    set("TORCHELASTIC_RESTART_COUNT", a.attempt.saturating_sub(1).to_string());
+    set("TORCHELASTIC_RUN_ID", format!("gantry-{}", a.job));
+    set("GANTRY_JOB_ID", a.job.to_string());
+    set("GANTRY_JOB_NAME", a.job_name.clone());
+    set("GANTRY_ATTEMPT", a.attempt.to_string());
+    set(
+        "GANTRY_PROGRESS_FILE",
+        progress_path(&ctx.state_dir, key).display().to_string(),
+    );
+    let parent_visible = parent_visible.as_deref().and_then(OsStr::to_str);
+    if let Some(visible) = visible_devices(&a.gpus, ctx.has_gpus, parent_visible) {
+        set("CUDA_VISIBLE_DEVICES", visible);
     }
-    if parent("GANTRY_LOG").is_none() {
-        env.push(("GANTRY_LOG".into(), "info".into()));
-    }
-    if let Some(host) = &ctx.advertise_host
-        && parent("GANTRY_ADVERTISE_HOST").is_none()
-    {
-        env.push(("GANTRY_ADVERTISE_HOST".into(), host.clone()));
+    let mut default = |k: &str, v: &str| {
+        env.entry(k.into()).or_insert_with(|| v.into());
+    };
+    default("GANTRY_LOG", "info");
+    if let Some(host) = &ctx.advertise_host {
+        default("GANTRY_ADVERTISE_HOST", host);
     }
     let is_train = matches!(
         a.program.as_ref().and_then(|p| p.kind.as_ref()),
@@ -98,14 +111,14 @@ pub fn rank_env(
     );
     // libgomp's threads spin while waiting for work; with several ranks per host they steal
     // the cores the others need (see launch/src/train.rs). Sleep instead, unless the user chose.
-    if is_train && parent("OMP_WAIT_POLICY").is_none() && !a.env.contains_key("OMP_WAIT_POLICY") {
-        env.push(("OMP_WAIT_POLICY".into(), "PASSIVE".into()));
+    if is_train {
+        default("OMP_WAIT_POLICY", "PASSIVE");
     }
-    // The job's own variables last, so they win over gantry's defaults.
-    let mut own: Vec<(&String, &String)> = a.env.iter().collect();
-    own.sort();
-    env.extend(own.into_iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
+    // The job's own variables last, so they win over gantry's and the worker's.
+    for (k, v) in &a.env {
+        env.insert(k.into(), v.into());
+    }
+    env.into_iter().collect()
 }
 
 /// `CUDA_VISIBLE_DEVICES` for a rank given GPU indices `gpus` as this worker numbers them.
@@ -245,7 +258,8 @@ fn prepare(key: RankKey, a: &RankAssignment, ctx: &LaunchContext) -> Result<(Com
             (cmd, program.clone())
         }
     };
-    cmd.envs(rank_env(a, ctx, &|k| std::env::var(k).ok()));
+    // Nothing inherited implicitly: the daemon's secrets must not reach the job.
+    cmd.env_clear().envs(rank_env(a, ctx));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
@@ -288,11 +302,16 @@ mod tests {
     use gantry_coordinator::proto::{CommandProgram, JobProgram};
 
     fn ctx(has_gpus: bool) -> LaunchContext {
+        with_env(has_gpus, &[])
+    }
+
+    fn with_env(has_gpus: bool, env: &[(&str, &str)]) -> LaunchContext {
         LaunchContext {
             state_dir: PathBuf::from("/state"),
             rank_program: PathBuf::from("gantry"),
             has_gpus,
             advertise_host: None,
+            env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
         }
     }
 
@@ -325,13 +344,15 @@ mod tests {
         }
     }
 
-    fn get(env: &[(String, String)], k: &str) -> Option<String> {
-        env.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone())
+    fn get(env: &[(OsString, OsString)], k: &str) -> Option<String> {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.to_string_lossy().into_owned())
     }
 
     #[test]
     fn torchrun_and_gantry_variables() {
-        let env = rank_env(&assignment(vec![], false), &ctx(false), &|_| None);
+        let env = rank_env(&assignment(vec![], false), &ctx(false));
         let want = [
             ("RANK", "5"),
             ("LOCAL_RANK", "1"),
@@ -351,6 +372,8 @@ mod tests {
         for (k, v) in want {
             assert_eq!(get(&env, k).as_deref(), Some(v), "{k}");
         }
+        // Nothing else: an empty worker environment gives nothing more.
+        assert_eq!(env.len(), want.len(), "{env:?}");
         // No GPUs anywhere: leave CUDA_VISIBLE_DEVICES alone; commands get no OMP policy.
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES"), None);
         assert_eq!(get(&env, "OMP_WAIT_POLICY"), None);
@@ -359,31 +382,93 @@ mod tests {
 
     #[test]
     fn the_workers_own_settings_win() {
-        let parent = |k: &str| match k {
-            "GANTRY_LOG" => Some("debug".to_string()),
-            "OMP_WAIT_POLICY" => Some("ACTIVE".to_string()),
-            "GANTRY_ADVERTISE_HOST" => Some("10.9.9.9".to_string()),
-            _ => None,
-        };
-        let mut c = ctx(false);
+        let mut c = with_env(
+            false,
+            &[
+                ("GANTRY_LOG", "debug"),
+                ("OMP_WAIT_POLICY", "ACTIVE"),
+                ("GANTRY_ADVERTISE_HOST", "10.9.9.9"),
+            ],
+        );
         c.advertise_host = Some("10.0.0.1".into());
-        let env = rank_env(&assignment(vec![], true), &c, &parent);
-        assert_eq!(get(&env, "GANTRY_LOG"), None, "inherited, not overridden");
-        assert_eq!(get(&env, "OMP_WAIT_POLICY"), None);
-        assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST"), None);
-        let env = rank_env(&assignment(vec![], true), &c, &|_| None);
+        let env = rank_env(&assignment(vec![], true), &c);
+        assert_eq!(
+            get(&env, "GANTRY_LOG").as_deref(),
+            Some("debug"),
+            "inherited, not overridden"
+        );
+        assert_eq!(get(&env, "OMP_WAIT_POLICY").as_deref(), Some("ACTIVE"));
+        assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST").as_deref(), Some("10.9.9.9"));
+        c.env = Arc::from([]);
+        let env = rank_env(&assignment(vec![], true), &c);
         assert_eq!(get(&env, "OMP_WAIT_POLICY").as_deref(), Some("PASSIVE"));
         assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST").as_deref(), Some("10.0.0.1"));
     }
 
     #[test]
+    fn inherited_variables_without_secrets() {
+        let c = with_env(
+            false,
+            &[
+                ("PATH", "/usr/bin"),
+                ("NCCL_DEBUG", "INFO"),
+                ("RANK", "99"),
+                ("GANTRY_TOKEN", "cluster-secret"),
+                ("GANTRY_TOKEN_FILE", "/etc/gantry/token"),
+                ("GANTRY_METRICS_TOKEN", "scrape-secret"),
+                ("GANTRY_REGISTRY_TOKEN", "registry-secret"),
+                ("AWS_ACCESS_KEY_ID", "AKIA"),
+                ("AWS_SECRET_ACCESS_KEY", "aws-secret"),
+                ("AWS_SESSION_TOKEN", "aws-session"),
+            ],
+        );
+        let mut a = assignment(vec![], false);
+        let env = rank_env(&a, &c);
+        assert_eq!(get(&env, "PATH").as_deref(), Some("/usr/bin"));
+        assert_eq!(get(&env, "NCCL_DEBUG").as_deref(), Some("INFO"));
+        assert_eq!(
+            get(&env, "RANK").as_deref(),
+            Some("5"),
+            "gantry's own replaces the worker's"
+        );
+        for secret in [
+            "GANTRY_TOKEN",
+            "GANTRY_TOKEN_FILE",
+            "GANTRY_METRICS_TOKEN",
+            "GANTRY_REGISTRY_TOKEN",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
+            assert_eq!(get(&env, secret), None, "{secret} reached the rank");
+        }
+        // The job asks for the AWS key pair by name: those two pass, nothing else does.
+        a.env.insert(
+            scrub::ENV_PASS.into(),
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY".into(),
+        );
+        let env = rank_env(&a, &c);
+        assert_eq!(get(&env, "AWS_ACCESS_KEY_ID").as_deref(), Some("AKIA"));
+        assert_eq!(get(&env, "AWS_SECRET_ACCESS_KEY").as_deref(), Some("aws-secret"));
+        assert_eq!(get(&env, "AWS_SESSION_TOKEN"), None);
+        assert_eq!(get(&env, "GANTRY_TOKEN"), None);
+        // A value the job sets itself is the job's, secret-looking name or not.
+        a.env.insert("HF_TOKEN".into(), "the-jobs-own".into());
+        let env = rank_env(&a, &c);
+        assert_eq!(get(&env, "HF_TOKEN").as_deref(), Some("the-jobs-own"));
+    }
+
+    #[test]
     fn cuda_visible_devices() {
-        let env = rank_env(&assignment(vec![2, 3], false), &ctx(true), &|_| None);
+        let env = rank_env(&assignment(vec![2, 3], false), &ctx(true));
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some("2,3"));
         // A CPU rank on a GPU worker sees no GPU.
-        let env = rank_env(&assignment(vec![], false), &ctx(true), &|_| None);
+        let env = rank_env(&assignment(vec![], false), &ctx(true));
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some(""));
         // The worker itself runs under a mask: index i is the i-th visible device.
+        let masked = with_env(true, &[("CUDA_VISIBLE_DEVICES", "4,6")]);
+        let env = rank_env(&assignment(vec![1], false), &masked);
+        assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some("6"));
         assert_eq!(visible_devices(&[0, 1], true, Some("4, 6")).as_deref(), Some("4,6"));
         assert_eq!(
             visible_devices(&[1], true, Some("GPU-aa,GPU-bb")).as_deref(),

@@ -16,8 +16,9 @@
 //!   start, stop and forget. A (job, attempt, rank) starts at most once; an exited rank stays
 //!   reported while it is desired, so a restarted coordinator learns about exits it missed.
 //! - **Supervise** ([`supervisor`], [`launch`]): each rank runs in its own process group
-//!   with `PR_SET_PDEATHSIG=SIGKILL` (ranks die with their worker), torchrun-compatible and
-//!   gantry environment variables, stdout and stderr appended to
+//!   with `PR_SET_PDEATHSIG=SIGKILL` (ranks die with their worker), the worker's environment
+//!   without its secrets plus torchrun-compatible and gantry variables, stdout and stderr
+//!   appended to
 //!   `<state_dir>/jobs/<job>/attempt-<attempt>/rank-<rank>.log`. Stopping sends SIGTERM to
 //!   the group, SIGKILL after the grace period. Exits are noticed at once and reported by an
 //!   early heartbeat. Step statistics come from the progress file the rank writes; a
@@ -35,6 +36,8 @@
 //! - [`supervisor`]: rank states, stop with grace, exit events, reports, progress files.
 //! - [`blame`]: the peer rank a failed rank's last error names.
 //! - [`launch`]: paths, the rank environment, the command line, the per-rank thread.
+//! - [`scrub`]: which of the worker's variables a rank inherits (no secrets unless the job
+//!   names them).
 //! - [`resources`]: hostname, the route to the coordinator, CPU slots, GPUs.
 //! - [`server`] and [`metrics`]: the worker's port.
 //! - [`error`]: [`WorkerError`] for the daemon, [`StartError`] for a rank that cannot start.
@@ -47,6 +50,7 @@ pub mod launch;
 pub mod metrics;
 pub mod reconcile;
 pub mod resources;
+pub mod scrub;
 pub mod server;
 pub mod supervisor;
 

@@ -1,5 +1,6 @@
 //! The worker's own port: the `WorkerLogs` gRPC service (behind the cluster token) and
-//! `GET /metrics`, one listener, TLS when the worker has a certificate and key.
+//! `GET /metrics` (behind the metrics token when one is set), one listener, TLS when the
+//! worker has a certificate and key.
 //!
 //! The CLI reads rank logs from here directly, so log bytes never pass through the
 //! coordinator. gRPC and the plain HTTP metrics endpoint share one tonic server with
@@ -10,11 +11,11 @@ use crate::launch;
 use crate::metrics::Metrics;
 use crate::reconcile::RankKey;
 use crate::supervisor::LiveRanks;
-use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
 use gantry_coordinator::auth::{RequireToken, TlsFiles};
 use gantry_coordinator::proto::worker_logs_server::{WorkerLogs, WorkerLogsServer};
 use gantry_coordinator::proto::{ReadLogReply, ReadLogRequest};
+use gantry_coordinator::server::MetricsAccess;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -139,14 +140,16 @@ pub struct BoundServer {
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
-/// Binds `listen` (e.g. `127.0.0.1:0`) and prepares the services. Fails on a bad address,
-/// a port in use, or unreadable TLS files.
+/// Binds `listen` (e.g. `127.0.0.1:0`) and prepares the services: the log service behind
+/// the cluster `token`, `/metrics` as `access` allows. Fails on a bad address, a port in
+/// use, or unreadable TLS files.
 pub async fn bind(
     listen: &str,
     token: &str,
     tls: &TlsFiles,
     logs: LogService,
     metrics: Arc<Metrics>,
+    access: MetricsAccess,
 ) -> Result<BoundServer, WorkerError> {
     let tls = tls.server_config()?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -164,9 +167,9 @@ pub async fn bind(
         .into_axum_router()
         .route(
             "/metrics",
-            axum::routing::get(move || {
-                let body = metrics.render();
-                async move { ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body) }
+            axum::routing::get(move |headers: HeaderMap| {
+                let reply = access.respond(&headers, || metrics.render());
+                async move { reply }
             }),
         )
         .fallback(not_found);

@@ -10,6 +10,7 @@ use gantry_coordinator::auth::{self, AddToken, TlsFiles};
 use gantry_coordinator::proto::cluster_client::ClusterClient;
 use gantry_coordinator::proto::worker_logs_client::WorkerLogsClient;
 use gantry_coordinator::proto::{HeartbeatRequest, ReadLogRequest};
+use gantry_coordinator::server::MetricsAccess;
 use gantry_worker::launch::log_path;
 use gantry_worker::server::{self, LogService};
 use std::net::SocketAddr;
@@ -42,10 +43,21 @@ impl Running {
 }
 
 async fn serve(h: &Harness) -> Running {
+    serve_metrics(h, MetricsAccess::default()).await
+}
+
+async fn serve_metrics(h: &Harness, access: MetricsAccess) -> Running {
     let logs = LogService::new(h.state_dir(), h.live.clone());
-    let bound = server::bind("127.0.0.1:0", TOKEN, &TlsFiles::default(), logs, h.metrics.clone())
-        .await
-        .unwrap();
+    let bound = server::bind(
+        "127.0.0.1:0",
+        TOKEN,
+        &TlsFiles::default(),
+        logs,
+        h.metrics.clone(),
+        access,
+    )
+    .await
+    .unwrap();
     let addr = bound.local_addr();
     assert_ne!(addr.port(), 0, "the real port is reported");
     let (stop, stopped) = oneshot::channel::<()>();
@@ -180,8 +192,13 @@ async fn wrong_token_and_unknown_logs_are_refused() {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, "").await
+}
+
+/// A GET with `extra` header lines (each ending in CRLF).
+async fn http_get_with(addr: SocketAddr, path: &str, extra: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
@@ -223,6 +240,31 @@ async fn metrics_over_plain_http() {
 }
 
 #[tokio::test]
+async fn metrics_behind_a_metrics_token() {
+    let h = harness("server-metrics-token", Duration::from_secs(10), false);
+    let server = serve_metrics(&h, MetricsAccess::new(Some("scrape-token")).unwrap()).await;
+    for (extra, status) in [
+        ("", "401"),
+        ("Authorization: Bearer wrong\r\n", "401"),
+        // The cluster token is not the metrics token.
+        (&format!("Authorization: Bearer {TOKEN}\r\n") as &str, "401"),
+        ("Authorization: Bearer scrape-token\r\n", "200"),
+    ] {
+        let response = http_get_with(server.addr, "/metrics", extra).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{extra:?}: {response}"
+        );
+        assert_eq!(
+            response.contains("gantry_worker_ranks_running"),
+            status == "200",
+            "{extra:?}: {response}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn read_log_over_tls() {
     let h = harness("server-tls", Duration::from_secs(10), false);
     if tls::make_certs(h.dir.path()).is_none() {
@@ -238,9 +280,16 @@ async fn read_log_over_tls() {
         ..TlsFiles::default()
     };
     let logs = LogService::new(h.state_dir(), h.live.clone());
-    let bound = server::bind("127.0.0.1:0", TOKEN, &server_tls, logs, h.metrics.clone())
-        .await
-        .unwrap();
+    let bound = server::bind(
+        "127.0.0.1:0",
+        TOKEN,
+        &server_tls,
+        logs,
+        h.metrics.clone(),
+        MetricsAccess::default(),
+    )
+    .await
+    .unwrap();
     let addr = bound.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(bound.serve(async move {

@@ -111,6 +111,62 @@ async fn the_rendezvous_environment_reaches_the_rank() {
 }
 
 #[tokio::test]
+async fn the_workers_secrets_do_not_reach_the_rank() {
+    let inherited = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.into(), v.into())).collect();
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+    let worker_env = inherited(&[
+        ("PATH", path.as_str()),
+        ("GANTRY_WORKER_TEST_KEPT", "plain"),
+        ("GANTRY_TOKEN", "cluster-secret"),
+        ("GANTRY_TOKEN_FILE", "/etc/gantry/token"),
+        ("GANTRY_METRICS_TOKEN", "scrape-secret"),
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret"),
+        ("AWS_SESSION_TOKEN", "aws-session"),
+    ]);
+    let mut h = harness_with_env("env-scrub", GRACE, false, worker_env);
+    let plain = key(7, 1, 0);
+    h.supervisor.start(&shell(plain, "env > env.txt")).await;
+    wait_exit(&mut h.supervisor, plain).await;
+    let env = read(&run_dir(&h.state_dir(), 7, 1).join("env.txt"));
+    for line in [
+        "GANTRY_WORKER_TEST_KEPT=plain",
+        "RANK=0",
+        "WORLD_SIZE=2",
+        "MASTER_PORT=29611",
+    ] {
+        assert!(env.lines().any(|l| l == line), "missing `{line}` in\n{env}");
+    }
+    for secret in [
+        "cluster-secret",
+        "/etc/gantry/token",
+        "scrape-secret",
+        "AKIAEXAMPLE",
+        "aws-secret",
+        "aws-session",
+    ] {
+        assert!(!env.contains(secret), "`{secret}` reached the rank:\n{env}");
+    }
+
+    // A job that names the AWS key pair gets those two, and nothing else secret.
+    let asks = key(8, 1, 0);
+    let mut a = shell(asks, "env > env.txt");
+    a.env.insert(
+        gantry_worker::scrub::ENV_PASS.into(),
+        "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY".into(),
+    );
+    h.supervisor.start(&a).await;
+    wait_exit(&mut h.supervisor, asks).await;
+    let env = read(&run_dir(&h.state_dir(), 8, 1).join("env.txt"));
+    for line in ["AWS_ACCESS_KEY_ID=AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY=aws-secret"] {
+        assert!(env.lines().any(|l| l == line), "missing `{line}` in\n{env}");
+    }
+    for secret in ["cluster-secret", "scrape-secret", "aws-session"] {
+        assert!(!env.contains(secret), "`{secret}` reached the rank:\n{env}");
+    }
+}
+
+#[tokio::test]
 async fn stopping_a_rank_kills_its_whole_process_tree() {
     let mut h = harness("tree", GRACE, false);
     let k = key(1, 1, 0);
@@ -312,6 +368,7 @@ async fn helper_worker_process() {
         rank_program: "gantry".into(),
         has_gpus: false,
         advertise_host: None,
+        env: std::env::vars_os().collect(),
     };
     let live = std::sync::Arc::new(gantry_worker::LiveRanks::default());
     let metrics = std::sync::Arc::new(gantry_worker::metrics::Metrics::new());

@@ -25,6 +25,7 @@ async fn a_training_rank_runs_the_rank_program_with_its_spec() {
         rank_program: fake,
         has_gpus: false,
         advertise_host: None,
+        env: std::env::vars_os().collect(),
     };
     let mut sup = gantry_worker::Supervisor::new(
         gantry_worker::SupervisorConfig { launch, grace: GRACE },

@@ -6,6 +6,7 @@ use gantry_coordinator::proto::{CommandProgram, JobProgram, RankAssignment, job_
 use gantry_worker::launch::LaunchContext;
 use gantry_worker::metrics::Metrics;
 use gantry_worker::{Event, LiveRanks, RankKey, RankState, Supervisor, SupervisorConfig};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -46,12 +47,18 @@ pub struct Harness {
 }
 
 pub fn harness(tag: &str, grace: Duration, has_gpus: bool) -> Harness {
+    harness_with_env(tag, grace, has_gpus, std::env::vars_os().collect())
+}
+
+/// A harness whose ranks start from `env` instead of this test process's environment.
+pub fn harness_with_env(tag: &str, grace: Duration, has_gpus: bool, env: Vec<(OsString, OsString)>) -> Harness {
     let dir = TempDir::new(tag);
     let launch = LaunchContext {
         state_dir: dir.path().join("state"),
         rank_program: PathBuf::from("gantry"),
         has_gpus,
         advertise_host: None,
+        env: env.into(),
     };
     let live = Arc::new(LiveRanks::default());
     let metrics = Arc::new(Metrics::new());
