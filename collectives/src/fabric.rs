@@ -70,11 +70,18 @@ pub struct FabricConfig {
     pub flight_records: usize,
     /// Where flight-recorder dumps go (default: `$TMPDIR/gantry-flight`).
     pub flight_dir: PathBuf,
+    /// Flight-recorder dumps kept in `flight_dir` (the newest; each dump deletes older ones
+    /// beyond this). 0 = keep every dump.
+    pub flight_keep: usize,
     /// How long joining waits for all ranks.
     pub join_timeout: Duration,
     /// Spin, then yield, then sleep: see [`WaitPolicy`].
     pub wait: WaitPolicy,
 }
+
+/// Flight-recorder dumps a host keeps by default: a few incidents of a many-rank job (each
+/// failing rank dumps every communicator it has).
+pub const DEFAULT_FLIGHT_KEEP: usize = 256;
 
 impl Default for FabricConfig {
     fn default() -> Self {
@@ -89,6 +96,7 @@ impl Default for FabricConfig {
             segment_bytes: 256 << 10,
             flight_records: 256,
             flight_dir: std::env::temp_dir().join("gantry-flight"),
+            flight_keep: DEFAULT_FLIGHT_KEEP,
             join_timeout: Duration::from_secs(300),
             wait: WaitPolicy::default(),
         }
@@ -361,7 +369,7 @@ impl Fabric {
                 rank,
                 world,
                 store,
-                recorders: RecorderSet::new(config.flight_dir.clone()),
+                recorders: RecorderSet::new(config.flight_dir.clone(), config.flight_keep),
                 config,
                 session,
                 host: info.host,
@@ -384,7 +392,7 @@ impl Fabric {
                     rank,
                     world: n,
                     store: store.clone(),
-                    recorders: RecorderSet::new(config.flight_dir.clone()),
+                    recorders: RecorderSet::new(config.flight_dir.clone(), config.flight_keep),
                     config: FabricConfig {
                         transport: TransportChoice::Local,
                         ..config.clone()

@@ -359,6 +359,12 @@ mod tests {
         assert!(matches!(e, LayoutError::ZeroDegree { dim: Dim::Tp, .. }));
         let e = ParallelLayout::new(8, usize::MAX, 2, 1).unwrap_err();
         assert!(matches!(e, LayoutError::Overflow { .. }), "{e}");
+        // Wrapping, this product would be exactly 2: the world size it claims to match.
+        let e = ParallelLayout::new(2, 6148914691236517206, 1, 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dp (6148914691236517206) × tp (1) × pp (3) overflows usize (world size is 2)"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Flight recorder: the last N operations of each communicator, kept so that when something
 //! hangs or fails one can see what every rank was doing. Dumped as JSON on any collective
-//! error and, for every live communicator of the process, on SIGUSR1.
+//! error and, for every live communicator of the process, on SIGUSR1. The dump directory is
+//! per host (`$TMPDIR/gantry-flight` by default) and keeps the newest
+//! [`FabricConfig::flight_keep`](crate::FabricConfig::flight_keep) dumps: every dump prunes
+//! the older ones, so a host that fails often does not fill its disk.
 
 use crate::dtype::DType;
 use crate::header::OpKind;
@@ -151,23 +154,73 @@ impl FlightRecorder {
     }
 }
 
-/// All recorders of a process, for the SIGUSR1 dump.
+/// Whether `name` is a dump [`FlightRecorder::dump_to`] writes (not its temporary file).
+fn is_dump(name: &str) -> bool {
+    name.starts_with("flight-") && name.ends_with(".json")
+}
+
+/// Keep the newest `keep` flight dumps (`flight-*.json`) in `dir` and delete the others;
+/// `keep = 0` keeps everything. Other files are left alone. Ranks of one host pruning at the
+/// same time may race to delete a file: one that is already gone is not an error. Returns the
+/// files deleted.
+pub fn prune_dumps(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let mut dumps: Vec<(SystemTime, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_name().to_str().is_some_and(is_dump) {
+            continue;
+        }
+        // A file deleted by another rank since the listing is simply not counted.
+        if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+            dumps.push((modified, entry.path()));
+        }
+    }
+    // Newest first (ties by name, so every rank agrees on the order).
+    dumps.sort_unstable_by(|a, b| b.cmp(a));
+    let mut deleted = Vec::new();
+    for (_, path) in dumps.into_iter().skip(keep) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => deleted.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// All recorders of a process, for the SIGUSR1 dump, and where dumps go.
 #[derive(Clone)]
 pub struct RecorderSet {
     dir: PathBuf,
+    keep: usize,
     live: Arc<Mutex<Vec<Weak<FlightRecorder>>>>,
 }
 
 impl RecorderSet {
-    pub fn new(dir: PathBuf) -> RecorderSet {
+    /// Dumps go to `dir`, which keeps the newest `keep` of them (0 = all).
+    pub fn new(dir: PathBuf, keep: usize) -> RecorderSet {
         RecorderSet {
             dir,
+            keep,
             live: Arc::default(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Write `rec`'s dump into the directory, then prune the directory to the newest `keep`
+    /// dumps (a failed prune is logged: the dump itself was written).
+    pub fn dump(&self, rec: &FlightRecorder) -> std::io::Result<PathBuf> {
+        let path = rec.dump_to(&self.dir)?;
+        if let Err(e) = prune_dumps(&self.dir, self.keep) {
+            tracing::warn!(dir = %self.dir.display(), "pruning old flight recorder dumps failed: {e}");
+        }
+        Ok(path)
     }
 
     pub fn register(&self, rec: &Arc<FlightRecorder>) {
@@ -186,7 +239,7 @@ impl RecorderSet {
             .filter_map(Weak::upgrade)
             .collect();
         live.iter()
-            .filter_map(|r| match r.dump_to(&self.dir) {
+            .filter_map(|r| match self.dump(r) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     tracing::error!("flight recorder dump failed: {e}");
@@ -210,5 +263,73 @@ impl RecorderSet {
                 }
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gantry-recorder-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Dumps named `flight-{i}.json`, the higher `i` the newer.
+    fn dumps(dir: &Path, n: u64) {
+        let base = SystemTime::now() - Duration::from_secs(3600);
+        for i in 0..n {
+            let path = dir.join(format!("flight-{i}.json"));
+            std::fs::write(&path, "{}").unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(base + Duration::from_secs(i)).unwrap();
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_dumps_and_nothing_else_is_touched() {
+        let dir = scratch("prune");
+        dumps(&dir, 6);
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        std::fs::write(dir.join("flight-9.json.tmp"), "half").unwrap();
+        let deleted = prune_dumps(&dir, 2).unwrap();
+        assert_eq!(deleted.len(), 4);
+        assert_eq!(
+            names(&dir),
+            ["flight-4.json", "flight-5.json", "flight-9.json.tmp", "notes.txt"]
+        );
+        // keep = 0 keeps everything; keeping more than there are deletes nothing.
+        assert!(prune_dumps(&dir, 0).unwrap().is_empty());
+        assert!(prune_dumps(&dir, 10).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_dump_prunes_the_directory_to_keep() {
+        let dir = scratch("dump");
+        dumps(&dir, 5);
+        let set = RecorderSet::new(dir.clone(), 3);
+        let rec = Arc::new(FlightRecorder::new("world".into(), 1, 4));
+        set.register(&rec);
+        let path = set.dump(&rec).unwrap();
+        let left = names(&dir);
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(path.exists(), "the new dump is the newest: never pruned");
+        assert!(left.contains(&"flight-4.json".to_string()) && left.contains(&"flight-3.json".to_string()));
+        assert_eq!(set.dump_all(), vec![path.clone()]);
+        assert_eq!(names(&dir).len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -120,7 +120,7 @@ fn eval_rank(
         let resp = api.send(api.request(reqwest::Method::GET, &path)).await?;
         Ok::<_, anyhow::Error>(resp.bytes().await?)
     })?;
-    let model = Model::whole_for_loading(&spec, tp, rank, gantry_train::tch::Device::Cpu);
+    let model = Model::whole_for_loading(&spec, tp, rank, gantry_train::tch::Device::Cpu)?;
     weights::load_from_safetensors(&model, &bytes)
         .with_context(|| format!("{}@{} TP share {rank}/{tp}", v.model, v.version))?;
     tracing::info!(

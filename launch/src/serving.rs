@@ -62,7 +62,7 @@ impl ModelLoader for TchLoader {
         let ckpt = Store::open(&v.checkpoint_url, s3)
             .and_then(|store| Checkpoint::open(&store, Which::Step(v.step)))
             .map_err(|e| e.to_string())?;
-        let model = Model::whole_for_loading(&spec, 1, 0, gantry_train::tch::Device::Cpu);
+        let model = Model::whole_for_loading(&spec, 1, 0, gantry_train::tch::Device::Cpu).map_err(|e| e.to_string())?;
         weights::load_from_checkpoint(&model, &ckpt).map_err(|e| e.to_string())?;
         let codec = weights::tokenizer_from_checkpoint(&ckpt)
             .map_err(|e| e.to_string())?

@@ -294,6 +294,7 @@ fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
 /// `gantry launch JOB.toml --local N`.
 fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Result<ExitCode> {
     let spec = resolve_spec(spec_path, &spec_overrides(args), local)?;
+    spec.check_memory(machine_share(local))?;
     check_dataset(&spec, args.json)?;
     let run_dir = match &args.run_dir {
         Some(d) => d.clone(),
@@ -441,7 +442,15 @@ fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
         s.steps,
         wall.as_secs_f64()
     );
-    println!("  final train loss   {:.4}", s.final_loss);
+    let Some(loss) = s.final_loss else {
+        // No step ran: no loss, throughput or metrics to report.
+        println!(
+            "  nothing trained: the run resumed at step {}, where it ends (train.steps / train.stop_after)",
+            s.steps
+        );
+        return;
+    };
+    println!("  final train loss   {loss:.4}");
     match (s.val_loss, s.entropy_floor) {
         (Some(v), Some(h)) => {
             println!("  validation loss    {v:.4}");
@@ -677,10 +686,19 @@ fn run_rank(spec: &JobSpec, run_dir: &Path, boot: &Bootstrap) -> anyhow::Result<
         gantry_train::tch::set_num_threads(spec.train.threads as i32);
         gantry_train::tch::set_num_interop_threads(1);
     }
+    // Before anything is built or joined (a worker's spec reaches here unvalidated): the
+    // deadline must become a Duration, the sizes must fit this host's share of memory.
+    spec.validate(boot.world)?;
+    spec.check_memory(machine_share(boot.local_world))?;
     let mut config = FabricConfig::default()
         .with_env()
         .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;
     config.timeout = Duration::from_secs_f64(spec.parallel.timeout_s);
+    if let Some(keep) = std::env::var("GANTRY_FLIGHT_KEEP").ok().filter(|v| !v.is_empty()) {
+        config.flight_keep = keep
+            .parse()
+            .with_context(|| format!("GANTRY_FLIGHT_KEEP=`{keep}` is not a number of dumps"))?;
+    }
     let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
     let rank = fabric.rank();
     let mut registry = if rank == 0 {
@@ -707,6 +725,13 @@ fn run_rank(spec: &JobSpec, run_dir: &Path, boot: &Bootstrap) -> anyhow::Result<
         .and_then(|m| m.entropy_nats_per_token);
     write_atomically(&run_dir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(Some(summary))
+}
+
+/// This host's memory (`MemTotal` of /proc/meminfo) divided among its `ranks` ranks: the
+/// default memory limit of each (`train.max_memory_gib = 0`); `None` where it cannot be read.
+fn machine_share(ranks: usize) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    Some(gantry_train::spec::mem_total_bytes(&text)? / ranks.max(1) as u64)
 }
 
 /// Write `<path>.tmp`, then rename: a reader never sees half a file.

@@ -1,6 +1,8 @@
 //! `gantry rank --resume-auto` (how a worker restarts a job's ranks): with an empty checkpoint
 //! directory it starts at step 0; after a checkpointed run it resumes from the newest
 //! committed step, here on a different data-parallel size set with `--set`.
+//! Resuming a checkpoint past the run's end is refused, at its end trains nothing (and prints
+//! no loss); absurd numbers are refused before any rank starts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -141,5 +143,116 @@ fn resume_values_are_checked_by_name() {
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(msg.contains("checkpoint.resume") && msg.contains("`auto`"), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `gantry launch --local 1` of the test spec with `args`.
+fn launch(spec: &Path, run: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(GANTRY)
+        .arg("launch")
+        .arg(spec)
+        .args(["--local", "1", "--run-dir"])
+        .arg(run)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn resuming_past_the_end_is_refused_and_at_the_end_trains_nothing() {
+    let dir = common::tempdir("resume-auto", "past-end");
+    let spec = common::synth_job(&dir, SPEC, 200_000, 9);
+    let ckpt = dir.join("ckpt");
+    let ckpt_arg = ckpt.to_str().unwrap();
+    let out = launch(
+        &spec,
+        &dir.join("first"),
+        &["--checkpoint-dir", ckpt_arg, "--set", "train.stop_after=2"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(ckpt.join("step-00000002/manifest.json").exists(), "step 2 committed");
+
+    // A step-2 checkpoint and a run of 1 step: refused, nothing trained, no loss printed.
+    let past = dir.join("past");
+    let out = launch(
+        &spec,
+        &past,
+        &[
+            "--checkpoint-dir",
+            ckpt_arg,
+            "--resume",
+            "latest",
+            "--set",
+            "train.steps=1",
+        ],
+    );
+    let msg = text(&out);
+    assert!(!out.status.success(), "{msg}");
+    assert!(
+        msg.contains("the checkpoint is at step 2, past the end of this run (train.steps = 1)"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("final train loss") && !past.join("summary.json").exists(),
+        "{msg}"
+    );
+
+    // At the end already: nothing to do, said so, and no loss that was not measured.
+    let at_end = dir.join("at-end");
+    let out = launch(
+        &spec,
+        &at_end,
+        &[
+            "--checkpoint-dir",
+            ckpt_arg,
+            "--resume",
+            "latest",
+            "--set",
+            "train.steps=2",
+        ],
+    );
+    let msg = text(&out);
+    assert!(out.status.success(), "{msg}");
+    assert!(msg.contains("nothing trained: the run resumed at step 2"), "{msg}");
+    assert!(!msg.contains("final train loss"), "{msg}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(at_end.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (summary["steps"].as_u64(), summary["final_loss"].is_null()),
+        (Some(2), true)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn absurd_numbers_are_refused_before_any_rank_starts() {
+    let dir = common::tempdir("resume-auto", "absurd");
+    let spec = common::synth_job(&dir, SPEC, 20_000, 9);
+    for (set, want) in [
+        (
+            "parallel.timeout_s=inf",
+            "`parallel.timeout_s`: inf is not a number of seconds",
+        ),
+        (
+            "checkpoint.commit_timeout_s=1e300",
+            "`checkpoint.commit_timeout_s`: 1e300 is not a number of seconds",
+        ),
+        // No explicit limit: this machine's memory, shared by its one rank.
+        (
+            "model.n_layers=1000000000000",
+            "this machine's memory divided among its ranks",
+        ),
+        ("model.seq_len=1000000000", "seq_len 1000000000"),
+    ] {
+        let run = dir.join("run");
+        let out = launch(&spec, &run, &["--set", set]);
+        let msg = text(&out);
+        assert!(!out.status.success(), "{set}: {msg}");
+        assert!(msg.contains(want), "{set}: {msg}");
+        assert!(
+            !run.join("logs").exists(),
+            "{set}: refused before the run directory is made"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -127,7 +127,7 @@ fn trainer_greedy(ckpt_root: &Path, step: u64, prompt: &[u64], n: usize) -> Vec<
     let store = Store::open(ckpt_root.to_str().unwrap(), &S3Options::default()).unwrap();
     let ckpt = Checkpoint::open(&store, Which::Step(step)).unwrap();
     let spec: ModelSpec = serde_json::from_value(ckpt.manifest.job.model.clone()).unwrap();
-    let model = Model::whole_for_loading(&spec, 1, 0, tch::Device::Cpu);
+    let model = Model::whole_for_loading(&spec, 1, 0, tch::Device::Cpu).unwrap();
     weights::load_from_checkpoint(&model, &ckpt).unwrap();
     let mut tp = TensorComm::new(None, CommClock::default());
     let mut seq: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();

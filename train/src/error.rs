@@ -21,8 +21,21 @@ pub enum TrainError {
     Checkpoint(#[from] gantry_checkpoint::CheckpointError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// libtorch could not create a parameter (or a table) while the model was built.
+    #[error("building the model: tensor `{tensor}` of shape {shape:?}: libtorch: {source}")]
+    ModelBuild {
+        tensor: String,
+        shape: Vec<i64>,
+        source: tch::TchError,
+    },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// `checkpoint.resume` found a checkpoint past the step this run ends at.
+    #[error(
+        "checkpoint.resume: the checkpoint is at step {step}, past the end of this run ({field} = {end}); \
+         nothing was trained. Raise {field} above {step} to train on from it, or resume an earlier step"
+    )]
+    ResumedPastEnd { step: u64, end: u64, field: &'static str },
     #[error("rank {rank}: loss is not finite at step {step} ({loss})")]
     NonFiniteLoss { rank: usize, step: u64, loss: f64 },
     #[error("rank {rank}: the data-parallel gradient thread failed: {message}")]

@@ -103,7 +103,8 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, TrainError> {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     pub steps: u64,
-    pub final_loss: f64,
+    /// The last step's training loss; `None` when no step ran (a run resumed at its end).
+    pub final_loss: Option<f64>,
     pub val_loss: Option<f64>,
     /// The data's entropy rate (synthetic data): the best achievable loss.
     pub entropy_floor: Option<f64>,

@@ -29,7 +29,7 @@ pub(crate) struct Norm {
 }
 
 impl Norm {
-    fn new(ps: &mut ParamStore, m: &ModelSpec, prefix: &str) -> Norm {
+    fn new(ps: &mut ParamStore, m: &ModelSpec, prefix: &str) -> Result<Norm, TrainError> {
         let weight = ps.add(NewParam {
             name: &format!("{prefix}.weight"),
             global_shape: &[m.d_model as i64],
@@ -37,18 +37,19 @@ impl Norm {
             init: Init::Ones,
             decay: false,
             tied_copy: false,
-        });
-        let bias = (m.arch == Arch::Gpt2).then(|| {
-            ps.add(NewParam {
+        })?;
+        let bias = match m.arch {
+            Arch::Gpt2 => Some(ps.add(NewParam {
                 name: &format!("{prefix}.bias"),
                 global_shape: &[m.d_model as i64],
                 split: None,
                 init: Init::Zeros,
                 decay: false,
                 tied_copy: false,
-            })
-        });
-        Norm { weight, bias }
+            })?),
+            Arch::Llama => None,
+        };
+        Ok(Norm { weight, bias })
     }
 
     pub(crate) fn apply(&self, ps: &ParamStore, x: &Tensor, eps: f64) -> Tensor {
@@ -121,8 +122,189 @@ pub struct Model {
 /// A TP slice: (dimension, parts, part).
 type Split = Option<(usize, i64, i64)>;
 
+/// Creates one stage's units into a [`ParamStore`], sliced for TP rank `r` of `tp`.
+struct Builder<'a> {
+    m: &'a ModelSpec,
+    tp: i64,
+    r: i64,
+    shard: VocabShard,
+    normal: Init,
+    out: Init,
+    gpt: bool,
+}
+
+impl<'a> Builder<'a> {
+    fn new(m: &'a ModelSpec, tp: usize, tp_rank: usize) -> Builder<'a> {
+        let (tp, r, v) = (tp as i64, tp_rank as i64, m.vocab_size as i64);
+        Builder {
+            m,
+            tp,
+            r,
+            shard: VocabShard {
+                lo: r * (v / tp),
+                len: v / tp,
+            },
+            normal: Init::Normal { std: m.init_std },
+            out: Init::Normal {
+                std: m.init_std / (2.0 * m.n_layers as f64).sqrt(),
+            },
+            gpt: m.arch == Arch::Gpt2,
+        }
+    }
+
+    fn split(&self, dim: usize) -> Split {
+        Some((dim, self.tp, self.r))
+    }
+
+    fn dims(&self) -> (i64, i64, i64, i64) {
+        let m = self.m;
+        (m.d_model as i64, m.vocab_size as i64, m.ffn() as i64, m.seq_len as i64)
+    }
+
+    fn add(
+        &self,
+        ps: &mut ParamStore,
+        name: &str,
+        shape: &[i64],
+        split: Split,
+        init: Init,
+        decay: bool,
+    ) -> Result<ParamId, TrainError> {
+        ps.add(NewParam {
+            name,
+            global_shape: shape,
+            split,
+            init,
+            decay,
+            tied_copy: false,
+        })
+    }
+
+    fn embed(&self, ps: &mut ParamStore) -> Result<Embed, TrainError> {
+        let (d, v, _, t) = self.dims();
+        let wte = self.add(ps, "embed.wte", &[v, d], self.split(0), self.normal, true)?;
+        let wpe = match self.gpt {
+            true => Some(self.add(ps, "embed.wpe", &[t, d], None, self.normal, true)?),
+            false => None,
+        };
+        Ok(Embed {
+            wte,
+            wpe,
+            shard: self.shard,
+        })
+    }
+
+    /// A bias of `shape` (gpt2 only): zeros, no weight decay.
+    fn bias(
+        &self,
+        ps: &mut ParamStore,
+        name: &str,
+        shape: &[i64],
+        split: Split,
+    ) -> Result<Option<ParamId>, TrainError> {
+        match self.gpt {
+            true => Ok(Some(self.add(ps, name, shape, split, Init::Zeros, false)?)),
+            false => Ok(None),
+        }
+    }
+
+    fn attention(&self, ps: &mut ParamStore, l: usize) -> Result<Attention, TrainError> {
+        let (d, _, _, t) = self.dims();
+        let p = format!("layers.{l}.attn");
+        let norm = Norm::new(ps, self.m, &format!("{p}.norm"))?;
+        let qkv = self.add(
+            ps,
+            &format!("{p}.qkv.weight"),
+            &[3, d, d],
+            self.split(1),
+            self.normal,
+            true,
+        )?;
+        let qkv_bias = self.bias(ps, &format!("{p}.qkv.bias"), &[3, d], self.split(1))?;
+        let out = self.add(ps, &format!("{p}.out.weight"), &[d, d], self.split(1), self.out, true)?;
+        let out_bias = self.bias(ps, &format!("{p}.out.bias"), &[d], None)?;
+        let head_dim = self.m.head_dim() as i64;
+        // A meta store (parameter layouts) allocates nothing, so it gets no rotary tables.
+        let rope = match !self.gpt && !ps.is_meta() {
+            true => Some(
+                rope_tables(t, head_dim, self.m.rope_theta, ps.device()).map_err(|source| TrainError::ModelBuild {
+                    tensor: format!("{p}.rope"),
+                    shape: vec![t, head_dim / 2],
+                    source,
+                })?,
+            ),
+            false => None,
+        };
+        Ok(Attention {
+            norm,
+            qkv,
+            qkv_bias,
+            out,
+            out_bias,
+            heads: self.m.n_heads as i64 / self.tp,
+            head_dim,
+            rope,
+        })
+    }
+
+    fn mlp(&self, ps: &mut ParamStore, l: usize) -> Result<Mlp, TrainError> {
+        let (d, _, f, _) = self.dims();
+        let p = format!("layers.{l}.mlp");
+        let norm = Norm::new(ps, self.m, &format!("{p}.norm"))?;
+        let (up, up_bias) = if self.gpt {
+            let w = self.add(ps, &format!("{p}.fc.weight"), &[f, d], self.split(0), self.normal, true)?;
+            (w, self.bias(ps, &format!("{p}.fc.bias"), &[f], self.split(0))?)
+        } else {
+            let w = self.add(
+                ps,
+                &format!("{p}.gate_up.weight"),
+                &[2, f, d],
+                self.split(1),
+                self.normal,
+                true,
+            )?;
+            (w, None)
+        };
+        let down = self.add(ps, &format!("{p}.down.weight"), &[d, f], self.split(1), self.out, true)?;
+        let down_bias = self.bias(ps, &format!("{p}.down.bias"), &[d], None)?;
+        Ok(Mlp {
+            norm,
+            up,
+            up_bias,
+            down,
+            down_bias,
+            arch: self.m.arch,
+        })
+    }
+
+    /// Final norm and the output embedding (`wte`, this stage's own, when tied).
+    fn head(&self, ps: &mut ParamStore, wte: Option<ParamId>) -> Result<Head, TrainError> {
+        let (d, v, _, _) = self.dims();
+        let norm = Norm::new(ps, self.m, "final_norm")?;
+        let weight = match (self.m.tie_embeddings, wte) {
+            (true, Some(id)) => id,
+            (true, None) => ps.add(NewParam {
+                name: "embed.wte",
+                global_shape: &[v, d],
+                split: self.split(0),
+                init: self.normal,
+                decay: true,
+                tied_copy: true,
+            })?,
+            (false, _) => self.add(ps, "head.weight", &[v, d], self.split(0), self.normal, true)?,
+        };
+        Ok(Head {
+            norm,
+            weight,
+            shard: self.shard,
+        })
+    }
+}
+
 impl Model {
-    /// Build this rank's stage: create its parameters (sliced for `tp_rank` of `tp`).
+    /// Build this rank's stage: create its parameters (sliced for `tp_rank` of `tp`). A
+    /// tensor libtorch cannot create is [`TrainError::ModelBuild`] naming it; the sizes
+    /// themselves are the spec's `validate` / `check_memory` to refuse first.
     pub fn build(
         spec: &ModelSpec,
         plan: StagePlan,
@@ -130,7 +312,7 @@ impl Model {
         tp_rank: usize,
         seed: u64,
         device: tch::Device,
-    ) -> Model {
+    ) -> Result<Model, TrainError> {
         Model::build_into(spec, plan, tp, tp_rank, ParamStore::new(seed, device))
     }
 
@@ -141,13 +323,18 @@ impl Model {
         tp: usize,
         tp_rank: usize,
         device: tch::Device,
-    ) -> Model {
+    ) -> Result<Model, TrainError> {
         Model::build_into(spec, plan, tp, tp_rank, ParamStore::zeroed(device))
     }
 
     /// The whole model (every layer, one stage) as TP rank `tp_rank` of `tp` holds it,
     /// zeroed for loading.
-    pub fn whole_for_loading(spec: &ModelSpec, tp: usize, tp_rank: usize, device: tch::Device) -> Model {
+    pub fn whole_for_loading(
+        spec: &ModelSpec,
+        tp: usize,
+        tp_rank: usize,
+        device: tch::Device,
+    ) -> Result<Model, TrainError> {
         let plan = StagePlan {
             first: true,
             last: true,
@@ -164,7 +351,8 @@ impl Model {
             last: true,
             layers: 0..spec.n_layers,
         };
-        let meta = Model::build_into(spec, plan, 1, 0, ParamStore::meta());
+        let meta = Model::build_into(spec, plan, 1, 0, ParamStore::meta())
+            .expect("a meta build allocates nothing (empty tensors, no rotary tables)");
         meta.params
             .iter()
             .filter(|(_, p)| !p.tied_copy)
@@ -172,138 +360,34 @@ impl Model {
             .collect()
     }
 
-    fn build_into(spec: &ModelSpec, plan: StagePlan, tp: usize, tp_rank: usize, mut ps: ParamStore) -> Model {
-        let device = ps.device();
-        let m = spec;
-        let (d, v, f, t) = (m.d_model as i64, m.vocab_size as i64, m.ffn() as i64, m.seq_len as i64);
-        let (tp, r) = (tp as i64, tp_rank as i64);
-        let split = |dim: usize| -> Split { Some((dim, tp, r)) };
-        let shard = VocabShard {
-            lo: r * (v / tp),
-            len: v / tp,
-        };
-        let out_std = m.init_std / (2.0 * m.n_layers as f64).sqrt();
+    fn build_into(
+        spec: &ModelSpec,
+        plan: StagePlan,
+        tp: usize,
+        tp_rank: usize,
+        mut ps: ParamStore,
+    ) -> Result<Model, TrainError> {
+        let b = Builder::new(spec, tp, tp_rank);
         let mut units = Vec::new();
-        let add = |ps: &mut ParamStore, name: String, shape: &[i64], split: Split, init: Init, decay: bool| {
-            ps.add(NewParam {
-                name: &name,
-                global_shape: shape,
-                split,
-                init,
-                decay,
-                tied_copy: false,
-            })
-        };
-        let normal = Init::Normal { std: m.init_std };
-        let gpt = m.arch == Arch::Gpt2;
         let mut wte = None;
         if plan.first {
-            let id = add(&mut ps, "embed.wte".into(), &[v, d], split(0), normal, true);
-            wte = Some(id);
-            let wpe = gpt.then(|| add(&mut ps, "embed.wpe".into(), &[t, d], None, normal, true));
-            units.push(Unit::Embed(Embed { wte: id, wpe, shard }));
+            let embed = b.embed(&mut ps)?;
+            wte = Some(embed.wte);
+            units.push(Unit::Embed(embed));
         }
         for l in plan.layers.clone() {
-            let p = format!("layers.{l}");
-            let norm = Norm::new(&mut ps, m, &format!("{p}.attn.norm"));
-            let qkv = add(
-                &mut ps,
-                format!("{p}.attn.qkv.weight"),
-                &[3, d, d],
-                split(1),
-                normal,
-                true,
-            );
-            let qkv_bias = gpt.then(|| {
-                add(
-                    &mut ps,
-                    format!("{p}.attn.qkv.bias"),
-                    &[3, d],
-                    split(1),
-                    Init::Zeros,
-                    false,
-                )
-            });
-            let out = add(
-                &mut ps,
-                format!("{p}.attn.out.weight"),
-                &[d, d],
-                split(1),
-                Init::Normal { std: out_std },
-                true,
-            );
-            let out_bias = gpt.then(|| add(&mut ps, format!("{p}.attn.out.bias"), &[d], None, Init::Zeros, false));
-            let heads = m.n_heads as i64 / tp;
-            let head_dim = m.head_dim() as i64;
-            let rope = (!gpt).then(|| rope_tables(t, head_dim, m.rope_theta, device));
-            units.push(Unit::Attention(Attention {
-                norm,
-                qkv,
-                qkv_bias,
-                out,
-                out_bias,
-                heads,
-                head_dim,
-                rope,
-            }));
-            let norm = Norm::new(&mut ps, m, &format!("{p}.mlp.norm"));
-            let (up, up_bias) = if gpt {
-                let w = add(&mut ps, format!("{p}.mlp.fc.weight"), &[f, d], split(0), normal, true);
-                let b = add(&mut ps, format!("{p}.mlp.fc.bias"), &[f], split(0), Init::Zeros, false);
-                (w, Some(b))
-            } else {
-                (
-                    add(
-                        &mut ps,
-                        format!("{p}.mlp.gate_up.weight"),
-                        &[2, f, d],
-                        split(1),
-                        normal,
-                        true,
-                    ),
-                    None,
-                )
-            };
-            let down = add(
-                &mut ps,
-                format!("{p}.mlp.down.weight"),
-                &[d, f],
-                split(1),
-                Init::Normal { std: out_std },
-                true,
-            );
-            let down_bias = gpt.then(|| add(&mut ps, format!("{p}.mlp.down.bias"), &[d], None, Init::Zeros, false));
-            units.push(Unit::Mlp(Mlp {
-                norm,
-                up,
-                up_bias,
-                down,
-                down_bias,
-                arch: m.arch,
-            }));
+            units.push(Unit::Attention(b.attention(&mut ps, l)?));
+            units.push(Unit::Mlp(b.mlp(&mut ps, l)?));
         }
         if plan.last {
-            let norm = Norm::new(&mut ps, m, "final_norm");
-            let weight = match (m.tie_embeddings, wte) {
-                (true, Some(id)) => id,
-                (true, None) => ps.add(NewParam {
-                    name: "embed.wte",
-                    global_shape: &[v, d],
-                    split: split(0),
-                    init: normal,
-                    decay: true,
-                    tied_copy: true,
-                }),
-                (false, _) => add(&mut ps, "head.weight".into(), &[v, d], split(0), normal, true),
-            };
-            units.push(Unit::Head(Head { norm, weight, shard }));
+            units.push(Unit::Head(b.head(&mut ps, wte)?));
         }
-        Model {
+        Ok(Model {
             spec: spec.clone(),
             units,
             params: ps,
             plan,
-        }
+        })
     }
 
     /// Parameters a unit reads (its gradients are complete once the unit's backward is done,
@@ -426,14 +510,19 @@ impl Model {
     }
 }
 
-fn rope_tables(t: i64, head_dim: i64, theta: f64, device: tch::Device) -> (Tensor, Tensor) {
+fn rope_tables(t: i64, head_dim: i64, theta: f64, device: tch::Device) -> Result<(Tensor, Tensor), tch::TchError> {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
         .collect();
-    let pos = Tensor::arange(t, (Kind::Float, tch::Device::Cpu));
-    let angles = pos.unsqueeze(1) * Tensor::from_slice(&inv).unsqueeze(0);
-    (angles.cos().to_device(device), angles.sin().to_device(device))
+    let pos = Tensor::f_arange(t, (Kind::Float, tch::Device::Cpu))?;
+    let angles = pos
+        .f_unsqueeze(1)?
+        .f_mul(&Tensor::f_from_slice(&inv)?.f_unsqueeze(0)?)?;
+    Ok((
+        angles.f_cos()?.f_to_device(device)?,
+        angles.f_sin()?.f_to_device(device)?,
+    ))
 }
 
 /// Rotate-half rotary embedding of `x` `[B, H, T, hd]`.
@@ -459,9 +548,8 @@ pub fn partition_layers(spec: &ModelSpec, pp: usize, explicit: &[usize]) -> Vec<
     let counts: Vec<usize> = if !explicit.is_empty() {
         explicit.to_vec()
     } else {
-        let d = spec.d_model as u64;
-        let layer = (spec.num_params() - (spec.vocab_size as u64 * d)).max(1) / spec.n_layers.max(1) as u64;
-        let edge = spec.vocab_size as u64 * d;
+        let edge = (spec.vocab_size as u64).saturating_mul(spec.d_model as u64);
+        let layer = spec.num_params().saturating_sub(edge).max(1) / spec.n_layers.max(1) as u64;
         balance(spec.n_layers, pp, layer.max(1), edge)
     };
     let mut start = 0;
@@ -481,20 +569,20 @@ pub fn balance(n_layers: usize, pp: usize, layer_cost: u64, edge_cost: u64) -> V
     if pp == 1 {
         return vec![n_layers];
     }
-    let cost = |stage: usize, layers: usize| {
-        layers as u64 * layer_cost + if stage == 0 || stage == pp - 1 { edge_cost } else { 0 }
-    };
+    let layer_cost = layer_cost.max(1);
+    let edge = |stage: usize| if stage == 0 || stage == pp - 1 { edge_cost } else { 0 };
+    let cost = |stage: usize, layers: usize| (layers as u64).saturating_mul(layer_cost).saturating_add(edge(stage));
     // Smallest feasible bound by binary search over the answer; then fill greedily.
-    let (mut lo, mut hi) = (0u64, cost(0, n_layers) + edge_cost);
+    let (mut lo, mut hi) = (0u64, cost(0, n_layers).saturating_add(edge_cost));
     let fits = |bound: u64| -> Option<Vec<usize>> {
         let mut left = n_layers;
         let mut out = Vec::with_capacity(pp);
         for s in 0..pp {
             let stages_after = pp - s - 1;
-            let mut take = 0;
-            while take < left - stages_after && cost(s, take + 1) <= bound {
-                take += 1;
-            }
+            // The most layers this stage can take within `bound` (computed, not counted up:
+            // a model with many layers must not make this linear in them).
+            let most = bound.checked_sub(edge(s)).map_or(0, |b| b / layer_cost);
+            let take = usize::try_from(most).unwrap_or(usize::MAX).min(left - stages_after);
             if take == 0 {
                 return None;
             }
@@ -531,12 +619,14 @@ pub(crate) fn tiny_test_model(arch: Arch) -> Model {
         last: true,
         layers: 0..spec.n_layers,
     };
-    Model::build(&spec, plan, 1, 0, 7, tch::Device::Cpu)
+    Model::build(&spec, plan, 1, 0, 7, tch::Device::Cpu).expect("a tiny model builds")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::JobSpec;
+    use proptest::prelude::*;
 
     #[test]
     fn balance_gives_every_stage_a_layer_and_sums() {
@@ -595,5 +685,72 @@ mod tests {
             }
         }
         assert_eq!(balance(4, 2, 10, 0), vec![2, 2]);
+        // Many layers: computed per stage, not counted one by one.
+        let big = balance(1 << 40, 3, 1 << 20, u64::MAX / 2);
+        assert_eq!(big.iter().sum::<usize>(), 1 << 40);
+    }
+
+    /// One size of a generated spec: mostly small, sometimes absurd.
+    fn size() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            6 => 1usize..=64,
+            1 => Just(1_000_000_000usize),
+            1 => Just(1_000_000_000_000usize),
+            1 => Just(6_148_914_691_236_517_206usize),
+            1 => Just(usize::MAX),
+            1 => any::<usize>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// Any spec, absurd numbers included, either fails `validate` (a typed, named error) or
+        /// builds: the first and last stage of the first and last TP rank are built on the CPU
+        /// and come back `Ok` or a typed `TrainError`, never a panic. The memory limit (64 MiB)
+        /// keeps what is built small.
+        #[test]
+        fn specs_that_validate_build(
+            llama in any::<bool>(),
+            (tp, pp, dp) in (1usize..=2, 1usize..=2, 1usize..=2),
+            (heads, head_dim, layers, seq) in (1usize..=2, 1usize..=8, 1usize..=4, 1usize..=32),
+            (vocab_k, micro, accum, tie) in (1usize..=64, 1usize..=4, 1usize..=3, any::<bool>()),
+            absurd in proptest::collection::vec((0usize..11, size()), 0..=2),
+            timeout in prop_oneof![6 => Just(30.0), 1 => Just(f64::INFINITY), 1 => Just(1e300), 1 => Just(f64::NAN), 1 => Just(0.0)],
+        ) {
+            let mut spec = JobSpec::default();
+            let m = &mut spec.model;
+            m.arch = if llama { Arch::Llama } else { Arch::Gpt2 };
+            m.n_heads = heads * tp;
+            m.d_model = m.n_heads * head_dim * 2;
+            (m.n_layers, m.seq_len, m.vocab_size, m.tie_embeddings) = (layers.max(pp), seq, vocab_k * tp, tie);
+            (spec.parallel.tp, spec.parallel.pp, spec.parallel.dp) = (tp, pp, dp);
+            spec.parallel.timeout_s = timeout;
+            (spec.train.micro_batch, spec.train.global_batch) = (micro, micro * dp * accum);
+            spec.train.max_memory_gib = 1.0 / 16.0;
+            for (field, value) in absurd {
+                let (m, p, t) = (&mut spec.model, &mut spec.parallel, &mut spec.train);
+                *[
+                    &mut m.d_model, &mut m.n_layers, &mut m.n_heads, &mut m.seq_len, &mut m.vocab_size,
+                    &mut m.ffn_hidden, &mut p.dp, &mut p.tp, &mut p.pp, &mut t.micro_batch, &mut t.global_batch,
+                ][field] = value;
+            }
+            let p = &spec.parallel;
+            let world = p.dp.wrapping_mul(p.tp).wrapping_mul(p.pp);
+            if spec.validate(world).is_err() {
+                return Ok(());
+            }
+            let ranges = partition_layers(&spec.model, p.pp, &p.stage_layers);
+            prop_assert_eq!(ranges.len(), p.pp);
+            for stage in [0, p.pp - 1] {
+                for tp_rank in [0, p.tp - 1] {
+                    let plan = StagePlan { first: stage == 0, last: stage + 1 == p.pp, layers: ranges[stage].clone() };
+                    match Model::build(&spec.model, plan, p.tp, tp_rank, 1, tch::Device::Cpu) {
+                        Ok(model) => prop_assert!(model.params.numel() as u64 <= spec.model.num_params() * 2),
+                        Err(e) => prop_assert!(matches!(e, TrainError::ModelBuild { .. }), "{e}"),
+                    }
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! (job seed, tensor name) and are generated globally, then sliced. Two layouts therefore
 //! start from bit-identical global weights.
 
-use tch::{Device, Kind, Tensor};
+use crate::error::TrainError;
+use tch::{Device, Kind, TchError, Tensor};
 
 /// How a parameter starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,61 +130,24 @@ impl ParamStore {
         self.device
     }
 
+    /// A store from [`ParamStore::meta`]: names and shapes only.
+    pub fn is_meta(&self) -> bool {
+        self.fill == Fill::Meta
+    }
+
     /// Create a parameter: generate the global tensor from its seed (on the CPU, so every
-    /// device and layout gets the same numbers), keep this rank's slice.
-    pub fn add(&mut self, p: NewParam<'_>) -> ParamId {
+    /// device and layout gets the same numbers), keep this rank's slice. A libtorch failure
+    /// (an allocation it cannot make) is an error naming the tensor, not a panic.
+    pub fn add(&mut self, p: NewParam<'_>) -> Result<ParamId, TrainError> {
         let shape = p.global_shape.to_vec();
         let mut offsets = vec![0i64; shape.len()];
         let tp_split = p.split.map(|(dim, _, _)| dim);
         let tp_replicated = !matches!(p.split, Some((_, parts, _)) if parts > 1);
-        if self.fill == Fill::Meta {
-            self.params.push(Param {
-                name: p.name.to_string(),
-                global_shape: shape,
-                offsets,
-                tensor: Tensor::empty([0], (Kind::Float, Device::Cpu)),
-                tp_replicated,
-                decay: p.decay,
-                tied_copy: p.tied_copy,
-                tp_split,
-            });
-            return ParamId(self.params.len() - 1);
-        }
-        let full = match p.init {
-            _ if self.fill == Fill::Zeros => {
-                let mut local = shape.clone();
-                if let Some((dim, parts, _)) = p.split.filter(|s| s.1 > 1) {
-                    local[dim] /= parts;
-                }
-                Tensor::zeros(&local, (Kind::Float, Device::Cpu))
-            }
-            Init::Zeros => Tensor::zeros(&shape, (Kind::Float, Device::Cpu)),
-            Init::Ones => Tensor::ones(&shape, (Kind::Float, Device::Cpu)),
-            Init::Normal { std } => {
-                // libtorch's generator is global: seed and draw under one lock, so models built
-                // on several threads at once (tests, a server) still get their own numbers.
-                let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(tensor_seed(self.seed, p.name));
-                Tensor::randn(&shape, (Kind::Float, Device::Cpu)) * std
-            }
-        };
-        let local = match p.split {
-            Some((dim, parts, part)) if parts > 1 && self.fill == Fill::Zeros => {
-                offsets[dim] = part * (shape[dim] / parts);
-                full
-            }
-            Some((dim, parts, part)) if parts > 1 => {
-                let len = shape[dim] / parts;
-                offsets[dim] = part * len;
-                full.narrow(dim as i64, part * len, len)
-            }
-            _ => full,
-        };
-        let tensor = local
-            .contiguous()
-            .to_device(self.device)
-            .detach()
-            .set_requires_grad(true);
+        let tensor = self.values(&p, &mut offsets).map_err(|source| TrainError::ModelBuild {
+            tensor: p.name.to_string(),
+            shape: shape.clone(),
+            source,
+        })?;
         self.params.push(Param {
             name: p.name.to_string(),
             global_shape: shape,
@@ -194,7 +158,52 @@ impl ParamStore {
             tied_copy: p.tied_copy,
             tp_split,
         });
-        ParamId(self.params.len() - 1)
+        Ok(ParamId(self.params.len() - 1))
+    }
+
+    /// A new parameter's local values (and its slice's `offsets`), through libtorch's
+    /// fallible calls.
+    fn values(&self, p: &NewParam<'_>, offsets: &mut [i64]) -> Result<Tensor, TchError> {
+        let shape = p.global_shape;
+        let cpu = (Kind::Float, Device::Cpu);
+        if self.fill == Fill::Meta {
+            return Tensor::f_empty([0], cpu);
+        }
+        let full = match p.init {
+            _ if self.fill == Fill::Zeros => {
+                let mut local = shape.to_vec();
+                if let Some((dim, parts, _)) = p.split.filter(|s| s.1 > 1) {
+                    local[dim] /= parts;
+                }
+                Tensor::f_zeros(&local, cpu)?
+            }
+            Init::Zeros => Tensor::f_zeros(shape, cpu)?,
+            Init::Ones => Tensor::f_ones(shape, cpu)?,
+            Init::Normal { std } => {
+                // libtorch's generator is global: seed and draw under one lock, so models built
+                // on several threads at once (tests, a server) still get their own numbers.
+                let _guard = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                tch::manual_seed(tensor_seed(self.seed, p.name));
+                Tensor::f_randn(shape, cpu)?.f_mul_scalar(std)?
+            }
+        };
+        let local = match p.split {
+            Some((dim, parts, part)) if parts > 1 && self.fill == Fill::Zeros => {
+                offsets[dim] = part * (shape[dim] / parts);
+                full
+            }
+            Some((dim, parts, part)) if parts > 1 => {
+                let len = shape[dim] / parts;
+                offsets[dim] = part * len;
+                full.f_narrow(dim as i64, part * len, len)?
+            }
+            _ => full,
+        };
+        local
+            .f_contiguous()?
+            .f_to_device(self.device)?
+            .f_detach()?
+            .f_set_requires_grad(true)
     }
 
     pub fn get(&self, id: ParamId) -> &Tensor {
@@ -229,25 +238,29 @@ mod tests {
     #[test]
     fn slices_of_a_split_parameter_tile_the_unsplit_one() {
         let mut whole = ParamStore::new(7, Device::Cpu);
-        let w = whole.add(NewParam {
-            name: "w",
-            global_shape: &[3, 8, 4],
-            split: None,
-            init: Init::Normal { std: 1.0 },
-            decay: true,
-            tied_copy: false,
-        });
+        let w = whole
+            .add(NewParam {
+                name: "w",
+                global_shape: &[3, 8, 4],
+                split: None,
+                init: Init::Normal { std: 1.0 },
+                decay: true,
+                tied_copy: false,
+            })
+            .unwrap();
         let parts: Vec<Tensor> = (0..2)
             .map(|r| {
                 let mut s = ParamStore::new(7, Device::Cpu);
-                let id = s.add(NewParam {
-                    name: "w",
-                    global_shape: &[3, 8, 4],
-                    split: Some((1, 2, r)),
-                    init: Init::Normal { std: 1.0 },
-                    decay: true,
-                    tied_copy: false,
-                });
+                let id = s
+                    .add(NewParam {
+                        name: "w",
+                        global_shape: &[3, 8, 4],
+                        split: Some((1, 2, r)),
+                        init: Init::Normal { std: 1.0 },
+                        decay: true,
+                        tied_copy: false,
+                    })
+                    .unwrap();
                 assert_eq!(s.param(id).offsets, vec![0, 4 * r, 0]);
                 assert!(!s.param(id).tp_replicated);
                 s.get(id).detach()
@@ -255,6 +268,30 @@ mod tests {
             .collect();
         let joined = Tensor::cat(&parts, 1);
         assert!(joined.equal(&whole.get(w).detach()));
+    }
+
+    #[test]
+    fn a_tensor_libtorch_cannot_create_is_an_error_naming_it() {
+        for fill in [ParamStore::new(7, Device::Cpu), ParamStore::zeroed(Device::Cpu)] {
+            let mut s = fill;
+            let e = s
+                .add(NewParam {
+                    name: "layers.0.mlp.fc.weight",
+                    global_shape: &[-4, 8],
+                    split: None,
+                    init: Init::Normal { std: 1.0 },
+                    decay: true,
+                    tied_copy: false,
+                })
+                .unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, TrainError::ModelBuild { .. }), "{msg}");
+            assert!(
+                msg.contains("layers.0.mlp.fc.weight") && msg.contains("[-4, 8]"),
+                "{msg}"
+            );
+            assert!(s.is_empty(), "nothing is added on failure");
+        }
     }
 
     #[test]

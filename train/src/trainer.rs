@@ -178,7 +178,7 @@ pub fn train_observed(
     };
     let clock = CommClock::default();
     let (mut comms, dp_grads) = build_comms(fabric, &place, spec.model.tie_embeddings, &clock)?;
-    let model = Model::build(&spec.model, plan.clone(), p.tp, place.tp_rank, spec.train.seed, device);
+    let model = Model::build(&spec.model, plan.clone(), p.tp, place.tp_rank, spec.train.seed, device)?;
     tracing::info!(
         rank = place.rank,
         dp = place.dp_rank,
@@ -238,6 +238,10 @@ pub fn train_observed(
     } else {
         spec.train.steps
     };
+    if resumed.is_some() && start_step >= end_step {
+        // Every rank resumed the same step, so every rank returns here.
+        return nothing_to_train(spec, start_step, end_step);
+    }
     let job_id = std::env::var("GANTRY_JOB_ID").unwrap_or_else(|_| {
         run_dir
             .file_name()
@@ -517,7 +521,7 @@ pub fn train_observed(
             });
         }
         summary.steps = step + 1;
-        summary.final_loss = m.loss;
+        summary.final_loss = Some(m.loss);
         summary.tokens = m.tokens;
         if m.val_loss.is_some() {
             summary.val_loss = m.val_loss;
@@ -575,6 +579,30 @@ pub fn train_observed(
         summary.samples = crate::generate::sample(spec, &model, &mut comms.tp, &mut comms.pp, &place, device)?;
     }
     Ok(summary)
+}
+
+/// A checkpoint at or past the step this run ends at: past it is refused (its loss and
+/// weights belong to a longer run); at it, there is nothing to do, and the summary says so
+/// with no loss (none was measured).
+fn nothing_to_train(spec: &JobSpec, step: u64, end: u64) -> Result<RunSummary, TrainError> {
+    let field = if spec.train.stop_after > 0 {
+        "train.stop_after"
+    } else {
+        "train.steps"
+    };
+    if step > end {
+        return Err(TrainError::ResumedPastEnd { step, end, field });
+    }
+    tracing::info!(
+        step,
+        "the checkpoint is at step {step}, where this run ends ({field} = {end}): nothing to train"
+    );
+    Ok(RunSummary {
+        steps: step,
+        final_loss: None,
+        params: spec.model.num_params(),
+        ..RunSummary::default()
+    })
 }
 
 /// `checkpoint.resume = "auto"`: the newest committed step, or `None` to start from step 0.

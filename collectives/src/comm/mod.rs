@@ -640,7 +640,7 @@ impl Communicator {
                 self.recorder.finish(ctx.seq, ctx.desc.kind, Some(err.to_string()));
                 self.broken = Some(err.to_string());
                 if let Some(f) = &self.fabric {
-                    match self.recorder.dump_to(f.recorders().dir()) {
+                    match f.recorders().dump(&self.recorder) {
                         Ok(path) => tracing::error!(
                             rank = self.members[self.rank],
                             "{err}; flight recorder dumped to {}",
