@@ -5,13 +5,12 @@
 //!
 //! Like torchrun, the launcher hosts no store: it picks a free port and rank 0 of the program
 //! serves the store there (torch's `env://` init; gantry's `Fabric::from_env`). Like torchrun's
-//! agent, it stops every rank when one fails and exits with that rank's code. Unlike
-//! torchrun, the program does not inherit secrets (tokens, cloud keys: the worker's rule,
-//! `gantry_worker::scrub`) unless `GANTRY_ENV_PASS` names them.
+//! agent, it stops every rank when one fails and exits with that rank's code. Like torchrun,
+//! the program inherits the user's whole environment (the worker's scrubbing of secrets is
+//! for ranks a daemon starts on someone's behalf).
 
 use crate::slurm::SlurmEnv;
 use anyhow::{Context, bail};
-use gantry_worker::scrub;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::process::CommandExt;
@@ -77,22 +76,15 @@ impl TorchEnv {
         ]
     }
 
-    /// The complete environment of the rank: the launcher's `parent` environment without
-    /// its secrets (the rule of the worker's ranks, `gantry_worker::scrub`; the launcher's own
-    /// `GANTRY_ENV_PASS` names secrets to keep), then torchrun's variables.
+    /// The complete environment of the rank: the launcher's `parent` environment, then
+    /// torchrun's variables. The user's own secrets stay (the user started these processes,
+    /// as with torchrun: `HF_TOKEN` and the AWS keys are what a training script reads); the
+    /// scrubbing rule is for ranks a daemon starts on someone's behalf (`gantry_worker::scrub`).
     pub fn environment<I>(&self, parent: I) -> Vec<(OsString, OsString)>
     where
         I: IntoIterator<Item = (OsString, OsString)>,
     {
-        let parent: Vec<(OsString, OsString)> = parent.into_iter().collect();
-        let pass_list = parent
-            .iter()
-            .find(|(k, _)| k == scrub::ENV_PASS)
-            .map(|(_, v)| v.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut env: BTreeMap<OsString, OsString> = scrub::inherited(parent, &scrub::parse_pass(&pass_list))
-            .into_iter()
-            .collect();
+        let mut env: BTreeMap<OsString, OsString> = parent.into_iter().collect();
         // Set by gantry's own launcher for ranks that join its store; here rank 0 serves it.
         env.remove(OsStr::new("GANTRY_STORE_EXTERNAL"));
         // torchrun's rule: several ranks on a node each spawning one OpenMP thread per core
@@ -443,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn environment_without_secrets() {
+    fn environment_keeps_the_users_own_and_sets_torchruns() {
         let t = TorchEnv {
             rank: 1,
             local_rank: 1,
@@ -462,30 +454,19 @@ mod tests {
             ("PATH", "/bin"),
             ("RANK", "7"),
             ("GANTRY_STORE_EXTERNAL", "1"),
-            ("GANTRY_TOKEN", "cluster"),
-            ("AWS_SECRET_ACCESS_KEY", "aws"),
             ("HF_TOKEN", "hf"),
         ]));
         assert_eq!(get(&env, "PATH").as_deref(), Some("/bin"));
         assert_eq!(get(&env, "RANK").as_deref(), Some("1"));
         assert_eq!(get(&env, "MASTER_PORT").as_deref(), Some("29400"));
         assert_eq!(get(&env, "OMP_NUM_THREADS").as_deref(), Some("1"));
-        for gone in [
-            "GANTRY_STORE_EXTERNAL",
-            "GANTRY_TOKEN",
-            "AWS_SECRET_ACCESS_KEY",
-            "HF_TOKEN",
-        ] {
-            assert_eq!(get(&env, gone), None, "{gone}");
-        }
-        let env = t.environment(parent(&[
-            ("GANTRY_ENV_PASS", "HF_TOKEN"),
-            ("HF_TOKEN", "hf"),
-            ("GANTRY_TOKEN", "cluster"),
-            ("OMP_NUM_THREADS", "4"),
-        ]));
-        assert_eq!(get(&env, "HF_TOKEN").as_deref(), Some("hf"));
-        assert_eq!(get(&env, "GANTRY_TOKEN"), None);
+        assert_eq!(
+            get(&env, "HF_TOKEN").as_deref(),
+            Some("hf"),
+            "the user's own, as torchrun"
+        );
+        assert_eq!(get(&env, "GANTRY_STORE_EXTERNAL"), None);
+        let env = t.environment(parent(&[("OMP_NUM_THREADS", "4")]));
         assert_eq!(get(&env, "OMP_NUM_THREADS").as_deref(), Some("4"), "the user's choice");
     }
 }
