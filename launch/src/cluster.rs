@@ -132,7 +132,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         name: args.name.clone(),
     };
     let job = crate::jobfile::load(&args.job, &overrides)?;
-    let (name, world) = (job.name.clone(), job.dp * job.tp * job.pp);
+    let (name, world) = (job.name.clone(), job.dp.saturating_mul(job.tp).saturating_mul(job.pp));
     let what = format!("submit {}", args.job.display());
     let r = admin_call(&args.client, &what, |mut a| async move {
         a.submit(p::SubmitRequest { job: Some(job) }).await
@@ -174,7 +174,7 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
             j.id,
             j.name,
             j.state,
-            j.dp * j.tp * j.pp,
+            j.dp.saturating_mul(j.tp).saturating_mul(j.pp),
             j.restarts,
             j.tokens_per_s
         );

@@ -189,8 +189,8 @@ fn parse_ports(s: &str) -> anyhow::Result<(u16, u16)> {
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    if !(args.grace_s.is_finite() && args.grace_s >= 0.0) {
-        anyhow::bail!("--grace-s must be a non-negative number of seconds");
+    if !(args.grace_s.is_finite() && (0.0..=86_400.0).contains(&args.grace_s)) {
+        anyhow::bail!("--grace-s must be a number of seconds in [0, 86400]");
     }
     let config = gantry_worker::WorkerConfig {
         coordinator: args.coordinator.clone(),

@@ -24,7 +24,7 @@ use serde_json::json;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -271,7 +271,7 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     }
     let mut world = spawn_local_world(&exe, &child, args.tp, &env, Output::Files(dir.clone()))
         .context("starting the evaluation ranks")?;
-    let status = world.wait_all(Duration::from_secs_f64(args.timeout_s));
+    let status = world.wait_all(crate::flag_seconds("--timeout-s", args.timeout_s)?);
     let failed: Vec<usize> = status
         .iter()
         .enumerate()

@@ -102,6 +102,15 @@ enum Command {
     Rank(train::RankArgs),
 }
 
+/// A duration given in seconds on the command line: finite, positive, at most a day (a
+/// `Duration` cannot hold `inf` or a negative number, and converting one panics).
+pub(crate) fn flag_seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        anyhow::bail!("{flag} must be a number of seconds in (0, 86400], not {value}");
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())

@@ -102,8 +102,8 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         s3: args.s3.options(),
         checkpoint_roots,
         connections: ConnectionLimits {
-            header_read_timeout: seconds("--header-timeout-s", args.header_timeout_s)?,
-            idle_timeout: seconds("--idle-timeout-s", args.idle_timeout_s)?,
+            header_read_timeout: crate::flag_seconds("--header-timeout-s", args.header_timeout_s)?,
+            idle_timeout: crate::flag_seconds("--idle-timeout-s", args.idle_timeout_s)?,
             max_connections: args.max_connections,
             ..ConnectionLimits::default()
         },
@@ -146,12 +146,4 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A duration flag: finite, positive, at most a day.
-fn seconds(flag: &str, value: f64) -> anyhow::Result<std::time::Duration> {
-    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
-        anyhow::bail!("{flag} must be a number of seconds between 0 and 86400, not {value}");
-    }
-    Ok(std::time::Duration::from_secs_f64(value))
 }

@@ -307,3 +307,45 @@ fn run_models(args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+#[test]
+fn durations_that_are_not_numbers_of_seconds_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("gantry-cli-durations-{}", std::process::id()));
+    let db = dir.join("registry.redb").display().to_string();
+    for (flag, value) in [
+        ("--header-timeout-s", "inf"),
+        ("--idle-timeout-s", "-1"),
+        ("--header-timeout-s", "1e300"),
+    ] {
+        let out = gantry()
+            .args([
+                "registry",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+                "--no-generate",
+            ])
+            .arg(format!("{flag}={value}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(flag), "{flag} {value}: {text}");
+    }
+    let out = gantry()
+        .args([
+            "worker",
+            "--coordinator",
+            "127.0.0.1:9",
+            "--token",
+            "t",
+            "--grace-s",
+            "1e300",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("--grace-s"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

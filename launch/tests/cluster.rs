@@ -100,7 +100,11 @@ impl Cluster {
 
     fn start_worker(&self, name: &str, slots: u32, index: usize) -> Daemon {
         let log = std::fs::File::create(self.dir.join(format!("worker-{name}.log"))).unwrap();
-        let base = 20000 + (std::process::id() % 200) * 100 + index as u32 * 10_000 % 30_000;
+        // 25 ports per worker (an attempt takes a new one), below Linux's ephemeral range
+        // (32768-60999): a port there can be taken at any moment by another process's
+        // outgoing connection (seen: rank 0 could not bind its rendezvous store).
+        let block = (std::process::id() % 227) * 4 + index as u32 % 4;
+        let base = 10_000 + block * 25;
         let child = Command::new(GANTRY)
             .args(["worker", "--coordinator", &self.addr, "--token", TOKEN, "--name", name])
             .args([
@@ -111,7 +115,7 @@ impl Cluster {
                 "--labels",
                 &format!("index={index}"),
             ])
-            .args(["--ports", &format!("{}-{}", base, base + 99), "--state"])
+            .args(["--ports", &format!("{}-{}", base, base + 24), "--state"])
             .arg(self.dir.join(format!("worker-{name}")))
             .stdout(Stdio::null())
             .stderr(log)

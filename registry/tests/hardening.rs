@@ -40,7 +40,9 @@ fn raw_get(addr: SocketAddr, path: &str) -> (u16, usize, Option<usize>) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, 0, None);
+    };
     let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let len = head
@@ -144,8 +146,12 @@ fn files_swapped_or_changed_after_registration_are_not_served() {
     std::fs::write(victim, &bytes).unwrap();
     let ranged = http(a, "GET", &path, &[("Range", "bytes=0-9")], None);
     assert_eq!((ranged.status, ranged.body.len()), (206, 10));
+    // Either the head went out and the body stops short, or the connection ended first.
     let (status, got, announced) = raw_get(a, &path);
-    assert_eq!((status, announced), (200, Some(size)));
+    assert!(
+        status == 0 || (status, announced) == (200, Some(size)),
+        "{status} {announced:?}"
+    );
     assert!(
         got < size,
         "a changed object must not be served whole ({got} of {size} bytes)"
