@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// need a write token; without this file the registry is read-only.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// Require a token for reads too.
+    /// Require a token for reads too (`/metrics` included).
     #[arg(long)]
     closed_reads: bool,
     /// Print the address as JSON.
