@@ -342,3 +342,21 @@ fn slow_headers_and_idle_connections_are_closed_and_the_cap_keeps_serving() {
     }
     assert!(evicted >= 1, "room was made by closing idle connections");
 }
+
+#[test]
+fn a_checkpoint_deleted_after_registration_is_not_recreated_by_a_read() {
+    let srv = Server::start("hard-gone", true);
+    srv.register("gpt", 10);
+    std::fs::remove_dir_all(&srv.ckpt).unwrap();
+    let r = get(srv.addr, "/v1/models/gpt/versions/1/files/manifest.json");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (422, "checkpoint_unavailable"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !Path::new(&srv.ckpt).exists(),
+        "a read must not create the checkpoint directory"
+    );
+}

@@ -46,7 +46,16 @@ impl OpenedCheckpoints {
                 format!("{}@{}: checkpoint {}: {e}", v.model, v.version, v.checkpoint_url),
             )
         };
-        let store = Store::open(&v.checkpoint_url, s3).map_err(refused)?;
+        let url = v.checkpoint_url.as_str();
+        if !url.starts_with("s3://") && !std::path::Path::new(url.strip_prefix("file://").unwrap_or(url)).is_dir() {
+            // Store::open would create a missing local directory; a read must not.
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "checkpoint_unavailable",
+                format!("{}@{}: checkpoint {url} is gone", v.model, v.version),
+            ));
+        }
+        let store = Store::open(url, s3).map_err(refused)?;
         let ckpt = Arc::new(Checkpoint::open(&store, Which::Step(v.step)).map_err(refused)?);
         let mut entries = self.entries.lock().expect("checkpoint cache lock");
         if !entries.iter().any(|(k, _)| *k == key) {
