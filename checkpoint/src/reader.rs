@@ -48,6 +48,8 @@ pub fn committed_steps(store: &Store) -> Result<Vec<u64>, CheckpointError> {
 pub struct Checkpoint {
     pub store: Store,
     pub manifest: Manifest,
+    /// Each object's entries in byte order ([`object_tiles`]), found once when opened.
+    tiles: HashMap<String, Vec<usize>>,
 }
 
 /// A committed step passed over by [`Checkpoint::open_latest`].
@@ -125,7 +127,7 @@ impl Checkpoint {
                     url: store.url().to_string(),
                     step,
                 })?;
-        let manifest = parse_manifest(&bytes, &object)?;
+        let (manifest, tiles) = parse_checked(&bytes, &object)?;
         if manifest.step != step {
             return Err(CheckpointError::Manifest {
                 object,
@@ -135,6 +137,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             store: store.clone(),
             manifest,
+            tiles,
         })
     }
 
@@ -241,10 +244,6 @@ impl Checkpoint {
             check_plain_files(&root.join(self.dir()))?;
         }
         self.check_sizes(self.manifest.objects.iter().map(|o| o.object.as_str()))?;
-        let by_object = object_tiles(&self.manifest).map_err(|message| CheckpointError::Manifest {
-            object: self.object_url(MANIFEST),
-            message,
-        })?;
         let mut report = VerifyReport::default();
         for info in &self.manifest.objects {
             let key = format!("{}/{}", self.dir(), info.object);
@@ -258,7 +257,7 @@ impl Checkpoint {
                     found: bytes.len() as u64,
                 });
             }
-            for &i in &by_object[info.object.as_str()] {
+            for &i in &self.tiles[info.object.as_str()] {
                 let e = &self.manifest.entries[i];
                 let found = xxh3_hex(&bytes[e.offset as usize..(e.offset + e.len) as usize]);
                 if found != e.xxh3 {
@@ -337,6 +336,11 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 /// tensor tiled by its slices. Every offset and size is checked arithmetic: a manifest is
 /// data, not trusted to be sane.
 pub fn parse_manifest(bytes: &[u8], object: &str) -> Result<Manifest, CheckpointError> {
+    parse_checked(bytes, object).map(|(m, _)| m)
+}
+
+/// [`parse_manifest`], keeping each object's entries in byte order.
+fn parse_checked(bytes: &[u8], object: &str) -> Result<(Manifest, HashMap<String, Vec<usize>>), CheckpointError> {
     let bad = |message: String| CheckpointError::Manifest {
         object: object.to_string(),
         message,
@@ -378,9 +382,13 @@ pub fn parse_manifest(bytes: &[u8], object: &str) -> Result<Manifest, Checkpoint
             )));
         }
     }
-    object_tiles(&m).map_err(bad)?;
+    let tiles = object_tiles(&m)
+        .map_err(bad)?
+        .into_iter()
+        .map(|(o, list)| (o.to_string(), list))
+        .collect();
     check_complete(&m.entries).map_err(|e| bad(e.to_string()))?;
-    Ok(m)
+    Ok((m, tiles))
 }
 
 /// A key relative to a step directory that cannot name anything outside it: no empty, `.`
@@ -448,7 +456,7 @@ pub struct ObjectCheck {
 impl ObjectCheck {
     /// `None` when the manifest does not list `object`.
     pub fn new(ckpt: std::sync::Arc<Checkpoint>, object: &str) -> Option<ObjectCheck> {
-        let entries = object_tiles(&ckpt.manifest).ok()?.get(object)?.clone();
+        let entries = ckpt.tiles.get(object)?.clone();
         Some(ObjectCheck {
             ckpt,
             object: object.to_string(),
