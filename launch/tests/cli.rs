@@ -225,18 +225,9 @@ fn token_files_are_checked_before_anything_connects() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let run = |args: &[&str]| {
-        let mut c = gantry();
-        c.args(args).args(["--coordinator", "127.0.0.1:9"]);
-        for k in ["GANTRY_TOKEN", "GANTRY_TOKEN_FILE", "GANTRY_COORDINATOR"] {
-            c.env_remove(k);
-        }
-        let out = c.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let mut all = args.to_vec();
+        all.extend(["--coordinator", "127.0.0.1:9"]);
+        run_without(&all, &["GANTRY_TOKEN", "GANTRY_TOKEN_FILE", "GANTRY_COORDINATOR"])
     };
     let path = |f: &str| dir.join(f).display().to_string();
     std::fs::write(dir.join("empty"), "\n").unwrap();
@@ -294,9 +285,17 @@ fn token_files_are_checked_before_anything_connects() {
 }
 
 fn run_models(args: &[&str]) -> (bool, String) {
+    run_without(
+        args,
+        &["GANTRY_REGISTRY_TOKEN", "GANTRY_REGISTRY_TOKEN_FILE", "GANTRY_REGISTRY"],
+    )
+}
+
+/// `gantry ARGS` without the variables `unset`: did it succeed, and stdout + stderr.
+fn run_without(args: &[&str], unset: &[&str]) -> (bool, String) {
     let mut c = gantry();
     c.args(args);
-    for k in ["GANTRY_REGISTRY_TOKEN", "GANTRY_REGISTRY_TOKEN_FILE", "GANTRY_REGISTRY"] {
+    for k in unset {
         c.env_remove(k);
     }
     let out = c.output().unwrap();
