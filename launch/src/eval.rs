@@ -139,16 +139,8 @@ fn check(v: &VersionRecord, data: &Path, tp: usize) -> anyhow::Result<()> {
     let spec = model_spec(v).map_err(anyhow::Error::msg)?;
     let manifest = gantry_sharding::manifest::Manifest::read(data)
         .with_context(|| format!("{} is not a token dataset", data.display()))?;
-    if manifest.vocab_size > spec.vocab_size as u64 {
-        bail!(
-            "{} has a vocabulary of {} tokens; {}@{} reads {} (model.vocab_size): another tokenizer?",
-            data.display(),
-            manifest.vocab_size,
-            v.model,
-            v.version,
-            spec.vocab_size
-        );
-    }
+    gantry_sharding::vocab::check_declared(&manifest, data, spec.vocab_size as u64)
+        .with_context(|| format!("{}@{} cannot read {}", v.model, v.version, data.display()))?;
     if tp == 0 {
         bail!("--tp must be at least 1");
     }
