@@ -1,8 +1,11 @@
+use crate::location::LocationError;
 use crate::planner::PlanError;
 
 /// What went wrong with a checkpoint, naming the object, tensor or rank at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    #[error(transparent)]
+    Location(#[from] LocationError),
     #[error("bad checkpoint location {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("{op} {key} in {url}: {source}")]

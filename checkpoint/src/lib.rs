@@ -15,8 +15,13 @@
 //!   requested slice, fetches just those byte ranges, verifies their checksums and copies the
 //!   overlaps into place ([`boxes`]). Any change of TP, PP, DP or ZeRO-1 is a different set of
 //!   requested rectangles.
-//! - **Storage** ([`store`]): one blocking API over `object_store` for local paths, `file://`
-//!   and `s3://`, with multipart uploads, ranged reads and create-if-absent.
+//! - **Where** ([`location`]): a checkpoint URL parsed once into a [`CheckpointLocation`]
+//!   (a local path or `file://…`, or `s3://bucket[/prefix]`; any other scheme is refused by
+//!   name), made absolute for specs, resolved for reading (must exist) or for writing
+//!   (created). Every crate that accepts a checkpoint URL parses it here.
+//! - **Storage** ([`store`]): one blocking API over `object_store` for a location, with
+//!   multipart uploads, ranged reads and create-if-absent. [`Store::open`] creates a missing
+//!   local directory (writers); [`Store::open_existing`] refuses one (servers, readers).
 //! - [`export`]: a whole model as one safetensors file.
 //! - [`plain`]: opening a local checkpoint's file without following symlinks (what a server
 //!   that hands out checkpoint files uses).
@@ -27,6 +32,7 @@ pub mod boxes;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod location;
 pub mod plain;
 pub mod planner;
 pub mod reader;
@@ -36,6 +42,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_share};
+pub use location::{CheckpointLocation, LocationError};
 pub use reader::{Checkpoint, SkippedStep, Which, committed_steps};
 pub use retention::Retention;
 pub use store::{S3Options, Store, StoreConfig};

@@ -1,12 +1,14 @@
-//! One blocking API over `object_store` for local directories, `file://` URLs and S3
-//! (`s3://bucket/prefix`), with keys relative to the checkpoint root. The store owns a small
-//! tokio runtime so callers (training threads, CLI commands) stay synchronous; concurrency
-//! lives inside: many objects at once, large objects as parallel multipart uploads.
+//! One blocking API over `object_store` for a [`CheckpointLocation`] (a local directory, a
+//! `file://` URL or `s3://bucket/prefix`), with keys relative to the checkpoint root. The
+//! store owns a small tokio runtime so callers (training threads, CLI commands) stay
+//! synchronous; concurrency lives inside: many objects at once, large objects as parallel
+//! multipart uploads.
 
 use crate::error::CheckpointError;
+use crate::location::CheckpointLocation;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -15,8 +17,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// S3 connection settings. Unset fields fall back to the standard AWS environment variables
-/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...),
-/// unless `configured_only` is set.
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) as
+/// object_store's `AmazonS3Builder::from_env` reads them, unless `configured_only` is set.
+/// (This crate reads no variable itself; the `gantry` binary passes its S3 flags here.)
 #[derive(Clone, Debug, Default)]
 pub struct S3Options {
     pub endpoint: Option<String>,
@@ -109,6 +112,47 @@ fn split_parts(data: &[Bytes], part_size: usize) -> Vec<Vec<Bytes>> {
     parts
 }
 
+/// The S3 client for `bucket`. Fields of `s3` win; unless `configured_only`, object_store
+/// fills the rest from the `AWS_*` environment (`AmazonS3Builder::from_env`).
+fn s3_client(url: &str, bucket: &str, s3: &S3Options) -> Result<AmazonS3, CheckpointError> {
+    if s3.configured_only && (s3.endpoint.is_none() || s3.access_key.is_none() || s3.secret_key.is_none()) {
+        return Err(bad(
+            url,
+            "this server has no S3 endpoint and credentials configured, so it opens no s3:// location",
+        ));
+    }
+    let base = if s3.configured_only {
+        AmazonS3Builder::new()
+    } else {
+        AmazonS3Builder::from_env()
+    };
+    // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's (and our
+    // own checksums'), and hashing every part twice halves upload speed.
+    let mut b = base.with_bucket_name(bucket).with_unsigned_payload(true);
+    // An endpoint (given, or `AWS_ENDPOINT_URL` as the builder read it) is an S3-compatible
+    // server: path-style requests, and plain HTTP when it says so.
+    let endpoint = s3
+        .endpoint
+        .clone()
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    if let Some(e) = &endpoint {
+        b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+        if e.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
+    }
+    if let Some(r) = &s3.region {
+        b = b.with_region(r);
+    }
+    if let Some(k) = &s3.access_key {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(k) = &s3.secret_key {
+        b = b.with_secret_access_key(k);
+    }
+    b.build().map_err(|e| bad(url, e.to_string()))
+}
+
 impl Store {
     /// Open `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`. A local
     /// directory is created if missing.
@@ -117,73 +161,50 @@ impl Store {
     }
 
     pub fn open_with(url: &str, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
+        Store::open_location(&CheckpointLocation::parse(url)?, s3, config)
+    }
+
+    /// Open a location for writing: a local directory is created if missing.
+    pub fn open_location(
+        location: &CheckpointLocation,
+        s3: &S3Options,
+        config: StoreConfig,
+    ) -> Result<Store, CheckpointError> {
+        Store::connect(location.for_writing()?, s3, config)
+    }
+
+    /// Open a location only if it is there: a missing local directory (or a file) is
+    /// [`LocationError::is_absent`], and nothing is created. For servers that open what their
+    /// clients name.
+    ///
+    /// [`LocationError::is_absent`]: crate::location::LocationError::is_absent
+    pub fn open_existing(location: &CheckpointLocation, s3: &S3Options) -> Result<Store, CheckpointError> {
+        Store::connect(location.for_reading()?, s3, StoreConfig::default())
+    }
+
+    /// `resolved`: a local location already canonical.
+    fn connect(resolved: CheckpointLocation, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
+        let shown = resolved.to_string();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("gantry-store")
             .enable_all()
             .build()
-            .map_err(|e| bad(url, format!("cannot start I/O runtime: {e}")))?;
-        let (inner, root, shown, local): (Arc<dyn ObjectStore>, Path, String, Option<PathBuf>) =
-            if let Some(rest) = url.strip_prefix("s3://") {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(bad(url, "no bucket name after s3://"));
-                }
-                // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's
-                // (and our own checksums'), and hashing every part twice halves upload speed.
-                if s3.configured_only && (s3.endpoint.is_none() || s3.access_key.is_none() || s3.secret_key.is_none()) {
-                    return Err(bad(
-                        url,
-                        "this server has no S3 endpoint and credentials configured, so it opens no s3:// location",
-                    ));
-                }
-                let base = if s3.configured_only {
-                    AmazonS3Builder::new()
-                } else {
-                    AmazonS3Builder::from_env()
-                };
-                let mut b = base.with_bucket_name(bucket).with_unsigned_payload(true);
-                let endpoint = match s3.configured_only {
-                    true => s3.endpoint.clone(),
-                    false => s3.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()),
-                };
-                if let Some(e) = &endpoint {
-                    b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
-                    if e.starts_with("http://") {
-                        b = b.with_allow_http(true);
-                    }
-                }
-                if let Some(r) = &s3.region {
-                    b = b.with_region(r);
-                }
-                if let Some(k) = &s3.access_key {
-                    b = b.with_access_key_id(k);
-                }
-                if let Some(k) = &s3.secret_key {
-                    b = b.with_secret_access_key(k);
-                }
-                let store = b.build().map_err(|e| bad(url, e.to_string()))?;
-                let root = Path::parse(prefix.trim_matches('/')).map_err(|e| bad(url, e.to_string()))?;
-                (Arc::new(store), root, url.trim_end_matches('/').to_string(), None)
-            } else {
-                let path = match url.strip_prefix("file://") {
-                    Some(p) => std::path::PathBuf::from(p),
-                    None if url.contains("://") => {
-                        return Err(bad(url, "only local paths, file:// and s3:// are supported"));
-                    }
-                    None => std::path::PathBuf::from(url),
-                };
-                if path.as_os_str().is_empty() {
-                    return Err(bad(url, "empty path"));
-                }
-                std::fs::create_dir_all(&path).map_err(|e| bad(url, format!("cannot create directory: {e}")))?;
-                let abs = std::fs::canonicalize(&path).map_err(|e| bad(url, e.to_string()))?;
+            .map_err(|e| bad(&shown, format!("cannot start I/O runtime: {e}")))?;
+        let (inner, root, local): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match resolved {
+            CheckpointLocation::S3 { bucket, prefix } => {
+                let store = s3_client(&shown, &bucket, s3)?;
+                let root = Path::parse(&prefix).map_err(|e| bad(&shown, e.to_string()))?;
+                (Arc::new(store), root, None)
+            }
+            CheckpointLocation::Local(dir) => {
                 // fsync: a commit must only ever name chunks that survive a power loss too.
-                let fs = LocalFileSystem::new_with_prefix(&abs)
-                    .map_err(|e| bad(url, e.to_string()))?
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(&shown, e.to_string()))?
                     .with_fsync(true);
-                (Arc::new(fs), Path::default(), abs.display().to_string(), Some(abs))
-            };
+                (Arc::new(fs), Path::default(), Some(dir))
+            }
+        };
         Ok(Store {
             inner,
             root,

@@ -117,178 +117,35 @@ fn err(label: &str, e: impl std::fmt::Display, out: &mut Failures) {
 }
 
 /// Run the whole suite on this rank. Every rank of `comm` must call it.
+///
+/// Every check draws fresh inputs from the next `salt`, and every rank walks the checks in
+/// the same order, so all ranks agree on every input without exchanging any.
 pub fn run(comm: &mut Communicator) -> Failures {
     let mut fails = Failures::new();
-    let (n, r) = (comm.size(), comm.rank());
+    let n = comm.size();
     let mut salt = 0u64;
     for dtype in DType::ALL {
         for count in COUNTS {
-            // all_reduce: every op, every algorithm.
-            for op in ReduceOp::ALL {
-                for algo in [Algorithm::Auto, Algorithm::Ring, Algorithm::Tree] {
-                    salt += 1;
-                    let label = format!("all_reduce {op} {dtype} count {count} {algo:?} world {n}");
-                    let mut buf = encode(
-                        &(0..count).map(|i| input(r, i, salt, dtype, op)).collect::<Vec<_>>(),
-                        dtype,
-                    );
-                    let bytes = bytes_of(&mut buf, count, dtype);
-                    let res = comm.with_options(
-                        CallOptions {
-                            algorithm: Some(algo),
-                            ..Default::default()
-                        },
-                        |c| c.all_reduce_bytes(bytes, dtype, op),
-                    );
-                    match res {
-                        Ok(()) => compare(
-                            &label,
-                            &decode(bytes, dtype),
-                            |i| reference(n, i, salt, dtype, op),
-                            n,
-                            dtype,
-                            &mut fails,
-                        ),
-                        Err(e) => err(&label, e, &mut fails),
-                    }
-                }
-            }
-            // reduce and broadcast at two roots, both algorithms.
+            all_reduces(comm, dtype, count, &mut salt, &mut fails);
             for root in [0, n - 1] {
                 for algo in [Algorithm::Ring, Algorithm::Tree] {
                     for op in [ReduceOp::Sum, ReduceOp::Max] {
                         salt += 1;
-                        let label = format!("reduce {op} {dtype} count {count} root {root} {algo:?} world {n}");
-                        let mine: Vec<f64> = (0..count).map(|i| input(r, i, salt, dtype, op)).collect();
-                        let mut buf = encode(&mine, dtype);
-                        let bytes = bytes_of(&mut buf, count, dtype);
-                        let res = comm.with_options(
-                            CallOptions {
-                                algorithm: Some(algo),
-                                ..Default::default()
-                            },
-                            |c| c.reduce_bytes(bytes, dtype, op, root),
-                        );
-                        match res {
-                            Ok(()) if r == root => compare(
-                                &label,
-                                &decode(bytes, dtype),
-                                |i| reference(n, i, salt, dtype, op),
-                                n,
-                                dtype,
-                                &mut fails,
-                            ),
-                            Ok(()) => compare(&label, &decode(bytes, dtype), |i| (mine[i], 0.0), n, dtype, &mut fails),
-                            Err(e) => err(&label, e, &mut fails),
-                        }
+                        reduce(comm, Check { dtype, count, salt }, op, root, algo, &mut fails);
                     }
                     salt += 1;
-                    let label = format!("broadcast {dtype} count {count} root {root} {algo:?} world {n}");
-                    let mut buf = encode(
-                        &(0..count)
-                            .map(|i| {
-                                if r == root {
-                                    input(root, i, salt, dtype, ReduceOp::Sum)
-                                } else {
-                                    0.0
-                                }
-                            })
-                            .collect::<Vec<_>>(),
-                        dtype,
-                    );
-                    let bytes = bytes_of(&mut buf, count, dtype);
-                    match comm.with_options(
-                        CallOptions {
-                            algorithm: Some(algo),
-                            ..Default::default()
-                        },
-                        |c| c.broadcast_bytes(bytes, dtype, root),
-                    ) {
-                        Ok(()) => compare(
-                            &label,
-                            &decode(bytes, dtype),
-                            |i| (input(root, i, salt, dtype, ReduceOp::Sum), 0.0),
-                            n,
-                            dtype,
-                            &mut fails,
-                        ),
-                        Err(e) => err(&label, e, &mut fails),
-                    }
+                    broadcast(comm, Check { dtype, count, salt }, root, algo, &mut fails);
                 }
             }
             // Blocked operations: `count` elements per rank.
             salt += 1;
-            let label = format!("all_gather {dtype} count {count} world {n}");
-            let mut buf = encode(
-                &(0..n * count)
-                    .map(|i| {
-                        if i / count.max(1) == r {
-                            input(r, i, salt, dtype, ReduceOp::Sum)
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect::<Vec<_>>(),
-                dtype,
-            );
-            let bytes = bytes_of(&mut buf, n * count, dtype);
-            match comm.all_gather_bytes(bytes, dtype) {
-                Ok(()) => compare(
-                    &label,
-                    &decode(bytes, dtype),
-                    |i| (input(i / count, i, salt, dtype, ReduceOp::Sum), 0.0),
-                    n,
-                    dtype,
-                    &mut fails,
-                ),
-                Err(e) => err(&label, e, &mut fails),
-            }
+            all_gather(comm, Check { dtype, count, salt }, &mut fails);
             for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Min, ReduceOp::Product] {
                 salt += 1;
-                let label = format!("reduce_scatter {op} {dtype} count {count} world {n}");
-                let mut buf = encode(
-                    &(0..n * count).map(|i| input(r, i, salt, dtype, op)).collect::<Vec<_>>(),
-                    dtype,
-                );
-                let bytes = bytes_of(&mut buf, n * count, dtype);
-                match comm.reduce_scatter_bytes(bytes, dtype, op) {
-                    Ok(()) => {
-                        let block = &decode(bytes, dtype)[r * count..(r + 1) * count];
-                        compare(
-                            &label,
-                            block,
-                            |j| reference(n, r * count + j, salt, dtype, op),
-                            n,
-                            dtype,
-                            &mut fails,
-                        )
-                    }
-                    Err(e) => err(&label, e, &mut fails),
-                }
+                reduce_scatter(comm, Check { dtype, count, salt }, op, &mut fails);
             }
             salt += 1;
-            let label = format!("all_to_all {dtype} count {count} world {n}");
-            // Rank s's element i is destined for rank i / count.
-            let send = encode(
-                &(0..n * count)
-                    .map(|i| input(r, i, salt, dtype, ReduceOp::Sum))
-                    .collect::<Vec<_>>(),
-                dtype,
-            );
-            let mut recv = encode(&vec![0.0; n * count], dtype);
-            let send_bytes = &bytemuck::cast_slice::<u64, u8>(&send)[..n * count * dtype.size()];
-            let recv_bytes = bytes_of(&mut recv, n * count, dtype);
-            match comm.all_to_all_bytes(send_bytes, recv_bytes, dtype) {
-                Ok(()) => compare(
-                    &label,
-                    &decode(recv_bytes, dtype),
-                    |i| (input(i / count, r * count + i % count, salt, dtype, ReduceOp::Sum), 0.0),
-                    n,
-                    dtype,
-                    &mut fails,
-                ),
-                Err(e) => err(&label, e, &mut fails),
-            }
+            all_to_all(comm, Check { dtype, count, salt }, &mut fails);
         }
         p2p(comm, dtype, &mut salt, &mut fails);
     }
@@ -297,6 +154,188 @@ pub fn run(comm: &mut Communicator) -> Failures {
     }
     in_place_variants(comm, &mut fails);
     fails
+}
+
+/// One check's element type, element count (per rank for blocked operations) and input salt.
+#[derive(Clone, Copy)]
+struct Check {
+    dtype: DType,
+    count: usize,
+    salt: u64,
+}
+
+/// `f` with the collective algorithm forced to `algo`.
+fn forcing<T>(comm: &mut Communicator, algo: Algorithm, f: impl FnOnce(&mut Communicator) -> T) -> T {
+    let options = CallOptions {
+        algorithm: Some(algo),
+        ..Default::default()
+    };
+    comm.with_options(options, f)
+}
+
+/// all_reduce: every op, every algorithm (`Auto` included: it picks by size).
+fn all_reduces(comm: &mut Communicator, dtype: DType, count: usize, salt: &mut u64, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    for op in ReduceOp::ALL {
+        for algo in [Algorithm::Auto, Algorithm::Ring, Algorithm::Tree] {
+            *salt += 1;
+            let salt = *salt;
+            let label = format!("all_reduce {op} {dtype} count {count} {algo:?} world {n}");
+            let mut buf = encode(
+                &(0..count).map(|i| input(r, i, salt, dtype, op)).collect::<Vec<_>>(),
+                dtype,
+            );
+            let bytes = bytes_of(&mut buf, count, dtype);
+            match forcing(comm, algo, |c| c.all_reduce_bytes(bytes, dtype, op)) {
+                Ok(()) => compare(
+                    &label,
+                    &decode(bytes, dtype),
+                    |i| reference(n, i, salt, dtype, op),
+                    n,
+                    dtype,
+                    fails,
+                ),
+                Err(e) => err(&label, e, fails),
+            }
+        }
+    }
+}
+
+/// reduce to `root`: the root holds the reduction, the others keep their input.
+fn reduce(comm: &mut Communicator, check: Check, op: ReduceOp, root: usize, algo: Algorithm, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    let Check { dtype, count, salt } = check;
+    let label = format!("reduce {op} {dtype} count {count} root {root} {algo:?} world {n}");
+    let mine: Vec<f64> = (0..count).map(|i| input(r, i, salt, dtype, op)).collect();
+    let mut buf = encode(&mine, dtype);
+    let bytes = bytes_of(&mut buf, count, dtype);
+    match forcing(comm, algo, |c| c.reduce_bytes(bytes, dtype, op, root)) {
+        Ok(()) if r == root => compare(
+            &label,
+            &decode(bytes, dtype),
+            |i| reference(n, i, salt, dtype, op),
+            n,
+            dtype,
+            fails,
+        ),
+        Ok(()) => compare(&label, &decode(bytes, dtype), |i| (mine[i], 0.0), n, dtype, fails),
+        Err(e) => err(&label, e, fails),
+    }
+}
+
+/// broadcast from `root`: every rank ends with the root's input (the others start at zero).
+fn broadcast(comm: &mut Communicator, check: Check, root: usize, algo: Algorithm, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    let Check { dtype, count, salt } = check;
+    let label = format!("broadcast {dtype} count {count} root {root} {algo:?} world {n}");
+    let mut buf = encode(
+        &(0..count)
+            .map(|i| {
+                if r == root {
+                    input(root, i, salt, dtype, ReduceOp::Sum)
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<_>>(),
+        dtype,
+    );
+    let bytes = bytes_of(&mut buf, count, dtype);
+    match forcing(comm, algo, |c| c.broadcast_bytes(bytes, dtype, root)) {
+        Ok(()) => compare(
+            &label,
+            &decode(bytes, dtype),
+            |i| (input(root, i, salt, dtype, ReduceOp::Sum), 0.0),
+            n,
+            dtype,
+            fails,
+        ),
+        Err(e) => err(&label, e, fails),
+    }
+}
+
+/// all_gather: each rank fills its own block, every rank ends with all blocks.
+fn all_gather(comm: &mut Communicator, check: Check, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    let Check { dtype, count, salt } = check;
+    let label = format!("all_gather {dtype} count {count} world {n}");
+    let mut buf = encode(
+        &(0..n * count)
+            .map(|i| {
+                if i / count.max(1) == r {
+                    input(r, i, salt, dtype, ReduceOp::Sum)
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<_>>(),
+        dtype,
+    );
+    let bytes = bytes_of(&mut buf, n * count, dtype);
+    match comm.all_gather_bytes(bytes, dtype) {
+        Ok(()) => compare(
+            &label,
+            &decode(bytes, dtype),
+            |i| (input(i / count, i, salt, dtype, ReduceOp::Sum), 0.0),
+            n,
+            dtype,
+            fails,
+        ),
+        Err(e) => err(&label, e, fails),
+    }
+}
+
+/// reduce_scatter: rank r ends with the reduction of everyone's block r.
+fn reduce_scatter(comm: &mut Communicator, check: Check, op: ReduceOp, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    let Check { dtype, count, salt } = check;
+    let label = format!("reduce_scatter {op} {dtype} count {count} world {n}");
+    let mut buf = encode(
+        &(0..n * count).map(|i| input(r, i, salt, dtype, op)).collect::<Vec<_>>(),
+        dtype,
+    );
+    let bytes = bytes_of(&mut buf, n * count, dtype);
+    match comm.reduce_scatter_bytes(bytes, dtype, op) {
+        Ok(()) => {
+            let block = &decode(bytes, dtype)[r * count..(r + 1) * count];
+            compare(
+                &label,
+                block,
+                |j| reference(n, r * count + j, salt, dtype, op),
+                n,
+                dtype,
+                fails,
+            )
+        }
+        Err(e) => err(&label, e, fails),
+    }
+}
+
+/// all_to_all: rank s's element i is destined for rank i / count.
+fn all_to_all(comm: &mut Communicator, check: Check, fails: &mut Failures) {
+    let (n, r) = (comm.size(), comm.rank());
+    let Check { dtype, count, salt } = check;
+    let label = format!("all_to_all {dtype} count {count} world {n}");
+    let send = encode(
+        &(0..n * count)
+            .map(|i| input(r, i, salt, dtype, ReduceOp::Sum))
+            .collect::<Vec<_>>(),
+        dtype,
+    );
+    let mut recv = encode(&vec![0.0; n * count], dtype);
+    let send_bytes = &bytemuck::cast_slice::<u64, u8>(&send)[..n * count * dtype.size()];
+    let recv_bytes = bytes_of(&mut recv, n * count, dtype);
+    match comm.all_to_all_bytes(send_bytes, recv_bytes, dtype) {
+        Ok(()) => compare(
+            &label,
+            &decode(recv_bytes, dtype),
+            |i| (input(i / count, r * count + i % count, salt, dtype, ReduceOp::Sum), 0.0),
+            n,
+            dtype,
+            fails,
+        ),
+        Err(e) => err(&label, e, fails),
+    }
 }
 
 /// Tagged send/recv around the ring (send_recv) and plain send/recv pairs.

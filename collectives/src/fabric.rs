@@ -5,14 +5,16 @@
 //! communicators ([`Fabric::world`], [`Fabric::group`], [`Communicator::split`]) make links
 //! lazily, per peer, the first time an operation needs them: shared memory when the peer is on
 //! this host (same hostname and boot id), TCP otherwise, unless [`TransportChoice`] forces one.
-//! [`Bootstrap::from_env`] reads torchrun-compatible variables so `gantry` ranks start the same
-//! way torchrun's do.
+//! [`Fabric::from_bootstrap`] joins from a [`Bootstrap`], the torchrun-compatible variables that
+//! [`crate::rank_env`] writes and reads, so `gantry` ranks start the same way torchrun's do.
 
 use crate::comm::Communicator;
 use crate::error::{CommError, LinkError};
 use crate::link::Link;
 use crate::local::LocalRegistry;
 use crate::nccl::{NcclCommunicator, NcclError, NcclUniqueId};
+pub use crate::rank_env::Bootstrap;
+use crate::rank_env::EnvError;
 use crate::recorder::RecorderSet;
 use crate::shm::ShmLink;
 use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
@@ -127,38 +129,29 @@ impl FabricConfig {
     }
 
     /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
-    /// `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`.
-    pub fn with_env(mut self) -> Result<Self, String> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    /// `GANTRY_YIELD_US`, `GANTRY_SPIN_ITERS`, `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`, looked up
+    /// through `get` (the binary passes `|k| std::env::var(k).ok()`); empty values are ignored.
+    pub fn with_lookup(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let var = |k: &str| get(k).filter(|v| !v.is_empty());
         if let Some(t) = var("GANTRY_TRANSPORT") {
-            self.transport = t.parse()?;
+            self.transport = t
+                .parse()
+                .map_err(|why| EnvError::Rule(format!("GANTRY_TRANSPORT: {why}")))?;
         }
         if let Some(ms) = var("GANTRY_TIMEOUT_MS") {
-            self.timeout = Duration::from_millis(
-                ms.parse()
-                    .map_err(|_| format!("GANTRY_TIMEOUT_MS=`{ms}` is not a number"))?,
-            );
+            self.timeout = Duration::from_millis(number("GANTRY_TIMEOUT_MS", ms)?);
         }
         if let Some(b) = var("GANTRY_SHM_RING_BYTES") {
-            self.shm_ring_bytes = b
-                .parse()
-                .map_err(|_| format!("GANTRY_SHM_RING_BYTES=`{b}` is not a number"))?;
+            self.shm_ring_bytes = number("GANTRY_SHM_RING_BYTES", b)?;
         }
         if let Some(b) = var("GANTRY_SEGMENT_BYTES") {
-            self.segment_bytes = b
-                .parse()
-                .map_err(|_| format!("GANTRY_SEGMENT_BYTES=`{b}` is not a number"))?;
+            self.segment_bytes = number("GANTRY_SEGMENT_BYTES", b)?;
         }
         if let Some(us) = var("GANTRY_YIELD_US") {
-            let us = us
-                .parse()
-                .map_err(|_| format!("GANTRY_YIELD_US=`{us}` is not a number"))?;
-            self.wait.yield_for = Duration::from_micros(us);
+            self.wait.yield_for = Duration::from_micros(number("GANTRY_YIELD_US", us)?);
         }
         if let Some(n) = var("GANTRY_SPIN_ITERS") {
-            self.wait.spin_iters = n
-                .parse()
-                .map_err(|_| format!("GANTRY_SPIN_ITERS=`{n}` is not a number"))?;
+            self.wait.spin_iters = number("GANTRY_SPIN_ITERS", n)?;
         }
         if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
             self.advertise_host = Some(h);
@@ -166,86 +159,17 @@ impl FabricConfig {
         if let Some(d) = var("GANTRY_FLIGHT_DIR") {
             self.flight_dir = PathBuf::from(d);
         }
-        self.validate()?;
+        self.validate().map_err(EnvError::Rule)?;
         Ok(self)
     }
 }
 
-/// Where this rank sits and where the rendezvous store is, as torchrun passes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Bootstrap {
-    pub rank: usize,
-    pub world: usize,
-    pub local_rank: usize,
-    pub local_world: usize,
-    pub master_addr: String,
-    pub master_port: u16,
-    /// The launcher hosts the store (`GANTRY_STORE_EXTERNAL=1`); rank 0 only connects to it.
-    pub store_external: bool,
-}
-
-impl Bootstrap {
-    /// Read `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-    /// `MASTER_PORT` (torchrun's names). Returns `Ok(None)` when `RANK` is not set.
-    pub fn from_env() -> Result<Option<Bootstrap>, String> {
-        Self::from_lookup(|k| std::env::var(k).ok())
-    }
-
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, String> {
-        let Some(rank) = get("RANK") else { return Ok(None) };
-        let num = |name: &str, v: String| -> Result<usize, String> {
-            v.trim()
-                .parse()
-                .map_err(|_| format!("{name}=`{v}` is not a non-negative integer"))
-        };
-        let rank = num("RANK", rank)?;
-        let world = num(
-            "WORLD_SIZE",
-            get("WORLD_SIZE").ok_or("RANK is set but WORLD_SIZE is not")?,
-        )?;
-        if world == 0 || rank >= world {
-            return Err(format!("RANK={rank} must be below WORLD_SIZE={world}"));
-        }
-        let local_rank = get("LOCAL_RANK")
-            .map(|v| num("LOCAL_RANK", v))
-            .transpose()?
-            .unwrap_or(rank);
-        let local_world = get("LOCAL_WORLD_SIZE")
-            .map(|v| num("LOCAL_WORLD_SIZE", v))
-            .transpose()?
-            .unwrap_or(world);
-        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port = get("MASTER_PORT").ok_or("RANK is set but MASTER_PORT is not")?;
-        let master_port = port
-            .trim()
-            .parse()
-            .map_err(|_| format!("MASTER_PORT=`{port}` is not a port number"))?;
-        let store_external = get("GANTRY_STORE_EXTERNAL").is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-        Ok(Some(Bootstrap {
-            rank,
-            world,
-            local_rank,
-            local_world,
-            master_addr,
-            master_port,
-            store_external,
-        }))
-    }
-
-    /// The environment a launcher gives rank `rank` of a local world.
-    pub fn env_for(rank: usize, world: usize, master_addr: &str, master_port: u16) -> Vec<(String, String)> {
-        [
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", world.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("LOCAL_WORLD_SIZE", world.to_string()),
-            ("MASTER_ADDR", master_addr.to_string()),
-            ("MASTER_PORT", master_port.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
+fn number<T: std::str::FromStr>(var: &'static str, value: String) -> Result<T, EnvError> {
+    value.trim().parse().map_err(|_| EnvError::Invalid {
+        var,
+        value,
+        expected: "a number",
+    })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -303,15 +227,8 @@ impl Fabric {
         Self::join_inner(rank, world, store, config, None, "127.0.0.1")
     }
 
-    /// Join from torchrun-style environment variables; rank 0 serves the TCP store at
-    /// `MASTER_ADDR:MASTER_PORT`.
-    pub fn from_env(config: FabricConfig) -> Result<Fabric, CommError> {
-        let boot = Bootstrap::from_env()
-            .map_err(setup)?
-            .ok_or_else(|| setup("RANK is not set: not launched as a rank"))?;
-        Self::from_bootstrap(&boot, config)
-    }
-
+    /// Join as `boot` places this rank (torchrun's convention: rank 0 serves the TCP store at
+    /// `MASTER_ADDR:MASTER_PORT`, unless the launcher hosts it).
     pub fn from_bootstrap(boot: &Bootstrap, config: FabricConfig) -> Result<Fabric, CommError> {
         let addr = format!("{}:{}", boot.master_addr, boot.master_port);
         let (server, client) = if boot.store_external {

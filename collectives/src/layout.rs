@@ -59,7 +59,7 @@ pub enum LayoutError {
     #[error("{dim} must be at least 1, got 0 (world size {world})")]
     ZeroDegree { dim: Dim, world: usize },
 
-    #[error("dp ({dp}) × tp ({tp}) × pp ({pp}) = {product}, but world size is {world}")]
+    #[error("dp {dp} × tp {tp} × pp {pp} = {product} ranks, but the world has {world}")]
     WorldMismatch {
         world: usize,
         dp: usize,
@@ -68,7 +68,7 @@ pub enum LayoutError {
         product: usize,
     },
 
-    #[error("dp ({dp}) × tp ({tp}) × pp ({pp}) overflows usize (world size is {world})")]
+    #[error("dp {dp} × tp {tp} × pp {pp} overflows (more than {max} ranks), but the world has {world}", max = usize::MAX)]
     Overflow {
         world: usize,
         dp: usize,
@@ -76,7 +76,7 @@ pub enum LayoutError {
         pp: usize,
     },
 
-    #[error("world size {world} is not divisible by tp ({tp}) × pp ({pp})")]
+    #[error("world size {world} is not divisible by tp {tp} × pp {pp}")]
     NotDivisible { world: usize, tp: usize, pp: usize },
 }
 
@@ -112,7 +112,7 @@ impl Coords {
 /// assert_eq!(layout.dp_group(5), vec![5, 7]);
 /// assert_eq!(layout.pp_group(5), vec![1, 5]);
 /// let err = ParallelLayout::new(8, 2, 2, 3).unwrap_err().to_string();
-/// assert!(err.contains("dp (2) × tp (2) × pp (3) = 12, but world size is 8"), "{err}");
+/// assert!(err.contains("dp 2 × tp 2 × pp 3 = 12 ranks, but the world has 8"), "{err}");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "LayoutSpec")]
@@ -348,8 +348,8 @@ mod tests {
             ((8, 2, 0, 2), "tp must be at least 1, got 0 (world size 8)"),
             ((8, 2, 2, 0), "pp must be at least 1, got 0 (world size 8)"),
             ((0, 1, 1, 1), "world size must be at least 1, got 0"),
-            ((8, 2, 2, 3), "dp (2) × tp (2) × pp (3) = 12, but world size is 8"),
-            ((16, 1, 2, 4), "dp (1) × tp (2) × pp (4) = 8, but world size is 16"),
+            ((8, 2, 2, 3), "dp 2 × tp 2 × pp 3 = 12 ranks, but the world has 8"),
+            ((16, 1, 2, 4), "dp 1 × tp 2 × pp 4 = 8 ranks, but the world has 16"),
         ];
         for ((world, dp, tp, pp), want) in cases {
             let got = ParallelLayout::new(world, dp, tp, pp).unwrap_err();
@@ -363,7 +363,7 @@ mod tests {
         let e = ParallelLayout::new(2, 6148914691236517206, 1, 3).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "dp (6148914691236517206) × tp (1) × pp (3) overflows usize (world size is 2)"
+            "dp 6148914691236517206 × tp 1 × pp 3 overflows (more than 18446744073709551615 ranks), but the world has 2"
         );
     }
 
@@ -373,8 +373,8 @@ mod tests {
         assert_eq!((l.world(), l.dp(), l.tp(), l.pp()), (12, 3, 2, 2));
         #[rustfmt::skip]
         let cases = [
-            ((8, 3, 1), "world size 8 is not divisible by tp (3) × pp (1)"),
-            ((4, 4, 2), "world size 4 is not divisible by tp (4) × pp (2)"),
+            ((8, 3, 1), "world size 8 is not divisible by tp 3 × pp 1"),
+            ((4, 4, 2), "world size 4 is not divisible by tp 4 × pp 2"),
             ((8, 0, 2), "tp must be at least 1, got 0 (world size 8)"),
             ((8, 2, 0), "pp must be at least 1, got 0 (world size 8)"),
             ((0, 1, 1), "world size must be at least 1, got 0"),
@@ -413,7 +413,7 @@ mod tests {
         let bad = serde_json::from_str::<ParallelLayout>(r#"{"world":8,"dp":2,"tp":2,"pp":3}"#);
         let msg = bad.unwrap_err().to_string();
         assert!(
-            msg.contains("dp (2) × tp (2) × pp (3) = 12, but world size is 8"),
+            msg.contains("dp 2 × tp 2 × pp 3 = 12 ranks, but the world has 8"),
             "{msg}"
         );
         let coords = serde_json::to_string(&l.coords(9)).unwrap();

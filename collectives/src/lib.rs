@@ -19,15 +19,19 @@
 //! - [`comm`]: [`Communicator`], the public API: sequence numbers, algorithm choice, deadlines,
 //!   error attribution, `split` into sub-groups.
 //! - [`fabric`]: how a process joins a world: rendezvous through a [`store::Store`], lazy
-//!   per-peer links (shared memory when the peer is on this host, TCP otherwise), env bootstrap
-//!   compatible with torchrun.
+//!   per-peer links (shared memory when the peer is on this host, TCP otherwise).
+//! - [`rank_env`]: a rank process's environment, written by every launcher ([`RankEnv`]:
+//!   torchrun's and gantry's variables, the thread policy) and read back by the rank
+//!   ([`Bootstrap::from_lookup`]) in one place. The library reads no environment itself:
+//!   the binary passes lookups (`Bootstrap::from_lookup`, `FabricConfig::with_lookup`).
+//! - [`spawn`]: a local world of rank processes around a launcher-hosted store (benchmarks,
+//!   multi-process tests).
 //! - [`layout`]: [`ParallelLayout`], the DP×PP×TP mesh and its groups.
 //! - [`recorder`]: the flight recorder dumped on errors and SIGUSR1.
-//! - [`bench`]: the nccl-tests-style benchmark behind `gantry bench collectives`.
 //!
 //! # Example
 //!
-//! Two ranks as threads of one process (real processes join with [`Fabric::from_env`]):
+//! Two ranks as threads of one process (real processes join with [`Fabric::from_bootstrap`]):
 //!
 //! ```
 //! use gantry_collectives::{Fabric, FabricConfig, ReduceOp};
@@ -52,7 +56,6 @@
 //! → `Link`s → peer's `Link` → peer's receive sink (copy or reduce into its buffer).
 
 pub mod algo;
-pub mod bench;
 pub mod comm;
 #[doc(hidden)]
 pub mod conformance;
@@ -64,6 +67,7 @@ pub mod layout;
 pub mod link;
 pub mod local;
 pub mod nccl;
+pub mod rank_env;
 pub mod recorder;
 pub mod reduce;
 pub mod shm;
@@ -77,6 +81,7 @@ pub use dtype::{DType, Element, ReduceOp};
 pub use error::{CommError, LinkError};
 pub use fabric::{Bootstrap, Fabric, FabricConfig, TransportChoice};
 pub use header::{OpDesc, OpKind};
-pub use layout::ParallelLayout;
+pub use layout::{Dim, LayoutError, ParallelLayout};
 pub use link::{Link, LinkKind};
+pub use rank_env::{EnvError, RankEnv, RankProgram, ThreadDefaults, thread_defaults};
 pub use transport::{MeshTransport, Transport};

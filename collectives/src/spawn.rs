@@ -1,9 +1,10 @@
-//! Start a world of rank processes on this host: the launcher hosts the rendezvous store and
-//! passes each child torchrun-style variables plus `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins
-//! the launcher's store instead of serving one). Used by `gantry bench collectives` and by the
-//! multi-process tests.
+//! Start a world of rank processes on this host: the launcher hosts the rendezvous store
+//! ([`HostedStore`]) and passes each child the variables [`RankEnv`] writes, with
+//! `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins the launcher's store instead of serving one).
+//! [`spawn_local_world`] is used by `gantry bench collectives` and by the multi-process tests;
+//! the `gantry` binary's own rank supervisor uses [`HostedStore`].
 
-use crate::fabric::Bootstrap;
+use crate::rank_env::{Bootstrap, RankEnv};
 use crate::shm::remove_session_files;
 use crate::store::{Store, StoreError, StoreServer, TcpStore};
 use std::ffi::OsString;
@@ -12,9 +13,45 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// A rendezvous store a launcher serves on `127.0.0.1` for the ranks it starts.
+pub struct HostedStore {
+    server: StoreServer,
+}
+
+impl HostedStore {
+    pub fn bind() -> Result<HostedStore, StoreError> {
+        Ok(HostedStore {
+            server: StoreServer::bind("127.0.0.1:0")?,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.server.local_addr().port()
+    }
+
+    /// The environment of rank `rank` of `world` ranks joining this store.
+    pub fn rank_env(&self, rank: usize, world: usize) -> RankEnv {
+        RankEnv::new(Bootstrap::local(rank, world, self.port(), true))
+    }
+
+    /// Shared-memory ring files are unlinked once both ends map them; a rank that died before
+    /// its peer attached leaves its half behind. The launcher hosts the store, so it knows
+    /// the session and removes what is left once every rank is gone.
+    pub fn remove_ring_files(&self) {
+        let addr = self.server.local_addr().to_string();
+        let Ok(client) = TcpStore::connect(&addr, Duration::from_secs(2)) else {
+            return;
+        };
+        if let Ok(Some(session)) = client.try_get("gantry/session") {
+            let session = String::from_utf8_lossy(&session).into_owned();
+            let _ = remove_session_files(Path::new("/dev/shm"), &session);
+        }
+    }
+}
+
 pub struct LocalWorld {
     /// Kept alive for the children's lifetime.
-    pub store: StoreServer,
+    pub store: HostedStore,
     /// Children in rank order.
     pub children: Vec<Child>,
 }
@@ -39,14 +76,11 @@ pub fn spawn_local_world(
     extra_env: &[(String, String)],
     output: Output,
 ) -> Result<LocalWorld, StoreError> {
-    let store = StoreServer::bind("127.0.0.1:0")?;
-    let port = store.local_addr().port();
+    let store = HostedStore::bind()?;
     let mut children = Vec::with_capacity(world);
     for rank in 0..world {
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(Bootstrap::env_for(rank, world, "127.0.0.1", port))
-            .env("GANTRY_STORE_EXTERNAL", "1");
+        cmd.args(args).envs(store.rank_env(rank, world).vars());
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
         let (out, err) = match &output {
             Output::Inherit => (Stdio::inherit(), Stdio::inherit()),
@@ -114,22 +148,8 @@ impl LocalWorld {
                 let _ = c.wait();
             }
         }
-        self.remove_ring_files();
+        self.store.remove_ring_files();
         status
-    }
-
-    /// Shared-memory ring files are unlinked once both ends map them; a rank that died before
-    /// its peer attached leaves its half behind. The launcher hosts the store, so it knows
-    /// the session and removes what is left once every rank is gone.
-    fn remove_ring_files(&self) {
-        let addr = self.store.local_addr().to_string();
-        let Ok(client) = TcpStore::connect(&addr, Duration::from_secs(2)) else {
-            return;
-        };
-        if let Ok(Some(session)) = client.try_get("gantry/session") {
-            let session = String::from_utf8_lossy(&session).into_owned();
-            let _ = remove_session_files(Path::new("/dev/shm"), &session);
-        }
     }
 
     /// Kill every rank still running (used when one rank fails so the others don't linger).

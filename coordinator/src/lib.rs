@@ -12,6 +12,9 @@
 //!   before the call that changed it is answered, so `kill -9` loses nothing acknowledged.
 //! - [`service`] / [`server`]: tonic gRPC services (`Cluster` for workers, `Admin` for the
 //!   CLI, both behind the cluster token) and `/metrics`, all on one port.
+//!   [`server::serve`]`(listener, config, shutdown)` runs them on a listener the caller bound
+//!   (the binary binds `--listen` and prints the address; tests bind `127.0.0.1:0`) until the
+//!   shutdown future completes: the one daemon shape, shared with the worker and the registry.
 //!
 //! The wire types are generated from `proto/gantry.proto` into [`proto`]; [`auth`] holds
 //! the token interceptors and TLS settings that workers and the CLI share.

@@ -1,6 +1,7 @@
-//! Wiring: open the state, restore the scheduler, serve `Cluster` + `Admin` (behind the
-//! cluster token) and `/metrics` on one port (HTTP/2 for gRPC, HTTP/1.1 for scrapers), run
-//! the timer that declares silent workers lost.
+//! Wiring: [`serve`] opens the state, restores the scheduler, serves `Cluster` + `Admin`
+//! (behind the cluster token) and `/metrics` on one bound listener (HTTP/2 for gRPC, HTTP/1.1
+//! for scrapers) and runs the timer that declares silent workers lost, until its shutdown
+//! future completes. The same shape as the worker's and the registry's `serve`.
 
 use crate::auth::{RequireToken, TlsFiles};
 use crate::core::{Scheduler, SchedulerConfig};
@@ -12,14 +13,15 @@ use crate::state::{StateError, StateStore};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
-    pub listen: String,
     pub state_dir: PathBuf,
     pub token: String,
     /// When set, `/metrics` answers only requests with `Authorization: Bearer <this>`.
@@ -33,7 +35,6 @@ pub struct CoordinatorConfig {
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
-            listen: "127.0.0.1:7070".into(),
             state_dir: PathBuf::from("gantry-coordinator"),
             token: String::new(),
             metrics_token: None,
@@ -50,8 +51,6 @@ pub enum CoordinatorError {
     Config(String),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
@@ -80,57 +79,59 @@ impl CoordinatorConfig {
     }
 }
 
-/// A started coordinator: its address and the handle to stop it.
-pub struct Running {
-    pub addr: SocketAddr,
-    pub coordinator: Coordinator,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
-}
-
-impl Running {
-    /// Stop serving and wait for the server to finish.
-    pub async fn stop(self) -> Result<(), CoordinatorError> {
-        let _ = self.shutdown.send(());
-        self.task.await.map_err(|e| CoordinatorError::Serve(e.to_string()))?
-    }
-
-    /// Wait until the server stops on its own (an error); cancellable.
-    pub async fn wait_ref(&mut self) -> Result<(), CoordinatorError> {
-        (&mut self.task)
-            .await
-            .map_err(|e| CoordinatorError::Serve(e.to_string()))?
-    }
-}
-
-/// Open the state, bind, and serve in the background.
-pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorError> {
+/// Serves the coordinator on `listener` until `shutdown` completes, then stops accepting,
+/// lets calls in flight finish and returns. The caller binds (port 0, printing the address
+/// are its business), so tests bind `127.0.0.1:0` and read `local_addr()`. Nothing is left
+/// to flush at the end: every acknowledged change was committed before its reply. Returns
+/// early only with an error (bad config, unreadable state or TLS files, the server failing).
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
     config.validate()?;
+    let coordinator = open(&config)?;
+    let tls = config.tls.server_config()?;
+    let routes = routes(&coordinator, &config)?;
+    let mut builder = tonic::transport::Server::builder().accept_http1(true);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = builder
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    // The timer lives exactly as long as the server: selecting (not spawning) means nothing
+    // keeps ticking once `serve` returns or its caller drops it.
+    let tick_every = Duration::from_millis((config.heartbeat_ms as u64 / 2).clamp(50, 1000));
+    tokio::select! {
+        served = server => served.map_err(|e| CoordinatorError::Serve(e.to_string())),
+        never = tick_forever(coordinator, tick_every) => match never {},
+    }
+}
+
+/// Opens the state and restores the scheduler from it.
+fn open(config: &CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
     let (store, loaded) = StateStore::open(&config.state_dir)?;
     let (n_workers, n_jobs) = (loaded.workers.len(), loaded.jobs.len());
     let sched = Scheduler::restore(config.scheduler.clone(), loaded.workers, loaded.jobs, now_ms());
     if n_workers + n_jobs > 0 {
         tracing::info!(workers = n_workers, jobs = n_jobs, state = %store.path().display(), "restored state");
     }
-    let coordinator = Coordinator::new(Inner {
+    Ok(Coordinator::new(Inner {
         sched,
         store,
         counters: Counters::default(),
         heartbeat_ms: config.heartbeat_ms,
-    });
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| CoordinatorError::Listen {
-            addr: config.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| CoordinatorError::Listen {
-        addr: config.listen.clone(),
-        source,
-    })?;
-    let tls = config.tls.server_config()?;
+    }))
+}
+
+/// `Cluster` and `Admin` behind the cluster token, and `/metrics`, as one set of routes.
+fn routes(coordinator: &Coordinator, config: &CoordinatorConfig) -> Result<Routes, CoordinatorError> {
     let token = RequireToken::new(&config.token);
-    let mut routes = tonic::service::Routes::new(ClusterServer::with_interceptor(coordinator.clone(), token.clone()))
+    let mut routes = Routes::new(ClusterServer::with_interceptor(coordinator.clone(), token.clone()))
         .add_service(AdminServer::with_interceptor(coordinator.clone(), token));
     let scrape = coordinator.clone();
     let access = MetricsAccess::new(config.metrics_token.as_deref())?;
@@ -147,42 +148,17 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, CoordinatorErro
             }
         }),
     );
-    let routes = tonic::service::Routes::from(router);
-    let mut builder = tonic::transport::Server::builder().accept_http1(true);
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    Ok(Routes::from(router))
+}
+
+/// Declares silent workers lost (the scheduler's `tick`), forever.
+async fn tick_forever(coordinator: Coordinator, every: Duration) -> std::convert::Infallible {
+    let mut every = tokio::time::interval(every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let _ = coordinator.tick();
     }
-    let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
-    let ticker = coordinator.clone();
-    let tick_every = Duration::from_millis((config.heartbeat_ms as u64 / 2).clamp(50, 1000));
-    let task = tokio::spawn(async move {
-        let timer = tokio::spawn(async move {
-            let mut every = tokio::time::interval(tick_every);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let _ = ticker.tick();
-            }
-        });
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let result = builder
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            })
-            .await
-            .map_err(|e| CoordinatorError::Serve(e.to_string()));
-        timer.abort();
-        result
-    });
-    Ok(Running {
-        addr,
-        coordinator,
-        shutdown,
-        task,
-    })
 }
 
 /// The metrics token is empty or cannot travel in a header.

@@ -6,6 +6,7 @@
 //! checkpoint stays and `gantry models register` can register it later).
 
 use crate::models::{Api, seg};
+use gantry_checkpoint::CheckpointLocation;
 use gantry_train::spec::RegistrySpec;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -33,10 +34,12 @@ impl AutoRegister {
             return None;
         }
         let dir = &spec.checkpoint.dir;
-        let checkpoint = if dir.contains("://") {
-            dir.clone()
-        } else {
-            std::fs::canonicalize(dir).map_or_else(|_| dir.clone(), |p| p.display().to_string())
+        // A local root as the registry must see it: canonical once it exists (the spec may
+        // name one that training has not created yet). A bad location is left for the store
+        // to refuse by name.
+        let checkpoint = match CheckpointLocation::parse(dir) {
+            Ok(location) => location.for_reading().unwrap_or(location).to_string(),
+            Err(_) => dir.clone(),
         };
         let token = std::env::var(&r.token_env).ok().filter(|t| !t.is_empty());
         let queue = (r.register == "every").then(|| {

@@ -3,13 +3,17 @@
 //! line on stdout once they serve: the address, so scripts and tests can start them on
 //! port 0. Both take the cluster token and an optional `/metrics` token from a flag, a file
 //! or the environment (`secrets.rs`).
+//!
+//! Every daemon (these two and `gantry registry serve`) has one shape: check the config,
+//! [`bind`] `--listen`, print the bound address, then the library's
+//! `serve(listener, config, shutdown_signal())`, which returns once the daemon has stopped.
 
 use crate::secrets::{ClusterTokenArgs, MetricsTokenArgs};
 use anyhow::Context;
 use clap::Args;
 use gantry_coordinator::auth::TlsFiles;
 use gantry_coordinator::core::SchedulerConfig;
-use gantry_coordinator::server::{CoordinatorConfig, start};
+use gantry_coordinator::server::{CoordinatorConfig, serve};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -55,6 +59,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Binds a daemon's `--listen` address (port 0 picks a free port; the caller prints the
+/// bound one).
+pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered now, not when the future is first polled: a daemon calls this before it
@@ -87,7 +99,6 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--heartbeat-deadline-s must be a positive number of seconds");
     }
     let config = CoordinatorConfig {
-        listen: args.listen.clone(),
         state_dir: args.state.clone(),
         token: args.token.get()?,
         metrics_token: args.metrics_token.get()?,
@@ -103,24 +114,25 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             ..SchedulerConfig::default()
         },
     };
+    config.validate()?;
     runtime()?.block_on(async {
         let shutdown = shutdown_signal();
-        let mut running = start(config).await?;
+        let listener = bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({"address": running.addr.to_string(), "state": args.state})
+                serde_json::json!({"address": addr.to_string(), "state": args.state})
             );
         } else {
-            println!("listening on {}", running.addr);
+            println!("listening on {addr}");
         }
-        tracing::info!(address = %running.addr, state = %args.state.display(), "coordinator serving");
-        tokio::select! {
-            r = running.wait_ref() => return r.map_err(anyhow::Error::from),
-            _ = shutdown => {}
-        }
-        tracing::info!("coordinator stopping");
-        running.stop().await?;
+        tracing::info!(address = %addr, state = %args.state.display(), "coordinator serving");
+        serve(listener, config, async {
+            shutdown.await;
+            tracing::info!("coordinator stopping");
+        })
+        .await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -205,7 +217,6 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         name: args.name.clone(),
         slots: args.slots,
         labels: gantry_worker::parse_labels(&args.labels)?,
-        listen: args.listen.clone(),
         advertise_address: args.advertise_address.clone(),
         state_dir: std::path::absolute(&args.state).unwrap_or(args.state.clone()),
         port_range: parse_ports(&args.ports)?,
@@ -217,9 +228,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     config.validate()?;
     runtime()?.block_on(async {
         let shutdown = shutdown_signal();
-        let worker = gantry_worker::start(config).await?;
-        println!("serving on {}", worker.service_addr());
-        worker.run(shutdown).await
+        let listener = bind(&args.listen).await?;
+        println!("serving on {}", listener.local_addr()?);
+        gantry_worker::serve(listener, config, shutdown).await?;
+        Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
 }

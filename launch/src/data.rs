@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use gantry_sharding::bench::{FrameBench, MaterializeBench, ReadBench, bench_frames, bench_materialize, bench_reader};
+use gantry_bench::data_reader::{
+    FrameBench, MaterializeBench, ReadBench, bench_frames, bench_materialize, bench_reader,
+};
 use gantry_sharding::frames::ZstdOptions;
 use gantry_sharding::gpt::{FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
@@ -330,27 +332,49 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     if manifest.shards.is_empty() {
         bail!("{}: the manifest lists no shards", a.dir.display())
     }
-    // Auto: the .bin where present, else the zstd frames (compressed-only copies), read
-    // through the frame cache: a sample needs a few frames, not a local copy.
-    let data = TokenDataset::open_with(&a.dir, &OpenOptions::lru(TokenSource::Auto, 4))
-        .with_context(|| format!("opening {}", a.dir.display()))?;
+    let sample = first_tokens(&a.dir, a.sample)?;
+    let report = InspectReport {
+        dir: a.dir.display().to_string(),
+        manifest: &manifest,
+        verified: !a.no_verify,
+        sample_text: sample_text(&a.dir, &manifest, &sample),
+        sample_tokens: sample,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_inspect(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Up to `n` tokens of the dataset's first document. Read through the frame cache from the
+/// .bin where present, else from the zstd frames (compressed-only copies): a sample needs a
+/// few frames, not a local copy.
+fn first_tokens(dir: &std::path::Path, n: usize) -> Result<Vec<i64>> {
+    let data = TokenDataset::open_with(dir, &OpenOptions::lru(TokenSource::Auto, 4))
+        .with_context(|| format!("opening {}", dir.display()))?;
     let first_len = data.document_lengths()?.first().copied().unwrap_or(0);
     let mut sample = Vec::new();
-    data.read_span(
-        Span {
-            doc: 0,
-            offset: 0,
-            len: first_len.min(u32::try_from(a.sample).unwrap_or(u32::MAX)),
-        },
-        &mut sample,
-    )?;
-    let sample_text = match manifest.tokenizer {
+    let span = Span {
+        doc: 0,
+        offset: 0,
+        len: first_len.min(u32::try_from(n).unwrap_or(u32::MAX)),
+    };
+    data.read_span(span, &mut sample)?;
+    Ok(sample)
+}
+
+/// The sample as text where the dataset's tokenizer can say (a warning, not a failure, when
+/// its tokenizer file cannot decode it).
+fn sample_text(dir: &std::path::Path, manifest: &Manifest, sample: &[i64]) -> Option<String> {
+    match &manifest.tokenizer {
         TokenizerInfo::Bytes => {
             Some(String::from_utf8_lossy(&sample.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned())
         }
-        TokenizerInfo::File { ref path } => {
+        TokenizerInfo::File { path } => {
             let ids: Vec<u32> = sample.iter().map(|&t| t as u32).collect();
-            match decode_with(&a.dir.join(path), &ids) {
+            match decode_with(&dir.join(path), &ids) {
                 Ok(text) => Some(text),
                 Err(e) => {
                     eprintln!("warning: cannot show the sample as text: {e}");
@@ -359,18 +383,11 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
             }
         }
         TokenizerInfo::Synthetic { .. } => None,
-    };
-    let report = InspectReport {
-        dir: a.dir.display().to_string(),
-        manifest: &manifest,
-        verified: !a.no_verify,
-        sample_tokens: sample,
-        sample_text,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(ExitCode::SUCCESS);
     }
+}
+
+/// The report for a person: sizes, tokenizer, compression, entropy, verification, sample.
+fn print_inspect(report: &InspectReport) {
     let m = report.manifest;
     println!(
         "{}: {} v{}, {:?} tokens, vocabulary {}{}",
@@ -420,7 +437,6 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     if let Some(t) = &report.sample_text {
         println!("  as text: {t:?}");
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn bench(a: BenchArgs) -> Result<ExitCode> {

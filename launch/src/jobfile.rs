@@ -149,17 +149,6 @@ pub fn load(path: &Path, o: &SubmitOverrides) -> anyhow::Result<p::JobRequest> {
     Ok(req)
 }
 
-/// The job file without its `[cluster]` section (the scheduler's part), for the trainer.
-pub fn without_cluster_section(text: &str, origin: &str) -> anyhow::Result<String> {
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {e}"))?;
-    if table.remove("cluster").is_none() {
-        return Ok(text.to_string());
-    }
-    Ok(toml::to_string(&table)?)
-}
-
 /// Adds `names` to the job's `GANTRY_ENV_PASS` (the list the worker reads), keeping any
 /// names the job's `env` already gives there. Each must be a plain variable name.
 fn add_env_pass(env: &mut HashMap<String, String>, names: &[String], origin: &str) -> anyhow::Result<()> {
@@ -257,7 +246,7 @@ fn train_request(
     // vocabulary, name from the file, data and checkpoint paths made absolute against
     // where the user runs submit, validation of the layout.
     // Saturating: a product that overflows is refused by validation, naming the factors.
-    let spec = crate::train::resolve_spec(path, &o.spec_overrides, dp.saturating_mul(tp).saturating_mul(pp))
+    let spec = crate::job_spec::resolve_spec(path, &o.spec_overrides, dp.saturating_mul(tp).saturating_mul(pp))
         .with_context(|| format!("job file {origin}"))?;
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v).with_context(|| format!("{origin}: parallel.{what} = {v} is too large"))

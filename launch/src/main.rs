@@ -4,41 +4,45 @@
 //! parsing (clap), logging, and the call into the library that does the work.
 //!
 //! # Layout
+//! Each command's module is named for the command (`*_cmd.rs` where the plain name would be
+//! another crate's or module's), so a module here is never mistaken for the crate it calls.
 //! - `main.rs`: the command tree and logging set-up.
-//! - `bench.rs`: `gantry bench collectives` (spawns local ranks or joins via env) and
-//!   `gantry bench nccl` (the NCCL device self test).
-//! - `checkpoint.rs`: `gantry checkpoint list|inspect|verify|export`.
+//! - `launch_cmd.rs`: `gantry launch JOB.toml --local N` (and the dispatch to the forms below);
+//!   `rank_cmd.rs`: one rank process (`gantry rank`, or a Slurm task of `gantry launch`);
+//!   `job_spec.rs`: a job spec resolved for its ranks (shared with `gantry submit`);
+//!   `local_ranks.rs`: the one local rank supervisor (spawn, log tail, first failure) behind
+//!   `--local`, `--nproc` and `gantry eval`; `torchrun.rs`: `gantry launch --nproc N -- CMD`;
+//!   `slurm.rs`: the Slurm environment; `autoregister.rs`: checkpoints into the registry.
+//! - `bench_cmd.rs`: `gantry bench collectives|nccl|checkpoint|cluster|startup|registry`: flags,
+//!   spawning or joining local ranks, printing; the benchmarks are `gantry_bench`'s.
+//! - `checkpoint_cmd.rs`: `gantry checkpoint list|inspect|verify|export`.
 //! - `cluster.rs`: the cluster client commands (`submit`, `jobs`, `job`, `logs`, `cancel`,
 //!   `workers`, `cordon`, `uncordon`, `drain`); `jobfile.rs` turns a job file into a request.
-//! - `daemons.rs`: `gantry coordinator` and `gantry worker`; `secrets.rs`: tokens from
-//!   `--token`, `--token-file` or the environment.
-//! - `registry.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client);
-//!   `serving.rs`: the registry's model loader (libtorch models with a KV cache);
-//!   `eval.rs`: `gantry eval` (weights from the registry at any TP degree).
+//! - `daemons.rs`: `gantry coordinator` and `gantry worker` (bind, then the crate's `serve`);
+//!   `secrets.rs`: tokens from `--token`, `--token-file` or the environment.
+//! - `registry_cmd.rs`: `gantry registry serve`; `models.rs`: `gantry models …` (its client);
+//!   `model_loader.rs`: the registry's model loader (libtorch models with a KV cache);
+//!   `eval_cmd.rs`: `gantry eval` (weights from the registry at any TP degree).
 //! - `data.rs`: `gantry data prepare|synth|inspect|bench`.
-//! - `train.rs`: `gantry launch JOB.toml --local N` and `gantry rank` (one rank process);
-//!   `torchrun.rs`: `gantry launch --nproc N -- CMD`; `slurm.rs`: the Slurm environment.
-//! - `bench_cluster.rs`: `gantry bench cluster` and `gantry bench startup`;
-//!   `bench_registry.rs`: `gantry bench registry` (downloads, generation).
 
 mod autoregister;
-mod bench;
-mod bench_checkpoint;
-mod bench_cluster;
-mod bench_registry;
-mod checkpoint;
+mod bench_cmd;
+mod checkpoint_cmd;
 mod cluster;
 mod daemons;
 mod data;
-mod eval;
+mod eval_cmd;
+mod job_spec;
 mod jobfile;
+mod launch_cmd;
+mod local_ranks;
+mod model_loader;
 mod models;
-mod registry;
+mod rank_cmd;
+mod registry_cmd;
 mod secrets;
-mod serving;
 mod slurm;
 mod torchrun;
-mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -55,12 +59,12 @@ struct Cli {
 enum Command {
     /// Benchmarks that print figures (never pass/fail on speed).
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(bench_cmd::BenchCommand),
     /// Cancel a job: its ranks are stopped on every worker.
     Cancel(cluster::CancelArgs),
     /// Checkpoints: list, inspect, verify (re-read every checksum), export to safetensors.
     #[command(subcommand)]
-    Checkpoint(checkpoint::CheckpointCommand),
+    Checkpoint(checkpoint_cmd::CheckpointCommand),
     /// Run the coordinator daemon: worker registry, job queue, placement, restarts.
     Coordinator(daemons::CoordinatorArgs),
     /// Stop placing new ranks on a worker (running ranks continue).
@@ -72,14 +76,14 @@ enum Command {
     Drain(cluster::ModeArgs),
     /// Evaluate a registered model (loss, perplexity) on a dataset's validation split at any
     /// TP degree, loading weights from the registry, and record the result on the version.
-    Eval(eval::EvalArgs),
+    Eval(eval_cmd::EvalArgs),
     /// One job: state, restarts, per-rank step and loss, stragglers, events.
     Job(cluster::JobArgs),
     /// List jobs.
     Jobs(cluster::JobsArgs),
     /// Run without a coordinator: train JOB.toml on N local ranks (--local N), run any command
     /// as N ranks with torchrun's environment (--nproc N -- CMD), or, under srun, be one rank.
-    Launch(train::LaunchArgs),
+    Launch(launch_cmd::LaunchArgs),
     /// Print (or --follow) a rank's log, read from the worker that runs it.
     Logs(cluster::LogsArgs),
     /// Submit a job file to the coordinator; prints the job id.
@@ -95,11 +99,11 @@ enum Command {
     Workers(cluster::WorkersArgs),
     /// The model registry service.
     #[command(subcommand)]
-    Registry(registry::RegistryCommand),
+    Registry(registry_cmd::RegistryCommand),
     /// One rank process of a job (started by `gantry launch` or a worker; reads torchrun-style
     /// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
     #[command(hide = true)]
-    Rank(train::RankArgs),
+    Rank(rank_cmd::RankArgs),
 }
 
 /// A duration given in seconds on the command line: finite, positive, at most a day (a
@@ -137,12 +141,12 @@ fn main() -> ExitCode {
     ));
     init_logging();
     let result = match cli.command {
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
         Command::Cancel(args) => cluster::cancel(args),
-        Command::Checkpoint(cmd) => checkpoint::run(cmd),
+        Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
         Command::Coordinator(args) => daemons::coordinator(args),
         Command::Cordon(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Cordoned),
-        Command::Eval(args) => eval::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
         Command::Drain(args) => cluster::set_mode(args, gantry_coordinator::proto::WorkerMode::Draining),
         Command::Job(args) => cluster::job(args),
         Command::Jobs(args) => cluster::jobs(args),
@@ -152,9 +156,9 @@ fn main() -> ExitCode {
         Command::Worker(args) => daemons::worker(args),
         Command::Workers(args) => cluster::workers(args),
         Command::Data(cmd) => data::run(cmd),
-        Command::Launch(args) => train::launch(args),
-        Command::Rank(args) => train::rank(args),
-        Command::Registry(cmd) => registry::run(cmd),
+        Command::Launch(args) => launch_cmd::launch(args),
+        Command::Rank(args) => rank_cmd::rank(args),
+        Command::Registry(cmd) => registry_cmd::run(cmd),
         Command::Models(cmd) => models::run(cmd),
     };
     match result {

@@ -1,11 +1,12 @@
-//! From a checkpoint URL to a version record: open the committed checkpoint through
-//! `gantry-checkpoint`, verify every chunk object (size and xxh3 of every entry), and copy the
-//! manifest's lineage into a [`VersionRecord`]. Nothing here touches the database.
+//! From a checkpoint URL to a version record: parse it as a `CheckpointLocation`, open the
+//! committed checkpoint through `gantry-checkpoint` for reading (nothing is created), verify
+//! every chunk object (size and xxh3 of every entry), and copy the manifest's lineage into a
+//! [`VersionRecord`]. Nothing here touches the database.
 
 use crate::error::RegistryError;
 use crate::model::VersionRecord;
 use gantry_checkpoint::format::xxh3_hex;
-use gantry_checkpoint::{Checkpoint, CheckpointError, S3Options, Store, Which};
+use gantry_checkpoint::{Checkpoint, CheckpointError, CheckpointLocation, S3Options, Store, Which};
 use std::path::{Path, PathBuf};
 
 /// JSON with object keys sorted at every level, whatever map order serde_json was built with.
@@ -48,14 +49,12 @@ pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Res
         message,
     };
     let nothing = || refuse("no committed gantry checkpoint there (nothing at that path, or not a checkpoint)".into());
-    if !url.starts_with("s3://") {
-        // Store::open creates a missing local directory; a registry must not.
-        let local = Path::new(url.strip_prefix("file://").unwrap_or(url));
-        if !local.is_dir() {
-            return Err(nothing());
-        }
-    }
-    let store = Store::open(url, s3).map_err(|e| refuse(e.to_string()))?;
+    let location = CheckpointLocation::parse(url).map_err(|e| refuse(e.to_string()))?;
+    // Opened for reading: a registry never creates a missing local directory.
+    let store = Store::open_existing(&location, s3).map_err(|e| match e {
+        CheckpointError::Location(l) if l.is_absent() => nothing(),
+        e => refuse(e.to_string()),
+    })?;
     let which = step.map_or(Which::Latest, Which::Step);
     let ckpt = Checkpoint::open(&store, which).map_err(|e| match e {
         CheckpointError::NoCheckpoint { .. } => nothing(),
@@ -65,41 +64,22 @@ pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Res
     Ok((ckpt, report.bytes))
 }
 
-/// Where a registry accepts checkpoints from (`--checkpoint-roots`).
+/// Where a registry accepts checkpoints from (`--checkpoint-roots`): a location whose local
+/// directory is canonical (symlinks resolved at startup, so a symlink cannot later widen it).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CheckpointRoot {
-    /// A local directory, canonical (symlinks resolved at startup).
-    Local(PathBuf),
-    /// `s3://bucket/prefix`: that bucket, keys under the prefix (may be empty).
-    S3 { bucket: String, prefix: String },
-}
+pub struct CheckpointRoot(CheckpointLocation);
 
 impl CheckpointRoot {
-    /// Parse one root. A local root must exist (it is canonicalized, so a symlink cannot later
-    /// widen it).
+    /// Parse one root. A local root must be an existing directory.
     pub fn parse(root: &str) -> Result<CheckpointRoot, String> {
-        if let Some(rest) = root.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let prefix = prefix.trim_matches('/');
-            if bucket.is_empty() || prefix.split('/').any(|p| p == "..") {
-                return Err(format!("checkpoint root {root:?}: expected s3://bucket[/prefix]"));
-            }
-            return Ok(CheckpointRoot::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.to_string(),
-            });
-        }
-        if root.contains("://") && !root.starts_with("file://") {
-            return Err(format!(
-                "checkpoint root {root:?}: only local paths, file:// and s3:// are supported"
-            ));
-        }
-        let path = Path::new(root.strip_prefix("file://").unwrap_or(root));
-        let canonical = std::fs::canonicalize(path).map_err(|e| format!("checkpoint root {root:?}: {e}"))?;
-        if !canonical.is_dir() {
-            return Err(format!("checkpoint root {root:?} is not a directory"));
-        }
-        Ok(CheckpointRoot::Local(canonical))
+        CheckpointLocation::parse(root)
+            .and_then(|location| location.for_reading())
+            .map(CheckpointRoot)
+            .map_err(|e| format!("checkpoint root: {e}"))
+    }
+
+    pub fn location(&self) -> &CheckpointLocation {
+        &self.0
     }
 }
 
@@ -107,31 +87,32 @@ impl CheckpointRoot {
 /// touching the disk) and, for a local path that exists, again after resolving symlinks, so
 /// neither `root/../etc` nor a symlink inside a root leads out of it.
 pub fn within_roots(url: &str, roots: &[CheckpointRoot]) -> bool {
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-        let parts: Vec<&str> = key.split('/').filter(|p| !p.is_empty()).collect();
-        if parts.iter().any(|p| *p == "." || *p == "..") {
-            return false;
+    // Parsing already refuses other schemes and `.` / `..` in S3 keys.
+    let Ok(location) = CheckpointLocation::parse(url) else {
+        return false;
+    };
+    let segments = |prefix: &str| -> Vec<String> {
+        prefix
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let path = match location.absolute() {
+        CheckpointLocation::S3 { bucket, prefix } => {
+            let parts = segments(&prefix);
+            return roots.iter().any(|r| match r.location() {
+                CheckpointLocation::S3 { bucket: b, prefix } => *b == bucket && parts.starts_with(&segments(prefix)),
+                CheckpointLocation::Local(_) => false,
+            });
         }
-        return roots.iter().any(|r| match r {
-            CheckpointRoot::S3 { bucket: b, prefix } => {
-                let want: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
-                b == bucket && parts.starts_with(&want)
-            }
-            CheckpointRoot::Local(_) => false,
-        });
-    }
-    if url.contains("://") && !url.starts_with("file://") {
-        return false;
-    }
-    let Ok(path) = std::path::absolute(url.strip_prefix("file://").unwrap_or(url)) else {
-        return false;
+        CheckpointLocation::Local(path) => path,
     };
     let lexical = lexical_normal(&path);
     let inside = |p: &Path| {
         roots
             .iter()
-            .any(|r| matches!(r, CheckpointRoot::Local(root) if p.starts_with(root)))
+            .any(|r| matches!(r.location(), CheckpointLocation::Local(root) if p.starts_with(root)))
     };
     if !inside(&lexical) {
         return false;

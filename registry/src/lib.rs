@@ -22,7 +22,8 @@
 //!    `name@latest` mean the highest version, `name@3` version 3, `name@alias` the alias's
 //!    target chosen by [`split::pick`] from a caller-supplied draw (deterministic; no RNG).
 //!
-//! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`), including
+//! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`: the binary
+//! binds the listener and hands it to [`http::serve`] with a shutdown future), including
 //! each version's checkpoint files, the tensor slices one TP rank needs, and text generation
 //! through [`serving`] (continuous batching over a KV cache; the model itself is plugged in
 //! by the binary, so this crate never links a tensor library).

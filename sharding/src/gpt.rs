@@ -29,9 +29,6 @@ use std::thread::JoinHandle;
 
 mod gather;
 
-// The benchmark lived here first; keep its path.
-pub use crate::bench::{ReadBench, bench_reader};
-
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     #[error(transparent)]

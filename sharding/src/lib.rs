@@ -26,13 +26,16 @@
 //!   fast exact encoder for byte-level BPE tokenizers ([`prepare::fast`]) and progress
 //!   reporting.
 //! - [`codec`]: text ↔ ids with a dataset's tokenizer, for evaluation and serving.
-//! - [`bench`]: what `gantry data bench` measures.
 //! - [`vocab`]: whether a model can read a dataset's token ids (declared vocabulary, each
 //!   shard's largest id recorded in the manifest or scanned once, the first offending
 //!   document named).
 //! - [`verify`]: checking a dataset's files against the manifest's xxh3 once per host, the
 //!   verdict remembered in the data cache by fingerprint.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
+//! - [`splitmix`]: gantry's one SplitMix64 (the frozen finalizer the sampler hashes with, and
+//!   the seeded stream synthetic data and token sampling draw from).
+//! - [`next_token`]: the one token sampler (temperature, top-k, top-p, seed; greedy at
+//!   temperature 0) over `f32` logits, used by serving and by end-of-run samples.
 //! - [`sampler`]: packing documents into samples of `seq_len + 1` tokens across document
 //!   boundaries, the seeded global shuffle, partitioning over DP ranks and micro-batches, and
 //!   the serializable [`sampler::Cursor`] that resumes the global sample stream with any DP size.
@@ -40,7 +43,6 @@
 //! Data flows: documents → `IndexedWriter` → `.bin` + `.idx` → `IndexedDataset` (mmap) →
 //! sample spans from `sampler` → token slices for the trainer.
 
-pub mod bench;
 mod cache_hint;
 pub mod codec;
 pub mod frames;
@@ -48,8 +50,10 @@ pub mod gpt;
 pub mod indexed;
 pub mod manifest;
 pub mod materialize;
+pub mod next_token;
 pub mod prepare;
 pub mod sampler;
+pub mod splitmix;
 pub mod synth;
 pub mod verify;
 pub mod vocab;

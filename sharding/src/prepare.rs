@@ -447,9 +447,27 @@ impl Encoder<'_> {
     }
 }
 
-fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<PrepareReport, PrepareError> {
-    let started = Instant::now();
-    let mut progress = Progress::new(cfg.progress, input::total_bytes(files));
+/// The tokenizer the dataset is encoded with, as stored in it, and what its vocabulary decides.
+struct DatasetTokenizer {
+    tokenizer: Tokenizer,
+    trained: bool,
+    /// Seconds spent training it (0 when loaded from a file).
+    train_seconds: f64,
+    eod_token: String,
+    eod_id: u32,
+    vocab_size: u64,
+    dtype: TokenDType,
+}
+
+/// Load or train the tokenizer and store it in the dataset directory `tmp`: the ids mean
+/// nothing without it, so it travels with the shards. `started` is when the prepare began.
+fn dataset_tokenizer(
+    cfg: &PrepareConfig,
+    files: &[PathBuf],
+    tmp: &Path,
+    progress: &Progress,
+    started: Instant,
+) -> Result<DatasetTokenizer, PrepareError> {
     let eod_token = cfg.eod_token.clone().unwrap_or_else(|| DEFAULT_EOD.to_string());
     let (tokenizer, trained) = match &cfg.tokenizer {
         TokenizerSource::File(path) => {
@@ -488,128 +506,209 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
     }
     let max_id = tokenizer.get_vocab(true).values().copied().max().unwrap_or(0);
     let vocab_size = (tokenizer.get_vocab_size(true) as u64).max(u64::from(max_id) + 1);
-    let dtype = TokenDType::for_vocab(vocab_size as usize);
+    Ok(DatasetTokenizer {
+        dtype: TokenDType::for_vocab(vocab_size as usize),
+        tokenizer,
+        trained,
+        train_seconds,
+        eod_token,
+        eod_id,
+        vocab_size,
+    })
+}
 
-    let fast_path_unavailable = if cfg.fast {
-        fast::unsupported_reason(&tokenizer)
-    } else {
-        Some("disabled".to_string())
-    };
-    let encoder = match (cfg.fast, FastEncoder::new(&tokenizer)) {
-        (true, Some(fast)) => Encoder::Fast(Box::new(fast)),
-        _ => Encoder::Hf(&tokenizer),
-    };
-    // Pieces are exact only where the fast encoder vouches for the pre-tokenizer.
-    let piece_bytes = match &encoder {
-        Encoder::Fast(f) if f.pieces_are_exact() => cfg.piece_bytes,
-        _ => 0,
-    };
-    let threads = if cfg.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        cfg.threads
-    };
-    let mut caches: Vec<WordCache> = (0..threads).map(|_| WordCache::default()).collect();
+/// How the documents will be encoded: which encoder, on how many threads, in which pieces.
+struct EncodePlan<'t> {
+    encoder: Encoder<'t>,
+    /// Why the fast encoder is not used, when it is not.
+    fast_path_unavailable: Option<String>,
+    /// Largest piece of a document read at once (0: whole documents).
+    piece_bytes: usize,
+    threads: usize,
+}
 
+impl<'t> EncodePlan<'t> {
+    fn new(cfg: &PrepareConfig, tokenizer: &'t Tokenizer) -> EncodePlan<'t> {
+        let fast_path_unavailable = if cfg.fast {
+            fast::unsupported_reason(tokenizer)
+        } else {
+            Some("disabled".to_string())
+        };
+        let encoder = match (cfg.fast, FastEncoder::new(tokenizer)) {
+            (true, Some(fast)) => Encoder::Fast(Box::new(fast)),
+            _ => Encoder::Hf(tokenizer),
+        };
+        // Pieces are exact only where the fast encoder vouches for the pre-tokenizer.
+        let piece_bytes = match &encoder {
+            Encoder::Fast(f) if f.pieces_are_exact() => cfg.piece_bytes,
+            _ => 0,
+        };
+        let threads = if cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.threads
+        };
+        EncodePlan {
+            encoder,
+            fast_path_unavailable,
+            piece_bytes,
+            threads,
+        }
+    }
+}
+
+/// What the encoding pass counted.
+#[derive(Default)]
+struct Tally {
+    documents: u64,
+    tokens: u64,
+    /// Input bytes read.
+    bytes: u64,
+    skipped_empty: u64,
+    /// Documents the fast encoder handed to the HF encoder.
+    hf_docs: u64,
+}
+
+/// A batch of documents, with the reader's running counts of bytes read and empty documents
+/// skipped when it was sent.
+type Batch = (Vec<Doc>, u64, u64);
+
+/// The reader thread: batches of documents into `tx` until the inputs end (an empty batch
+/// may mark the end) or fail (the error ends the stream), or the receiver hangs up.
+fn read_batches(
+    cfg: &PrepareConfig,
+    files: &[PathBuf],
+    piece_bytes: usize,
+    tx: mpsc::SyncSender<Result<Batch, PrepareError>>,
+) {
+    let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field, piece_bytes);
+    loop {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let end = loop {
+            match reader.next_doc() {
+                Ok(Some(doc)) => {
+                    batch_bytes += doc.text.len();
+                    batch.push(doc);
+                    if batch.len() >= cfg.batch_docs.max(1) || batch_bytes >= cfg.batch_bytes {
+                        break Ok(false);
+                    }
+                }
+                Ok(None) => break Ok(true),
+                Err(e) => break Err(e),
+            }
+        };
+        match end {
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            Ok(end) => {
+                if (!batch.is_empty() || end) && tx.send(Ok((batch, reader.bytes, reader.skipped_empty))).is_err() {
+                    return;
+                }
+                if end {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Read, encode and write every document: the next batch is read on a thread while this one
+/// is encoded (two batches in flight at most), so reading overlaps encoding.
+fn encode_all(
+    cfg: &PrepareConfig,
+    files: &[PathBuf],
+    plan: &EncodePlan,
+    eod_id: u32,
+    shards: &mut ShardWriter,
+    progress: &mut Progress,
+) -> Result<Tally, PrepareError> {
+    let mut caches: Vec<WordCache> = (0..plan.threads).map(|_| WordCache::default()).collect();
+    let mut tally = Tally::default();
+    std::thread::scope(|scope| -> Result<(), PrepareError> {
+        let (tx, rx) = mpsc::sync_channel::<Result<Batch, PrepareError>>(1);
+        let piece_bytes = plan.piece_bytes;
+        scope.spawn(move || read_batches(cfg, files, piece_bytes, tx));
+        for msg in rx {
+            let (batch, read, skipped) = msg?;
+            tally.bytes = read;
+            tally.skipped_empty = skipped;
+            if batch.is_empty() {
+                continue;
+            }
+            let encoded = plan.encoder.encode_batch(&batch, &mut caches, files)?;
+            write_batch(&batch, &encoded, eod_id, shards, &mut tally)?;
+            progress.update(tally.bytes, tally.documents, tally.tokens);
+        }
+        Ok(())
+    })?;
+    Ok(tally)
+}
+
+/// Write one batch's ids into the shards in document order, each document's last piece
+/// followed by the end-of-document token.
+fn write_batch(
+    batch: &[Doc],
+    encoded: &[Encoded],
+    eod_id: u32,
+    shards: &mut ShardWriter,
+    tally: &mut Tally,
+) -> Result<(), PrepareError> {
+    let mut with_eod = Vec::new();
+    let mut docs = batch.iter();
+    for part in encoded {
+        tally.hf_docs += part.hf_docs;
+        let mut from = 0;
+        for &end in &part.ends {
+            let doc = docs.next().expect("one result per document");
+            let ids = &part.ids[from..end];
+            from = end;
+            if doc.last {
+                // The EOD token counts when deciding whether the document starts a shard.
+                with_eod.clear();
+                with_eod.extend_from_slice(ids);
+                with_eod.push(eod_id);
+                shards.add(&with_eod, doc.continued, true)?;
+                tally.documents += 1;
+            } else {
+                shards.add(ids, doc.continued, false)?;
+            }
+            tally.tokens += ids.len() as u64 + u64::from(doc.last);
+        }
+    }
+    Ok(())
+}
+
+fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<PrepareReport, PrepareError> {
+    let started = Instant::now();
+    let mut progress = Progress::new(cfg.progress, input::total_bytes(files));
+    let tok = dataset_tokenizer(cfg, files, tmp, &progress, started)?;
+    let plan = EncodePlan::new(cfg, &tok.tokenizer);
     let encode_started = Instant::now();
     progress.restart();
     let mut shards = ShardWriter {
         dir: tmp,
-        dtype,
+        dtype: tok.dtype,
         shard_tokens: cfg.shard_tokens,
         compress: cfg.compress,
         current: None,
         done: Vec::new(),
     };
-    let (mut documents, mut tokens, mut bytes, mut skipped_empty, mut hf_docs) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    std::thread::scope(|scope| -> Result<(), PrepareError> {
-        // Read the next batch while this one is encoded. The reader reports the bytes read so far
-        // with each batch, and its error (if any) ends the stream. Two batches in flight at most.
-        type Batch = (Vec<Doc>, u64, u64);
-        let (tx, rx) = mpsc::sync_channel::<Result<Batch, PrepareError>>(1);
-        scope.spawn(move || {
-            let mut reader = DocReader::new(files, cfg.split_by, &cfg.text_field, piece_bytes);
-            loop {
-                let mut batch = Vec::new();
-                let mut batch_bytes = 0;
-                let end = loop {
-                    match reader.next_doc() {
-                        Ok(Some(doc)) => {
-                            batch_bytes += doc.text.len();
-                            batch.push(doc);
-                            if batch.len() >= cfg.batch_docs.max(1) || batch_bytes >= cfg.batch_bytes {
-                                break Ok(false);
-                            }
-                        }
-                        Ok(None) => break Ok(true),
-                        Err(e) => break Err(e),
-                    }
-                };
-                match end {
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                    Ok(end) => {
-                        if (!batch.is_empty() || end)
-                            && tx.send(Ok((batch, reader.bytes, reader.skipped_empty))).is_err()
-                        {
-                            return;
-                        }
-                        if end {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        for msg in rx {
-            let (batch, read, skipped) = msg?;
-            bytes = read;
-            skipped_empty = skipped;
-            if batch.is_empty() {
-                continue;
-            }
-            let encoded = encoder.encode_batch(&batch, &mut caches, files)?;
-            let mut with_eod = Vec::new();
-            let mut docs = batch.iter();
-            for part in &encoded {
-                hf_docs += part.hf_docs;
-                let mut from = 0;
-                for &end in &part.ends {
-                    let doc = docs.next().expect("one result per document");
-                    let ids = &part.ids[from..end];
-                    from = end;
-                    if doc.last {
-                        // The EOD token counts when deciding whether the document starts a shard.
-                        with_eod.clear();
-                        with_eod.extend_from_slice(ids);
-                        with_eod.push(eod_id);
-                        shards.add(&with_eod, doc.continued, true)?;
-                        documents += 1;
-                    } else {
-                        shards.add(ids, doc.continued, false)?;
-                    }
-                    tokens += ids.len() as u64 + u64::from(doc.last);
-                }
-            }
-            progress.update(bytes, documents, tokens);
-        }
-        Ok(())
-    })?;
+    let tally = encode_all(cfg, files, &plan, tok.eod_id, &mut shards, &mut progress)?;
     progress.finish();
-    if documents == 0 {
+    if tally.documents == 0 {
         return Err(PrepareError::NoDocuments);
     }
     shards.close()?;
-    let shard_infos = shards.done;
     let manifest = Manifest::new(
-        dtype,
-        vocab_size,
+        tok.dtype,
+        tok.vocab_size,
         TokenizerInfo::File {
             path: TOKENIZER_FILE.into(),
         },
-        shard_infos,
+        shards.done,
     );
     manifest.write(tmp)?;
     let encode_seconds = encode_started.elapsed().as_secs_f64();
@@ -622,6 +721,13 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
             .map(|z| z.bytes)
             .sum()
     });
+    let Tally {
+        documents,
+        tokens,
+        bytes,
+        skipped_empty,
+        hf_docs,
+    } = tally;
     let report = PrepareReport {
         output: cfg.output.display().to_string(),
         files: files.len(),
@@ -630,19 +736,19 @@ fn prepare_into(cfg: &PrepareConfig, files: &[PathBuf], tmp: &Path) -> Result<Pr
         tokens,
         bytes,
         shards: manifest.shards.len(),
-        vocab_size,
-        dtype,
-        eod_token,
-        eod_id,
-        trained_tokenizer: trained,
-        train_seconds,
+        vocab_size: tok.vocab_size,
+        dtype: tok.dtype,
+        eod_token: tok.eod_token,
+        eod_id: tok.eod_id,
+        trained_tokenizer: tok.trained,
+        train_seconds: tok.train_seconds,
         seconds,
         mb_per_s: bytes as f64 / 1e6 / seconds.max(1e-9),
         encode_mb_per_s: bytes as f64 / 1e6 / encode_seconds.max(1e-9),
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
-        threads,
-        fast_path: matches!(encoder, Encoder::Fast(_)),
-        fast_path_unavailable,
+        threads: plan.threads,
+        fast_path: matches!(plan.encoder, Encoder::Fast(_)),
+        fast_path_unavailable: plan.fast_path_unavailable,
         hf_fallback_docs: hf_docs,
         zstd_bytes,
     };

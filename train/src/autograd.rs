@@ -5,7 +5,7 @@
 //! The executor uses the first at every unit and tensor-parallel cut boundary (instead of
 //! seeding backward with `(out · grad).sum()`, a full extra pass over the activation and its
 //! backward); the trainer uses the second to make every gradient a view into its bucket's
-//! flat buffer ([`crate::flat`]).
+//! flat buffer ([`crate::data_parallel`]).
 
 use std::ffi::{c_char, c_int, c_void};
 use tch::Tensor;

@@ -13,17 +13,19 @@
 //! their buckets differently); the last stage's copy of a tied embedding is never written.
 //! Every rank loads everything it holds.
 
+use crate::comm::TensorComm;
+use crate::data_parallel::DataParallel;
 use crate::error::TrainError;
-use crate::grads::GradSync;
 use crate::model::Model;
 use crate::optim::AdamState;
+use crate::place::RankPlace;
 use crate::spec::JobSpec;
-use crate::trainer::RankPlace;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
     Checkpoint, CheckpointError, DType, JobState, Lineage, ParamLayout, Retention, SaveReport, SaveRequest, Saver,
     SaverConfig, SliceSpec, Store, TensorData, Which,
 };
+use gantry_collectives::ReduceOp;
 use gantry_sharding::manifest::TokenizerInfo;
 use gantry_sharding::sampler::Cursor;
 use std::ops::Range;
@@ -47,7 +49,7 @@ fn u64s(v: &[i64]) -> Vec<u64> {
 }
 
 /// Every rectangle this rank holds, and whether it is the one to write it.
-fn pieces(model: &Model, grads: &GradSync, states: &[AdamState], place: &RankPlace) -> Vec<Piece> {
+fn pieces(model: &Model, data_parallel: &DataParallel, states: &[AdamState], place: &RankPlace) -> Vec<Piece> {
     let (dp, tp) = (place.layout.dp(), place.layout.tp());
     // Which of a slice's replicas this rank is, and how many there are.
     let replica = |tp_replicated: bool, over_dp: bool| -> (usize, usize) {
@@ -71,8 +73,8 @@ fn pieces(model: &Model, grads: &GradSync, states: &[AdamState], place: &RankPla
             write: !p.tied_copy && me == writer_index(&p.name, n),
         });
     }
-    for (bucket, state) in grads.buckets.iter().zip(states) {
-        let shard = bucket.shard(grads.zero, grads.dp_rank, grads.dp);
+    for (bucket, state) in data_parallel.optimizer_slices().zip(states) {
+        let shard = bucket.shard;
         for (i, &id) in bucket.params.iter().enumerate() {
             let p = model.params.param(id);
             let (start, n) = (bucket.offsets[i], p.numel());
@@ -81,7 +83,7 @@ fn pieces(model: &Model, grads: &GradSync, states: &[AdamState], place: &RankPla
                 continue;
             }
             let write = !p.tied_copy
-                && if grads.zero {
+                && if data_parallel.sharded() {
                     !p.tp_replicated || place.tp_rank == 0
                 } else {
                     let (me, n) = replica(p.tp_replicated, true);
@@ -263,7 +265,7 @@ impl Checkpointing {
         spec: &JobSpec,
         which: Option<Which>,
         model: &Model,
-        grads: &GradSync,
+        dp: &DataParallel,
         states: &mut [AdamState],
         place: &RankPlace,
     ) -> Result<Option<Resumed>, TrainError> {
@@ -280,7 +282,7 @@ impl Checkpointing {
             ))
             .into());
         }
-        let all = pieces(model, grads, states, place);
+        let all = pieces(model, dp, states, place);
         let requests: Vec<SliceSpec> = all.iter().map(|p| p.slice.clone()).collect();
         let started = Instant::now();
         let loaded = ckpt.load(&requests)?;
@@ -288,7 +290,7 @@ impl Checkpointing {
             restore(piece, bytes);
         }
         // The fp32 master weights are views of the parameters' flat buffers
-        // (`crate::flat`): restoring the parameters restored them.
+        // (`crate::data_parallel`): restoring the parameters restored them.
         tracing::info!(
             rank = place.rank,
             step = ckpt.step(),
@@ -321,14 +323,14 @@ impl Checkpointing {
         &mut self,
         done: u64,
         model: &Model,
-        grads: &GradSync,
+        dp: &DataParallel,
         states: &[AdamState],
         place: &RankPlace,
         job: JobState,
         rank_state: serde_json::Value,
     ) -> Result<(f64, Option<SaveReport>), TrainError> {
         let started = Instant::now();
-        let mut tensors: Vec<TensorData> = pieces(model, grads, states, place)
+        let mut tensors: Vec<TensorData> = pieces(model, dp, states, place)
             .into_iter()
             .filter(|p| p.write)
             .map(|p| TensorData {
@@ -363,6 +365,91 @@ impl Checkpointing {
     pub fn finish(&mut self) -> Result<Option<SaveReport>, TrainError> {
         Ok(self.saver.wait()?)
     }
+}
+
+impl Checkpointing {
+    /// [`Checkpointing::start`] with an attempt id every rank agrees on (rank 0's), so the
+    /// committer never mixes this run's writes with a crashed run's leftovers under the same
+    /// step. Every rank calls it (the id travels over `world`) when checkpoints are enabled.
+    pub fn start_agreed(
+        spec: &JobSpec,
+        place: &RankPlace,
+        world: &mut TensorComm,
+    ) -> Result<Option<Checkpointing>, TrainError> {
+        if !spec.checkpoint.enabled() {
+            return Ok(None);
+        }
+        let mut id = [if place.rank == 0 { attempt_nonce() } else { 0.0 }];
+        world.all_reduce_f64(&mut id, ReduceOp::Sum)?;
+        Checkpointing::start(spec, place, &format!("{:013x}", id[0] as u64))
+    }
+
+    /// Load what `checkpoint.resume` asks for (nothing, a named checkpoint, or under `auto`
+    /// the newest committed one, which rank 0 picks for every rank over `world`).
+    pub fn resume_requested(
+        &self,
+        spec: &JobSpec,
+        model: &Model,
+        dp: &DataParallel,
+        states: &mut [AdamState],
+        place: &RankPlace,
+        world: &mut TensorComm,
+    ) -> Result<Option<Resumed>, TrainError> {
+        let which = match ResumeRequest::of(spec)? {
+            ResumeRequest::Fresh => None,
+            ResumeRequest::Open(w) => Some(w),
+            ResumeRequest::Auto => self.auto_resume_step(place, world)?.map(Which::Step),
+        };
+        self.resume(spec, which, model, dp, states, place)
+    }
+
+    /// `checkpoint.resume = "auto"`: the newest committed step, or `None` to start from step
+    /// 0. Rank 0 lists the store and the others take its answer, so every rank opens the same
+    /// step even if the listing changes while they start.
+    fn auto_resume_step(&self, place: &RankPlace, world: &mut TensorComm) -> Result<Option<u64>, TrainError> {
+        // Steps travel as step + 1 (0 = none) in an f64: exact up to 2^53.
+        let mut found = [if place.rank == 0 {
+            self.latest_committed()?.map_or(0.0, |s| s as f64 + 1.0)
+        } else {
+            0.0
+        }];
+        world.all_reduce_f64(&mut found, ReduceOp::Sum)?;
+        let step = (found[0] > 0.0).then(|| found[0] as u64 - 1);
+        if place.rank == 0 {
+            match step {
+                Some(s) => tracing::info!(
+                    dir = self.url(),
+                    step = s,
+                    "checkpoint.resume = auto: resuming from the latest committed checkpoint"
+                ),
+                None => tracing::info!(
+                    dir = self.url(),
+                    "checkpoint.resume = auto: no committed checkpoint; starting from step 0"
+                ),
+            }
+        }
+        Ok(step)
+    }
+}
+
+/// 52 random bits (they survive an f64 all-reduce exactly) from the clock and the pid.
+fn attempt_nonce() -> f64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mixed = xxhash_rust::xxh3::xxh3_64(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat());
+    (mixed & ((1 << 52) - 1)) as f64
+}
+
+/// This rank's part of a manifest: where it sits and its random state.
+pub fn rank_state(spec: &JobSpec, place: &RankPlace) -> serde_json::Value {
+    serde_json::json!({
+        "rank": place.rank, "dp": place.dp_rank, "tp": place.tp_rank, "pp": place.stage,
+        // Training draws no random numbers after initialization (no dropout): the seeds are
+        // the whole RNG state.
+        "rng": { "init_seed": spec.train.seed, "data_seed": spec.data.seed },
+    })
 }
 
 /// What `checkpoint.resume` asks for.

@@ -1,25 +1,34 @@
 //! End-of-run samples: continue the start of a validation sample with sampled tokens, run
 //! through the same pipeline and tensor-parallel layers as training (forward only, the full
 //! window recomputed per token; these are short demonstrations, not a serving path).
-//! The data-parallel rank 0 replica does the work; the last stage samples (temperature 0.8,
-//! top-k 40, seeded) and broadcasts each token to the other stages.
+//! The data-parallel rank 0 replica does the work; the last stage samples with the same
+//! sampler as serving (`gantry_sharding::next_token`: temperature 0.8, top-k 40, seeded) and
+//! broadcasts each token to the other stages.
 
 use crate::comm::TensorComm;
 use crate::error::TrainError;
 use crate::model::{MicroBatch, Model};
 use crate::pipeline::forward_stage;
+use crate::place::RankPlace;
 use crate::schedule::{Op, tag};
 use crate::spec::JobSpec;
 use crate::tensor_parallel::gather_vocab;
-use crate::trainer::RankPlace;
 use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
-use gantry_sharding::synth::SplitMix64;
+use gantry_sharding::next_token::{SamplingParams, TokenSampler};
 use tch::{Device, Kind, Tensor};
 
 const SAMPLES: usize = 2;
-const TEMPERATURE: f64 = 0.8;
-const TOP_K: usize = 40;
+
+/// How end-of-run samples are drawn: seeded from the job's seed, so a run's samples repeat.
+fn sampling(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 1.0,
+        seed: seed ^ 0x005a_4d50_4c45,
+    }
+}
 
 /// Returns the decoded samples on the reporting rank, nothing elsewhere.
 pub fn sample(
@@ -36,7 +45,7 @@ pub fn sample(
     let seq = spec.model.seq_len;
     let prompt_len = (seq / 4).clamp(1, 32);
     let last_stage = pp.size() - 1;
-    let mut rng = SplitMix64::new(spec.train.seed ^ 0x005a_4d50_4c45);
+    let mut sampler = TokenSampler::new(sampling(spec.train.seed));
     let mut out = Vec::new();
     for s in 0..SAMPLES {
         // The prompt: the first tokens of validation sample `s`, read by stage 0, broadcast.
@@ -77,7 +86,7 @@ pub fn sample(
             if model.plan.last {
                 let shard = model.vocab_shard().expect("the last stage has the head");
                 let logits = gather_vocab(tp, &y, shard)?;
-                next[0] = pick(&logits, &mut rng)?;
+                next[0] = i64::from(sampler.next(&logits_row(&logits)?));
             } else {
                 pp.send(&y, pp.rank() + 1, tag(Op::SendForward { mb: 0 }))?;
             }
@@ -91,23 +100,11 @@ pub fn sample(
     Ok(out)
 }
 
-/// Top-k sampling at a fixed temperature from `[1, V]` logits.
-fn pick(logits: &Tensor, rng: &mut SplitMix64) -> Result<i64, TrainError> {
-    let v = Vec::<f32>::try_from(&logits.to_kind(Kind::Float).view([-1]).to_device(Device::Cpu))?;
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-    idx.truncate(TOP_K);
-    let top = v[idx[0]] as f64;
-    let w: Vec<f64> = idx.iter().map(|&i| ((v[i] as f64 - top) / TEMPERATURE).exp()).collect();
-    let total: f64 = w.iter().sum();
-    let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
-    for (k, wk) in w.iter().enumerate() {
-        if u < *wk {
-            return Ok(idx[k] as i64);
-        }
-        u -= wk;
-    }
-    Ok(idx[0] as i64)
+/// `[1, V]` logits as one row of `f32` on the host, for the sampler.
+fn logits_row(logits: &Tensor) -> Result<Vec<f32>, TrainError> {
+    Ok(Vec::<f32>::try_from(
+        &logits.to_kind(Kind::Float).view([-1]).to_device(Device::Cpu),
+    )?)
 }
 
 /// `prompt ⟶ continuation` as text when the data has a tokenizer, else as token ids.

@@ -4,42 +4,50 @@
 //! # Layout
 //! - [`spec`]: the TOML job spec (`deny_unknown_fields`, `--set` overrides, `validate`).
 //! - [`param`]: parameters as slices of global tensors; layout-independent initialization.
-//! - [`tensor_parallel`]: the f/g operators, vocabulary-parallel embedding and loss.
 //! - [`model`]: the decoder as units (embedding, attention, MLP, head); stage partitioning.
-//! - [`schedule`]: 1F1B and GPipe as data, with a rendezvous simulator in the tests.
-//! - [`pipeline`]: the unit executor (leaf inputs, cut gradients) and schedule interpreter.
-//! - [`flat`]: parameters and gradients as views of flat per-bucket buffers;
-//!   [`autograd`]: the two autograd calls tch lacks (backward with a gradient, set `.grad`).
-//! - [`grads`]: data-parallel gradient buckets on their own thread; ZeRO-1 shards.
-//! - [`optim`]: AdamW over flat buckets, LR schedule, clipping.
-//! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
-//! - [`trainer`]: one rank's run; [`metrics`]: `metrics.jsonl`; [`generate`]: samples;
-//!   [`progress`]: the per-rank progress file a worker watches (`GANTRY_PROGRESS_FILE`).
+//! - One module per parallelism: [`tensor_parallel`] (the f/g operators, vocabulary-parallel
+//!   embedding and loss); [`schedule`] (1F1B and GPipe as data, with a rendezvous simulator in
+//!   the tests) and [`pipeline`] (the unit executor and schedule interpreter);
+//!   [`data_parallel`] (gradient buckets as flat buffers the parameters are views of, their
+//!   averaging on a thread overlapped with backward, the tied embedding, the global norm,
+//!   clipping, the AdamW update and ZeRO-1, behind `finish_step`).
+//! - [`optim`]: AdamW (fused or manual), LR schedule, the clip coefficient and sum of squares;
+//!   [`fused`] and [`autograd`]: the libtorch calls tch lacks (through `train/csrc/`).
+//! - [`place`]: [`place::RankPlace`], where a rank sits (layout, coordinates, device), built
+//!   once by the binary; [`run_context`]: what the launcher said (job id, AdamW choice,
+//!   samples log, progress file), read from the environment by the binary, not here.
+//! - [`trainer`]: one rank's run as a recipe; [`feed`]: the rank's data (train/valid split,
+//!   cursor checks, prefetch); [`reporter`]: `metrics.jsonl` ([`metrics`]), the progress file
+//!   ([`progress`]), the samples log and the summary; [`generate`]: end-of-run samples.
 //! - [`comm`]: tch tensors over gantry communicators.
 //! - [`checkpointing`]: which slices a rank saves and loads (params, AdamW moments, ZeRO-1
 //!   shards as rectangles), snapshots, resume; the parameter layout and tokenizer saved with
 //!   each checkpoint for evaluation and serving.
+//! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
 //! - [`weights`]: a model's parameters from a checkpoint or a registry TP share;
 //!   [`eval`]: loss and perplexity over a validation split at any TP degree;
 //!   [`infer`]: generation with a KV cache over several sequences at once.
 //!
 //! # Data flow of a step
-//! The prefetcher yields this DP rank's micro-batches; the first stage embeds tokens, units
-//! run forward (TP collectives inside), activations go to the next stage over the pipeline
-//! communicator; the last stage computes the loss; backward runs unit by unit in reverse,
-//! gradients flow back stage by stage; buckets of finished gradients are averaged over DP
-//! while backward continues; then clipping by the global norm and AdamW; ZeRO-1 gathers the
-//! updated shards. The model sees no globals: every group is passed in.
+//! The binary builds the rank's `RankPlace` and `RunContext` and calls
+//! [`trainer::train_observed`]. Each step the feed yields this DP rank's micro-batches; the
+//! first stage embeds tokens, units run forward (TP collectives inside), activations go to the
+//! next stage over the pipeline communicator; the last stage computes the loss; backward runs
+//! unit by unit in reverse, gradients flow back stage by stage; buckets of finished gradients
+//! are averaged over DP while backward continues; then `DataParallel::finish_step` sums the
+//! tied embedding, clips by the global norm, runs AdamW and (ZeRO-1) gathers the updated
+//! shards; the reporter records the step. `train/` sees no globals and reads no environment:
+//! every group, the layout and the run context are passed in.
 
 pub mod autograd;
 pub mod checkpointing;
 pub mod comm;
+pub mod data_parallel;
 pub mod error;
 pub mod eval;
-pub mod flat;
+pub mod feed;
 pub mod fused;
 pub mod generate;
-pub mod grads;
 pub mod hf;
 pub mod infer;
 pub mod metrics;
@@ -47,7 +55,10 @@ pub mod model;
 pub mod optim;
 pub mod param;
 pub mod pipeline;
+pub mod place;
 pub mod progress;
+pub mod reporter;
+pub mod run_context;
 pub mod schedule;
 pub mod spec;
 pub mod tensor_parallel;

@@ -3,12 +3,11 @@
 //! depend on which bucket or shard it sits in: every layout computes the same numbers.
 //!
 //! The update runs ATen's fused AdamW kernel ([`crate::fused`]) on every device; the
-//! hand-written elementwise update is kept as a reference (`GANTRY_ADAMW=manual`, see
-//! [`AdamImpl`]).
+//! hand-written elementwise update is kept as a reference (`GANTRY_ADAMW=manual`, read by the
+//! binary into [`crate::run_context::RunContext::adamw`]; see [`AdamImpl`]).
 
 use crate::fused::{self, AdamWHyper, FusedAdamError, FusedAdamItem};
 use crate::spec::OptimSpec;
-use std::sync::OnceLock;
 use tch::{Kind, Tensor};
 
 /// Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to `min_lr` at
@@ -73,8 +72,9 @@ pub fn sum_of_squares(flat: &Tensor) -> Tensor {
 /// development VM it updated 53M parameters in 36 ms against the elementwise update's 1.1 s.
 /// `GANTRY_ADAMW=manual` selects the elementwise update (a reference; the layout test passes
 /// with either). Both compute the same update up to f32 rounding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AdamImpl {
+    #[default]
     Fused,
     Manual,
 }
@@ -92,20 +92,7 @@ impl AdamImpl {
 
     /// `forced`, or the default (fused).
     pub fn choose(forced: Option<AdamImpl>) -> AdamImpl {
-        forced.unwrap_or(AdamImpl::Fused)
-    }
-
-    /// [`AdamImpl::choose`] with `GANTRY_ADAMW` (read once per process).
-    ///
-    /// # Panics
-    /// If `GANTRY_ADAMW` is set to something other than `fused` or `manual`.
-    pub fn from_env() -> AdamImpl {
-        static FORCED: OnceLock<Result<Option<AdamImpl>, String>> = OnceLock::new();
-        let forced = FORCED.get_or_init(|| AdamImpl::parse(std::env::var("GANTRY_ADAMW").ok().as_deref()));
-        match forced {
-            Ok(f) => AdamImpl::choose(*f),
-            Err(e) => panic!("{e}"),
-        }
+        forced.unwrap_or_default()
     }
 }
 
@@ -122,15 +109,11 @@ pub struct AdamState {
 }
 
 impl AdamState {
-    /// State for `master`, with [`AdamImpl::from_env`]. An f32 `master` is updated in place
-    /// (the trainer passes views of the parameters' flat buffers); another kind is copied to
-    /// f32 first.
-    ///
-    /// # Panics
-    /// If `GANTRY_ADAMW` holds an unknown value.
+    /// State for `master` with the default implementation (fused). An f32 `master` is
+    /// updated in place (data parallelism passes views of the parameters' flat buffers);
+    /// another kind is copied to f32 first.
     pub fn new(master: Tensor, decay: bool) -> AdamState {
-        let imp = AdamImpl::from_env();
-        AdamState::with_impl(master, decay, imp)
+        AdamState::with_impl(master, decay, AdamImpl::default())
     }
 
     /// State that always runs `imp` (`master` as in [`AdamState::new`]).

@@ -28,7 +28,7 @@ pub struct Param {
     /// Start of this rank's slice along each dimension (all zero when unsharded).
     pub offsets: Vec<i64>,
     /// The local values: a leaf that requires grad. In training, a view of its bucket's flat
-    /// buffer, with its `.grad` a view of the bucket's gradient buffer ([`crate::flat`]).
+    /// buffer, with its `.grad` a view of the bucket's gradient buffer ([`crate::data_parallel`]).
     pub tensor: Tensor,
     /// Identical on every TP rank (norms, biases after a reduction, position embeddings):
     /// counted once in the global gradient norm.

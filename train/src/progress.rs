@@ -1,15 +1,15 @@
-//! A per-rank progress file for the worker daemon: with `GANTRY_PROGRESS_FILE` set, every
-//! rank (not only the reporting one) replaces that file after each step with one JSON object,
+//! A per-rank progress file for the worker daemon: with `GANTRY_PROGRESS_FILE` set (read by
+//! the binary into [`crate::run_context::RunContext::progress_file`]), every rank (not only
+//! the reporting one) replaces that file after each step with one JSON object,
 //! `{"step":…,"step_ms":…,"tokens_per_s":…,"loss":…}`, so a worker can tell a live rank from
 //! a stuck one without parsing logs.
 //!
 //! Written as `<path>.tmp` then renamed, so a reader sees the previous step's object or this
 //! one, never half of one. One small write per step.
 
+use crate::run_context::PROGRESS_FILE_ENV;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-
-pub const PROGRESS_FILE_ENV: &str = "GANTRY_PROGRESS_FILE";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -30,12 +30,6 @@ pub struct ProgressFile {
 }
 
 impl ProgressFile {
-    /// The file named by `GANTRY_PROGRESS_FILE`, if set and not empty.
-    pub fn from_env() -> Option<ProgressFile> {
-        let path = std::env::var_os(PROGRESS_FILE_ENV).filter(|p| !p.is_empty())?;
-        Some(ProgressFile::new(PathBuf::from(path)))
-    }
-
     pub fn new(path: PathBuf) -> ProgressFile {
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");

@@ -24,8 +24,6 @@ pub struct WorkerConfig {
     /// CPU slots offered (default: the number of CPUs).
     pub slots: Option<u32>,
     pub labels: BTreeMap<String, String>,
-    /// Where the log service and `/metrics` listen (port 0: any free port).
-    pub listen: String,
     /// The address other hosts reach this worker's ranks at (default: the local address on
     /// the route to the coordinator).
     pub advertise_address: Option<String>,
@@ -52,7 +50,6 @@ impl Default for WorkerConfig {
             name: None,
             slots: None,
             labels: BTreeMap::new(),
-            listen: "127.0.0.1:0".to_string(),
             advertise_address: None,
             state_dir: std::env::temp_dir().join("gantry-worker"),
             port_range: (29500, 29999),
@@ -95,12 +92,6 @@ impl WorkerConfig {
             if k.trim().is_empty() {
                 return bad("labels", "a label key is empty");
             }
-        }
-        if self.listen.trim().is_empty() {
-            return bad(
-                "listen",
-                "the listen address is empty (use 127.0.0.1:0 for any free port)",
-            );
         }
         if self.advertise_address.as_deref().is_some_and(|a| a.trim().is_empty()) {
             return bad("advertise_address", "the advertised address is empty");
@@ -234,13 +225,6 @@ mod tests {
                 ..good()
             }),
             "port_range"
-        );
-        assert_eq!(
-            field(WorkerConfig {
-                listen: String::new(),
-                ..good()
-            }),
-            "listen"
         );
         let tls = TlsFiles {
             cert: Some("c.pem".into()),

@@ -10,7 +10,7 @@ use crate::error::WorkerError;
 use crate::launch::LaunchContext;
 use crate::metrics::Metrics;
 use crate::resources;
-use crate::server::{self, LogService};
+use crate::server::{self, LogService, ServerConfig};
 use crate::supervisor::{Event, LiveRanks, Supervisor, SupervisorConfig};
 use gantry_coordinator::auth::{self, AddToken};
 use gantry_coordinator::proto::cluster_client::ClusterClient;
@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -50,23 +51,51 @@ async fn call<T>(fut: impl Future<Output = Result<tonic::Response<T>, Status>>) 
     }
 }
 
-/// Runs the worker daemon until `shutdown` completes, then stops its ranks (SIGTERM, SIGKILL
-/// after the grace period) and returns. See the crate docs for what it does meanwhile.
-pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
-    start(config).await?.run(shutdown).await
+/// Runs the worker daemon until `shutdown` completes, serving its log service and `/metrics`
+/// on `listener` (bound by the caller: the binary binds `--listen` and prints the address,
+/// tests bind `127.0.0.1:0`), then stops its ranks (SIGTERM, SIGKILL after the grace period),
+/// sends a last heartbeat and returns. See the crate docs for what it does meanwhile.
+/// Configuration and local problems (a bad field, the state directory, TLS files) are
+/// refused before the coordinator is contacted; nothing is retried. It also returns early
+/// if its own server fails.
+pub async fn serve(
+    listener: TcpListener,
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    let bound = listener.local_addr().map_err(|e| WorkerError::Serve {
+        addr: "(unknown)".into(),
+        reason: format!("the listener has no local address: {e}"),
+    })?;
+    let (mut daemon, server_config) = prepare(config, bound).await?;
+    let r = &daemon.resources;
+    tracing::info!(
+        service = %daemon.bound, name = %r.name, slots = r.slots, gpus = r.gpus.len(),
+        state = %daemon.config.state_dir.display(),
+        "worker serving logs and /metrics; contacting the coordinator at {}", daemon.config.coordinator
+    );
+    let (stop_server, mut server_stopped) = tokio::sync::watch::channel(false);
+    let mut server_task = Some(tokio::spawn(server::serve(listener, server_config, async move {
+        let _ = server_stopped.wait_for(|stop| *stop).await;
+    })));
+    let result = daemon.run_loop(shutdown, &mut server_task).await;
+    tracing::info!("worker stopping: stopping {} ranks", daemon.supervisor.running());
+    daemon.supervisor.shutdown().await;
+    daemon.farewell().await;
+    let _ = stop_server.send(true);
+    // `None` when the server already ended (that ended the loop, and `result` says why).
+    if let Some(task) = server_task
+        && let Ok(Err(e)) = task.await
+        && result.is_ok()
+    {
+        return Err(e);
+    }
+    result
 }
 
-/// A worker that has bound its port and found its resources but not yet contacted the
-/// coordinator. Lets a caller learn the service address (port 0) before running it.
-pub struct Worker {
-    daemon: Daemon,
-    server: server::BoundServer,
-}
-
-/// Everything [`run`] does before its loop: checks the configuration, creates the state
-/// directory, binds the log/metrics port and looks for GPUs. Errors here are configuration
-/// or local problems; nothing is retried.
-pub async fn start(mut config: WorkerConfig) -> Result<Worker, WorkerError> {
+/// Everything [`serve`] does before its loop: checks the configuration, creates the state
+/// directory, loads the TLS files, prepares the port's services and looks for GPUs.
+async fn prepare(mut config: WorkerConfig, bound: SocketAddr) -> Result<(Daemon, ServerConfig), WorkerError> {
     config.validate()?;
     // Ranks run in their run directory, so every path they are given must be absolute.
     config.state_dir = absolute(&config.state_dir);
@@ -86,16 +115,13 @@ pub async fn start(mut config: WorkerConfig) -> Result<Worker, WorkerError> {
         field: "metrics_token",
         reason: e.to_string(),
     })?;
-    let server = server::bind(
-        &config.listen,
-        &config.token,
-        &config.tls,
+    let server_config = ServerConfig {
+        token: config.token.clone(),
+        tls: config.tls.server_config()?,
         logs,
-        metrics.clone(),
+        metrics: metrics.clone(),
         access,
-    )
-    .await?;
-    let bound = server.local_addr();
+    };
 
     let gpus = tokio::task::spawn_blocking(resources::detect_gpus)
         .await
@@ -143,47 +169,11 @@ pub async fn start(mut config: WorkerConfig) -> Result<Worker, WorkerError> {
         backoff: BACKOFF_START,
         exit_pending: false,
     };
-    Ok(Worker { daemon, server })
+    Ok((daemon, server_config))
 }
 
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-impl Worker {
-    /// The bound address of the log service and `/metrics`.
-    pub fn service_addr(&self) -> SocketAddr {
-        self.daemon.bound
-    }
-
-    /// Registers, heartbeats and supervises ranks until `shutdown` completes (or the
-    /// worker's own server fails), then stops every rank before returning.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
-        let Worker { mut daemon, server } = self;
-        let r = &daemon.resources;
-        tracing::info!(
-            service = %daemon.bound, name = %r.name, slots = r.slots, gpus = r.gpus.len(),
-            state = %daemon.config.state_dir.display(),
-            "worker serving logs and /metrics; contacting the coordinator at {}", daemon.config.coordinator
-        );
-        let (stop_server, mut server_stopped) = tokio::sync::watch::channel(false);
-        let mut server_task = Some(tokio::spawn(server.serve(async move {
-            let _ = server_stopped.wait_for(|stop| *stop).await;
-        })));
-        let result = daemon.run_loop(shutdown, &mut server_task).await;
-        tracing::info!("worker stopping: stopping {} ranks", daemon.supervisor.running());
-        daemon.supervisor.shutdown().await;
-        daemon.farewell().await;
-        let _ = stop_server.send(true);
-        // `None` when the server already ended (that ended the loop, and `result` says why).
-        if let Some(task) = server_task
-            && let Ok(Err(e)) = task.await
-            && result.is_ok()
-        {
-            return Err(e);
-        }
-        result
-    }
 }
 
 struct Daemon {

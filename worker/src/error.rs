@@ -15,8 +15,6 @@ pub enum WorkerError {
     Auth(#[from] AuthError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
     #[error("the worker service on {addr} failed: {reason}")]
     Serve { addr: String, reason: String },
     #[error("the coordinator at {url} rejected this worker: {reason}")]

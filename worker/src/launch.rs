@@ -1,5 +1,7 @@
-//! How one rank process is started: where its files go, what environment it gets, which
-//! program runs, and the per-rank thread that spawns it and waits for it.
+//! How one rank process is started: where its files go, what environment it gets (the
+//! worker's scrubbed environment, then what `gantry_collectives::rank_env` writes for every
+//! launcher, then the job's own), which program runs, and the per-rank thread that spawns it
+//! and waits for it.
 //!
 //! Each rank gets its own OS thread that spawns the process and then blocks in `wait()`.
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the process,
@@ -9,6 +11,7 @@
 use crate::error::StartError;
 use crate::reconcile::RankKey;
 use crate::scrub;
+use gantry_collectives::rank_env::{Bootstrap, Elastic, JobEnv, RankEnv, RankProgram, thread_defaults};
 use gantry_coordinator::proto::{RankAssignment, job_program};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -57,17 +60,13 @@ pub struct LaunchContext {
 
 /// The complete environment of a rank: what it inherits from `ctx.env` (the worker's own
 /// environment) minus secrets ([`crate::scrub`]; the job's [`scrub::ENV_PASS`] keeps the ones
-/// it names), then torchrun's and gantry's variables, then the job's own `env`.
+/// it names), then the variables [`torchrun_and_gantry`] describes and `CUDA_VISIBLE_DEVICES`,
+/// then the job's own `env`.
 ///
 /// Gantry's variables replace inherited ones of the same name; `GANTRY_LOG`,
 /// `OMP_WAIT_POLICY` (training ranks) and `GANTRY_ADVERTISE_HOST` are only defaults, so the
 /// worker's own settings win; the job's `env` wins over everything.
 pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsString)> {
-    let key = RankKey {
-        job: a.job,
-        attempt: a.attempt,
-        rank: a.rank,
-    };
     let pass = a
         .env
         .get(scrub::ENV_PASS)
@@ -75,50 +74,62 @@ pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsStr
         .unwrap_or_default();
     let mut env: BTreeMap<OsString, OsString> = scrub::inherited(ctx.env.iter().cloned(), &pass).into_iter().collect();
     let parent_visible = env.get(OsStr::new("CUDA_VISIBLE_DEVICES")).cloned();
-    let mut set = |k: &str, v: String| {
-        env.insert(k.into(), v.into());
-    };
-    set("RANK", a.rank.to_string());
-    set("LOCAL_RANK", a.local_rank.to_string());
-    set("WORLD_SIZE", a.world_size.to_string());
-    set("LOCAL_WORLD_SIZE", a.local_world_size.to_string());
-    set("MASTER_ADDR", a.master_addr.clone());
-    set("MASTER_PORT", a.master_port.to_string());
-    // torchelastic counts restarts from 0; gantry counts attempts from 1.
-    set("TORCHELASTIC_RESTART_COUNT", a.attempt.saturating_sub(1).to_string());
-    set("TORCHELASTIC_RUN_ID", format!("gantry-{}", a.job));
-    set("GANTRY_JOB_ID", a.job.to_string());
-    set("GANTRY_JOB_NAME", a.job_name.clone());
-    set("GANTRY_ATTEMPT", a.attempt.to_string());
-    set(
-        "GANTRY_PROGRESS_FILE",
-        progress_path(&ctx.state_dir, key).display().to_string(),
-    );
+    torchrun_and_gantry(a, ctx).apply(&mut env);
     let parent_visible = parent_visible.as_deref().and_then(OsStr::to_str);
     if let Some(visible) = visible_devices(&a.gpus, ctx.has_gpus, parent_visible) {
-        set("CUDA_VISIBLE_DEVICES", visible);
-    }
-    let mut default = |k: &str, v: &str| {
-        env.entry(k.into()).or_insert_with(|| v.into());
-    };
-    default("GANTRY_LOG", "info");
-    if let Some(host) = &ctx.advertise_host {
-        default("GANTRY_ADVERTISE_HOST", host);
-    }
-    let is_train = matches!(
-        a.program.as_ref().and_then(|p| p.kind.as_ref()),
-        Some(job_program::Kind::TrainSpecToml(_))
-    );
-    // libgomp's threads spin while waiting for work; with several ranks per host they steal
-    // the cores the others need (see launch/src/train.rs). Sleep instead, unless the user chose.
-    if is_train {
-        default("OMP_WAIT_POLICY", "PASSIVE");
+        env.insert("CUDA_VISIBLE_DEVICES".into(), visible.into());
     }
     // The job's own variables last, so they win over gantry's and the worker's.
     for (k, v) in &a.env {
         env.insert(k.into(), v.into());
     }
     env.into_iter().collect()
+}
+
+/// The rank as the collectives' environment writer describes it: torchrun's place and restart
+/// variables (no node or role variables: the coordinator places ranks, not nodes), gantry's
+/// job variables, `GANTRY_LOG=info` and the advertised host as defaults, and for training
+/// ranks the thread policy (their threads per rank are not known here: the spec's, else
+/// libtorch's every core).
+fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext) -> RankEnv {
+    let key = RankKey {
+        job: a.job,
+        attempt: a.attempt,
+        rank: a.rank,
+    };
+    let is_train = matches!(
+        a.program.as_ref().and_then(|p| p.kind.as_ref()),
+        Some(job_program::Kind::TrainSpecToml(_))
+    );
+    let local_world = a.local_world_size as usize;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    RankEnv {
+        place: Bootstrap {
+            rank: a.rank as usize,
+            world: a.world_size as usize,
+            local_rank: a.local_rank as usize,
+            local_world,
+            master_addr: a.master_addr.clone(),
+            // The coordinator hands out ports of the worker's lent range (u16).
+            master_port: u16::try_from(a.master_port).unwrap_or(0),
+            store_external: false,
+        },
+        elastic: Some(Elastic {
+            run_id: format!("gantry-{}", a.job),
+            // torchelastic counts restarts from 0; gantry counts attempts from 1.
+            restart_count: a.attempt.saturating_sub(1),
+            node: None,
+        }),
+        job: Some(JobEnv {
+            job_id: a.job,
+            job_name: a.job_name.clone(),
+            attempt: a.attempt,
+            progress_file: progress_path(&ctx.state_dir, key),
+        }),
+        threads: is_train.then(|| thread_defaults(RankProgram::Gantry { threads_per_rank: 0 }, local_world, cores)),
+        log: Some("info".into()),
+        advertise_host: ctx.advertise_host.clone(),
+    }
 }
 
 /// `CUDA_VISIBLE_DEVICES` for a rank given GPU indices `gpus` as this worker numbers them.

@@ -24,14 +24,18 @@
 //!   early heartbeat. Step statistics come from the progress file the rank writes; a
 //!   failed rank's last error line, when it names a dead or silent peer rank, is reported
 //!   as `blamed_rank` ([`blame`]) so the coordinator blames that rank and suspects its worker.
-//! - **Serve** ([`server`]): one port with the `WorkerLogs` gRPC service (the CLI reads and
-//!   follows logs here, behind the cluster token) and `GET /metrics` ([`metrics`]).
+//! - **Serve** ([`server`]): one port (the listener handed to [`serve`]) with the `WorkerLogs`
+//!   gRPC service (the CLI reads and follows logs here, behind the cluster token) and
+//!   `GET /metrics` ([`metrics`]).
 //!
 //! The wire types and the token/TLS helpers come from `gantry_coordinator::{proto, auth}`.
 //!
 //! # Layout
 //! - [`config`]: [`WorkerConfig`] (the `gantry worker` flags), its checks, [`parse_labels`].
-//! - [`daemon`]: [`start`] (bind, find resources) and [`Worker::run`] / [`run`] (the loop).
+//! - [`daemon`]: [`serve`]`(listener, config, shutdown)`: checks, state directory, resources,
+//!   then the loop until shutdown. The caller binds the listener (the binary binds `--listen`
+//!   and prints the address; tests bind `127.0.0.1:0`): the daemon shape of the coordinator
+//!   and the registry too.
 //! - [`reconcile`]: the pure desired-vs-known decision, with [`RankKey`].
 //! - [`supervisor`]: rank states, stop with grace, exit events, reports, progress files.
 //! - [`blame`]: the peer rank a failed rank's last error names.
@@ -55,7 +59,7 @@ pub mod server;
 pub mod supervisor;
 
 pub use config::{WorkerConfig, parse_labels};
-pub use daemon::{Worker, run, start};
+pub use daemon::serve;
 pub use error::{StartError, WorkerError};
 pub use reconcile::RankKey;
 pub use supervisor::{Event, LiveRanks, RankState, Supervisor, SupervisorConfig};

@@ -12,18 +12,18 @@ use crate::metrics::Metrics;
 use crate::reconcile::RankKey;
 use crate::supervisor::LiveRanks;
 use axum::http::{HeaderMap, StatusCode};
-use gantry_coordinator::auth::{RequireToken, TlsFiles};
+use gantry_coordinator::auth::RequireToken;
 use gantry_coordinator::proto::worker_logs_server::{WorkerLogs, WorkerLogsServer};
 use gantry_coordinator::proto::{ReadLogReply, ReadLogRequest};
 use gantry_coordinator::server::MetricsAccess;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 /// Bytes returned when the request asks for 0.
@@ -132,37 +132,42 @@ async fn not_found() -> (StatusCode, &'static str) {
     )
 }
 
-/// A bound, not yet serving, worker server; [`BoundServer::local_addr`] is the real port.
-pub struct BoundServer {
-    listener: tokio::net::TcpListener,
-    addr: SocketAddr,
-    routes: Routes,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+/// What the worker's port serves, and how.
+pub struct ServerConfig {
+    /// Callers of the log service must present this cluster token.
+    pub token: String,
+    /// Serve TLS with this (loaded by the caller with
+    /// [`gantry_coordinator::auth::TlsFiles::server_config`], so unreadable files are refused
+    /// before anything starts); `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+    pub logs: LogService,
+    pub metrics: Arc<Metrics>,
+    /// Who may read `/metrics`.
+    pub access: MetricsAccess,
 }
 
-/// Binds `listen` (e.g. `127.0.0.1:0`) and prepares the services: the log service behind
-/// the cluster `token`, `/metrics` as `access` allows. Fails on a bad address, a port in
-/// use, or unreadable TLS files.
-pub async fn bind(
-    listen: &str,
-    token: &str,
-    tls: &TlsFiles,
-    logs: LogService,
-    metrics: Arc<Metrics>,
-    access: MetricsAccess,
-) -> Result<BoundServer, WorkerError> {
-    let tls = tls.server_config()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| WorkerError::Bind {
-            addr: listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| WorkerError::Bind {
-        addr: listen.to_string(),
-        source,
-    })?;
-    let logs = WorkerLogsServer::with_interceptor(logs, RequireToken::new(token));
+/// Serves the log service and `/metrics` on `listener` (bound by the caller, e.g. on
+/// `127.0.0.1:0`) until `shutdown` completes, then lets open calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("(no local address: {e})"), |a| a.to_string());
+    let serve_err = |reason: String| WorkerError::Serve {
+        addr: addr.clone(),
+        reason,
+    };
+    let ServerConfig {
+        token,
+        tls,
+        logs,
+        metrics,
+        access,
+    } = config;
+    let logs = WorkerLogsServer::with_interceptor(logs, RequireToken::new(&token));
     let router = Routes::new(logs)
         .into_axum_router()
         .route(
@@ -173,36 +178,15 @@ pub async fn bind(
             }),
         )
         .fallback(not_found);
-    Ok(BoundServer {
-        listener,
-        addr,
-        routes: Routes::from(router),
-        tls,
-    })
-}
-
-impl BoundServer {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    // HTTP/1 for plain `GET /metrics` (scrapers, curl); gRPC clients speak HTTP/2.
+    let mut server = Server::builder().accept_http1(true);
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).map_err(|e| serve_err(e.to_string()))?;
     }
-
-    /// Serves until `shutdown` completes, then lets open calls finish.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
-        let addr = self.addr.to_string();
-        let serve_err = |reason: String| WorkerError::Serve {
-            addr: addr.clone(),
-            reason,
-        };
-        // HTTP/1 for plain `GET /metrics` (scrapers, curl); gRPC clients speak HTTP/2.
-        let mut server = Server::builder().accept_http1(true);
-        if let Some(tls) = self.tls {
-            server = server.tls_config(tls).map_err(|e| serve_err(e.to_string()))?;
-        }
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        server
-            .add_routes(self.routes)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| serve_err(e.to_string()))
-    }
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    server
+        .add_routes(Routes::from(router))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| serve_err(e.to_string()))
 }

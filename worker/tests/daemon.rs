@@ -18,6 +18,11 @@ fn config(dir: &TempDir, coordinator: String) -> WorkerConfig {
     }
 }
 
+/// A listener on a free loopback port, as the binary binds `--listen`.
+async fn any_port() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
 async fn metrics(addr: std::net::SocketAddr) -> String {
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
         return String::new();
@@ -41,11 +46,15 @@ async fn a_bad_configuration_is_refused_before_anything_starts() {
     let dir = TempDir::new("daemon-config");
     let mut c = config(&dir, "http://127.0.0.1:1".into());
     c.token = String::new();
-    let e = gantry_worker::run(c, std::future::pending()).await.unwrap_err();
+    let e = gantry_worker::serve(any_port().await, c, std::future::pending())
+        .await
+        .unwrap_err();
     assert!(matches!(e, WorkerError::Auth(_)), "{e}");
     let mut c = config(&dir, "http://127.0.0.1:1".into());
     c.port_range = (2000, 1000);
-    let e = gantry_worker::run(c, std::future::pending()).await.unwrap_err();
+    let e = gantry_worker::serve(any_port().await, c, std::future::pending())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("port_range"), "{e}");
     assert!(
         !dir.path().join("state").exists(),
@@ -61,15 +70,16 @@ async fn without_a_coordinator_the_worker_retries_serves_and_stops() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let worker = gantry_worker::start(config(&dir, format!("http://{closed}")))
-        .await
-        .unwrap();
-    let addr = worker.service_addr();
-    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let listener = any_port().await;
+    let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let run = tokio::spawn(gantry_worker::serve(
+        listener,
+        config(&dir, format!("http://{closed}")),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
 
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {

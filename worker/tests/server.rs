@@ -12,22 +12,25 @@ use gantry_coordinator::proto::worker_logs_client::WorkerLogsClient;
 use gantry_coordinator::proto::{HeartbeatRequest, ReadLogRequest};
 use gantry_coordinator::server::MetricsAccess;
 use gantry_worker::launch::log_path;
-use gantry_worker::server::{self, LogService};
+use gantry_worker::server::{self, LogService, ServerConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::Code;
+use tonic::transport::ServerTlsConfig;
 
 const TOKEN: &str = "s3cret-token";
 
-struct Running {
+/// The worker's port serving in the background until [`Served::stop`].
+struct Served {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), gantry_worker::WorkerError>>>,
 }
 
-impl Running {
+impl Served {
     async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -42,29 +45,31 @@ impl Running {
     }
 }
 
-async fn serve(h: &Harness) -> Running {
+async fn serve(h: &Harness) -> Served {
     serve_metrics(h, MetricsAccess::default()).await
 }
 
-async fn serve_metrics(h: &Harness, access: MetricsAccess) -> Running {
-    let logs = LogService::new(h.state_dir(), h.live.clone());
-    let bound = server::bind(
-        "127.0.0.1:0",
-        TOKEN,
-        &TlsFiles::default(),
-        logs,
-        h.metrics.clone(),
-        access,
-    )
-    .await
-    .unwrap();
-    let addr = bound.local_addr();
+async fn serve_metrics(h: &Harness, access: MetricsAccess) -> Served {
+    serve_with(h, access, None).await
+}
+
+/// Serves on `127.0.0.1:0`, the address read back from the listener.
+async fn serve_with(h: &Harness, access: MetricsAccess, tls: Option<ServerTlsConfig>) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     assert_ne!(addr.port(), 0, "the real port is reported");
+    let config = ServerConfig {
+        token: TOKEN.into(),
+        tls,
+        logs: LogService::new(h.state_dir(), h.live.clone()),
+        metrics: h.metrics.clone(),
+        access,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(bound.serve(async move {
+    let task = tokio::spawn(server::serve(listener, config, async move {
         let _ = stopped.await;
     }));
-    Running {
+    Served {
         addr,
         stop: Some(stop),
         task: Some(task),
@@ -279,27 +284,8 @@ async fn read_log_over_tls() {
         key: Some(h.dir.path().join("key.pem")),
         ..TlsFiles::default()
     };
-    let logs = LogService::new(h.state_dir(), h.live.clone());
-    let bound = server::bind(
-        "127.0.0.1:0",
-        TOKEN,
-        &server_tls,
-        logs,
-        h.metrics.clone(),
-        MetricsAccess::default(),
-    )
-    .await
-    .unwrap();
-    let addr = bound.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(bound.serve(async move {
-        let _ = stopped.await;
-    }));
-    let server = Running {
-        addr,
-        stop: Some(stop),
-        task: Some(task),
-    };
+    let server = serve_with(&h, MetricsAccess::default(), server_tls.server_config().unwrap()).await;
+    let addr = server.addr;
 
     let client_tls = TlsFiles {
         ca: Some(h.dir.path().join("ca.pem")),

@@ -8,7 +8,9 @@
 //! A collective error is printed as `ERROR {json}` (blamed rank, error variant, message, how
 //! long the failing call took) and the process exits with status 3.
 
-use gantry_collectives::{CommError, Communicator, Fabric, FabricConfig, ParallelLayout, ReduceOp, conformance};
+use gantry_collectives::{
+    Bootstrap, CommError, Communicator, Fabric, FabricConfig, ParallelLayout, ReduceOp, conformance,
+};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -36,9 +38,12 @@ fn main() {
         segment_bytes: 4096,
         ..FabricConfig::default()
     }
-    .with_env()
+    .with_lookup(|k| std::env::var(k).ok())
     .expect("bad GANTRY_* settings");
-    let fabric = Fabric::from_env(config).unwrap_or_else(|e| {
+    let boot = Bootstrap::from_lookup(|k| std::env::var(k).ok())
+        .expect("bad torchrun variables")
+        .expect("RANK is not set: run by the multi-process tests");
+    let fabric = Fabric::from_bootstrap(&boot, config).unwrap_or_else(|e| {
         eprintln!("join failed: {e}");
         std::process::exit(2)
     });

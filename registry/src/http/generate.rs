@@ -20,11 +20,12 @@ use super::routes::{AppState, parse_ref};
 use crate::serving::TextCodec;
 use crate::serving::cache::{Admitted, CacheError, ServedModel};
 use crate::serving::engine::{GenEvent, GenerateJob};
-use crate::serving::sampling::SamplingParams;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use gantry_sharding::next_token::SamplingParams;
+use gantry_sharding::splitmix::SplitMix64;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -212,6 +213,8 @@ pub(crate) async fn generate(
         temperature: body.temperature.unwrap_or(1.0),
         top_p: body.top_p.unwrap_or(1.0),
         seed: body.seed.unwrap_or_else(random_seed),
+        // The API offers nucleus sampling only: every token stays a candidate for top_p.
+        top_k: 0,
     };
     sampling.validate().map_err(ApiError::bad_request)?;
     let max_tokens = body.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
@@ -290,7 +293,7 @@ fn random_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    crate::serving::sampling::Draws::new(t ^ u64::from(std::process::id())).next_u64() >> 11
+    SplitMix64::new(t ^ u64::from(std::process::id())).next_u64() >> 11
 }
 
 fn answer(p: &Prepared, finish: &str, first_token_s: Option<f64>) -> Value {

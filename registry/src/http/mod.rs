@@ -1,7 +1,9 @@
 //! The registry as an HTTP/JSON service (axum): `gantry registry serve --listen ADDR --db PATH
 //! [--token-file FILE]`.
 //!
-//! - [`ServeConfig`] / [`start`] / [`Running`]: bind, serve in the background, stop gracefully.
+//! - [`ServeConfig`] / [`serve`]: serve on a listener the caller bound until a shutdown
+//!   future completes, then stop gracefully (the daemon shape of the coordinator and the
+//!   worker too).
 //! - [`conn`]: the accept loop: header-read and idle timeouts, a cap on open connections
 //!   (idle ones are closed first when it is reached).
 //! - [`auth`]: bearer tokens with `read` or `write` scope ([`parse_token_file`]).
@@ -43,9 +45,10 @@ use crate::error::RegistryError;
 use crate::serving::ModelLoader;
 use crate::serving::cache::ModelCache;
 use crate::store::Registry;
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::net::TcpListener;
 
 /// Generation requests in flight per served version (generating or queued for a KV-cache
 /// slot) before new ones are answered 503.
@@ -55,10 +58,8 @@ pub const DEFAULT_MAX_PENDING: usize = 256;
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// How to serve.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
-    /// `host:port`; port 0 picks a free one (see [`Running::addr`]).
-    pub listen: String,
     /// The registry database file (created if missing).
     pub db: PathBuf,
     /// Accepted bearer tokens. Writes need a `write` token; with none, the service is read-only.
@@ -77,12 +78,31 @@ pub struct ServeConfig {
     pub model_cache_bytes: u64,
     /// Generation requests in flight per served version before new ones get 503.
     pub max_pending: usize,
+    /// Makes the models that generate text (the binary plugs in its tensor library here);
+    /// `None`: `generate` answers 501.
+    pub generation: Option<Arc<dyn ModelLoader>>,
+}
+
+// By hand: a model loader is behaviour, not data, and has no `Debug` of its own.
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("db", &self.db)
+            .field("tokens", &self.tokens)
+            .field("open_reads", &self.open_reads)
+            .field("s3", &self.s3)
+            .field("checkpoint_roots", &self.checkpoint_roots)
+            .field("connections", &self.connections)
+            .field("model_cache_bytes", &self.model_cache_bytes)
+            .field("max_pending", &self.max_pending)
+            .field("generation", &self.generation.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
-            listen: "127.0.0.1:7080".into(),
             db: PathBuf::from("gantry-registry.redb"),
             tokens: Vec::new(),
             open_reads: true,
@@ -91,6 +111,7 @@ impl Default for ServeConfig {
             connections: conn::ConnectionLimits::default(),
             model_cache_bytes: 4 << 30,
             max_pending: DEFAULT_MAX_PENDING,
+            generation: None,
         }
     }
 }
@@ -101,8 +122,6 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
     #[error("registry HTTP server: {0}")]
     Serve(String),
 }
@@ -110,9 +129,6 @@ pub enum ServeError {
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), ServeError> {
         let bad = |m: String| Err(ServeError::Config(m));
-        if self.listen.trim().is_empty() {
-            return bad("a listen address is required (--listen HOST:PORT)".into());
-        }
         if self.db.as_os_str().is_empty() {
             return bad("a database path is required (--db PATH)".into());
         }
@@ -139,73 +155,42 @@ impl ServeConfig {
     }
 }
 
-/// A started service: its address and the handle to stop it.
-pub struct Running {
-    pub addr: SocketAddr,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), ServeError>>,
-}
-
-impl Running {
-    /// Stop accepting, let in-flight requests finish, and wait for the server to end.
-    pub async fn stop(self) -> Result<(), ServeError> {
-        let _ = self.shutdown.send(());
-        self.task.await.map_err(|e| ServeError::Serve(e.to_string()))?
-    }
-
-    /// Wait until the server stops on its own (an error); cancellable.
-    pub async fn wait_ref(&mut self) -> Result<(), ServeError> {
-        (&mut self.task).await.map_err(|e| ServeError::Serve(e.to_string()))?
-    }
-}
-
-/// Open the registry, bind, and serve in the background, without generation.
-pub async fn start(config: ServeConfig) -> Result<Running, ServeError> {
-    start_with(config, None).await
-}
-
-/// As [`start`], generating with models made by `loader` when one is given.
-pub async fn start_with(config: ServeConfig, loader: Option<Arc<dyn ModelLoader>>) -> Result<Running, ServeError> {
+/// Serves the registry on `listener` until `shutdown` completes, then stops accepting, lets
+/// requests in flight finish and returns (every write was committed before its reply). The
+/// caller binds (port 0 and printing the address are its business), so tests bind
+/// `127.0.0.1:0` and read `local_addr()`. Returns early only with an error (a bad config, a
+/// database that cannot be opened).
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     config.validate()?;
-    let db = config.db.clone();
+    // The server never reads the AWS environment: only the configured settings reach S3.
     let s3 = gantry_checkpoint::S3Options {
         configured_only: true,
         ..config.s3.clone()
     };
-    let (s3_models, roots) = (s3.clone(), config.checkpoint_roots.clone());
-    let registry =
-        tokio::task::spawn_blocking(move || Registry::open(db).map(|r| r.with_s3(s3).with_checkpoint_roots(roots)))
-            .await
-            .map_err(|e| ServeError::Serve(e.to_string()))??;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.listen.clone(),
-        source,
-    })?;
-    let serving = loader.map(|l| Arc::new(ModelCache::new(l, config.model_cache_bytes, s3_models)));
+    let (db, s3_registry, roots) = (config.db.clone(), s3.clone(), config.checkpoint_roots.clone());
+    let registry = tokio::task::spawn_blocking(move || {
+        Registry::open(db).map(|r| r.with_s3(s3_registry).with_checkpoint_roots(roots))
+    })
+    .await
+    .map_err(|e| ServeError::Serve(e.to_string()))??;
+    let serving = config
+        .generation
+        .map(|loader| Arc::new(ModelCache::new(loader, config.model_cache_bytes, s3)));
     let mut state = routes::AppState::new(
         Arc::new(registry),
-        auth::Tokens::new(config.tokens.clone()),
+        auth::Tokens::new(config.tokens),
         config.open_reads,
         serving,
     );
     state.max_pending = config.max_pending;
-    let state = Arc::new(state);
-    let app = routes::router(state);
-    let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
-    tracing::info!(%addr, db = %config.db.display(), open_reads = config.open_reads, "registry serving");
-    let limits = config.connections.clone();
-    let task = tokio::spawn(async move {
-        conn::serve_connections(listener, app, limits, async {
-            let _ = rx.await;
-        })
-        .await;
-        Ok(())
-    });
-    Ok(Running { addr, shutdown, task })
+    let app = routes::router(Arc::new(state));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, db = %config.db.display(), open_reads = config.open_reads, "registry serving");
+    }
+    conn::serve_connections(listener, app, config.connections, shutdown).await;
+    Ok(())
 }

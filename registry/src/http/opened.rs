@@ -9,7 +9,7 @@
 use super::error::ApiError;
 use crate::model::VersionRecord;
 use axum::http::StatusCode;
-use gantry_checkpoint::{Checkpoint, S3Options, Store, Which};
+use gantry_checkpoint::{Checkpoint, CheckpointError, CheckpointLocation, S3Options, Store, Which};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -39,23 +39,26 @@ impl OpenedCheckpoints {
                 return Ok(ckpt);
             }
         }
-        let refused = |e: gantry_checkpoint::CheckpointError| {
+        let refused = |e: CheckpointError| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "checkpoint_unavailable",
                 format!("{}@{}: checkpoint {}: {e}", v.model, v.version, v.checkpoint_url),
             )
         };
-        let url = v.checkpoint_url.as_str();
-        if !url.starts_with("s3://") && !std::path::Path::new(url.strip_prefix("file://").unwrap_or(url)).is_dir() {
-            // Store::open would create a missing local directory; a read must not.
-            return Err(ApiError::new(
+        let gone = || {
+            ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "checkpoint_unavailable",
-                format!("{}@{}: checkpoint {url} is gone", v.model, v.version),
-            ));
-        }
-        let store = Store::open(url, s3).map_err(refused)?;
+                format!("{}@{}: checkpoint {} is gone", v.model, v.version, v.checkpoint_url),
+            )
+        };
+        let location = CheckpointLocation::parse(&v.checkpoint_url).map_err(|e| refused(e.into()))?;
+        // Opened for reading: a missing local directory is gone, never created.
+        let store = Store::open_existing(&location, s3).map_err(|e| match e {
+            CheckpointError::Location(l) if l.is_absent() => gone(),
+            e => refused(e),
+        })?;
         let ckpt = Arc::new(Checkpoint::open(&store, Which::Step(v.step)).map_err(refused)?);
         let mut entries = self.entries.lock().expect("checkpoint cache lock");
         if !entries.iter().any(|(k, _)| *k == key) {

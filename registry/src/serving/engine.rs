@@ -9,7 +9,7 @@
 //! requests between steps.
 
 use super::LanguageModel;
-use super::sampling::{Draws, SamplingParams, pick};
+use gantry_sharding::next_token::{SamplingParams, TokenSampler};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,8 @@ struct Active {
     produced: usize,
     /// Tokens in the cache after `last` is fed (prompt + produced).
     len: usize,
-    draws: Draws,
+    /// This request's sampler: its seed's draws, one per sampled token.
+    sampler: TokenSampler,
 }
 
 /// Counters an engine keeps (read by `/metrics`).
@@ -177,15 +178,15 @@ impl Batcher {
             self.stats.prefills.fetch_add(1, Ordering::Relaxed);
             match model.prefill(slot, &job.prompt) {
                 Ok(logits) => {
-                    let mut draws = Draws::new(job.sampling.seed);
-                    let token = pick(&logits, &job.sampling, &mut draws);
+                    let mut sampler = TokenSampler::new(job.sampling);
+                    let token = sampler.next(&logits);
                     let len = job.prompt.len();
                     self.slots[slot] = Some(Active {
                         job,
                         last: token,
                         produced: 0,
                         len,
-                        draws,
+                        sampler,
                     });
                     self.emit(slot, token, model);
                 }
@@ -214,7 +215,7 @@ impl Batcher {
                 for (&(slot, _), logits) in batch.iter().zip(&all) {
                     let a = self.slots[slot].as_mut().expect("batched slot is active");
                     a.len += 1;
-                    let token = pick(logits, &a.job.sampling, &mut a.draws);
+                    let token = a.sampler.next(logits);
                     self.emit(slot, token, model);
                 }
             }
@@ -292,7 +293,7 @@ pub fn spawn_engine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serving::sampling::SamplingParams;
+    use gantry_sharding::next_token::SamplingParams;
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
     /// A model whose next token is (sum of the sequence's tokens + 1) mod `vocab`, greedy, and

@@ -3,14 +3,14 @@
 //! The registry does not know how a model computes; the binary that runs the service plugs
 //! that in through two traits ([`ModelLoader`] makes a [`LoadedModel`] from a version, whose
 //! [`LanguageModel`] prefills and decodes slots of a KV cache). Everything else lives here:
-//! - [`sampling`]: temperature / top-p / seeded draws (pure);
+//! - sampling: `gantry_sharding::next_token` (temperature / top-p / seeded draws, pure; the
+//!   same sampler as training's end-of-run samples), one `TokenSampler` per request;
 //! - [`engine`]: the continuous-batching state machine and its thread;
 //! - [`cache`]: loaded versions kept in memory under a byte limit, least recently used
 //!   evicted, one load per version however many requests ask at once.
 
 pub mod cache;
 pub mod engine;
-pub mod sampling;
 
 use crate::model::VersionRecord;
 

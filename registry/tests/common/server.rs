@@ -3,7 +3,7 @@
 
 use super::{TempDir, save_steps};
 use gantry_checkpoint::S3Options;
-use gantry_registry::http::{Running, Scope, ServeConfig, TokenEntry, start};
+use gantry_registry::http::{Scope, ServeConfig, ServeError, TokenEntry, serve};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 
@@ -14,7 +14,9 @@ pub const WRITE: &str = "write-token-0123456789";
 
 pub struct Server {
     pub rt: tokio::runtime::Runtime,
-    pub running: Option<Running>,
+    /// Ends the server (dropped or sent: the shutdown future completes).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
     pub addr: SocketAddr,
     pub dir: TempDir,
     /// The checkpoint root the tests register from (a local path or `s3://…`).
@@ -48,7 +50,6 @@ impl Server {
             .build()
             .unwrap();
         let config = ServeConfig {
-            listen: "127.0.0.1:0".into(),
             db: dir.0.join("registry.redb"),
             tokens: vec![
                 TokenEntry {
@@ -64,11 +65,16 @@ impl Server {
         };
         let mut config = config;
         edit(&mut config);
-        let running = rt.block_on(start(config)).expect("start");
-        let addr = running.addr;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
         Server {
             rt,
-            running: Some(running),
+            stop: Some(stop),
+            task: Some(task),
             addr,
             dir,
             ckpt,
@@ -90,8 +96,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            self.rt.block_on(r.stop()).expect("clean stop");
+        drop(self.stop.take());
+        if let Some(task) = self.task.take() {
+            self.rt.block_on(task).expect("server task").expect("clean stop");
         }
     }
 }

@@ -5,28 +5,18 @@
 //! words are folded in, not the domain tags. (That is why this is not a dependency; see the
 //! parent module's docs.) The tests pin known outputs.
 //!
-//! [`mix64`] is the output function ("finalizer") of Sebastiano Vigna's SplitMix64
-//! (<https://prng.di.unimi.it/splitmix64.c>, the same constants as Java's `SplittableRandom`): a
-//! bijection on `u64` with full avalanche. SplitMix64 with state `s` outputs
-//! `mix64(s + GOLDEN_GAMMA)` and then advances `s` by `GOLDEN_GAMMA`. Instead of keeping a
-//! state, [`hash`] folds a domain tag and a list of words through the same step, so any value
-//! (a shuffle round key, a document's split decision) is computed directly from the integers it
-//! depends on, in any order, on any rank.
+//! [`mix64`] is SplitMix64's finalizer ([`crate::splitmix`], the crate's one SplitMix64):
+//! SplitMix64 with state `s` outputs `mix64(s + GOLDEN_GAMMA)` and then advances `s` by
+//! `GOLDEN_GAMMA`. Instead of keeping a state, [`hash`] folds a domain tag and a list of words
+//! through the same step, so any value (a shuffle round key, a document's split decision) is
+//! computed directly from the integers it depends on, in any order, on any rank.
 
-/// SplitMix64's increment: `2^64 / φ`, odd.
-pub(crate) const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+pub(crate) use crate::splitmix::{GOLDEN_GAMMA, mix64, unit_f64};
 
 /// Domain tag for [`crate::sampler::split_documents`] (ASCII "split").
 pub(crate) const DOMAIN_SPLIT: u64 = 0x0000_0073_706c_6974;
 /// Domain tag for the round keys of [`crate::sampler::Shuffle`] (ASCII "shuffle").
 pub(crate) const DOMAIN_SHUFFLE: u64 = 0x0073_6875_6666_6c65;
-
-/// SplitMix64's finalizer: a bijective avalanche mix of one `u64`.
-pub(crate) const fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Hash of `domain` followed by `words`:
 ///
@@ -45,23 +35,9 @@ pub(crate) fn hash(domain: u64, words: &[u64]) -> u64 {
     h
 }
 
-/// A uniform number in `[0, 1)` from the top 53 bits of `h` (every value exactly representable).
-pub(crate) fn unit_f64(h: u64) -> f64 {
-    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mix64_is_splitmix64() {
-        // Reference outputs of splitmix64.c seeded with state 0: the first three calls return
-        // mix64(1γ), mix64(2γ), mix64(3γ).
-        assert_eq!(mix64(GOLDEN_GAMMA), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(mix64(GOLDEN_GAMMA.wrapping_mul(2)), 0x6E78_9E6A_A1B9_65F4);
-        assert_eq!(mix64(GOLDEN_GAMMA.wrapping_mul(3)), 0x06C4_5D18_8009_454F);
-    }
 
     #[test]
     fn hash_is_frozen() {
@@ -82,12 +58,5 @@ mod tests {
         assert_ne!(a, hash(DOMAIN_SHUFFLE, &[2, 1]));
         assert_ne!(a, hash(DOMAIN_SHUFFLE, &[1, 2, 0]));
         assert_ne!(a, hash(DOMAIN_SHUFFLE, &[1]));
-    }
-
-    #[test]
-    fn unit_f64_range() {
-        assert_eq!(unit_f64(0), 0.0);
-        assert!(unit_f64(u64::MAX) < 1.0);
-        assert_eq!(unit_f64(1 << 63), 0.5);
     }
 }

@@ -1,4 +1,11 @@
-//! A stage's parameters and gradients as flat f32 buffers, one pair per gradient bucket.
+//! Gradient buckets and their flat buffers: which parameters share a bucket, where each sits
+//! in it, and the flat f32 parameter and gradient buffer of every bucket.
+//!
+//! [`plan_buckets`] groups parameters into buckets of about `bucket_mb`, in reverse creation
+//! order (the order backward finishes them). A bucket never mixes parameters that the
+//! optimizer or the norm treat differently (weight decay or not, counted in the global norm or
+//! not), and a tied embedding shared across pipeline stages gets a bucket of its own so the
+//! first and last stage hold identically shaped buckets for it.
 //!
 //! [`FlatBuckets::adopt`] moves every parameter's values into a view of its bucket's
 //! parameter buffer (`set_data`) and points its `.grad` at a view of the bucket's gradient
@@ -11,20 +18,92 @@
 //! - zeroing the gradients is one fill per bucket.
 //!
 //! This is PyTorch DDP's `gradient_as_bucket_view` and Megatron's contiguous parameter and
-//! gradient buffers. Each parameter starts at a multiple of [`ALIGN`] elements
-//! ([`crate::grads::plan_buckets`]), so the views keep the alignment that vectorized kernels
-//! and cuBLAS want; the gaps stay zero (zero gradient, zero moments: AdamW leaves them zero).
+//! gradient buffers. Each parameter starts at a multiple of [`ALIGN`] elements, so the views
+//! keep the alignment that vectorized kernels and cuBLAS want; the gaps stay zero (zero
+//! gradient, zero moments: AdamW leaves them zero).
 
 use crate::autograd::set_grad;
 use crate::error::TrainError;
-use crate::grads::Bucket;
 use crate::model::Model;
+use crate::param::{Param, ParamId};
+use std::ops::Range;
 use tch::{Kind, Tensor};
 
 /// Every parameter's offset in its bucket is a multiple of this many f32 elements (256 bytes).
 pub const ALIGN: usize = 64;
 
-pub struct FlatBuckets {
+pub(crate) struct Bucket {
+    pub params: Vec<ParamId>,
+    /// Start of each parameter in the flat bucket, a multiple of [`ALIGN`] elements (the gaps
+    /// between parameters stay zero).
+    pub offsets: Vec<usize>,
+    /// Flat length, padded to a multiple of the DP size.
+    pub len: usize,
+    pub decay: bool,
+    pub counts_in_norm: bool,
+    /// Holds only the tied embedding of a pipelined model.
+    pub tied: bool,
+}
+
+impl Bucket {
+    /// This rank's range of the flat bucket: all of it, or its ZeRO-1 shard.
+    pub fn shard(&self, zero: bool, dp_rank: usize, dp: usize) -> Range<usize> {
+        if zero {
+            let n = self.len / dp;
+            dp_rank * n..(dp_rank + 1) * n
+        } else {
+            0..self.len
+        }
+    }
+}
+
+/// Group the model's parameters into buckets of about `bucket_bytes`.
+pub(crate) fn plan_buckets(
+    model: &Model,
+    tp_rank: usize,
+    dp: usize,
+    bucket_bytes: usize,
+    pipelined: bool,
+) -> Vec<Bucket> {
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut open: Vec<Option<usize>> = vec![None; 4];
+    let params: Vec<(ParamId, &Param)> = model.params.iter().collect();
+    for &(id, p) in params.iter().rev() {
+        let tied = pipelined && model.spec.tie_embeddings && p.name == "embed.wte";
+        let (decay, norm) = (p.decay, p.counts_in_norm(tp_rank));
+        let key = usize::from(decay) * 2 + usize::from(norm);
+        let slot = if tied { None } else { open[key] };
+        let b = match slot {
+            Some(b) if buckets[b].len * 4 < bucket_bytes => b,
+            _ => {
+                buckets.push(Bucket {
+                    params: Vec::new(),
+                    offsets: Vec::new(),
+                    len: 0,
+                    decay,
+                    counts_in_norm: norm,
+                    tied,
+                });
+                let b = buckets.len() - 1;
+                if !tied {
+                    open[key] = Some(b);
+                }
+                b
+            }
+        };
+        let bucket = &mut buckets[b];
+        let start = bucket.len.next_multiple_of(ALIGN);
+        bucket.offsets.push(start);
+        bucket.params.push(id);
+        bucket.len = start + p.numel();
+    }
+    for b in &mut buckets {
+        b.len = b.len.div_ceil(dp) * dp;
+    }
+    buckets
+}
+
+pub(crate) struct FlatBuckets {
     /// Per bucket: the parameter values (`bucket.len` f32), shared with the model.
     pub params: Vec<Tensor>,
     /// Per bucket: the gradients (`bucket.len` f32), shared with the parameters' `.grad`.
@@ -79,7 +158,6 @@ impl FlatBuckets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grads::plan_buckets;
 
     fn tiny() -> Model {
         crate::model::tiny_test_model(crate::spec::Arch::Gpt2)

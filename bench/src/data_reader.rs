@@ -2,8 +2,10 @@
 //! and, for zstd shards, the raw frame decompression rate and the cost of materializing the
 //! frames into a local `.bin`.
 
-use crate::gpt::{DatasetError, FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
-use crate::sampler::{Sampler, Span};
+use crate::error::Result;
+use crate::{host, stats};
+use gantry_sharding::gpt::{DatasetError, FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
+use gantry_sharding::sampler::{Sampler, Span};
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,8 +30,8 @@ pub struct ReadBench {
 /// that warms the page cache; then a memcpy of the same number of token bytes. Batches are
 /// made the way the trainer's prefetch thread makes them ([`GptDataset::micro_batch`], one DP
 /// rank, the cursor advancing a step per batch).
-pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> Result<ReadBench, DatasetError> {
-    let sampler = Sampler::new(ds.num_samples(), seed, batch)?;
+pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> Result<ReadBench> {
+    let sampler = Sampler::new(ds.num_samples(), seed, batch).map_err(DatasetError::from)?;
     // Warm the page cache: touch every token once.
     let mut sink = Vec::new();
     for (doc, len) in ds.data().document_lengths()?.into_iter().enumerate() {
@@ -51,7 +53,7 @@ pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> R
         let ready = ds.micro_batch(&sampler, &cursor, 0, 1, 1, 0)?;
         debug_assert_eq!(ready.tokens.len(), batch * row);
         std::hint::black_box(&ready.tokens);
-        cursor.advance(1)?;
+        cursor.advance(1).map_err(DatasetError::from)?;
         samples += batch as u64;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -71,8 +73,7 @@ pub fn bench_reader(ds: &GptDataset, batch: usize, seconds: f64, seed: u64) -> R
         std::hint::black_box(&dst);
         copied += n;
     }
-    let copy_secs = copy_start.elapsed().as_secs_f64().max(1e-9);
-    let memcpy_gbps = bytes as f64 / copy_secs / 1e9;
+    let memcpy_gbps = stats::gbps(bytes as u64, copy_start.elapsed().as_secs_f64());
     Ok(ReadBench {
         implementation: if ds.data().reads_zstd() {
             "gantry-zstd"
@@ -110,7 +111,7 @@ pub struct FrameBench {
 
 /// Decompress all frames of the shards `data` reads from zstd, pass after pass for about
 /// `seconds` (at least one pass, after an untimed one that warms the page cache).
-pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench, DatasetError> {
+pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench> {
     let shards: Vec<_> = data.framed_shards().collect();
     let mut frames = 0u64;
     let (mut compressed, mut uncompressed) = (0u64, 0u64);
@@ -119,11 +120,12 @@ pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench, Dat
         compressed += s.index().compressed_bytes;
         uncompressed += s.index().uncompressed_bytes;
     }
-    let pass = || -> Result<u64, DatasetError> {
+    let pass = || -> Result<u64> {
         let mut sum = 0u64;
         for s in &shards {
             // Touch one byte per frame so the work cannot be optimized away.
-            s.for_each_frame(|bytes| sum = sum.wrapping_add(u64::from(bytes.first().copied().unwrap_or(0))))?;
+            s.for_each_frame(|bytes| sum = sum.wrapping_add(u64::from(bytes.first().copied().unwrap_or(0))))
+                .map_err(DatasetError::from)?;
         }
         Ok(sum)
     };
@@ -136,7 +138,7 @@ pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench, Dat
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let token_bytes = data.manifest().dtype.size() as f64;
-    let gbps = (uncompressed * passes) as f64 / secs / 1e9;
+    let gbps = stats::gbps(uncompressed * passes, secs);
     Ok(FrameBench {
         frames,
         compressed_bytes: compressed,
@@ -147,19 +149,6 @@ pub fn bench_frames(data: &TokenDataset, seconds: f64) -> Result<FrameBench, Dat
         gbps,
         tokens_per_s: gbps * 1e9 / token_bytes,
     })
-}
-
-/// CPU time (user + system, all threads) this process has used so far, from
-/// `/proc/self/stat` (Linux; in clock ticks of 1/100 s). `None` where that cannot be read.
-pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces):
-    // state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
 }
 
 /// Materializing every shard's zstd frames into a fresh cache directory.
@@ -190,7 +179,7 @@ pub fn bench_materialize(
     seq_len: usize,
     cache_root: &Path,
     threads: usize,
-) -> Result<(GptDataset, MaterializeBench), DatasetError> {
+) -> Result<(GptDataset, MaterializeBench)> {
     let opts = OpenOptions {
         source: TokenSource::Zstd,
         frames: FrameMode::Materialize,
@@ -198,11 +187,11 @@ pub fn bench_materialize(
         threads,
         ..OpenOptions::default()
     };
-    let cpu0 = process_cpu_seconds();
+    let cpu0 = host::own_cpu_seconds();
     let started = Instant::now();
     let first = TokenDataset::open_with(dir, &opts)?;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
-    let cpu_seconds = process_cpu_seconds().zip(cpu0).map(|(b, a)| (b - a).max(0.01));
+    let cpu_seconds = host::own_cpu_seconds().zip(cpu0).map(|(b, a)| (b - a).max(0.01));
     let built = first.materialized();
     let bytes: u64 = built.iter().map(|m| m.bytes).sum();
     let bench = MaterializeBench {

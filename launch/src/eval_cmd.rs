@@ -8,12 +8,14 @@
 //! group, each downloading only its share of the weights (`…/tensors?tp=T&rank=R`), and rank
 //! 0's result is the answer (every TP rank computes the same loss).
 
+use crate::local_ranks::{LocalRanks, RankCommand, StopPolicy, tail};
+use crate::model_loader::model_spec;
 use crate::models::{Api, RegistryClient, seg};
-use crate::serving::model_spec;
 use anyhow::{Context, bail};
 use clap::Args;
 use gantry_collectives::fabric::Bootstrap;
-use gantry_collectives::spawn::{Output, spawn_local_world};
+use gantry_collectives::rank_env::{RankProgram, thread_defaults};
+use gantry_collectives::spawn::HostedStore;
 use gantry_collectives::{Fabric, FabricConfig};
 use gantry_registry::VersionRecord;
 use gantry_train::comm::{CommClock, TensorComm};
@@ -24,7 +26,7 @@ use serde_json::json;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -253,32 +255,52 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     }
     let exe = std::env::current_exe().context("cannot find the gantry binary")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut env = vec![("GANTRY_EVAL_THREADS".to_string(), (cores / args.tp).max(1).to_string())];
+    let threads = (cores / args.tp).max(1);
+    let mut parent: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    parent.push(("GANTRY_EVAL_THREADS".into(), threads.to_string().into()));
     // The token (from --token, --token-file or the environment) reaches the ranks through
     // their environment, not argv; a token file variable they inherit is blanked so the two
     // never conflict.
     if let Some(token) = args.client.token()? {
-        env.push(("GANTRY_REGISTRY_TOKEN".to_string(), token));
-        env.push(("GANTRY_REGISTRY_TOKEN_FILE".to_string(), String::new()));
+        parent.push(("GANTRY_REGISTRY_TOKEN".into(), token.into()));
+        parent.push(("GANTRY_REGISTRY_TOKEN_FILE".into(), OsString::new()));
     }
-    let mut world = spawn_local_world(&exe, &child, args.tp, &env, Output::Files(dir.clone()))
-        .context("starting the evaluation ranks")?;
-    let status = world.wait_all(crate::flag_seconds("--timeout-s", args.timeout_s)?);
-    let failed: Vec<usize> = status
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.is_some_and(|s| s.success()))
-        .map(|(r, _)| r)
+    let store = HostedStore::bind().context("starting the evaluation ranks")?;
+    let thread_policy = thread_defaults(
+        RankProgram::Gantry {
+            threads_per_rank: threads,
+        },
+        args.tp,
+        cores,
+    );
+    let commands = (0..args.tp)
+        .map(|rank| {
+            let mut env = store.rank_env(rank, args.tp);
+            env.threads = Some(thread_policy);
+            RankCommand {
+                program: exe.clone().into(),
+                args: child.clone(),
+                env: env.environment(parent.iter().cloned()),
+                log: Some(dir.join(format!("rank-{rank}.log"))),
+            }
+        })
         .collect();
+    let policy = StopPolicy {
+        linger: Duration::from_secs(3),
+        signal: libc::SIGKILL,
+        grace: Duration::from_secs(1),
+    };
+    let deadline = crate::flag_seconds("--timeout-s", args.timeout_s)?;
+    let outcome = LocalRanks::spawn(commands, Some(store))
+        .context("starting the evaluation ranks")?
+        .supervise(policy, Some(deadline), || {});
+    let failed = outcome.unsuccessful();
     if !failed.is_empty() {
         let logs: Vec<String> = failed
             .iter()
             .map(|r| {
-                format!(
-                    "rank {r} ({}):\n{}",
-                    dir.join(format!("rank-{r}.log")).display(),
-                    log_tail(&dir.join(format!("rank-{r}.log")))
-                )
+                let log = dir.join(format!("rank-{r}.log"));
+                format!("rank {r} ({}):\n{}", log.display(), tail(&log, 20))
             })
             .collect();
         bail!("evaluation ranks {failed:?} failed or timed out\n{}", logs.join("\n"));
@@ -295,12 +317,6 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     })
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 /// One TP rank (hidden mode of `gantry eval`).
 fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
     if let Some(n) = std::env::var("GANTRY_EVAL_THREADS")
@@ -310,12 +326,14 @@ fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
         gantry_train::tch::set_num_threads(n);
         gantry_train::tch::set_num_interop_threads(1);
     }
-    let boot = Bootstrap::from_env()
+    let boot = Bootstrap::from_lookup(|k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?
         .context("--rank-result is for the rank processes `gantry eval --tp T` starts")?;
     let fabric = Fabric::from_bootstrap(
         &boot,
-        FabricConfig::default().with_env().map_err(|e| anyhow::anyhow!("{e}"))?,
+        FabricConfig::default()
+            .with_lookup(|k| std::env::var(k).ok())
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
     )
     .context("joining the evaluation ranks")?;
     let (rank, tp) = (fabric.rank(), fabric.world_size());

@@ -1,12 +1,12 @@
 //! `gantry registry serve`: the model registry's HTTP/JSON service (the routes and their
 //! OpenAPI document live in `gantry_registry::http`).
 
-use crate::serving::TchLoader;
+use crate::model_loader::TchLoader;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use gantry_registry::CheckpointRoot;
 use gantry_registry::http::conn::ConnectionLimits;
-use gantry_registry::http::{ServeConfig, parse_token_file, start_with};
+use gantry_registry::http::{ServeConfig, parse_token_file, serve};
 use gantry_registry::serving::ModelLoader;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,7 +75,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
     #[command(flatten)]
-    s3: crate::checkpoint::S3Args,
+    s3: crate::checkpoint_cmd::S3Args,
 }
 
 pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
@@ -95,7 +95,6 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()
         .context("--checkpoint-roots")?;
     let config = ServeConfig {
-        listen: args.listen.clone(),
         db: args.db.clone(),
         tokens,
         open_reads: !args.closed_reads,
@@ -109,11 +108,12 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         },
         model_cache_bytes: args.model_cache_mb.saturating_mul(1 << 20),
         max_pending: args.max_pending,
+        generation: None,
     };
     if args.batch_slots == 0 {
         anyhow::bail!("--batch-slots must be at least 1");
     }
-    let loader: Option<Arc<dyn ModelLoader>> = if args.no_generate {
+    let generation: Option<Arc<dyn ModelLoader>> = if args.no_generate {
         None
     } else {
         if args.threads > 0 {
@@ -123,26 +123,23 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
             slots: args.batch_slots,
         }))
     };
+    let config = ServeConfig { generation, ..config };
+    // Refused before anything is bound or announced.
+    config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = crate::daemons::shutdown_signal();
-        let mut running = start_with(config, loader).await?;
+        let listener = crate::daemons::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
         if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"address": running.addr.to_string(), "db": args.db})
-            );
+            println!("{}", serde_json::json!({"address": addr.to_string(), "db": args.db}));
         } else {
-            println!("listening on {}", running.addr);
+            println!("listening on {addr}");
         }
-        tokio::select! {
-            r = running.wait_ref() => return r.map_err(anyhow::Error::from),
-            _ = shutdown => {}
-        }
-        running.stop().await?;
+        serve(listener, config, shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

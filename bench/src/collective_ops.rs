@@ -3,9 +3,11 @@
 //! iterations. Each iteration is timed on every rank and the slowest rank's time counts
 //! (that is when the collective is done for the job); the median over iterations is reported.
 
-use crate::comm::Communicator;
-use crate::dtype::{DType, Element, ReduceOp, fill_from_f64, with_element_type};
-use crate::error::CommError;
+use crate::error::BenchError;
+use crate::stats;
+use gantry_collectives::algo::{scratch, scratch_bytes};
+use gantry_collectives::dtype::{fill_from_f64, to_f64_vec};
+use gantry_collectives::{CommError, Communicator, DType, ReduceOp};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -86,14 +88,28 @@ impl Default for BenchConfig {
 }
 
 impl BenchConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), BenchError> {
         if self.iters == 0 {
-            return Err("iters must be at least 1".into());
+            return Err(BenchError::setting("iters", "must be at least 1"));
         }
         if self.sizes.is_empty() {
-            return Err("no sizes given".into());
+            return Err(BenchError::setting("sizes", "lists none"));
         }
         Ok(())
+    }
+
+    /// The table's first line: what runs where (`algorithm` as the user named it).
+    pub fn title(&self, world: usize, transport: &str, algorithm: &str) -> String {
+        format!(
+            "# gantry bench collectives: {} {} world {} transport {} algorithm {} iters {} warmup {}",
+            self.op.name(),
+            self.dtype,
+            world,
+            transport,
+            algorithm,
+            self.iters,
+            self.warmup
+        )
     }
 }
 
@@ -133,12 +149,17 @@ fn pattern(rank: usize, i: usize) -> f64 {
     ((rank + 1) * (i % 7 + 1)) as f64
 }
 
-/// Every element equals `f(i)` rounded to the dtype.
+/// Every element equals `f(i)` rounded to the dtype (compared as f64, a block at a time so the
+/// expectation never needs a second full-size buffer).
 fn matches(buf: &[u8], dtype: DType, f: impl Fn(usize) -> f64) -> bool {
-    with_element_type!(dtype, T => bytemuck::cast_slice::<u8, T>(buf)
-        .iter()
-        .enumerate()
-        .all(|(i, x)| x.to_f64() == T::from_f64(f(i)).to_f64()))
+    const BLOCK: usize = 1 << 16;
+    let elem = dtype.size();
+    let mut expected = vec![0u8; BLOCK * elem];
+    buf.chunks(BLOCK * elem).enumerate().all(|(k, got)| {
+        let want = &mut expected[..got.len()];
+        fill_from_f64(want, dtype, |j| f(k * BLOCK + j));
+        to_f64_vec(got, dtype) == to_f64_vec(want, dtype)
+    })
 }
 
 /// One run of `op` on `buf` (the layout each op expects) — shared by the check and the timing.
@@ -201,10 +222,10 @@ pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Resul
             _ => elem,
         };
         let bytes = size / unit * unit;
-        let mut store = crate::algo::scratch(bytes);
-        let buf = crate::algo::scratch_bytes(&mut store, bytes);
-        let mut out_store = crate::algo::scratch(if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
-        let out = crate::algo::scratch_bytes(&mut out_store, if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
+        let mut store = scratch(bytes);
+        let buf = scratch_bytes(&mut store, bytes);
+        let mut out_store = scratch(if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
+        let out = scratch_bytes(&mut out_store, if cfg.op == BenchOp::AllToAll { bytes } else { 0 });
 
         let ok_here = check(comm, cfg.op, cfg.dtype, buf, out)?;
         let mut ok = [u8::from(ok_here)];
@@ -222,10 +243,9 @@ pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Resul
         }
         comm.all_reduce_in_place(&mut times, ReduceOp::Max)?;
         let mean_us = times.iter().sum::<f64>() / times.len() as f64;
-        times.sort_by(f64::total_cmp);
-        let time_us = times[times.len() / 2];
+        let time_us = stats::quantile_rounded(&times, 0.5);
         let algbw = if time_us > 0.0 {
-            bytes as f64 / (time_us * 1e-6) / 1e9
+            stats::gbps(bytes as u64, time_us * 1e-6)
         } else {
             0.0
         };
@@ -244,6 +264,30 @@ pub fn run(comm: &mut Communicator, cfg: &BenchConfig, transport: &str) -> Resul
         });
     }
     Ok(rows)
+}
+
+/// The table's column names, aligned with [`BenchRow::table_line`].
+pub fn column_header() -> String {
+    format!(
+        "# {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>5}",
+        "size", "count", "time_us", "mean_us", "algbw_GB/s", "busbw_GB/s", "ok"
+    )
+}
+
+impl BenchRow {
+    /// One row of the table under [`column_header`].
+    pub fn table_line(&self) -> String {
+        format!(
+            "  {:>10} {:>12} {:>12.1} {:>12.1} {:>12.3} {:>12.3} {:>5}",
+            format_size(self.bytes),
+            self.count,
+            self.time_us,
+            self.mean_us,
+            self.algbw_gbps,
+            self.busbw_gbps,
+            if self.ok { "ok" } else { "FAIL" }
+        )
+    }
 }
 
 /// A human-readable size: 1K, 64M.
@@ -268,6 +312,18 @@ mod tests {
         assert!(parse_size("x").is_err());
         assert_eq!(format_size(256 << 20), "256M");
         assert_eq!(format_size(1000), "1000");
+    }
+
+    #[test]
+    fn the_check_compares_every_block_rounded_to_the_dtype() {
+        let n = (1 << 16) + 3;
+        for dtype in [DType::F32, DType::BF16, DType::U8] {
+            let mut buf = vec![0u8; n * dtype.size()];
+            fill_from_f64(&mut buf, dtype, |i| pattern(1, i));
+            assert!(matches(&buf, dtype, |i| pattern(1, i)));
+            // The last element sits in the second block.
+            assert!(!matches(&buf, dtype, |i| if i == n - 1 { 0.0 } else { pattern(1, i) }));
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gantry_checkpoint::export::write_safetensors;
-use gantry_checkpoint::{Checkpoint, DType, S3Options, SliceSpec, Store, Which, committed_steps};
+use gantry_checkpoint::{
+    Checkpoint, CheckpointLocation, DType, S3Options, SliceSpec, Store, StoreConfig, Which, committed_steps,
+};
 use gantry_train::hf::{gpt2_sources, to_gpt2};
 use gantry_train::spec::ModelSpec;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,7 +50,7 @@ impl S3Args {
 pub enum CheckpointCommand {
     /// Committed checkpoints under URL (a directory, file:///… or s3://bucket/prefix).
     List {
-        url: String,
+        url: CheckpointLocation,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -84,7 +86,7 @@ pub enum CheckpointCommand {
 #[derive(Args)]
 pub struct Target {
     /// A directory, file:///… or s3://bucket/prefix.
-    url: String,
+    url: CheckpointLocation,
     /// `latest` or a step number.
     #[arg(long, default_value = "latest")]
     step: String,
@@ -99,7 +101,7 @@ pub enum ExportFormat {
 
 fn open(t: &Target) -> anyhow::Result<Checkpoint> {
     let which: Which = t.step.parse().map_err(|e: String| anyhow::anyhow!("--step: {e}"))?;
-    let store = Store::open(&t.url, &t.s3.options())?;
+    let store = Store::open_location(&t.url, &t.s3.options(), StoreConfig::default())?;
     Ok(Checkpoint::open(&store, which)?)
 }
 
@@ -112,8 +114,8 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn list(url: &str, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
-    let store = Store::open(url, &s3.options())?;
+fn list(url: &CheckpointLocation, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
+    let store = Store::open_location(url, &s3.options(), StoreConfig::default())?;
     let mut rows = Vec::new();
     for step in committed_steps(&store)? {
         // A step whose manifest does not read is listed as damaged, with the others.

@@ -1,21 +1,20 @@
-//! `gantry launch JOB.toml --local N` (spawn N rank processes on this host, follow their
-//! metrics with a progress bar, summarize), `gantry launch JOB.toml` as one task of a Slurm
-//! job step, and `gantry rank` (one rank process: the entry point the launcher, and the
-//! worker daemons, start). `gantry launch -- PROGRAM` (any command, torchrun-style) is
-//! dispatched from here to `torchrun.rs`.
+//! `gantry launch`: a job spec on N local rank processes (`--local N`: spawn them through the
+//! local rank supervisor, follow their metrics with a progress bar, summarize), a job spec as
+//! one task of a Slurm job step (each task is a rank: see `rank_cmd`), or any command with
+//! torchrun's environment (`--nproc N -- PROGRAM`, `torchrun.rs`).
 
-use crate::autoregister::AutoRegister;
+use crate::job_spec::{machine_share, resolve_spec};
+use crate::local_ranks::{End, LocalRanks, Outcome, RankCommand, Stop, StopPolicy, last_error, signal_name, tail};
 use crate::slurm::SlurmEnv;
 use crate::torchrun;
 use anyhow::{Context, bail};
 use clap::Args;
-use gantry_collectives::fabric::Bootstrap;
-use gantry_collectives::spawn::{Output, spawn_local_world};
-use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
+use gantry_collectives::rank_env::{RankProgram, thread_defaults};
+use gantry_collectives::spawn::HostedStore;
 use gantry_sharding::gpt::{FrameMode, OpenOptions, TokenDataset};
 use gantry_sharding::manifest::Manifest;
+use gantry_train::JobSpec;
 use gantry_train::metrics::{RunSummary, StepMetrics};
-use gantry_train::{JobSpec, trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Seek, SeekFrom};
@@ -70,67 +69,6 @@ pub struct LaunchArgs {
     pub command: Vec<OsString>,
 }
 
-#[derive(Args)]
-pub struct RankArgs {
-    /// The resolved job spec the launcher wrote into the run directory.
-    #[arg(long)]
-    pub spec: PathBuf,
-    /// Where the reporting rank writes metrics.jsonl and summary.json.
-    #[arg(long)]
-    pub run_dir: PathBuf,
-    /// Override a spec value, e.g. `--set parallel.dp=4` (repeatable; as `gantry launch`).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// When the spec has `checkpoint.dir` and no `checkpoint.resume`: resume from the newest
-    /// committed checkpoint there if one exists, else start from step 0.
-    #[arg(long)]
-    pub resume_auto: bool,
-}
-
-/// Read, override, resolve (vocabulary from the dataset, threads per rank) and validate for a
-/// world of `world` ranks, all on this host.
-pub fn resolve_spec(path: &Path, overrides: &[String], world: usize) -> anyhow::Result<JobSpec> {
-    resolve_spec_for(path, overrides, world, world)
-}
-
-/// [`resolve_spec`] for a world of `world` ranks of which `here` share this host's cores.
-pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: usize) -> anyhow::Result<JobSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job spec {}", path.display()))?;
-    // A job file for `gantry submit` may carry a [cluster] section; it means nothing here.
-    let text = crate::jobfile::without_cluster_section(&text, &path.display().to_string())?;
-    let mut spec = JobSpec::parse(&text, &path.display().to_string(), overrides)?;
-    let manifest = Manifest::read(&spec.data.path).with_context(|| {
-        format!(
-            "data.path = {}: not a gantry dataset (make one with `gantry data synth` or `gantry data prepare`)",
-            spec.data.path.display()
-        )
-    })?;
-    if spec.model.vocab_size == 0 {
-        let m = spec.model.vocab_multiple.max(1);
-        spec.model.vocab_size = (manifest.vocab_size as usize).div_ceil(m) * m;
-    } else {
-        gantry_sharding::vocab::check_declared(&manifest, &spec.data.path, spec.model.vocab_size as u64)
-            .context("job spec: `model.vocab_size`")?;
-    }
-    if spec.train.threads == 0 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        spec.train.threads = (cores / here.max(1)).max(1);
-    }
-    if spec.name.is_empty() {
-        spec.name = path
-            .file_stem()
-            .map_or("job".into(), |s| s.to_string_lossy().into_owned());
-    }
-    spec.data.path = std::path::absolute(&spec.data.path).unwrap_or(spec.data.path.clone());
-    // Ranks may run elsewhere: a relative checkpoint directory means this one's.
-    let dir = &spec.checkpoint.dir;
-    if !dir.is_empty() && !dir.contains("://") {
-        spec.checkpoint.dir = std::path::absolute(dir).map_or(dir.clone(), |p| p.display().to_string());
-    }
-    spec.validate(world)?;
-    Ok(spec)
-}
-
 pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     match (&args.spec, args.command.is_empty()) {
         (Some(spec), false) => bail!(
@@ -156,7 +94,7 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                     launch_spec(&args, spec, n)
                 }
                 None => match slurm_env()? {
-                    Some(slurm) => slurm_rank(&args, spec, &slurm),
+                    Some(slurm) => crate::rank_cmd::slurm_rank(&args, spec, &slurm),
                     None => bail!(
                         "--local N is required: how many rank processes to run on this host \
                          (or run under srun, one Slurm task per rank)"
@@ -217,7 +155,7 @@ fn launch_command(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--set`, `--checkpoint-dir` and `--resume` as spec overrides.
-fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
+pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.checkpoint_dir {
         overrides.push(format!("checkpoint.dir={}", toml_string(dir)));
@@ -233,7 +171,7 @@ fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
 /// fingerprint, so later launches read no shard), and every token id is below the model's
 /// vocabulary (each shard's largest id from the manifest, or found by that check), else an
 /// error naming the shard, the document and the id. `quiet`: no report line.
-fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
+pub(crate) fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
     let dir = &spec.data.path;
     // The ranks' dataset opens look for the verdict in the same place (their default).
     let root = gantry_sharding::materialize::default_cache_root();
@@ -310,25 +248,6 @@ fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Res
     for f in ["metrics.jsonl", "summary.json"] {
         let _ = std::fs::remove_file(run_dir.join(f));
     }
-    let exe = std::env::current_exe().context("cannot find the gantry executable to spawn ranks")?;
-    let argv: Vec<std::ffi::OsString> = vec![
-        "rank".into(),
-        "--spec".into(),
-        spec_path.clone().into(),
-        "--run-dir".into(),
-        run_dir.clone().into(),
-    ];
-    let mut env = vec![];
-    if std::env::var_os("GANTRY_LOG").is_none() {
-        env.push(("GANTRY_LOG".to_string(), "info".to_string()));
-    }
-    // libgomp's threads spin while waiting for work by default; with every core busy (ranks ×
-    // threads >= cores) spinning threads steal the cores the others need (measured: 4–7×
-    // slower on a loaded 2-core machine). Sleep instead, unless the user chose.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() && local * spec.train.threads >= cores {
-        env.push(("OMP_WAIT_POLICY".to_string(), "PASSIVE".to_string()));
-    }
     let (p, t) = (&spec.parallel, &spec.train);
     if !args.json {
         eprintln!(
@@ -346,67 +265,44 @@ fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Res
         );
     }
     let started = Instant::now();
-    let mut world = spawn_local_world(&exe, &argv, local, &env, Output::Files(logs.clone()))?;
+    let store = HostedStore::bind().context("cannot host the ranks' rendezvous store")?;
+    let commands = rank_commands(&spec, &spec_path, &run_dir, &store, local)?;
+    let ranks = LocalRanks::spawn(commands, Some(store))?;
     let progress = Progress::new(t.steps, args.json);
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut follower = MetricsFollower::default();
-    let mut failed: Option<(usize, String)> = None;
-    let mut status = vec![None; local];
-    loop {
+    // After a failure the others get a moment to report their own view (a peer's error names
+    // the rank it blames) before they are stopped.
+    let policy = StopPolicy {
+        linger: Duration::from_secs(3),
+        signal: libc::SIGKILL,
+        grace: Duration::from_secs(1),
+    };
+    let outcome = ranks.supervise(policy, None, || {
         for m in follower.poll(&metrics_path) {
             progress.update(&m);
         }
-        for (i, c) in world.children.iter_mut().enumerate() {
-            if status[i].is_none() {
-                status[i] = c.try_wait().ok().flatten();
-                if let Some(s) = status[i]
-                    && !s.success()
-                    && failed.is_none()
-                {
-                    failed = Some((i, s.to_string()));
-                }
-            }
-        }
-        if failed.is_some() || status.iter().all(Option::is_some) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if let Some((rank, how)) = failed {
-        // Give the others a moment to report their own view (a peer's error names the rank
-        // it blames), then stop them.
-        let final_status = world.wait_all(Duration::from_secs(3));
-        progress.finish();
-        let log = logs.join(format!("rank-{rank}.log"));
-        eprintln!("gantry: rank {rank} failed ({how}); last lines of {}:", log.display());
-        eprintln!("{}", tail(&log, 20));
-        // The first rank to exit is often not the culprit (it saw a peer leave after that peer
-        // timed out on the real one): show every rank's last error, and who never exited.
-        for (r, st) in final_status.iter().enumerate() {
-            match st {
-                Some(st) if st.success() => {}
-                Some(st) => {
-                    let path = logs.join(format!("rank-{r}.log"));
-                    let last = last_error(&path).unwrap_or_else(|| format!("exited with {st}"));
-                    if last.starts_with(&format!("rank {r}:")) {
-                        eprintln!("gantry: {last}");
-                    } else {
-                        eprintln!("gantry: rank {r}: {last}");
-                    }
-                }
-                None => eprintln!("gantry: rank {r}: still running when the others failed; stopped"),
-            }
-        }
-        bail!(
-            "training failed: rank {rank} exited with {how} (logs in {})",
-            logs.display()
-        );
-    }
-    let _ = world.wait_all(Duration::from_secs(5));
+    });
     for m in follower.poll(&metrics_path) {
         progress.update(&m);
     }
     progress.finish();
+    match outcome.stop {
+        None => {}
+        Some(Stop::Signal(s)) => {
+            eprintln!("gantry: stopped by {}", signal_name(s));
+            return Ok(ExitCode::from(End::Signal(s).exit_code()));
+        }
+        Some(Stop::Failed(rank)) => {
+            report_failure(&outcome, &logs);
+            bail!(
+                "training failed: rank {rank} exited with {} (logs in {})",
+                outcome.ranks[rank].end.describe(),
+                logs.display()
+            );
+        }
+        Some(Stop::Timeout) => bail!("the ranks were stopped at a deadline (logs in {})", logs.display()),
+    }
     let summary_path = run_dir.join("summary.json");
     let summary: RunSummary = serde_json::from_slice(
         &std::fs::read(&summary_path)
@@ -419,6 +315,73 @@ fn launch_spec(args: &LaunchArgs, spec_path: &Path, local: usize) -> anyhow::Res
         print_summary(&summary, started.elapsed(), &run_dir);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each rank runs `gantry rank --spec … --run-dir …` with the launcher's own environment plus
+/// what the environment writer sets: its place around the launcher's store, `GANTRY_LOG=info`
+/// and the thread policy for `train.threads` per rank (both only where the user chose nothing),
+/// its output appended to `logs/rank-<r>.log`.
+fn rank_commands(
+    spec: &JobSpec,
+    spec_path: &Path,
+    run_dir: &Path,
+    store: &HostedStore,
+    local: usize,
+) -> anyhow::Result<Vec<RankCommand>> {
+    let exe = std::env::current_exe().context("cannot find the gantry executable to spawn ranks")?;
+    let args: Vec<OsString> = vec![
+        "rank".into(),
+        "--spec".into(),
+        spec_path.into(),
+        "--run-dir".into(),
+        run_dir.into(),
+    ];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let program = RankProgram::Gantry {
+        threads_per_rank: spec.train.threads,
+    };
+    let threads = thread_defaults(program, local, cores);
+    let parent: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let logs = run_dir.join("logs");
+    Ok((0..local)
+        .map(|rank| {
+            let mut env = store.rank_env(rank, local);
+            env.log = Some("info".into());
+            env.threads = Some(threads);
+            RankCommand {
+                program: exe.clone().into(),
+                args: args.clone(),
+                env: env.environment(parent.iter().cloned()),
+                log: Some(logs.join(format!("rank-{rank}.log"))),
+            }
+        })
+        .collect())
+}
+
+/// The first failing rank's log tail, then every rank's last error: the first rank to exit is
+/// often not the culprit (it saw a peer leave after that peer timed out on the real one).
+fn report_failure(outcome: &Outcome, logs: &Path) {
+    let log_of = |r: usize| logs.join(format!("rank-{r}.log"));
+    if let Some((rank, end)) = outcome.failed() {
+        eprintln!(
+            "gantry: rank {rank} failed ({}); last lines of {}:",
+            end.describe(),
+            log_of(rank).display()
+        );
+        eprintln!("{}", tail(&log_of(rank), 20));
+    }
+    for (r, ended) in outcome.ranks.iter().enumerate() {
+        if ended.stopped {
+            eprintln!("gantry: rank {r}: still running when the others failed; stopped");
+        } else if !ended.end.success() {
+            let last = last_error(&log_of(r)).unwrap_or_else(|| format!("exited with {}", ended.end.describe()));
+            if last.starts_with(&format!("rank {r}:")) {
+                eprintln!("gantry: {last}");
+            } else {
+                eprintln!("gantry: rank {r}: {last}");
+            }
+        }
+    }
 }
 
 /// A TOML string literal, so `--set` values with any characters parse as strings.
@@ -435,7 +398,7 @@ fn toml_string(v: &str) -> String {
     out
 }
 
-fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
+pub(crate) fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
     println!(
         "run {} finished: {} steps in {:.1} s",
         run_dir.display(),
@@ -499,24 +462,6 @@ fn print_summary(s: &RunSummary, wall: Duration, run_dir: &Path) {
         }
     }
     println!("  metrics: {}", run_dir.join("metrics.jsonl").display());
-}
-
-/// The last `gantry: error:` line of a rank's log, without the prefix.
-fn last_error(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("gantry: error: "))
-        .map(str::to_string)
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => return format!("(cannot read {}: {e})", path.display()),
-    };
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Reads the lines appended to metrics.jsonl since the last call.
@@ -592,154 +537,4 @@ impl Progress {
             b.finish_and_clear();
         }
     }
-}
-
-/// `gantry launch JOB.toml` as task SLURM_PROCID of a Slurm job step: resolve the spec for
-/// the whole step, then train as that rank in this process (rank 0 serves the store at
-/// MASTER_ADDR:MASTER_PORT). The reporting rank prints the summary.
-fn slurm_rank(args: &LaunchArgs, spec_path: &Path, slurm: &SlurmEnv) -> anyhow::Result<ExitCode> {
-    let spec = resolve_spec_for(spec_path, &spec_overrides(args), slurm.world, slurm.local_world)?;
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-slurm-{}", spec.name, slurm.job_id)));
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let p = &spec.parallel;
-    let layout = ParallelLayout::new(slurm.world, p.dp, p.tp, p.pp)?;
-    // Every task checks (tasks on one host wait for the first and reuse its verdict).
-    check_dataset(&spec, args.json || slurm.rank != 0)?;
-    if slurm.rank == 0 {
-        write_atomically(&run_dir.join("spec.toml"), spec.to_toml().as_bytes())?;
-    }
-    if slurm.rank == trainer::reporting_rank(&layout) {
-        // Only this rank writes them, so it alone clears a previous attempt's (a requeued
-        // job keeps its id, hence its run directory).
-        for f in ["metrics.jsonl", "summary.json"] {
-            let _ = std::fs::remove_file(run_dir.join(f));
-        }
-        if !args.json {
-            eprintln!(
-                "gantry: Slurm job {}: {} ranks (dp {} × tp {} × pp {}), store at {}:{}; run dir {}",
-                slurm.job_id,
-                slurm.world,
-                p.dp,
-                p.tp,
-                p.pp,
-                slurm.master_addr,
-                args.master_port.unwrap_or(slurm.master_port),
-                run_dir.display()
-            );
-        }
-    }
-    let boot = Bootstrap {
-        rank: slurm.rank,
-        world: slurm.world,
-        local_rank: slurm.local_rank,
-        local_world: slurm.local_world,
-        master_addr: slurm.master_addr.clone(),
-        master_port: args.master_port.unwrap_or(slurm.master_port),
-        store_external: false,
-    };
-    let started = Instant::now();
-    if let Some(summary) = run_rank(&spec, &run_dir, &boot)? {
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-        } else {
-            print_summary(&summary, started.elapsed(), &run_dir);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `gantry rank`: one rank process of a job, placed by torchrun-style variables.
-pub fn rank(args: RankArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.spec).with_context(|| format!("cannot read {}", args.spec.display()))?;
-    let mut spec = JobSpec::parse(&text, &args.spec.display().to_string(), &args.overrides)?;
-    if args.resume_auto {
-        if !spec.checkpoint.enabled() {
-            tracing::info!("--resume-auto: the spec has no checkpoint.dir, so nothing to resume; starting from step 0");
-        } else if spec.checkpoint.resume.is_empty() {
-            // Decided by the trainer (rank 0 lists the directory, every rank opens that step).
-            spec.checkpoint.resume = "auto".into();
-        } else {
-            tracing::info!(
-                resume = spec.checkpoint.resume,
-                "--resume-auto: the spec already names checkpoint.resume; using it"
-            );
-        }
-    }
-    let boot = Bootstrap::from_env().map_err(anyhow::Error::msg)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "RANK is not set: `gantry rank` runs as a rank of a job, placed by torchrun-style \
-             RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (started by `gantry launch` or a worker)"
-        )
-    })?;
-    run_rank(&spec, &args.run_dir, &boot)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Join the job's ranks per `boot` and train; the reporting rank writes `summary.json` and
-/// gets the summary back.
-fn run_rank(spec: &JobSpec, run_dir: &Path, boot: &Bootstrap) -> anyhow::Result<Option<RunSummary>> {
-    gantry_train::load_cuda_backend();
-    if spec.train.threads > 0 {
-        gantry_train::tch::set_num_threads(spec.train.threads as i32);
-        gantry_train::tch::set_num_interop_threads(1);
-    }
-    // Before anything is built or joined (a worker's spec reaches here unvalidated): the
-    // deadline must become a Duration, the sizes must fit this host's share of memory.
-    spec.validate(boot.world)?;
-    spec.check_memory(machine_share(boot.local_world))?;
-    let mut config = FabricConfig::default()
-        .with_env()
-        .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;
-    config.timeout = Duration::from_secs_f64(spec.parallel.timeout_s);
-    if let Some(keep) = std::env::var("GANTRY_FLIGHT_KEEP").ok().filter(|v| !v.is_empty()) {
-        config.flight_keep = keep
-            .parse()
-            .with_context(|| format!("GANTRY_FLIGHT_KEEP=`{keep}` is not a number of dumps"))?;
-    }
-    let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
-    let rank = fabric.rank();
-    let mut registry = if rank == 0 {
-        AutoRegister::new(spec, run_dir)
-    } else {
-        None
-    };
-    let trained = trainer::train_observed(spec, &fabric, run_dir, &mut |step| {
-        if let Some(r) = registry.as_mut() {
-            r.committed(step);
-        }
-    });
-    if let Some(r) = registry {
-        r.finish();
-    }
-    let mut summary = trained.with_context(|| format!("rank {rank}"))?;
-    let p = &spec.parallel;
-    let layout = ParallelLayout::new(fabric.world_size(), p.dp, p.tp, p.pp)?;
-    if rank != trainer::reporting_rank(&layout) {
-        return Ok(None);
-    }
-    summary.entropy_floor = Manifest::read(&spec.data.path)
-        .ok()
-        .and_then(|m| m.entropy_nats_per_token);
-    write_atomically(&run_dir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
-    Ok(Some(summary))
-}
-
-/// This host's memory (`MemTotal` of /proc/meminfo) divided among its `ranks` ranks: the
-/// default memory limit of each (`train.max_memory_gib = 0`); `None` where it cannot be read.
-fn machine_share(ranks: usize) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    Some(gantry_train::spec::mem_total_bytes(&text)? / ranks.max(1) as u64)
-}
-
-/// Write `<path>.tmp`, then rename: a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

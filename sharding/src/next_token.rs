@@ -1,13 +1,22 @@
-//! Choosing the next token from logits: greedy at temperature 0, else softmax at a
-//! temperature restricted to the smallest set of tokens whose probability reaches `top_p`
-//! (nucleus sampling), drawn with a per-request seeded generator so a fixed seed gives the
-//! same tokens every time. Pure: no global RNG, no clock.
+//! Choosing the next token from logits, for serving and for end-of-run samples alike: greedy
+//! at temperature 0, else softmax at a temperature over the `top_k` most likely tokens (all
+//! when 0), restricted to the smallest set whose probability reaches `top_p` (nucleus
+//! sampling), drawn from a [`SplitMix64`] seeded per request so a fixed seed gives the same
+//! tokens every time. Pure: no global RNG, no clock, no tensors (callers copy a logits row to
+//! a `&[f32]`).
+//!
+//! The draw order is part of the contract (served outputs are promised per seed): one
+//! uniform draw per sampled token, none when greedy.
+
+use crate::splitmix::SplitMix64;
 
 /// How one request samples.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 is greedy; otherwise logits are divided by it.
     pub temperature: f64,
+    /// Keep only this many most likely tokens; 0 keeps all.
+    pub top_k: usize,
     /// Keep the most likely tokens up to this cumulative probability, in (0, 1].
     pub top_p: f64,
     pub seed: u64,
@@ -17,6 +26,7 @@ impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
             temperature: 1.0,
+            top_k: 0,
             top_p: 1.0,
             seed: 0,
         }
@@ -38,27 +48,28 @@ impl SamplingParams {
     }
 }
 
-/// SplitMix64: tiny, fast, and fixed forever here, so a seed means the same draws in every
-/// gantry version that keeps this function.
+/// One sequence's sampler: its parameters and its own seeded draws.
 #[derive(Clone, Debug)]
-pub struct Draws(u64);
+pub struct TokenSampler {
+    params: SamplingParams,
+    draws: SplitMix64,
+}
 
-impl Draws {
-    pub fn new(seed: u64) -> Draws {
-        Draws(seed)
+impl TokenSampler {
+    pub fn new(params: SamplingParams) -> TokenSampler {
+        TokenSampler {
+            params,
+            draws: SplitMix64::new(params.seed),
+        }
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
     }
 
-    /// Uniform in [0, 1) with 53 bits.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    /// The next token from these logits, consuming one draw unless greedy.
+    pub fn next(&mut self, logits: &[f32]) -> u32 {
+        pick(logits, &self.params, &mut self.draws)
     }
 }
 
@@ -73,8 +84,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// The next token per `params`, consuming one draw unless greedy.
-pub fn pick(logits: &[f32], params: &SamplingParams, draws: &mut Draws) -> u32 {
+/// The next token per `params`, consuming one draw from `draws` unless greedy.
+pub fn pick(logits: &[f32], params: &SamplingParams, draws: &mut SplitMix64) -> u32 {
     if params.temperature == 0.0 || logits.len() <= 1 {
         return argmax(logits);
     }
@@ -88,6 +99,9 @@ pub fn pick(logits: &[f32], params: &SamplingParams, draws: &mut Draws) -> u32 {
         .map(|(i, &v)| (i as u32, ((v as f64 - top) / params.temperature).exp()))
         .collect();
     order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
     let total: f64 = order.iter().map(|x| x.1).sum();
     let mut kept = 0.0;
     let mut cut = order.len();
@@ -100,7 +114,7 @@ pub fn pick(logits: &[f32], params: &SamplingParams, draws: &mut Draws) -> u32 {
     }
     let order = &order[..cut];
     let mass: f64 = order.iter().map(|x| x.1).sum();
-    let mut u = draws.unit() * mass;
+    let mut u = draws.next_unit() * mass;
     for &(token, w) in order {
         if u < w {
             return token;
@@ -120,7 +134,7 @@ mod tests {
             temperature: 0.0,
             ..SamplingParams::default()
         };
-        let mut d = Draws::new(1);
+        let mut d = SplitMix64::new(1);
         assert_eq!(pick(&[0.1, 3.0, -1.0, 3.0], &g, &mut d), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
         assert_eq!(argmax(&[]), 0);
@@ -131,7 +145,7 @@ mod tests {
         let logits = [0.0f32, (2.0f64).ln() as f32, (5.0f64).ln() as f32];
         let p = SamplingParams::default();
         let run = |seed| {
-            let mut d = Draws::new(seed);
+            let mut d = SplitMix64::new(seed);
             (0..4000).map(|_| pick(&logits, &p, &mut d)).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -147,6 +161,42 @@ mod tests {
     }
 
     #[test]
+    fn a_token_sampler_draws_what_pick_draws_from_its_seed() {
+        let logits = [0.3f32, -1.0, 2.0, 0.7, 1.1];
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 11,
+            ..SamplingParams::default()
+        };
+        let mut sampler = TokenSampler::new(p);
+        let mut d = SplitMix64::new(11);
+        for _ in 0..500 {
+            assert_eq!(sampler.next(&logits), pick(&logits, &p, &mut d));
+        }
+    }
+
+    #[test]
+    fn seeded_outputs_are_frozen() {
+        // Served outputs are promised per seed: this pins the draw order and arithmetic of
+        // the serving sampler as it was (the registry's own `Draws` before it moved here).
+        let logits = [0.3f32, -1.0, 2.0, 0.7, 1.1, 0.0, -0.4, 1.9];
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 11,
+            ..SamplingParams::default()
+        };
+        let mut sampler = TokenSampler::new(p);
+        let got: Vec<u32> = (0..24).map(|_| sampler.next(&logits)).collect();
+        assert_eq!(got, GOLDEN_PICKS);
+    }
+
+    /// Produced by the registry's sampler before the move (checked against it then); never
+    /// update these.
+    const GOLDEN_PICKS: [u32; 24] = [2, 2, 7, 7, 2, 7, 2, 4, 2, 0, 2, 2, 0, 5, 0, 2, 7, 0, 4, 4, 2, 4, 4, 7];
+
+    #[test]
     fn top_p_keeps_only_the_nucleus() {
         // Probabilities 0.5, 0.3, 0.2: top_p 0.6 keeps the first two only.
         let logits = [0.5f64.ln() as f32, 0.3f64.ln() as f32, 0.2f64.ln() as f32];
@@ -154,7 +204,7 @@ mod tests {
             top_p: 0.6,
             ..SamplingParams::default()
         };
-        let mut d = Draws::new(11);
+        let mut d = SplitMix64::new(11);
         let picks: Vec<u32> = (0..2000).map(|_| pick(&logits, &p, &mut d)).collect();
         assert!(!picks.contains(&2));
         let ones = picks.iter().filter(|&&t| t == 1).count() as f64 / 2000.0;
@@ -164,6 +214,24 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!((0..100).all(|_| pick(&logits, &only_top, &mut d) == 0));
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_most_likely() {
+        // Probabilities 0.1, 0.4, 0.2, 0.3: top-2 keeps tokens 1 and 3, in ratio 4:3.
+        let logits = [0.1f64, 0.4, 0.2, 0.3].map(|p| p.ln() as f32);
+        let p = SamplingParams {
+            top_k: 2,
+            ..SamplingParams::default()
+        };
+        let mut d = SplitMix64::new(5);
+        let picks: Vec<u32> = (0..2000).map(|_| pick(&logits, &p, &mut d)).collect();
+        assert!(picks.iter().all(|&t| t == 1 || t == 3), "{picks:?}");
+        let ones = picks.iter().filter(|&&t| t == 1).count() as f64 / 2000.0;
+        assert!((ones - 4.0 / 7.0).abs() < 0.05, "{ones}");
+        // top_k 1 is greedy whatever the draw.
+        let one = SamplingParams { top_k: 1, ..p };
+        assert!((0..100).all(|_| pick(&logits, &one, &mut d) == 1));
     }
 
     #[test]

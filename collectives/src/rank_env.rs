@@ -1,0 +1,438 @@
+//! A rank process's environment, written and read in one place.
+//!
+//! Every launcher that starts ranks — the worker daemon, `gantry launch --local`, `gantry
+//! launch --nproc`, a Slurm task, `gantry eval --tp`, the local worlds of [`crate::spawn`] —
+//! describes the rank as a [`RankEnv`] and lets [`RankEnv::apply`] write the variables;
+//! the rank reads them back with [`Bootstrap::from_lookup`]. Writer and reader sit side by
+//! side so the names cannot drift, and a round-trip test holds them together.
+//!
+//! What is written:
+//! - torchrun's place variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`,
+//!   `MASTER_ADDR`, `MASTER_PORT`), always, replacing inherited ones;
+//! - torchrun's elastic-agent variables ([`Elastic`]: `TORCHELASTIC_*`, and with a
+//!   [`NodePlace`] `GROUP_RANK`, `GROUP_WORLD_SIZE`, `ROLE_*`) for launchers that promise
+//!   torchrun compatibility;
+//! - gantry's job variables ([`JobEnv`]: `GANTRY_JOB_ID`, …) for ranks of a cluster job, and
+//!   `GANTRY_STORE_EXTERNAL=1` when the launcher hosts the store (removed otherwise, so an
+//!   inherited one cannot make rank 0 wait for a store nobody serves);
+//! - defaults that the rank's own environment overrides: `GANTRY_LOG`,
+//!   `GANTRY_ADVERTISE_HOST` and the thread policy ([`thread_defaults`]).
+//!
+//! No environment is read here: launchers pass the parent environment in, ranks pass a lookup.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Set to `1` by a launcher that hosts the rendezvous store itself: rank 0 then connects to
+/// it instead of serving one.
+pub const STORE_EXTERNAL: &str = "GANTRY_STORE_EXTERNAL";
+/// The cluster job's id (a number).
+pub const JOB_ID: &str = "GANTRY_JOB_ID";
+pub const JOB_NAME: &str = "GANTRY_JOB_NAME";
+/// The job's attempt, counted from 1.
+pub const ATTEMPT: &str = "GANTRY_ATTEMPT";
+/// Where the rank writes its per-step progress for the worker.
+pub const PROGRESS_FILE: &str = "GANTRY_PROGRESS_FILE";
+
+/// A torchrun-style variable that is missing or unusable; names the variable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("{set} is set but {var} is not")]
+    Missing { var: &'static str, set: &'static str },
+    #[error("{var}=`{value}` is not {expected}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("RANK={rank} must be below WORLD_SIZE={world}")]
+    RankOutsideWorld { rank: usize, world: usize },
+    /// A value that parsed but breaks a rule of the configuration it sets.
+    #[error("{0}")]
+    Rule(String),
+}
+
+/// Where this rank sits and where the rendezvous store is, as torchrun passes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bootstrap {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub local_world: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// The launcher hosts the store (`GANTRY_STORE_EXTERNAL=1`); rank 0 only connects to it.
+    pub store_external: bool,
+}
+
+impl Bootstrap {
+    /// Rank `rank` of a world of `world` ranks all on this host, the store at
+    /// `127.0.0.1:master_port`.
+    pub fn local(rank: usize, world: usize, master_port: u16, store_external: bool) -> Bootstrap {
+        Bootstrap {
+            rank,
+            world,
+            local_rank: rank,
+            local_world: world,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            store_external,
+        }
+    }
+
+    /// Read `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+    /// `MASTER_PORT` (torchrun's names) and `GANTRY_STORE_EXTERNAL` through `get` (the
+    /// binary passes `|k| std::env::var(k).ok()`). `Ok(None)` when `RANK` is not set.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, EnvError> {
+        let Some(rank) = get("RANK") else { return Ok(None) };
+        let num = |var: &'static str, value: String| -> Result<usize, EnvError> {
+            value.trim().parse().map_err(|_| EnvError::Invalid {
+                var,
+                value,
+                expected: "a non-negative integer",
+            })
+        };
+        let required = |var: &'static str| get(var).ok_or(EnvError::Missing { var, set: "RANK" });
+        let rank = num("RANK", rank)?;
+        let world = num("WORLD_SIZE", required("WORLD_SIZE")?)?;
+        if world == 0 || rank >= world {
+            return Err(EnvError::RankOutsideWorld { rank, world });
+        }
+        let local_rank = get("LOCAL_RANK").map(|v| num("LOCAL_RANK", v)).transpose()?;
+        let local_world = get("LOCAL_WORLD_SIZE")
+            .map(|v| num("LOCAL_WORLD_SIZE", v))
+            .transpose()?;
+        let port = required("MASTER_PORT")?;
+        let master_port = port.trim().parse().map_err(|_| EnvError::Invalid {
+            var: "MASTER_PORT",
+            value: port.clone(),
+            expected: "a port number",
+        })?;
+        Ok(Some(Bootstrap {
+            rank,
+            world,
+            local_rank: local_rank.unwrap_or(rank),
+            local_world: local_world.unwrap_or(world),
+            master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port,
+            store_external: get(STORE_EXTERNAL).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
+        }))
+    }
+}
+
+/// torchrun's elastic-agent variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Elastic {
+    /// The same for every rank of a run (`TORCHELASTIC_RUN_ID`).
+    pub run_id: String,
+    /// Restarts before this one, counted from 0 (`TORCHELASTIC_RESTART_COUNT`).
+    pub restart_count: u32,
+    /// The node's place: torchrun-compatible launchers give it and then also set `ROLE_*`,
+    /// `TORCHELASTIC_MAX_RESTARTS=0` and `TORCHELASTIC_USE_AGENT_STORE=False` (no agent
+    /// store: rank 0 creates the store, as with plain `env://` init). The worker leaves it out.
+    pub node: Option<NodePlace>,
+}
+
+/// The node's index among the run's nodes (torchrun's `GROUP_RANK`) and the number of nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodePlace {
+    pub group_rank: usize,
+    pub group_world: usize,
+}
+
+/// A cluster job's identity, for ranks the worker daemon starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobEnv {
+    pub job_id: u64,
+    pub job_name: String,
+    /// Counted from 1.
+    pub attempt: u32,
+    pub progress_file: PathBuf,
+}
+
+impl JobEnv {
+    /// Read back what [`RankEnv::apply`] wrote; `Ok(None)` when `GANTRY_JOB_ID` is not set.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<JobEnv>, EnvError> {
+        let Some(id) = get(JOB_ID) else { return Ok(None) };
+        let invalid = |var: &'static str, value: String| EnvError::Invalid {
+            var,
+            value,
+            expected: "a non-negative integer",
+        };
+        let job_id = id.trim().parse().map_err(|_| invalid(JOB_ID, id.clone()))?;
+        let attempt = match get(ATTEMPT) {
+            Some(a) => a.trim().parse().map_err(|_| invalid(ATTEMPT, a.clone()))?,
+            None => 1,
+        };
+        Ok(Some(JobEnv {
+            job_id,
+            job_name: get(JOB_NAME).unwrap_or_default(),
+            attempt,
+            progress_file: get(PROGRESS_FILE).map(PathBuf::from).unwrap_or_default(),
+        }))
+    }
+}
+
+/// What a rank process runs, as far as its threads are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RankProgram {
+    /// A gantry rank (libtorch intra-op threads plus libgomp): `threads_per_rank` as the rank
+    /// will set them, 0 when unknown (then libtorch's default, every core).
+    Gantry { threads_per_rank: usize },
+    /// Anything else (a user's PyTorch script): its threads are its own business.
+    Foreign,
+}
+
+/// Defaults for OpenMP's variables; the rank's own environment always wins over them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadDefaults {
+    pub omp_num_threads: Option<usize>,
+    /// `OMP_WAIT_POLICY=PASSIVE`.
+    pub passive_wait: bool,
+}
+
+/// The one thread policy of every launcher, for `ranks_here` ranks sharing `cores` cores.
+///
+/// - A gantry rank: libgomp's threads spin while waiting for work; with every core busy
+///   (ranks × threads ≥ cores) spinning threads steal the cores the others need (measured:
+///   4–7× slower on a loaded 2-core machine), so they sleep instead (`PASSIVE`).
+/// - A foreign program: torchrun's rule: several ranks each starting one OpenMP thread per
+///   core would oversubscribe the node, so one thread each.
+pub fn thread_defaults(program: RankProgram, ranks_here: usize, cores: usize) -> ThreadDefaults {
+    match program {
+        RankProgram::Gantry { threads_per_rank } => {
+            let threads = if threads_per_rank == 0 { cores } else { threads_per_rank };
+            ThreadDefaults {
+                omp_num_threads: None,
+                passive_wait: ranks_here.saturating_mul(threads) >= cores,
+            }
+        }
+        RankProgram::Foreign => ThreadDefaults {
+            omp_num_threads: (ranks_here > 1).then_some(1),
+            passive_wait: false,
+        },
+    }
+}
+
+/// Everything a launcher tells one rank process through its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankEnv {
+    /// What the rank reads back with [`Bootstrap::from_lookup`].
+    pub place: Bootstrap,
+    pub elastic: Option<Elastic>,
+    pub job: Option<JobEnv>,
+    /// `None`: leave `OMP_*` alone.
+    pub threads: Option<ThreadDefaults>,
+    /// Default for `GANTRY_LOG`.
+    pub log: Option<String>,
+    /// Default for `GANTRY_ADVERTISE_HOST` (the address peers reach this rank at).
+    pub advertise_host: Option<String>,
+}
+
+impl RankEnv {
+    /// Only the place: no agent, job, thread or logging variables.
+    pub fn new(place: Bootstrap) -> RankEnv {
+        RankEnv {
+            place,
+            elastic: None,
+            job: None,
+            threads: None,
+            log: None,
+            advertise_host: None,
+        }
+    }
+
+    /// The variables the rank must see, replacing inherited ones of the same name.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let p = &self.place;
+        let mut vars = vec![
+            ("RANK", p.rank.to_string()),
+            ("LOCAL_RANK", p.local_rank.to_string()),
+            ("WORLD_SIZE", p.world.to_string()),
+            ("LOCAL_WORLD_SIZE", p.local_world.to_string()),
+            ("MASTER_ADDR", p.master_addr.clone()),
+            ("MASTER_PORT", p.master_port.to_string()),
+        ];
+        if p.store_external {
+            vars.push((STORE_EXTERNAL, "1".into()));
+        }
+        if let Some(e) = &self.elastic {
+            vars.push(("TORCHELASTIC_RESTART_COUNT", e.restart_count.to_string()));
+            vars.push(("TORCHELASTIC_RUN_ID", e.run_id.clone()));
+            if let Some(node) = e.node {
+                vars.extend([
+                    ("GROUP_RANK", node.group_rank.to_string()),
+                    ("GROUP_WORLD_SIZE", node.group_world.to_string()),
+                    ("ROLE_NAME", "default".into()),
+                    ("ROLE_RANK", p.rank.to_string()),
+                    ("ROLE_WORLD_SIZE", p.world.to_string()),
+                    ("TORCHELASTIC_MAX_RESTARTS", "0".into()),
+                    ("TORCHELASTIC_USE_AGENT_STORE", "False".into()),
+                ]);
+            }
+        }
+        if let Some(j) = &self.job {
+            vars.extend([
+                (JOB_ID, j.job_id.to_string()),
+                (JOB_NAME, j.job_name.clone()),
+                (ATTEMPT, j.attempt.to_string()),
+                (PROGRESS_FILE, j.progress_file.display().to_string()),
+            ]);
+        }
+        vars
+    }
+
+    /// The variables that are only defaults: an inherited value of the same name stays.
+    pub fn defaults(&self) -> Vec<(&'static str, String)> {
+        let mut defaults = Vec::new();
+        if let Some(level) = &self.log {
+            defaults.push(("GANTRY_LOG", level.clone()));
+        }
+        if let Some(host) = &self.advertise_host {
+            defaults.push(("GANTRY_ADVERTISE_HOST", host.clone()));
+        }
+        if let Some(t) = self.threads {
+            if let Some(n) = t.omp_num_threads {
+                defaults.push(("OMP_NUM_THREADS", n.to_string()));
+            }
+            if t.passive_wait {
+                defaults.push(("OMP_WAIT_POLICY", "PASSIVE".into()));
+            }
+        }
+        defaults
+    }
+
+    /// Write this rank's variables into `env` (the environment it starts from).
+    pub fn apply(&self, env: &mut BTreeMap<OsString, OsString>) {
+        if !self.place.store_external {
+            env.remove(&OsString::from(STORE_EXTERNAL));
+        }
+        for (k, v) in self.vars() {
+            env.insert(k.into(), v.into());
+        }
+        for (k, v) in self.defaults() {
+            env.entry(k.into()).or_insert_with(|| v.into());
+        }
+    }
+
+    /// The complete environment of the rank: `parent`, then [`RankEnv::apply`].
+    pub fn environment<I>(&self, parent: I) -> Vec<(OsString, OsString)>
+    where
+        I: IntoIterator<Item = (OsString, OsString)>,
+    {
+        let mut env: BTreeMap<OsString, OsString> = parent.into_iter().collect();
+        self.apply(&mut env);
+        env.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(env: &[(OsString, OsString)]) -> impl Fn(&str) -> Option<String> + '_ {
+        |k| {
+            env.iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        }
+    }
+
+    fn full() -> RankEnv {
+        RankEnv {
+            place: Bootstrap {
+                rank: 5,
+                world: 8,
+                local_rank: 1,
+                local_world: 4,
+                master_addr: "10.0.0.7".into(),
+                master_port: 29517,
+                store_external: false,
+            },
+            elastic: Some(Elastic {
+                run_id: "gantry-12".into(),
+                restart_count: 2,
+                node: Some(NodePlace {
+                    group_rank: 1,
+                    group_world: 2,
+                }),
+            }),
+            job: Some(JobEnv {
+                job_id: 12,
+                job_name: "tiny".into(),
+                attempt: 3,
+                progress_file: "/state/p.json".into(),
+            }),
+            threads: Some(thread_defaults(RankProgram::Foreign, 4, 8)),
+            log: Some("info".into()),
+            advertise_host: Some("10.0.0.1".into()),
+        }
+    }
+
+    #[test]
+    fn what_is_written_reads_back_the_same() {
+        let stale = [("RANK", "99"), (STORE_EXTERNAL, "1"), ("LOCAL_RANK", "7")];
+        let parent = stale.iter().map(|(k, v)| (k.into(), v.into()));
+        for store_external in [false, true] {
+            let mut rank = full();
+            rank.place.store_external = store_external;
+            let env = rank.environment(parent.clone());
+            assert_eq!(Bootstrap::from_lookup(lookup(&env)), Ok(Some(rank.place.clone())));
+            assert_eq!(JobEnv::from_lookup(lookup(&env)), Ok(rank.job.clone()));
+        }
+        let local = RankEnv::new(Bootstrap::local(2, 3, 4000, true));
+        let env = local.environment([]);
+        assert_eq!(Bootstrap::from_lookup(lookup(&env)), Ok(Some(local.place)));
+        assert_eq!(JobEnv::from_lookup(lookup(&env)), Ok(None));
+    }
+
+    #[test]
+    fn defaults_yield_to_the_ranks_own_environment() {
+        let env = full().environment([
+            ("GANTRY_LOG".into(), "debug".into()),
+            ("OMP_NUM_THREADS".into(), "3".into()),
+        ]);
+        let get = lookup(&env);
+        assert_eq!(get("GANTRY_LOG").as_deref(), Some("debug"));
+        assert_eq!(get("OMP_NUM_THREADS").as_deref(), Some("3"));
+        assert_eq!(get("GANTRY_ADVERTISE_HOST").as_deref(), Some("10.0.0.1"));
+        assert_eq!(get("ROLE_RANK").as_deref(), Some("5"));
+        assert_eq!(get("TORCHELASTIC_USE_AGENT_STORE").as_deref(), Some("False"));
+    }
+
+    #[test]
+    fn the_thread_policy() {
+        let gantry = |threads_per_rank| RankProgram::Gantry { threads_per_rank };
+        // Every core busy: sleep, don't spin.
+        assert!(thread_defaults(gantry(1), 2, 2).passive_wait);
+        assert!(thread_defaults(gantry(2), 2, 4).passive_wait);
+        // Cores to spare: libgomp's own default.
+        assert!(!thread_defaults(gantry(1), 2, 4).passive_wait);
+        // Unknown threads: libtorch takes every core.
+        assert!(thread_defaults(gantry(0), 1, 64).passive_wait);
+        assert_eq!(thread_defaults(gantry(0), 4, 8).omp_num_threads, None);
+        // Foreign programs: torchrun's one thread per rank when several share a node.
+        let foreign = thread_defaults(RankProgram::Foreign, 2, 64);
+        assert_eq!(foreign.omp_num_threads, Some(1));
+        assert!(!foreign.passive_wait);
+        assert_eq!(thread_defaults(RankProgram::Foreign, 1, 64), ThreadDefaults::default());
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let get = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(Bootstrap::from_lookup(get(&[])), Ok(None));
+        let e = Bootstrap::from_lookup(get(&[("RANK", "0")])).unwrap_err();
+        assert_eq!(e.to_string(), "RANK is set but WORLD_SIZE is not");
+        let e = Bootstrap::from_lookup(get(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
+        assert_eq!(e.to_string(), "RANK=2 must be below WORLD_SIZE=2");
+        let e = Bootstrap::from_lookup(get(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "x")])).unwrap_err();
+        assert_eq!(e.to_string(), "MASTER_PORT=`x` is not a port number");
+        let e = Bootstrap::from_lookup(get(&[("RANK", "-1")])).unwrap_err();
+        assert_eq!(e.to_string(), "RANK=`-1` is not a non-negative integer");
+    }
+}

@@ -1,0 +1,102 @@
+//! What a rank learns from whoever started it rather than from the job spec: the job's id,
+//! the AdamW implementation, whether to log the samples it trains on, where to write its
+//! progress. The binary reads these environment variables once ([`RunContext::from_vars`]
+//! with its own lookup) and passes the plain fields down; nothing in this crate reads the
+//! environment. The variable names are an interface: the worker daemon and the tests set them.
+
+use crate::error::TrainError;
+use crate::optim::AdamImpl;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// The job's id in the cluster (set by the worker); recorded in each checkpoint's lineage.
+pub const JOB_ID_ENV: &str = "GANTRY_JOB_ID";
+/// `fused` (the default) or `manual`: see [`AdamImpl`].
+pub const ADAMW_ENV: &str = "GANTRY_ADAMW";
+/// Set (to anything): the first stage's TP rank 0 writes `samples-rank-<r>.jsonl`, which
+/// sample of which epoch it trained on at each step.
+pub const LOG_SAMPLES_ENV: &str = "GANTRY_LOG_SAMPLES";
+/// Where this rank replaces its progress object after each step ([`crate::progress`]).
+pub const PROGRESS_FILE_ENV: &str = "GANTRY_PROGRESS_FILE";
+
+/// A rank's run context, as plain fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunContext {
+    /// `GANTRY_JOB_ID`; without it, the run directory's name.
+    pub job_id: Option<String>,
+    /// `GANTRY_ADAMW`.
+    pub adamw: AdamImpl,
+    /// `GANTRY_LOG_SAMPLES` is set.
+    pub log_samples: bool,
+    /// `GANTRY_PROGRESS_FILE`, when set and not empty.
+    pub progress_file: Option<PathBuf>,
+}
+
+impl RunContext {
+    /// The context from environment variables as `lookup` returns them (the binary passes
+    /// the process environment's `var_os`). A value that is not Unicode counts as unset, as it always did; an
+    /// unknown `GANTRY_ADAMW` is an error naming the variable.
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<OsString>) -> Result<RunContext, TrainError> {
+        let text = |name: &str| lookup(name).and_then(|v| v.into_string().ok());
+        let forced = AdamImpl::parse(text(ADAMW_ENV).as_deref()).map_err(TrainError::Device)?;
+        Ok(RunContext {
+            job_id: text(JOB_ID_ENV),
+            adamw: AdamImpl::choose(forced),
+            log_samples: lookup(LOG_SAMPLES_ENV).is_some(),
+            progress_file: lookup(PROGRESS_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
+        })
+    }
+
+    /// The job id for checkpoint lineage: `GANTRY_JOB_ID`, else the run directory's name.
+    pub fn job_id_or_dir(&self, run_dir: &Path) -> String {
+        self.job_id.clone().unwrap_or_else(|| {
+            run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn context(vars: &[(&str, &str)]) -> Result<RunContext, TrainError> {
+        let map: HashMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+        RunContext::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn nothing_set_is_the_default() {
+        let c = context(&[]).unwrap();
+        assert_eq!(c, RunContext::default());
+        assert_eq!(c.adamw, AdamImpl::Fused);
+        assert_eq!(c.job_id_or_dir(Path::new("runs/quickstart-7")), "quickstart-7");
+    }
+
+    #[test]
+    fn every_variable_becomes_a_field() {
+        let c = context(&[
+            (JOB_ID_ENV, "12"),
+            (ADAMW_ENV, "manual"),
+            (LOG_SAMPLES_ENV, ""),
+            (PROGRESS_FILE_ENV, "/state/rank-3.progress.json"),
+        ])
+        .unwrap();
+        assert_eq!(c.job_id_or_dir(Path::new("runs/x")), "12");
+        assert_eq!(c.adamw, AdamImpl::Manual);
+        // Set to anything, even empty, turns the samples log on.
+        assert!(c.log_samples);
+        assert_eq!(c.progress_file, Some(PathBuf::from("/state/rank-3.progress.json")));
+        // An empty progress path is no progress file.
+        assert_eq!(context(&[(PROGRESS_FILE_ENV, "")]).unwrap().progress_file, None);
+    }
+
+    #[test]
+    fn an_unknown_adamw_names_the_variable() {
+        let e = context(&[(ADAMW_ENV, "apex")]).unwrap_err().to_string();
+        assert!(e.contains("GANTRY_ADAMW=`apex`"), "{e}");
+    }
+}
