@@ -66,6 +66,15 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
     }
 }
 
+/// The field an `Invalid` error names (the sections' tests check which rule refused).
+#[cfg(test)]
+pub(crate) fn invalid_field(e: SpecError) -> &'static str {
+    match e {
+        SpecError::Invalid { field, .. } => field,
+        other => panic!("expected SpecError::Invalid, got {other:?}"),
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobSpec {

@@ -182,13 +182,7 @@ fn checked_sum(terms: impl IntoIterator<Item = u64>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn field(e: SpecError) -> &'static str {
-        match e {
-            SpecError::Invalid { field, .. } => field,
-            other => panic!("expected SpecError::Invalid, got {other:?}"),
-        }
-    }
+    use crate::spec::invalid_field as field;
 
     #[test]
     fn the_model_section_refuses_its_own_sizes() {

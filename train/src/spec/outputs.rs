@@ -130,13 +130,7 @@ impl RegistrySpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn field(e: SpecError) -> &'static str {
-        match e {
-            SpecError::Invalid { field, .. } => field,
-            other => panic!("expected SpecError::Invalid, got {other:?}"),
-        }
-    }
+    use crate::spec::invalid_field as field;
 
     #[test]
     fn checkpoint_and_registry_refuse_their_own_fields() {

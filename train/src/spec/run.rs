@@ -173,13 +173,7 @@ impl TrainSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn field(e: SpecError) -> &'static str {
-        match e {
-            SpecError::Invalid { field, .. } => field,
-            other => panic!("expected SpecError::Invalid, got {other:?}"),
-        }
-    }
+    use crate::spec::invalid_field as field;
 
     #[test]
     fn each_section_refuses_its_own_fields() {
