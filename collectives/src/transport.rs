@@ -213,7 +213,25 @@ struct TxState<'a> {
     coalesced: bool,
 }
 
-impl TxState<'_> {
+impl<'a> TxState<'a> {
+    /// Messages up to [`COALESCE_BYTES`] are marked to go out in one write from the
+    /// coalescing buffer; larger ones are written in place, header then payload.
+    fn new(s: SendPart<'a>) -> TxState<'a> {
+        let header = Header {
+            desc: s.desc,
+            seq: s.seq,
+            step: s.step,
+            len: s.data.len() as u64,
+        }
+        .encode();
+        TxState {
+            peer: s.peer,
+            header,
+            data: s.data,
+            pos: 0,
+            coalesced: s.data.len() <= COALESCE_BYTES,
+        }
+    }
     fn total(&self) -> usize {
         HEADER_LEN + self.data.len() + pad_len(self.data.len())
     }
@@ -236,7 +254,26 @@ struct RxState<'a> {
     pad_left: usize,
 }
 
-impl RxState<'_> {
+impl<'a> RxState<'a> {
+    /// The header expected is the one the sender builds for this step and the sink's length.
+    fn new(r: RecvPart<'a>) -> RxState<'a> {
+        RxState {
+            pad_left: pad_len(r.sink.len()),
+            peer: r.peer,
+            expect: Header {
+                desc: r.desc,
+                seq: r.seq,
+                step: r.step,
+                len: r.sink.len() as u64,
+            },
+            hdr: [0; HEADER_LEN],
+            hdr_got: 0,
+            sink: r.sink,
+            off: 0,
+            carry: [0; 8],
+            carry_len: 0,
+        }
+    }
     fn done(&self) -> bool {
         self.hdr_got == HEADER_LEN && self.off == self.sink.len() && self.pad_left == 0
     }
@@ -280,48 +317,16 @@ impl Transport for MeshTransport {
         if let Some(r) = &recv {
             self.ensure_link(r.peer, ctx.deadline)?;
         }
-        let mut tx = send.map(|s| {
-            let header = Header {
-                desc: s.desc,
-                seq: s.seq,
-                step: s.step,
-                len: s.data.len() as u64,
-            }
-            .encode();
-            TxState {
-                peer: s.peer,
-                header,
-                data: s.data,
-                pos: 0,
-                coalesced: s.data.len() <= COALESCE_BYTES,
-            }
-        });
+        let mut tx = send.map(TxState::new);
         if let Some(t) = tx.as_ref().filter(|t| t.coalesced) {
             self.coalesce.clear();
             self.coalesce.extend_from_slice(&t.header);
             self.coalesce.extend_from_slice(t.data);
             self.coalesce.extend_from_slice(&ZERO_PAD[..pad_len(t.data.len())]);
         }
-        let mut rx = recv.map(|r| RxState {
-            pad_left: pad_len(r.sink.len()),
-            peer: r.peer,
-            expect: Header {
-                desc: r.desc,
-                seq: r.seq,
-                step: r.step,
-                len: r.sink.len() as u64,
-            },
-            hdr: [0; HEADER_LEN],
-            hdr_got: 0,
-            sink: r.sink,
-            off: 0,
-            carry: [0; 8],
-            carry_len: 0,
-        });
+        let mut rx = recv.map(RxState::new);
 
-        let mut idle_since: Option<Instant> = None;
-        let mut spins = 0u32;
-        let mut last_liveness = Instant::now();
+        let mut idle = Idle::new();
         loop {
             let mut progressed = false;
             if let Some(t) = tx.as_mut().filter(|t| !t.done()) {
@@ -330,66 +335,97 @@ impl Transport for MeshTransport {
             if let Some(r) = rx.as_mut().filter(|r| !r.done()) {
                 progressed |= progress_rx(self.links[r.peer].as_deref_mut().unwrap(), r)?;
             }
-            let tx_done = tx.as_ref().is_none_or(|t| t.done());
-            let rx_done = rx.as_ref().is_none_or(|r| r.done());
-            if tx_done && rx_done {
+            let tx_pending = tx.as_ref().filter(|t| !t.done());
+            let rx_pending = rx.as_ref().filter(|r| !r.done());
+            if tx_pending.is_none() && rx_pending.is_none() {
                 return Ok(());
             }
             if progressed {
-                idle_since = None;
-                spins = 0;
+                idle.reset();
                 continue;
             }
             let now = Instant::now();
-            let idle_start = *idle_since.get_or_insert(now);
             if now >= ctx.deadline {
-                return Err(timeout_error(
-                    ctx,
-                    tx.as_ref().filter(|_| !tx_done),
-                    rx.as_ref().filter(|_| !rx_done),
-                ));
+                return Err(timeout_error(ctx, tx_pending, rx_pending));
             }
-            if spins < self.wait.spin_iters {
-                spins += 1;
-                std::hint::spin_loop();
-                continue;
-            }
-            // Links with file descriptors sleep in poll(2) and are woken by the kernel on data;
-            // yielding would only compete for the cores with the ranks that have work to do.
-            let pollable = self.pending_pollable(
-                tx.as_ref().filter(|_| !tx_done).map(|t| t.peer),
-                rx.as_ref().filter(|_| !rx_done).map(|r| r.peer),
-            );
-            if !pollable && now.duration_since(idle_start) < self.wait.yield_for {
-                std::thread::yield_now();
-                continue;
-            }
-            if now.duration_since(last_liveness) >= LIVENESS_EVERY {
-                last_liveness = now;
-                for peer in [
-                    tx.as_ref().filter(|_| !tx_done).map(|t| t.peer),
-                    rx.as_ref().filter(|_| !rx_done).map(|r| r.peer),
-                ]
-                .into_iter()
-                .flatten()
-                {
-                    if !self.link(peer).peer_alive() {
-                        return Err(ExchangeError {
-                            peer,
-                            kind: ExchangeErrorKind::Link(LinkError::PeerDied),
-                        });
-                    }
-                }
-            }
-            let sleep = (ctx.deadline - now).min(MAX_SLEEP);
-            let tx_peer = tx.as_ref().filter(|_| !tx_done).map(|t| t.peer);
-            let rx_peer = rx.as_ref().filter(|_| !rx_done).map(|r| r.peer);
-            self.wait_for(tx_peer, rx_peer, sleep);
+            let (tx_peer, rx_peer) = (tx_pending.map(|t| t.peer), rx_pending.map(|r| r.peer));
+            self.back_off(ctx, now, &mut idle, tx_peer, rx_peer)?;
         }
     }
 }
 
+/// How long an exchange has gone without progress, which picks the rung of the
+/// [`WaitPolicy`] ladder, and when the peers' liveness was last checked.
+struct Idle {
+    since: Option<Instant>,
+    spins: u32,
+    last_liveness: Instant,
+}
+
+impl Idle {
+    fn new() -> Idle {
+        Idle {
+            since: None,
+            spins: 0,
+            last_liveness: Instant::now(),
+        }
+    }
+
+    /// Progress restarts the ladder; the liveness clock keeps running, so a peer that
+    /// trickles bytes is still checked every [`LIVENESS_EVERY`].
+    fn reset(&mut self) {
+        self.since = None;
+        self.spins = 0;
+    }
+}
+
 impl MeshTransport {
+    /// Wait once for the pending peers, as [`WaitPolicy`] says: spin, then yield, then sleep on
+    /// the links, checking between sleeps that the peers are alive, so a dead peer fails the
+    /// exchange well before its deadline.
+    fn back_off(
+        &mut self,
+        ctx: &OpCtx,
+        now: Instant,
+        idle: &mut Idle,
+        tx_peer: Option<usize>,
+        rx_peer: Option<usize>,
+    ) -> Result<(), ExchangeError> {
+        let idle_start = *idle.since.get_or_insert(now);
+        if idle.spins < self.wait.spin_iters {
+            idle.spins += 1;
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        // Links with file descriptors sleep in poll(2) and are woken by the kernel on data;
+        // yielding would only compete for the cores with the ranks that have work to do.
+        let pollable = self.pending_pollable(tx_peer, rx_peer);
+        if !pollable && now.duration_since(idle_start) < self.wait.yield_for {
+            std::thread::yield_now();
+            return Ok(());
+        }
+        if now.duration_since(idle.last_liveness) >= LIVENESS_EVERY {
+            idle.last_liveness = now;
+            self.check_alive(tx_peer, rx_peer)?;
+        }
+        let sleep = (ctx.deadline - now).min(MAX_SLEEP);
+        self.wait_for(tx_peer, rx_peer, sleep);
+        Ok(())
+    }
+
+    /// Fail with [`LinkError::PeerDied`] naming the first pending peer whose process is gone.
+    fn check_alive(&mut self, tx_peer: Option<usize>, rx_peer: Option<usize>) -> Result<(), ExchangeError> {
+        for peer in [tx_peer, rx_peer].into_iter().flatten() {
+            if !self.link(peer).peer_alive() {
+                return Err(ExchangeError {
+                    peer,
+                    kind: ExchangeErrorKind::Link(LinkError::PeerDied),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn pending_pollable(&mut self, tx_peer: Option<usize>, rx_peer: Option<usize>) -> bool {
         [tx_peer, rx_peer]
             .into_iter()

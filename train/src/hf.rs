@@ -26,7 +26,7 @@ fn transpose(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
 /// `config.json`. Errors name the tensor that is missing or misshapen.
 pub fn to_gpt2(
     m: &ModelSpec,
-    mut tensors: HashMap<String, (Vec<u64>, Vec<u8>)>,
+    tensors: HashMap<String, (Vec<u64>, Vec<u8>)>,
 ) -> Result<(Vec<ExportTensor>, serde_json::Value), String> {
     if m.arch != Arch::Gpt2 {
         return Err(format!(
@@ -34,10 +34,36 @@ pub fn to_gpt2(
             m.arch
         ));
     }
-    let (d, f) = (m.d_model, m.ffn());
-    let mut out = Vec::new();
-    let mut take = |name: &str, shape: &[usize]| -> Result<Vec<u8>, String> {
-        let (s, b) = tensors
+    let (d, v) = (m.d_model, m.vocab_size);
+    let mut w = Gpt2Writer {
+        sources: tensors,
+        out: Vec::new(),
+    };
+    w.copy("embed.wte", "transformer.wte.weight".into(), &[v, d])?;
+    w.copy("embed.wpe", "transformer.wpe.weight".into(), &[m.seq_len, d])?;
+    for l in 0..m.n_layers {
+        w.layer(m, l)?;
+    }
+    w.copy("final_norm.weight", "transformer.ln_f.weight".into(), &[d])?;
+    w.copy("final_norm.bias", "transformer.ln_f.bias".into(), &[d])?;
+    if !m.tie_embeddings {
+        w.copy("head.weight", "lm_head.weight".into(), &[v, d])?;
+    }
+    Ok((w.out, gpt2_config(m)))
+}
+
+/// The gantry tensors not yet exported and the GPT-2 tensors made so far, in the order GPT-2
+/// lists them. Taking a source removes it, so no tensor is exported twice.
+struct Gpt2Writer {
+    sources: HashMap<String, (Vec<u64>, Vec<u8>)>,
+    out: Vec<ExportTensor>,
+}
+
+impl Gpt2Writer {
+    /// The bytes of source `name`, which must have exactly `shape`.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u8>, String> {
+        let (s, b) = self
+            .sources
             .remove(name)
             .ok_or_else(|| format!("tensor {name} is not in the checkpoint"))?;
         let want: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
@@ -45,96 +71,70 @@ pub fn to_gpt2(
             return Err(format!("tensor {name} has shape {s:?}, expected {want:?}"));
         }
         Ok(b)
-    };
-    let mut put = |name: String, shape: Vec<usize>, bytes: Vec<u8>| {
-        out.push(ExportTensor {
+    }
+
+    fn put(&mut self, name: String, shape: Vec<usize>, bytes: Vec<u8>) {
+        self.out.push(ExportTensor {
             name,
             dtype: DType::F32,
             shape,
             bytes,
         })
-    };
-    let v = m.vocab_size;
-    put("transformer.wte.weight".into(), vec![v, d], take("embed.wte", &[v, d])?);
-    put(
-        "transformer.wpe.weight".into(),
-        vec![m.seq_len, d],
-        take("embed.wpe", &[m.seq_len, d])?,
-    );
-    for l in 0..m.n_layers {
+    }
+
+    /// Export a tensor whose layout GPT-2 shares (vectors, embeddings).
+    fn copy(&mut self, from: &str, to: String, shape: &[usize]) -> Result<(), String> {
+        let bytes = self.take(from, shape)?;
+        self.put(to, shape.to_vec(), bytes);
+        Ok(())
+    }
+
+    /// Export a linear layer's `[out, in]` weight as `Conv1D`'s `[in, out]`.
+    fn transposed(&mut self, from: &str, to: String, rows: usize, cols: usize) -> Result<(), String> {
+        let bytes = self.take(from, &[rows, cols])?;
+        self.put(to, vec![cols, rows], transpose(&bytes, rows, cols));
+        Ok(())
+    }
+
+    /// One transformer block. The fused `qkv [3, d, d]` is transposed as one `[3d, d]` matrix,
+    /// which puts q, k and v side by side in `c_attn`.
+    fn layer(&mut self, m: &ModelSpec, l: usize) -> Result<(), String> {
+        let (d, f) = (m.d_model, m.ffn());
         let (g, h) = (format!("layers.{l}"), format!("transformer.h.{l}"));
-        put(
-            format!("{h}.ln_1.weight"),
-            vec![d],
-            take(&format!("{g}.attn.norm.weight"), &[d])?,
-        );
-        put(
-            format!("{h}.ln_1.bias"),
-            vec![d],
-            take(&format!("{g}.attn.norm.bias"), &[d])?,
-        );
-        let qkv = take(&format!("{g}.attn.qkv.weight"), &[3, d, d])?;
-        put(
+        self.copy(&format!("{g}.attn.norm.weight"), format!("{h}.ln_1.weight"), &[d])?;
+        self.copy(&format!("{g}.attn.norm.bias"), format!("{h}.ln_1.bias"), &[d])?;
+        let qkv = self.take(&format!("{g}.attn.qkv.weight"), &[3, d, d])?;
+        self.put(
             format!("{h}.attn.c_attn.weight"),
             vec![d, 3 * d],
             transpose(&qkv, 3 * d, d),
         );
-        put(
-            format!("{h}.attn.c_attn.bias"),
-            vec![3 * d],
-            take(&format!("{g}.attn.qkv.bias"), &[3, d])?,
-        );
-        let o = take(&format!("{g}.attn.out.weight"), &[d, d])?;
-        put(format!("{h}.attn.c_proj.weight"), vec![d, d], transpose(&o, d, d));
-        put(
-            format!("{h}.attn.c_proj.bias"),
-            vec![d],
-            take(&format!("{g}.attn.out.bias"), &[d])?,
-        );
-        put(
-            format!("{h}.ln_2.weight"),
-            vec![d],
-            take(&format!("{g}.mlp.norm.weight"), &[d])?,
-        );
-        put(
-            format!("{h}.ln_2.bias"),
-            vec![d],
-            take(&format!("{g}.mlp.norm.bias"), &[d])?,
-        );
-        let fc = take(&format!("{g}.mlp.fc.weight"), &[f, d])?;
-        put(format!("{h}.mlp.c_fc.weight"), vec![d, f], transpose(&fc, f, d));
-        put(
-            format!("{h}.mlp.c_fc.bias"),
-            vec![f],
-            take(&format!("{g}.mlp.fc.bias"), &[f])?,
-        );
-        let down = take(&format!("{g}.mlp.down.weight"), &[d, f])?;
-        put(format!("{h}.mlp.c_proj.weight"), vec![f, d], transpose(&down, d, f));
-        put(
-            format!("{h}.mlp.c_proj.bias"),
-            vec![d],
-            take(&format!("{g}.mlp.down.bias"), &[d])?,
-        );
+        let qkv_bias = self.take(&format!("{g}.attn.qkv.bias"), &[3, d])?;
+        self.put(format!("{h}.attn.c_attn.bias"), vec![3 * d], qkv_bias);
+        self.transposed(&format!("{g}.attn.out.weight"), format!("{h}.attn.c_proj.weight"), d, d)?;
+        self.copy(&format!("{g}.attn.out.bias"), format!("{h}.attn.c_proj.bias"), &[d])?;
+        self.copy(&format!("{g}.mlp.norm.weight"), format!("{h}.ln_2.weight"), &[d])?;
+        self.copy(&format!("{g}.mlp.norm.bias"), format!("{h}.ln_2.bias"), &[d])?;
+        self.transposed(&format!("{g}.mlp.fc.weight"), format!("{h}.mlp.c_fc.weight"), f, d)?;
+        self.copy(&format!("{g}.mlp.fc.bias"), format!("{h}.mlp.c_fc.bias"), &[f])?;
+        self.transposed(&format!("{g}.mlp.down.weight"), format!("{h}.mlp.c_proj.weight"), d, f)?;
+        self.copy(&format!("{g}.mlp.down.bias"), format!("{h}.mlp.c_proj.bias"), &[d])?;
+        Ok(())
     }
-    put(
-        "transformer.ln_f.weight".into(),
-        vec![d],
-        take("final_norm.weight", &[d])?,
-    );
-    put("transformer.ln_f.bias".into(), vec![d], take("final_norm.bias", &[d])?);
-    if !m.tie_embeddings {
-        put("lm_head.weight".into(), vec![v, d], take("head.weight", &[v, d])?);
-    }
-    let config = serde_json::json!({
+}
+
+/// GPT-2's `config.json` for `m`; dropout is off because the export is for inference.
+fn gpt2_config(m: &ModelSpec) -> serde_json::Value {
+    serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": v,
+        "vocab_size": m.vocab_size,
         "n_positions": m.seq_len,
         "n_ctx": m.seq_len,
-        "n_embd": d,
+        "n_embd": m.d_model,
         "n_layer": m.n_layers,
         "n_head": m.n_heads,
-        "n_inner": f,
+        "n_inner": m.ffn(),
         "activation_function": "gelu_new",
         "layer_norm_epsilon": m.norm_eps,
         "initializer_range": m.init_std,
@@ -143,8 +143,7 @@ pub fn to_gpt2(
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "torch_dtype": "float32",
-    });
-    Ok((out, config))
+    })
 }
 
 /// The gantry tensors a GPT-2 export reads.

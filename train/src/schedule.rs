@@ -150,112 +150,173 @@ pub fn forward_schedule(stage: usize, stages: usize, micro: usize) -> Vec<Op> {
 /// backwarded exactly once per stage.
 pub fn simulate(programs: &[Vec<Op>], micro: usize, backward: bool) -> Result<(), String> {
     let n = programs.len();
-    let mut pc = vec![0usize; n];
-    // Per stage: activations received (stage>0), gradients received (non-last), done sets.
-    let mut have_input = vec![vec![false; micro]; n];
-    let mut have_grad = vec![vec![false; micro]; n];
-    let mut forwarded = vec![vec![false; micro]; n];
-    let mut backwarded = vec![vec![false; micro]; n];
-    for mb in 0..micro {
-        have_input[0][mb] = true;
-        have_grad[n - 1][mb] = true;
-    }
+    let mut sim = Simulation::new(programs, micro);
     loop {
         let mut progressed = false;
         for s in 0..n {
-            let Some(&op) = programs[s].get(pc[s]) else { continue };
-            match op {
-                Op::Forward { mb } => {
-                    if !have_input[s][mb] || forwarded[s][mb] {
-                        return Err(format!("stage {s}: forward {mb} without input or twice"));
-                    }
-                    forwarded[s][mb] = true;
-                    pc[s] += 1;
-                    progressed = true;
+            let Some(op) = sim.current(s) else { continue };
+            progressed |= match op {
+                Op::Forward { .. } | Op::Backward { .. } => {
+                    sim.compute(s, op)?;
+                    true
                 }
-                Op::Backward { mb } => {
-                    if !forwarded[s][mb] || !have_grad[s][mb] || backwarded[s][mb] {
-                        return Err(format!("stage {s}: backward {mb} before its forward or gradient"));
-                    }
-                    backwarded[s][mb] = true;
-                    pc[s] += 1;
-                    progressed = true;
-                }
-                _ => {
-                    // A communication op pairs with the neighbour's current op.
-                    let (peer, expect) = match op {
-                        Op::SendForward { mb } => (s + 1, Op::RecvForward { mb }),
-                        Op::RecvForward { mb } => (s.wrapping_sub(1), Op::SendForward { mb }),
-                        Op::RecvBackward { mb } => (s + 1, Op::SendBackward { mb }),
-                        Op::SendBackward { mb } => (s.wrapping_sub(1), Op::RecvBackward { mb }),
-                        Op::SendForwardRecvBackward { send, recv } => {
-                            (s + 1, Op::SendBackwardRecvForward { send: recv, recv: send })
-                        }
-                        Op::SendBackwardRecvForward { send, recv } => (
-                            s.wrapping_sub(1),
-                            Op::SendForwardRecvBackward { send: recv, recv: send },
-                        ),
-                        Op::Forward { .. } | Op::Backward { .. } => unreachable!(),
-                    };
-                    if peer >= n {
-                        return Err(format!("stage {s}: {op:?} has no neighbour"));
-                    }
-                    let Some(&theirs) = programs[peer].get(pc[peer]) else {
-                        continue;
-                    };
-                    if !is_comm(theirs) {
-                        continue;
-                    }
-                    if theirs != expect {
-                        // Paired with the wrong operation: only an error if the peer is
-                        // itself waiting on us (otherwise it may be talking to its other side).
-                        if comm_peer(peer, theirs) == Some(s) {
-                            return Err(format!("stage {s} {op:?} meets stage {peer} {theirs:?}"));
-                        }
-                        continue;
-                    }
-                    if tag(op) != tag(theirs) {
-                        return Err(format!("tags differ: {op:?} vs {theirs:?}"));
-                    }
-                    // Both complete; deliver data in both directions.
-                    for (stage, o) in [(s, op), (peer, theirs)] {
-                        if let Some(mb) = sends_forward(o) {
-                            if !forwarded[stage][mb] {
-                                return Err(format!(
-                                    "stage {stage}: sends activations of {mb} before computing them"
-                                ));
-                            }
-                            have_input[stage + 1][mb] = true;
-                        }
-                        if let Some(mb) = sends_backward(o) {
-                            if !backwarded[stage][mb] {
-                                return Err(format!("stage {stage}: sends the gradient of {mb} before computing it"));
-                            }
-                            have_grad[stage - 1][mb] = true;
-                        }
-                    }
-                    pc[s] += 1;
-                    pc[peer] += 1;
-                    progressed = true;
-                }
-            }
+                _ => sim.rendezvous(s, op)?,
+            };
         }
-        if pc.iter().zip(programs).all(|(&p, prog)| p == prog.len()) {
+        if sim.pc.iter().zip(programs).all(|(&p, prog)| p == prog.len()) {
             break;
         }
         if !progressed {
-            let stuck: Vec<String> = (0..n)
-                .filter_map(|s| programs[s].get(pc[s]).map(|op| format!("stage {s} at {op:?}")))
-                .collect();
-            return Err(format!("deadlock: {}", stuck.join(", ")));
+            return Err(sim.deadlock());
         }
     }
-    for s in 0..n {
-        if forwarded[s].iter().any(|&f| !f) || (backward && backwarded[s].iter().any(|&b| !b)) {
-            return Err(format!("stage {s} did not process every micro-batch"));
+    sim.check_every_micro_batch(backward)
+}
+
+/// The state of every stage during [`simulate`]: where each program is, and what each stage
+/// has received and computed, indexed `[stage][micro-batch]`.
+struct Simulation<'a> {
+    programs: &'a [Vec<Op>],
+    pc: Vec<usize>,
+    /// Activations received (all true on the first stage).
+    have_input: Vec<Vec<bool>>,
+    /// Output gradients received (all true on the last stage).
+    have_grad: Vec<Vec<bool>>,
+    forwarded: Vec<Vec<bool>>,
+    backwarded: Vec<Vec<bool>>,
+}
+
+impl<'a> Simulation<'a> {
+    fn new(programs: &'a [Vec<Op>], micro: usize) -> Simulation<'a> {
+        let n = programs.len();
+        let mut have_input = vec![vec![false; micro]; n];
+        let mut have_grad = vec![vec![false; micro]; n];
+        for mb in 0..micro {
+            have_input[0][mb] = true;
+            have_grad[n - 1][mb] = true;
+        }
+        Simulation {
+            programs,
+            pc: vec![0usize; n],
+            have_input,
+            have_grad,
+            forwarded: vec![vec![false; micro]; n],
+            backwarded: vec![vec![false; micro]; n],
         }
     }
-    Ok(())
+
+    /// The operation stage `s` is at; `None` once its program is done.
+    fn current(&self, s: usize) -> Option<Op> {
+        self.programs[s].get(self.pc[s]).copied()
+    }
+
+    /// Run stage `s`'s forward or backward, which needs only its own data.
+    fn compute(&mut self, s: usize, op: Op) -> Result<(), String> {
+        match op {
+            Op::Forward { mb } => {
+                if !self.have_input[s][mb] || self.forwarded[s][mb] {
+                    return Err(format!("stage {s}: forward {mb} without input or twice"));
+                }
+                self.forwarded[s][mb] = true;
+            }
+            Op::Backward { mb } => {
+                if !self.forwarded[s][mb] || !self.have_grad[s][mb] || self.backwarded[s][mb] {
+                    return Err(format!("stage {s}: backward {mb} before its forward or gradient"));
+                }
+                self.backwarded[s][mb] = true;
+            }
+            _ => unreachable!("compute called with communication {op:?}"),
+        }
+        self.pc[s] += 1;
+        Ok(())
+    }
+
+    /// Complete stage `s`'s communication `op` if its neighbour is at the matching operation;
+    /// `Ok(false)` when the neighbour is not there yet. Pairing with the wrong operation is
+    /// only an error if the neighbour is itself waiting on `s` (otherwise it may be talking to
+    /// its other side).
+    fn rendezvous(&mut self, s: usize, op: Op) -> Result<bool, String> {
+        let n = self.programs.len();
+        let (peer, expect) = counterpart(s, op);
+        if peer >= n {
+            return Err(format!("stage {s}: {op:?} has no neighbour"));
+        }
+        let Some(theirs) = self.current(peer) else {
+            return Ok(false);
+        };
+        if !is_comm(theirs) {
+            return Ok(false);
+        }
+        if theirs != expect {
+            if comm_peer(peer, theirs) == Some(s) {
+                return Err(format!("stage {s} {op:?} meets stage {peer} {theirs:?}"));
+            }
+            return Ok(false);
+        }
+        if tag(op) != tag(theirs) {
+            return Err(format!("tags differ: {op:?} vs {theirs:?}"));
+        }
+        // Both complete; deliver data in both directions.
+        self.deliver(s, op)?;
+        self.deliver(peer, theirs)?;
+        self.pc[s] += 1;
+        self.pc[peer] += 1;
+        Ok(true)
+    }
+
+    /// Hand what `stage` sends with `o` to its neighbour, which must have been computed first.
+    fn deliver(&mut self, stage: usize, o: Op) -> Result<(), String> {
+        if let Some(mb) = sends_forward(o) {
+            if !self.forwarded[stage][mb] {
+                return Err(format!(
+                    "stage {stage}: sends activations of {mb} before computing them"
+                ));
+            }
+            self.have_input[stage + 1][mb] = true;
+        }
+        if let Some(mb) = sends_backward(o) {
+            if !self.backwarded[stage][mb] {
+                return Err(format!("stage {stage}: sends the gradient of {mb} before computing it"));
+            }
+            self.have_grad[stage - 1][mb] = true;
+        }
+        Ok(())
+    }
+
+    /// After the run: `backward` says whether every micro-batch also needed a backward.
+    fn check_every_micro_batch(&self, backward: bool) -> Result<(), String> {
+        for s in 0..self.programs.len() {
+            if self.forwarded[s].iter().any(|&f| !f) || (backward && self.backwarded[s].iter().any(|&b| !b)) {
+                return Err(format!("stage {s} did not process every micro-batch"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where every unfinished stage is stuck.
+    fn deadlock(&self) -> String {
+        let stuck: Vec<String> = (0..self.programs.len())
+            .filter_map(|s| self.current(s).map(|op| format!("stage {s} at {op:?}")))
+            .collect();
+        format!("deadlock: {}", stuck.join(", "))
+    }
+}
+
+/// The neighbour a communication op of `stage` pairs with, and the op that neighbour must be
+/// at for the two to complete together. The neighbour is out of range for an op that points
+/// past either end of the pipeline, which the caller reports.
+fn counterpart(stage: usize, op: Op) -> (usize, Op) {
+    let expect = match op {
+        Op::SendForward { mb } => Op::RecvForward { mb },
+        Op::RecvForward { mb } => Op::SendForward { mb },
+        Op::RecvBackward { mb } => Op::SendBackward { mb },
+        Op::SendBackward { mb } => Op::RecvBackward { mb },
+        Op::SendForwardRecvBackward { send, recv } => Op::SendBackwardRecvForward { send: recv, recv: send },
+        Op::SendBackwardRecvForward { send, recv } => Op::SendForwardRecvBackward { send: recv, recv: send },
+        Op::Forward { .. } | Op::Backward { .. } => unreachable!("{op:?} pairs with nothing"),
+    };
+    let peer = comm_peer(stage, op).expect("a communication op has a neighbour");
+    (peer, expect)
 }
 
 fn is_comm(op: Op) -> bool {
@@ -327,6 +388,24 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_communication_pairs_back_with_the_same_tag() {
+        let (a, b) = (4, 7);
+        for op in [
+            Op::SendForward { mb: a },
+            Op::RecvForward { mb: a },
+            Op::RecvBackward { mb: a },
+            Op::SendBackward { mb: a },
+            Op::SendForwardRecvBackward { send: a, recv: b },
+            Op::SendBackwardRecvForward { send: a, recv: b },
+        ] {
+            let (peer, theirs) = counterpart(2, op);
+            assert_eq!(peer.abs_diff(2), 1, "{op:?}");
+            assert_eq!(counterpart(peer, theirs), (2, op));
+            assert_eq!(tag(op), tag(theirs), "{op:?} vs {theirs:?}");
         }
     }
 

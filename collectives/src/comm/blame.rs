@@ -9,6 +9,7 @@
 
 use super::Communicator;
 use crate::error::{CommError, LinkError};
+use crate::header::Header;
 use crate::transport::{ExchangeError, ExchangeErrorKind, OpCtx};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -86,88 +87,28 @@ impl Communicator {
     /// Turn an exchange failure into an error that blames the right rank, publish it for the
     /// other ranks, and abort our links so they stop waiting for us.
     pub(super) fn attribute(&mut self, ctx: &OpCtx, e: ExchangeError) -> CommError {
+        let err = self.blame(ctx, e);
+        self.publish_abort(&err);
+        err
+    }
+
+    /// Decide whom an exchange failure blames. Only timeouts and closed links need to consult
+    /// the other ranks; every other failure names the peer of the failed exchange.
+    fn blame(&self, ctx: &OpCtx, e: ExchangeError) -> CommError {
         let peer = self.members[e.peer];
-        let me = self.members[self.rank];
         let (op, seq) = (ctx.desc.kind, ctx.seq);
-        let from_record = |rec: AbortRecord, fallback: CommError| match rec.culprit {
-            Some(c) if rec.reporter != me => CommError::Aborted {
-                rank: c,
-                op,
-                seq,
-                reason: rec.reason,
-            },
-            _ => fallback,
-        };
-        let err = match e.kind {
-            ExchangeErrorKind::Timeout { detail, .. } => {
-                if let Some(rec) = self
-                    .read_abort_record()
-                    .filter(|r| r.culprit.is_some() && r.reporter != me)
-                {
-                    CommError::Aborted {
-                        rank: rec.culprit.unwrap_or(peer),
-                        op,
-                        seq,
-                        reason: rec.reason,
-                    }
-                } else {
-                    match self.find_absent_rank(ctx, peer) {
-                        Some(absent) if absent != peer => CommError::RankTimeout {
-                            rank: absent,
-                            op,
-                            seq,
-                            waited: self.timeout,
-                            detail: format!(
-                                "it never reached this operation (every other rank timed out inside it); \
-                                 this rank was waiting on rank {peer}: {detail}"
-                            ),
-                        },
-                        _ => CommError::RankTimeout {
-                            rank: peer,
-                            op,
-                            seq,
-                            waited: self.timeout,
-                            detail,
-                        },
-                    }
-                }
-            }
+        match e.kind {
+            ExchangeErrorKind::Timeout { detail, .. } => self.blame_timeout(ctx, peer, detail),
             ExchangeErrorKind::Link(LinkError::Aborted { culprit, reason }) => CommError::Aborted {
                 rank: culprit.unwrap_or(peer),
                 op,
                 seq,
                 reason,
             },
-            ExchangeErrorKind::Link(link) => {
-                let fallback = CommError::PeerLost {
-                    rank: peer,
-                    op,
-                    seq,
-                    detail: link.to_string(),
-                };
-                // A peer that aborted published its reason before closing; one that died did not.
-                match self.wait_abort_record(Duration::from_millis(50)) {
-                    Some(rec) => from_record(rec, fallback),
-                    None => fallback,
-                }
+            ExchangeErrorKind::Link(link) => self.blame_closed_link(ctx, peer, link),
+            ExchangeErrorKind::Mismatch { remote, expected } => {
+                mismatch_error(seq, self.members[self.rank], peer, remote, expected)
             }
-            ExchangeErrorKind::Mismatch { remote, expected } => CommError::Mismatch {
-                seq,
-                local_rank: me,
-                local: expected.desc,
-                remote_rank: peer,
-                remote_seq: remote.seq,
-                remote: remote.desc,
-                detail: if remote.desc == expected.desc && remote.seq == expected.seq {
-                    format!(
-                        "; its message was step {} with {} bytes where step {} with {} bytes was expected \
-                         (do the ranks use different segment sizes, thresholds or algorithms?)",
-                        remote.step, remote.len, expected.step, expected.len
-                    )
-                } else {
-                    String::new()
-                },
-            },
             ExchangeErrorKind::Protocol(m) => CommError::PeerLost {
                 rank: peer,
                 op,
@@ -189,13 +130,75 @@ impl Communicator {
                 seq,
                 detail: format!("could not connect: {link}"),
             },
+        }
+    }
+
+    /// A timeout blames whoever another rank already blamed; failing that, the rank that never
+    /// reached the operation, which need not be the `peer` this rank was waiting on.
+    fn blame_timeout(&self, ctx: &OpCtx, peer: usize, detail: String) -> CommError {
+        let (op, seq) = (ctx.desc.kind, ctx.seq);
+        if let Some(err) = self
+            .read_abort_record()
+            .and_then(|rec| self.aborted_by_another_rank(ctx, rec))
+        {
+            return err;
+        }
+        match self.find_absent_rank(ctx, peer) {
+            Some(absent) if absent != peer => CommError::RankTimeout {
+                rank: absent,
+                op,
+                seq,
+                waited: self.timeout,
+                detail: format!(
+                    "it never reached this operation (every other rank timed out inside it); \
+                     this rank was waiting on rank {peer}: {detail}"
+                ),
+            },
+            _ => CommError::RankTimeout {
+                rank: peer,
+                op,
+                seq,
+                waited: self.timeout,
+                detail,
+            },
+        }
+    }
+
+    /// A closed link blames `peer` unless it aborted because of another rank: a peer that
+    /// aborted published its reason before closing, one that died did not.
+    fn blame_closed_link(&self, ctx: &OpCtx, peer: usize, link: LinkError) -> CommError {
+        let lost = CommError::PeerLost {
+            rank: peer,
+            op: ctx.desc.kind,
+            seq: ctx.seq,
+            detail: link.to_string(),
         };
+        self.wait_abort_record(Duration::from_millis(50))
+            .and_then(|rec| self.aborted_by_another_rank(ctx, rec))
+            .unwrap_or(lost)
+    }
+
+    /// The error another rank's abort record implies, if it blames someone and was not written
+    /// by this rank (our own record says nothing new).
+    fn aborted_by_another_rank(&self, ctx: &OpCtx, rec: AbortRecord) -> Option<CommError> {
+        let rank = rec.culprit?;
+        (rec.reporter != self.members[self.rank]).then_some(CommError::Aborted {
+            rank,
+            op: ctx.desc.kind,
+            seq: ctx.seq,
+            reason: rec.reason,
+        })
+    }
+
+    /// Record the verdict in the store (first writer wins, so every rank reports the same
+    /// culprit) and abort our links so peers blocked on us fail now rather than at their deadline.
+    fn publish_abort(&mut self, err: &CommError) {
         let culprit = err.rank();
         let reason = err.to_string();
         if let Some(f) = &self.fabric {
             let rec = AbortRecord {
                 culprit,
-                reporter: me,
+                reporter: self.members[self.rank],
                 reason: reason.clone(),
             };
             if let Ok(bytes) = serde_json::to_vec(&rec) {
@@ -203,6 +206,72 @@ impl Communicator {
             }
         }
         self.transport.abort(culprit, &reason);
-        err
+    }
+}
+
+/// A header that differs from the expected one. When the calls agree and only the step or
+/// length differs, the ranks are configured differently, and the detail says so.
+fn mismatch_error(seq: u64, local_rank: usize, remote_rank: usize, remote: Header, expected: Header) -> CommError {
+    let detail = if remote.desc == expected.desc && remote.seq == expected.seq {
+        format!(
+            "; its message was step {} with {} bytes where step {} with {} bytes was expected \
+             (do the ranks use different segment sizes, thresholds or algorithms?)",
+            remote.step, remote.len, expected.step, expected.len
+        )
+    } else {
+        String::new()
+    };
+    CommError::Mismatch {
+        seq,
+        local_rank,
+        local: expected.desc,
+        remote_rank,
+        remote_seq: remote.seq,
+        remote: remote.desc,
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::{DType, ReduceOp};
+    use crate::header::{OpDesc, OpKind};
+
+    fn header(kind: OpKind, step: u32, len: u64) -> Header {
+        Header {
+            desc: OpDesc {
+                kind,
+                dtype: DType::F32,
+                reduce: Some(ReduceOp::Sum),
+                count: 64,
+                root: 0,
+            },
+            seq: 9,
+            step,
+            len,
+        }
+    }
+
+    #[test]
+    fn a_mismatch_of_like_calls_blames_the_configuration() {
+        let expected = header(OpKind::AllReduce, 1, 128);
+        let err = mismatch_error(9, 0, 3, header(OpKind::AllReduce, 2, 64), expected);
+        let CommError::Mismatch {
+            remote_rank, detail, ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*remote_rank, 3);
+        assert!(
+            detail.contains("step 2 with 64 bytes where step 1 with 128"),
+            "{detail}"
+        );
+        let err = mismatch_error(9, 0, 3, header(OpKind::Broadcast, 1, 128), expected);
+        let CommError::Mismatch { detail, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(detail.is_empty(), "{detail}");
     }
 }
