@@ -1,12 +1,13 @@
 //! `gantry bench …`: the flags of every benchmark and the process wiring (spawning or joining
 //! rank processes, the executable's path, scratch directories); the benchmarks themselves are
-//! `gantry_bench`'s, and this file prints what they report.
+//! `gantry_bench`'s, and this file prints what they report, every one through `print_report`
+//! (one JSON line with `--json`, else text lines).
 
 use crate::checkpoint_cmd::S3Args;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use gantry_bench::checkpoint_io::{CheckpointBench, CheckpointBenchConfig};
-use gantry_bench::collective_ops::{self, BenchConfig, BenchOp, BenchRow, parse_size};
+use gantry_bench::collective_ops::{self, BenchConfig, BenchOp, parse_size};
 use gantry_bench::control_plane::{self, ClusterBenchConfig};
 use gantry_bench::daemons::Harness;
 use gantry_bench::registry_service::{self, RegistryBenchConfig};
@@ -193,7 +194,7 @@ fn join_and_run(boot: &Bootstrap, args: &CollectivesArgs, cfg: &BenchConfig) -> 
         for row in collective_ops::run(&mut comm, &one, &transport)? {
             all_ok &= row.ok;
             if boot.rank == 0 {
-                print_row(&row, args.json)?;
+                print_report(args.json, &row, || vec![row.table_line()])?;
             }
         }
     }
@@ -218,11 +219,13 @@ fn describe_links(comm: &gantry_collectives::Communicator, asked: TransportChoic
     }
 }
 
-fn print_row(row: &BenchRow, json: bool) -> Result<()> {
+/// How every benchmark prints what it measured: with `--json` the report as one JSON line,
+/// else its text lines.
+fn print_report(json: bool, report: &impl serde::Serialize, text_lines: impl FnOnce() -> Vec<String>) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(row)?);
+        println!("{}", serde_json::to_string(report)?);
     } else {
-        println!("{}", row.table_line());
+        text_lines().iter().for_each(|l| println!("{l}"));
     }
     Ok(())
 }
@@ -230,11 +233,7 @@ fn print_row(row: &BenchRow, json: bool) -> Result<()> {
 fn nccl_self_test(args: NcclArgs) -> Result<ExitCode> {
     match nccl::device_all_reduce_self_test(args.count) {
         Ok(report) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report:#?}");
-            }
+            print_report(args.json, &report, || vec![format!("{report:#?}")])?;
             Ok(if report.ok {
                 ExitCode::SUCCESS
             } else {
@@ -389,11 +388,7 @@ fn checkpoint(args: CheckpointBenchArgs) -> Result<ExitCode> {
         println!("# kept {}", bench.url());
     }
     let report = measured?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report.to_json())?);
-    } else {
-        report.text_lines().iter().for_each(|l| println!("{l}"));
-    }
+    print_report(args.json, &report.to_json(), || report.text_lines())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -407,11 +402,7 @@ fn cluster(args: ClusterBenchArgs) -> Result<ExitCode> {
         ranks: args.ranks,
     };
     let report = control_plane::run(&config, &harness()?)?;
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        report.text_lines().iter().for_each(|l| println!("{l}"));
-    }
+    print_report(args.json, &report.to_json(), || report.text_lines())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -421,11 +412,7 @@ fn startup(args: StartupBenchArgs) -> Result<ExitCode> {
         repeat: args.repeat,
     };
     let report = startup::run(&config, &harness()?)?;
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        println!("{}", report.text_line());
-    }
+    print_report(args.json, &report.to_json(), || vec![report.text_line()])?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -458,10 +445,6 @@ fn registry(args: RegistryBenchArgs) -> Result<ExitCode> {
         slots: args.batch_slots,
     });
     let report = registry_service::run(&config, loader)?;
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        report.text_lines().iter().for_each(|l| println!("{l}"));
-    }
+    print_report(args.json, report.to_json(), || report.text_lines())?;
     Ok(ExitCode::SUCCESS)
 }

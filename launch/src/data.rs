@@ -443,35 +443,16 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.batch == 0 || a.seq_len == 0 || a.seconds.is_nan() || a.seconds <= 0.0 {
         bail!("--batch and --seq-len must be at least 1 and --seconds positive");
     }
-    let open = |source, frames| {
-        let opts = OpenOptions {
-            source,
-            frames,
-            cache_frames: a.cache_frames,
-            cache_dir: a.cache_dir.clone(),
-            threads: a.threads,
-            vocab_size: None,
-        };
-        GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts)
-            .with_context(|| format!("opening {}", a.dir.display()))
-    };
-    let print = |label: &str, r: &ReadBench| {
-        println!(
-            "{} ({label}): {} samples of {} tokens in batches of {} in {:.2}s: {:.1}M tokens/s (one thread); \
-             memcpy of the same bytes: {:.2} GB/s = {:.1}M tokens/s",
-            a.dir.display(),
-            r.samples,
-            r.seq_len + 1,
-            r.batch,
-            r.seconds,
-            r.tokens_per_s / 1e6,
-            r.memcpy_gbps,
-            r.memcpy_tokens_per_s / 1e6
-        );
-    };
-    if !a.zstd {
+    if a.zstd {
+        let report = bench_zstd(&a)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_zstd_bench(&a, &report);
+        }
+    } else {
         let r = bench_reader(
-            &open(TokenSource::Auto, FrameMode::Materialize)?,
+            &open_for_bench(&a, TokenSource::Auto, FrameMode::Materialize)?,
             a.batch,
             a.seconds,
             a.seed,
@@ -479,25 +460,42 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            print(
-                match r.implementation {
-                    "gantry" => ".bin",
-                    "gantry-materialized" => ".bin materialized from zstd frames",
-                    _ => "zstd frames",
-                },
-                &r,
-            );
+            let label = match r.implementation {
+                "gantry" => ".bin",
+                "gantry-materialized" => ".bin materialized from zstd frames",
+                _ => "zstd frames",
+            };
+            print_read_bench(&a.dir, label, &r);
         }
-        return Ok(ExitCode::SUCCESS);
     }
-    #[derive(serde::Serialize)]
-    struct ZstdBench {
-        uncompressed: Option<ReadBench>,
-        zstd: ReadBench,
-        zstd_decode: FrameBench,
-        zstd_materialize: MaterializeBench,
-        materialized: ReadBench,
-    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `gantry data bench --zstd` measures, in the order it prints.
+#[derive(serde::Serialize)]
+struct ZstdBench {
+    uncompressed: Option<ReadBench>,
+    zstd: ReadBench,
+    zstd_decode: FrameBench,
+    zstd_materialize: MaterializeBench,
+    materialized: ReadBench,
+}
+
+fn open_for_bench(a: &BenchArgs, source: TokenSource, frames: FrameMode) -> Result<GptDataset> {
+    let opts = OpenOptions {
+        source,
+        frames,
+        cache_frames: a.cache_frames,
+        cache_dir: a.cache_dir.clone(),
+        threads: a.threads,
+        vocab_size: None,
+    };
+    GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts).with_context(|| format!("opening {}", a.dir.display()))
+}
+
+/// Batches from the .bin files (when every shard has one), through the frame cache, the raw
+/// decompression rate, and materializing the frames into a fresh cache root then reading it.
+fn bench_zstd(a: &BenchArgs) -> Result<ZstdBench> {
     let manifest = Manifest::read(&a.dir)?;
     let have_bin = manifest
         .shards
@@ -505,7 +503,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         .all(|s| a.dir.join(format!("{}.bin", s.prefix)).exists());
     let uncompressed = if have_bin {
         Some(bench_reader(
-            &open(TokenSource::Bin, FrameMode::Lru)?,
+            &open_for_bench(a, TokenSource::Bin, FrameMode::Lru)?,
             a.batch,
             a.seconds,
             a.seed,
@@ -513,9 +511,9 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let framed = open(TokenSource::Zstd, FrameMode::Lru)?;
+    let framed = open_for_bench(a, TokenSource::Zstd, FrameMode::Lru)?;
     let zstd = bench_reader(&framed, a.batch, a.seconds, a.seed)?;
-    let decode = bench_frames(framed.data(), a.seconds)?;
+    let zstd_decode = bench_frames(framed.data(), a.seconds)?;
     drop(framed);
     // A fresh cache root, so the copies are built (and timed), removed afterwards.
     let root = a
@@ -528,22 +526,41 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         .with_context(|| format!("materializing {} under {}", a.dir.display(), root.display()))
         .and_then(|(ds, m)| Ok((bench_reader(&ds, a.batch, a.seconds, a.seed)?, m)));
     let _ = std::fs::remove_dir_all(&root);
-    let (materialized, made) = measured?;
-    if a.json {
-        let r = ZstdBench {
-            uncompressed,
-            zstd,
-            zstd_decode: decode,
-            zstd_materialize: made,
-            materialized,
-        };
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(ExitCode::SUCCESS);
+    let (materialized, zstd_materialize) = measured?;
+    Ok(ZstdBench {
+        uncompressed,
+        zstd,
+        zstd_decode,
+        zstd_materialize,
+        materialized,
+    })
+}
+
+fn print_read_bench(dir: &std::path::Path, label: &str, r: &ReadBench) {
+    println!(
+        "{} ({label}): {} samples of {} tokens in batches of {} in {:.2}s: {:.1}M tokens/s (one thread); \
+         memcpy of the same bytes: {:.2} GB/s = {:.1}M tokens/s",
+        dir.display(),
+        r.samples,
+        r.seq_len + 1,
+        r.batch,
+        r.seconds,
+        r.tokens_per_s / 1e6,
+        r.memcpy_gbps,
+        r.memcpy_tokens_per_s / 1e6
+    );
+}
+
+fn print_zstd_bench(a: &BenchArgs, r: &ZstdBench) {
+    if let Some(bin) = &r.uncompressed {
+        print_read_bench(&a.dir, ".bin", bin);
     }
-    if let Some(r) = &uncompressed {
-        print(".bin", r);
-    }
-    print(&format!("zstd frames, {} cached per shard", a.cache_frames), &zstd);
+    print_read_bench(
+        &a.dir,
+        &format!("zstd frames, {} cached per shard", a.cache_frames),
+        &r.zstd,
+    );
+    let decode = &r.zstd_decode;
     println!(
         "{} (zstd decode): {} frames, {:.1} MB -> {:.1} MB ({:.2}x), {} pass(es) in {:.2}s: {:.2} GB/s = {:.1}M tokens/s (one thread)",
         a.dir.display(),
@@ -556,6 +573,7 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         decode.gbps,
         decode.tokens_per_s / 1e6
     );
+    let made = &r.zstd_materialize;
     let per_core = match (made.cpu_seconds, made.mb_per_s_per_core) {
         (Some(cpu), Some(rate)) => format!(", {cpu:.2} CPU-s: {rate:.0} MB/s per core"),
         _ => String::new(),
@@ -571,6 +589,5 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
         made.mb_per_s,
         made.reopen_seconds
     );
-    print(".bin materialized from zstd frames", &materialized);
-    Ok(ExitCode::SUCCESS)
+    print_read_bench(&a.dir, ".bin materialized from zstd frames", &r.materialized);
 }

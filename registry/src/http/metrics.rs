@@ -108,60 +108,7 @@ impl ServiceMetrics {
     pub fn render(&self, cache: Option<&ModelCache>) -> String {
         let mut out = String::new();
         let versions = self.versions.lock().expect("metrics lock").clone();
-        let label = |(m, v): &(String, u32)| format!("model=\"{}\",version=\"{v}\"", escape(m));
-        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        let name = "gantry_registry_generate_requests_total";
-        header(
-            &mut out,
-            name,
-            "counter",
-            "Generation requests per served version, by outcome.",
-        );
-        for (k, s) in &versions {
-            for (outcome, n) in &s.requests {
-                let _ = writeln!(out, "{name}{{{},outcome=\"{outcome}\"}} {n}", label(k));
-            }
-        }
-        type PerVersion = fn(&VersionStats) -> u64;
-        let counters: [(&str, &str, PerVersion); 2] = [
-            (
-                "gantry_registry_generate_tokens_total",
-                "Tokens generated per served version.",
-                |s| s.tokens,
-            ),
-            (
-                "gantry_registry_generate_prompt_tokens_total",
-                "Prompt tokens prefilled per served version.",
-                |s| s.prompt_tokens,
-            ),
-        ];
-        for (name, help, get) in counters {
-            header(&mut out, name, "counter", help);
-            for (k, s) in &versions {
-                let _ = writeln!(out, "{name}{{{}}} {}", label(k), get(s));
-            }
-        }
-        type PerVersionHistogram = fn(&VersionStats) -> &Histogram;
-        let histograms: [(&str, &str, PerVersionHistogram); 2] = [
-            (
-                "gantry_registry_generate_seconds",
-                "Generation request latency per served version.",
-                |s| &s.latency,
-            ),
-            (
-                "gantry_registry_generate_first_token_seconds",
-                "Time to the first generated token per served version.",
-                |s| &s.first_token,
-            ),
-        ];
-        for (name, help, get) in histograms {
-            header(&mut out, name, "histogram", help);
-            for (k, s) in &versions {
-                get(s).render(&mut out, name, &label(k));
-            }
-        }
+        render_generation(&mut out, &versions);
         let name = "gantry_registry_download_requests_total";
         header(
             &mut out,
@@ -173,68 +120,175 @@ impl ServiceMetrics {
             let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
         if let Some(cache) = cache {
-            let loaded = cache.loaded();
-            let gauges = [
-                (
-                    "gantry_registry_models_loaded",
-                    "Versions loaded for serving.",
-                    loaded.len() as u64,
-                ),
-                (
-                    "gantry_registry_model_cache_bytes",
-                    "Bytes held by loaded versions (weights and KV caches).",
-                    loaded.iter().map(|m| m.bytes).sum(),
-                ),
-                (
-                    "gantry_registry_model_cache_limit_bytes",
-                    "The model cache's limit.",
-                    cache.limit_bytes(),
-                ),
-            ];
-            for (name, help, v) in gauges {
-                header(&mut out, name, "gauge", help);
-                let _ = writeln!(out, "{name} {v}");
-            }
-            for (name, help, v) in [
-                (
-                    "gantry_registry_model_loads_total",
-                    "Versions loaded.",
-                    cache.loads.load(Ordering::Relaxed),
-                ),
-                (
-                    "gantry_registry_model_evictions_total",
-                    "Versions evicted to stay under the limit.",
-                    cache.evictions.load(Ordering::Relaxed),
-                ),
-            ] {
-                header(&mut out, name, "counter", help);
-                let _ = writeln!(out, "{name} {v}");
-            }
-            type PerEngine = fn(&crate::serving::engine::EngineStats) -> u64;
-            let per_engine: [(&str, &str, PerEngine); 2] = [
-                (
-                    "gantry_registry_decode_steps_total",
-                    "Batched decode steps per loaded version.",
-                    |s| s.steps.load(Ordering::Relaxed),
-                ),
-                (
-                    "gantry_registry_decoded_sequences_total",
-                    "Sequences advanced by those steps (divided by the steps: the mean batch size).",
-                    |s| s.decoded.load(Ordering::Relaxed),
-                ),
-            ];
-            for (name, help, get) in per_engine {
-                header(&mut out, name, "counter", help);
-                for m in &loaded {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{{}}} {}",
-                        label(&(m.model.clone(), m.version)),
-                        get(&m.engine.stats)
-                    );
-                }
-            }
+            render_cache(&mut out, cache);
         }
         out
+    }
+}
+
+/// The `# HELP` and `# TYPE` lines that open every metric family.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The labels naming one served version.
+fn label(model: &str, version: u32) -> String {
+    format!("model=\"{}\",version=\"{version}\"", escape(model))
+}
+
+/// Requests, tokens and latency histograms, one series per served version.
+fn render_generation(out: &mut String, versions: &BTreeMap<(String, u32), VersionStats>) {
+    let name = "gantry_registry_generate_requests_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Generation requests per served version, by outcome.",
+    );
+    for ((model, version), s) in versions {
+        for (outcome, n) in &s.requests {
+            let _ = writeln!(out, "{name}{{{},outcome=\"{outcome}\"}} {n}", label(model, *version));
+        }
+    }
+    type PerVersion = fn(&VersionStats) -> u64;
+    let counters: [(&str, &str, PerVersion); 2] = [
+        (
+            "gantry_registry_generate_tokens_total",
+            "Tokens generated per served version.",
+            |s| s.tokens,
+        ),
+        (
+            "gantry_registry_generate_prompt_tokens_total",
+            "Prompt tokens prefilled per served version.",
+            |s| s.prompt_tokens,
+        ),
+    ];
+    for (name, help, get) in counters {
+        header(out, name, "counter", help);
+        for ((model, version), s) in versions {
+            let _ = writeln!(out, "{name}{{{}}} {}", label(model, *version), get(s));
+        }
+    }
+    type PerVersionHistogram = fn(&VersionStats) -> &Histogram;
+    let histograms: [(&str, &str, PerVersionHistogram); 2] = [
+        (
+            "gantry_registry_generate_seconds",
+            "Generation request latency per served version.",
+            |s| &s.latency,
+        ),
+        (
+            "gantry_registry_generate_first_token_seconds",
+            "Time to the first generated token per served version.",
+            |s| &s.first_token,
+        ),
+    ];
+    for (name, help, get) in histograms {
+        header(out, name, "histogram", help);
+        for ((model, version), s) in versions {
+            get(s).render(out, name, &label(model, *version));
+        }
+    }
+}
+
+/// The model cache's gauges and counters, and each loaded engine's batching counters.
+fn render_cache(out: &mut String, cache: &ModelCache) {
+    let loaded = cache.loaded();
+    let gauges = [
+        (
+            "gantry_registry_models_loaded",
+            "Versions loaded for serving.",
+            loaded.len() as u64,
+        ),
+        (
+            "gantry_registry_model_cache_bytes",
+            "Bytes held by loaded versions (weights and KV caches).",
+            loaded.iter().map(|m| m.bytes).sum(),
+        ),
+        (
+            "gantry_registry_model_cache_limit_bytes",
+            "The model cache's limit.",
+            cache.limit_bytes(),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    for (name, help, v) in [
+        (
+            "gantry_registry_model_loads_total",
+            "Versions loaded.",
+            cache.loads.load(Ordering::Relaxed),
+        ),
+        (
+            "gantry_registry_model_evictions_total",
+            "Versions evicted to stay under the limit.",
+            cache.evictions.load(Ordering::Relaxed),
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    type PerEngine = fn(&crate::serving::engine::EngineStats) -> u64;
+    let per_engine: [(&str, &str, PerEngine); 2] = [
+        (
+            "gantry_registry_decode_steps_total",
+            "Batched decode steps per loaded version.",
+            |s| s.steps.load(Ordering::Relaxed),
+        ),
+        (
+            "gantry_registry_decoded_sequences_total",
+            "Sequences advanced by those steps (divided by the steps: the mean batch size).",
+            |s| s.decoded.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in per_engine {
+        header(out, name, "counter", help);
+        for m in &loaded {
+            let _ = writeln!(out, "{name}{{{}}} {}", label(&m.model, m.version), get(&m.engine.stats));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_names_each_version_with_escaped_labels_in_family_order() {
+        let m = ServiceMetrics::default();
+        m.generation(GenerationOutcome {
+            model: "a\"b",
+            version: 2,
+            outcome: "ok",
+            prompt_tokens: 3,
+            tokens: 5,
+            seconds: 0.2,
+            first_token_seconds: Some(0.01),
+        });
+        let text = m.render(None);
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "gantry_registry_generate_requests_total{model=\"a\\\"b\",version=\"2\",outcome=\"ok\"} 1",
+            "gantry_registry_generate_tokens_total{model=\"a\\\"b\",version=\"2\"} 5",
+            "gantry_registry_generate_prompt_tokens_total{model=\"a\\\"b\",version=\"2\"} 3",
+            "gantry_registry_generate_seconds_bucket{model=\"a\\\"b\",version=\"2\",le=\"0.25\"} 1",
+            "gantry_registry_generate_first_token_seconds_count{model=\"a\\\"b\",version=\"2\"} 1",
+            "# TYPE gantry_registry_download_requests_total counter",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+        }
+        let families: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
+        assert_eq!(
+            families,
+            [
+                "gantry_registry_generate_requests_total counter",
+                "gantry_registry_generate_tokens_total counter",
+                "gantry_registry_generate_prompt_tokens_total counter",
+                "gantry_registry_generate_seconds histogram",
+                "gantry_registry_generate_first_token_seconds histogram",
+                "gantry_registry_download_requests_total counter",
+            ]
+        );
     }
 }
