@@ -26,6 +26,8 @@
 //! file, the frame and its byte offset; never a panic, and never an allocation sized by an
 //! unchecked field.
 
+use crate::index_header::{self, HeaderFault, i32_at, u32_at, u64_at};
+use crate::indexed::with_suffix;
 use memmap2::Mmap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -146,12 +148,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> FrameError + '_ {
 
 /// `PREFIX.bin.zst` and `PREFIX.zidx`.
 pub fn paths(prefix: &Path) -> (PathBuf, PathBuf) {
-    let with = |ext: &str| {
-        let mut p = prefix.as_os_str().to_owned();
-        p.push(ext);
-        PathBuf::from(p)
-    };
-    (with(".bin.zst"), with(".zidx"))
+    (with_suffix(prefix, ".bin.zst"), with_suffix(prefix, ".zidx"))
 }
 
 /// One frame: where its bytes come from and go.
@@ -173,12 +170,21 @@ pub struct FrameIndex {
     pub frames: Vec<FrameEntry>,
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+/// The fixed header of a `.zidx`, checked against itself and the file's length.
+struct Header {
+    level: i32,
+    frame_bytes: u64,
+    uncompressed_bytes: u64,
+    compressed_bytes: u64,
+    count: u64,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+fn bad_header(path: &Path, offset: u64, message: String) -> FrameError {
+    FrameError::BadHeader {
+        path: path.into(),
+        offset,
+        message,
+    }
 }
 
 impl FrameIndex {
@@ -207,122 +213,31 @@ impl FrameIndex {
         out
     }
 
-    /// Parse and check index bytes read from `path` (named in errors).
+    /// Parse and check index bytes read from `path` (named in errors): the header, every
+    /// entry against the ones before it, then the checksum (last, so that a damaged field is
+    /// reported by name rather than as a checksum mismatch).
     pub fn parse(b: &[u8], path: &Path) -> Result<FrameIndex, FrameError> {
-        let got = b.len() as u64;
-        if b.len() < HEADER_LEN {
-            return Err(FrameError::Truncated {
-                path: path.into(),
-                what: "the header",
-                needed: HEADER_LEN as u64,
-                got,
-            });
-        }
-        if &b[..8] != MAGIC {
-            return Err(FrameError::BadMagic {
-                path: path.into(),
-                found: String::from_utf8_lossy(&b[..8]).escape_debug().to_string(),
-            });
-        }
-        let version = u32_at(b, 8);
-        if version != VERSION {
-            return Err(FrameError::UnsupportedVersion {
-                path: path.into(),
-                version,
-            });
-        }
-        let level = i32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
-        let header = |offset: u64, message: String| FrameError::BadHeader {
-            path: path.into(),
-            offset,
-            message,
-        };
-        let frame_bytes = u64_at(b, 16);
-        if frame_bytes == 0 || !frame_bytes.is_multiple_of(8) || frame_bytes > MAX_FRAME_BYTES {
-            return Err(header(
-                16,
-                format!("frame size {frame_bytes} is not a positive multiple of 8 up to {MAX_FRAME_BYTES}"),
-            ));
-        }
-        let uncompressed_bytes = u64_at(b, 24);
-        let compressed_bytes = u64_at(b, 32);
-        let count = u64_at(b, 40);
-        let expected_count = uncompressed_bytes.div_ceil(frame_bytes);
-        if count != expected_count {
-            return Err(header(
-                40,
-                format!(
-                    "{count} frames, but {uncompressed_bytes} bytes in frames of {frame_bytes} make {expected_count}"
-                ),
-            ));
-        }
-        let expected_len = count
-            .checked_mul(ENTRY_LEN as u64)
-            .and_then(|n| n.checked_add(HEADER_LEN as u64 + 8));
-        if expected_len != Some(got) {
-            return Err(header(
-                40,
-                format!(
-                    "{count} frames make a {} byte index, but the file is {got} bytes",
-                    expected_len.map_or("too large a".to_string(), |n| n.to_string())
-                ),
-            ));
-        }
-        let mut frames = Vec::with_capacity(count as usize);
-        let mut compressed_at = 0u64;
-        for i in 0..count {
-            let at = HEADER_LEN + ENTRY_LEN * i as usize;
-            let entry = FrameEntry {
-                uncompressed_offset: u64_at(b, at),
-                compressed_offset: u64_at(b, at + 8),
-                compressed_len: u32_at(b, at + 16),
-                uncompressed_len: u32_at(b, at + 20),
-            };
-            let bad = |message: String| FrameError::BadEntry {
-                path: path.into(),
-                frame: i,
-                offset: at as u64,
-                message,
-            };
-            let start = i * frame_bytes;
-            let len = frame_bytes.min(uncompressed_bytes - start);
-            if entry.uncompressed_offset != start || u64::from(entry.uncompressed_len) != len {
-                return Err(bad(format!(
-                    "covers {}+{} uncompressed bytes, expected {start}+{len}",
-                    entry.uncompressed_offset, entry.uncompressed_len
-                )));
-            }
-            if entry.compressed_offset != compressed_at || entry.compressed_len == 0 {
-                return Err(bad(format!(
-                    "starts at compressed byte {} with {} bytes; the frames before it end at {compressed_at} and a frame is never empty",
-                    entry.compressed_offset, entry.compressed_len
-                )));
-            }
-            compressed_at += u64::from(entry.compressed_len);
-            frames.push(entry);
-        }
-        if compressed_at != compressed_bytes {
-            return Err(header(
+        let header = parse_header(b, path)?;
+        let frames = parse_entries(b, path, &header)?;
+        let compressed_at = frames
+            .last()
+            .map_or(0, |f| f.compressed_offset + u64::from(f.compressed_len));
+        if compressed_at != header.compressed_bytes {
+            return Err(bad_header(
+                path,
                 32,
-                format!("compressed total {compressed_bytes}, but the frames add up to {compressed_at}"),
+                format!(
+                    "compressed total {}, but the frames add up to {compressed_at}",
+                    header.compressed_bytes
+                ),
             ));
         }
-        let sum_at = b.len() - 8;
-        let stored = u64_at(b, sum_at);
-        let actual = xxhash_rust::xxh3::xxh3_64(&b[..sum_at]);
-        if stored != actual {
-            return Err(FrameError::Checksum {
-                path: path.into(),
-                offset: sum_at as u64,
-                stored,
-                actual,
-            });
-        }
+        check_checksum(b, path)?;
         Ok(FrameIndex {
-            level,
-            frame_bytes,
-            uncompressed_bytes,
-            compressed_bytes,
+            level: header.level,
+            frame_bytes: header.frame_bytes,
+            uncompressed_bytes: header.uncompressed_bytes,
+            compressed_bytes: header.compressed_bytes,
             frames,
         })
     }
@@ -335,6 +250,126 @@ impl FrameIndex {
     }
 }
 
+/// The fixed header: magic, version, a frame size a reader can hold, a frame count that
+/// matches the totals, and a file length that matches the count.
+fn parse_header(b: &[u8], path: &Path) -> Result<Header, FrameError> {
+    index_header::check_start(b, HEADER_LEN, MAGIC).map_err(|fault| match fault {
+        HeaderFault::Truncated { needed, got } => FrameError::Truncated {
+            path: path.into(),
+            what: "the header",
+            needed,
+            got,
+        },
+        HeaderFault::BadMagic { found } => FrameError::BadMagic {
+            path: path.into(),
+            found,
+        },
+    })?;
+    let version = u32_at(b, 8);
+    if version != VERSION {
+        return Err(FrameError::UnsupportedVersion {
+            path: path.into(),
+            version,
+        });
+    }
+    let level = i32_at(b, 12);
+    let frame_bytes = u64_at(b, 16);
+    if frame_bytes == 0 || !frame_bytes.is_multiple_of(8) || frame_bytes > MAX_FRAME_BYTES {
+        return Err(bad_header(
+            path,
+            16,
+            format!("frame size {frame_bytes} is not a positive multiple of 8 up to {MAX_FRAME_BYTES}"),
+        ));
+    }
+    let uncompressed_bytes = u64_at(b, 24);
+    let compressed_bytes = u64_at(b, 32);
+    let count = u64_at(b, 40);
+    let expected_count = uncompressed_bytes.div_ceil(frame_bytes);
+    if count != expected_count {
+        return Err(bad_header(
+            path,
+            40,
+            format!("{count} frames, but {uncompressed_bytes} bytes in frames of {frame_bytes} make {expected_count}"),
+        ));
+    }
+    let got = b.len() as u64;
+    let expected_len = count
+        .checked_mul(ENTRY_LEN as u64)
+        .and_then(|n| n.checked_add(HEADER_LEN as u64 + 8));
+    if expected_len != Some(got) {
+        return Err(bad_header(
+            path,
+            40,
+            format!(
+                "{count} frames make a {} byte index, but the file is {got} bytes",
+                expected_len.map_or("too large a".to_string(), |n| n.to_string())
+            ),
+        ));
+    }
+    Ok(Header {
+        level,
+        frame_bytes,
+        uncompressed_bytes,
+        compressed_bytes,
+        count,
+    })
+}
+
+/// The entries after `header`: frame `i` covers its share of the uncompressed bytes and
+/// starts, never empty, where frame `i - 1` ends in the compressed file.
+fn parse_entries(b: &[u8], path: &Path, header: &Header) -> Result<Vec<FrameEntry>, FrameError> {
+    let mut frames = Vec::with_capacity(header.count as usize);
+    let mut compressed_at = 0u64;
+    for i in 0..header.count {
+        let at = HEADER_LEN + ENTRY_LEN * i as usize;
+        let entry = FrameEntry {
+            uncompressed_offset: u64_at(b, at),
+            compressed_offset: u64_at(b, at + 8),
+            compressed_len: u32_at(b, at + 16),
+            uncompressed_len: u32_at(b, at + 20),
+        };
+        let bad = |message: String| FrameError::BadEntry {
+            path: path.into(),
+            frame: i,
+            offset: at as u64,
+            message,
+        };
+        let start = i * header.frame_bytes;
+        let len = header.frame_bytes.min(header.uncompressed_bytes - start);
+        if entry.uncompressed_offset != start || u64::from(entry.uncompressed_len) != len {
+            return Err(bad(format!(
+                "covers {}+{} uncompressed bytes, expected {start}+{len}",
+                entry.uncompressed_offset, entry.uncompressed_len
+            )));
+        }
+        if entry.compressed_offset != compressed_at || entry.compressed_len == 0 {
+            return Err(bad(format!(
+                "starts at compressed byte {} with {} bytes; the frames before it end at {compressed_at} and a frame is never empty",
+                entry.compressed_offset, entry.compressed_len
+            )));
+        }
+        compressed_at += u64::from(entry.compressed_len);
+        frames.push(entry);
+    }
+    Ok(frames)
+}
+
+/// The xxh3-64 in the last 8 bytes against the bytes before it.
+fn check_checksum(b: &[u8], path: &Path) -> Result<(), FrameError> {
+    let sum_at = b.len() - 8;
+    let stored = u64_at(b, sum_at);
+    let actual = xxhash_rust::xxh3::xxh3_64(&b[..sum_at]);
+    if stored != actual {
+        return Err(FrameError::Checksum {
+            path: path.into(),
+            offset: sum_at as u64,
+            stored,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// What compressing one `.bin` produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompressSummary {
@@ -342,6 +377,34 @@ pub struct CompressSummary {
     pub uncompressed_bytes: u64,
     pub compressed_bytes: u64,
     pub index_bytes: u64,
+}
+
+/// One compression worker's state: its compressor, a raw frame, the bytes of it filled, and
+/// the frame compressed.
+type CompressSlot = (zstd::bulk::Compressor<'static>, Vec<u8>, usize, Vec<u8>);
+
+/// Read up to one whole frame into each slot in turn from `input` (the `.bin` at `bin`);
+/// returns how many slots got bytes and whether the input ended (a frame came up short).
+fn read_frames(input: &mut File, bin: &Path, slots: &mut [CompressSlot]) -> Result<(usize, bool), FrameError> {
+    let mut used = 0;
+    for (_, raw, filled, _) in slots.iter_mut() {
+        let frame_bytes = raw.len();
+        *filled = 0;
+        while *filled < frame_bytes {
+            let n = input.read(&mut raw[*filled..]).map_err(io_err(bin))?;
+            if n == 0 {
+                break;
+            }
+            *filled += n;
+        }
+        if *filled > 0 {
+            used += 1;
+        }
+        if *filled < frame_bytes {
+            return Ok((used, true));
+        }
+    }
+    Ok((used, false))
 }
 
 /// Compress `bin` into independent frames in `zst`, writing the frame index to `zidx`.
@@ -380,26 +443,9 @@ pub fn compress_file(bin: &Path, zst: &Path, zidx: &Path, opts: &ZstdOptions) ->
     };
     let mut at_end = false;
     while !at_end {
-        // Read up to one frame per worker.
-        let mut used = 0;
-        for (_, raw, filled, _) in slots.iter_mut() {
-            *filled = 0;
-            while *filled < frame_bytes {
-                let n = input.read(&mut raw[*filled..]).map_err(io_err(bin))?;
-                if n == 0 {
-                    break;
-                }
-                *filled += n;
-            }
-            if *filled > 0 {
-                used += 1;
-            }
-            if *filled < frame_bytes {
-                at_end = true;
-                break;
-            }
-        }
-        let compress = |(c, raw, filled, packed): &mut (zstd::bulk::Compressor<'static>, Vec<u8>, usize, Vec<u8>)| {
+        let used;
+        (used, at_end) = read_frames(&mut input, bin, &mut slots)?;
+        let compress = |(c, raw, filled, packed): &mut CompressSlot| {
             packed.clear();
             packed.reserve(zstd::zstd_safe::compress_bound(*filled));
             c.compress_to_buffer(&raw[..*filled], packed).map(|_| ())
@@ -526,7 +572,7 @@ impl FramedBin {
         let raw = std::fs::read(zidx).map_err(io_err(zidx))?;
         let index = FrameIndex::parse(&raw, zidx)?;
         let file = File::open(zst).map_err(io_err(zst))?;
-        // SAFETY: read-only map of a file written once under a temporary name (see indexed.rs).
+        // SAFETY: read-only map of a file written once under a temporary name (see indexed/reader.rs).
         let map = unsafe { Mmap::map(&file) }.map_err(io_err(zst))?;
         if map.len() as u64 != index.compressed_bytes {
             return Err(FrameError::SizeMismatch {

@@ -9,10 +9,12 @@
 //! - [`indexed`]: the `.idx` / `.bin` format (MMIDIDX version 1): a streaming
 //!   [`indexed::IndexedWriter`] and a validating, memory-mapped [`indexed::IndexedDataset`].
 //!   Every malformed input is a typed error naming the file and, where it applies, the byte
-//!   offset; nothing is trusted before it is checked against the file sizes.
+//!   offset; nothing is trusted before it is checked against the file sizes. Split into
+//!   `indexed/writer.rs`, `indexed/reader.rs` and `indexed/tokens.rs` (the zero-copy views).
 //! - [`frames`]: the zstd variant of a `.bin` (independent frames of ~4 MiB and a checked
 //!   frame index) and [`frames::FramedBin`], which serves byte ranges from the frames with a
-//!   small cache of decompressed ones.
+//!   small cache of decompressed ones. Both index formats open with the checks and
+//!   little-endian reads of `index_header.rs`, each mapping its faults to its own error.
 //! - [`materialize`]: decompressing a shard's frames once, in parallel, into a checked local
 //!   `.bin` in a cache directory (renamed into place when complete), read like any `.bin`.
 //! - [`gpt`]: the shards of a dataset directory as one document stream, fixed-length samples
@@ -47,6 +49,7 @@ mod cache_hint;
 pub mod codec;
 pub mod frames;
 pub mod gpt;
+mod index_header;
 pub mod indexed;
 pub mod manifest;
 pub mod materialize;

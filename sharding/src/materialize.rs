@@ -16,8 +16,10 @@
 //! the lock belong to an interrupted run and are removed.
 
 use crate::frames::{FrameDecoder, FrameError, FramedBin};
+use crate::indexed::with_suffix;
 use memmap2::Mmap;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,13 +79,6 @@ pub struct Materialized {
     pub threads: usize,
     /// Wall time of the whole call (lock, checks, decompression, fsync, checksum, rename).
     pub seconds: f64,
-}
-
-/// `path` with `suffix` appended to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(suffix);
-    PathBuf::from(p)
 }
 
 /// xxh3-64 of a file through a read-only map, lowercase hex.
@@ -158,21 +153,7 @@ pub fn materialize(
 ) -> Result<Materialized, MaterializeError> {
     let started = Instant::now();
     let bytes = frames.len();
-    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| MaterializeError::CacheDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    let lock_path = with_suffix(dest, ".lock");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
-
+    let lock = lock_cache_entry(dest)?;
     let rebuilt_because = match check_existing(dest, bytes, expected_xxh3)? {
         None => {
             return Ok(Materialized {
@@ -192,78 +173,11 @@ pub fn materialize(
     };
     remove_leftovers(dest)?;
 
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let tmp = with_suffix(
-        dest,
-        &format!(".partial-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)),
-    );
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    let mut guard = RemoveOnDrop(Some(tmp.clone()));
-    let write_err = |source: std::io::Error| {
-        if source.kind() == std::io::ErrorKind::StorageFull {
-            MaterializeError::DiskFull {
-                path: tmp.clone(),
-                from: frames.path().to_path_buf(),
-                needed: bytes,
-                source,
-            }
-        } else {
-            MaterializeError::Io {
-                path: tmp.clone(),
-                source,
-            }
-        }
-    };
-
-    let count = frames.index().frames.len();
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    }
-    .clamp(1, count.max(1));
-    let stop = AtomicBool::new(false);
-    let work = |range: std::ops::Range<usize>| -> Result<(), MaterializeError> {
-        let mut decoder = FrameDecoder::new()?;
-        for i in range {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let at = frames.index().frames[i].uncompressed_offset;
-            let result = decoder
-                .decode(frames, i)
-                .map_err(MaterializeError::from)
-                .and_then(|b| file.write_all_at(b, at).map_err(write_err));
-            if result.is_err() {
-                stop.store(true, Ordering::Relaxed);
-                return result;
-            }
-        }
-        Ok(())
-    };
-    let ranges: Vec<_> = (0..threads)
-        .map(|t| count * t / threads..count * (t + 1) / threads)
-        .collect();
-    let results: Vec<Result<(), MaterializeError>> = if threads == 1 {
-        vec![work(0..count)]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges.iter().map(|r| scope.spawn(|| work(r.clone()))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
-        })
-    };
-    // The first failure in file order (later ones may only be reactions to the stop flag).
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    file.sync_all().map_err(write_err)?;
+    let (tmp, file, mut guard) = create_partial(dest)?;
+    let threads = decode_threads(threads, frames.index().frames.len());
+    decode_into(frames, &file, &tmp, threads)?;
+    file.sync_all().map_err(|e| write_error(&tmp, frames, e))?;
     drop(file);
-
     let actual = map_xxh3(&tmp)?;
     if actual != expected_xxh3 {
         return Err(MaterializeError::Checksum {
@@ -275,12 +189,7 @@ pub fn materialize(
     }
     std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
     guard.0 = None;
-    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Make the rename durable; a directory that cannot be opened for fsync is not fatal.
-        if let Ok(d) = File::open(dir) {
-            d.sync_all().map_err(io_err(dir))?;
-        }
-    }
+    sync_parent(dest)?;
     drop(lock);
     Ok(Materialized {
         path: dest.to_path_buf(),
@@ -290,6 +199,128 @@ pub fn materialize(
         threads,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Create `dest`'s directory and take the advisory lock on `PREFIX.bin.lock`, held until the
+/// returned file is dropped (or the process dies), so one process per host builds the copy.
+fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| MaterializeError::CacheDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let lock_path = with_suffix(dest, ".lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    Ok(lock)
+}
+
+/// A new `PREFIX.bin.partial-PID-N` next to `dest`, removed when the guard drops unless the
+/// guard is disarmed (after the rename).
+fn create_partial(dest: &Path) -> Result<(PathBuf, File, RemoveOnDrop), MaterializeError> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let tmp = with_suffix(
+        dest,
+        &format!(".partial-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)),
+    );
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    Ok((tmp, file, guard))
+}
+
+/// A failed write to the partial copy `tmp`: a full disk is named as such, with the bytes the
+/// copy needs.
+fn write_error(tmp: &Path, frames: &FramedBin, source: std::io::Error) -> MaterializeError {
+    if source.kind() == std::io::ErrorKind::StorageFull {
+        MaterializeError::DiskFull {
+            path: tmp.to_path_buf(),
+            from: frames.path().to_path_buf(),
+            needed: frames.len(),
+            source,
+        }
+    } else {
+        MaterializeError::Io {
+            path: tmp.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Threads to decode `frames` frames with: `requested`, or every available core when 0, but
+/// at least one and no more than there are frames.
+fn decode_threads(requested: usize, frames: usize) -> usize {
+    if requested == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        requested
+    }
+    .clamp(1, frames.max(1))
+}
+
+/// `count` frames cut into `threads` contiguous ranges as even as they can be, in order.
+fn frame_ranges(count: usize, threads: usize) -> Vec<Range<usize>> {
+    (0..threads)
+        .map(|t| count * t / threads..count * (t + 1) / threads)
+        .collect()
+}
+
+/// Decompress every frame of `frames` into `file` (the partial copy `tmp`) at its offset,
+/// one contiguous range of frames per thread. A failure stops the other threads; the error
+/// returned is the first in file order (later ones may only be reactions to the stop).
+fn decode_into(frames: &FramedBin, file: &File, tmp: &Path, threads: usize) -> Result<(), MaterializeError> {
+    let stop = AtomicBool::new(false);
+    let work = |range: Range<usize>| -> Result<(), MaterializeError> {
+        let mut decoder = FrameDecoder::new()?;
+        for i in range {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let at = frames.index().frames[i].uncompressed_offset;
+            let result = decoder
+                .decode(frames, i)
+                .map_err(MaterializeError::from)
+                .and_then(|b| file.write_all_at(b, at).map_err(|e| write_error(tmp, frames, e)));
+            if result.is_err() {
+                stop.store(true, Ordering::Relaxed);
+                return result;
+            }
+        }
+        Ok(())
+    };
+    let ranges = frame_ranges(frames.index().frames.len(), threads);
+    let results: Vec<Result<(), MaterializeError>> = if threads == 1 {
+        vec![work(ranges[0].clone())]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranges.iter().map(|r| scope.spawn(|| work(r.clone()))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        })
+    };
+    results.into_iter().collect()
+}
+
+/// Make a rename in `path`'s directory durable; a directory that cannot be opened for fsync
+/// is not fatal.
+fn sync_parent(path: &Path) -> Result<(), MaterializeError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        d.sync_all().map_err(io_err(dir))?;
+    }
+    Ok(())
 }
 
 /// The cache root: `$GANTRY_DATA_CACHE` when set and not empty, else
@@ -304,4 +335,31 @@ pub fn default_cache_root() -> PathBuf {
 /// Where the materialized shards of the dataset with `fingerprint` live under `root`.
 pub fn dataset_cache_dir(root: &Path, fingerprint: u64) -> PathBuf {
     root.join(format!("{fingerprint:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_threads_stay_between_one_and_the_frame_count() {
+        assert_eq!(decode_threads(4, 10), 4);
+        assert_eq!(decode_threads(16, 3), 3);
+        assert_eq!(decode_threads(8, 0), 1);
+        assert!((1..=5).contains(&decode_threads(0, 5)));
+    }
+
+    #[test]
+    fn frame_ranges_cover_every_frame_once_in_order() {
+        assert_eq!(frame_ranges(10, 3), vec![0..3, 3..6, 6..10]);
+        assert_eq!(frame_ranges(2, 1), vec![0..2]);
+        assert_eq!(frame_ranges(0, 1), vec![0..0]);
+        for (count, threads) in [(7, 7), (100, 16), (5, 2)] {
+            let ranges = frame_ranges(count, threads);
+            assert_eq!(ranges.len(), threads);
+            assert_eq!(ranges.first().map(|r| r.start), Some(0));
+            assert_eq!(ranges.last().map(|r| r.end), Some(count));
+            assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
 }
