@@ -8,7 +8,7 @@ use gantry_bench::data_reader::{
 use gantry_sharding::frames::ZstdOptions;
 use gantry_sharding::gpt::{FrameMode, GptDataset, OpenOptions, Split, TokenDataset, TokenSource};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
-use gantry_sharding::materialize::default_cache_root;
+use gantry_sharding::materialize::{CACHE_ENV, default_cache_root};
 use gantry_sharding::prepare::{PrepareConfig, ProgressMode, SplitBy, TokenizerSource, decode_with, prepare};
 use gantry_sharding::sampler::Span;
 use gantry_sharding::synth::{SynthConfig, synthesize_with};
@@ -219,6 +219,15 @@ pub struct InspectArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The host's data cache root: `$GANTRY_DATA_CACHE` when set and not empty, else the default
+/// root in the system temporary directory. Read here, in the binary, and passed to the
+/// libraries as a plain path (ranks get it through `RunContext`).
+pub fn data_cache_root() -> PathBuf {
+    std::env::var_os(CACHE_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(default_cache_root, PathBuf::from)
 }
 
 pub fn run(cmd: DataCommand) -> Result<ExitCode> {
@@ -486,7 +495,7 @@ fn open_for_bench(a: &BenchArgs, source: TokenSource, frames: FrameMode) -> Resu
         source,
         frames,
         cache_frames: a.cache_frames,
-        cache_dir: a.cache_dir.clone(),
+        cache_dir: Some(a.cache_dir.clone().unwrap_or_else(data_cache_root)),
         threads: a.threads,
         vocab_size: None,
     };
@@ -519,7 +528,7 @@ fn bench_zstd(a: &BenchArgs) -> Result<ZstdBench> {
     let root = a
         .cache_dir
         .clone()
-        .unwrap_or_else(default_cache_root)
+        .unwrap_or_else(data_cache_root)
         .join(format!("bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let measured = bench_materialize(&a.dir, a.seq_len, &root, a.threads)

@@ -99,6 +99,7 @@ fn config(args: &EvalArgs, v: &VersionRecord) -> EvalConfig {
             .unwrap_or(defaults.split_seed),
         batch: args.batch,
         max_samples: args.max_samples,
+        cache_dir: Some(crate::data::data_cache_root()),
     }
 }
 

@@ -174,7 +174,7 @@ pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
 pub(crate) fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
     let dir = &spec.data.path;
     // The ranks' dataset opens look for the verdict in the same place (their default).
-    let root = gantry_sharding::materialize::default_cache_root();
+    let root = crate::data::data_cache_root();
     let host = gantry_sharding::verify::check_on_host(dir, &root, 0)
         .with_context(|| format!("data.path = {}: the dataset does not match its manifest", dir.display()))?;
     if !quiet {

@@ -85,8 +85,8 @@ pub struct OpenOptions {
     /// [`FrameMode::Lru`]: decompressed frames kept per zstd shard (4 MiB each by default).
     pub cache_frames: usize,
     /// [`FrameMode::Materialize`]: the cache root; shards go to
-    /// `ROOT/<dataset fingerprint, 16 hex digits>/PREFIX.bin`. `None`: `$GANTRY_DATA_CACHE`,
-    /// else `$TMPDIR/gantry-data-cache` ([`crate::materialize::default_cache_root`]).
+    /// `ROOT/<dataset fingerprint, 16 hex digits>/PREFIX.bin`. `None`: the system
+    /// temporary directory's `gantry-data-cache` ([`crate::materialize::default_cache_root`]).
     pub cache_dir: Option<PathBuf>,
     /// [`FrameMode::Materialize`]: decompression threads, 0 for every available core.
     pub threads: usize,

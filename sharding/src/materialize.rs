@@ -323,13 +323,11 @@ fn sync_parent(path: &Path) -> Result<(), MaterializeError> {
     Ok(())
 }
 
-/// The cache root: `$GANTRY_DATA_CACHE` when set and not empty, else
-/// `$TMPDIR/gantry-data-cache` (the system temporary directory).
+/// The cache root when none is configured: `gantry-data-cache` in the system temporary
+/// directory. The binary passes `$GANTRY_DATA_CACHE` ([`CACHE_ENV`]) as the configured root;
+/// this library reads no environment of its own.
 pub fn default_cache_root() -> PathBuf {
-    match std::env::var_os(CACHE_ENV) {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => std::env::temp_dir().join("gantry-data-cache"),
-    }
+    std::env::temp_dir().join("gantry-data-cache")
 }
 
 /// Where the materialized shards of the dataset with `fingerprint` live under `root`.

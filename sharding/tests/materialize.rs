@@ -91,7 +91,7 @@ fn compressed_only_data_reads_bit_identical_batches_through_the_default_cache() 
         assert!(plain.data().materialized().is_empty() && !plain.data().reads_zstd());
         let expected = batches(&plain);
 
-        // The default options: materialized under $GANTRY_DATA_CACHE or $TMPDIR.
+        // The default options: materialized under the default cache root.
         let ds = GptDataset::open(&only, 100).unwrap();
         let cache = dataset_cache_dir(&default_cache_root(), ds.data().fingerprint());
         let done = ds.data().materialized();

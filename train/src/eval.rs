@@ -24,6 +24,8 @@ pub struct EvalConfig {
     pub batch: usize,
     /// Evaluate only the first N samples of the split (all when `None`).
     pub max_samples: Option<u64>,
+    /// The host's data cache root (materialized shards); `None`: the default root.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EvalConfig {
@@ -34,6 +36,7 @@ impl Default for EvalConfig {
             split_seed: 0,
             batch: 8,
             max_samples: None,
+            cache_dir: None,
         }
     }
 }
@@ -91,7 +94,10 @@ pub fn evaluate(
         &cfg.data,
         seq,
         split,
-        &OpenOptions::for_vocab(model.spec.vocab_size as u64),
+        &OpenOptions {
+            cache_dir: cfg.cache_dir.clone(),
+            ..OpenOptions::for_vocab(model.spec.vocab_size as u64)
+        },
     )?;
     let available = ds.num_samples();
     let n = cfg.max_samples.map_or(available, |m| m.min(available));

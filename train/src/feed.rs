@@ -68,6 +68,7 @@ impl DataFeed {
         place: &RankPlace,
         start_step: u64,
         saved: Option<&Cursor>,
+        opts: &OpenOptions,
     ) -> Result<DataFeed, TrainError> {
         let micro = spec.micro_batches();
         let mut feed = DataFeed {
@@ -82,12 +83,11 @@ impl DataFeed {
         if !(place.first_stage() || place.last_stage()) {
             return Ok(feed);
         }
-        let opts = OpenOptions::for_vocab(spec.model.vocab_size as u64);
         let ds = Arc::new(GptDataset::open_with(
             &spec.data.path,
             feed.seq_len,
             split(spec, false),
-            &opts,
+            opts,
         )?);
         let sampler =
             Sampler::new(ds.num_samples(), spec.data.seed, spec.train.global_batch).map_err(DatasetError::from)?;
@@ -107,7 +107,7 @@ impl DataFeed {
         let prefetch = Prefetcher::spawn(ds, sampler, cursor.clone(), feed.dp_rank, feed.dp, micro, 2 * micro);
         feed.train = Some(TrainStream { prefetch, cursor });
         if spec.data.valid_fraction > 0.0 {
-            let data = GptDataset::open_with(&spec.data.path, feed.seq_len, split(spec, true), &opts)?;
+            let data = GptDataset::open_with(&spec.data.path, feed.seq_len, split(spec, true), opts)?;
             let sampler = Sampler::new(data.num_samples(), spec.data.seed, spec.train.global_batch)
                 .map_err(DatasetError::from)?;
             feed.valid = Some(ValidSet { data, sampler });

@@ -37,8 +37,9 @@ pub fn sample(
     tp: &mut TensorComm,
     pp: &mut TensorComm,
     place: &RankPlace,
-    device: Device,
+    data: &OpenOptions,
 ) -> Result<Vec<String>, TrainError> {
+    let device = place.device;
     if place.dp_rank != 0 {
         return Ok(Vec::new());
     }
@@ -59,8 +60,7 @@ pub fn sample(
             } else {
                 Split::All
             };
-            let opts = OpenOptions::for_vocab(spec.model.vocab_size as u64);
-            let ds = GptDataset::open_with(&spec.data.path, seq, split, &opts)?;
+            let ds = GptDataset::open_with(&spec.data.path, seq, split, data)?;
             let mut toks = Vec::new();
             ds.sample_into((s as u64) % ds.num_samples().max(1), &mut toks)?;
             prompt.copy_from_slice(&toks[..prompt_len]);

@@ -6,6 +6,7 @@
 
 use crate::error::TrainError;
 use crate::optim::AdamImpl;
+use gantry_sharding::gpt::OpenOptions;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,9 @@ pub const ADAMW_ENV: &str = "GANTRY_ADAMW";
 pub const LOG_SAMPLES_ENV: &str = "GANTRY_LOG_SAMPLES";
 /// Where this rank replaces its progress object after each step ([`crate::progress`]).
 pub const PROGRESS_FILE_ENV: &str = "GANTRY_PROGRESS_FILE";
+/// Root of the host's data cache (materialized shards, verdicts); without it the system
+/// temporary directory's ([`gantry_sharding::materialize::default_cache_root`]).
+pub const DATA_CACHE_ENV: &str = gantry_sharding::materialize::CACHE_ENV;
 
 /// A rank's run context, as plain fields.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub struct RunContext {
     pub log_samples: bool,
     /// `GANTRY_PROGRESS_FILE`, when set and not empty.
     pub progress_file: Option<PathBuf>,
+    /// `GANTRY_DATA_CACHE`, when set and not empty.
+    pub data_cache: Option<PathBuf>,
 }
 
 impl RunContext {
@@ -44,7 +50,17 @@ impl RunContext {
             adamw: AdamImpl::choose(forced),
             log_samples: lookup(LOG_SAMPLES_ENV).is_some(),
             progress_file: lookup(PROGRESS_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
+            data_cache: lookup(DATA_CACHE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
         })
+    }
+
+    /// How this rank opens the job's dataset: the model's vocabulary checked, the host's data
+    /// cache where the launcher put it.
+    pub fn dataset_options(&self, vocab_size: u64) -> OpenOptions {
+        OpenOptions {
+            cache_dir: self.data_cache.clone(),
+            ..OpenOptions::for_vocab(vocab_size)
+        }
     }
 
     /// The job id for checkpoint lineage: `GANTRY_JOB_ID`, else the run directory's name.
@@ -83,6 +99,7 @@ mod tests {
             (ADAMW_ENV, "manual"),
             (LOG_SAMPLES_ENV, ""),
             (PROGRESS_FILE_ENV, "/state/rank-3.progress.json"),
+            (DATA_CACHE_ENV, "/scratch/cache"),
         ])
         .unwrap();
         assert_eq!(c.job_id_or_dir(Path::new("runs/x")), "12");
@@ -92,6 +109,10 @@ mod tests {
         assert_eq!(c.progress_file, Some(PathBuf::from("/state/rank-3.progress.json")));
         // An empty progress path is no progress file.
         assert_eq!(context(&[(PROGRESS_FILE_ENV, "")]).unwrap().progress_file, None);
+        assert_eq!(
+            c.dataset_options(64).cache_dir.as_deref(),
+            Some(Path::new("/scratch/cache"))
+        );
     }
 
     #[test]

@@ -63,8 +63,9 @@ pub fn train_observed(
         // Every rank resumed the same step, so every rank returns here.
         return nothing_to_train(spec, start_step, end_step);
     }
+    let data_options = context.dataset_options(spec.model.vocab_size as u64);
     let saved_cursor = resumed.as_ref().and_then(|r| r.cursor.as_ref());
-    let mut feed = DataFeed::open(spec, place, start_step, saved_cursor)?;
+    let mut feed = DataFeed::open(spec, place, start_step, saved_cursor, &data_options)?;
     let mut reporter = Reporter::new(spec, place, context, run_dir, start_step..end_step)?;
     let job_id = context.job_id_or_dir(run_dir);
     let run_start = Instant::now();
@@ -114,7 +115,7 @@ pub fn train_observed(
     if spec.train.sample_tokens > 0 {
         let comms = &mut rank.comms;
         summary.samples =
-            crate::generate::sample(spec, &rank.model, &mut comms.tp, &mut comms.pp, place, place.device)?;
+            crate::generate::sample(spec, &rank.model, &mut comms.tp, &mut comms.pp, place, &data_options)?;
     }
     Ok(summary)
 }
