@@ -12,25 +12,61 @@ use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::ffi::OsString;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// S3 connection settings. Unset fields fall back to the standard AWS environment variables
-/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) as
-/// object_store's `AmazonS3Builder::from_env` reads them, unless `configured_only` is set.
-/// (This crate reads no variable itself; the `gantry` binary passes its S3 flags here.)
-#[derive(Clone, Debug, Default)]
+/// S3 connection settings. The explicit fields win; below them, the `AWS_*` variables in
+/// `environment` (object_store's configuration keys: `AWS_ENDPOINT_URL`, `AWS_REGION`,
+/// `AWS_SESSION_TOKEN`, ...), which the `gantry` binary reads from its own environment
+/// ([`S3Options::with_environment`]); this crate reads none. Without keys, object_store's
+/// credential discovery (web identity, container credentials, instance metadata) applies,
+/// unless `configured_only` is set.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
-    /// Use these fields and nothing else: no `AWS_*` environment, and no credential
+    /// `AWS_*` variables as the process that opens the store was given them.
+    pub environment: Vec<(String, String)>,
+    /// Use the explicit fields and nothing else: no `environment`, and no credential
     /// discovery (instance metadata, web identity). Without an endpoint and both keys,
     /// opening an `s3://` location is refused at once. A server that opens locations its
     /// clients name (the registry) sets this, so a request cannot make it probe the network.
     pub configured_only: bool,
+}
+
+impl S3Options {
+    /// Options from a process environment (`std::env::vars_os()`): its `AWS_*` variables
+    /// (those that are Unicode, as object_store's `from_env` takes them), nothing explicit.
+    pub fn with_environment(vars: impl IntoIterator<Item = (OsString, OsString)>) -> S3Options {
+        let environment = vars
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
+        S3Options {
+            environment,
+            ..S3Options::default()
+        }
+    }
+}
+
+/// Secrets stay out of logs: keys and variable values are not printed.
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.environment.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<set>"))
+            .field("environment", &names)
+            .field("configured_only", &self.configured_only)
+            .finish()
+    }
 }
 
 /// Upload tuning.
@@ -112,8 +148,8 @@ fn split_parts(data: &[Bytes], part_size: usize) -> Vec<Vec<Bytes>> {
     parts
 }
 
-/// The S3 client for `bucket`. Fields of `s3` win; unless `configured_only`, object_store
-/// fills the rest from the `AWS_*` environment (`AmazonS3Builder::from_env`).
+/// The S3 client for `bucket`. Fields of `s3` win; unless `configured_only`, its `environment`
+/// fills the rest, as `AmazonS3Builder::from_env` would from the process environment.
 fn s3_client(url: &str, bucket: &str, s3: &S3Options) -> Result<AmazonS3, CheckpointError> {
     if s3.configured_only && (s3.endpoint.is_none() || s3.access_key.is_none() || s3.secret_key.is_none()) {
         return Err(bad(
@@ -121,15 +157,18 @@ fn s3_client(url: &str, bucket: &str, s3: &S3Options) -> Result<AmazonS3, Checkp
             "this server has no S3 endpoint and credentials configured, so it opens no s3:// location",
         ));
     }
-    let base = if s3.configured_only {
-        AmazonS3Builder::new()
-    } else {
-        AmazonS3Builder::from_env()
-    };
+    let mut base = AmazonS3Builder::new();
+    if !s3.configured_only {
+        for (key, value) in &s3.environment {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                base = base.with_config(config_key, value);
+            }
+        }
+    }
     // Unsigned payloads: SigV4 still signs the request; the body's integrity is TLS's (and our
     // own checksums'), and hashing every part twice halves upload speed.
     let mut b = base.with_bucket_name(bucket).with_unsigned_payload(true);
-    // An endpoint (given, or `AWS_ENDPOINT_URL` as the builder read it) is an S3-compatible
+    // An endpoint (given, or `AWS_ENDPOINT_URL` from the environment given) is an S3-compatible
     // server: path-style requests, and plain HTTP when it says so.
     let endpoint = s3
         .endpoint
@@ -423,6 +462,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_options_keep_only_aws_variables_and_never_print_secrets() {
+        let vars = [
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_SECRET_ACCESS_KEY", "hunter2"),
+            ("HOME", "/root"),
+        ];
+        let mut o = S3Options::with_environment(vars.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
+        o.secret_key = Some("also-secret".into());
+        let names: Vec<&str> = o.environment.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["AWS_REGION", "AWS_SECRET_ACCESS_KEY"]);
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("also-secret"), "{shown}");
+        assert!(shown.contains("AWS_SECRET_ACCESS_KEY"), "{shown}");
+    }
 
     #[test]
     fn parts_cut_across_buffers_without_losing_a_byte() {

@@ -41,7 +41,7 @@ impl S3Args {
             region: self.region.clone(),
             access_key: self.access_key.clone(),
             secret_key: self.secret_key.clone(),
-            ..Default::default()
+            ..S3Options::with_environment(std::env::vars_os())
         }
     }
 }

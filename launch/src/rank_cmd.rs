@@ -130,8 +130,11 @@ fn run_rank(
     }
     // What the launcher or the worker says beyond the spec, read here once: the trainer
     // reads no environment.
-    let context = gantry_train::run_context::RunContext::from_vars(|k| std::env::var_os(k))
-        .with_context(|| format!("rank {}", boot.rank))?;
+    let context = gantry_train::run_context::RunContext {
+        s3: gantry_checkpoint::S3Options::with_environment(std::env::vars_os()),
+        ..gantry_train::run_context::RunContext::from_vars(|k| std::env::var_os(k))
+            .with_context(|| format!("rank {}", boot.rank))?
+    };
     let mut config = FabricConfig::default()
         .with_lookup(|k| std::env::var(k).ok())
         .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;

@@ -6,6 +6,7 @@
 
 use crate::error::TrainError;
 use crate::optim::AdamImpl;
+use gantry_checkpoint::S3Options;
 use gantry_sharding::gpt::OpenOptions;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct RunContext {
     pub progress_file: Option<PathBuf>,
     /// `GANTRY_DATA_CACHE`, when set and not empty.
     pub data_cache: Option<PathBuf>,
+    /// How checkpoints reach S3: the `AWS_*` variables the binary read
+    /// ([`S3Options::with_environment`]).
+    pub s3: S3Options,
 }
 
 impl RunContext {
@@ -51,6 +55,7 @@ impl RunContext {
             log_samples: lookup(LOG_SAMPLES_ENV).is_some(),
             progress_file: lookup(PROGRESS_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
             data_cache: lookup(DATA_CACHE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
+            s3: S3Options::default(),
         })
     }
 

@@ -94,8 +94,8 @@ fn main() {
         part_size: 5 << 20,
         concurrency: 4,
     };
-    let store =
-        Store::open_with(&url, &S3Options::default(), config).unwrap_or_else(|e| fail(format!("opening {url}: {e}")));
+    let store = Store::open_with(&url, &S3Options::with_environment(std::env::vars_os()), config)
+        .unwrap_or_else(|e| fail(format!("opening {url}: {e}")));
 
     let resumed = resume(&store, rank);
     say(format!("resumed {resumed}"));
