@@ -1,8 +1,10 @@
 //! Start a world of rank processes on this host: the launcher hosts the rendezvous store
 //! ([`HostedStore`]) and passes each child the variables [`RankEnv`] writes, with
 //! `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins the launcher's store instead of serving one).
-//! [`spawn_local_world`] is used by `gantry bench collectives` and by the multi-process tests;
-//! the `gantry` binary's own rank supervisor uses [`HostedStore`].
+//! The `gantry` binary's one local rank supervisor (`launch/src/local_ranks.rs`, behind
+//! `--local`, `--nproc`, `gantry eval` and `gantry bench collectives`) uses [`HostedStore`];
+//! [`spawn_local_world`] is the multi-process tests' small harness (this crate cannot use the
+//! binary's supervisor).
 
 use crate::rank_env::{Bootstrap, RankEnv};
 use crate::shm::remove_session_files;

@@ -4,6 +4,7 @@
 //! (one JSON line with `--json`, else text lines).
 
 use crate::checkpoint_cmd::S3Args;
+use crate::local_ranks::{LocalRanks, RankCommand, StopPolicy};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use gantry_bench::checkpoint_io::{CheckpointBench, CheckpointBenchConfig};
@@ -13,8 +14,9 @@ use gantry_bench::daemons::Harness;
 use gantry_bench::registry_service::{self, RegistryBenchConfig};
 use gantry_bench::startup::{self, StartupBenchConfig};
 use gantry_collectives::fabric::Bootstrap;
-use gantry_collectives::spawn::{Output, spawn_local_world};
+use gantry_collectives::spawn::HostedStore;
 use gantry_collectives::{Algorithm, DType, Fabric, FabricConfig, TransportChoice, nccl};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -137,24 +139,36 @@ fn collectives(args: CollectivesArgs) -> Result<ExitCode> {
     }
 }
 
+/// The ranks of `gantry bench collectives`: this same command as `--world` processes under the
+/// one local rank supervisor (rank 0 prints the table).
 fn spawn(args: &CollectivesArgs) -> Result<ExitCode> {
     if args.world == 0 {
         bail!("--world must be at least 1");
     }
     let exe = std::env::current_exe().context("cannot find the gantry executable to spawn ranks")?;
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let mut world = spawn_local_world(&exe, &argv, args.world, &[], Output::Rank0Stdout)?;
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let store = HostedStore::bind().context("cannot host the ranks' rendezvous store")?;
+    let parent: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let commands = (0..args.world)
+        .map(|rank| RankCommand {
+            program: exe.clone().into(),
+            args: argv.clone(),
+            env: store.rank_env(rank, args.world).environment(parent.iter().cloned()),
+            log: None,
+        })
+        .collect();
     // Each rank has its own deadlines; this outer limit only guards against a wedged machine.
     let limit = Duration::from_secs(args.timeout_secs * (args.iters + args.warmup + 4) as u64 * 4 + 60);
-    let status = world.wait_all(limit);
-    let failed: Vec<String> = status
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.is_some_and(|s| s.success()))
-        .map(|(r, s)| match s {
-            Some(s) => format!("rank {r} {s}"),
-            None => format!("rank {r} killed after {limit:?}"),
-        })
+    let policy = StopPolicy {
+        linger: Duration::from_secs(3),
+        signal: libc::SIGTERM,
+        grace: Duration::from_secs(5),
+    };
+    let outcome = LocalRanks::spawn(commands, Some(store))?.supervise(policy, Some(limit), || {});
+    let failed: Vec<String> = outcome
+        .unsuccessful()
+        .into_iter()
+        .map(|r| format!("rank {r} {}", outcome.ranks[r].end.describe()))
         .collect();
     if failed.is_empty() {
         Ok(ExitCode::SUCCESS)
