@@ -83,5 +83,5 @@ pub use fabric::{Bootstrap, Fabric, FabricConfig, TransportChoice};
 pub use header::{OpDesc, OpKind};
 pub use layout::{Dim, LayoutError, ParallelLayout};
 pub use link::{Link, LinkKind};
-pub use rank_env::{EnvError, RankEnv, RankProgram, ThreadDefaults, thread_defaults};
+pub use rank_env::{EnvError, HostCores, OmpWait, RankEnv, RankProgram, ThreadDefaults, thread_defaults};
 pub use transport::{MeshTransport, Transport};

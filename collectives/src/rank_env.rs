@@ -20,7 +20,7 @@
 //!
 //! No environment is read here: launchers pass the parent environment in, ranks pass a lookup.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -175,12 +175,37 @@ impl JobEnv {
     }
 }
 
+/// How a job wants its ranks' OpenMP threads to wait for work (`train.omp_wait` in a job
+/// spec): [`thread_defaults`] decides when `Auto`; the others are the user's choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OmpWait {
+    #[default]
+    Auto,
+    /// `OMP_WAIT_POLICY=PASSIVE`: idle threads sleep.
+    Passive,
+    /// `OMP_WAIT_POLICY=ACTIVE`: idle threads spin.
+    Active,
+}
+
+impl OmpWait {
+    /// The `OMP_WAIT_POLICY` value a choice sets; `None` for `Auto`.
+    pub fn variable(self) -> Option<&'static str> {
+        match self {
+            OmpWait::Auto => None,
+            OmpWait::Passive => Some("PASSIVE"),
+            OmpWait::Active => Some("ACTIVE"),
+        }
+    }
+}
+
 /// What a rank process runs, as far as its threads are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RankProgram {
     /// A gantry rank (libtorch intra-op threads plus libgomp): `threads_per_rank` as the rank
-    /// will set them, 0 when unknown (then libtorch's default, every core).
-    Gantry { threads_per_rank: usize },
+    /// will set them, 0 when unknown (then libtorch's default, every core); `wait` as the job
+    /// asks.
+    Gantry { threads_per_rank: usize, wait: OmpWait },
     /// Anything else (a user's PyTorch script): its threads are its own business.
     Foreign,
 }
@@ -189,29 +214,83 @@ pub enum RankProgram {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadDefaults {
     pub omp_num_threads: Option<usize>,
-    /// `OMP_WAIT_POLICY=PASSIVE`.
-    pub passive_wait: bool,
+    /// `OMP_WAIT_POLICY`; `None` leaves libgomp's default (spin a while, then sleep).
+    pub omp_wait_policy: Option<&'static str>,
 }
 
-/// The one thread policy of every launcher, for `ranks_here` ranks sharing `cores` cores.
+/// The cores of this host as the ranks will find them: how many this process may run on, and
+/// how many other work already keeps busy (the 1-minute load average, rounded; 0 when
+/// unknown). Read by the launcher just before it starts the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostCores {
+    pub cores: usize,
+    pub busy_elsewhere: usize,
+}
+
+impl HostCores {
+    /// This host now: the scheduler's affinity and `/proc/loadavg`.
+    pub fn measure() -> HostCores {
+        let load = std::fs::read_to_string("/proc/loadavg").ok();
+        HostCores {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            busy_elsewhere: load.as_deref().map_or(0, busy_from_loadavg),
+        }
+    }
+
+    /// A host with `cores` cores and nothing else running.
+    pub fn idle(cores: usize) -> HostCores {
+        HostCores {
+            cores,
+            busy_elsewhere: 0,
+        }
+    }
+}
+
+/// Cores kept busy according to `/proc/loadavg`'s text: its 1-minute average, rounded (a quiet
+/// host's 0.1 is no core; a build on one core is 1).
+fn busy_from_loadavg(text: &str) -> usize {
+    let one_minute: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if one_minute.is_finite() && one_minute > 0.0 {
+        one_minute.round() as usize
+    } else {
+        0
+    }
+}
+
+/// The one thread policy of every launcher, for `ranks_here` ranks on `host`.
 ///
-/// - A gantry rank: libgomp's threads spin while waiting for work; with every core busy
-///   (ranks × threads ≥ cores) spinning threads steal the cores the others need (measured:
-///   4–7× slower on a loaded 2-core machine), so they sleep instead (`PASSIVE`).
+/// - A gantry rank: libgomp's idle threads spin. Where the ranks' threads and other work
+///   together want more than the cores, or several ranks fill them (ranks × threads ≥ cores),
+///   spinning steals the CPU that threads with work need (measured: a 2-thread rank 4–7×
+///   slower on a loaded 2-core machine), so they sleep (`PASSIVE`). A single rank that owns
+///   the cores of a quiet host keeps libgomp's default: its spinning is faster there
+///   (single-rank CPU training measured 0.90× PyTorch eager under `PASSIVE`, 0.96–0.99×
+///   without it). A job's explicit [`OmpWait`] wins over the rule.
 /// - A foreign program: torchrun's rule: several ranks each starting one OpenMP thread per
 ///   core would oversubscribe the node, so one thread each.
-pub fn thread_defaults(program: RankProgram, ranks_here: usize, cores: usize) -> ThreadDefaults {
+pub fn thread_defaults(program: RankProgram, ranks_here: usize, host: HostCores) -> ThreadDefaults {
     match program {
-        RankProgram::Gantry { threads_per_rank } => {
+        RankProgram::Gantry { threads_per_rank, wait } => {
+            let cores = host.cores;
             let threads = if threads_per_rank == 0 { cores } else { threads_per_rank };
+            let ours = ranks_here.saturating_mul(threads);
+            let crowded = ours.saturating_add(host.busy_elsewhere) > cores || (ranks_here > 1 && ours >= cores);
+            let omp_wait_policy = match wait {
+                OmpWait::Auto => crowded.then_some("PASSIVE"),
+                chosen => chosen.variable(),
+            };
             ThreadDefaults {
                 omp_num_threads: None,
-                passive_wait: ranks_here.saturating_mul(threads) >= cores,
+                omp_wait_policy,
             }
         }
         RankProgram::Foreign => ThreadDefaults {
             omp_num_threads: (ranks_here > 1).then_some(1),
-            passive_wait: false,
+            omp_wait_policy: None,
         },
     }
 }
@@ -297,8 +376,8 @@ impl RankEnv {
             if let Some(n) = t.omp_num_threads {
                 defaults.push(("OMP_NUM_THREADS", n.to_string()));
             }
-            if t.passive_wait {
-                defaults.push(("OMP_WAIT_POLICY", "PASSIVE".into()));
+            if let Some(policy) = t.omp_wait_policy {
+                defaults.push(("OMP_WAIT_POLICY", policy.into()));
             }
         }
         defaults
@@ -365,7 +444,7 @@ mod tests {
                 attempt: 3,
                 progress_file: "/state/p.json".into(),
             }),
-            threads: Some(thread_defaults(RankProgram::Foreign, 4, 8)),
+            threads: Some(thread_defaults(RankProgram::Foreign, 4, HostCores::idle(8))),
             log: Some("info".into()),
             advertise_host: Some("10.0.0.1".into()),
         }
@@ -404,20 +483,53 @@ mod tests {
 
     #[test]
     fn the_thread_policy() {
-        let gantry = |threads_per_rank| RankProgram::Gantry { threads_per_rank };
-        // Every core busy: sleep, don't spin.
-        assert!(thread_defaults(gantry(1), 2, 2).passive_wait);
-        assert!(thread_defaults(gantry(2), 2, 4).passive_wait);
+        let gantry = |threads_per_rank| RankProgram::Gantry {
+            threads_per_rank,
+            wait: OmpWait::Auto,
+        };
+        let policy = |program, ranks, cores| thread_defaults(program, ranks, HostCores::idle(cores)).omp_wait_policy;
+        let passive = Some("PASSIVE");
+        // Several ranks with every core busy: sleep, don't spin.
+        assert_eq!(policy(gantry(1), 2, 2), passive);
+        assert_eq!(policy(gantry(2), 2, 4), passive);
         // Cores to spare: libgomp's own default.
-        assert!(!thread_defaults(gantry(1), 2, 4).passive_wait);
-        // Unknown threads: libtorch takes every core.
-        assert!(thread_defaults(gantry(0), 1, 64).passive_wait);
-        assert_eq!(thread_defaults(gantry(0), 4, 8).omp_num_threads, None);
+        assert_eq!(policy(gantry(1), 2, 4), None);
+        // One rank owning a quiet host's cores (threads unknown: libtorch takes every core).
+        assert_eq!(policy(gantry(0), 1, 64), None);
+        assert_eq!(policy(gantry(2), 1, 2), None);
+        // ... but not where other work keeps a core busy, or with more threads than cores.
+        let loaded = HostCores {
+            cores: 2,
+            busy_elsewhere: 1,
+        };
+        assert_eq!(thread_defaults(gantry(2), 1, loaded).omp_wait_policy, passive);
+        assert_eq!(thread_defaults(gantry(1), 1, loaded).omp_wait_policy, None);
+        assert_eq!(policy(gantry(4), 1, 2), passive);
+        assert_eq!(thread_defaults(gantry(0), 4, HostCores::idle(8)).omp_num_threads, None);
+        // The job's choice wins over the rule, both ways.
+        let chosen = |wait| RankProgram::Gantry {
+            threads_per_rank: 1,
+            wait,
+        };
+        assert_eq!(policy(chosen(OmpWait::Active), 2, 2), Some("ACTIVE"));
+        assert_eq!(policy(chosen(OmpWait::Passive), 1, 64), passive);
         // Foreign programs: torchrun's one thread per rank when several share a node.
-        let foreign = thread_defaults(RankProgram::Foreign, 2, 64);
+        let foreign = thread_defaults(RankProgram::Foreign, 2, HostCores::idle(64));
         assert_eq!(foreign.omp_num_threads, Some(1));
-        assert!(!foreign.passive_wait);
-        assert_eq!(thread_defaults(RankProgram::Foreign, 1, 64), ThreadDefaults::default());
+        assert_eq!(foreign.omp_wait_policy, None);
+        assert_eq!(
+            thread_defaults(RankProgram::Foreign, 1, HostCores::idle(64)),
+            ThreadDefaults::default()
+        );
+    }
+
+    #[test]
+    fn busy_cores_come_from_the_one_minute_load() {
+        assert_eq!(busy_from_loadavg("0.12 0.30 0.41 1/211 4242\n"), 0);
+        assert_eq!(busy_from_loadavg("1.61 1.02 0.80 3/211 4242\n"), 2);
+        assert_eq!(busy_from_loadavg("garbage"), 0);
+        assert_eq!(busy_from_loadavg("NaN 1 1"), 0);
+        assert_eq!(busy_from_loadavg(""), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::models::{Api, RegistryClient, seg};
 use anyhow::{Context, bail};
 use clap::Args;
 use gantry_collectives::fabric::Bootstrap;
-use gantry_collectives::rank_env::{RankProgram, thread_defaults};
+use gantry_collectives::rank_env::{HostCores, OmpWait, RankProgram, thread_defaults};
 use gantry_collectives::spawn::HostedStore;
 use gantry_collectives::{Fabric, FabricConfig};
 use gantry_registry::VersionRecord;
@@ -255,8 +255,8 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
         child.extend(["--max-samples".into(), n.to_string().into()]);
     }
     let exe = std::env::current_exe().context("cannot find the gantry binary")?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / args.tp).max(1);
+    let host = HostCores::measure();
+    let threads = (host.cores / args.tp).max(1);
     let mut parent: Vec<(OsString, OsString)> = std::env::vars_os().collect();
     parent.push(("GANTRY_EVAL_THREADS".into(), threads.to_string().into()));
     // The token (from --token, --token-file or the environment) reaches the ranks through
@@ -270,9 +270,10 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
     let thread_policy = thread_defaults(
         RankProgram::Gantry {
             threads_per_rank: threads,
+            wait: OmpWait::Auto,
         },
         args.tp,
-        cores,
+        host,
     );
     let commands = (0..args.tp)
         .map(|rank| {

@@ -263,6 +263,13 @@ fn train_request(
         cluster,
     );
     add_env_pass(&mut req.env, &pass, &origin)?;
+    // The spec's wait policy travels as the variable libgomp reads at start; an
+    // `OMP_WAIT_POLICY` the job's own env sets stays.
+    if let Some(policy) = spec.train.omp_wait.variable() {
+        req.env
+            .entry("OMP_WAIT_POLICY".to_string())
+            .or_insert_with(|| policy.to_string());
+    }
     Ok(req)
 }
 

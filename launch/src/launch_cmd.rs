@@ -9,7 +9,7 @@ use crate::slurm::SlurmEnv;
 use crate::torchrun;
 use anyhow::{Context, bail};
 use clap::Args;
-use gantry_collectives::rank_env::{RankProgram, thread_defaults};
+use gantry_collectives::rank_env::{HostCores, RankProgram, thread_defaults};
 use gantry_collectives::spawn::HostedStore;
 use gantry_sharding::gpt::{FrameMode, OpenOptions, TokenDataset};
 use gantry_sharding::manifest::Manifest;
@@ -336,11 +336,11 @@ fn rank_commands(
         "--run-dir".into(),
         run_dir.into(),
     ];
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let program = RankProgram::Gantry {
         threads_per_rank: spec.train.threads,
+        wait: spec.train.omp_wait,
     };
-    let threads = thread_defaults(program, local, cores);
+    let threads = thread_defaults(program, local, HostCores::measure());
     let parent: Vec<(OsString, OsString)> = std::env::vars_os().collect();
     let logs = run_dir.join("logs");
     Ok((0..local)

@@ -144,6 +144,15 @@ fn run_rank(
             .parse()
             .with_context(|| format!("GANTRY_FLIGHT_KEEP=`{keep}` is not a number of dumps"))?;
     }
+    // libgomp read its wait policy when the process started; say which one this rank has.
+    let omp_wait = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "libgomp default".into());
+    tracing::info!(
+        rank = boot.rank,
+        omp_wait_policy = omp_wait,
+        intra_op_threads = spec.train.threads,
+        ranks_on_host = boot.local_world,
+        "OpenMP threads"
+    );
     let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
     let rank = fabric.rank();
     let device = gantry_train::place::device_of(spec).with_context(|| format!("rank {rank}"))?;

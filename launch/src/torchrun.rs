@@ -14,7 +14,7 @@
 use crate::local_ranks::{End, LocalRanks, Outcome, RankCommand, Stop, StopPolicy, signal_name};
 use crate::slurm::SlurmEnv;
 use anyhow::{Context, bail};
-use gantry_collectives::rank_env::{Bootstrap, Elastic, NodePlace, RankEnv, RankProgram, thread_defaults};
+use gantry_collectives::rank_env::{Bootstrap, Elastic, HostCores, NodePlace, RankEnv, RankProgram, thread_defaults};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
@@ -29,9 +29,8 @@ const GRACE: Duration = Duration::from_secs(5);
 /// not know (one OpenMP thread per rank when several share the node, unless the user chose).
 pub fn torchrun_env(place: Bootstrap, node: NodePlace, run_id: String) -> RankEnv {
     let ranks_here = place.local_world;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     RankEnv {
-        threads: Some(thread_defaults(RankProgram::Foreign, ranks_here, cores)),
+        threads: Some(thread_defaults(RankProgram::Foreign, ranks_here, HostCores::measure())),
         elastic: Some(Elastic {
             run_id,
             restart_count: 0,

@@ -11,7 +11,9 @@
 use crate::error::StartError;
 use crate::reconcile::RankKey;
 use crate::scrub;
-use gantry_collectives::rank_env::{Bootstrap, Elastic, JobEnv, RankEnv, RankProgram, thread_defaults};
+use gantry_collectives::rank_env::{
+    Bootstrap, Elastic, HostCores, JobEnv, OmpWait, RankEnv, RankProgram, thread_defaults,
+};
 use gantry_coordinator::proto::{RankAssignment, job_program};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -61,12 +63,13 @@ pub struct LaunchContext {
 /// The complete environment of a rank: what it inherits from `ctx.env` (the worker's own
 /// environment) minus secrets ([`crate::scrub`]; the job's [`scrub::ENV_PASS`] keeps the ones
 /// it names), then the variables [`torchrun_and_gantry`] describes and `CUDA_VISIBLE_DEVICES`,
-/// then the job's own `env`.
+/// then the job's own `env`. `host` is this host's cores as the worker measured them just
+/// before starting the rank (the thread policy's input).
 ///
 /// Gantry's variables replace inherited ones of the same name; `GANTRY_LOG`,
 /// `OMP_WAIT_POLICY` (training ranks) and `GANTRY_ADVERTISE_HOST` are only defaults, so the
 /// worker's own settings win; the job's `env` wins over everything.
-pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsString)> {
+pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext, host: HostCores) -> Vec<(OsString, OsString)> {
     let pass = a
         .env
         .get(scrub::ENV_PASS)
@@ -74,7 +77,7 @@ pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsStr
         .unwrap_or_default();
     let mut env: BTreeMap<OsString, OsString> = scrub::inherited(ctx.env.iter().cloned(), &pass).into_iter().collect();
     let parent_visible = env.get(OsStr::new("CUDA_VISIBLE_DEVICES")).cloned();
-    torchrun_and_gantry(a, ctx).apply(&mut env);
+    torchrun_and_gantry(a, ctx, host).apply(&mut env);
     let parent_visible = parent_visible.as_deref().and_then(OsStr::to_str);
     if let Some(visible) = visible_devices(&a.gpus, ctx.has_gpus, parent_visible) {
         env.insert("CUDA_VISIBLE_DEVICES".into(), visible.into());
@@ -91,7 +94,7 @@ pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext) -> Vec<(OsString, OsStr
 /// job variables, `GANTRY_LOG=info` and the advertised host as defaults, and for training
 /// ranks the thread policy (their threads per rank are not known here: the spec's, else
 /// libtorch's every core).
-fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext) -> RankEnv {
+fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext, host: HostCores) -> RankEnv {
     let key = RankKey {
         job: a.job,
         attempt: a.attempt,
@@ -102,7 +105,6 @@ fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext) -> RankEnv {
         Some(job_program::Kind::TrainSpecToml(_))
     );
     let local_world = a.local_world_size as usize;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     RankEnv {
         place: Bootstrap {
             rank: a.rank as usize,
@@ -126,7 +128,18 @@ fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext) -> RankEnv {
             attempt: a.attempt,
             progress_file: progress_path(&ctx.state_dir, key),
         }),
-        threads: is_train.then(|| thread_defaults(RankProgram::Gantry { threads_per_rank: 0 }, local_world, cores)),
+        threads: is_train.then(|| {
+            thread_defaults(
+                // The job's `train.omp_wait` reaches here as `OMP_WAIT_POLICY` in its env
+                // (`gantry submit` puts it there), which wins over this default.
+                RankProgram::Gantry {
+                    threads_per_rank: 0,
+                    wait: OmpWait::Auto,
+                },
+                local_world,
+                host,
+            )
+        }),
         log: Some("info".into()),
         advertise_host: ctx.advertise_host.clone(),
     }
@@ -270,7 +283,7 @@ fn prepare(key: RankKey, a: &RankAssignment, ctx: &LaunchContext) -> Result<(Com
         }
     };
     // Nothing inherited implicitly: the daemon's secrets must not reach the job.
-    cmd.env_clear().envs(rank_env(a, ctx));
+    cmd.env_clear().envs(rank_env(a, ctx, HostCores::measure()));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
@@ -363,7 +376,7 @@ mod tests {
 
     #[test]
     fn torchrun_and_gantry_variables() {
-        let env = rank_env(&assignment(vec![], false), &ctx(false));
+        let env = rank_env(&assignment(vec![], false), &ctx(false), HostCores::idle(8));
         let want = [
             ("RANK", "5"),
             ("LOCAL_RANK", "1"),
@@ -402,7 +415,7 @@ mod tests {
             ],
         );
         c.advertise_host = Some("10.0.0.1".into());
-        let env = rank_env(&assignment(vec![], true), &c);
+        let env = rank_env(&assignment(vec![], true), &c, HostCores::idle(8));
         assert_eq!(
             get(&env, "GANTRY_LOG").as_deref(),
             Some("debug"),
@@ -411,7 +424,7 @@ mod tests {
         assert_eq!(get(&env, "OMP_WAIT_POLICY").as_deref(), Some("ACTIVE"));
         assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST").as_deref(), Some("10.9.9.9"));
         c.env = Arc::from([]);
-        let env = rank_env(&assignment(vec![], true), &c);
+        let env = rank_env(&assignment(vec![], true), &c, HostCores::idle(8));
         assert_eq!(get(&env, "OMP_WAIT_POLICY").as_deref(), Some("PASSIVE"));
         assert_eq!(get(&env, "GANTRY_ADVERTISE_HOST").as_deref(), Some("10.0.0.1"));
     }
@@ -434,7 +447,7 @@ mod tests {
             ],
         );
         let mut a = assignment(vec![], false);
-        let env = rank_env(&a, &c);
+        let env = rank_env(&a, &c, HostCores::idle(8));
         assert_eq!(get(&env, "PATH").as_deref(), Some("/usr/bin"));
         assert_eq!(get(&env, "NCCL_DEBUG").as_deref(), Some("INFO"));
         assert_eq!(
@@ -458,27 +471,27 @@ mod tests {
             scrub::ENV_PASS.into(),
             "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY".into(),
         );
-        let env = rank_env(&a, &c);
+        let env = rank_env(&a, &c, HostCores::idle(8));
         assert_eq!(get(&env, "AWS_ACCESS_KEY_ID").as_deref(), Some("AKIA"));
         assert_eq!(get(&env, "AWS_SECRET_ACCESS_KEY").as_deref(), Some("aws-secret"));
         assert_eq!(get(&env, "AWS_SESSION_TOKEN"), None);
         assert_eq!(get(&env, "GANTRY_TOKEN"), None);
         // A value the job sets itself is the job's, secret-looking name or not.
         a.env.insert("HF_TOKEN".into(), "the-jobs-own".into());
-        let env = rank_env(&a, &c);
+        let env = rank_env(&a, &c, HostCores::idle(8));
         assert_eq!(get(&env, "HF_TOKEN").as_deref(), Some("the-jobs-own"));
     }
 
     #[test]
     fn cuda_visible_devices() {
-        let env = rank_env(&assignment(vec![2, 3], false), &ctx(true));
+        let env = rank_env(&assignment(vec![2, 3], false), &ctx(true), HostCores::idle(8));
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some("2,3"));
         // A CPU rank on a GPU worker sees no GPU.
-        let env = rank_env(&assignment(vec![], false), &ctx(true));
+        let env = rank_env(&assignment(vec![], false), &ctx(true), HostCores::idle(8));
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some(""));
         // The worker itself runs under a mask: index i is the i-th visible device.
         let masked = with_env(true, &[("CUDA_VISIBLE_DEVICES", "4,6")]);
-        let env = rank_env(&assignment(vec![1], false), &masked);
+        let env = rank_env(&assignment(vec![1], false), &masked, HostCores::idle(8));
         assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").as_deref(), Some("6"));
         assert_eq!(visible_devices(&[0, 1], true, Some("4, 6")).as_deref(), Some("4,6"));
         assert_eq!(

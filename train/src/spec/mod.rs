@@ -325,6 +325,18 @@ mod tests {
     }
 
     #[test]
+    fn the_openmp_wait_policy_is_a_word_of_three() {
+        use gantry_collectives::OmpWait;
+        assert_eq!(spec(&[]).train.omp_wait, OmpWait::Auto);
+        let s = spec(&["train.omp_wait=\"passive\""]);
+        assert_eq!(s.train.omp_wait.variable(), Some("PASSIVE"));
+        let back = JobSpec::parse(&s.to_toml(), "spec.toml", &[]).unwrap();
+        assert_eq!(back.train.omp_wait, OmpWait::Passive, "the resolved spec keeps it");
+        let err = JobSpec::parse("[train]\nomp_wait = \"sometimes\"\n", "job.toml", &[]).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
     fn overrides_parse_values_as_toml() {
         let s = spec(&[
             "train.steps=7",

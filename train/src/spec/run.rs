@@ -2,6 +2,7 @@
 //! long it runs, and the rules that involve only one of them.
 
 use super::{SpecError, invalid, num};
+use gantry_collectives::OmpWait;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -120,6 +121,12 @@ pub struct TrainSpec {
     /// [`JobSpec::memory_estimate`]) is larger. 0 = this machine's memory (`MemTotal`) divided
     /// among the ranks on it, checked by `gantry launch` and `gantry rank`.
     pub max_memory_gib: f64,
+    /// How idle OpenMP threads wait: `auto` (the launcher decides from ranks, threads and
+    /// cores: sleep where ranks crowd the cores, libgomp's default where one rank owns them),
+    /// `passive` (sleep) or `active` (spin). Applied by the launcher as `OMP_WAIT_POLICY`
+    /// (`gantry launch --local`, `gantry submit`); an `OMP_WAIT_POLICY` already in the ranks'
+    /// environment wins. Each rank logs the policy it runs with.
+    pub omp_wait: OmpWait,
 }
 
 impl Default for TrainSpec {
@@ -136,6 +143,7 @@ impl Default for TrainSpec {
             sample_tokens: 0,
             stop_after: 0,
             max_memory_gib: 0.0,
+            omp_wait: OmpWait::Auto,
         }
     }
 }
