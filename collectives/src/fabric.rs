@@ -129,7 +129,7 @@ impl FabricConfig {
     }
 
     /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
-    /// `GANTRY_YIELD_US`, `GANTRY_SPIN_ITERS`, `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`, looked up
+    /// `GANTRY_YIELD_US`, `GANTRY_SPIN_ITERS`, `GANTRY_SPIN_US`, `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`, looked up
     /// through `get` (the binary passes `|k| std::env::var(k).ok()`); empty values are ignored.
     pub fn with_lookup(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
         let var = |k: &str| get(k).filter(|v| !v.is_empty());
@@ -152,6 +152,9 @@ impl FabricConfig {
         }
         if let Some(n) = var("GANTRY_SPIN_ITERS") {
             self.wait.spin_iters = number("GANTRY_SPIN_ITERS", n)?;
+        }
+        if let Some(us) = var("GANTRY_SPIN_US") {
+            self.wait.spin_for = Duration::from_micros(number("GANTRY_SPIN_US", us)?);
         }
         if let Some(h) = var("GANTRY_ADVERTISE_HOST") {
             self.advertise_host = Some(h);

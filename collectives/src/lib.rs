@@ -84,4 +84,4 @@ pub use header::{OpDesc, OpKind};
 pub use layout::{Dim, LayoutError, ParallelLayout};
 pub use link::{Link, LinkKind};
 pub use rank_env::{EnvError, HostCores, OmpWait, RankEnv, RankProgram, ThreadDefaults, thread_defaults};
-pub use transport::{MeshTransport, Transport};
+pub use transport::{MeshTransport, Transport, WaitPolicy};

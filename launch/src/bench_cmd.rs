@@ -15,7 +15,7 @@ use gantry_bench::registry_service::{self, RegistryBenchConfig};
 use gantry_bench::startup::{self, StartupBenchConfig};
 use gantry_collectives::fabric::Bootstrap;
 use gantry_collectives::spawn::HostedStore;
-use gantry_collectives::{Algorithm, DType, Fabric, FabricConfig, TransportChoice, nccl};
+use gantry_collectives::{Algorithm, DType, Fabric, FabricConfig, TransportChoice, WaitPolicy, nccl};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -181,6 +181,7 @@ fn join_and_run(boot: &Bootstrap, args: &CollectivesArgs, cfg: &BenchConfig) -> 
     let config = FabricConfig {
         transport: args.transport,
         timeout: Duration::from_secs(args.timeout_secs),
+        wait: WaitPolicy::for_host(boot.local_world, gantry_collectives::HostCores::measure().cores),
         ..FabricConfig::default()
     }
     .with_lookup(|k| std::env::var(k).ok())

@@ -11,7 +11,7 @@ use crate::torchrun;
 use anyhow::Context;
 use clap::Args;
 use gantry_collectives::fabric::Bootstrap;
-use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
+use gantry_collectives::{Fabric, FabricConfig, ParallelLayout, WaitPolicy};
 use gantry_sharding::manifest::Manifest;
 use gantry_train::metrics::RunSummary;
 use gantry_train::{JobSpec, trainer};
@@ -135,9 +135,13 @@ fn run_rank(
         ..gantry_train::run_context::RunContext::from_vars(|k| std::env::var_os(k))
             .with_context(|| format!("rank {}", boot.rank))?
     };
-    let mut config = FabricConfig::default()
-        .with_lookup(|k| std::env::var(k).ok())
-        .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;
+    let cores = gantry_collectives::HostCores::measure().cores;
+    let mut config = FabricConfig {
+        wait: WaitPolicy::for_host(boot.local_world, cores),
+        ..FabricConfig::default()
+    }
+    .with_lookup(|k| std::env::var(k).ok())
+    .map_err(|e| anyhow::anyhow!("fabric config: {e}"))?;
     config.timeout = Duration::from_secs_f64(spec.parallel.timeout_s);
     if let Some(keep) = std::env::var("GANTRY_FLIGHT_KEEP").ok().filter(|v| !v.is_empty()) {
         config.flight_keep = keep
