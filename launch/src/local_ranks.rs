@@ -1,6 +1,6 @@
 //! The one supervisor of rank processes on this host, used by every local launcher
 //! (`gantry launch JOB.toml --local N`, `gantry launch --nproc N -- PROGRAM`, `gantry eval
-//! --tp T`): spawn each rank with its complete environment (written by
+//! --tp T`, `gantry bench collectives`): spawn each rank with its complete environment (written by
 //! `gantry_collectives::rank_env`) and its log file, poll, forward SIGINT/SIGTERM, and on the
 //! first failure stop the others as the launcher's [`StopPolicy`] says; then tell who failed
 //! and how ([`Outcome`], [`tail`], [`last_error`]). The launchers keep only what differs: the
