@@ -13,8 +13,9 @@
 //! - **Load** ([`reader`]): [`reader::Checkpoint::open`] reads a committed manifest;
 //!   [`reader::Checkpoint::load`] asks the pure [`planner`] which saved entries overlap each
 //!   requested slice, fetches just those byte ranges, verifies their checksums and copies the
-//!   overlaps into place ([`boxes`]). Any change of TP, PP, DP or ZeRO-1 is a different set of
-//!   requested rectangles.
+//!   overlaps into place ([`boxes`]); from a local disk (`local_read.rs`) entries that land
+//!   in their request as one run are read straight there, on one thread per core. Any change
+//!   of TP, PP, DP or ZeRO-1 is a different set of requested rectangles.
 //! - **Where** ([`location`]): a checkpoint URL parsed once into a [`CheckpointLocation`]
 //!   (a local path or `file://…`, or `s3://bucket[/prefix]`; any other scheme is refused by
 //!   name), made absolute for specs, resolved for reading (must exist) or for writing
@@ -32,6 +33,7 @@ pub mod boxes;
 pub mod error;
 pub mod export;
 pub mod format;
+mod local_read;
 pub mod location;
 pub mod plain;
 pub mod planner;
