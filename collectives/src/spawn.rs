@@ -58,25 +58,13 @@ pub struct LocalWorld {
     pub children: Vec<Child>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Output {
-    /// Children share the launcher's stdout/stderr.
-    Inherit,
-    /// Rank 0 inherits stdout; everyone inherits stderr; other ranks' stdout is discarded.
-    Rank0Stdout,
-    /// Pipes for the caller to read (tests).
-    Piped,
-    /// Each rank's stdout and stderr appended to `<dir>/rank-<i>.log`.
-    Files(std::path::PathBuf),
-}
-
-/// Spawn `world` copies of `program args…` as ranks 0..world.
+/// Spawn `world` copies of `program args…` as ranks 0..world, their stdout and stderr piped
+/// for the caller (the tests) to read.
 pub fn spawn_local_world(
     program: &Path,
     args: &[OsString],
     world: usize,
     extra_env: &[(String, String)],
-    output: Output,
 ) -> Result<LocalWorld, StoreError> {
     let store = HostedStore::bind()?;
     let mut children = Vec::with_capacity(world);
@@ -84,23 +72,7 @@ pub fn spawn_local_world(
         let mut cmd = Command::new(program);
         cmd.args(args).envs(store.rank_env(rank, world).vars());
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
-        let (out, err) = match &output {
-            Output::Inherit => (Stdio::inherit(), Stdio::inherit()),
-            Output::Rank0Stdout if rank == 0 => (Stdio::inherit(), Stdio::inherit()),
-            Output::Rank0Stdout => (Stdio::null(), Stdio::inherit()),
-            Output::Piped => (Stdio::piped(), Stdio::piped()),
-            Output::Files(dir) => {
-                let path = dir.join(format!("rank-{rank}.log"));
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| StoreError::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
-                let dup = file.try_clone().map_err(StoreError::Io)?;
-                (Stdio::from(file), Stdio::from(dup))
-            }
-        };
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
         // A rank must not outlive its launcher (a killed launcher would leave ranks waiting
         // on each other until their deadlines).

@@ -1,6 +1,6 @@
 //! Multi-process tests on loopback: real rank processes, real sockets and shared memory.
 
-use gantry_collectives::spawn::{LocalWorld, Output, spawn_local_world};
+use gantry_collectives::spawn::{LocalWorld, spawn_local_world};
 use serde_json::Value;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -21,7 +21,7 @@ fn temp_dir(name: &str) -> PathBuf {
 fn spawn(args: &[&str], world: usize, env: &[(&str, String)]) -> LocalWorld {
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    spawn_local_world(Path::new(RANK_BIN), &args, world, &env, Output::Piped).expect("spawn ranks")
+    spawn_local_world(Path::new(RANK_BIN), &args, world, &env).expect("spawn ranks")
 }
 
 /// Stream each rank's stdout lines into one channel as (rank, line).
