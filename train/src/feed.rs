@@ -43,7 +43,7 @@ pub struct DataFeed {
 }
 
 /// The split `valid` asks for under the spec's `data.valid_fraction` and `data.seed`.
-fn split(spec: &JobSpec, valid: bool) -> Split {
+pub(crate) fn split(spec: &JobSpec, valid: bool) -> Split {
     let (f, s) = (spec.data.valid_fraction, spec.data.seed);
     if f == 0.0 {
         Split::All

@@ -7,13 +7,14 @@
 
 use crate::comm::TensorComm;
 use crate::error::TrainError;
+use crate::feed::split;
 use crate::model::{MicroBatch, Model};
 use crate::pipeline::forward_stage;
 use crate::place::RankPlace;
 use crate::schedule::{Op, tag};
 use crate::spec::JobSpec;
 use crate::tensor_parallel::gather_vocab;
-use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
+use gantry_sharding::gpt::{GptDataset, OpenOptions};
 use gantry_sharding::manifest::{Manifest, TokenizerInfo};
 use gantry_sharding::next_token::{SamplingParams, TokenSampler};
 use tch::{Device, Kind, Tensor};
@@ -48,19 +49,15 @@ pub fn sample(
     let last_stage = pp.size() - 1;
     let mut sampler = TokenSampler::new(sampling(spec.train.seed));
     let mut out = Vec::new();
+    // Prompts come from the validation split, read by stage 0 only.
+    let prompts = match model.plan.first {
+        true => Some(GptDataset::open_with(&spec.data.path, seq, split(spec, true), data)?),
+        false => None,
+    };
     for s in 0..SAMPLES {
         // The prompt: the first tokens of validation sample `s`, read by stage 0, broadcast.
         let mut prompt = vec![0i64; prompt_len];
-        if model.plan.first {
-            let split = if spec.data.valid_fraction > 0.0 {
-                Split::Valid {
-                    valid_fraction: spec.data.valid_fraction,
-                    seed: spec.data.seed,
-                }
-            } else {
-                Split::All
-            };
-            let ds = GptDataset::open_with(&spec.data.path, seq, split, data)?;
+        if let Some(ds) = &prompts {
             let mut toks = Vec::new();
             ds.sample_into((s as u64) % ds.num_samples().max(1), &mut toks)?;
             prompt.copy_from_slice(&toks[..prompt_len]);
