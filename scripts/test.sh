@@ -54,14 +54,23 @@ run_phase() {
     fi
 }
 
+# free_disk: the space left where target/ lives. A clean build of every test binary
+# needs several GB; a full disk shows up as the linker dying with SIGBUS, so the
+# figure is printed before and after to make that failure readable.
+free_disk() {
+    df -h --output=avail "$REPO" 2>/dev/null | tail -1 | tr -d ' '
+}
+
 summary() {
-    printf '\n==> summary\n' >&2
+    printf '\n==> summary (disk free now: %s)\n' "$(free_disk)" >&2
     local i
     for i in "${!PHASES[@]}"; do
         printf '    %-10s %s\n' "${PHASES[$i]}" "${RESULTS[$i]}" >&2
     done
     printf '    %-10s %ss\n' total "$((SECONDS - TOTAL_START))" >&2
 }
+
+log "disk free at start: $(free_disk)"
 
 # 1. setup: a failure here means nothing below can be trusted; stop.
 setup_skip=1
