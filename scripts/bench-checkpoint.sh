@@ -12,7 +12,14 @@
 # 2. s3      the same against s3s-fs (.tools/bin/s3s-fs, started here on a free port
 #            with throwaway keys; AWS_ENDPOINT_URL etc. exported for gantry); raw peer =
 #            one object of the same size through a plain multipart Store::put / get.
-# 3. train   `gantry launch --local 2` with checkpoints to $WORK/train-*: the tiny model
+# 3. dcp     the peer PyTorch users have: torch.distributed.checkpoint on CPU with gloo
+#            (bench/peers/dcp_checkpoint.py, the same tensors as DTensors sharded by rows),
+#            alternating with `gantry bench checkpoint --repeat 1` round by round (REPEAT
+#            rounds): save, load into the same layout (R -> R ranks), load resharded into
+#            one process (R -> 1); medians and the median of the per-round ratios. Needs a
+#            Python where `import torch` works: TORCH_PYTHON, or .tools/torch-peer, made on
+#            first use (scripts/bench-lib.sh: torch_peer_python).
+# 4. train   `gantry launch --local 2` with checkpoints to $WORK/train-*: the tiny model
 #            (examples/tiny-gpt-cpu, dp 2, checkpoint.every=10, 40 steps) and the 20m
 #            model of scripts/bench-train-cpu.sh (dp 2, checkpoint.every=2, 8 steps);
 #            prints, per save, the step's ckpt_stall_ms (training paused) next to
@@ -23,7 +30,7 @@
 #
 # Environment (defaults in brackets):
 #   GIB [1]  RANKS [2]  REPEAT [5]     size, ranks, repetitions (median reported)
-#   CASES ["local s3 train"]           which cases to run
+#   CASES ["local s3 dcp train"]       which cases to run
 #   WORK [${TMPDIR:-/tmp}/gantry-bench-checkpoint-<pid>]   scratch, removed at the end
 #   KEEP=1                             keep WORK (checkpoints, s3s-fs root, runs)
 #   GANTRY_SKIP_BUILD=1                do not (re)build target/release/gantry in setup
@@ -42,7 +49,7 @@ bench_args "$@"
 GIB=${GIB:-1}
 RANKS=${RANKS:-2}
 REPEAT=${REPEAT:-5}
-CASES=${CASES:-local s3 train}
+CASES=${CASES:-local s3 dcp train}
 WORK=${WORK:-${TMPDIR:-/tmp}/gantry-bench-checkpoint-$$}
 
 has_case() { [[ " $CASES " == *" $1 "* ]]; }
@@ -110,6 +117,58 @@ if has_case s3; then
     wait "$S3_PID" 2>/dev/null || true
     S3_PID=""
     unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION AWS_ENDPOINT_URL
+fi
+
+# ------------------------------------------------------------------ DCP, alternating
+if has_case dcp; then
+    torch_peer_python
+    log "dcp: $REPEAT rounds of gantry bench checkpoint --repeat 1 and dcp_checkpoint.py ($TORCH_PY)"
+    for round in $(seq "$REPEAT"); do
+        "$GANTRY_BIN" bench checkpoint --url "$WORK/dcp-gantry" --gib "$GIB" --ranks "$RANKS" \
+            --repeat 1 --json >"$WORK/dcp-round-$round.gantry.json" || { FAILURES+=(dcp); break; }
+        PYTHONWARNINGS=ignore "$TORCH_PY" bench/peers/dcp_checkpoint.py --dir "$WORK/dcp-peer" \
+            --gib "$GIB" --ranks "$RANKS" --repeat 1 >"$WORK/dcp-round-$round.peer.json" ||
+            { FAILURES+=(dcp); break; }
+    done
+    if [[ " ${FAILURES[*]} " != *" dcp "* ]]; then
+        python3 - "$WORK" "$REPEAT" "$JSON" <<'PY' || FAILURES+=(dcp)
+import json, statistics, sys
+
+work, rounds, as_json = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+pairs = [  # (label, gantry row, DCP sample)
+    ("save", "checkpoint save (save() -> all committed)", "save"),
+    ("load, same layout (R->R)", "checkpoint load, same layout (R->R)", "load_same"),
+    ("load, resharded (R->1)", "checkpoint load (open latest + load, R->1)", "load_reshard"),
+]
+g_s, d_s, nbytes, peer = {}, {}, None, None
+for r in range(1, rounds + 1):
+    g = json.load(open(f"{work}/dcp-round-{r}.gantry.json"))
+    d = json.load(open(f"{work}/dcp-round-{r}.peer.json"))
+    if g["bytes"] != d["bytes"]:
+        sys.exit(f"round {r}: gantry saved {g['bytes']} bytes, DCP {d['bytes']}")
+    nbytes, peer = g["bytes"], d["peer"]
+    rows = {row["op"]: row["seconds"] for row in g["rows"]}
+    for label, op, key in pairs:
+        g_s.setdefault(label, []).append(rows[op])
+        d_s.setdefault(label, []).append(d["samples_s"][key][0])
+out = []
+for label, _, _ in pairs:
+    gm, dm = statistics.median(g_s[label]), statistics.median(d_s[label])
+    paired = statistics.median(d / g for g, d in zip(g_s[label], d_s[label]))
+    out.append({"op": label, "bytes": nbytes, "gantry_s": gm, "dcp_s": dm,
+                "gantry_gbps": nbytes / gm / 1e9, "dcp_gbps": nbytes / dm / 1e9,
+                "ratio": dm / gm, "paired_ratio": paired,
+                "gantry_samples_s": g_s[label], "dcp_samples_s": d_s[label]})
+if as_json:
+    print(json.dumps({"case": "dcp", "peer": peer, "rounds": rounds, "rows": out}))
+else:
+    print(f"\ngantry vs {peer}: {nbytes / 2**30:.2f} GiB, {rounds} alternating rounds, warm page cache")
+    print(f"{'operation':<28} {'gantry GB/s':>12} {'DCP GB/s':>10} {'ratio':>7} {'paired':>7}")
+    for o in out:
+        print(f"{o['op']:<28} {o['gantry_gbps']:>12.3f} {o['dcp_gbps']:>10.3f} {o['ratio']:>7.2f} {o['paired_ratio']:>7.2f}")
+    print("# ratio = gantry GB/s over DCP's at the medians; paired = median of the per-round ratios")
+PY
+    fi
 fi
 
 # ------------------------------------------------------------------ training runs

@@ -37,3 +37,26 @@ bench_setup() {
     GANTRY_BIN=${GANTRY_BIN:-$TARGET_DIR/release/gantry}
     [[ -x $GANTRY_BIN ]] || die "$GANTRY_BIN not found (build it: bash scripts/setup.sh)"
 }
+
+# Sets TORCH_PY to a Python whose `import torch` works on this machine, for the PyTorch peers
+# (DCP, eager training, DDP, torchrun): TORCH_PYTHON when set, else .tools/torch-peer, a venv
+# made here on first use with PyPI's torch 2.11.0 and its NVIDIA packages (about 4.9 GB,
+# ~4 minutes: PyPI has no CPU-only wheel, and the --no-deps libtorch venv that tch links
+# against cannot `import torch`). Dies when it still does not import.
+torch_peer_python() {
+    if [[ -n ${TORCH_PYTHON:-} ]]; then
+        TORCH_PY=$TORCH_PYTHON
+    else
+        local venv="$PWD/.tools/torch-peer"
+        TORCH_PY="$venv/bin/python"
+        if ! "$TORCH_PY" -c 'import torch.distributed.checkpoint' >/dev/null 2>&1; then
+            log "pip install torch==2.11.0 numpy into .tools/torch-peer (about 4.9 GB, once)"
+            [[ -x $TORCH_PY ]] || python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+            "$TORCH_PY" -m pip install --quiet --disable-pip-version-check torch==2.11.0 numpy >&2 ||
+                die "pip install torch into $venv failed"
+        fi
+    fi
+    local err
+    err=$("$TORCH_PY" -c 'import torch.distributed.checkpoint' 2>&1) ||
+        die "PyTorch does not import with $TORCH_PY: $(tail -n1 <<<"$err")"
+}

@@ -9,7 +9,8 @@
 //!   slices, what the trainer does off the device) and the `save()` call itself are reported
 //!   as the stall.
 //! - **Load**: a fresh store, `Checkpoint::open(Latest)` and `load` of every whole tensor
-//!   (resharded from R ranks to 1), checked element by element; then `verify()`.
+//!   (resharded from R ranks to 1), checked element by element; then the same layout back
+//!   (R rank threads, each with its own store, loading its own row blocks); then `verify()`.
 //! - **Raw peer**, local: R threads write R files with `write_all` (without and with a final
 //!   `sync_all`, like `dd conv=fdatasync`) and read them back. gantry's Store fsyncs every
 //!   object it writes on local disks, so the save's peer is the synced raw write.
@@ -311,6 +312,7 @@ impl CheckpointBench {
         let local = self.root.is_local();
         let (raw_dir, ckpt_url) = (self.raw_dir(), self.ckpt_url());
         let load = || ranks::load_all(&ckpt_url, &c.s3, &self.store_cfg, &self.tensors, ranks);
+        let load_same = || ranks::load_same_layout(&ckpt_url, &c.s3, &self.store_cfg, &self.tensors, ranks);
         let verify = || ranks::verify_all(&ckpt_url, &c.s3, &self.store_cfg, total);
         for _ in 0..c.repeat {
             if local {
@@ -335,6 +337,7 @@ impl CheckpointBench {
                 samples.push(RAW_GET, s);
             }
             samples.push(LOAD, load()?);
+            samples.push(LOAD_SAME, load_same()?);
             samples.push(VERIFY, verify()?);
         }
         if local && c.cold {
@@ -349,5 +352,43 @@ impl CheckpointBench {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real (tiny) run on local disk: every row measured, loads checked element by element
+    /// inside `measure`, each load compared with the raw read.
+    #[test]
+    fn a_small_local_run_measures_every_row_and_checks_what_it_loads() {
+        let dir = std::env::temp_dir().join(format!("gantry-bench-ckpt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bench = CheckpointBench::prepare(CheckpointBenchConfig {
+            url: dir.to_str().unwrap().to_string(),
+            gib: 4.0 / 1024.0,
+            ranks: 2,
+            chunk_mib: 1,
+            repeat: 1,
+            ..CheckpointBenchConfig::default()
+        })
+        .unwrap();
+        let report = bench.measure().unwrap();
+        let row = |op: &str| {
+            report
+                .rows
+                .iter()
+                .find(|r| r.op == op)
+                .unwrap_or_else(|| panic!("no row {op}"))
+        };
+        for op in [LOAD, LOAD_SAME, VERIFY] {
+            assert_eq!(row(op).vs.as_deref(), Some(RAW_READ), "{op}");
+            assert!(row(op).gbps > 0.0, "{op}");
+        }
+        assert_eq!(row(SAVE).vs.as_deref(), Some(RAW_WRITE_SYNC));
+        bench.clean_up().unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

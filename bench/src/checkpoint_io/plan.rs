@@ -66,24 +66,36 @@ fn fill(seed: u64, first: u64, out: &mut [u8]) {
     }
 }
 
-/// Compare a whole loaded tensor with what was generated, 4 MiB at a time.
+/// Compare a whole loaded tensor with what was generated.
 pub(crate) fn check_tensor(t: &TensorPlan, ranks: usize, bytes: &[u8]) -> Result<()> {
-    let total = t.slice_bytes() * ranks as u64;
-    if bytes.len() as u64 != total {
+    check_rows(t, 0, t.rows_per_rank * ranks as u64, bytes)
+}
+
+/// Compare rank `rank`'s loaded row block with what was generated.
+pub(crate) fn check_slice(t: &TensorPlan, rank: usize, bytes: &[u8]) -> Result<()> {
+    check_rows(t, t.rows_per_rank * rank as u64, t.rows_per_rank, bytes)
+}
+
+/// Compare `rows` loaded rows starting at row `first_row` with what was generated, 4 MiB at a
+/// time.
+fn check_rows(t: &TensorPlan, first_row: u64, rows: u64, bytes: &[u8]) -> Result<()> {
+    let expected = rows * ROW_BYTES;
+    if bytes.len() as u64 != expected {
         return Err(BenchError::Mismatch(format!(
-            "tensor {}: loaded {} bytes, expected {total}",
+            "tensor {}: loaded {} bytes, expected {expected}",
             t.name,
             bytes.len()
         )));
     }
+    let first = first_row * COLS;
     let mut want = vec![0u8; 4 << 20];
     for (k, got) in bytes.chunks(want.len()).enumerate() {
         let want = &mut want[..got.len()];
-        fill(t.seed, (k * (4 << 20) / 4) as u64, want);
+        fill(t.seed, first + (k * (4 << 20) / 4) as u64, want);
         if got != &want[..] {
             let at = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap_or(0);
             return Err(BenchError::Mismatch(format!(
-                "tensor {}: loaded bytes differ from the saved ones at byte {}",
+                "tensor {}: loaded bytes differ from the saved ones at byte {} of rows from {first_row}",
                 t.name,
                 k * (4 << 20) + at
             )));

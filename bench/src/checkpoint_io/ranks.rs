@@ -2,7 +2,7 @@
 //! rank process would have), saving, loading and verifying real checkpoints.
 
 use super::peers::span;
-use super::plan::{TensorPlan, check_tensor};
+use super::plan::{TensorPlan, check_slice, check_tensor};
 use crate::error::{BenchError, Result};
 use gantry_checkpoint::{
     Checkpoint, DType, JobState, S3Options, SaveReport, SaveRequest, Saver, SaverConfig, SliceSpec, Store, StoreConfig,
@@ -147,6 +147,49 @@ pub(crate) fn load_all(
         check_tensor(t, ranks, b)?;
     }
     Ok(s)
+}
+
+/// The same layout back: R rank threads, each with a fresh store, open the latest checkpoint
+/// and load their own row block of every tensor (what a resumed job of the same shape does);
+/// wall time from the first open to the last rank done.
+pub(crate) fn load_same_layout(
+    url: &str,
+    s3: &S3Options,
+    store_cfg: &StoreConfig,
+    tensors: &[TensorPlan],
+    ranks: usize,
+) -> Result<f64> {
+    let stores = (0..ranks)
+        .map(|_| Store::open_with(url, s3, store_cfg.clone()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let start = Barrier::new(ranks);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(r, store)| {
+                let start = &start;
+                s.spawn(move || -> Result<(Instant, Instant, Vec<Vec<u8>>)> {
+                    let requests: Vec<SliceSpec> = tensors.iter().map(|t| t.slice(r, ranks)).collect();
+                    start.wait();
+                    let t0 = Instant::now();
+                    let loaded = Checkpoint::open(store, Which::Latest)?.load(&requests)?;
+                    Ok((t0, Instant::now(), loaded))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let times: Vec<_> = results.iter().map(|(a, b, _)| (*a, *b)).collect();
+    for (r, (_, _, loaded)) in results.iter().enumerate() {
+        for (t, b) in tensors.iter().zip(loaded) {
+            check_slice(t, r, b)?;
+        }
+    }
+    Ok(span(&times))
 }
 
 /// Open the latest checkpoint with a fresh store and re-read every checksum.

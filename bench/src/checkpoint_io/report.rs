@@ -14,20 +14,23 @@ pub(crate) const RAW_GET: &str = "raw get (1 object, Store::get)";
 pub(crate) const PUT_MANY: &str = "Store::put_many of the slices (one object each, no checksums)";
 pub(crate) const SAVE: &str = "checkpoint save (save() -> all committed)";
 pub(crate) const LOAD: &str = "checkpoint load (open latest + load, R->1)";
+pub(crate) const LOAD_SAME: &str = "checkpoint load, same layout (R->R)";
 pub(crate) const LOAD_COLD: &str = "checkpoint load, cold";
 pub(crate) const VERIFY: &str = "checkpoint verify";
 pub(crate) const VERIFY_COLD: &str = "checkpoint verify, cold";
 
 // The store fsyncs what it writes on local disks (a commit must survive a power loss), so its
 // peer is the synced raw write; the unsynced one is shown for scale.
-const COMPARISONS: [(&str, &str); 10] = [
+const COMPARISONS: [(&str, &str); 12] = [
     (PUT_MANY, RAW_WRITE_SYNC),
     (SAVE, RAW_WRITE_SYNC),
     (LOAD, RAW_READ),
+    (LOAD_SAME, RAW_READ),
     (VERIFY, RAW_READ),
     (LOAD_COLD, RAW_READ_COLD),
     (VERIFY_COLD, RAW_READ_COLD),
     (LOAD, RAW_GET),
+    (LOAD_SAME, RAW_GET),
     (VERIFY, RAW_GET),
     (PUT_MANY, RAW_PUT),
     (SAVE, RAW_PUT),
