@@ -1,8 +1,9 @@
 // 1. tch links libtorch dynamically and sets no rpath: without one every test binary and the
 //    `gantry` CLI would need LD_LIBRARY_PATH. Point the runtime search path at the libtorch
 //    the build used.
-// 2. Compile the C shims (csrc/): `at::_fused_adamw_`, backward with a given gradient and
-//    setting a parameter's `.grad` (tch 0.24 binds none of them), against the same libtorch
+// 2. Compile the C shims (csrc/): `at::_fused_adamw_`, backward with a given gradient,
+//    setting a parameter's `.grad`, CUDA autocast with a dtype, the current CUDA device
+//    (tch 0.24 binds none of them), against the same libtorch
 //    headers, with the same C++ ABI choice as torch-sys (LIBTORCH_CXX11_ABI, default 1;
 //    PyTorch 2.11 wheels use the CXX11 ABI).
 use std::path::{Path, PathBuf};
@@ -48,5 +49,7 @@ fn compile_shim(include: &Path, abi: &str) {
         .warnings(false)
         .file("csrc/fused_adamw.cpp")
         .file("csrc/autograd.cpp")
+        .file("csrc/autocast.cpp")
+        .file("csrc/device.cpp")
         .compile("gantry_shims");
 }

@@ -5,6 +5,18 @@ way: MFU = (6·N + 12·L·d·T) · tokens/s ÷ 989e12, N without the position em
 
     python torch_gpt_mfu.py --d-model 768 --layers 12 --heads 12 --batch 16 --steps 30
 
+What is measured, so the comparison with gantry is like for like:
+- The learning rate is constant (3e-4, no warmup or decay); AdamW betas (0.9, 0.95), weight
+  decay 0.1 on matrices, gradient clipping at norm 1.0.
+- One batch of random tokens is made on the device before the loop and reused every step:
+  batch preparation and the host-to-device copy are not timed.
+- A step is timed from a device synchronize to the next, forward, backward, clipping, the
+  update and zeroing the gradients included; the first `--warmup` steps are left out and the
+  reported step time is the median of the rest (the upper median for an even count).
+
+`--device cpu` runs the same loop on the CPU (bf16 CPU autocast, no synchronize, MFU null):
+it proves the script runs where no GPU is; its figures mean nothing.
+
 Prints one JSON object.
 """
 import argparse
@@ -57,7 +69,7 @@ class GPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def main():
@@ -70,8 +82,15 @@ def main():
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     a = ap.parse_args()
-    dev = "cuda"
+    dev = a.device
+    on_gpu = dev == "cuda"
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
     torch.manual_seed(0)
     model = GPT(a.vocab, a.d_model, a.layers, a.heads, a.seq).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -85,27 +104,28 @@ def main():
     x = torch.randint(0, a.vocab, (a.batch, a.seq + 1), device=dev)
     times = []
     for step in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
     tps = a.batch * a.seq / step_s
     print(json.dumps({
         "impl": "pytorch-eager",
+        "device": dev,
         "params": n_params,
         "d_model": a.d_model, "layers": a.layers, "heads": a.heads, "batch": a.batch, "seq": a.seq,
         "step_ms": step_s * 1e3,
         "tokens_per_s": tps,
-        "mfu": flops_per_token * tps / PEAK,
-        "loss": float(loss),
+        "mfu": flops_per_token * tps / PEAK if on_gpu else None,
+        "loss": loss.detach().item(),
     }))
 
 

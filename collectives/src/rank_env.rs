@@ -14,7 +14,8 @@
 //!   torchrun compatibility;
 //! - gantry's job variables ([`JobEnv`]: `GANTRY_JOB_ID`, …) for ranks of a cluster job, and
 //!   `GANTRY_STORE_EXTERNAL=1` when the launcher hosts the store (removed otherwise, so an
-//!   inherited one cannot make rank 0 wait for a store nobody serves);
+//!   inherited one cannot make rank 0 wait for a store nobody serves), and `GANTRY_OWN_GPUS=1`
+//!   when the launcher made the rank's own GPUs the only ones it sees (removed otherwise);
 //! - defaults that the rank's own environment overrides: `GANTRY_LOG`,
 //!   `GANTRY_ADVERTISE_HOST` and the thread policy ([`thread_defaults`]).
 //!
@@ -28,6 +29,10 @@ use std::path::PathBuf;
 /// Set to `1` by a launcher that hosts the rendezvous store itself: rank 0 then connects to
 /// it instead of serving one.
 pub const STORE_EXTERNAL: &str = "GANTRY_STORE_EXTERNAL";
+/// Set to `1` by a launcher that gave the rank a `CUDA_VISIBLE_DEVICES` of its own GPUs only
+/// (the gantry worker): the rank then computes on the first visible device, not on
+/// `cuda:LOCAL_RANK` (torchrun's convention, where every rank of a host sees all its GPUs).
+pub const OWN_GPUS: &str = "GANTRY_OWN_GPUS";
 /// The cluster job's id (a number).
 pub const JOB_ID: &str = "GANTRY_JOB_ID";
 pub const JOB_NAME: &str = "GANTRY_JOB_NAME";
@@ -65,6 +70,8 @@ pub struct Bootstrap {
     pub master_port: u16,
     /// The launcher hosts the store (`GANTRY_STORE_EXTERNAL=1`); rank 0 only connects to it.
     pub store_external: bool,
+    /// The rank sees only its own GPUs (`GANTRY_OWN_GPUS=1`, see [`OWN_GPUS`]).
+    pub own_gpus: bool,
 }
 
 impl Bootstrap {
@@ -79,14 +86,16 @@ impl Bootstrap {
             master_addr: "127.0.0.1".into(),
             master_port,
             store_external,
+            own_gpus: false,
         }
     }
 
     /// Read `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-    /// `MASTER_PORT` (torchrun's names) and `GANTRY_STORE_EXTERNAL` through `get` (the
+    /// `MASTER_PORT` (torchrun's names), `GANTRY_STORE_EXTERNAL` and `GANTRY_OWN_GPUS` through `get` (the
     /// binary passes `|k| std::env::var(k).ok()`). `Ok(None)` when `RANK` is not set.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, EnvError> {
         let Some(rank) = get("RANK") else { return Ok(None) };
+        let flag = |var: &str| get(var).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         let num = |var: &'static str, value: String| -> Result<usize, EnvError> {
             value.trim().parse().map_err(|_| EnvError::Invalid {
                 var,
@@ -117,7 +126,8 @@ impl Bootstrap {
             local_world: local_world.unwrap_or(world),
             master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
-            store_external: get(STORE_EXTERNAL).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
+            store_external: flag(STORE_EXTERNAL),
+            own_gpus: flag(OWN_GPUS),
         }))
     }
 }
@@ -337,6 +347,9 @@ impl RankEnv {
         if p.store_external {
             vars.push((STORE_EXTERNAL, "1".into()));
         }
+        if p.own_gpus {
+            vars.push((OWN_GPUS, "1".into()));
+        }
         if let Some(e) = &self.elastic {
             vars.push(("TORCHELASTIC_RESTART_COUNT", e.restart_count.to_string()));
             vars.push(("TORCHELASTIC_RUN_ID", e.run_id.clone()));
@@ -388,6 +401,9 @@ impl RankEnv {
         if !self.place.store_external {
             env.remove(&OsString::from(STORE_EXTERNAL));
         }
+        if !self.place.own_gpus {
+            env.remove(&OsString::from(OWN_GPUS));
+        }
         for (k, v) in self.vars() {
             env.insert(k.into(), v.into());
         }
@@ -429,6 +445,7 @@ mod tests {
                 master_addr: "10.0.0.7".into(),
                 master_port: 29517,
                 store_external: false,
+                own_gpus: false,
             },
             elastic: Some(Elastic {
                 run_id: "gantry-12".into(),
@@ -452,11 +469,17 @@ mod tests {
 
     #[test]
     fn what_is_written_reads_back_the_same() {
-        let stale = [("RANK", "99"), (STORE_EXTERNAL, "1"), ("LOCAL_RANK", "7")];
+        let stale = [
+            ("RANK", "99"),
+            (STORE_EXTERNAL, "1"),
+            (OWN_GPUS, "1"),
+            ("LOCAL_RANK", "7"),
+        ];
         let parent = stale.iter().map(|(k, v)| (k.into(), v.into()));
-        for store_external in [false, true] {
+        for (store_external, own_gpus) in [(false, false), (true, false), (false, true)] {
             let mut rank = full();
             rank.place.store_external = store_external;
+            rank.place.own_gpus = own_gpus;
             let env = rank.environment(parent.clone());
             assert_eq!(Bootstrap::from_lookup(lookup(&env)), Ok(Some(rank.place.clone())));
             assert_eq!(JobEnv::from_lookup(lookup(&env)), Ok(rank.job.clone()));

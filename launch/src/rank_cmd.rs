@@ -14,6 +14,8 @@ use gantry_collectives::fabric::Bootstrap;
 use gantry_collectives::{Fabric, FabricConfig, ParallelLayout, WaitPolicy};
 use gantry_sharding::manifest::Manifest;
 use gantry_train::metrics::RunSummary;
+use gantry_train::place::{GpuView, LocalRank};
+use gantry_train::spec::DeviceSpec;
 use gantry_train::{JobSpec, trainer};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -123,7 +125,8 @@ fn run_rank(
     boot: &Bootstrap,
     layout: ParallelLayout,
 ) -> anyhow::Result<Option<RunSummary>> {
-    gantry_train::load_cuda_backend();
+    let wants_gpu = spec.train.device == DeviceSpec::Cuda;
+    gantry_train::load_cuda_backend_for(wants_gpu);
     if spec.train.threads > 0 {
         gantry_train::tch::set_num_threads(spec.train.threads as i32);
         gantry_train::tch::set_num_interop_threads(1);
@@ -157,9 +160,23 @@ fn run_rank(
         ranks_on_host = boot.local_world,
         "OpenMP threads"
     );
+    // The device before joining: ranks of a host with too few GPUs all refuse at once
+    // rather than leave the others waiting in the rendezvous.
+    let local = LocalRank {
+        rank: boot.local_rank,
+        ranks_on_host: boot.local_world,
+        view: if boot.own_gpus { GpuView::Own } else { GpuView::Shared },
+    };
+    let device = gantry_train::place::device_of(spec, local).with_context(|| format!("rank {}", boot.rank))?;
+    tracing::info!(
+        rank = boot.rank,
+        local_rank = boot.local_rank,
+        device = ?device,
+        compute = gantry_train::autocast::compute_dtype(device != gantry_train::tch::Device::Cpu),
+        "device and compute dtype"
+    );
     let fabric = Fabric::from_bootstrap(boot, config).context("joining the job's ranks")?;
     let rank = fabric.rank();
-    let device = gantry_train::place::device_of(spec).with_context(|| format!("rank {rank}"))?;
     let place = gantry_train::place::RankPlace::new(layout, rank, device);
     let mut registry = if rank == 0 {
         AutoRegister::new(spec, run_dir)

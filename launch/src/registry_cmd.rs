@@ -116,6 +116,9 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
     let generation: Option<Arc<dyn ModelLoader>> = if args.no_generate {
         None
     } else {
+        // As every gantry process that runs libtorch: CUDA becomes visible if this host has
+        // it (serving computes on the CPU today; a failed load is logged at debug level).
+        gantry_train::load_cuda_backend();
         if args.threads > 0 {
             gantry_train::tch::set_num_threads(args.threads as i32);
         }

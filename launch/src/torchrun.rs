@@ -51,6 +51,7 @@ pub fn slurm_env(s: &SlurmEnv, master_port: u16) -> RankEnv {
         master_addr: s.master_addr.clone(),
         master_port,
         store_external: false,
+        own_gpus: false,
     };
     let node = NodePlace {
         group_rank: s.node_rank,

@@ -12,7 +12,8 @@
 //!   averaging on a thread overlapped with backward, the tied embedding, the global norm,
 //!   clipping, the AdamW update and ZeRO-1, behind `finish_step`).
 //! - [`optim`]: AdamW (fused or manual), LR schedule, the clip coefficient and sum of squares;
-//!   [`fused`] and [`autograd`]: the libtorch calls tch lacks (through `train/csrc/`).
+//!   [`fused`], [`autograd`] and [`autocast`] (bf16 CUDA autocast): the libtorch calls tch
+//!   lacks (through `train/csrc/`).
 //! - [`place`]: [`place::RankPlace`], where a rank sits (layout, coordinates, device), built
 //!   once by the binary; [`run_context`]: what the launcher said (job id, AdamW choice,
 //!   samples log, progress file), read from the environment by the binary, not here.
@@ -39,6 +40,7 @@
 //! shards; the reporter records the step. `train/` sees no globals and reads no environment:
 //! every group, the layout and the run context are passed in.
 
+pub mod autocast;
 pub mod autograd;
 pub mod checkpointing;
 pub mod comm;
@@ -70,11 +72,76 @@ pub use spec::JobSpec;
 pub use tch;
 
 /// Load libtorch's CUDA library so CUDA devices become visible: the linker drops it because
-/// nothing references it directly (tch-rs issue #980). A missing library is fine (CPU hosts).
+/// nothing references it directly (tch-rs issue #980). A missing library is fine on CPU hosts:
+/// the loader's reason is logged at debug level. Where a GPU is wanted, use
+/// [`load_cuda_backend_for`]`(true)`.
 pub fn load_cuda_backend() -> bool {
-    let name = c"libtorch_cuda.so";
+    load_cuda_backend_for(false)
+}
+
+/// [`load_cuda_backend`], saying why a failed load failed (the loader's `dlerror()` text): at
+/// warn level when `gpu_requested` (the job asked for CUDA, so the failure is the cause of the
+/// "no CUDA device" error that follows), at debug level otherwise (expected on CPU hosts).
+pub fn load_cuda_backend_for(gpu_requested: bool) -> bool {
+    match dlopen_global(CUDA_BACKEND) {
+        Ok(()) => {
+            tracing::debug!("loaded {}", CUDA_BACKEND.to_string_lossy());
+            true
+        }
+        Err(reason) => {
+            let lib = CUDA_BACKEND.to_string_lossy();
+            if gpu_requested {
+                tracing::warn!(reason, "cannot load {lib}: CUDA devices stay invisible to libtorch");
+            } else {
+                tracing::debug!(reason, "cannot load {lib} (expected on a host without CUDA)");
+            }
+            false
+        }
+    }
+}
+
+const CUDA_BACKEND: &std::ffi::CStr = c"libtorch_cuda.so";
+
+/// `dlopen(name, RTLD_NOW | RTLD_GLOBAL)`, kept open for the life of the process; on failure
+/// the loader's `dlerror()` text (which names the library or dependency it could not load).
+fn dlopen_global(name: &std::ffi::CStr) -> Result<(), String> {
     // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally leaked so
-    // the library stays loaded for the life of the process.
-    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    !handle.is_null()
+    // the library stays loaded. dlerror returns NULL or a NUL-terminated string owned by the
+    // loader, read here on the same thread before any other dl* call.
+    unsafe {
+        if !libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL).is_null() {
+            return Ok(());
+        }
+        let reason = libc::dlerror();
+        if reason.is_null() {
+            Err(format!("dlopen({}) failed without a reason", name.to_string_lossy()))
+        } else {
+            Err(std::ffi::CStr::from_ptr(reason).to_string_lossy().into_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_load_says_why() {
+        let e = super::dlopen_global(c"libgantry-no-such-library.so").unwrap_err();
+        assert!(e.contains("libgantry-no-such-library.so"), "{e}");
+        assert!(e.contains("No such file") || e.contains("cannot open"), "{e}");
+        // A library that is there loads (and the function says nothing went wrong).
+        super::dlopen_global(c"libc.so.6").unwrap();
+    }
+
+    #[test]
+    fn the_cuda_backend_loads_or_says_why() {
+        // Here (no GPU, a libtorch without cuBLAS & co.) it usually fails; on the GPU host it
+        // loads. Either way the answer is consistent with the reason.
+        match super::dlopen_global(super::CUDA_BACKEND) {
+            Ok(()) => assert!(super::load_cuda_backend()),
+            Err(reason) => {
+                assert!(!reason.is_empty());
+                assert!(!super::load_cuda_backend_for(true));
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@
 //! [`run_schedule`] interprets a [`crate::schedule`] program: compute ops call the executor,
 //! communication ops move activations and gradients over the pipeline communicator.
 
+use crate::autocast::with_bf16_autocast;
 use crate::autograd::backward_with;
 use crate::comm::TensorComm;
 use crate::error::TrainError;
@@ -29,7 +30,8 @@ pub struct UnitRecord {
 
 /// Run the stage's units on one micro-batch. `input`: activations from the previous stage
 /// (None on the first stage). Returns the output (hidden state, or the loss on the last
-/// stage) and, when `grad`, the records backward needs.
+/// stage) and, when `grad`, the records backward needs. `autocast`: each unit runs under CUDA
+/// bf16 autocast ([`crate::autocast`]); off, CUDA autocast is off for it.
 pub fn forward_stage(
     model: &Model,
     input: Option<Tensor>,
@@ -50,9 +52,9 @@ pub fn forward_stage(
             grad,
             cuts: Vec::new(),
         };
-        let out = tch::autocast(autocast, || {
+        let out = with_bf16_autocast(autocast, || {
             model.forward_unit(u, leaf.as_ref(), batch, &mut cx, want_logits)
-        })?;
+        })??;
         let cuts = cx.cuts;
         if grad {
             records.push(UnitRecord {

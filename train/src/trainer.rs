@@ -301,9 +301,7 @@ impl<'a> Rank<'a> {
             .dp
             .finish_step(&mut self.states, &mut self.comms.world, &spec.optim, lr, step)?;
         let loss = self.step_loss(loss_sum, step)?;
-        if self.place.on_gpu() {
-            tch::Cuda::synchronize(0);
-        }
+        self.place.synchronize();
         let step_s = t0.elapsed().as_secs_f64();
         let update_s = update_start.elapsed().as_secs_f64();
         let comm_s = self.clock.take();

@@ -115,6 +115,8 @@ fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext, host: HostCores)
             // The coordinator hands out ports of the worker's lent range (u16).
             master_port: u16::try_from(a.master_port).unwrap_or(0),
             store_external: false,
+            // rank_env narrows CUDA_VISIBLE_DEVICES to the GPUs the coordinator gave this rank.
+            own_gpus: ctx.has_gpus && !a.gpus.is_empty(),
         },
         elastic: Some(Elastic {
             run_id: format!("gantry-{}", a.job),
