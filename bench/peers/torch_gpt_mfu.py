@@ -1,4 +1,4 @@
-"""PyTorch eager peer for `scripts/bench-train-gpu.sh`: the same GPT-2 style model gantry
+"""PyTorch eager peer for `scripts/bench-gpu.sh`: the same GPT-2 style model gantry
 trains (learned positions, LayerNorm, GELU tanh, tied embeddings, biases), bf16 autocast with
 fp32 weights, SDPA attention (flash on GPU), fused AdamW; tokens/s and MFU measured the same
 way: MFU = (6·N + 12·L·d·T) · tokens/s ÷ 989e12, N without the position embedding.

@@ -18,7 +18,8 @@
 //!
 //! # Layout
 //! - [`stats`]: the statistics every benchmark reports; [`host`]: CPU time, page cache, load.
-//! - [`collective_ops`]: `gantry bench collectives` (nccl-tests style table per size).
+//! - [`collective_ops`]: `gantry bench collectives` (nccl-tests style table per size);
+//!   [`nccl_bench`]: `gantry bench nccl` (NCCL on device memory, f32 and bf16).
 //! - [`checkpoint_io`]: `gantry bench checkpoint` (save, load, verify against raw I/O).
 //! - [`control_plane`]: `gantry bench cluster` (simulated workers heartbeating a real
 //!   coordinator); [`startup`]: `gantry bench startup` (submit to every rank's first step);
@@ -37,6 +38,7 @@ pub mod daemons;
 pub mod data_reader;
 pub mod error;
 pub mod host;
+pub mod nccl_bench;
 pub mod registry_service;
 pub mod startup;
 pub mod stats;

@@ -11,6 +11,7 @@ use gantry_bench::checkpoint_io::{CheckpointBench, CheckpointBenchConfig};
 use gantry_bench::collective_ops::{self, BenchConfig, BenchOp, parse_size};
 use gantry_bench::control_plane::{self, ClusterBenchConfig};
 use gantry_bench::daemons::Harness;
+use gantry_bench::nccl_bench::{self, NcclBenchConfig};
 use gantry_bench::registry_service::{self, RegistryBenchConfig};
 use gantry_bench::startup::{self, StartupBenchConfig};
 use gantry_collectives::fabric::Bootstrap;
@@ -35,7 +36,12 @@ pub enum BenchCommand {
     /// all_to_all, 1 for broadcast and reduce; `ok` is a correctness check against exact
     /// expected values run before timing.
     Collectives(CollectivesArgs),
-    /// NCCL world-size-1 all_reduce on GPU memory (needs a CUDA GPU and libnccl.so).
+    /// NCCL world-size-1 all_reduce on GPU memory, f32 and bf16 (needs a CUDA GPU and
+    /// libnccl.so).
+    ///
+    /// Per dtype: every reduce op in place, checked element by element, then the mean time of
+    /// a sum all_reduce. Exit status 3 (and with --json `{"unavailable": …}` on stdout) when
+    /// this machine has no GPU, driver or libnccl.so: the message names what is missing.
     Nccl(NcclArgs),
     /// Checkpoint save, load and verify throughput next to raw writes and reads of the same
     /// bytes in the same place (local disk: std::fs with and without fsync; S3: one plain
@@ -96,18 +102,31 @@ pub struct CollectivesArgs {
 
 #[derive(Args)]
 pub struct NcclArgs {
-    /// f32 elements in the timed all_reduce.
+    /// Elements per all_reduce.
     #[arg(long, default_value_t = 64 << 20)]
     count: usize,
-    /// Print the report as JSON.
+    /// Comma-separated dtypes: f32, bf16.
+    #[arg(long, default_value = "f32,bf16", value_delimiter = ',')]
+    dtype: Vec<DType>,
+    /// Timed all_reduces per dtype.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed all_reduces per dtype before timing.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// One JSON object per dtype on stdout.
     #[arg(long)]
     json: bool,
 }
 
+/// `gantry bench nccl`'s exit status where NCCL cannot run on this machine (no GPU, driver or
+/// libnccl.so), distinct from a failure (1) so scripts can tell "not here" from "broken".
+pub const NCCL_UNAVAILABLE_EXIT: u8 = 3;
+
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Collectives(args) => collectives(args),
-        BenchCommand::Nccl(args) => nccl_self_test(args),
+        BenchCommand::Nccl(args) => nccl_bench(args),
         BenchCommand::Checkpoint(args) => checkpoint(args),
         BenchCommand::Cluster(args) => cluster(args),
         BenchCommand::Registry(args) => registry(args),
@@ -245,17 +264,47 @@ fn print_report(json: bool, report: &impl serde::Serialize, text_lines: impl FnO
     Ok(())
 }
 
-fn nccl_self_test(args: NcclArgs) -> Result<ExitCode> {
-    match nccl::device_all_reduce_self_test(args.count) {
-        Ok(report) => {
-            print_report(args.json, &report, || vec![format!("{report:#?}")])?;
-            Ok(if report.ok {
+fn nccl_bench(args: NcclArgs) -> Result<ExitCode> {
+    let cfg = NcclBenchConfig {
+        count: args.count,
+        dtypes: args.dtype,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    match nccl_bench::run(&cfg) {
+        Ok(rows) => {
+            for row in &rows {
+                print_report(args.json, row, || {
+                    vec![format!(
+                        "{:<5} {} elements ({} B), world 1: {:.1} us per all_reduce, {:.1} GB/s, {} ({} mismatches){}",
+                        row.dtype,
+                        row.count,
+                        row.bytes,
+                        row.avg_us,
+                        row.algbw_gbps,
+                        if row.ok { "ok" } else { "WRONG" },
+                        row.mismatches,
+                        match (&row.device_name, &row.nccl_version) {
+                            (Some(d), Some(v)) => format!("; {d}, NCCL {v}"),
+                            _ => String::new(),
+                        }
+                    )]
+                })?;
+            }
+            Ok(if rows.iter().all(|r| r.ok) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        Err(e) => bail!("NCCL self test: {e}"),
+        Err(e @ nccl::NcclError::Unavailable(_)) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "unavailable": e.to_string() }));
+            }
+            eprintln!("gantry: bench nccl: {e}");
+            Ok(ExitCode::from(NCCL_UNAVAILABLE_EXIT))
+        }
+        Err(e) => bail!("bench nccl: {e}"),
     }
 }
 
@@ -458,6 +507,7 @@ fn registry(args: RegistryBenchArgs) -> Result<ExitCode> {
     };
     let loader = Arc::new(crate::model_loader::TchLoader {
         slots: args.batch_slots,
+        device: gantry_train::tch::Device::Cpu,
     });
     let report = registry_service::run(&config, loader)?;
     print_report(args.json, report.to_json(), || report.text_lines())?;

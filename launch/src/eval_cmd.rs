@@ -7,6 +7,11 @@
 //! local rank processes (this binary, hidden `--rank-result`) join one tensor-parallel
 //! group, each downloading only its share of the weights (`…/tensors?tp=T&rank=R`), and rank
 //! 0's result is the answer (every TP rank computes the same loss).
+//!
+//! `--device cpu|cuda|auto` (default auto: CUDA where a GPU is visible, else the CPU) says
+//! where the forward passes run; on a GPU the weights live there and each pass runs under bf16
+//! autocast. It is resolved before anything is fetched, so `--device cuda` on a host without
+//! a GPU fails at once, naming the flag; with `--tp T` every rank takes its own GPU.
 
 use crate::local_ranks::{LocalRanks, RankCommand, StopPolicy, tail};
 use crate::model_loader::model_spec;
@@ -20,7 +25,9 @@ use gantry_collectives::{Fabric, FabricConfig};
 use gantry_registry::VersionRecord;
 use gantry_train::comm::{CommClock, TensorComm};
 use gantry_train::eval::{EvalConfig, EvalResult, evaluate};
+use gantry_train::infer::{DeviceChoice, ToolDevice, enter_tool_device, tool_device};
 use gantry_train::model::Model;
+use gantry_train::place::{GpuView, LocalRank};
 use gantry_train::weights;
 use serde_json::json;
 use std::ffi::OsString;
@@ -61,11 +68,42 @@ pub struct EvalArgs {
     /// Give up on rank processes after this long.
     #[arg(long, default_value_t = 1800.0)]
     timeout_s: f64,
+    /// Where to compute: cpu; cuda (bf16 autocast, weights on the GPU; an error where no GPU
+    /// is visible); auto: cuda where a GPU is visible, else cpu.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
     #[command(flatten)]
     client: RegistryClient,
     /// Internal: run as one TP rank and write the result into this directory.
     #[arg(long, hide = true, value_name = "DIR")]
     rank_result: Option<PathBuf>,
+}
+
+/// `--device` of `gantry eval` and `gantry registry serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> DeviceChoice {
+        match d {
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+            DeviceArg::Auto => DeviceChoice::Auto,
+        }
+    }
+}
+
+/// Local rank `rank` of the `tp` evaluation processes on this host (each its own GPU).
+fn eval_local_rank(rank: usize, tp: usize) -> LocalRank {
+    LocalRank {
+        rank,
+        ranks_on_host: tp.max(1),
+        view: GpuView::Shared,
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -103,7 +141,7 @@ fn config(args: &EvalArgs, v: &VersionRecord) -> EvalConfig {
     }
 }
 
-/// Evaluate as TP rank `rank` of `tp`, `comm` being the TP group (None at TP 1).
+/// Evaluate as TP rank `rank` of `tp` on `device`, `comm` being the TP group (None at TP 1).
 fn eval_rank(
     api: &Api,
     v: &VersionRecord,
@@ -111,6 +149,7 @@ fn eval_rank(
     tp: usize,
     rank: usize,
     comm: TensorComm,
+    device: &ToolDevice,
 ) -> anyhow::Result<EvalResult> {
     let spec = model_spec(v).map_err(anyhow::Error::msg)?;
     let path = format!(
@@ -123,7 +162,7 @@ fn eval_rank(
         let resp = api.send(api.request(reqwest::Method::GET, &path)).await?;
         Ok::<_, anyhow::Error>(resp.bytes().await?)
     })?;
-    let model = Model::whole_for_loading(&spec, tp, rank, gantry_train::tch::Device::Cpu)?;
+    let model = Model::whole_for_loading(&spec, tp, rank, device.device)?;
     weights::load_from_safetensors(&model, &bytes)
         .with_context(|| format!("{}@{} TP share {rank}/{tp}", v.model, v.version))?;
     tracing::info!(
@@ -131,10 +170,11 @@ fn eval_rank(
         tp,
         bytes = bytes.len(),
         seconds = started.elapsed().as_secs_f64(),
+        device = device.name(),
         "weights loaded"
     );
     let mut comm = comm;
-    Ok(evaluate(&model, &mut comm, cfg, gantry_train::tch::Device::Cpu)?)
+    Ok(evaluate(&model, &mut comm, cfg, device.device)?)
 }
 
 /// The model can read the dataset's tokens, and `tp` divides what TP splits.
@@ -160,25 +200,37 @@ fn check(v: &VersionRecord, data: &Path, tp: usize) -> anyhow::Result<()> {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    gantry_train::load_cuda_backend();
     let api = Api::new(&args.client)?;
     if let Some(dir) = &args.rank_result {
         return rank(&args, &api, dir);
     }
+    // The device first: `--device cuda` without a GPU (or with fewer GPUs than --tp) fails
+    // before anything is fetched.
+    let device = tool_device(args.device.into(), eval_local_rank(0, args.tp))?;
+    tracing::info!("evaluating on {}", device.describe());
     let v = resolve(&api, &args.model)?;
     check(&v, &args.data, args.tp)?;
     let cfg = config(&args, &v);
     cfg.validate()?;
     let started = Instant::now();
     let result = if args.tp == 1 {
-        eval_rank(&api, &v, &cfg, 1, 0, TensorComm::new(None, CommClock::default()))?
+        enter_tool_device(&device)?;
+        eval_rank(
+            &api,
+            &v,
+            &cfg,
+            1,
+            0,
+            TensorComm::new(None, CommClock::default()),
+            &device,
+        )?
     } else {
-        spawn_ranks(&args, &v, &cfg)?
+        spawn_ranks(&args, &v, &cfg, &device)?
     };
     let seconds = started.elapsed().as_secs_f64();
     let dataset = args.data.display().to_string();
     let note = format!(
-        "{}valid_fraction {} split_seed {}, {} samples",
+        "{}valid_fraction {} split_seed {}, {} samples, on {}",
         if args.note.is_empty() {
             String::new()
         } else {
@@ -186,7 +238,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         },
         cfg.valid_fraction,
         cfg.split_seed,
-        result.samples
+        result.samples,
+        device.name()
     );
     if !args.no_record {
         let body = json!({
@@ -202,13 +255,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         "model": v.model, "version": v.version, "step": v.step, "dataset": dataset, "tp": args.tp,
         "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
         "samples": result.samples, "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
-        "seconds": seconds, "recorded": !args.no_record,
+        "seconds": seconds, "recorded": !args.no_record, "device": device.name(),
+        "compute": gantry_train::autocast::compute_dtype(device.on_gpu()),
     });
     if args.client.json {
         println!("{report}");
     } else {
         println!(
-            "{}@{} (step {}): loss {:.6} nats/token, perplexity {:.4} over {} tokens ({} samples, tp {}) in {:.1} s{}",
+            "{}@{} (step {}): loss {:.6} nats/token, perplexity {:.4} over {} tokens ({} samples, tp {}) in {:.1} s on {}{}",
             v.model,
             v.version,
             v.step,
@@ -218,6 +272,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             result.samples,
             args.tp,
             seconds,
+            device.describe(),
             if args.no_record {
                 ""
             } else {
@@ -228,8 +283,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Spawn `tp` rank processes and return rank 0's result.
-fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::Result<EvalResult> {
+/// Spawn `tp` rank processes on `device`'s kind (each rank then takes its own GPU) and return
+/// rank 0's result.
+fn spawn_ranks(
+    args: &EvalArgs,
+    v: &VersionRecord,
+    cfg: &EvalConfig,
+    device: &ToolDevice,
+) -> anyhow::Result<EvalResult> {
     let dir = std::env::temp_dir().join(format!("gantry-eval-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut child: Vec<OsString> = vec![
@@ -248,6 +309,9 @@ fn spawn_ranks(args: &EvalArgs, v: &VersionRecord, cfg: &EvalConfig) -> anyhow::
         cfg.split_seed.to_string().into(),
         "--registry".into(),
         args.client.registry.clone().into(),
+        // What this process resolved (auto included), so every rank computes on the same kind.
+        "--device".into(),
+        if device.on_gpu() { "cuda" } else { "cpu" }.into(),
         "--rank-result".into(),
         dir.clone().into(),
     ];
@@ -339,10 +403,12 @@ fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
     )
     .context("joining the evaluation ranks")?;
     let (rank, tp) = (fabric.rank(), fabric.world_size());
+    let device = tool_device(args.device.into(), eval_local_rank(rank, tp)).with_context(|| format!("rank {rank}"))?;
+    enter_tool_device(&device)?;
     let v = resolve(api, &args.model)?;
     let cfg = config(args, &v);
     let comm = TensorComm::new(Some(fabric.world()), CommClock::default());
-    let result = eval_rank(api, &v, &cfg, tp, rank, comm).with_context(|| format!("rank {rank}"))?;
+    let result = eval_rank(api, &v, &cfg, tp, rank, comm, &device).with_context(|| format!("rank {rank}"))?;
     let path = dir.join(format!("result-{rank}.json"));
     std::fs::write(&path, serde_json::to_vec(&result)?).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(ExitCode::SUCCESS)

@@ -10,9 +10,11 @@ use gantry_train::model::Model;
 use gantry_train::spec::ModelSpec;
 use gantry_train::weights;
 
-/// Loads versions on the CPU with `slots` sequences per batch.
+/// Loads versions on `device` (weights and KV cache there; bf16 autocast and a bf16 cache on
+/// a GPU) with `slots` sequences per batch.
 pub struct TchLoader {
     pub slots: usize,
+    pub device: gantry_train::tch::Device,
 }
 
 struct Served(KvModel);
@@ -62,7 +64,7 @@ impl ModelLoader for TchLoader {
         let ckpt = Store::open(&v.checkpoint_url, s3)
             .and_then(|store| Checkpoint::open(&store, Which::Step(v.step)))
             .map_err(|e| e.to_string())?;
-        let model = Model::whole_for_loading(&spec, 1, 0, gantry_train::tch::Device::Cpu).map_err(|e| e.to_string())?;
+        let model = Model::whole_for_loading(&spec, 1, 0, self.device).map_err(|e| e.to_string())?;
         weights::load_from_checkpoint(&model, &ckpt).map_err(|e| e.to_string())?;
         let codec = weights::tokenizer_from_checkpoint(&ckpt)
             .map_err(|e| e.to_string())?
@@ -70,7 +72,7 @@ impl ModelLoader for TchLoader {
             .transpose()
             .map_err(|e| format!("the checkpoint's tokenizer: {e}"))?;
         let eod = codec.as_ref().and_then(|c| c.eod());
-        let kv = KvModel::new(model, self.slots, gantry_train::tch::Device::Cpu).map_err(|e| e.to_string())?;
+        let kv = KvModel::new(model, self.slots, self.device).map_err(|e| e.to_string())?;
         Ok(LoadedModel {
             bytes: kv.bytes(),
             vocab_size: spec.vocab_size,
@@ -83,6 +85,7 @@ impl ModelLoader for TchLoader {
     fn estimate_bytes(&self, v: &VersionRecord) -> Option<u64> {
         let spec = model_spec(v).ok()?;
         let cache = 2 * spec.n_layers * self.slots * spec.seq_len * spec.d_model;
-        Some((spec.num_params() + cache as u64) * 4)
+        let cache_elt = gantry_train::infer::cache_kind(self.device).elt_size_in_bytes();
+        Some(spec.num_params() * 4 + (cache * cache_elt) as u64)
     }
 }

@@ -8,6 +8,8 @@ use gantry_registry::CheckpointRoot;
 use gantry_registry::http::conn::ConnectionLimits;
 use gantry_registry::http::{ServeConfig, parse_token_file, serve};
 use gantry_registry::serving::ModelLoader;
+use gantry_train::infer::{enter_tool_device, tool_device};
+use gantry_train::place::LocalRank;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,6 +60,10 @@ pub struct ServeArgs {
     /// Do not load models: `generate` answers 501.
     #[arg(long)]
     no_generate: bool,
+    /// Where generation computes: cpu; cuda (weights and KV caches on the GPU, bf16
+    /// autocast; an error where no GPU is visible); auto: cuda where a GPU is visible, else cpu.
+    #[arg(long, value_enum, default_value_t = crate::eval_cmd::DeviceArg::Auto)]
+    device: crate::eval_cmd::DeviceArg,
     /// Accept registrations only from under these locations (comma-separated directories,
     /// file:// or s3://bucket/prefix); anything else is refused with 403, without saying
     /// whether it exists. Without it, any location the server can read is accepted.
@@ -113,18 +119,27 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
     if args.batch_slots == 0 {
         anyhow::bail!("--batch-slots must be at least 1");
     }
-    let generation: Option<Arc<dyn ModelLoader>> = if args.no_generate {
+    // Where generation computes, resolved before anything is bound: `--device cuda` without a
+    // GPU is refused here, naming the flag.
+    let device = if args.no_generate {
         None
     } else {
-        // As every gantry process that runs libtorch: CUDA becomes visible if this host has
-        // it (serving computes on the CPU today; a failed load is logged at debug level).
-        gantry_train::load_cuda_backend();
-        if args.threads > 0 {
-            gantry_train::tch::set_num_threads(args.threads as i32);
+        let device = tool_device(args.device.into(), LocalRank::alone())?;
+        enter_tool_device(&device)?;
+        eprintln!("gantry registry serve: generation on {}", device.describe());
+        Some(device)
+    };
+    let generation: Option<Arc<dyn ModelLoader>> = match &device {
+        None => None,
+        Some(device) => {
+            if args.threads > 0 {
+                gantry_train::tch::set_num_threads(args.threads as i32);
+            }
+            Some(Arc::new(TchLoader {
+                slots: args.batch_slots,
+                device: device.device,
+            }))
         }
-        Some(Arc::new(TchLoader {
-            slots: args.batch_slots,
-        }))
     };
     let config = ServeConfig { generation, ..config };
     // Refused before anything is bound or announced.
@@ -138,7 +153,11 @@ pub fn run(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         let listener = crate::daemons::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
         if args.json {
-            println!("{}", serde_json::json!({"address": addr.to_string(), "db": args.db}));
+            let device = device.as_ref().map(|d| d.name());
+            println!(
+                "{}",
+                serde_json::json!({"address": addr.to_string(), "db": args.db, "device": device})
+            );
         } else {
             println!("listening on {addr}");
         }

@@ -11,12 +11,155 @@
 //!
 //! Embedding and attention are written here (they depend on positions); the MLP and head
 //! units are training's own code ([`Model::forward_unit`]), so the two paths cannot drift.
+//!
+//! On a GPU the weights and the cache live on the device and every pass runs under bf16
+//! CUDA autocast ([`crate::autocast`]), as training's forward does; the cache holds bf16 there
+//! (what autocast's projections produce; half the memory), f32 on the CPU. Where evaluation
+//! and serving compute is [`tool_device`]'s answer to `--device cpu|cuda|auto`.
 
+use crate::autocast::with_bf16_autocast;
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
 use crate::model::{Attention, MicroBatch, Model, Unit, rotate_half};
+use crate::place::{LocalRank, cuda_device_for, set_current_cuda_device};
 use crate::tensor_parallel::Fwd;
 use tch::{Device, IndexOp, Kind, Tensor};
+
+/// `--device` of `gantry eval` and `gantry registry serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    /// CUDA where a GPU is visible (after loading libtorch's CUDA library), else the CPU.
+    Auto,
+}
+
+impl DeviceChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DeviceChoice, String> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda),
+            "auto" => Ok(DeviceChoice::Auto),
+            _ => Err(format!("unknown device {s:?} (cpu, cuda or auto)")),
+        }
+    }
+}
+
+/// What [`tool_device`] chose and why, for the tool's log and report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToolDevice {
+    pub device: Device,
+    pub choice: DeviceChoice,
+}
+
+impl ToolDevice {
+    pub fn on_gpu(&self) -> bool {
+        self.device != Device::Cpu
+    }
+
+    /// `cpu` or `cuda:N`, as reports print it.
+    pub fn name(&self) -> String {
+        match self.device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        }
+    }
+
+    /// One line for the log: the device, what computes there and why it was chosen.
+    pub fn describe(&self) -> String {
+        let why = match (self.choice, self.on_gpu()) {
+            (DeviceChoice::Auto, true) => " (--device auto: a CUDA device is visible)",
+            (DeviceChoice::Auto, false) => " (--device auto: no CUDA device is visible)",
+            _ => "",
+        };
+        format!(
+            "{} in {}{why}",
+            self.name(),
+            crate::autocast::compute_dtype(self.on_gpu())
+        )
+    }
+}
+
+/// The device `--device choice` names for a process at `local` on its host
+/// ([`LocalRank::alone`] for a single process): `cpu`; `cuda`, this process's own GPU
+/// ([`cuda_device_for`]), an error naming the flag where none is visible; `auto`, CUDA where a
+/// GPU is visible, else the CPU. Loads libtorch's CUDA library first (where that fails with
+/// `cuda`, the loader's reason is logged). Call [`enter_tool_device`] on the thread that
+/// computes.
+pub fn tool_device(choice: DeviceChoice, local: LocalRank) -> Result<ToolDevice, TrainError> {
+    let cuda = |visible: usize| -> Result<ToolDevice, TrainError> {
+        let index =
+            cuda_device_for(local, visible).map_err(|e| TrainError::Device(format!("--device {choice}: {e}")))?;
+        Ok(ToolDevice {
+            device: Device::Cuda(index),
+            choice,
+        })
+    };
+    let cpu = ToolDevice {
+        device: Device::Cpu,
+        choice,
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(cpu),
+        DeviceChoice::Cuda => {
+            if !(crate::load_cuda_backend_for(true) && tch::Cuda::is_available()) {
+                return Err(TrainError::Device(
+                    "--device cuda: no CUDA device is visible (libtorch_cuda.so did not load or this host \
+                     has no GPU; check CUDA_VISIBLE_DEVICES); use --device cpu, or --device auto to fall \
+                     back to the CPU"
+                        .into(),
+                ));
+            }
+            cuda(visible_cuda_devices())
+        }
+        DeviceChoice::Auto => {
+            if crate::load_cuda_backend() && tch::Cuda::is_available() {
+                cuda(visible_cuda_devices())
+            } else {
+                Ok(cpu)
+            }
+        }
+    }
+}
+
+fn visible_cuda_devices() -> usize {
+    usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+}
+
+/// Make the chosen GPU this thread's current CUDA device (nothing to do on the CPU).
+pub fn enter_tool_device(d: &ToolDevice) -> Result<(), TrainError> {
+    match d.device {
+        Device::Cuda(index) => set_current_cuda_device(index),
+        _ => Ok(()),
+    }
+}
+
+/// The dtype of the KV cache on `device`: bf16 on a GPU (autocast's projections are bf16
+/// there), f32 on the CPU.
+pub fn cache_kind(device: Device) -> Kind {
+    if device == Device::Cpu {
+        Kind::Float
+    } else {
+        Kind::BFloat16
+    }
+}
 
 pub struct KvModel {
     pub model: Model,
@@ -32,8 +175,14 @@ pub type Logits = Vec<f32>;
 
 impl KvModel {
     /// A cache of `slots` sequences of up to the model's `seq_len` tokens. `model` must be a
-    /// whole model (one stage, TP 1) with its weights loaded.
+    /// whole model (one stage, TP 1) with its weights loaded, on `device`; the cache is made
+    /// there, in [`cache_kind`]`(device)`.
     pub fn new(model: Model, slots: usize, device: Device) -> Result<KvModel, TrainError> {
+        KvModel::with_cache_kind(model, slots, device, cache_kind(device))
+    }
+
+    /// [`KvModel::new`] with a cache of `kind` (the tests run a bf16 cache on the CPU).
+    fn with_cache_kind(model: Model, slots: usize, device: Device, kind: Kind) -> Result<KvModel, TrainError> {
         if !(model.plan.first && model.plan.last) {
             return Err(TrainError::Internal(
                 "generation needs the whole model on one process".into(),
@@ -53,8 +202,8 @@ impl KvModel {
                 }
                 let shape = [slots as i64, a.heads, t, a.head_dim];
                 Ok((
-                    Tensor::zeros(shape, (Kind::Float, device)),
-                    Tensor::zeros(shape, (Kind::Float, device)),
+                    Tensor::zeros(shape, (kind, device)),
+                    Tensor::zeros(shape, (kind, device)),
                 ))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -78,10 +227,18 @@ impl KvModel {
         self.model.spec.vocab_size
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// Bytes of weights and cache.
     pub fn bytes(&self) -> u64 {
         let weights: usize = self.model.params.iter().map(|(_, p)| p.numel() * 4).sum();
-        let cache: usize = self.cache.iter().map(|(k, v)| (k.numel() + v.numel()) * 4).sum();
+        let cache: usize = self
+            .cache
+            .iter()
+            .map(|(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes())
+            .sum();
         (weights + cache) as u64
     }
 
@@ -100,9 +257,9 @@ impl KvModel {
         let n = ids.len() as i64;
         let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
         let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
-        let logits = tch::no_grad(|| self.run(&tokens, &positions, Step::Prefill { slot }))?;
+        let logits = self.forward(&tokens, &positions, Step::Prefill { slot })?;
         self.lens[slot] = tokens.size()[1] as usize;
-        Ok(Vec::<f32>::try_from(logits.view([-1]).to_device(Device::Cpu))?)
+        Ok(Vec::<f32>::try_from(host_f32(&logits))?)
     }
 
     /// One more token for each `(slot, token)`; returns each slot's next-token logits in
@@ -128,11 +285,11 @@ impl KvModel {
         let positions = Tensor::from_slice(&pos).view([b, 1]).to_device(self.device);
         let slot_ids = Tensor::from_slice(&slots).to_device(self.device);
         let len = pos.iter().max().copied().unwrap_or(0) + 1;
-        let logits = tch::no_grad(|| self.run(&tokens, &positions, Step::Decode { slots: &slot_ids, len }))?;
+        let logits = self.forward(&tokens, &positions, Step::Decode { slots: &slot_ids, len })?;
         for &(s, _) in batch {
             self.lens[s] += 1;
         }
-        let flat = Vec::<f32>::try_from(logits.contiguous().view([-1]).to_device(Device::Cpu))?;
+        let flat = Vec::<f32>::try_from(host_f32(&logits))?;
         Ok(flat.chunks(self.vocab_size()).map(<[f32]>::to_vec).collect())
     }
 
@@ -141,6 +298,13 @@ impl KvModel {
         if let Some(l) = self.lens.get_mut(slot) {
             *l = 0;
         }
+    }
+
+    /// [`KvModel::run`] without gradients, under bf16 CUDA autocast on a GPU (entered here, on
+    /// whichever thread serves the call: the setting is per thread).
+    fn forward(&mut self, tokens: &Tensor, positions: &Tensor, step: Step<'_>) -> Result<Tensor, TrainError> {
+        let on_gpu = self.device != Device::Cpu;
+        with_bf16_autocast(on_gpu, || tch::no_grad(|| self.run(tokens, positions, step)))?
     }
 
     /// Tokens `[B, n]` at `positions` `[B, n]` through every unit; the last position's logits.
@@ -183,6 +347,15 @@ impl KvModel {
         }
         x.ok_or_else(|| TrainError::Internal("a model without units".into()))
     }
+}
+
+/// Logits (any dtype, any device) as one flat f32 row on the host.
+fn host_f32(logits: &Tensor) -> Tensor {
+    logits
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view([-1])
+        .to_device(Device::Cpu)
 }
 
 enum Step<'a> {
@@ -232,6 +405,7 @@ fn attend(
     let y = match step {
         Step::Prefill { slot } => {
             let s = *slot as i64;
+            // copy_ converts to the cache's dtype.
             cache_k.i((s..s + 1, .., 0..n, ..)).copy_(&k);
             cache_v.i((s..s + 1, .., 0..n, ..)).copy_(&v);
             Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
@@ -240,10 +414,13 @@ fn attend(
             let len = *len;
             let pos = positions.view([-1]);
             let index = [Some(slots.shallow_clone()), None, Some(pos.shallow_clone())];
-            let _ = cache_k.index_put_(&index, &k.squeeze_dim(2), false);
-            let _ = cache_v.index_put_(&index, &v.squeeze_dim(2), false);
-            let keys = cache_k.index_select(0, slots).narrow(2, 0, len);
-            let values = cache_v.index_select(0, slots).narrow(2, 0, len);
+            // index_put_ needs the cache's dtype (k and v are bf16 under autocast, or f32 after
+            // a rotary embedding; the cache is bf16 on a GPU).
+            let _ = cache_k.index_put_(&index, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
+            let _ = cache_v.index_put_(&index, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
+            // Read back in the query's dtype (autocast casts all three to bf16 on a GPU anyway).
+            let keys = cache_k.index_select(0, slots).narrow(2, 0, len).to_kind(q.kind());
+            let values = cache_v.index_select(0, slots).narrow(2, 0, len).to_kind(q.kind());
             let mask = Tensor::arange(len, (Kind::Int64, x.device()))
                 .view([1, len])
                 .le_tensor(&pos.view([b, 1]))
@@ -321,6 +498,64 @@ mod tests {
             let again = kv.prefill(2, &b[..3]).unwrap();
             assert!(max_diff(&again, &full_forward(&reference, &b[..3])) < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_bf16_cache_follows_the_f32_one() {
+        // What a GPU runs: the cache in bf16, written from f32 (or bf16) keys and values and
+        // read back in the query's dtype. On the CPU (no autocast) only the cache rounds.
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let mut exact = KvModel::new(tiny(arch), 2, Device::Cpu).unwrap();
+            let mut half = KvModel::with_cache_kind(tiny(arch), 2, Device::Cpu, Kind::BFloat16).unwrap();
+            assert_eq!(half.cache[0].0.kind(), Kind::BFloat16);
+            assert!(half.bytes() < exact.bytes());
+            let a: Vec<u32> = vec![5, 17, 3, 60, 9, 41, 2, 33];
+            let (le, lh) = (exact.prefill(1, &a[..3]).unwrap(), half.prefill(1, &a[..3]).unwrap());
+            assert!(
+                max_diff(&le, &lh) < 1e-5,
+                "{arch:?} prefill attends over the fresh keys"
+            );
+            for (step, &t) in a[3..].iter().enumerate() {
+                let (e, h) = (exact.decode(&[(1, t)]).unwrap(), half.decode(&[(1, t)]).unwrap());
+                let d = max_diff(&e[0], &h[0]);
+                assert!(d < 5e-2, "{arch:?} step {step}: {d}");
+            }
+        }
+        assert_eq!(cache_kind(Device::Cpu), Kind::Float);
+        assert_eq!(cache_kind(Device::Cuda(0)), Kind::BFloat16);
+    }
+
+    #[test]
+    fn the_device_flag_on_a_host_without_a_gpu() {
+        for (text, choice) in [
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda),
+            ("auto", DeviceChoice::Auto),
+        ] {
+            assert_eq!(text.parse::<DeviceChoice>(), Ok(choice));
+            assert_eq!(choice.to_string(), text);
+        }
+        assert!("gpu".parse::<DeviceChoice>().unwrap_err().contains("cpu, cuda or auto"));
+        let alone = LocalRank::alone();
+        let cpu = tool_device(DeviceChoice::Cpu, alone).unwrap();
+        assert_eq!((cpu.device, cpu.name()), (Device::Cpu, "cpu".to_string()));
+        assert_eq!(cpu.describe(), "cpu in f32");
+        enter_tool_device(&cpu).unwrap();
+        if tch::Cuda::is_available() {
+            // The GPU host: auto and cuda both pick this process's GPU.
+            let auto = tool_device(DeviceChoice::Auto, alone).unwrap();
+            assert_eq!(auto.device, Device::Cuda(0));
+            assert!(auto.describe().contains("bf16 autocast"), "{}", auto.describe());
+            return;
+        }
+        let auto = tool_device(DeviceChoice::Auto, alone).unwrap();
+        assert_eq!(auto.device, Device::Cpu);
+        assert_eq!(auto.describe(), "cpu in f32 (--device auto: no CUDA device is visible)");
+        let e = tool_device(DeviceChoice::Cuda, alone).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--device cuda: no CUDA device is visible") && e.contains("--device cpu"),
+            "{e}"
+        );
     }
 
     #[test]
