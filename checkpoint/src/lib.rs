@@ -16,7 +16,7 @@
 //!   overlaps into place ([`boxes`]); from a local disk (`local_read.rs`) entries that land
 //!   in their request as one run are read straight there, on one thread per core. Any change
 //!   of TP, PP, DP or ZeRO-1 is a different set of requested rectangles.
-//! - **Where** ([`location`]): a checkpoint URL parsed once into a [`CheckpointLocation`]
+//! - **Where** ([`location`]): a checkpoint URL parsed once into a [`StorageLocation`]
 //!   (a local path or `file://…`, or `s3://bucket[/prefix]`; any other scheme is refused by
 //!   name), made absolute for specs, resolved for reading (must exist) or for writing
 //!   (created). Every crate that accepts a checkpoint URL parses it here.
@@ -44,7 +44,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_share};
-pub use location::{CheckpointLocation, LocationError};
+pub use location::{LocationError, Role, StorageLocation};
 pub use reader::{Checkpoint, SkippedStep, Which, committed_steps};
 pub use retention::Retention;
 pub use store::{S3Options, Store, StoreConfig};

@@ -1,11 +1,11 @@
-//! One blocking API over `object_store` for a [`CheckpointLocation`] (a local directory, a
+//! One blocking API over `object_store` for a [`StorageLocation`] (a local directory, a
 //! `file://` URL or `s3://bucket/prefix`), with keys relative to the checkpoint root. The
 //! store owns a small tokio runtime so callers (training threads, CLI commands) stay
 //! synchronous; concurrency lives inside: many objects at once, large objects as parallel
 //! multipart uploads.
 
 use crate::error::CheckpointError;
-use crate::location::CheckpointLocation;
+use crate::location::StorageLocation;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
@@ -200,12 +200,12 @@ impl Store {
     }
 
     pub fn open_with(url: &str, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
-        Store::open_location(&CheckpointLocation::parse(url)?, s3, config)
+        Store::open_location(&StorageLocation::parse(url)?, s3, config)
     }
 
     /// Open a location for writing: a local directory is created if missing.
     pub fn open_location(
-        location: &CheckpointLocation,
+        location: &StorageLocation,
         s3: &S3Options,
         config: StoreConfig,
     ) -> Result<Store, CheckpointError> {
@@ -217,12 +217,12 @@ impl Store {
     /// clients name.
     ///
     /// [`LocationError::is_absent`]: crate::location::LocationError::is_absent
-    pub fn open_existing(location: &CheckpointLocation, s3: &S3Options) -> Result<Store, CheckpointError> {
+    pub fn open_existing(location: &StorageLocation, s3: &S3Options) -> Result<Store, CheckpointError> {
         Store::connect(location.for_reading()?, s3, StoreConfig::default())
     }
 
     /// `resolved`: a local location already canonical.
-    fn connect(resolved: CheckpointLocation, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
+    fn connect(resolved: StorageLocation, s3: &S3Options, config: StoreConfig) -> Result<Store, CheckpointError> {
         let shown = resolved.to_string();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -231,12 +231,12 @@ impl Store {
             .build()
             .map_err(|e| bad(&shown, format!("cannot start I/O runtime: {e}")))?;
         let (inner, root, local): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match resolved {
-            CheckpointLocation::S3 { bucket, prefix } => {
+            StorageLocation::S3 { bucket, prefix } => {
                 let store = s3_client(&shown, &bucket, s3)?;
                 let root = Path::parse(&prefix).map_err(|e| bad(&shown, e.to_string()))?;
                 (Arc::new(store), root, None)
             }
-            CheckpointLocation::Local(dir) => {
+            StorageLocation::Local(dir) => {
                 // fsync: a commit must only ever name chunks that survive a power loss too.
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| bad(&shown, e.to_string()))?

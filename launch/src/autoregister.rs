@@ -6,7 +6,7 @@
 //! checkpoint stays and `gantry models register` can register it later).
 
 use crate::models::{Api, seg};
-use gantry_checkpoint::CheckpointLocation;
+use gantry_checkpoint::StorageLocation;
 use gantry_train::spec::RegistrySpec;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -37,7 +37,7 @@ impl AutoRegister {
         // A local root as the registry must see it: canonical once it exists (the spec may
         // name one that training has not created yet). A bad location is left for the store
         // to refuse by name.
-        let checkpoint = match CheckpointLocation::parse(dir) {
+        let checkpoint = match StorageLocation::parse(dir) {
             Ok(location) => location.for_reading().unwrap_or(location).to_string(),
             Err(_) => dir.clone(),
         };

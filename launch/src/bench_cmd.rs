@@ -484,7 +484,7 @@ fn registry(args: RegistryBenchArgs) -> Result<ExitCode> {
     gantry_train::load_cuda_backend();
     let checkpoint = match &args.checkpoint {
         Some(c) => Some(
-            gantry_checkpoint::CheckpointLocation::parse(c)
+            gantry_checkpoint::StorageLocation::parse(c)
                 .and_then(|location| location.for_reading())
                 .with_context(|| format!("no checkpoint at {c}"))?
                 .to_string(),

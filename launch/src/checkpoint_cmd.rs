@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gantry_checkpoint::export::write_safetensors;
 use gantry_checkpoint::{
-    Checkpoint, CheckpointLocation, DType, S3Options, SliceSpec, Store, StoreConfig, Which, committed_steps,
+    Checkpoint, DType, S3Options, SliceSpec, StorageLocation, Store, StoreConfig, Which, committed_steps,
 };
 use gantry_train::hf::{gpt2_sources, to_gpt2};
 use gantry_train::spec::ModelSpec;
@@ -50,7 +50,7 @@ impl S3Args {
 pub enum CheckpointCommand {
     /// Committed checkpoints under URL (a directory, file:///… or s3://bucket/prefix).
     List {
-        url: CheckpointLocation,
+        url: StorageLocation,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -86,7 +86,7 @@ pub enum CheckpointCommand {
 #[derive(Args)]
 pub struct Target {
     /// A directory, file:///… or s3://bucket/prefix.
-    url: CheckpointLocation,
+    url: StorageLocation,
     /// `latest` or a step number.
     #[arg(long, default_value = "latest")]
     step: String,
@@ -114,7 +114,7 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn list(url: &CheckpointLocation, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
+fn list(url: &StorageLocation, json: bool, s3: &S3Args) -> anyhow::Result<ExitCode> {
     let store = Store::open_location(url, &s3.options(), StoreConfig::default())?;
     let mut rows = Vec::new();
     for step in committed_steps(&store)? {

@@ -18,6 +18,7 @@ use crate::model_loader::model_spec;
 use crate::models::{Api, RegistryClient, seg};
 use anyhow::{Context, bail};
 use clap::Args;
+use gantry_checkpoint::StorageLocation;
 use gantry_collectives::fabric::Bootstrap;
 use gantry_collectives::rank_env::{HostCores, OmpWait, RankProgram, thread_defaults};
 use gantry_collectives::spawn::HostedStore;
@@ -40,9 +41,10 @@ pub struct EvalArgs {
     /// The model: NAME (its latest version), NAME@VERSION or NAME@ALIAS.
     #[arg(long)]
     model: String,
-    /// Token dataset directory (from `gantry data prepare` or `gantry data synth`).
-    #[arg(long, value_name = "DIR")]
-    data: PathBuf,
+    /// Token dataset (from `gantry data prepare` or `gantry data synth`): a directory, file://…
+    /// or s3://bucket/prefix (fetched into the host's data cache, $GANTRY_DATA_CACHE).
+    #[arg(long, value_name = "DIR|URL", value_parser = crate::data::parse_dataset_location)]
+    data: StorageLocation,
     /// Tensor-parallel degree: T local rank processes, each loading only its share.
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -123,10 +125,11 @@ fn resolve(api: &Api, model: &str) -> anyhow::Result<VersionRecord> {
 }
 
 /// The evaluation settings: flags, else what the training run used, else defaults.
-fn config(args: &EvalArgs, v: &VersionRecord) -> EvalConfig {
+/// `data` is the dataset's directory on this host.
+fn config(args: &EvalArgs, v: &VersionRecord, data: PathBuf) -> EvalConfig {
     let defaults = EvalConfig::default();
     EvalConfig {
-        data: args.data.clone(),
+        data,
         valid_fraction: args
             .valid_fraction
             .or_else(|| v.data["valid_fraction"].as_f64())
@@ -209,8 +212,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let device = tool_device(args.device.into(), eval_local_rank(0, args.tp))?;
     tracing::info!("evaluating on {}", device.describe());
     let v = resolve(&api, &args.model)?;
-    check(&v, &args.data, args.tp)?;
-    let cfg = config(&args, &v);
+    let data = crate::data::dataset_on_host(&args.data, false)?;
+    check(&v, &data, args.tp)?;
+    let cfg = config(&args, &v, data);
     cfg.validate()?;
     let started = Instant::now();
     let result = if args.tp == 1 {
@@ -228,7 +232,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         spawn_ranks(&args, &v, &cfg, &device)?
     };
     let seconds = started.elapsed().as_secs_f64();
-    let dataset = args.data.display().to_string();
+    let dataset = args.data.to_string();
     let note = format!(
         "{}valid_fraction {} split_seed {}, {} samples, on {}",
         if args.note.is_empty() {
@@ -406,7 +410,9 @@ fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
     let device = tool_device(args.device.into(), eval_local_rank(rank, tp)).with_context(|| format!("rank {rank}"))?;
     enter_tool_device(&device)?;
     let v = resolve(api, &args.model)?;
-    let cfg = config(args, &v);
+    // The launching eval resolved the dataset and passes its local directory down.
+    let data = crate::data::dataset_on_host(&args.data, true)?;
+    let cfg = config(args, &v, data);
     let comm = TensorComm::new(Some(fabric.world()), CommClock::default());
     let result = eval_rank(api, &v, &cfg, tp, rank, comm, &device).with_context(|| format!("rank {rank}"))?;
     let path = dir.join(format!("result-{rank}.json"));

@@ -4,7 +4,6 @@
 //! submit` and Slurm tasks all resolve through here, so a spec means the same everywhere.
 
 use anyhow::Context;
-use gantry_sharding::manifest::Manifest;
 use gantry_train::JobSpec;
 use std::path::Path;
 
@@ -20,17 +19,21 @@ pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: u
     // A job file for `gantry submit` may carry a [cluster] section; it means nothing here.
     let text = without_cluster_section(&text, &path.display().to_string())?;
     let mut spec = JobSpec::parse(&text, &path.display().to_string(), overrides)?;
-    let manifest = Manifest::read(&spec.data.path).with_context(|| {
+    // Only the manifest: an s3:// dataset is read from S3 here (`gantry submit` checks a spec
+    // without fetching its data), fetched by the hosts that train on it.
+    let manifest = crate::data::read_manifest_at(&spec.data.path).with_context(|| {
         format!(
-            "data.path = {}: not a gantry dataset (make one with `gantry data synth` or `gantry data prepare`)",
-            spec.data.path.display()
+            "data.path = {}: not a gantry dataset (make one with `gantry data synth` or `gantry data prepare`, \
+             or copy one there with `gantry data upload`)",
+            spec.data.path
         )
     })?;
     if spec.model.vocab_size == 0 {
         let m = spec.model.vocab_multiple.max(1);
         spec.model.vocab_size = (manifest.vocab_size as usize).div_ceil(m) * m;
     } else {
-        gantry_sharding::vocab::check_declared(&manifest, &spec.data.path, spec.model.vocab_size as u64)
+        let shown = std::path::PathBuf::from(spec.data.path.to_string());
+        gantry_sharding::vocab::check_declared(&manifest, &shown, spec.model.vocab_size as u64)
             .context("job spec: `model.vocab_size`")?;
     }
     if spec.train.threads == 0 {
@@ -42,11 +45,11 @@ pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: u
             .file_stem()
             .map_or("job".into(), |s| s.to_string_lossy().into_owned());
     }
-    spec.data.path = std::path::absolute(&spec.data.path).unwrap_or(spec.data.path.clone());
+    spec.data.path = spec.data.path.absolute();
     // Ranks may run elsewhere: a relative checkpoint directory means this one's.
     if !spec.checkpoint.dir.is_empty() {
         let location =
-            gantry_checkpoint::CheckpointLocation::parse(&spec.checkpoint.dir).context("job spec: `checkpoint.dir`")?;
+            gantry_checkpoint::StorageLocation::parse(&spec.checkpoint.dir).context("job spec: `checkpoint.dir`")?;
         spec.checkpoint.dir = location.absolute().to_string();
     }
     spec.validate(world)?;

@@ -69,7 +69,7 @@ enum Command {
     Coordinator(daemons::CoordinatorArgs),
     /// Stop placing new ranks on a worker (running ranks continue).
     Cordon(cluster::ModeArgs),
-    /// Token datasets: prepare (tokenize text), synthesize, inspect, benchmark the reader.
+    /// Token datasets: prepare (tokenize text), synthesize, upload to S3, inspect, benchmark the reader.
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Drain a worker: no new ranks; shown as drained once its ranks are gone.

@@ -138,6 +138,9 @@ fn run_rank(
         ..gantry_train::run_context::RunContext::from_vars(|k| std::env::var_os(k))
             .with_context(|| format!("rank {}", boot.rank))?
     };
+    // The dataset on this host: an s3:// one is fetched into the data cache (each file once
+    // per host: the other ranks wait for it and reuse the checked copy).
+    let spec = &crate::data::with_local_dataset(spec, &context).with_context(|| format!("rank {}", boot.rank))?;
     let cores = gantry_collectives::HostCores::measure().cores;
     let mut config = FabricConfig {
         wait: WaitPolicy::for_host(boot.local_world, cores),
@@ -195,8 +198,11 @@ fn run_rank(
     if !place.reports() {
         return Ok(None);
     }
-    summary.entropy_floor = Manifest::read(&spec.data.path)
+    summary.entropy_floor = spec
+        .data
+        .dir()
         .ok()
+        .and_then(|dir| Manifest::read(dir).ok())
         .and_then(|m| m.entropy_nats_per_token);
     write_atomically(&run_dir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(Some(summary))

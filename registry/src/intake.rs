@@ -1,4 +1,4 @@
-//! From a checkpoint URL to a version record: parse it as a `CheckpointLocation`, open the
+//! From a checkpoint URL to a version record: parse it as a `StorageLocation`, open the
 //! committed checkpoint through `gantry-checkpoint` for reading (nothing is created), verify
 //! every chunk object (size and xxh3 of every entry), and copy the manifest's lineage into a
 //! [`VersionRecord`]. Nothing here touches the database.
@@ -6,7 +6,7 @@
 use crate::error::RegistryError;
 use crate::model::VersionRecord;
 use gantry_checkpoint::format::xxh3_hex;
-use gantry_checkpoint::{Checkpoint, CheckpointError, CheckpointLocation, S3Options, Store, Which};
+use gantry_checkpoint::{Checkpoint, CheckpointError, S3Options, StorageLocation, Store, Which};
 use std::path::{Path, PathBuf};
 
 /// JSON with object keys sorted at every level, whatever map order serde_json was built with.
@@ -49,7 +49,7 @@ pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Res
         message,
     };
     let nothing = || refuse("no committed gantry checkpoint there (nothing at that path, or not a checkpoint)".into());
-    let location = CheckpointLocation::parse(url).map_err(|e| refuse(e.to_string()))?;
+    let location = StorageLocation::parse(url).map_err(|e| refuse(e.to_string()))?;
     // Opened for reading: a registry never creates a missing local directory.
     let store = Store::open_existing(&location, s3).map_err(|e| match e {
         CheckpointError::Location(l) if l.is_absent() => nothing(),
@@ -67,18 +67,18 @@ pub(crate) fn open_verified(url: &str, step: Option<u64>, s3: &S3Options) -> Res
 /// Where a registry accepts checkpoints from (`--checkpoint-roots`): a location whose local
 /// directory is canonical (symlinks resolved at startup, so a symlink cannot later widen it).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckpointRoot(CheckpointLocation);
+pub struct CheckpointRoot(StorageLocation);
 
 impl CheckpointRoot {
     /// Parse one root. A local root must be an existing directory.
     pub fn parse(root: &str) -> Result<CheckpointRoot, String> {
-        CheckpointLocation::parse(root)
+        StorageLocation::parse(root)
             .and_then(|location| location.for_reading())
             .map(CheckpointRoot)
             .map_err(|e| format!("checkpoint root: {e}"))
     }
 
-    pub fn location(&self) -> &CheckpointLocation {
+    pub fn location(&self) -> &StorageLocation {
         &self.0
     }
 }
@@ -88,7 +88,7 @@ impl CheckpointRoot {
 /// neither `root/../etc` nor a symlink inside a root leads out of it.
 pub fn within_roots(url: &str, roots: &[CheckpointRoot]) -> bool {
     // Parsing already refuses other schemes and `.` / `..` in S3 keys.
-    let Ok(location) = CheckpointLocation::parse(url) else {
+    let Ok(location) = StorageLocation::parse(url) else {
         return false;
     };
     let segments = |prefix: &str| -> Vec<String> {
@@ -99,20 +99,20 @@ pub fn within_roots(url: &str, roots: &[CheckpointRoot]) -> bool {
             .collect()
     };
     let path = match location.absolute() {
-        CheckpointLocation::S3 { bucket, prefix } => {
+        StorageLocation::S3 { bucket, prefix } => {
             let parts = segments(&prefix);
             return roots.iter().any(|r| match r.location() {
-                CheckpointLocation::S3 { bucket: b, prefix } => *b == bucket && parts.starts_with(&segments(prefix)),
-                CheckpointLocation::Local(_) => false,
+                StorageLocation::S3 { bucket: b, prefix } => *b == bucket && parts.starts_with(&segments(prefix)),
+                StorageLocation::Local(_) => false,
             });
         }
-        CheckpointLocation::Local(path) => path,
+        StorageLocation::Local(path) => path,
     };
     let lexical = lexical_normal(&path);
     let inside = |p: &Path| {
         roots
             .iter()
-            .any(|r| matches!(r.location(), CheckpointLocation::Local(root) if p.starts_with(root)))
+            .any(|r| matches!(r.location(), StorageLocation::Local(root) if p.starts_with(root)))
     };
     if !inside(&lexical) {
         return false;

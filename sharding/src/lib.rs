@@ -31,6 +31,9 @@
 //! - [`vocab`]: whether a model can read a dataset's token ids (declared vocabulary, each
 //!   shard's largest id recorded in the manifest or scanned once, the first offending
 //!   document named).
+//! - [`remote`]: datasets at `s3://` locations: uploading a finished dataset with its
+//!   manifest last ([`remote::upload`]), and fetching one into the host's data cache,
+//!   every byte checked against the manifest, once per host ([`remote::fetch`]).
 //! - [`verify`]: checking a dataset's files against the manifest's xxh3 once per host, the
 //!   verdict remembered in the data cache by fingerprint.
 //! - [`synth`]: synthetic data from a Markov chain whose entropy rate is known exactly.
@@ -55,6 +58,7 @@ pub mod manifest;
 pub mod materialize;
 pub mod next_token;
 pub mod prepare;
+pub mod remote;
 pub mod sampler;
 pub mod splitmix;
 pub mod synth;

@@ -118,6 +118,11 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ManifestError + '_ {
     }
 }
 
+/// A dataset's fingerprint: xxh3-64 of the bytes of its `manifest.json`.
+pub fn fingerprint_of(raw_manifest: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(raw_manifest)
+}
+
 /// xxh3-64 of a file, streamed in 4 MiB blocks.
 pub fn file_xxh3(path: &Path) -> Result<String, ManifestError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
@@ -216,8 +221,14 @@ impl Manifest {
     pub fn read_with_fingerprint(dir: &Path) -> Result<(Manifest, u64), ManifestError> {
         let path = dir.join(MANIFEST);
         let raw = std::fs::read(&path).map_err(io(&path))?;
-        let fingerprint = xxhash_rust::xxh3::xxh3_64(&raw);
-        let m: Manifest = serde_json::from_slice(&raw).map_err(|e| ManifestError::Invalid {
+        Ok((Manifest::from_json(&raw, &path)?, fingerprint_of(&raw)))
+    }
+
+    /// A manifest from the bytes of a `manifest.json` (read from a directory, or fetched from
+    /// object storage), checked as [`Manifest::read`] checks it; `path` names it in errors.
+    pub fn from_json(raw: &[u8], path: &Path) -> Result<Manifest, ManifestError> {
+        let path = path.to_path_buf();
+        let m: Manifest = serde_json::from_slice(raw).map_err(|e| ManifestError::Invalid {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -241,7 +252,15 @@ impl Manifest {
                 });
             }
         }
-        Ok((m, fingerprint))
+        if let TokenizerInfo::File { path: name } = &m.tokenizer
+            && leaves(name)
+        {
+            return Err(ManifestError::Invalid {
+                path,
+                message: format!("tokenizer file name `{name}` leaves the directory"),
+            });
+        }
+        Ok(m)
     }
 
     pub fn write(&self, dir: &Path) -> Result<(), ManifestError> {

@@ -82,7 +82,7 @@ pub struct Materialized {
 }
 
 /// xxh3-64 of a file through a read-only map, lowercase hex.
-fn map_xxh3(path: &Path) -> Result<String, MaterializeError> {
+pub(crate) fn map_xxh3(path: &Path) -> Result<String, MaterializeError> {
     let file = File::open(path).map_err(io_err(path))?;
     if file.metadata().map_err(io_err(path))?.len() == 0 {
         return Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&[])));
@@ -94,7 +94,7 @@ fn map_xxh3(path: &Path) -> Result<String, MaterializeError> {
 
 /// Why the file at `dest` is not a complete copy of `bytes` bytes hashing to `xxh3`, or
 /// `None` when it is. A missing file is `Some`.
-fn check_existing(dest: &Path, bytes: u64, xxh3: &str) -> Result<Option<String>, MaterializeError> {
+pub(crate) fn check_existing(dest: &Path, bytes: u64, xxh3: &str) -> Result<Option<String>, MaterializeError> {
     let len = match std::fs::metadata(dest) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some("missing".into())),
@@ -111,7 +111,7 @@ fn check_existing(dest: &Path, bytes: u64, xxh3: &str) -> Result<Option<String>,
 }
 
 /// Removes a file when dropped, unless disarmed.
-struct RemoveOnDrop(Option<PathBuf>);
+pub(crate) struct RemoveOnDrop(pub(crate) Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -123,7 +123,7 @@ impl Drop for RemoveOnDrop {
 
 /// Remove `PREFIX.bin.partial-*` files left next to `dest` by interrupted runs (call only
 /// while holding the lock: every writer holds it while its partial file exists).
-fn remove_leftovers(dest: &Path) -> Result<(), MaterializeError> {
+pub(crate) fn remove_leftovers(dest: &Path) -> Result<(), MaterializeError> {
     let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
         return Ok(());
     };
@@ -203,7 +203,7 @@ pub fn materialize(
 
 /// Create `dest`'s directory and take the advisory lock on `PREFIX.bin.lock`, held until the
 /// returned file is dropped (or the process dies), so one process per host builds the copy.
-fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
+pub(crate) fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
     if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| MaterializeError::CacheDir {
             path: dir.to_path_buf(),
@@ -223,7 +223,7 @@ fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
 
 /// A new `PREFIX.bin.partial-PID-N` next to `dest`, removed when the guard drops unless the
 /// guard is disarmed (after the rename).
-fn create_partial(dest: &Path) -> Result<(PathBuf, File, RemoveOnDrop), MaterializeError> {
+pub(crate) fn create_partial(dest: &Path) -> Result<(PathBuf, File, RemoveOnDrop), MaterializeError> {
     static N: AtomicUsize = AtomicUsize::new(0);
     let tmp = with_suffix(
         dest,
@@ -314,7 +314,7 @@ fn decode_into(frames: &FramedBin, file: &File, tmp: &Path, threads: usize) -> R
 
 /// Make a rename in `path`'s directory durable; a directory that cannot be opened for fsync
 /// is not fatal.
-fn sync_parent(path: &Path) -> Result<(), MaterializeError> {
+pub(crate) fn sync_parent(path: &Path) -> Result<(), MaterializeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && let Ok(d) = File::open(dir)
     {

@@ -177,6 +177,32 @@ pub fn cached_max_token_ids(
     current_verdict(&cache, fingerprint, &stamps, manifest.shards.len()).map(|v| v.max_token_ids)
 }
 
+/// The check a previous [`check_on_host`] remembered for the dataset in `dir`, when it is for
+/// this manifest and every file still stats the same: nothing but the manifest, the verdict
+/// and the files' metadata is read. `None` when there is no such verdict (never checked on
+/// this host, a file missing or changed since, or anything unreadable).
+pub fn recorded(dir: &Path, cache_root: &Path) -> Option<HostCheck> {
+    let started = Instant::now();
+    let (manifest, fingerprint) = Manifest::read_with_fingerprint(dir).ok()?;
+    let files = expected_files(dir, &manifest).ok()?;
+    let stamps = files
+        .iter()
+        .map(|f| stamp(&f.path))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let cache = dataset_cache_dir(cache_root, fingerprint);
+    let v = current_verdict(&cache, fingerprint, &stamps, manifest.shards.len())?;
+    Some(HostCheck {
+        verdict: cache.join(VERDICT),
+        reused: true,
+        not_saved: None,
+        files: files.len(),
+        bytes: files.iter().map(|f| f.bytes).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+        max_token_ids: v.max_token_ids,
+    })
+}
+
 /// Size, xxh3 and (for a `.bin`) largest token id of one file, compared with the manifest.
 fn check_file(f: &Expected) -> Result<Option<u64>, ManifestError> {
     let file = File::open(&f.path).map_err(io(&f.path))?;

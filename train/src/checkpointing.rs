@@ -169,20 +169,20 @@ pub const TOKENIZER_ASSET: &str = "asset/tokenizer.json";
 /// and its data (dataset, validation split, tokenizer kind), and the dataset's tokenizer file
 /// if it has one (synthetic and byte-level data do not).
 fn describe(spec: &JobSpec) -> Result<(Vec<ParamLayout>, serde_json::Value, Option<std::path::PathBuf>), TrainError> {
-    let manifest =
-        gantry_sharding::manifest::Manifest::read(&spec.data.path).map_err(gantry_sharding::gpt::DatasetError::from)?;
+    let dir = spec.data.dir()?;
+    let manifest = gantry_sharding::manifest::Manifest::read(dir).map_err(gantry_sharding::gpt::DatasetError::from)?;
     let params = Model::parameter_layout(&spec.model)
         .into_iter()
         .map(|(name, tp_split)| ParamLayout { name, tp_split })
         .collect();
     let data = serde_json::json!({
-        "path": spec.data.path,
+        "path": spec.data.path.to_string(),
         "valid_fraction": spec.data.valid_fraction,
         "seed": spec.data.seed,
         "tokenizer": manifest.tokenizer,
     });
     let tokenizer = match manifest.tokenizer {
-        TokenizerInfo::File { path } => Some(spec.data.path.join(path)),
+        TokenizerInfo::File { path } => Some(dir.join(path)),
         _ => None,
     };
     Ok((params, data, tokenizer))

@@ -84,7 +84,7 @@ impl DataFeed {
             return Ok(feed);
         }
         let ds = Arc::new(GptDataset::open_with(
-            &spec.data.path,
+            spec.data.dir()?,
             feed.seq_len,
             split(spec, false),
             opts,
@@ -107,7 +107,7 @@ impl DataFeed {
         let prefetch = Prefetcher::spawn(ds, sampler, cursor.clone(), feed.dp_rank, feed.dp, micro, 2 * micro);
         feed.train = Some(TrainStream { prefetch, cursor });
         if spec.data.valid_fraction > 0.0 {
-            let data = GptDataset::open_with(&spec.data.path, feed.seq_len, split(spec, true), opts)?;
+            let data = GptDataset::open_with(spec.data.dir()?, feed.seq_len, split(spec, true), opts)?;
             let sampler = Sampler::new(data.num_samples(), spec.data.seed, spec.train.global_batch)
                 .map_err(DatasetError::from)?;
             feed.valid = Some(ValidSet { data, sampler });

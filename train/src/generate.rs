@@ -51,7 +51,7 @@ pub fn sample(
     let mut out = Vec::new();
     // Prompts come from the validation split, read by stage 0 only.
     let prompts = match model.plan.first {
-        true => Some(GptDataset::open_with(&spec.data.path, seq, split(spec, true), data)?),
+        true => Some(GptDataset::open_with(spec.data.dir()?, seq, split(spec, true), data)?),
         false => None,
     };
     for s in 0..SAMPLES {
@@ -108,10 +108,13 @@ fn logits_row(logits: &Tensor) -> Result<Vec<f32>, TrainError> {
 fn decode(spec: &JobSpec, prompt: &[i64], cont: &[i64]) -> String {
     let text = |ids: &[i64]| -> String {
         let as_ids = || ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ");
-        match Manifest::read(&spec.data.path).map(|m| m.tokenizer) {
+        let Ok(dir) = spec.data.dir() else {
+            return as_ids();
+        };
+        match Manifest::read(dir).map(|m| m.tokenizer) {
             Ok(TokenizerInfo::File { path }) => {
                 let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-                gantry_sharding::prepare::decode_with(&spec.data.path.join(path), &ids).unwrap_or_else(|_| as_ids())
+                gantry_sharding::prepare::decode_with(&dir.join(path), &ids).unwrap_or_else(|_| as_ids())
             }
             Ok(TokenizerInfo::Bytes) => {
                 String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned()

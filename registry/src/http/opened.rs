@@ -9,7 +9,7 @@
 use super::error::ApiError;
 use crate::model::VersionRecord;
 use axum::http::StatusCode;
-use gantry_checkpoint::{Checkpoint, CheckpointError, CheckpointLocation, S3Options, Store, Which};
+use gantry_checkpoint::{Checkpoint, CheckpointError, S3Options, StorageLocation, Store, Which};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -53,7 +53,7 @@ impl OpenedCheckpoints {
                 format!("{}@{}: checkpoint {} is gone", v.model, v.version, v.checkpoint_url),
             )
         };
-        let location = CheckpointLocation::parse(&v.checkpoint_url).map_err(|e| refused(e.into()))?;
+        let location = StorageLocation::parse(&v.checkpoint_url).map_err(|e| refused(e.into()))?;
         // Opened for reading: a missing local directory is gone, never created.
         let store = Store::open_existing(&location, s3).map_err(|e| match e {
             CheckpointError::Location(l) if l.is_absent() => gone(),

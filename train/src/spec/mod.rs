@@ -346,8 +346,37 @@ mod tests {
         ]);
         assert_eq!(s.train.steps, 7);
         assert!(s.parallel.zero1);
-        assert_eq!(s.data.path, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            s.data.path,
+            gantry_checkpoint::location::StorageLocation::Local(PathBuf::from("/tmp/x"))
+        );
+        assert_eq!(s.data.dir().unwrap(), std::path::Path::new("/tmp/x"));
         assert_eq!(s.name, "a b");
+    }
+
+    #[test]
+    fn the_data_path_is_a_dataset_location() {
+        let s = spec(&["data.path=s3://bkt/corpora/c1/"]);
+        assert_eq!(s.data.path.to_string(), "s3://bkt/corpora/c1");
+        let e = s.data.dir().unwrap_err().to_string();
+        assert!(
+            e.contains("`data.path`") && e.contains("s3://bkt/corpora/c1 is not on this host"),
+            "{e}"
+        );
+        let back = JobSpec::parse(&s.to_toml(), "spec.toml", &[]).unwrap();
+        assert_eq!(back.data.path, s.data.path, "the resolved spec keeps the location");
+        for text in ["[data]\npath = \"ftp://x\"\n", ""] {
+            let o: Vec<String> = if text.is_empty() {
+                vec!["data.path=ftp://x".into()]
+            } else {
+                vec![]
+            };
+            let e = JobSpec::parse(text, "job.toml", &o).unwrap_err().to_string();
+            assert!(
+                e.contains("bad dataset location \"ftp://x\"") && e.contains("\"ftp://\""),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -2,31 +2,60 @@
 //! long it runs, and the rules that involve only one of them.
 
 use super::{SpecError, invalid, num};
+use gantry_checkpoint::location::{Role, StorageLocation, deserialize_as};
 use gantry_collectives::OmpWait;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
-    /// A dataset directory written by `gantry data prepare` or `gantry data synth`.
-    pub path: PathBuf,
+    /// A dataset written by `gantry data prepare` or `gantry data synth`: a directory,
+    /// `file://…` or `s3://bucket/prefix` (any other scheme is refused naming it).
+    #[serde(deserialize_with = "dataset_location")]
+    pub path: StorageLocation,
     /// Fraction of documents held out for validation.
     pub valid_fraction: f64,
     pub seed: u64,
+    /// Where this process reads the dataset when `path` is not a local directory: the host's
+    /// checked copy in its data cache, set by the binary once fetched (`gantry rank`). Not
+    /// part of the spec file.
+    #[serde(skip)]
+    pub local: Option<PathBuf>,
+}
+
+fn dataset_location<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StorageLocation, D::Error> {
+    deserialize_as(d, Role::Dataset)
 }
 
 impl Default for DataSpec {
     fn default() -> Self {
         DataSpec {
-            path: PathBuf::from("data/synth"),
+            path: StorageLocation::Local(PathBuf::from("data/synth")),
             valid_fraction: 0.05,
             seed: 1234,
+            local: None,
         }
     }
 }
 
 impl DataSpec {
+    /// The directory this process reads the dataset from: `local` when set, else `path` when
+    /// it is local. An `s3://` dataset not yet fetched to this host is an error naming it.
+    pub fn dir(&self) -> Result<&Path, SpecError> {
+        match (&self.local, &self.path) {
+            (Some(dir), _) => Ok(dir),
+            (None, StorageLocation::Local(dir)) => Ok(dir),
+            (None, remote) => Err(invalid(
+                "data.path",
+                format!(
+                    "{remote} is not on this host: an s3:// dataset is read from the host's data cache once \
+                     `gantry rank` (or `gantry launch`) has fetched it there"
+                ),
+            )),
+        }
+    }
+
     /// The held-out fraction must leave training documents.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !(0.0..1.0).contains(&self.valid_fraction) {

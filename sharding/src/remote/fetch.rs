@@ -1,0 +1,423 @@
+//! Reading a dataset from object storage into the host's data cache, checked byte for byte.
+//!
+//! [`fetch`] makes `CACHE/<fingerprint>/` a complete copy of the dataset at an `s3://`
+//! location and returns that directory, to be opened like any local dataset:
+//!
+//! 1. `manifest.json` is read (one GET); its xxh3 is the fingerprint, hence the directory.
+//! 2. If a copy there was checked before ([`crate::verify::recorded`]: the same manifest and
+//!    a verdict whose files still stat the same), nothing else is read or sent.
+//! 3. Otherwise, holding the lock `CACHE/<fingerprint>/fetch.lock` (the other ranks of the
+//!    host wait, then find step 2 true): the prefix is listed once; each shard's `.idx` comes
+//!    first, then its `.bin` (under the `.bin`'s own lock, the one materialization takes), or
+//!    for a compressed-only dataset its `.bin.zst` and `.zidx` (unless a checked `.bin`
+//!    materialized from them is already there); the tokenizer file; `manifest.json` last. A
+//!    file already in the cache with the manifest's size and xxh3 is kept, a damaged one is
+//!    fetched again. Each file is fetched by ranged GETs (`range_bytes` each, `concurrency`
+//!    in flight, the next window requested while the last is written), hashed in order,
+//!    written under `NAME.partial-PID-N`, fsynced, compared with the manifest and only then
+//!    renamed into place.
+//! 4. The finished copy is checked once with [`crate::verify::check_on_host`], whose verdict
+//!    is what step 2 finds next time.
+//!
+//! A compressed-only copy is materialized later, by the dataset open, into the same
+//! directory (`CACHE/<fingerprint>/PREFIX.bin` is where materialization puts it).
+
+use super::retry::{no_bucket, with_retry};
+use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
+use crate::manifest::{MANIFEST, Manifest, ManifestError, TokenizerInfo, fingerprint_of};
+use crate::materialize::{
+    MaterializeError, RemoveOnDrop, check_existing, create_partial, dataset_cache_dir, lock_cache_entry,
+    remove_leftovers, sync_parent,
+};
+use crate::verify::{HostCheck, check_on_host, recorded};
+use bytes::Bytes;
+use gantry_checkpoint::Store;
+use gantry_checkpoint::location::StorageLocation;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+/// A dataset's manifest as read from its location.
+#[derive(Clone, Debug)]
+pub struct RemoteManifest {
+    pub manifest: Manifest,
+    /// xxh3 of the bytes of `manifest.json`.
+    pub fingerprint: u64,
+    /// The bytes of `manifest.json`.
+    pub raw: Vec<u8>,
+}
+
+/// What [`fetch`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fetched {
+    /// The dataset location.
+    pub location: String,
+    /// The complete, checked local copy: `CACHE/<fingerprint>/`.
+    pub dir: PathBuf,
+    pub fingerprint: u64,
+    /// A copy checked before was still current: nothing but the manifest was read.
+    pub reused: bool,
+    /// Files fetched by this call, in order.
+    pub fetched: Vec<String>,
+    pub bytes_fetched: u64,
+    /// Cached files that no longer matched the manifest, and why (fetched again).
+    pub refetched: Vec<String>,
+    /// Cached files that matched the manifest and were kept.
+    pub kept: usize,
+    pub seconds: f64,
+    /// The host's check of the copy (reused, or made after fetching).
+    #[serde(skip)]
+    pub check: HostCheck,
+}
+
+/// The manifest of the dataset at `location` (a local directory, or S3). A missing manifest
+/// and a missing bucket are told apart and named.
+pub fn read_manifest(location: &StorageLocation, opts: &RemoteOptions) -> Result<RemoteManifest, RemoteError> {
+    match location {
+        StorageLocation::Local(dir) => {
+            let path = dir.join(MANIFEST);
+            let raw = std::fs::read(&path).map_err(|source| ManifestError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            remote_manifest(raw, &path)
+        }
+        StorageLocation::S3 { .. } => get_manifest(&open_store(location, opts)?, location, opts),
+    }
+}
+
+fn remote_manifest(raw: Vec<u8>, origin: &Path) -> Result<RemoteManifest, RemoteError> {
+    Ok(RemoteManifest {
+        manifest: Manifest::from_json(&raw, origin)?,
+        fingerprint: fingerprint_of(&raw),
+        raw,
+    })
+}
+
+fn get_manifest(
+    store: &Store,
+    location: &StorageLocation,
+    opts: &RemoteOptions,
+) -> Result<RemoteManifest, RemoteError> {
+    let object = location.child(MANIFEST);
+    match with_retry(&opts.retry, &object, || store.get(MANIFEST))? {
+        Some(raw) => remote_manifest(raw.to_vec(), Path::new(&object)),
+        // No manifest: is there a bucket at all? (A GET in a missing bucket is a plain 404.)
+        None => match with_retry(&opts.retry, &location.to_string(), || store.list_dirs("")) {
+            Err(e) if no_bucket(&e) => Err(RemoteError::NoBucket {
+                location: location.to_string(),
+                bucket: bucket_of(location),
+            }),
+            Err(e) => Err(e),
+            Ok(_) => Err(RemoteError::NoManifest {
+                location: location.to_string(),
+                manifest: object,
+            }),
+        },
+    }
+}
+
+/// The copy in `dir`, when it holds exactly this manifest and a current verdict.
+fn current(dir: &Path, cache_root: &Path, raw: &[u8]) -> Option<HostCheck> {
+    let cached = std::fs::read(dir.join(MANIFEST)).ok()?;
+    (cached == raw).then(|| recorded(dir, cache_root)).flatten()
+}
+
+/// One file to bring into the cache.
+struct Want {
+    name: String,
+    bytes: u64,
+    xxh3: String,
+    /// A `.bin`: taken under its own lock, the one materialization holds while it writes.
+    bin: bool,
+}
+
+/// Make `CACHE/<fingerprint>/` (under `cache_root`) a complete, checked copy of the dataset
+/// at the S3 `location` (see the module documentation) and return it.
+pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions) -> Result<Fetched, RemoteError> {
+    let started = Instant::now();
+    if location.is_local() {
+        return Err(RemoteError::NotRemote {
+            location: location.to_string(),
+        });
+    }
+    let store = open_store(location, opts)?;
+    let remote = get_manifest(&store, location, opts)?;
+    let dir = dataset_cache_dir(cache_root, remote.fingerprint);
+    let mut done = Fetched {
+        location: location.to_string(),
+        dir: dir.clone(),
+        fingerprint: remote.fingerprint,
+        reused: true,
+        fetched: Vec::new(),
+        bytes_fetched: 0,
+        refetched: Vec::new(),
+        kept: 0,
+        seconds: 0.0,
+        check: HostCheck {
+            verdict: PathBuf::new(),
+            reused: true,
+            not_saved: None,
+            files: 0,
+            bytes: 0,
+            seconds: 0.0,
+            max_token_ids: Vec::new(),
+        },
+    };
+    if let Some(check) = current(&dir, cache_root, &remote.raw) {
+        done.check = check;
+        done.seconds = started.elapsed().as_secs_f64();
+        return Ok(done);
+    }
+    let _lock = lock_cache_entry(&dir.join("fetch"))?;
+    // Another rank of this host may have finished while this one waited.
+    if let Some(check) = current(&dir, cache_root, &remote.raw) {
+        done.check = check;
+        done.seconds = started.elapsed().as_secs_f64();
+        return Ok(done);
+    }
+    done.reused = false;
+
+    let listed: HashMap<String, u64> = with_retry(&opts.retry, &location.to_string(), || store.list(""))?
+        .into_iter()
+        .collect();
+    let wants = plan(&remote.manifest, location, &listed, &dir, &mut done)?;
+    for w in &wants {
+        let dest = dir.join(&w.name);
+        let _bin_lock = if w.bin { Some(lock_cache_entry(&dest)?) } else { None };
+        match check_existing(&dest, w.bytes, &w.xxh3)? {
+            None => {
+                done.kept += 1;
+                continue;
+            }
+            Some(why) if why == "missing" => {}
+            Some(why) => {
+                tracing::warn!(file = %dest.display(), why, "cached copy does not match the manifest; fetching it again");
+                done.refetched.push(format!("{} ({why})", w.name));
+                std::fs::remove_file(&dest).map_err(io_err(&dest))?;
+            }
+        }
+        remove_leftovers(&dest)?;
+        download(&store, opts, &location.child(&w.name), &w.name, &dest, w.bytes, &w.xxh3)?;
+        done.fetched.push(w.name.clone());
+        done.bytes_fetched += w.bytes;
+    }
+    if let TokenizerInfo::File { path } = &remote.manifest.tokenizer {
+        let object = location.child(path);
+        let bytes = with_retry(&opts.retry, &object, || store.get(path))?
+            .ok_or_else(|| RemoteError::MissingObject { object: object.clone() })?;
+        if replace_if_different(&dir.join(path), &bytes)? {
+            done.fetched.push(path.clone());
+            done.bytes_fetched += bytes.len() as u64;
+        }
+    }
+    // Last: with the manifest in place the directory is a dataset.
+    replace_if_different(&dir.join(MANIFEST), &remote.raw)?;
+    done.check = check_on_host(&dir, cache_root, opts.threads)?;
+    done.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        location = %location,
+        dir = %dir.display(),
+        fetched = done.fetched.len(),
+        bytes = done.bytes_fetched,
+        kept = done.kept,
+        seconds = done.seconds,
+        "dataset fetched into the data cache"
+    );
+    Ok(done)
+}
+
+/// The files to bring into `dir`, `.idx` files first, each checked against the listing
+/// (present, with the manifest's size). A compressed-only shard whose materialized `.bin` is
+/// already in `dir` and checks out needs no frames (counted as kept); one that does not is
+/// removed (the dataset open materializes it again from the frames).
+fn plan(
+    manifest: &Manifest,
+    location: &StorageLocation,
+    listed: &HashMap<String, u64>,
+    dir: &Path,
+    done: &mut Fetched,
+) -> Result<Vec<Want>, RemoteError> {
+    let mut idx = Vec::new();
+    let mut data = Vec::new();
+    for s in &manifest.shards {
+        let bin = format!("{}.bin", s.prefix);
+        idx.push(Want {
+            name: format!("{}.idx", s.prefix),
+            bytes: s.idx_bytes,
+            xxh3: s.idx_xxh3.clone(),
+            bin: false,
+        });
+        if listed.contains_key(&bin) {
+            data.push(Want {
+                name: bin,
+                bytes: s.bin_bytes,
+                xxh3: s.bin_xxh3.clone(),
+                bin: true,
+            });
+            continue;
+        }
+        let Some(z) = &s.zstd else {
+            return Err(RemoteError::MissingObject {
+                object: location.child(&bin),
+            });
+        };
+        let local_bin = dir.join(&bin);
+        if local_bin.exists() {
+            let _lock = lock_cache_entry(&local_bin)?;
+            match check_existing(&local_bin, s.bin_bytes, &s.bin_xxh3)? {
+                None => {
+                    done.kept += 1;
+                    continue;
+                }
+                Some(why) if why == "missing" => {}
+                Some(why) => {
+                    tracing::warn!(file = %local_bin.display(), why, "materialized copy does not match the manifest; removed");
+                    done.refetched.push(format!("{bin} ({why})"));
+                    std::fs::remove_file(&local_bin).map_err(io_err(&local_bin))?;
+                }
+            }
+        }
+        data.push(Want {
+            name: z.file.clone(),
+            bytes: z.bytes,
+            xxh3: z.xxh3.clone(),
+            bin: false,
+        });
+        data.push(Want {
+            name: z.index.clone(),
+            bytes: z.index_bytes,
+            xxh3: z.index_xxh3.clone(),
+            bin: false,
+        });
+    }
+    idx.extend(data);
+    for w in &idx {
+        match listed.get(&w.name) {
+            None => {
+                return Err(RemoteError::MissingObject {
+                    object: location.child(&w.name),
+                });
+            }
+            Some(&actual) if actual != w.bytes => {
+                return Err(RemoteError::Size {
+                    object: location.child(&w.name),
+                    expected: w.bytes,
+                    actual,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(idx)
+}
+
+/// A failed write into the cache: a full disk is named as such.
+fn write_error(tmp: &Path, object: &str, needed: u64, source: std::io::Error) -> RemoteError {
+    if source.kind() == std::io::ErrorKind::StorageFull {
+        MaterializeError::DiskFull {
+            path: tmp.to_path_buf(),
+            from: PathBuf::from(object),
+            needed,
+            source,
+        }
+        .into()
+    } else {
+        io_err(tmp)(source)
+    }
+}
+
+/// Fetch the object `key` (`object` names it) of `bytes` bytes into `dest` by ranged GETs,
+/// hashing it in order; renamed into place only when its size and xxh3 are the manifest's.
+fn download(
+    store: &Store,
+    opts: &RemoteOptions,
+    object: &str,
+    key: &str,
+    dest: &Path,
+    bytes: u64,
+    xxh3: &str,
+) -> Result<(), RemoteError> {
+    let (tmp, file, mut guard): (PathBuf, std::fs::File, RemoveOnDrop) = create_partial(dest)?;
+    let step = opts.range_bytes.max(1);
+    let ranges: Vec<Range<u64>> = (0..bytes.div_ceil(step))
+        .map(|i| i * step..((i + 1) * step).min(bytes))
+        .collect();
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut at = 0u64;
+    std::thread::scope(|s| -> Result<(), RemoteError> {
+        // One window of GETs in flight while the previous one is hashed and written.
+        let (tx, rx) = sync_channel::<Result<Vec<Bytes>, RemoteError>>(1);
+        let windows: Vec<&[Range<u64>]> = ranges.chunks(opts.concurrency.max(1)).collect();
+        s.spawn(move || {
+            for w in windows {
+                let request: Vec<(String, Range<u64>)> = w.iter().map(|r| (key.to_string(), r.clone())).collect();
+                let got = with_retry(&opts.retry, object, || store.get_ranges(&request));
+                let failed = got.is_err();
+                if tx.send(got).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut next = ranges.iter();
+        for got in rx {
+            for piece in got? {
+                let expected = next.next().map_or(0, |r| r.end - r.start);
+                if piece.len() as u64 != expected {
+                    return Err(RemoteError::Size {
+                        object: object.to_string(),
+                        expected: bytes,
+                        actual: at + piece.len() as u64,
+                    });
+                }
+                hasher.update(&piece);
+                file.write_all_at(&piece, at)
+                    .map_err(|e| write_error(&tmp, object, bytes, e))?;
+                at += piece.len() as u64;
+            }
+        }
+        Ok(())
+    })?;
+    if at != bytes {
+        return Err(RemoteError::Size {
+            object: object.to_string(),
+            expected: bytes,
+            actual: at,
+        });
+    }
+    file.sync_all().map_err(|e| write_error(&tmp, object, bytes, e))?;
+    drop(file);
+    let actual = format!("{:016x}", hasher.digest());
+    if actual != xxh3 {
+        return Err(RemoteError::Checksum {
+            object: object.to_string(),
+            expected: xxh3.to_string(),
+            actual,
+        });
+    }
+    std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    guard.0 = None;
+    sync_parent(dest)?;
+    Ok(())
+}
+
+/// Make `dest` hold exactly `bytes` (written under a temporary name and renamed); `false`
+/// when it already did.
+fn replace_if_different(dest: &Path, bytes: &[u8]) -> Result<bool, RemoteError> {
+    if std::fs::read(dest).is_ok_and(|b| b == bytes) {
+        return Ok(false);
+    }
+    let (tmp, file, mut guard) = create_partial(dest)?;
+    file.write_all_at(bytes, 0)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| write_error(&tmp, &dest.display().to_string(), bytes.len() as u64, e))?;
+    drop(file);
+    std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    guard.0 = None;
+    sync_parent(dest)?;
+    Ok(true)
+}

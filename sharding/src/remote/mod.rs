@@ -1,0 +1,163 @@
+//! Datasets in object storage: `s3://bucket/prefix` holding the files of a dataset directory
+//! (`manifest.json`, each shard's `.idx` and `.bin`, or its `.bin.zst` and `.zidx` for
+//! compressed-only copies, and the tokenizer file), under the same names.
+//!
+//! - **Where**: a dataset location is a [`StorageLocation`] (the checkpoint location type, one
+//!   parser for both: a local path, `file://…` or `s3://…`; any other scheme refused by name).
+//! - **Writing** ([`upload`]): the files of a finished local dataset are uploaded (large ones
+//!   as multipart uploads, through [`gantry_checkpoint::Store`]), every file hashed on the way
+//!   and refused if it does not match the manifest, and `manifest.json` goes **last**: a
+//!   prefix without a manifest is not a dataset, so an interrupted upload is never taken for
+//!   a finished one. Each uploaded file leaves a small record (`.gantry-upload/NAME.json`:
+//!   size and xxh3) after its object, so rerunning an interrupted upload skips the files
+//!   already there with the right size and checksum; the records are removed once the
+//!   manifest is up. A prefix that already holds a different manifest is refused.
+//! - **Reading** ([`fetch`]): a dataset is copied into the host's data cache,
+//!   `CACHE/<fingerprint>/` (the fingerprint is the xxh3 of `manifest.json`, the key sampler
+//!   cursors, materialized shards and verdicts already use), which then is a dataset
+//!   directory like any other. The `.idx` files come first, then the shard files, each by
+//!   parallel ranged GETs, hashed in order as they arrive, written under a temporary name,
+//!   fsynced and renamed only when size and xxh3 match the manifest; `manifest.json` is
+//!   written last. Ranks of one host take a lock on the cache entry (the data cache's lock
+//!   files, [`crate::materialize`]), so each file is fetched once per host. A cached file
+//!   that no longer matches the manifest is fetched again. A finished copy is checked with
+//!   [`crate::verify::check_on_host`], whose remembered verdict lets later opens skip all of
+//!   this after one GET of the manifest.
+//! - **Faults** ([`Retry`]): transient failures (connection refused or reset, timeouts, 5xx,
+//!   after object_store's own short retries) are retried with exponential backoff until a
+//!   deadline, then reported naming the object. Permanent ones are reported at once, naming
+//!   what is missing or refused: the manifest, the bucket, an object, the credentials.
+//!
+//! This crate reads no environment: S3 settings come in as [`S3Options`] and the cache root
+//! as a path, from the binary.
+
+mod fetch;
+mod retry;
+mod upload;
+
+pub use fetch::{Fetched, RemoteManifest, fetch, read_manifest};
+pub use retry::Retry;
+pub use upload::{UPLOAD_RECORDS, Uploaded, upload};
+
+use crate::manifest::ManifestError;
+use crate::materialize::MaterializeError;
+use gantry_checkpoint::location::StorageLocation;
+use gantry_checkpoint::{CheckpointError, S3Options, Store, StoreConfig};
+use std::path::PathBuf;
+
+/// How datasets are moved to and from object storage.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// Endpoint, region and credentials (the binary fills them from flags and `AWS_*`).
+    pub s3: S3Options,
+    /// Bytes per ranged GET when fetching.
+    pub range_bytes: u64,
+    /// Requests in flight at once (ranged GETs of one file, parts of one multipart upload).
+    pub concurrency: usize,
+    /// Files uploaded at once.
+    pub upload_files: usize,
+    /// Transient failures: backoff and deadline.
+    pub retry: Retry,
+    /// Threads hashing a fetched copy for the host's verdict (0: every core).
+    pub threads: usize,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            s3: S3Options::default(),
+            range_bytes: 8 << 20,
+            concurrency: 8,
+            upload_files: 4,
+            retry: Retry::default(),
+            threads: 0,
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// The default options with these S3 settings.
+    pub fn with_s3(s3: S3Options) -> RemoteOptions {
+        RemoteOptions {
+            s3,
+            ..RemoteOptions::default()
+        }
+    }
+}
+
+/// What went wrong moving a dataset, naming the object, bucket, file or credentials at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(
+        "{manifest} does not exist: {location} holds no finished dataset (not a gantry dataset, or its upload has not completed: rerun `gantry data upload`)"
+    )]
+    NoManifest { location: String, manifest: String },
+    #[error("bucket {bucket:?} does not exist (dataset location {location})")]
+    NoBucket { location: String, bucket: String },
+    #[error(
+        "{object}: access denied by the S3 server ({detail}); check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or --access-key / --secret-key) and their rights on the bucket"
+    )]
+    Denied { object: String, detail: String },
+    #[error("{object} is missing, but the manifest lists it")]
+    MissingObject { object: String },
+    #[error("{object} has {actual} bytes, but the manifest says {expected}")]
+    Size { object: String, expected: u64, actual: u64 },
+    #[error("{object}: the bytes fetched hash to xxh3 {actual}, but the manifest says {expected}")]
+    Checksum {
+        object: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{object}: S3 still failing after {attempts} attempts over {waited_s:.0} s, giving up: {last}")]
+    GaveUp {
+        object: String,
+        attempts: u32,
+        waited_s: f64,
+        last: String,
+    },
+    #[error("{object}: {source}")]
+    Store {
+        object: String,
+        #[source]
+        source: Box<CheckpointError>,
+    },
+    #[error(
+        "{location} already holds a different dataset (its manifest.json differs from {dir}'s): upload to another prefix, or delete that one first"
+    )]
+    Exists { location: String, dir: PathBuf },
+    #[error("{location} is a local directory: it is read in place, not fetched")]
+    NotRemote { location: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Cache(#[from] MaterializeError),
+}
+
+fn io_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> RemoteError + '_ {
+    move |source| RemoteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The store for a dataset location: keys relative to the dataset's prefix (or directory).
+fn open_store(location: &StorageLocation, opts: &RemoteOptions) -> Result<Store, RemoteError> {
+    let config = StoreConfig {
+        concurrency: opts.concurrency.max(1),
+        ..StoreConfig::default()
+    };
+    Store::open_location(location, &opts.s3, config).map_err(|source| RemoteError::Store {
+        object: location.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// The bucket of an S3 location (empty for a local one).
+fn bucket_of(location: &StorageLocation) -> String {
+    match location {
+        StorageLocation::S3 { bucket, .. } => bucket.clone(),
+        StorageLocation::Local(_) => String::new(),
+    }
+}

@@ -1,0 +1,310 @@
+//! Uploading a finished local dataset directory to a dataset location, `manifest.json` last.
+//!
+//! Order and restart: every file the manifest names (and the tokenizer file) is hashed from
+//! a read-only map and compared with the manifest before anything is sent, so a damaged
+//! local copy is never published. Each file then goes up as one object (multipart when
+//! large); after it, a record `.gantry-upload/NAME.json` (size and xxh3) says that object is
+//! complete. The record is deleted before its object is (re)written, so a record is only
+//! ever found next to the object it describes. A rerun of an interrupted upload skips each
+//! file whose object has the right size and whose record has the right checksum, and sends
+//! the rest. Only when every file is up is `manifest.json` written, then the records are
+//! removed: readers see no dataset until it is whole.
+
+use super::retry::{no_bucket, with_retry};
+use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
+use crate::indexed::paths;
+use crate::manifest::{MANIFEST, Manifest, ManifestError, TokenizerInfo};
+use bytes::Bytes;
+use gantry_checkpoint::Store;
+use gantry_checkpoint::location::StorageLocation;
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The prefix (under the dataset's) of the per-file records of an unfinished upload.
+pub const UPLOAD_RECORDS: &str = ".gantry-upload";
+
+/// What [`upload`] did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Uploaded {
+    /// The dataset location written.
+    pub location: String,
+    /// Files of the dataset, the manifest included.
+    pub files: usize,
+    /// Names uploaded by this run, in the order they completed (the manifest last).
+    pub uploaded: Vec<String>,
+    /// Names an earlier, interrupted run had already uploaded (right size and checksum).
+    pub skipped: Vec<String>,
+    pub bytes_uploaded: u64,
+    /// The location already held this very dataset (same manifest): nothing was sent.
+    pub already_complete: bool,
+    pub seconds: f64,
+}
+
+/// One file to upload.
+struct Item {
+    name: String,
+    path: PathBuf,
+    bytes: u64,
+    /// The manifest's xxh3 (none for the tokenizer file, which it does not record).
+    xxh3: Option<String>,
+}
+
+/// The record left after a file's object is complete.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Record {
+    bytes: u64,
+    xxh3: String,
+}
+
+fn record_key(name: &str) -> String {
+    format!("{UPLOAD_RECORDS}/{name}.json")
+}
+
+/// The files of the dataset in `dir` that `manifest` names, `.idx` files first.
+fn items(dir: &Path, manifest: &Manifest) -> Result<Vec<Item>, RemoteError> {
+    let mut idx = Vec::new();
+    let mut data = Vec::new();
+    for s in &manifest.shards {
+        let (bin, idx_path) = paths(&dir.join(&s.prefix));
+        let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        idx.push(Item {
+            name: name(&idx_path),
+            path: idx_path,
+            bytes: s.idx_bytes,
+            xxh3: Some(s.idx_xxh3.clone()),
+        });
+        let has_bin = bin.exists();
+        if has_bin {
+            data.push(Item {
+                name: name(&bin),
+                path: bin.clone(),
+                bytes: s.bin_bytes,
+                xxh3: Some(s.bin_xxh3.clone()),
+            });
+        }
+        match &s.zstd {
+            Some(z) => {
+                for (file, bytes, xxh3) in [(&z.file, z.bytes, &z.xxh3), (&z.index, z.index_bytes, &z.index_xxh3)] {
+                    data.push(Item {
+                        name: file.clone(),
+                        path: dir.join(file),
+                        bytes,
+                        xxh3: Some(xxh3.clone()),
+                    });
+                }
+            }
+            None if !has_bin => {
+                return Err(ManifestError::MissingShard {
+                    dir: dir.to_path_buf(),
+                    prefix: s.prefix.clone(),
+                    bin: bin.display().to_string(),
+                }
+                .into());
+            }
+            None => {}
+        }
+    }
+    if let TokenizerInfo::File { path } = &manifest.tokenizer {
+        let p = dir.join(path);
+        let bytes = std::fs::metadata(&p).map_err(io_err(&p))?.len();
+        idx.push(Item {
+            name: path.clone(),
+            path: p,
+            bytes,
+            xxh3: None,
+        });
+    }
+    idx.extend(data);
+    Ok(idx)
+}
+
+/// A file's bytes as a read-only map (zero-copy into the upload) and their xxh3, checked
+/// against the manifest's size and checksum.
+fn load(item: &Item) -> Result<(Bytes, String), RemoteError> {
+    let file = File::open(&item.path).map_err(io_err(&item.path))?;
+    let len = file.metadata().map_err(io_err(&item.path))?.len();
+    if len != item.bytes {
+        return Err(ManifestError::Size {
+            path: item.path.clone(),
+            expected: item.bytes,
+            actual: len,
+        }
+        .into());
+    }
+    let bytes = if len == 0 {
+        Bytes::new()
+    } else {
+        // SAFETY: a read-only map of a finished dataset file (datasets are written once,
+        // under a temporary name, and renamed); the bytes are hashed before they are sent.
+        Bytes::from_owner(unsafe { Mmap::map(&file) }.map_err(io_err(&item.path))?)
+    };
+    let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
+    if let Some(expected) = &item.xxh3
+        && *expected != actual
+    {
+        return Err(ManifestError::Checksum {
+            path: item.path.clone(),
+            expected: expected.clone(),
+            actual,
+        }
+        .into());
+    }
+    Ok((bytes, actual))
+}
+
+/// Whether the object `name` is already complete: listed with the right size, and its record
+/// says the right checksum.
+fn already_there(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    listed: &HashMap<String, u64>,
+    name: &str,
+    bytes: u64,
+    xxh3: &str,
+) -> Result<bool, RemoteError> {
+    if listed.get(name) != Some(&bytes) || !listed.contains_key(&record_key(name)) {
+        return Ok(false);
+    }
+    let key = record_key(name);
+    let raw = with_retry(&opts.retry, &location.child(&key), || store.get(&key))?;
+    Ok(raw
+        .and_then(|r| serde_json::from_slice::<Record>(&r).ok())
+        .is_some_and(|r| r.bytes == bytes && r.xxh3 == xxh3))
+}
+
+/// Upload the finished dataset in `dir` to `location` (see the module documentation). A
+/// location that already holds this dataset is left alone; one that holds another dataset
+/// is refused. Errors name the local file (a mismatch with the manifest) or the object.
+pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> Result<Uploaded, RemoteError> {
+    let started = Instant::now();
+    let manifest_path = dir.join(MANIFEST);
+    let raw = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
+    let manifest = Manifest::from_json(&raw, &manifest_path)?;
+    let items = items(dir, &manifest)?;
+    let store = open_store(location, opts)?;
+    let shown = location.to_string();
+
+    // The whole prefix at once: sizes of what is there, records of an earlier run. A missing
+    // bucket is named here, before anything is hashed.
+    let listed: HashMap<String, u64> = match with_retry(&opts.retry, &shown, || store.list("")) {
+        Ok(list) => list.into_iter().collect(),
+        Err(e) if no_bucket(&e) => {
+            return Err(RemoteError::NoBucket {
+                location: shown,
+                bucket: bucket_of(location),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    if listed.contains_key(MANIFEST) {
+        let object = location.child(MANIFEST);
+        let there = with_retry(&opts.retry, &object, || store.get(MANIFEST))?;
+        if there.as_deref() == Some(raw.as_slice()) {
+            return Ok(Uploaded {
+                location: shown,
+                files: items.len() + 1,
+                uploaded: Vec::new(),
+                skipped: Vec::new(),
+                bytes_uploaded: 0,
+                already_complete: true,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        if there.is_some() {
+            return Err(RemoteError::Exists {
+                location: shown,
+                dir: dir.to_path_buf(),
+            });
+        }
+    }
+
+    let uploaded = Mutex::new(Vec::new());
+    let skipped = Mutex::new(Vec::new());
+    let sent_bytes = AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(None::<(usize, RemoteError)>);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { return };
+            if failed.lock().expect("no panics while held").is_some() {
+                return;
+            }
+            let result = (|| -> Result<bool, RemoteError> {
+                let (bytes, xxh3) = load(item)?;
+                if already_there(&store, opts, location, &listed, &item.name, item.bytes, &xxh3)? {
+                    return Ok(false);
+                }
+                let record = record_key(&item.name);
+                if listed.contains_key(&record) {
+                    with_retry(&opts.retry, &location.child(&record), || store.delete(&record))?;
+                }
+                with_retry(&opts.retry, &location.child(&item.name), || {
+                    store.put(&item.name, bytes.clone())
+                })?;
+                let note = serde_json::to_vec(&Record {
+                    bytes: item.bytes,
+                    xxh3,
+                })
+                .expect("a record serializes");
+                let note = Bytes::from(note);
+                with_retry(&opts.retry, &location.child(&record), || {
+                    store.put(&record, note.clone())
+                })?;
+                Ok(true)
+            })();
+            match result {
+                Ok(true) => {
+                    sent_bytes.fetch_add(item.bytes as usize, Ordering::Relaxed);
+                    uploaded.lock().expect("no panics while held").push(item.name.clone());
+                }
+                Ok(false) => skipped.lock().expect("no panics while held").push(item.name.clone()),
+                Err(e) => {
+                    let mut f = failed.lock().expect("no panics while held");
+                    // The first failure in file order is the one reported.
+                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                        *f = Some((i, e));
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    let threads = opts.upload_files.clamp(1, items.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
+    });
+    if let Some((_, e)) = failed.into_inner().expect("no panics while held") {
+        return Err(e);
+    }
+
+    // Every file is up: the manifest makes it a dataset.
+    let object = location.child(MANIFEST);
+    let manifest_bytes = Bytes::from(raw.clone());
+    with_retry(&opts.retry, &object, || store.put(MANIFEST, manifest_bytes.clone()))?;
+    let mut uploaded = uploaded.into_inner().expect("no panics while held");
+    uploaded.push(MANIFEST.to_string());
+    // The records served their purpose; one left behind costs nothing but a listing entry.
+    for item in &items {
+        let _ = store.delete(&record_key(&item.name));
+    }
+    Ok(Uploaded {
+        location: shown,
+        files: items.len() + 1,
+        uploaded,
+        skipped: skipped.into_inner().expect("no panics while held"),
+        bytes_uploaded: sent_bytes.into_inner() as u64 + raw.len() as u64,
+        already_complete: false,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
