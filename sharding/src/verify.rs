@@ -167,6 +167,17 @@ pub fn cached_max_token_ids(
     fingerprint: u64,
     cache_root: &Path,
 ) -> Option<Vec<Option<u64>>> {
+    recorded_verdict(dir, manifest, fingerprint, cache_root).map(|(_, _, v)| v.max_token_ids)
+}
+
+/// The files of the dataset in `dir`, its cache directory under `cache_root` and the current
+/// verdict there, when there is one (every file stats as when it was checked).
+fn recorded_verdict(
+    dir: &Path,
+    manifest: &Manifest,
+    fingerprint: u64,
+    cache_root: &Path,
+) -> Option<(Vec<Expected>, PathBuf, Verdict)> {
     let files = expected_files(dir, manifest).ok()?;
     let stamps = files
         .iter()
@@ -174,7 +185,8 @@ pub fn cached_max_token_ids(
         .collect::<Result<Vec<_>, _>>()
         .ok()?;
     let cache = dataset_cache_dir(cache_root, fingerprint);
-    current_verdict(&cache, fingerprint, &stamps, manifest.shards.len()).map(|v| v.max_token_ids)
+    let verdict = current_verdict(&cache, fingerprint, &stamps, manifest.shards.len())?;
+    Some((files, cache, verdict))
 }
 
 /// The check a previous [`check_on_host`] remembered for the dataset in `dir`, when it is for
@@ -184,14 +196,7 @@ pub fn cached_max_token_ids(
 pub fn recorded(dir: &Path, cache_root: &Path) -> Option<HostCheck> {
     let started = Instant::now();
     let (manifest, fingerprint) = Manifest::read_with_fingerprint(dir).ok()?;
-    let files = expected_files(dir, &manifest).ok()?;
-    let stamps = files
-        .iter()
-        .map(|f| stamp(&f.path))
-        .collect::<Result<Vec<_>, _>>()
-        .ok()?;
-    let cache = dataset_cache_dir(cache_root, fingerprint);
-    let v = current_verdict(&cache, fingerprint, &stamps, manifest.shards.len())?;
+    let (files, cache, v) = recorded_verdict(dir, &manifest, fingerprint, cache_root)?;
     Some(HostCheck {
         verdict: cache.join(VERDICT),
         reused: true,
