@@ -289,12 +289,17 @@ fn prepare(key: RankKey, a: &RankAssignment, ctx: &LaunchContext) -> Result<(Com
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
-    // Its own process group, so stopping the rank reaches every process it started.
-    cmd.process_group(0);
     let worker = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid), no allocation, no locks.
+    // SAFETY: only async-signal-safe calls (setsid, prctl, getppid), no allocation, no locks.
     unsafe {
         cmd.pre_exec(move || {
+            // Its own session, so its own process group (stopping the rank reaches every
+            // process it started) and, where the kernel shares CPU time per session
+            // (sched_autogroup), a share of its own rather than a slice of the daemon's, as
+            // torchrun gives its workers.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Ranks die with their worker: a killed worker daemon is a lost node, and ranks
             // left behind would hold GPUs and ports the next attempt needs.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
