@@ -7,6 +7,12 @@
 #   KILL_RANK=1 bash examples/local-cluster/run.sh # also SIGKILL rank 1 at step 120: watch
 #                                                  # the job restart from its checkpoint
 #
+# Environment (all optional; CI runs every example with short settings):
+#   GANTRY_BIN=PATH  use this gantry binary (e.g. target/debug/gantry) and skip setup's
+#                    release build
+#   STEPS=N          train N steps instead of job.toml's 400 (KILL_RANK needs N > 120)
+#   RUN_DIR=DIR      state, logs and checkpoints go here instead of runs/local-cluster/
+#
 # State, logs and checkpoints go to runs/local-cluster/ (removed at the start of each run).
 # The daemons stop when the script ends.
 set -euo pipefail
@@ -14,7 +20,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
 
-bash scripts/setup.sh
+# With GANTRY_BIN given, setup only checks what is installed; it builds nothing.
+if [[ -n ${GANTRY_BIN:-} ]]; then GANTRY_SKIP_BUILD=1 bash scripts/setup.sh; else bash scripts/setup.sh; fi
 GANTRY="${GANTRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/gantry}"
 [[ -x "$GANTRY" ]] || { echo "run.sh: $GANTRY was not built" >&2; exit 1; }
 
@@ -24,7 +31,7 @@ if [[ ! -f "$DATA/manifest.json" ]]; then
     "$GANTRY" data synth --output "$DATA" --tokens 4000000 --vocab-size 128 --support 32 --seed 1
 fi
 
-DIR=runs/local-cluster
+DIR="${RUN_DIR:-runs/local-cluster}"
 rm -rf "$DIR"
 mkdir -p "$DIR"
 export GANTRY_TOKEN
@@ -37,7 +44,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-coproc COORD { "$GANTRY" coordinator --listen 127.0.0.1:0 --state "$DIR/coordinator" 2>"$DIR/coordinator.log"; }
+# `exec`: the coproc's pid is then the coordinator's own, so cleanup stops the daemon itself
+# (killing the subshell around it would leave the coordinator running).
+coproc COORD { exec "$GANTRY" coordinator --listen 127.0.0.1:0 --state "$DIR/coordinator" 2>"$DIR/coordinator.log"; }
 PIDS+=("$COORD_PID")
 read -r line <&"${COORD[0]}"
 export GANTRY_COORDINATOR=${line#listening on }
@@ -51,7 +60,10 @@ done
 until [[ $("$GANTRY" workers --json | grep -o '"alive":true' | wc -l) -eq 2 ]]; do sleep 0.2; done
 "$GANTRY" workers
 
-ID=$("$GANTRY" submit examples/local-cluster/job.toml)
+SETTINGS=()
+if [[ -n ${RUN_DIR:-} ]]; then SETTINGS+=(--set checkpoint.dir="$DIR/checkpoints"); fi
+if [[ -n ${STEPS:-} ]]; then SETTINGS+=(--set train.steps="$STEPS"); fi
+ID=$("$GANTRY" submit examples/local-cluster/job.toml ${SETTINGS[@]+"${SETTINGS[@]}"})
 echo "submitted job $ID; follow a rank with: GANTRY_COORDINATOR=$GANTRY_COORDINATOR gantry logs $ID --rank 0 --follow"
 
 killed=0

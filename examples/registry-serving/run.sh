@@ -10,6 +10,13 @@
 #
 #   bash examples/registry-serving/run.sh
 #
+# Environment (all optional; CI runs every example with short settings):
+#   GANTRY_BIN=PATH  use this gantry binary (e.g. target/debug/gantry) and skip setup's
+#                    release build
+#   STEPS=N          train N steps instead of 300 (a multiple of 3, at least 3: a checkpoint,
+#                    hence a version, every N/3 steps)
+#   RUN_DIR=DIR      write everything here instead of runs/registry-serving-<unix time>/
+#
 # Leaves the registry running only while the script runs; everything it writes is under
 # runs/registry-serving-* (the database, the token file, checkpoints, the run).
 set -euo pipefail
@@ -20,7 +27,8 @@ cd "$REPO"
 TEXT="$REPO/../shared/data/tinyshakespeare.txt"
 [[ -f "$TEXT" ]] || { echo "run.sh: $TEXT is not there; this example trains on it" >&2; exit 1; }
 
-bash scripts/setup.sh
+# With GANTRY_BIN given, setup only checks what is installed; it builds nothing.
+if [[ -n ${GANTRY_BIN:-} ]]; then GANTRY_SKIP_BUILD=1 bash scripts/setup.sh; else bash scripts/setup.sh; fi
 G="${GANTRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/gantry}"
 [[ -x "$G" ]] || { echo "run.sh: $G was not built" >&2; exit 1; }
 
@@ -30,7 +38,13 @@ if [[ ! -f "$DATA/manifest.json" ]]; then
     "$G" data prepare --input "$TEXT" --output "$DATA" --vocab-size 512 --split-by blank-line
 fi
 
-WORK="runs/registry-serving-$(date +%s)"
+STEPS="${STEPS:-300}"
+if ! [[ $STEPS =~ ^[0-9]+$ ]] || ((STEPS < 3 || STEPS % 3 != 0)); then
+    echo "run.sh: STEPS=$STEPS: give a multiple of 3 (three checkpoints make versions 1, 2, 3)" >&2
+    exit 1
+fi
+
+WORK="${RUN_DIR:-runs/registry-serving-$(date +%s)}"
 mkdir -p "$WORK"
 GANTRY_REGISTRY_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export GANTRY_REGISTRY_TOKEN
@@ -39,7 +53,8 @@ printf 'write %s\n' "$GANTRY_REGISTRY_TOKEN" > "$WORK/tokens"
 "$G" registry serve --listen 127.0.0.1:0 --db "$WORK/registry.redb" --token-file "$WORK/tokens" \
     > "$WORK/registry.out" 2> "$WORK/registry.log" &
 REGISTRY_PID=$!
-trap 'kill $REGISTRY_PID 2>/dev/null || true' EXIT
+# Stop the registry and wait for it to exit, however the script ends.
+trap 'kill $REGISTRY_PID 2>/dev/null || true; wait $REGISTRY_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
     grep -q "listening on" "$WORK/registry.out" 2>/dev/null && break
     sleep 0.1
@@ -51,7 +66,8 @@ echo "== registry at $GANTRY_REGISTRY"
 
 echo "== training (each committed checkpoint becomes a version; staging follows the newest)"
 "$G" launch examples/registry-serving/job.toml --local 2 --run-dir "$WORK/run" \
-    --set registry.url="$GANTRY_REGISTRY" --set checkpoint.dir="$WORK/ckpt"
+    --set registry.url="$GANTRY_REGISTRY" --set checkpoint.dir="$WORK/ckpt" \
+    --set train.steps="$STEPS" --set checkpoint.every="$((STEPS / 3))"
 
 echo "== evaluation from the registry at TP 1 and TP 2"
 "$G" eval --model shakespeare@staging --data "$DATA" --tp 1
@@ -66,10 +82,13 @@ for i in $(seq 20); do
         python3 -c 'import json,sys; r=json.load(sys.stdin); print("v%s: %r" % (r["version"], r["text"]))'
 done
 
-echo "== streamed (server-sent events) from staging"
-curl -sN -X POST "$GANTRY_REGISTRY/v1/models/shakespeare@staging/generate" \
+echo "== streamed (server-sent events) from staging (the first 8 lines)"
+# The whole stream first, then its head: `curl | head -8` under pipefail fails the script
+# (exit 23) when head exits before curl has written everything.
+events=$(curl -sSN -X POST "$GANTRY_REGISTRY/v1/models/shakespeare@staging/generate" \
     -H 'Content-Type: application/json' \
-    -d '{"prompt": "JULIET:", "max_tokens": 12, "temperature": 0.8, "seed": 7, "stream": true}' | head -8
+    -d '{"prompt": "JULIET:", "max_tokens": 12, "temperature": 0.8, "seed": 7, "stream": true}')
+sed -n 1,8p <<<"$events"
 
 echo "== per-version requests on /metrics"
 curl -s "$GANTRY_REGISTRY/metrics" | grep '^gantry_registry_generate_requests_total'
