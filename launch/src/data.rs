@@ -382,10 +382,12 @@ struct Staging(PathBuf);
 
 impl Staging {
     fn new() -> Result<Staging> {
+        let root = data_cache_root();
+        sweep_stale_staging(&root);
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let dir = data_cache_root().join(format!("staging-{}-{secs}", std::process::id()));
+        let dir = root.join(format!("staging-{}-{secs}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Staging(dir))
     }
@@ -399,6 +401,35 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Remove the staging directories under `root` whose process is gone (a `synth` or `prepare
+/// --output s3://` that was killed before it could clean up). A directory whose pid names a
+/// live process is left alone, even if that pid was reused: it is only disk.
+fn sweep_stale_staging(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("staging-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists; no signal is sent.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => tracing::info!(dir = %path.display(), "removed the staging directory of a killed upload"),
+                Err(e) => tracing::debug!(dir = %path.display(), error = %e, "cannot remove a stale staging directory"),
+            }
+        }
     }
 }
 
@@ -875,4 +906,25 @@ fn print_zstd_bench(a: &BenchArgs, r: &ZstdBench) {
         made.reopen_seconds
     );
     print_read_bench(&a.dir, ".bin materialized from zstd frames", &r.materialized);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn staging_of_a_killed_upload_is_swept_and_a_live_one_kept() {
+        let root = std::env::temp_dir().join(format!("gantry-staging-sweep-{}", std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = root.join(format!("staging-{dead}-1"));
+        let live = root.join(format!("staging-{}-2", std::process::id()));
+        let dataset = root.join("0123456789abcdef");
+        for d in [&stale.join("dataset"), &live, &dataset] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        super::sweep_stale_staging(&root);
+        assert!(!stale.exists(), "the dead process's staging directory is removed");
+        assert!(live.exists() && dataset.exists(), "a live one and cached datasets stay");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
