@@ -43,7 +43,7 @@ pub struct EvalArgs {
     model: String,
     /// Token dataset (from `gantry data prepare` or `gantry data synth`): a directory, file://…
     /// or s3://bucket/prefix (fetched into the host's data cache, $GANTRY_DATA_CACHE).
-    #[arg(long, value_name = "DIR|URL", value_parser = crate::data::parse_dataset_location)]
+    #[arg(long, value_name = "DIR|URL", value_parser = crate::dataset_location::parse_dataset_location)]
     data: StorageLocation,
     /// Tensor-parallel degree: T local rank processes, each loading only its share.
     #[arg(long, default_value_t = 1)]
@@ -140,7 +140,7 @@ fn config(args: &EvalArgs, v: &VersionRecord, data: PathBuf) -> EvalConfig {
             .unwrap_or(defaults.split_seed),
         batch: args.batch,
         max_samples: args.max_samples,
-        cache_dir: Some(crate::data::data_cache_root()),
+        cache_dir: Some(crate::dataset_location::data_cache_root()),
     }
 }
 
@@ -212,7 +212,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let device = tool_device(args.device.into(), eval_local_rank(0, args.tp))?;
     tracing::info!("evaluating on {}", device.describe());
     let v = resolve(&api, &args.model)?;
-    let data = crate::data::dataset_on_host(&args.data, false)?;
+    let data = crate::dataset_location::dataset_on_host(&args.data, false)?;
     check(&v, &data, args.tp)?;
     let cfg = config(&args, &v, data);
     cfg.validate()?;
@@ -411,7 +411,7 @@ fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
     enter_tool_device(&device)?;
     let v = resolve(api, &args.model)?;
     // The launching eval resolved the dataset and passes its local directory down.
-    let data = crate::data::dataset_on_host(&args.data, true)?;
+    let data = crate::dataset_location::dataset_on_host(&args.data, true)?;
     let cfg = config(args, &v, data);
     let comm = TensorComm::new(Some(fabric.world()), CommClock::default());
     let result = eval_rank(api, &v, &cfg, tp, rank, comm, &device).with_context(|| format!("rank {rank}"))?;

@@ -21,7 +21,7 @@ pub fn resolve_spec_for(path: &Path, overrides: &[String], world: usize, here: u
     let mut spec = JobSpec::parse(&text, &path.display().to_string(), overrides)?;
     // Only the manifest: an s3:// dataset is read from S3 here (`gantry submit` checks a spec
     // without fetching its data), fetched by the hosts that train on it.
-    let manifest = crate::data::read_manifest_at(&spec.data.path).with_context(|| {
+    let manifest = crate::dataset_location::read_manifest_at(&spec.data.path).with_context(|| {
         format!(
             "data.path = {}: not a gantry dataset (make one with `gantry data synth` or `gantry data prepare`, \
              or copy one there with `gantry data upload`)",

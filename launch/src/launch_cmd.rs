@@ -172,9 +172,9 @@ pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
 /// vocabulary (each shard's largest id from the manifest, or found by that check), else an
 /// error naming the shard, the document and the id. `quiet`: no report line.
 pub(crate) fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
-    let dir = &crate::data::dataset_on_host(&spec.data.path, quiet)?;
+    let dir = &crate::dataset_location::dataset_on_host(&spec.data.path, quiet)?;
     // The ranks' dataset opens look for the verdict in the same place (their default).
-    let root = crate::data::data_cache_root();
+    let root = crate::dataset_location::data_cache_root();
     let host = gantry_sharding::verify::check_on_host(dir, &root, 0)
         .with_context(|| format!("data.path = {}: the dataset does not match its manifest", dir.display()))?;
     if !quiet {

@@ -31,6 +31,7 @@ mod checkpoint_cmd;
 mod cluster;
 mod daemons;
 mod data;
+mod dataset_location;
 mod eval_cmd;
 mod job_spec;
 mod jobfile;

@@ -140,7 +140,8 @@ fn run_rank(
     };
     // The dataset on this host: an s3:// one is fetched into the data cache (each file once
     // per host: the other ranks wait for it and reuse the checked copy).
-    let spec = &crate::data::with_local_dataset(spec, &context).with_context(|| format!("rank {}", boot.rank))?;
+    let spec =
+        &crate::dataset_location::with_local_dataset(spec, &context).with_context(|| format!("rank {}", boot.rank))?;
     let cores = gantry_collectives::HostCores::measure().cores;
     let mut config = FabricConfig {
         wait: WaitPolicy::for_host(boot.local_world, cores),
