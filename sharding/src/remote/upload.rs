@@ -158,25 +158,125 @@ fn load(item: &Item) -> Result<(Bytes, String), RemoteError> {
     Ok((bytes, actual))
 }
 
-/// Whether the object `name` is already complete: listed with the right size, and its record
-/// says the right checksum.
-fn already_there(
+/// Where an upload goes: the store, its settings, and what the prefix held when it started.
+struct Target<'a> {
+    store: &'a Store,
+    opts: &'a RemoteOptions,
+    location: &'a StorageLocation,
+    /// Every object under the prefix, with its size (the files and records of earlier runs).
+    listed: HashMap<String, u64>,
+}
+
+impl Target<'_> {
+    /// Whether the object `name` is already complete: listed with the right size, and its
+    /// record says the right checksum.
+    fn already_there(&self, name: &str, bytes: u64, xxh3: &str) -> Result<bool, RemoteError> {
+        let key = record_key(name);
+        if self.listed.get(name) != Some(&bytes) || !self.listed.contains_key(&key) {
+            return Ok(false);
+        }
+        let raw = with_retry(&self.opts.retry, &self.location.child(&key), || self.store.get(&key))?;
+        Ok(raw
+            .and_then(|r| serde_json::from_slice::<Record>(&r).ok())
+            .is_some_and(|r| r.bytes == bytes && r.xxh3 == xxh3))
+    }
+
+    /// Send one file (checked against the manifest first) and then its record, unless it is
+    /// already complete; whether it was sent. An old record goes before the object is
+    /// rewritten, so a run killed in between never leaves a record vouching for other bytes.
+    fn send_file(&self, item: &Item) -> Result<bool, RemoteError> {
+        let (store, retry, location) = (self.store, &self.opts.retry, self.location);
+        let (bytes, xxh3) = load(item)?;
+        if self.already_there(&item.name, item.bytes, &xxh3)? {
+            return Ok(false);
+        }
+        let record = record_key(&item.name);
+        if self.listed.contains_key(&record) {
+            with_retry(retry, &location.child(&record), || store.delete(&record))?;
+        }
+        with_retry(retry, &location.child(&item.name), || {
+            store.put(&item.name, bytes.clone())
+        })?;
+        let note = Record {
+            bytes: item.bytes,
+            xxh3,
+        };
+        let note = Bytes::from(serde_json::to_vec(&note).expect("a record serializes"));
+        with_retry(retry, &location.child(&record), || store.put(&record, note.clone()))?;
+        Ok(true)
+    }
+
+    /// Every file through [`Self::send_file`] on up to `threads` threads, each taking the next
+    /// file; after a failure no new file starts, and the first failure in file order is the one
+    /// reported.
+    fn send_files(&self, items: &[Item], threads: usize) -> Result<Sent, RemoteError> {
+        let sent = Mutex::new(Sent::default());
+        let next = AtomicUsize::new(0);
+        let failed = Mutex::new(None::<(usize, RemoteError)>);
+        let work = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { return };
+                if failed.lock().expect("no panics while held").is_some() {
+                    return;
+                }
+                match self.send_file(item) {
+                    Ok(true) => {
+                        let mut sent = sent.lock().expect("no panics while held");
+                        sent.bytes += item.bytes;
+                        sent.uploaded.push(item.name.clone());
+                    }
+                    Ok(false) => sent
+                        .lock()
+                        .expect("no panics while held")
+                        .skipped
+                        .push(item.name.clone()),
+                    Err(e) => {
+                        let mut f = failed.lock().expect("no panics while held");
+                        if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                            *f = Some((i, e));
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads.clamp(1, items.len().max(1)) {
+                s.spawn(work);
+            }
+            work();
+        });
+        match failed.into_inner().expect("no panics while held") {
+            Some((_, e)) => Err(e),
+            None => Ok(sent.into_inner().expect("no panics while held")),
+        }
+    }
+}
+
+/// What [`Target::send_files`] sent and skipped.
+#[derive(Default)]
+struct Sent {
+    uploaded: Vec<String>,
+    skipped: Vec<String>,
+    bytes: u64,
+}
+
+/// Every object under `location` with its size, in one listing; a missing bucket is named.
+fn list_prefix(
     store: &Store,
     opts: &RemoteOptions,
     location: &StorageLocation,
-    listed: &HashMap<String, u64>,
-    name: &str,
-    bytes: u64,
-    xxh3: &str,
-) -> Result<bool, RemoteError> {
-    if listed.get(name) != Some(&bytes) || !listed.contains_key(&record_key(name)) {
-        return Ok(false);
+) -> Result<HashMap<String, u64>, RemoteError> {
+    let shown = location.to_string();
+    match with_retry(&opts.retry, &shown, || store.list("")) {
+        Ok(list) => Ok(list.into_iter().collect()),
+        Err(e) if no_bucket(&e) => Err(RemoteError::NoBucket {
+            location: shown,
+            bucket: bucket_of(location),
+        }),
+        Err(e) => Err(e),
     }
-    let key = record_key(name);
-    let raw = with_retry(&opts.retry, &location.child(&key), || store.get(&key))?;
-    Ok(raw
-        .and_then(|r| serde_json::from_slice::<Record>(&r).ok())
-        .is_some_and(|r| r.bytes == bytes && r.xxh3 == xxh3))
 }
 
 /// Upload the finished dataset in `dir` to `location` (see the module documentation). A
@@ -193,17 +293,13 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
 
     // The whole prefix at once: sizes of what is there, records of an earlier run. A missing
     // bucket is named here, before anything is hashed.
-    let listed: HashMap<String, u64> = match with_retry(&opts.retry, &shown, || store.list("")) {
-        Ok(list) => list.into_iter().collect(),
-        Err(e) if no_bucket(&e) => {
-            return Err(RemoteError::NoBucket {
-                location: shown,
-                bucket: bucket_of(location),
-            });
-        }
-        Err(e) => return Err(e),
+    let target = Target {
+        store: &store,
+        opts,
+        location,
+        listed: list_prefix(&store, opts, location)?,
     };
-    if listed.contains_key(MANIFEST) {
+    if target.listed.contains_key(MANIFEST) {
         let object = location.child(MANIFEST);
         let there = with_retry(&opts.retry, &object, || store.get(MANIFEST))?;
         if there.as_deref() == Some(raw.as_slice()) {
@@ -224,76 +320,13 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
             });
         }
     }
-
-    let uploaded = Mutex::new(Vec::new());
-    let skipped = Mutex::new(Vec::new());
-    let sent_bytes = AtomicUsize::new(0);
-    let next = AtomicUsize::new(0);
-    let failed = Mutex::new(None::<(usize, RemoteError)>);
-    let work = || {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(item) = items.get(i) else { return };
-            if failed.lock().expect("no panics while held").is_some() {
-                return;
-            }
-            let result = (|| -> Result<bool, RemoteError> {
-                let (bytes, xxh3) = load(item)?;
-                if already_there(&store, opts, location, &listed, &item.name, item.bytes, &xxh3)? {
-                    return Ok(false);
-                }
-                let record = record_key(&item.name);
-                if listed.contains_key(&record) {
-                    with_retry(&opts.retry, &location.child(&record), || store.delete(&record))?;
-                }
-                with_retry(&opts.retry, &location.child(&item.name), || {
-                    store.put(&item.name, bytes.clone())
-                })?;
-                let note = serde_json::to_vec(&Record {
-                    bytes: item.bytes,
-                    xxh3,
-                })
-                .expect("a record serializes");
-                let note = Bytes::from(note);
-                with_retry(&opts.retry, &location.child(&record), || {
-                    store.put(&record, note.clone())
-                })?;
-                Ok(true)
-            })();
-            match result {
-                Ok(true) => {
-                    sent_bytes.fetch_add(item.bytes as usize, Ordering::Relaxed);
-                    uploaded.lock().expect("no panics while held").push(item.name.clone());
-                }
-                Ok(false) => skipped.lock().expect("no panics while held").push(item.name.clone()),
-                Err(e) => {
-                    let mut f = failed.lock().expect("no panics while held");
-                    // The first failure in file order is the one reported.
-                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
-                        *f = Some((i, e));
-                    }
-                    return;
-                }
-            }
-        }
-    };
-    let threads = opts.upload_files.clamp(1, items.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(work);
-        }
-        work();
-    });
-    if let Some((_, e)) = failed.into_inner().expect("no panics while held") {
-        return Err(e);
-    }
+    let mut sent = target.send_files(&items, opts.upload_files)?;
 
     // Every file is up: the manifest makes it a dataset.
     let object = location.child(MANIFEST);
     let manifest_bytes = Bytes::from(raw.clone());
     with_retry(&opts.retry, &object, || store.put(MANIFEST, manifest_bytes.clone()))?;
-    let mut uploaded = uploaded.into_inner().expect("no panics while held");
-    uploaded.push(MANIFEST.to_string());
+    sent.uploaded.push(MANIFEST.to_string());
     // The records served their purpose; one left behind costs nothing but a listing entry.
     for item in &items {
         let _ = store.delete(&record_key(&item.name));
@@ -301,9 +334,9 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
     Ok(Uploaded {
         location: shown,
         files: items.len() + 1,
-        uploaded,
-        skipped: skipped.into_inner().expect("no panics while held"),
-        bytes_uploaded: sent_bytes.into_inner() as u64 + raw.len() as u64,
+        uploaded: sent.uploaded,
+        skipped: sent.skipped,
+        bytes_uploaded: sent.bytes + raw.len() as u64,
         already_complete: false,
         seconds: started.elapsed().as_secs_f64(),
     })
