@@ -4,7 +4,7 @@
 
 use gantry_checkpoint::{Checkpoint, S3Options, Store, Which};
 use gantry_registry::VersionRecord;
-use gantry_registry::serving::{LanguageModel, LoadedModel, ModelLoader, TextCodec};
+use gantry_registry::serving::{LanguageModel, LoadedModel, ModelLoader, TextCodec, TokenLogprobs};
 use gantry_train::infer::KvModel;
 use gantry_train::model::Model;
 use gantry_train::spec::ModelSpec;
@@ -35,6 +35,22 @@ impl LanguageModel for Served {
     fn release(&mut self, slot: usize) {
         self.0.release(slot)
     }
+    fn prefill_scored(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        top: usize,
+    ) -> Result<(Vec<f32>, Vec<TokenLogprobs>), String> {
+        let (next, scored) = self.0.prefill_scored(slot, tokens, top).map_err(|e| e.to_string())?;
+        let scored = scored
+            .into_iter()
+            .map(|s| TokenLogprobs {
+                logprob: s.logprob,
+                top: s.top,
+            })
+            .collect();
+        Ok((next, scored))
+    }
 }
 
 struct Codec(gantry_sharding::codec::TextCodec);
@@ -46,6 +62,21 @@ impl TextCodec for Codec {
     fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.0.decode(ids)
     }
+    fn token_text(&self, id: u32) -> Option<String> {
+        self.0.token_text(id)
+    }
+}
+
+/// The `chat_template` of the tokenizer settings saved with a checkpoint, if any.
+fn chat_template(ckpt: &Checkpoint) -> Result<Option<String>, String> {
+    let Some(bytes) = weights::asset_from_checkpoint(ckpt, gantry_train::checkpointing::TOKENIZER_CONFIG_ASSET)
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("the checkpoint's tokenizer_config.json: {e}"))?;
+    Ok(config.get("chat_template").and_then(|t| t.as_str()).map(str::to_string))
 }
 
 /// The model section of a version, as the trainer wrote it.
@@ -72,6 +103,7 @@ impl ModelLoader for TchLoader {
             .transpose()
             .map_err(|e| format!("the checkpoint's tokenizer: {e}"))?;
         let eod = codec.as_ref().and_then(|c| c.eod());
+        let chat_template = chat_template(&ckpt)?;
         let kv = KvModel::new(model, self.slots, self.device).map_err(|e| e.to_string())?;
         Ok(LoadedModel {
             bytes: kv.bytes(),
@@ -79,6 +111,7 @@ impl ModelLoader for TchLoader {
             model: Box::new(Served(kv)),
             codec: codec.map(|c| Box::new(Codec(c)) as Box<dyn TextCodec>),
             eod,
+            chat_template,
         })
     }
 

@@ -178,7 +178,7 @@ async fn run_async(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ModelsCommand::List { filter, limit, client } => {
             let api = Api::new(&client)?;
-            let mut path = format!("/v1/models?limit={limit}");
+            let mut path = format!("/v1/registry/models?limit={limit}");
             if let Some(f) = filter {
                 path.push_str(&format!("&filter={}", seg(&f)));
             }

@@ -64,18 +64,18 @@ fn register_alias_resolve_download_and_eval() {
 
     // Listings page.
     srv.register("bert", 10);
-    let page = get(a, "/v1/models?limit=1").json();
+    let page = get(a, "/v1/registry/models?limit=1").json();
     assert_eq!(
         (page["models"][0]["name"].as_str(), page["next"].as_str()),
         (Some("bert"), Some("bert"))
     );
-    let page2 = get(a, "/v1/models?limit=1&after=bert").json();
+    let page2 = get(a, "/v1/registry/models?limit=1&after=bert").json();
     assert_eq!(
         (page2["models"][0]["name"].as_str(), page2["next"].is_null()),
         (Some("gpt"), true)
     );
     assert_eq!(
-        get(a, "/v1/models?filter=er").json()["models"]
+        get(a, "/v1/registry/models?filter=er").json()["models"]
             .as_array()
             .unwrap()
             .len(),
@@ -227,7 +227,7 @@ fn refusals_auth_and_bad_input_are_json_errors() {
         (wrong_method.status, wrong_method.error_code().as_str()),
         (405, "method_not_allowed")
     );
-    assert_eq!(get(a, "/v1/models?limit=zero").error_code(), "bad_request");
+    assert_eq!(get(a, "/v1/registry/models?limit=zero").error_code(), "bad_request");
     assert_eq!(get(a, "/v1/models/Bad%20Name").status, 400);
 
     // Path traversal: 404, whatever the spelling.

@@ -37,6 +37,11 @@ impl TextCodec {
         self.tokenizer.token_to_id(token)
     }
 
+    /// A token as the vocabulary writes it (`<|endoftext|>`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
     /// The end-of-document token `gantry data prepare` appends by default, if this tokenizer
     /// has it.
     pub fn eod(&self) -> Option<u32> {

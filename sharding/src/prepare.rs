@@ -46,6 +46,9 @@ use tokenizers::{AddedToken, Tokenizer};
 pub const DEFAULT_EOD: &str = "<|endoftext|>";
 /// The tokenizer's file name inside the dataset directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Hugging Face's tokenizer settings (`chat_template`, special tokens), kept beside
+/// [`TOKENIZER_FILE`] when the tokenizer came with one.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 /// How plain-text files are cut into documents (JSON-lines files: one document per record).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -496,6 +499,12 @@ fn dataset_tokenizer(
     match &cfg.tokenizer {
         TokenizerSource::File(src) => {
             std::fs::copy(src, &tok_path).map_err(io(src))?;
+            // A Hugging Face model folder keeps its chat template and special tokens in
+            // tokenizer_config.json beside tokenizer.json: it travels with the tokenizer.
+            let config = src.with_file_name(TOKENIZER_CONFIG_FILE);
+            if config.is_file() {
+                std::fs::copy(&config, tmp.join(TOKENIZER_CONFIG_FILE)).map_err(io(&config))?;
+            }
         }
         TokenizerSource::TrainBpe { .. } => {
             tokenizer.save(&tok_path, true).map_err(|e| PrepareError::Io {

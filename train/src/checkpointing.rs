@@ -165,6 +165,9 @@ pub struct Checkpointing {
 /// with every checkpoint, so evaluation and serving decode with what the model was trained on.
 pub const TOKENIZER_ASSET: &str = "asset/tokenizer.json";
 
+/// The dataset's `tokenizer_config.json` (chat template, special tokens), when it has one.
+pub const TOKENIZER_CONFIG_ASSET: &str = "asset/tokenizer_config.json";
+
 /// What every manifest of the run says about the model's parameters (each with its TP split)
 /// and its data (dataset, validation split, tokenizer kind), and the dataset's tokenizer file
 /// if it has one (synthetic and byte-level data do not).
@@ -232,6 +235,11 @@ impl Checkpointing {
         {
             let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
             assets.push((TOKENIZER_ASSET.to_string(), bytes));
+            let config = path.with_file_name(gantry_sharding::prepare::TOKENIZER_CONFIG_FILE);
+            if config.is_file() {
+                let bytes = std::fs::read(&config).map_err(|e| TrainError::io(&config, e))?;
+                assets.push((TOKENIZER_CONFIG_ASSET.to_string(), bytes));
+            }
         }
         Ok(Some(Checkpointing {
             saver: Saver::new(store.clone(), config),

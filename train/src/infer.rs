@@ -173,6 +173,14 @@ pub struct KvModel {
 /// Logits of the next token for one sequence: `[vocab]` as f32.
 pub type Logits = Vec<f32>;
 
+/// A prompt token scored by the model: its log-probability given the tokens before it, and
+/// the most likely tokens at its position (most likely first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoredToken {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 impl KvModel {
     /// A cache of `slots` sequences of up to the model's `seq_len` tokens. `model` must be a
     /// whole model (one stage, TP 1) with its weights loaded, on `device`; the cache is made
@@ -245,6 +253,63 @@ impl KvModel {
     /// Start a sequence in `slot` with `tokens` (1 ..= seq_len of them); returns the logits of
     /// the token after them.
     pub fn prefill(&mut self, slot: usize, tokens: &[u32]) -> Result<Logits, TrainError> {
+        self.check_prefill(slot, tokens)?;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len() as i64;
+        let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
+        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
+        let logits = self.forward(&tokens, &positions, Step::Prefill { slot }, false)?;
+        self.lens[slot] = tokens.size()[1] as usize;
+        Ok(Vec::<f32>::try_from(host_f32(&logits))?)
+    }
+
+    /// [`KvModel::prefill`], and each prompt token after the first scored from the logits at
+    /// the position before it, in the same forward pass (log-softmax in f32, as training's
+    /// cross-entropy), with the `top` most likely tokens there.
+    pub fn prefill_scored(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        top: usize,
+    ) -> Result<(Logits, Vec<ScoredToken>), TrainError> {
+        self.check_prefill(slot, tokens)?;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len() as i64;
+        let input = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
+        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
+        // [n, vocab] in f32 on the host.
+        let all = self
+            .forward(&input, &positions, Step::Prefill { slot }, true)?
+            .to_kind(Kind::Float)
+            .view([n, -1])
+            .to_device(Device::Cpu);
+        self.lens[slot] = tokens.len();
+        let next = Vec::<f32>::try_from(all.get(n - 1))?;
+        if n == 1 {
+            return Ok((next, Vec::new()));
+        }
+        let logp = all.narrow(0, 0, n - 1).log_softmax(-1, Kind::Float);
+        let targets = Tensor::from_slice(&ids[1..]).view([n - 1, 1]);
+        let chosen = Vec::<f32>::try_from(logp.gather(1, &targets, false).view([-1]))?;
+        let k = (top as i64).min(logp.size()[1]);
+        let (top_lp, top_ids) = logp.topk(k, -1, true, true);
+        let top_lp = Vec::<f32>::try_from(top_lp.contiguous().view([-1]))?;
+        let top_ids = Vec::<i64>::try_from(top_ids.contiguous().view([-1]))?;
+        let scored = chosen
+            .iter()
+            .enumerate()
+            .map(|(i, &logprob)| {
+                let row = i * k as usize..(i + 1) * k as usize;
+                ScoredToken {
+                    logprob,
+                    top: top_ids[row.clone()].iter().zip(&top_lp[row]).map(|(&t, &l)| (t as u32, l)).collect(),
+                }
+            })
+            .collect();
+        Ok((next, scored))
+    }
+
+    fn check_prefill(&self, slot: usize, tokens: &[u32]) -> Result<(), TrainError> {
         if slot >= self.slots() || tokens.is_empty() || tokens.len() > self.max_len() {
             return Err(TrainError::Internal(format!(
                 "prefill of {} tokens into slot {slot} (of {}, up to {} tokens)",
@@ -253,13 +318,7 @@ impl KvModel {
                 self.max_len()
             )));
         }
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let n = ids.len() as i64;
-        let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
-        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
-        let logits = self.forward(&tokens, &positions, Step::Prefill { slot })?;
-        self.lens[slot] = tokens.size()[1] as usize;
-        Ok(Vec::<f32>::try_from(host_f32(&logits))?)
+        Ok(())
     }
 
     /// One more token for each `(slot, token)`; returns each slot's next-token logits in
@@ -285,7 +344,7 @@ impl KvModel {
         let positions = Tensor::from_slice(&pos).view([b, 1]).to_device(self.device);
         let slot_ids = Tensor::from_slice(&slots).to_device(self.device);
         let len = pos.iter().max().copied().unwrap_or(0) + 1;
-        let logits = self.forward(&tokens, &positions, Step::Decode { slots: &slot_ids, len })?;
+        let logits = self.forward(&tokens, &positions, Step::Decode { slots: &slot_ids, len }, false)?;
         for &(s, _) in batch {
             self.lens[s] += 1;
         }
@@ -302,13 +361,28 @@ impl KvModel {
 
     /// [`KvModel::run`] without gradients, under bf16 CUDA autocast on a GPU (entered here, on
     /// whichever thread serves the call: the setting is per thread).
-    fn forward(&mut self, tokens: &Tensor, positions: &Tensor, step: Step<'_>) -> Result<Tensor, TrainError> {
+    fn forward(
+        &mut self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        step: Step<'_>,
+        every_position: bool,
+    ) -> Result<Tensor, TrainError> {
         let on_gpu = self.device != Device::Cpu;
-        with_bf16_autocast(on_gpu, || tch::no_grad(|| self.run(tokens, positions, step)))?
+        with_bf16_autocast(on_gpu, || {
+            tch::no_grad(|| self.run(tokens, positions, step, every_position))
+        })?
     }
 
-    /// Tokens `[B, n]` at `positions` `[B, n]` through every unit; the last position's logits.
-    fn run(&mut self, tokens: &Tensor, positions: &Tensor, step: Step<'_>) -> Result<Tensor, TrainError> {
+    /// Tokens `[B, n]` at `positions` `[B, n]` through every unit; the last position's logits
+    /// (`every_position`: the logits at every position, `[B, n, vocab]`).
+    fn run(
+        &mut self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        step: Step<'_>,
+        every_position: bool,
+    ) -> Result<Tensor, TrainError> {
         let mut comm = TensorComm::new(None, CommClock::default());
         let batch = MicroBatch {
             tokens: tokens.shallow_clone(),
@@ -334,6 +408,10 @@ impl KvModel {
                     let out = attend(&self.model, a, input, positions, &mut self.cache[layer], &step);
                     layer += 1;
                     out
+                }
+                Unit::Head(_) if every_position => {
+                    let input = x.as_ref().ok_or_else(|| TrainError::Internal("head without input".into()))?;
+                    self.model.head_logits(u, input)?
                 }
                 Unit::Mlp(_) | Unit::Head(_) => {
                     let mut cx = Fwd {
@@ -465,6 +543,48 @@ mod tests {
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Training's loss over `tokens`: the mean cross-entropy of each token after the first.
+    fn training_loss(model: &Model, tokens: &[u32]) -> f64 {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len() as i64 - 1;
+        let batch = MicroBatch {
+            tokens: Tensor::from_slice(&ids[..n as usize]).view([1, n]),
+            targets: Tensor::from_slice(&ids[1..]).view([1, n]),
+        };
+        let mut tp = TensorComm::new(None, CommClock::default());
+        let (loss, _) =
+            tch::no_grad(|| forward_stage(model, None, &batch, &mut tp, false, false, false).map_err(|e| e.to_string()))
+                .unwrap();
+        loss.double_value(&[])
+    }
+
+    #[test]
+    fn scored_prompts_are_the_training_loss_and_leave_the_slot_ready() {
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let reference = tiny(arch);
+            let mut kv = KvModel::new(tiny(arch), 2, Device::Cpu).unwrap();
+            let a: Vec<u32> = vec![5, 17, 3, 60, 9, 41, 2, 33, 12, 8, 50, 1];
+            let (next, scored) = kv.prefill_scored(1, &a, 3).unwrap();
+            assert_eq!(scored.len(), a.len() - 1);
+            let mean = -scored.iter().map(|s| f64::from(s.logprob)).sum::<f64>() / scored.len() as f64;
+            let loss = training_loss(&reference, &a);
+            assert!((mean - loss).abs() < 1e-5, "{arch:?}: scored {mean} vs training loss {loss}");
+            for s in &scored {
+                assert_eq!(s.top.len(), 3);
+                assert!(s.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                assert!(s.logprob <= s.top[0].1 + 1e-6);
+            }
+            // The same next-token logits as a plain prefill, and the cache is filled as by one.
+            assert!(max_diff(&next, &full_forward(&reference, &a)) < 1e-5);
+            let out = kv.decode(&[(1, 7)]).unwrap();
+            let mut longer = a.clone();
+            longer.push(7);
+            assert!(max_diff(&out[0], &full_forward(&reference, &longer)) < 1e-4, "{arch:?}");
+            // One token: nothing to score.
+            assert!(kv.prefill_scored(0, &[4], 2).unwrap().1.is_empty());
+        }
     }
 
     #[test]

@@ -501,6 +501,19 @@ impl Model {
         }
     }
 
+    /// The logits of head unit `u` at every position of `input` `[B, T, d]` (this rank's
+    /// vocabulary shard; no tensor-parallel cut, so for inference): the norm and projection
+    /// of [`Model::forward_unit`]'s head, for scoring a prompt's own tokens.
+    pub fn head_logits(&self, u: usize, input: &Tensor) -> Result<Tensor, TrainError> {
+        match &self.units[u] {
+            Unit::Head(hd) => {
+                let n = hd.norm.apply(&self.params, input, self.spec.norm_eps);
+                Ok(n.linear::<Tensor>(self.params.get(hd.weight), None))
+            }
+            _ => Err(TrainError::Internal(format!("unit {u} is not the head"))),
+        }
+    }
+
     /// This rank's vocabulary shard (for generation).
     pub fn vocab_shard(&self) -> Option<VocabShard> {
         self.units.iter().find_map(|u| match u {

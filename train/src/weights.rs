@@ -54,12 +54,13 @@ pub fn load_from_checkpoint(model: &Model, ckpt: &Checkpoint) -> Result<(), Trai
 
 /// The tokenizer saved with a checkpoint, if the training data had one.
 pub fn tokenizer_from_checkpoint(ckpt: &Checkpoint) -> Result<Option<Vec<u8>>, TrainError> {
-    let Some((name, dtype, shape)) = ckpt
-        .manifest
-        .tensors()
-        .into_iter()
-        .find(|(n, _, _)| n == TOKENIZER_ASSET)
-    else {
+    asset_from_checkpoint(ckpt, TOKENIZER_ASSET)
+}
+
+/// A file saved beside a checkpoint's tensors ([`TOKENIZER_ASSET`],
+/// [`crate::checkpointing::TOKENIZER_CONFIG_ASSET`]), if it has it.
+pub fn asset_from_checkpoint(ckpt: &Checkpoint, asset: &str) -> Result<Option<Vec<u8>>, TrainError> {
+    let Some((name, dtype, shape)) = ckpt.manifest.tensors().into_iter().find(|(n, _, _)| n == asset) else {
         return Ok(None);
     };
     let mut got = ckpt.load(&[SliceSpec::full(&name, dtype, &shape)])?;

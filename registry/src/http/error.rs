@@ -1,4 +1,6 @@
-//! JSON errors: `{"error": {"code": "unknown_model", "message": "..."}}`.
+//! JSON errors: `{"error": {"code": "unknown_model", "message": "...", "type": "not_found_error",
+//! "param": null}}`: gantry's `code` and `message`, with OpenAI's `type` (from the status) and
+//! `param` (the request field at fault, where one is), so OpenAI clients read them too.
 //!
 //! Statuses: 400 bad input or malformed JSON, 401 missing/invalid token, 403 read token on a
 //! write, 404 unknown model/version/alias/file/route, 405 wrong method, 409 already
@@ -17,6 +19,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault.
+    pub param: Option<String>,
 }
 
 impl ApiError {
@@ -25,7 +29,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            param: None,
         }
+    }
+    pub fn with_param(mut self, param: &str) -> ApiError {
+        self.param = Some(param.to_string());
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -66,14 +75,33 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// OpenAI's error `type` for a status.
+fn error_type(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::CONFLICT => "conflict_error",
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
 pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    error_response(status, code, message, None)
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str, param: Option<&str>) -> Response {
+    let body = serde_json::json!({ "error": {
+        "code": code, "message": message, "type": error_type(status), "param": param,
+    } });
     (status, axum::Json(body)).into_response()
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_error(self.status, self.code, &self.message)
+        error_response(self.status, self.code, &self.message, self.param.as_deref())
     }
 }
 

@@ -9,6 +9,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
     ("get", "/metrics"),
     ("get", "/v1/models"),
+    ("post", "/v1/completions"),
+    ("post", "/v1/chat/completions"),
+    ("get", "/v1/registry/models"),
     ("get", "/v1/models/{model}"),
     ("post", "/v1/models/{model}/generate"),
     ("get", "/v1/models/{model}/versions"),
@@ -122,7 +125,30 @@ pub fn document() -> Value {
                 })), &[400, 401, 404, 415, 422, 501, 503, 507]),
             }},
             "/v1/models": { "get": {
-                "summary": "list models (name contains `filter`), by name",
+                "summary": "OpenAI-compatible: every servable reference (`name`, `name@alias`, `name@N`) as `{object: \"list\", data: [{id, object: \"model\", created, owned_by}]}`",
+                "security": read_security,
+                "responses": responses(("200", ok("the servable references", json!({ "type": "object" }))), &[401]),
+            }},
+            "/v1/completions": { "post": {
+                "summary": "OpenAI-compatible text completion: `model` (a registry reference), `prompt` (string, strings, token ids, lists of token ids), `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `logprobs`, `echo`, `stream` (server-sent `text_completion` chunks, then `data: [DONE]`); OpenAI's response shape with `usage`",
+                "security": read_security,
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
+                "responses": responses(("200", json!({
+                    "description": "the completion (JSON), or an event stream when `stream` is true",
+                    "content": { "application/json": { "schema": { "type": "object" } }, "text/event-stream": { "schema": { "type": "string" } } }
+                })), &[400, 401, 404, 415, 422, 501, 503, 507]),
+            }},
+            "/v1/chat/completions": { "post": {
+                "summary": "OpenAI-compatible chat: `messages` rendered with the model's chat template (or the documented plain default), the sampling fields of /v1/completions, `logprobs` + `top_logprobs`, `stream`",
+                "security": read_security,
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
+                "responses": responses(("200", json!({
+                    "description": "the chat completion (JSON), or an event stream when `stream` is true",
+                    "content": { "application/json": { "schema": { "type": "object" } }, "text/event-stream": { "schema": { "type": "string" } } }
+                })), &[400, 401, 404, 415, 422, 501, 503, 507]),
+            }},
+            "/v1/registry/models": { "get": {
+                "summary": "gantry's listing: models (name contains `filter`), by name, paged",
                 "security": read_security,
                 "parameters": paging(vec![query_param("filter", "string", "substring of the model name")]),
                 "responses": responses(("200", ok("a page of models", schema("ModelPage"))), &[400, 401]),

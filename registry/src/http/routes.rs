@@ -5,7 +5,7 @@ use super::auth::{Scope, Tokens};
 use super::error::{ApiError, JsonBody, json_errors};
 use super::metrics::ServiceMetrics;
 use super::opened::OpenedCheckpoints;
-use super::{files, generate, openapi, tensors};
+use super::{files, generate, openai, openapi, tensors};
 use crate::model::{EvalRecord, VersionRecord};
 use crate::name::{ModelRef, Selector};
 use crate::serving::cache::ModelCache;
@@ -103,7 +103,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .route("/metrics", get(metrics))
         .route("/v1/models/{model}/generate", axum::routing::post(generate::generate))
-        .route("/v1/models", get(list_models))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/completions", axum::routing::post(openai::completions::completions))
+        .route("/v1/chat/completions", axum::routing::post(openai::chat::chat_completions))
+        .route("/v1/registry/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/versions", get(list_versions).post(register))
         .route("/v1/models/{model}/versions/{version}", get(get_version))

@@ -21,6 +21,8 @@ pub struct ServedModel {
     pub engine: EngineHandle,
     pub codec: Option<Box<dyn TextCodec>>,
     pub eod: Option<u32>,
+    /// The Jinja chat template saved with the tokenizer, if any.
+    pub chat_template: Option<String>,
     pub bytes: u64,
     pub max_len: usize,
     pub vocab_size: usize,
@@ -191,6 +193,7 @@ impl ModelCache {
             engine,
             codec: loaded.codec,
             eod: loaded.eod,
+            chat_template: loaded.chat_template,
             bytes: loaded.bytes,
             max_len,
             vocab_size: loaded.vocab_size,
@@ -290,6 +293,7 @@ mod tests {
                 eod: None,
                 bytes: self.bytes,
                 vocab_size: 1,
+                chat_template: None,
             })
         }
         fn estimate_bytes(&self, _: &VersionRecord) -> Option<u64> {

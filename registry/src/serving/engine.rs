@@ -4,11 +4,17 @@
 //! token or the model's context, or when its receiver is dropped (the client went away or
 //! the HTTP layer saw a stop string).
 //!
+//! A request may ask for log-probabilities: of each generated token (from the same logits the
+//! sampler draws from, see [`super::logprobs`]) and of its prompt's own tokens (the model
+//! scores them in the prefill's forward pass). A request for no new tokens (`max_tokens` 0)
+//! only scores its prompt.
+//!
 //! [`Batcher`] is the pure state machine (a model and the requests in, events out); the
 //! engine thread ([`spawn_engine`]) drives it: it blocks while idle and otherwise admits new
 //! requests between steps.
 
 use super::LanguageModel;
+use super::logprobs::{TokenLogprobs, token_logprobs};
 use gantry_sharding::next_token::{SamplingParams, TokenSampler};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,7 +45,10 @@ impl FinishReason {
 /// What the engine sends back for one request, in order: tokens, then one end.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenEvent {
-    Token(u32),
+    /// The prompt's tokens after the first, scored (only when the job asked for them; first).
+    Prompt(Vec<TokenLogprobs>),
+    /// A generated token, with its log-probabilities when the job asked for them.
+    Token(u32, Option<TokenLogprobs>),
     Finished(FinishReason),
     Failed(String),
 }
@@ -47,11 +56,15 @@ pub enum GenEvent {
 /// One request.
 pub struct GenerateJob {
     pub prompt: Vec<u32>,
-    /// At least 1.
+    /// 0: only score the prompt (`prompt_logprobs` must be set).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     /// End at the model's end-of-document token.
     pub stop_at_eod: bool,
+    /// Each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// The prompt tokens' log-probabilities with this many alternatives ([`GenEvent::Prompt`]).
+    pub prompt_logprobs: Option<usize>,
     pub events: UnboundedSender<GenEvent>,
 }
 
@@ -125,14 +138,17 @@ impl Batcher {
         self.decode(model);
     }
 
-    /// Send `token`, count it, and end the request if it is done. Returns whether it goes on.
-    fn emit(&mut self, slot: usize, token: u32, model: &mut dyn LanguageModel) -> bool {
+    /// Sample the next token of `slot` from `logits`, send it, count it, and end the request
+    /// if it is done. Returns whether it goes on.
+    fn emit(&mut self, slot: usize, logits: &[f32], model: &mut dyn LanguageModel) -> bool {
         let eod = self.eod;
         let max_len = self.max_len;
         let a = self.slots[slot].as_mut().expect("emit on an active slot");
+        let token = a.sampler.next(logits);
+        let logprobs = a.job.logprobs.and_then(|k| token_logprobs(logits, token, k));
         a.produced += 1;
         a.last = token;
-        let end = if a.job.events.send(GenEvent::Token(token)).is_err() {
+        let end = if a.job.events.send(GenEvent::Token(token, logprobs)).is_err() {
             Some(None)
         } else if a.job.stop_at_eod && Some(token) == eod {
             Some(Some(FinishReason::Eod))
@@ -166,7 +182,8 @@ impl Batcher {
             if job.events.is_closed() {
                 continue;
             }
-            if job.prompt.is_empty() || job.prompt.len() > self.max_len || job.max_tokens == 0 {
+            let only_scored = job.max_tokens == 0 && job.prompt_logprobs.is_some();
+            if job.prompt.is_empty() || job.prompt.len() > self.max_len || (job.max_tokens == 0 && !only_scored) {
                 let _ = job.events.send(GenEvent::Failed(format!(
                     "a prompt of {} tokens with max_tokens {} does not fit a context of {}",
                     job.prompt.len(),
@@ -176,19 +193,28 @@ impl Batcher {
                 continue;
             }
             self.stats.prefills.fetch_add(1, Ordering::Relaxed);
-            match model.prefill(slot, &job.prompt) {
+            let prefilled = match job.prompt_logprobs {
+                Some(top) => model.prefill_scored(slot, &job.prompt, top).map(|(logits, scored)| {
+                    let _ = job.events.send(GenEvent::Prompt(scored));
+                    logits
+                }),
+                None => model.prefill(slot, &job.prompt),
+            };
+            match prefilled {
+                Ok(_) if only_scored => {
+                    model.release(slot);
+                    let _ = job.events.send(GenEvent::Finished(FinishReason::Length));
+                }
                 Ok(logits) => {
-                    let mut sampler = TokenSampler::new(job.sampling);
-                    let token = sampler.next(&logits);
                     let len = job.prompt.len();
                     self.slots[slot] = Some(Active {
+                        sampler: TokenSampler::new(job.sampling),
                         job,
-                        last: token,
+                        last: 0,
                         produced: 0,
                         len,
-                        sampler,
                     });
-                    self.emit(slot, token, model);
+                    self.emit(slot, &logits, model);
                 }
                 Err(e) => {
                     model.release(slot);
@@ -213,10 +239,8 @@ impl Batcher {
         match model.decode(&batch) {
             Ok(all) if all.len() == batch.len() => {
                 for (&(slot, _), logits) in batch.iter().zip(&all) {
-                    let a = self.slots[slot].as_mut().expect("batched slot is active");
-                    a.len += 1;
-                    let token = a.sampler.next(logits);
-                    self.emit(slot, token, model);
+                    self.slots[slot].as_mut().expect("batched slot is active").len += 1;
+                    self.emit(slot, logits, model);
                 }
             }
             outcome => {
@@ -352,6 +376,20 @@ mod tests {
         fn release(&mut self, slot: usize) {
             self.sums[slot] = None;
         }
+        fn prefill_scored(
+            &mut self,
+            slot: usize,
+            tokens: &[u32],
+            top: usize,
+        ) -> Result<(Vec<f32>, Vec<TokenLogprobs>), String> {
+            let scored = (1..tokens.len())
+                .map(|i| {
+                    let sum = tokens[..i].iter().map(|&t| u64::from(t)).sum();
+                    token_logprobs(&self.logits(sum), tokens[i], top).unwrap()
+                })
+                .collect();
+            Ok((self.prefill(slot, tokens)?, scored))
+        }
     }
 
     fn job(prompt: &[u32], max_tokens: usize) -> (GenerateJob, UnboundedReceiver<GenEvent>) {
@@ -366,6 +404,8 @@ mod tests {
                 max_tokens,
                 sampling,
                 stop_at_eod: true,
+                logprobs: None,
+                prompt_logprobs: None,
                 events: tx,
             },
             rx,
@@ -382,7 +422,7 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..n {
             let t = ((sum + 1) % 50) as u32;
-            out.push(GenEvent::Token(t));
+            out.push(GenEvent::Token(t, None));
             sum += u64::from(t);
         }
         out
@@ -467,7 +507,7 @@ mod tests {
         run(&mut b, &mut m);
         assert_eq!(
             drain(&mut eod_rx),
-            [GenEvent::Token(10), GenEvent::Finished(FinishReason::Eod)]
+            [GenEvent::Token(10, None), GenEvent::Finished(FinishReason::Eod)]
         );
         // Context: a 6-token prompt in a context of 8 gets 3 tokens (positions 6, 7, then full).
         let (j, mut ctx_rx) = job(&[0; 6], 100);
@@ -495,6 +535,39 @@ mod tests {
                 "{prompt:?} {n}"
             );
         }
+    }
+
+    #[test]
+    fn log_probabilities_of_the_prompt_and_of_each_generated_token() {
+        let mut m = Counting::new(2, 64);
+        let mut b = Batcher::new(2, 64, None, Arc::default());
+        // Counting puts logit 1 on (sum + 1) and 0 elsewhere over 50 tokens.
+        let (high, low) = (1.0 - (1f64.exp() + 49.0).ln(), -(1f64.exp() + 49.0).ln());
+        let (mut j, mut rx) = job(&[1, 2, 9], 2);
+        (j.logprobs, j.prompt_logprobs) = (Some(2), Some(1));
+        b.submit(j);
+        run(&mut b, &mut m);
+        let events = drain(&mut rx);
+        let GenEvent::Prompt(scored) = &events[0] else { panic!("{events:?}") };
+        // Token 2 after [1] is the likely one (sum 1 + 1); 9 after [1, 2] is not.
+        assert_eq!(scored.len(), 2);
+        assert!((scored[0].logprob as f64 - high).abs() < 1e-6 && scored[0].top[0].0 == 2);
+        assert!((scored[1].logprob as f64 - low).abs() < 1e-6 && scored[1].top[0].0 == 4);
+        let GenEvent::Token(13, Some(first)) = &events[1] else { panic!("{events:?}") };
+        assert_eq!(first.top.iter().map(|t| t.0).collect::<Vec<_>>(), [13, 0]);
+        assert!(matches!(events[2], GenEvent::Token(26, Some(_))));
+        assert_eq!(events[3], GenEvent::Finished(FinishReason::Length));
+        // max_tokens 0: the prompt is scored, nothing is generated, the slot is free again.
+        let (mut j, mut rx) = job(&[3, 4], 0);
+        j.prompt_logprobs = Some(0);
+        b.submit(j);
+        run(&mut b, &mut m);
+        let events = drain(&mut rx);
+        assert!(
+            matches!(events.as_slice(), [GenEvent::Prompt(p), GenEvent::Finished(FinishReason::Length)] if p.len() == 1 && p[0].top.is_empty()),
+            "{events:?}"
+        );
+        assert!(m.sums.iter().all(Option::is_none));
     }
 
     /// Panics on its first decode.
@@ -528,7 +601,7 @@ mod tests {
             events.push(e);
         }
         assert!(
-            matches!(events.as_slice(), [GenEvent::Token(_), GenEvent::Failed(m)] if m.contains("kernel exploded")),
+            matches!(events.as_slice(), [GenEvent::Token(..), GenEvent::Failed(m)] if m.contains("kernel exploded")),
             "{events:?}"
         );
         // The thread has gone: new work is refused, so the caller can reload the model.
@@ -551,7 +624,7 @@ mod tests {
         for (p, rx) in &mut rxs {
             let mut got = Vec::new();
             while let Some(e) = rx.blocking_recv() {
-                let end = !matches!(e, GenEvent::Token(_));
+                let end = !matches!(e, GenEvent::Token(..));
                 got.push(e);
                 if end {
                     break;

@@ -11,8 +11,10 @@
 
 pub mod cache;
 pub mod engine;
+pub mod logprobs;
 
 use crate::model::VersionRecord;
+pub use logprobs::TokenLogprobs;
 
 /// A model with a KV cache of [`LanguageModel::slots`] sequences, used by one engine thread.
 pub trait LanguageModel: Send {
@@ -26,12 +28,31 @@ pub trait LanguageModel: Send {
     fn decode(&mut self, batch: &[(usize, u32)]) -> Result<Vec<Vec<f32>>, String>;
     /// Forget a slot's sequence.
     fn release(&mut self, slot: usize);
+    /// [`LanguageModel::prefill`], and for each prompt token after the first its
+    /// log-probability given the tokens before it, with the `top` most likely tokens at that
+    /// position (`tokens.len() - 1` entries): what the OpenAI API's `echo` reports. Computed
+    /// by the same forward pass as the prefill, so scoring a prompt costs no second pass.
+    fn prefill_scored(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        top: usize,
+    ) -> Result<(Vec<f32>, Vec<TokenLogprobs>), String> {
+        let _ = (slot, tokens, top);
+        Err("this model cannot score prompt tokens".into())
+    }
 }
 
 /// Text ↔ token ids, with the tokenizer the model was trained with.
 pub trait TextCodec: Send + Sync {
     fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
     fn decode(&self, ids: &[u32]) -> Result<String, String>;
+    /// A token as the vocabulary writes it (`<|endoftext|>` for a special token), for chat
+    /// templates' `bos_token` / `eos_token`.
+    fn token_text(&self, id: u32) -> Option<String> {
+        let _ = id;
+        None
+    }
 }
 
 /// A version ready to serve.
@@ -44,6 +65,9 @@ pub struct LoadedModel {
     /// Memory the loaded model holds (weights and cache), for the cache's limit.
     pub bytes: u64,
     pub vocab_size: usize,
+    /// The chat template saved with the model's tokenizer (a Jinja template, as in Hugging
+    /// Face's `tokenizer_config.json`), for `/v1/chat/completions`.
+    pub chat_template: Option<String>,
 }
 
 /// Makes [`LoadedModel`]s. Called on a blocking thread; may take seconds.
