@@ -48,6 +48,8 @@ pub struct RegistryBenchConfig {
     pub prompt_tokens: usize,
     /// KV-cache slots of the served model (reported; the loader is built with them).
     pub batch_slots: usize,
+    /// Sampling temperature of every request (0: greedy, what a peer's `generate` compares with).
+    pub temperature: f64,
     /// Scratch directory (created, removed at the end).
     pub work: PathBuf,
 }
@@ -376,7 +378,10 @@ async fn bench_generation(server: &Arc<Server>, checkpoint: &str, config: &Regis
         let prompt: Vec<u64> = (0..config.prompt_tokens as u64)
             .map(|k| (k * 31 + i as u64 * 7) % vocab)
             .collect();
-        json!({ "tokens": prompt, "max_tokens": config.max_tokens, "seed": i, "stop_at_eod": false })
+        json!({
+            "tokens": prompt, "max_tokens": config.max_tokens, "seed": i, "stop_at_eod": false,
+            "temperature": config.temperature,
+        })
     };
     // The first request loads the model; not counted.
     let t = Instant::now();
@@ -390,6 +395,7 @@ async fn bench_generation(server: &Arc<Server>, checkpoint: &str, config: &Regis
     Ok(json!({
         "model": v["model_config"], "params": v["tensors"], "max_tokens": config.max_tokens,
         "prompt_tokens": config.prompt_tokens, "batch_slots": config.batch_slots, "load_s": load_s, "runs": runs,
+        "temperature": config.temperature,
     }))
 }
 

@@ -411,6 +411,14 @@ pub struct RegistryBenchArgs {
     /// KV-cache slots of the served model (sequences decoded together).
     #[arg(long, default_value_t = 8)]
     batch_slots: usize,
+    /// Sampling temperature of the generation requests (0: greedy). Prompts are token ids
+    /// `(k * 31 + i * 7) % vocab` for token k of request i, so a peer can send the same.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// libtorch intra-op threads for generation (0: libtorch's default, every core), as
+    /// `gantry registry serve --threads`; a peer compared with it should use the same.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Scratch directory [default: $TMPDIR/gantry-bench-registry-<pid>], removed at the end.
     #[arg(long)]
     work: Option<PathBuf>,
@@ -501,10 +509,14 @@ fn registry(args: RegistryBenchArgs) -> Result<ExitCode> {
         max_tokens: args.max_tokens,
         prompt_tokens: args.prompt_tokens,
         batch_slots: args.batch_slots,
+        temperature: args.temperature,
         work: args
             .work
             .unwrap_or_else(|| std::env::temp_dir().join(format!("gantry-bench-registry-{}", std::process::id()))),
     };
+    if args.threads > 0 {
+        gantry_train::tch::set_num_threads(args.threads as i32);
+    }
     let loader = Arc::new(crate::model_loader::TchLoader {
         slots: args.batch_slots,
         device: gantry_train::tch::Device::Cpu,

@@ -496,9 +496,10 @@ fn attend(
             // a rotary embedding; the cache is bf16 on a GPU).
             let _ = cache_k.index_put_(&index, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
             let _ = cache_v.index_put_(&index, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
-            // Read back in the query's dtype (autocast casts all three to bf16 on a GPU anyway).
-            let keys = cache_k.index_select(0, slots).narrow(2, 0, len).to_kind(q.kind());
-            let values = cache_v.index_select(0, slots).narrow(2, 0, len).to_kind(q.kind());
+            // Read back in the query's dtype (autocast casts all three to bf16 on a GPU anyway);
+            // narrowed first, so only the `len` cached positions are gathered and copied.
+            let keys = cache_k.narrow(2, 0, len).index_select(0, slots).to_kind(q.kind());
+            let values = cache_v.narrow(2, 0, len).index_select(0, slots).to_kind(q.kind());
             let mask = Tensor::arange(len, (Kind::Int64, x.device()))
                 .view([1, len])
                 .le_tensor(&pos.view([b, 1]))
