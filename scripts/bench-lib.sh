@@ -39,21 +39,20 @@ bench_setup() {
 }
 
 # Sets TORCH_PY to a Python whose `import torch` works on this machine, for the PyTorch peers
-# (DCP, eager training, DDP, torchrun): TORCH_PYTHON when set, else .tools/torch-peer, a venv
-# made here on first use with PyPI's torch 2.11.0 and its NVIDIA packages (about 4.9 GB,
-# ~4 minutes: PyPI has no CPU-only wheel, and the --no-deps libtorch venv that tch links
-# against cannot `import torch`). Dies when it still does not import.
+# (DCP, eager training, DDP, torchrun): TORCH_PYTHON when set, else GANTRY_TORCH_PY, else
+# .tools/torch-peer: the venv scripts/setup.sh makes (ensure_hf_peer: PyPI's torch 2.11.0 with
+# its NVIDIA packages, transformers, safetensors, numpy; about 4.9 GB, a few minutes once: PyPI
+# has no CPU-only wheel, and the --no-deps libtorch venv that tch links against cannot
+# `import torch`). Runs setup when that venv does not import yet; dies when it still does not.
 torch_peer_python() {
     if [[ -n ${TORCH_PYTHON:-} ]]; then
         TORCH_PY=$TORCH_PYTHON
     else
-        local venv="$PWD/.tools/torch-peer"
-        TORCH_PY="$venv/bin/python"
+        TORCH_PY=${GANTRY_TORCH_PY:-$PWD/.tools/torch-peer/bin/python}
         if ! "$TORCH_PY" -c 'import torch.distributed.checkpoint' >/dev/null 2>&1; then
-            log "pip install torch==2.11.0 numpy into .tools/torch-peer (about 4.9 GB, once)"
-            [[ -x $TORCH_PY ]] || python3 -m venv "$venv" || die "python3 -m venv $venv failed"
-            "$TORCH_PY" -m pip install --quiet --disable-pip-version-check torch==2.11.0 numpy >&2 ||
-                die "pip install torch into $venv failed"
+            log "making the torch peer venv ($TORCH_PY) with scripts/setup.sh (about 4.9 GB, once)"
+            GANTRY_SKIP_BUILD=1 GANTRY_TORCH_PY=$TORCH_PY bash scripts/setup.sh >&2 ||
+                die "scripts/setup.sh failed to make the torch peer venv"
         fi
     fi
     local err

@@ -20,7 +20,9 @@
 # Exports (also when run, for child processes started from here):
 #   GANTRY_REPO, GANTRY_SHARED (<repo>/../shared), GANTRY_TARGET_DIR,
 #   GANTRY_BIN (release gantry CLI), GANTRY_MPI_ALLREDUCE (C peer benchmark),
-#   GANTRY_PY (Python with numpy, for bench/peers/*.py),
+#   GANTRY_PY (Python with numpy and the openai client, for bench/peers/*.py
+#   and API client tests), GANTRY_TORCH_PY (Python with torch, transformers,
+#   safetensors and numpy: the PyTorch peers and launch/tests/hf_export.rs),
 #   GANTRY_S3S_FS (the s3s-fs S3 test server, for checkpoint/ tests)
 #
 # Extension points: one `ensure_<dependency>` function per dependency, called
@@ -90,6 +92,8 @@ setup_paths() {
     GANTRY_BIN="$GANTRY_TARGET_DIR/release/gantry"
     GANTRY_MPI_ALLREDUCE="$GANTRY_TARGET_DIR/peers/mpi_allreduce"
     GANTRY_PY="$GANTRY_REPO/.tools/py/bin/python"
+    # An explicit GANTRY_TORCH_PY wins (bench-lib.sh and the tests read it too).
+    GANTRY_TORCH_PY="${GANTRY_TORCH_PY:-$GANTRY_REPO/.tools/torch-peer/bin/python}"
     GANTRY_S3S_FS="$GANTRY_REPO/.tools/bin/s3s-fs"
     # tch's build script reads LIBTORCH; the binaries find the libraries
     # through LD_LIBRARY_PATH (tch has no rpath).
@@ -101,7 +105,8 @@ setup_paths() {
         *) LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
     esac
     export LIBTORCH LD_LIBRARY_PATH
-    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY GANTRY_S3S_FS
+    export GANTRY_REPO GANTRY_SHARED GANTRY_TARGET_DIR GANTRY_BIN GANTRY_MPI_ALLREDUCE GANTRY_PY GANTRY_TORCH_PY
+    export GANTRY_S3S_FS
 }
 
 # ---------------------------------------------------------------- dependencies
@@ -143,11 +148,14 @@ ensure_mpi_peer() {
     mv -f "$out.tmp.$$" "$out"
 }
 
-# The Python peers (bench/peers/*.py, e.g. megatron_read.py): a venv at .tools/py
-# with numpy from PyPI. Skipped when the venv's python already imports numpy.
+# The Python peers (bench/peers/*.py, e.g. megatron_read.py) and API client
+# tests: a venv at .tools/py with numpy and the official OpenAI client from PyPI.
+# Skipped when the venv's python already imports both at these versions.
 SETUP_NUMPY_VERSION=2.4.6
+SETUP_OPENAI_VERSION=2.54.0
 ensure_python_peers() {
-    if [[ -x $GANTRY_PY ]] && "$GANTRY_PY" -c 'import numpy' >/dev/null 2>&1; then
+    local want="numpy $SETUP_NUMPY_VERSION openai $SETUP_OPENAI_VERSION"
+    if [[ -x $GANTRY_PY ]] && [[ "$("$GANTRY_PY" -c 'import numpy, openai; print("numpy", numpy.__version__, "openai", openai.__version__)' 2>/dev/null)" == "$want" ]]; then
         return 0
     fi
     local venv="${GANTRY_PY%/bin/python}"
@@ -157,9 +165,36 @@ ensure_python_peers() {
         setup_log "python3 -m venv ${venv#"$GANTRY_REPO"/}"
         python3 -m venv --clear "$venv"
     fi
-    setup_log "pip install numpy==$SETUP_NUMPY_VERSION into ${venv#"$GANTRY_REPO"/}"
-    "$GANTRY_PY" -m pip install --quiet --disable-pip-version-check "numpy==$SETUP_NUMPY_VERSION"
-    "$GANTRY_PY" -c 'import numpy' || setup_die "numpy does not import in $venv after installing it"
+    setup_log "pip install numpy==$SETUP_NUMPY_VERSION openai==$SETUP_OPENAI_VERSION into ${venv#"$GANTRY_REPO"/}"
+    "$GANTRY_PY" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+        "numpy==$SETUP_NUMPY_VERSION" "openai==$SETUP_OPENAI_VERSION"
+    "$GANTRY_PY" -c 'import numpy, openai' || setup_die "numpy or openai does not import in $venv after installing them"
+}
+
+# The PyPI PyTorch peer: a venv at .tools/torch-peer with torch (PyPI's CUDA
+# build, which imports and runs on CPU; about 4.9 GB with its nvidia packages),
+# transformers, safetensors and numpy. The PyTorch benchmarks (bench-lib.sh's
+# torch_peer_python) and launch/tests/hf_export.rs (exports loaded by
+# transformers) use it. Separate from .tools/torch-venv, whose --no-deps torch
+# cannot `import torch`. Skipped when it already imports all four; pip's cache
+# is off so CI's disk does not also hold a 2.5 GB copy of the wheels.
+SETUP_HF_PEER_PKGS=(torch==2.11.0 transformers==5.25.0 safetensors==0.8.0 "numpy==$SETUP_NUMPY_VERSION")
+ensure_hf_peer() {
+    local py="$GANTRY_TORCH_PY"
+    if [[ -x $py ]] && "$py" -c 'import torch, transformers, safetensors, numpy' >/dev/null 2>&1; then
+        return 0
+    fi
+    local venv="${py%/bin/python}"
+    if ! [[ -x $py ]] || ! "$py" -m pip --version >/dev/null 2>&1; then
+        setup_apt_install python3 python3-venv
+        setup_log "python3 -m venv ${venv#"$GANTRY_REPO"/}"
+        python3 -m venv --clear "$venv"
+    fi
+    setup_log "pip install ${SETUP_HF_PEER_PKGS[*]} into ${venv#"$GANTRY_REPO"/} (about 4.9 GB, a few minutes)"
+    "$py" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${SETUP_HF_PEER_PKGS[@]}"
+    local err
+    err=$("$py" -c 'import torch, transformers, safetensors, numpy' 2>&1) ||
+        setup_die "torch/transformers do not import in $venv after installing them: $(tail -n1 <<<"$err")"
 }
 
 # The gantry CLI, release build (the benchmarks run it).
@@ -225,7 +260,8 @@ ensure_s3s_fs() {
 # ---------------------------------------------------------------- main
 
 # Order matters: the peer build needs Open MPI.
-SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_libtorch ensure_s3s_fs ensure_gantry_build)
+SETUP_STEPS=(ensure_rust ensure_openmpi ensure_mpi_peer ensure_python_peers ensure_hf_peer ensure_libtorch ensure_s3s_fs
+    ensure_gantry_build)
 
 setup_main() {
     local arg

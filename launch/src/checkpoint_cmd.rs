@@ -7,12 +7,12 @@ use gantry_checkpoint::export::write_safetensors;
 use gantry_checkpoint::{
     Checkpoint, DType, S3Options, SliceSpec, StorageLocation, Store, StoreConfig, Which, committed_steps,
 };
-use gantry_train::hf::{gpt2_sources, to_gpt2};
-use gantry_train::spec::ModelSpec;
+use gantry_train::checkpointing::TOKENIZER_CONFIG_ASSET;
+use gantry_train::{hf, weights};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -70,7 +70,9 @@ pub enum CheckpointCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write the model as one safetensors file plus a Hugging Face style config.json.
+    /// Write a Hugging Face folder: model.safetensors, config.json and generation_config.json
+    /// (GPT2LMHeadModel or LlamaForCausalLM), and the tokenizer files when the checkpoint has a
+    /// tokenizer; transformers' AutoModelForCausalLM and AutoTokenizer load it as it is.
     Export {
         #[command(flatten)]
         target: Target,
@@ -79,6 +81,10 @@ pub enum CheckpointCommand {
         /// Output directory (created).
         #[arg(long)]
         out: PathBuf,
+        /// A chat template (Jinja) for tokenizer_config.json, instead of the one the dataset's
+        /// tokenizer came with (if any).
+        #[arg(long, value_name = "FILE")]
+        chat_template: Option<PathBuf>,
     },
 }
 
@@ -110,7 +116,12 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<ExitCode> {
         CheckpointCommand::List { url, json, s3 } => list(&url, json, &s3),
         CheckpointCommand::Inspect { target, json } => inspect(&open(&target)?, json),
         CheckpointCommand::Verify { target, json } => verify(&open(&target)?, json),
-        CheckpointCommand::Export { target, out, .. } => export(&open(&target)?, &out),
+        CheckpointCommand::Export {
+            target,
+            out,
+            chat_template,
+            ..
+        } => export(&open(&target)?, &out, chat_template.as_deref()),
     }
 }
 
@@ -250,42 +261,94 @@ fn verify(c: &Checkpoint, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn export(c: &Checkpoint, out: &PathBuf) -> anyhow::Result<ExitCode> {
+fn export(c: &Checkpoint, out: &Path, chat_template: Option<&Path>) -> anyhow::Result<ExitCode> {
     let m = &c.manifest;
-    let model: ModelSpec = serde_json::from_value(m.job.model.clone())
-        .context("the checkpoint's model section is not a gantry model spec")?;
-    let sources = gpt2_sources(&model);
+    let at = |e: hf::HfError| anyhow::anyhow!("{} step {}: {e}", c.store.url(), m.step);
+    let model = hf::model_spec(&m.job.model).map_err(at)?;
+    let chat_template = chat_template
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("--chat-template {}", p.display())))
+        .transpose()?;
+    let sources = hf::sources(&model);
     let requests: Vec<SliceSpec> = sources
         .iter()
         .map(|(name, shape)| SliceSpec::full(name, DType::F32, shape))
         .collect();
     let started = Instant::now();
     let loaded = c.load(&requests)?;
-    let tensors: HashMap<String, (Vec<u64>, Vec<u8>)> =
-        sources.into_iter().zip(loaded).map(|((n, s), b)| (n, (s, b))).collect();
-    let (tensors, config) = match to_gpt2(&model, tensors) {
-        Ok(v) => v,
-        Err(e) => bail!("{}: {e}", c.store.url()),
-    };
+    let tensors: HashMap<String, hf::Source> = sources.into_iter().zip(loaded).map(|((n, s), b)| (n, (s, b))).collect();
+    let tokenizer = weights::tokenizer_from_checkpoint(c)?;
+    let tokenizer_config = weights::asset_from_checkpoint(c, TOKENIZER_CONFIG_ASSET)?;
+    if tokenizer.is_none() && chat_template.is_some() {
+        bail!(
+            "--chat-template: {} step {} has no tokenizer to go with it",
+            c.store.url(),
+            m.step
+        );
+    }
+    let source = tokenizer.as_deref().map(|json| hf::TokenizerSource {
+        tokenizer_json: json,
+        tokenizer_config: tokenizer_config.as_deref(),
+        chat_template: chat_template.as_deref(),
+    });
+    let exported = hf::export(&model, tensors, source).map_err(at)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("gantry_step".to_string(), m.step.to_string()),
         ("gantry_job_id".to_string(), m.job.lineage.job_id.clone()),
     ]);
-    let path = out.join("model.safetensors");
-    let bytes = write_safetensors(&tensors, metadata, &path)?;
-    let config_path = out.join("config.json");
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let bytes = write_safetensors(&exported.tensors, metadata, &out.join("model.safetensors"))?;
+    let files = exported.files();
+    for (name, contents) in &files {
+        let path = out.join(name);
+        std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if exported.tokenizer_files.is_empty() {
+        remove_stale_tokenizer(out)?;
+    }
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
     println!(
-        "exported step {} ({} tensors, {:.1} MiB) to {} and {} in {:.2} s",
+        "exported step {} as {} ({} tensors, {:.1} MiB) to {}: model.safetensors, {} in {:.2} s",
         m.step,
-        tensors.len(),
+        hf::architecture(&model),
+        exported.tensors.len(),
         bytes as f64 / (1 << 20) as f64,
-        path.display(),
-        config_path.display(),
+        out.display(),
+        names.join(", "),
         started.elapsed().as_secs_f64()
     );
+    println!("{}", tokenizer_line(&exported, tokenizer.is_some(), &m.job.data));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the export says about its tokenizer: which token is BOS/EOS, or why there is none.
+fn tokenizer_line(e: &hf::Exported, had_tokenizer: bool, data: &serde_json::Value) -> String {
+    match (&e.eod, had_tokenizer) {
+        (Some(eod), _) => format!("tokenizer: {} (id {}) is the BOS and EOS token", eod.token, eod.id),
+        (None, true) => format!(
+            "tokenizer: written, but it has no {} token: config.json has no bos/eos ids",
+            gantry_sharding::prepare::DEFAULT_EOD
+        ),
+        (None, false) => {
+            let kind = data["tokenizer"]["kind"].as_str().unwrap_or("unknown");
+            format!(
+                "no tokenizer: the checkpoint was trained on token ids (data tokenizer kind: {kind}), so no tokenizer \
+                 files were written and config.json has no bos/eos ids"
+            )
+        }
+    }
+}
+
+/// Tokenizer files an earlier export left in `out`: `AutoTokenizer` would load them as this
+/// model's.
+fn remove_stale_tokenizer(out: &Path) -> anyhow::Result<()> {
+    for name in hf::TOKENIZER_FILES {
+        let path = out.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("removed {} left by an earlier export", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+    }
+    Ok(())
 }

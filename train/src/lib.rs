@@ -24,7 +24,8 @@
 //! - [`checkpointing`]: which slices a rank saves and loads (params, AdamW moments, ZeRO-1
 //!   shards as rectangles), snapshots, resume; the parameter layout and tokenizer saved with
 //!   each checkpoint for evaluation and serving.
-//! - [`hf`]: mapping to Hugging Face GPT-2 names for `gantry checkpoint export`.
+//! - [`hf`]: Hugging Face export (GPT-2 / Llama tensors and configs, tokenizer files) for
+//!   `gantry checkpoint export`.
 //! - [`weights`]: a model's parameters from a checkpoint or a registry TP share;
 //!   [`eval`]: loss and perplexity over a validation split at any TP degree;
 //!   [`infer`]: generation with a KV cache over several sequences at once.
