@@ -20,6 +20,10 @@ pub enum LinkError {
     Io(#[from] io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The data plane's handshake with the peer failed: it does not hold this job's secret,
+    /// or it refused ours. Never blamed on a rank (whoever answered may not be the rank).
+    #[error("authentication failed: {0}")]
+    Auth(String),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,11 @@
 //! lazily, per peer, the first time an operation needs them: shared memory when the peer is on
 //! this host (same hostname and boot id), TCP otherwise, unless [`TransportChoice`] forces one.
 //! [`Fabric::from_bootstrap`] joins from a [`Bootstrap`], the torchrun-compatible variables that
-//! [`crate::rank_env`] writes and reads, so `gantry` ranks start the same way torchrun's do.
+//! [`crate::rank_env`] writes and reads, so `gantry` ranks start the same way torchrun's do;
+//! its job secret ([`Bootstrap::auth`]) authenticates the store and every TCP link
+//! ([`crate::auth`]).
 
+use crate::auth::JobAuth;
 use crate::comm::Communicator;
 use crate::error::{CommError, LinkError};
 use crate::link::Link;
@@ -203,7 +206,9 @@ pub(crate) struct FabricInner {
     /// `key#n`, so a re-created communicator never meets its predecessor's links, ring files
     /// or abort records. Every rank creates groups in the same order, so the suffixes agree.
     instances: Mutex<HashMap<String, u32>>,
-    _server: Option<StoreServer>,
+    /// What this rank proves on every TCP link it dials (`None`: unauthenticated).
+    auth: Option<JobAuth>,
+    server: Option<StoreServer>,
 }
 
 fn setup(e: impl std::fmt::Display) -> CommError {
@@ -225,22 +230,43 @@ fn route_ip_towards(target: &str) -> Option<String> {
 }
 
 impl Fabric {
-    /// Join as `rank` of `world` through `store`. Collective: every rank must call it.
+    /// Join as `rank` of `world` through `store`. Collective: every rank must call it. The TCP
+    /// links of such a world are not authenticated: it is for threads of one process and
+    /// tests; rank processes join with [`Fabric::from_bootstrap`].
     pub fn join(rank: usize, world: usize, store: Arc<dyn Store>, config: FabricConfig) -> Result<Fabric, CommError> {
-        Self::join_inner(rank, world, store, config, None, "127.0.0.1")
+        Self::join_inner(rank, world, store, config, None, "127.0.0.1", None)
     }
 
     /// Join as `boot` places this rank (torchrun's convention: rank 0 serves the TCP store at
-    /// `MASTER_ADDR:MASTER_PORT`, unless the launcher hosts it).
+    /// `MASTER_ADDR:MASTER_PORT`, unless the launcher hosts it). The store and every TCP link
+    /// authenticate with `boot.auth`.
     pub fn from_bootstrap(boot: &Bootstrap, config: FabricConfig) -> Result<Fabric, CommError> {
         let addr = format!("{}:{}", boot.master_addr, boot.master_port);
+        if boot.auth.is_none() {
+            tracing::warn!(
+                rank = boot.rank,
+                "GANTRY_INSECURE_NO_AUTH: this rank's rendezvous store and links accept anyone who can reach them"
+            );
+        }
+        let me = crate::auth::Party::rank(boot.rank);
         let (server, client) = if boot.store_external {
-            (None, TcpStore::connect(&addr, config.join_timeout)?)
+            (
+                None,
+                TcpStore::connect(&addr, config.join_timeout, boot.auth.clone(), me)?,
+            )
         } else {
-            serve_or_connect(boot.rank, &addr, config.join_timeout)?
+            serve_or_connect(boot.rank, &addr, config.join_timeout, boot.auth.clone())?
         };
         let store: Arc<dyn Store> = Arc::new(client);
-        Self::join_inner(boot.rank, boot.world, store, config, server, &boot.master_addr)
+        Self::join_inner(
+            boot.rank,
+            boot.world,
+            store,
+            config,
+            server,
+            &boot.master_addr,
+            boot.auth.clone(),
+        )
     }
 
     fn join_inner(
@@ -250,6 +276,7 @@ impl Fabric {
         config: FabricConfig,
         server: Option<StoreServer>,
         master_addr: &str,
+        auth: Option<JobAuth>,
     ) -> Result<Fabric, CommError> {
         config.validate().map_err(setup)?;
         if rank >= world {
@@ -260,7 +287,7 @@ impl Fabric {
             String::from_utf8_lossy(&store.set_if_absent("gantry/session", proposal.as_bytes())?).into_owned();
         let acceptor = match config.transport {
             TransportChoice::Tcp | TransportChoice::Auto => Some(
-                Acceptor::bind(config.bind_addr.as_str())
+                Acceptor::bind(config.bind_addr.as_str(), rank, auth.clone())
                     .map_err(|e| setup(format!("cannot listen on {}: {e}", config.bind_addr)))?,
             ),
             _ => None,
@@ -297,7 +324,8 @@ impl Fabric {
                 local: None,
                 peers: Mutex::default(),
                 instances: Mutex::default(),
-                _server: server,
+                auth,
+                server,
             }),
         })
     }
@@ -323,7 +351,8 @@ impl Fabric {
                     local: Some(registry.clone()),
                     peers: Mutex::default(),
                     instances: Mutex::default(),
-                    _server: None,
+                    auth: None,
+                    server: None,
                 }),
             })
             .collect()
@@ -448,6 +477,13 @@ impl Fabric {
     pub fn recorders(&self) -> &RecorderSet {
         &self.inner.recorders
     }
+
+    /// Connections this process's link listener and (on the rank that serves it) the
+    /// rendezvous store closed because they failed the handshake, so far.
+    pub fn refused_connections(&self) -> u64 {
+        let links = self.inner.acceptor.as_ref().map_or(0, Acceptor::refused_connections);
+        links + self.inner.server.as_ref().map_or(0, StoreServer::refused_connections)
+    }
 }
 
 fn unique_nanos() -> u128 {
@@ -523,7 +559,7 @@ impl LinkConnector for FabricConnector {
             let addr = info
                 .addr
                 .ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
-            tcp::connect(&addr, &self.key, me, deadline)?
+            tcp::connect(&addr, &self.key, me, peer, f.auth.as_ref(), deadline)?
         } else {
             acceptor.take(&self.key, peer, deadline)?
         };

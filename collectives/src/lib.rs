@@ -20,6 +20,8 @@
 //!   error attribution, `split` into sub-groups.
 //! - [`fabric`]: how a process joins a world: rendezvous through a [`store::Store`], lazy
 //!   per-peer links (shared memory when the peer is on this host, TCP otherwise).
+//! - [`auth`]: the job secret and the handshake that opens every store connection and TCP
+//!   link (HMAC-SHA256 over nonces from both sides); failures are closed, logged, counted.
 //! - [`rank_env`]: a rank process's environment, written by every launcher ([`RankEnv`]:
 //!   torchrun's and gantry's variables, the thread policy) and read back by the rank
 //!   ([`Bootstrap::from_lookup`]) in one place. The library reads no environment itself:
@@ -56,6 +58,7 @@
 //! → `Link`s → peer's `Link` → peer's receive sink (copy or reduce into its buffer).
 
 pub mod algo;
+pub mod auth;
 pub mod comm;
 #[doc(hidden)]
 pub mod conformance;
@@ -76,6 +79,7 @@ pub mod store;
 pub mod tcp;
 pub mod transport;
 
+pub use auth::{JobAuth, JobSecret};
 pub use comm::{Algorithm, CallOptions, Communicator};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{CommError, LinkError};

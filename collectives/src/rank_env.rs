@@ -9,6 +9,11 @@
 //! What is written:
 //! - torchrun's place variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`,
 //!   `MASTER_ADDR`, `MASTER_PORT`), always, replacing inherited ones;
+//! - the job's data-plane secret and what it is bound to ([`Bootstrap::auth`]:
+//!   `GANTRY_JOB_SECRET`, `GANTRY_AUTH_JOB`, `GANTRY_AUTH_ATTEMPT`), replacing inherited ones,
+//!   or removing them for a rank without one. A rank that finds no secret refuses to start
+//!   unless `GANTRY_INSECURE_NO_AUTH=1` (ranks started by torchrun or mpirun need the user's
+//!   own `GANTRY_JOB_SECRET`). The secret is never printed: [`JobSecret`]'s `Debug` redacts it;
 //! - torchrun's elastic-agent variables ([`Elastic`]: `TORCHELASTIC_*`, and with a
 //!   [`NodePlace`] `GROUP_RANK`, `GROUP_WORLD_SIZE`, `ROLE_*`) for launchers that promise
 //!   torchrun compatibility;
@@ -21,6 +26,7 @@
 //!
 //! No environment is read here: launchers pass the parent environment in, ranks pass a lookup.
 
+use crate::auth::{JobAuth, JobSecret, SecretError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -40,6 +46,15 @@ pub const JOB_NAME: &str = "GANTRY_JOB_NAME";
 pub const ATTEMPT: &str = "GANTRY_ATTEMPT";
 /// Where the rank writes its per-step progress for the worker.
 pub const PROGRESS_FILE: &str = "GANTRY_PROGRESS_FILE";
+/// The job's data-plane secret (at least 16 characters; see [`crate::auth`]).
+pub const JOB_SECRET: &str = "GANTRY_JOB_SECRET";
+/// The job id bound into every handshake; absent: torchrun's `TORCHELASTIC_RUN_ID`, else empty.
+pub const AUTH_JOB: &str = "GANTRY_AUTH_JOB";
+/// The attempt (from 1) bound into every handshake; absent: torchrun's
+/// `TORCHELASTIC_RESTART_COUNT` + 1, else 1.
+pub const AUTH_ATTEMPT: &str = "GANTRY_AUTH_ATTEMPT";
+/// `1`: run without a job secret (the store and links then accept anyone who can reach them).
+pub const INSECURE_NO_AUTH: &str = "GANTRY_INSECURE_NO_AUTH";
 
 /// A torchrun-style variable that is missing or unusable; names the variable.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +72,17 @@ pub enum EnvError {
     /// A value that parsed but breaks a rule of the configuration it sets.
     #[error("{0}")]
     Rule(String),
+    #[error(
+        "GANTRY_JOB_SECRET is not set: a gantry rank proves its job's secret on every rendezvous-store and \
+         peer connection. gantry's launchers (launch, workers, Slurm tasks) set it; for ranks another \
+         launcher starts (torchrun, mpirun) put the same secret of at least 16 characters in every rank's \
+         environment (e.g. GANTRY_JOB_SECRET=$(openssl rand -hex 32)), or set GANTRY_INSECURE_NO_AUTH=1 \
+         to accept anyone who can reach the ranks"
+    )]
+    NoSecret,
+    /// `GANTRY_JOB_SECRET` is unusable (the value is never repeated).
+    #[error("GANTRY_JOB_SECRET: {0}")]
+    Secret(SecretError),
 }
 
 /// Where this rank sits and where the rendezvous store is, as torchrun passes it.
@@ -72,11 +98,15 @@ pub struct Bootstrap {
     pub store_external: bool,
     /// The rank sees only its own GPUs (`GANTRY_OWN_GPUS=1`, see [`OWN_GPUS`]).
     pub own_gpus: bool,
+    /// The job's secret and the job and attempt it is bound to: every store and link
+    /// connection proves it. `None` only with `GANTRY_INSECURE_NO_AUTH=1`.
+    #[serde(skip)]
+    pub auth: Option<JobAuth>,
 }
 
 impl Bootstrap {
     /// Rank `rank` of a world of `world` ranks all on this host, the store at
-    /// `127.0.0.1:master_port`.
+    /// `127.0.0.1:master_port`, without a job secret (launchers add theirs).
     pub fn local(rank: usize, world: usize, master_port: u16, store_external: bool) -> Bootstrap {
         Bootstrap {
             rank,
@@ -87,12 +117,14 @@ impl Bootstrap {
             master_port,
             store_external,
             own_gpus: false,
+            auth: None,
         }
     }
 
     /// Read `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-    /// `MASTER_PORT` (torchrun's names), `GANTRY_STORE_EXTERNAL` and `GANTRY_OWN_GPUS` through `get` (the
-    /// binary passes `|k| std::env::var(k).ok()`). `Ok(None)` when `RANK` is not set.
+    /// `MASTER_PORT` (torchrun's names), `GANTRY_STORE_EXTERNAL`, `GANTRY_OWN_GPUS` and the job
+    /// secret ([`job_auth`]) through `get` (the binary passes `|k| std::env::var(k).ok()`).
+    /// `Ok(None)` when `RANK` is not set.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Bootstrap>, EnvError> {
         let Some(rank) = get("RANK") else { return Ok(None) };
         let flag = |var: &str| get(var).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
@@ -128,8 +160,35 @@ impl Bootstrap {
             master_port,
             store_external: flag(STORE_EXTERNAL),
             own_gpus: flag(OWN_GPUS),
+            auth: job_auth(&get)?,
         }))
     }
+}
+
+/// The rank's [`JobAuth`]: `GANTRY_JOB_SECRET`, bound to `GANTRY_AUTH_JOB` and
+/// `GANTRY_AUTH_ATTEMPT` as gantry's launchers write them, or, for ranks torchrun started, to
+/// its `TORCHELASTIC_RUN_ID` and `TORCHELASTIC_RESTART_COUNT` + 1. Without a secret:
+/// [`EnvError::NoSecret`], or `None` under `GANTRY_INSECURE_NO_AUTH=1`.
+pub fn job_auth(get: &impl Fn(&str) -> Option<String>) -> Result<Option<JobAuth>, EnvError> {
+    let Some(secret) = get(JOB_SECRET).filter(|s| !s.trim().is_empty()) else {
+        let insecure = get(INSECURE_NO_AUTH).is_some_and(|v| v.trim() == "1" || v.trim().eq_ignore_ascii_case("true"));
+        return if insecure { Ok(None) } else { Err(EnvError::NoSecret) };
+    };
+    let secret = JobSecret::parse(&secret).map_err(EnvError::Secret)?;
+    let count = |var: &'static str, value: String| -> Result<u32, EnvError> {
+        value.trim().parse().map_err(|_| EnvError::Invalid {
+            var,
+            value,
+            expected: "a non-negative integer",
+        })
+    };
+    let attempt = match (get(AUTH_ATTEMPT), get("TORCHELASTIC_RESTART_COUNT")) {
+        (Some(a), _) => count(AUTH_ATTEMPT, a)?,
+        (None, Some(restarts)) => count("TORCHELASTIC_RESTART_COUNT", restarts)?.saturating_add(1),
+        (None, None) => 1,
+    };
+    let job = get(AUTH_JOB).or_else(|| get("TORCHELASTIC_RUN_ID")).unwrap_or_default();
+    Ok(Some(JobAuth::new(secret, job.trim(), attempt)))
 }
 
 /// torchrun's elastic-agent variables.
@@ -350,6 +409,11 @@ impl RankEnv {
         if p.own_gpus {
             vars.push((OWN_GPUS, "1".into()));
         }
+        if let Some(auth) = &p.auth {
+            vars.push((JOB_SECRET, auth.secret.expose().to_string()));
+            vars.push((AUTH_JOB, auth.job.clone()));
+            vars.push((AUTH_ATTEMPT, auth.attempt.to_string()));
+        }
         if let Some(e) = &self.elastic {
             vars.push(("TORCHELASTIC_RESTART_COUNT", e.restart_count.to_string()));
             vars.push(("TORCHELASTIC_RUN_ID", e.run_id.clone()));
@@ -404,6 +468,12 @@ impl RankEnv {
         if !self.place.own_gpus {
             env.remove(&OsString::from(OWN_GPUS));
         }
+        if self.place.auth.is_none() {
+            // An inherited secret is not this rank's: its launcher gave it none.
+            for var in [JOB_SECRET, AUTH_JOB, AUTH_ATTEMPT] {
+                env.remove(&OsString::from(var));
+            }
+        }
         for (k, v) in self.vars() {
             env.insert(k.into(), v.into());
         }
@@ -435,6 +505,12 @@ mod tests {
         }
     }
 
+    const SECRET: &str = "rank-env-test-secret-42";
+
+    fn job_auth_of(job: &str, attempt: u32) -> JobAuth {
+        JobAuth::new(JobSecret::parse(SECRET).unwrap(), job, attempt)
+    }
+
     fn full() -> RankEnv {
         RankEnv {
             place: Bootstrap {
@@ -446,6 +522,7 @@ mod tests {
                 master_port: 29517,
                 store_external: false,
                 own_gpus: false,
+                auth: Some(job_auth_of("12", 3)),
             },
             elastic: Some(Elastic {
                 run_id: "gantry-12".into(),
@@ -474,6 +551,8 @@ mod tests {
             (STORE_EXTERNAL, "1"),
             (OWN_GPUS, "1"),
             ("LOCAL_RANK", "7"),
+            (JOB_SECRET, "a-stale-secret-of-another-job"),
+            (AUTH_JOB, "99"),
         ];
         let parent = stale.iter().map(|(k, v)| (k.into(), v.into()));
         for (store_external, own_gpus) in [(false, false), (true, false), (false, true)] {
@@ -484,10 +563,84 @@ mod tests {
             assert_eq!(Bootstrap::from_lookup(lookup(&env)), Ok(Some(rank.place.clone())));
             assert_eq!(JobEnv::from_lookup(lookup(&env)), Ok(rank.job.clone()));
         }
-        let local = RankEnv::new(Bootstrap::local(2, 3, 4000, true));
+        let local = RankEnv::new(Bootstrap {
+            auth: Some(job_auth_of("", 1)),
+            ..Bootstrap::local(2, 3, 4000, true)
+        });
         let env = local.environment([]);
         assert_eq!(Bootstrap::from_lookup(lookup(&env)), Ok(Some(local.place)));
         assert_eq!(JobEnv::from_lookup(lookup(&env)), Ok(None));
+    }
+
+    #[test]
+    fn the_secret_is_written_read_back_and_never_printed() {
+        let rank = full();
+        let env = rank.environment([]);
+        let get = lookup(&env);
+        assert_eq!(get(JOB_SECRET).as_deref(), Some(SECRET));
+        assert_eq!(get(AUTH_JOB).as_deref(), Some("12"));
+        assert_eq!(get(AUTH_ATTEMPT).as_deref(), Some("3"));
+        assert!(!format!("{rank:?}").contains(SECRET), "{rank:?}");
+        let read = Bootstrap::from_lookup(lookup(&env)).unwrap().unwrap();
+        assert!(!format!("{read:?}").contains(SECRET));
+        assert!(!serde_json::to_string(&read).unwrap().contains(SECRET));
+
+        // A launcher that gives no secret removes an inherited one, and the rank then refuses
+        // to start unless the user opted out.
+        let bare = RankEnv::new(Bootstrap::local(0, 2, 4000, false));
+        let env = bare.environment([(JOB_SECRET.into(), "inherited-secret-0123456789".into())]);
+        assert_eq!(lookup(&env)(JOB_SECRET), None);
+        assert_eq!(Bootstrap::from_lookup(lookup(&env)), Err(EnvError::NoSecret));
+        let env = bare.environment([(INSECURE_NO_AUTH.into(), "1".into())]);
+        assert_eq!(Bootstrap::from_lookup(lookup(&env)).unwrap().unwrap().auth, None);
+    }
+
+    #[test]
+    fn ranks_torchrun_started_bind_its_run_id_and_restart_count() {
+        let base = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29500")];
+        let auth_of = |pairs: &[(&str, &str)]| {
+            let all: Vec<(&str, &str)> = base.iter().chain(pairs).copied().collect();
+            Bootstrap::from_lookup(|k| all.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+                .map(|b| b.unwrap().auth)
+        };
+        let secret = (JOB_SECRET, SECRET);
+        assert_eq!(auth_of(&[secret]), Ok(Some(job_auth_of("", 1))));
+        assert_eq!(
+            auth_of(&[
+                secret,
+                ("TORCHELASTIC_RUN_ID", "tr-9"),
+                ("TORCHELASTIC_RESTART_COUNT", "2")
+            ]),
+            Ok(Some(job_auth_of("tr-9", 3)))
+        );
+        // gantry's own variables win.
+        assert_eq!(
+            auth_of(&[
+                secret,
+                ("TORCHELASTIC_RUN_ID", "tr-9"),
+                (AUTH_JOB, "7"),
+                (AUTH_ATTEMPT, "4")
+            ]),
+            Ok(Some(job_auth_of("7", 4)))
+        );
+        // A secret set wins over the opt-out.
+        assert_eq!(
+            auth_of(&[secret, (INSECURE_NO_AUTH, "1")]),
+            Ok(Some(job_auth_of("", 1)))
+        );
+        assert_eq!(auth_of(&[]), Err(EnvError::NoSecret));
+        assert_eq!(auth_of(&[(JOB_SECRET, "  ")]), Err(EnvError::NoSecret));
+        assert_eq!(auth_of(&[(INSECURE_NO_AUTH, "true")]), Ok(None));
+        assert_eq!(auth_of(&[(INSECURE_NO_AUTH, "0")]), Err(EnvError::NoSecret));
+        // Bad values are named, and the secret is never echoed.
+        let e = auth_of(&[(JOB_SECRET, "hunter2")]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "GANTRY_JOB_SECRET: the job secret is 7 characters; it must have at least 16"
+        );
+        let e = auth_of(&[secret, (AUTH_ATTEMPT, "x")]).unwrap_err().to_string();
+        assert_eq!(e, "GANTRY_AUTH_ATTEMPT=`x` is not a non-negative integer");
+        assert!(EnvError::NoSecret.to_string().contains("GANTRY_INSECURE_NO_AUTH=1"));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Start a world of rank processes on this host: the launcher hosts the rendezvous store
 //! ([`HostedStore`]) and passes each child the variables [`RankEnv`] writes, with
-//! `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins the launcher's store instead of serving one).
+//! `GANTRY_STORE_EXTERNAL=1` (so rank 0 joins the launcher's store instead of serving one) and
+//! a job secret the store generates for this run alone.
 //! The `gantry` binary's one local rank supervisor (`launch/src/local_ranks.rs`, behind
 //! `--local`, `--nproc`, `gantry eval` and `gantry bench collectives`) uses [`HostedStore`];
 //! [`spawn_local_world`] is the multi-process tests' small harness (this crate cannot use the
 //! binary's supervisor).
 
+use crate::auth::{JobAuth, JobSecret, Party};
 use crate::rank_env::{Bootstrap, RankEnv};
 use crate::shm::remove_session_files;
 use crate::store::{Store, StoreError, StoreServer, TcpStore};
@@ -15,15 +17,20 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A rendezvous store a launcher serves on `127.0.0.1` for the ranks it starts.
+/// A rendezvous store a launcher serves on `127.0.0.1` for the ranks it starts, with a fresh
+/// job secret: one per run (the job id it binds is empty, attempt 1).
 pub struct HostedStore {
     server: StoreServer,
+    auth: JobAuth,
 }
 
 impl HostedStore {
     pub fn bind() -> Result<HostedStore, StoreError> {
+        let secret = JobSecret::generate().map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        let auth = JobAuth::new(secret, "", 1);
         Ok(HostedStore {
-            server: StoreServer::bind("127.0.0.1:0")?,
+            server: StoreServer::bind("127.0.0.1:0", Some(auth.clone()))?,
+            auth,
         })
     }
 
@@ -31,9 +38,22 @@ impl HostedStore {
         self.server.local_addr().port()
     }
 
+    /// What the ranks of this store prove (for a launcher or test that talks to them).
+    pub fn auth(&self) -> &JobAuth {
+        &self.auth
+    }
+
+    /// Connections the store closed because they failed the handshake, so far.
+    pub fn refused_connections(&self) -> u64 {
+        self.server.refused_connections()
+    }
+
     /// The environment of rank `rank` of `world` ranks joining this store.
     pub fn rank_env(&self, rank: usize, world: usize) -> RankEnv {
-        RankEnv::new(Bootstrap::local(rank, world, self.port(), true))
+        RankEnv::new(Bootstrap {
+            auth: Some(self.auth.clone()),
+            ..Bootstrap::local(rank, world, self.port(), true)
+        })
     }
 
     /// Shared-memory ring files are unlinked once both ends map them; a rank that died before
@@ -41,7 +61,8 @@ impl HostedStore {
     /// the session and removes what is left once every rank is gone.
     pub fn remove_ring_files(&self) {
         let addr = self.server.local_addr().to_string();
-        let Ok(client) = TcpStore::connect(&addr, Duration::from_secs(2)) else {
+        let Ok(client) = TcpStore::connect(&addr, Duration::from_secs(2), Some(self.auth.clone()), Party::Launcher)
+        else {
             return;
         };
         if let Ok(Some(session)) = client.try_get("gantry/session") {

@@ -2,11 +2,16 @@
 //! buffers, nonblocking I/O driven by [`crate::transport::MeshTransport`].
 //!
 //! Connection set-up: every process runs one [`Acceptor`] (a listener thread). For each pair
-//! the higher global rank connects to the lower one's advertised address and sends a small
-//! handshake (magic, its global rank, communicator key); the acceptor files the stream under
-//! (key, rank) until the lower rank asks for it. Small reads go through a 64 KiB buffer (one
+//! the higher global rank connects to the lower one's advertised address and runs the data
+//! plane's handshake ([`crate::auth::handshake`], channel `Link`: both ranks prove they hold
+//! the job's secret; the hello names the connecting rank and the communicator key); the
+//! acceptor files an authenticated stream under (key, rank) until the lower rank asks for it,
+//! and closes, logs and counts any other. Small reads go through a 64 KiB buffer (one
 //! syscall for a header and its payload); large reads land directly in the destination.
 
+use crate::auth::handshake::{Channel, Client, HandshakeError, MAX_KEY_LEN, Server};
+use crate::auth::stream::{self as handshake, ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
+use crate::auth::{JobAuth, Party};
 use crate::error::LinkError;
 use crate::link::{Interest, Link, LinkKind};
 use socket2::SockRef;
@@ -19,8 +24,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const HANDSHAKE_MAGIC: [u8; 4] = *b"GNTC";
-const MAX_KEY_LEN: usize = 1024;
 const READ_BUF: usize = 64 * 1024;
 /// Socket buffer size asked of the kernel (it may grant less, or double it).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -181,31 +184,55 @@ pub struct Acceptor {
     addr: SocketAddr,
     pending: Arc<(Pending, Condvar)>,
     stop: Arc<AtomicBool>,
+    refusals: Arc<Refusals>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// What every handshake thread of one acceptor needs.
+struct Listening {
+    pending: Arc<(Pending, Condvar)>,
+    refusals: Arc<Refusals>,
+    /// `None`: peers must have no secret either (GANTRY_INSECURE_NO_AUTH).
+    auth: Option<JobAuth>,
+    me: usize,
+}
+
 impl Acceptor {
-    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Acceptor> {
+    /// Listen on `addr` for the peers of global rank `me`; each must prove `auth`'s secret.
+    pub fn bind(addr: impl ToSocketAddrs, me: usize, auth: Option<JobAuth>) -> io::Result<Acceptor> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let pending: Arc<(Pending, Condvar)> = Arc::default();
+        let refusals = Arc::new(Refusals::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (pending, stop) = (pending.clone(), stop.clone());
+            let stop = stop.clone();
+            let listening = Arc::new(Listening {
+                pending: pending.clone(),
+                refusals: refusals.clone(),
+                auth,
+                me,
+            });
             std::thread::Builder::new()
                 .name("gantry-accept".into())
-                .spawn(move || accept_loop(listener, pending, stop))?
+                .spawn(move || accept_loop(listener, listening, stop))?
         };
         Ok(Acceptor {
             addr,
             pending,
             stop,
+            refusals,
             thread: Some(thread),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections closed because they failed the handshake, so far.
+    pub fn refused_connections(&self) -> u64 {
+        self.refusals.count()
     }
 
     /// Wait for `peer` to connect for communicator `key`.
@@ -241,51 +268,65 @@ impl Drop for Acceptor {
     }
 }
 
-fn accept_loop(listener: TcpListener, pending: Arc<(Pending, Condvar)>, stop: Arc<AtomicBool>) {
-    for conn in listener.incoming() {
+fn accept_loop(listener: TcpListener, listening: Arc<Listening>, stop: Arc<AtomicBool>) {
+    loop {
+        let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = conn else { continue };
-        let pending = pending.clone();
-        // Read the handshake off the accept thread so a silent client cannot block others.
+        let Ok((stream, peer)) = accepted else { continue };
+        let listening = listening.clone();
+        // The handshake runs off the accept thread so a silent client cannot block others.
         let _ = std::thread::Builder::new()
             .name("gantry-handshake".into())
-            .spawn(move || match read_handshake(&stream) {
-                Ok((key, rank)) => {
-                    let (lock, cv) = &*pending;
-                    lock.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((key, rank), stream);
-                    cv.notify_all();
-                }
-                Err(e) => tracing::warn!("rejected a peer connection: {e}"),
-            });
+            .spawn(move || listening.handshake(stream, peer));
     }
 }
 
-fn read_handshake(mut stream: &TcpStream) -> io::Result<(String, usize)> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut head = [0u8; 4 + 4 + 2];
-    stream.read_exact(&mut head)?;
-    if head[..4] != HANDSHAKE_MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad handshake magic"));
+impl Listening {
+    /// File an authenticated stream for the rank that will ask for it; close anything else.
+    /// A refusal is logged and counted, never reported as a failure of a rank: the rank the
+    /// stream claimed to come from is whoever the peer said, and it proved nothing.
+    fn handshake(&self, stream: TcpStream, peer: SocketAddr) {
+        let server = Server {
+            auth: self.auth.as_ref(),
+            channel: Channel::Link,
+            me: Party::rank(self.me),
+        };
+        match handshake::serve(&stream, server, Instant::now() + ACCEPT_TIMEOUT) {
+            Ok(accepted) => {
+                let Party::Rank(rank) = accepted.client else {
+                    // `Server::challenge` admits only ranks to a link; be safe anyway.
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                };
+                let (lock, cv) = &*self.pending;
+                lock.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((accepted.key, rank as usize), stream);
+                cv.notify_all();
+            }
+            Err(e) => {
+                let listener = format!("rank {}'s link listener", self.me);
+                self.refusals.refuse(&listener, peer, &e);
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
     }
-    let rank = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
-    let key_len = u16::from_le_bytes(head[8..10].try_into().unwrap()) as usize;
-    if key_len > MAX_KEY_LEN {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "handshake key too long"));
-    }
-    let mut key = vec![0u8; key_len];
-    stream.read_exact(&mut key)?;
-    stream.set_read_timeout(None)?;
-    let key = String::from_utf8(key).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "key not UTF-8"))?;
-    Ok((key, rank))
 }
 
-/// Connect to `addr` (retrying until `deadline`: the peer may still be starting) and introduce
-/// ourselves as global rank `me` for communicator `key`.
-pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<TcpStream, LinkError> {
+/// Connect to global rank `peer` at `addr` (retrying until `deadline`: the peer may still be
+/// starting) as global rank `me`, for communicator `key`, and prove `auth`'s secret. A peer
+/// that does not answer the handshake in time is retried like one that is not listening
+/// yet; one whose proof or verdict fails is an [`LinkError::Auth`], which blames nobody.
+pub fn connect(
+    addr: &str,
+    key: &str,
+    me: usize,
+    peer: usize,
+    auth: Option<&JobAuth>,
+    deadline: Instant,
+) -> Result<TcpStream, LinkError> {
     if key.len() > MAX_KEY_LEN {
         return Err(LinkError::Protocol(format!(
             "communicator key is {} bytes, the TCP handshake allows {MAX_KEY_LEN}: `{key:.64}…`",
@@ -307,17 +348,29 @@ pub fn connect(addr: &str, key: &str, me: usize, deadline: Instant) -> Result<Tc
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
-            match TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(5))) {
-                Ok(mut s) => {
-                    let mut hs = Vec::with_capacity(10 + key.len());
-                    hs.extend_from_slice(&HANDSHAKE_MAGIC);
-                    hs.extend_from_slice(&(me as u32).to_le_bytes());
-                    hs.extend_from_slice(&(key.len() as u16).to_le_bytes());
-                    hs.extend_from_slice(key.as_bytes());
-                    s.write_all(&hs)?;
-                    return Ok(s);
+            let s = match TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(5))) {
+                Ok(s) => s,
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
                 }
-                Err(e) => last_err = Some(e),
+            };
+            let client = Client {
+                auth,
+                channel: Channel::Link,
+                me: Party::rank(me),
+                peer: Party::rank(peer),
+                key,
+            };
+            let by = deadline.min(Instant::now() + DIAL_TIMEOUT);
+            match handshake::dial(&s, client, by) {
+                Ok(()) => return Ok(s),
+                Err(HandshakeError::Io(e)) => last_err = Some(e),
+                Err(e) => {
+                    return Err(LinkError::Auth(format!(
+                        "the link to rank {peer} at {addr} (`{key}`): {e}"
+                    )));
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -2,6 +2,7 @@
 //! ever sees well-formed values; a bad field becomes `InvalidArgument` naming it.
 
 use crate::core::{self as c, Job, Scheduler, Worker};
+use crate::job_secret::JobSecrets;
 use crate::proto as p;
 use tonic::Status;
 
@@ -155,7 +156,8 @@ fn program(p: &c::Program) -> p::JobProgram {
     p::JobProgram { kind: Some(kind) }
 }
 
-pub fn assignment(job: &Job, rank: u32) -> p::RankAssignment {
+/// What a worker needs to start `rank` of `job`, this attempt's secret included.
+pub fn assignment(job: &Job, rank: u32, secrets: &JobSecrets) -> p::RankAssignment {
     let slot = &job.placement[rank as usize];
     p::RankAssignment {
         job: job.id,
@@ -174,13 +176,14 @@ pub fn assignment(job: &Job, rank: u32) -> p::RankAssignment {
         resume: job.attempt > 1,
         job_name: job.request.name.clone(),
         env: job.request.env.clone().into_iter().collect(),
+        job_secret: secrets.for_attempt(job.id, job.attempt),
     }
 }
 
-pub fn desired(s: &Scheduler, worker: &str) -> Vec<p::RankAssignment> {
+pub fn desired(s: &Scheduler, worker: &str, secrets: &JobSecrets) -> Vec<p::RankAssignment> {
     s.desired(worker)
         .into_iter()
-        .map(|(job, rank)| assignment(job, rank))
+        .map(|(job, rank)| assignment(job, rank, secrets))
         .collect()
 }
 

@@ -17,11 +17,13 @@
 //!   shutdown future completes: the one daemon shape, shared with the worker and the registry.
 //!
 //! The wire types are generated from `proto/gantry.proto` into [`proto`]; [`auth`] holds
-//! the token interceptors and TLS settings that workers and the CLI share.
+//! the token interceptors and TLS settings that workers and the CLI share; [`job_secret`]
+//! derives each attempt's data-plane secret, which reaches the ranks in their assignments.
 
 pub mod auth;
 pub mod convert;
 pub mod core;
+pub mod job_secret;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -121,7 +121,7 @@ impl p::cluster_server::Cluster for Coordinator {
         Ok(Response::new(p::RegisterReply {
             heartbeat_ms: g.heartbeat_ms,
             heartbeat_deadline_ms: deadline.min(u32::MAX as u64) as u32,
-            desired: convert::desired(&g.sched, &name),
+            desired: convert::desired(&g.sched, &name, g.store.job_secrets()),
         }))
     }
 
@@ -139,7 +139,7 @@ impl p::cluster_server::Cluster for Coordinator {
                 g.after(&actions)?;
                 p::HeartbeatReply {
                     known: true,
-                    desired: convert::desired(&g.sched, &req.worker),
+                    desired: convert::desired(&g.sched, &req.worker, g.store.job_secrets()),
                 }
             }
         };

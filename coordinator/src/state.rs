@@ -4,15 +4,19 @@
 //! last committed transaction intact. The coordinator commits every record the scheduler
 //! marked dirty before it answers the call that changed it, so whatever a client or worker
 //! was told survives a crash. Records are JSON (readable with any redb tool, and tolerant of
-//! added fields); heartbeat times and step statistics are not persisted.
+//! added fields); heartbeat times and step statistics are not persisted. The key every job
+//! secret is derived from ([`JobSecrets`]) is drawn on first start and kept in table `keys`.
 
 use crate::core::{Job, JobId, Worker};
+use crate::job_secret::{JobSecrets, KEY_LEN};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const JOB_SECRET_KEY: &str = "job-secret";
 const SCHEMA_VERSION: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +35,14 @@ pub enum StateError {
     },
     #[error("coordinator state {path} has schema version {found}; this gantry reads up to {SCHEMA_VERSION}")]
     Schema { path: PathBuf, found: u64 },
+    #[error("coordinator state {path}: cannot draw the key job secrets are derived from: {message}")]
+    Random { path: PathBuf, message: String },
 }
 
 pub struct StateStore {
     db: Database,
     path: PathBuf,
+    job_secrets: JobSecrets,
 }
 
 /// Everything a restarted coordinator needs.
@@ -57,14 +64,23 @@ impl StateStore {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let store = StateStore { db, path };
-        store.init()?;
+        let mut store = StateStore {
+            db,
+            path,
+            job_secrets: JobSecrets::new([0; KEY_LEN]),
+        };
+        store.job_secrets = JobSecrets::new(store.init()?);
         let loaded = store.load()?;
         Ok((store, loaded))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where every attempt's data-plane secret comes from.
+    pub fn job_secrets(&self) -> &JobSecrets {
+        &self.job_secrets
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StateError {
@@ -74,8 +90,10 @@ impl StateStore {
         }
     }
 
-    fn init(&self) -> Result<(), StateError> {
+    /// Create the tables a new state lacks; returns the job-secret key (drawn on first start).
+    fn init(&self) -> Result<[u8; KEY_LEN], StateError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let key;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             let found = meta.get("schema").map_err(|e| self.err(e))?.map(|v| v.value());
@@ -93,8 +111,25 @@ impl StateStore {
             }
             txn.open_table(JOBS).map_err(|e| self.err(e))?;
             txn.open_table(WORKERS).map_err(|e| self.err(e))?;
+            let mut keys = txn.open_table(KEYS).map_err(|e| self.err(e))?;
+            let stored = keys
+                .get(JOB_SECRET_KEY)
+                .map_err(|e| self.err(e))?
+                .and_then(|v| <[u8; KEY_LEN]>::try_from(v.value()).ok());
+            key = match stored {
+                Some(k) => k,
+                None => {
+                    let k = JobSecrets::generate_key().map_err(|message| StateError::Random {
+                        path: self.path.clone(),
+                        message,
+                    })?;
+                    keys.insert(JOB_SECRET_KEY, &k[..]).map_err(|e| self.err(e))?;
+                    k
+                }
+            };
         }
-        txn.commit().map_err(|e| self.err(e))
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(key)
     }
 
     fn load(&self) -> Result<Loaded, StateError> {
@@ -167,9 +202,11 @@ mod tests {
         let mut s = Scheduler::new(SchedulerConfig::default());
         s.worker_joined(0, WorkerInfo::cpu("w1", 4), vec![]);
         s.submit(1, JobRequest::command("a", 2)).unwrap();
+        let secret;
         {
             let (store, loaded) = StateStore::open(&dir).unwrap();
             assert!(loaded.jobs.is_empty());
+            secret = store.job_secrets().for_attempt(1, 1);
             assert!(StateStore::open(&dir).is_err(), "the database is locked while open");
             let (jobs, workers) = s.take_dirty();
             store
@@ -179,7 +216,12 @@ mod tests {
                 )
                 .unwrap();
         }
-        let (_store, loaded) = StateStore::open(&dir).unwrap();
+        let (store, loaded) = StateStore::open(&dir).unwrap();
+        assert_eq!(
+            store.job_secrets().for_attempt(1, 1),
+            secret,
+            "the key survives a restart"
+        );
         assert_eq!(loaded.workers.len(), 1);
         assert_eq!(loaded.jobs.len(), 1);
         assert_eq!(&loaded.jobs[0], s.job(1).unwrap());

@@ -49,7 +49,8 @@ pub(crate) fn slurm_rank(args: &LaunchArgs, spec_path: &Path, slurm: &SlurmEnv) 
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-slurm-{}", spec.name, slurm.job_id)));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let p = &spec.parallel;
-    let boot = torchrun::slurm_env(slurm, args.master_port.unwrap_or(slurm.master_port)).place;
+    let auth = torchrun::slurm_auth(slurm, Some(&run_dir))?;
+    let boot = torchrun::slurm_env(slurm, args.master_port.unwrap_or(slurm.master_port), auth).place;
     let layout = rank_layout(&spec, &boot)?;
     // Every task checks (tasks on one host wait for the first and reuse its verdict).
     check_dataset(&spec, args.json || slurm.rank != 0)?;
@@ -140,8 +141,8 @@ fn run_rank(
     };
     // The dataset on this host: an s3:// one is fetched into the data cache (each file once
     // per host: the other ranks wait for it and reuse the checked copy).
-    let spec =
-        &crate::dataset_location::with_local_dataset(spec, &context).with_context(|| format!("rank {}", boot.rank))?;
+    let spec = &crate::dataset_location::with_local_dataset(spec, &context, boot.local_world)
+        .with_context(|| format!("rank {}", boot.rank))?;
     let cores = gantry_collectives::HostCores::measure().cores;
     let mut config = FabricConfig {
         wait: WaitPolicy::for_host(boot.local_world, cores),

@@ -226,6 +226,10 @@ pub struct SlurmEnv {
     pub master_port: u16,
     /// `SLURM_JOB_ID`.
     pub job_id: String,
+    /// `SLURM_STEP_ID` (`0` if unset): which `srun` of the allocation this is.
+    pub step_id: String,
+    /// `SLURM_RESTART_COUNT` (0 if unset): how often Slurm requeued the job.
+    pub restart_count: u32,
 }
 
 impl SlurmEnv {
@@ -306,6 +310,14 @@ impl SlurmEnv {
                 BASE_PORT + (id % 1000) as u16
             }
         };
+        let restart_count = match get("SLURM_RESTART_COUNT") {
+            Some(v) => v.trim().parse().map_err(|_| SlurmError::Invalid {
+                var: "SLURM_RESTART_COUNT",
+                value: v.clone(),
+                reason: "not a non-negative integer".into(),
+            })?,
+            None => 0,
+        };
         Ok(Some(SlurmEnv {
             rank,
             world,
@@ -316,6 +328,8 @@ impl SlurmEnv {
             master_addr,
             master_port,
             job_id: job_id.trim().to_string(),
+            step_id: get("SLURM_STEP_ID").map_or_else(|| "0".into(), |v| v.trim().to_string()),
+            restart_count,
         }))
     }
 

@@ -45,6 +45,8 @@ fn ranks(world: usize, spec: &Path, run: &Path, args: &[&str]) -> Vec<Child> {
                 .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
+                // Ranks started by hand, as torchrun would: the user gives the job secret.
+                .env("GANTRY_JOB_SECRET", "resume-auto-test-secret-0123")
                 .env("GANTRY_LOG", "info")
                 .env("OMP_WAIT_POLICY", "PASSIVE")
                 .env_remove("GANTRY_STORE_EXTERNAL")

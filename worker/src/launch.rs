@@ -11,6 +11,7 @@
 use crate::error::StartError;
 use crate::reconcile::RankKey;
 use crate::scrub;
+use gantry_collectives::auth::{JobAuth, JobSecret};
 use gantry_collectives::rank_env::{
     Bootstrap, Elastic, HostCores, JobEnv, OmpWait, RankEnv, RankProgram, thread_defaults,
 };
@@ -90,10 +91,10 @@ pub fn rank_env(a: &RankAssignment, ctx: &LaunchContext, host: HostCores) -> Vec
 }
 
 /// The rank as the collectives' environment writer describes it: torchrun's place and restart
-/// variables (no node or role variables: the coordinator places ranks, not nodes), gantry's
-/// job variables, `GANTRY_LOG=info` and the advertised host as defaults, and for training
-/// ranks the thread policy (their threads per rank are not known here: the spec's, else
-/// libtorch's every core).
+/// variables (no node or role variables: the coordinator places ranks, not nodes), the
+/// attempt's job secret ([`job_auth`]), gantry's job variables, `GANTRY_LOG=info` and the
+/// advertised host as defaults, and for training ranks the thread policy (their threads per
+/// rank are not known here: the spec's, else libtorch's every core).
 fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext, host: HostCores) -> RankEnv {
     let key = RankKey {
         job: a.job,
@@ -117,6 +118,7 @@ fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext, host: HostCores)
             store_external: false,
             // rank_env narrows CUDA_VISIBLE_DEVICES to the GPUs the coordinator gave this rank.
             own_gpus: ctx.has_gpus && !a.gpus.is_empty(),
+            auth: job_auth(a),
         },
         elastic: Some(Elastic {
             run_id: format!("gantry-{}", a.job),
@@ -144,6 +146,27 @@ fn torchrun_and_gantry(a: &RankAssignment, ctx: &LaunchContext, host: HostCores)
         }),
         log: Some("info".into()),
         advertise_host: ctx.advertise_host.clone(),
+    }
+}
+
+/// The attempt's data-plane secret from the coordinator, bound to the job id and attempt
+/// (`GANTRY_JOB_SECRET`, `GANTRY_AUTH_JOB`, `GANTRY_AUTH_ATTEMPT`). An empty one (a
+/// coordinator from before job secrets) gives the rank none: a gantry rank then refuses to
+/// start unless the job's env sets `GANTRY_INSECURE_NO_AUTH=1`.
+fn job_auth(a: &RankAssignment) -> Option<JobAuth> {
+    if a.job_secret.is_empty() {
+        return None;
+    }
+    match JobSecret::parse(&a.job_secret) {
+        Ok(secret) => Some(JobAuth::new(secret, a.job.to_string(), a.attempt)),
+        Err(e) => {
+            tracing::warn!(
+                job = a.job,
+                attempt = a.attempt,
+                "the coordinator's job secret is unusable ({e}); the rank gets none"
+            );
+            None
+        }
     }
 }
 
@@ -372,8 +395,11 @@ mod tests {
             resume: true,
             job_name: "tiny".into(),
             env: [("JOB_VAR".to_string(), "from-the-job".to_string())].into(),
+            job_secret: SECRET.into(),
         }
     }
+
+    const SECRET: &str = "0123456789abcdef-attempt-secret";
 
     fn get(env: &[(OsString, OsString)], k: &str) -> Option<String> {
         env.iter()
@@ -399,6 +425,9 @@ mod tests {
             ("GANTRY_PROGRESS_FILE", "/state/jobs/12/attempt-3/rank-5.progress.json"),
             ("GANTRY_LOG", "info"),
             ("JOB_VAR", "from-the-job"),
+            ("GANTRY_JOB_SECRET", SECRET),
+            ("GANTRY_AUTH_JOB", "12"),
+            ("GANTRY_AUTH_ATTEMPT", "3"),
         ];
         for (k, v) in want {
             assert_eq!(get(&env, k).as_deref(), Some(v), "{k}");
@@ -473,6 +502,18 @@ mod tests {
         ] {
             assert_eq!(get(&env, secret), None, "{secret} reached the rank");
         }
+        // The worker's own job secret (if it has one) is not the attempt's: the coordinator's is.
+        let own = with_env(false, &[("GANTRY_JOB_SECRET", "the-workers-own-secret")]);
+        let env = rank_env(&a, &own, HostCores::idle(8));
+        assert_eq!(get(&env, "GANTRY_JOB_SECRET").as_deref(), Some(SECRET));
+        // An assignment without one (an older coordinator) gives the rank none at all.
+        let older = RankAssignment {
+            job_secret: String::new(),
+            ..a.clone()
+        };
+        let env = rank_env(&older, &own, HostCores::idle(8));
+        assert_eq!(get(&env, "GANTRY_JOB_SECRET"), None);
+        assert_eq!(get(&env, "GANTRY_AUTH_JOB"), None);
         // The job asks for the AWS key pair by name: those two pass, nothing else does.
         a.env.insert(
             scrub::ENV_PASS.into(),

@@ -1,9 +1,13 @@
 //! Rank program for the multi-process tests (not a user tool). Joins the world from
 //! torchrun-style environment variables and runs one scenario:
 //!
-//! - `conformance`: the full conformance suite, plus a split and the layout groups.
-//! - `loop ITERS BYTES`: all_reduce in a loop, printing `iter I seq S` after each; the
-//!   `GANTRY_TEST_*` variables make one rank stall or call a mismatched operation.
+//! - `conformance`: the full conformance suite, plus a split and the layout groups; prints
+//!   `LINK PEER KIND` (tcp, shm or none) for every peer of the world communicator.
+//! - `loop ITERS BYTES`: all_reduce of ones in a loop, checking each sum and printing `iter I
+//!   seq S` after each and `DONE refused N` (connections its listener and store refused) at
+//!   the end; the `GANTRY_TEST_*` variables make one rank stall or call a mismatched
+//!   operation, or every rank wait for a file before iteration `GANTRY_TEST_AFTER`
+//!   (`GANTRY_TEST_HOLD_FILE`, so a test can act on a running job).
 //!
 //! A collective error is printed as `ERROR {json}` (blamed rank, error variant, message, how
 //! long the failing call took) and the process exits with status 3.
@@ -48,14 +52,13 @@ fn main() {
         std::process::exit(2)
     });
     fabric.install_sigusr1_dump().expect("SIGUSR1 handler");
-    let rank = fabric.rank();
     let mut comm = fabric.world();
     match args.first().map(String::as_str) {
         Some("conformance") => conformance_scenario(&fabric, &mut comm),
         Some("loop") => {
             let iters: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
             let bytes: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1 << 20);
-            loop_scenario(rank, &mut comm, iters, bytes)
+            loop_scenario(&fabric, &mut comm, iters, bytes)
         }
         other => {
             eprintln!("unknown scenario {other:?}");
@@ -67,6 +70,11 @@ fn main() {
 fn conformance_scenario(fabric: &Fabric, comm: &mut Communicator) {
     let (n, r) = (comm.size(), comm.rank());
     let mut fails = conformance::run(comm);
+    // Which transport reached each peer (all_to_all has connected every pair by now): the
+    // multi-host tests check TCP between hosts and shared memory within one.
+    for peer in (0..n).filter(|&p| p != r) {
+        println!("LINK {peer} {}", comm.link_kind(peer).map_or("none", |k| k.name()));
+    }
 
     // Split by parity; each half sums its members' ranks.
     match comm.split(Some((r % 2) as u32), r as u32) {
@@ -115,7 +123,9 @@ fn conformance_scenario(fabric: &Fabric, comm: &mut Communicator) {
     }
 }
 
-fn loop_scenario(rank: usize, comm: &mut Communicator, iters: usize, bytes: usize) {
+fn loop_scenario(fabric: &Fabric, comm: &mut Communicator, iters: usize, bytes: usize) {
+    let rank = fabric.rank();
+    let hold_file = std::env::var_os("GANTRY_TEST_HOLD_FILE").map(std::path::PathBuf::from);
     let stall_rank = env_usize("GANTRY_TEST_STALL_RANK");
     let mismatch_rank = env_usize("GANTRY_TEST_MISMATCH_RANK");
     let after = env_usize("GANTRY_TEST_AFTER").unwrap_or(3);
@@ -123,6 +133,13 @@ fn loop_scenario(rank: usize, comm: &mut Communicator, iters: usize, bytes: usiz
     let count = bytes / 4;
     let mut buf = vec![1.0f32; count];
     for i in 0..iters {
+        if let Some(file) = hold_file.as_ref().filter(|_| i == after) {
+            println!("holding");
+            let _ = std::io::stdout().flush();
+            while !file.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if i == after && stall_rank == Some(rank) {
             println!("stalling");
             let _ = std::io::stdout().flush();
@@ -142,9 +159,14 @@ fn loop_scenario(rank: usize, comm: &mut Communicator, iters: usize, bytes: usiz
         if let Err(e) = result {
             report(rank, &e, started);
         }
+        let want = comm.size() as f32;
+        if let Some(bad) = buf.iter().position(|&v| v != want) {
+            println!("FAIL iter {i}: element {bad} is {} instead of {want}", buf[bad]);
+            std::process::exit(1);
+        }
         buf.fill(1.0);
         println!("iter {i} seq {}", comm.seq());
         let _ = std::io::stdout().flush();
     }
-    println!("DONE");
+    println!("DONE refused {}", fabric.refused_connections());
 }

@@ -115,6 +115,12 @@ impl Communicator {
                 seq,
                 detail: format!("protocol error: {m}"),
             },
+            // Whoever answered at the peer's address failed the handshake: that need not be
+            // the peer, so nobody is blamed.
+            ExchangeErrorKind::Connect(LinkError::Auth(why)) => CommError::Setup(format!(
+                "rank {} could not authenticate its link to rank {peer} for {op} seq {seq}: {why}",
+                self.members[self.rank]
+            )),
             ExchangeErrorKind::Connect(LinkError::Io(io)) if io.kind() == std::io::ErrorKind::TimedOut => {
                 CommError::RankTimeout {
                     rank: peer,

@@ -23,6 +23,13 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("rendezvous store protocol error: {0}")]
     Protocol(String),
+    /// The handshake with the store failed: one side does not hold the job's secret for this
+    /// job and attempt (or runs without one). Retrying does not help.
+    #[error("cannot authenticate with the rendezvous store at {addr}: {reason}")]
+    Auth {
+        addr: String,
+        reason: crate::auth::handshake::HandshakeError,
+    },
 }
 
 /// A shared key-value store. All methods are safe to call from many threads.
@@ -59,6 +66,8 @@ pub trait Store: Send + Sync {
 mod tests {
     use super::tcp::{MAX_KEY_LEN, MAX_VALUE_LEN, OP_GET, OP_SET, STATUS_ERROR};
     use super::*;
+    use crate::auth::handshake::{Channel, Client, HandshakeError};
+    use crate::auth::{JobAuth, JobSecret, Party};
     use rand::{Rng, SeedableRng};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -68,16 +77,39 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(10);
 
+    fn auth() -> JobAuth {
+        JobAuth::new(JobSecret::parse("store-test-secret-0123456789").unwrap(), "job-1", 1)
+    }
+
     fn server() -> (StoreServer, String) {
-        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let server = StoreServer::bind("127.0.0.1:0", Some(auth())).unwrap();
         let addr = server.local_addr().to_string();
         (server, addr)
+    }
+
+    /// A client of the test job, as rank 0.
+    fn client(addr: &str, timeout: Duration) -> Result<TcpStore, StoreError> {
+        TcpStore::connect(addr, timeout, Some(auth()), Party::Rank(0))
+    }
+
+    /// A raw connection that passed the handshake, for sending frames by hand.
+    fn authenticated_socket(addr: &str) -> TcpStream {
+        let s = TcpStream::connect(addr).unwrap();
+        let me = Client {
+            auth: Some(&auth()),
+            channel: Channel::Store,
+            me: Party::Launcher,
+            peer: Party::Store,
+            key: "",
+        };
+        crate::auth::stream::dial(&s, me, Instant::now() + LONG).unwrap();
+        s
     }
 
     #[test]
     fn tcp_set_get_try_get_delete_add() {
         let (_server, addr) = server();
-        let store = TcpStore::connect(&addr, LONG).unwrap();
+        let store = client(&addr, LONG).unwrap();
         assert_eq!(store.try_get("a").unwrap(), None);
         store.set("a", b"1").unwrap();
         assert_eq!(store.get("a", LONG).unwrap(), b"1");
@@ -99,7 +131,7 @@ mod tests {
     #[test]
     fn tcp_large_value_roundtrip_and_limits() {
         let (_server, addr) = server();
-        let store = TcpStore::connect(&addr, LONG).unwrap();
+        let store = client(&addr, LONG).unwrap();
         let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
         store.set("big", &big).unwrap();
         assert_eq!(store.get("big", LONG).unwrap(), big);
@@ -113,10 +145,10 @@ mod tests {
     #[test]
     fn tcp_get_waits_without_blocking_other_clients() {
         let (_server, addr) = server();
-        let waiter = TcpStore::connect(&addr, LONG).unwrap();
+        let waiter = client(&addr, LONG).unwrap();
         let handle = thread::spawn(move || waiter.get("late", LONG));
         thread::sleep(Duration::from_millis(50));
-        let other = TcpStore::connect(&addr, LONG).unwrap();
+        let other = client(&addr, LONG).unwrap();
         let start = Instant::now();
         for i in 0..20 {
             other.set(&format!("k{i}"), b"v").unwrap();
@@ -130,7 +162,7 @@ mod tests {
     #[test]
     fn tcp_get_times_out_naming_key() {
         let (_server, addr) = server();
-        let store = TcpStore::connect(&addr, LONG).unwrap();
+        let store = client(&addr, LONG).unwrap();
         let start = Instant::now();
         match store.get("missing", Duration::from_millis(200)) {
             Err(StoreError::Timeout { key, waited }) => {
@@ -149,14 +181,14 @@ mod tests {
     #[test]
     fn tcp_add_from_8_threads() {
         let (_server, addr) = server();
-        let shared = Arc::new(TcpStore::connect(&addr, LONG).unwrap());
+        let shared = Arc::new(client(&addr, LONG).unwrap());
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 // Half share one client (serialized by its mutex), half use their own.
                 let store = if t % 2 == 0 {
                     Arc::clone(&shared)
                 } else {
-                    Arc::new(TcpStore::connect(&addr, LONG).unwrap())
+                    Arc::new(client(&addr, LONG).unwrap())
                 };
                 thread::spawn(move || {
                     for _ in 0..100 {
@@ -178,13 +210,13 @@ mod tests {
             .map(|i| {
                 let addr = addr.clone();
                 thread::spawn(move || {
-                    let store = TcpStore::connect(&addr, LONG).unwrap();
+                    let store = client(&addr, LONG).unwrap();
                     store.set_if_absent("leader", format!("rank{i}").as_bytes()).unwrap()
                 })
             })
             .collect();
         let seen: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let check = TcpStore::connect(&addr, LONG).unwrap();
+        let check = client(&addr, LONG).unwrap();
         let stored = check.try_get("leader").unwrap().unwrap();
         assert!(stored.starts_with(b"rank"));
         assert!(seen.iter().all(|v| *v == stored));
@@ -198,7 +230,7 @@ mod tests {
                 let addr = addr.clone();
                 thread::spawn(move || {
                     thread::sleep(Duration::from_millis(20 * i));
-                    let store = TcpStore::connect(&addr, LONG).unwrap();
+                    let store = client(&addr, LONG).unwrap();
                     store.barrier("join", 5, LONG)
                 })
             })
@@ -219,7 +251,7 @@ mod tests {
     #[test]
     fn garbage_clients_do_not_hurt_the_server() {
         let (_server, addr) = server();
-        let good = TcpStore::connect(&addr, LONG).unwrap();
+        let good = client(&addr, LONG).unwrap();
         good.set("before", b"1").unwrap();
 
         // Random bytes, then hang up.
@@ -230,25 +262,26 @@ mod tests {
             let mut s = TcpStream::connect(&addr).unwrap();
             let _ = s.write_all(&junk);
         }
-        // A huge key length prefix: refused with an error reply, then closed.
-        let mut s = TcpStream::connect(&addr).unwrap();
+        // Authenticated clients with bad frames. A huge key length prefix: refused with an
+        // error reply, then closed.
+        let mut s = authenticated_socket(&addr);
         s.write_all(&[OP_SET, 0xff, 0xff, 0xff, 0xff]).unwrap();
         assert_eq!(drain(s).first(), Some(&STATUS_ERROR));
         // A huge value length prefix.
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = authenticated_socket(&addr);
         let mut frame = vec![OP_SET, 1, 0, 0, 0, b'k'];
         frame.extend_from_slice(&u64::MAX.to_le_bytes());
         s.write_all(&frame).unwrap();
         assert_eq!(drain(s).first(), Some(&STATUS_ERROR));
         // A key that is not UTF-8, and an unknown op code.
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = authenticated_socket(&addr);
         s.write_all(&[OP_SET, 1, 0, 0, 0, 0xff]).unwrap();
         assert_eq!(drain(s).first(), Some(&STATUS_ERROR));
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = authenticated_socket(&addr);
         s.write_all(&[200]).unwrap();
         assert_eq!(drain(s).first(), Some(&STATUS_ERROR));
         // A waiting get with an enormous timeout whose client hangs up.
-        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut s = authenticated_socket(&addr);
         let mut frame = vec![OP_GET, 1, 0, 0, 0, b'z'];
         frame.extend_from_slice(&u64::MAX.to_le_bytes());
         s.write_all(&frame).unwrap();
@@ -256,8 +289,58 @@ mod tests {
 
         assert_eq!(good.get("before", LONG).unwrap(), b"1");
         good.set("after", b"2").unwrap();
-        let fresh = TcpStore::connect(&addr, LONG).unwrap();
+        let fresh = client(&addr, LONG).unwrap();
         assert_eq!(fresh.get("after", LONG).unwrap(), b"2");
+    }
+
+    #[test]
+    fn clients_without_the_secret_are_refused_before_any_request() {
+        let (server, addr) = server();
+        let good = client(&addr, LONG).unwrap();
+        // A plain SET without the handshake: closed unanswered, and never applied.
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let mut frame = vec![OP_SET, 1, 0, 0, 0, b'x'];
+        frame.extend_from_slice(&1u64.to_le_bytes());
+        frame.push(b'1');
+        s.write_all(&frame).unwrap();
+        assert!(drain(s).is_empty());
+        // Another secret, job or attempt, or none at all.
+        let secret = |s: &str| JobSecret::parse(s).unwrap();
+        let right = auth();
+        let wrong = [
+            JobAuth::new(secret("another-secret-0123456789"), "job-1", 1),
+            JobAuth::new(right.secret.clone(), "job-2", 1),
+            JobAuth::new(right.secret.clone(), "job-1", 2),
+        ];
+        for w in wrong {
+            match TcpStore::connect(&addr, LONG, Some(w), Party::Rank(1)) {
+                Err(e @ StoreError::Auth { .. }) => assert!(!e.to_string().contains("secret-0123"), "{e}"),
+                other => panic!("expected an Auth error, got {other:?}"),
+            }
+        }
+        match TcpStore::connect(&addr, LONG, None, Party::Rank(1)) {
+            // The server names the reason in its log; the client sees the connection closed.
+            Err(StoreError::Auth { reason, .. }) => assert!(matches!(reason, HandshakeError::Rejected), "{reason}"),
+            other => panic!("expected an Auth error, got {other:?}"),
+        }
+        // Every refusal is counted (on the server's threads, so wait for them), and the job's
+        // own clients go on.
+        let until = Instant::now() + LONG;
+        while server.refused_connections() < 5 && Instant::now() < until {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(server.refused_connections(), 5);
+        assert_eq!(good.try_get("x").unwrap(), None);
+        good.set("after", b"ok").unwrap();
+        assert_eq!(client(&addr, LONG).unwrap().get("after", LONG).unwrap(), b"ok");
+
+        // A server without a secret and a client with one refuse each other; two without work.
+        let open = StoreServer::bind("127.0.0.1:0", None).unwrap();
+        let open_addr = open.local_addr().to_string();
+        assert!(matches!(client(&open_addr, LONG), Err(StoreError::Auth { .. })));
+        let plain = TcpStore::connect(&open_addr, LONG, None, Party::Rank(0)).unwrap();
+        plain.set("k", b"v").unwrap();
+        assert_eq!(plain.get("k", LONG).unwrap(), b"v");
     }
 
     #[test]
@@ -271,11 +354,11 @@ mod tests {
             let addr = addr.clone();
             thread::spawn(move || {
                 thread::sleep(Duration::from_millis(300));
-                StoreServer::bind(addr.as_str()).unwrap()
+                StoreServer::bind(addr.as_str(), Some(auth())).unwrap()
             })
         };
         let start = Instant::now();
-        let store = TcpStore::connect(&addr, LONG).unwrap();
+        let store = client(&addr, LONG).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(250));
         let _server = starter.join().unwrap();
         store.set("up", b"yes").unwrap();
@@ -290,7 +373,7 @@ mod tests {
         };
         let addr = format!("127.0.0.1:{port}");
         let start = Instant::now();
-        match TcpStore::connect(&addr, Duration::from_millis(300)) {
+        match client(&addr, Duration::from_millis(300)) {
             Err(StoreError::Connect { addr: named, .. }) => assert_eq!(named, addr),
             other => panic!("expected Connect error, got {other:?}"),
         }
@@ -300,15 +383,15 @@ mod tests {
 
     #[test]
     fn serve_or_connect_ephemeral_port() {
-        let (server, store0) = serve_or_connect(0, "127.0.0.1:0", LONG).unwrap();
+        let (server, store0) = serve_or_connect(0, "127.0.0.1:0", LONG, Some(auth())).unwrap();
         let server = server.unwrap();
         let addr = server.local_addr().to_string();
-        let (none, store1) = serve_or_connect(1, &addr, LONG).unwrap();
+        let (none, store1) = serve_or_connect(1, &addr, LONG, Some(auth())).unwrap();
         assert!(none.is_none());
         store0.set("id", b"abc").unwrap();
         assert_eq!(store1.get("id", LONG).unwrap(), b"abc");
         assert!(matches!(
-            serve_or_connect(1, "127.0.0.1:0", LONG),
+            serve_or_connect(1, "127.0.0.1:0", LONG, Some(auth())),
             Err(StoreError::Connect { .. })
         ));
     }
@@ -316,13 +399,13 @@ mod tests {
     #[test]
     fn shutdown_ends_waiting_clients() {
         let (mut server, addr) = server();
-        let store = TcpStore::connect(&addr, LONG).unwrap();
+        let store = client(&addr, LONG).unwrap();
         let waiter = thread::spawn(move || store.get("never", LONG));
         thread::sleep(Duration::from_millis(100));
         let start = Instant::now();
         server.shutdown();
         assert!(waiter.join().unwrap().is_err());
         assert!(start.elapsed() < Duration::from_secs(3));
-        assert!(TcpStore::connect(&addr, Duration::from_millis(100)).is_err());
+        assert!(client(&addr, Duration::from_millis(100)).is_err());
     }
 }

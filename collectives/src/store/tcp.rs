@@ -5,7 +5,12 @@
 //! so a client blocked in a waiting `get` never delays the others. Every request is one frame
 //! followed by exactly one reply, so a client needs a single connection behind a mutex.
 //!
-//! Wire protocol (all integers little-endian):
+//! Every connection opens with the data plane's handshake ([`crate::auth::handshake`], channel
+//! `Store`): the client proves it holds the job's secret and checks that the server does too.
+//! A connection that fails it is logged with its peer address, counted
+//! ([`StoreServer::refused_connections`]) and closed before any request is parsed.
+//!
+//! Wire protocol after the handshake (all integers little-endian):
 //!
 //! ```text
 //! request := op:u8 key body
@@ -35,6 +40,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::{MemStore, Store, StoreError};
+use crate::auth::handshake::{Channel, Client, Server};
+use crate::auth::stream::{self as handshake, ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
+use crate::auth::{JobAuth, Party};
 
 /// Largest key accepted, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 4 << 10;
@@ -171,8 +179,11 @@ fn value_reply(value: &[u8]) -> Vec<u8> {
 }
 
 /// State shared by the accept thread, the connection threads and the server handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
+    /// `None`: unauthenticated (GANTRY_INSECURE_NO_AUTH); clients must then have no secret either.
+    auth: Option<JobAuth>,
+    refusals: Refusals,
     store: MemStore,
     shutdown: AtomicBool,
     /// Clones of open connections, so shutdown can close them; keyed by connection id.
@@ -289,7 +300,22 @@ impl Shared {
         // Checked after registering: shutdown either sees this connection or we see its flag.
         if !self.shutdown.load(Ordering::SeqCst) {
             let _ = stream.set_nodelay(true);
-            self.serve(&stream, peer);
+            let server = Server {
+                auth: self.auth.as_ref(),
+                channel: Channel::Store,
+                me: Party::Store,
+            };
+            // Nothing of a request is read before the peer proved it belongs to the job.
+            match handshake::serve(&stream, server, Instant::now() + ACCEPT_TIMEOUT) {
+                Ok(accepted) => {
+                    tracing::debug!(%peer, client = %accepted.client, "rendezvous store: connection authenticated");
+                    self.serve(&stream, peer);
+                }
+                Err(e) => {
+                    self.refusals.refuse("rendezvous store", peer, &e);
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            }
         }
         lock(&self.conns).remove(&id);
     }
@@ -338,13 +364,21 @@ pub struct StoreServer {
 }
 
 impl StoreServer {
-    /// Bind `addr` (port 0 picks a free port) and start serving on background threads.
-    pub fn bind(addr: impl ToSocketAddrs) -> Result<StoreServer, StoreError> {
+    /// Bind `addr` (port 0 picks a free port) and start serving on background threads, to
+    /// clients that prove they hold `auth`'s secret (`None`: to clients without a secret).
+    pub fn bind(addr: impl ToSocketAddrs, auth: Option<JobAuth>) -> Result<StoreServer, StoreError> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
         let listener = TcpListener::bind(&addrs[..])
             .map_err(|e| io::Error::new(e.kind(), format!("cannot bind rendezvous store at {addrs:?}: {e}")))?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            auth,
+            refusals: Refusals::default(),
+            store: MemStore::default(),
+            shutdown: AtomicBool::new(false),
+            conns: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        });
         let accept_thread = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
@@ -362,6 +396,11 @@ impl StoreServer {
     /// The bound address (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections closed because they failed the handshake, so far.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refusals.count()
     }
 
     /// Stop accepting, close every open connection and end waiting `get`s (their clients see
@@ -412,6 +451,16 @@ pub struct TcpStore {
     addr: String,
     /// `None` after an error: the next request reconnects.
     conn: Mutex<Option<TcpStream>>,
+    /// What every (re)connection proves, and as whom.
+    auth: Option<JobAuth>,
+    me: Party,
+}
+
+/// Why one connection attempt failed: the server is not there (yet), or it is but the
+/// handshake failed, which no retry mends.
+enum Attempt {
+    Unreachable(io::Error),
+    Refused(StoreError),
 }
 
 /// A reply that is not an error.
@@ -421,28 +470,61 @@ enum Reply<T> {
 }
 
 impl TcpStore {
-    /// Connect to the server at `addr` ("host:port"), retrying every ~50 ms until it is up
-    /// or `timeout` passes (then [`StoreError::Connect`]).
-    pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStore, StoreError> {
+    /// Connect to the server at `addr` ("host:port") as `me`, proving `auth`'s secret
+    /// (`None`: without one), retrying every ~50 ms until the server is up or `timeout`
+    /// passes (then [`StoreError::Connect`]). A failed handshake is not retried
+    /// ([`StoreError::Auth`]).
+    pub fn connect(addr: &str, timeout: Duration, auth: Option<JobAuth>, me: Party) -> Result<TcpStore, StoreError> {
+        let store = TcpStore {
+            addr: addr.to_owned(),
+            conn: Mutex::new(None),
+            auth,
+            me,
+        };
         // `None` when the timeout is too large to represent: retry forever.
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
-            match open(addr, left.min(Duration::from_secs(5))) {
+            match store.open_authenticated(left.min(Duration::from_secs(5))) {
                 Ok(stream) => {
-                    return Ok(TcpStore {
-                        addr: addr.to_owned(),
-                        conn: Mutex::new(Some(stream)),
-                    });
+                    *lock(&store.conn) = Some(stream);
+                    return Ok(store);
                 }
-                Err(source) if left.is_zero() => {
+                Err(Attempt::Refused(e)) => return Err(e),
+                Err(Attempt::Unreachable(source)) if left.is_zero() => {
                     return Err(StoreError::Connect {
                         addr: addr.to_owned(),
                         source,
                     });
                 }
-                Err(_) => thread::sleep(RETRY_INTERVAL.min(left)),
+                Err(Attempt::Unreachable(_)) => thread::sleep(RETRY_INTERVAL.min(left)),
             }
+        }
+    }
+
+    /// One connection attempt, then the handshake. A handshake that fails on the connection
+    /// itself (a time-out) counts as unreachable; one that fails on a proof is final.
+    fn open_authenticated(&self, limit: Duration) -> Result<TcpStream, Attempt> {
+        let stream = open(&self.addr, limit).map_err(Attempt::Unreachable)?;
+        let client = Client {
+            auth: self.auth.as_ref(),
+            channel: Channel::Store,
+            me: self.me,
+            peer: Party::Store,
+            key: "",
+        };
+        match handshake::dial(&stream, client, Instant::now() + DIAL_TIMEOUT) {
+            Ok(()) => {
+                stream
+                    .set_write_timeout(Some(IO_TIMEOUT))
+                    .map_err(Attempt::Unreachable)?;
+                Ok(stream)
+            }
+            Err(crate::auth::handshake::HandshakeError::Io(e)) => Err(Attempt::Unreachable(e)),
+            Err(reason) => Err(Attempt::Refused(StoreError::Auth {
+                addr: self.addr.clone(),
+                reason,
+            })),
         }
     }
 
@@ -465,10 +547,15 @@ impl TcpStore {
             }
         };
         if guard.is_none() {
-            let stream = open(&self.addr, Duration::from_secs(5)).map_err(|source| StoreError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
+            let stream = self
+                .open_authenticated(Duration::from_secs(5))
+                .map_err(|failed| match failed {
+                    Attempt::Unreachable(source) => StoreError::Connect {
+                        addr: self.addr.clone(),
+                        source,
+                    },
+                    Attempt::Refused(e) => e,
+                })?;
             *guard = Some(stream);
         }
         let Some(stream) = guard.as_mut() else {
@@ -586,15 +673,22 @@ impl Store for TcpStore {
 }
 
 /// Rendezvous like torchrun: rank 0 hosts the store at `addr` ("host:port", port "0" for any
-/// free port) and every rank, rank 0 included, gets a connected client.
+/// free port) and every rank, rank 0 included, gets a connected client; every connection
+/// proves `auth`'s secret (`None`: none has one).
 pub fn serve_or_connect(
     rank: usize,
     addr: &str,
     timeout: Duration,
+    auth: Option<JobAuth>,
 ) -> Result<(Option<StoreServer>, TcpStore), StoreError> {
     if rank == 0 {
-        let server = StoreServer::bind(addr)?;
-        let client = TcpStore::connect(&connectable(server.local_addr()).to_string(), timeout)?;
+        let server = StoreServer::bind(addr, auth.clone())?;
+        let client = TcpStore::connect(
+            &connectable(server.local_addr()).to_string(),
+            timeout,
+            auth,
+            Party::rank(0),
+        )?;
         return Ok((Some(server), client));
     }
     if addr.rsplit_once(':').is_some_and(|(_, port)| port == "0") {
@@ -606,5 +700,5 @@ pub fn serve_or_connect(
             ),
         });
     }
-    Ok((None, TcpStore::connect(addr, timeout)?))
+    Ok((None, TcpStore::connect(addr, timeout, auth, Party::rank(rank))?))
 }

@@ -105,6 +105,7 @@ pub fn command(key: RankKey, argv: &[&str], workdir: &str) -> RankAssignment {
         resume: false,
         job_name: "test-job".into(),
         env: [("GANTRY_TEST_JOB_ENV".to_string(), "from-the-job".to_string())].into(),
+        job_secret: "worker-test-job-secret-0123456789".into(),
     }
 }
 
