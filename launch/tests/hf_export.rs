@@ -14,12 +14,13 @@
 
 mod common;
 
+use common::registry::{RegistryProcess, peer_python, repo, serve_registry, shakespeare_dataset, shakespeare_text};
 use common::{GANTRY, Reply, post_json, text};
 use gantry_sharding::codec::TextCodec;
 use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const WRITE: &str = "writer-token-0123456789";
 const SEQ: usize = 64;
@@ -58,37 +59,14 @@ micro_batch = 8
 threads = 1
 "#;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The torch peer's Python, or `None` (and one line saying why) where it cannot import
-/// torch and transformers; in CI that is a failure, not a skip.
+/// The torch peer's Python (`GANTRY_TORCH_PY`, else `.tools/torch-peer`), where torch and
+/// transformers import.
 fn torch_python() -> Option<PathBuf> {
-    let py = std::env::var_os("GANTRY_TORCH_PY")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| repo().join(".tools/torch-peer/bin/python"), PathBuf::from);
-    let why = match Command::new(&py)
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output()
-    {
-        Ok(o) if o.status.success() => return Some(py),
-        Ok(o) => String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .to_string(),
-        Err(e) => e.to_string(),
-    };
-    let msg = format!(
-        "no Python with torch and transformers at {} ({why}); `bash scripts/setup.sh` installs it (ensure_hf_peer)",
-        py.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("skipping the Hugging Face comparison: {msg}");
-    None
+    peer_python(
+        "GANTRY_TORCH_PY",
+        ".tools/torch-peer/bin/python",
+        "torch, transformers, safetensors",
+    )
 }
 
 /// `hf_check.py` on `request`; its JSON report.
@@ -106,59 +84,8 @@ fn hf_check(py: &Path, dir: &Path, request: &Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("hf_check.py output ({e}): {}", text(&out)))
 }
 
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path) -> Registry {
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("write {WRITE}\n")).unwrap();
-    let mut child = Command::new(GANTRY)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .args(["--device", "cpu"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = common::listening_address(&mut child).expect("the registry announces its address");
-    Registry { child, addr }
-}
-
-/// tinyshakespeare as a byte-level BPE of 512 tokens.
-fn shakespeare(dir: &Path) -> PathBuf {
-    let data = dir.join("ts");
-    let out = Command::new(GANTRY)
-        .args([
-            "data",
-            "prepare",
-            "--vocab-size",
-            "512",
-            "--split-by",
-            "blank-line",
-            "--input",
-        ])
-        .arg(shakespeare_text())
-        .arg("--output")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    data
-}
-
-fn shakespeare_text() -> PathBuf {
-    repo().join("../shared/data/tinyshakespeare.txt")
+fn serve(dir: &Path) -> RegistryProcess {
+    serve_registry(dir, "registry", &format!("write {WRITE}\n"), &["--device", "cpu"])
 }
 
 /// Train `model` (a `[model]` section) on `data` for a few steps; the checkpoint directory.
@@ -209,7 +136,7 @@ fn windows(data: &Path, vocab: u64) -> Vec<Vec<i64>> {
 }
 
 /// `gantry eval`'s loss over those windows, through the registry.
-fn gantry_loss(reg: &Registry, model: &str, data: &Path) -> f64 {
+fn gantry_loss(reg: &RegistryProcess, model: &str, data: &Path) -> f64 {
     let out = Command::new(GANTRY)
         .args([
             "eval",
@@ -234,7 +161,7 @@ fn gantry_loss(reg: &Registry, model: &str, data: &Path) -> f64 {
 }
 
 /// The registry's greedy continuation (temperature 0, ending at the EOD like transformers).
-fn gantry_greedy(reg: &Registry, model: &str, prompt: &[u32]) -> Vec<u64> {
+fn gantry_greedy(reg: &RegistryProcess, model: &str, prompt: &[u32]) -> Vec<u64> {
     let r: Reply = post_json(
         &reg.addr,
         &format!("/v1/models/{model}/generate"),
@@ -276,7 +203,7 @@ const CHAT_TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['con
 /// gantry's encoding did not use: the checkpoint carries the config, the export keeps only the
 /// template.
 fn shakespeare_from_a_tokenizer_folder(dir: &Path) -> PathBuf {
-    let trained = shakespeare(dir);
+    let trained = shakespeare_dataset(dir);
     let folder = dir.join("tokenizer-folder");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::copy(trained.join("tokenizer.json"), folder.join("tokenizer.json")).unwrap();
@@ -307,7 +234,7 @@ fn matches_transformers(tag: &str, model: &str, hf_class: &str, folder: bool) {
     let data = if folder {
         shakespeare_from_a_tokenizer_folder(&dir)
     } else {
-        shakespeare(&dir)
+        shakespeare_dataset(&dir)
     };
     let ckpt = train(&dir, model, &data);
     let out = dir.join("hf");

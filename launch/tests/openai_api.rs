@@ -12,6 +12,7 @@
 
 mod common;
 
+use common::registry::{RegistryProcess, peer_python, repo, serve_registry, shakespeare_dataset};
 use common::{GANTRY, http, post_json, text};
 use gantry_checkpoint::{Checkpoint, S3Options, Store, Which};
 use gantry_sharding::codec::TextCodec;
@@ -23,7 +24,7 @@ use gantry_train::tch::{self, Tensor};
 use gantry_train::weights;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const WRITE: &str = "writer-token-0123456789";
 const READ: &str = "reader-token-0123456789";
@@ -52,72 +53,6 @@ register = "every"
 alias = "prod"
 "#;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The peer venv's Python with the `openai` client, or `None` (one line saying why); in CI a
-/// missing client is a failure.
-fn client_python() -> Option<PathBuf> {
-    let py = std::env::var_os("GANTRY_PY")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| repo().join(".tools/py/bin/python"), PathBuf::from);
-    let why = match Command::new(&py).args(["-c", "import openai"]).output() {
-        Ok(o) if o.status.success() => return Some(py),
-        Ok(o) => String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("").to_string(),
-        Err(e) => e.to_string(),
-    };
-    let msg = format!(
-        "no Python with the openai client at {} ({why}); `bash scripts/setup.sh` installs it",
-        py.display()
-    );
-    assert!(std::env::var("CI").is_err(), "{msg}");
-    eprintln!("skipped: {msg}");
-    None
-}
-
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path) -> Registry {
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("write {WRITE}\nread {READ}\n")).unwrap();
-    let mut child = Command::new(GANTRY)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--batch-slots", "4", "--db"])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = common::listening_address(&mut child).expect("the registry did not announce its address");
-    Registry { child, addr }
-}
-
-/// A tokenizer-backed dataset (tinyshakespeare, byte-level BPE of 512).
-fn shakespeare(dir: &Path) -> PathBuf {
-    let data = dir.join("ts");
-    let out = Command::new(GANTRY)
-        .args(["data", "prepare", "--vocab-size", "512", "--split-by", "blank-line", "--input"])
-        .arg(repo().join("../shared/data/tinyshakespeare.txt"))
-        .arg("--output")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    data
-}
-
 /// The trainer's loss on `ids` (mean cross-entropy of each token after the first), computed
 /// by training's own forward pass from the checkpoint.
 fn trainer_loss(ckpt_root: &Path, step: u64, ids: &[u32]) -> f64 {
@@ -133,13 +68,19 @@ fn trainer_loss(ckpt_root: &Path, step: u64, ids: &[u32]) -> f64 {
         targets: Tensor::from_slice(&ids[1..]).view([1, n]),
     };
     let mut tp = TensorComm::new(None, CommClock::default());
-    let (loss, _) = tch::no_grad(|| forward_stage(&model, None, &batch, &mut tp, false, false, false)).unwrap();
+    let (loss, _) =
+        tch::no_grad(|| forward_stage(&model, None, &batch, &mut tp, false, false, false).map_err(|e| e.to_string()))
+            .unwrap();
     loss.double_value(&[])
 }
 
-fn train(dir: &Path, reg: &Registry, data: &Path) -> PathBuf {
+fn train(dir: &Path, reg: &RegistryProcess, data: &Path) -> PathBuf {
     let spec = dir.join("job.toml");
-    let job = format!("{SPEC}url = \"http://{}\"\n[data]\npath = \"{}\"\n", reg.addr, data.display());
+    let job = format!(
+        "{SPEC}url = \"http://{}\"\n[data]\npath = \"{}\"\n",
+        reg.addr,
+        data.display()
+    );
     std::fs::write(&spec, job).unwrap();
     let ckpt = dir.join("ckpt");
     let run = Command::new(GANTRY)
@@ -157,7 +98,12 @@ fn train(dir: &Path, reg: &Registry, data: &Path) -> PathBuf {
 }
 
 fn check_client_answers(out: &Value, codec: &TextCodec, prompt: &str, scored: &[u32], loss: f64) {
-    let models: Vec<&str> = out["models"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    let models: Vec<&str> = out["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
     for id in ["bard", "bard@prod", "bard@1"] {
         assert!(models.contains(&id), "{id} not in {models:?}");
     }
@@ -166,15 +112,32 @@ fn check_client_answers(out: &Value, codec: &TextCodec, prompt: &str, scored: &[
     let n = c["tokens"].as_array().unwrap().len() as u64;
     let u = &c["usage"];
     assert_eq!(
-        (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64(), u["total_tokens"].as_u64()),
+        (
+            u["prompt_tokens"].as_u64(),
+            u["completion_tokens"].as_u64(),
+            u["total_tokens"].as_u64()
+        ),
         (Some(prompt_len), Some(n), Some(prompt_len + n)),
         "{c}"
     );
     assert!(n >= 1, "{c}");
-    assert_eq!((c["model"].as_str(), c["system_fingerprint"].as_str()), (Some("bard@prod"), Some("gantry:bard@1")));
+    assert_eq!(
+        (c["model"].as_str(), c["system_fingerprint"].as_str()),
+        (Some("bard@prod"), Some("gantry:bard@1"))
+    );
     // Greedy: each chosen token is the most likely one, listed among the top 2.
-    for (lp, top) in c["token_logprobs"].as_array().unwrap().iter().zip(c["top_logprobs"].as_array().unwrap()) {
-        let best = top.as_object().unwrap().values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+    for (lp, top) in c["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c["top_logprobs"].as_array().unwrap())
+    {
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         assert!((lp.as_f64().unwrap() - best).abs() < 1e-6, "{c}");
     }
     let s = &out["streamed"];
@@ -186,9 +149,15 @@ fn check_client_answers(out: &Value, codec: &TextCodec, prompt: &str, scored: &[
     assert_eq!(lps.len(), scored.len());
     assert!(lps[0].is_null());
     let mean = -lps[1..].iter().map(|v| v.as_f64().unwrap()).sum::<f64>() / (lps.len() - 1) as f64;
-    assert!((mean - loss).abs() < 1e-5, "echo log-likelihood {mean} vs the trainer's loss {loss}");
+    assert!(
+        (mean - loss).abs() < 1e-5,
+        "echo log-likelihood {mean} vs the trainer's loss {loss}"
+    );
     let many = out["many"].as_array().unwrap();
-    assert_eq!(many.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(
+        many.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
     let chat = &out["chat"];
     assert_eq!(chat["role"], "assistant");
     let chat_tokens = chat["usage"]["completion_tokens"].as_u64().unwrap();
@@ -202,9 +171,18 @@ fn check_client_answers(out: &Value, codec: &TextCodec, prompt: &str, scored: &[
 /// What the client never sends: each refused with OpenAI's error shape, naming the field.
 fn check_refusals(addr: &str) {
     let cases = [
-        (json!({ "model": "bard@prod", "prompt": "a", "frobnicate": 1 }), "frobnicate"),
-        (json!({ "model": "bard@prod", "prompt": "a", "max_tokens": 0 }), "max_tokens"),
-        (json!({ "model": "bard@prod", "prompt": "a", "logprobs": 21 }), "logprobs"),
+        (
+            json!({ "model": "bard@prod", "prompt": "a", "frobnicate": 1 }),
+            "frobnicate",
+        ),
+        (
+            json!({ "model": "bard@prod", "prompt": "a", "max_tokens": 0 }),
+            "max_tokens",
+        ),
+        (
+            json!({ "model": "bard@prod", "prompt": "a", "logprobs": 21 }),
+            "logprobs",
+        ),
         (json!({ "model": "bard@prod", "prompt": [] }), "prompt"),
         (json!({ "model": "bard@prod", "prompt": [9999] }), "prompt"),
         (json!({ "model": "bard@prod", "prompt": "a", "n": 0 }), "n"),
@@ -213,11 +191,30 @@ fn check_refusals(addr: &str) {
         let r = post_json(addr, "/v1/completions", Some(READ), &body);
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         let e = &r.json()["error"];
-        assert_eq!((e["type"].as_str(), e["param"].as_str()), (Some("invalid_request_error"), Some(param)), "{body}: {e}");
+        assert_eq!(
+            (e["type"].as_str(), e["param"].as_str()),
+            (Some("invalid_request_error"), Some(param)),
+            "{body}: {e}"
+        );
     }
-    let r = post_json(addr, "/v1/chat/completions", Some(READ), &json!({ "model": "bard", "messages": [] }));
-    assert_eq!((r.status, r.json()["error"]["param"].as_str()), (400, Some("messages")), "{}", r.text());
-    let r = post_json(addr, "/v1/completions", None, &json!({ "model": "bard", "prompt": "a" }));
+    let r = post_json(
+        addr,
+        "/v1/chat/completions",
+        Some(READ),
+        &json!({ "model": "bard", "messages": [] }),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].as_str()),
+        (400, Some("messages")),
+        "{}",
+        r.text()
+    );
+    let r = post_json(
+        addr,
+        "/v1/completions",
+        None,
+        &json!({ "model": "bard", "prompt": "a" }),
+    );
     assert_eq!(r.status, 200, "open reads: no token is fine; {}", r.text());
     let r = http(addr, "GET", "/v1/registry/models", &[], None).json();
     assert_eq!(r["models"][0]["name"], "bard", "gantry's own listing moved here: {r}");
@@ -225,10 +222,17 @@ fn check_refusals(addr: &str) {
 
 #[test]
 fn the_official_openai_client_lists_completes_scores_and_chats() {
-    let Some(py) = client_python() else { return };
+    let Some(py) = peer_python("GANTRY_PY", ".tools/py/bin/python", "openai") else {
+        return;
+    };
     let dir = common::tempdir("openai", "client");
-    let data = shakespeare(&dir);
-    let reg = serve(&dir);
+    let data = shakespeare_dataset(&dir);
+    let reg = serve_registry(
+        &dir,
+        "registry",
+        &format!("write {WRITE}\nread {READ}\n"),
+        &["--batch-slots", "4"],
+    );
     let ckpt = train(&dir, &reg, &data);
     let codec = TextCodec::from_json_bytes(&std::fs::read(data.join("tokenizer.json")).unwrap()).unwrap();
     let prompt = "ROMEO:\nWhat light";
@@ -240,7 +244,14 @@ fn the_official_openai_client_lists_completes_scores_and_chats() {
     let out = Command::new(&py)
         .arg(repo().join("bench/peers/openai_client_check.py"))
         .args(["--base-url", &format!("http://{}/v1", reg.addr), "--api-key", READ])
-        .args(["--model", "bard@prod", "--prompt", prompt, "--score-tokens", &ids.join(",")])
+        .args([
+            "--model",
+            "bard@prod",
+            "--prompt",
+            prompt,
+            "--score-tokens",
+            &ids.join(","),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

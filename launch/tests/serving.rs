@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::registry::{RegistryProcess, serve_registry, shakespeare_dataset};
 use common::{GANTRY, Reply, http, post_json, text};
 use gantry_checkpoint::{Checkpoint, S3Options, Store, Which};
 use gantry_train::comm::{CommClock, TensorComm};
@@ -16,8 +17,8 @@ use gantry_train::spec::ModelSpec;
 use gantry_train::tch::{self, Tensor};
 use gantry_train::weights;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 const WRITE: &str = "writer-token-0123456789";
 
@@ -48,64 +49,10 @@ register = "every"
 alias = "staging"
 "#;
 
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path, tag: &str, extra: &[&str]) -> Registry {
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("write {WRITE}\n")).unwrap();
-    let mut child = Command::new(GANTRY)
-        .args([
-            "registry",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--batch-slots",
-            "4",
-            "--db",
-        ])
-        .arg(dir.join(format!("{tag}.redb")))
-        .arg("--token-file")
-        .arg(&tokens)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = common::listening_address(&mut child).expect("the registry announces its address");
-    Registry { child, addr }
-}
-
-/// A tokenizer-backed dataset (tinyshakespeare, byte-level BPE of 512).
-fn shakespeare(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
-    let data = dir.join("ts");
-    let out = Command::new(GANTRY)
-        .args([
-            "data",
-            "prepare",
-            "--vocab-size",
-            "512",
-            "--split-by",
-            "blank-line",
-            "--input",
-        ])
-        .arg(&source)
-        .arg("--output")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    data
+fn serve(dir: &Path, tag: &str, extra: &[&str]) -> RegistryProcess {
+    let mut flags = vec!["--batch-slots", "4"];
+    flags.extend_from_slice(extra);
+    serve_registry(dir, tag, &format!("write {WRITE}\n"), &flags)
 }
 
 fn generate(addr: &str, model: &str, body: Value) -> Reply {
@@ -181,7 +128,7 @@ fn metric(addr: &str, line_prefix: &str) -> f64 {
 #[test]
 fn train_register_eval_and_serve() {
     let dir = common::tempdir("serving", "flow");
-    let data = shakespeare(&dir);
+    let data = shakespeare_dataset(&dir);
     let reg = serve(&dir, "main", &[]);
     let spec = dir.join("job.toml");
     std::fs::write(

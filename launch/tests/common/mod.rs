@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 pub const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
 
+pub mod registry;
+
 /// A fresh, empty `gantry-<suite>-<tag>-<pid>` under the system temp dir.
 pub fn tempdir(suite: &str, tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gantry-{suite}-{tag}-{}", std::process::id()));
