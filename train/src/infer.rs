@@ -253,14 +253,19 @@ impl KvModel {
     /// Start a sequence in `slot` with `tokens` (1 ..= seq_len of them); returns the logits of
     /// the token after them.
     pub fn prefill(&mut self, slot: usize, tokens: &[u32]) -> Result<Logits, TrainError> {
+        let (input, positions) = self.prompt_input(slot, tokens)?;
+        let logits = self.forward(&input, &positions, Step::Prefill { slot }, false)?;
+        self.lens[slot] = tokens.len();
+        Ok(Vec::<f32>::try_from(host_f32(&logits))?)
+    }
+
+    /// A prompt that fits `slot` as model input `[1, n]` and its positions `[1, n]`.
+    fn prompt_input(&self, slot: usize, tokens: &[u32]) -> Result<(Tensor, Tensor), TrainError> {
         self.check_prefill(slot, tokens)?;
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let n = ids.len() as i64;
-        let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
-        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
-        let logits = self.forward(&tokens, &positions, Step::Prefill { slot }, false)?;
-        self.lens[slot] = tokens.size()[1] as usize;
-        Ok(Vec::<f32>::try_from(host_f32(&logits))?)
+        let input = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
+        Ok((input, Tensor::arange(n, (Kind::Int64, self.device)).view([1, n])))
     }
 
     /// [`KvModel::prefill`], and each prompt token after the first scored from the logits at
@@ -272,11 +277,8 @@ impl KvModel {
         tokens: &[u32],
         top: usize,
     ) -> Result<(Logits, Vec<ScoredToken>), TrainError> {
-        self.check_prefill(slot, tokens)?;
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let n = ids.len() as i64;
-        let input = Tensor::from_slice(&ids).view([1, n]).to_device(self.device);
-        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]);
+        let (input, positions) = self.prompt_input(slot, tokens)?;
+        let n = tokens.len() as i64;
         // [n, vocab] in f32 on the host.
         let all = self
             .forward(&input, &positions, Step::Prefill { slot }, true)?
@@ -289,7 +291,8 @@ impl KvModel {
             return Ok((next, Vec::new()));
         }
         let logp = all.narrow(0, 0, n - 1).log_softmax(-1, Kind::Float);
-        let targets = Tensor::from_slice(&ids[1..]).view([n - 1, 1]);
+        let next_ids: Vec<i64> = tokens[1..].iter().map(|&t| i64::from(t)).collect();
+        let targets = Tensor::from_slice(&next_ids).view([n - 1, 1]);
         let chosen = Vec::<f32>::try_from(logp.gather(1, &targets, false).view([-1]))?;
         let k = (top as i64).min(logp.size()[1]);
         let (top_lp, top_ids) = logp.topk(k, -1, true, true);
