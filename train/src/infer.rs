@@ -305,7 +305,11 @@ impl KvModel {
                 let row = i * k as usize..(i + 1) * k as usize;
                 ScoredToken {
                     logprob,
-                    top: top_ids[row.clone()].iter().zip(&top_lp[row]).map(|(&t, &l)| (t as u32, l)).collect(),
+                    top: top_ids[row.clone()]
+                        .iter()
+                        .zip(&top_lp[row])
+                        .map(|(&t, &l)| (t as u32, l))
+                        .collect(),
                 }
             })
             .collect();
@@ -413,7 +417,9 @@ impl KvModel {
                     out
                 }
                 Unit::Head(_) if every_position => {
-                    let input = x.as_ref().ok_or_else(|| TrainError::Internal("head without input".into()))?;
+                    let input = x
+                        .as_ref()
+                        .ok_or_else(|| TrainError::Internal("head without input".into()))?;
                     self.model.head_logits(u, input)?
                 }
                 Unit::Mlp(_) | Unit::Head(_) => {
@@ -558,9 +564,10 @@ mod tests {
             targets: Tensor::from_slice(&ids[1..]).view([1, n]),
         };
         let mut tp = TensorComm::new(None, CommClock::default());
-        let (loss, _) =
-            tch::no_grad(|| forward_stage(model, None, &batch, &mut tp, false, false, false).map_err(|e| e.to_string()))
-                .unwrap();
+        let (loss, _) = tch::no_grad(|| {
+            forward_stage(model, None, &batch, &mut tp, false, false, false).map_err(|e| e.to_string())
+        })
+        .unwrap();
         loss.double_value(&[])
     }
 
@@ -574,7 +581,10 @@ mod tests {
             assert_eq!(scored.len(), a.len() - 1);
             let mean = -scored.iter().map(|s| f64::from(s.logprob)).sum::<f64>() / scored.len() as f64;
             let loss = training_loss(&reference, &a);
-            assert!((mean - loss).abs() < 1e-5, "{arch:?}: scored {mean} vs training loss {loss}");
+            assert!(
+                (mean - loss).abs() < 1e-5,
+                "{arch:?}: scored {mean} vs training loss {loss}"
+            );
             for s in &scored {
                 assert_eq!(s.top.len(), 3);
                 assert!(s.top.windows(2).all(|w| w[0].1 >= w[1].1));
