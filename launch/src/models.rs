@@ -58,7 +58,10 @@ pub enum ModelsCommand {
         #[command(flatten)]
         client: RegistryClient,
     },
-    /// Point an alias at a version, or split it: `--split 3:90,4:10`.
+    /// Point an alias at a version, or split it: `--split 3:90,4:10`; `--shadow 5:10` mirrors
+    /// 10% of its generation requests to version 5 and compares the answers (on /metrics).
+    /// The alias is replaced whole (no --shadow: no shadow). A registry that serves loads the
+    /// new versions before moving the alias, so this waits for those loads.
     Alias {
         model: String,
         alias: String,
@@ -67,6 +70,9 @@ pub enum ModelsCommand {
         target: Option<u32>,
         #[arg(long, value_name = "V:W,...")]
         split: Option<String>,
+        /// A shadow version and the percent (1-100) of requests mirrored to it.
+        #[arg(long, value_name = "VERSION:PERCENT")]
+        shadow: Option<String>,
         #[command(flatten)]
         client: RegistryClient,
     },
@@ -245,24 +251,29 @@ async fn run_async(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             alias,
             target,
             split,
+            shadow,
             client,
         } => {
-            let body = match (target, split) {
+            let mut body = match (target, split) {
                 (Some(v), None) => json!({ "version": v }),
                 (None, Some(s)) => json!({ "targets": parse_split(&s)? }),
                 _ => bail!("give either a VERSION or --split V:W,V:W"),
             };
+            if let Some(s) = shadow {
+                body["shadow"] = parse_shadow(&s)?;
+            }
             let api = Api::new(&client)?;
             let path = format!("/v1/models/{}/aliases/{}", seg(&model), seg(&alias));
             let v = api.post_json(reqwest::Method::PUT, &path, &body).await?;
-            println!(
-                "{}",
-                if client.json {
-                    v.to_string()
-                } else {
-                    format!("{model}@{alias} → {}", v["targets"])
-                }
-            );
+            if client.json {
+                println!("{v}");
+            } else {
+                let shadow = match (v["shadow"]["version"].as_u64(), v["shadow"]["percent"].as_u64()) {
+                    (Some(version), Some(percent)) => format!(", {percent}% mirrored to shadow version {version}"),
+                    _ => String::new(),
+                };
+                println!("{model}@{alias} → {}{shadow}", v["targets"]);
+            }
         }
         ModelsCommand::Download { model, out, client } => {
             download(&Api::new(&client)?, &model, &out, client.json).await?
@@ -289,6 +300,23 @@ fn parse_split(s: &str) -> anyhow::Result<Value> {
         targets.push(json!({ "version": v, "weight": w }));
     }
     Ok(Value::Array(targets))
+}
+
+/// `5:10` → `{"version":5,"percent":10}` (the registry checks the range).
+fn parse_shadow(s: &str) -> anyhow::Result<Value> {
+    let (v, p) = s
+        .split_once(':')
+        .with_context(|| format!("--shadow: `{s}` is not VERSION:PERCENT"))?;
+    let v: u32 = v
+        .trim()
+        .parse()
+        .with_context(|| format!("--shadow: `{v}` is not a version"))?;
+    let p: u32 = p
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .with_context(|| format!("--shadow: `{p}` is not a whole percent"))?;
+    Ok(json!({ "version": v, "percent": p }))
 }
 
 /// The manifest first (it lists every object with its size), then each object, skipping
@@ -381,4 +409,27 @@ async fn download(api: &Api, model: &str, out: &std::path::Path, json_out: bool)
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_and_shadows_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_split("3:90, 4:10").unwrap(),
+            json!([{ "version": 3, "weight": 90 }, { "version": 4, "weight": 10 }])
+        );
+        assert_eq!(parse_shadow("5:10").unwrap(), json!({ "version": 5, "percent": 10 }));
+        assert_eq!(parse_shadow("5:100%").unwrap(), json!({ "version": 5, "percent": 100 }));
+        for (bad, says) in [
+            ("5", "VERSION:PERCENT"),
+            ("x:10", "not a version"),
+            ("5:ten", "whole percent"),
+        ] {
+            let e = parse_shadow(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

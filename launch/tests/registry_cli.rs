@@ -43,8 +43,13 @@ fn serve_answers_checks_tokens_and_stops_on_sigterm() {
     let reader = [("Authorization", "Bearer reader-token-0123456789")];
     let open = common::http_get(&addr, "/v1/models", &reader);
     assert!(
-        open.starts_with("HTTP/1.1 200") && open.contains("\"models\""),
-        "{open}"
+        open.starts_with("HTTP/1.1 200") && open.contains("\"object\":\"list\""),
+        "the OpenAI list shape: {open}"
+    );
+    let own = common::http_get(&addr, "/v1/registry/models", &reader);
+    assert!(
+        own.starts_with("HTTP/1.1 200") && own.contains("\"models\""),
+        "gantry's own listing: {own}"
     );
 
     // SAFETY: signalling the child this test started.

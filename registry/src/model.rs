@@ -77,4 +77,38 @@ pub struct Alias {
     pub targets: Vec<(u32, u32)>,
     /// When it was last set.
     pub updated_ms: u64,
+    /// A version that a share of the alias's generation requests is mirrored to (absent in
+    /// databases written before shadows existed: none).
+    #[serde(default)]
+    pub shadow: Option<Shadow>,
+}
+
+/// Shadow traffic: `percent` (1..=100) of an alias's generation requests are also sent to
+/// `version`, whose answers are compared with the primary's and counted, never returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shadow {
+    pub version: u32,
+    pub percent: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_stored_before_shadows_existed_still_read() {
+        let old = r#"{"model":"gpt","name":"prod","targets":[[3,90],[4,10]],"updated_ms":7}"#;
+        let a: Alias = serde_json::from_str(old).unwrap();
+        assert_eq!((a.targets, a.shadow), (vec![(3, 90), (4, 10)], None));
+        let new =
+            r#"{"model":"gpt","name":"prod","targets":[[3,1]],"updated_ms":7,"shadow":{"version":4,"percent":10}}"#;
+        let a: Alias = serde_json::from_str(new).unwrap();
+        assert_eq!(
+            a.shadow,
+            Some(Shadow {
+                version: 4,
+                percent: 10
+            })
+        );
+    }
 }

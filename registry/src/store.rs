@@ -13,7 +13,7 @@
 
 use crate::error::RegistryError;
 use crate::intake::{CheckpointRoot, open_verified, version_record, within_roots};
-use crate::model::{Alias, EvalRecord, ModelRecord, VersionRecord};
+use crate::model::{Alias, EvalRecord, ModelRecord, Shadow, VersionRecord};
 use crate::name::{ModelRef, Selector, check_alias_name, check_model_name};
 use crate::split;
 use gantry_checkpoint::S3Options;
@@ -50,6 +50,17 @@ impl Page {
     fn limit(&self) -> usize {
         self.limit.clamp(1, MAX_PAGE)
     }
+}
+
+/// What a request is served by ([`Registry::route`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    /// The version drawn (for a weighted alias) or named.
+    pub version: VersionRecord,
+    /// The alias, when the reference named one.
+    pub alias: Option<Alias>,
+    /// The alias's shadow version, when it has one.
+    pub shadow: Option<VersionRecord>,
 }
 
 /// The model registry over a redb file. A second opener of the same file is refused while
@@ -360,21 +371,41 @@ impl Registry {
 
     /// Point `alias` of `model` at `targets` (`(version, weight)`; one target with weight 1
     /// for a plain alias), creating or moving it in one transaction. Every version must exist.
+    /// The alias has no shadow afterwards; see [`Registry::set_alias_with_shadow`].
     pub fn set_alias(&self, model: &str, alias: &str, targets: &[(u32, u32)], now_ms: u64) -> Result<Alias> {
+        self.set_alias_with_shadow(model, alias, targets, None, now_ms)
+    }
+
+    /// [`Registry::set_alias`] with a shadow: a version that a share of the alias's requests
+    /// is mirrored to. The whole alias is replaced (a move without a shadow removes it); the
+    /// shadow's version must exist, mirror 1..=100 percent, and not be the alias's only
+    /// target ([`split::validate_shadow`]).
+    pub fn set_alias_with_shadow(
+        &self,
+        model: &str,
+        alias: &str,
+        targets: &[(u32, u32)],
+        shadow: Option<Shadow>,
+        now_ms: u64,
+    ) -> Result<Alias> {
         check_model_name(model)?;
         check_alias_name(alias)?;
         split::validate(targets)?;
+        if let Some(sh) = shadow {
+            split::validate_shadow(targets, sh.version, sh.percent)?;
+        }
         let record = Alias {
             model: model.to_string(),
             name: alias.to_string(),
             targets: targets.to_vec(),
             updated_ms: now_ms,
+            shadow,
         };
         let txn = self.db.begin_write().db(self)?;
         {
             self.model_in(&txn.open_table(MODELS).db(self)?, model)?;
             let versions = txn.open_table(VERSIONS).db(self)?;
-            for &(version, _) in targets {
+            for version in targets.iter().map(|t| t.0).chain(shadow.map(|sh| sh.version)) {
                 if versions.get((model, version)).db(self)?.is_none() {
                     return Err(RegistryError::UnknownVersion {
                         model: model.to_string(),
@@ -386,7 +417,7 @@ impl Registry {
             aliases.insert((model, alias), encode(&record).as_slice()).db(self)?;
         }
         txn.commit().db(self)?;
-        tracing::info!(model, alias, targets = ?targets, "alias set");
+        tracing::info!(model, alias, targets = ?targets, shadow = ?shadow, "alias set");
         Ok(record)
     }
 
@@ -430,33 +461,49 @@ impl Registry {
     /// The version a reference names. For a weighted alias, `draw` (a request seed or
     /// counter) picks the target deterministically; see [`split::pick`].
     pub fn resolve(&self, reference: &ModelRef, draw: u64) -> Result<VersionRecord> {
+        self.route(reference, draw).map(|r| r.version)
+    }
+
+    /// What serves a request for `reference`: the version [`Registry::resolve`] gives and,
+    /// when the reference is an alias, the alias and its shadow's version, read in one
+    /// transaction (so a move in between cannot pair one alias's version with another's
+    /// shadow).
+    pub fn route(&self, reference: &ModelRef, draw: u64) -> Result<Route> {
         let model = reference.name.as_str();
         let txn = self.db.begin_read().db(self)?;
         let versions = txn.open_table(VERSIONS).db(self)?;
+        let mut alias = None;
         let version = match &reference.selector {
             Selector::Version(v) => *v,
             Selector::Latest => self
                 .last_version_in(&versions, model)?
                 .ok_or_else(|| RegistryError::UnknownModel(model.to_string()))?,
-            Selector::Alias(alias) => {
+            Selector::Alias(name) => {
                 let aliases = txn.open_table(ALIASES).db(self)?;
-                let a = match self.alias_in(&aliases, model, alias) {
+                let a = match self.alias_in(&aliases, model, name) {
                     Err(e @ RegistryError::UnknownAlias { .. }) => {
                         self.model_in(&txn.open_table(MODELS).db(self)?, model)?;
                         return Err(e);
                     }
                     other => other?,
                 };
-                split::pick(&a.targets, draw)?
+                let picked = split::pick(&a.targets, draw)?;
+                alias = Some(a);
+                picked
             }
         };
-        match self.version_in(&versions, model, version) {
+        let version = match self.version_in(&versions, model, version) {
             Err(e @ RegistryError::UnknownVersion { .. }) => {
                 self.model_in(&txn.open_table(MODELS).db(self)?, model)?;
-                Err(e)
+                return Err(e);
             }
-            other => other,
-        }
+            other => other?,
+        };
+        let shadow = match alias.as_ref().and_then(|a| a.shadow) {
+            Some(sh) => Some(self.version_in(&versions, model, sh.version)?),
+            None => None,
+        };
+        Ok(Route { version, alias, shadow })
     }
 
     /// Append an evaluation to a version (the only change a version ever sees).

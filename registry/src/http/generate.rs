@@ -1,7 +1,8 @@
 //! `POST /v1/models/{model}/generate`: text from a served version. `{model}` is a name or a
 //! reference (`name@3`, `name@prod`); an alias that splits traffic picks a version per
-//! request by its weights, and the response names the version that served it
-//! (`version`, `X-Gantry-Version`).
+//! request by its weights (the same version for every request with the same
+//! `X-Gantry-Route-Key` header while the weights stand), and the response names the version
+//! that served it (`version`, `X-Gantry-Version`).
 //!
 //! Body: `prompt` (text, encoded with the model's own tokenizer) or `tokens`; `max_tokens`
 //! (default 16), `temperature` (default 1; 0 is greedy), `top_p` (default 1), `seed`
@@ -16,7 +17,7 @@ use super::auth::Scope;
 use super::error::{ApiError, JsonBody};
 use super::files::VERSION_HEADER;
 use super::generation::{
-    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, random_seed, served_version, start,
+    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, random_seed, route_key, served_version,
 };
 use super::routes::AppState;
 use axum::extract::{Path, State};
@@ -87,9 +88,9 @@ pub(crate) async fn generate(
         (None, Some(t)) => PromptInput::Tokens(t),
         (Some(text), None) => PromptInput::Text(text),
     };
-    let served = served_version(&s, &model).await?;
+    let routed = served_version(&s, &model, route_key(&headers, None)).await?;
     let request = GenerationRequest {
-        prompt: prompt_tokens(&prompt, &served)?,
+        prompt: prompt_tokens(&prompt, &routed.served)?,
         max_tokens: body.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         sampling: SamplingParams {
             temperature: body.temperature.unwrap_or(1.0),
@@ -103,7 +104,7 @@ pub(crate) async fn generate(
         logprobs: None,
         prompt_logprobs: None,
     };
-    let generation = start(&s, served, request)?;
+    let generation = routed.start(&s, request)?;
     if body.stream {
         Ok(stream(s, generation, model))
     } else {
@@ -164,7 +165,11 @@ fn stream(s: Arc<AppState>, mut g: Generation, resolved_from: String) -> Respons
             Ended::Cancelled => ("cancelled", None),
             Ended::Finished(finish) => (
                 "ok",
-                Some(Event::default().event("done").data(answer(&g, &resolved_from, finish).to_string())),
+                Some(
+                    Event::default()
+                        .event("done")
+                        .data(answer(&g, &resolved_from, finish).to_string()),
+                ),
             ),
             Ended::Failed(e) => (
                 "error",

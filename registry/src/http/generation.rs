@@ -1,15 +1,20 @@
 //! One generation request from the HTTP side, shared by gantry's own `generate` route and the
-//! OpenAI-compatible routes: find the served version ([`served_version`]), check the prompt
-//! against it, take a place in its queue and hand the job to its engine ([`start`]), then
-//! receive tokens ([`Generation::drive`]), decoding text and watching for stop strings as
-//! they come ([`Collector`]), and count the outcome on `/metrics` ([`Generation::record`]).
+//! OpenAI-compatible routes: find the served version ([`served_version`], sticky when the
+//! request carries a [`route_key`]), check the prompt against it, take a place in its queue
+//! and hand the job to its engine ([`Routed::start`], which also mirrors the request to the
+//! alias's shadow when it is drawn, see [`super::shadow`]), then receive tokens
+//! ([`Generation::drive`]), decoding text and watching for stop strings as they come
+//! ([`Collector`]), and count the outcome on `/metrics` ([`Generation::record`]).
 
 use super::error::ApiError;
 use super::metrics::GenerationOutcome;
 use super::routes::{AppState, parse_ref};
-use crate::serving::cache::{Admitted, CacheError, ServedModel};
+use super::shadow::{self, Mirror, PrimaryLink};
+use crate::serving::cache::{Admitted, CacheError, ModelCache, ServedModel};
 use crate::serving::engine::{GenEvent, GenerateJob};
 use crate::serving::{TextCodec, TokenLogprobs};
+use crate::split;
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use gantry_sharding::next_token::SamplingParams;
 use gantry_sharding::splitmix::SplitMix64;
@@ -24,6 +29,7 @@ pub(crate) enum PromptInput {
 }
 
 /// What to generate, checked against the served model by [`start`].
+#[derive(Clone)]
 pub(crate) struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -34,9 +40,32 @@ pub(crate) struct GenerationRequest {
     pub prompt_logprobs: Option<usize>,
 }
 
+/// The header that makes a weighted alias sticky (as the OpenAI routes' `user` field does).
+pub const ROUTE_KEY_HEADER: &str = "x-gantry-route-key";
+
+/// A request's route key: the `X-Gantry-Route-Key` header, else `user` (the OpenAI routes'
+/// field); an empty one is no key.
+pub(crate) fn route_key<'a>(headers: &'a HeaderMap, user: Option<&'a str>) -> Option<&'a [u8]> {
+    headers
+        .get(ROUTE_KEY_HEADER)
+        .map(|v| v.as_bytes())
+        .or(user.map(str::as_bytes))
+        .filter(|k| !k.is_empty())
+}
+
+/// The version a request is served by, loaded, and whether the request is mirrored to a
+/// shadow.
+pub(crate) struct Routed {
+    pub served: Arc<ServedModel>,
+    mirror: Option<Mirror>,
+}
+
 /// The version a request is served by: `reference` resolved (a weighted alias draws here,
-/// once per request, so every choice of one request comes from the same version) and loaded.
-pub(crate) async fn served_version(s: &AppState, reference: &str) -> Result<Arc<ServedModel>, ApiError> {
+/// once per request, so every choice of one request comes from the same version; from the
+/// route `key`'s hash when there is one) and loaded. When the alias has a shadow and this
+/// request is among the share it mirrors, the mirror is prepared here and started with the
+/// request ([`Routed::start`]).
+pub(crate) async fn served_version(s: &AppState, reference: &str, key: Option<&[u8]>) -> Result<Routed, ApiError> {
     let cache = s.serving.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -44,13 +73,45 @@ pub(crate) async fn served_version(s: &AppState, reference: &str) -> Result<Arc<
             "this registry was started without model serving (gantry registry serve loads models; see --help)",
         )
     })?;
-    let version = s.resolve(parse_ref(reference)?).await?;
-    cache.get(&version).await.map_err(|e| match e {
+    let route = s.route(parse_ref(reference)?, key).await?;
+    let mirror = match (&route.alias, route.shadow) {
+        (Some(alias), Some(shadow)) => {
+            let percent = alias.shadow.map_or(0, |sh| sh.percent);
+            // A request drawn to the shadow's own version has nothing to be compared with.
+            let drawn = shadow.version != route.version.version
+                && split::mirrors(percent, s.mirror_draw(&alias.model, &alias.name));
+            drawn.then_some(Mirror { shadow })
+        }
+        _ => None,
+    };
+    let served = cache.get(&route.version).await.map_err(cache_error)?;
+    Ok(Routed { served, mirror })
+}
+
+/// A model that cannot be loaded, as an API error.
+pub(crate) fn cache_error(e: CacheError) -> ApiError {
+    match e {
         CacheError::TooLarge { .. } => {
             ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "model_too_large", e.to_string())
         }
         CacheError::Load { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "model_unavailable", e.to_string()),
-    })
+    }
+}
+
+impl Routed {
+    /// [`start`] on the routed version; a mirrored request's generations (each choice) are
+    /// mirrored too, once the primary is admitted, in tasks of their own that the primary
+    /// never waits for.
+    pub fn start(&self, s: &AppState, r: GenerationRequest) -> Result<Generation, ApiError> {
+        // Only generated tokens are compared: a request that scores its prompt only is not
+        // mirrored.
+        let copy = self.mirror.as_ref().filter(|_| r.max_tokens > 0).map(|_| r.clone());
+        let mut g = start(s, self.served.clone(), r)?;
+        if let (Some(mirror), Some(copy)) = (&self.mirror, copy) {
+            g.shadow = Some(shadow::spawn(s, &self.served, mirror, copy));
+        }
+        Ok(g)
+    }
 }
 
 /// A prompt as token ids, checked against the model: encoded with its tokenizer when given as
@@ -130,14 +191,25 @@ pub(crate) fn random_seed() -> u64 {
 
 /// Admit the request to `served`'s queue and submit it to its engine.
 pub(crate) fn start(s: &AppState, served: Arc<ServedModel>, r: GenerationRequest) -> Result<Generation, ApiError> {
+    submit(served, r, s.max_pending, s.serving.as_deref())
+}
+
+/// [`start`] with the queue limit given: at most `limit` requests in flight for the version,
+/// else 503 `overloaded`.
+pub(crate) fn submit(
+    served: Arc<ServedModel>,
+    r: GenerationRequest,
+    limit: usize,
+    cache: Option<&ModelCache>,
+) -> Result<Generation, ApiError> {
     check_request(&r, &served)?;
-    let admitted = served.admit(s.max_pending).ok_or_else(|| {
+    let admitted = served.admit(limit).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             format!(
-                "{}@{} already has {} requests in flight (--max-pending); retry later",
-                served.model, served.version, s.max_pending
+                "{}@{} already has {limit} requests in flight (--max-pending); retry later",
+                served.model, served.version
             ),
         )
     })?;
@@ -152,7 +224,7 @@ pub(crate) fn start(s: &AppState, served: Arc<ServedModel>, r: GenerationRequest
         events: tx,
     };
     if !served.engine.submit(job) {
-        if let Some(cache) = &s.serving {
+        if let Some(cache) = cache {
             cache.forget(&served);
         }
         return Err(ApiError::internal(format!(
@@ -173,6 +245,7 @@ pub(crate) fn start(s: &AppState, served: Arc<ServedModel>, r: GenerationRequest
         wants_scores: r.prompt_logprobs.is_some(),
         pending: None,
         first_token_s: None,
+        shadow: None,
     })
 }
 
@@ -194,6 +267,8 @@ pub(crate) struct Generation {
     /// An event received while waiting for the prompt's scores, for [`Generation::drive`].
     pending: Option<GenEvent>,
     pub first_token_s: Option<f64>,
+    /// Where the outcome goes when this request is mirrored to a shadow.
+    shadow: Option<PrimaryLink>,
 }
 
 /// How a generation ended.
@@ -264,8 +339,16 @@ impl Generation {
         format!("{}@{}: {e}", self.served.model, self.served.version)
     }
 
-    /// Count the outcome (`ok`, `error`, `cancelled`) on `/metrics`.
+    /// Count the outcome (`ok`, `error`, `cancelled`) on `/metrics`, and hand it to the
+    /// shadow's comparison when the request is mirrored.
     pub fn record(&self, s: &AppState, outcome: &'static str) {
+        if let Some(link) = &self.shadow {
+            link.primary_ended(
+                outcome == "ok",
+                &self.collector.tokens,
+                self.started.elapsed().as_secs_f64(),
+            );
+        }
         s.metrics.generation(GenerationOutcome {
             model: &self.served.model,
             version: self.served.version,

@@ -1,7 +1,9 @@
 //! `/metrics` (Prometheus text): generation requests, latency, time to first token and tokens
-//! per served version, so an A/B or canary split can be read off side by side; downloads by
-//! route; the model cache (loaded versions, bytes, loads, evictions) and each engine's
-//! batching (decode steps and the sequences they advanced: the mean batch size).
+//! per served version, so an A/B or canary split can be read off side by side; shadow
+//! comparisons per (model, primary version, shadow version): outcomes, both sides' latency
+//! on the mirrored requests, where greedy answers first differ; downloads by route; the model
+//! cache (loaded versions, bytes, loads, evictions) and each engine's batching (decode steps
+//! and the sequences they advanced: the mean batch size).
 
 use crate::serving::cache::ModelCache;
 use std::collections::BTreeMap;
@@ -12,26 +14,46 @@ use std::sync::atomic::Ordering;
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-#[derive(Clone, Default)]
+/// Upper bounds (token positions) of the histogram of where greedy shadow answers first differ.
+const POSITIONS: [f64; 12] = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
+
+#[derive(Clone)]
 struct Histogram {
-    buckets: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    buckets: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+/// A latency histogram (seconds).
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&BUCKETS)
+    }
+}
+
 impl Histogram {
-    fn observe(&mut self, seconds: f64) {
+    fn with_bounds(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
         self.count += 1;
-        self.sum += seconds;
-        for (b, bound) in self.buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
+        self.sum += value;
+        for (b, &bound) in self.buckets.iter_mut().zip(self.bounds) {
+            if value <= bound {
                 *b += 1;
             }
         }
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (b, bound) in self.buckets.iter().zip(BUCKETS) {
+        for (b, bound) in self.buckets.iter().zip(self.bounds) {
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {b}");
         }
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
@@ -53,10 +75,33 @@ struct VersionStats {
     first_token: Histogram,
 }
 
+/// Mirrored requests of one (model, primary version, shadow version).
+#[derive(Clone)]
+struct ShadowStats {
+    /// By outcome (`agree`, `differ`, `error`, `dropped`, `no_primary`).
+    outcomes: BTreeMap<&'static str, u64>,
+    shadow_latency: Histogram,
+    primary_latency: Histogram,
+    first_difference: Histogram,
+}
+
+impl Default for ShadowStats {
+    fn default() -> Self {
+        ShadowStats {
+            outcomes: BTreeMap::new(),
+            shadow_latency: Histogram::default(),
+            primary_latency: Histogram::default(),
+            first_difference: Histogram::with_bounds(&POSITIONS),
+        }
+    }
+}
+
 /// What the service counts.
 #[derive(Default)]
 pub struct ServiceMetrics {
     versions: Mutex<BTreeMap<(String, u32), VersionStats>>,
+    /// By (model, primary version, shadow version).
+    shadows: Mutex<BTreeMap<(String, u32, u32), ShadowStats>>,
     /// Requests per route family (`files`, `tensors`) and status.
     downloads: Mutex<BTreeMap<(&'static str, u16), u64>>,
 }
@@ -70,6 +115,22 @@ pub struct GenerationOutcome<'a> {
     pub tokens: u64,
     pub seconds: f64,
     pub first_token_seconds: Option<f64>,
+}
+
+/// One mirrored request, as counted (see [`super::shadow`]).
+pub struct ShadowOutcome<'a> {
+    pub model: &'a str,
+    /// The primary's version.
+    pub version: u32,
+    pub shadow_version: u32,
+    /// `agree`, `differ`, `error`, `dropped` or `no_primary`.
+    pub outcome: &'static str,
+    /// The shadow's generation, when it ran.
+    pub shadow_seconds: Option<f64>,
+    /// The primary's generation, when it finished and was compared.
+    pub primary_seconds: Option<f64>,
+    /// For greedy requests that differ: the first token position where they part.
+    pub first_difference: Option<usize>,
 }
 
 fn escape(s: &str) -> String {
@@ -86,6 +147,23 @@ impl ServiceMetrics {
         s.latency.observe(o.seconds);
         if let Some(t) = o.first_token_seconds {
             s.first_token.observe(t);
+        }
+    }
+
+    pub fn shadow(&self, o: ShadowOutcome<'_>) {
+        let mut all = self.shadows.lock().expect("metrics lock");
+        let s = all
+            .entry((o.model.to_string(), o.version, o.shadow_version))
+            .or_default();
+        *s.outcomes.entry(o.outcome).or_default() += 1;
+        if let Some(t) = o.shadow_seconds {
+            s.shadow_latency.observe(t);
+        }
+        if let Some(t) = o.primary_seconds {
+            s.primary_latency.observe(t);
+        }
+        if let Some(at) = o.first_difference {
+            s.first_difference.observe(at as f64);
         }
     }
 
@@ -109,6 +187,8 @@ impl ServiceMetrics {
         let mut out = String::new();
         let versions = self.versions.lock().expect("metrics lock").clone();
         render_generation(&mut out, &versions);
+        let shadows = self.shadows.lock().expect("metrics lock").clone();
+        render_shadows(&mut out, &shadows);
         let name = "gantry_registry_download_requests_total";
         header(
             &mut out,
@@ -190,6 +270,49 @@ fn render_generation(out: &mut String, versions: &BTreeMap<(String, u32), Versio
     }
 }
 
+/// Shadow comparisons, one series per (model, primary version, shadow version).
+fn render_shadows(out: &mut String, shadows: &BTreeMap<(String, u32, u32), ShadowStats>) {
+    let labels = |(model, version, shadow): &(String, u32, u32)| {
+        format!("{},shadow_version=\"{shadow}\"", label(model, *version))
+    };
+    let name = "gantry_registry_shadow_requests_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Requests mirrored to a shadow version, by outcome: agree, differ, error, dropped (not admitted), no_primary.",
+    );
+    for (key, s) in shadows {
+        for (outcome, n) in &s.outcomes {
+            let _ = writeln!(out, "{name}{{{},outcome=\"{outcome}\"}} {n}", labels(key));
+        }
+    }
+    type PerShadow = fn(&ShadowStats) -> &Histogram;
+    let histograms: [(&str, &str, PerShadow); 3] = [
+        (
+            "gantry_registry_shadow_seconds",
+            "Shadow generation latency on mirrored requests.",
+            |s| &s.shadow_latency,
+        ),
+        (
+            "gantry_registry_shadow_primary_seconds",
+            "Primary generation latency on the same mirrored requests (compared ones).",
+            |s| &s.primary_latency,
+        ),
+        (
+            "gantry_registry_shadow_first_difference",
+            "Token position where a greedy shadow answer first differs from the primary's.",
+            |s| &s.first_difference,
+        ),
+    ];
+    for (name, help, get) in histograms {
+        header(out, name, "histogram", help);
+        for (key, s) in shadows {
+            get(s).render(out, name, &labels(key));
+        }
+    }
+}
+
 /// The model cache's gauges and counters, and each loaded engine's batching counters.
 fn render_cache(out: &mut String, cache: &ModelCache) {
     let loaded = cache.loaded();
@@ -266,6 +389,24 @@ mod tests {
             seconds: 0.2,
             first_token_seconds: Some(0.01),
         });
+        m.shadow(ShadowOutcome {
+            model: "gpt",
+            version: 3,
+            shadow_version: 4,
+            outcome: "differ",
+            shadow_seconds: Some(0.3),
+            primary_seconds: Some(0.2),
+            first_difference: Some(5),
+        });
+        m.shadow(ShadowOutcome {
+            model: "gpt",
+            version: 3,
+            shadow_version: 4,
+            outcome: "dropped",
+            shadow_seconds: None,
+            primary_seconds: None,
+            first_difference: None,
+        });
         let text = m.render(None);
         let lines: Vec<&str> = text.lines().collect();
         for want in [
@@ -275,6 +416,12 @@ mod tests {
             "gantry_registry_generate_seconds_bucket{model=\"a\\\"b\",version=\"2\",le=\"0.25\"} 1",
             "gantry_registry_generate_first_token_seconds_count{model=\"a\\\"b\",version=\"2\"} 1",
             "# TYPE gantry_registry_download_requests_total counter",
+            "gantry_registry_shadow_requests_total{model=\"gpt\",version=\"3\",shadow_version=\"4\",outcome=\"differ\"} 1",
+            "gantry_registry_shadow_requests_total{model=\"gpt\",version=\"3\",shadow_version=\"4\",outcome=\"dropped\"} 1",
+            "gantry_registry_shadow_seconds_count{model=\"gpt\",version=\"3\",shadow_version=\"4\"} 1",
+            "gantry_registry_shadow_primary_seconds_sum{model=\"gpt\",version=\"3\",shadow_version=\"4\"} 0.2",
+            "gantry_registry_shadow_first_difference_bucket{model=\"gpt\",version=\"3\",shadow_version=\"4\",le=\"4\"} 0",
+            "gantry_registry_shadow_first_difference_bucket{model=\"gpt\",version=\"3\",shadow_version=\"4\",le=\"8\"} 1",
         ] {
             assert!(lines.contains(&want), "missing {want:?} in\n{text}");
         }
@@ -287,6 +434,10 @@ mod tests {
                 "gantry_registry_generate_prompt_tokens_total counter",
                 "gantry_registry_generate_seconds histogram",
                 "gantry_registry_generate_first_token_seconds histogram",
+                "gantry_registry_shadow_requests_total counter",
+                "gantry_registry_shadow_seconds histogram",
+                "gantry_registry_shadow_primary_seconds histogram",
+                "gantry_registry_shadow_first_difference histogram",
                 "gantry_registry_download_requests_total counter",
             ]
         );

@@ -17,14 +17,19 @@
 //!   file, cut by the checkpoint reader's reshard planner.
 //! - [`opened`]: opened checkpoints shared across requests.
 //! - [`generate`]: text generation from served versions (JSON or server-sent events);
-//!   [`metrics`]: `/metrics` per served version, downloads and the model cache.
+//!   [`shadow`]: an alias's shadow traffic, mirrored and compared;
+//!   [`metrics`]: `/metrics` per served version, shadow comparisons, downloads and the model
+//!   cache.
 //! - [`openapi`]: the OpenAPI 3.0 document served at `/openapi.json`, and [`ROUTES`], the
 //!   list of routes it describes.
 //!
 //! Wherever a version is named in a path (`/v1/models/{model}/versions/{version}/...`),
 //! `{version}` may be a number, `latest` or an alias; `GET /v1/models/{model}` also takes a
 //! full reference (`name@3`, `name@prod`). For an alias that splits traffic, each request
-//! draws from a per-server counter, so consecutive requests follow the weights exactly.
+//! draws from a per-server counter, so consecutive requests follow the weights exactly; a
+//! generation request with a route key (the OpenAI `user` field, or the `X-Gantry-Route-Key`
+//! header) draws from the key's hash instead, so one key always gets one version while the
+//! weights stand.
 
 pub mod auth;
 pub mod conn;
@@ -37,6 +42,7 @@ pub mod openai;
 pub mod openapi;
 pub mod opened;
 pub mod routes;
+pub(crate) mod shadow;
 pub mod tensors;
 
 pub use auth::{Scope, TokenEntry, TokenFileError, parse_token_file};

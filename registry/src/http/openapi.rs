@@ -68,7 +68,7 @@ fn errors(codes: &[u16]) -> serde_json::Map<String, Value> {
                 501 => "this server does not generate (started with --no-generate)",
                 503 => "too many generation requests in flight for this version (--max-pending); retry later",
                 507 => "the model needs more memory than the model cache's limit",
-                422 => "checkpoint refused (uncommitted, corrupt or incomplete) or no longer readable",
+                422 => "checkpoint refused (uncommitted, corrupt or incomplete) or no longer readable, or a version that cannot be loaded for serving",
                 _ => "error",
             };
             (c.to_string(), ok(what, schema("Error")))
@@ -88,6 +88,12 @@ fn json_body(name: &str) -> Value {
 
 const READ: &[u16] = &[400, 401, 404];
 const WRITE: &[u16] = &[400, 401, 403, 404, 415];
+
+/// The `X-Gantry-Route-Key` header of the generation routes.
+fn route_key_p() -> Value {
+    json!({ "name": "X-Gantry-Route-Key", "in": "header", "required": false, "schema": { "type": "string" },
+        "description": "sticky routing: a weighted alias sends every request with the same key to the same version (xxh3 of the key drawn into the weights) for as long as its targets and weights stay as they are; without a key, consecutive requests interleave by the weights. On the OpenAI routes the `user` field does the same; the header wins" })
+}
 
 /// The document.
 pub fn document() -> Value {
@@ -109,11 +115,11 @@ pub fn document() -> Value {
         "paths": {
             "/healthz": { "get": { "summary": "liveness", "security": [], "responses": { "200": ok("serving", json!({ "type": "object" })) } } },
             "/openapi.json": { "get": { "summary": "this document", "security": [], "responses": { "200": ok("the OpenAPI document", json!({ "type": "object" })) } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics: generation requests, latency, time to first token and tokens per served version; downloads; the model cache; batching", "security": [], "responses": { "200": { "description": "text exposition format", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics: generation requests, latency, time to first token and tokens per served version; shadow comparisons per (model, version, shadow_version): gantry_registry_shadow_requests_total by outcome (agree, differ, error, dropped, no_primary), gantry_registry_shadow_seconds and gantry_registry_shadow_primary_seconds (both sides' latency on the mirrored requests), gantry_registry_shadow_first_difference (token position where greedy answers part); downloads; the model cache; batching", "security": [], "responses": { "200": { "description": "text exposition format", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
             "/v1/models/{model}/generate": { "post": {
                 "summary": "generate text with a version (`name`, `name@3`, `name@alias`; a weighted alias picks a version per request, named in `version` and `X-Gantry-Version`). With `stream: true` the answer is server-sent events: `token` events `{token, text}`, then `done` with the whole answer (or `error`)",
                 "security": read_security,
-                "parameters": [path_param("model", "model name or reference `name@selector`")],
+                "parameters": [path_param("model", "model name or reference `name@selector`"), route_key_p()],
                 "requestBody": json_body("GenerateRequest"),
                 "responses": responses(("200", json!({
                     "description": "the generation (JSON), or an event stream when `stream` is true",
@@ -130,8 +136,9 @@ pub fn document() -> Value {
                 "responses": responses(("200", ok("the servable references", json!({ "type": "object" }))), &[401]),
             }},
             "/v1/completions": { "post": {
-                "summary": "OpenAI-compatible text completion: `model` (a registry reference), `prompt` (string, strings, token ids, lists of token ids), `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `logprobs`, `echo`, `stream` (server-sent `text_completion` chunks, then `data: [DONE]`); OpenAI's response shape with `usage`",
+                "summary": "OpenAI-compatible text completion: `model` (a registry reference), `prompt` (string, strings, token ids, lists of token ids), `max_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`, `logprobs`, `echo`, `stream` (server-sent `text_completion` chunks, then `data: [DONE]`), `user` (the route key of a weighted alias: one user, one version); OpenAI's response shape with `usage`",
                 "security": read_security,
+                "parameters": [route_key_p()],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
                 "responses": responses(("200", json!({
                     "description": "the completion (JSON), or an event stream when `stream` is true",
@@ -139,8 +146,9 @@ pub fn document() -> Value {
                 })), &[400, 401, 404, 415, 422, 501, 503, 507]),
             }},
             "/v1/chat/completions": { "post": {
-                "summary": "OpenAI-compatible chat: `messages` rendered with the model's chat template (or the documented plain default), the sampling fields of /v1/completions, `logprobs` + `top_logprobs`, `stream`",
+                "summary": "OpenAI-compatible chat: `messages` rendered with the model's chat template (or the documented plain default), the sampling fields of /v1/completions, `logprobs` + `top_logprobs`, `stream`, `user` (the route key of a weighted alias)",
                 "security": read_security,
+                "parameters": [route_key_p()],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object" } } } },
                 "responses": responses(("200", json!({
                     "description": "the chat completion (JSON), or an event stream when `stream` is true",
@@ -243,11 +251,11 @@ pub fn document() -> Value {
                     "responses": responses(("200", ok("the alias", schema("Alias"))), READ),
                 },
                 "put": {
-                    "summary": "set or move an alias atomically (one version, or weighted targets)",
+                    "summary": "set or move an alias atomically (one version, or weighted targets, optionally with a shadow); the whole alias is replaced. On a server that generates, every version it will name (targets and shadow) is loaded before the move is committed, so the PUT waits for those loads and no request waits for one; a version that cannot be loaded fails the PUT (422, 507) and leaves the alias as it was. Requests already running finish on the version they started on",
                     "security": write_security,
                     "parameters": [model_p(), alias_p()],
                     "requestBody": json_body("AliasRequest"),
-                    "responses": responses(("200", ok("the alias as set", schema("Alias"))), WRITE),
+                    "responses": responses(("200", ok("the alias as set", schema("Alias"))), &[400, 401, 403, 404, 415, 422, 507]),
                 },
                 "delete": {
                     "summary": "remove an alias",
@@ -278,7 +286,10 @@ pub fn document() -> Value {
                 "Alias": { "type": "object", "properties": {
                     "model": { "type": "string" }, "name": { "type": "string" },
                     "targets": { "type": "array", "description": "[version, weight] pairs", "items": { "type": "array", "items": { "type": "integer" }, "minItems": 2, "maxItems": 2 } },
-                    "updated_ms": { "type": "integer" } } },
+                    "updated_ms": { "type": "integer" },
+                    "shadow": { "allOf": [schema("Shadow")], "nullable": true, "description": "where a share of the alias's generation requests is mirrored; null: none" } } },
+                "Shadow": { "type": "object", "required": ["version", "percent"], "additionalProperties": false, "description": "mirror `percent` (1..=100, exact over every 100 eligible requests) of the alias's generation requests to `version`: same prompt tokens, sampling and seed, in the background (the client gets only the primary's answer and never waits for the shadow; a mirror is dropped while the shadow version has half of --max-pending in flight or is not loaded yet). Answers are compared (same tokens or not; for greedy requests the first differing position) and counted on /metrics as gantry_registry_shadow_*. Requests drawn to the shadow's own version are not mirrored; it may not be the alias's only version", "properties": {
+                    "version": { "type": "integer" }, "percent": { "type": "integer", "minimum": 1, "maximum": 100 } } },
                 "ModelPage": { "type": "object", "properties": { "models": { "type": "array", "items": schema("Model") }, "next": { "type": "string", "nullable": true } } },
                 "VersionPage": { "type": "object", "properties": { "versions": { "type": "array", "items": schema("Version") }, "next": { "type": "string", "nullable": true } } },
                 "RegisterRequest": { "type": "object", "required": ["checkpoint"], "additionalProperties": false, "properties": {
@@ -305,8 +316,9 @@ pub fn document() -> Value {
                     "finish_reason": { "type": "string", "enum": ["length", "eod", "context", "stop"] },
                     "seed": { "type": "integer" },
                     "timing": { "type": "object", "properties": { "total_ms": { "type": "number" }, "first_token_ms": { "type": "number" } } } } },
-                "AliasRequest": { "type": "object", "additionalProperties": false, "description": "exactly one of `version` or `targets`", "properties": {
+                "AliasRequest": { "type": "object", "additionalProperties": false, "description": "exactly one of `version` or `targets`, and optionally `shadow`", "properties": {
                     "version": { "type": "integer" },
+                    "shadow": schema("Shadow"),
                     "targets": { "type": "array", "items": { "type": "object", "required": ["version", "weight"], "properties": { "version": { "type": "integer" }, "weight": { "type": "integer" } } } } } }
             }
         }

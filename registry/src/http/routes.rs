@@ -6,10 +6,11 @@ use super::error::{ApiError, JsonBody, json_errors};
 use super::metrics::ServiceMetrics;
 use super::opened::OpenedCheckpoints;
 use super::{files, generate, openai, openapi, tensors};
-use crate::model::{EvalRecord, VersionRecord};
+use crate::model::{Alias, EvalRecord, Shadow, VersionRecord};
 use crate::name::{ModelRef, Selector};
-use crate::serving::cache::ModelCache;
-use crate::store::{Page, Registry};
+use crate::serving::cache::{ModelCache, Pins};
+use crate::split;
+use crate::store::{Page, Registry, Route};
 use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,8 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The page size when a listing gives no `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -36,6 +38,8 @@ pub struct AppState {
     open_reads: bool,
     /// Draws for weighted aliases: one per resolution, so traffic follows the weights.
     draws: AtomicU64,
+    /// Draws for shadows, per `(model, alias)`, so each alias mirrors exactly its percent.
+    mirror_draws: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl AppState {
@@ -54,6 +58,7 @@ impl AppState {
             tokens,
             open_reads,
             draws: AtomicU64::new(0),
+            mirror_draws: Mutex::default(),
         }
     }
 
@@ -84,6 +89,38 @@ impl AppState {
         let draw = self.draws.fetch_add(1, Ordering::Relaxed);
         self.blocking(move |r| r.resolve(&reference, draw)).await
     }
+
+    /// What serves a generation request for `reference`: a request with a route `key` draws
+    /// from the key's hash (sticky: one key, one version while the alias's weights stand),
+    /// one without draws from the counter. An alias seen here is pinned in the model cache.
+    pub(crate) async fn route(&self, reference: ModelRef, key: Option<&[u8]>) -> Result<Route, ApiError> {
+        let draw = match key {
+            Some(k) => split::sticky_draw(k),
+            None => self.draws.fetch_add(1, Ordering::Relaxed),
+        };
+        let route = self.blocking(move |r| r.route(&reference, draw)).await?;
+        if let (Some(cache), Some(a)) = (&self.serving, &route.alias) {
+            cache.pin(&a.model, &a.name, pins_of(a));
+        }
+        Ok(route)
+    }
+
+    /// The next shadow draw of `alias` of `model` (see [`split::mirrors`]).
+    pub(crate) fn mirror_draw(&self, model: &str, alias: &str) -> u64 {
+        let mut draws = self.mirror_draws.lock().expect("mirror draws lock");
+        let next = draws.entry((model.to_string(), alias.to_string())).or_default();
+        let draw = *next;
+        *next += 1;
+        draw
+    }
+}
+
+/// What an alias keeps loaded in the model cache.
+fn pins_of(a: &Alias) -> Pins {
+    Pins {
+        targets: a.targets.iter().map(|t| t.0).collect(),
+        shadow: a.shadow.map(|sh| sh.version),
+    }
 }
 
 pub(crate) fn parse_ref(s: &str) -> Result<ModelRef, ApiError> {
@@ -105,7 +142,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{model}/generate", axum::routing::post(generate::generate))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", axum::routing::post(openai::completions::completions))
-        .route("/v1/chat/completions", axum::routing::post(openai::chat::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(openai::chat::chat_completions),
+        )
         .route("/v1/registry/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/models/{model}/versions", get(list_versions).post(register))
@@ -371,7 +411,8 @@ pub struct AliasTarget {
     pub weight: u32,
 }
 
-/// `{"version": 3}` or `{"targets": [{"version": 3, "weight": 90}, ...]}`.
+/// `{"version": 3}` or `{"targets": [{"version": 3, "weight": 90}, ...]}`, either with an
+/// optional `"shadow": {"version": 5, "percent": 10}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AliasBody {
@@ -379,8 +420,22 @@ pub struct AliasBody {
     pub version: Option<u32>,
     #[serde(default)]
     pub targets: Option<Vec<AliasTarget>>,
+    #[serde(default)]
+    pub shadow: Option<ShadowBody>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowBody {
+    pub version: u32,
+    pub percent: u32,
+}
+
+/// Set or move an alias. A server that generates loads every version the alias will name
+/// (targets and shadow) before the move is committed, so no request drawn to a new version
+/// waits for its load; the PUT waits instead, and a version that cannot be loaded fails the
+/// PUT and leaves the alias as it was. Requests already running finish on the version they
+/// started on (they hold it).
 async fn set_alias(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -398,10 +453,92 @@ async fn set_alias(
             ));
         }
     };
-    let a = s
-        .blocking(move |r| r.set_alias(&model, &alias, &targets, now_ms()))
+    let shadow = body.shadow.map(|sh| Shadow {
+        version: sh.version,
+        percent: sh.percent,
+    });
+    // Refuse a bad request before loading anything for it (the store checks again, in its
+    // transaction).
+    crate::name::check_alias_name(&alias).map_err(crate::RegistryError::from)?;
+    split::validate(&targets).map_err(crate::RegistryError::from)?;
+    if let Some(sh) = shadow {
+        split::validate_shadow(&targets, sh.version, sh.percent).map_err(crate::RegistryError::from)?;
+    }
+    let pins = Pins {
+        targets: targets.iter().map(|t| t.0).collect(),
+        shadow: shadow.map(|sh| sh.version),
+    };
+    // Pinned under a name of their own while they load (released however the PUT ends, even
+    // when its client goes away), so the loads evict neither each other nor what the alias
+    // serves now (pinned under the alias's own name).
+    let moving = s
+        .serving
+        .as_ref()
+        .map(|cache| Moving::pin(cache, &model, &alias, pins.clone()));
+    if let Some(cache) = &s.serving {
+        preload(&s, cache, &model, &pins).await.map_err(|e| {
+            ApiError::new(
+                e.status,
+                e.code,
+                format!("{model}@{alias} was not moved: {}", e.message),
+            )
+        })?;
+    }
+    let (m, a) = (model.clone(), alias.clone());
+    let set = s
+        .blocking(move |r| r.set_alias_with_shadow(&m, &a, &targets, shadow, now_ms()))
         .await?;
-    Ok(axum::Json(a).into_response())
+    if let Some(cache) = &s.serving {
+        cache.pin(&model, &alias, pins);
+    }
+    drop(moving);
+    Ok(axum::Json(set).into_response())
+}
+
+/// The versions an alias is being moved to, pinned in the model cache until dropped.
+struct Moving {
+    cache: Arc<ModelCache>,
+    model: String,
+    owner: String,
+}
+
+impl Moving {
+    fn pin(cache: &Arc<ModelCache>, model: &str, alias: &str, pins: Pins) -> Moving {
+        // Alias names cannot hold a space, so this never names an alias.
+        let owner = format!("{alias} (moving)");
+        cache.pin(model, &owner, pins);
+        Moving {
+            cache: cache.clone(),
+            model: model.to_string(),
+            owner,
+        }
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        self.cache.pin(&self.model, &self.owner, Pins::default());
+    }
+}
+
+/// Load every version `pins` names into the model cache, concurrently (each load happens
+/// once however many ask for it).
+async fn preload(s: &AppState, cache: &ModelCache, model: &str, pins: &Pins) -> Result<(), ApiError> {
+    let wanted: Vec<u32> = pins.targets.iter().copied().chain(pins.shadow).collect();
+    let m = model.to_string();
+    let records = s
+        .blocking(move |r| {
+            wanted
+                .iter()
+                .map(|&v| r.get_version(&m, v))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let loads = futures::future::join_all(records.iter().map(|v| cache.get(v))).await;
+    match loads.into_iter().find_map(Result::err) {
+        Some(e) => Err(super::generation::cache_error(e)),
+        None => Ok(()),
+    }
 }
 
 async fn delete_alias(
@@ -411,7 +548,12 @@ async fn delete_alias(
 ) -> Result<Response, ApiError> {
     s.authorize(&headers, Scope::Write)?;
     let model = plain_name(&model)?;
-    Ok(axum::Json(s.blocking(move |r| r.delete_alias(&model, &alias)).await?).into_response())
+    let (m, a) = (model.clone(), alias.clone());
+    let removed = s.blocking(move |r| r.delete_alias(&m, &a)).await?;
+    if let Some(cache) = &s.serving {
+        cache.pin(&model, &alias, Pins::default());
+    }
+    Ok(axum::Json(removed).into_response())
 }
 
 #[cfg(test)]

@@ -4,6 +4,11 @@
 //! dropped from the cache; requests already running on them finish first (they hold the
 //! model), then its engine thread ends and the memory is freed. A failed load is not cached:
 //! the next request tries again.
+//!
+//! Versions that aliases point at are pinned ([`ModelCache::pin`]): eviction takes versions
+//! no alias names first, then those only a shadow uses, and an alias's targets last, so
+//! traffic through an alias does not find its version gone while the limit could have kept
+//! it.
 
 use super::engine::{EngineHandle, spawn_engine};
 use super::{ModelLoader, TextCodec};
@@ -81,6 +86,28 @@ struct Entry {
 /// `(model, version)`.
 type Key = (String, u32);
 
+/// What an alias holds in the cache: its targets, and its shadow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pins {
+    pub targets: Vec<u32>,
+    pub shadow: Option<u32>,
+}
+
+/// How much a version is wanted, lowest evicted first: no alias names it, only as a shadow,
+/// as an alias's target.
+fn keep_rank(pins: &HashMap<(String, String), Pins>, key: &Key) -> u8 {
+    let named = pins.iter().filter(|((m, _), _)| *m == key.0);
+    named.fold(0, |rank, (_, p)| {
+        if p.targets.contains(&key.1) {
+            2
+        } else if p.shadow == Some(key.1) {
+            rank.max(1)
+        } else {
+            rank
+        }
+    })
+}
+
 /// The entries and the use counter that orders them.
 #[derive(Default)]
 struct Entries {
@@ -93,6 +120,8 @@ pub struct ModelCache {
     limit_bytes: u64,
     s3: S3Options,
     entries: Mutex<Entries>,
+    /// By `(model, alias)`.
+    pins: Mutex<HashMap<(String, String), Pins>>,
     pub loads: AtomicU64,
     pub evictions: AtomicU64,
 }
@@ -104,6 +133,7 @@ impl ModelCache {
             limit_bytes,
             s3,
             entries: Mutex::default(),
+            pins: Mutex::default(),
             loads: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
@@ -121,6 +151,48 @@ impl ModelCache {
             .values()
             .filter_map(|e| e.cell.get().and_then(|r| r.as_ref().ok()).cloned())
             .collect()
+    }
+
+    /// Record what `alias` of `model` points at (empty targets and no shadow: nothing, the
+    /// alias is gone), for eviction to keep those versions longest.
+    pub fn pin(&self, model: &str, alias: &str, pins: Pins) {
+        let mut all = self.pins.lock().expect("model cache lock");
+        let key = (model.to_string(), alias.to_string());
+        if pins.targets.is_empty() && pins.shadow.is_none() {
+            all.remove(&key);
+        } else if all.get(&key) != Some(&pins) {
+            all.insert(key, pins);
+        }
+    }
+
+    /// What `alias` of `model` is pinned to now.
+    pub fn pins(&self, model: &str, alias: &str) -> Pins {
+        let all = self.pins.lock().expect("model cache lock");
+        all.get(&(model.to_string(), alias.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The served model for `v` if it is loaded now (counted as a use), without waiting:
+    /// `None` while it is absent or still loading. For work that must never wait on a load
+    /// (shadow traffic); [`ModelCache::get`] loads.
+    pub fn loaded_now(&self, v: &VersionRecord) -> Option<Arc<ServedModel>> {
+        let mut guard = self.entries.lock().expect("model cache lock");
+        guard.clock += 1;
+        let now = guard.clock;
+        let e = guard.map.get_mut(&(v.model.clone(), v.version))?;
+        let served = e.cell.get().and_then(|r| r.as_ref().ok()).cloned()?;
+        e.last_used = now;
+        Some(served)
+    }
+
+    /// Whether a load of `v` is under way.
+    pub fn is_loading(&self, v: &VersionRecord) -> bool {
+        let guard = self.entries.lock().expect("model cache lock");
+        guard
+            .map
+            .get(&(v.model.clone(), v.version))
+            .is_some_and(|e| !e.cell.initialized())
     }
 
     /// The served model for `v`, loading it if needed.
@@ -220,8 +292,10 @@ impl ModelCache {
         }
     }
 
-    /// Drop least recently used loaded versions (never `keep`) until the total fits.
+    /// Drop loaded versions (never `keep`) until the total fits: the least wanted first
+    /// ([`keep_rank`]: unpinned, shadows, alias targets), the least recently used among equals.
     fn evict_over_limit(&self, keep: &Key) {
+        let pins = self.pins.lock().expect("model cache lock").clone();
         let mut guard = self.entries.lock().expect("model cache lock");
         let entries = &mut guard.map;
         loop {
@@ -239,7 +313,7 @@ impl ModelCache {
             let Some(victim) = ready
                 .iter()
                 .filter(|r| r.0 != keep)
-                .min_by_key(|r| r.2)
+                .min_by_key(|r| (keep_rank(&pins, r.0), r.2))
                 .map(|r| r.0.clone())
             else {
                 return;
@@ -367,6 +441,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn eviction_keeps_alias_targets_over_unpinned_versions_and_shadows() {
+        let loader = Arc::new(Loader {
+            bytes: 100,
+            loads: AtomicU64::new(0),
+        });
+        let cache = ModelCache::new(loader, 300, S3Options::default());
+        let loaded = |cache: &ModelCache| {
+            let mut v: Vec<u32> = cache.loaded().iter().map(|m| m.version).collect();
+            v.sort();
+            v
+        };
+        rt().block_on(async {
+            // prod → 1 (90) and 2 (10), shadowed by 4; 3 was asked for by number, recently.
+            cache.pin(
+                "m",
+                "prod",
+                Pins {
+                    targets: vec![1, 2],
+                    shadow: Some(4),
+                },
+            );
+            for v in [2, 1, 3] {
+                cache.get(&version(v)).await.unwrap();
+            }
+            // A fourth version: the unpinned 3 goes, though 2 was used longer ago.
+            cache.get(&version(4)).await.unwrap();
+            assert_eq!(loaded(&cache), [1, 2, 4]);
+            // A fifth: of what is left, the shadow goes before the targets.
+            cache.get(&version(5)).await.unwrap();
+            assert_eq!(loaded(&cache), [1, 2, 5]);
+            // The alias moves to 5 alone: 1 and 2 are no longer wanted more than 3.
+            cache.pin(
+                "m",
+                "prod",
+                Pins {
+                    targets: vec![5],
+                    shadow: None,
+                },
+            );
+            cache.get(&version(3)).await.unwrap();
+            assert_eq!(
+                loaded(&cache),
+                [1, 3, 5],
+                "the least recently used unpinned version (2) went"
+            );
+            assert!(cache.loaded_now(&version(1)).is_some());
+            assert!(cache.loaded_now(&version(2)).is_none());
+            assert!(!cache.is_loading(&version(2)));
+            // Unpinning everything: plain LRU again (5 is now the oldest use).
+            cache.pin("m", "prod", Pins::default());
+            assert_eq!(cache.pins("m", "prod"), Pins::default());
+            cache.get(&version(6)).await.unwrap();
+            assert_eq!(loaded(&cache), [1, 3, 6]);
+        });
     }
 
     #[test]

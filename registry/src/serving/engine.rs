@@ -548,12 +548,16 @@ mod tests {
         b.submit(j);
         run(&mut b, &mut m);
         let events = drain(&mut rx);
-        let GenEvent::Prompt(scored) = &events[0] else { panic!("{events:?}") };
+        let GenEvent::Prompt(scored) = &events[0] else {
+            panic!("{events:?}")
+        };
         // Token 2 after [1] is the likely one (sum 1 + 1); 9 after [1, 2] is not.
         assert_eq!(scored.len(), 2);
         assert!((scored[0].logprob as f64 - high).abs() < 1e-6 && scored[0].top[0].0 == 2);
         assert!((scored[1].logprob as f64 - low).abs() < 1e-6 && scored[1].top[0].0 == 4);
-        let GenEvent::Token(13, Some(first)) = &events[1] else { panic!("{events:?}") };
+        let GenEvent::Token(13, Some(first)) = &events[1] else {
+            panic!("{events:?}")
+        };
         assert_eq!(first.top.iter().map(|t| t.0).collect::<Vec<_>>(), [13, 0]);
         assert!(matches!(events[2], GenEvent::Token(26, Some(_))));
         assert_eq!(events[3], GenEvent::Finished(FinishReason::Length));

@@ -28,7 +28,10 @@ pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> Option<TokenLog
     let lp = |l: f32| (l as f64 - log_z) as f32;
     Some(TokenLogprobs {
         logprob: lp(chosen),
-        top: top_k(logits, top).into_iter().map(|i| (i, lp(logits[i as usize]))).collect(),
+        top: top_k(logits, top)
+            .into_iter()
+            .map(|i| (i, lp(logits[i as usize])))
+            .collect(),
     })
 }
 
@@ -38,11 +41,7 @@ fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let order = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
+    let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     ids.select_nth_unstable_by(k - 1, order);
     ids.truncate(k);
@@ -59,7 +58,11 @@ mod tests {
     fn uniform_and_peaked_distributions() {
         let got = token_logprobs(&[0.0; 4], 2, 2).unwrap();
         assert!((got.logprob - (0.25f32).ln()).abs() < 1e-7);
-        assert_eq!(got.top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1], "ties: smaller id first");
+        assert_eq!(
+            got.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [0, 1],
+            "ties: smaller id first"
+        );
         let got = token_logprobs(&[1.0, 3.0, 2.0], 0, 3).unwrap();
         let z = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
         assert!((got.logprob as f64 - (1.0 - z)).abs() < 1e-6);

@@ -14,13 +14,15 @@
 
 use super::logprobs::chat_entry;
 use super::{
-    CommonFields, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, sse, stream_error, usage,
-    with_version,
+    CommonFields, UsageChunk, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, stream_choices,
+    stream_error, usage, with_version,
 };
 use crate::http::auth::Scope;
 use crate::http::error::{ApiError, JsonBody};
 use crate::http::generate::StopField;
-use crate::http::generation::{Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, served_version, start};
+use crate::http::generation::{
+    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version,
+};
 use crate::http::routes::AppState;
 use crate::serving::cache::ServedModel;
 use crate::serving::logprobs::MAX_TOP_LOGPROBS;
@@ -75,7 +77,13 @@ struct ChatBody {
     top_logprobs: Option<usize>,
 }
 
-const OWN_KEYS: &[&str] = &["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"];
+const OWN_KEYS: &[&str] = &[
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+];
 
 /// A message as the template sees it.
 #[derive(Serialize)]
@@ -125,9 +133,12 @@ fn render(served: &ServedModel, messages: &[TemplateMessage]) -> Result<String, 
     };
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        },
+    );
     let context = minijinja::context! {
         messages => messages,
         add_generation_prompt => true,
@@ -135,11 +146,8 @@ fn render(served: &ServedModel, messages: &[TemplateMessage]) -> Result<String, 
         eos_token => special(served.eod),
     };
     env.render_str(template, context).map_err(|e| {
-        ApiError::bad_request(format!(
-            "{}@{}'s chat template: {e}",
-            served.model, served.version
-        ))
-        .with_param("messages")
+        ApiError::bad_request(format!("{}@{}'s chat template: {e}", served.model, served.version))
+            .with_param("messages")
     })
 }
 
@@ -183,12 +191,15 @@ pub(crate) async fn chat_completions(
     let n = body.common.check(1)?;
     let top = body.top_logprobs.unwrap_or(0);
     if top > MAX_TOP_LOGPROBS {
-        return Err(ApiError::bad_request(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"))
-            .with_param("top_logprobs"));
+        return Err(
+            ApiError::bad_request(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"))
+                .with_param("top_logprobs"),
+        );
     }
     let logprobs = body.logprobs.unwrap_or(false).then_some(top);
     let messages = template_messages(std::mem::take(&mut body.messages))?;
-    let served = served_version(&s, &body.common.model).await?;
+    let routed = served_version(&s, &body.common.model, route_key(&headers, body.common.user.as_deref())).await?;
+    let served = routed.served.clone();
     let text = render(&served, &messages)?;
     let prompt = prompt_tokens(&PromptInput::Text(text), &served).map_err(|e| e.with_param("messages"))?;
     let max_tokens = match body.max_completion_tokens.or(body.max_tokens) {
@@ -211,7 +222,7 @@ pub(crate) async fn chat_completions(
             logprobs,
             prompt_logprobs: None,
         };
-        generations.push(start(&s, served.clone(), request)?);
+        generations.push(routed.start(&s, request)?);
     }
     let shape = Shape {
         id: super::answer_id("chatcmpl"),
@@ -243,30 +254,21 @@ pub(crate) async fn chat_completions(
 }
 
 fn stream(s: Arc<AppState>, shape: Shape, generations: Vec<Generation>, prompt: usize, with_usage: bool) -> Response {
-    let version = generations[0].served.version;
-    let (tx, response) = sse(version);
     let shape = Arc::new(shape);
-    tokio::spawn(async move {
-        let last_fingerprint = fingerprint(&generations[0]);
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, g) in generations.into_iter().enumerate() {
-            let (s, shape, tx) = (s.clone(), shape.clone(), tx.clone());
-            tasks.spawn(async move { stream_choice(&s, &shape, index, g, &tx).await });
-        }
-        let mut completion = 0;
-        while let Some(done) = tasks.join_next().await {
-            completion += done.unwrap_or(0);
-        }
-        if with_usage {
-            let last = json!({
+    let usage_chunk = with_usage.then(|| {
+        let shape = shape.clone();
+        Box::new(move |fingerprint: &str, completion: usize| {
+            json!({
                 "id": shape.id, "object": "chat.completion.chunk", "created": shape.created,
-                "model": shape.model, "system_fingerprint": last_fingerprint, "choices": [],
+                "model": shape.model, "system_fingerprint": fingerprint, "choices": [],
                 "usage": usage(prompt, completion),
-            });
-            let _ = tx.send(chunk(&last));
-        }
+            })
+        }) as UsageChunk
     });
-    response
+    stream_choices(generations, usage_chunk, move |index, g, tx| {
+        let (s, shape) = (s.clone(), shape.clone());
+        async move { stream_choice(&s, &shape, index, g, &tx).await }
+    })
 }
 
 /// One choice's chunks; returns the tokens it generated.
@@ -282,7 +284,12 @@ async fn stream_choice(
         chunk(&shape.envelope("chat.completion.chunk", g, vec![choice]))
     };
     if tx
-        .send(piece(&g, json!({ "role": "assistant", "content": "" }), Value::Null, Value::Null))
+        .send(piece(
+            &g,
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+            Value::Null,
+        ))
         .is_err()
     {
         g.record(s, "cancelled");
@@ -303,7 +310,11 @@ async fn stream_choice(
     let outcome = match ended {
         Ended::Finished(f) => {
             let rest = g.collector.text.get(streamed..).unwrap_or_default().to_string();
-            let delta = if rest.is_empty() { json!({}) } else { json!({ "content": rest }) };
+            let delta = if rest.is_empty() {
+                json!({})
+            } else {
+                json!({ "content": rest })
+            };
             let _ = tx.send(piece(&g, delta, Value::Null, json!(finish_reason(f))));
             "ok"
         }
@@ -339,7 +350,11 @@ mod tests {
 
     #[test]
     fn the_default_template_separates_turns_by_a_blank_line() {
-        let text = render_with(DEFAULT_CHAT_TEMPLATE, vec![msg("system", "Be brief."), msg("user", "Hi")]).unwrap();
+        let text = render_with(
+            DEFAULT_CHAT_TEMPLATE,
+            vec![msg("system", "Be brief."), msg("user", "Hi")],
+        )
+        .unwrap();
         assert_eq!(text, "system:\nBe brief.\n\nuser:\nHi\n\nassistant:\n");
     }
 
@@ -347,7 +362,11 @@ mod tests {
     fn hugging_face_style_templates_render_with_python_string_methods() {
         // The shape of many Hub templates: .strip() and eos_token after assistant turns.
         let t = "{% for m in messages %}<|{{ m.role }}|>{{ m.content.strip() }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
-        let text = render_with(t, vec![msg("user", "  Hi  "), msg("assistant", "Hello"), msg("user", "Again")]).unwrap();
+        let text = render_with(
+            t,
+            vec![msg("user", "  Hi  "), msg("assistant", "Hello"), msg("user", "Again")],
+        )
+        .unwrap();
         assert_eq!(text, "<|user|>Hi\n<|assistant|>Hello</s>\n<|user|>Again\n<|assistant|>");
     }
 

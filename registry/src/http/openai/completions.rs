@@ -11,13 +11,15 @@
 
 use super::logprobs::Columns;
 use super::{
-    CommonFields, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, sse, stream_error, usage,
-    with_version,
+    CommonFields, UsageChunk, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, stream_choices,
+    stream_error, usage, with_version,
 };
 use crate::http::auth::Scope;
 use crate::http::error::{ApiError, JsonBody};
 use crate::http::generate::{DEFAULT_MAX_TOKENS, StopField};
-use crate::http::generation::{Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, served_version, start};
+use crate::http::generation::{
+    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version,
+};
 use crate::http::routes::AppState;
 use crate::serving::logprobs::MAX_TOP_LOGPROBS;
 use axum::extract::State;
@@ -132,14 +134,19 @@ pub(crate) async fn completions(
         return Err(ApiError::bad_request("suffix is not supported").with_param("suffix"));
     }
     if body.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::bad_request(format!("logprobs must be at most {MAX_TOP_LOGPROBS}")).with_param("logprobs"));
+        return Err(
+            ApiError::bad_request(format!("logprobs must be at most {MAX_TOP_LOGPROBS}")).with_param("logprobs"),
+        );
     }
     let echo = body.echo.unwrap_or(false);
     let max_tokens = body.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     if max_tokens == 0 && !echo {
-        return Err(ApiError::bad_request("max_tokens 0 needs echo: true (scoring the prompt)").with_param("max_tokens"));
+        return Err(
+            ApiError::bad_request("max_tokens 0 needs echo: true (scoring the prompt)").with_param("max_tokens"),
+        );
     }
-    let served = served_version(&s, &body.common.model).await?;
+    let routed = served_version(&s, &body.common.model, route_key(&headers, body.common.user.as_deref())).await?;
+    let served = routed.served.clone();
     let stops = StopField::into_vec(body.common.stop.take());
     let base_seed = body.common.base_seed();
     let mut generations = Vec::with_capacity(prompts.len() * n);
@@ -162,7 +169,7 @@ pub(crate) async fn completions(
                     _ => None,
                 },
             };
-            generations.push(start(&s, served.clone(), request)?);
+            generations.push(routed.start(&s, request)?);
         }
     }
     let shape = Shape {
@@ -191,31 +198,27 @@ pub(crate) async fn completions(
     Ok(with_version(axum::Json(answer).into_response(), served.version))
 }
 
-fn stream(s: Arc<AppState>, shape: Shape, generations: Vec<Generation>, prompt_total: usize, with_usage: bool) -> Response {
-    let version = generations[0].served.version;
-    let (tx, response) = sse(version);
+fn stream(
+    s: Arc<AppState>,
+    shape: Shape,
+    generations: Vec<Generation>,
+    prompt_total: usize,
+    with_usage: bool,
+) -> Response {
     let shape = Arc::new(shape);
-    tokio::spawn(async move {
-        let mut tasks = tokio::task::JoinSet::new();
-        let last_fingerprint = fingerprint(&generations[0]);
-        for (index, g) in generations.into_iter().enumerate() {
-            let (s, shape, tx) = (s.clone(), shape.clone(), tx.clone());
-            tasks.spawn(async move { stream_choice(&s, &shape, index, g, &tx).await });
-        }
-        let mut completion = 0;
-        while let Some(done) = tasks.join_next().await {
-            completion += done.unwrap_or(0);
-        }
-        if with_usage {
-            let mut last = json!({
+    let usage_chunk = with_usage.then(|| {
+        let shape = shape.clone();
+        Box::new(move |fingerprint: &str, completion: usize| {
+            json!({
                 "id": shape.id, "object": "text_completion", "created": shape.created, "model": shape.model,
-                "system_fingerprint": last_fingerprint, "choices": [],
-            });
-            last["usage"] = usage(prompt_total, completion);
-            let _ = tx.send(chunk(&last));
-        }
+                "system_fingerprint": fingerprint, "choices": [], "usage": usage(prompt_total, completion),
+            })
+        }) as UsageChunk
     });
-    response
+    stream_choices(generations, usage_chunk, move |index, g, tx| {
+        let (s, shape) = (s.clone(), shape.clone());
+        async move { stream_choice(&s, &shape, index, g, &tx).await }
+    })
 }
 
 /// One choice's chunks; returns the tokens it generated.
@@ -247,8 +250,16 @@ async fn stream_choice(
     }
     let ended = g
         .drive(|g, token, text| {
-            columns.push(g.served.codec.as_deref(), token, g.logprobs.last().and_then(Option::as_ref));
-            let lp = if shape.logprobs { columns.since(sent) } else { Value::Null };
+            columns.push(
+                g.served.codec.as_deref(),
+                token,
+                g.logprobs.last().and_then(Option::as_ref),
+            );
+            let lp = if shape.logprobs {
+                columns.since(sent)
+            } else {
+                Value::Null
+            };
             sent = columns.len();
             streamed += text.len();
             tx.send(piece(g, text, lp, Value::Null)).is_ok()

@@ -5,7 +5,8 @@
 //! - `POST /v1/completions` ([`completions`]) and `POST /v1/chat/completions` ([`chat`]):
 //!   `model` is a registry reference; a weighted alias draws one version per request (all
 //!   of a request's choices come from it), named in `system_fingerprint` (`gantry:name@3`)
-//!   and the `X-Gantry-Version` header.
+//!   and the `X-Gantry-Version` header. `user` (or an `X-Gantry-Route-Key` header, which
+//!   wins) makes the draw sticky: one user, one version, while the alias's weights stand.
 //!
 //! Sampling (`temperature` default 1, `top_p`, `seed`, `n`, `stop`) is the registry's own
 //! (`gantry_sharding::next_token`); choice `i` of a request with `seed` S draws with seed
@@ -76,9 +77,8 @@ pub(crate) struct CommonFields {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    /// Who asks (accepted; sticky traffic splits key on it).
+    /// Who asks: the route key of a weighted alias (one user, one version).
     #[serde(default)]
-    #[allow(dead_code)]
     user: Option<String>,
     #[serde(default)]
     presence_penalty: Option<f64>,
@@ -109,7 +109,10 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Value, own: &[&str]) -> Resu
     let Value::Object(map) = &body else {
         return Err(ApiError::bad_request("the request body must be a JSON object"));
     };
-    if let Some(k) = map.keys().find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own.contains(&k.as_str())) {
+    if let Some(k) = map
+        .keys()
+        .find(|k| !COMMON_KEYS.contains(&k.as_str()) && !own.contains(&k.as_str()))
+    {
         return Err(ApiError::bad_request(format!("unsupported field `{k}`")).with_param(k));
     }
     serde_json::from_value(body).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
@@ -218,13 +221,46 @@ fn sse(version: u32) -> (UnboundedSender<Event>, Response) {
     (tx, with_version(Sse::new(events).into_response(), version))
 }
 
+/// The last chunk of a stream that asked for `usage`, from the serving version's fingerprint
+/// and the tokens all choices generated.
+type UsageChunk = Box<dyn FnOnce(&str, usize) -> Value + Send>;
+
+/// Stream every choice, each in its own task sending its chunks as they come (`run` returns
+/// the tokens it generated), then the usage chunk when asked for; `data: [DONE]` follows once
+/// every sender has gone.
+fn stream_choices<F, Fut>(generations: Vec<Generation>, usage_chunk: Option<UsageChunk>, run: F) -> Response
+where
+    F: Fn(usize, Generation, UnboundedSender<Event>) -> Fut,
+    Fut: std::future::Future<Output = usize> + Send + 'static,
+{
+    let version = generations[0].served.version;
+    let fingerprint = fingerprint(&generations[0]);
+    let (tx, response) = sse(version);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, g) in generations.into_iter().enumerate() {
+        tasks.spawn(run(index, g, tx.clone()));
+    }
+    tokio::spawn(async move {
+        let mut completion = 0;
+        while let Some(done) = tasks.join_next().await {
+            completion += done.unwrap_or(0);
+        }
+        if let Some(last) = usage_chunk {
+            let _ = tx.send(chunk(&last(&fingerprint, completion)));
+        }
+    });
+    response
+}
+
 fn chunk(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
 /// An error in the middle of a stream (the status line has gone already).
 fn stream_error(message: &str) -> Event {
-    chunk(&json!({ "error": { "message": message, "type": "server_error", "code": "generation_failed", "param": null } }))
+    chunk(
+        &json!({ "error": { "message": message, "type": "server_error", "code": "generation_failed", "param": null } }),
+    )
 }
 
 /// `GET /v1/models`: every servable reference, in OpenAI's list shape.
