@@ -6,7 +6,11 @@
 #   3. evaluate shakespeare@staging at TP 1 and TP 2 from the registry (same perplexity,
 #      both recorded on the version);
 #   4. split `production` 90/10 between versions 2 and 3, generate through it (streamed and
-#      not), and show the per-version request counts on /metrics.
+#      not), and show the per-version request counts on /metrics;
+#   5. mirror half of production's requests to version 1 as a shadow (answers compared,
+#      never returned) and show how often the two agreed;
+#   6. call the registry with the official OpenAI Python client (installed by setup):
+#      list the models, complete, score a prompt (echo + logprobs), chat.
 #
 #   bash examples/registry-serving/run.sh
 #
@@ -93,3 +97,29 @@ sed -n 1,8p <<<"$events"
 echo "== per-version requests on /metrics"
 curl -s "$GANTRY_REGISTRY/metrics" | grep '^gantry_registry_generate_requests_total'
 "$G" models show shakespeare@staging | python3 -c 'import json,sys; v=json.load(sys.stdin); print("evals on", v["model"], v["version"], ":", [(e["tp"], round(e["perplexity"], 4)) for e in v["evals"]])'
+
+echo "== shadow: half of production's requests also go to version 1, compared off the request path"
+"$G" models alias shakespeare production --split 2:90,3:10 --shadow 1:50
+for i in $(seq 10); do
+    curl -s -o /dev/null -X POST "$GANTRY_REGISTRY/v1/models/shakespeare@production/generate" \
+        -H 'Content-Type: application/json' -d "{\"prompt\": \"ROMEO:\", \"max_tokens\": 8, \"temperature\": 0, \"seed\": $i}"
+done
+sleep 1 # the last mirrors finish after their primaries answered
+curl -s "$GANTRY_REGISTRY/metrics" | grep '^gantry_registry_shadow_requests_total' || echo "(no shadow results yet)"
+
+echo "== the OpenAI-compatible API, through the official openai client"
+PY="${GANTRY_PY:-$REPO/.tools/py/bin/python}"
+"$PY" - "$GANTRY_REGISTRY/v1" "$GANTRY_REGISTRY_TOKEN" <<'PY'
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
+print("models:", [m.id for m in client.models.list().data])
+c = client.completions.create(model="shakespeare@production", prompt="ROMEO:", max_tokens=16, temperature=0.8, seed=1)
+print(f"completion from {c.system_fingerprint}: {c.choices[0].text!r}")
+e = client.completions.create(model="shakespeare@staging", prompt="To be, or not to be", max_tokens=0, echo=True, logprobs=1)
+lps = e.choices[0].logprobs.token_logprobs[1:]
+print(f"log-likelihood of the prompt: {sum(lps):.3f} over {len(lps)} tokens")
+chat = client.chat.completions.create(model="shakespeare@staging", messages=[{"role": "user", "content": "Speak, Juliet."}],
+                                      max_tokens=24, temperature=0.8, seed=2)
+print(f"chat: {chat.choices[0].message.content!r}")
+PY
