@@ -102,19 +102,25 @@ impl Tokens {
 
     /// Check the request's `Authorization` for an operation needing `need`. A missing or
     /// unknown token is 401; a read token on a write is 403; with `open_reads`, reads need
-    /// no token (but a presented one must be valid).
+    /// no token (but a presented one must be valid). An empty `Bearer` is no token: clients
+    /// of open OpenAI-compatible servers send one when no key is configured
+    /// (lm-evaluation-harness's `local-completions` does).
     pub fn check(&self, headers: &HeaderMap, need: Scope, open_reads: bool) -> Result<(), ApiError> {
         let presented = match headers.get(AUTHORIZATION) {
             None => None,
             Some(v) => {
                 let v = v
                     .to_str()
-                    .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-                let token = v
-                    .strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-                    .ok_or_else(|| ApiError::unauthorized("expected `Authorization: Bearer <token>`"))?;
-                Some(token.trim())
+                    .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?
+                    .trim();
+                let token = match v {
+                    "Bearer" | "bearer" => "",
+                    _ => v
+                        .strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                        .ok_or_else(|| ApiError::unauthorized("expected `Authorization: Bearer <token>`"))?,
+                };
+                Some(token.trim()).filter(|t| !t.is_empty())
             }
         };
         let scope = match presented {
@@ -184,6 +190,16 @@ mod tests {
             status(tokens.check(&h(Some("Basic abc")), Scope::Read, true)),
             Some(401)
         );
+        // An empty bearer is no token: open reads pass, writes and closed reads do not.
+        for empty in ["Bearer ", "Bearer", "bearer  "] {
+            assert_eq!(
+                status(tokens.check(&h(Some(empty)), Scope::Read, true)),
+                None,
+                "{empty:?}"
+            );
+            assert_eq!(status(tokens.check(&h(Some(empty)), Scope::Read, false)), Some(401));
+            assert_eq!(status(tokens.check(&h(Some(empty)), Scope::Write, true)), Some(401));
+        }
         assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"abc", b"abcd"));
     }
 }
