@@ -103,6 +103,10 @@ pub struct SubmitArgs {
     /// Override a training spec value (repeatable), e.g. `--set train.steps=100`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// For an s3:// dataset: the most it may take in each host's data cache, in GB (same as
+    /// `--set data.cache_gb=GB`; default: no budget).
+    #[arg(long, value_name = "GB")]
+    pub data_cache_gb: Option<f64>,
     /// Job name (default: the file's `name`, else its file name).
     #[arg(long)]
     pub name: Option<String>,
@@ -125,6 +129,7 @@ pub struct SubmitArgs {
 pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let overrides = crate::jobfile::SubmitOverrides {
         spec_overrides: args.overrides.clone(),
+        data_cache_gb: args.data_cache_gb,
         max_restarts: args.max_restarts,
         elastic: args.elastic,
         priority: args.priority,

@@ -601,6 +601,7 @@ fn open_for_bench(a: &BenchArgs, source: TokenSource, frames: FrameMode) -> Resu
         cache_dir: Some(a.cache_dir.clone().unwrap_or_else(data_cache_root)),
         threads: a.threads,
         vocab_size: None,
+        shards: None,
     };
     GptDataset::open_with(&a.dir, a.seq_len, Split::All, &opts).with_context(|| format!("opening {}", a.dir.display()))
 }

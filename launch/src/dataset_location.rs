@@ -1,8 +1,10 @@
 //! Where the binary finds a dataset: a location (a directory, `file://…` or `s3://…`) parsed
 //! once and resolved to a directory on this host. An `s3://` dataset is fetched into the host's
-//! data cache ([`dataset_on_host`]; [`with_local_dataset`] for ranks), with S3 settings from
-//! flags or `AWS_*`; one written to `s3://` is built in a staging directory there, then
-//! uploaded manifest last ([`staging_for`], [`upload_to`]).
+//! data cache ([`dataset_on_host`]: `gantry eval`, `data inspect|bench`), or streamed there by
+//! the ranks while they train ([`with_local_dataset`]: only the manifest and the `.idx` files
+//! before the first step, the shards in the order the sampler reads them, within
+//! `data.cache_gb`), with S3 settings from flags or `AWS_*`; one written to `s3://` is built in
+//! a staging directory there, then uploaded manifest last ([`staging_for`], [`upload_to`]).
 
 use crate::checkpoint_cmd::S3Args;
 use anyhow::{Context, Result, bail};
@@ -10,7 +12,7 @@ use gantry_checkpoint::S3Options;
 use gantry_checkpoint::location::{Role, StorageLocation};
 use gantry_sharding::manifest::Manifest;
 use gantry_sharding::materialize::{CACHE_ENV, default_cache_root};
-use gantry_sharding::remote::{self, Fetched, RemoteOptions, Uploaded};
+use gantry_sharding::remote::{self, Fetched, RemoteOptions, StreamSetup, Uploaded};
 use gantry_train::JobSpec;
 use gantry_train::run_context::RunContext;
 use std::path::{Path, PathBuf};
@@ -58,18 +60,70 @@ pub fn dataset_on_host(location: &StorageLocation, quiet: bool) -> Result<PathBu
     dataset_dir(location, &env_s3(), &data_cache_root(), quiet)
 }
 
-/// The spec with `data.local` set where its dataset is read on this host: a rank's `s3://`
-/// dataset fetched into the data cache its context names (ranks of a host fetch each file
-/// once; the others wait for it and reuse the copy).
-pub fn with_local_dataset(spec: &JobSpec, context: &RunContext) -> Result<JobSpec> {
+/// The spec with `data.local` set where its dataset is read on this host. A rank's `s3://`
+/// dataset is streamed into the data cache its context names: the manifest and the `.idx`
+/// files are fetched now (once per host: the other ranks wait for them and reuse them), and
+/// `data.stream` tells the trainer how to stream the shards (the `ranks_on_host` ranks of
+/// this host share `data.cache_gb`).
+pub fn with_local_dataset(spec: &JobSpec, context: &RunContext, ranks_on_host: usize) -> Result<JobSpec> {
     let mut spec = spec.clone();
     if !spec.data.path.is_local() {
         let root = context.data_cache.clone().unwrap_or_else(default_cache_root);
-        let dir = dataset_dir(&spec.data.path, &context.s3, &root, true).context("data.path")?;
-        tracing::info!(dataset = %spec.data.path, dir = %dir.display(), "dataset read from the host's data cache");
-        spec.data.local = Some(dir);
+        let options = RemoteOptions::with_s3(context.s3.clone());
+        let dir = remote::prepare_stream(&spec.data.path, &root, &options)
+            .with_context(|| format!("data.path = {}", spec.data.path))?;
+        tracing::info!(
+            dataset = %spec.data.path,
+            dir = %dir.dir.display(),
+            index_files_fetched = dir.fetched.len(),
+            seconds = dir.seconds,
+            "dataset streamed into the host's data cache (manifest and .idx files in place)"
+        );
+        spec.data.local = Some(dir.dir.clone());
+        spec.data.stream = Some(StreamSetup {
+            dir,
+            options,
+            sharers: ranks_on_host.max(1),
+        });
     }
     Ok(spec)
+}
+
+/// Before the ranks of a job start: an `s3://` dataset's manifest is there (one GET, nothing
+/// else fetched: the ranks stream the shards), its declared vocabulary fits the model and no
+/// shard records a token id outside it. A shard with no recorded largest id is checked by the
+/// ranks on its first read. `quiet`: no report line.
+pub fn check_remote_dataset(spec: &JobSpec, quiet: bool) -> Result<()> {
+    let location = &spec.data.path;
+    let remote = remote::read_manifest(location, &RemoteOptions::with_s3(env_s3()))
+        .with_context(|| format!("data.path = {location}"))?;
+    let m = &remote.manifest;
+    let vocab = spec.model.vocab_size as u64;
+    gantry_sharding::vocab::check_declared(m, Path::new(&location.to_string()), vocab)?;
+    for s in &m.shards {
+        if let Some(max) = s.max_token_id
+            && !gantry_sharding::vocab::fits(max, vocab)
+        {
+            bail!(
+                "{}: holds token id {max} (the manifest's largest id of the shard), but the model's vocabulary is {vocab} tokens (ids below {vocab}): written with another tokenizer?",
+                location.child(&format!("{}.bin", s.prefix))
+            );
+        }
+    }
+    if !quiet {
+        let bytes: u64 = m.shards.iter().map(|s| s.bin_bytes + s.idx_bytes).sum();
+        let budget = match spec.data.cache_budget() {
+            Some(b) => format!("within a cache budget of {:.3} GB per host", b as f64 / 1e9),
+            None => "no cache budget: all of it is kept".to_string(),
+        };
+        eprintln!(
+            "gantry: dataset {location} ({} shards, {:.1} MB) streamed by the ranks into the data cache {} as they read it ({budget})",
+            m.shards.len(),
+            bytes as f64 / 1e6,
+            data_cache_root().display(),
+        );
+    }
+    Ok(())
 }
 
 /// The manifest of the dataset at `location` (read from S3 for `s3://`, nothing else fetched),

@@ -100,6 +100,8 @@ struct CommandJob {
 #[derive(Default)]
 pub struct SubmitOverrides {
     pub spec_overrides: Vec<String>,
+    /// `--data-cache-gb`: `data.cache_gb` of a training spec.
+    pub data_cache_gb: Option<f64>,
     pub max_restarts: Option<u32>,
     pub elastic: bool,
     pub priority: Option<i32>,
@@ -117,8 +119,8 @@ pub fn load(path: &Path, o: &SubmitOverrides) -> anyhow::Result<p::JobRequest> {
         .file_stem()
         .map_or("job".into(), |s| s.to_string_lossy().into_owned());
     let mut req = if table.contains_key("command") {
-        if !o.spec_overrides.is_empty() {
-            bail!("{origin}: --set applies to training specs, not command jobs");
+        if !o.spec_overrides.is_empty() || o.data_cache_gb.is_some() {
+            bail!("{origin}: --set and --data-cache-gb apply to training specs, not command jobs");
         }
         let job: CommandJob = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         command_request(job, &origin, &stem)?
@@ -240,13 +242,17 @@ fn train_request(
     cluster: ClusterSection,
 ) -> anyhow::Result<p::JobRequest> {
     let origin = path.display().to_string();
-    let spec = gantry_train::JobSpec::parse(text, &origin, &o.spec_overrides)?;
+    let mut overrides = o.spec_overrides.clone();
+    if let Some(gb) = o.data_cache_gb {
+        overrides.push(format!("data.cache_gb={gb:?}"));
+    }
+    let spec = gantry_train::JobSpec::parse(text, &origin, &overrides)?;
     let (dp, tp, pp) = (spec.parallel.dp, spec.parallel.tp, spec.parallel.pp);
     // Resolve exactly as `gantry launch` does (it skips the [cluster] section too): dataset
     // vocabulary, name from the file, data and checkpoint paths made absolute against
     // where the user runs submit, validation of the layout.
     // Saturating: a product that overflows is refused by validation, naming the factors.
-    let spec = crate::job_spec::resolve_spec(path, &o.spec_overrides, dp.saturating_mul(tp).saturating_mul(pp))
+    let spec = crate::job_spec::resolve_spec(path, &overrides, dp.saturating_mul(tp).saturating_mul(pp))
         .with_context(|| format!("job file {origin}"))?;
     let to_u32 = |v: usize, what: &str| {
         u32::try_from(v).with_context(|| format!("{origin}: parallel.{what} = {v} is too large"))
@@ -292,5 +298,32 @@ mod tests {
                 .to_string();
             assert!(e.contains("env_pass") && e.contains("job.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn data_cache_gb_becomes_the_specs_data_cache_gb() {
+        let dir = std::env::temp_dir().join(format!("gantry-jobfile-cache-gb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = gantry_sharding::synth::SynthConfig {
+            tokens: 5000,
+            ..Default::default()
+        };
+        gantry_sharding::synth::synthesize(&dir.join("data"), &cfg).unwrap();
+        let job = dir.join("job.toml");
+        std::fs::write(&job, format!("[data]\npath = \"{}\"\n", dir.join("data").display())).unwrap();
+        let o = SubmitOverrides {
+            data_cache_gb: Some(0.5),
+            ..SubmitOverrides::default()
+        };
+        let req = load(&job, &o).unwrap();
+        let Some(p::job_program::Kind::TrainSpecToml(toml)) = req.program.and_then(|p| p.kind) else {
+            panic!("a training spec");
+        };
+        assert!(toml.contains("cache_gb = 0.5"), "{toml}");
+        let command = dir.join("cmd.toml");
+        std::fs::write(&command, "command = [\"true\"]\n").unwrap();
+        let e = load(&command, &o).unwrap_err().to_string();
+        assert!(e.contains("--data-cache-gb apply to training specs"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -56,6 +56,11 @@ pub struct LaunchArgs {
     /// `--set checkpoint.dir=URL`; `checkpoint.every` sets how often (default: at the end).
     #[arg(long, value_name = "URL")]
     pub checkpoint_dir: Option<String>,
+    /// For an s3:// dataset: the most it may take in this host's data cache, in GB; shards are
+    /// fetched ahead of the ranks and evicted behind them. Same as `--set data.cache_gb=GB`
+    /// (default 0: no budget, the whole dataset is kept).
+    #[arg(long, value_name = "GB")]
+    pub data_cache_gb: Option<f64>,
     /// Resume from the checkpoint directory's `latest` committed checkpoint or a step number,
     /// in any layout; `auto`: the latest if there is one, else start at step 0.
     #[arg(long, value_name = "latest|auto|STEP")]
@@ -119,6 +124,7 @@ fn launch_command(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
         ("--run-dir", args.run_dir.is_some()),
         ("--checkpoint-dir", args.checkpoint_dir.is_some()),
         ("--resume", args.resume.is_some()),
+        ("--data-cache-gb", args.data_cache_gb.is_some()),
     ] {
         if given {
             bail!("{flag} applies to a job spec, not to a command");
@@ -154,7 +160,7 @@ fn launch_command(args: &LaunchArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `--set`, `--checkpoint-dir` and `--resume` as spec overrides.
+/// `--set`, `--checkpoint-dir`, `--resume` and `--data-cache-gb` as spec overrides.
 pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.checkpoint_dir {
@@ -162,6 +168,10 @@ pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
     }
     if let Some(which) = &args.resume {
         overrides.push(format!("checkpoint.resume={}", toml_string(which)));
+    }
+    if let Some(gb) = args.data_cache_gb {
+        // `{:?}` keeps a decimal point, so TOML reads a float.
+        overrides.push(format!("data.cache_gb={gb:?}"));
     }
     overrides
 }
@@ -172,6 +182,10 @@ pub(crate) fn spec_overrides(args: &LaunchArgs) -> Vec<String> {
 /// vocabulary (each shard's largest id from the manifest, or found by that check), else an
 /// error naming the shard, the document and the id. `quiet`: no report line.
 pub(crate) fn check_dataset(spec: &JobSpec, quiet: bool) -> anyhow::Result<()> {
+    if !spec.data.path.is_local() {
+        // The ranks stream it: nothing but the manifest is read here.
+        return crate::dataset_location::check_remote_dataset(spec, quiet);
+    }
     let dir = &crate::dataset_location::dataset_on_host(&spec.data.path, quiet)?;
     // The ranks' dataset opens look for the verdict in the same place (their default).
     let root = crate::dataset_location::data_cache_root();

@@ -1,8 +1,9 @@
 //! Datasets at `s3://` locations end to end, against a real S3 server (s3s-fs): `gantry data
-//! synth --output s3://…` then a 2-rank `gantry launch` from S3 trains bit for bit like the
-//! same run from a local copy, through the host's data cache (a damaged cached shard is
-//! fetched again); an upload SIGKILLed midway leaves no manifest and a rerun completes it;
-//! unsupported schemes, a missing manifest and a missing bucket are refused by name.
+//! synth --output s3://…` then a 2-rank `gantry launch` from S3, streamed into the host's
+//! data cache while it trains, trains bit for bit like the same run from a local copy (a
+//! damaged cached shard is fetched again); an upload SIGKILLed midway leaves no manifest and
+//! a rerun completes it; unsupported schemes, a missing manifest and a missing bucket are
+//! refused by name. (Budgets, a restarted server and a killed rank: `s3_stream.rs`.)
 
 mod common;
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
@@ -141,7 +142,17 @@ fn synth_to_s3_then_a_two_rank_launch_matches_the_local_copy_bit_for_bit() {
     run(&job(&dir, "local.toml", local.to_str().unwrap()), &from_local);
     let from_s3 = dir.join("run-s3");
     let said = run(&job(&dir, "s3.toml", &url), &from_s3);
-    assert!(said.contains(&format!("dataset {url} fetched into")), "{said}");
+    assert!(
+        said.contains(&format!("dataset {url} (4 shards")) && said.contains("streamed by the ranks"),
+        "{said}"
+    );
+    for r in 0..2 {
+        let log = std::fs::read_to_string(from_s3.join(format!("logs/rank-{r}.log"))).unwrap();
+        assert!(
+            log.contains("first step's data ready") && log.contains("streamed=true"),
+            "rank {r}: {log}"
+        );
+    }
     let (a, b) = (figures(&from_local), figures(&from_s3));
     assert_eq!(a.len(), 6, "{a:?}");
     assert_eq!(
@@ -153,7 +164,10 @@ fn synth_to_s3_then_a_two_rank_launch_matches_the_local_copy_bit_for_bit() {
     let spec = std::fs::read_to_string(from_s3.join("spec.toml")).unwrap();
     assert!(spec.contains(&format!("path = \"{url}\"")), "{spec}");
 
-    // A flipped byte in the cached copy: detected, fetched again, the copy whole again.
+    // The ranks streamed what they read (and, without a budget, the rest while they could);
+    // `data inspect` completes the copy. A flipped byte in it: detected, fetched again, the
+    // copy whole again.
+    ok(gantry(&server, &cache, &["data", "inspect", &url]));
     let cached = std::fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap().path().join("shard-00001.bin"))

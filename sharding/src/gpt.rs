@@ -28,6 +28,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 mod gather;
+mod streamed;
+
+pub use streamed::{ShardSource, Shards};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -49,6 +52,9 @@ pub enum DatasetError {
     DocumentTooLong { dir: PathBuf, doc: usize, tokens: u64 },
     #[error("the prefetch thread stopped: {0}")]
     PrefetchStopped(String),
+    /// A streamed shard that could not be had (fetch failed, or waited for past the deadline).
+    #[error(transparent)]
+    Remote(Arc<crate::remote::RemoteError>),
 }
 
 /// Where a dataset's tokens are read from.
@@ -96,6 +102,11 @@ pub struct OpenOptions {
     /// current per-host check in the cache root, [`crate::verify`]); other shards are scanned
     /// once, on their first read. `None`: ids are not checked.
     pub vocab_size: Option<u64>,
+    /// Where the shards' `.bin` files come from when the directory does not hold them all:
+    /// a streaming fetcher ([`crate::remote::Streamer`]) that brings each into the directory
+    /// when a read needs it and maps it, the read waiting until then. Only the manifest and
+    /// the `.idx` files must be in the directory. `None`: every shard is there (or in frames).
+    pub shards: Option<Shards>,
 }
 
 impl Default for OpenOptions {
@@ -107,6 +118,7 @@ impl Default for OpenOptions {
             cache_dir: None,
             threads: 0,
             vocab_size: None,
+            shards: None,
         }
     }
 }
@@ -131,13 +143,15 @@ impl OpenOptions {
     }
 }
 
-/// One shard: a mapped `.bin`, or the `.idx` and the zstd frames standing in for the `.bin`.
+/// One shard: a mapped `.bin`, the `.idx` and the zstd frames standing in for the `.bin`,
+/// or the `.idx` of a shard whose `.bin` a [`ShardSource`] maps when a read needs it.
 enum Shard {
     Mapped(IndexedDataset),
     Framed {
         index: IndexedIndex,
         frames: Box<FramedBin>,
     },
+    Streamed(IndexedIndex),
 }
 
 impl Shard {
@@ -145,6 +159,7 @@ impl Shard {
         match self {
             Shard::Mapped(ds) => ds.index(),
             Shard::Framed { index, .. } => index,
+            Shard::Streamed(index) => index,
         }
     }
 }
@@ -164,6 +179,8 @@ pub struct TokenDataset {
     vocab: Option<u64>,
     /// Per shard, once its ids have been checked against `vocab`: the verdict.
     vetted: Vec<OnceLock<Result<(), VocabError>>>,
+    /// [`OpenOptions::shards`].
+    streamer: Option<Shards>,
 }
 
 impl TokenDataset {
@@ -190,6 +207,14 @@ impl TokenDataset {
         for s in &manifest.shards {
             let prefix = dir.join(&s.prefix);
             let (bin, idx) = paths(&prefix);
+            if opts.shards.is_some() {
+                // Checked against the manifest's size of the .bin, which is not here yet.
+                let index = IndexedIndex::open(&idx, &bin, s.bin_bytes)?;
+                doc_base.push(doc_base.last().copied().unwrap_or(0) + index.num_documents());
+                shards.push(Shard::Streamed(index));
+                sources.push(bin);
+                continue;
+            }
             let framed = match (opts.source, &s.zstd) {
                 (TokenSource::Bin, _) | (TokenSource::Auto, None) => false,
                 (TokenSource::Auto, Some(_)) => !bin.exists(),
@@ -242,6 +267,7 @@ impl TokenDataset {
             sources,
             vocab: opts.vocab_size,
             vetted,
+            streamer: opts.shards.clone(),
         };
         if opts.vocab_size.is_some() {
             data.check_known_ids(&opts.cache_dir.clone().unwrap_or_else(default_cache_root))?;
@@ -300,6 +326,10 @@ impl TokenDataset {
                 frames.for_each_frame(|bytes| max = max.max(tokens_of(index.dtype(), bytes).max_id()))?;
                 max
             }
+            Shard::Streamed(_) => {
+                let ds = self.streamed(shard)?;
+                ds.tokens_at(0..ds.bin().len()).max_id()
+            }
         };
         let verdict = match vocab::fits(max, vocab) {
             true => Ok(()),
@@ -323,6 +353,13 @@ impl TokenDataset {
                     sink(tokens_of(index.dtype(), b))
                 })
             })?,
+            Shard::Streamed(index) => {
+                let ds = self.streamed(shard)?;
+                vocab::first_outside(index, name, vocab, |bytes, sink| {
+                    sink(ds.tokens_at(bytes));
+                    Ok::<_, DatasetError>(())
+                })?
+            }
         };
         Ok(found.map_or(Ok(()), Err))
     }
@@ -364,7 +401,7 @@ impl TokenDataset {
     pub fn framed_shards(&self) -> impl Iterator<Item = &FramedBin> {
         self.shards.iter().filter_map(|s| match s {
             Shard::Framed { frames, .. } => Some(&**frames),
-            Shard::Mapped(_) => None,
+            Shard::Mapped(_) | Shard::Streamed(_) => None,
         })
     }
 
@@ -624,6 +661,8 @@ impl Prefetcher {
             .name("gantry-prefetch".into())
             .spawn(move || {
                 loop {
+                    // A streamed dataset keeps the shards of this step and the next ones.
+                    dataset.data().reading(cursor.step());
                     for micro in 0..micro_batches {
                         let batch = dataset.micro_batch(&sampler, &cursor, dp_rank, dp_size, micro_batches, micro);
                         let failed = batch.is_err();

@@ -9,14 +9,23 @@
 //! host's dataset check recorded, on its first read). A resumed run's saved cursor must be
 //! this run's data at the resumed step: another dataset, seed, sequence length or global batch
 //! is refused by name.
+//!
+//! An `s3://` dataset is streamed (`data.stream`, set by the binary): the datasets open from
+//! the manifest and `.idx` files alone, and a [`Streamer`] fetches the shards in the order
+//! this rank's steps read them (the sampler knows them all), from the resumed step on, so
+//! the first step runs once its own shards are in; a read of a shard not fetched yet waits
+//! for it. With `data.cache_gb` the shards behind the reader are evicted.
 
 use crate::error::TrainError;
 use crate::model::MicroBatch;
 use crate::place::RankPlace;
 use crate::spec::JobSpec;
 use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Prefetcher, Split};
+use gantry_sharding::remote::{StepShards, StreamConfig, StreamSetup, Streamer};
 use gantry_sharding::sampler::{Cursor, SampleRef, Sampler};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// The validation split and its sampler.
@@ -40,6 +49,13 @@ pub struct DataFeed {
     dp_rank: usize,
     dp: usize,
     device: Device,
+    /// What the datasets were opened with (a streamed dataset's source included).
+    options: OpenOptions,
+    opened: Instant,
+    /// The first step's data was delivered (and its wait logged).
+    first_step: AtomicBool,
+    /// Streams an `s3://` dataset; declared last so it is dropped after the datasets.
+    stream: Option<Streamer>,
 }
 
 /// The split `valid` asks for under the spec's `data.valid_fraction` and `data.seed`.
@@ -79,10 +95,20 @@ impl DataFeed {
             dp_rank: place.dp_rank,
             dp: place.layout.dp(),
             device: place.device,
+            options: opts.clone(),
+            opened: Instant::now(),
+            first_step: AtomicBool::new(false),
+            stream: None,
         };
         if !(place.first_stage() || place.last_stage()) {
             return Ok(feed);
         }
+        if let Some(setup) = &spec.data.stream {
+            let streamer = start_stream(spec, setup)?;
+            feed.options.shards = Some(streamer.shards());
+            feed.stream = Some(streamer);
+        }
+        let opts = &feed.options.clone();
         let ds = Arc::new(GptDataset::open_with(
             spec.data.dir()?,
             feed.seq_len,
@@ -104,6 +130,10 @@ impl DataFeed {
                 )));
             }
         }
+        if let Some(streamer) = &feed.stream {
+            let plan = step_shards(&ds, &sampler, &cursor, feed.dp_rank, feed.dp, micro);
+            streamer.follow(start_step, plan);
+        }
         let prefetch = Prefetcher::spawn(ds, sampler, cursor.clone(), feed.dp_rank, feed.dp, micro, 2 * micro);
         feed.train = Some(TrainStream { prefetch, cursor });
         if spec.data.valid_fraction > 0.0 {
@@ -120,13 +150,30 @@ impl DataFeed {
         let Some(train) = &self.train else {
             return Ok(self.empty_step());
         };
-        (0..self.micro)
+        let step = (0..self.micro)
             .map(|_| -> Result<MicroBatch, TrainError> {
                 let b = train.prefetch.next_batch()?;
                 seen(&b.samples);
                 Ok(micro_batch(&b.tokens, b.samples.len(), self.seq_len, self.device))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        if !self.first_step.swap(true, Ordering::Relaxed) {
+            let stats = self.stream.as_ref().map(Streamer::stats).unwrap_or_default();
+            tracing::info!(
+                seconds = self.opened.elapsed().as_secs_f64(),
+                streamed = self.stream.is_some(),
+                shards_fetched = stats.fetched,
+                bytes_fetched = stats.bytes_fetched,
+                "first step's data ready"
+            );
+        }
+        Ok(step)
+    }
+
+    /// The options the datasets were opened with: for more datasets of the same data (the
+    /// end-of-run samples), through the same stream.
+    pub fn dataset_options(&self) -> OpenOptions {
+        self.options.clone()
     }
 
     /// A step completed: the cursor moves past its global batch.
@@ -181,6 +228,63 @@ impl ValidPass<'_> {
         c.advance(1).map_err(DatasetError::from)?;
         Ok(out)
     }
+}
+
+/// Start streaming the `s3://` dataset `setup` describes, with the spec's cache budget, for
+/// a run that ends at `train.stop_after` (or `train.steps`).
+fn start_stream(spec: &JobSpec, setup: &StreamSetup) -> Result<Streamer, TrainError> {
+    let end = match spec.train.stop_after {
+        0 => spec.train.steps,
+        n => n,
+    };
+    let cfg = StreamConfig {
+        budget: spec.data.cache_budget(),
+        sharers: setup.sharers.max(1),
+        end: Some(end),
+        // A read waits out the retries of its fetch (which end in an error naming the
+        // object), with room for the fetches queued before it.
+        wait: setup.options.retry.deadline * 2 + Duration::from_secs(60),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(setup.dir.clone(), setup.options.clone(), cfg)
+        .map_err(|e| DatasetError::Remote(Arc::new(e)))?;
+    tracing::info!(
+        dataset = %setup.dir.location,
+        dir = %setup.dir.dir.display(),
+        bytes = setup.dir.total_bytes(),
+        budget = spec.data.cache_budget().unwrap_or(0),
+        ranks_on_host = setup.sharers,
+        "streaming the dataset into the host's data cache"
+    );
+    Ok(streamer)
+}
+
+/// Which shards this rank reads at each step, for the stream's plan: the same sampler and
+/// micro-batch split the prefetch thread reads with. It holds the dataset weakly, so the
+/// stream does not keep the dataset alive (nothing is planned once it is gone).
+fn step_shards(
+    ds: &Arc<GptDataset>,
+    sampler: &Sampler,
+    start: &Cursor,
+    dp_rank: usize,
+    dp: usize,
+    micro: usize,
+) -> StepShards {
+    let data = Arc::downgrade(ds);
+    let sampler = sampler.clone();
+    let origin = Cursor {
+        consumed: 0,
+        ..start.clone()
+    };
+    Box::new(move |step| {
+        let Some(ds) = data.upgrade() else {
+            return Ok(Vec::new());
+        };
+        let mut cursor = origin.clone();
+        cursor.advance(step).map_err(|e| e.to_string())?;
+        ds.step_shards(&sampler, &cursor, dp_rank, dp, micro)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// Token rows of a prefetched batch as model inputs and targets.

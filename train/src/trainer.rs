@@ -114,8 +114,15 @@ pub fn train_observed(
     );
     if spec.train.sample_tokens > 0 {
         let comms = &mut rank.comms;
-        summary.samples =
-            crate::generate::sample(spec, &rank.model, &mut comms.tp, &mut comms.pp, place, &data_options)?;
+        // The feed's options: a streamed dataset reads through the same stream.
+        summary.samples = crate::generate::sample(
+            spec,
+            &rank.model,
+            &mut comms.tp,
+            &mut comms.pp,
+            place,
+            &feed.dataset_options(),
+        )?;
     }
     Ok(summary)
 }

@@ -22,13 +22,13 @@ pub(crate) struct Piece {
 /// Where a global document lives: shard `shard`, document `local` of its `.idx`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct DocAt {
-    shard: usize,
+    pub(super) shard: usize,
     local: usize,
 }
 
 impl TokenDataset {
     /// The shard holding global document `doc`, and the document's index in it.
-    fn doc_at(&self, doc: u32) -> DocAt {
+    pub(super) fn doc_at(&self, doc: u32) -> DocAt {
         let doc = doc as usize;
         let shard = match self.shards.len() {
             1 => 0,
@@ -94,6 +94,10 @@ impl TokenDataset {
                 let range = piece.bytes.start as u64..piece.bytes.end as u64;
                 frames.read(range, |bytes| tokens_of(index.dtype(), bytes).extend_i64(out))?;
             }
+            Shard::Streamed(_) => self
+                .streamed(piece.shard)?
+                .tokens_at(piece.bytes.clone())
+                .extend_i64(out),
         }
         Ok(())
     }

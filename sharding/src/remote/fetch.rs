@@ -22,7 +22,7 @@
 //! A compressed-only copy is materialized later, by the dataset open, into the same
 //! directory (`CACHE/<fingerprint>/PREFIX.bin` is where materialization puts it).
 
-use super::retry::{no_bucket, with_retry};
+use super::retry::{no_bucket, with_retry, with_retry_unless};
 use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
 use crate::manifest::{MANIFEST, Manifest, ManifestError, TokenizerInfo, fingerprint_of};
 use crate::materialize::{
@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -98,7 +99,7 @@ fn remote_manifest(raw: Vec<u8>, origin: &Path) -> Result<RemoteManifest, Remote
     })
 }
 
-fn get_manifest(
+pub(super) fn get_manifest(
     store: &Store,
     location: &StorageLocation,
     opts: &RemoteOptions,
@@ -297,27 +298,33 @@ fn plan(
     }
     idx.extend(data);
     for w in &idx {
-        match listed.get(&w.name) {
-            None => {
-                return Err(RemoteError::MissingObject {
-                    object: location.child(&w.name),
-                });
-            }
-            Some(&actual) if actual != w.bytes => {
-                return Err(RemoteError::Size {
-                    object: location.child(&w.name),
-                    expected: w.bytes,
-                    actual,
-                });
-            }
-            Some(_) => {}
-        }
+        check_listed(location, listed, &w.name, w.bytes)?;
     }
     Ok(idx)
 }
 
+/// The listing has `name` with the manifest's size, or the error naming the object.
+pub(super) fn check_listed(
+    location: &StorageLocation,
+    listed: &HashMap<String, u64>,
+    name: &str,
+    bytes: u64,
+) -> Result<(), RemoteError> {
+    match listed.get(name) {
+        None => Err(RemoteError::MissingObject {
+            object: location.child(name),
+        }),
+        Some(&actual) if actual != bytes => Err(RemoteError::Size {
+            object: location.child(name),
+            expected: bytes,
+            actual,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
 /// A failed write into the cache: a full disk is named as such.
-fn write_error(tmp: &Path, object: &str, needed: u64, source: std::io::Error) -> RemoteError {
+pub(super) fn write_error(tmp: &Path, object: &str, needed: u64, source: std::io::Error) -> RemoteError {
     if source.kind() == std::io::ErrorKind::StorageFull {
         MaterializeError::DiskFull {
             path: tmp.to_path_buf(),
@@ -333,7 +340,7 @@ fn write_error(tmp: &Path, object: &str, needed: u64, source: std::io::Error) ->
 
 /// Fetch the object `key` (`object` names it) of `bytes` bytes into `dest` by ranged GETs,
 /// hashing it in order; renamed into place only when its size and xxh3 are the manifest's.
-fn download(
+pub(super) fn download(
     store: &Store,
     opts: &RemoteOptions,
     object: &str,
@@ -343,6 +350,42 @@ fn download(
     xxh3: &str,
 ) -> Result<(), RemoteError> {
     let (tmp, file, mut guard): (PathBuf, std::fs::File, RemoveOnDrop) = create_partial(dest)?;
+    let wanted = Wanted {
+        object,
+        key,
+        bytes,
+        xxh3,
+    };
+    download_to(store, opts, &wanted, &file, &tmp, None)?;
+    drop(file);
+    std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    guard.0 = None;
+    sync_parent(dest)?;
+    Ok(())
+}
+
+/// One object to fetch: its key under the dataset's prefix (`object` names it in full), its
+/// size and xxh3 from the manifest.
+pub(super) struct Wanted<'a> {
+    pub object: &'a str,
+    pub key: &'a str,
+    pub bytes: u64,
+    pub xxh3: &'a str,
+}
+
+/// Write the object into `file` (the temporary file `tmp`) by ranged GETs (`range_bytes`
+/// each, `concurrency` in flight, the next window requested while the last is written),
+/// hashing it in order, then fsync it; an error unless its size and xxh3 are the manifest's.
+/// `stop`: give up between windows (and during backoffs) once it is set.
+pub(super) fn download_to(
+    store: &Store,
+    opts: &RemoteOptions,
+    w: &Wanted<'_>,
+    file: &std::fs::File,
+    tmp: &Path,
+    stop: Option<&AtomicBool>,
+) -> Result<(), RemoteError> {
+    let (object, bytes) = (w.object, w.bytes);
     let step = opts.range_bytes.max(1);
     let ranges: Vec<Range<u64>> = (0..bytes.div_ceil(step))
         .map(|i| i * step..((i + 1) * step).min(bytes))
@@ -354,9 +397,9 @@ fn download(
         let (tx, rx) = sync_channel::<Result<Vec<Bytes>, RemoteError>>(1);
         let windows: Vec<&[Range<u64>]> = ranges.chunks(opts.concurrency.max(1)).collect();
         s.spawn(move || {
-            for w in windows {
-                let request: Vec<(String, Range<u64>)> = w.iter().map(|r| (key.to_string(), r.clone())).collect();
-                let got = with_retry(&opts.retry, object, || store.get_ranges(&request));
+            for win in windows {
+                let request: Vec<(String, Range<u64>)> = win.iter().map(|r| (w.key.to_string(), r.clone())).collect();
+                let got = with_retry_unless(&opts.retry, object, stop, || store.get_ranges(&request));
                 let failed = got.is_err();
                 if tx.send(got).is_err() || failed {
                     return;
@@ -365,6 +408,11 @@ fn download(
         });
         let mut next = ranges.iter();
         for got in rx {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                return Err(RemoteError::Stopped {
+                    object: object.to_string(),
+                });
+            }
             for piece in got? {
                 let expected = next.next().map_or(0, |r| r.end - r.start);
                 if piece.len() as u64 != expected {
@@ -376,7 +424,7 @@ fn download(
                 }
                 hasher.update(&piece);
                 file.write_all_at(&piece, at)
-                    .map_err(|e| write_error(&tmp, object, bytes, e))?;
+                    .map_err(|e| write_error(tmp, object, bytes, e))?;
                 at += piece.len() as u64;
             }
         }
@@ -389,25 +437,21 @@ fn download(
             actual: at,
         });
     }
-    file.sync_all().map_err(|e| write_error(&tmp, object, bytes, e))?;
-    drop(file);
+    file.sync_all().map_err(|e| write_error(tmp, object, bytes, e))?;
     let actual = format!("{:016x}", hasher.digest());
-    if actual != xxh3 {
+    if actual != w.xxh3 {
         return Err(RemoteError::Checksum {
             object: object.to_string(),
-            expected: xxh3.to_string(),
+            expected: w.xxh3.to_string(),
             actual,
         });
     }
-    std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
-    guard.0 = None;
-    sync_parent(dest)?;
     Ok(())
 }
 
 /// Make `dest` hold exactly `bytes` (written under a temporary name and renamed); `false`
 /// when it already did.
-fn replace_if_different(dest: &Path, bytes: &[u8]) -> Result<bool, RemoteError> {
+pub(super) fn replace_if_different(dest: &Path, bytes: &[u8]) -> Result<bool, RemoteError> {
     if std::fs::read(dest).is_ok_and(|b| b == bytes) {
         return Ok(false);
     }

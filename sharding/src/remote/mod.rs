@@ -23,6 +23,12 @@
 //!   that no longer matches the manifest is fetched again. A finished copy is checked with
 //!   [`crate::verify::check_on_host`], whose remembered verdict lets later opens skip all of
 //!   this after one GET of the manifest.
+//! - **Streaming** ([`prepare_stream`], [`Streamer`]): what training ranks do instead of a
+//!   complete fetch. Only the manifest and the `.idx` files are fetched first; the dataset
+//!   opens with the streamer as its shard source, which fetches the shards in the order the
+//!   rank's steps read them ([`Plan`], a pure state machine) and, with a budget, evicts them
+//!   behind the readers; the ranks of a host share the cache through per-shard leases and
+//!   reservations made under one lock (`cache.rs`).
 //! - **Faults** ([`Retry`]): transient failures (connection refused or reset, timeouts, 5xx,
 //!   after object_store's own short retries) are retried with exponential backoff until a
 //!   deadline, then reported naming the object. Permanent ones are reported at once, naming
@@ -31,12 +37,17 @@
 //! This crate reads no environment: S3 settings come in as [`S3Options`] and the cache root
 //! as a path, from the binary.
 
+mod cache;
 mod fetch;
+mod plan;
 mod retry;
+mod stream;
 mod upload;
 
 pub use fetch::{Fetched, RemoteManifest, fetch, read_manifest};
+pub use plan::{Held, Plan, PlanConfig, PlanError};
 pub use retry::Retry;
+pub use stream::{StepShards, StreamConfig, StreamDir, StreamSetup, StreamStats, Streamer, prepare_stream};
 pub use upload::{UPLOAD_RECORDS, Uploaded, upload};
 
 use crate::manifest::ManifestError;
@@ -46,7 +57,7 @@ use gantry_checkpoint::{CheckpointError, S3Options, Store, StoreConfig};
 use std::path::PathBuf;
 
 /// How datasets are moved to and from object storage.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RemoteOptions {
     /// Endpoint, region and credentials (the binary fills them from flags and `AWS_*`).
     pub s3: S3Options,
@@ -133,6 +144,44 @@ pub enum RemoteError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Cache(#[from] MaterializeError),
+    #[error("{object}: the fetch was stopped (the reader is shutting down)")]
+    Stopped { object: String },
+    #[error("shard {shard} ({object}) is still not in the data cache after waiting {waited_s:.0} s for it; giving up")]
+    WaitTimeout {
+        shard: usize,
+        object: String,
+        waited_s: f64,
+    },
+    #[error(
+        "{dir}: no room in the data cache budget of {budget} bytes for {file} ({need} bytes): the cache holds {usage} bytes that this host's ranks still need (waited {waited_s:.0} s); raise data.cache_gb"
+    )]
+    CacheFull {
+        dir: PathBuf,
+        file: String,
+        budget: u64,
+        usage: u64,
+        need: u64,
+        waited_s: f64,
+    },
+    #[error(
+        "{dir}: the data cache budget of {budget} bytes does not even hold the manifest and the .idx files ({fixed} bytes), let alone {sharers} rank(s)' shards: raise data.cache_gb"
+    )]
+    BudgetTooSmall {
+        dir: PathBuf,
+        budget: u64,
+        fixed: u64,
+        sharers: usize,
+    },
+    #[error("streaming {location}: {cause}")]
+    Plan { location: String, cause: PlanError },
+    #[error("{object}: {message}")]
+    Shard { object: String, message: String },
+    #[error("streaming {location}: which shards step {step} reads: {message}")]
+    Needs {
+        location: String,
+        step: u64,
+        message: String,
+    },
 }
 
 fn io_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> RemoteError + '_ {

@@ -5,6 +5,7 @@
 
 use super::RemoteError;
 use gantry_checkpoint::CheckpointError;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Backoff and deadline for transient failures.
@@ -148,8 +149,20 @@ pub(crate) fn permanent(object: &str, e: CheckpointError) -> RemoteError {
 pub(crate) fn with_retry<T>(
     retry: &Retry,
     object: &str,
+    op: impl FnMut() -> Result<T, CheckpointError>,
+) -> Result<T, RemoteError> {
+    with_retry_unless(retry, object, None, op)
+}
+
+/// [`with_retry`] that gives up with [`RemoteError::Stopped`] as soon as `stop` is set (a
+/// streaming fetcher shutting down must not sit out a backoff to the deadline).
+pub(crate) fn with_retry_unless<T>(
+    retry: &Retry,
+    object: &str,
+    stop: Option<&AtomicBool>,
     mut op: impl FnMut() -> Result<T, CheckpointError>,
 ) -> Result<T, RemoteError> {
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::Relaxed));
     let mut first_failure: Option<Instant> = None;
     let mut attempt = 0u32;
     let seed = u64::from(std::process::id()) ^ (object.len() as u64).rotate_left(32);
@@ -179,7 +192,15 @@ pub(crate) fn with_retry<T>(
             error = %e,
             "S3 request failed; retrying"
         );
-        std::thread::sleep(wait);
+        let until = Instant::now() + wait;
+        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            if stopped() {
+                return Err(RemoteError::Stopped {
+                    object: object.to_string(),
+                });
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use super::{SpecError, invalid, num};
 use gantry_checkpoint::location::{Role, StorageLocation, deserialize_as};
 use gantry_collectives::OmpWait;
+use gantry_sharding::remote::StreamSetup;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -17,11 +18,20 @@ pub struct DataSpec {
     /// Fraction of documents held out for validation.
     pub valid_fraction: f64,
     pub seed: u64,
+    /// For an `s3://` dataset: the most it may take in each host's data cache, in GB (10^9
+    /// bytes; `--data-cache-gb`). Shards are then fetched ahead of the ranks and evicted
+    /// behind them, so a dataset larger than the budget can be read. 0: no budget (the whole
+    /// dataset is fetched, while training runs, and kept).
+    pub cache_gb: f64,
     /// Where this process reads the dataset when `path` is not a local directory: the host's
     /// checked copy in its data cache, set by the binary once fetched (`gantry rank`). Not
     /// part of the spec file.
     #[serde(skip)]
     pub local: Option<PathBuf>,
+    /// For an `s3://` dataset: how this rank streams it into `local` (set by the binary,
+    /// `gantry rank`, once the manifest and `.idx` files are there). Not part of the spec file.
+    #[serde(skip)]
+    pub stream: Option<StreamSetup>,
 }
 
 fn dataset_location<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StorageLocation, D::Error> {
@@ -34,7 +44,9 @@ impl Default for DataSpec {
             path: StorageLocation::Local(PathBuf::from("data/synth")),
             valid_fraction: 0.05,
             seed: 1234,
+            cache_gb: 0.0,
             local: None,
+            stream: None,
         }
     }
 }
@@ -56,7 +68,8 @@ impl DataSpec {
         }
     }
 
-    /// The held-out fraction must leave training documents.
+    /// The held-out fraction must leave training documents; a cache budget is a finite
+    /// number of GB, at least 0.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !(0.0..1.0).contains(&self.valid_fraction) {
             return Err(invalid(
@@ -64,7 +77,18 @@ impl DataSpec {
                 format!("{} is not in [0, 1)", self.valid_fraction),
             ));
         }
+        if !self.cache_gb.is_finite() || self.cache_gb < 0.0 {
+            return Err(invalid(
+                "data.cache_gb",
+                format!("{} is not a number of GB >= 0 (0: no budget)", self.cache_gb),
+            ));
+        }
         Ok(())
+    }
+
+    /// The data cache budget in bytes, `None` without one.
+    pub fn cache_budget(&self) -> Option<u64> {
+        (self.cache_gb > 0.0).then_some((self.cache_gb * 1e9) as u64)
     }
 }
 
@@ -272,5 +296,28 @@ mod tests {
         ] {
             assert_eq!(field(train.validate().unwrap_err()), want);
         }
+    }
+
+    fn data(overrides: &[&str]) -> Result<DataSpec, String> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let spec = crate::spec::JobSpec::parse("", "job.toml", &o).map_err(|e| e.to_string())?;
+        spec.data.validate().map_err(|e| e.to_string())?;
+        Ok(spec.data)
+    }
+
+    #[test]
+    fn the_data_cache_budget_is_gb_at_least_zero() {
+        assert_eq!(data(&[]).unwrap().cache_budget(), None, "no budget by default");
+        assert_eq!(data(&["data.cache_gb=0.0"]).unwrap().cache_budget(), None);
+        assert_eq!(data(&["data.cache_gb=0.25"]).unwrap().cache_budget(), Some(250_000_000));
+        for bad in ["data.cache_gb=-1.0", "data.cache_gb=inf", "data.cache_gb=nan"] {
+            let e = data(&[bad]).unwrap_err();
+            assert!(e.contains("data.cache_gb"), "{bad}: {e}");
+        }
+        // The resolved spec keeps it; the stream the binary sets is not part of it.
+        let spec = crate::spec::JobSpec::parse("", "job.toml", &["data.cache_gb=2.5".into()]).unwrap();
+        let back = crate::spec::JobSpec::parse(&spec.to_toml(), "spec.toml", &[]).unwrap();
+        assert_eq!(back.data.cache_gb, 2.5);
+        assert!(back.data.stream.is_none());
     }
 }

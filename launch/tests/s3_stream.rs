@@ -1,0 +1,483 @@
+//! Streaming `s3://` datasets into the host's data cache while 2 ranks train, against a real
+//! S3 server (s3s-fs, in a process of its own): with `--data-cache-gb` at a quarter of the
+//! dataset the run completes bit for bit like the run from the local copy, and the cache
+//! directory (sampled all along, and by the fetchers' own accounting) never holds more than
+//! the budget; the S3 server stopped mid-run and started again, and a rank SIGKILLed in the
+//! middle of a download then resumed from its checkpoint, give the same losses too.
+
+mod common;
+
+use common::{GANTRY, text};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const BUCKET: &str = "gantry-test";
+const ACCESS_KEY: &str = "gantry-test-access-key";
+const SECRET_KEY: &str = "gantry-test-secret-key";
+
+/// One rank reads 2 samples a step (global batch 4 over dp 2).
+const SPEC: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 32
+[parallel]
+dp = 2
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+[train]
+global_batch = 4
+micro_batch = 2
+threads = 1
+eval_every = 10
+"#;
+
+/// An s3s-fs server that can be stopped and started again on the same port and data.
+struct Server {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        let bin = std::env::var_os("GANTRY_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/s3s-fs"));
+        assert!(
+            bin.is_file(),
+            "s3s-fs not found at {}: run scripts/setup.sh",
+            bin.display()
+        );
+        let data = root.join("s3");
+        std::fs::create_dir_all(data.join(BUCKET)).unwrap();
+        let mut server = Server {
+            bin,
+            data,
+            port: common::free_port(),
+            child: None,
+        };
+        server.up();
+        server
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Start the server process and wait until it accepts connections.
+    fn up(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, self.port).into(), Duration::from_millis(100)).is_err()
+        {
+            assert!(started.elapsed() < Duration::from_secs(10), "s3s-fs did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `gantry ARGS` with this server's S3 settings and `cache` as the data cache.
+    fn gantry(&self, cache: &Path) -> Command {
+        let mut c = Command::new(GANTRY);
+        c.env("AWS_ENDPOINT_URL", self.endpoint())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("GANTRY_DATA_CACHE", cache);
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out)
+}
+
+/// A dataset of `tokens` tokens in shards of `shard_tokens` in `dir/local`, uploaded to
+/// `s3://BUCKET/NAME`; the location and the dataset's size (the `.bin` and `.idx` files and
+/// the manifest).
+fn dataset(server: &Server, dir: &Path, cache: &Path, name: &str, tokens: u64, shard_tokens: u64) -> (String, u64) {
+    let local = dir.join("local");
+    ok(Command::new(GANTRY)
+        .args([
+            "data",
+            "synth",
+            "--tokens",
+            &tokens.to_string(),
+            "--seed",
+            "7",
+            "--doc-tokens",
+            "300",
+        ])
+        .args(["--shard-tokens", &shard_tokens.to_string(), "--output"])
+        .arg(&local)
+        .output()
+        .unwrap());
+    let url = format!("s3://{BUCKET}/{name}");
+    ok(server
+        .gantry(cache)
+        .args(["data", "upload"])
+        .arg(&local)
+        .arg(&url)
+        .output()
+        .unwrap());
+    let bytes = std::fs::read_dir(&local)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    (url, bytes)
+}
+
+fn job(dir: &Path, name: &str, data: &str, steps: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{SPEC}steps = {steps}\n[data]\npath = \"{data}\"\n")).unwrap();
+    path
+}
+
+fn launch(server: &Server, cache: &Path, spec: &Path, run: &Path, extra: &[&str]) -> Command {
+    let mut c = server.gantry(cache);
+    c.arg("launch")
+        .arg(spec)
+        .args(["--local", "2", "--run-dir"])
+        .arg(run)
+        .args(extra);
+    c
+}
+
+/// Step → loss, learning rate, gradient norm, tokens, validation loss (what does not depend
+/// on timing), as the run's metrics.jsonl recorded them.
+fn figures(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let kept = ["loss", "lr", "grad_norm", "tokens", "val_loss"]
+                .iter()
+                .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.to_string())))
+                .collect();
+            // (A checkpoint committed after the last step has a line of its own.)
+            Some((v.get("step")?.as_u64()?, kept))
+        })
+        .collect()
+}
+
+fn steps_done(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |s| s.lines().count())
+}
+
+/// The rank logs' `data stream done` lines: (peak_usage, evicted, budget) of each rank.
+fn stream_reports(run: &Path) -> Vec<(u64, u64, u64)> {
+    let field = |line: &str, name: &str| -> u64 {
+        let at = line
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+            + name.len()
+            + 1;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (0..2)
+        .flat_map(|r| {
+            let log = std::fs::read_to_string(run.join(format!("logs/rank-{r}.log"))).unwrap();
+            log.lines()
+                .filter(|l| l.contains("data stream done"))
+                .map(|l| (field(l, "peak_usage"), field(l, "evicted"), field(l, "budget")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Sum of the file sizes in each directory under `cache`, the largest one. Each file once,
+/// by inode: a file renamed while the directory is read may show under both names.
+fn largest_entry(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| {
+            std::fs::read_dir(e.path()).map_or(0, |files| {
+                let sizes: BTreeMap<u64, u64> = files
+                    .filter_map(|f| f.ok()?.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| (m.ino(), m.len()))
+                    .collect();
+                sizes.values().sum()
+            })
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_quarter_budget_run_matches_the_local_run_and_the_cache_stays_within_it() {
+    let dir = common::tempdir("s3stream", "budget");
+    let server = Server::start(&dir);
+    let cache = dir.join("cache");
+    let (url, bytes) = dataset(&server, &dir, &cache, "ds", 240_000, 2500);
+    let budget = bytes / 4;
+    let gb = format!("{:?}", budget as f64 / 1e9);
+
+    let from_local = dir.join("run-local");
+    let local_spec = job(&dir, "local.toml", dir.join("local").to_str().unwrap(), 20);
+    ok(launch(&server, &cache, &local_spec, &from_local, &[]).output().unwrap());
+
+    // Sample the cache directory's size all along the streamed run.
+    let done = Arc::new(AtomicBool::new(false));
+    let largest = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (done, largest, cache) = (done.clone(), largest.clone(), cache.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                largest.fetch_max(largest_entry(&cache), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let from_s3 = dir.join("run-s3");
+    let s3_spec = job(&dir, "s3.toml", &url, 20);
+    let said = ok(launch(&server, &cache, &s3_spec, &from_s3, &["--data-cache-gb", &gb])
+        .output()
+        .unwrap());
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(said.contains("within a cache budget of"), "{said}");
+
+    let (a, b) = (figures(&from_local), figures(&from_s3));
+    assert_eq!(a.len(), 20);
+    assert!(a[&20].contains_key("val_loss"), "{:?}", a[&20]);
+    assert_eq!(
+        a, b,
+        "the run within a quarter budget must be bit-identical to the local run"
+    );
+
+    let sampled = largest.load(Ordering::Relaxed);
+    let reports = stream_reports(&from_s3);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let peak = reports.iter().map(|r| r.0).max().unwrap();
+    assert!(
+        reports.iter().all(|r| r.2 == budget),
+        "the ranks' budget is the flag's: {reports:?}"
+    );
+    assert!(
+        sampled <= budget,
+        "the cache held {sampled} bytes, over its budget of {budget}"
+    );
+    assert!(
+        sampled <= peak && peak <= budget,
+        "the fetchers' accounting ({peak}) covers what the directory held ({sampled}) and stays within {budget}"
+    );
+    assert!(
+        reports.iter().map(|r| r.1).sum::<u64>() > 0 && sampled > budget / 2,
+        "a run over 4× the budget fills it and evicts: {reports:?}, sampled {sampled}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_s3_server_stopped_mid_run_and_started_again_changes_nothing() {
+    let dir = common::tempdir("s3stream", "restart");
+    let mut server = Server::start(&dir);
+    let cache = dir.join("cache");
+    let (url, bytes) = dataset(&server, &dir, &cache, "ds", 240_000, 2500);
+    let gb = format!("{:?}", (bytes / 4) as f64 / 1e9);
+    let from_local = dir.join("run-local");
+    ok(launch(
+        &server,
+        &cache,
+        &job(&dir, "local.toml", dir.join("local").to_str().unwrap(), 20),
+        &from_local,
+        &[],
+    )
+    .output()
+    .unwrap());
+
+    // Within a budget the shards keep coming all run long: stop the server after step 4.
+    let run = dir.join("run-s3");
+    let mut child = launch(
+        &server,
+        &cache,
+        &job(&dir, "s3.toml", &url, 20),
+        &run,
+        &["--data-cache-gb", &gb],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while steps_done(&run) < 4 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before step 4");
+        assert!(started.elapsed() < Duration::from_secs(60), "no step 4 after 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    server.down();
+    std::thread::sleep(Duration::from_secs(3));
+    let stalled_at = steps_done(&run);
+    server.up();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stalled_at < 20, "the run went on without S3: it did not need it");
+    let logs: String = (0..2)
+        .map(|r| std::fs::read_to_string(run.join(format!("logs/rank-{r}.log"))).unwrap())
+        .collect();
+    assert!(
+        logs.contains("S3 request failed; retrying"),
+        "the ranks met the stopped server and retried"
+    );
+    assert_eq!(
+        figures(&from_local),
+        figures(&run),
+        "same losses as the uninterrupted run"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_rank_killed_mid_download_resumes_to_the_same_losses() {
+    let dir = common::tempdir("s3stream", "kill");
+    let server = Server::start(&dir);
+    let cache = dir.join("cache");
+    // Larger shards (50 KB): a download takes long enough to be caught in the act.
+    let (url, bytes) = dataset(&server, &dir, &cache, "ds", 2_400_000, 25_000);
+    let gb = format!("{:?}", (bytes / 4) as f64 / 1e9);
+    let from_local = dir.join("run-local");
+    ok(launch(
+        &server,
+        &cache,
+        &job(&dir, "local.toml", dir.join("local").to_str().unwrap(), 30),
+        &from_local,
+        &[],
+    )
+    .output()
+    .unwrap());
+
+    let spec = job(&dir, "s3.toml", &url, 30);
+    let ckpt = dir.join("ckpt");
+    let ckpt_flags = [
+        "--checkpoint-dir",
+        ckpt.to_str().unwrap(),
+        "--set",
+        "checkpoint.every=2",
+    ];
+    let run = dir.join("run-killed");
+    let mut flags = vec!["--data-cache-gb", gb.as_str()];
+    flags.extend(ckpt_flags);
+    let mut child = launch(&server, &cache, &spec, &run, &flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once a checkpoint is committed, the first temporary file of a shard download names its
+    // rank's pid.
+    let started = Instant::now();
+    let committed = || std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.contains("ckpt_committed"));
+    let (victim, partial) = loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before a download could be caught"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no download caught in 60 s"
+        );
+        if committed()
+            && let Some(found) = partial_file(&cache)
+        {
+            break found;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: kill(2) on the pid of a rank this test's launcher started.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0, "rank pid {victim}");
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the launcher reports the killed rank");
+
+    let resumed = dir.join("run-resumed");
+    let mut flags = vec!["--data-cache-gb", gb.as_str(), "--resume", "latest"];
+    flags.extend(ckpt_flags);
+    let said = ok(launch(&server, &cache, &spec, &resumed, &flags).output().unwrap());
+    let after = figures(&resumed);
+    let first = *after.keys().next().expect("the resumed run trains");
+    assert!(
+        first > 1 && first <= 30,
+        "resumed from a checkpoint: first step {first}; {said}"
+    );
+    let reference: BTreeMap<_, _> = figures(&from_local).into_iter().filter(|(s, _)| *s >= first).collect();
+    assert_eq!(reference, after, "same losses as the uninterrupted run");
+    assert!(
+        !partial.exists(),
+        "the killed rank's temporary file was swept, never used"
+    );
+    // What is in the cache is what the dataset holds, byte for byte.
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("manifest.json").is_file())
+        .unwrap();
+    for e in std::fs::read_dir(&entry).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "bin") {
+            let name = p.file_name().unwrap();
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                std::fs::read(dir.join("local").join(name)).unwrap()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A shard download's temporary file in the data cache (`NAME.partial-PID-N`): its writer's
+/// pid and path.
+fn partial_file(cache: &Path) -> Option<(libc::pid_t, PathBuf)> {
+    for entry in std::fs::read_dir(cache).ok()?.flatten() {
+        for f in std::fs::read_dir(entry.path()).ok()?.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.split(".bin.partial-").nth(1)
+                && let Some(pid) = rest.split('-').next().and_then(|p| p.parse().ok())
+            {
+                return Some((pid, f.path()));
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,221 @@
+//! A dataset streamed from S3 into a fresh data cache, measured against raw GETs of the same
+//! bytes from the same server in the same process (`scripts/bench-data-s3.sh` runs it):
+//!
+//! - first step: the shards step 0 reads, by raw ranged GETs, next to a cold stream's time to
+//!   its first batch (manifest and `.idx` files, then those shards, then the batch);
+//! - one pass (every sample once, global batch `--batch`, one reader): raw GETs of every
+//!   shard next to the cold stream (no budget), the same cache warm, the copy read in place
+//!   as a local dataset, and a cold stream within a budget of `--budget-frac` of the dataset.
+//!
+//! Rates are the dataset's tokens over the seconds each took. Prints one JSON object.
+//!
+//! ```sh
+//! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25]
+//! ```
+//!
+//! S3 settings come from the `AWS_*` variables (this is a program; the library reads none).
+
+use gantry_checkpoint::location::{Role, StorageLocation};
+use gantry_checkpoint::{S3Options, Store, StoreConfig};
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
+use gantry_sharding::remote::{RemoteOptions, StreamConfig, Streamer, prepare_stream, read_manifest};
+use gantry_sharding::sampler::Sampler;
+use std::error::Error;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+struct Args {
+    url: String,
+    work: String,
+    seq_len: usize,
+    batch: usize,
+    budget_frac: f64,
+}
+
+fn args() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F]";
+    let (url, work) = (it.next().ok_or(usage)?, it.next().ok_or(usage)?);
+    let mut a = Args {
+        url,
+        work,
+        seq_len: 1023,
+        batch: 64,
+        budget_frac: 0.25,
+    };
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(usage)?;
+        match flag.as_str() {
+            "--seq-len" => a.seq_len = value.parse()?,
+            "--batch" => a.batch = value.parse()?,
+            "--budget-frac" => a.budget_frac = value.parse()?,
+            _ => return Err(usage.into()),
+        }
+    }
+    Ok(a)
+}
+
+/// Raw ranged GETs (8 MiB, 8 in flight, as the fetcher makes them) of whole objects; seconds
+/// and bytes.
+fn raw_get(store: &Store, objects: &[(String, u64)]) -> Res<(f64, u64)> {
+    let step = 8u64 << 20;
+    let ranges: Vec<(String, std::ops::Range<u64>)> = objects
+        .iter()
+        .flat_map(|(key, bytes)| {
+            (0..bytes.div_ceil(step)).map(move |i| (key.clone(), i * step..((i + 1) * step).min(*bytes)))
+        })
+        .collect();
+    let started = Instant::now();
+    let got: u64 = store.get_ranges(&ranges)?.iter().map(|b| b.len() as u64).sum();
+    Ok((started.elapsed().as_secs_f64(), got))
+}
+
+/// What one streamed pass did.
+struct Pass {
+    first_step_s: f64,
+    seconds: f64,
+    bytes_fetched: u64,
+    peak_usage: u64,
+}
+
+/// Stream the dataset into `cache` (within `budget`), read one pass over it; `first` gets the
+/// shards step 0 reads.
+fn stream_pass(a: &Args, loc: &StorageLocation, opts: &RemoteOptions, cache: &Path, budget: Option<u64>) -> Res<Pass> {
+    let started = Instant::now();
+    let prepared = prepare_stream(loc, cache, opts)?;
+    let dir = prepared.dir.clone();
+    let streamer = Streamer::start(
+        prepared,
+        opts.clone(),
+        StreamConfig {
+            budget,
+            ..StreamConfig::default()
+        },
+    )?;
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&dir, a.seq_len, Split::All, &open)?);
+    let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
+    let start = sampler.start(ds.data().fingerprint());
+    let (data, s2, origin) = (Arc::downgrade(&ds), sampler.clone(), start.clone());
+    streamer.follow(
+        0,
+        Box::new(move |step| {
+            let Some(ds) = data.upgrade() else {
+                return Ok(Vec::new());
+            };
+            let mut c = origin.clone();
+            c.advance(step).map_err(|e| e.to_string())?;
+            ds.step_shards(&s2, &c, 0, 1, 1).map_err(|e| e.to_string())
+        }),
+    );
+    let steps = ds.num_samples() / a.batch as u64;
+    let mut cursor = start;
+    let mut first_step_s = 0.0;
+    for step in 0..steps {
+        ds.data().reading(step);
+        std::hint::black_box(ds.micro_batch(&sampler, &cursor, 0, 1, 1, 0)?);
+        if step == 0 {
+            first_step_s = started.elapsed().as_secs_f64();
+        }
+        cursor.advance(1)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = streamer.stats();
+    drop(ds);
+    drop(streamer);
+    Ok(Pass {
+        first_step_s,
+        seconds,
+        bytes_fetched: stats.bytes_fetched,
+        peak_usage: stats.peak_usage,
+    })
+}
+
+/// One pass over the dataset in `dir`, read in place; seconds.
+fn local_pass(a: &Args, dir: &Path) -> Res<f64> {
+    let started = Instant::now();
+    let ds = GptDataset::open_with(dir, a.seq_len, Split::All, &OpenOptions::default())?;
+    let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
+    let mut cursor = sampler.start(ds.data().fingerprint());
+    for _ in 0..ds.num_samples() / a.batch as u64 {
+        std::hint::black_box(ds.micro_batch(&sampler, &cursor, 0, 1, 1, 0)?);
+        cursor.advance(1)?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn main() -> Res<()> {
+    let a = args()?;
+    let loc = StorageLocation::parse_as(&a.url, Role::Dataset)?;
+    let s3 = S3Options::with_environment(std::env::vars_os());
+    let opts = RemoteOptions::with_s3(s3.clone());
+    let work = Path::new(&a.work);
+    let remote = read_manifest(&loc, &opts)?;
+    let m = &remote.manifest;
+    let token_bytes = m.dtype.size() as f64;
+    let bins: Vec<(String, u64)> = m
+        .shards
+        .iter()
+        .map(|s| (format!("{}.bin", s.prefix), s.bin_bytes))
+        .collect();
+    let total: u64 = bins.iter().map(|b| b.1).sum();
+    let tokens = total as f64 / token_bytes;
+    let store = Store::open_location(&loc, &s3, StoreConfig::default())?;
+
+    // The shards of step 0, from the .idx files alone (nothing else is fetched).
+    let plan_cache = work.join("plan-cache");
+    let prepared = prepare_stream(&loc, &plan_cache, &opts)?;
+    let dir = prepared.dir.clone();
+    let streamer = Streamer::start(prepared, opts.clone(), StreamConfig::default())?;
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = GptDataset::open_with(&dir, a.seq_len, Split::All, &open)?;
+    let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
+    let first = ds.step_shards(&sampler, &sampler.start(ds.data().fingerprint()), 0, 1, 1)?;
+    drop((ds, streamer));
+    let first_objects: Vec<(String, u64)> = first.iter().map(|&s| bins[s].clone()).collect();
+
+    // Raw GETs first (the server's page cache is then warm for every case alike).
+    let (raw_all_s, raw_bytes) = raw_get(&store, &bins)?;
+    let (raw_first_s, raw_first_bytes) = raw_get(&store, &first_objects)?;
+    let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
+    let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
+    let local_s = local_pass(&a, &work.join("cold").join(format!("{:016x}", remote.fingerprint)))?;
+    let budget = ((total as f64 + dir_fixed(m)) * a.budget_frac) as u64;
+    let tight = stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget))?;
+
+    let rate = |s: f64| tokens / s.max(1e-9);
+    let report = serde_json::json!({
+        "dataset": {"url": a.url, "shards": m.shards.len(), "bytes": total, "tokens": tokens as u64},
+        "first_step": {
+            "shards": first.len(), "bytes": raw_first_bytes,
+            "raw_get_s": raw_first_s, "cold_stream_s": cold.first_step_s,
+        },
+        "pass": {
+            "raw_get": {"s": raw_all_s, "bytes": raw_bytes, "tokens_per_s": rate(raw_all_s)},
+            "cold_stream": {"s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds)},
+            "warm_stream": {"s": warm.seconds, "tokens_per_s": rate(warm.seconds)},
+            "local": {"s": local_s, "tokens_per_s": rate(local_s)},
+            "budget": {
+                "fraction": a.budget_frac, "budget_bytes": budget, "s": tight.seconds,
+                "bytes_fetched": tight.bytes_fetched, "peak_usage": tight.peak_usage,
+                "tokens_per_s": rate(tight.seconds),
+            },
+        },
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// Bytes of the manifest's `.idx` files (the budget is a fraction of `.bin` + `.idx`).
+fn dir_fixed(m: &gantry_sharding::manifest::Manifest) -> f64 {
+    m.shards.iter().map(|s| s.idx_bytes as f64).sum()
+}

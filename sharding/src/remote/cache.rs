@@ -1,0 +1,429 @@
+//! The host's data cache as several streaming ranks share it: leases on shards, a stamp that
+//! spares re-hashing a checked shard, and the space budget.
+//!
+//! - **Leases.** A rank that needs shard `P` holds a shared `flock` on `P.bin.lease` (taken
+//!   before it looks whether `P.bin` is there, kept while it may read it). Evicting `P.bin`
+//!   takes an exclusive `flock` on the lease without waiting: it fails while any rank of the
+//!   host (this process included, through another descriptor) holds it. The kernel drops the
+//!   locks of a killed process, and the lease files are never removed, so there is no race
+//!   between a lock and the file it locks.
+//! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets
+//!   `P.bin.ok`: its size, xxh3, device, inode and modification and change times. A later
+//!   lease whose file still stats the same skips the hash; anything else re-hashes it.
+//! - **Space.** With a budget, every byte written into the dataset's cache directory is
+//!   reserved first, under the exclusive lock `space.lock`: the usage is the sum of the
+//!   sizes of the files there (the temporary files are created at their full size when they
+//!   are reserved, so what is being fetched counts too), and while the reservation does not
+//!   fit, shards no rank holds are evicted, least soon needed by this rank first, and
+//!   temporary files whose writer is gone (its `P.bin.lock` is free) are removed. When
+//!   nothing more can go the reservation waits for the other ranks to let go, up to a
+//!   deadline.
+
+use super::{RemoteError, io_err};
+use crate::materialize::{RemoveOnDrop, create_partial};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, TryLockError};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The lock file that serializes reservations of one dataset's cache directory.
+pub(super) const SPACE_LOCK: &str = "space.lock";
+/// Slack reserved with each shard for the small files that come with it (its stamp).
+pub(super) const SMALL_FILES: u64 = 512;
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Open (creating) the lock or lease file `path`.
+fn lock_file(path: &Path) -> Result<File, RemoteError> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// This rank's lease on the shard whose `.bin` is `bin`: shared, waits while the shard is
+/// being evicted.
+pub(super) fn lease(bin: &Path) -> Result<File, RemoteError> {
+    let path = with_suffix(bin, ".lease");
+    let file = lock_file(&path)?;
+    file.lock_shared().map_err(io_err(&path))?;
+    Ok(file)
+}
+
+/// Remove the shard files `files` (its `.bin` is `bin`) when no rank of the host holds the
+/// shard; the bytes removed, `None` when it is held.
+fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, RemoteError> {
+    let path = with_suffix(bin, ".lease");
+    let lease = lock_file(&path)?;
+    match lease.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(None),
+        Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+    }
+    let mut freed = 0;
+    for f in files.iter().chain([&with_suffix(bin, ".ok")]) {
+        if let Ok(meta) = std::fs::metadata(f) {
+            std::fs::remove_file(f).map_err(io_err(f))?;
+            freed += meta.len();
+        }
+    }
+    Ok(Some(freed))
+}
+
+/// What a stamp records of a checked `.bin`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    bytes: u64,
+    xxh3: String,
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn stamp_of(path: &Path, xxh3: &str) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    Some(Stamp {
+        bytes: m.len(),
+        xxh3: xxh3.to_string(),
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+        ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// Whether `bin` was checked against `bytes` / `xxh3` and has not changed since.
+pub(super) fn stamped(bin: &Path, bytes: u64, xxh3: &str) -> bool {
+    let Ok(raw) = std::fs::read(with_suffix(bin, ".ok")) else {
+        return false;
+    };
+    let Ok(recorded) = serde_json::from_slice::<Stamp>(&raw) else {
+        return false;
+    };
+    recorded.bytes == bytes && stamp_of(bin, xxh3).is_some_and(|now| now == recorded)
+}
+
+/// Record that `bin` matches the manifest's `xxh3` now. Not fatal when it cannot be written
+/// (the next lease hashes the file again).
+fn stamp(bin: &Path, xxh3: &str) {
+    let path = with_suffix(bin, ".ok");
+    let written = stamp_of(bin, xxh3)
+        .and_then(|s| serde_json::to_vec(&s).ok())
+        .map(|raw| std::fs::write(&path, raw));
+    if let Some(Err(e)) = written {
+        tracing::debug!(path = %path.display(), error = %e, "cannot write a shard stamp");
+    }
+}
+
+/// Bytes of the files in `dir` (not recursive: a dataset's cache directory is flat).
+pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
+    let mut sum = 0;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let Ok(entry) = entry else { continue };
+        if let Ok(meta) = entry.metadata()
+            && meta.is_file()
+        {
+            sum += meta.len();
+        }
+    }
+    Ok(sum)
+}
+
+/// Whether a file of a dataset's cache directory is shard data the budget may evict (a
+/// `.bin`, the frames of one, its stamp) or a temporary file.
+fn shard_data(name: &str) -> bool {
+    name.contains(".partial-")
+        || [".bin", ".bin.zst", ".zidx", ".bin.ok"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+/// Bytes of the files in `dir` the budget never evicts: the manifest, the `.idx` files, the
+/// tokenizer, a host check's verdict.
+pub(super) fn kept_files(dir: &Path) -> Result<u64, RemoteError> {
+    let mut sum = 0;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let Ok(entry) = entry else { continue };
+        if !shard_data(&entry.file_name().to_string_lossy())
+            && let Ok(meta) = entry.metadata()
+            && meta.is_file()
+        {
+            sum += meta.len();
+        }
+    }
+    Ok(sum)
+}
+
+/// Remove the temporary files in `dir` whose writer is gone: their `NAME.lock` (NAME being
+/// what is before `.partial-`) is free. Every writer holds that lock while its temporary file
+/// exists, this process's other threads included (another descriptor conflicts).
+pub(super) fn sweep_partials(dir: &Path) -> Result<u64, RemoteError> {
+    let mut freed = 0;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(at) = name.find(".partial-") else { continue };
+        let lock = lock_file(&dir.join(format!("{}.lock", &name[..at])))?;
+        if lock.try_lock().is_ok() {
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = %entry.path().display(), "removed the temporary file of a fetch that was interrupted");
+                freed += size;
+            }
+        }
+    }
+    Ok(freed)
+}
+
+/// A temporary file reserved at its full size, removed when dropped unless renamed.
+pub(super) struct Partial {
+    pub path: PathBuf,
+    pub file: File,
+    pub guard: RemoveOnDrop,
+}
+
+impl Partial {
+    /// Rename into place at `dest` (durably).
+    pub(super) fn commit(mut self, dest: &Path) -> Result<(), RemoteError> {
+        std::fs::rename(&self.path, dest).map_err(io_err(dest))?;
+        self.guard.0 = None;
+        crate::materialize::sync_parent(dest)?;
+        Ok(())
+    }
+}
+
+/// Create the temporary files for `sizes` bytes next to `bin` (whose `.lock` the caller
+/// holds), each at its full size.
+fn create(bin: &Path, sizes: &[u64]) -> Result<Vec<Partial>, RemoteError> {
+    sizes
+        .iter()
+        .map(|&bytes| {
+            let (path, file, guard) = create_partial(bin)?;
+            file.set_len(bytes).map_err(io_err(&path))?;
+            Ok(Partial { path, file, guard })
+        })
+        .collect()
+}
+
+/// One shard the cache may evict: its `.bin` and every file of it that takes room.
+pub(super) struct Evictable {
+    pub bin: PathBuf,
+    pub files: Vec<PathBuf>,
+}
+
+/// A dataset cache directory's budget.
+pub(super) struct Space<'a> {
+    pub dir: &'a Path,
+    /// `None`: no budget (nothing is evicted, reservations only create the files).
+    pub budget: Option<u64>,
+    /// How long a reservation may wait for room.
+    pub deadline: Duration,
+    pub stop: &'a AtomicBool,
+}
+
+/// What a reservation did.
+#[derive(Debug, Default)]
+pub(super) struct Reserved {
+    /// The directory's usage once the reservation was made (budget only).
+    pub usage: u64,
+    /// Shards evicted to make room.
+    pub evicted: usize,
+}
+
+impl Space<'_> {
+    /// Take `space.lock` when there is a budget: what changes the directory's usage other
+    /// than a reservation (a rename, a new stamp) happens under it too, so a reservation's
+    /// count of the directory never misses a file being renamed.
+    fn lock(&self) -> Result<Option<File>, RemoteError> {
+        if self.budget.is_none() {
+            return Ok(None);
+        }
+        let path = self.dir.join(SPACE_LOCK);
+        let lock = lock_file(&path)?;
+        lock.lock().map_err(io_err(&path))?;
+        Ok(Some(lock))
+    }
+
+    /// Rename the checked temporary file `partial` into place at `bin` and stamp it as
+    /// matching `xxh3`.
+    pub(super) fn commit(&self, partial: Partial, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
+        let _lock = self.lock()?;
+        partial.commit(bin)?;
+        stamp(bin, xxh3);
+        Ok(())
+    }
+
+    /// Stamp `bin`, found in place and hashed, as matching `xxh3`.
+    pub(super) fn stamp(&self, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
+        let _lock = self.lock()?;
+        stamp(bin, xxh3);
+        Ok(())
+    }
+
+    /// Reserve temporary files of `sizes` bytes for the shard whose `.bin` is `bin` (its
+    /// `.lock` held by the caller), evicting from `candidates` (in that order) what no rank
+    /// holds, as the module documentation says.
+    pub(super) fn reserve(
+        &self,
+        bin: &Path,
+        sizes: &[u64],
+        candidates: &[Evictable],
+    ) -> Result<(Vec<Partial>, Reserved), RemoteError> {
+        let Some(budget) = self.budget else {
+            return Ok((create(bin, sizes)?, Reserved::default()));
+        };
+        let need = sizes.iter().sum::<u64>() + SMALL_FILES;
+        let started = Instant::now();
+        let mut evicted = 0;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let lock = self.lock()?;
+            let mut usage = usage(self.dir)?;
+            if usage + need > budget {
+                usage -= sweep_partials(self.dir)?.min(usage);
+            }
+            for c in candidates {
+                if usage + need <= budget {
+                    break;
+                }
+                if let Some(freed) = evict(&c.bin, &c.files)? {
+                    if freed > 0 {
+                        evicted += 1;
+                        tracing::debug!(file = %c.bin.display(), freed, "evicted from the data cache");
+                    }
+                    usage -= freed.min(usage);
+                }
+            }
+            if usage + need <= budget {
+                let partials = create(bin, sizes)?;
+                return Ok((
+                    partials,
+                    Reserved {
+                        usage: usage + need,
+                        evicted,
+                    },
+                ));
+            }
+            drop(lock);
+            let waited = started.elapsed();
+            if waited > self.deadline || self.stop.load(Ordering::Relaxed) {
+                return Err(RemoteError::CacheFull {
+                    dir: self.dir.to_path_buf(),
+                    file: bin
+                        .file_name()
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                    budget,
+                    usage,
+                    need,
+                    waited_s: waited.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gantry-cache-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_held_shard_is_never_evicted_and_a_free_one_is() {
+        let dir = tempdir("lease");
+        let (a, b) = (dir.join("a.bin"), dir.join("b.bin"));
+        std::fs::write(&a, vec![1u8; 1000]).unwrap();
+        std::fs::write(&b, vec![2u8; 1000]).unwrap();
+        let held = lease(&a).unwrap();
+        let stop = AtomicBool::new(false);
+        let space = Space {
+            dir: &dir,
+            budget: Some(1500 + SMALL_FILES),
+            deadline: Duration::from_millis(100),
+            stop: &stop,
+        };
+        let candidates = [
+            Evictable {
+                bin: a.clone(),
+                files: vec![a.clone()],
+            },
+            Evictable {
+                bin: b.clone(),
+                files: vec![b.clone()],
+            },
+        ];
+        // Reservations are made holding the shard's lock (what tells a live temporary file).
+        let c_lock = crate::materialize::lock_cache_entry(&dir.join("c.bin")).unwrap();
+        let (partials, done) = space.reserve(&dir.join("c.bin"), &[500], &candidates).unwrap();
+        assert_eq!(done.evicted, 1);
+        assert!(a.exists() && !b.exists(), "the held shard stays, the free one goes");
+        assert_eq!(
+            std::fs::metadata(&partials[0].path).unwrap().len(),
+            500,
+            "reserved at full size"
+        );
+        assert_eq!(usage(&dir).unwrap(), 1500);
+        // Nothing else can go: the next reservation waits, then says why.
+        let e = space
+            .reserve(&dir.join("d.bin"), &[500], &candidates)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("no room in the data cache budget") && e.contains("d.bin (1012 bytes)"),
+            "{e}"
+        );
+        drop((partials, c_lock, held));
+        let _d_lock = crate::materialize::lock_cache_entry(&dir.join("d.bin")).unwrap();
+        let (_, done) = space.reserve(&dir.join("d.bin"), &[1000], &candidates).unwrap();
+        assert_eq!(done.evicted, 1, "once let go, it can go");
+        assert!(!a.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_temporary_file_of_a_gone_writer_is_swept_and_a_live_ones_kept() {
+        let dir = tempdir("sweep");
+        let live = dir.join("live.bin");
+        let held = crate::materialize::lock_cache_entry(&live).unwrap();
+        std::fs::write(dir.join("live.bin.partial-1-0"), [0u8; 10]).unwrap();
+        std::fs::write(dir.join("dead.bin.partial-999999-0"), [0u8; 20]).unwrap();
+        assert_eq!(sweep_partials(&dir).unwrap(), 20);
+        assert!(dir.join("live.bin.partial-1-0").exists());
+        assert!(!dir.join("dead.bin.partial-999999-0").exists());
+        drop(held);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stamp_holds_until_the_file_changes() {
+        let dir = tempdir("stamp");
+        let bin = dir.join("s.bin");
+        std::fs::write(&bin, b"tokens").unwrap();
+        assert!(!stamped(&bin, 6, "abc"));
+        stamp(&bin, "abc");
+        assert!(stamped(&bin, 6, "abc"));
+        assert!(!stamped(&bin, 6, "abd"), "another checksum");
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::write(&bin, b"tokenz").unwrap();
+        assert!(!stamped(&bin, 6, "abc"), "rewritten: hashed again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

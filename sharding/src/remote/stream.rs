@@ -1,0 +1,465 @@
+//! Streaming a dataset from object storage while it is read: the thin shell around the pure
+//! [`super::Plan`].
+//!
+//! [`prepare_stream`] puts the manifest and the `.idx` files into the host's data cache
+//! (`CACHE/<fingerprint>/`); the dataset opens from there with the [`Streamer`] as its
+//! [`ShardSource`], so no `.bin` is needed to open it. Once the reader's position is known
+//! ([`Streamer::follow`]: its start step and which shards each step reads), `fetchers`
+//! threads bring shards into the cache in the order the steps need them, a bounded number in
+//! flight, each as [`super::fetch`] does (ranged GETs, hashed in order, written under a
+//! temporary name, checked against the manifest, renamed), under the `.bin`'s lock so the
+//! ranks of a host fetch it once. A read waits only for the shard it reads (up to
+//! [`StreamConfig::wait`], then an error naming the shard and its object); a shard not there
+//! is never mapped. Training therefore starts once the first step's shards are in.
+//!
+//! With a budget ([`StreamConfig::budget`], bytes for this dataset's cache directory on this
+//! host) a rank keeps at most its share, `(budget − manifest and .idx files) / sharers`, and
+//! the cache evicts behind the readers ([`super::cache`]: leases, reservations). Without one
+//! the whole dataset is fetched while training runs, nothing is evicted, and later runs find
+//! it there.
+//!
+//! Faults: a request that fails transiently is retried with backoff up to the retry deadline
+//! ([`super::Retry`]); what still fails becomes the error of every read that waits, naming the
+//! object. A fetch interrupted by a kill leaves only a temporary file, never a `.bin`; the
+//! next fetch of that shard (or a reservation that needs the room) removes it.
+
+mod bring;
+mod dir;
+
+pub use dir::{StreamDir, prepare_stream};
+
+use super::cache::{self, Evictable, SMALL_FILES};
+use super::plan::{Held, Plan, PlanConfig};
+use super::{RemoteError, RemoteOptions, open_store};
+use crate::gpt::{DatasetError, ShardSource, Shards};
+use crate::indexed::IndexedDataset;
+use gantry_checkpoint::Store;
+use serde::Serialize;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a dataset is streamed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamConfig {
+    /// Bytes this dataset may take in the host's data cache; `None`: no limit.
+    pub budget: Option<u64>,
+    /// Ranks of this host that stream the dataset (each keeps at most its share).
+    pub sharers: usize,
+    /// Shards fetched at once.
+    pub fetchers: usize,
+    /// Steps planned ahead of the reader at most.
+    pub horizon: u64,
+    /// The first step not to plan (the end of training), if known.
+    pub end: Option<u64>,
+    /// How long a read waits for its shard before failing.
+    pub wait: Duration,
+    /// How long a fetch waits for room in the budget (the other ranks of the host letting
+    /// go of shards) before failing. Short: when every rank keeps to its share there is
+    /// always room once what no rank holds is evicted.
+    pub room_wait: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            budget: None,
+            sharers: 1,
+            fetchers: 8,
+            horizon: 256,
+            end: None,
+            wait: Duration::from_secs(600),
+            room_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a rank needs to stream its dataset: the prepared cache directory, the S3 settings
+/// and how many ranks of its host share the cache (the binary fills it in; the trainer
+/// starts the [`Streamer`] once it knows where its reader starts).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamSetup {
+    pub dir: StreamDir,
+    pub options: RemoteOptions,
+    /// Ranks on this host (each keeps at most its share of a budget).
+    pub sharers: usize,
+}
+
+/// What a [`Streamer`] did so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StreamStats {
+    /// Shards fetched from the object store, and their bytes.
+    pub fetched: u64,
+    pub bytes_fetched: u64,
+    /// Shards found in the cache (checked) rather than fetched.
+    pub reused: u64,
+    /// Shards this rank evicted to make room.
+    pub evicted: u64,
+    /// The largest usage of the cache directory a reservation of this rank saw (with a
+    /// budget), the reservation included.
+    pub peak_usage: u64,
+    /// Reads that had to wait for their shard, and the seconds they waited in all.
+    pub waits: u64,
+    pub wait_s: f64,
+}
+
+/// Which shards a step reads (the reader's sampler), for the plan.
+pub type StepShards = Box<dyn FnMut(u64) -> Result<Vec<usize>, String> + Send>;
+
+/// Streams a dataset into the host's data cache ahead of its reader (see the module
+/// documentation). Dropping it stops the fetches (a fetch in flight is abandoned, its
+/// temporary file removed).
+pub struct Streamer {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+struct Inner {
+    dir: StreamDir,
+    store: Store,
+    opts: RemoteOptions,
+    cfg: StreamConfig,
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    reused: AtomicU64,
+    evicted: AtomicU64,
+    peak_usage: AtomicU64,
+    waits: AtomicU64,
+    wait_ns: AtomicU64,
+}
+
+struct State {
+    plan: Plan,
+    /// The reader's steps are known: fetch by the plan (before: only what reads demand).
+    following: bool,
+    step_shards: Option<StepShards>,
+    /// Per shard: its mapped `.bin` and this rank's lease, while held and present.
+    maps: Vec<Option<Arc<IndexedDataset>>>,
+    leases: Vec<Option<File>>,
+    /// What ended the streaming: every waiting read returns it.
+    fatal: Option<Arc<RemoteError>>,
+    workers_left: usize,
+}
+
+impl Streamer {
+    /// Start streaming the dataset of `dir` (from [`prepare_stream`]); nothing is fetched
+    /// until a read wants a shard or [`Self::follow`] gives the plan its steps.
+    pub fn start(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
+        let slack = if cfg.budget.is_some() { SMALL_FILES } else { 0 };
+        let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s) + slack).collect();
+        // Besides the manifest and the .idx files, the directory may hold other files the
+        // budget cannot evict (a host check's verdict): they count as fixed too.
+        let fixed = dir.fixed_bytes.max(cache::kept_files(&dir.dir)?);
+        let limit = match cfg.budget {
+            None => None,
+            Some(budget) if budget <= fixed => {
+                return Err(RemoteError::BudgetTooSmall {
+                    dir: dir.dir.clone(),
+                    budget,
+                    fixed,
+                    sharers: cfg.sharers,
+                });
+            }
+            Some(budget) => Some((budget - fixed) / cfg.sharers.max(1) as u64),
+        };
+        let plan_cfg = PlanConfig {
+            costs,
+            limit,
+            in_flight: cfg.fetchers.max(1),
+            horizon: cfg.horizon.max(1),
+            end: cfg.end,
+        };
+        let location = dir.location.to_string();
+        let plan = Plan::new(plan_cfg, 0).map_err(|cause| RemoteError::Plan { location, cause })?;
+        let store = open_store(&dir.location, &opts)?;
+        let n = dir.shards();
+        let dir_path = dir.dir.clone();
+        let workers = cfg.fetchers.max(1);
+        let inner = Arc::new(Inner {
+            dir,
+            store,
+            opts,
+            cfg,
+            state: Mutex::new(State {
+                plan,
+                following: false,
+                step_shards: None,
+                maps: vec![None; n],
+                leases: (0..n).map(|_| None).collect(),
+                fatal: None,
+                workers_left: workers,
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let workers = (0..workers)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("gantry-stream-{i}"))
+                    .spawn(move || inner.work())
+                    .map_err(|source| RemoteError::Io {
+                        path: dir_path.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Streamer { inner, workers })
+    }
+
+    /// The source to open the dataset with ([`crate::gpt::OpenOptions::shards`]).
+    pub fn shards(&self) -> Shards {
+        Shards(self.inner.clone())
+    }
+
+    /// The reader starts at step `start`; `step_shards(k)` says which shards step `k` reads.
+    /// From now on shards are fetched in the order of the steps.
+    pub fn follow(&self, start: u64, step_shards: StepShards) {
+        let mut st = self.inner.lock();
+        st.plan.reading(start);
+        st.step_shards = Some(step_shards);
+        st.following = true;
+        self.inner.changed.notify_all();
+    }
+
+    pub fn dir(&self) -> &StreamDir {
+        &self.inner.dir
+    }
+
+    pub fn stats(&self) -> StreamStats {
+        let c = &self.inner.counters;
+        StreamStats {
+            fetched: c.fetched.load(Ordering::Relaxed),
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            reused: c.reused.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+            peak_usage: c.peak_usage.load(Ordering::Relaxed),
+            waits: c.waits.load(Ordering::Relaxed),
+            wait_s: c.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+
+    /// Whether shard `shard` is present and held for this reader now.
+    pub fn is_held(&self, shard: usize) -> bool {
+        self.inner.lock().plan.held(shard) == Held::Present
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        self.inner.changed.notify_all();
+        // A fetcher blocked on another process's lock may take a while: wait a little, then
+        // leave it (the process ends soon; its temporary file is swept by the next fetch).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut st = self.inner.lock();
+        while st.workers_left > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            st = self
+                .inner
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let finished = st.workers_left == 0;
+        drop(st);
+        if finished {
+            for w in self.workers.drain(..) {
+                let _ = w.join();
+            }
+        }
+        let s = self.stats();
+        tracing::info!(
+            dataset = %self.inner.dir.location,
+            fetched = s.fetched,
+            bytes_fetched = s.bytes_fetched,
+            reused = s.reused,
+            evicted = s.evicted,
+            peak_usage = s.peak_usage,
+            budget = self.inner.cfg.budget.unwrap_or(0),
+            waits = s.waits,
+            wait_s = s.wait_s,
+            "data stream done"
+        );
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Plan the steps the plan wants, and let go of what it no longer holds.
+    fn settle(&self, st: &mut State) {
+        if st.following && st.fatal.is_none() {
+            while let Some(step) = st.plan.wants_step() {
+                let Some(step_shards) = st.step_shards.as_mut() else {
+                    break;
+                };
+                let added = step_shards(step)
+                    .map_err(|message| RemoteError::Needs {
+                        location: self.dir.location.to_string(),
+                        step,
+                        message,
+                    })
+                    .and_then(|shards| {
+                        st.plan.add_step(step, shards).map_err(|cause| RemoteError::Plan {
+                            location: self.dir.location.to_string(),
+                            cause,
+                        })
+                    });
+                if let Err(e) = added {
+                    tracing::error!(error = %e, "cannot plan the data stream");
+                    st.fatal = Some(Arc::new(e));
+                    self.changed.notify_all();
+                    break;
+                }
+            }
+        }
+        for s in st.plan.to_release() {
+            st.maps[s] = None;
+            st.leases[s] = None;
+            st.plan.released(s);
+        }
+    }
+
+    /// Shards this rank does not hold, the ones it needs latest (or not at all) first: the
+    /// order the cache evicts in to make room for this rank.
+    fn evictable(&self, st: &State) -> Vec<Evictable> {
+        if self.cfg.budget.is_none() {
+            return Vec::new();
+        }
+        let needs = st.plan.next_needs();
+        let mut order: Vec<usize> = (0..self.dir.shards())
+            .filter(|&s| st.plan.held(s) == Held::No)
+            .collect();
+        order.sort_by_key(|&s| std::cmp::Reverse(needs[s].unwrap_or(u64::MAX)));
+        order
+            .into_iter()
+            .map(|s| {
+                let bin = self.dir.bin(s);
+                let mut files = vec![bin.clone()];
+                if let Some(z) = &self.dir.manifest.shards[s].zstd {
+                    files.push(self.dir.dir.join(&z.file));
+                    files.push(self.dir.dir.join(&z.index));
+                }
+                Evictable { bin, files }
+            })
+            .collect()
+    }
+
+    /// A fetcher thread: take the next shard from the plan, bring it in, record it.
+    fn work(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut st = self.lock();
+                loop {
+                    if self.stopped() || st.fatal.is_some() {
+                        st.workers_left -= 1;
+                        self.changed.notify_all();
+                        return;
+                    }
+                    self.settle(&mut st);
+                    let next = match st.following {
+                        true => st.plan.next_fetch(),
+                        false => st.plan.next_demand(),
+                    };
+                    if let Some(s) = next {
+                        st.plan.started(s);
+                        break (s, self.evictable(&st));
+                    }
+                    st = self.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let (shard, evictable) = next;
+            let result = self.bring(shard, &evictable);
+            let mut st = self.lock();
+            match result {
+                Ok((lease, map)) => {
+                    st.leases[shard] = Some(lease);
+                    st.maps[shard] = Some(map);
+                    st.plan.finished(shard, true);
+                }
+                Err(RemoteError::Stopped { .. }) => st.plan.finished(shard, false),
+                Err(e) => {
+                    tracing::error!(shard, object = %self.dir.object(shard), error = %e, "cannot fetch a shard");
+                    st.plan.finished(shard, false);
+                    st.fatal.get_or_insert_with(|| Arc::new(e));
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+}
+
+impl ShardSource for Inner {
+    fn shard(&self, shard: usize) -> Result<Arc<IndexedDataset>, DatasetError> {
+        let started = Instant::now();
+        let object = || self.dir.object(shard);
+        let mut st = self.lock();
+        let mut waited = false;
+        loop {
+            if let Some(map) = st.maps.get(shard).and_then(Option::as_ref) {
+                if waited {
+                    let c = &self.counters;
+                    c.waits.fetch_add(1, Ordering::Relaxed);
+                    c.wait_ns
+                        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                return Ok(map.clone());
+            }
+            if let Some(e) = &st.fatal {
+                return Err(DatasetError::Remote(e.clone()));
+            }
+            if shard >= st.maps.len() || st.workers_left == 0 || self.stopped() {
+                return Err(DatasetError::Remote(Arc::new(RemoteError::Stopped {
+                    object: object(),
+                })));
+            }
+            if st.plan.held(shard) == Held::No && st.plan.demanded() != Some(shard) {
+                st.plan.demand(shard);
+                self.changed.notify_all();
+            }
+            let Some(left) = self.cfg.wait.checked_sub(started.elapsed()).filter(|d| !d.is_zero()) else {
+                return Err(DatasetError::Remote(Arc::new(RemoteError::WaitTimeout {
+                    shard,
+                    object: object(),
+                    waited_s: started.elapsed().as_secs_f64(),
+                })));
+            };
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            waited = true;
+        }
+    }
+
+    fn reading(&self, step: u64) {
+        let mut st = self.lock();
+        if st.following {
+            st.plan.reading(step);
+            self.settle(&mut st);
+            self.changed.notify_all();
+        }
+    }
+}

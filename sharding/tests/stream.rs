@@ -1,0 +1,253 @@
+//! Streaming a dataset from a real S3 server (s3s-fs) while it is read: reads equal the
+//! local copy's, in the sampler's order, from a cache that never holds more than its budget
+//! (shards evicted behind the reader); compressed-only shards decompressed on arrival; a read
+//! of a shard that is not there waits for it, and when the server is gone the error names
+//! the shard's object; a partial file is never mapped.
+
+#[path = "../../checkpoint/tests/common/s3_server.rs"]
+mod s3_server;
+
+use gantry_checkpoint::S3Options;
+use gantry_checkpoint::location::{Role, StorageLocation};
+use gantry_sharding::frames::ZstdOptions;
+use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split};
+use gantry_sharding::remote::{RemoteError, RemoteOptions, Retry, StreamConfig, Streamer, prepare_stream, upload};
+use gantry_sharding::sampler::Sampler;
+use gantry_sharding::synth::{SynthConfig, synthesize_with};
+use s3_server::S3Server;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SEQ: usize = 31;
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gantry-stream-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn options(server: &S3Server) -> RemoteOptions {
+    RemoteOptions {
+        range_bytes: 16 << 10,
+        retry: Retry {
+            deadline: Duration::from_secs(3),
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+        },
+        ..RemoteOptions::with_s3(S3Options {
+            endpoint: Some(server.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key: Some(server.access_key.clone()),
+            secret_key: Some(server.secret_key.clone()),
+            ..S3Options::default()
+        })
+    }
+}
+
+/// About 100 shards of 2500 tokens (5 KB each), with zstd frames when asked.
+fn synth(dir: &Path, zstd: bool) -> PathBuf {
+    let out = dir.join("ds");
+    let cfg = SynthConfig {
+        tokens: 240_000,
+        seed: 3,
+        shard_tokens: 2500,
+        doc_tokens: 300,
+        ..SynthConfig::default()
+    };
+    let z = ZstdOptions {
+        level: 1,
+        frame_bytes: 1 << 10,
+    };
+    synthesize_with(&out, &cfg, zstd.then_some(&z)).unwrap();
+    out
+}
+
+fn sum_of_files(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Every sample of `steps` steps of rank `rank` of `dp`, through `ds`, in step order, each
+/// step announced to the dataset first (as the prefetch thread does).
+fn read_steps(ds: &GptDataset, sampler: &Sampler, rank: usize, dp: usize, steps: u64, each: impl Fn(u64)) -> Vec<i64> {
+    let mut cursor = sampler.start(ds.data().fingerprint());
+    let mut out = Vec::new();
+    for step in 0..steps {
+        ds.data().reading(step);
+        out.extend(ds.micro_batch(sampler, &cursor, rank, dp, 1, 0).unwrap().tokens);
+        each(step);
+        cursor.advance(1).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_stream_within_a_quarter_budget_reads_what_the_local_copy_holds() {
+    let server = S3Server::start();
+    let dir = tempdir("budget");
+    let local = synth(&dir, false);
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
+    upload(&local, &loc, &opts).unwrap();
+
+    let cache = dir.join("cache");
+    let prepared = prepare_stream(&loc, &cache, &opts).unwrap();
+    let shards = prepared.shards();
+    assert!(shards >= 90, "{shards}");
+    assert_eq!(
+        prepared.fetched.len(),
+        shards,
+        "the .idx files first: {:?}",
+        prepared.fetched
+    );
+    let cached = prepared.dir.clone();
+    assert!(
+        !cached.join("shard-00000.bin").exists(),
+        "no shard before the reader asks"
+    );
+    let budget = prepared.total_bytes() / 4;
+    let cfg = StreamConfig {
+        budget: Some(budget),
+        fetchers: 2,
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let sampler = Sampler::new(ds.num_samples(), 9, 4).unwrap();
+    // Rank 1 of 2, 2 samples a step, over more shards than the budget holds several times.
+    let steps = 300;
+    let start = sampler.start(ds.data().fingerprint());
+    let (weak, s2) = (Arc::downgrade(&ds), sampler.clone());
+    streamer.follow(
+        0,
+        Box::new(move |step| {
+            let mut c = start.clone();
+            c.advance(step).unwrap();
+            Ok(weak.upgrade().unwrap().step_shards(&s2, &c, 1, 2, 1).unwrap())
+        }),
+    );
+    let peak = std::cell::Cell::new(0);
+    let got = read_steps(&ds, &sampler, 1, 2, steps, |_| {
+        let used = sum_of_files(&cached);
+        peak.set(peak.get().max(used));
+        assert!(
+            used <= budget,
+            "the cache holds {used} bytes, over its budget of {budget}"
+        );
+    });
+    assert_eq!(got, read_steps(&here, &sampler, 1, 2, steps, |_| {}));
+    let stats = streamer.stats();
+    assert!(stats.evicted > 0, "a pass over 4× the budget evicts: {stats:?}");
+    assert!(
+        stats.peak_usage <= budget && stats.peak_usage >= peak.get(),
+        "the stream's own accounting ({}) is what the directory held at most ({}) and within the budget ({budget})",
+        stats.peak_usage,
+        peak.get()
+    );
+    assert!(stats.fetched >= 12, "{stats:?}");
+    drop(ds);
+    drop(streamer);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compressed_only_shards_are_decompressed_on_arrival() {
+    let server = S3Server::start();
+    let dir = tempdir("zstd");
+    let full = synth(&dir, true);
+    let here = GptDataset::open_with(&full, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let sampler = Sampler::new(here.num_samples(), 5, 8).unwrap();
+    let expected = read_steps(&here, &sampler, 0, 1, 6, |_| {});
+    for e in std::fs::read_dir(&full).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "bin") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/z", server.bucket), Role::Dataset).unwrap();
+    upload(&full, &loc, &opts).unwrap();
+    let prepared = prepare_stream(&loc, &dir.join("cache"), &opts).unwrap();
+    let cached = prepared.dir.clone();
+    let streamer = Streamer::start(prepared, opts, StreamConfig::default()).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
+    assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
+    let names: Vec<String> = std::fs::read_dir(&cached)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(".bin")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.ends_with(".zst") && !n.ends_with(".zidx") && !n.contains(".partial-")),
+        "only the decompressed .bin stays: {names:?}"
+    );
+    drop(ds);
+    drop(streamer);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
+    let server = S3Server::start();
+    let dir = tempdir("wait");
+    let local = synth(&dir, false);
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
+    upload(&local, &loc, &opts).unwrap();
+    let prepared = prepare_stream(&loc, &dir.join("cache"), &opts).unwrap();
+    let cached = prepared.dir.clone();
+    let cfg = StreamConfig {
+        wait: Duration::from_secs(30),
+        ..StreamConfig::default()
+    };
+    // Not following any reader: only what a read asks for is fetched, when it asks.
+    let streamer = Streamer::start(prepared, opts, cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
+    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    ds.sample_into(0, &mut a).unwrap();
+    here.sample_into(0, &mut b).unwrap();
+    assert_eq!(a, b, "the read waited for its shard, then read it");
+    assert!(cached.join("shard-00000.bin").exists());
+    let last_shard = format!("shard-{:05}.bin", ds.data().manifest().shards.len() - 1);
+    assert!(!cached.join(&last_shard).exists(), "nothing it did not ask for");
+
+    drop(server);
+    let last = ds.num_samples() - 1;
+    let e = ds.sample_into(last, &mut a).unwrap_err();
+    let DatasetError::Remote(remote) = &e else {
+        panic!("expected the stream's error, got {e}");
+    };
+    assert!(
+        matches!(**remote, RemoteError::GaveUp { .. }) && e.to_string().starts_with(&format!("{loc}/{last_shard}")),
+        "the error names the shard's object: {e}"
+    );
+    assert!(
+        !cached.join(&last_shard).exists(),
+        "never a partial file under the shard's name"
+    );
+    drop(ds);
+    drop(streamer);
+    let _ = std::fs::remove_dir_all(&dir);
+}
