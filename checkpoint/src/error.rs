@@ -57,6 +57,17 @@ pub enum CheckpointError {
     CommitNotSeen { step: u64, waited_s: f64 },
     #[error("step {step} is already committed in {url}")]
     AlreadyCommitted { step: u64, url: String },
+    #[error(
+        "{action}: attempt {attempt} of job {job} is fenced off {url}: attempt {newer} of the job has claimed it since (fence/{job}/)"
+    )]
+    Fenced {
+        /// What was refused ("step 12 not committed", "cannot start saving").
+        action: String,
+        job: String,
+        attempt: u32,
+        newer: u32,
+        url: String,
+    },
     #[error("checkpoint model mismatch: {0}")]
     ModelMismatch(String),
     #[error("the checkpoint writer thread stopped")]

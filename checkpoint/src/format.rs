@@ -218,6 +218,9 @@ pub struct Manifest {
     /// The save attempt that committed it.
     #[serde(default)]
     pub attempt: String,
+    /// The job's attempt that committed it, when the save was fenced ([`crate::fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<crate::fence::Fence>,
     #[serde(flatten)]
     pub job: JobState,
     /// Per-rank state, indexed by rank.
@@ -341,6 +344,7 @@ mod tests {
             committed_at: 1.5,
             world_size: 2,
             attempt: "a1".into(),
+            fence: Some(crate::fence::Fence::new("12", 3).unwrap()),
             job: JobState {
                 tokens_seen: 99,
                 model: serde_json::json!({"d_model": 8}),
@@ -357,6 +361,12 @@ mod tests {
         assert!(text.contains("\"dtype\":\"bf16\""), "{text}");
         let back: Manifest = serde_json::from_str(&text).unwrap();
         assert_eq!(back, m);
+        // A manifest from before fences reads as unfenced, and an unfenced one writes none.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("fence");
+        let back: Manifest = serde_json::from_value(old).unwrap();
+        assert_eq!(back.fence, None);
+        assert!(!serde_json::to_string(&back).unwrap().contains("fence"));
         assert_eq!(back.tensors(), vec![("w".to_string(), DType::Bf16, vec![2, 3])]);
     }
 }

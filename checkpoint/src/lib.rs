@@ -23,6 +23,9 @@
 //! - **Storage** ([`store`]): one blocking API over `object_store` for a location, with
 //!   multipart uploads, ranged reads and create-if-absent. [`Store::open`] creates a missing
 //!   local directory (writers); [`Store::open_existing`] refuses one (servers, readers).
+//! - **Fencing** ([`fence`]): a save may carry its job's attempt; rank 0 claims the directory
+//!   for it at start, and a commit of an attempt a later one has claimed is refused, so the
+//!   ranks of an attempt the coordinator replaced (a partition) cannot commit over the new one.
 //! - [`export`]: a whole model as one safetensors file.
 //! - [`plain`]: opening a local checkpoint's file without following symlinks (what a server
 //!   that hands out checkpoint files uses).
@@ -32,6 +35,7 @@
 pub mod boxes;
 pub mod error;
 pub mod export;
+pub mod fence;
 pub mod format;
 mod local_read;
 pub mod location;
@@ -43,6 +47,7 @@ pub mod store;
 pub mod writer;
 
 pub use error::CheckpointError;
+pub use fence::Fence;
 pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_share};
 pub use location::{LocationError, Role, StorageLocation};
 pub use reader::{Checkpoint, SkippedStep, Which, committed_steps};

@@ -5,9 +5,12 @@
 //! checks that the slices tile every tensor, and creates `manifest.json` if absent: the commit.
 //! Then it moves `latest`, removes a crashed attempt's leftovers under the step and applies
 //! retention. A new save first waits for the previous one to be committed, so at most one
-//! snapshot per rank is ever held in memory.
+//! snapshot per rank is ever held in memory. A fenced save ([`SaverConfig::fence`]) is
+//! refused its commit once a later attempt of its job claimed the directory, and replaces a
+//! commit an older attempt slipped in ([`crate::fence`]).
 
 use crate::error::CheckpointError;
+use crate::fence::{self, Existing, Fence};
 use crate::format::{
     ChunkEntry, FORMAT_VERSION, JobState, LATEST, MANIFEST, Manifest, ObjectInfo, RankIndex, SliceSpec, chunk_name,
     parse_step_dir, rank_index_name, step_dir, xxh3_hex,
@@ -42,6 +45,10 @@ pub struct SaverConfig {
     pub world_size: usize,
     /// Identifies this run's saves; every rank of a run must use the same one.
     pub attempt: String,
+    /// The job's attempt as its launcher numbers them, when it does: commits check it
+    /// against the directory's claims ([`crate::fence`]); rank 0 claims with
+    /// [`fence::claim`] before choosing a step to resume from.
+    pub fence: Option<Fence>,
     /// Chunk objects are cut at about this size.
     pub chunk_bytes: usize,
     /// How long to wait for the other ranks' writes (committer) or for the commit (others).
@@ -56,6 +63,7 @@ impl SaverConfig {
             rank,
             world_size,
             attempt: attempt.to_string(),
+            fence: None,
             chunk_bytes: 256 << 20,
             commit_timeout: Duration::from_secs(600),
             poll: Duration::from_millis(50),
@@ -253,18 +261,19 @@ fn wait_for_commit(store: &Store, config: &SaverConfig, step: u64) -> Result<(),
     let started = Instant::now();
     loop {
         if let Some(bytes) = store.get(&key)? {
-            // A manifest of another attempt: this step was committed before (a run resumed
-            // from an older step); this rank's writes are not part of it.
-            let attempt = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|m| m.get("attempt").and_then(|a| a.as_str()).map(str::to_string));
-            if attempt.as_deref() != Some(config.attempt.as_str()) {
-                return Err(CheckpointError::AlreadyCommitted {
-                    step,
-                    url: store.url().to_string(),
-                });
+            match judge(config, &bytes) {
+                Existing::Ours => return Ok(()),
+                // An older attempt's stale commit: our committer replaces it.
+                Existing::Stale => {}
+                // Another attempt's: this step was committed before (a run resumed from an
+                // older step); this rank's writes are not part of it.
+                Existing::Taken => {
+                    return Err(CheckpointError::AlreadyCommitted {
+                        step,
+                        url: store.url().to_string(),
+                    });
+                }
             }
-            return Ok(());
         }
         if started.elapsed() > config.commit_timeout {
             return Err(CheckpointError::CommitNotSeen {
@@ -273,6 +282,22 @@ fn wait_for_commit(store: &Store, config: &SaverConfig, step: u64) -> Result<(),
             });
         }
         std::thread::sleep(config.poll);
+    }
+}
+
+/// What the manifest `bytes` found for a step means to this save.
+fn judge(config: &SaverConfig, bytes: &[u8]) -> Existing {
+    #[derive(serde::Deserialize)]
+    struct Committed {
+        #[serde(default)]
+        attempt: String,
+        #[serde(default)]
+        fence: Option<Fence>,
+    }
+    match serde_json::from_slice::<Committed>(bytes) {
+        Ok(m) => fence::judge_existing(&config.attempt, config.fence.as_ref(), &m.attempt, m.fence.as_ref()),
+        // Unreadable: not ours to replace.
+        Err(_) => Existing::Taken,
     }
 }
 
@@ -326,6 +351,7 @@ fn commit(
             .unwrap_or(0.0),
         world_size: config.world_size,
         attempt: config.attempt.clone(),
+        fence: config.fence.clone(),
         job,
         ranks: Vec::with_capacity(config.world_size),
         entries: Vec::new(),
@@ -341,12 +367,7 @@ fn commit(
         url: format!("{}/{dir}", store.url()),
         source: e,
     })?;
-    if !store.put_if_absent(&format!("{dir}/{MANIFEST}"), json_bytes(&manifest))? {
-        return Err(CheckpointError::AlreadyCommitted {
-            step,
-            url: store.url().to_string(),
-        });
-    }
+    create_manifest(store, config, step, &manifest)?;
     tracing::info!(
         step,
         bytes = manifest.total_bytes(),
@@ -355,6 +376,34 @@ fn commit(
     );
     store.put(LATEST, Bytes::from(dir.clone()))?;
     clean_up(store, config, step, &manifest)
+}
+
+/// The commit itself: `manifest.json` created if absent, unless a later attempt of the job
+/// claimed the directory; a stale commit of an older attempt of the job is replaced.
+fn create_manifest(store: &Store, config: &SaverConfig, step: u64, manifest: &Manifest) -> Result<(), CheckpointError> {
+    let key = format!("{}/{MANIFEST}", step_dir(step));
+    if let Some(f) = &config.fence {
+        fence::check(store, f, &format!("step {step} not committed"))?;
+    }
+    if store.put_if_absent(&key, json_bytes(manifest))? {
+        return Ok(());
+    }
+    let existing = store.get(&key)?.unwrap_or_default();
+    match judge(config, &existing) {
+        Existing::Ours => Ok(()),
+        Existing::Stale => {
+            tracing::warn!(
+                step,
+                url = store.url(),
+                "replacing the commit of an older attempt of this job (it committed after this attempt started)"
+            );
+            store.put(&key, json_bytes(manifest))
+        }
+        Existing::Taken => Err(CheckpointError::AlreadyCommitted {
+            step,
+            url: store.url().to_string(),
+        }),
+    }
 }
 
 /// After a commit: drop a crashed attempt's objects under this step, then apply retention.

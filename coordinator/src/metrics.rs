@@ -16,6 +16,8 @@ pub struct Counters {
     pub restarts: u64,
     pub workers_lost: u64,
     pub workers_suspected: u64,
+    /// Times no worker at all was heard for half a deadline (the coordinator cut off).
+    pub isolations: u64,
     heartbeat_buckets: [u64; BUCKETS.len()],
     heartbeat_sum: f64,
 }
@@ -135,6 +137,11 @@ fn render_counters(out: &mut String, c: &Counters) {
             c.workers_suspected,
         ),
         (
+            "gantry_coordinator_isolations_total",
+            "Times no worker at all was heard for half the heartbeat deadline (this coordinator cut off); nobody is declared lost meanwhile.",
+            c.isolations,
+        ),
+        (
             "gantry_coordinator_registrations_total",
             "Worker registrations (including reconnects).",
             c.registrations,
@@ -217,6 +224,9 @@ gantry_coordinator_workers_lost_total 0
 # HELP gantry_coordinator_workers_suspected_total Workers suspected because a peer reported their rank failed (no new ranks until heard from).
 # TYPE gantry_coordinator_workers_suspected_total counter
 gantry_coordinator_workers_suspected_total 0
+# HELP gantry_coordinator_isolations_total Times no worker at all was heard for half the heartbeat deadline (this coordinator cut off); nobody is declared lost meanwhile.
+# TYPE gantry_coordinator_isolations_total counter
+gantry_coordinator_isolations_total 0
 # HELP gantry_coordinator_registrations_total Worker registrations (including reconnects).
 # TYPE gantry_coordinator_registrations_total counter
 gantry_coordinator_registrations_total 0

@@ -75,6 +75,22 @@ impl Inner {
                     );
                 }
                 Action::ClearSuspicion { worker } => tracing::info!(worker, "suspected worker heard from again"),
+                Action::Isolated { silent_ms, alive } => {
+                    self.counters.isolations += 1;
+                    tracing::warn!(
+                        silent_ms,
+                        alive,
+                        "no worker heard for {:.1} s: this coordinator is probably cut off; nobody is declared lost \
+                         until workers are heard again (their ranks need no coordinator to train)",
+                        *silent_ms as f64 / 1000.0
+                    );
+                }
+                Action::HeardAgain { worker, silent_ms } => tracing::warn!(
+                    worker,
+                    silent_ms,
+                    "workers heard again after {:.1} s of silence; every worker's deadline is extended by that much",
+                    *silent_ms as f64 / 1000.0
+                ),
                 Action::FinishJob { job, state, reason } => tracing::info!(job, state = state.name(), "{reason}"),
                 Action::PlaceJob { job, attempt, dp } => tracing::info!(job, attempt, dp, "job placed"),
                 Action::StartRanks {

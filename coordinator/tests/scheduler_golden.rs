@@ -331,3 +331,7 @@ fn coordinator_restart_keeps_running_jobs() {
 fn peer_death_report_blames_and_suspects_the_dead_worker() {
     check("peer_death");
 }
+#[test]
+fn a_coordinator_cut_off_declares_nobody_lost() {
+    check("blackout");
+}

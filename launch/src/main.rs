@@ -129,17 +129,23 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    // Rust ignores SIGPIPE, so `gantry data inspect DIR | head` would panic in println! once
-    // the pipe closes; restore the default (exit quietly), as other Unix tools do.
-    // SAFETY: setting a signal disposition at start, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
-    daemons::prepare_logging(matches!(
+    let daemon = matches!(
         cli.command,
         Command::Coordinator(_) | Command::Worker(_) | Command::Registry(_)
-    ));
+    );
+    // Rust ignores SIGPIPE, so `gantry data inspect DIR | head` would panic in println! once
+    // the pipe closes; restore the default (exit quietly), as other Unix tools do. Not for
+    // daemons: a peer that resets its connection (a client gone, a worker that gave up on a
+    // call and reconnected) would make the next vectored socket write kill the daemon
+    // silently; ignored, it is an EPIPE on that one connection.
+    if !daemon {
+        // SAFETY: setting a signal disposition at start, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    daemons::prepare_logging(daemon);
     init_logging();
     let result = match cli.command {
         Command::Bench(cmd) => bench_cmd::run(cmd),

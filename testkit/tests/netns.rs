@@ -1,9 +1,10 @@
 //! The namespace harness itself, on this machine's kernel: hosts reach each other at their
 //! own addresses and nothing else, a pulled cable partitions a host until it is plugged back,
-//! rate limits land on both ends of the cable, and nothing is left behind — after a drop, a
+//! rate limits land on both ends of the cable, a slow cable delays and stalls every frame yet
+//! delivers every byte, and nothing is left behind — after a drop, a
 //! killed test (the watchdog) or a dead owner found by the next instance (the sweep).
 
-use gantry_testkit::netns::{Cluster, names, start_or_skip, sweep};
+use gantry_testkit::netns::{Cluster, LinkProfile, names, start_or_skip, sweep};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -118,6 +119,95 @@ fn rate_limits_are_set_on_both_ends_of_the_cable_and_removed() {
     for (ns, dev) in [(h.netns(), "eth0"), (c.switch_netns(), "p0")] {
         assert!(!qdisc(ns, dev).contains("tbf"), "{ns} {dev}");
     }
+}
+
+/// Bytes `0, 1, 2, …` of a stream, so a lost, repeated or reordered byte shows.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[test]
+fn a_slow_cable_delays_and_stalls_every_frame_but_loses_nothing() {
+    let Some(c) = start_or_skip("slow_link", &["fast", "slow"], ci()) else {
+        return;
+    };
+    let (fast, slow) = (&c.hosts()[0], &c.hosts()[1]);
+    // Stalls every 1.5 s, so the transfers below (a few seconds at 40 ms round trips) cross some.
+    let profile = LinkProfile::wan(Duration::from_millis(1500), 11);
+    match c.slow_link(slow, profile) {
+        Err(gantry_testkit::netns::NetnsError::Unavailable(why)) if !ci() => {
+            eprintln!("SKIP slow_link: {why}");
+            return;
+        }
+        other => other.unwrap(),
+    }
+    assert!(c.slow_link(slow, profile).is_err(), "one slow link per host");
+    assert_eq!(c.link_stats(fast), None);
+
+    let listener = slow.enter(|| TcpListener::bind("0.0.0.0:0")).unwrap().unwrap();
+    let to = SocketAddr::from((slow.addr(), listener.local_addr().unwrap().port()));
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                return;
+            }
+            s.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let mut out = connect(&c, 0, to, Duration::from_secs(30)).unwrap();
+    out.set_nodelay(true).unwrap();
+    // Round trips: each crosses the relay twice, at least 15 ms each way, whatever the
+    // machine's speed (a lower bound the relay guarantees, not a measurement).
+    let mut byte = [0u8; 1];
+    for i in 0..50u8 {
+        let sent = Instant::now();
+        out.write_all(&[i]).unwrap();
+        out.read_exact(&mut byte).unwrap();
+        assert_eq!(byte[0], i);
+        assert!(
+            sent.elapsed() >= Duration::from_millis(30),
+            "round trip {i}: {:?}",
+            sent.elapsed()
+        );
+    }
+    // Bulk both ways, through stalls: every byte arrives, in order.
+    let data = pattern(8 << 20);
+    let writer = {
+        let mut w = out.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || w.write_all(&data).unwrap())
+    };
+    let mut back = vec![0u8; data.len()];
+    out.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == data, "the echoed stream differs from what was sent");
+    let stats = c.link_stats(slow).unwrap();
+    assert!(stats.sent > 1000 && stats.received > 1000, "{stats:?}");
+    assert!(stats.stalled > 0, "the transfer crossed a stall: {stats:?}");
+    drop(out);
+    echo.join().unwrap();
+
+    // A slow cable can still be pulled.
+    let listener = slow.enter(|| TcpListener::bind("0.0.0.0:0")).unwrap().unwrap();
+    let to = SocketAddr::from((slow.addr(), listener.local_addr().unwrap().port()));
+    let fast_listener = fast.enter(|| TcpListener::bind("0.0.0.0:0")).unwrap().unwrap();
+    let to_fast = SocketAddr::from((fast.addr(), fast_listener.local_addr().unwrap().port()));
+    c.link_down(slow).unwrap();
+    assert!(connect(&c, 0, to, Duration::from_secs(2)).is_err(), "pulled");
+    assert!(connect(&c, 1, to_fast, Duration::from_secs(2)).is_err(), "both ways");
+    // The slow host's own frames met the pulled cable.
+    assert!(c.link_stats(slow).unwrap().dropped > 0);
+    c.link_up(slow).unwrap();
+    assert!(connect(&c, 0, to, Duration::from_secs(30)).is_ok(), "plugged back in");
+    drop(listener);
+
+    let made = ours(&c);
+    drop(c);
+    let left: Vec<String> = namespaces().into_iter().filter(|n| made.contains(n)).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

@@ -22,8 +22,8 @@ use crate::place::RankPlace;
 use crate::spec::JobSpec;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
-    Checkpoint, CheckpointError, DType, JobState, Lineage, ParamLayout, Retention, S3Options, SaveReport, SaveRequest,
-    Saver, SaverConfig, SliceSpec, Store, TensorData, Which,
+    Checkpoint, CheckpointError, DType, Fence, JobState, Lineage, ParamLayout, Retention, S3Options, SaveReport,
+    SaveRequest, Saver, SaverConfig, SliceSpec, Store, TensorData, Which,
 };
 use gantry_collectives::ReduceOp;
 use gantry_sharding::manifest::TokenizerInfo;
@@ -209,19 +209,28 @@ fn model_mismatch(saved: &serde_json::Value, current: &serde_json::Value) -> Vec
 
 impl Checkpointing {
     /// Open the store and start the writer, or `None` when the spec has no `checkpoint.dir`.
-    /// `attempt` must be the same on every rank of this run.
+    /// `attempt` must be the same on every rank of this run. With a `fence` (a cluster job's
+    /// attempt), rank 0 claims the directory before anything is resumed, and no older attempt
+    /// of the job can commit there any more.
     pub fn start(
         spec: &JobSpec,
         place: &RankPlace,
         s3: &S3Options,
         attempt: &str,
+        fence: Option<Fence>,
     ) -> Result<Option<Checkpointing>, TrainError> {
         let c = &spec.checkpoint;
         if !c.enabled() {
             return Ok(None);
         }
         let store = Store::open(&c.dir, s3)?;
+        if let Some(f) = &fence
+            && place.rank == 0
+        {
+            gantry_checkpoint::fence::claim(&store, f)?;
+        }
         let mut config = SaverConfig::new(place.rank, place.layout.world(), attempt);
+        config.fence = fence;
         config.chunk_bytes = (c.chunk_mb * 1024.0 * 1024.0) as usize;
         config.commit_timeout = Duration::from_secs_f64(c.commit_timeout_s);
         config.retention = Retention {
@@ -388,6 +397,7 @@ impl Checkpointing {
         spec: &JobSpec,
         place: &RankPlace,
         s3: &S3Options,
+        fence: Option<Fence>,
         world: &mut TensorComm,
     ) -> Result<Option<Checkpointing>, TrainError> {
         if !spec.checkpoint.enabled() {
@@ -395,7 +405,7 @@ impl Checkpointing {
         }
         let mut id = [if place.rank == 0 { attempt_nonce() } else { 0.0 }];
         world.all_reduce_f64(&mut id, ReduceOp::Sum)?;
-        Checkpointing::start(spec, place, s3, &format!("{:013x}", id[0] as u64))
+        Checkpointing::start(spec, place, s3, &format!("{:013x}", id[0] as u64), fence)
     }
 
     /// Load what `checkpoint.resume` asks for (nothing, a named checkpoint, or under `auto`

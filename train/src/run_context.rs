@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// The job's id in the cluster (set by the worker); recorded in each checkpoint's lineage.
 pub const JOB_ID_ENV: &str = "GANTRY_JOB_ID";
+/// The job's attempt, counted from 1 (set by the worker): with the job id, it fences the
+/// checkpoints of attempts a later one replaced ([`gantry_checkpoint::fence`]).
+pub const ATTEMPT_ENV: &str = gantry_collectives::rank_env::ATTEMPT;
 /// `fused` (the default) or `manual`: see [`AdamImpl`].
 pub const ADAMW_ENV: &str = "GANTRY_ADAMW";
 /// Set (to anything): the first stage's TP rank 0 writes `samples-rank-<r>.jsonl`, which
@@ -29,6 +32,8 @@ pub const DATA_CACHE_ENV: &str = gantry_sharding::materialize::CACHE_ENV;
 pub struct RunContext {
     /// `GANTRY_JOB_ID`; without it, the run directory's name.
     pub job_id: Option<String>,
+    /// `GANTRY_ATTEMPT`.
+    pub attempt: Option<u32>,
     /// `GANTRY_ADAMW`.
     pub adamw: AdamImpl,
     /// `GANTRY_LOG_SAMPLES` is set.
@@ -49,8 +54,16 @@ impl RunContext {
     pub fn from_vars(lookup: impl Fn(&str) -> Option<OsString>) -> Result<RunContext, TrainError> {
         let text = |name: &str| lookup(name).and_then(|v| v.into_string().ok());
         let forced = AdamImpl::parse(text(ADAMW_ENV).as_deref()).map_err(TrainError::Device)?;
+        let attempt = text(ATTEMPT_ENV)
+            .map(|a| {
+                a.trim()
+                    .parse()
+                    .map_err(|_| TrainError::Bootstrap(format!("{ATTEMPT_ENV}=`{a}` is not a non-negative integer")))
+            })
+            .transpose()?;
         Ok(RunContext {
             job_id: text(JOB_ID_ENV),
+            attempt,
             adamw: AdamImpl::choose(forced),
             log_samples: lookup(LOG_SAMPLES_ENV).is_some(),
             progress_file: lookup(PROGRESS_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
@@ -65,6 +78,19 @@ impl RunContext {
         OpenOptions {
             cache_dir: self.data_cache.clone(),
             ..OpenOptions::for_vocab(vocab_size)
+        }
+    }
+
+    /// The checkpoint fence of a cluster job's attempt (the worker sets both variables), or
+    /// `None`: unfenced saves (a local launch).
+    pub fn fence(&self) -> Option<gantry_checkpoint::Fence> {
+        let (job, attempt) = (self.job_id.as_deref()?, self.attempt?);
+        match gantry_checkpoint::Fence::new(job, attempt) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("checkpoints are not fenced: {e}");
+                None
+            }
         }
     }
 
@@ -101,6 +127,7 @@ mod tests {
     fn every_variable_becomes_a_field() {
         let c = context(&[
             (JOB_ID_ENV, "12"),
+            (ATTEMPT_ENV, "3"),
             (ADAMW_ENV, "manual"),
             (LOG_SAMPLES_ENV, ""),
             (PROGRESS_FILE_ENV, "/state/rank-3.progress.json"),
@@ -108,6 +135,19 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.job_id_or_dir(Path::new("runs/x")), "12");
+        assert_eq!(c.fence(), Some(gantry_checkpoint::Fence::new("12", 3).unwrap()));
+        assert_eq!(
+            context(&[(JOB_ID_ENV, "12")]).unwrap().fence(),
+            None,
+            "no attempt: unfenced"
+        );
+        assert_eq!(
+            context(&[(ATTEMPT_ENV, "3")]).unwrap().fence(),
+            None,
+            "no job: unfenced"
+        );
+        let e = context(&[(ATTEMPT_ENV, "x")]).unwrap_err().to_string();
+        assert!(e.contains("GANTRY_ATTEMPT=`x`"), "{e}");
         assert_eq!(c.adamw, AdamImpl::Manual);
         // Set to anything, even empty, turns the samples log on.
         assert!(c.log_samples);

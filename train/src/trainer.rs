@@ -52,7 +52,7 @@ pub fn train_observed(
     check_place(fabric, place)?;
     spec.validate(place.layout.world())?;
     let mut rank = Rank::build(spec, fabric, place, context)?;
-    let mut ckpt = Checkpointing::start_agreed(spec, place, &context.s3, &mut rank.comms.world)?;
+    let mut ckpt = Checkpointing::start_agreed(spec, place, &context.s3, context.fence(), &mut rank.comms.world)?;
     let resumed = match &ckpt {
         Some(c) => rank.resume(c)?,
         None => None,

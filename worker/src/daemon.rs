@@ -9,6 +9,7 @@ use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::launch::LaunchContext;
 use crate::metrics::Metrics;
+use crate::reconcile::RankKey;
 use crate::resources;
 use crate::server::{self, LogService, ServerConfig};
 use crate::supervisor::{Event, LiveRanks, Supervisor, SupervisorConfig};
@@ -31,7 +32,8 @@ type Client = ClusterClient<InterceptedService<Channel, AddToken>>;
 type InFlight = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
 const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1000);
-/// Bound on one register or heartbeat call (a dead coordinator behind a live TCP path).
+/// Bound on one register or heartbeat call (a dead coordinator behind a live TCP path), until
+/// the coordinator's heartbeat deadline is known; then a third of it (see [`Pacing`]).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -44,11 +46,47 @@ enum Reply {
     Heartbeat(Result<HeartbeatReply, Status>, Duration),
 }
 
-async fn call<T>(fut: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
-    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+async fn call<T>(limit: Duration, fut: impl Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
+    match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map(tonic::Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {CALL_TIMEOUT:?}"))),
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {limit:?}"))),
     }
+}
+
+/// How long one call may take and how long to back off between failed ones, from the
+/// coordinator's heartbeat deadline. After the network heals, a worker must be heard again
+/// before what is left of its deadline runs out (the coordinator credits everyone the time it
+/// heard nobody, then counts again), so a call stuck on a dead path must give up, and the
+/// next one start, well within a deadline: a third of it per call, a quarter at most between
+/// calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pacing {
+    call_timeout: Duration,
+    backoff_max: Duration,
+}
+
+impl Pacing {
+    /// Before registering (the deadline is not known yet), or for a coordinator that did not
+    /// say (`deadline_ms` 0).
+    fn for_deadline(deadline_ms: u32) -> Pacing {
+        if deadline_ms == 0 {
+            return Pacing {
+                call_timeout: CALL_TIMEOUT,
+                backoff_max: BACKOFF_MAX,
+            };
+        }
+        let deadline = Duration::from_millis(u64::from(deadline_ms));
+        Pacing {
+            call_timeout: (deadline / 3).clamp(Duration::from_secs(1), CALL_TIMEOUT),
+            backoff_max: (deadline / 4).clamp(BACKOFF_START, BACKOFF_MAX),
+        }
+    }
+}
+
+/// A client of the coordinator on a fresh, lazily connected channel.
+fn client(config: &WorkerConfig) -> Result<Client, WorkerError> {
+    let channel = auth::channel(&config.coordinator, &config.tls)?;
+    Ok(ClusterClient::with_interceptor(channel, AddToken::new(&config.token)?))
 }
 
 /// Runs the worker daemon until `shutdown` completes, serving its log service and `/metrics`
@@ -138,8 +176,7 @@ async fn prepare(mut config: WorkerConfig, bound: SocketAddr) -> Result<(Daemon,
         port_range_start: u32::from(config.port_range.0),
         port_range_end: u32::from(config.port_range.1),
     };
-    let channel = auth::channel(&config.coordinator, &config.tls)?;
-    let client = ClusterClient::with_interceptor(channel, AddToken::new(&config.token)?);
+    let client = client(&config)?;
     let launch = LaunchContext {
         state_dir: config.state_dir.clone(),
         rank_program: config.rank_program.clone(),
@@ -166,8 +203,10 @@ async fn prepare(mut config: WorkerConfig, bound: SocketAddr) -> Result<(Daemon,
         ever_registered: false,
         disconnected_at: None,
         interval: DEFAULT_HEARTBEAT,
+        pacing: Pacing::for_deadline(0),
         backoff: BACKOFF_START,
         exit_pending: false,
+        finals_in_flight: Vec::new(),
     };
     Ok((daemon, server_config))
 }
@@ -189,9 +228,12 @@ struct Daemon {
     /// Start of the current stretch without the coordinator (for the reconnect log line).
     disconnected_at: Option<Instant>,
     interval: Duration,
+    pacing: Pacing,
     backoff: Duration,
     /// A rank exited since the last report was sent.
     exit_pending: bool,
+    /// Ranks whose final state the call in flight reports (acknowledged by its reply).
+    finals_in_flight: Vec<RankKey>,
 }
 
 impl Daemon {
@@ -250,7 +292,9 @@ impl Daemon {
     async fn next_call(&mut self) -> InFlight {
         let ranks = self.supervisor.reports().await;
         self.exit_pending = false;
+        self.finals_in_flight = Supervisor::finals(&ranks);
         let mut client = self.client.clone();
+        let limit = self.pacing.call_timeout;
         if self.registered {
             let request = HeartbeatRequest {
                 worker: self.resources.name.clone(),
@@ -258,7 +302,7 @@ impl Daemon {
             };
             return Box::pin(async move {
                 let started = Instant::now();
-                let reply = call(client.heartbeat(request)).await;
+                let reply = call(limit, client.heartbeat(request)).await;
                 Reply::Heartbeat(reply, started.elapsed())
             });
         }
@@ -266,7 +310,7 @@ impl Daemon {
             resources: Some(self.current_resources().await),
             ranks,
         };
-        Box::pin(async move { Reply::Register(call(client.register(request)).await) })
+        Box::pin(async move { Reply::Register(call(limit, client.register(request)).await) })
     }
 
     /// Handles a reply; returns how long to wait before the next call.
@@ -278,6 +322,7 @@ impl Daemon {
                     // A floor so a misconfigured coordinator cannot make this loop spin.
                     ms => Duration::from_millis(u64::from(ms)).max(Duration::from_millis(10)),
                 };
+                self.pacing = Pacing::for_deadline(reply.heartbeat_deadline_ms);
                 let r = &self.resources;
                 match self.disconnected_at.take() {
                     Some(since) if self.ever_registered => tracing::info!(
@@ -295,6 +340,7 @@ impl Daemon {
                 self.registered = true;
                 self.ever_registered = true;
                 self.connected();
+                self.supervisor.delivered(&std::mem::take(&mut self.finals_in_flight));
                 self.supervisor.apply(&reply.desired).await;
                 Ok(self.until_next_heartbeat())
             }
@@ -309,6 +355,7 @@ impl Daemon {
                     self.registered = false;
                     return Ok(Duration::ZERO);
                 }
+                self.supervisor.delivered(&std::mem::take(&mut self.finals_in_flight));
                 self.supervisor.apply(&reply.desired).await;
                 Ok(self.until_next_heartbeat())
             }
@@ -341,11 +388,20 @@ impl Daemon {
         self.backoff = BACKOFF_START;
     }
 
-    /// Records a failed call; returns the backoff before the next one. Ranks keep running.
+    /// Records a failed call; returns the backoff before the next one. Ranks keep running: a
+    /// coordinator out of reach does not stop training (if the coordinator gave this worker
+    /// up meanwhile, it says so on reconnection and the reconciliation stops those ranks).
     fn failed(&mut self, status: &Status) -> Duration {
         self.metrics.heartbeat_failed();
         self.metrics.set_connected(false);
         self.registered = false;
+        // The next call dials afresh: a connection that went quiet (a pulled cable) can take
+        // TCP's backed-off retransmissions tens of seconds to come back after the network
+        // does, while a new one connects at once.
+        match client(&self.config) {
+            Ok(fresh) => self.client = fresh,
+            Err(e) => tracing::debug!("keeping the old coordinator channel: {e}"),
+        }
         if self.disconnected_at.is_none() {
             self.disconnected_at = Some(Instant::now());
             tracing::warn!(
@@ -358,8 +414,8 @@ impl Daemon {
         } else {
             tracing::debug!(code = ?status.code(), "coordinator still unreachable: {}", status.message());
         }
-        let wait = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let wait = self.backoff.min(self.pacing.backoff_max);
+        self.backoff = (self.backoff * 2).min(self.pacing.backoff_max);
         wait
     }
 
@@ -423,5 +479,39 @@ impl Daemon {
             ranks,
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.heartbeat(request)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_fits_inside_the_deadline() {
+        let unknown = Pacing::for_deadline(0);
+        assert_eq!((unknown.call_timeout, unknown.backoff_max), (CALL_TIMEOUT, BACKOFF_MAX));
+        let default = Pacing::for_deadline(10_000);
+        assert_eq!(default.call_timeout, Duration::from_secs(10) / 3);
+        assert_eq!(default.backoff_max, BACKOFF_MAX);
+        let short = Pacing::for_deadline(3_000);
+        assert_eq!(
+            (short.call_timeout, short.backoff_max),
+            (Duration::from_secs(1), Duration::from_millis(750))
+        );
+        let long = Pacing::for_deadline(600_000);
+        assert_eq!((long.call_timeout, long.backoff_max), (CALL_TIMEOUT, BACKOFF_MAX));
+        let tiny = Pacing::for_deadline(100);
+        assert_eq!(
+            (tiny.call_timeout, tiny.backoff_max),
+            (Duration::from_secs(1), BACKOFF_START)
+        );
+        // From 3 s up, one stuck call plus the longest backoff ends before the deadline does.
+        for ms in [3_000u32, 5_000, 10_000, 30_000, 120_000] {
+            let p = Pacing::for_deadline(ms);
+            assert!(
+                p.call_timeout + p.backoff_max < Duration::from_millis(u64::from(ms)),
+                "{ms}: {p:?}"
+            );
+        }
     }
 }

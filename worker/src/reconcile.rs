@@ -7,7 +7,9 @@
 //!   missed the exit learns about it instead of getting a silent second run;
 //! - a running rank that is no longer desired is stopped (once; a rank already being
 //!   stopped is left to its grace period);
-//! - an exited rank that is no longer desired is forgotten;
+//! - an exited rank that is no longer desired is forgotten, once a coordinator has had its
+//!   exit: a rank that ends while a call is in flight (a stale rank being stopped after a
+//!   partition) is still reported, so its end is recorded rather than lost;
 //! - a desired rank this worker started before but has since forgotten is refused (the
 //!   caller records it as failed to start) rather than run twice or ignored, so the
 //!   coordinator always hears back about every rank it asks for.
@@ -35,8 +37,10 @@ pub enum Phase {
     Running,
     /// SIGTERM sent, waiting for the exit (SIGKILL follows after the grace period).
     Stopping,
-    /// Exited, or never started (failed to start): final.
+    /// Exited, or never started (failed to start): final, and a coordinator has had it.
     Done,
+    /// Final, but no reply has acknowledged a report of it yet: kept, desired or not.
+    Unreported,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,7 +72,7 @@ pub fn reconcile(desired: &BTreeSet<RankKey>, known: &BTreeMap<RankKey, Phase>, 
         }
         match phase {
             Phase::Running => plan.stop.push(*key),
-            Phase::Stopping => {}
+            Phase::Stopping | Phase::Unreported => {}
             Phase::Done => plan.forget.push(*key),
         }
     }
@@ -161,7 +165,13 @@ mod tests {
     #[test]
     fn every_case_of_one_rank() {
         let key = k(3, 1, 0);
-        let phases = [None, Some(Phase::Running), Some(Phase::Stopping), Some(Phase::Done)];
+        let phases = [
+            None,
+            Some(Phase::Running),
+            Some(Phase::Stopping),
+            Some(Phase::Done),
+            Some(Phase::Unreported),
+        ];
         for is_desired in [false, true] {
             for phase in phases {
                 // A known rank was necessarily started; only unknown ranks vary here.
@@ -199,6 +209,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_undesired_exit_is_kept_until_a_coordinator_has_had_it() {
+        let state = known(&[(k(1, 1, 0), Phase::Unreported), (k(1, 1, 1), Phase::Done)]);
+        let started = set(&[k(1, 1, 0), k(1, 1, 1)]);
+        let plan = reconcile(&set(&[]), &state, &started);
+        assert_eq!(plan.forget, vec![k(1, 1, 1)]);
+        assert!(plan.start.is_empty() && plan.stop.is_empty() && plan.refuse.is_empty());
     }
 
     #[test]

@@ -90,6 +90,8 @@ struct Entry {
     stats_final: bool,
     /// The peer rank a failed rank's last error names (read with the final stats).
     blamed: Option<u32>,
+    /// A coordinator acknowledged a report of its final state (exited, failed to start).
+    delivered: bool,
 }
 
 /// Something that happened to the ranks; the daemon heartbeats promptly after an exit.
@@ -181,7 +183,39 @@ impl Supervisor {
             RankState::Running { kill_at: Some(_), .. } => Phase::Stopping,
             RankState::Exited { .. } | RankState::FailedToStart { .. } => Phase::Done,
         };
-        self.ranks.iter().map(|(k, e)| (*k, phase(&e.state))).collect()
+        self.ranks
+            .iter()
+            .map(|(k, e)| match phase(&e.state) {
+                Phase::Done if !e.delivered => (*k, Phase::Unreported),
+                p => (*k, p),
+            })
+            .collect()
+    }
+
+    /// The ranks whose final state (exited, failed to start) `reports` carry: once a
+    /// coordinator has answered the call that sent them, pass them to [`Supervisor::delivered`].
+    pub fn finals(reports: &[RankReport]) -> Vec<RankKey> {
+        reports
+            .iter()
+            .filter(|r| matches!(r.state(), WireState::Exited | WireState::FailedToStart))
+            .map(|r| RankKey {
+                job: r.job,
+                attempt: r.attempt,
+                rank: r.rank,
+            })
+            .collect()
+    }
+
+    /// A coordinator acknowledged a call carrying these ranks' final states: those no longer
+    /// desired may now be forgotten.
+    pub fn delivered(&mut self, keys: &[RankKey]) {
+        for key in keys {
+            if let Some(e) = self.ranks.get_mut(key)
+                && !matches!(e.state, RankState::Running { .. })
+            {
+                e.delivered = true;
+            }
+        }
     }
 
     fn insert(&mut self, key: RankKey, state: RankState) {
@@ -193,6 +227,7 @@ impl Supervisor {
                 stats: None,
                 stats_final,
                 blamed: None,
+                delivered: false,
             },
         );
     }
@@ -340,6 +375,7 @@ impl Supervisor {
                 message,
             };
             entry.stats_final = false;
+            entry.delivered = false;
         }
         self.metrics.set_ranks_running(self.running());
         Event::Exited(key)

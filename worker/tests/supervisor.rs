@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use gantry_coordinator::proto::RankState as WireState;
 use gantry_worker::launch::{log_path, progress_path, run_dir};
-use gantry_worker::{Event, RankState};
+use gantry_worker::{Event, RankState, Supervisor};
 use std::time::Duration;
 
 const GRACE: Duration = Duration::from_secs(10);
@@ -314,13 +314,26 @@ async fn reconciling_starts_once_never_restarts_and_forgets() {
     h.supervisor.apply(&[a_done.clone(), a_long.clone()]).await;
     let runs = run_dir(&h.state_dir(), 5, 1).join("runs.txt");
     assert_eq!(read(&runs), "run\n");
-    assert_eq!(h.supervisor.reports().await.len(), 2);
+    let reports = h.supervisor.reports().await;
+    assert_eq!(reports.len(), 2);
 
-    // No longer desired: the running one is stopped, the exited one forgotten.
+    // No longer desired: the running one is stopped; the exited one is kept until a
+    // coordinator has acknowledged a report of its exit, then forgotten.
+    h.supervisor.apply(&[]).await;
+    assert!(h.supervisor.state(done).is_some(), "its exit was never acknowledged");
+    h.supervisor.delivered(&Supervisor::finals(&reports));
     h.supervisor.apply(&[]).await;
     assert!(h.supervisor.state(done).is_none());
     let state = wait_exit(&mut h.supervisor, long).await;
     assert!(matches!(state, RankState::Exited { stopped: true, .. }), "{state:?}");
+    h.supervisor.apply(&[]).await;
+    let reports = h.supervisor.reports().await;
+    assert_eq!(
+        reports.len(),
+        1,
+        "the stopped rank's exit is reported before it is forgotten"
+    );
+    h.supervisor.delivered(&Supervisor::finals(&reports));
     h.supervisor.apply(&[]).await;
     assert!(h.supervisor.reports().await.is_empty());
 

@@ -9,7 +9,9 @@
 //!
 //! Environment: `RANK`, `WORLD_SIZE` (must be 3, the test model's), `CKPT_URL`,
 //! `CKPT_ATTEMPT` (the same on every rank of a run), `CKPT_STEPS`, optional `CKPT_KEEP_LAST`
-//! and `CKPT_KEEP_EVERY` (retention). For `s3://` roots the store reads the standard
+//! and `CKPT_KEEP_EVERY` (retention), `CKPT_FENCE=JOB/ATTEMPT` (a fenced save: rank 0 claims
+//! the root before resuming; tests/fence.rs) and `CKPT_GO_FILE` (after resuming, print
+//! `waiting` and wait until that file exists before saving). For `s3://` roots the store reads the standard
 //! `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`.
 //!
 //! A failure prints `ERROR <message>` and exits with status 3.
@@ -18,8 +20,8 @@
 mod pattern;
 
 use gantry_checkpoint::{
-    Checkpoint, CheckpointError, Retention, S3Options, SaveRequest, Saver, SaverConfig, Store, StoreConfig, TensorData,
-    Which,
+    Checkpoint, CheckpointError, Fence, Retention, S3Options, SaveRequest, Saver, SaverConfig, Store, StoreConfig,
+    TensorData, Which, fence,
 };
 use std::io::Write;
 use std::time::Duration;
@@ -96,11 +98,32 @@ fn main() {
     };
     let store = Store::open_with(&url, &S3Options::with_environment(std::env::vars_os()), config)
         .unwrap_or_else(|e| fail(format!("opening {url}: {e}")));
+    let fence = std::env::var("CKPT_FENCE").ok().map(|v| {
+        let (job, attempt) = v
+            .split_once('/')
+            .unwrap_or_else(|| fail(format!("CKPT_FENCE={v:?} is not JOB/ATTEMPT")));
+        let attempt = attempt
+            .parse()
+            .unwrap_or_else(|_| fail(format!("CKPT_FENCE={v:?}: the attempt is not a number")));
+        Fence::new(job, attempt).unwrap_or_else(|e| fail(e))
+    });
+    if let Some(f) = &fence
+        && rank == 0
+    {
+        fence::claim(&store, f).unwrap_or_else(|e| fail(e));
+    }
 
     let resumed = resume(&store, rank);
     say(format!("resumed {resumed}"));
+    if let Ok(go) = std::env::var("CKPT_GO_FILE") {
+        say("waiting".to_string());
+        while !std::path::Path::new(&go).exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     let mut saver_config = SaverConfig::new(rank, world, &attempt);
+    saver_config.fence = fence;
     saver_config.chunk_bytes = pattern::CRASH_CHUNK_BYTES;
     saver_config.poll = Duration::from_millis(10);
     saver_config.commit_timeout = Duration::from_secs(120);

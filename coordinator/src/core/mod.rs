@@ -16,12 +16,17 @@
 //! - A rank exiting non-zero (or failing to start), or its worker missing heartbeats past
 //!   the deadline, ends the attempt: every rank of the job is stopped and the job is queued
 //!   again (resuming from its latest checkpoint) until `max_restarts` is spent.
+//! - A silent worker is lost only while the coordinator hears the others: with every worker
+//!   silent at once the coordinator takes itself to be the one cut off, declares nobody lost
+//!   and, once workers are heard again, credits them the time nobody could be heard (see
+//!   [`hearing`]). Running ranks never needed the coordinator, so they train on meanwhile.
 //! - Elastic jobs restarting after a failure take the largest data-parallel degree that fits
 //!   (a divisor of the requested one, at least `min_dp`), and grow back on later restarts.
 //! - A failed rank whose error names a peer rank as dead blames that peer: the restart
 //!   reason names the peer's rank and worker, and the peer's worker is suspected, not
 //!   placeable until heard from or lost (see [`suspect`]). One lost worker costs one restart.
 
+pub mod hearing;
 pub mod model;
 pub mod placement;
 mod queue;
@@ -29,6 +34,7 @@ pub mod suspect;
 
 pub use model::*;
 
+use hearing::{Hearing, Verdict};
 use placement::Shape;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use suspect::Suspects;
@@ -73,6 +79,8 @@ pub struct Scheduler {
     dirty_workers: BTreeSet<String>,
     /// Workers a peer-death report named; not placeable until heard from or lost.
     suspects: Suspects,
+    /// Whether any worker is heard at all (a coordinator cut off loses nobody).
+    hearing: Hearing,
 }
 
 /// A limit on job size that keeps a hostile request from allocating the world.
@@ -97,6 +105,7 @@ impl Scheduler {
             dirty_jobs: BTreeSet::new(),
             dirty_workers: BTreeSet::new(),
             suspects: Suspects::default(),
+            hearing: Hearing::new(now_ms),
         };
         for mut w in workers {
             w.last_heartbeat_ms = now_ms;
@@ -191,7 +200,7 @@ impl Scheduler {
         );
         self.dirty_workers.insert(name.clone());
         let mut actions = Vec::new();
-        self.heard_from(&name, &mut actions);
+        self.heard_from(now_ms, &name, &mut actions);
         let reported: BTreeSet<(JobId, u32, u32)> = running.iter().map(|r| (r.job, r.attempt, r.rank)).collect();
         for r in running {
             self.apply_report(now_ms, &name, r, &mut actions);
@@ -227,7 +236,7 @@ impl Scheduler {
         }
         w.last_heartbeat_ms = now_ms;
         let mut actions = Vec::new();
-        self.heard_from(worker, &mut actions);
+        self.heard_from(now_ms, worker, &mut actions);
         for r in reports {
             self.apply_report(now_ms, worker, r, &mut actions);
         }
@@ -327,10 +336,19 @@ impl Scheduler {
         Ok(actions)
     }
 
-    /// Timer: declare silent workers lost (restarting their jobs) and retry the queue.
+    /// Timer: declare silent workers lost (restarting their jobs) and retry the queue. While
+    /// no worker at all is heard, nobody is declared lost (see [`hearing`]).
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
         let mut actions = Vec::new();
         let deadline = self.config.heartbeat_deadline_ms;
+        let alive = self.workers.values().filter(|w| w.alive).count();
+        if let Verdict::Isolated { silent_ms, newly } = self.hearing.tick(now_ms, deadline, alive) {
+            if newly {
+                actions.push(Action::Isolated { silent_ms, alive });
+            }
+            self.schedule(now_ms, &mut actions);
+            return actions;
+        }
         let lost: Vec<(String, u64)> = self
             .workers
             .values()
@@ -492,8 +510,18 @@ impl Scheduler {
         )
     }
 
-    /// `worker` was heard from: it is alive, whatever a peer's report said.
-    fn heard_from(&mut self, worker: &str, actions: &mut Vec<Action>) {
+    /// `worker` was heard from: it is alive, whatever a peer's report said. The first worker
+    /// heard after an isolation credits every live worker the time nobody could be heard.
+    fn heard_from(&mut self, now_ms: u64, worker: &str, actions: &mut Vec<Action>) {
+        if let Some(credit) = self.hearing.heard(now_ms) {
+            for w in self.workers.values_mut().filter(|w| w.alive) {
+                w.last_heartbeat_ms = w.last_heartbeat_ms.saturating_add(credit).min(now_ms);
+            }
+            actions.push(Action::HeardAgain {
+                worker: worker.to_string(),
+                silent_ms: credit,
+            });
+        }
         if self.suspects.heard_from(worker).is_some() {
             actions.push(Action::ClearSuspicion {
                 worker: worker.to_string(),

@@ -257,6 +257,18 @@ pub enum Action {
         worker: String,
         silent_ms: u64,
     },
+    /// No worker heard for `silent_ms` while `alive` were expected: the coordinator takes
+    /// itself to be cut off and declares nobody lost until workers are heard again.
+    Isolated {
+        silent_ms: u64,
+        alive: usize,
+    },
+    /// `worker` was the first heard after an isolation of `silent_ms`: every live worker's
+    /// silence is credited that much.
+    HeardAgain {
+        worker: String,
+        silent_ms: u64,
+    },
     /// A failed rank of `job` named `rank`, which runs on `worker`, as failed: no new ranks
     /// go to `worker` until it is heard from or declared lost.
     SuspectWorker {

@@ -18,7 +18,9 @@
 //!   enter the network namespace only: sockets they make stay there (proxies, probes).
 //! - Link conditions: [`Cluster::link_down`] / [`Cluster::link_up`] pull and replug a host's
 //!   cable (the switch end: a partition), [`Cluster::set_rate`] shapes both directions with
-//!   `tc tbf`. (This kernel has no `netem`: delay and loss belong in a user-space proxy.)
+//!   `tc tbf`. This kernel has no `netem`, so [`Cluster::slow_link`] makes a cable slow in
+//!   user space: TAP devices at both ends and this process relaying the frames between them
+//!   late by a seeded [`delay::DelaySchedule`] (delay, jitter, periodic stalls).
 //! - Cleanup: dropping the [`Cluster`] deletes its namespaces (the veths and bridge go with
 //!   them). A test killed outright is covered twice: a watchdog process outside the test's
 //!   process group deletes them once the test's pid is gone, and every new instance first
@@ -27,10 +29,14 @@
 //!   returns [`NetnsError::Unavailable`]; [`start_or_skip`] turns that into one line and a
 //!   skip, or a failure in CI.
 
+pub mod delay;
 pub mod names;
 mod process;
+mod slow_link;
 
+pub use delay::LinkProfile;
 pub use process::HostProcess;
+pub use slow_link::LinkStats;
 
 use names::{NsName, Owner, Role};
 use std::collections::BTreeSet;
@@ -38,6 +44,7 @@ use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
 /// Where `ip netns add` mounts namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -126,6 +133,8 @@ pub struct Cluster {
     /// Namespaces made so far, the switch first: what `Drop` deletes.
     made: Vec<String>,
     watchdog: Option<Child>,
+    /// Slow cables by host name; stopped (their TAP devices gone) before the namespaces go.
+    slow: Mutex<Vec<(String, slow_link::SlowLink)>>,
 }
 
 impl Cluster {
@@ -159,6 +168,7 @@ impl Cluster {
             hosts: Vec::new(),
             made: Vec::new(),
             watchdog: None,
+            slow: Mutex::default(),
         };
         // The first namespace tells whether this machine can make them at all.
         cluster.add_namespace(&cluster.switch.clone()).map_err(unavailable)?;
@@ -236,6 +246,61 @@ impl Cluster {
         Ok(())
     }
 
+    /// Make `host`'s cable slow per `profile`, in both directions and for every connection
+    /// of the host: its veth pair is replaced by a TAP device at each end (`eth0` in the
+    /// host, its port on the bridge), and this process relays the frames between them, late
+    /// by a [`delay::DelaySchedule`]. Connections open across the swap are cut (their packets
+    /// meet a missing device for a moment); do it before starting anything on the host.
+    /// [`Cluster::link_down`], [`Cluster::link_up`] and [`Cluster::set_rate`] keep working.
+    /// Without `/dev/net/tun` this returns [`NetnsError::Unavailable`] and changes nothing.
+    pub fn slow_link(&self, host: &Host, profile: LinkProfile) -> Result<(), NetnsError> {
+        profile.check().map_err(NetnsError::BadSpec)?;
+        let mut slow = self.slow_links();
+        if slow.iter().any(|(h, _)| *h == host.hostname) {
+            return Err(NetnsError::BadSpec(format!(
+                "host {} already has a slow link",
+                host.hostname
+            )));
+        }
+        // Before pulling the veth: a machine without TAP devices keeps its cluster whole.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| NetnsError::Unavailable(format!("cannot open /dev/net/tun for a slow link: {e}")))?;
+        let (sw, ns) = (self.switch.as_str(), host.netns.as_str());
+        // Deleting the switch end deletes the pair: the host's eth0 goes with it.
+        ip(&["-n", sw, "link", "del", &host.port])?;
+        let tap = |netns: &str, name: &str| {
+            let what = format!("making TAP device {name} in {netns}");
+            process::in_namespace(&format!("{NETNS_DIR}/{netns}"), || slow_link::open_tap(name))
+                .and_then(|made| made)
+                .map_err(io_error(what))
+        };
+        let host_end = tap(ns, HOST_IF)?;
+        let switch_end = tap(sw, &host.port)?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/24", host.addr), "dev", HOST_IF])?;
+        ip(&["-n", ns, "link", "set", HOST_IF, "up"])?;
+        ip(&["-n", sw, "link", "set", &host.port, "master", BRIDGE, "up"])?;
+        let link = slow_link::SlowLink::start(host_end, switch_end, profile)
+            .map_err(io_error(format!("starting the slow link of host {}", host.hostname)))?;
+        slow.push((host.hostname.clone(), link));
+        Ok(())
+    }
+
+    /// What `host`'s slow link relayed so far; `None` when its cable is not slow.
+    pub fn link_stats(&self, host: &Host) -> Option<LinkStats> {
+        self.slow_links()
+            .iter()
+            .find(|(h, _)| *h == host.hostname)
+            .map(|(_, l)| l.stats())
+    }
+
+    fn slow_links(&self) -> MutexGuard<'_, Vec<(String, slow_link::SlowLink)>> {
+        // A panicking test thread must not keep the cluster from cleaning up.
+        self.slow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn add_namespace(&mut self, netns: &str) -> Result<(), NetnsError> {
         ip(&["netns", "add", netns])?;
         self.made.push(netns.to_string());
@@ -290,6 +355,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Relays first: their TAP devices go with their files.
+        self.slow_links().clear();
         // The switch first: deleting it takes every veth pair (both ends) and the bridge,
         // even if a process still holds a host's namespace open.
         for netns in &self.made {
