@@ -161,9 +161,14 @@ fn dp2_tp2_over_two_hosts_matches_one_host() {
     assert_eq!(want.len(), 20, "reference steps");
 
     let daemons = Daemons::start(&cluster, &dir);
+    // The coordinator may not be listening yet: a failed call is "not yet", not a failure.
     daemons.wait_for("both workers alive", &dir, Duration::from_secs(60), |d| {
-        let w = d.json(&["workers"]);
-        w.as_array().unwrap().iter().filter(|w| w["alive"] == true).count() == 2
+        let out = d.cli(&["workers", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|w| w.as_array().map(|w| w.iter().filter(|w| w["alive"] == true).count()))
+                == Some(2)
     });
     // Each worker registered with its own host's name and address.
     let workers = daemons.json(&["workers"]);
