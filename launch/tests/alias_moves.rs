@@ -9,12 +9,13 @@
 
 mod common;
 
+use common::registry::{RegistryProcess, serve_registry, shakespeare_dataset};
 use common::{GANTRY, Reply, http, post_json, text};
 use gantry_registry::split::{mirrors, pick, sticky_draw};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,64 +46,16 @@ threads = 1
 every = 10
 "#;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path, extra: &[&str]) -> Server {
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("write {WRITE}\n")).unwrap();
-    let mut child = Command::new(GANTRY)
-        .args([
-            "registry",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--batch-slots",
-            "4",
-            "--db",
-        ])
-        .arg(dir.join("registry.redb"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = common::listening_address(&mut child).expect("the registry announces its address");
-    Server { child, addr }
+fn serve(dir: &Path, extra: &[&str]) -> RegistryProcess {
+    let mut flags = vec!["--batch-slots", "4"];
+    flags.extend_from_slice(extra);
+    serve_registry(dir, "registry", &format!("write {WRITE}\n"), &flags)
 }
 
 /// Train the tiny model on tinyshakespeare (byte-level BPE of 512) and return its checkpoint
 /// root (steps 10 and 20).
 fn train(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/tinyshakespeare.txt");
-    let data = dir.join("ts");
-    let prep = Command::new(GANTRY)
-        .args([
-            "data",
-            "prepare",
-            "--vocab-size",
-            "512",
-            "--split-by",
-            "blank-line",
-            "--input",
-        ])
-        .arg(&source)
-        .arg("--output")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(prep.status.success(), "{}", text(&prep));
+    let data = shakespeare_dataset(dir);
     let spec = dir.join("job.toml");
     std::fs::write(&spec, format!("{SPEC}[data]\npath = \"{}\"\n", data.display())).unwrap();
     let ckpt = dir.join("ckpt");
