@@ -78,6 +78,12 @@ pub struct StoreConfig {
     pub part_size: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// How long the S3 client itself retries one failed request (connection refused, 5xx,
+    /// dropped body) before the caller sees the error. `None`: object_store's own default
+    /// (10 tries within 3 minutes, silently), right for callers with no retry layer of their
+    /// own. Callers that retry above it and log each wait (the data streamer) set a short one,
+    /// so an outage shows in their logs within seconds instead of minutes.
+    pub request_retry_timeout: Option<std::time::Duration>,
 }
 
 impl Default for StoreConfig {
@@ -86,6 +92,7 @@ impl Default for StoreConfig {
             multipart_threshold: 32 << 20,
             part_size: 16 << 20,
             concurrency: 8,
+            request_retry_timeout: None,
         }
     }
 }
@@ -150,7 +157,12 @@ fn split_parts(data: &[Bytes], part_size: usize) -> Vec<Vec<Bytes>> {
 
 /// The S3 client for `bucket`. Fields of `s3` win; unless `configured_only`, its `environment`
 /// fills the rest, as `AmazonS3Builder::from_env` would from the process environment.
-fn s3_client(url: &str, bucket: &str, s3: &S3Options) -> Result<AmazonS3, CheckpointError> {
+fn s3_client(
+    url: &str,
+    bucket: &str,
+    s3: &S3Options,
+    retry_timeout: Option<std::time::Duration>,
+) -> Result<AmazonS3, CheckpointError> {
     if s3.configured_only && (s3.endpoint.is_none() || s3.access_key.is_none() || s3.secret_key.is_none()) {
         return Err(bad(
             url,
@@ -188,6 +200,18 @@ fn s3_client(url: &str, bucket: &str, s3: &S3Options) -> Result<AmazonS3, Checkp
     }
     if let Some(k) = &s3.secret_key {
         b = b.with_secret_access_key(k);
+    }
+    if let Some(timeout) = retry_timeout {
+        let backoff = object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(50),
+            max_backoff: timeout / 4,
+            base: 2.0,
+        };
+        b = b.with_retry(object_store::RetryConfig {
+            backoff,
+            max_retries: 3,
+            retry_timeout: timeout,
+        });
     }
     b.build().map_err(|e| bad(url, e.to_string()))
 }
@@ -232,7 +256,7 @@ impl Store {
             .map_err(|e| bad(&shown, format!("cannot start I/O runtime: {e}")))?;
         let (inner, root, local): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) = match resolved {
             StorageLocation::S3 { bucket, prefix } => {
-                let store = s3_client(&shown, &bucket, s3)?;
+                let store = s3_client(&shown, &bucket, s3, config.request_retry_timeout)?;
                 let root = Path::parse(&prefix).map_err(|e| bad(&shown, e.to_string()))?;
                 (Arc::new(store), root, None)
             }

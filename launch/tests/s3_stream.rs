@@ -349,20 +349,34 @@ fn the_s3_server_stopped_mid_run_and_started_again_changes_nothing() {
         assert!(started.elapsed() < Duration::from_secs(60), "no step 4 after 60 s");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // Keep it down until the ranks have met it (a quarter budget must fetch again before the
+    // end) and retried; the fetcher's own client gives up on a request within seconds, so the
+    // retry layer's log shows the outage long before its 300 s deadline.
     server.down();
-    std::thread::sleep(Duration::from_secs(3));
+    let rank_logs = || -> String {
+        (0..2)
+            .map(|r| std::fs::read_to_string(run.join(format!("logs/rank-{r}.log"))).unwrap_or_default())
+            .collect()
+    };
+    let down_since = Instant::now();
+    while !rank_logs().contains("S3 request failed; retrying") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended without meeting the stopped server: {}",
+            rank_logs()
+        );
+        assert!(
+            down_since.elapsed() < Duration::from_secs(60),
+            "no retry logged in 60 s without a server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     let stalled_at = steps_done(&run);
     server.up();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(stalled_at < 20, "the run went on without S3: it did not need it");
-    let logs: String = (0..2)
-        .map(|r| std::fs::read_to_string(run.join(format!("logs/rank-{r}.log"))).unwrap())
-        .collect();
-    assert!(
-        logs.contains("S3 request failed; retrying"),
-        "the ranks met the stopped server and retried"
-    );
     assert_eq!(
         figures(&from_local),
         figures(&run),

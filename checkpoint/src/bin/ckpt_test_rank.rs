@@ -95,6 +95,7 @@ fn main() {
         multipart_threshold: 1 << 20,
         part_size: 5 << 20,
         concurrency: 4,
+        ..StoreConfig::default()
     };
     let store = Store::open_with(&url, &S3Options::with_environment(std::env::vars_os()), config)
         .unwrap_or_else(|e| fail(format!("opening {url}: {e}")));

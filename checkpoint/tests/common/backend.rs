@@ -90,6 +90,7 @@ pub fn small_parts() -> StoreConfig {
         multipart_threshold: 1 << 20,
         part_size: 5 << 20,
         concurrency: 4,
+        ..StoreConfig::default()
     }
 }
 

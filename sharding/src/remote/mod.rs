@@ -195,6 +195,8 @@ fn io_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> RemoteError + '_
 fn open_store(location: &StorageLocation, opts: &RemoteOptions) -> Result<Store, RemoteError> {
     let config = StoreConfig {
         concurrency: opts.concurrency.max(1),
+        // `retry::with_retry` is the layer that waits out an outage, logging each wait.
+        request_retry_timeout: Some(std::time::Duration::from_secs(2)),
         ..StoreConfig::default()
     };
     Store::open_location(location, &opts.s3, config).map_err(|source| RemoteError::Store {
