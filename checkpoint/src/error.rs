@@ -55,6 +55,8 @@ pub enum CheckpointError {
     },
     #[error("step {step}: rank 0 did not commit within {waited_s:.0} s (this rank's share was written)")]
     CommitNotSeen { step: u64, waited_s: f64 },
+    #[error("step {step}: the save was cancelled (its rank is stopping); not committed")]
+    Cancelled { step: u64 },
     #[error("step {step} is already committed in {url}")]
     AlreadyCommitted { step: u64, url: String },
     #[error(

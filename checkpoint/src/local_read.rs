@@ -2,14 +2,23 @@
 //! [`Checkpoint::load`] and [`Checkpoint::verify`]: each saved entry that lands in its
 //! request as one contiguous run is `pread` straight into the output and hashed there, on one
 //! thread per core (page-cache copies are CPU-bound); other entries go through one reused
-//! buffer. Every byte is read once and copied out of the page cache once; files are opened
-//! through [`crate::plain::open_plain`] (no symlink, only regular files).
+//! buffer. Every byte is read once and copied out of the page cache once; `verify` reads
+//! through one [`PIECE`] per thread, hashing each piece while it is still in the core's cache.
+//! Files are opened through [`crate::plain::open_plain`] (no symlink, only regular files).
 
 use crate::boxes::{Region, copy_region};
 use crate::error::CheckpointError;
-use crate::format::{SliceSpec, xxh3_hex};
+use crate::format::{ChunkEntry, SliceSpec, xxh3_hex};
 use crate::reader::{Checkpoint, VerifyReport};
 use std::collections::HashMap;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Bytes `verify` reads and hashes at a time: the hash reads each piece from the core's L2
+/// cache right after `pread` copied it there, and the scratch buffer is faulted in once (an
+/// entry-sized buffer cost a page fault per 4 KiB; 2.6x less CPU for 1 GiB). Loads read each
+/// entry whole, since their destination is fresh memory anyway: reading it in pieces, hashed
+/// as they came, measured 10-20% more CPU (more syscalls, the streaming hash).
+const PIECE: usize = 256 << 10;
 
 impl Checkpoint {
     /// [`Checkpoint::load`] from this host's disk: each saved entry that lands in its request
@@ -43,11 +52,12 @@ impl Checkpoint {
             }
             let len = read.len as usize;
             if buf.len() < len {
-                buf.resize(len, 0);
+                // Fresh memory (zeroed by the kernel as it is touched), not a user-space
+                // fill of bytes the read overwrites at once.
+                buf = vec![0u8; len];
             }
             let data = &mut buf[..len];
-            self.read_entry(files.open(self, root, &read.object)?, read, data)?;
-            self.check_entry(&read.object, read.entry, data)?;
+            self.read_checked(files.open(self, root, &read.object)?, read.entry, data)?;
             for c in &read.copies {
                 let r = &requests[c.request];
                 let dst_box = Region::new(r.offsets.clone(), r.lengths.clone());
@@ -71,8 +81,7 @@ impl Checkpoint {
                         let mut files = LocalFiles::default();
                         for (index, dst) in lane {
                             let read = &p.reads[index];
-                            self.read_entry(files.open(self, root, &read.object)?, read, dst)?;
-                            self.check_entry(&read.object, read.entry, dst)?;
+                            self.read_checked(files.open(self, root, &read.object)?, read.entry, dst)?;
                         }
                         Ok(())
                     })
@@ -86,45 +95,63 @@ impl Checkpoint {
         for (index, request, span) in overlapping {
             let read = &p.reads[index];
             let dst = &mut out[request][span];
-            self.read_entry(files.open(self, root, &read.object)?, read, dst)?;
-            self.check_entry(&read.object, read.entry, dst)?;
+            self.read_checked(files.open(self, root, &read.object)?, read.entry, dst)?;
         }
         Ok(())
     }
 
-    fn read_entry(
-        &self,
-        file: &std::fs::File,
-        read: &crate::planner::EntryRead,
-        dst: &mut [u8],
-    ) -> Result<(), CheckpointError> {
-        self.read_at(file, &read.object, read.offset, dst)
+    /// Read manifest entry `entry` into `dst` (its length) and check its checksum.
+    fn read_checked(&self, file: &std::fs::File, entry: usize, dst: &mut [u8]) -> Result<(), CheckpointError> {
+        let e = &self.manifest.entries[entry];
+        self.read_at(file, e, e.offset, dst)?;
+        self.check_found(entry, xxh3_hex(dst))
     }
 
-    /// Fill `dst` from `object` at `offset`; a file that ends first is
-    /// [`CheckpointError::Truncated`].
-    fn read_at(&self, file: &std::fs::File, object: &str, offset: u64, dst: &mut [u8]) -> Result<(), CheckpointError> {
+    /// Check manifest entry `entry`'s checksum, reading it through `scratch` a piece at a time.
+    fn hash_entry(&self, file: &std::fs::File, entry: usize, scratch: &mut [u8]) -> Result<(), CheckpointError> {
+        let e = &self.manifest.entries[entry];
+        let mut hasher = Xxh3::new();
+        let (mut at, end) = (e.offset, e.offset + e.len);
+        while at < end {
+            let piece = &mut scratch[..(end - at).min(PIECE as u64) as usize];
+            self.read_at(file, e, at, piece)?;
+            hasher.update(piece);
+            at += piece.len() as u64;
+        }
+        self.check_found(entry, format!("{:016x}", hasher.digest()))
+    }
+
+    /// Fill `dst` from entry `e`'s object at `offset`; a file that ends first is
+    /// [`CheckpointError::Truncated`] (short of the entry's end).
+    fn read_at(
+        &self,
+        file: &std::fs::File,
+        e: &ChunkEntry,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), CheckpointError> {
         use std::os::unix::fs::FileExt;
         file.read_exact_at(dst, offset).map_err(|err| match err.kind() {
             std::io::ErrorKind::UnexpectedEof => CheckpointError::Truncated {
-                object: self.object_url(object),
-                expected: offset + dst.len() as u64,
-                found: offset,
+                object: self.object_url(&e.object),
+                expected: e.offset + e.len,
+                found: file.metadata().map_or(offset, |m| m.len()),
             },
-            _ => CheckpointError::Io(format!("{}: {err}", self.object_url(object))),
+            _ => CheckpointError::Io(format!("{}: {err}", self.object_url(&e.object))),
         })
     }
 
-    fn check_entry(&self, object: &str, entry: usize, data: &[u8]) -> Result<(), CheckpointError> {
-        let found = xxh3_hex(data);
-        if found != self.manifest.entries[entry].xxh3 {
-            return Err(self.checksum_error(object, entry, found));
+    fn check_found(&self, entry: usize, found: String) -> Result<(), CheckpointError> {
+        let e = &self.manifest.entries[entry];
+        if found != e.xxh3 {
+            return Err(self.checksum_error(&e.object, entry, found));
         }
         Ok(())
     }
 
     /// [`Checkpoint::verify`] of a step on this host's disk: objects are read on one thread per
-    /// core, each entry with `pread` into that thread's reused buffer and hashed there.
+    /// core, each entry a [`PIECE`] at a time with `pread` into that thread's scratch piece
+    /// and hashed there.
     pub(crate) fn verify_local(
         &self,
         root: &std::path::Path,
@@ -141,11 +168,11 @@ impl Checkpoint {
             for _ in 0..threads {
                 let (next, done_tx) = (&next, done_tx.clone());
                 scope.spawn(move || {
-                    let (mut files, mut buf) = (LocalFiles::default(), Vec::new());
+                    let (mut files, mut scratch) = (LocalFiles::default(), vec![0u8; PIECE]);
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(info) = objects.get(i) else { break };
-                        let checked = self.verify_object(root, &info.object, &mut files, &mut buf);
+                        let checked = self.verify_object(root, &info.object, &mut files, &mut scratch);
                         let failed = checked.is_err();
                         if done_tx.send(checked.map(|entries| (info.size, entries))).is_err() || failed {
                             break;
@@ -172,18 +199,12 @@ impl Checkpoint {
         root: &std::path::Path,
         object: &str,
         files: &mut LocalFiles,
-        buf: &mut Vec<u8>,
+        scratch: &mut [u8],
     ) -> Result<usize, CheckpointError> {
         let file = files.open(self, root, object)?;
         let tiles = &self.tiles[object];
         for &i in tiles {
-            let e = &self.manifest.entries[i];
-            let len = e.len as usize;
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            self.read_at(file, object, e.offset, &mut buf[..len])?;
-            self.check_entry(object, i, &buf[..len])?;
+            self.hash_entry(file, i, scratch)?;
         }
         Ok(tiles.len())
     }

@@ -194,6 +194,8 @@ impl Checkpoint {
         let mut objects: Vec<&str> = p.reads.iter().map(|r| r.object.as_str()).collect();
         objects.dedup();
         self.check_sizes(objects.into_iter())?;
+        // A large `vec![0; n]` is fresh memory the kernel zeroes as the read first touches
+        // it (calloc of an mmapped chunk): no pass of user-space zeroing before the read.
         let mut out: Vec<Vec<u8>> = requests.iter().map(|r| vec![0u8; r.nbytes() as usize]).collect();
         if let Some(root) = self.store.local_root() {
             self.load_local(root, &p, requests, &mut out)?;

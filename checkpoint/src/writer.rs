@@ -7,7 +7,9 @@
 //! retention. A new save first waits for the previous one to be committed, so at most one
 //! snapshot per rank is ever held in memory. A fenced save ([`SaverConfig::fence`]) is
 //! refused its commit once a later attempt of its job claimed the directory, and replaces a
-//! commit an older attempt slipped in ([`crate::fence`]).
+//! commit an older attempt slipped in ([`crate::fence`]). A `Saver` dropped with a save in
+//! flight (its rank failed) cancels that save: its waits for the other ranks end at once and
+//! it never commits, so a failing rank exits promptly instead of after `commit_timeout`.
 
 use crate::error::CheckpointError;
 use crate::fence::{self, Existing, Fence};
@@ -19,6 +21,8 @@ use crate::planner::check_complete;
 use crate::retention::{Retention, doomed};
 use crate::store::Store;
 use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,6 +95,8 @@ pub struct Saver {
     tx: Option<Sender<SaveRequest>>,
     rx: Receiver<Result<SaveReport, CheckpointError>>,
     in_flight: bool,
+    /// Set when the save in flight is abandoned; the writer's waits check it.
+    cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -98,11 +104,13 @@ impl Saver {
     pub fn new(store: Store, config: SaverConfig) -> Saver {
         let (tx, jobs) = channel::<SaveRequest>();
         let (done, rx) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = Arc::clone(&cancel);
         let thread = std::thread::Builder::new()
             .name(format!("ckpt-writer-{}", config.rank))
             .spawn(move || {
                 for req in jobs {
-                    let r = write_and_commit(&store, &config, req);
+                    let r = write_and_commit(&store, &config, &cancelled, req);
                     if done.send(r).is_err() {
                         return;
                     }
@@ -113,6 +121,7 @@ impl Saver {
             tx: Some(tx),
             rx,
             in_flight: false,
+            cancel,
             thread: Some(thread),
         }
     }
@@ -139,6 +148,14 @@ impl Saver {
         self.rx.recv().map_err(|_| CheckpointError::WriterGone)?.map(Some)
     }
 
+    /// Abandon the save in flight, if any: it stops waiting for the other ranks and does not
+    /// commit (unless it already had). Returns its outcome, [`CheckpointError::Cancelled`]
+    /// when the cancel stopped it. Later saves are cancelled too.
+    pub fn cancel(&mut self) -> Result<Option<SaveReport>, CheckpointError> {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+
     /// The finished save's report, without blocking.
     pub fn poll(&mut self) -> Result<Option<SaveReport>, CheckpointError> {
         if !self.in_flight {
@@ -156,7 +173,13 @@ impl Saver {
 }
 
 impl Drop for Saver {
+    /// A save still in flight here was not waited for with [`Saver::wait`]: its rank is
+    /// failing, and waiting out the other ranks (which may be gone too) would only delay its
+    /// exit by up to `commit_timeout`. Cancel it rather than leave a half-finished commit.
     fn drop(&mut self) {
+        if self.in_flight {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -201,9 +224,23 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec_pretty(v).expect("checkpoint metadata serializes"))
 }
 
-fn write_and_commit(store: &Store, config: &SaverConfig, req: SaveRequest) -> Result<SaveReport, CheckpointError> {
+/// `Err(Cancelled)` once the save of `step` was abandoned.
+fn check_cancel(cancel: &AtomicBool, step: u64) -> Result<(), CheckpointError> {
+    match cancel.load(Ordering::Relaxed) {
+        true => Err(CheckpointError::Cancelled { step }),
+        false => Ok(()),
+    }
+}
+
+fn write_and_commit(
+    store: &Store,
+    config: &SaverConfig,
+    cancel: &AtomicBool,
+    req: SaveRequest,
+) -> Result<SaveReport, CheckpointError> {
     let started = Instant::now();
     let step = req.step;
+    check_cancel(cancel, step)?;
     let dir = step_dir(step);
     for t in &req.tensors {
         t.slice
@@ -244,9 +281,9 @@ fn write_and_commit(store: &Store, config: &SaverConfig, req: SaveRequest) -> Re
     let write_s = started.elapsed().as_secs_f64();
     tracing::debug!(rank = config.rank, step, bytes, write_s, "checkpoint chunks written");
     if config.committer() {
-        commit(store, config, step, index, req.job)?;
+        commit(store, config, cancel, step, index, req.job)?;
     } else {
-        wait_for_commit(store, config, step)?;
+        wait_for_commit(store, config, cancel, step)?;
     }
     Ok(SaveReport {
         step,
@@ -256,7 +293,7 @@ fn write_and_commit(store: &Store, config: &SaverConfig, req: SaveRequest) -> Re
     })
 }
 
-fn wait_for_commit(store: &Store, config: &SaverConfig, step: u64) -> Result<(), CheckpointError> {
+fn wait_for_commit(store: &Store, config: &SaverConfig, cancel: &AtomicBool, step: u64) -> Result<(), CheckpointError> {
     let key = format!("{}/{MANIFEST}", step_dir(step));
     let started = Instant::now();
     loop {
@@ -275,6 +312,7 @@ fn wait_for_commit(store: &Store, config: &SaverConfig, step: u64) -> Result<(),
                 }
             }
         }
+        check_cancel(cancel, step)?;
         if started.elapsed() > config.commit_timeout {
             return Err(CheckpointError::CommitNotSeen {
                 step,
@@ -305,6 +343,7 @@ fn judge(config: &SaverConfig, bytes: &[u8]) -> Existing {
 fn commit(
     store: &Store,
     config: &SaverConfig,
+    cancel: &AtomicBool,
     step: u64,
     own: RankIndex,
     job: JobState,
@@ -332,6 +371,7 @@ fn commit(
             }
         }
         if indexes.iter().any(Option::is_none) {
+            check_cancel(cancel, step)?;
             if started.elapsed() > config.commit_timeout {
                 return Err(CheckpointError::CommitTimeout {
                     step,
@@ -367,6 +407,8 @@ fn commit(
         url: format!("{}/{dir}", store.url()),
         source: e,
     })?;
+    // The last moment a cancel can still keep this save from committing.
+    check_cancel(cancel, step)?;
     create_manifest(store, config, step, &manifest)?;
     tracing::info!(
         step,

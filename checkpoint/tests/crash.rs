@@ -7,6 +7,9 @@
 //! gone. A final run goes to completion and must clean up after the crashed ones.
 //!
 //! `GANTRY_CRASH_SEED=<n>` replays a particular sequence of kills.
+//!
+//! `abandoned_save_*`: a rank killed before its share of a save, and the others failing with
+//! that save in flight: they exit at once instead of waiting out the commit timeout.
 
 mod common;
 
@@ -18,7 +21,7 @@ use gantry_checkpoint::{Checkpoint, Retention, Store, Which, committed_steps};
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -58,7 +61,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(b: &Backend, logs: &TempDir, attempt: &str, steps: u64) -> Run {
+    fn start(b: &Backend, logs: &TempDir, attempt: &str, steps: u64, env: &[(&str, &Path)]) -> Run {
         let (tx, lines) = mpsc::channel();
         let mut children = Vec::new();
         let mut log_paths = Vec::new();
@@ -73,6 +76,7 @@ impl Run {
                 .env("CKPT_KEEP_LAST", KEEP_LAST.to_string())
                 .env("CKPT_KEEP_EVERY", KEEP_EVERY.to_string())
                 .envs(b.env())
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(&log).unwrap());
@@ -263,7 +267,7 @@ fn crash_runs(b: &Backend, runs: usize, default_seed: u64) {
         let context = format!("run {run} (seed {seed}, attempt {attempt}, kill rank {victim} {moment:?})");
         println!("{context}: resuming from step {resume_from}");
 
-        let mut r = Run::start(b, &logs, &attempt, STEPS_PER_RUN);
+        let mut r = Run::start(b, &logs, &attempt, STEPS_PER_RUN, &[]);
         let all_done = |seen: &[(usize, String)]| seen.iter().filter(|(_, l)| l == "done").count() == WORLD;
         match moment {
             Moment::After(d) => r.watch(d, all_done),
@@ -317,7 +321,7 @@ fn crash_runs(b: &Backend, runs: usize, default_seed: u64) {
     let before = committed_steps(&store).unwrap();
     let from = before.last().copied().unwrap_or(0);
     let context = format!("final clean run from step {from} (seed {seed})");
-    let mut r = Run::start(b, &logs, &format!("final-{seed:x}"), 4);
+    let mut r = Run::start(b, &logs, &format!("final-{seed:x}"), 4, &[]);
     let statuses = r.finish();
     for (rank, st) in statuses.iter().enumerate() {
         assert!(st.success(), "{context}: rank {rank} exited {st:?}\n{}", r.describe());
@@ -397,4 +401,63 @@ fn crash_local() {
 #[test]
 fn crash_s3() {
     crash_runs(&Backend::s3(), 6, 0x5eed_0002);
+}
+
+/// Rank 2 is killed before it writes anything of step 1; ranks 0 and 1 hand off step 1's save,
+/// write their shares and wait (rank 0 for rank 2's index, rank 1 for the commit), then fail
+/// and drop their `Saver`s. Both must exit well within the commit timeout (120 s in
+/// `ckpt-test-rank`; `finish` allows `RUN_LIMIT`), and step 1 must not be committed.
+fn abandoned_save(b: &Backend) {
+    let logs = TempDir::new("abandon-logs");
+    let (go, abandon) = (logs.0.join("go"), logs.0.join("abandon"));
+    let mut r = Run::start(
+        b,
+        &logs,
+        "abandon",
+        1,
+        &[("CKPT_GO_FILE", &go), ("CKPT_ABANDON_FILE", &abandon)],
+    );
+    let count = |seen: &[(usize, String)], line: &str| seen.iter().filter(|(_, l)| l == line).count();
+    r.watch(RUN_LIMIT, |seen| count(seen, "waiting") == WORLD);
+    assert_eq!(count(&r.seen, "waiting"), WORLD, "{}", r.describe());
+    r.kill(2);
+    assert!(r.children[2].wait().unwrap().signal() == Some(libc::SIGKILL));
+    std::fs::write(&go, b"").unwrap();
+    // Abandon only once both shares are written, so the waits for the missing rank are what
+    // the cancel has to end.
+    let store = b.store();
+    let until = Instant::now() + RUN_LIMIT;
+    for rank in 0..2 {
+        let index = format!("{}/{}", step_dir(1), rank_index_name(rank));
+        while store.size(&index).unwrap().is_none() {
+            assert!(
+                Instant::now() < until,
+                "rank {rank} never wrote {index}\n{}",
+                r.describe()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    std::fs::write(&abandon, b"").unwrap();
+    let statuses = r.finish();
+    for (rank, st) in statuses.iter().enumerate().take(2) {
+        assert_eq!(st.code(), Some(4), "rank {rank} exited {st:?}\n{}", r.describe());
+        assert!(
+            r.seen.contains(&(rank, "abandoned 1".to_string())),
+            "rank {rank}\n{}",
+            r.describe()
+        );
+    }
+    assert_eq!(store.size(&format!("{}/{MANIFEST}", step_dir(1))).unwrap(), None);
+    assert_eq!(committed_steps(&store).unwrap(), Vec::<u64>::new());
+}
+
+#[test]
+fn abandoned_save_local() {
+    abandoned_save(&Backend::local("abandon"));
+}
+
+#[test]
+fn abandoned_save_s3() {
+    abandoned_save(&Backend::s3());
 }

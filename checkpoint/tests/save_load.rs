@@ -11,7 +11,7 @@ use common::pattern::{first_difference, slice_bytes, splitmix64};
 use gantry_checkpoint::format::{
     ChunkEntry, FORMAT_VERSION, ObjectInfo, RankIndex, chunk_name, rank_index_name, xxh3_hex,
 };
-use gantry_checkpoint::{Checkpoint, CheckpointError, Retention, SliceSpec, Store, Which, committed_steps};
+use gantry_checkpoint::{Checkpoint, CheckpointError, Retention, Saver, SliceSpec, Store, Which, committed_steps};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -198,6 +198,36 @@ fn uncommitted_step_is_invisible(b: &Backend) {
     check_step(&store, 1, false, seed(1));
 }
 
+/// (b') Ranks 0 and 2 save step 1 and rank 1 never does; once both shares are written (the
+/// committer waiting for rank 1, rank 2 for the commit) both saves are cancelled: each ends
+/// with `Cancelled` long before the commit timeout, and step 1 is not committed.
+fn cancelled_save_does_not_commit(b: &Backend) {
+    let store = b.store();
+    let mut savers: Vec<Saver> = [0, 2]
+        .into_iter()
+        .map(|rank| {
+            let mut config = model::config(rank, "attemptA");
+            config.commit_timeout = Duration::from_secs(600);
+            let mut saver = Saver::new(b.store(), config);
+            assert_eq!(saver.save(model::request(false, rank, 1, seed(1))).unwrap(), None);
+            saver
+        })
+        .collect();
+    for r in [0, 2] {
+        while !objects_under(&store, 1).contains(&rank_index_name(r)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for saver in &mut savers {
+        match saver.cancel() {
+            Err(e @ CheckpointError::Cancelled { step: 1 }) => assert!(e.to_string().contains("cancelled"), "{e}"),
+            other => panic!("expected the save of step 1 cancelled, got {other:?}"),
+        }
+    }
+    assert!(!objects_under(&store, 1).iter().any(|o| o == "manifest.json"));
+    assert_eq!(committed_steps(&store).unwrap(), Vec::<u64>::new());
+}
+
 /// A rank of a crashed attempt that wrote its chunks and index for `step`, then gave up
 /// waiting for a commit that never came.
 fn crashed_rank(rank: usize, attempt: &str, step: u64) -> RankSave {
@@ -336,6 +366,7 @@ fn second_attempt_over_leftovers(b: &Backend) {
 both!(reshard_round_trip_3_ranks, super::reshard_round_trip);
 both!(uncommitted_step_is_not_listed, super::uncommitted_step_is_invisible);
 both!(retention_keeps_last_and_every, super::retention);
+both!(cancelled_save_is_not_committed, super::cancelled_save_does_not_commit);
 both!(
     second_attempt_replaces_crashed_leftovers,
     super::second_attempt_over_leftovers

@@ -609,11 +609,10 @@ fn killed_worker_costs_one_restart_that_names_it() {
     let dir = common::tempdir("cluster", "peer");
     let spec = training_job_with(&dir, PAIR_SPEC, "[cluster]\nmax_restarts = 3\n");
     let mut c = Cluster::start(&dir, &[("p1", 1), ("p2", 1), ("p3", 1)]);
-    // No checkpoint save in flight when the worker dies: a surviving rank 0 waits for its
-    // in-flight commit (up to `commit_timeout_s`) before it exits, and the victim's heartbeat
-    // deadline can pass first, blaming the worker instead of the rank (a known gap: an
-    // erroring rank should abandon its commit wait; see the session notes).
-    let id = c.submit(&spec, &["--set", "checkpoint.every=1000"]);
+    // Saves every 50 steps, so one may be in flight when the worker dies: the surviving rank
+    // cancels it as it fails (Saver's drop) instead of waiting out `commit_timeout_s`, so it
+    // exits, and is blamed, before the victim's heartbeat deadline passes.
+    let id = c.submit(&spec, &[]);
     let j = c.wait_job(id, "step 60", Duration::from_secs(300), |j| step_of(j) >= 60);
     assert_eq!(j["restarts"], 0, "{j:#}");
     let victim = j["ranks"][1]["worker"].as_str().unwrap().to_string();

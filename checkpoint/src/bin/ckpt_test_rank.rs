@@ -11,8 +11,12 @@
 //! `CKPT_ATTEMPT` (the same on every rank of a run), `CKPT_STEPS`, optional `CKPT_KEEP_LAST`
 //! and `CKPT_KEEP_EVERY` (retention), `CKPT_FENCE=JOB/ATTEMPT` (a fenced save: rank 0 claims
 //! the root before resuming; tests/fence.rs) and `CKPT_GO_FILE` (after resuming, print
-//! `waiting` and wait until that file exists before saving). For `s3://` roots the store reads the standard
-//! `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_REGION`.
+//! `waiting` and wait until that file exists before saving) and `CKPT_ABANDON_FILE` (a rank
+//! whose training fails mid-save: after handing off its first save it prints `saving STEP`,
+//! waits until that file exists, then drops its `Saver` without waiting for the commit, prints
+//! `abandoned STEP` and exits with status 4; tests/crash.rs). For `s3://` roots the store
+//! reads the standard `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+//! `AWS_REGION`.
 //!
 //! A failure prints `ERROR <message>` and exits with status 3.
 
@@ -150,6 +154,16 @@ fn main() {
         };
         if let Err(e) = saver.save(req) {
             fail(format!("save of step {step}: {e}"));
+        }
+        if let Ok(abandon) = std::env::var("CKPT_ABANDON_FILE") {
+            say(format!("saving {step}"));
+            while !std::path::Path::new(&abandon).exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // What a failing training loop does: its Saver goes out of scope mid-save.
+            drop(saver);
+            say(format!("abandoned {step}"));
+            std::process::exit(4);
         }
         match saver.wait() {
             Ok(Some(report)) if report.step == step => say(format!("committed {step}")),
