@@ -10,7 +10,8 @@
 # 2. reader   stream_bench (sharding/examples/stream_bench.rs), one process, one reader of
 #             global batch BATCH × SEQ_LEN + 1 tokens:
 #               first step: raw ranged GETs of the shards step 0 reads | a cold stream's
-#                           time to its first batch (manifest, .idx files, those shards);
+#                           time to its first batch (manifest, the .idx files from the
+#                           upload's index pack, those shards);
 #               one pass:   raw ranged GETs of every shard | cold stream (no budget) | the
 #                           same cache warm | the copy read in place (local .bin) | cold
 #                           stream within a budget of BUDGET_FRAC of the dataset;
@@ -27,7 +28,7 @@
 #
 # Environment (defaults in brackets):
 #   TOKENS [20000000]  SHARD_TOKENS [25000]  SEQ_LEN [1023]  BATCH [16]
-#   BUDGET_FRAC [0.25]  STEPS [5]
+#   BUDGET_FRAC [0.25]  (0: no budgeted pass)  STEPS [5]
 #   WORK [${TMPDIR:-/tmp}/gantry-bench-data-s3-<pid>]   scratch, removed at the end
 #   KEEP=1                  keep WORK
 #   GANTRY_SKIP_BUILD=1     build nothing: use GANTRY_BIN and STREAM_BENCH as they are
@@ -186,14 +187,17 @@ print(f"first step ({f['shards']} shards, {f['bytes']/1e6:.1f} MB):  raw GET {f[
       f"  ({f['cold_stream_s']/max(f['raw_get_s'],1e-9):.2f}x)")
 raw = p["raw_get"]["tokens_per_s"]
 print(f"{'one pass':<34}{'seconds':>9}{'M tokens/s':>12}{'vs raw GET':>12}")
-for name, key in [("raw GET of every shard", "raw_get"), ("cold stream (no budget)", "cold_stream"),
-                  ("warm stream", "warm_stream"), ("local .bin (in place)", "local"),
-                  (f"cold stream, budget {p['budget']['fraction']}", "budget")]:
+b = p.get("budget")
+cases = [("raw GET of every shard", "raw_get"), ("cold stream (no budget)", "cold_stream"),
+         ("warm stream", "warm_stream"), ("local .bin (in place)", "local")]
+if b:
+    cases.append((f"cold stream, budget {b['fraction']}", "budget"))
+for name, key in cases:
     c = p[key]
     print(f"{name:<34}{c['s']:>9.3f}{c['tokens_per_s']/1e6:>12.1f}{c['tokens_per_s']/raw:>11.2f}x")
-b = p["budget"]
-print(f"budget: {b['budget_bytes']/1e6:.1f} MB, peak use {b['peak_usage']/1e6:.1f} MB, "
-      f"fetched {b['bytes_fetched']/1e6:.1f} MB ({b['bytes_fetched']/d['bytes']:.2f}x the dataset)")
+if b:
+    print(f"budget: {b['budget_bytes']/1e6:.1f} MB, peak use {b['peak_usage']/1e6:.1f} MB, "
+          f"fetched {b['bytes_fetched']/1e6:.1f} MB ({b['bytes_fetched']/d['bytes']:.2f}x the dataset)")
 PY
 fi
 if ((${#FAILURES[@]})); then

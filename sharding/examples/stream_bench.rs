@@ -13,6 +13,8 @@
 //! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25]
 //! ```
 //!
+//! `--budget-frac 0` leaves the budgeted pass out (`"budget": null`).
+//!
 //! S3 settings come from the `AWS_*` variables (this is a program; the library reads none).
 
 use gantry_checkpoint::location::{Role, StorageLocation};
@@ -190,7 +192,10 @@ fn main() -> Res<()> {
     let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
     let local_s = local_pass(&a, &work.join("cold").join(format!("{:016x}", remote.fingerprint)))?;
     let budget = ((total as f64 + dir_fixed(m)) * a.budget_frac) as u64;
-    let tight = stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget))?;
+    let tight = match a.budget_frac > 0.0 {
+        true => Some(stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget))?),
+        false => None,
+    };
 
     let rate = |s: f64| tokens / s.max(1e-9);
     let report = serde_json::json!({
@@ -204,11 +209,11 @@ fn main() -> Res<()> {
             "cold_stream": {"s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds)},
             "warm_stream": {"s": warm.seconds, "tokens_per_s": rate(warm.seconds)},
             "local": {"s": local_s, "tokens_per_s": rate(local_s)},
-            "budget": {
-                "fraction": a.budget_frac, "budget_bytes": budget, "s": tight.seconds,
-                "bytes_fetched": tight.bytes_fetched, "peak_usage": tight.peak_usage,
-                "tokens_per_s": rate(tight.seconds),
-            },
+            "budget": tight.map(|t| serde_json::json!({
+                "fraction": a.budget_frac, "budget_bytes": budget, "s": t.seconds,
+                "bytes_fetched": t.bytes_fetched, "peak_usage": t.peak_usage,
+                "tokens_per_s": rate(t.seconds),
+            })),
         },
     });
     println!("{report}");

@@ -2,16 +2,20 @@
 //! local copy's, in the sampler's order, from a cache that never holds more than its budget
 //! (shards evicted behind the reader); compressed-only shards decompressed on arrival; a read
 //! of a shard that is not there waits for it, and when the server is gone the error names
-//! the shard's object; a partial file is never mapped.
+//! the shard's object; a partial file is never mapped; the `.idx` files come from the
+//! upload's index pack, each checked against the manifest (a damaged pack falls back on the
+//! file's own object, a prefix without a pack is read file by file).
 
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
 mod s3_server;
 
-use gantry_checkpoint::S3Options;
 use gantry_checkpoint::location::{Role, StorageLocation};
+use gantry_checkpoint::{S3Options, Store, StoreConfig};
 use gantry_sharding::frames::ZstdOptions;
 use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split};
-use gantry_sharding::remote::{RemoteError, RemoteOptions, Retry, StreamConfig, Streamer, prepare_stream, upload};
+use gantry_sharding::remote::{
+    INDEX_PACK, RemoteError, RemoteOptions, Retry, StreamConfig, Streamer, prepare_stream, upload,
+};
 use gantry_sharding::sampler::Sampler;
 use gantry_sharding::synth::{SynthConfig, synthesize_with};
 use s3_server::S3Server;
@@ -249,5 +253,73 @@ fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
     );
     drop(ds);
     drop(streamer);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every `.idx` of `dir`'s dataset, in manifest order, and their names.
+fn local_indexes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let manifest = gantry_sharding::manifest::Manifest::read_with_fingerprint(dir)
+        .unwrap()
+        .0;
+    manifest
+        .shards
+        .iter()
+        .map(|s| {
+            let name = format!("{}.idx", s.prefix);
+            let bytes = std::fs::read(dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
+    let server = S3Server::start();
+    let dir = tempdir("pack");
+    let local = synth(&dir, false);
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
+    upload(&local, &loc, &opts).unwrap();
+    let indexes = local_indexes(&local);
+    assert!(indexes.len() > 50, "many small shards: {}", indexes.len());
+    let store = Store::open_location(&loc, &opts.s3, StoreConfig::default()).unwrap();
+    let pack = store.get(INDEX_PACK).unwrap().expect("the upload wrote the index pack");
+    assert_eq!(
+        pack.to_vec(),
+        indexes.iter().flat_map(|(_, b)| b.clone()).collect::<Vec<u8>>(),
+        "the pack is every .idx back to back, in manifest order"
+    );
+    let prepare_into = |tag: &str| {
+        prepare_stream(&loc, &dir.join(tag), &opts).map(|p| {
+            for (name, bytes) in &indexes {
+                assert_eq!(&std::fs::read(p.dir.join(name)).unwrap(), bytes, "{name}");
+            }
+            p.fetched.len()
+        })
+    };
+    // Shard 0's own .idx object damaged (same size): read from the pack, it is not needed.
+    let (first, good) = &indexes[0];
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0xff;
+    store.put(first, bad.clone().into()).unwrap();
+    assert_eq!(prepare_into("from-pack").unwrap(), indexes.len(), "every .idx fetched");
+    // The pack damaged at shard 0 too: its bytes are checked, it falls back on the object,
+    // which is checked as well, and the error names that object.
+    let mut bad_pack = pack.to_vec();
+    bad_pack[0] ^= 0xff;
+    store.put(INDEX_PACK, bad_pack.into()).unwrap();
+    let e = prepare_into("both-bad").unwrap_err();
+    assert!(
+        matches!(e, RemoteError::Checksum { .. }) && e.to_string().starts_with(&format!("{loc}/{first}:")),
+        "{e}"
+    );
+    // The object put right: the damaged pack costs one GET more, nothing else.
+    store.put(first, good.clone().into()).unwrap();
+    assert_eq!(prepare_into("bad-pack").unwrap(), indexes.len());
+    // No pack at all (a prefix uploaded before there were packs): one GET per .idx.
+    store.delete(INDEX_PACK).unwrap();
+    assert_eq!(prepare_into("no-pack").unwrap(), indexes.len());
+    // A second prepare finds them all in place and fetches nothing.
+    assert_eq!(prepare_into("no-pack").unwrap(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,9 @@
 //!   a finished one. Each uploaded file leaves a small record (`.gantry-upload/NAME.json`:
 //!   size and xxh3) after its object, so rerunning an interrupted upload skips the files
 //!   already there with the right size and checksum; the records are removed once the
-//!   manifest is up. A prefix that already holds a different manifest is refused.
+//!   manifest is up. Just before the manifest goes the index pack ([`INDEX_PACK`]): every
+//!   `.idx` back to back, so a streaming reader gets them in a few GETs rather than one per
+//!   shard. A prefix that already holds a different manifest is refused.
 //! - **Reading** ([`fetch`]): a dataset is copied into the host's data cache,
 //!   `CACHE/<fingerprint>/` (the fingerprint is the xxh3 of `manifest.json`, the key sampler
 //!   cursors, materialized shards and verdicts already use), which then is a dataset
@@ -24,7 +26,9 @@
 //!   [`crate::verify::check_on_host`], whose remembered verdict lets later opens skip all of
 //!   this after one GET of the manifest.
 //! - **Streaming** ([`prepare_stream`], [`Streamer`]): what training ranks do instead of a
-//!   complete fetch. Only the manifest and the `.idx` files are fetched first; the dataset
+//!   complete fetch. Only the manifest and the `.idx` files are fetched first (from the index
+//!   pack when the prefix has one, each checked against the manifest; packing the samples
+//!   needs every document's length, so all of them come before the first step); the dataset
 //!   opens with the streamer as its shard source, which fetches the shards in the order the
 //!   rank's steps read them ([`Plan`], a pure state machine) and, with a budget, evicts them
 //!   behind the readers; the ranks of a host share the cache through per-shard leases and
@@ -48,7 +52,7 @@ pub use fetch::{Fetched, RemoteManifest, fetch, read_manifest};
 pub use plan::{Held, Plan, PlanConfig, PlanError};
 pub use retry::Retry;
 pub use stream::{StepShards, StreamConfig, StreamDir, StreamSetup, StreamStats, Streamer, prepare_stream};
-pub use upload::{UPLOAD_RECORDS, Uploaded, upload};
+pub use upload::{INDEX_PACK, UPLOAD_RECORDS, Uploaded, upload};
 
 use crate::manifest::ManifestError;
 use crate::materialize::MaterializeError;

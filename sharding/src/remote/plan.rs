@@ -326,6 +326,10 @@ impl Plan {
     /// The present shards to release (then call [`Self::released`]): out of the window and
     /// not the demand.
     pub fn to_release(&self) -> Vec<usize> {
+        if self.window_limit.is_none() {
+            // Without a limit the window holds every shard: nothing leaves it.
+            return Vec::new();
+        }
         let (_, in_window) = self.window_and_set();
         (0..self.held.len())
             .filter(|&s| self.held[s] == Held::Present && self.demand != Some(s) && !in_window[s])

@@ -2,7 +2,8 @@
 //! [`super::Plan`].
 //!
 //! [`prepare_stream`] puts the manifest and the `.idx` files into the host's data cache
-//! (`CACHE/<fingerprint>/`); the dataset opens from there with the [`Streamer`] as its
+//! (`CACHE/<fingerprint>/`; the `.idx` files in a few GETs of the upload's index pack, see
+//! [`super::upload`]); the dataset opens from there with the [`Streamer`] as its
 //! [`ShardSource`], so no `.bin` is needed to open it. Once the reader's position is known
 //! ([`Streamer::follow`]: its start step and which shards each step reads), `fetchers`
 //! threads bring shards into the cache in the order the steps need them, a bounded number in

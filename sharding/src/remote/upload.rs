@@ -9,6 +9,15 @@
 //! file whose object has the right size and whose record has the right checksum, and sends
 //! the rest. Only when every file is up is `manifest.json` written, then the records are
 //! removed: readers see no dataset until it is whole.
+//!
+//! Just before the manifest goes the **index pack** ([`INDEX_PACK`]): every shard's `.idx`
+//! back to back in manifest order, the sizes the manifest's. A streaming reader needs every
+//! `.idx` before its first step, and with many small shards one GET per file is most of that
+//! wait; the pack brings them in a few ranged GETs. It is no part of the dataset's checked
+//! contents: a reader hashes each `.idx` cut from it against the manifest, and fetches one
+//! that does not match (or every one, for a prefix uploaded without a pack) from its own
+//! object. It is written again by every run that writes the manifest, so it is this
+//! manifest's.
 
 use super::retry::{no_bucket, with_retry};
 use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
@@ -28,6 +37,9 @@ use std::time::Instant;
 
 /// The prefix (under the dataset's) of the per-file records of an unfinished upload.
 pub const UPLOAD_RECORDS: &str = ".gantry-upload";
+/// The object (under the dataset's prefix) holding every `.idx`, back to back in manifest
+/// order (see the module documentation).
+pub const INDEX_PACK: &str = ".gantry-index-pack";
 
 /// What [`upload`] did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -279,6 +291,45 @@ fn list_prefix(
     }
 }
 
+/// Write the index pack (see the module documentation) of the dataset in `dir`: its `.idx`
+/// files, each checked against the manifest, sent as one object. They are read rather than
+/// mapped: a dataset may have more shards than a process may hold maps.
+fn put_index_pack(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<(), RemoteError> {
+    let mut parts = Vec::with_capacity(manifest.shards.len());
+    for s in &manifest.shards {
+        let (_, path) = paths(&dir.join(&s.prefix));
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if bytes.len() as u64 != s.idx_bytes {
+            return Err(ManifestError::Size {
+                path,
+                expected: s.idx_bytes,
+                actual: bytes.len() as u64,
+            }
+            .into());
+        }
+        let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
+        if actual != s.idx_xxh3 {
+            return Err(ManifestError::Checksum {
+                path,
+                expected: s.idx_xxh3.clone(),
+                actual,
+            }
+            .into());
+        }
+        parts.push(Bytes::from(bytes));
+    }
+    let object = location.child(INDEX_PACK);
+    with_retry(&opts.retry, &object, || {
+        store.put_many(vec![(INDEX_PACK.to_string(), parts.clone())])
+    })
+}
+
 /// Upload the finished dataset in `dir` to `location` (see the module documentation). A
 /// location that already holds this dataset is left alone; one that holds another dataset
 /// is refused. Errors name the local file (a mismatch with the manifest) or the object.
@@ -321,6 +372,7 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
         }
     }
     let mut sent = target.send_files(&items, opts.upload_files)?;
+    put_index_pack(&store, opts, location, dir, &manifest)?;
 
     // Every file is up: the manifest makes it a dataset.
     let object = location.child(MANIFEST);

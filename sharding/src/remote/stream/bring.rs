@@ -8,7 +8,7 @@ use super::Inner;
 use super::dir::Origin;
 use crate::frames::{FrameDecoder, FramedBin};
 use crate::indexed::IndexedDataset;
-use crate::materialize::{check_existing, lock_cache_entry, remove_leftovers};
+use crate::materialize::{check_existing, lock_cache_entry};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -45,7 +45,9 @@ impl Inner {
             if present {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
             } else {
-                remove_leftovers(&bin)?;
+                // A killed fetch's temporary file is not looked for here (a listing of the
+                // whole directory per shard): `prepare_stream` sweeps them before streaming
+                // starts, and a reservation short of room sweeps them too.
                 self.fetch_shard(shard, &bin, evictable)?;
             }
         }

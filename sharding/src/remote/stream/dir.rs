@@ -2,16 +2,19 @@
 //! tokenizer in place (what opening the dataset and planning its reads need), the shards'
 //! `.bin` left to the [`super::Streamer`].
 
-use super::super::fetch::{check_listed, download, get_manifest, replace_if_different};
+use super::super::fetch::{check_listed, get_manifest, replace_if_different, write_error};
 use super::super::retry::with_retry;
+use super::super::upload::INDEX_PACK;
 use super::super::{RemoteError, RemoteOptions, io_err, open_store};
 use crate::manifest::{MANIFEST, Manifest, TokenizerInfo};
-use crate::materialize::{check_existing, dataset_cache_dir, lock_cache_entry, remove_leftovers};
+use crate::materialize::{check_existing, dataset_cache_dir, lock_cache_entry};
+use bytes::Bytes;
 use gantry_checkpoint::Store;
 use gantry_checkpoint::location::StorageLocation;
 use std::collections::HashMap;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Where a shard's `.bin` comes from.
@@ -148,7 +151,8 @@ pub fn prepare_stream(
         });
         fixed += s.idx_bytes;
     }
-    let mut fetched = index_files(&store, opts, location, &dir, &manifest)?;
+    let pack = listed.get(INDEX_PACK) == Some(&manifest.shards.iter().map(|s| s.idx_bytes).sum::<u64>());
+    let mut fetched = index_files(opts, location, &dir, &manifest, pack)?;
     if let TokenizerInfo::File { path } = &manifest.tokenizer {
         let object = location.child(path);
         let bytes = with_retry(&opts.retry, &object, || store.get(path))?
@@ -172,69 +176,287 @@ pub fn prepare_stream(
     })
 }
 
-/// Make every shard's `.idx` in `dir` match the manifest: each checked, and fetched when it
-/// is missing or does not match, `concurrency` files at a time (a dataset of many small
-/// shards has as many `.idx` files, and each is a round trip). The names fetched, in shard
-/// order.
+/// GETs asked for in one batch at most, and their bytes: a transient failure repeats one
+/// batch, and a batch is held in memory until it is written.
+const BATCH_GETS: usize = 512;
+const BATCH_BYTES: u64 = 64 << 20;
+/// GETs in flight for the `.idx` files at least: small objects, where the round trip is the
+/// cost (a dataset of many small shards has as many `.idx` files, all needed before the
+/// dataset opens, since packing its samples needs every document's length).
+const IDX_IN_FLIGHT: usize = 32;
+
+/// One GET of `.idx` bytes: `range` of object `key`, holding the `.idx` files of `shards`
+/// back to back.
+struct Unit {
+    key: String,
+    range: Range<u64>,
+    shards: Vec<usize>,
+}
+
+/// Make every shard's `.idx` in `dir` match the manifest: each checked, and those missing or
+/// not matching fetched, each hashed and compared with the manifest before it is written.
+/// With the upload's index pack (`pack`: listed with the size the manifest implies)
+/// runs of them come as ranged GETs of the pack, a few GETs for the lot; a file the pack
+/// does not hold as the manifest says (a pack that is not this dataset's) and every file of a
+/// prefix without a pack is fetched from its own object, many GETs in flight. The names
+/// fetched, in shard order.
+///
+/// The `.idx` files are written in place, without a temporary name, a rename or an fsync
+/// (file system round trips, for hundreds of small files before the first step): nothing
+/// opens one without hashing it first, since every `prepare_stream` checks each against the
+/// manifest before the dataset opens (so one a crash cut short is fetched again), and only
+/// the holder of the entry's `fetch.lock` writes them.
 fn index_files(
-    store: &Store,
     opts: &RemoteOptions,
     location: &StorageLocation,
     dir: &Path,
     manifest: &Manifest,
+    pack: bool,
 ) -> Result<Vec<String>, RemoteError> {
-    let next = AtomicUsize::new(0);
-    let shards = &manifest.shards;
-    let one = |i: usize| -> Result<Option<String>, RemoteError> {
-        let s = &shards[i];
-        let idx = format!("{}.idx", s.prefix);
-        let dest = dir.join(&idx);
+    let mut missing = Vec::new();
+    for (i, s) in manifest.shards.iter().enumerate() {
+        let dest = dir.join(format!("{}.idx", s.prefix));
         let Some(why) = check_existing(&dest, s.idx_bytes, &s.idx_xxh3)? else {
-            return Ok(None);
+            continue;
         };
         if why != "missing" {
             tracing::warn!(file = %dest.display(), why, "cached copy does not match the manifest; fetching it again");
             std::fs::remove_file(&dest).map_err(io_err(&dest))?;
         }
-        remove_leftovers(&dest)?;
-        download(
-            store,
-            opts,
-            &location.child(&idx),
-            &idx,
-            &dest,
-            s.idx_bytes,
-            &s.idx_xxh3,
-        )?;
-        Ok(Some(idx))
+        missing.push(i);
+    }
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wide = RemoteOptions {
+        concurrency: opts.concurrency.max(IDX_IN_FLIGHT),
+        ..opts.clone()
     };
-    let threads = opts.concurrency.clamp(1, shards.len().max(1));
-    let results: Vec<Result<Vec<(usize, String)>, RemoteError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut got = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= shards.len() {
-                            return Ok(got);
-                        }
-                        if let Some(name) = one(i).inspect_err(|_| next.store(shards.len(), Ordering::Relaxed))? {
-                            got.push((i, name));
-                        }
-                    }
+    let store = open_store(location, &wide)?;
+    let fetch =
+        |units: Vec<Unit>, from_pack: bool| fetch_units(&store, opts, location, dir, manifest, units, from_pack);
+    let mut fetched = Vec::with_capacity(missing.len());
+    let rest = if pack {
+        let sizes: Vec<u64> = manifest.shards.iter().map(|s| s.idx_bytes).collect();
+        let (got, rest) = fetch(pack_units(&sizes, &missing, opts.range_bytes), true)?;
+        fetched = got;
+        rest
+    } else {
+        missing
+    };
+    if !rest.is_empty() {
+        let units = rest
+            .iter()
+            .map(|&i| Unit {
+                key: idx_name(manifest, i),
+                range: 0..manifest.shards[i].idx_bytes,
+                shards: vec![i],
+            })
+            .collect();
+        fetched.extend(fetch(units, false)?.0);
+    }
+    fetched.sort_unstable();
+    Ok(fetched.into_iter().map(|i| idx_name(manifest, i)).collect())
+}
+
+fn idx_name(manifest: &Manifest, shard: usize) -> String {
+    format!("{}.idx", manifest.shards[shard].prefix)
+}
+
+/// The GETs of the index pack that cover the `.idx` files of `missing` (shard numbers, in
+/// order; `sizes`: every shard's `.idx` bytes): runs of consecutive shards, each GET up to
+/// `range_bytes` (a larger `.idx` is a GET of its own).
+fn pack_units(sizes: &[u64], missing: &[usize], range_bytes: u64) -> Vec<Unit> {
+    let offsets: Vec<u64> = sizes
+        .iter()
+        .scan(0, |at, &n| {
+            *at += n;
+            Some(*at - n)
+        })
+        .collect();
+    let mut units: Vec<Unit> = Vec::new();
+    for &i in missing {
+        let range = offsets[i]..offsets[i] + sizes[i];
+        match units.last_mut() {
+            Some(u) if u.range.end == range.start && range.end - u.range.start <= range_bytes.max(1) => {
+                u.range.end = range.end;
+                u.shards.push(i);
+            }
+            _ => units.push(Unit {
+                key: INDEX_PACK.to_string(),
+                range,
+                shards: vec![i],
+            }),
+        }
+    }
+    units
+}
+
+/// Fetch `units` in batches (each up to [`BATCH_GETS`] GETs and [`BATCH_BYTES`] bytes, the
+/// store's GETs in flight) and write each `.idx` that matches the manifest. The shards
+/// written, and (`from_pack`) those whose bytes in the pack do not match, to be fetched from
+/// their own objects; a file from its own object that does not match is an error.
+fn fetch_units(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+    units: Vec<Unit>,
+    from_pack: bool,
+) -> Result<(Vec<usize>, Vec<usize>), RemoteError> {
+    let (mut written, mut mismatched) = (Vec::new(), Vec::new());
+    let mut units = units.into_iter().peekable();
+    while units.peek().is_some() {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(u) = units.next_if(|u| {
+            batch.is_empty() || (batch.len() < BATCH_GETS && bytes + (u.range.end - u.range.start) <= BATCH_BYTES)
+        }) {
+            bytes += u.range.end - u.range.start;
+            batch.push(u);
+        }
+        let request: Vec<(String, Range<u64>)> = batch.iter().map(|u| (u.key.clone(), u.range.clone())).collect();
+        let object = match batch.as_slice() {
+            [one] => location.child(&one.key),
+            [first, .., last] if from_pack => format!(
+                "{} (the .idx files of {} to {})",
+                location.child(INDEX_PACK),
+                manifest.shards[first.shards[0]].prefix,
+                manifest.shards[last.shards[last.shards.len() - 1]].prefix
+            ),
+            [first, .., last] => format!(
+                "{} … {} ({} .idx files)",
+                location.child(&first.key),
+                last.key,
+                batch.len()
+            ),
+            [] => continue,
+        };
+        let got = with_retry(&opts.retry, &object, || store.get_ranges(&request))?;
+        let pieces: Vec<(usize, Bytes)> = batch
+            .iter()
+            .zip(got)
+            .flat_map(|(u, body)| {
+                let mut at = 0usize;
+                u.shards.iter().map(move |&i| {
+                    let end = (at as u64 + manifest.shards[i].idx_bytes).min(body.len() as u64) as usize;
+                    let piece = body.slice(at.min(end)..end);
+                    at = end;
+                    (i, piece)
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
-    });
-    let mut fetched = Vec::new();
-    for r in results {
-        fetched.extend(r?);
+        for (i, ok) in write_checked(location, dir, manifest, &pieces, from_pack)? {
+            match ok {
+                true => written.push(i),
+                false => mismatched.push(i),
+            }
+        }
     }
-    fetched.sort_unstable();
-    Ok(fetched.into_iter().map(|(_, name)| name).collect())
+    Ok((written, mismatched))
+}
+
+/// Threads writing `.idx` files: creating a file is a round trip through the file system's
+/// journal, and hundreds of them wait for the first step.
+const WRITERS: usize = 8;
+
+/// Check each fetched `.idx` piece (shard, bytes) against the manifest and write those that
+/// match, on up to [`WRITERS`] threads; per piece, whether it was written. A piece that does not
+/// match is an error unless it came from the pack (`from_pack`: then it is fetched again from
+/// its own object).
+fn write_checked(
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+    pieces: &[(usize, Bytes)],
+    from_pack: bool,
+) -> Result<Vec<(usize, bool)>, RemoteError> {
+    let one = |&(i, ref piece): &(usize, Bytes)| -> Result<(usize, bool), RemoteError> {
+        let s = &manifest.shards[i];
+        let name = idx_name(manifest, i);
+        let object = location.child(&name);
+        match check_bytes(&object, piece, s.idx_bytes, &s.idx_xxh3) {
+            Ok(()) => {}
+            Err(e) if from_pack => {
+                tracing::warn!(error = %e, pack = %location.child(INDEX_PACK), "the index pack does not hold this .idx as the manifest says; fetching it on its own");
+                return Ok((i, false));
+            }
+            Err(e) => return Err(e),
+        }
+        write_unsynced(&dir.join(&name), &object, piece)?;
+        Ok((i, true))
+    };
+    let per = pieces.len().div_ceil(WRITERS).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = pieces
+            .chunks(per)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(one).collect::<Result<Vec<_>, _>>()))
+            .collect();
+        let mut out = Vec::with_capacity(pieces.len());
+        for w in workers {
+            out.extend(w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?);
+        }
+        Ok(out)
+    })
+}
+
+/// The bytes fetched of `object` are the manifest's: `bytes` long, hashing to `xxh3`.
+fn check_bytes(object: &str, got: &[u8], bytes: u64, xxh3: &str) -> Result<(), RemoteError> {
+    if got.len() as u64 != bytes {
+        return Err(RemoteError::Size {
+            object: object.to_string(),
+            expected: bytes,
+            actual: got.len() as u64,
+        });
+    }
+    let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(got));
+    if actual != xxh3 {
+        return Err(RemoteError::Checksum {
+            object: object.to_string(),
+            expected: xxh3.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Write `bytes` (checked against the manifest) to `dest` in place: no temporary file and
+/// rename, no fsync (see [`index_files`] for why that is safe for the `.idx` files: nothing
+/// opens one it has not hashed, and only the holder of the entry's `fetch.lock` writes them).
+/// A failed write removes what it wrote.
+fn write_unsynced(dest: &Path, object: &str, bytes: &[u8]) -> Result<(), RemoteError> {
+    let written = std::fs::File::create(dest).and_then(|f| f.write_all_at(bytes, 0));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(dest);
+        return Err(write_error(dest, object, bytes.len() as u64, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(units: &[Unit]) -> Vec<(Range<u64>, Vec<usize>)> {
+        units.iter().map(|u| (u.range.clone(), u.shards.clone())).collect()
+    }
+
+    #[test]
+    fn pack_gets_cover_runs_of_missing_files_within_the_range_size() {
+        let sizes = [10, 20, 30, 40, 50];
+        // All missing, ranges of 60 bytes: 10+20+30 fit, 40 starts another, 50 would pass 60.
+        let all = pack_units(&sizes, &[0, 1, 2, 3, 4], 60);
+        assert_eq!(
+            shape(&all),
+            vec![(0..60, vec![0, 1, 2]), (60..100, vec![3]), (100..150, vec![4])]
+        );
+        // A gap (shard 2 in place) starts a new GET; a file larger than a range is one GET.
+        let gaps = pack_units(&sizes, &[0, 1, 3, 4], 1 << 20);
+        assert_eq!(shape(&gaps), vec![(0..30, vec![0, 1]), (60..150, vec![3, 4])]);
+        let big = pack_units(&sizes, &[4], 8);
+        assert_eq!(shape(&big), vec![(100..150, vec![4])]);
+        assert!(big.iter().all(|u| u.key == INDEX_PACK));
+        assert!(pack_units(&sizes, &[], 60).is_empty());
+    }
 }
