@@ -9,12 +9,16 @@
 #   2. Open MPI, TCP        mpirun --mca btl tcp,self --mca pml ob1 (forced TCP)
 #   3. gantry, shm          gantry bench collectives --transport shm
 #   4. Open MPI, default    mpirun with its defaults (shared memory: vader)
-# Latency section (f32, LAT_SIZE bytes, LAT_WORLD ranks, many iterations):
-#   gantry shm, gantry tcp, Open MPI default, Open MPI TCP.
+# Latency section (f32, LAT_SIZE bytes, many iterations), for each world size
+# in LAT_WORLDS and each transport, LAT_ROUNDS paired rounds: gantry then Open
+# MPI back to back (shm: gantry shm, Open MPI default; tcp: gantry tcp, Open
+# MPI TCP), so each pair sees the same machine; then the next round.
 # Then it prints side-by-side tables: bus bandwidth (GB/s, nccl-tests
 # definition, 2(n-1)/n x algbw) with gantry/openmpi ratios, and median
-# latency (us) with openmpi/gantry speedups. In both, > 1 means gantry is
-# faster. Both programs report the median per-iteration time.
+# latency (us): one row per world size and transport, every round's median
+# for both side by side, the median over rounds, and speedup = openmpi /
+# gantry. In both, > 1 means gantry is faster. Both programs report the
+# median per-iteration time.
 #
 # --json: stdout gets every result line (one JSON object per line, as the
 # programs printed it plus a "run" key naming the case); the tables and
@@ -22,8 +26,10 @@
 #
 # Environment (defaults in brackets):
 #   SIZES [64M,256M]  WORLD [2]  ITERS [20]  WARMUP [3]       bandwidth section
-#   LAT_SIZE [1K]  LAT_WORLD [4]  LAT_ITERS [2000]  LAT_WARMUP [200]
+#   LAT_SIZE [1K]  LAT_WORLDS ["2 4"]  LAT_ROUNDS [3]  LAT_ITERS [5000]
+#   LAT_WARMUP [200]
 #   LATENCY [1]          0 skips the latency section
+#   BANDWIDTH [1]        0 skips the bandwidth section
 #   IMPLS ["gantry openmpi"]   e.g. IMPLS=openmpi runs only the Open MPI half
 #   CASE_TIMEOUT [900]   seconds per case before it is killed (and failed)
 #   BENCH_OUT [target/bench/allreduce-vs-mpi/<timestamp>]  raw outputs
@@ -31,7 +37,7 @@
 #   GANTRY_BIN, GANTRY_MPI_ALLREDUCE   override the binaries
 #
 # Open MPI notes: `--allow-run-as-root` because CI runs as root;
-# `--oversubscribe` because WORLD/LAT_WORLD may exceed the core count (2 here).
+# `--oversubscribe` because WORLD/LAT_WORLDS may exceed the core count (2 here).
 # Shared memory single copy: vader's default for large messages is CMA
 # (process_vm_readv), which some containers forbid (ptrace restrictions,
 # seccomp, no CAP_SYS_PTRACE); Open MPI then prints a CMA/ptrace warning or
@@ -56,10 +62,12 @@ WORLD=${WORLD:-2}
 ITERS=${ITERS:-20}
 WARMUP=${WARMUP:-3}
 LAT_SIZE=${LAT_SIZE:-1K}
-LAT_WORLD=${LAT_WORLD:-4}
-LAT_ITERS=${LAT_ITERS:-2000}
+LAT_WORLDS=${LAT_WORLDS:-${LAT_WORLD:-2 4}}
+LAT_ROUNDS=${LAT_ROUNDS:-3}
+LAT_ITERS=${LAT_ITERS:-5000}
 LAT_WARMUP=${LAT_WARMUP:-200}
 LATENCY=${LATENCY:-1}
+BANDWIDTH=${BANDWIDTH:-1}
 IMPLS=${IMPLS:-gantry openmpi}
 CASE_TIMEOUT=${CASE_TIMEOUT:-900}
 
@@ -163,16 +171,29 @@ mpi_case() { # mpi_case LABEL tcp|default WORLD SIZES ITERS WARMUP
 } >&2
 
 # ------------------------------------------------------------------ runs
-if has_impl gantry; then gantry_case gantry-tcp tcp "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
-if has_impl openmpi; then mpi_case openmpi-tcp tcp "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
-if has_impl gantry; then gantry_case gantry-shm shm "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
-if has_impl openmpi; then mpi_case openmpi-shm default "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
+if [[ $BANDWIDTH == 1 ]]; then
+    if has_impl gantry; then gantry_case gantry-tcp tcp "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
+    if has_impl openmpi; then mpi_case openmpi-tcp tcp "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
+    if has_impl gantry; then gantry_case gantry-shm shm "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
+    if has_impl openmpi; then mpi_case openmpi-shm default "$WORLD" "$SIZES" "$ITERS" "$WARMUP"; fi
+fi
 
+# Labels: lat-w<world>-r<round>-<impl>-<transport>.
 if [[ $LATENCY == 1 ]]; then
-    if has_impl gantry; then gantry_case lat-gantry-shm shm "$LAT_WORLD" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"; fi
-    if has_impl gantry; then gantry_case lat-gantry-tcp tcp "$LAT_WORLD" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"; fi
-    if has_impl openmpi; then mpi_case lat-openmpi-shm default "$LAT_WORLD" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"; fi
-    if has_impl openmpi; then mpi_case lat-openmpi-tcp tcp "$LAT_WORLD" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"; fi
+    for ((round = 1; round <= LAT_ROUNDS; round++)); do
+        for w in $LAT_WORLDS; do
+            for t in shm tcp; do
+                mode=$t
+                [[ $t == shm ]] && mode=default
+                if has_impl gantry; then
+                    gantry_case "lat-w$w-r$round-gantry-$t" "$t" "$w" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"
+                fi
+                if has_impl openmpi; then
+                    mpi_case "lat-w$w-r$round-openmpi-$t" "$mode" "$w" "$LAT_SIZE" "$LAT_ITERS" "$LAT_WARMUP"
+                fi
+            done
+        done
+    done
 fi
 
 # ------------------------------------------------------------------ report
@@ -184,11 +205,12 @@ else
 fi
 
 rc_report=0
-python3 - "$RECORDS" "$WORLD" "$LAT_WORLD" "$LAT_SIZE" "$LATENCY" "${FAILURES[@]}" <<'PY' >&"$report_fd" || rc_report=$?
+python3 - "$RECORDS" "$WORLD" "$LAT_WORLDS" "$LAT_SIZE" "$LATENCY" "$BANDWIDTH" "$LAT_ROUNDS" \
+    "${FAILURES[@]}" <<'PY' >&"$report_fd" || rc_report=$?
 import json, sys
 
-path, world, lat_world, lat_size, latency = sys.argv[1:6]
-failed = set(sys.argv[6:])
+path, world, lat_worlds, lat_size, latency, bandwidth, lat_rounds = sys.argv[1:8]
+failed = set(sys.argv[8:])
 recs = []
 with open(path) as f:
     for line in f:
@@ -228,53 +250,70 @@ def table(header, rows):
     for row in rows:
         print(fmt(row))
 
-# bandwidth
-runs = ["gantry-tcp", "openmpi-tcp", "gantry-shm", "openmpi-shm"]
-data = {run: by_run(run) for run in runs}
-sizes = sorted({b for d in data.values() for b in d})
-print()
-print(f"all_reduce f32 sum, world {world}: bus bandwidth GB/s (higher is better); "
-      "ratio = gantry / openmpi")
-rows = []
-for b in sizes:
-    gt, ot, gs, os_ = (data[r].get(b) for r in runs)
-    rows.append([
-        size_str(b),
-        num(gt, "busbw_gbps", ".3f"), num(ot, "busbw_gbps", ".3f"),
-        ratio(gt and gt["busbw_gbps"], ot and ot["busbw_gbps"]),
-        num(gs, "busbw_gbps", ".3f"), num(os_, "busbw_gbps", ".3f"),
-        ratio(gs and gs["busbw_gbps"], os_ and os_["busbw_gbps"]),
-    ])
-table(["size", "gantry tcp" + status("gantry-tcp"), "openmpi tcp" + status("openmpi-tcp"),
-       "ratio", "gantry shm" + status("gantry-shm"), "openmpi shm" + status("openmpi-shm"),
-       "ratio"], rows)
-print()
-print("median time_us per case:")
-rows = []
-for b in sizes:
-    rows.append([size_str(b)] + [num(data[r].get(b), "time_us", ".1f") for r in runs])
-table(["size"] + runs, rows)
+if bandwidth == "1":
+    # bandwidth
+    runs = ["gantry-tcp", "openmpi-tcp", "gantry-shm", "openmpi-shm"]
+    data = {run: by_run(run) for run in runs}
+    sizes = sorted({b for d in data.values() for b in d})
+    print()
+    print(f"all_reduce f32 sum, world {world}: bus bandwidth GB/s (higher is better); "
+          "ratio = gantry / openmpi")
+    rows = []
+    for b in sizes:
+        gt, ot, gs, os_ = (data[r].get(b) for r in runs)
+        rows.append([
+            size_str(b),
+            num(gt, "busbw_gbps", ".3f"), num(ot, "busbw_gbps", ".3f"),
+            ratio(gt and gt["busbw_gbps"], ot and ot["busbw_gbps"]),
+            num(gs, "busbw_gbps", ".3f"), num(os_, "busbw_gbps", ".3f"),
+            ratio(gs and gs["busbw_gbps"], os_ and os_["busbw_gbps"]),
+        ])
+    table(["size", "gantry tcp" + status("gantry-tcp"), "openmpi tcp" + status("openmpi-tcp"),
+           "ratio", "gantry shm" + status("gantry-shm"), "openmpi shm" + status("openmpi-shm"),
+           "ratio"], rows)
+    print()
+    print("median time_us per case:")
+    rows = []
+    for b in sizes:
+        rows.append([size_str(b)] + [num(data[r].get(b), "time_us", ".1f") for r in runs])
+    table(["size"] + runs, rows)
 
 # latency
 if latency == "1":
-    lat_runs = [("gantry", "shm", "lat-gantry-shm", "lat-openmpi-shm"),
-                ("gantry", "tcp", "lat-gantry-tcp", "lat-openmpi-tcp"),
-                ("openmpi", "shm (default)", "lat-openmpi-shm", None),
-                ("openmpi", "tcp", "lat-openmpi-tcp", None)]
+    def median(xs):
+        xs = sorted(xs)
+        n = len(xs)
+        return None if n == 0 else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
+
+    def round_times(w, impl, t):
+        out = []
+        for r in range(1, int(lat_rounds) + 1):
+            run = f"lat-w{w}-r{r}-{impl}-{t}"
+            rec = next(iter(by_run(run).values()), None)
+            ok = rec is not None and rec.get("ok") is True and run not in failed
+            out.append(float(rec["time_us"]) if ok else None)
+        return out
+
+    def fmt_rounds(xs):
+        return " / ".join("-" if x is None else f"{x:.2f}" for x in xs)
+
     print()
-    print(f"all_reduce f32 sum, {lat_size}, world {lat_world}: median time_us "
-          "(lower is better); speedup = openmpi / gantry, same transport")
+    print(f"all_reduce f32 sum, {lat_size}: median time_us per run (lower is better), "
+          f"{lat_rounds} paired rounds (gantry then openmpi, same transport, back to back); "
+          "speedup = openmpi / gantry over the medians of the rounds")
     rows = []
-    for impl, transport, run, ref in lat_runs:
-        d = by_run(run)
-        r = next(iter(d.values()), None)
-        if r is None and run not in failed:
-            continue  # not run (IMPLS)
-        rf = next(iter(by_run(ref).values()), None) if ref else None
-        rows.append([impl, transport + status(run), num(r, "time_us", ".1f"),
-                     num(r, "mean_us", ".1f") if r is not None and "mean_us" in r else "-",
-                     ratio(rf and rf["time_us"], r and r["time_us"]) if ref else ""])
-    table(["impl", "transport", "median_us", "mean_us", "speedup"], rows)
+    for w in lat_worlds.split():
+        for t, mpi_name in (("shm", "default (vader)"), ("tcp", "tcp")):
+            g, o = round_times(w, "gantry", t), round_times(w, "openmpi", t)
+            if all(x is None for x in g + o):
+                continue
+            gm = median([x for x in g if x is not None])
+            om = median([x for x in o if x is not None])
+            rows.append([w, t, fmt_rounds(g), mpi_name, fmt_rounds(o),
+                         "-" if gm is None else f"{gm:.2f}", "-" if om is None else f"{om:.2f}",
+                         ratio(om, gm)])
+    table(["world", "transport", "gantry rounds", "openmpi", "openmpi rounds",
+           "gantry", "openmpi", "speedup"], rows)
 
 if bad:
     print()

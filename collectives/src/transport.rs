@@ -13,6 +13,10 @@ use crate::header::{HEADER_LEN, Header, OpDesc};
 use crate::link::{Interest, Link, LinkKind};
 use crate::reduce::reduce_bytes;
 use std::time::{Duration, Instant};
+pub use wait::{OWN_CORE_SPIN, WaitPolicy};
+use wait::{Rung, SpinBudget, YieldGuard};
+
+mod wait;
 
 /// Deadline and identity of the operation an exchange belongs to (for errors).
 #[derive(Clone, Copy, Debug)]
@@ -141,51 +145,6 @@ fn pad_len(len: usize) -> usize {
 
 /// Messages up to this size are written header and payload in one call.
 const COALESCE_BYTES: usize = 16 * 1024;
-/// How a rank waits for a peer: busy-wait for `spin_for` (and at least `spin_iters` times),
-/// then yield the core for up to `yield_for` (a yield returns at once when nobody else wants
-/// the core, so it costs little more than spinning, and it hands the core over when a peer
-/// sharing it needs to run; links with a file descriptor skip this), then sleep on the link
-/// (futex or poll) until woken. The default spins not at all: measured on 2 cores with 4
-/// ranks, 1 KiB all_reduce, spinning before yielding made latency 2–10× worse.
-/// [`WaitPolicy::for_host`] spins where the ranks have cores of their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WaitPolicy {
-    pub spin_iters: u32,
-    pub spin_for: Duration,
-    pub yield_for: Duration,
-}
-
-impl Default for WaitPolicy {
-    fn default() -> Self {
-        WaitPolicy {
-            spin_iters: 0,
-            spin_for: Duration::ZERO,
-            yield_for: Duration::from_millis(5),
-        }
-    }
-}
-
-/// How long a rank with a core of its own busy-waits before it sleeps: longer than a
-/// loopback TCP round trip (~10–30 µs here), far shorter than the ~30 µs a sleep and wake
-/// costs twice over on a VM.
-pub const OWN_CORE_SPIN: Duration = Duration::from_micros(50);
-
-impl WaitPolicy {
-    /// The policy for `ranks_here` ranks on a host of `cores` cores: spin for
-    /// [`OWN_CORE_SPIN`] when every rank has a core of its own (a sleeping rank costs a context
-    /// switch per message: Open MPI busy-polls for the same reason), not at all when ranks
-    /// share cores (there a spinning rank holds the core its peer needs to answer).
-    pub fn for_host(ranks_here: usize, cores: usize) -> WaitPolicy {
-        WaitPolicy {
-            spin_for: if ranks_here <= cores {
-                OWN_CORE_SPIN
-            } else {
-                Duration::ZERO
-            },
-            ..WaitPolicy::default()
-        }
-    }
-}
 const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 const MAX_SLEEP: Duration = Duration::from_millis(10);
 
@@ -196,6 +155,8 @@ pub struct MeshTransport {
     connector: Box<dyn LinkConnector>,
     coalesce: Vec<u8>,
     wait: WaitPolicy,
+    yields: YieldGuard,
+    spin: SpinBudget,
 }
 
 impl MeshTransport {
@@ -207,6 +168,8 @@ impl MeshTransport {
             connector,
             coalesce: Vec::new(),
             wait,
+            yields: YieldGuard::default(),
+            spin: SpinBudget::new(wait.spin_for),
         }
     }
 
@@ -367,6 +330,9 @@ impl Transport for MeshTransport {
                 return Ok(());
             }
             if progressed {
+                if idle.since.is_some() {
+                    self.spin.after_wait(!idle.climbed);
+                }
                 idle.reset();
                 continue;
             }
@@ -385,7 +351,11 @@ impl Transport for MeshTransport {
 struct Idle {
     since: Option<Instant>,
     spins: u32,
-    last_liveness: Instant,
+    /// Went past the spin rung.
+    climbed: bool,
+    /// Set on the first wait: an exchange that never waits reads no clock for it (one clock
+    /// read is a noticeable part of a 1 µs exchange).
+    last_liveness: Option<Instant>,
 }
 
 impl Idle {
@@ -393,7 +363,8 @@ impl Idle {
         Idle {
             since: None,
             spins: 0,
-            last_liveness: Instant::now(),
+            climbed: false,
+            last_liveness: None,
         }
     }
 
@@ -402,6 +373,7 @@ impl Idle {
     fn reset(&mut self) {
         self.since = None;
         self.spins = 0;
+        self.climbed = false;
     }
 }
 
@@ -418,20 +390,26 @@ impl MeshTransport {
         rx_peer: Option<usize>,
     ) -> Result<(), ExchangeError> {
         let idle_start = *idle.since.get_or_insert(now);
-        if idle.spins < self.wait.spin_iters || now.duration_since(idle_start) < self.wait.spin_for {
-            idle.spins += 1;
-            std::hint::spin_loop();
-            return Ok(());
+        let policy = self.wait;
+        let spin_for = self.spin.now;
+        let pollable = || self.pending_pollable(tx_peer, rx_peer);
+        let rung = policy.rung(spin_for, now.duration_since(idle_start), idle.spins, pollable);
+        idle.climbed |= rung != Rung::Spin;
+        match rung {
+            Rung::Spin => {
+                idle.spins += 1;
+                std::hint::spin_loop();
+                return Ok(());
+            }
+            Rung::Yield if self.yields.allows(now) => {
+                std::thread::yield_now();
+                self.yields.record(now, Instant::now());
+                return Ok(());
+            }
+            Rung::Yield | Rung::Sleep => {}
         }
-        // Links with file descriptors sleep in poll(2) and are woken by the kernel on data;
-        // yielding would only compete for the cores with the ranks that have work to do.
-        let pollable = self.pending_pollable(tx_peer, rx_peer);
-        if !pollable && now.duration_since(idle_start) < self.wait.yield_for {
-            std::thread::yield_now();
-            return Ok(());
-        }
-        if now.duration_since(idle.last_liveness) >= LIVENESS_EVERY {
-            idle.last_liveness = now;
+        if now.duration_since(*idle.last_liveness.get_or_insert(idle_start)) >= LIVENESS_EVERY {
+            idle.last_liveness = Some(now);
             self.check_alive(tx_peer, rx_peer)?;
         }
         let sleep = (ctx.deadline - now).min(MAX_SLEEP);
@@ -656,19 +634,5 @@ fn timeout_error(ctx: &OpCtx, tx: Option<&TxState<'_>>, rx: Option<&RxState<'_>>
             },
         },
         (None, None) => unreachable!("timeout with nothing pending"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranks_with_cores_of_their_own_spin_before_they_sleep() {
-        assert_eq!(WaitPolicy::for_host(2, 2).spin_for, OWN_CORE_SPIN);
-        assert_eq!(WaitPolicy::for_host(1, 64).spin_for, OWN_CORE_SPIN);
-        // Sharing cores, a spinning rank holds the core its peer needs: no spin at all.
-        assert_eq!(WaitPolicy::for_host(4, 2), WaitPolicy::default());
-        assert_eq!(WaitPolicy::default().spin_for, Duration::ZERO);
     }
 }

@@ -1,0 +1,277 @@
+//! How a waiting rank spends the time until its peer answers: the [`WaitPolicy`] ladder (spin,
+//! yield, sleep) that [`super::MeshTransport`] climbs whenever an exchange makes no progress, and
+//! the two run-time adaptations on top of it ([`SpinBudget`], [`YieldGuard`]). Pure: no clock
+//! reads and no system calls here, so the rules are tested exhaustively without timing.
+
+use std::time::{Duration, Instant};
+
+/// How a rank waits for a peer, in three rungs counted from the last progress: busy-wait for
+/// `spin_for` (and at least `spin_iters` times), then yield the core until `yield_for` has
+/// passed (a yield returns at once when nobody else wants the core, and hands it over when a
+/// peer sharing it needs to run), then sleep on the link (futex or `poll(2)`) until woken.
+/// Links with a file descriptor skip the yield rung unless `yield_pollable`.
+///
+/// The default is for ranks that share cores (measured on 2 cores with 4 ranks, 1 KiB
+/// all_reduce): no spinning (a spinning rank holds the core its peer needs to answer: 2–10×
+/// slower), and TCP goes straight to `poll(2)` (yielding there, with other work on the host,
+/// gave medians up to 2.8 ms, in four runs of five over 0.5 ms, where `poll(2)` gave 0.13–0.17:
+/// a yield can hand the core to a busy process for a time slice, while a sleeper the kernel
+/// wakes on data runs at once).
+/// [`WaitPolicy::for_host`] picks the policy for ranks that have cores of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitPolicy {
+    pub spin_iters: u32,
+    pub spin_for: Duration,
+    pub yield_for: Duration,
+    pub yield_pollable: bool,
+}
+
+impl Default for WaitPolicy {
+    fn default() -> Self {
+        WaitPolicy {
+            spin_iters: 0,
+            spin_for: Duration::ZERO,
+            yield_for: Duration::from_millis(5),
+            yield_pollable: false,
+        }
+    }
+}
+
+/// How long a rank with a core of its own busy-waits before it yields or sleeps. Far longer
+/// than a message takes (about 1 µs over shared memory, 10 µs over loopback TCP), because a
+/// rank that sleeps costs more than its own wake-up: the kernel tends to wake it on its
+/// waker's core, and two ranks on one core each spin a full window while the other cannot
+/// run (measured, 2 ranks over TCP with builds running: 50 µs gave a steady 143 µs per
+/// all_reduce, 2 × 50 µs + a wake-up, in most runs; 250 µs gave 545–585 µs in half the runs;
+/// 1 ms gave 8–19 µs in 28 runs of 32, see [`SpinBudget`]).
+/// Open MPI busy-polls without any bound; this bound keeps a rank whose peer is slow (a
+/// longer compute step) from burning its core for more than a millisecond per wait.
+pub const OWN_CORE_SPIN: Duration = Duration::from_millis(1);
+
+impl WaitPolicy {
+    /// The policy for `ranks_here` ranks on a host of `cores` cores. When every rank has a core
+    /// of its own, spin for [`OWN_CORE_SPIN`], then yield (TCP too), then sleep: a sleeping rank
+    /// costs a context switch per message, ~30 µs on a VM (Open MPI busy-polls for the same
+    /// reason). When ranks share cores, the [default](WaitPolicy::default).
+    pub fn for_host(ranks_here: usize, cores: usize) -> WaitPolicy {
+        if ranks_here <= cores {
+            WaitPolicy {
+                spin_for: OWN_CORE_SPIN,
+                yield_pollable: true,
+                ..WaitPolicy::default()
+            }
+        } else {
+            WaitPolicy::default()
+        }
+    }
+
+    /// The rung of the ladder for a wait that has gone `waited` (and `spins` busy-waits)
+    /// without progress, spinning for `spin_for` (the [`SpinBudget`], at most the policy's);
+    /// `pollable` says whether every pending link has a file descriptor (asked only past the
+    /// spin rung, which stays free of virtual calls).
+    pub(super) fn rung(
+        &self,
+        spin_for: Duration,
+        waited: Duration,
+        spins: u32,
+        pollable: impl FnOnce() -> bool,
+    ) -> Rung {
+        if spins < self.spin_iters || waited < spin_for {
+            Rung::Spin
+        } else if waited < self.yield_for && (self.yield_pollable || !pollable()) {
+            Rung::Yield
+        } else {
+            Rung::Sleep
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Rung {
+    Spin,
+    Yield,
+    Sleep,
+}
+
+/// A yield that keeps a rank off its core longer than this handed the core to other work on
+/// the host for a time slice: the kernel (EEVDF) charges a yielding task for the rest of its
+/// slice, so with a busy process beside the ranks each yield costs about a slice (measured:
+/// 4 ranks on 2 cores beside a build, 1 KiB all_reduce over shared memory, medians of 1.6–2.8
+/// ms instead of 20–30 µs). Among ranks alone, a yield returns as soon as the rank it let run
+/// waits in turn: microseconds.
+const SLOW_YIELD: Duration = Duration::from_micros(250);
+/// After a slow yield, the yield rung is skipped (waits go from spinning to sleeping, where the
+/// kernel wakes the rank as soon as data comes) for this long, then tried again.
+const YIELD_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether yielding pays on this host just now: adapts the [`WaitPolicy`] ladder to other work
+/// sharing the cores, which the policy, fixed at start-up, cannot know.
+#[derive(Debug, Default)]
+pub(super) struct YieldGuard {
+    skip_until: Option<Instant>,
+}
+
+impl YieldGuard {
+    pub(super) fn allows(&self, now: Instant) -> bool {
+        self.skip_until.is_none_or(|until| now >= until)
+    }
+
+    /// A yield that began at `start` returned at `end`.
+    pub(super) fn record(&mut self, start: Instant, end: Instant) {
+        if end.saturating_duration_since(start) > SLOW_YIELD {
+            self.skip_until = Some(end + YIELD_BACKOFF);
+        }
+    }
+}
+
+/// The spin rung never shrinks below this (unless the policy's is shorter): longer than a message
+/// takes between ranks on cores of their own (1 µs over shared memory, 10 µs over loopback TCP),
+/// so a spin that can succeed keeps succeeding and grows the budget back.
+const SPIN_FLOOR: Duration = Duration::from_micros(20);
+
+/// How long the spin rung lasts now: halved after every wait that spinning did not end, doubled
+/// (up to the policy's) after every wait it did. Two ranks that share a core while the policy
+/// thinks they have one each (other work on the host pushed them together, the kernel woke one
+/// beside the other) end no wait by spinning, since the spinner holds the core its peer needs:
+/// each would spin its whole window per message. With the budget at [`SPIN_FLOOR`] that costs
+/// tens of microseconds instead of milliseconds, and once they are apart again their waits end
+/// within the spin and it grows back. Not shown to be enough: with builds running, 4 runs in 32
+/// of 2 ranks over TCP still gave 1–2 ms per 1 KiB all_reduce, three of them with this budget
+/// (BENCHMARKS.md, "Small messages: waiting that adapts").
+#[derive(Debug)]
+pub(super) struct SpinBudget {
+    pub(super) now: Duration,
+    max: Duration,
+}
+
+impl SpinBudget {
+    pub(super) fn new(max: Duration) -> SpinBudget {
+        SpinBudget { now: max, max }
+    }
+
+    /// A wait ended; `by_spinning`: it ended on the spin rung.
+    pub(super) fn after_wait(&mut self, by_spinning: bool) {
+        self.now = if by_spinning {
+            (self.now * 2).min(self.max)
+        } else {
+            (self.now / 2).max(SPIN_FLOOR.min(self.max))
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHARED: WaitPolicy = WaitPolicy {
+        spin_iters: 0,
+        spin_for: Duration::ZERO,
+        yield_for: Duration::from_millis(5),
+        yield_pollable: false,
+    };
+
+    #[test]
+    fn ranks_with_cores_of_their_own_spin_then_yield_on_every_link() {
+        for (ranks, cores) in [(1, 1), (2, 2), (1, 64), (64, 64)] {
+            let p = WaitPolicy::for_host(ranks, cores);
+            assert_eq!(
+                (p.spin_for, p.yield_pollable),
+                (OWN_CORE_SPIN, true),
+                "{ranks} ranks, {cores} cores"
+            );
+            assert!(p.yield_for > p.spin_for, "the yield rung must outlast the spin rung");
+        }
+        // Sharing cores, a spinning rank holds the core its peer needs: no spin, and TCP sleeps.
+        for (ranks, cores) in [(3, 2), (4, 2), (65, 64)] {
+            assert_eq!(
+                WaitPolicy::for_host(ranks, cores),
+                SHARED,
+                "{ranks} ranks, {cores} cores"
+            );
+        }
+        assert_eq!(WaitPolicy::default(), SHARED);
+    }
+
+    #[test]
+    fn the_ladder_climbs_spin_yield_sleep() {
+        let ms = Duration::from_millis;
+        let own = WaitPolicy::for_host(2, 2);
+        for pollable in [false, true] {
+            let rung = |p: WaitPolicy, waited, spins| p.rung(p.spin_for, waited, spins, || pollable);
+            assert_eq!(rung(own, Duration::ZERO, 0), Rung::Spin);
+            assert_eq!(rung(own, OWN_CORE_SPIN - Duration::from_nanos(1), 1000), Rung::Spin);
+            assert_eq!(rung(own, OWN_CORE_SPIN, 1000), Rung::Yield);
+            assert_eq!(rung(own, ms(5), 1000), Rung::Sleep);
+            // Shared cores: no spin; shared memory yields first, TCP sleeps in poll(2) at once.
+            let shared_first = if pollable { Rung::Sleep } else { Rung::Yield };
+            assert_eq!(rung(SHARED, Duration::ZERO, 0), shared_first);
+            assert_eq!(rung(SHARED, ms(4), 0), shared_first);
+            assert_eq!(rung(SHARED, ms(5), 0), Rung::Sleep);
+            // A spin count is a floor, whatever the clock says.
+            let counted = WaitPolicy {
+                spin_iters: 3,
+                ..SHARED
+            };
+            assert_eq!(rung(counted, ms(9), 2), Rung::Spin);
+            assert_eq!(rung(counted, ms(9), 3), Rung::Sleep);
+        }
+    }
+
+    #[test]
+    fn a_slow_yield_skips_the_yield_rung_for_a_while() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let mut guard = YieldGuard::default();
+        assert!(guard.allows(t0));
+        guard.record(t0, t0 + SLOW_YIELD);
+        assert!(
+            guard.allows(t0 + SLOW_YIELD),
+            "a yield of exactly the bound is not slow"
+        );
+        let end = t0 + SLOW_YIELD + us(1);
+        guard.record(t0, end);
+        assert!(!guard.allows(end));
+        assert!(!guard.allows(end + YIELD_BACKOFF - us(1)));
+        assert!(guard.allows(end + YIELD_BACKOFF));
+        // Fast yields after the back-off leave the rung open.
+        let later = end + YIELD_BACKOFF;
+        guard.record(later, later + us(3));
+        assert!(guard.allows(later + us(3)));
+    }
+
+    #[test]
+    fn the_spin_budget_shrinks_on_misses_to_its_floor_and_grows_back_on_hits() {
+        let mut b = SpinBudget::new(OWN_CORE_SPIN);
+        let mut seen = vec![b.now];
+        for _ in 0..20 {
+            b.after_wait(false);
+            seen.push(b.now);
+        }
+        assert!(seen.windows(2).all(|w| w[1] <= w[0]), "misses never grow it: {seen:?}");
+        assert_eq!(b.now, SPIN_FLOOR);
+        for _ in 0..20 {
+            b.after_wait(true);
+        }
+        assert_eq!(b.now, OWN_CORE_SPIN);
+        // A policy that does not spin never starts to, and one shorter than the floor stays put.
+        for max in [Duration::ZERO, SPIN_FLOOR / 4] {
+            let mut b = SpinBudget::new(max);
+            for hit in [true, false, false, true] {
+                b.after_wait(hit);
+                assert_eq!(b.now, max);
+            }
+        }
+        // The spin rung follows the budget, not the policy's maximum.
+        let own = WaitPolicy::for_host(2, 2);
+        assert_eq!(own.rung(SPIN_FLOOR, SPIN_FLOOR, 9, || true), Rung::Yield);
+    }
+
+    #[test]
+    fn the_spin_rung_never_asks_the_links() {
+        let own = WaitPolicy::for_host(2, 2);
+        let rung = own.rung(own.spin_for, Duration::ZERO, 0, || {
+            panic!("pollable asked while spinning")
+        });
+        assert_eq!(rung, Rung::Spin);
+    }
+}
