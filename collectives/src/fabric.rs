@@ -11,17 +11,20 @@
 //! ([`crate::auth`]).
 
 use crate::auth::JobAuth;
+use crate::auth::binding::Ends;
 use crate::comm::Communicator;
 use crate::error::{CommError, LinkError};
 use crate::link::Link;
 use crate::local::LocalRegistry;
 use crate::nccl::{NcclCommunicator, NcclError, NcclUniqueId};
+use crate::quic::QuicEndpoint;
 pub use crate::rank_env::Bootstrap;
 use crate::rank_env::EnvError;
 use crate::recorder::RecorderSet;
 use crate::shm::ShmLink;
 use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
-use crate::tcp::{self, Acceptor, TcpLink};
+use crate::tcp::{self, Acceptor, Incoming, TcpLink};
+use crate::tls::{self, Role, TlsIdentity};
 use crate::transport::{LinkConnector, MeshTransport, WaitPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -33,9 +36,14 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
-    /// Shared memory between ranks on one host, TCP between hosts.
+    /// Shared memory between ranks on one host; [`FabricConfig::inter_host`] between hosts.
     Auto,
+    /// Every link plain TCP, even on one host.
     Tcp,
+    /// Every link TLS 1.3 over TCP, even on one host (benchmarks, or no shared memory wanted).
+    Tls,
+    /// Every link QUIC, even on one host.
+    Quic,
     /// Shared memory only (every peer must be on this host).
     Shm,
     /// Threads of one process (tests); only through [`Fabric::local_world`].
@@ -48,9 +56,86 @@ impl std::str::FromStr for TransportChoice {
         match s.to_ascii_lowercase().as_str() {
             "auto" => Ok(TransportChoice::Auto),
             "tcp" => Ok(TransportChoice::Tcp),
+            "tls" => Ok(TransportChoice::Tls),
+            "quic" => Ok(TransportChoice::Quic),
             "shm" => Ok(TransportChoice::Shm),
             "local" => Ok(TransportChoice::Local),
-            _ => Err(format!("unknown transport `{s}` (expected auto, tcp or shm)")),
+            _ => Err(format!(
+                "unknown transport `{s}` (expected auto, tcp, tls, quic or shm)"
+            )),
+        }
+    }
+}
+
+/// The link [`TransportChoice::Auto`] uses between ranks on different hosts. Plain TCP by
+/// default: it measures fastest (BENCHMARKS.md, "Transports"); TLS when the network between
+/// hosts is not trusted; QUIC where TCP is throttled or lossy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterHost {
+    #[default]
+    Tcp,
+    Tls,
+    Quic,
+}
+
+impl std::str::FromStr for InterHost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(InterHost::Tcp),
+            "tls" => Ok(InterHost::Tls),
+            "quic" => Ok(InterHost::Quic),
+            _ => Err(format!("unknown inter-host link `{s}` (expected tcp, tls or quic)")),
+        }
+    }
+}
+
+/// The wire a link to one peer takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Shm,
+    Tcp,
+    Tls,
+    Quic,
+}
+
+impl TransportChoice {
+    /// The wire to a peer on this host (`same_host`) or another. `None` for
+    /// [`TransportChoice::Shm`] towards another host, which cannot be served.
+    pub fn wire(self, inter_host: InterHost, same_host: bool) -> Option<Wire> {
+        Some(match self {
+            TransportChoice::Auto if same_host => Wire::Shm,
+            TransportChoice::Auto => match inter_host {
+                InterHost::Tcp => Wire::Tcp,
+                InterHost::Tls => Wire::Tls,
+                InterHost::Quic => Wire::Quic,
+            },
+            TransportChoice::Shm if same_host => Wire::Shm,
+            TransportChoice::Shm => return None,
+            TransportChoice::Tcp | TransportChoice::Local => Wire::Tcp,
+            TransportChoice::Tls => Wire::Tls,
+            TransportChoice::Quic => Wire::Quic,
+        })
+    }
+
+    /// Whether some link of this choice may need each listener.
+    fn listens(self, inter_host: InterHost) -> (bool, bool) {
+        let (tcp_like, quic) = match self {
+            TransportChoice::Auto => (inter_host != InterHost::Quic, inter_host == InterHost::Quic),
+            TransportChoice::Tcp | TransportChoice::Tls => (true, false),
+            TransportChoice::Quic => (false, true),
+            TransportChoice::Shm | TransportChoice::Local => (false, false),
+        };
+        (tcp_like, quic)
+    }
+
+    /// Whether some link of this choice is encrypted (and needs a [`TlsIdentity`]).
+    fn encrypts(self, inter_host: InterHost) -> bool {
+        match self {
+            TransportChoice::Auto => inter_host != InterHost::Tcp,
+            TransportChoice::Tls | TransportChoice::Quic => true,
+            _ => false,
         }
     }
 }
@@ -58,6 +143,8 @@ impl std::str::FromStr for TransportChoice {
 #[derive(Clone, Debug)]
 pub struct FabricConfig {
     pub transport: TransportChoice,
+    /// What [`TransportChoice::Auto`] uses between hosts.
+    pub inter_host: InterHost,
     /// Default deadline of every collective call.
     pub timeout: Duration,
     /// Address the TCP listener binds (port 0 = any free port).
@@ -92,6 +179,7 @@ impl Default for FabricConfig {
     fn default() -> Self {
         FabricConfig {
             transport: TransportChoice::Auto,
+            inter_host: InterHost::Tcp,
             timeout: crate::error::DEFAULT_TIMEOUT,
             bind_addr: "0.0.0.0:0".into(),
             advertise_host: None,
@@ -131,7 +219,7 @@ impl FabricConfig {
         Ok(())
     }
 
-    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
+    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_INTER_HOST`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
     /// `GANTRY_YIELD_US`, `GANTRY_SPIN_ITERS`, `GANTRY_SPIN_US`, `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`, looked up
     /// through `get` (the binary passes `|k| std::env::var(k).ok()`); empty values are ignored.
     pub fn with_lookup(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
@@ -140,6 +228,11 @@ impl FabricConfig {
             self.transport = t
                 .parse()
                 .map_err(|why| EnvError::Rule(format!("GANTRY_TRANSPORT: {why}")))?;
+        }
+        if let Some(t) = var("GANTRY_INTER_HOST") {
+            self.inter_host = t
+                .parse()
+                .map_err(|why| EnvError::Rule(format!("GANTRY_INTER_HOST: {why}")))?;
         }
         if let Some(ms) = var("GANTRY_TIMEOUT_MS") {
             self.timeout = Duration::from_millis(number("GANTRY_TIMEOUT_MS", ms)?);
@@ -181,6 +274,9 @@ fn number<T: std::str::FromStr>(var: &'static str, value: String) -> Result<T, E
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct PeerInfo {
     addr: Option<String>,
+    /// The UDP address of its QUIC endpoint, when it has one.
+    #[serde(default)]
+    quic_addr: Option<String>,
     host: String,
     pid: u32,
 }
@@ -199,6 +295,9 @@ pub(crate) struct FabricInner {
     session: String,
     host: String,
     acceptor: Option<Acceptor>,
+    quic: Option<QuicEndpoint>,
+    /// The throwaway certificate of this process's encrypted links.
+    tls: Option<TlsIdentity>,
     local: Option<Arc<LocalRegistry>>,
     pub(crate) recorders: RecorderSet,
     peers: Mutex<HashMap<usize, PeerInfo>>,
@@ -285,23 +384,37 @@ impl Fabric {
         let proposal = format!("{:x}-{:x}", std::process::id(), unique_nanos());
         let session =
             String::from_utf8_lossy(&store.set_if_absent("gantry/session", proposal.as_bytes())?).into_owned();
-        let acceptor = match config.transport {
-            TransportChoice::Tcp | TransportChoice::Auto => Some(
-                Acceptor::bind(config.bind_addr.as_str(), rank, auth.clone())
+        let (tcp_like, quic) = config.transport.listens(config.inter_host);
+        let tls = if config.transport.encrypts(config.inter_host) {
+            Some(TlsIdentity::generate().map_err(setup)?)
+        } else {
+            None
+        };
+        let acceptor = if tcp_like {
+            Some(
+                Acceptor::bind(config.bind_addr.as_str(), rank, auth.clone(), tls.clone())
                     .map_err(|e| setup(format!("cannot listen on {}: {e}", config.bind_addr)))?,
+            )
+        } else {
+            None
+        };
+        let quic = match (quic, &tls) {
+            (true, Some(identity)) => Some(
+                QuicEndpoint::bind(config.bind_addr.as_str(), rank, auth.clone(), identity.clone())
+                    .map_err(|e| setup(format!("cannot open a QUIC endpoint on {}: {e}", config.bind_addr)))?,
             ),
             _ => None,
         };
-        let addr = acceptor.as_ref().map(|a| {
-            let host = config
-                .advertise_host
-                .clone()
-                .or_else(|| route_ip_towards(master_addr))
-                .unwrap_or_else(|| "127.0.0.1".into());
-            format!("{host}:{}", a.local_addr().port())
-        });
+        let advertised = config
+            .advertise_host
+            .clone()
+            .or_else(|| route_ip_towards(master_addr))
+            .unwrap_or_else(|| "127.0.0.1".into());
         let info = PeerInfo {
-            addr,
+            addr: acceptor
+                .as_ref()
+                .map(|a| format!("{advertised}:{}", a.local_addr().port())),
+            quic_addr: quic.as_ref().map(|q| format!("{advertised}:{}", q.local_addr().port())),
             host: host_identity(),
             pid: std::process::id(),
         };
@@ -321,6 +434,8 @@ impl Fabric {
                 session,
                 host: info.host,
                 acceptor,
+                quic,
+                tls,
                 local: None,
                 peers: Mutex::default(),
                 instances: Mutex::default(),
@@ -348,6 +463,8 @@ impl Fabric {
                     session: "local".into(),
                     host: host_identity(),
                     acceptor: None,
+                    quic: None,
+                    tls: None,
                     local: Some(registry.clone()),
                     peers: Mutex::default(),
                     instances: Mutex::default(),
@@ -481,7 +598,8 @@ impl Fabric {
     /// Connections this process's link listener and (on the rank that serves it) the
     /// rendezvous store closed because they failed the handshake, so far.
     pub fn refused_connections(&self) -> u64 {
-        let links = self.inner.acceptor.as_ref().map_or(0, Acceptor::refused_connections);
+        let links = self.inner.acceptor.as_ref().map_or(0, Acceptor::refused_connections)
+            + self.inner.quic.as_ref().map_or(0, QuicEndpoint::refused_connections);
         links + self.inner.server.as_ref().map_or(0, StoreServer::refused_connections)
     }
 }
@@ -528,19 +646,20 @@ impl LinkConnector for FabricConnector {
         }
         let info = f.peer_info(peer, deadline)?;
         let same_host = info.host == f.host;
-        let use_shm = match f.config.transport {
-            TransportChoice::Shm if !same_host => {
-                return Err(LinkError::Protocol(format!(
-                    "transport shm was requested but rank {peer} is on another host ({})",
-                    info.host
-                )));
-            }
-            TransportChoice::Shm => true,
-            TransportChoice::Auto => same_host,
-            TransportChoice::Tcp | TransportChoice::Local => false,
+        let wire = f.config.transport.wire(f.config.inter_host, same_host).ok_or_else(|| {
+            LinkError::Protocol(format!(
+                "transport shm was requested but rank {peer} is on another host ({})",
+                info.host
+            ))
+        })?;
+        let ends = Ends {
+            client: me.max(peer),
+            server: me.min(peer),
+            key: &self.key,
         };
-        if use_shm {
-            let link = ShmLink::connect(
+        let role = if me > peer { Role::Client } else { Role::Server };
+        match wire {
+            Wire::Shm => Ok(Box::new(ShmLink::connect(
                 &f.config.shm_dir,
                 &f.session,
                 &self.key,
@@ -548,21 +667,73 @@ impl LinkConnector for FabricConnector {
                 peer,
                 f.config.shm_ring_bytes,
                 deadline,
-            )?;
-            return Ok(Box::new(link));
+            )?)),
+            Wire::Tcp | Wire::Tls => self.tcp_link(&info, peer, wire, ends, deadline),
+            Wire::Quic => {
+                let endpoint = f
+                    .quic
+                    .as_ref()
+                    .ok_or_else(|| LinkError::Protocol("QUIC is disabled".into()))?;
+                let link = if role == Role::Client {
+                    let addr = info
+                        .quic_addr
+                        .ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no QUIC address")))?;
+                    endpoint.dial(&addr, &self.key, me, peer, f.auth.as_ref(), deadline)?
+                } else {
+                    endpoint.take(&self.key, peer, deadline)?
+                };
+                Ok(Box::new(link))
+            }
         }
+    }
+}
+
+impl FabricConnector {
+    /// The authenticated TCP or TLS link to `peer`: dialled by the higher rank, taken from the
+    /// acceptor (which ran TLS already) by the lower.
+    fn tcp_link(
+        &self,
+        info: &PeerInfo,
+        peer: usize,
+        wire: Wire,
+        ends: Ends<'_>,
+        deadline: Instant,
+    ) -> Result<Box<dyn Link>, LinkError> {
+        let f = &self.fabric;
+        let me = f.rank;
         let acceptor = f
             .acceptor
             .as_ref()
             .ok_or_else(|| LinkError::Protocol("TCP is disabled".into()))?;
-        let stream = if me > peer {
-            let addr = info
-                .addr
-                .ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
-            tcp::connect(&addr, &self.key, me, peer, f.auth.as_ref(), deadline)?
-        } else {
-            acceptor.take(&self.key, peer, deadline)?
-        };
-        Ok(Box::new(TcpLink::new(stream)?))
+        if me < peer {
+            return match (acceptor.take(&self.key, peer, deadline)?, wire) {
+                (Incoming::Plain(stream), Wire::Tcp) => Ok(Box::new(TcpLink::new(stream)?)),
+                (Incoming::Tls(link), Wire::Tls) => Ok(link),
+                _ => Err(LinkError::Protocol(format!(
+                    "rank {peer} connected with another transport than this rank's {wire:?}: every rank of a \
+                     job needs the same GANTRY_TRANSPORT and GANTRY_INTER_HOST"
+                ))),
+            };
+        }
+        let addr = info
+            .addr
+            .as_deref()
+            .ok_or_else(|| LinkError::Protocol(format!("rank {peer} has no TCP address")))?;
+        let stream = tcp::connect(addr, &self.key, me, peer, f.auth.as_ref(), deadline)?;
+        if wire == Wire::Tcp {
+            return Ok(Box::new(TcpLink::new(stream)?));
+        }
+        let identity = f
+            .tls
+            .as_ref()
+            .ok_or_else(|| LinkError::Protocol("TLS is disabled".into()))?;
+        Ok(Box::new(tls::secure(
+            stream,
+            identity,
+            Role::Client,
+            ends,
+            f.auth.as_ref(),
+            deadline,
+        )?))
     }
 }

@@ -9,7 +9,8 @@
 //! - [`dtype`], [`reduce`]: element types and the vectorizable reduction kernels.
 //! - [`header`]: the 40-byte header every message carries (what the mismatch check compares).
 //! - [`link`]: the [`Link`] trait, a nonblocking byte pipe to one peer, implemented by
-//!   [`tcp`], [`shm`] (rings in `/dev/shm`) and [`local`] (threads, for tests).
+//!   [`tcp`], [`tls`] (TLS 1.3 over the same TCP connection), [`quic`] (quinn), [`shm`]
+//!   (rings in `/dev/shm`) and [`local`] (threads, for tests).
 //! - [`transport`]: the [`Transport`] trait the algorithms are written against (one primitive,
 //!   `exchange`: send to one peer while receiving, and maybe reducing, from another) and
 //!   [`MeshTransport`], which implements it over links: framing, header checks,
@@ -19,9 +20,11 @@
 //! - [`comm`]: [`Communicator`], the public API: sequence numbers, algorithm choice, deadlines,
 //!   error attribution, `split` into sub-groups.
 //! - [`fabric`]: how a process joins a world: rendezvous through a [`store::Store`], lazy
-//!   per-peer links (shared memory when the peer is on this host, TCP otherwise).
-//! - [`auth`]: the job secret and the handshake that opens every store connection and TCP
-//!   link (HMAC-SHA256 over nonces from both sides); failures are closed, logged, counted.
+//!   per-peer links (shared memory when the peer is on this host, TCP, TLS or QUIC otherwise:
+//!   `TransportChoice` × `InterHost` → `Wire`).
+//! - [`auth`]: the job secret and the handshake that opens every store connection and
+//!   network link (HMAC-SHA256 over nonces from both sides), and the binding of an encrypted
+//!   link's session to that secret; failures are closed, logged, counted.
 //! - [`rank_env`]: a rank process's environment, written by every launcher ([`RankEnv`]:
 //!   torchrun's and gantry's variables, the thread policy) and read back by the rank
 //!   ([`Bootstrap::from_lookup`]) in one place. The library reads no environment itself:
@@ -70,6 +73,7 @@ pub mod layout;
 pub mod link;
 pub mod local;
 pub mod nccl;
+pub mod quic;
 pub mod rank_env;
 pub mod recorder;
 pub mod reduce;
@@ -77,6 +81,7 @@ pub mod shm;
 pub mod spawn;
 pub mod store;
 pub mod tcp;
+pub mod tls;
 pub mod transport;
 
 pub use auth::{JobAuth, JobSecret};

@@ -1,6 +1,6 @@
 //! A [`Link`] is a nonblocking, ordered, reliable byte pipe to one peer (both directions).
 //!
-//! Transports (TCP, shared memory, in-process) only implement this trait; message framing,
+//! Transports (TCP, TLS, QUIC, shared memory, in-process) only implement this trait; message framing,
 //! header checks, reduction on arrival, deadlines and waiting strategy live once in
 //! [`crate::transport::MeshTransport`]. Nothing here blocks except [`Link::wait`].
 
@@ -13,6 +13,10 @@ use std::time::Duration;
 #[serde(rename_all = "lowercase")]
 pub enum LinkKind {
     Tcp,
+    /// TLS 1.3 over TCP ([`crate::tls`]).
+    Tls,
+    /// QUIC over UDP ([`crate::quic`]).
+    Quic,
     Shm,
     Local,
 }
@@ -21,6 +25,8 @@ impl LinkKind {
     pub const fn name(self) -> &'static str {
         match self {
             LinkKind::Tcp => "tcp",
+            LinkKind::Tls => "tls",
+            LinkKind::Quic => "quic",
             LinkKind::Shm => "shm",
             LinkKind::Local => "local",
         }

@@ -9,11 +9,13 @@
 //! and closes, logs and counts any other. Small reads go through a 64 KiB buffer (one
 //! syscall for a header and its payload); large reads land directly in the destination.
 
+use crate::auth::binding::Ends;
 use crate::auth::handshake::{Channel, Client, HandshakeError, MAX_KEY_LEN, Server};
 use crate::auth::stream::{self as handshake, ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
 use crate::auth::{JobAuth, Party};
 use crate::error::LinkError;
 use crate::link::{Interest, Link, LinkKind};
+use crate::tls::{self, Role, TlsIdentity};
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -41,11 +43,7 @@ pub struct TcpLink {
 
 impl TcpLink {
     pub fn new(stream: TcpStream) -> io::Result<TcpLink> {
-        stream.set_nodelay(true)?;
-        let sock = SockRef::from(&stream);
-        // Best effort: a kernel limit below this is not an error.
-        let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        tune(&stream)?;
         stream.set_nonblocking(true)?;
         Ok(TcpLink {
             stream,
@@ -57,19 +55,31 @@ impl TcpLink {
     }
 }
 
+/// No Nagle delay and large socket buffers: what every link over a TCP socket wants.
+pub(crate) fn tune(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = SockRef::from(stream);
+    // Best effort: a kernel limit below this is not an error.
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    Ok(())
+}
+
+/// A socket error as a link error: a peer that went away is [`LinkError::Closed`].
+pub(crate) fn io_to_link(e: io::Error) -> LinkError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
+            LinkError::Closed
+        }
+        _ => LinkError::Io(e),
+    }
+}
+
 fn nonblocking<T>(r: io::Result<T>, zero: T) -> Result<T, LinkError> {
     match r {
         Ok(v) => Ok(v),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(zero),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
-            ) =>
-        {
-            Err(LinkError::Closed)
-        }
-        Err(e) => Err(LinkError::Io(e)),
+        Err(e) => Err(io_to_link(e)),
     }
 }
 
@@ -177,7 +187,17 @@ impl Link for TcpLink {
     }
 }
 
-type Pending = Mutex<HashMap<(String, usize), TcpStream>>;
+/// An authenticated connection a listener filed for the rank that will take it.
+pub enum Incoming {
+    Plain(TcpStream),
+    /// TLS and its channel binding done on the listener's handshake thread, so the dialling
+    /// rank never waits for this rank to reach the link (lazy links are made in different
+    /// orders on different ranks; a dial that needed the lower rank's attention could wait on
+    /// a cycle of ranks each dialling the next).
+    Tls(Box<crate::tls::TlsLink>),
+}
+
+type Pending = Mutex<HashMap<(String, usize), Incoming>>;
 
 /// This process's listener for incoming peer connections.
 pub struct Acceptor {
@@ -195,11 +215,19 @@ struct Listening {
     /// `None`: peers must have no secret either (GANTRY_INSECURE_NO_AUTH).
     auth: Option<JobAuth>,
     me: usize,
+    /// Set when every connection to this listener carries TLS after the handshake.
+    tls: Option<TlsIdentity>,
 }
 
 impl Acceptor {
-    /// Listen on `addr` for the peers of global rank `me`; each must prove `auth`'s secret.
-    pub fn bind(addr: impl ToSocketAddrs, me: usize, auth: Option<JobAuth>) -> io::Result<Acceptor> {
+    /// Listen on `addr` for the peers of global rank `me`; each must prove `auth`'s secret,
+    /// and with `tls`, run TLS and bind it to the secret before it is filed.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        me: usize,
+        auth: Option<JobAuth>,
+        tls: Option<TlsIdentity>,
+    ) -> io::Result<Acceptor> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let pending: Arc<(Pending, Condvar)> = Arc::default();
@@ -212,6 +240,7 @@ impl Acceptor {
                 refusals: refusals.clone(),
                 auth,
                 me,
+                tls,
             });
             std::thread::Builder::new()
                 .name("gantry-accept".into())
@@ -236,7 +265,7 @@ impl Acceptor {
     }
 
     /// Wait for `peer` to connect for communicator `key`.
-    pub fn take(&self, key: &str, peer: usize, deadline: Instant) -> Result<TcpStream, LinkError> {
+    pub fn take(&self, key: &str, peer: usize, deadline: Instant) -> Result<Incoming, LinkError> {
         let (lock, cv) = &*self.pending;
         let mut map = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -300,10 +329,29 @@ impl Listening {
                     let _ = stream.shutdown(Shutdown::Both);
                     return;
                 };
+                let incoming = match &self.tls {
+                    None => Incoming::Plain(stream),
+                    Some(identity) => {
+                        let ends = Ends {
+                            client: rank as usize,
+                            server: self.me,
+                            key: &accepted.key,
+                        };
+                        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+                        match tls::secure(stream, identity, Role::Server, ends, self.auth.as_ref(), deadline) {
+                            Ok(link) => Incoming::Tls(Box::new(link)),
+                            Err(e) => {
+                                let listener = format!("rank {}'s link listener (TLS)", self.me);
+                                self.refusals.refuse(&listener, peer, &e);
+                                return;
+                            }
+                        }
+                    }
+                };
                 let (lock, cv) = &*self.pending;
                 lock.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((accepted.key, rank as usize), stream);
+                    .insert((accepted.key, rank as usize), incoming);
                 cv.notify_all();
             }
             Err(e) => {

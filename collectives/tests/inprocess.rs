@@ -82,6 +82,16 @@ fn conformance_tcp_threads() {
 }
 
 #[test]
+fn conformance_tls_threads() {
+    conformance_over(TransportChoice::Tls);
+}
+
+#[test]
+fn conformance_quic_threads() {
+    conformance_over(TransportChoice::Quic);
+}
+
+#[test]
 fn conformance_shm_threads() {
     conformance_over(TransportChoice::Shm);
 }

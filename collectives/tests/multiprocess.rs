@@ -100,6 +100,15 @@ fn conformance_tcp_worlds_1_to_5() {
     }
 }
 
+/// TLS links between real processes: every link is bound to the job secret the spawned
+/// world's launcher generated.
+#[test]
+fn conformance_tls_worlds_2_and_3() {
+    for n in [2, 3] {
+        conformance("tls", n);
+    }
+}
+
 #[test]
 fn conformance_shm_worlds_1_to_5() {
     for n in 1..=5 {
@@ -216,6 +225,11 @@ fn kill_mid_operation(transport: &str) {
 #[test]
 fn killed_peer_is_named_tcp() {
     kill_mid_operation("tcp");
+}
+
+#[test]
+fn killed_peer_is_named_tls() {
+    kill_mid_operation("tls");
 }
 
 #[test]

@@ -85,13 +85,34 @@ fn run_world(
 
 #[test]
 fn conformance_across_three_hosts_tcp_between_shm_within() {
-    let test = "conformance_across_three_hosts";
-    let Some(cluster) = start_or_skip(test, &["h0", "h1", "h2"], ci()) else {
+    conformance_across_three_hosts("tcp");
+}
+
+/// `GANTRY_INTER_HOST=tls`: what leaves a host is encrypted and bound to the job secret, what
+/// stays on it still goes through shared memory.
+#[test]
+fn conformance_across_three_hosts_tls_between_shm_within() {
+    conformance_across_three_hosts("tls");
+}
+
+/// `GANTRY_INTER_HOST=quic`: the same over QUIC between hosts (veth MTU 1500).
+#[test]
+fn conformance_across_three_hosts_quic_between_shm_within() {
+    conformance_across_three_hosts("quic");
+}
+
+fn conformance_across_three_hosts(inter_host: &str) {
+    let test = format!("conformance_across_three_hosts_{inter_host}");
+    let Some(cluster) = start_or_skip(&test, &["h0", "h1", "h2"], ci()) else {
         return;
     };
     // Two ranks on h0 (shared memory between them), one on each other host.
     let placement = [0, 0, 1, 2];
-    let env = [("GANTRY_TRANSPORT", "auto"), ("GANTRY_TIMEOUT_MS", "60000")];
+    let env = [
+        ("GANTRY_TRANSPORT", "auto"),
+        ("GANTRY_INTER_HOST", inter_host),
+        ("GANTRY_TIMEOUT_MS", "60000"),
+    ];
     let ended = run_world(&cluster, &placement, &["conformance"], &env, Duration::from_secs(600));
     for (rank, e) in ended.iter().enumerate() {
         let host = cluster.hosts()[placement[rank]].hostname();
@@ -112,7 +133,16 @@ fn conformance_across_three_hosts_tcp_between_shm_within() {
             .collect();
         let want: BTreeMap<usize, &str> = (0..placement.len())
             .filter(|&p| p != rank)
-            .map(|p| (p, if placement[p] == placement[rank] { "shm" } else { "tcp" }))
+            .map(|p| {
+                (
+                    p,
+                    if placement[p] == placement[rank] {
+                        "shm"
+                    } else {
+                        inter_host
+                    },
+                )
+            })
             .collect();
         assert_eq!(links, want, "rank {rank} on {host}: transports by peer");
     }

@@ -74,7 +74,8 @@ pub struct CollectivesArgs {
     /// Number of local rank processes to spawn (ignored when joining via RANK).
     #[arg(long, default_value_t = 2)]
     world: usize,
-    /// auto (shared memory on one host, TCP across hosts), tcp or shm.
+    /// auto (shared memory on one host, GANTRY_INTER_HOST across hosts: tcp unless set), tcp,
+    /// tls (TLS 1.3 over TCP), quic or shm; tcp, tls and quic apply to every link, even on one host.
     #[arg(long, default_value = "auto")]
     transport: TransportChoice,
     /// f32, f64, f16, bf16, i32, i64 or u8.
@@ -150,7 +151,7 @@ fn collectives(args: CollectivesArgs) -> Result<ExitCode> {
     };
     cfg.validate().context("invalid benchmark settings")?;
     if args.transport == TransportChoice::Local {
-        bail!("--transport local is for in-process tests; use auto, tcp or shm");
+        bail!("--transport local is for in-process tests; use auto, tcp, tls, quic or shm");
     }
     match Bootstrap::from_lookup(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)? {
         Some(boot) => join_and_run(&boot, &args, &cfg),

@@ -7,19 +7,24 @@
 //! inject bytes into a link. The secret is per job (per attempt for cluster jobs), handed to
 //! the ranks by their launcher through `GANTRY_JOB_SECRET` (`crate::rank_env`).
 //!
-//! This protects who may connect, not the bytes after the handshake: there is no per-message
-//! MAC or encryption, so an attacker who can already rewrite the TCP stream between two ranks
-//! (on the path, not merely on the network) is out of scope; use a private network or a VPN.
+//! On plain TCP this protects who may connect, not the bytes after the handshake: an attacker
+//! who can rewrite the stream between two ranks (on the path, not merely on the network) is
+//! out of scope there. Links that leave a host can use TLS 1.3 or QUIC instead (`crate::tls`,
+//! `crate::quic`), which encrypt and authenticate every byte, the session bound to the job
+//! secret by [`binding`].
 //!
 //! # Layout
 //! - `mod.rs`: [`JobSecret`] (redacted in `Debug`, never `Display`), [`JobAuth`] (the secret
 //!   plus the job id and attempt bound into every proof), [`Party`] (who is on each end).
 //! - [`handshake`]: the frames, the MAC and both sides as pure functions (no I/O, nonces
 //!   passed in), tested exhaustively.
+//! - [`binding`]: the tags that bind an encrypted link's session (TLS, QUIC) to the job
+//!   secret, so their throwaway certificates need no checking.
 //! - `stream`: the thin blocking shell that runs either side over a `TcpStream` with a
 //!   deadline, and the listeners' refusal log and counter.
 //! - `probe`: intruders for the tests that attack a running job's listeners (hidden).
 
+pub mod binding;
 pub mod handshake;
 #[doc(hidden)]
 pub mod probe;

@@ -123,7 +123,7 @@ pub(crate) struct Refusals {
 }
 
 impl Refusals {
-    pub(crate) fn refuse(&self, listener: &str, peer: SocketAddr, why: &HandshakeError) {
+    pub(crate) fn refuse(&self, listener: &str, peer: SocketAddr, why: &dyn std::fmt::Display) {
         self.count.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, "{listener}: refused a connection that failed the handshake: {why}");
     }
