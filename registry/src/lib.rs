@@ -21,6 +21,14 @@
 //! 4. **→ resolution** ([`name::ModelRef`], [`store::Registry::resolve`]): `name` and
 //!    `name@latest` mean the highest version, `name@3` version 3, `name@alias` the alias's
 //!    target chosen by [`split::pick`] from a caller-supplied draw (deterministic; no RNG).
+//!    Without a route key consecutive requests interleave by the weights; a request with one
+//!    (`X-Gantry-Route-Key`, or the OpenAI routes' `user`) draws [`split::sticky_draw`], the
+//!    xxh3 of the key, so one key keeps one version while the alias's weights stand.
+//! 5. **→ shadows** (`http/shadow.rs`): an alias may mirror a percentage of its generation
+//!    requests to a shadow version, compare the answers and count the outcomes on `/metrics`;
+//!    clients only ever get the primary's answer, and mirrors are dropped first under load.
+//!    Moving an alias loads its new targets before it switches, and the model cache never
+//!    evicts a version an alias points at.
 //!
 //! [`http`] serves all of this as an HTTP/JSON service (`gantry registry serve`: the binary
 //! binds the listener and hands it to [`http::serve`] with a shutdown future), including
