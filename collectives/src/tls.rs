@@ -185,7 +185,7 @@ pub fn secure(
     };
     while conn.is_handshaking() {
         io_timeout(&sock)?;
-        conn.complete_io(&mut sock)
+        conn.complete_io(&mut NoSignal(&sock))
             .map_err(|e| tls_err(&format!("the TLS handshake with rank {peer}"), e))?;
     }
     if let Some(auth) = auth {
@@ -209,7 +209,7 @@ fn bind(conn: &mut Connection, sock: &mut TcpStream, role: Role, ends: Ends<'_>,
     };
     conn.writer().write_all(&binding::tag(auth, ends, &exporter, mine))?;
     while conn.wants_write() {
-        conn.write_tls(sock)?;
+        conn.write_tls(&mut NoSignal(sock))?;
     }
     let mut got = [0u8; MAC_LEN];
     let mut have = 0;
@@ -233,6 +233,44 @@ fn bind(conn: &mut Connection, sock: &mut TcpStream, role: Role, ends: Ends<'_>,
         ));
     }
     Ok(())
+}
+
+/// A socket written with `MSG_NOSIGNAL`: rustls writes its records with `write_vectored`,
+/// which std sends with `writev(2)`, and a `writev` to a peer that is gone raises SIGPIPE,
+/// which kills a process that has not ignored it (`gantry rank` restores the default for
+/// its CLI output) before the link can report the peer as lost. std's `write` already uses
+/// `send(MSG_NOSIGNAL)`; this does the same for the vectored writes.
+struct NoSignal<'a>(&'a TcpStream);
+
+impl Read for NoSignal<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&mut &*self.0).read(buf)
+    }
+}
+
+impl Write for NoSignal<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self.0).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid; it points at `bufs`, whose IoSlices have the
+        // layout of iovec and outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(1024) as _;
+        // SAFETY: a valid socket and a msghdr describing readable memory.
+        let n = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn hung_up() -> io::Error {
@@ -279,7 +317,7 @@ impl TlsLink {
     /// Write buffered records to the socket until it would block or nothing is left.
     fn flush(&mut self) -> Result<(), LinkError> {
         while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
+            match self.conn.write_tls(&mut NoSignal(&self.sock)) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
                 Err(e) => return Err(crate::tcp::io_to_link(e)),

@@ -37,6 +37,12 @@ fn report(rank: usize, e: &CommError, started: Instant) -> ! {
 }
 
 fn main() {
+    // As `gantry rank` runs (it restores SIGPIPE's default for its CLI output): a link that
+    // writes to a peer that is gone must report it, not be killed by the signal.
+    // SAFETY: setting a signal disposition at start, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = FabricConfig {
         segment_bytes: 4096,
