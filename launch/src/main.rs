@@ -138,8 +138,10 @@ fn main() -> ExitCode {
     // the pipe closes; restore the default (exit quietly), as other Unix tools do. Not for
     // daemons: a peer that resets its connection (a client gone, a worker that gave up on a
     // call and reconnected) would make the next vectored socket write kill the daemon
-    // silently; ignored, it is an EPIPE on that one connection.
-    if !daemon {
+    // silently; ignored, it is an EPIPE on that one connection. Nor for a rank: its output
+    // goes to its launcher, not to `head`, and its peers, store, checkpoint server and
+    // registry are sockets whose loss it must report (with the rank at fault), not die of.
+    if !daemon && !matches!(cli.command, Command::Rank(_)) {
         // SAFETY: setting a signal disposition at start, before any thread exists.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
