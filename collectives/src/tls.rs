@@ -237,8 +237,9 @@ fn bind(conn: &mut Connection, sock: &mut TcpStream, role: Role, ends: Ends<'_>,
 
 /// A socket written with `MSG_NOSIGNAL`: rustls writes its records with `write_vectored`,
 /// which std sends with `writev(2)`, and a `writev` to a peer that is gone raises SIGPIPE,
-/// which kills a process that has not ignored it (`gantry rank` restores the default for
-/// its CLI output) before the link can report the peer as lost. std's `write` already uses
+/// which kills a process that has not ignored it (the CLI restores the default for its
+/// output, and `gantry bench collectives` and `gantry eval --tp` run ranks in it) before the
+/// link can report the peer as lost. std's `write` already uses
 /// `send(MSG_NOSIGNAL)`; this does the same for the vectored writes.
 struct NoSignal<'a>(&'a TcpStream);
 

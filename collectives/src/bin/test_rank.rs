@@ -37,8 +37,9 @@ fn report(rank: usize, e: &CommError, started: Instant) -> ! {
 }
 
 fn main() {
-    // As `gantry rank` runs (it restores SIGPIPE's default for its CLI output): a link that
-    // writes to a peer that is gone must report it, not be killed by the signal.
+    // As the ranks of `gantry bench collectives` and `gantry eval --tp` run (the CLI restores
+    // SIGPIPE's default for its output): a link that writes to a peer that is gone must report
+    // it, not be killed by the signal.
     // SAFETY: setting a signal disposition at start, before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
