@@ -182,70 +182,14 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
 
 async fn run_async(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        ModelsCommand::List { filter, limit, client } => {
-            let api = Api::new(&client)?;
-            let mut path = format!("/v1/registry/models?limit={limit}");
-            if let Some(f) = filter {
-                path.push_str(&format!("&filter={}", seg(&f)));
-            }
-            let v = api.json(api.request(reqwest::Method::GET, &path)).await?;
-            if client.json {
-                println!("{v}");
-            } else {
-                for m in v["models"].as_array().into_iter().flatten() {
-                    println!("{}", m["name"].as_str().unwrap_or(""));
-                }
-                if let Some(next) = v["next"].as_str() {
-                    eprintln!("gantry: more models after `{next}` (raise --limit)");
-                }
-            }
-        }
-        ModelsCommand::Show { model, client } => {
-            let api = Api::new(&client)?;
-            let v = api
-                .json(api.request(reqwest::Method::GET, &format!("/v1/models/{}", seg(&model))))
-                .await?;
-            println!(
-                "{}",
-                if client.json {
-                    v.to_string()
-                } else {
-                    serde_json::to_string_pretty(&v)?
-                }
-            );
-        }
+        ModelsCommand::List { filter, limit, client } => list(&client, filter, limit).await?,
+        ModelsCommand::Show { model, client } => show(&client, &model).await?,
         ModelsCommand::Register {
             model,
             checkpoint,
             step,
             client,
-        } => {
-            let api = Api::new(&client)?;
-            let mut body = json!({ "checkpoint": checkpoint });
-            if let Some(s) = step {
-                body["step"] = json!(s);
-            }
-            let v = api
-                .post_json(
-                    reqwest::Method::POST,
-                    &format!("/v1/models/{}/versions", seg(&model)),
-                    &body,
-                )
-                .await?;
-            if client.json {
-                println!("{v}");
-            } else {
-                println!(
-                    "{}@{} registered from {} step {} ({} tensors, {} bytes, verified)",
-                    v["model"].as_str().unwrap_or(&model),
-                    v["version"],
-                    v["checkpoint_url"].as_str().unwrap_or(""),
-                    v["step"],
-                    v["tensors"],
-                    v["bytes"]
-                );
-            }
-        }
+        } => register(&client, &model, checkpoint, step).await?,
         ModelsCommand::Alias {
             model,
             alias,
@@ -253,33 +197,112 @@ async fn run_async(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             split,
             shadow,
             client,
-        } => {
-            let mut body = match (target, split) {
-                (Some(v), None) => json!({ "version": v }),
-                (None, Some(s)) => json!({ "targets": parse_split(&s)? }),
-                _ => bail!("give either a VERSION or --split V:W,V:W"),
-            };
-            if let Some(s) = shadow {
-                body["shadow"] = parse_shadow(&s)?;
-            }
-            let api = Api::new(&client)?;
-            let path = format!("/v1/models/{}/aliases/{}", seg(&model), seg(&alias));
-            let v = api.post_json(reqwest::Method::PUT, &path, &body).await?;
-            if client.json {
-                println!("{v}");
-            } else {
-                let shadow = match (v["shadow"]["version"].as_u64(), v["shadow"]["percent"].as_u64()) {
-                    (Some(version), Some(percent)) => format!(", {percent}% mirrored to shadow version {version}"),
-                    _ => String::new(),
-                };
-                println!("{model}@{alias} → {}{shadow}", v["targets"]);
-            }
-        }
+        } => set_alias(&client, &model, &alias, target, split, shadow).await?,
         ModelsCommand::Download { model, out, client } => {
             download(&Api::new(&client)?, &model, &out, client.json).await?
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `gantry models list`: model names, one a line.
+async fn list(client: &RegistryClient, filter: Option<String>, limit: usize) -> anyhow::Result<()> {
+    let api = Api::new(client)?;
+    let mut path = format!("/v1/registry/models?limit={limit}");
+    if let Some(f) = filter {
+        path.push_str(&format!("&filter={}", seg(&f)));
+    }
+    let v = api.json(api.request(reqwest::Method::GET, &path)).await?;
+    if client.json {
+        println!("{v}");
+    } else {
+        for m in v["models"].as_array().into_iter().flatten() {
+            println!("{}", m["name"].as_str().unwrap_or(""));
+        }
+        if let Some(next) = v["next"].as_str() {
+            eprintln!("gantry: more models after `{next}` (raise --limit)");
+        }
+    }
+    Ok(())
+}
+
+/// `gantry models show`: a model or the version a reference resolves to.
+async fn show(client: &RegistryClient, model: &str) -> anyhow::Result<()> {
+    let api = Api::new(client)?;
+    let v = api
+        .json(api.request(reqwest::Method::GET, &format!("/v1/models/{}", seg(model))))
+        .await?;
+    println!(
+        "{}",
+        if client.json {
+            v.to_string()
+        } else {
+            serde_json::to_string_pretty(&v)?
+        }
+    );
+    Ok(())
+}
+
+/// `gantry models register`: a checkpoint step as the model's next version.
+async fn register(client: &RegistryClient, model: &str, checkpoint: String, step: Option<u64>) -> anyhow::Result<()> {
+    let api = Api::new(client)?;
+    let mut body = json!({ "checkpoint": checkpoint });
+    if let Some(s) = step {
+        body["step"] = json!(s);
+    }
+    let v = api
+        .post_json(
+            reqwest::Method::POST,
+            &format!("/v1/models/{}/versions", seg(model)),
+            &body,
+        )
+        .await?;
+    if client.json {
+        println!("{v}");
+    } else {
+        println!(
+            "{}@{} registered from {} step {} ({} tensors, {} bytes, verified)",
+            v["model"].as_str().unwrap_or(model),
+            v["version"],
+            v["checkpoint_url"].as_str().unwrap_or(""),
+            v["step"],
+            v["tensors"],
+            v["bytes"]
+        );
+    }
+    Ok(())
+}
+
+/// `gantry models alias`: point an alias at one version or a weighted split, optionally shadowed.
+async fn set_alias(
+    client: &RegistryClient,
+    model: &str,
+    alias: &str,
+    target: Option<u32>,
+    split: Option<String>,
+    shadow: Option<String>,
+) -> anyhow::Result<()> {
+    let mut body = match (target, split) {
+        (Some(v), None) => json!({ "version": v }),
+        (None, Some(s)) => json!({ "targets": parse_split(&s)? }),
+        _ => bail!("give either a VERSION or --split V:W,V:W"),
+    };
+    if let Some(s) = shadow {
+        body["shadow"] = parse_shadow(&s)?;
+    }
+    let api = Api::new(client)?;
+    let path = format!("/v1/models/{}/aliases/{}", seg(model), seg(alias));
+    let v = api.post_json(reqwest::Method::PUT, &path, &body).await?;
+    if client.json {
+        println!("{v}");
+    } else {
+        let shadow = match (v["shadow"]["version"].as_u64(), v["shadow"]["percent"].as_u64()) {
+            (Some(version), Some(percent)) => format!(", {percent}% mirrored to shadow version {version}"),
+            _ => String::new(),
+        };
+        println!("{model}@{alias} → {}{shadow}", v["targets"]);
+    }
+    Ok(())
 }
 
 /// `3:90,4:10` → `[{"version":3,"weight":90},…]`.

@@ -6,11 +6,9 @@
 //! refused by name. (Budgets, a restarted server and a killed rank: `s3_stream.rs`.)
 
 mod common;
-#[path = "../../checkpoint/tests/common/s3_server.rs"]
-mod s3_server;
 
+use common::s3::{BUCKET, Server};
 use common::{GANTRY, text};
-use s3_server::S3Server;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -41,16 +39,8 @@ fn tempdir(tag: &str) -> PathBuf {
 }
 
 /// `gantry ARGS` with the server's S3 settings and `cache` as the host's data cache.
-fn gantry(server: &S3Server, cache: &Path, args: &[&str]) -> Output {
-    Command::new(GANTRY)
-        .args(args)
-        .env("AWS_ENDPOINT_URL", &server.endpoint)
-        .env("AWS_ACCESS_KEY_ID", &server.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
-        .env("AWS_REGION", "us-east-1")
-        .env("GANTRY_DATA_CACHE", cache)
-        .output()
-        .unwrap()
+fn gantry(server: &Server, cache: &Path, args: &[&str]) -> Output {
+    server.gantry(cache).args(args).output().unwrap()
 }
 
 fn ok(out: Output) -> String {
@@ -85,8 +75,8 @@ fn figures(run: &Path) -> BTreeMap<u64, BTreeMap<String, String>> {
 
 #[test]
 fn synth_to_s3_then_a_two_rank_launch_matches_the_local_copy_bit_for_bit() {
-    let server = S3Server::start();
     let dir = tempdir("train");
+    let server = Server::start(&dir);
     let cache = dir.join("cache");
     let synth = |output: &str| {
         ok(gantry(
@@ -108,7 +98,7 @@ fn synth_to_s3_then_a_two_rank_launch_matches_the_local_copy_bit_for_bit() {
     };
     let local = dir.join("local");
     synth(local.to_str().unwrap());
-    let url = format!("s3://{}/corpora/synth", server.bucket);
+    let url = format!("s3://{BUCKET}/corpora/synth");
     let said = synth(&url);
     assert!(said.contains("(manifest.json last)"), "{said}");
     assert!(server.object_path("corpora/synth/manifest.json").is_file());
@@ -192,8 +182,8 @@ fn synth_to_s3_then_a_two_rank_launch_matches_the_local_copy_bit_for_bit() {
 
 #[test]
 fn an_upload_killed_midway_leaves_no_manifest_and_a_rerun_completes_it() {
-    let server = S3Server::start();
     let dir = tempdir("kill");
+    let server = Server::start(&dir);
     let cache = dir.join("cache");
     let local = dir.join("big");
     ok(gantry(
@@ -210,15 +200,12 @@ fn an_upload_killed_midway_leaves_no_manifest_and_a_rerun_completes_it() {
             local.to_str().unwrap(),
         ],
     ));
-    let url = format!("s3://{}/big", server.bucket);
+    let url = format!("s3://{BUCKET}/big");
     // One file at a time: the .idx files, then 33 shards of 1 MB. Killed as soon as the first
     // shard's .bin is complete (its upload record appears).
-    let mut child = Command::new(GANTRY)
+    let mut child = server
+        .command()
         .args(["data", "upload", local.to_str().unwrap(), &url, "--files", "1"])
-        .env("AWS_ENDPOINT_URL", &server.endpoint)
-        .env("AWS_ACCESS_KEY_ID", &server.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &server.secret_key)
-        .env("AWS_REGION", "us-east-1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -272,8 +259,8 @@ fn an_upload_killed_midway_leaves_no_manifest_and_a_rerun_completes_it() {
 
 #[test]
 fn unknown_schemes_missing_manifests_and_missing_buckets_are_named() {
-    let server = S3Server::start();
     let dir = tempdir("refused");
+    let server = Server::start(&dir);
     let cache = dir.join("cache");
     let out = Command::new(GANTRY)
         .args(["data", "synth", "--tokens", "1000", "--output", "ftp://x/ds"])
@@ -303,10 +290,10 @@ fn unknown_schemes_missing_manifests_and_missing_buckets_are_named() {
         text(&out)
     );
 
-    let out = launch(&format!("s3://{}/nothing", server.bucket));
+    let out = launch(&format!("s3://{BUCKET}/nothing"));
     assert!(!out.status.success());
     assert!(
-        text(&out).contains(&format!("s3://{}/nothing/manifest.json does not exist", server.bucket)),
+        text(&out).contains(&format!("s3://{BUCKET}/nothing/manifest.json does not exist")),
         "{}",
         text(&out)
     );

@@ -7,18 +7,14 @@
 
 mod common;
 
+use common::s3::{BUCKET, Server};
 use common::{GANTRY, text};
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-const BUCKET: &str = "gantry-test";
-const ACCESS_KEY: &str = "gantry-test-access-key";
-const SECRET_KEY: &str = "gantry-test-secret-key";
 
 /// One rank reads 2 samples a step (global batch 4 over dp 2).
 const SPEC: &str = r#"
@@ -39,85 +35,6 @@ micro_batch = 2
 threads = 1
 eval_every = 10
 "#;
-
-/// An s3s-fs server that can be stopped and started again on the same port and data.
-struct Server {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start(root: &Path) -> Server {
-        let bin = std::env::var_os("GANTRY_S3S_FS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/s3s-fs"));
-        assert!(
-            bin.is_file(),
-            "s3s-fs not found at {}: run scripts/setup.sh",
-            bin.display()
-        );
-        let data = root.join("s3");
-        std::fs::create_dir_all(data.join(BUCKET)).unwrap();
-        let mut server = Server {
-            bin,
-            data,
-            port: common::free_port(),
-            child: None,
-        };
-        server.up();
-        server
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Start the server process and wait until it accepts connections.
-    fn up(&mut self) {
-        let child = Command::new(&self.bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&self.data)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, self.port).into(), Duration::from_millis(100)).is_err()
-        {
-            assert!(started.elapsed() < Duration::from_secs(10), "s3s-fs did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// `gantry ARGS` with this server's S3 settings and `cache` as the data cache.
-    fn gantry(&self, cache: &Path) -> Command {
-        let mut c = Command::new(GANTRY);
-        c.env("AWS_ENDPOINT_URL", self.endpoint())
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .env("GANTRY_DATA_CACHE", cache);
-        c
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
 
 fn ok(out: Output) -> String {
     assert!(out.status.success(), "{}", text(&out));

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 pub const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
 
 pub mod registry;
+pub mod s3;
 
 /// A fresh, empty `gantry-<suite>-<tag>-<pid>` under the system temp dir.
 pub fn tempdir(suite: &str, tag: &str) -> PathBuf {

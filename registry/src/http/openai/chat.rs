@@ -14,15 +14,13 @@
 
 use super::logprobs::chat_entry;
 use super::{
-    CommonFields, UsageChunk, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, stream_choices,
-    stream_error, usage, with_version,
+    CommonFields, UsageChunk, chunk, drive_stream, fingerprint, finish_all, finish_reason, now_s, parse_body,
+    stream_choices, usage, with_version,
 };
 use crate::http::auth::Scope;
 use crate::http::error::{ApiError, JsonBody};
 use crate::http::generate::StopField;
-use crate::http::generation::{
-    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version,
-};
+use crate::http::generation::{Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version};
 use crate::http::routes::AppState;
 use crate::serving::cache::ServedModel;
 use crate::serving::logprobs::MAX_TOP_LOGPROBS;
@@ -276,7 +274,7 @@ async fn stream_choice(
     s: &AppState,
     shape: &Shape,
     index: usize,
-    mut g: Generation,
+    g: Generation,
     tx: &tokio::sync::mpsc::UnboundedSender<axum::response::sse::Event>,
 ) -> usize {
     let piece = |g: &Generation, delta: Value, logprobs: Value, finish: Value| {
@@ -295,37 +293,24 @@ async fn stream_choice(
         g.record(s, "cancelled");
         return 0;
     }
-    let (mut sent, mut streamed) = (0, 0);
-    let ended = g
-        .drive(|g, _, text| {
-            if text.is_empty() && !shape.logprobs {
-                return !tx.is_closed();
-            }
-            let lp = shape.logprobs(g, sent);
-            sent = g.collector.tokens.len();
-            streamed += text.len();
-            tx.send(piece(g, json!({ "content": text }), lp, Value::Null)).is_ok()
-        })
-        .await;
-    let outcome = match ended {
-        Ended::Finished(f) => {
-            let rest = g.collector.text.get(streamed..).unwrap_or_default().to_string();
-            let delta = if rest.is_empty() {
-                json!({})
-            } else {
-                json!({ "content": rest })
-            };
-            let _ = tx.send(piece(&g, delta, Value::Null, json!(finish_reason(f))));
-            "ok"
+    let mut sent = 0;
+    let on_text = |g: &Generation, _, text: String| {
+        if text.is_empty() && !shape.logprobs {
+            return !tx.is_closed();
         }
-        Ended::Cancelled => "cancelled",
-        Ended::Failed(e) => {
-            let _ = tx.send(stream_error(&e));
-            "error"
-        }
+        let lp = shape.logprobs(g, sent);
+        sent = g.collector.tokens.len();
+        tx.send(piece(g, json!({ "content": text }), lp, Value::Null)).is_ok()
     };
-    g.record(s, outcome);
-    g.collector.tokens.len()
+    let last = |g: &Generation, rest: String, finish| {
+        let delta = if rest.is_empty() {
+            json!({})
+        } else {
+            json!({ "content": rest })
+        };
+        piece(g, delta, Value::Null, json!(finish_reason(finish)))
+    };
+    drive_stream(s, g, tx, on_text, last).await
 }
 
 #[cfg(test)]

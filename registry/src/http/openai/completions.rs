@@ -11,15 +11,13 @@
 
 use super::logprobs::Columns;
 use super::{
-    CommonFields, UsageChunk, chunk, fingerprint, finish_all, finish_reason, now_s, parse_body, stream_choices,
-    stream_error, usage, with_version,
+    CommonFields, UsageChunk, chunk, drive_stream, fingerprint, finish_all, finish_reason, now_s, parse_body,
+    stream_choices, stream_error, usage, with_version,
 };
 use crate::http::auth::Scope;
 use crate::http::error::{ApiError, JsonBody};
 use crate::http::generate::{DEFAULT_MAX_TOKENS, StopField};
-use crate::http::generation::{
-    Ended, Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version,
-};
+use crate::http::generation::{Generation, GenerationRequest, PromptInput, prompt_tokens, route_key, served_version};
 use crate::http::routes::AppState;
 use crate::serving::logprobs::MAX_TOP_LOGPROBS;
 use axum::extract::State;
@@ -239,7 +237,7 @@ async fn stream_choice(
         return 0;
     }
     let (prompt_text, mut columns) = shape.echoed(&g);
-    let (mut sent, mut streamed) = (0, 0);
+    let mut sent = 0;
     if shape.echo {
         let lp = if shape.logprobs { columns.since(0) } else { Value::Null };
         sent = columns.len();
@@ -248,36 +246,20 @@ async fn stream_choice(
             return 0;
         }
     }
-    let ended = g
-        .drive(|g, token, text| {
-            columns.push(
-                g.served.codec.as_deref(),
-                token,
-                g.logprobs.last().and_then(Option::as_ref),
-            );
-            let lp = if shape.logprobs {
-                columns.since(sent)
-            } else {
-                Value::Null
-            };
-            sent = columns.len();
-            streamed += text.len();
-            tx.send(piece(g, text, lp, Value::Null)).is_ok()
-        })
-        .await;
-    let outcome = match ended {
-        Ended::Finished(f) => {
-            // Text held back (a character split across tokens, a possible stop string) comes last.
-            let rest = g.collector.text.get(streamed..).unwrap_or_default().to_string();
-            let _ = tx.send(piece(&g, rest, Value::Null, json!(finish_reason(f))));
-            "ok"
-        }
-        Ended::Cancelled => "cancelled",
-        Ended::Failed(e) => {
-            let _ = tx.send(stream_error(&e));
-            "error"
-        }
+    let on_text = |g: &Generation, token, text: String| {
+        columns.push(
+            g.served.codec.as_deref(),
+            token,
+            g.logprobs.last().and_then(Option::as_ref),
+        );
+        let lp = if shape.logprobs {
+            columns.since(sent)
+        } else {
+            Value::Null
+        };
+        sent = columns.len();
+        tx.send(piece(g, text, lp, Value::Null)).is_ok()
     };
-    g.record(s, outcome);
-    g.collector.tokens.len()
+    let last = |g: &Generation, rest: String, finish| piece(g, rest, Value::Null, json!(finish_reason(finish)));
+    drive_stream(s, g, tx, on_text, last).await
 }

@@ -252,6 +252,41 @@ where
     response
 }
 
+/// Drive one streamed choice to its end, once its opening chunks are sent: `on_text` sends the
+/// chunk for each new piece of text (false once the client has gone), `last` makes the closing
+/// chunk from the text held back and the finish reason. Records the outcome; returns the
+/// tokens generated.
+async fn drive_stream(
+    s: &AppState,
+    mut g: Generation,
+    tx: &UnboundedSender<Event>,
+    mut on_text: impl FnMut(&Generation, u32, String) -> bool,
+    last: impl FnOnce(&Generation, String, &'static str) -> Event,
+) -> usize {
+    let mut streamed = 0;
+    let ended = g
+        .drive(|g, token, text| {
+            streamed += text.len();
+            on_text(g, token, text)
+        })
+        .await;
+    let outcome = match ended {
+        Ended::Finished(f) => {
+            // Text held back (a character split across tokens, a possible stop string) comes last.
+            let rest = g.collector.text.get(streamed..).unwrap_or_default().to_string();
+            let _ = tx.send(last(&g, rest, f));
+            "ok"
+        }
+        Ended::Cancelled => "cancelled",
+        Ended::Failed(e) => {
+            let _ = tx.send(stream_error(&e));
+            "error"
+        }
+    };
+    g.record(s, outcome);
+    g.collector.tokens.len()
+}
+
 fn chunk(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
