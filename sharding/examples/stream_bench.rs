@@ -5,7 +5,8 @@
 //!   its first batch (manifest and `.idx` files, then those shards, then the batch);
 //! - one pass (every sample once, global batch `--batch`, one reader): raw GETs of every
 //!   shard next to the cold stream (no budget), the same cache warm, the copy read in place
-//!   as a local dataset, and a cold stream within a budget of `--budget-frac` of the dataset.
+//!   as a local dataset, and a cold stream within a budget of `--budget-frac` of the
+//!   dataset's footprint in the cache (1.0: every shard fits at once).
 //!
 //! Rates are the dataset's tokens over the seconds each took. Prints one JSON object.
 //!
@@ -174,6 +175,7 @@ fn main() -> Res<()> {
     let plan_cache = work.join("plan-cache");
     let prepared = prepare_stream(&loc, &plan_cache, &opts)?;
     let dir = prepared.dir.clone();
+    let footprint = prepared.footprint();
     let streamer = Streamer::start(prepared, opts.clone(), StreamConfig::default())?;
     let open = OpenOptions {
         shards: Some(streamer.shards()),
@@ -191,7 +193,8 @@ fn main() -> Res<()> {
     let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
     let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
     let local_s = local_pass(&a, &work.join("cold").join(format!("{:016x}", remote.fingerprint)))?;
-    let budget = ((total as f64 + dir_fixed(m)) * a.budget_frac) as u64;
+    // A fraction of what the whole dataset may take in the cache: 1.0 holds every shard at once.
+    let budget = (footprint as f64 * a.budget_frac) as u64;
     let tight = match a.budget_frac > 0.0 {
         true => Some(stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget))?),
         false => None,
@@ -218,9 +221,4 @@ fn main() -> Res<()> {
     });
     println!("{report}");
     Ok(())
-}
-
-/// Bytes of the manifest's `.idx` files (the budget is a fraction of `.bin` + `.idx`).
-fn dir_fixed(m: &gantry_sharding::manifest::Manifest) -> f64 {
-    m.shards.iter().map(|s| s.idx_bytes as f64).sum()
 }

@@ -323,3 +323,180 @@ fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
     assert_eq!(prepare_into("no-pack").unwrap(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stream the first `steps` steps (`None`: a full pass) of rank 0 of 1 (`batch` samples a
+/// step) of the dataset at `loc` into `cache` within `budget`, checking every step against
+/// `here` and the directory against the budget after each; the budget and the stream's stats.
+fn budgeted_pass(
+    loc: &StorageLocation,
+    opts: &RemoteOptions,
+    cache: &Path,
+    budget: impl Fn(&gantry_sharding::remote::StreamDir) -> u64,
+    here: &GptDataset,
+    batch: usize,
+    steps: Option<u64>,
+) -> (u64, gantry_sharding::remote::StreamStats) {
+    let prepared = prepare_stream(loc, cache, opts).unwrap();
+    let cached = prepared.dir.clone();
+    let budget = budget(&prepared);
+    let cfg = StreamConfig {
+        budget: Some(budget),
+        fetchers: 8,
+        // A stall shows as CacheFull after this, rather than a minute's wait.
+        room_wait: Duration::from_secs(10),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
+    let start = sampler.start(ds.data().fingerprint());
+    let (weak, s2) = (Arc::downgrade(&ds), sampler.clone());
+    streamer.follow(
+        0,
+        Box::new(move |step| {
+            let Some(ds) = weak.upgrade() else {
+                return Ok(Vec::new());
+            };
+            let mut c = start.clone();
+            c.advance(step).map_err(|e| e.to_string())?;
+            ds.step_shards(&s2, &c, 0, 1, 1).map_err(|e| e.to_string())
+        }),
+    );
+    let steps = steps.unwrap_or(ds.num_samples() / batch as u64);
+    let got = read_steps(&ds, &sampler, 0, 1, steps, |_| {
+        let used = sum_of_files(&cached);
+        assert!(
+            used <= budget,
+            "the cache holds {used} bytes, over its budget of {budget}"
+        );
+    });
+    assert_eq!(got, read_steps(here, &sampler, 0, 1, steps, |_| {}));
+    let stats = streamer.stats();
+    drop(ds);
+    drop(streamer);
+    (budget, stats)
+}
+
+#[test]
+fn a_budget_of_the_datasets_footprint_streams_a_full_pass_without_stalling() {
+    let server = S3Server::start();
+    let dir = tempdir("footprint");
+    let local = synth(&dir, false);
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
+    upload(&local, &loc, &opts).unwrap();
+    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    // Exactly the footprint: every shard fits at once, so nothing is evicted and every shard
+    // is fetched once.
+    let (budget, stats) = budgeted_pass(&loc, &opts, &dir.join("exact"), |p| p.footprint(), &here, 16, None);
+    assert_eq!(
+        (stats.fetched, stats.evicted),
+        (here.data().manifest().shards.len() as u64, 0),
+        "{stats:?}"
+    );
+    assert!(stats.peak_usage <= budget, "{stats:?}");
+    // The bytes of the files alone (the stamps not counted, as the bench's --budget-frac 1.0
+    // did): the stream evicts behind the reader instead of waiting for room.
+    let (budget, stats) = budgeted_pass(&loc, &opts, &dir.join("bytes"), |p| p.total_bytes(), &here, 16, None);
+    assert!(stats.peak_usage <= budget, "{stats:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() {
+    let server = S3Server::start();
+    let dir = tempdir("below");
+    let local = synth(&dir, false);
+    let opts = options(&server);
+    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
+    upload(&local, &loc, &opts).unwrap();
+    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let cache = dir.join("cache");
+    // Step 0 of a 16-sample batch reads many shards; a budget of the fixed files and two
+    // shards holds one but not that step.
+    let prepared = prepare_stream(&loc, &cache, &opts).unwrap();
+    let cached = prepared.dir.clone();
+    let largest = (0..prepared.shards()).map(|s| prepared.cost(s)).max().unwrap();
+    let budget = prepared.fixed_bytes + 2 * largest;
+    // Far below: refused when the stream starts, naming the least any step needs.
+    let e = Streamer::start(
+        prepared.clone(),
+        opts.clone(),
+        StreamConfig {
+            budget: Some(budget - 1),
+            ..StreamConfig::default()
+        },
+    )
+    .err()
+    .expect("a budget below one shard and its reserve is refused");
+    assert!(
+        matches!(e, RemoteError::BudgetTooSmall { min_budget, .. } if min_budget == budget),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains(&format!("smallest budget that can work is {budget} bytes")),
+        "{e}"
+    );
+    // Below step 0's need: the read fails as soon as the step is planned (a minute's wait for
+    // room would show as CacheFull), naming the budget that holds it.
+    let cfg = StreamConfig {
+        budget: Some(budget),
+        room_wait: Duration::from_secs(600),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let batch = 16;
+    let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
+    let start = sampler.start(ds.data().fingerprint());
+    let step0 = ds.step_shards(&sampler, &start, 0, 1, 1).unwrap();
+    assert!(step0.len() > 2, "step 0 reads more than the budget holds: {step0:?}");
+    let (weak, s2, c0) = (Arc::downgrade(&ds), sampler.clone(), start.clone());
+    streamer.follow(
+        0,
+        Box::new(move |step| {
+            let Some(ds) = weak.upgrade() else {
+                return Ok(Vec::new());
+            };
+            let mut c = c0.clone();
+            c.advance(step).map_err(|e| e.to_string())?;
+            ds.step_shards(&s2, &c, 0, 1, 1).map_err(|e| e.to_string())
+        }),
+    );
+    ds.data().reading(0);
+    let e = ds.micro_batch(&sampler, &start, 0, 1, 1, 0).unwrap_err();
+    let DatasetError::Remote(remote) = &e else {
+        panic!("expected the stream's error, got {e}");
+    };
+    let RemoteError::BudgetBelowStep { step, min_budget, .. } = **remote else {
+        panic!("expected BudgetBelowStep, got {remote}");
+    };
+    assert_eq!(step, 0);
+    assert!(e.to_string().contains(&format!("{min_budget} bytes")), "{e}");
+    let cost = |shards: &[usize]| shards.iter().map(|&s| streamer.dir().cost(s)).sum::<u64>();
+    assert_eq!(min_budget, streamer.dir().fixed_bytes + cost(&step0) + largest);
+    // The smallest budget for a pass is that of its largest step, and it streams without
+    // stalling (the first steps of the pass: with room for one step, each waits for its
+    // shards).
+    let mut c = start.clone();
+    let mut largest_step = 0;
+    for _ in 0..ds.num_samples() / batch as u64 {
+        largest_step = largest_step.max(cost(&ds.step_shards(&sampler, &c, 0, 1, 1).unwrap()));
+        c.advance(1).unwrap();
+    }
+    let min_budget = streamer.dir().fixed_bytes + largest_step + largest;
+    drop(ds);
+    drop(streamer);
+    let (_, stats) = budgeted_pass(&loc, &opts, &dir.join("min"), |_| min_budget, &here, batch, Some(60));
+    assert!(stats.evicted > 0, "{stats:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,8 +30,17 @@ use std::time::{Duration, Instant};
 
 /// The lock file that serializes reservations of one dataset's cache directory.
 pub(super) const SPACE_LOCK: &str = "space.lock";
-/// Slack reserved with each shard for the small files that come with it (its stamp).
+/// Room reserved with each shard for the small files that come with it: its stamp (at most
+/// [`Stamp::MAX_BYTES`]; its `.lease` and `.lock` files are empty).
 pub(super) const SMALL_FILES: u64 = 512;
+
+/// Bytes one shard's entry takes in a dataset's cache directory at most: `sizes`, the files
+/// its fetch writes (the `.bin`; for a compressed-only shard also its frames and frame index,
+/// there until it is decompressed), and its small files. The one figure the plan holds a rank
+/// to and a reservation makes room for, so the two agree by construction.
+pub(super) fn entry_cost(sizes: &[u64]) -> u64 {
+    sizes.iter().sum::<u64>() + SMALL_FILES
+}
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_os_string();
@@ -88,6 +97,14 @@ struct Stamp {
     mtime_ns: i128,
     ctime_ns: i128,
 }
+
+impl Stamp {
+    /// The longest a stamp's JSON can be (every number at its widest, the xxh3 as the
+    /// manifest writes it: 16 hex digits): what [`SMALL_FILES`] must cover.
+    const MAX_BYTES: u64 = 230;
+}
+
+const _: () = assert!(Stamp::MAX_BYTES <= SMALL_FILES);
 
 fn stamp_of(path: &Path, xxh3: &str) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
@@ -216,6 +233,7 @@ fn create(bin: &Path, sizes: &[u64]) -> Result<Vec<Partial>, RemoteError> {
 }
 
 /// One shard the cache may evict: its `.bin` and every file of it that takes room.
+#[derive(Clone, Debug)]
 pub(super) struct Evictable {
     pub bin: PathBuf,
     pub files: Vec<PathBuf>,
@@ -270,29 +288,32 @@ impl Space<'_> {
         Ok(())
     }
 
-    /// Reserve temporary files of `sizes` bytes for the shard whose `.bin` is `bin` (its
-    /// `.lock` held by the caller), evicting from `candidates` (in that order) what no rank
-    /// holds, as the module documentation says.
+    /// Reserve temporary files of `sizes` bytes (and room for the shard's small files: its
+    /// [`entry_cost`]) for the shard whose `.bin` is `bin` (its `.lock` held by the caller),
+    /// evicting from `candidates()` (in that order) what no rank holds, as the module
+    /// documentation says. The candidates are asked for again on every try: a shard this
+    /// rank lets go of while the reservation waits (its reader moved on) is one it may evict.
     pub(super) fn reserve(
         &self,
         bin: &Path,
         sizes: &[u64],
-        candidates: &[Evictable],
+        candidates: &dyn Fn() -> Vec<Evictable>,
     ) -> Result<(Vec<Partial>, Reserved), RemoteError> {
         let Some(budget) = self.budget else {
             return Ok((create(bin, sizes)?, Reserved::default()));
         };
-        let need = sizes.iter().sum::<u64>() + SMALL_FILES;
+        let need = entry_cost(sizes);
         let started = Instant::now();
         let mut evicted = 0;
         let mut pause = Duration::from_millis(20);
         loop {
+            let candidates = candidates();
             let lock = self.lock()?;
             let mut usage = usage(self.dir)?;
             if usage + need > budget {
                 usage -= sweep_partials(self.dir)?.min(usage);
             }
-            for c in candidates {
+            for c in &candidates {
                 if usage + need <= budget {
                     break;
                 }
@@ -371,6 +392,7 @@ mod tests {
         ];
         // Reservations are made holding the shard's lock (what tells a live temporary file).
         let c_lock = crate::materialize::lock_cache_entry(&dir.join("c.bin")).unwrap();
+        let candidates = || candidates.to_vec();
         let (partials, done) = space.reserve(&dir.join("c.bin"), &[500], &candidates).unwrap();
         assert_eq!(done.evicted, 1);
         assert!(a.exists() && !b.exists(), "the held shard stays, the free one goes");
@@ -410,6 +432,53 @@ mod tests {
         assert!(!dir.join("dead.bin.partial-999999-0").exists());
         drop(held);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_waiting_reservation_evicts_what_was_let_go_of_after_it_began() {
+        let dir = tempdir("late");
+        let a = dir.join("a.bin");
+        std::fs::write(&a, vec![1u8; 1000]).unwrap();
+        let stop = AtomicBool::new(false);
+        let space = Space {
+            dir: &dir,
+            budget: Some(1500 + SMALL_FILES),
+            deadline: Duration::from_secs(30),
+            stop: &stop,
+        };
+        // The first try finds nothing to evict (the shard is still held then); by the next one
+        // the rank has let go of it.
+        let tries = std::cell::Cell::new(0);
+        let candidates = || {
+            tries.set(tries.get() + 1);
+            match tries.get() {
+                1 => Vec::new(),
+                _ => vec![Evictable {
+                    bin: a.clone(),
+                    files: vec![a.clone()],
+                }],
+            }
+        };
+        let _lock = crate::materialize::lock_cache_entry(&dir.join("b.bin")).unwrap();
+        let (partials, done) = space.reserve(&dir.join("b.bin"), &[1000], &candidates).unwrap();
+        assert_eq!((done.evicted, tries.get()), (1, 2));
+        assert!(!a.exists());
+        drop(partials);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_widest_stamp_fits_the_room_reserved_for_it() {
+        let widest = Stamp {
+            bytes: u64::MAX,
+            xxh3: "f".repeat(16),
+            dev: u64::MAX,
+            ino: u64::MAX,
+            mtime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
+            ctime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
+        };
+        let len = serde_json::to_vec(&widest).unwrap().len() as u64;
+        assert!(len <= Stamp::MAX_BYTES && Stamp::MAX_BYTES <= SMALL_FILES, "{len}");
     }
 
     #[test]

@@ -168,13 +168,26 @@ pub enum RemoteError {
         waited_s: f64,
     },
     #[error(
-        "{dir}: the data cache budget of {budget} bytes does not even hold the manifest and the .idx files ({fixed} bytes), let alone {sharers} rank(s)' shards: raise data.cache_gb"
+        "{dir}: the data cache budget of {budget} bytes is too small: it must hold the manifest and the .idx files ({fixed} bytes) and, for each of {sharers} rank(s), a step's shards and room for one more; the smallest budget that can work is {min_budget} bytes: raise data.cache_gb"
     )]
     BudgetTooSmall {
         dir: PathBuf,
         budget: u64,
         fixed: u64,
         sharers: usize,
+        min_budget: u64,
+    },
+    #[error(
+        "{dir}: the data cache budget of {budget} bytes is too small: step {step} reads {shards} shard(s) taking {bytes} bytes in the cache, and each of {sharers} rank(s) needs that much beside the manifest, the .idx files and room for one more shard; the smallest budget that holds this step is {min_budget} bytes: raise data.cache_gb, write smaller shards or lower the global batch"
+    )]
+    BudgetBelowStep {
+        dir: PathBuf,
+        budget: u64,
+        step: u64,
+        shards: usize,
+        bytes: u64,
+        sharers: usize,
+        min_budget: u64,
     },
     #[error("streaming {location}: {cause}")]
     Plan { location: String, cause: PlanError },

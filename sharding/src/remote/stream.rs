@@ -15,7 +15,11 @@
 //!
 //! With a budget ([`StreamConfig::budget`], bytes for this dataset's cache directory on this
 //! host) a rank keeps at most its share, `(budget − manifest and .idx files) / sharers`, and
-//! the cache evicts behind the readers ([`super::cache`]: leases, reservations). Without one
+//! the cache evicts behind the readers ([`super::cache`]: leases, reservations). A shard
+//! costs the plan exactly what a reservation makes room for ([`StreamDir::cost`]), so a rank
+//! within its share always finds room once what no rank holds is evicted; a budget that
+//! cannot hold a step's shards is refused when that step is planned, naming the smallest
+//! budget that holds it, rather than waiting for room that cannot come. Without one
 //! the whole dataset is fetched while training runs, nothing is evicted, and later runs find
 //! it there.
 //!
@@ -29,8 +33,8 @@ mod dir;
 
 pub use dir::{StreamDir, prepare_stream};
 
-use super::cache::{self, Evictable, SMALL_FILES};
-use super::plan::{Held, Plan, PlanConfig};
+use super::cache::{self, Evictable};
+use super::plan::{Held, Plan, PlanConfig, PlanError};
 use super::{RemoteError, RemoteOptions, open_store};
 use crate::gpt::{DatasetError, ShardSource, Shards};
 use crate::indexed::IndexedDataset;
@@ -119,6 +123,10 @@ pub struct Streamer {
 
 struct Inner {
     dir: StreamDir,
+    /// Bytes of the directory's files the budget never evicts, and the largest shard's cost
+    /// (what a budget too small for a step is told it needs).
+    fixed: u64,
+    largest: u64,
     store: Store,
     opts: RemoteOptions,
     cfg: StreamConfig,
@@ -156,22 +164,29 @@ impl Streamer {
     /// Start streaming the dataset of `dir` (from [`prepare_stream`]); nothing is fetched
     /// until a read wants a shard or [`Self::follow`] gives the plan its steps.
     pub fn start(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
-        let slack = if cfg.budget.is_some() { SMALL_FILES } else { 0 };
-        let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s) + slack).collect();
+        let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s)).collect();
         // Besides the manifest and the .idx files, the directory may hold other files the
         // budget cannot evict (a host check's verdict): they count as fixed too.
         let fixed = dir.fixed_bytes.max(cache::kept_files(&dir.dir)?);
+        let sharers = cfg.sharers.max(1) as u64;
+        let largest = costs.iter().copied().max().unwrap_or(0);
         let limit = match cfg.budget {
             None => None,
-            Some(budget) if budget <= fixed => {
-                return Err(RemoteError::BudgetTooSmall {
-                    dir: dir.dir.clone(),
-                    budget,
-                    fixed,
-                    sharers: cfg.sharers,
-                });
+            Some(budget) => {
+                // The least any step needs: one shard read, and the demand reserve (one
+                // largest shard) beside it, per rank.
+                let min_budget = min_budget(fixed, cfg.sharers, largest, largest);
+                if budget < min_budget {
+                    return Err(RemoteError::BudgetTooSmall {
+                        dir: dir.dir.clone(),
+                        budget,
+                        fixed,
+                        sharers: cfg.sharers,
+                        min_budget,
+                    });
+                }
+                Some((budget - fixed) / sharers)
             }
-            Some(budget) => Some((budget - fixed) / cfg.sharers.max(1) as u64),
         };
         let plan_cfg = PlanConfig {
             costs,
@@ -188,6 +203,8 @@ impl Streamer {
         let workers = cfg.fetchers.max(1);
         let inner = Arc::new(Inner {
             dir,
+            fixed,
+            largest,
             store,
             opts,
             cfg,
@@ -321,12 +338,7 @@ impl Inner {
                         step,
                         message,
                     })
-                    .and_then(|shards| {
-                        st.plan.add_step(step, shards).map_err(|cause| RemoteError::Plan {
-                            location: self.dir.location.to_string(),
-                            cause,
-                        })
-                    });
+                    .and_then(|shards| st.plan.add_step(step, shards).map_err(|cause| self.plan_error(cause)));
                 if let Err(e) = added {
                     tracing::error!(error = %e, "cannot plan the data stream");
                     st.fatal = Some(Arc::new(e));
@@ -339,6 +351,31 @@ impl Inner {
             st.maps[s] = None;
             st.leases[s] = None;
             st.plan.released(s);
+        }
+    }
+
+    /// What a plan's refusal means to the user: a step larger than this rank's share of the
+    /// budget names the smallest budget that holds it.
+    fn plan_error(&self, cause: PlanError) -> RemoteError {
+        match (cause, self.cfg.budget) {
+            (
+                PlanError::StepTooLarge {
+                    step, shards, bytes, ..
+                },
+                Some(budget),
+            ) => RemoteError::BudgetBelowStep {
+                dir: self.dir.dir.clone(),
+                budget,
+                step,
+                shards,
+                bytes,
+                sharers: self.cfg.sharers,
+                min_budget: min_budget(self.fixed, self.cfg.sharers, bytes, self.largest),
+            },
+            (cause, _) => RemoteError::Plan {
+                location: self.dir.location.to_string(),
+                cause,
+            },
         }
     }
 
@@ -370,7 +407,7 @@ impl Inner {
     /// A fetcher thread: take the next shard from the plan, bring it in, record it.
     fn work(self: Arc<Self>) {
         loop {
-            let next = {
+            let shard = {
                 let mut st = self.lock();
                 loop {
                     if self.stopped() || st.fatal.is_some() {
@@ -385,13 +422,12 @@ impl Inner {
                     };
                     if let Some(s) = next {
                         st.plan.started(s);
-                        break (s, self.evictable(&st));
+                        break s;
                     }
                     st = self.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            let (shard, evictable) = next;
-            let result = self.bring(shard, &evictable);
+            let result = self.bring(shard);
             let mut st = self.lock();
             match result {
                 Ok((lease, map)) => {
@@ -409,6 +445,13 @@ impl Inner {
             self.changed.notify_all();
         }
     }
+}
+
+/// The smallest budget under which each of `sharers` ranks can hold a step whose shards cost
+/// `step_bytes`, beside the fixed files (`fixed`) and its demand reserve (one largest shard,
+/// `largest`): the inverse of the plan's limit, `(budget − fixed) / sharers − largest`.
+fn min_budget(fixed: u64, sharers: usize, step_bytes: u64, largest: u64) -> u64 {
+    fixed.saturating_add((sharers.max(1) as u64).saturating_mul(step_bytes.saturating_add(largest)))
 }
 
 impl ShardSource for Inner {

@@ -1,7 +1,7 @@
 //! Bringing one shard into the cache for this rank: lease it, and unless a checked copy is
 //! there, reserve its room, fetch it, check it, rename it into place; then map it.
 
-use super::super::cache::{self, Evictable, Partial, Space};
+use super::super::cache::{self, Partial, Space};
 use super::super::fetch::{Wanted, download_to, write_error};
 use super::super::{RemoteError, io_err};
 use super::Inner;
@@ -17,12 +17,8 @@ use std::sync::atomic::Ordering;
 
 impl Inner {
     /// Lease shard `shard` and make sure its checked `.bin` is in the cache (fetching it,
-    /// evicting from `evictable` when the budget needs room); its lease and map.
-    pub(super) fn bring(
-        &self,
-        shard: usize,
-        evictable: &[Evictable],
-    ) -> Result<(File, Arc<IndexedDataset>), RemoteError> {
+    /// evicting what this rank does not hold when the budget needs room); its lease and map.
+    pub(super) fn bring(&self, shard: usize) -> Result<(File, Arc<IndexedDataset>), RemoteError> {
         let info = &self.dir.manifest.shards[shard];
         let bin = self.dir.bin(shard);
         // The lease first: once held, no other rank of the host evicts the shard.
@@ -48,7 +44,7 @@ impl Inner {
                 // A killed fetch's temporary file is not looked for here (a listing of the
                 // whole directory per shard): `prepare_stream` sweeps them before streaming
                 // starts, and a reservation short of room sweeps them too.
-                self.fetch_shard(shard, &bin, evictable)?;
+                self.fetch_shard(shard, &bin)?;
             }
         }
         let map = IndexedDataset::open_files(&self.dir.idx(shard), &bin).map_err(|e| RemoteError::Shard {
@@ -69,17 +65,13 @@ impl Inner {
     }
 
     /// Fetch shard `shard` into `bin` (its lock held): reserve the room, GET, check, rename.
-    fn fetch_shard(&self, shard: usize, bin: &Path, evictable: &[Evictable]) -> Result<(), RemoteError> {
+    fn fetch_shard(&self, shard: usize, bin: &Path) -> Result<(), RemoteError> {
         let info = &self.dir.manifest.shards[shard];
         let space = self.space();
         let name = format!("{}.bin", info.prefix);
-        let sizes = match &self.dir.origins[shard] {
-            Origin::Bin => vec![info.bin_bytes],
-            Origin::Frames {
-                zst_bytes, zidx_bytes, ..
-            } => vec![*zst_bytes, *zidx_bytes, info.bin_bytes],
-        };
-        let (mut partials, reserved) = space.reserve(bin, &sizes, evictable)?;
+        let sizes = self.dir.fetch_sizes(shard);
+        let evictable = || self.evictable(&self.lock());
+        let (mut partials, reserved) = space.reserve(bin, &sizes, &evictable)?;
         let c = &self.counters;
         c.peak_usage.fetch_max(reserved.usage, Ordering::Relaxed);
         c.evicted.fetch_add(reserved.evicted as u64, Ordering::Relaxed);

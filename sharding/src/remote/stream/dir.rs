@@ -2,6 +2,7 @@
 //! tokenizer in place (what opening the dataset and planning its reads need), the shards'
 //! `.bin` left to the [`super::Streamer`].
 
+use super::super::cache;
 use super::super::fetch::{check_listed, get_manifest, replace_if_different, write_error};
 use super::super::retry::with_retry;
 use super::super::upload::INDEX_PACK;
@@ -75,16 +76,28 @@ impl StreamDir {
         }
     }
 
-    /// Bytes shard `shard` takes in the cache while it is fetched (a compressed shard's
-    /// frames and index sit next to its `.bin` until it is decompressed).
-    pub fn cost(&self, shard: usize) -> u64 {
+    /// The files a fetch of shard `shard` writes, their bytes: its `.bin`, and for a
+    /// compressed shard first its frames and frame index (there until it is decompressed).
+    pub(super) fn fetch_sizes(&self, shard: usize) -> Vec<u64> {
         let bin = self.manifest.shards[shard].bin_bytes;
         match &self.origins[shard] {
-            Origin::Bin => bin,
+            Origin::Bin => vec![bin],
             Origin::Frames {
                 zst_bytes, zidx_bytes, ..
-            } => bin + zst_bytes + zidx_bytes,
+            } => vec![*zst_bytes, *zidx_bytes, bin],
         }
+    }
+
+    /// Bytes shard `shard` may take in the cache (its [`cache::entry_cost`]): what the plan
+    /// holds a rank to and what a reservation makes room for.
+    pub fn cost(&self, shard: usize) -> u64 {
+        cache::entry_cost(&self.fetch_sizes(shard))
+    }
+
+    /// Bytes the whole dataset may take in the cache: the fixed files and every shard at its
+    /// [`Self::cost`]. A budget of this much holds every shard at once.
+    pub fn footprint(&self) -> u64 {
+        self.fixed_bytes + (0..self.shards()).map(|s| self.cost(s)).sum::<u64>()
     }
 
     /// Bytes of every shard's `.bin` and of the fixed files: the whole dataset in the cache.
