@@ -4,6 +4,12 @@
 //! per host (`$TMPDIR/gantry-flight` by default) and keeps the newest
 //! [`FabricConfig::flight_keep`](crate::FabricConfig::flight_keep) dumps: every dump prunes
 //! the older ones, so a host that fails often does not fill its disk.
+//!
+//! Recording sits on the path of every call, so it costs no clock of its own and no heap
+//! allocation: the communicator passes the [`Instant`]s it read anyway (one at the start of an
+//! operation, one at its end) and a shared list of peers, and the ring of records stops growing
+//! once full. Instants become Unix times only when a dump is taken, against a clock reading
+//! taken then, so a wall clock stepped since an operation ran moves its times with it.
 
 use crate::dtype::DType;
 use crate::header::OpKind;
@@ -11,7 +17,7 @@ use serde::Serialize;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,12 +34,17 @@ pub struct OpRecord {
     pub dtype: DType,
     pub bytes: u64,
     /// Global ranks of the peers this operation talks to (the whole group for collectives).
-    pub peers: Vec<usize>,
+    #[serde(serialize_with = "serialize_peers")]
+    pub peers: Arc<[usize]>,
     pub algorithm: &'static str,
     pub state: OpState,
     pub start_unix_us: u64,
     pub end_unix_us: Option<u64>,
     pub error: Option<String>,
+}
+
+fn serialize_peers<S: serde::Serializer>(peers: &Arc<[usize]>, s: S) -> Result<S::Ok, S::Error> {
+    peers[..].serialize(s)
 }
 
 fn now_us() -> u64 {
@@ -43,12 +54,80 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// One operation as kept in the ring: times as the communicator's own [`Instant`]s.
+struct Entry {
+    seq: u64,
+    op: OpKind,
+    dtype: DType,
+    bytes: u64,
+    peers: Arc<[usize]>,
+    algorithm: &'static str,
+    state: OpState,
+    started: Instant,
+    ended: Option<Instant>,
+    error: Option<String>,
+}
+
+/// A wall-clock reading and a monotonic one taken together, to turn [`Instant`]s into Unix
+/// microseconds.
+#[derive(Clone, Copy)]
+struct Anchor {
+    unix_us: u64,
+    instant: Instant,
+}
+
+impl Anchor {
+    fn now() -> Anchor {
+        Anchor {
+            unix_us: now_us(),
+            instant: Instant::now(),
+        }
+    }
+
+    fn unix_us(&self, t: Instant) -> u64 {
+        match self.instant.checked_duration_since(t) {
+            Some(ago) => self.unix_us.saturating_sub(ago.as_micros() as u64),
+            None => self.unix_us + t.duration_since(self.instant).as_micros() as u64,
+        }
+    }
+}
+
+impl Entry {
+    fn record(&self, anchor: &Anchor) -> OpRecord {
+        OpRecord {
+            seq: self.seq,
+            op: self.op,
+            dtype: self.dtype,
+            bytes: self.bytes,
+            peers: self.peers.clone(),
+            algorithm: self.algorithm,
+            state: self.state,
+            start_unix_us: anchor.unix_us(self.started),
+            end_unix_us: self.ended.map(|t| anchor.unix_us(t)),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// What an operation is, for [`FlightRecorder::start`].
+pub struct OpStart<'a> {
+    pub seq: u64,
+    pub op: OpKind,
+    pub dtype: DType,
+    pub bytes: u64,
+    /// Cloned only when the record it replaces does not already hold this very list.
+    pub peers: &'a Arc<[usize]>,
+    pub algorithm: &'static str,
+    /// When the operation started (the instant its deadline is counted from).
+    pub started: Instant,
+}
+
 /// One communicator's recent history.
 pub struct FlightRecorder {
     comm: String,
     rank: usize,
     capacity: usize,
-    records: Mutex<VecDeque<OpRecord>>,
+    records: Mutex<VecDeque<Entry>>,
 }
 
 #[derive(Serialize)]
@@ -75,30 +154,36 @@ impl FlightRecorder {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<OpRecord>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn start(&self, seq: u64, op: OpKind, dtype: DType, bytes: u64, peers: Vec<usize>, algorithm: &'static str) {
+    /// Record an operation as started; the oldest record makes room once the ring is full.
+    pub fn start(&self, op: OpStart<'_>) {
         let mut r = self.lock();
-        if r.len() == self.capacity {
-            r.pop_front();
-        }
-        r.push_back(OpRecord {
-            seq,
-            op,
-            dtype,
-            bytes,
+        let evicted = if r.len() == self.capacity { r.pop_front() } else { None };
+        // A communicator's collectives all name the same members: hand the evicted record's
+        // reference on, rather than one more count up and one down per call.
+        let peers = match evicted {
+            Some(old) if Arc::ptr_eq(&old.peers, op.peers) => old.peers,
+            _ => op.peers.clone(),
+        };
+        r.push_back(Entry {
+            seq: op.seq,
+            op: op.op,
+            dtype: op.dtype,
+            bytes: op.bytes,
             peers,
-            algorithm,
+            algorithm: op.algorithm,
             state: OpState::Started,
-            start_unix_us: now_us(),
-            end_unix_us: None,
+            started: op.started,
+            ended: None,
             error: None,
         });
     }
 
-    pub fn finish(&self, seq: u64, op: OpKind, error: Option<String>) {
+    /// Mark the started operation `seq`/`op` as ended at `ended`, failed when `error` is set.
+    pub fn finish(&self, seq: u64, op: OpKind, ended: Instant, error: Option<String>) {
         let mut r = self.lock();
         if let Some(rec) = r
             .iter_mut()
@@ -110,18 +195,19 @@ impl FlightRecorder {
             } else {
                 OpState::Completed
             };
-            rec.end_unix_us = Some(now_us());
+            rec.ended = Some(ended);
             rec.error = error;
         }
     }
 
     pub fn snapshot(&self) -> FlightDump {
-        let records: Vec<OpRecord> = self.lock().iter().cloned().collect();
+        let anchor = Anchor::now();
+        let records: Vec<OpRecord> = self.lock().iter().map(|e| e.record(&anchor)).collect();
         FlightDump {
             comm: self.comm.clone(),
             rank: self.rank,
             pid: std::process::id(),
-            dumped_unix_us: now_us(),
+            dumped_unix_us: anchor.unix_us,
             last_completed: records
                 .iter()
                 .filter(|r| r.state == OpState::Completed)
@@ -296,6 +382,61 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    fn op(seq: u64, peers: &Arc<[usize]>, started: Instant) -> OpStart<'_> {
+        OpStart {
+            seq,
+            op: OpKind::AllReduce,
+            dtype: DType::F32,
+            bytes: 1024,
+            peers,
+            algorithm: "recursive_doubling",
+            started,
+        }
+    }
+
+    #[test]
+    fn records_keep_the_callers_instants_as_unix_times_and_the_newest_ops() {
+        let rec = FlightRecorder::new("world".into(), 3, 2);
+        let peers: Arc<[usize]> = Arc::from([2, 3]);
+        let t0 = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        rec.start(op(1, &peers, t0));
+        rec.finish(1, OpKind::AllReduce, t0 + Duration::from_millis(5), None);
+        rec.start(op(2, &peers, t0 + Duration::from_millis(7)));
+        rec.finish(
+            2,
+            OpKind::AllReduce,
+            t0 + Duration::from_millis(9),
+            Some("rank 2 vanished".into()),
+        );
+        // Only `capacity` records stay: seq 1 makes room for seq 3, which never finishes.
+        rec.start(op(3, &peers, t0 + Duration::from_millis(10)));
+        // A finish for an op that is not in flight changes nothing.
+        rec.finish(7, OpKind::AllReduce, t0, None);
+
+        let before_us = now_us();
+        let dump = rec.snapshot();
+        let seqs: Vec<u64> = dump.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        let (failed, stuck) = (&dump.records[0], &dump.records[1]);
+        assert_eq!(failed.state, OpState::Failed);
+        assert_eq!(failed.error.as_deref(), Some("rank 2 vanished"));
+        assert_eq!(failed.end_unix_us.unwrap() - failed.start_unix_us, 2000);
+        assert_eq!(stuck.start_unix_us - failed.start_unix_us, 3000);
+        assert_eq!((stuck.state, stuck.end_unix_us), (OpState::Started, None));
+        assert_eq!(dump.in_flight.len(), 1);
+        assert_eq!(dump.last_completed, None);
+        // The instants were taken before the dump: their Unix times are too (±1 µs rounding).
+        assert!(failed.start_unix_us <= dump.dumped_unix_us && dump.dumped_unix_us + 1 >= before_us);
+        assert!(
+            stuck.start_unix_us <= before_us + 1,
+            "{} vs {before_us}",
+            stuck.start_unix_us
+        );
+        let json = serde_json::to_value(failed).unwrap();
+        assert_eq!(json["peers"], serde_json::json!([2, 3]));
+        assert_eq!(json["algorithm"], "recursive_doubling");
     }
 
     #[test]

@@ -6,20 +6,28 @@
 //! rounds, and the odd ranks hand the result back. Both partners compute `mine ⊕ theirs`; the
 //! reductions are commutative element-wise, so every rank ends bit-identical.
 
-use super::{AlgoResult, scratch, scratch_bytes};
+use super::{AlgoResult, grown_scratch};
 use crate::dtype::{DType, ReduceOp};
 use crate::reduce::reduce_bytes;
 use crate::transport::{OpCtx, RecvSink, Transport};
 
-pub fn all_reduce(t: &mut dyn Transport, ctx: &OpCtx, buf: &mut [u8], dtype: DType, op: ReduceOp) -> AlgoResult {
+/// `scratch` holds one received buffer; it is grown when too small and kept by the caller, so
+/// that repeated small calls allocate nothing.
+pub fn all_reduce(
+    t: &mut dyn Transport,
+    ctx: &OpCtx,
+    buf: &mut [u8],
+    dtype: DType,
+    op: ReduceOp,
+    scratch: &mut Vec<u64>,
+) -> AlgoResult {
     let (n, r) = (t.size(), t.rank());
     if n == 1 {
         return Ok(());
     }
     let p = 1usize << (usize::BITS - 1 - n.leading_zeros()); // largest power of two ≤ n
     let rem = n - p;
-    let mut tmp_store = scratch(buf.len());
-    let tmp = scratch_bytes(&mut tmp_store, buf.len());
+    let tmp = grown_scratch(scratch, buf.len());
 
     // Fold the extra ranks in.
     let new_rank = if r < 2 * rem {

@@ -64,6 +64,15 @@ pub fn scratch_bytes(v: &mut [u64], len: usize) -> &mut [u8] {
     &mut bytemuck::cast_slice_mut(v)[..len]
 }
 
+/// The first `len` bytes of a reused 8-byte-aligned scratch buffer, grown to fit if needed.
+pub fn grown_scratch(v: &mut Vec<u64>, len: usize) -> &mut [u8] {
+    let words = len.div_ceil(8);
+    if v.len() < words {
+        v.resize(words, 0);
+    }
+    scratch_bytes(v, len)
+}
+
 /// Group-rank helpers shared by the algorithms.
 pub(crate) fn left(t: &dyn Transport) -> usize {
     (t.rank() + t.size() - 1) % t.size()

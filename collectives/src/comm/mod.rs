@@ -6,6 +6,11 @@
 //! otherwise the rank looks for the abort record the first rank to find the fault published in
 //! the rendezvous store, so that every rank of a broken ring blames the same, real culprit.
 //! After an error the communicator is broken (its peers have given up too); make a new one.
+//!
+//! A small all_reduce is a few microseconds over shared memory, so the bookkeeping of a call
+//! is kept to what it needs: two clock reads (start, end: the deadline and the flight record
+//! reuse them), the member list shared with the recorder rather than copied, and the
+//! recursive-doubling scratch buffer kept here between calls.
 
 mod blame;
 
@@ -15,7 +20,7 @@ use crate::error::{CommError, Result};
 use crate::fabric::Fabric;
 use crate::header::{OpDesc, OpKind};
 use crate::link::LinkKind;
-use crate::recorder::FlightRecorder;
+use crate::recorder::{FlightRecorder, OpStart};
 use crate::reduce::finish_avg;
 use crate::transport::{ExchangeError, OpCtx, RecvSink, SendPart, Transport};
 use serde::{Deserialize, Serialize};
@@ -56,7 +61,8 @@ pub struct CallOptions {
 
 pub struct Communicator {
     name: String,
-    members: Vec<usize>,
+    /// Shared with every flight record of a collective.
+    members: Arc<[usize]>,
     rank: usize,
     transport: Box<dyn Transport>,
     fabric: Option<Fabric>,
@@ -70,6 +76,8 @@ pub struct Communicator {
     recorder: Arc<FlightRecorder>,
     broken: Option<String>,
     splits: u64,
+    /// Recursive doubling's receive buffer, kept between calls up to `small_message_bytes`.
+    scratch: Vec<u64>,
 }
 
 fn invalid(op: OpKind, message: impl Into<String>) -> CommError {
@@ -97,7 +105,7 @@ impl Communicator {
         }
         Communicator {
             name,
-            members,
+            members: members.into(),
             rank,
             transport,
             fabric,
@@ -111,6 +119,7 @@ impl Communicator {
             recorder,
             broken: None,
             splits: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -315,9 +324,16 @@ impl Communicator {
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
         if tree {
-            self.run(desc, buf.len(), "recursive_doubling", |t, ctx| {
-                algo::doubling::all_reduce(t, ctx, buf, dtype, op)
-            })?;
+            // Out of `self` for the call (`run` borrows it whole); back afterwards, even on error.
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let result = self.run(desc, buf.len(), "recursive_doubling", |t, ctx| {
+                algo::doubling::all_reduce(t, ctx, buf, dtype, op, &mut scratch)
+            });
+            // A forced tree on a large buffer must not pin that much memory for good.
+            if scratch.len() * 8 <= self.small_message_bytes {
+                self.scratch = scratch;
+            }
+            result?;
         } else {
             self.run(desc, buf.len(), "ring", |t, ctx| {
                 algo::ring::all_reduce(t, ctx, buf, chunking, op)
@@ -514,7 +530,7 @@ impl Communicator {
 
     fn exchange_deadline(&self, started: Instant) -> Instant {
         // Leave a tenth of the budget to learn the real culprit from the other ranks.
-        started + self.timeout.mul_f64(0.9)
+        started + (self.timeout - self.timeout / 10)
     }
 
     fn run(
@@ -535,14 +551,15 @@ impl Communicator {
             started,
             deadline: self.exchange_deadline(started),
         };
-        self.recorder.start(
-            ctx.seq,
-            desc.kind,
-            desc.dtype,
-            bytes as u64,
-            self.members.clone(),
+        self.recorder.start(OpStart {
+            seq: ctx.seq,
+            op: desc.kind,
+            dtype: desc.dtype,
+            bytes: bytes as u64,
+            peers: &self.members,
             algorithm,
-        );
+            started,
+        });
         let result = f(&mut *self.transport, &ctx);
         self.conclude(&ctx, result)
     }
@@ -598,7 +615,7 @@ impl Communicator {
                 sink: RecvSink::Copy(data),
             }
         });
-        let peers: Vec<usize> = send_part
+        let peers: Arc<[usize]> = send_part
             .iter()
             .map(|s| s.peer)
             .chain(recv_part.iter().map(|r| r.peer))
@@ -623,21 +640,30 @@ impl Communicator {
             started,
             deadline: self.exchange_deadline(started),
         };
-        self.recorder
-            .start(seq, OpKind::SendRecv, dtype, bytes as u64, peers, "p2p");
+        self.recorder.start(OpStart {
+            seq,
+            op: OpKind::SendRecv,
+            dtype,
+            bytes: bytes as u64,
+            peers: &peers,
+            algorithm: "p2p",
+            started,
+        });
         let result = self.transport.exchange(&ctx, send_part, recv_part);
         self.conclude(&ctx, result)
     }
 
     fn conclude(&mut self, ctx: &OpCtx, result: std::result::Result<(), ExchangeError>) -> Result<()> {
+        let ended = Instant::now();
         match result {
             Ok(()) => {
-                self.recorder.finish(ctx.seq, ctx.desc.kind, None);
+                self.recorder.finish(ctx.seq, ctx.desc.kind, ended, None);
                 Ok(())
             }
             Err(e) => {
                 let err = self.attribute(ctx, e);
-                self.recorder.finish(ctx.seq, ctx.desc.kind, Some(err.to_string()));
+                self.recorder
+                    .finish(ctx.seq, ctx.desc.kind, ended, Some(err.to_string()));
                 self.broken = Some(err.to_string());
                 if let Some(f) = &self.fabric {
                     match f.recorders().dump(&self.recorder) {
