@@ -4,7 +4,7 @@
 use gantry_collectives::{Communicator, Fabric, FabricConfig, ReduceOp};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 struct Counting;
 
@@ -84,4 +84,20 @@ fn per_call_cost_of_a_one_rank_all_reduce() {
         let ns = t0.elapsed().as_nanos() as f64 / f64::from(iters);
         println!("round {round}: {ns:.1} ns per 1 KiB f32 all_reduce on a 1-rank world");
     }
+}
+
+/// A deadline of centuries (`GANTRY_TIMEOUT_MS` near u64::MAX) is capped, not an overflow panic.
+#[test]
+fn an_absurd_timeout_is_capped_instead_of_overflowing() {
+    let config = FabricConfig {
+        timeout: Duration::from_millis(u64::MAX),
+        ..FabricConfig::default()
+    };
+    let mut comm = Fabric::local_world(1, config, 1 << 16).remove(0).world();
+    assert_eq!(comm.timeout(), gantry_collectives::comm::MAX_TIMEOUT);
+    let mut x = [1.0f32; 4];
+    comm.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
+    comm.set_timeout(Duration::MAX);
+    comm.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x, [1.0; 4]);
 }

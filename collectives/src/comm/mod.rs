@@ -59,6 +59,10 @@ pub struct CallOptions {
     pub algorithm: Option<Algorithm>,
 }
 
+/// The longest deadline a call gets: a longer one (`GANTRY_TIMEOUT_MS` of years) means "no
+/// deadline" to whoever set it, and `start + timeout` must not overflow an `Instant`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub struct Communicator {
     name: String,
     /// Shared with every flight record of a collective.
@@ -112,7 +116,7 @@ impl Communicator {
             seq: 0,
             p2p_sent: vec![0; size],
             p2p_received: vec![0; size],
-            timeout: config.timeout,
+            timeout: config.timeout.min(MAX_TIMEOUT),
             algorithm: Algorithm::Auto,
             small_message_bytes: config.small_message_bytes,
             segment_bytes: config.segment_bytes,
@@ -150,8 +154,9 @@ impl Communicator {
         self.timeout
     }
 
+    /// The deadline of each later call (at most [`MAX_TIMEOUT`]).
     pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+        self.timeout = timeout.min(MAX_TIMEOUT);
     }
 
     pub fn set_algorithm(&mut self, algorithm: Algorithm) {
@@ -171,7 +176,7 @@ impl Communicator {
     pub fn with_options<R>(&mut self, opts: CallOptions, f: impl FnOnce(&mut Self) -> R) -> R {
         let saved = (self.timeout, self.algorithm);
         if let Some(t) = opts.timeout {
-            self.timeout = t;
+            self.timeout = t.min(MAX_TIMEOUT);
         }
         if let Some(a) = opts.algorithm {
             self.algorithm = a;
