@@ -68,6 +68,7 @@ pub mod conformance;
 pub mod dtype;
 pub mod error;
 pub mod fabric;
+mod filed;
 pub mod header;
 pub mod layout;
 pub mod link;

@@ -35,17 +35,17 @@ use crate::auth::handshake::{
 use crate::auth::stream::{ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
 use crate::auth::{JobAuth, Party};
 use crate::error::LinkError;
+use crate::filed::Filed;
 use crate::tls::TlsIdentity;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
     ConnectionError, IdleTimeout, MtuDiscoveryConfig, ReadError, ReadExactError, RecvStream, SendStream,
     TransportConfig, VarInt, WriteError,
 };
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 
@@ -133,11 +133,9 @@ pub(crate) struct Parts {
     pub(crate) recv: RecvStream,
 }
 
-type Pending = Mutex<HashMap<(String, usize), Parts>>;
-
 /// What every accepting task of one endpoint needs.
 struct Listening {
-    pending: Arc<(Pending, Condvar)>,
+    pending: Arc<Filed<Parts>>,
     refusals: Arc<Refusals>,
     auth: Option<JobAuth>,
     me: usize,
@@ -147,7 +145,7 @@ struct Listening {
 pub struct QuicEndpoint {
     addr: SocketAddr,
     core: Arc<Core>,
-    pending: Arc<(Pending, Condvar)>,
+    pending: Arc<Filed<Parts>>,
     refusals: Arc<Refusals>,
     accept_task: tokio::task::JoinHandle<()>,
 }
@@ -243,7 +241,7 @@ impl QuicEndpoint {
             quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?
         };
         let addr = endpoint.local_addr()?;
-        let pending: Arc<(Pending, Condvar)> = Arc::default();
+        let pending: Arc<Filed<Parts>> = Arc::default();
         let refusals = Arc::new(Refusals::default());
         let listening = Arc::new(Listening {
             pending: pending.clone(),
@@ -308,25 +306,8 @@ impl QuicEndpoint {
 
     /// Wait for rank `peer` to dial us for `key`.
     pub fn take(&self, key: &str, peer: usize, deadline: Instant) -> Result<QuicLink, LinkError> {
-        let (lock, cv) = &*self.pending;
-        let mut map = lock.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(parts) = map.remove(&(key.to_string(), peer)) {
-                drop(map);
-                return QuicLink::start(self.core.clone(), parts);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(LinkError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("rank {peer} did not connect over QUIC for communicator `{key}`"),
-                )));
-            }
-            map = cv
-                .wait_timeout(map, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let parts = self.pending.take(key, peer, deadline, " over QUIC")?;
+        QuicLink::start(self.core.clone(), parts)
     }
 }
 
@@ -335,8 +316,7 @@ impl Drop for QuicEndpoint {
         // Stop admitting; links already made keep the runtime (in `Core`) alive.
         self.accept_task.abort();
         self.core.endpoint.set_server_config(None);
-        let (lock, _) = &*self.pending;
-        for (_, parts) in lock.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        for parts in self.pending.drain() {
             parts.conn.close(VarInt::from_u32(CLOSE_DONE), b"nobody took this link");
         }
     }
@@ -370,11 +350,7 @@ impl Listening {
             .unwrap_or_else(|_| Err(timed_out()));
         match served {
             Ok((accepted, rank, send, recv)) => {
-                let (lock, cv) = &*self.pending;
-                lock.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert((accepted.key, rank), Parts { conn, send, recv });
-                cv.notify_all();
+                self.pending.file(accepted.key, rank, Parts { conn, send, recv });
             }
             Err(e) => {
                 conn.close(VarInt::from_u32(CLOSE_REFUSED), b"refused");

@@ -14,15 +14,15 @@ use crate::auth::handshake::{Channel, Client, HandshakeError, MAX_KEY_LEN, Serve
 use crate::auth::stream::{self as handshake, ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
 use crate::auth::{JobAuth, Party};
 use crate::error::LinkError;
+use crate::filed::Filed;
 use crate::link::{Interest, Link, LinkKind};
 use crate::tls::{self, Role, TlsIdentity};
 use socket2::SockRef;
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -197,12 +197,10 @@ pub enum Incoming {
     Tls(Box<crate::tls::TlsLink>),
 }
 
-type Pending = Mutex<HashMap<(String, usize), Incoming>>;
-
 /// This process's listener for incoming peer connections.
 pub struct Acceptor {
     addr: SocketAddr,
-    pending: Arc<(Pending, Condvar)>,
+    pending: Arc<Filed<Incoming>>,
     stop: Arc<AtomicBool>,
     refusals: Arc<Refusals>,
     thread: Option<JoinHandle<()>>,
@@ -210,7 +208,7 @@ pub struct Acceptor {
 
 /// What every handshake thread of one acceptor needs.
 struct Listening {
-    pending: Arc<(Pending, Condvar)>,
+    pending: Arc<Filed<Incoming>>,
     refusals: Arc<Refusals>,
     /// `None`: peers must have no secret either (GANTRY_INSECURE_NO_AUTH).
     auth: Option<JobAuth>,
@@ -230,7 +228,7 @@ impl Acceptor {
     ) -> io::Result<Acceptor> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
-        let pending: Arc<(Pending, Condvar)> = Arc::default();
+        let pending: Arc<Filed<Incoming>> = Arc::default();
         let refusals = Arc::new(Refusals::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -266,24 +264,7 @@ impl Acceptor {
 
     /// Wait for `peer` to connect for communicator `key`.
     pub fn take(&self, key: &str, peer: usize, deadline: Instant) -> Result<Incoming, LinkError> {
-        let (lock, cv) = &*self.pending;
-        let mut map = lock.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(s) = map.remove(&(key.to_string(), peer)) {
-                return Ok(s);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(LinkError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("rank {peer} did not connect for communicator `{key}`"),
-                )));
-            }
-            map = cv
-                .wait_timeout(map, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.pending.take(key, peer, deadline, "")
     }
 }
 
@@ -348,11 +329,7 @@ impl Listening {
                         }
                     }
                 };
-                let (lock, cv) = &*self.pending;
-                lock.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert((accepted.key, rank as usize), incoming);
-                cv.notify_all();
+                self.pending.file(accepted.key, rank as usize, incoming);
             }
             Err(e) => {
                 let listener = format!("rank {}'s link listener", self.me);

@@ -180,7 +180,7 @@ fn raw_quinn(ep0: &QuicEndpoint, ep1: &QuicEndpoint, auth: &JobAuth, total: usiz
     };
     let p1 = ep1.core.run(dialing.until(soon())).unwrap().unwrap();
     let p0 = loop {
-        if let Some(p) = ep0.pending.0.lock().unwrap().remove(&("raw".to_string(), 1)) {
+        if let Some(p) = ep0.pending.try_take("raw", 1) {
             break p;
         }
         std::thread::sleep(Duration::from_millis(1));
