@@ -66,7 +66,13 @@ fn a_small_all_reduce_allocates_nothing_after_warm_up() {
         .map(|f| std::thread::spawn(move || allocations_per_rank(&mut f.world(), 1000)))
         .collect();
     let counts: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(counts, [0, 0], "2 ranks over in-process pipes");
+    // Not exactly 0 with two threads: a rank that first has to sleep on its peer after the
+    // warm-up makes one-time allocations (std's lazily made thread handle when it parks; seen
+    // once in CI). Per-call allocations would be at least 1,000 (they were before).
+    assert!(
+        counts.iter().all(|&c| c < 10),
+        "2 ranks over in-process pipes allocated {counts:?} times in 1,000 calls each"
+    );
 }
 
 /// `cargo nextest run -p gantry-collectives --run-ignored only per_call_cost --no-capture`
