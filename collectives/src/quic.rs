@@ -30,7 +30,7 @@ pub use pipe::QuicLink;
 use crate::auth::binding::{self, EXPORTER_LABEL, EXPORTER_LEN, Ends};
 use crate::auth::handshake::{
     ACCEPTED, Accepted, CHALLENGE_LEN, Challenge, Channel, Client, Direction, HELLO_HEAD, HandshakeError, Hello,
-    MAC_LEN, MAGIC, MAX_KEY_LEN, NONCE_LEN, Nonce, PROOF_LEN, Server,
+    MAC_LEN, MAGIC, NONCE_LEN, Nonce, PROOF_LEN, Server,
 };
 use crate::auth::stream::{ACCEPT_TIMEOUT, DIAL_TIMEOUT, Refusals};
 use crate::auth::{JobAuth, Party};
@@ -284,12 +284,7 @@ impl QuicEndpoint {
         auth: Option<&JobAuth>,
         deadline: Instant,
     ) -> Result<QuicLink, LinkError> {
-        if key.len() > MAX_KEY_LEN {
-            return Err(LinkError::Protocol(format!(
-                "communicator key is {} bytes, the QUIC handshake allows {MAX_KEY_LEN}: `{key:.64}…`",
-                key.len()
-            )));
-        }
+        crate::tcp::check_key(key, "QUIC")?;
         let dialing = Dialing {
             endpoint: self.core.endpoint.clone(),
             config: self.core.client.clone(),

@@ -340,6 +340,18 @@ impl Listening {
     }
 }
 
+/// Refuse a communicator key longer than the handshake's hello can carry, before dialling;
+/// `transport` names the handshake in the message.
+pub(crate) fn check_key(key: &str, transport: &str) -> Result<(), LinkError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(LinkError::Protocol(format!(
+            "communicator key is {} bytes, the {transport} handshake allows {MAX_KEY_LEN}: `{key:.64}…`",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Connect to global rank `peer` at `addr` (retrying until `deadline`: the peer may still be
 /// starting) as global rank `me`, for communicator `key`, and prove `auth`'s secret. A peer
 /// that does not answer the handshake in time is retried like one that is not listening
@@ -352,12 +364,7 @@ pub fn connect(
     auth: Option<&JobAuth>,
     deadline: Instant,
 ) -> Result<TcpStream, LinkError> {
-    if key.len() > MAX_KEY_LEN {
-        return Err(LinkError::Protocol(format!(
-            "communicator key is {} bytes, the TCP handshake allows {MAX_KEY_LEN}: `{key:.64}…`",
-            key.len()
-        )));
-    }
+    check_key(key, "TCP")?;
     let mut last_err = None;
     while Instant::now() < deadline {
         let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {

@@ -23,7 +23,12 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 fn report(rank: usize, e: &CommError, started: Instant) -> ! {
-    let variant = format!("{e:?}").split([' ', '{', '(']).next().unwrap_or("").to_string();
+    // The variant's name: the Debug text up to the first character no identifier has.
+    let debug = format!("{e:?}");
+    let variant = debug
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .next()
+        .unwrap_or("");
     let json = serde_json::json!({
         "rank": rank,
         "blamed": e.rank(),
