@@ -15,18 +15,15 @@ mod common;
 
 use common::backend::{Backend, TempDir};
 use common::pattern::{self, first_difference, slice_bytes, splitmix64};
+use common::ranks::RankProcesses;
 use gantry_checkpoint::format::{MANIFEST, parse_step_dir, rank_index_name, step_dir};
 use gantry_checkpoint::retention::doomed;
 use gantry_checkpoint::{Checkpoint, Retention, Store, Which, committed_steps};
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-const RANK_BIN: &str = env!("CARGO_BIN_EXE_ckpt-test-rank");
 const WORLD: usize = pattern::CRASH_WORLD;
 const KEEP_LAST: usize = 2;
 const KEEP_EVERY: u64 = 4;
@@ -52,123 +49,14 @@ impl Rng {
     }
 }
 
-/// One run: the rank processes and their stdout lines as (rank, line).
-struct Run {
-    children: Vec<Child>,
-    lines: mpsc::Receiver<(usize, String)>,
-    seen: Vec<(usize, String)>,
-    logs: Vec<PathBuf>,
-}
-
-impl Run {
-    fn start(b: &Backend, logs: &TempDir, attempt: &str, steps: u64, env: &[(&str, &Path)]) -> Run {
-        let (tx, lines) = mpsc::channel();
-        let mut children = Vec::new();
-        let mut log_paths = Vec::new();
-        for rank in 0..WORLD {
-            let log = logs.0.join(format!("{attempt}-rank{rank}.stderr"));
-            let mut cmd = Command::new(RANK_BIN);
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", WORLD.to_string())
-                .env("CKPT_URL", b.url())
-                .env("CKPT_ATTEMPT", attempt)
-                .env("CKPT_STEPS", steps.to_string())
-                .env("CKPT_KEEP_LAST", KEEP_LAST.to_string())
-                .env("CKPT_KEEP_EVERY", KEEP_EVERY.to_string())
-                .envs(b.env())
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log).unwrap());
-            let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {RANK_BIN}: {e}"));
-            let out = child.stdout.take().unwrap();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send((rank, line)).is_err() {
-                        break;
-                    }
-                }
-            });
-            children.push(child);
-            log_paths.push(log);
-        }
-        Run {
-            children,
-            lines,
-            seen: Vec::new(),
-            logs: log_paths,
-        }
-    }
-
-    /// Collect lines until `enough` says so, every rank's output has ended, or `limit`.
-    fn watch(&mut self, limit: Duration, enough: impl Fn(&[(usize, String)]) -> bool) {
-        let until = Instant::now() + limit;
-        while !enough(&self.seen) {
-            match self.lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(line) => self.seen.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(mpsc::RecvTimeoutError::Timeout) => return,
-            }
-        }
-    }
-
-    fn kill(&mut self, rank: usize) {
-        // SIGKILL; an error means the process already exited, which wait() will report.
-        let _ = self.children[rank].kill();
-    }
-
-    /// Wait for every process, then for the rest of their output.
-    fn finish(&mut self) -> Vec<ExitStatus> {
-        let until = Instant::now() + RUN_LIMIT;
-        let mut statuses = Vec::new();
-        for rank in 0..WORLD {
-            loop {
-                if let Some(s) = self.children[rank].try_wait().unwrap() {
-                    statuses.push(s);
-                    break;
-                }
-                if Instant::now() > until {
-                    panic!("rank {rank} did not exit within {RUN_LIMIT:?}:\n{}", self.describe());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        self.watch(Duration::from_secs(30), |_| false);
-        statuses
-    }
-
-    /// Steps printed as committed, by any rank.
-    fn committed_lines(&self) -> Vec<u64> {
-        self.seen
-            .iter()
-            .filter_map(|(_, l)| l.strip_prefix("committed ")?.parse().ok())
-            .collect()
-    }
-
-    fn describe(&self) -> String {
-        let mut s = String::new();
-        for rank in 0..WORLD {
-            let out: Vec<&str> = self
-                .seen
-                .iter()
-                .filter(|(r, _)| *r == rank)
-                .map(|(_, l)| l.as_str())
-                .collect();
-            let err = std::fs::read_to_string(&self.logs[rank]).unwrap_or_default();
-            s += &format!("rank {rank} stdout: {out:?}\nrank {rank} stderr: {err}\n");
-        }
-        s
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// The ranks of save attempt `attempt`, saving `steps` steps with the test's retention;
+/// `env` adds more `CKPT_*` variables.
+fn start_ranks(b: &Backend, logs: &TempDir, attempt: &str, steps: u64, env: &[(&str, &Path)]) -> RankProcesses {
+    RankProcesses::start(b, logs, attempt, steps, |cmd| {
+        cmd.env("CKPT_KEEP_LAST", KEEP_LAST.to_string())
+            .env("CKPT_KEEP_EVERY", KEEP_EVERY.to_string())
+            .envs(env.iter().copied());
+    })
 }
 
 /// What the test knows across runs.
@@ -267,7 +155,7 @@ fn crash_runs(b: &Backend, runs: usize, default_seed: u64) {
         let context = format!("run {run} (seed {seed}, attempt {attempt}, kill rank {victim} {moment:?})");
         println!("{context}: resuming from step {resume_from}");
 
-        let mut r = Run::start(b, &logs, &attempt, STEPS_PER_RUN, &[]);
+        let mut r = start_ranks(b, &logs, &attempt, STEPS_PER_RUN, &[]);
         let all_done = |seen: &[(usize, String)]| seen.iter().filter(|(_, l)| l == "done").count() == WORLD;
         match moment {
             Moment::After(d) => r.watch(d, all_done),
@@ -288,7 +176,7 @@ fn crash_runs(b: &Backend, runs: usize, default_seed: u64) {
         for rank in 0..WORLD {
             r.kill(rank);
         }
-        let statuses = r.finish();
+        let statuses = r.finish(RUN_LIMIT);
         for (rank, st) in statuses.iter().enumerate() {
             assert!(
                 st.success() || st.signal() == Some(libc::SIGKILL),
@@ -321,16 +209,11 @@ fn crash_runs(b: &Backend, runs: usize, default_seed: u64) {
     let before = committed_steps(&store).unwrap();
     let from = before.last().copied().unwrap_or(0);
     let context = format!("final clean run from step {from} (seed {seed})");
-    let mut r = Run::start(b, &logs, &format!("final-{seed:x}"), 4, &[]);
-    let statuses = r.finish();
+    let mut r = start_ranks(b, &logs, &format!("final-{seed:x}"), 4, &[]);
+    let statuses = r.finish(RUN_LIMIT);
     for (rank, st) in statuses.iter().enumerate() {
         assert!(st.success(), "{context}: rank {rank} exited {st:?}\n{}", r.describe());
-        let mine: Vec<&str> = r
-            .seen
-            .iter()
-            .filter(|(x, _)| *x == rank)
-            .map(|(_, l)| l.as_str())
-            .collect();
+        let mine = r.said(rank);
         let want: Vec<String> = std::iter::once(format!("resumed {from}"))
             .chain((from + 1..=from + 4).map(|s| format!("committed {s}")))
             .chain(["done".to_string()])
@@ -410,7 +293,7 @@ fn crash_s3() {
 fn abandoned_save(b: &Backend) {
     let logs = TempDir::new("abandon-logs");
     let (go, abandon) = (logs.0.join("go"), logs.0.join("abandon"));
-    let mut r = Run::start(
+    let mut r = start_ranks(
         b,
         &logs,
         "abandon",
@@ -421,7 +304,7 @@ fn abandoned_save(b: &Backend) {
     r.watch(RUN_LIMIT, |seen| count(seen, "waiting") == WORLD);
     assert_eq!(count(&r.seen, "waiting"), WORLD, "{}", r.describe());
     r.kill(2);
-    assert!(r.children[2].wait().unwrap().signal() == Some(libc::SIGKILL));
+    assert!(r.wait(2).signal() == Some(libc::SIGKILL));
     std::fs::write(&go, b"").unwrap();
     // Abandon only once both shares are written, so the waits for the missing rank are what
     // the cancel has to end.
@@ -439,7 +322,7 @@ fn abandoned_save(b: &Backend) {
         }
     }
     std::fs::write(&abandon, b"").unwrap();
-    let statuses = r.finish();
+    let statuses = r.finish(RUN_LIMIT);
     for (rank, st) in statuses.iter().enumerate().take(2) {
         assert_eq!(st.code(), Some(4), "rank {rank} exited {st:?}\n{}", r.describe());
         assert!(

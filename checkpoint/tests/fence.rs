@@ -12,115 +12,29 @@ mod common;
 
 use common::backend::{Backend, RankSave, TempDir, save_ranks};
 use common::pattern::{self, crash_job, crash_rank_slices, crash_rank_state, crash_seed, slice_bytes};
+use common::ranks::RankProcesses;
 use gantry_checkpoint::{
     Checkpoint, CheckpointError, Fence, SaveRequest, SaverConfig, TensorData, Which, committed_steps, fence,
 };
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const RANK_BIN: &str = env!("CARGO_BIN_EXE_ckpt-test-rank");
 const WORLD: usize = pattern::CRASH_WORLD;
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// One run of `WORLD` rank processes and their stdout lines.
-struct Run {
-    name: String,
-    children: Vec<Child>,
-    lines: mpsc::Receiver<(usize, String)>,
-    seen: Vec<(usize, String)>,
+/// The ranks of save attempt `attempt` fenced as `fence` (`JOB/ATTEMPT`), saving `steps`
+/// steps; with `go`, each prints `waiting` after resuming and waits until `logs/GO` exists.
+fn start_ranks(b: &Backend, logs: &TempDir, attempt: &str, fence: &str, steps: u64, go: Option<&str>) -> RankProcesses {
+    RankProcesses::start(b, logs, attempt, steps, |cmd| {
+        cmd.env("CKPT_FENCE", fence);
+        if let Some(go) = go {
+            cmd.env("CKPT_GO_FILE", logs.0.join(go));
+        }
+    })
 }
 
-impl Run {
-    fn start(b: &Backend, logs: &TempDir, attempt: &str, fence: &str, steps: u64, go: Option<&str>) -> Run {
-        let (tx, lines) = mpsc::channel();
-        let mut children = Vec::new();
-        for rank in 0..WORLD {
-            let mut cmd = Command::new(RANK_BIN);
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", WORLD.to_string())
-                .env("CKPT_URL", b.url())
-                .env("CKPT_ATTEMPT", attempt)
-                .env("CKPT_FENCE", fence)
-                .env("CKPT_STEPS", steps.to_string())
-                .envs(b.env())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(logs.0.join(format!("{attempt}-{rank}.stderr"))).unwrap());
-            if let Some(go) = go {
-                cmd.env("CKPT_GO_FILE", logs.0.join(go));
-            }
-            let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {RANK_BIN}: {e}"));
-            let out = child.stdout.take().unwrap();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send((rank, line)).is_err() {
-                        break;
-                    }
-                }
-            });
-            children.push(child);
-        }
-        Run {
-            name: attempt.to_string(),
-            children,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Collect lines until every rank printed `line`.
-    fn wait_all(&mut self, line: &str) {
-        let until = Instant::now() + LIMIT;
-        while (0..WORLD).any(|r| !self.seen.iter().any(|(x, l)| *x == r && l == line)) {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("{}: not every rank printed {line:?}: {:?}", self.name, self.seen),
-            }
-        }
-    }
-
-    /// Each rank's exit code, once all have ended, and every line they printed.
-    fn finish(&mut self) -> Vec<Option<i32>> {
-        let codes = self
-            .children
-            .iter_mut()
-            .map(|c| {
-                let until = Instant::now() + LIMIT;
-                loop {
-                    if let Some(s) = c.try_wait().unwrap() {
-                        break s.code();
-                    }
-                    assert!(Instant::now() < until, "a rank of {} did not end", self.name);
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-            .collect();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(l);
-        }
-        codes
-    }
-
-    fn said(&self, rank: usize) -> Vec<&str> {
-        self.seen
-            .iter()
-            .filter(|(r, _)| *r == rank)
-            .map(|(_, l)| l.as_str())
-            .collect()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Each rank's exit code, once all have ended.
+fn exit_codes(ranks: &mut RankProcesses) -> Vec<Option<i32>> {
+    ranks.finish(LIMIT).iter().map(|s| s.code()).collect()
 }
 
 /// Every listed step opens, names the expected save attempt and fence, and loads exactly
@@ -149,20 +63,25 @@ fn check_steps(b: &Backend, want: &[(u64, &str, u32)]) {
 
 fn a_replaced_attempt_cannot_commit_over_the_new_one(b: &Backend) {
     let logs = TempDir::new("fence-logs");
-    let mut first = Run::start(b, &logs, "a1", "j/1", 2, None);
-    assert_eq!(first.finish(), vec![Some(0); WORLD], "{:?}", first.seen);
+    let mut first = start_ranks(b, &logs, "a1", "j/1", 2, None);
+    assert_eq!(exit_codes(&mut first), vec![Some(0); WORLD], "{}", first.describe());
 
     // Attempt 1's ranks again (a partition's survivors): resumed, about to save step 3.
-    let mut stale = Run::start(b, &logs, "s1", "j/1", 1, Some("go"));
-    stale.wait_all("resumed 2");
-    stale.wait_all("waiting");
+    let mut stale = start_ranks(b, &logs, "s1", "j/1", 1, Some("go"));
+    stale.wait_all("resumed 2", LIMIT);
+    stale.wait_all("waiting", LIMIT);
     // Attempt 2 claims the directory and commits steps 3 and 4.
-    let mut second = Run::start(b, &logs, "b2", "j/2", 2, None);
-    assert_eq!(second.finish(), vec![Some(0); WORLD], "{:?}", second.seen);
+    let mut second = start_ranks(b, &logs, "b2", "j/2", 2, None);
+    assert_eq!(exit_codes(&mut second), vec![Some(0); WORLD], "{}", second.describe());
 
     std::fs::write(logs.0.join("go"), b"").unwrap();
-    let codes = stale.finish();
-    assert_eq!(codes, vec![Some(3); WORLD], "every stale rank fails: {:?}", stale.seen);
+    let codes = exit_codes(&mut stale);
+    assert_eq!(
+        codes,
+        vec![Some(3); WORLD],
+        "every stale rank fails: {}",
+        stale.describe()
+    );
     let refusal = stale.said(0).join("\n");
     assert!(
         refusal.contains("step 3 not committed: attempt 1 of job j is fenced off")

@@ -17,241 +17,19 @@
 
 mod common;
 
-use common::{GANTRY, text};
-use gantry_testkit::netns::{Cluster, Host, HostProcess, LinkProfile, start_or_skip};
+use common::netns::{Daemons, assert_tp_pairs_share_a_host, ci, dp2_tp2_spec, losses, reference, worker_of};
+use gantry_testkit::netns::{Host, LinkProfile, start_or_skip};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "netns-faults-token";
-const COORDINATOR_PORT: u16 = 7070;
-
-/// dp 2 × tp 2, two ranks per host; `{steps}` filled in and sections appended per test.
-const SPEC: &str = r#"
-name = "faults"
-[model]
-arch = "gpt2"
-d_model = 64
-n_layers = 2
-n_heads = 4
-seq_len = 32
-[parallel]
-dp = 2
-tp = 2
-timeout_s = 120
-[optim]
-lr = 3e-3
-warmup_steps = 5
-[train]
-steps = {steps}
-global_batch = 8
-micro_batch = 2
-eval_every = 10
-eval_batches = 2
-threads = 1
-"#;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn spec(dir: &Path, steps: u64, extra: &str) -> PathBuf {
-    let body = SPEC.replace("{steps}", &steps.to_string());
-    let base = common::synth_job(dir, &body, 60_000, 5);
-    let text = std::fs::read_to_string(&base).unwrap();
-    let path = dir.join("train.toml");
-    std::fs::write(&path, format!("{text}\n{extra}\n")).unwrap();
-    path
-}
-
-/// The one-host reference: the same spec as four local ranks; its run directory.
-fn reference(dir: &Path, spec: &Path, checkpoints: bool) -> PathBuf {
-    let run = dir.join("reference");
-    let mut cmd = Command::new(GANTRY);
-    cmd.arg("launch")
-        .arg(spec)
-        .args(["--local", "4", "--json", "--run-dir"])
-        .arg(&run);
-    if checkpoints {
-        cmd.arg("--checkpoint-dir").arg(dir.join("reference-ckpt"));
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "reference run: {}", text(&out));
-    run
-}
-
-/// Every step's loss from a run directory's `metrics.jsonl`.
-fn losses(run: &Path) -> Vec<f64> {
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_else(|e| panic!("{}: {e}", run.join("metrics.jsonl").display()));
-    metrics
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter_map(|v| v["loss"].as_f64())
-        .collect()
-}
-
+/// The final loss a run directory's `summary.json` reports.
 fn final_loss(run: &Path) -> f64 {
     let path = run.join("summary.json");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_slice::<Value>(&bytes).unwrap()["final_loss"]
         .as_f64()
         .unwrap()
-}
-
-/// The daemons of a test, each inside its host; killed (with their ranks) on drop.
-struct Daemons {
-    coordinator_process: HostProcess,
-    _workers: Vec<HostProcess>,
-    head: Host,
-    coordinator: String,
-    dir: PathBuf,
-}
-
-impl Daemons {
-    /// A coordinator on `head` (heartbeats every 200 ms, lost after `deadline_s`) and a worker
-    /// with two slots on each of `workers`.
-    fn start(cluster: &Cluster, dir: &Path, deadline_s: u32, names: &[&str]) -> Daemons {
-        let head = cluster.host("head").unwrap().clone();
-        let coordinator = format!("{}:{COORDINATOR_PORT}", head.addr());
-        let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let mut cmd = head.command(GANTRY);
-        cmd.args(["coordinator", "--listen", &coordinator, "--token", TOKEN])
-            .args([
-                "--heartbeat-ms",
-                "200",
-                "--heartbeat-deadline-s",
-                &deadline_s.to_string(),
-            ])
-            .arg("--state")
-            .arg(dir.join("coordinator-state"))
-            .env("GANTRY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log("coordinator"));
-        let coordinator_process = HostProcess::spawn(&mut cmd).unwrap();
-        let workers = names
-            .iter()
-            .map(|name| {
-                let host = cluster.host(name).unwrap();
-                let mut cmd = host.command(GANTRY);
-                cmd.args([
-                    "worker",
-                    "--coordinator",
-                    &coordinator,
-                    "--token",
-                    TOKEN,
-                    "--name",
-                    name,
-                ])
-                .args(["--slots", "2", "--grace-s", "2", "--ports", "29500-29524", "--state"])
-                .arg(dir.join(format!("worker-{name}")))
-                .env("GANTRY_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log(&format!("worker-{name}")));
-                HostProcess::spawn(&mut cmd).unwrap()
-            })
-            .collect();
-        let d = Daemons {
-            coordinator_process,
-            _workers: workers,
-            head,
-            coordinator,
-            dir: dir.to_path_buf(),
-        };
-        d.wait_for("every worker alive", Duration::from_secs(60), |d| {
-            d.alive_workers() == names.len()
-        });
-        d
-    }
-
-    /// The CLI, run on the head host.
-    fn cli(&self, args: &[&str]) -> Output {
-        self.head
-            .command(GANTRY)
-            .args(args)
-            .env("GANTRY_COORDINATOR", &self.coordinator)
-            .env("GANTRY_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.cli(&[args, &["--json"]].concat());
-        assert!(out.status.success(), "gantry {args:?}: {}", text(&out));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("gantry {args:?}: {e}: {}", text(&out)))
-    }
-
-    /// Workers the coordinator counts alive (0 while it does not answer yet).
-    fn alive_workers(&self) -> usize {
-        let out = self.cli(&["workers", "--json"]);
-        if !out.status.success() {
-            return 0;
-        }
-        let w: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("workers: {e}: {}", text(&out)));
-        w.as_array().unwrap().iter().filter(|w| w["alive"] == true).count()
-    }
-
-    fn submit(&self, spec: &Path) -> u64 {
-        self.json(&["submit", spec.to_str().unwrap()])["job"].as_u64().unwrap()
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration, mut ok: impl FnMut(&Self) -> bool) {
-        let start = Instant::now();
-        while !ok(self) {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; logs in {}",
-                self.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Wait for job `id` to satisfy `ok`. A CLI call that fails meanwhile is retried (the
-    /// network is what these tests break); the last failure is in the timeout's message.
-    fn wait_job(&self, id: u64, what: &str, limit: Duration, mut ok: impl FnMut(&Value) -> bool) -> Value {
-        let mut job = Value::Null;
-        let mut failure = String::new();
-        let start = Instant::now();
-        loop {
-            let out = self.cli(&["job", &id.to_string(), "--json"]);
-            if out.status.success() {
-                job = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("job {id}: {e}: {}", text(&out)));
-                if ok(&job) {
-                    return job;
-                }
-            } else {
-                failure = text(&out);
-            }
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; last CLI failure: {failure}\n{job:#}\n\
-                 coordinator: {:?}; logs in {}",
-                self.coordinator_process.try_wait(),
-                self.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_end(&self, id: u64, limit: Duration) -> Value {
-        let job = self.wait_job(id, "the job to end", limit, |j| {
-            ["succeeded", "failed", "cancelled"].contains(&j["state"].as_str().unwrap_or(""))
-        });
-        assert_eq!(job["state"], "succeeded", "{job:#}\nlogs in {}", self.dir.display());
-        job
-    }
-
-    /// The run directory of `attempt` of job `id` on `worker`.
-    fn run_dir(&self, worker: &str, id: u64, attempt: u64) -> PathBuf {
-        self.dir.join(format!("worker-{worker}/jobs/{id}/attempt-{attempt}"))
-    }
-}
-
-fn worker_of(job: &Value, rank: usize) -> String {
-    job["ranks"][rank]["worker"].as_str().unwrap().to_string()
 }
 
 /// The slowest of the ranks' reported steps.
@@ -280,7 +58,7 @@ fn dp2_tp2_over_a_slow_stalling_link_matches_one_host() {
         other => other.unwrap(),
     }
     let dir = common::tempdir("netns-faults", "slow");
-    let spec = spec(&dir, 20, "[cluster]\nmax_restarts = 0");
+    let spec = dp2_tp2_spec(&dir, "faults", 20, "[cluster]\nmax_restarts = 0");
     let want = losses(&reference(&dir, &spec, false));
     assert_eq!(want.len(), 20, "reference steps");
 
@@ -289,9 +67,7 @@ fn dp2_tp2_over_a_slow_stalling_link_matches_one_host() {
     let job = daemons.wait_end(id, Duration::from_secs(300));
     assert_eq!(job["restarts"], 0, "{job:#}");
     // One DP replica per host: its all-reduces cross the slow cable.
-    assert_eq!(worker_of(&job, 0), worker_of(&job, 1), "{job:#}");
-    assert_eq!(worker_of(&job, 2), worker_of(&job, 3), "{job:#}");
-    assert_ne!(worker_of(&job, 0), worker_of(&job, 2), "{job:#}");
+    assert_tp_pairs_share_a_host(&job);
 
     let got = losses(&daemons.run_dir(&worker_of(&job, 0), id, 1));
     assert_eq!(got, want, "per-step losses over a slow, stalling link vs one host");
@@ -352,8 +128,9 @@ fn a_partitioned_host_is_fenced_and_the_job_finishes_elsewhere() {
     };
     let dir = common::tempdir("netns-faults", "partition");
     let ckpt = dir.join("ckpt");
-    let spec = spec(
+    let spec = dp2_tp2_spec(
         &dir,
+        "faults",
         60,
         &format!(
             "[checkpoint]\ndir = \"{}\"\nevery = 5\n[cluster]\nmax_restarts = 2",
@@ -505,7 +282,7 @@ fn a_coordinator_cut_off_loses_nothing() {
     // Long enough to train through the outage and beyond (~30 steps a second on a quiet
     // machine, fewer under load): the workers reconnect with their ranks still running.
     let steps = 30 * (outage.as_secs() + 4);
-    let spec = spec(&dir, steps, "[cluster]\nmax_restarts = 0");
+    let spec = dp2_tp2_spec(&dir, "faults", steps, "[cluster]\nmax_restarts = 0");
     let want = losses(&reference(&dir, &spec, false));
 
     let deadline_s = 3;

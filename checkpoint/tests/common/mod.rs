@@ -1,6 +1,7 @@
 pub mod backend;
 pub mod model;
 pub mod pattern;
+pub mod ranks;
 pub mod s3_server;
 pub mod tempdir;
 

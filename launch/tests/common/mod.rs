@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 pub const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
 
+pub mod netns;
 pub mod registry;
 pub mod s3;
 
