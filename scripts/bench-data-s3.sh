@@ -14,11 +14,15 @@
 #                           upload's index pack, those shards);
 #               one pass:   raw ranged GETs of every shard | cold stream (no budget) | the
 #                           same cache warm | the copy read in place (local .bin) | cold
-#                           stream within a budget of BUDGET_FRAC of the dataset;
-#             rates are the dataset's tokens over each case's seconds. Shards are the unit
-#             of the cache: with the global shuffle a step reads up to BATCH × 2 shards, so
-#             a budget must hold a few steps' shards (hence many small shards by default:
-#             800 of 50 KB).
+#                           stream within a budget of BUDGET_FRAC of the dataset (range
+#                           mode when the dataset does not fit: byte ranges of shards,
+#                           checked against the upload's block checksums, held in memory);
+#                           with SHARDS_TOO=1 the same pass again streaming whole shards
+#                           (the mode before range mode);
+#             rates are the dataset's tokens over each case's seconds. Streaming whole
+#             shards, the shard is the unit of the cache: with the global shuffle a step
+#             reads up to BATCH × 2 shards, so a budget must hold a few steps' shards (hence
+#             many small shards by default: 800 of 50 KB).
 # 3. launch   gantry launch --local 2 (dp 2, the 2-layer model of launch/tests/s3_stream.rs,
 #             STEPS steps of global batch 8 × 128 tokens) from the local copy and from s3://
 #             with a cold cache: seconds from the launch to its first metrics line, and the
@@ -28,7 +32,7 @@
 #
 # Environment (defaults in brackets):
 #   TOKENS [20000000]  SHARD_TOKENS [25000]  SEQ_LEN [1023]  BATCH [16]
-#   BUDGET_FRAC [0.25]  (0: no budgeted pass)  STEPS [5]
+#   BUDGET_FRAC [0.25]  (0: no budgeted pass)  SHARDS_TOO [0]  STEPS [5]
 #   WORK [${TMPDIR:-/tmp}/gantry-bench-data-s3-<pid>]   scratch, removed at the end
 #   KEEP=1                  keep WORK
 #   GANTRY_SKIP_BUILD=1     build nothing: use GANTRY_BIN and STREAM_BENCH as they are
@@ -50,6 +54,7 @@ SHARD_TOKENS=${SHARD_TOKENS:-25000}
 SEQ_LEN=${SEQ_LEN:-1023}
 BATCH=${BATCH:-16}
 BUDGET_FRAC=${BUDGET_FRAC:-0.25}
+SHARDS_TOO=${SHARDS_TOO:-0}
 STEPS=${STEPS:-5}
 WORK=${WORK:-${TMPDIR:-/tmp}/gantry-bench-data-s3-$$}
 S3S_FS=${GANTRY_S3S_FS:-$REPO/.tools/bin/s3s-fs}
@@ -106,7 +111,7 @@ FAILURES=()
 log "reader: stream_bench (seq_len $SEQ_LEN, batch $BATCH, budget $BUDGET_FRAC)"
 READER="$WORK/reader.json"
 if ! "$STREAM_BENCH" "$URL" "$WORK/reader" --seq-len "$SEQ_LEN" --batch "$BATCH" \
-    --budget-frac "$BUDGET_FRAC" >"$READER"; then
+    --budget-frac "$BUDGET_FRAC" --shards-too "$SHARDS_TOO" >"$READER"; then
     FAILURES+=(reader)
 fi
 
@@ -192,12 +197,17 @@ cases = [("raw GET of every shard", "raw_get"), ("cold stream (no budget)", "col
          ("warm stream", "warm_stream"), ("local .bin (in place)", "local")]
 if b:
     cases.append((f"cold stream, budget {b['fraction']}", "budget"))
+if p.get("budget_shards"):
+    cases.append((f"  the same, whole shards", "budget_shards"))
 for name, key in cases:
     c = p[key]
     print(f"{name:<34}{c['s']:>9.3f}{c['tokens_per_s']/1e6:>12.1f}{c['tokens_per_s']/raw:>11.2f}x")
-if b:
-    print(f"budget: {b['budget_bytes']/1e6:.1f} MB, peak use {b['peak_usage']/1e6:.1f} MB, "
-          f"fetched {b['bytes_fetched']/1e6:.1f} MB ({b['bytes_fetched']/d['bytes']:.2f}x the dataset)")
+for key in ["budget", "budget_shards"]:
+    b = p.get(key)
+    if b:
+        mode = "byte ranges" if b.get("ranged") else "whole shards"
+        print(f"budget ({mode}): {b['budget_bytes']/1e6:.1f} MB, peak use {b['peak_usage']/1e6:.1f} MB, "
+              f"fetched {b['bytes_fetched']/1e6:.1f} MB ({b['bytes_fetched']/d['bytes']:.2f}x the dataset)")
 PY
 fi
 if ((${#FAILURES[@]})); then

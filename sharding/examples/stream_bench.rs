@@ -11,16 +11,20 @@
 //! Rates are the dataset's tokens over the seconds each took. Prints one JSON object.
 //!
 //! ```sh
-//! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25]
+//! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25] [--shards-too 1]
 //! ```
 //!
-//! `--budget-frac 0` leaves the budgeted pass out (`"budget": null`).
+//! `--budget-frac 0` leaves the budgeted pass out (`"budget": null`). The budgeted pass
+//! streams in range mode (byte ranges of shards, checked against the upload's block
+//! checksums, held in memory) when the dataset does not fit; `--shards-too` runs it a second
+//! time streaming whole shards (`"budget_shards"`), the mode before range mode, for the
+//! before/after comparison in one session.
 //!
 //! S3 settings come from the `AWS_*` variables (this is a program; the library reads none).
 
 use gantry_checkpoint::location::{Role, StorageLocation};
 use gantry_checkpoint::{S3Options, Store, StoreConfig};
-use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
+use gantry_sharding::gpt::{GptDataset, OpenOptions, Split, shards_of};
 use gantry_sharding::remote::{RemoteOptions, StreamConfig, Streamer, prepare_stream, read_manifest};
 use gantry_sharding::sampler::Sampler;
 use std::error::Error;
@@ -36,11 +40,12 @@ struct Args {
     seq_len: usize,
     batch: usize,
     budget_frac: f64,
+    shards_too: bool,
 }
 
 fn args() -> Res<Args> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F]";
+    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F] [--shards-too 0|1]";
     let (url, work) = (it.next().ok_or(usage)?, it.next().ok_or(usage)?);
     let mut a = Args {
         url,
@@ -48,6 +53,7 @@ fn args() -> Res<Args> {
         seq_len: 1023,
         batch: 64,
         budget_frac: 0.25,
+        shards_too: false,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(usage)?;
@@ -55,6 +61,7 @@ fn args() -> Res<Args> {
             "--seq-len" => a.seq_len = value.parse()?,
             "--batch" => a.batch = value.parse()?,
             "--budget-frac" => a.budget_frac = value.parse()?,
+            "--shards-too" => a.shards_too = value == "1",
             _ => return Err(usage.into()),
         }
     }
@@ -82,11 +89,21 @@ struct Pass {
     seconds: f64,
     bytes_fetched: u64,
     peak_usage: u64,
+    ranged: bool,
+    gets: u64,
+    peak_held: u64,
 }
 
 /// Stream the dataset into `cache` (within `budget`), read one pass over it; `first` gets the
 /// shards step 0 reads.
-fn stream_pass(a: &Args, loc: &StorageLocation, opts: &RemoteOptions, cache: &Path, budget: Option<u64>) -> Res<Pass> {
+fn stream_pass(
+    a: &Args,
+    loc: &StorageLocation,
+    opts: &RemoteOptions,
+    cache: &Path,
+    budget: Option<u64>,
+    ranges: bool,
+) -> Res<Pass> {
     let started = Instant::now();
     let prepared = prepare_stream(loc, cache, opts)?;
     let dir = prepared.dir.clone();
@@ -95,6 +112,7 @@ fn stream_pass(a: &Args, loc: &StorageLocation, opts: &RemoteOptions, cache: &Pa
         opts.clone(),
         StreamConfig {
             budget,
+            ranges,
             ..StreamConfig::default()
         },
     )?;
@@ -137,6 +155,9 @@ fn stream_pass(a: &Args, loc: &StorageLocation, opts: &RemoteOptions, cache: &Pa
         seconds,
         bytes_fetched: stats.bytes_fetched,
         peak_usage: stats.peak_usage,
+        ranged: stats.ranged,
+        gets: stats.fetched,
+        peak_held: stats.peak_held,
     })
 }
 
@@ -185,19 +206,40 @@ fn main() -> Res<()> {
     let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
     let first = ds.step_shards(&sampler, &sampler.start(ds.data().fingerprint()), 0, 1, 1)?;
     drop((ds, streamer));
+    let first = shards_of(&first);
     let first_objects: Vec<(String, u64)> = first.iter().map(|&s| bins[s].clone()).collect();
 
     // Raw GETs first (the server's page cache is then warm for every case alike).
     let (raw_all_s, raw_bytes) = raw_get(&store, &bins)?;
     let (raw_first_s, raw_first_bytes) = raw_get(&store, &first_objects)?;
-    let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
-    let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None)?;
+    let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
+    let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
     let local_s = local_pass(&a, &work.join("cold").join(format!("{:016x}", remote.fingerprint)))?;
     // A fraction of what the whole dataset may take in the cache: 1.0 holds every shard at once.
     let budget = (footprint as f64 * a.budget_frac) as u64;
     let tight = match a.budget_frac > 0.0 {
-        true => Some(stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget))?),
+        true => Some(stream_pass(&a, &loc, &opts, &work.join("budget"), Some(budget), true)?),
         false => None,
+    };
+    let whole = match a.budget_frac > 0.0 && a.shards_too {
+        true => Some(stream_pass(
+            &a,
+            &loc,
+            &opts,
+            &work.join("budget-shards"),
+            Some(budget),
+            false,
+        )?),
+        false => None,
+    };
+    let budgeted = |t: Pass| {
+        serde_json::json!({
+            "fraction": a.budget_frac, "budget_bytes": budget, "s": t.seconds,
+            "ranged": t.ranged, "gets": t.gets,
+            "bytes_fetched": t.bytes_fetched, "fetched_x_dataset": t.bytes_fetched as f64 / total.max(1) as f64,
+            "peak_usage": t.peak_usage, "peak_held": t.peak_held,
+            "tokens_per_s": tokens / t.seconds.max(1e-9),
+        })
     };
 
     let rate = |s: f64| tokens / s.max(1e-9);
@@ -212,11 +254,8 @@ fn main() -> Res<()> {
             "cold_stream": {"s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds)},
             "warm_stream": {"s": warm.seconds, "tokens_per_s": rate(warm.seconds)},
             "local": {"s": local_s, "tokens_per_s": rate(local_s)},
-            "budget": tight.map(|t| serde_json::json!({
-                "fraction": a.budget_frac, "budget_bytes": budget, "s": t.seconds,
-                "bytes_fetched": t.bytes_fetched, "peak_usage": t.peak_usage,
-                "tokens_per_s": rate(t.seconds),
-            })),
+            "budget": tight.map(budgeted),
+            "budget_shards": whole.map(budgeted),
         },
     });
     println!("{report}");

@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 mod gather;
 mod streamed;
 
-pub use streamed::{ShardSource, Shards};
+pub use streamed::{ShardBytes, ShardSource, Shards, shards_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {

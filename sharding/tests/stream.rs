@@ -1,107 +1,36 @@
 //! Streaming a dataset from a real S3 server (s3s-fs) while it is read: reads equal the
 //! local copy's, in the sampler's order, from a cache that never holds more than its budget
-//! (shards evicted behind the reader); compressed-only shards decompressed on arrival; a read
-//! of a shard that is not there waits for it, and when the server is gone the error names
-//! the shard's object; a partial file is never mapped; the `.idx` files come from the
-//! upload's index pack, each checked against the manifest (a damaged pack falls back on the
-//! file's own object, a prefix without a pack is read file by file).
+//! (shards evicted behind the reader, or, for a dataset larger than its budget, byte ranges
+//! fetched into memory and checked against the upload's block checksums); compressed-only
+//! shards decompressed on arrival; a read of a shard that is not there waits for it, and when
+//! the server is gone the error names the shard's object; a partial file is never mapped; the
+//! `.idx` files come from the upload's index pack, each checked against the manifest (a
+//! damaged pack falls back on the file's own object, a prefix without a pack is read file by
+//! file).
 
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
 mod s3_server;
+#[path = "common/stream.rs"]
+mod setup;
 
 use gantry_checkpoint::location::{Role, StorageLocation};
-use gantry_checkpoint::{S3Options, Store, StoreConfig};
-use gantry_sharding::frames::ZstdOptions;
-use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split};
+use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split, shards_of};
 use gantry_sharding::remote::{
-    INDEX_PACK, RemoteError, RemoteOptions, Retry, StreamConfig, Streamer, prepare_stream, upload,
+    BLOCK_SUMS, BlockSums, INDEX_PACK, RemoteError, RemoteOptions, StreamConfig, StreamDir, StreamStats, Streamer,
+    fetch_block_sums, prepare_stream, upload,
 };
 use gantry_sharding::sampler::Sampler;
-use gantry_sharding::synth::{SynthConfig, synthesize_with};
 use s3_server::S3Server;
-use std::path::{Path, PathBuf};
+use setup::{SEQ, Uploaded, follow, options, read_steps, sum_of_files, synth, tempdir};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const SEQ: usize = 31;
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gantry-stream-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn options(server: &S3Server) -> RemoteOptions {
-    RemoteOptions {
-        range_bytes: 16 << 10,
-        retry: Retry {
-            deadline: Duration::from_secs(3),
-            first_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-        },
-        ..RemoteOptions::with_s3(S3Options {
-            endpoint: Some(server.endpoint.clone()),
-            region: Some("us-east-1".into()),
-            access_key: Some(server.access_key.clone()),
-            secret_key: Some(server.secret_key.clone()),
-            ..S3Options::default()
-        })
-    }
-}
-
-/// About 100 shards of 2500 tokens (5 KB each), with zstd frames when asked.
-fn synth(dir: &Path, zstd: bool) -> PathBuf {
-    let out = dir.join("ds");
-    let cfg = SynthConfig {
-        tokens: 240_000,
-        seed: 3,
-        shard_tokens: 2500,
-        doc_tokens: 300,
-        ..SynthConfig::default()
-    };
-    let z = ZstdOptions {
-        level: 1,
-        frame_bytes: 1 << 10,
-    };
-    synthesize_with(&out, &cfg, zstd.then_some(&z)).unwrap();
-    out
-}
-
-fn sum_of_files(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
-
-/// Every sample of `steps` steps of rank `rank` of `dp`, through `ds`, in step order, each
-/// step announced to the dataset first (as the prefetch thread does).
-fn read_steps(ds: &GptDataset, sampler: &Sampler, rank: usize, dp: usize, steps: u64, each: impl Fn(u64)) -> Vec<i64> {
-    let mut cursor = sampler.start(ds.data().fingerprint());
-    let mut out = Vec::new();
-    for step in 0..steps {
-        ds.data().reading(step);
-        out.extend(ds.micro_batch(sampler, &cursor, rank, dp, 1, 0).unwrap().tokens);
-        each(step);
-        cursor.advance(1).unwrap();
-    }
-    out
-}
-
 #[test]
 fn a_stream_within_a_quarter_budget_reads_what_the_local_copy_holds() {
-    let server = S3Server::start();
-    let dir = tempdir("budget");
-    let local = synth(&dir, false);
-    let opts = options(&server);
-    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
-    upload(&local, &loc, &opts).unwrap();
-
-    let cache = dir.join("cache");
-    let prepared = prepare_stream(&loc, &cache, &opts).unwrap();
+    let up = Uploaded::new("budget");
+    let cache = up.dir.join("cache");
+    let prepared = prepare_stream(&up.loc, &cache, &up.opts).unwrap();
     let shards = prepared.shards();
     assert!(shards >= 90, "{shards}");
     assert_eq!(
@@ -121,48 +50,39 @@ fn a_stream_within_a_quarter_budget_reads_what_the_local_copy_holds() {
         fetchers: 2,
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
+    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    assert!(
+        streamer.is_ranged(),
+        "a dataset 4× its budget, with block checksums: range mode"
+    );
     let open = OpenOptions {
         shards: Some(streamer.shards()),
         ..OpenOptions::default()
     };
     let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
-    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
     let sampler = Sampler::new(ds.num_samples(), 9, 4).unwrap();
     // Rank 1 of 2, 2 samples a step, over more shards than the budget holds several times.
     let steps = 300;
-    let start = sampler.start(ds.data().fingerprint());
-    let (weak, s2) = (Arc::downgrade(&ds), sampler.clone());
-    streamer.follow(
-        0,
-        Box::new(move |step| {
-            let mut c = start.clone();
-            c.advance(step).unwrap();
-            Ok(weak.upgrade().unwrap().step_shards(&s2, &c, 1, 2, 1).unwrap())
-        }),
-    );
-    let peak = std::cell::Cell::new(0);
+    follow(&streamer, &ds, &sampler, 1, 2);
+    let fixed = sum_of_files(&cached);
     let got = read_steps(&ds, &sampler, 1, 2, steps, |_| {
         let used = sum_of_files(&cached);
-        peak.set(peak.get().max(used));
         assert!(
-            used <= budget,
-            "the cache holds {used} bytes, over its budget of {budget}"
+            used == fixed && used + streamer.stats().peak_held <= budget,
+            "the cache holds {used} bytes and the blocks {:?}, over the budget of {budget}",
+            streamer.stats()
         );
     });
-    assert_eq!(got, read_steps(&here, &sampler, 1, 2, steps, |_| {}));
+    assert_eq!(got, read_steps(&up.here(), &sampler, 1, 2, steps, |_| {}));
     let stats = streamer.stats();
-    assert!(stats.evicted > 0, "a pass over 4× the budget evicts: {stats:?}");
+    assert!(stats.ranged && stats.peak_held > 0, "{stats:?}");
     assert!(
-        stats.peak_usage <= budget && stats.peak_usage >= peak.get(),
-        "the stream's own accounting ({}) is what the directory held at most ({}) and within the budget ({budget})",
-        stats.peak_usage,
-        peak.get()
+        stats.peak_usage <= budget && stats.peak_usage == fixed + stats.peak_held,
+        "the stream's own accounting ({stats:?}) is the directory ({fixed}) and the blocks, within the budget ({budget})"
     );
-    assert!(stats.fetched >= 12, "{stats:?}");
+    assert!(!cached.join("shard-00000.bin").exists(), "nothing of a shard on disk");
     drop(ds);
     drop(streamer);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -184,7 +104,15 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
     upload(&full, &loc, &opts).unwrap();
     let prepared = prepare_stream(&loc, &dir.join("cache"), &opts).unwrap();
     let cached = prepared.dir.clone();
-    let streamer = Streamer::start(prepared, opts, StreamConfig::default()).unwrap();
+    // A quarter budget: compressed-only shards have no block checksums, so they stream
+    // whole, decompressed on arrival.
+    let budget = prepared.footprint() / 4;
+    let cfg = StreamConfig {
+        budget: Some(budget),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, opts, cfg).unwrap();
+    assert!(!streamer.is_ranged());
     let open = OpenOptions {
         shards: Some(streamer.shards()),
         ..OpenOptions::default()
@@ -202,6 +130,7 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
             .all(|n| !n.ends_with(".zst") && !n.ends_with(".zidx") && !n.contains(".partial-")),
         "only the decompressed .bin stays: {names:?}"
     );
+    assert!(sum_of_files(&cached) <= budget);
     drop(ds);
     drop(streamer);
     let _ = std::fs::remove_dir_all(&dir);
@@ -209,13 +138,9 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
 
 #[test]
 fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
-    let server = S3Server::start();
-    let dir = tempdir("wait");
-    let local = synth(&dir, false);
-    let opts = options(&server);
-    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
-    upload(&local, &loc, &opts).unwrap();
-    let prepared = prepare_stream(&loc, &dir.join("cache"), &opts).unwrap();
+    let mut up = Uploaded::new("wait");
+    let (loc, opts) = (up.loc.clone(), up.opts.clone());
+    let prepared = prepare_stream(&loc, &up.dir.join("cache"), &opts).unwrap();
     let cached = prepared.dir.clone();
     let cfg = StreamConfig {
         wait: Duration::from_secs(30),
@@ -228,7 +153,7 @@ fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
         ..OpenOptions::default()
     };
     let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
-    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let here = up.here();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     ds.sample_into(0, &mut a).unwrap();
     here.sample_into(0, &mut b).unwrap();
@@ -237,7 +162,7 @@ fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
     let last_shard = format!("shard-{:05}.bin", ds.data().manifest().shards.len() - 1);
     assert!(!cached.join(&last_shard).exists(), "nothing it did not ask for");
 
-    drop(server);
+    drop(up.server.take());
     let last = ds.num_samples() - 1;
     let e = ds.sample_into(last, &mut a).unwrap_err();
     let DatasetError::Remote(remote) = &e else {
@@ -253,7 +178,6 @@ fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
     );
     drop(ds);
     drop(streamer);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Every `.idx` of `dir`'s dataset, in manifest order, and their names.
@@ -274,15 +198,11 @@ fn local_indexes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
-    let server = S3Server::start();
-    let dir = tempdir("pack");
-    let local = synth(&dir, false);
-    let opts = options(&server);
-    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
-    upload(&local, &loc, &opts).unwrap();
-    let indexes = local_indexes(&local);
+    let up = Uploaded::new("pack");
+    let (loc, opts, dir) = (&up.loc, &up.opts, &up.dir);
+    let indexes = local_indexes(&up.local);
     assert!(indexes.len() > 50, "many small shards: {}", indexes.len());
-    let store = Store::open_location(&loc, &opts.s3, StoreConfig::default()).unwrap();
+    let store = up.store();
     let pack = store.get(INDEX_PACK).unwrap().expect("the upload wrote the index pack");
     assert_eq!(
         pack.to_vec(),
@@ -290,7 +210,7 @@ fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
         "the pack is every .idx back to back, in manifest order"
     );
     let prepare_into = |tag: &str| {
-        prepare_stream(&loc, &dir.join(tag), &opts).map(|p| {
+        prepare_stream(loc, &dir.join(tag), opts).map(|p| {
             for (name, bytes) in &indexes {
                 assert_eq!(&std::fs::read(p.dir.join(name)).unwrap(), bytes, "{name}");
             }
@@ -321,27 +241,30 @@ fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
     assert_eq!(prepare_into("no-pack").unwrap(), indexes.len());
     // A second prepare finds them all in place and fetches nothing.
     assert_eq!(prepare_into("no-pack").unwrap(), 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Stream the first `steps` steps (`None`: a full pass) of rank 0 of 1 (`batch` samples a
-/// step) of the dataset at `loc` into `cache` within `budget`, checking every step against
-/// `here` and the directory against the budget after each; the budget and the stream's stats.
+/// step) of the dataset at `loc` into `cache` within `budget` (`ranges`: in range mode when it
+/// applies), checking every step against `here` and the directory and the blocks held
+/// against the budget after each; the budget and the stream's stats.
+#[allow(clippy::too_many_arguments)]
 fn budgeted_pass(
     loc: &StorageLocation,
     opts: &RemoteOptions,
     cache: &Path,
-    budget: impl Fn(&gantry_sharding::remote::StreamDir) -> u64,
+    budget: impl Fn(&StreamDir) -> u64,
     here: &GptDataset,
     batch: usize,
     steps: Option<u64>,
-) -> (u64, gantry_sharding::remote::StreamStats) {
+    ranges: bool,
+) -> (u64, StreamStats) {
     let prepared = prepare_stream(loc, cache, opts).unwrap();
     let cached = prepared.dir.clone();
     let budget = budget(&prepared);
     let cfg = StreamConfig {
         budget: Some(budget),
         fetchers: 8,
+        ranges,
         // A stall shows as CacheFull after this, rather than a minute's wait.
         room_wait: Duration::from_secs(10),
         ..StreamConfig::default()
@@ -353,29 +276,18 @@ fn budgeted_pass(
     };
     let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
     let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
-    let start = sampler.start(ds.data().fingerprint());
-    let (weak, s2) = (Arc::downgrade(&ds), sampler.clone());
-    streamer.follow(
-        0,
-        Box::new(move |step| {
-            let Some(ds) = weak.upgrade() else {
-                return Ok(Vec::new());
-            };
-            let mut c = start.clone();
-            c.advance(step).map_err(|e| e.to_string())?;
-            ds.step_shards(&s2, &c, 0, 1, 1).map_err(|e| e.to_string())
-        }),
-    );
+    follow(&streamer, &ds, &sampler, 0, 1);
     let steps = steps.unwrap_or(ds.num_samples() / batch as u64);
     let got = read_steps(&ds, &sampler, 0, 1, steps, |_| {
-        let used = sum_of_files(&cached);
+        let used = sum_of_files(&cached) + streamer.stats().peak_held;
         assert!(
             used <= budget,
-            "the cache holds {used} bytes, over its budget of {budget}"
+            "the cache and the blocks held take {used} bytes, over the budget of {budget}"
         );
     });
     assert_eq!(got, read_steps(here, &sampler, 0, 1, steps, |_| {}));
     let stats = streamer.stats();
+    assert_eq!(stats.ranged, streamer.is_ranged());
     drop(ds);
     drop(streamer);
     (budget, stats)
@@ -383,42 +295,57 @@ fn budgeted_pass(
 
 #[test]
 fn a_budget_of_the_datasets_footprint_streams_a_full_pass_without_stalling() {
-    let server = S3Server::start();
-    let dir = tempdir("footprint");
-    let local = synth(&dir, false);
-    let opts = options(&server);
-    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
-    upload(&local, &loc, &opts).unwrap();
-    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
-    // Exactly the footprint: every shard fits at once, so nothing is evicted and every shard
-    // is fetched once.
-    let (budget, stats) = budgeted_pass(&loc, &opts, &dir.join("exact"), |p| p.footprint(), &here, 16, None);
+    let up = Uploaded::new("footprint");
+    let here = up.here();
+    let pass = |tag: &str, budget: fn(&StreamDir) -> u64, ranges: bool| {
+        budgeted_pass(&up.loc, &up.opts, &up.dir.join(tag), budget, &here, 16, None, ranges)
+    };
+    // Exactly the footprint: every shard fits at once, so shards stream whole, nothing is
+    // evicted and every shard is fetched once.
+    let (budget, stats) = pass("exact", |p| p.footprint(), true);
     assert_eq!(
-        (stats.fetched, stats.evicted),
-        (here.data().manifest().shards.len() as u64, 0),
+        (stats.ranged, stats.fetched, stats.evicted),
+        (false, here.data().manifest().shards.len() as u64, 0),
         "{stats:?}"
     );
     assert!(stats.peak_usage <= budget, "{stats:?}");
     // The bytes of the files alone (the stamps not counted, as the bench's --budget-frac 1.0
-    // did): the stream evicts behind the reader instead of waiting for room.
-    let (budget, stats) = budgeted_pass(&loc, &opts, &dir.join("bytes"), |p| p.total_bytes(), &here, 16, None);
-    assert!(stats.peak_usage <= budget, "{stats:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    // did): streaming whole shards, the stream evicts behind the reader instead of waiting
+    // for room; in range mode it holds blocks within the budget.
+    for ranges in [false, true] {
+        let (budget, stats) = pass(&format!("bytes-{ranges}"), |p| p.total_bytes(), ranges);
+        assert!(stats.peak_usage <= budget && stats.ranged == ranges, "{stats:?}");
+    }
+}
+
+#[test]
+fn a_full_pass_at_a_quarter_budget_fetches_a_small_multiple_of_the_dataset() {
+    let up = Uploaded::new("quarter");
+    let here = up.here();
+    let bytes: u64 = here.data().manifest().shards.iter().map(|s| s.bin_bytes).sum();
+    let quarter = |p: &StreamDir| p.total_bytes() / 4;
+    let (budget, stats) = budgeted_pass(&up.loc, &up.opts, &up.dir.join("c"), quarter, &here, 16, None, true);
+    assert!(stats.ranged, "{stats:?}");
+    // Every sample of the pass once, each a 64-byte read in blocks of 64 bytes: mostly two
+    // blocks a sample, some kept for a later step while the budget holds them (1.86× when
+    // this was written; whole shards at this budget fetch the dataset many times over).
+    let times = stats.bytes_fetched as f64 / bytes as f64;
+    assert!(
+        (1.0..2.5).contains(&times),
+        "fetched {times:.2}× the dataset's {bytes} bytes: {stats:?}"
+    );
+    assert!(stats.peak_usage <= budget && stats.peak_held > 0, "{stats:?}");
 }
 
 #[test]
 fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() {
-    let server = S3Server::start();
-    let dir = tempdir("below");
-    let local = synth(&dir, false);
-    let opts = options(&server);
-    let loc = StorageLocation::parse_as(&format!("s3://{}/ds", server.bucket), Role::Dataset).unwrap();
-    upload(&local, &loc, &opts).unwrap();
-    let here = GptDataset::open_with(&local, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let up = Uploaded::new("below");
+    let (loc, opts, dir) = (&up.loc, &up.opts, &up.dir);
+    let here = up.here();
     let cache = dir.join("cache");
     // Step 0 of a 16-sample batch reads many shards; a budget of the fixed files and two
     // shards holds one but not that step.
-    let prepared = prepare_stream(&loc, &cache, &opts).unwrap();
+    let prepared = prepare_stream(loc, &cache, opts).unwrap();
     let cached = prepared.dir.clone();
     let largest = (0..prepared.shards()).map(|s| prepared.cost(s)).max().unwrap();
     let budget = prepared.fixed_bytes + 2 * largest;
@@ -428,6 +355,7 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
         opts.clone(),
         StreamConfig {
             budget: Some(budget - 1),
+            ranges: false,
             ..StreamConfig::default()
         },
     )
@@ -447,6 +375,7 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
     let cfg = StreamConfig {
         budget: Some(budget),
         room_wait: Duration::from_secs(600),
+        ranges: false,
         ..StreamConfig::default()
     };
     let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
@@ -458,20 +387,9 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
     let batch = 16;
     let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
     let start = sampler.start(ds.data().fingerprint());
-    let step0 = ds.step_shards(&sampler, &start, 0, 1, 1).unwrap();
+    let step0 = shards_of(&ds.step_shards(&sampler, &start, 0, 1, 1).unwrap());
     assert!(step0.len() > 2, "step 0 reads more than the budget holds: {step0:?}");
-    let (weak, s2, c0) = (Arc::downgrade(&ds), sampler.clone(), start.clone());
-    streamer.follow(
-        0,
-        Box::new(move |step| {
-            let Some(ds) = weak.upgrade() else {
-                return Ok(Vec::new());
-            };
-            let mut c = c0.clone();
-            c.advance(step).map_err(|e| e.to_string())?;
-            ds.step_shards(&s2, &c, 0, 1, 1).map_err(|e| e.to_string())
-        }),
-    );
+    follow(&streamer, &ds, &sampler, 0, 1);
     ds.data().reading(0);
     let e = ds.micro_batch(&sampler, &start, 0, 1, 1, 0).unwrap_err();
     let DatasetError::Remote(remote) = &e else {
@@ -490,13 +408,145 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
     let mut c = start.clone();
     let mut largest_step = 0;
     for _ in 0..ds.num_samples() / batch as u64 {
-        largest_step = largest_step.max(cost(&ds.step_shards(&sampler, &c, 0, 1, 1).unwrap()));
+        largest_step = largest_step.max(cost(&shards_of(&ds.step_shards(&sampler, &c, 0, 1, 1).unwrap())));
         c.advance(1).unwrap();
     }
     let min_budget = streamer.dir().fixed_bytes + largest_step + largest;
     drop(ds);
     drop(streamer);
-    let (_, stats) = budgeted_pass(&loc, &opts, &dir.join("min"), |_| min_budget, &here, batch, Some(60));
+    let min = |_: &StreamDir| min_budget;
+    let (_, stats) = budgeted_pass(loc, opts, &dir.join("min"), min, &here, batch, Some(60), false);
     assert!(stats.evicted > 0, "{stats:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rank 0 of 1 reads `steps` steps of 4 samples through a stream of `prepared` within
+/// `budget`, checked against the local copy; whether the stream went by byte ranges.
+fn stream_steps(up: &Uploaded, prepared: StreamDir, budget: u64, steps: u64) -> bool {
+    let cached = prepared.dir.clone();
+    let cfg = StreamConfig {
+        budget: Some(budget),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let sampler = Sampler::new(ds.num_samples(), 2, 4).unwrap();
+    follow(&streamer, &ds, &sampler, 0, 1);
+    let got = read_steps(&ds, &sampler, 0, 1, steps, |_| {});
+    assert_eq!(got, read_steps(&up.here(), &sampler, 0, 1, steps, |_| {}));
+    streamer.is_ranged()
+}
+
+#[test]
+fn the_upload_writes_block_checksums_that_a_reader_takes_only_undamaged_and_for_its_manifest() {
+    let up = Uploaded::new("sums");
+    let store = up.store();
+    let object = up.loc.child(BLOCK_SUMS);
+    let prepare = |tag: &str| prepare_stream(&up.loc, &up.dir.join(tag), &up.opts).unwrap();
+    let prepared = prepare("a");
+    let sums = fetch_block_sums(&prepared, &up.opts)
+        .unwrap()
+        .expect("the upload wrote them");
+    // They are the local .bin files' blocks.
+    assert_eq!(sums.block_bytes(), 64);
+    for (s, info) in prepared.manifest.shards.iter().enumerate().step_by(17) {
+        let bin = std::fs::read(up.local.join(format!("{}.bin", info.prefix))).unwrap();
+        assert_eq!(sums.blocks(s), bin.len().div_ceil(64));
+        for b in 0..sums.blocks(s) {
+            let r = sums.range(s, b);
+            assert!(
+                sums.matches(s, b, &bin[r.start as usize..r.end as usize]),
+                "shard {s} block {b}"
+            );
+        }
+    }
+    let budget = prepared.total_bytes() / 4;
+    assert!(stream_steps(&up, prepared, budget, 20), "range mode with them");
+
+    // One byte damaged: refused naming the object, and the stream goes shard by shard.
+    let good = store.get(BLOCK_SUMS).unwrap().unwrap();
+    let mut bad = good.to_vec();
+    bad[100] ^= 1;
+    store.put(BLOCK_SUMS, bad.into()).unwrap();
+    let prepared = prepare("b");
+    let e = fetch_block_sums(&prepared, &up.opts).unwrap_err();
+    assert!(
+        matches!(e, RemoteError::BlockSums { .. }) && e.to_string().starts_with(&format!("{object}: refused")),
+        "{e}"
+    );
+    assert!(!stream_steps(&up, prepared, budget, 20), "whole shards without them");
+
+    // Written for another dataset (another fingerprint): refused as well.
+    let manifest = prepare("c").manifest;
+    let other = BlockSums::parse(&good, &manifest, 1, &object).unwrap_err();
+    assert!(other.to_string().contains("not this manifest's"), "{other}");
+
+    // A prefix uploaded before there were block checksums streams as it did; uploading the
+    // same dataset again adds them, and nothing else.
+    store.delete(BLOCK_SUMS).unwrap();
+    let prepared = prepare("d");
+    assert_eq!(prepared.block_sums, None);
+    assert!(!stream_steps(&up, prepared, budget, 20));
+    let again = upload(&up.local, &up.loc, &up.opts).unwrap();
+    assert!(again.already_complete, "{again:?}");
+    assert_eq!(store.get(BLOCK_SUMS).unwrap().as_deref(), Some(&good[..]));
+}
+
+#[test]
+fn a_damaged_block_on_the_server_is_fetched_again_then_named() {
+    let up = Uploaded::new("damaged");
+    let store = up.store();
+    let prepared = prepare_stream(&up.loc, &up.dir.join("cache"), &up.opts).unwrap();
+    let cached = prepared.dir.clone();
+    // Shard 0's .bin with one byte of its second block flipped (same size).
+    let name = format!("{}.bin", prepared.manifest.shards[0].prefix);
+    let mut bin = std::fs::read(up.local.join(&name)).unwrap();
+    bin[64 + 5] ^= 0x40;
+    store.put(&name, bin.into()).unwrap();
+    let cfg = StreamConfig {
+        budget: Some(prepared.total_bytes() / 4),
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    assert!(streamer.is_ranged());
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
+    // Sample 0 reads shard 0's first 64 bytes: block 0, undamaged.
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    ds.sample_into(0, &mut a).unwrap();
+    up.here().sample_into(0, &mut b).unwrap();
+    assert_eq!(a, b);
+    // Sample 2 reads bytes 124..188: blocks 1 and 2.
+    let gets = streamer.stats().fetched;
+    let e = ds.sample_into(2, &mut a).unwrap_err();
+    let DatasetError::Remote(remote) = &e else {
+        panic!("expected the stream's error, got {e}");
+    };
+    assert!(
+        matches!(
+            **remote,
+            RemoteError::BlockChecksum {
+                shard: 0,
+                block: 1,
+                start: 64,
+                end: 128,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let said = e.to_string();
+    assert!(
+        said.starts_with(&format!("{}/{name}: block 1 of shard 0", up.loc)) && said.contains(BLOCK_SUMS),
+        "the error names the object, the shard, the block and the checksums: {said}"
+    );
+    assert_eq!(streamer.stats().fetched, gets + 2, "fetched twice before giving up");
+    drop(ds);
+    drop(streamer);
 }

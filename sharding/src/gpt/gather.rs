@@ -15,8 +15,8 @@ use std::ops::Range;
 /// zstd frames stand for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Piece {
-    shard: usize,
-    bytes: Range<usize>,
+    pub(crate) shard: usize,
+    pub(crate) bytes: Range<usize>,
 }
 
 /// Where a global document lives: shard `shard`, document `local` of its `.idx`.
@@ -94,10 +94,19 @@ impl TokenDataset {
                 let range = piece.bytes.start as u64..piece.bytes.end as u64;
                 frames.read(range, |bytes| tokens_of(index.dtype(), bytes).extend_i64(out))?;
             }
-            Shard::Streamed(_) => self
-                .streamed(piece.shard)?
-                .tokens_at(piece.bytes.clone())
-                .extend_i64(out),
+            Shard::Streamed(index) => match self.streamer.as_ref().filter(|s| s.0.ranged()) {
+                // Blocks are whole tokens (their size a multiple of 8), in aligned buffers.
+                Some(source) => {
+                    let range = piece.bytes.start as u64..piece.bytes.end as u64;
+                    source
+                        .0
+                        .read(piece.shard, range, &mut |b| tokens_of(index.dtype(), b).extend_i64(out))?
+                }
+                None => self
+                    .streamed(piece.shard)?
+                    .tokens_at(piece.bytes.clone())
+                    .extend_i64(out),
+            },
         }
         Ok(())
     }

@@ -1,13 +1,16 @@
 //! Datasets whose shards arrive while they are read: a [`ShardSource`] (the streaming fetcher
 //! of [`crate::remote::Streamer`]) maps each shard's `.bin` once it is in the data cache,
 //! checked, and a read of a shard not there yet waits for it (a partial file is never
-//! mapped). The dataset tells the source which step its reader is on, so the source can keep
-//! the shards of the coming steps and let the others go; and it answers which shards a step
-//! of one rank reads, which is what the source plans its fetches from.
+//! mapped). A source in range mode ([`ShardSource::ranged`]) hands out checked byte ranges
+//! of a shard instead, and a read waits only for its own bytes. The dataset tells the source
+//! which step its reader is on, so the source can keep what the coming steps read and let
+//! the rest go; and it answers which bytes of which shards a step of one rank reads
+//! ([`GptDataset::step_shards`]), which is what the source plans its fetches from.
 
 use super::{DatasetError, GptDataset, TokenDataset};
 use crate::indexed::IndexedDataset;
 use crate::sampler::{Cursor, Sampler};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Where the `.bin` of a streamed dataset's shards come from.
@@ -19,6 +22,26 @@ pub trait ShardSource: Send + Sync {
     /// The dataset's reader is about to read step `step` of its stream: the shards only the
     /// steps before it read are no longer needed.
     fn reading(&self, step: u64);
+    /// Whether the source hands out byte ranges of shards ([`Self::read`]) rather than whole
+    /// shards: then a read never maps a `.bin`.
+    fn ranged(&self) -> bool {
+        false
+    }
+    /// Bytes `bytes` of shard `shard`'s `.bin`, checked, handed to `each` in order in runs of
+    /// whole tokens: waits for them (fetching them first if no planned step reads them), up to
+    /// a deadline, and fails naming the shard and its object when they cannot be had.
+    fn read(&self, shard: usize, bytes: Range<u64>, each: &mut dyn FnMut(&[u8])) -> Result<(), DatasetError> {
+        let ds = self.shard(shard)?;
+        each(&ds.bin()[bytes.start as usize..bytes.end as usize]);
+        Ok(())
+    }
+}
+
+/// Bytes `bytes` of shard `shard`'s `.bin`: what a step reads of one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardBytes {
+    pub shard: usize,
+    pub bytes: Range<u64>,
 }
 
 /// A shared [`ShardSource`], as [`super::OpenOptions`] carries it (compared by identity).
@@ -65,8 +88,10 @@ impl TokenDataset {
 }
 
 impl GptDataset {
-    /// The shards (manifest order, each once, sorted) that DP rank `dp_rank` of `dp_size`
-    /// reads in the step at `cursor`, over all its `micro_batches` micro-batches.
+    /// The bytes of the shards that DP rank `dp_rank` of `dp_size` reads in the step at
+    /// `cursor`, over all its `micro_batches` micro-batches: sorted by shard and offset,
+    /// overlapping and touching ranges merged (so each shard the step reads appears in
+    /// manifest order, and [`shards_of`] gives them once each).
     pub fn step_shards(
         &self,
         sampler: &Sampler,
@@ -74,18 +99,42 @@ impl GptDataset {
         dp_rank: usize,
         dp_size: usize,
         micro_batches: usize,
-    ) -> Result<Vec<usize>, DatasetError> {
-        let mut shards = Vec::new();
+    ) -> Result<Vec<ShardBytes>, DatasetError> {
+        let mut pieces = Vec::new();
         let mut spans = Vec::new();
         for micro in 0..micro_batches {
             for r in sampler.micro_batch(cursor, dp_rank, dp_size, micro_batches, micro)? {
                 spans.clear();
                 self.packed.push_spans(r.sample, &mut spans)?;
-                shards.extend(spans.iter().map(|span| self.data.doc_at(span.doc).shard));
+                for span in &spans {
+                    self.data.locate_span(*span, &mut pieces);
+                }
             }
         }
-        shards.sort_unstable();
-        shards.dedup();
-        Ok(shards)
+        let mut reads: Vec<ShardBytes> = pieces
+            .into_iter()
+            .map(|p| ShardBytes {
+                shard: p.shard,
+                bytes: p.bytes.start as u64..p.bytes.end as u64,
+            })
+            .collect();
+        reads.sort_unstable_by_key(|r| (r.shard, r.bytes.start));
+        let mut out: Vec<ShardBytes> = Vec::with_capacity(reads.len());
+        for r in reads {
+            match out.last_mut() {
+                Some(last) if last.shard == r.shard && r.bytes.start <= last.bytes.end => {
+                    last.bytes.end = last.bytes.end.max(r.bytes.end);
+                }
+                _ => out.push(r),
+            }
+        }
+        Ok(out)
     }
+}
+
+/// The shards of `reads` (as [`GptDataset::step_shards`] gives them), each once, in order.
+pub fn shards_of(reads: &[ShardBytes]) -> Vec<usize> {
+    let mut shards: Vec<usize> = reads.iter().map(|r| r.shard).collect();
+    shards.dedup();
+    shards
 }

@@ -69,7 +69,7 @@ pub(super) fn lease(bin: &Path) -> Result<File, RemoteError> {
 
 /// Remove the shard files `files` (its `.bin` is `bin`) when no rank of the host holds the
 /// shard; the bytes removed, `None` when it is held.
-fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, RemoteError> {
+pub(super) fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, RemoteError> {
     let path = with_suffix(bin, ".lease");
     let lease = lock_file(&path)?;
     match lease.try_lock() {

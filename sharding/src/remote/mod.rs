@@ -11,9 +11,12 @@
 //!   a finished one. Each uploaded file leaves a small record (`.gantry-upload/NAME.json`:
 //!   size and xxh3) after its object, so rerunning an interrupted upload skips the files
 //!   already there with the right size and checksum; the records are removed once the
-//!   manifest is up. Just before the manifest goes the index pack ([`INDEX_PACK`]): every
+//!   manifest is up. Just before the manifest go the index pack ([`INDEX_PACK`]): every
 //!   `.idx` back to back, so a streaming reader gets them in a few GETs rather than one per
-//!   shard. A prefix that already holds a different manifest is refused.
+//!   shard; and the block checksums ([`BLOCK_SUMS`], [`BlockSums`]): the xxh3 of every
+//!   fixed-size block of every `.bin`, bound to the manifest by its fingerprint, so a reader
+//!   can fetch and check byte ranges of a shard. A prefix that already holds a different
+//!   manifest is refused.
 //! - **Reading** ([`fetch`]): a dataset is copied into the host's data cache,
 //!   `CACHE/<fingerprint>/` (the fingerprint is the xxh3 of `manifest.json`, the key sampler
 //!   cursors, materialized shards and verdicts already use), which then is a dataset
@@ -32,7 +35,14 @@
 //!   opens with the streamer as its shard source, which fetches the shards in the order the
 //!   rank's steps read them ([`Plan`], a pure state machine) and, with a budget, evicts them
 //!   behind the readers; the ranks of a host share the cache through per-shard leases and
-//!   reservations made under one lock (`cache.rs`).
+//!   reservations made under one lock (`cache.rs`). A dataset whose shards do not fit its
+//!   budget streams in **range mode** instead when its upload left block checksums: only the
+//!   blocks of the bytes the coming steps read are fetched ([`RangePlan`], pure too),
+//!   neighbouring ones in one ranged GET, each checked against its checksum, held in memory
+//!   within the rank's share of the budget and released once the reader is past every step
+//!   that reads them; nothing of a shard is written to disk, and a read waits only for the
+//!   blocks of its own bytes. A global shuffle then costs about the bytes its samples read
+//!   (rounded out to blocks) rather than whole shards per sample.
 //! - **Faults** ([`Retry`]): transient failures (connection refused or reset, timeouts, 5xx,
 //!   after object_store's own short retries) are retried with exponential backoff until a
 //!   deadline, then reported naming the object. Permanent ones are reported at once, naming
@@ -41,17 +51,23 @@
 //! This crate reads no environment: S3 settings come in as [`S3Options`] and the cache root
 //! as a path, from the binary.
 
+mod block_sums;
 mod cache;
 mod fetch;
 mod plan;
+mod ranges;
 mod retry;
 mod stream;
 mod upload;
 
+pub use block_sums::{BLOCK_BYTES, BLOCK_SUMS, BlockSums};
 pub use fetch::{Fetched, RemoteManifest, fetch, read_manifest};
 pub use plan::{Held, Plan, PlanConfig, PlanError};
+pub use ranges::{Get, RangeConfig, RangePlan};
 pub use retry::Retry;
-pub use stream::{StepShards, StreamConfig, StreamDir, StreamSetup, StreamStats, Streamer, prepare_stream};
+pub use stream::{
+    StepShards, StreamConfig, StreamDir, StreamSetup, StreamStats, Streamer, fetch_block_sums, prepare_stream,
+};
 pub use upload::{INDEX_PACK, UPLOAD_RECORDS, Uploaded, upload};
 
 use crate::manifest::ManifestError;
@@ -75,6 +91,10 @@ pub struct RemoteOptions {
     pub retry: Retry,
     /// Threads hashing a fetched copy for the host's verdict (0: every core).
     pub threads: usize,
+    /// Bytes per block of the block checksums an upload writes ([`BlockSums`]): the unit a
+    /// stream in range mode fetches and checks, best near the bytes of one sample (a
+    /// multiple of 8; rounded down to one).
+    pub block_bytes: u32,
 }
 
 impl Default for RemoteOptions {
@@ -86,6 +106,7 @@ impl Default for RemoteOptions {
             upload_files: 4,
             retry: Retry::default(),
             threads: 0,
+            block_bytes: BLOCK_BYTES,
         }
     }
 }
@@ -193,6 +214,19 @@ pub enum RemoteError {
     Plan { location: String, cause: PlanError },
     #[error("{object}: {message}")]
     Shard { object: String, message: String },
+    #[error("{object}: refused as the dataset's block checksums: {message}")]
+    BlockSums { object: String, message: String },
+    #[error(
+        "{object}: block {block} of shard {shard} (bytes {start}..{end}) does not match its checksum in {sums}, fetched twice"
+    )]
+    BlockChecksum {
+        object: String,
+        shard: usize,
+        block: usize,
+        start: u64,
+        end: u64,
+        sums: String,
+    },
     #[error("streaming {location}: which shards step {step} reads: {message}")]
     Needs {
         location: String,

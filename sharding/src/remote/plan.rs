@@ -53,6 +53,10 @@ pub enum PlanError {
         bytes: u64,
         limit: u64,
     },
+    #[error(
+        "the {limit} bytes this rank may keep cannot hold {need} bytes: one block and the reserve for reads outside the plan beside it: raise the cache budget (data.cache_gb)"
+    )]
+    LimitTooSmall { limit: u64, need: u64 },
     #[error("step {got} was planned, but the next step to plan is {expected}")]
     OutOfOrder { expected: u64, got: u64 },
     #[error("step {step} reads shard {shard}, but the dataset has {shards} shards")]

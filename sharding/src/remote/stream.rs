@@ -23,6 +23,12 @@
 //! the whole dataset is fetched while training runs, nothing is evicted, and later runs find
 //! it there.
 //!
+//! A budget smaller than the dataset's shards, with a global shuffle, makes whole shards a
+//! poor unit: any step reads any shard, so a quarter budget fetches the dataset about 15
+//! times a pass. Such a dataset streams in range mode ([`ranged`], chosen by
+//! [`Streamer::start`]) when its upload left block checksums: blocks of the bytes the steps
+//! read, held in memory, nothing of a shard written to disk.
+//!
 //! Faults: a request that fails transiently is retried with backoff up to the retry deadline
 //! ([`super::Retry`]); what still fails becomes the error of every read that waits, naming the
 //! object. A fetch interrupted by a kill leaves only a temporary file, never a `.bin`; the
@@ -30,13 +36,15 @@
 
 mod bring;
 mod dir;
+mod ranged;
 
-pub use dir::{StreamDir, prepare_stream};
+pub use dir::{StreamDir, fetch_block_sums, prepare_stream};
 
+use super::block_sums;
 use super::cache::{self, Evictable};
 use super::plan::{Held, Plan, PlanConfig, PlanError};
 use super::{RemoteError, RemoteOptions, open_store};
-use crate::gpt::{DatasetError, ShardSource, Shards};
+use crate::gpt::{DatasetError, ShardBytes, ShardSource, Shards, shards_of};
 use crate::indexed::IndexedDataset;
 use gantry_checkpoint::Store;
 use serde::Serialize;
@@ -59,6 +67,9 @@ pub struct StreamConfig {
     pub horizon: u64,
     /// The first step not to plan (the end of training), if known.
     pub end: Option<u64>,
+    /// Fetch byte ranges rather than whole shards ([`ranged`]) when the dataset's shards do
+    /// not fit the budget and its upload left block checksums.
+    pub ranges: bool,
     /// How long a read waits for its shard before failing.
     pub wait: Duration,
     /// How long a fetch waits for room in the budget (the other ranks of the host letting
@@ -75,6 +86,7 @@ impl Default for StreamConfig {
             fetchers: 8,
             horizon: 256,
             end: None,
+            ranges: true,
             wait: Duration::from_secs(600),
             room_wait: Duration::from_secs(60),
         }
@@ -95,7 +107,9 @@ pub struct StreamSetup {
 /// What a [`Streamer`] did so far.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct StreamStats {
-    /// Shards fetched from the object store, and their bytes.
+    /// Whether the stream fetched byte ranges ([`ranged`]) rather than whole shards.
+    pub ranged: bool,
+    /// Shards fetched from the object store (range mode: ranged GETs), and their bytes.
     pub fetched: u64,
     pub bytes_fetched: u64,
     /// Shards found in the cache (checked) rather than fetched.
@@ -103,22 +117,35 @@ pub struct StreamStats {
     /// Shards this rank evicted to make room.
     pub evicted: u64,
     /// The largest usage of the cache directory a reservation of this rank saw (with a
-    /// budget), the reservation included.
+    /// budget), the reservation included; range mode: the directory's files and the most
+    /// bytes of blocks this rank held at once.
     pub peak_usage: u64,
+    /// Range mode: the most bytes of blocks this rank held in memory at once.
+    pub peak_held: u64,
     /// Reads that had to wait for their shard, and the seconds they waited in all.
     pub waits: u64,
     pub wait_s: f64,
 }
 
-/// Which shards a step reads (the reader's sampler), for the plan.
-pub type StepShards = Box<dyn FnMut(u64) -> Result<Vec<usize>, String> + Send>;
+/// Which bytes of which shards a step reads (the reader's sampler, through
+/// [`crate::gpt::GptDataset::step_shards`]), for the plan.
+pub type StepShards = Box<dyn FnMut(u64) -> Result<Vec<ShardBytes>, String> + Send>;
+
+/// Range mode's GETs in flight per [`StreamConfig::fetchers`].
+const RANGE_GETS_PER_FETCHER: usize = 4;
 
 /// Streams a dataset into the host's data cache ahead of its reader (see the module
 /// documentation). Dropping it stops the fetches (a fetch in flight is abandoned, its
 /// temporary file removed).
 pub struct Streamer {
-    inner: Arc<Inner>,
+    engine: Engine,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// Whole shards into the cache directory, or byte ranges into memory.
+enum Engine {
+    Shards(Arc<Inner>),
+    Ranges(Arc<ranged::Ranged>),
 }
 
 struct Inner {
@@ -143,6 +170,7 @@ struct Counters {
     reused: AtomicU64,
     evicted: AtomicU64,
     peak_usage: AtomicU64,
+    peak_held: AtomicU64,
     waits: AtomicU64,
     wait_ns: AtomicU64,
 }
@@ -162,8 +190,27 @@ struct State {
 
 impl Streamer {
     /// Start streaming the dataset of `dir` (from [`prepare_stream`]); nothing is fetched
-    /// until a read wants a shard or [`Self::follow`] gives the plan its steps.
+    /// until a read wants a shard or [`Self::follow`] gives the plan its steps. Range mode
+    /// ([`ranged`]) when the budget cannot hold every shard, the upload left block
+    /// checksums ([`fetch_block_sums`]; damaged ones are refused with a warning, and the
+    /// shards streamed whole), every shard has its `.bin` in the object store, and the
+    /// manifest records each shard's largest token id (so no whole shard is ever scanned).
     pub fn start(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
+        let ranged = cfg.ranges
+            && cfg.budget.is_some_and(|b| b < dir.footprint())
+            && dir.origins.iter().all(|o| *o == dir::Origin::Bin)
+            && dir.manifest.shards.iter().all(|s| s.max_token_id.is_some());
+        if ranged {
+            match fetch_block_sums(&dir, &opts) {
+                Ok(Some(sums)) => return Self::start_ranged(dir, sums, opts, cfg),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "streaming whole shards instead"),
+            }
+        }
+        Self::start_shards(dir, opts, cfg)
+    }
+
+    fn start_shards(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
         let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s)).collect();
         // Besides the manifest and the .idx files, the directory may hold other files the
         // budget cannot evict (a host check's verdict): they count as fixed too.
@@ -221,80 +268,166 @@ impl Streamer {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
         });
-        let workers = (0..workers)
-            .map(|i| {
-                let inner = inner.clone();
-                std::thread::Builder::new()
-                    .name(format!("gantry-stream-{i}"))
-                    .spawn(move || inner.work())
-                    .map_err(|source| RemoteError::Io {
-                        path: dir_path.clone(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Streamer { inner, workers })
+        let workers = spawn(&dir_path, workers, &inner, |i| i.work())?;
+        Ok(Streamer {
+            engine: Engine::Shards(inner),
+            workers,
+        })
+    }
+
+    /// Range mode: shard data an earlier run left in the directory is evicted first (what no
+    /// rank of the host holds), so the directory and the blocks held stay within the budget.
+    fn start_ranged(
+        dir: StreamDir,
+        sums: block_sums::BlockSums,
+        opts: RemoteOptions,
+        cfg: StreamConfig,
+    ) -> Result<Streamer, RemoteError> {
+        for s in 0..dir.shards() {
+            let bin = dir.bin(s);
+            let mut files = vec![bin.clone()];
+            if let Some(z) = &dir.manifest.shards[s].zstd {
+                files.extend([dir.dir.join(&z.file), dir.dir.join(&z.index)]);
+            }
+            if files.iter().any(|f| f.exists()) {
+                cache::evict(&bin, &files)?;
+            }
+        }
+        cache::sweep_partials(&dir.dir)?;
+        let fixed = dir.fixed_bytes.max(cache::usage(&dir.dir)?);
+        let budget = cfg.budget.unwrap_or(u64::MAX);
+        let store = open_store(&dir.location, &opts)?;
+        let dir_path = dir.dir.clone();
+        // GETs of a few blocks wait on the round trip, not the bandwidth: more in flight.
+        let workers = cfg.fetchers.max(1) * RANGE_GETS_PER_FETCHER;
+        let ranged = ranged::Ranged::new(dir, sums, store, opts, cfg, (budget, fixed), workers)?;
+        let ranged = Arc::new(ranged);
+        let workers = spawn(&dir_path, workers, &ranged, |r| r.work())?;
+        Ok(Streamer {
+            engine: Engine::Ranges(ranged),
+            workers,
+        })
     }
 
     /// The source to open the dataset with ([`crate::gpt::OpenOptions::shards`]).
     pub fn shards(&self) -> Shards {
-        Shards(self.inner.clone())
+        match &self.engine {
+            Engine::Shards(inner) => Shards(inner.clone()),
+            Engine::Ranges(ranged) => Shards(ranged.clone()),
+        }
     }
 
-    /// The reader starts at step `start`; `step_shards(k)` says which shards step `k` reads.
-    /// From now on shards are fetched in the order of the steps.
+    /// The reader starts at step `start`; `step_shards(k)` says which bytes of which shards
+    /// step `k` reads. From now on shards (or their blocks) are fetched in the order of the
+    /// steps.
     pub fn follow(&self, start: u64, step_shards: StepShards) {
-        let mut st = self.inner.lock();
-        st.plan.reading(start);
-        st.step_shards = Some(step_shards);
-        st.following = true;
-        self.inner.changed.notify_all();
+        match &self.engine {
+            Engine::Shards(inner) => {
+                let mut st = inner.lock();
+                st.plan.reading(start);
+                st.step_shards = Some(step_shards);
+                st.following = true;
+                inner.changed.notify_all();
+            }
+            Engine::Ranges(ranged) => ranged.follow(start, step_shards),
+        }
     }
 
     pub fn dir(&self) -> &StreamDir {
-        &self.inner.dir
+        match &self.engine {
+            Engine::Shards(inner) => &inner.dir,
+            Engine::Ranges(ranged) => &ranged.dir,
+        }
+    }
+
+    fn engine_cfg(&self) -> &StreamConfig {
+        match &self.engine {
+            Engine::Shards(inner) => &inner.cfg,
+            Engine::Ranges(ranged) => &ranged.cfg,
+        }
+    }
+
+    /// Whether the stream fetches byte ranges into memory rather than whole shards.
+    pub fn is_ranged(&self) -> bool {
+        matches!(self.engine, Engine::Ranges(_))
     }
 
     pub fn stats(&self) -> StreamStats {
-        let c = &self.inner.counters;
+        let c = match &self.engine {
+            Engine::Shards(inner) => &inner.counters,
+            Engine::Ranges(ranged) => &ranged.counters,
+        };
         StreamStats {
+            ranged: self.is_ranged(),
             fetched: c.fetched.load(Ordering::Relaxed),
             bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
             reused: c.reused.load(Ordering::Relaxed),
             evicted: c.evicted.load(Ordering::Relaxed),
             peak_usage: c.peak_usage.load(Ordering::Relaxed),
+            peak_held: c.peak_held.load(Ordering::Relaxed),
             waits: c.waits.load(Ordering::Relaxed),
             wait_s: c.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
 
-    /// Whether shard `shard` is present and held for this reader now.
+    /// Whether shard `shard` is present and held for this reader now (never, in range mode).
     pub fn is_held(&self, shard: usize) -> bool {
-        self.inner.lock().plan.held(shard) == Held::Present
+        match &self.engine {
+            Engine::Shards(inner) => inner.lock().plan.held(shard) == Held::Present,
+            Engine::Ranges(_) => false,
+        }
     }
+}
+
+/// Start `n` fetcher threads running `work` on `shared`.
+fn spawn<T: Send + Sync + 'static>(
+    dir: &std::path::Path,
+    n: usize,
+    shared: &Arc<T>,
+    work: fn(Arc<T>),
+) -> Result<Vec<JoinHandle<()>>, RemoteError> {
+    (0..n)
+        .map(|i| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("gantry-stream-{i}"))
+                .spawn(move || work(shared))
+                .map_err(|source| RemoteError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 impl Drop for Streamer {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Relaxed);
-        self.inner.changed.notify_all();
         // A fetcher blocked on another process's lock may take a while: wait a little, then
         // leave it (the process ends soon; its temporary file is swept by the next fetch).
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut st = self.inner.lock();
-        while st.workers_left > 0 {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            st = self
-                .inner
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        let finished = st.workers_left == 0;
-        drop(st);
+        let finished = match &self.engine {
+            Engine::Shards(inner) => {
+                inner.stop.store(true, Ordering::Relaxed);
+                inner.changed.notify_all();
+                let mut st = inner.lock();
+                while st.workers_left > 0 {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    st = inner
+                        .changed
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                st.workers_left == 0
+            }
+            Engine::Ranges(ranged) => {
+                ranged.stop.store(true, Ordering::Relaxed);
+                ranged.notify();
+                ranged.wait_workers(deadline)
+            }
+        };
         if finished {
             for w in self.workers.drain(..) {
                 let _ = w.join();
@@ -302,13 +435,15 @@ impl Drop for Streamer {
         }
         let s = self.stats();
         tracing::info!(
-            dataset = %self.inner.dir.location,
+            dataset = %self.dir().location,
+            ranged = s.ranged,
             fetched = s.fetched,
             bytes_fetched = s.bytes_fetched,
             reused = s.reused,
             evicted = s.evicted,
             peak_usage = s.peak_usage,
-            budget = self.inner.cfg.budget.unwrap_or(0),
+            peak_held = s.peak_held,
+            budget = self.engine_cfg().budget.unwrap_or(0),
             waits = s.waits,
             wait_s = s.wait_s,
             "data stream done"
@@ -338,7 +473,11 @@ impl Inner {
                         step,
                         message,
                     })
-                    .and_then(|shards| st.plan.add_step(step, shards).map_err(|cause| self.plan_error(cause)));
+                    .and_then(|reads| {
+                        st.plan
+                            .add_step(step, shards_of(&reads))
+                            .map_err(|cause| self.plan_error(cause))
+                    });
                 if let Err(e) = added {
                     tracing::error!(error = %e, "cannot plan the data stream");
                     st.fatal = Some(Arc::new(e));

@@ -18,7 +18,14 @@
 //! that does not match (or every one, for a prefix uploaded without a pack) from its own
 //! object. It is written again by every run that writes the manifest, so it is this
 //! manifest's.
+//!
+//! After the pack go the **block checksums** ([`super::BLOCK_SUMS`]): the xxh3 of every
+//! block of every `.bin` ([`RemoteOptions::block_bytes`]), bound to this manifest by its fingerprint, so a streaming
+//! reader can fetch and check byte ranges of a shard ([`super::block_sums`]). A prefix that
+//! already holds this dataset but no block checksums (uploaded before there were any) gets
+//! them from a rerun.
 
+use super::block_sums::{BLOCK_SUMS, BlockSums};
 use super::retry::{no_bucket, with_retry};
 use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
 use crate::indexed::paths;
@@ -330,6 +337,25 @@ fn put_index_pack(
     })
 }
 
+/// Write the dataset's block checksums ([`BLOCK_SUMS`]) for the manifest `raw`, summed from
+/// the `.bin` files in `dir` (none for a compressed-only dataset).
+fn put_block_sums(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+    raw: &[u8],
+) -> Result<(), RemoteError> {
+    let Some(sums) = BlockSums::compute(dir, manifest, opts.block_bytes)? else {
+        return Ok(());
+    };
+    let bytes = Bytes::from(sums.encode(crate::manifest::fingerprint_of(raw)));
+    with_retry(&opts.retry, &location.child(BLOCK_SUMS), || {
+        store.put(BLOCK_SUMS, bytes.clone())
+    })
+}
+
 /// Upload the finished dataset in `dir` to `location` (see the module documentation). A
 /// location that already holds this dataset is left alone; one that holds another dataset
 /// is refused. Errors name the local file (a mismatch with the manifest) or the object.
@@ -354,6 +380,11 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
         let object = location.child(MANIFEST);
         let there = with_retry(&opts.retry, &object, || store.get(MANIFEST))?;
         if there.as_deref() == Some(raw.as_slice()) {
+            // A dataset uploaded before there were block sums gets them now: readers take
+            // them only for this manifest, and go shard by shard without them.
+            if !target.listed.contains_key(BLOCK_SUMS) {
+                put_block_sums(&store, opts, location, dir, &manifest, &raw)?;
+            }
             return Ok(Uploaded {
                 location: shown,
                 files: items.len() + 1,
@@ -373,6 +404,7 @@ pub fn upload(dir: &Path, location: &StorageLocation, opts: &RemoteOptions) -> R
     }
     let mut sent = target.send_files(&items, opts.upload_files)?;
     put_index_pack(&store, opts, location, dir, &manifest)?;
+    put_block_sums(&store, opts, location, dir, &manifest, &raw)?;
 
     // Every file is up: the manifest makes it a dataset.
     let object = location.child(MANIFEST);

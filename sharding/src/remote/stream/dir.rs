@@ -2,6 +2,7 @@
 //! tokenizer in place (what opening the dataset and planning its reads need), the shards'
 //! `.bin` left to the [`super::Streamer`].
 
+use super::super::block_sums::{BLOCK_SUMS, BlockSums};
 use super::super::cache;
 use super::super::fetch::{check_listed, get_manifest, replace_if_different, write_error};
 use super::super::retry::with_retry;
@@ -49,6 +50,9 @@ pub struct StreamDir {
     pub fixed_bytes: u64,
     /// Files this call fetched (the `.idx` files missing or damaged in the cache).
     pub fetched: Vec<String>,
+    /// The size of the upload's block checksums ([`BLOCK_SUMS`]) when the prefix has them:
+    /// fetched only for range mode ([`fetch_block_sums`]).
+    pub block_sums: Option<u64>,
     pub seconds: f64,
 }
 
@@ -185,8 +189,24 @@ pub fn prepare_stream(
         origins,
         fixed_bytes: fixed,
         fetched,
+        block_sums: listed.get(BLOCK_SUMS).copied(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The block checksums of the dataset `dir` streams, when its prefix has them: one GET,
+/// taken only when undamaged and written for this very manifest ([`BlockSums::parse`]);
+/// otherwise the error names the object and what is wrong with it.
+pub fn fetch_block_sums(dir: &StreamDir, opts: &RemoteOptions) -> Result<Option<BlockSums>, RemoteError> {
+    if dir.block_sums.is_none() {
+        return Ok(None);
+    }
+    let store = open_store(&dir.location, opts)?;
+    let object = dir.location.child(BLOCK_SUMS);
+    let Some(raw) = with_retry(&opts.retry, &object, || store.get(BLOCK_SUMS))? else {
+        return Ok(None);
+    };
+    BlockSums::parse(&raw, &dir.manifest, dir.fingerprint, &object).map(Some)
 }
 
 /// GETs asked for in one batch at most, and their bytes: a transient failure repeats one
