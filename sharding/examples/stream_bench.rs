@@ -25,7 +25,7 @@
 use gantry_checkpoint::location::{Role, StorageLocation};
 use gantry_checkpoint::{S3Options, Store, StoreConfig};
 use gantry_sharding::gpt::{GptDataset, OpenOptions, Split, shards_of};
-use gantry_sharding::remote::{RemoteOptions, StreamConfig, Streamer, prepare_stream, read_manifest};
+use gantry_sharding::remote::{INDEX_PACK, RemoteOptions, StreamConfig, Streamer, prepare_stream, read_manifest};
 use gantry_sharding::sampler::Sampler;
 use std::error::Error;
 use std::path::Path;
@@ -85,6 +85,9 @@ fn raw_get(store: &Store, objects: &[(String, u64)]) -> Res<(f64, u64)> {
 
 /// What one streamed pass did.
 struct Pass {
+    /// Seconds to the prepared cache directory, and on to the opened dataset.
+    prepare_s: f64,
+    open_s: f64,
     first_step_s: f64,
     seconds: f64,
     bytes_fetched: u64,
@@ -106,6 +109,7 @@ fn stream_pass(
 ) -> Res<Pass> {
     let started = Instant::now();
     let prepared = prepare_stream(loc, cache, opts)?;
+    let prepare_s = started.elapsed().as_secs_f64();
     let dir = prepared.dir.clone();
     let streamer = Streamer::start(
         prepared,
@@ -121,6 +125,7 @@ fn stream_pass(
         ..OpenOptions::default()
     };
     let ds = Arc::new(GptDataset::open_with(&dir, a.seq_len, Split::All, &open)?);
+    let open_s = started.elapsed().as_secs_f64();
     let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
     let start = sampler.start(ds.data().fingerprint());
     let (data, s2, origin) = (Arc::downgrade(&ds), sampler.clone(), start.clone());
@@ -151,6 +156,8 @@ fn stream_pass(
     drop(ds);
     drop(streamer);
     Ok(Pass {
+        prepare_s,
+        open_s,
         first_step_s,
         seconds,
         bytes_fetched: stats.bytes_fetched,
@@ -159,6 +166,22 @@ fn stream_pass(
         gets: stats.fetched,
         peak_held: stats.peak_held,
     })
+}
+
+/// Write each shard's `.idx` into `dir` from the cache's index pack (a stream keeps them in
+/// that one file), so that the directory opens as a local dataset.
+fn unpack_indexes(dir: &Path, m: &gantry_sharding::manifest::Manifest) -> Res<()> {
+    let pack = std::fs::read(dir.join(INDEX_PACK))?;
+    let mut at = 0usize;
+    for s in &m.shards {
+        let end = at + s.idx_bytes as usize;
+        std::fs::write(
+            dir.join(format!("{}.idx", s.prefix)),
+            pack.get(at..end).ok_or("short index pack")?,
+        )?;
+        at = end;
+    }
+    Ok(())
 }
 
 /// One pass over the dataset in `dir`, read in place; seconds.
@@ -214,7 +237,9 @@ fn main() -> Res<()> {
     let (raw_first_s, raw_first_bytes) = raw_get(&store, &first_objects)?;
     let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
     let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
-    let local_s = local_pass(&a, &work.join("cold").join(format!("{:016x}", remote.fingerprint)))?;
+    let copy = work.join("cold").join(format!("{:016x}", remote.fingerprint));
+    unpack_indexes(&copy, m)?;
+    let local_s = local_pass(&a, &copy)?;
     // A fraction of what the whole dataset may take in the cache: 1.0 holds every shard at once.
     let budget = (footprint as f64 * a.budget_frac) as u64;
     let tight = match a.budget_frac > 0.0 {
@@ -248,11 +273,15 @@ fn main() -> Res<()> {
         "first_step": {
             "shards": first.len(), "bytes": raw_first_bytes,
             "raw_get_s": raw_first_s, "cold_stream_s": cold.first_step_s,
+            "cold_prepared_s": cold.prepare_s, "cold_opened_s": cold.open_s,
         },
         "pass": {
             "raw_get": {"s": raw_all_s, "bytes": raw_bytes, "tokens_per_s": rate(raw_all_s)},
             "cold_stream": {"s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds)},
-            "warm_stream": {"s": warm.seconds, "tokens_per_s": rate(warm.seconds)},
+            "warm_stream": {
+                "s": warm.seconds, "prepared_s": warm.prepare_s, "opened_s": warm.open_s,
+                "tokens_per_s": rate(warm.seconds),
+            },
             "local": {"s": local_s, "tokens_per_s": rate(local_s)},
             "budget": tight.map(budgeted),
             "budget_shards": whole.map(budgeted),

@@ -209,7 +209,14 @@ impl TokenDataset {
             let (bin, idx) = paths(&prefix);
             if opts.shards.is_some() {
                 // Checked against the manifest's size of the .bin, which is not here yet.
-                let index = IndexedIndex::open(&idx, &bin, s.bin_bytes)?;
+                let held = opts
+                    .shards
+                    .as_ref()
+                    .and_then(|src| src.0.index(shards.len(), &bin, s.bin_bytes));
+                let index = match held {
+                    Some(index) => index?,
+                    None => IndexedIndex::open(&idx, &bin, s.bin_bytes)?,
+                };
                 doc_base.push(doc_base.last().copied().unwrap_or(0) + index.num_documents());
                 shards.push(Shard::Streamed(index));
                 sources.push(bin);

@@ -1,7 +1,7 @@
 //! The indexed dataset format against the spec in ../shared/ARCHITECTURE.md, round trips, and
 //! corrupt inputs (each a named error, never a panic).
 
-use gantry_sharding::indexed::{IndexedDataset, IndexedError, IndexedWriter, TokenDType, paths};
+use gantry_sharding::indexed::{IndexedDataset, IndexedError, IndexedIndex, IndexedWriter, TokenDType, paths};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -270,4 +270,44 @@ proptest! {
             prop_assert_eq!(sink.len() as u64, ds.num_tokens());
         }
     }
+}
+
+/// A streamed dataset keeps its `.idx` files back to back in one file: an index read from
+/// its place in one shared mapping is the file's, and a place that is not an `.idx` (past the
+/// end, or off by a byte) is a named error, never a panic.
+#[test]
+fn an_index_from_a_piece_of_a_shared_mapping_is_the_files() {
+    let dir = TempDir::new("shared");
+    let (a, b) = (dir.0.join("a"), dir.0.join("b"));
+    write_sample(&a, TokenDType::U16, 60_000);
+    write_sample(&b, TokenDType::U16, 7);
+    let (bin_a, idx_a) = paths(&a);
+    let (bin_b, idx_b) = paths(&b);
+    let (ia, ib) = (std::fs::read(&idx_a).unwrap(), std::fs::read(&idx_b).unwrap());
+    let packed = dir.0.join("pack");
+    std::fs::write(&packed, [vec![0xee; 5], ia.clone(), ib.clone()].concat()).unwrap();
+    // SAFETY: read-only, and nothing else writes the file.
+    let map = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&std::fs::File::open(&packed).unwrap()) }.unwrap());
+    let bin_len = std::fs::metadata(&bin_b).unwrap().len();
+    let at_b = 5 + ia.len()..5 + ia.len() + ib.len();
+    let index = IndexedIndex::from_shared(map.clone(), at_b.clone(), &idx_b, &bin_b, bin_len).unwrap();
+    let ds = IndexedDataset::with_index(index, &bin_b).unwrap();
+    let mut all = Vec::new();
+    for s in 0..ds.num_sequences() {
+        ds.sequence(s).extend_i64(&mut all);
+    }
+    assert_eq!(all, [1, 2, 3, 4, 5, 6, 7, 0]);
+    assert_eq!(ds.document_lengths(), [3, 3, 2]);
+    // Shard a's piece is a's.
+    let a_len = std::fs::metadata(&bin_a).unwrap().len();
+    let index = IndexedIndex::from_shared(map.clone(), 5..5 + ia.len(), &idx_a, &bin_a, a_len).unwrap();
+    let ds = IndexedDataset::with_index(index, &bin_a).unwrap();
+    assert_eq!(ds.sequence(3).get(0), Some(60_000));
+    // Past the end of the mapping, and a byte early.
+    let end = map.len();
+    let past = IndexedIndex::from_shared(map.clone(), end - 10..end + 1, &idx_b, &bin_b, bin_len);
+    assert!(matches!(past, Err(IndexedError::Truncated { .. })));
+    let early = at_b.start - 1..at_b.end - 1;
+    let early = IndexedIndex::from_shared(map, early, &idx_b, &bin_b, bin_len);
+    assert!(matches!(early, Err(IndexedError::BadMagic { .. })));
 }

@@ -6,7 +6,7 @@
 //! the server is gone the error names the shard's object; a partial file is never mapped; the
 //! `.idx` files come from the upload's index pack, each checked against the manifest (a
 //! damaged pack falls back on the file's own object, a prefix without a pack is read file by
-//! file).
+//! file) and are kept in the cache as one file; a damaged cached shard is fetched again.
 
 #[path = "../../checkpoint/tests/common/s3_server.rs"]
 mod s3_server;
@@ -209,11 +209,15 @@ fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
         indexes.iter().flat_map(|(_, b)| b.clone()).collect::<Vec<u8>>(),
         "the pack is every .idx back to back, in manifest order"
     );
+    let packed: Vec<u8> = indexes.iter().flat_map(|(_, b)| b.clone()).collect();
     let prepare_into = |tag: &str| {
         prepare_stream(loc, &dir.join(tag), opts).map(|p| {
-            for (name, bytes) in &indexes {
-                assert_eq!(&std::fs::read(p.dir.join(name)).unwrap(), bytes, "{name}");
-            }
+            // The cache keeps them as one file too, not a file per shard.
+            assert!(
+                std::fs::read(p.dir.join(INDEX_PACK)).unwrap() == packed,
+                "the cached pack"
+            );
+            assert!(!p.dir.join(&indexes[0].0).exists(), "no .idx file per shard");
             p.fetched.len()
         })
     };
@@ -241,6 +245,50 @@ fn the_idx_files_come_from_the_index_pack_and_every_one_is_checked() {
     assert_eq!(prepare_into("no-pack").unwrap(), indexes.len());
     // A second prepare finds them all in place and fetches nothing.
     assert_eq!(prepare_into("no-pack").unwrap(), 0);
+    // One byte of shard 3's piece damaged in the cache: that one is fetched again.
+    let cached = prepare_stream(loc, &dir.join("no-pack"), opts)
+        .unwrap()
+        .dir
+        .join(INDEX_PACK);
+    let mut bytes = std::fs::read(&cached).unwrap();
+    let at: usize = indexes[..3].iter().map(|(_, b)| b.len()).sum();
+    bytes[at + 20] ^= 0xff;
+    std::fs::write(&cached, bytes).unwrap();
+    assert_eq!(prepare_into("no-pack").unwrap(), 1);
+}
+
+/// A shard whose cached `.bin` changed since it was checked is hashed again and, not
+/// matching, fetched again; a `.bin` gone from the server is not looked for when the stream
+/// is prepared (no listing of the prefix when the manifest names every object), but named
+/// when a read needs it.
+#[test]
+fn a_damaged_cached_shard_is_fetched_again_and_a_missing_object_is_named_when_read() {
+    let up = Uploaded::new("damaged-cache");
+    let here = up.here();
+    let shards = here.data().manifest().shards.len() as u64;
+    let cache = up.dir.join("cache");
+    let pass = || budgeted_pass(&up.loc, &up.opts, &cache, |p| p.footprint(), &here, 16, None, false).1;
+    let first = pass();
+    assert_eq!(first.fetched, shards, "{first:?}");
+    let bin = prepare_stream(&up.loc, &cache, &up.opts).unwrap().bin(2);
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes[5] ^= 0xff;
+    std::fs::write(&bin, bytes).unwrap();
+    // The pass reads what the local copy holds: the damaged shard was not used.
+    let second = pass();
+    assert!(second.fetched == 1 && second.reused >= shards - 1, "{second:?}");
+
+    up.store().delete("shard-00001.bin").unwrap();
+    let prepared = prepare_stream(&up.loc, &up.dir.join("fresh"), &up.opts).unwrap();
+    let streamer = Streamer::start(prepared, up.opts.clone(), StreamConfig::default()).unwrap();
+    let Err(e) = streamer.shards().0.shard(1) else {
+        panic!("shard 1 has no .bin on the server")
+    };
+    assert_eq!(
+        e.to_string(),
+        format!("{}/shard-00001.bin is missing, but the manifest lists it", up.loc),
+        "{e:?}"
+    );
 }
 
 /// Stream the first `steps` steps (`None`: a full pass) of rank 0 of 1 (`batch` samples a

@@ -1,16 +1,17 @@
 //! Datasets whose shards arrive while they are read: a [`ShardSource`] (the streaming fetcher
 //! of [`crate::remote::Streamer`]) maps each shard's `.bin` once it is in the data cache,
 //! checked, and a read of a shard not there yet waits for it (a partial file is never
-//! mapped). A source in range mode ([`ShardSource::ranged`]) hands out checked byte ranges
+//! mapped); it may hold the shards' `.idx` files too ([`ShardSource::index`]). A source in range mode ([`ShardSource::ranged`]) hands out checked byte ranges
 //! of a shard instead, and a read waits only for its own bytes. The dataset tells the source
 //! which step its reader is on, so the source can keep what the coming steps read and let
 //! the rest go; and it answers which bytes of which shards a step of one rank reads
 //! ([`GptDataset::step_shards`]), which is what the source plans its fetches from.
 
 use super::{DatasetError, GptDataset, TokenDataset};
-use crate::indexed::IndexedDataset;
+use crate::indexed::{IndexedDataset, IndexedIndex};
 use crate::sampler::{Cursor, Sampler};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Where the `.bin` of a streamed dataset's shards come from.
@@ -22,6 +23,13 @@ pub trait ShardSource: Send + Sync {
     /// The dataset's reader is about to read step `step` of its stream: the shards only the
     /// steps before it read are no longer needed.
     fn reading(&self, step: u64);
+    /// Shard `shard`'s `.idx`, checked against a `.bin` of `bin_len` bytes (`bin` names it),
+    /// when the source holds the `.idx` files itself (a streamed cache keeps them in one file
+    /// rather than one file each); `None`: the dataset opens the shard's `.idx` file.
+    fn index(&self, shard: usize, bin: &Path, bin_len: u64) -> Option<Result<IndexedIndex, DatasetError>> {
+        let _ = (shard, bin, bin_len);
+        None
+    }
     /// Whether the source hands out byte ranges of shards ([`Self::read`]) rather than whole
     /// shards: then a read never maps a `.bin`.
     fn ranged(&self) -> bool {

@@ -7,16 +7,33 @@ use memmap2::Mmap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A validated, memory-mapped `.idx`: where every sequence lies in its `.bin` and which
 /// sequences make up each document. Checked against the `.bin`'s size, so it can describe a
 /// `.bin` that is not on disk (the zstd frames of [`crate::frames`] serve the bytes instead).
 pub struct IndexedIndex {
-    idx: Mmap,
+    idx: IdxBytes,
     idx_path: PathBuf,
     dtype: TokenDType,
     sequences: usize,
     doc_entries: usize,
+}
+
+/// An `.idx`'s bytes: a mapping of its own file, or a piece of one mapping shared by many
+/// (a streamed dataset's `.idx` files, kept back to back in one file of the data cache rather
+/// than hundreds of small files, [`IndexedIndex::from_shared`]).
+struct IdxBytes {
+    map: Arc<Mmap>,
+    at: Range<usize>,
+}
+
+impl std::ops::Deref for IdxBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.map[self.at.clone()]
+    }
 }
 
 /// A validated, memory-mapped `.idx` + `.bin` pair.
@@ -45,7 +62,34 @@ impl IndexedIndex {
         Self::from_map(map(idx_path)?, idx_path, bin_path, bin_len)
     }
 
+    /// The `.idx` held at bytes `at` of the shared mapping `map` (named `idx_path` in
+    /// errors), checked against a `.bin` of `bin_len` bytes (`bin_path`) as [`Self::open`]
+    /// checks a file; an error when `at` is not within the mapping.
+    pub fn from_shared(
+        map: Arc<Mmap>,
+        at: Range<usize>,
+        idx_path: &Path,
+        bin_path: &Path,
+        bin_len: u64,
+    ) -> Result<IndexedIndex> {
+        if at.start > at.end || at.end > map.len() {
+            return Err(IndexedError::Truncated {
+                path: idx_path.into(),
+                what: "the .idx's bytes in the shared file",
+                needed: at.end as u64,
+                got: map.len() as u64,
+            });
+        }
+        Self::checked(IdxBytes { map, at }, idx_path, bin_path, bin_len)
+    }
+
     fn from_map(idx: Mmap, idx_path: &Path, bin_path: &Path, bin_len: u64) -> Result<IndexedIndex> {
+        let at = 0..idx.len();
+        let idx = IdxBytes { map: Arc::new(idx), at };
+        Self::checked(idx, idx_path, bin_path, bin_len)
+    }
+
+    fn checked(idx: IdxBytes, idx_path: &Path, bin_path: &Path, bin_len: u64) -> Result<IndexedIndex> {
         let (dtype, sequences, doc_entries) = check_header(&idx, idx_path)?;
         let index = IndexedIndex {
             idx,
@@ -262,6 +306,14 @@ impl IndexedDataset {
         let idx = map(idx_path)?;
         let bin = map(bin_path)?;
         let index = IndexedIndex::from_map(idx, idx_path, bin_path, bin.len() as u64)?;
+        Ok(IndexedDataset { index, bin })
+    }
+
+    /// The checked `index` (of a `.idx` that lives elsewhere, [`IndexedIndex::from_shared`])
+    /// with the `.bin` at `bin_path`, mapped and checked against it.
+    pub fn with_index(index: IndexedIndex, bin_path: &Path) -> Result<IndexedDataset> {
+        let bin = map(bin_path)?;
+        index.check_sequences(bin_path, bin.len() as u64)?;
         Ok(IndexedDataset { index, bin })
     }
 

@@ -7,9 +7,19 @@
 //!   host (this process included, through another descriptor) holds it. The kernel drops the
 //!   locks of a killed process, and the lease files are never removed, so there is no race
 //!   between a lock and the file it locks.
-//! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets
-//!   `P.bin.ok`: its size, xxh3, device, inode and modification and change times. A later
-//!   lease whose file still stats the same skips the hash; anything else re-hashes it.
+//! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets a stamp,
+//!   written into its lock file `P.bin.lock` (which every fetched shard has anyway: creating
+//!   a file is what a streamed shard costs most on a busy file system): its size, xxh3, device, inode, modification and change times, and the
+//!   kernel's boot id. A later lease whose file still stats the same, in the same boot, skips
+//!   the hash; anything else re-hashes it.
+//! - **No fsync.** A streamed shard is written, checked and renamed into place without an
+//!   fsync of the file or the directory (on Linux, where the boot id is known): a killed
+//!   process cannot tear a file the kernel holds, and what a host crash can tear (a renamed
+//!   `.bin` whose pages never reached the disk, its stamp intact) is from an earlier boot, so
+//!   its stamp no longer counts and the first lease after the reboot hashes it, fetching it
+//!   again if it does not match. A complete fetch that keeps such a file fsyncs it before the
+//!   host's verdict, which does outlive a reboot, can vouch for it. Where the boot id cannot
+//!   be read, every shard is fsynced as before ([`durable`]).
 //! - **Space.** With a budget, every byte written into the dataset's cache directory is
 //!   reserved first, under the exclusive lock `space.lock`: the usage is the sum of the
 //!   sizes of the files there (the temporary files are created at their full size when they
@@ -23,7 +33,7 @@ use super::{RemoteError, io_err};
 use crate::materialize::{RemoveOnDrop, create_partial};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, TryLockError};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +41,7 @@ use std::time::{Duration, Instant};
 /// The lock file that serializes reservations of one dataset's cache directory.
 pub(super) const SPACE_LOCK: &str = "space.lock";
 /// Room reserved with each shard for the small files that come with it: its stamp (at most
-/// [`Stamp::MAX_BYTES`]; its `.lease` and `.lock` files are empty).
+/// [`Stamp::MAX_BYTES`], in its `.lock` file; its `.lease` file is empty).
 pub(super) const SMALL_FILES: u64 = 512;
 
 /// Bytes one shard's entry takes in a dataset's cache directory at most: `sizes`, the files
@@ -77,7 +87,9 @@ pub(super) fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, Remote
         Err(TryLockError::WouldBlock) => return Ok(None),
         Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
     }
-    let mut freed = 0;
+    // The stamp first: it goes with the shard (its lock file stays, empty).
+    let mut freed = clear_stamp(bin)?;
+    // `P.bin.ok`: where stamps were kept before they moved into the lock file.
     for f in files.iter().chain([&with_suffix(bin, ".ok")]) {
         if let Ok(meta) = std::fs::metadata(f) {
             std::fs::remove_file(f).map_err(io_err(f))?;
@@ -96,12 +108,35 @@ struct Stamp {
     ino: u64,
     mtime_ns: i128,
     ctime_ns: i128,
+    /// The boot the check was made in (empty where unknown): a stamp of an earlier boot may
+    /// describe a file whose unsynced pages a crash lost.
+    #[serde(default)]
+    boot: String,
 }
 
 impl Stamp {
     /// The longest a stamp's JSON can be (every number at its widest, the xxh3 as the
-    /// manifest writes it: 16 hex digits): what [`SMALL_FILES`] must cover.
-    const MAX_BYTES: u64 = 230;
+    /// manifest writes it: 16 hex digits, the boot id a 36-character UUID): what
+    /// [`SMALL_FILES`] must cover.
+    const MAX_BYTES: u64 = 280;
+}
+
+/// The kernel's id of this boot, read once; `None` where there is none to read.
+fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
+/// Whether a streamed shard must be fsynced before it is renamed into place and stamped:
+/// only where stamps cannot tell an earlier boot's (see the module documentation).
+pub(super) fn durable() -> bool {
+    boot_id().is_none()
 }
 
 const _: () = assert!(Stamp::MAX_BYTES <= SMALL_FILES);
@@ -116,12 +151,13 @@ fn stamp_of(path: &Path, xxh3: &str) -> Option<Stamp> {
         ino: m.ino(),
         mtime_ns: ns(m.mtime(), m.mtime_nsec()),
         ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        boot: boot_id().unwrap_or_default().to_string(),
     })
 }
 
 /// Whether `bin` was checked against `bytes` / `xxh3` and has not changed since.
 pub(super) fn stamped(bin: &Path, bytes: u64, xxh3: &str) -> bool {
-    let Ok(raw) = std::fs::read(with_suffix(bin, ".ok")) else {
+    let Ok(raw) = std::fs::read(with_suffix(bin, STAMP)) else {
         return false;
     };
     let Ok(recorded) = serde_json::from_slice::<Stamp>(&raw) else {
@@ -133,14 +169,38 @@ pub(super) fn stamped(bin: &Path, bytes: u64, xxh3: &str) -> bool {
 /// Record that `bin` matches the manifest's `xxh3` now. Not fatal when it cannot be written
 /// (the next lease hashes the file again).
 fn stamp(bin: &Path, xxh3: &str) {
-    let path = with_suffix(bin, ".ok");
+    let path = with_suffix(bin, STAMP);
     let written = stamp_of(bin, xxh3)
         .and_then(|s| serde_json::to_vec(&s).ok())
-        .map(|raw| std::fs::write(&path, raw));
+        .map(|raw| {
+            // Not truncated first: a reader sees the old stamp, the new one, or bytes that
+            // parse as neither (then it hashes the file), never an empty file it would have
+            // to tell from a missing stamp.
+            let file = lock_file(&path)?;
+            file.write_all_at(&raw, 0)
+                .and_then(|()| file.set_len(raw.len() as u64))
+                .map_err(io_err(&path))
+        });
     if let Some(Err(e)) = written {
         tracing::debug!(path = %path.display(), error = %e, "cannot write a shard stamp");
     }
 }
+
+/// Remove `bin`'s stamp (empty its lock file); the bytes it took.
+fn clear_stamp(bin: &Path) -> Result<u64, RemoteError> {
+    let path = with_suffix(bin, STAMP);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(0);
+    };
+    if meta.len() > 0 {
+        lock_file(&path)?.set_len(0).map_err(io_err(&path))?;
+    }
+    Ok(meta.len())
+}
+
+/// Where a shard's stamp is kept: its lock file (`P.bin.lock`, which every fetched shard has
+/// anyway), so a stamp costs no file of its own.
+const STAMP: &str = ".lock";
 
 /// Bytes of the files in `dir` (not recursive: a dataset's cache directory is flat).
 pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
@@ -160,7 +220,7 @@ pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
 /// `.bin`, the frames of one, its stamp) or a temporary file.
 fn shard_data(name: &str) -> bool {
     name.contains(".partial-")
-        || [".bin", ".bin.zst", ".zidx", ".bin.ok"]
+        || [".bin", ".bin.zst", ".zidx", ".bin.lock", ".bin.ok"]
             .iter()
             .any(|s| name.ends_with(s))
 }
@@ -210,11 +270,13 @@ pub(super) struct Partial {
 }
 
 impl Partial {
-    /// Rename into place at `dest` (durably).
+    /// Rename into place at `dest`, durably when [`durable`] says so.
     pub(super) fn commit(mut self, dest: &Path) -> Result<(), RemoteError> {
         std::fs::rename(&self.path, dest).map_err(io_err(dest))?;
         self.guard.0 = None;
-        crate::materialize::sync_parent(dest)?;
+        if durable() {
+            crate::materialize::sync_parent(dest)?;
+        }
         Ok(())
     }
 }
@@ -476,9 +538,38 @@ mod tests {
             ino: u64::MAX,
             mtime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
             ctime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
+            boot: "ffffffff-ffff-ffff-ffff-ffffffffffff".into(),
         };
         let len = serde_json::to_vec(&widest).unwrap().len() as u64;
         assert!(len <= Stamp::MAX_BYTES && Stamp::MAX_BYTES <= SMALL_FILES, "{len}");
+    }
+
+    /// A shard written without an fsync may have lost its pages in a host crash while its
+    /// stamp survived: a stamp made in another boot (or before stamps named the boot) is not
+    /// taken, so the shard is hashed again.
+    #[test]
+    fn a_stamp_from_another_boot_is_not_taken() {
+        let dir = tempdir("boot");
+        let bin = dir.join("s.bin");
+        std::fs::write(&bin, b"tokens").unwrap();
+        stamp(&bin, "abc");
+        assert!(stamped(&bin, 6, "abc"));
+        assert_eq!(durable(), boot_id().is_none());
+        let ok = with_suffix(&bin, STAMP);
+        let mut recorded: Stamp = serde_json::from_slice(&std::fs::read(&ok).unwrap()).unwrap();
+        assert_eq!(recorded.boot, boot_id().unwrap_or_default());
+        recorded.boot = "00000000-0000-0000-0000-000000000000".into();
+        std::fs::write(&ok, serde_json::to_vec(&recorded).unwrap()).unwrap();
+        assert!(!stamped(&bin, 6, "abc"), "another boot's stamp");
+        let mut old = serde_json::to_value(&recorded).unwrap();
+        old.as_object_mut().unwrap().remove("boot");
+        std::fs::write(&ok, serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(
+            stamped(&bin, 6, "abc"),
+            boot_id().is_none(),
+            "a stamp that names no boot"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions
         let _bin_lock = if w.bin { Some(lock_cache_entry(&dest)?) } else { None };
         match check_existing(&dest, w.bytes, &w.xxh3)? {
             None => {
+                // A shard a stream wrote may not be on disk yet (streams skip the fsync, see
+                // `cache`): the host's verdict, which outlives a reboot, must not vouch for it
+                // before it is.
+                sync_file(&dest)?;
                 done.kept += 1;
                 continue;
             }
@@ -338,8 +342,15 @@ pub(super) fn write_error(tmp: &Path, object: &str, needed: u64, source: std::io
     }
 }
 
+/// Make what is written of `path` durable (cheap when it already is).
+fn sync_file(path: &Path) -> Result<(), RemoteError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
 /// Fetch the object `key` (`object` names it) of `bytes` bytes into `dest` by ranged GETs,
-/// hashing it in order; renamed into place only when its size and xxh3 are the manifest's.
+/// hashing it in order, fsynced; renamed into place only when its size and xxh3 are the manifest's.
 pub(super) fn download(
     store: &Store,
     opts: &RemoteOptions,
@@ -357,6 +368,7 @@ pub(super) fn download(
         xxh3,
     };
     download_to(store, opts, &wanted, &file, &tmp, None)?;
+    file.sync_all().map_err(|e| write_error(&tmp, object, bytes, e))?;
     drop(file);
     std::fs::rename(&tmp, dest).map_err(io_err(dest))?;
     guard.0 = None;
@@ -375,7 +387,8 @@ pub(super) struct Wanted<'a> {
 
 /// Write the object into `file` (the temporary file `tmp`) by ranged GETs (`range_bytes`
 /// each, `concurrency` in flight, the next window requested while the last is written),
-/// hashing it in order, then fsync it; an error unless its size and xxh3 are the manifest's.
+/// hashing it in order; an error unless its size and xxh3 are the manifest's. Not fsynced:
+/// whether the copy must be durable before it is renamed is the caller's to say.
 /// `stop`: give up between windows (and during backoffs) once it is set.
 pub(super) fn download_to(
     store: &Store,
@@ -437,7 +450,6 @@ pub(super) fn download_to(
             actual: at,
         });
     }
-    file.sync_all().map_err(|e| write_error(tmp, object, bytes, e))?;
     let actual = format!("{:016x}", hasher.digest());
     if actual != w.xxh3 {
         return Err(RemoteError::Checksum {

@@ -31,11 +31,15 @@
 //! - **Streaming** ([`prepare_stream`], [`Streamer`]): what training ranks do instead of a
 //!   complete fetch. Only the manifest and the `.idx` files are fetched first (from the index
 //!   pack when the prefix has one, each checked against the manifest; packing the samples
-//!   needs every document's length, so all of them come before the first step); the dataset
+//!   needs every document's length, so all of them come before the first step), without a
+//!   listing of the prefix unless a shard may come from its zstd frames, and kept in the
+//!   cache as one file mapped once rather than a file per shard; the dataset
 //!   opens with the streamer as its shard source, which fetches the shards in the order the
 //!   rank's steps read them ([`Plan`], a pure state machine) and, with a budget, evicts them
 //!   behind the readers; the ranks of a host share the cache through per-shard leases and
-//!   reservations made under one lock (`cache.rs`). A dataset whose shards do not fit its
+//!   reservations made under one lock (`cache.rs`). A streamed shard is renamed into place
+//!   without an fsync where the kernel's boot id is known: its stamp names the boot, so after
+//!   a host crash it is hashed again before it is used. A dataset whose shards do not fit its
 //!   budget streams in **range mode** instead when its upload left block checksums: only the
 //!   blocks of the bytes the coming steps read are fetched ([`RangePlan`], pure too),
 //!   neighbouring ones in one ranged GET, each checked against its checksum, held in memory

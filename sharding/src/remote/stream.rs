@@ -3,13 +3,15 @@
 //!
 //! [`prepare_stream`] puts the manifest and the `.idx` files into the host's data cache
 //! (`CACHE/<fingerprint>/`; the `.idx` files in a few GETs of the upload's index pack, see
-//! [`super::upload`]); the dataset opens from there with the [`Streamer`] as its
-//! [`ShardSource`], so no `.bin` is needed to open it. Once the reader's position is known
-//! ([`Streamer::follow`]: its start step and which shards each step reads), `fetchers`
-//! threads bring shards into the cache in the order the steps need them, a bounded number in
+//! [`super::upload`], kept there as that one file, [`index_pack`]); the dataset opens from
+//! there with the [`Streamer`] as its [`ShardSource`], which also hands it each shard's
+//! `.idx` from the one mapping of that file, so no `.bin` is needed to open it. Once the
+//! reader's position is known ([`Streamer::follow`]: its start step and which shards each
+//! step reads), `fetchers` threads bring shards into the cache in the order the steps need them, a bounded number in
 //! flight, each as [`super::fetch`] does (ranged GETs, hashed in order, written under a
-//! temporary name, checked against the manifest, renamed), under the `.bin`'s lock so the
-//! ranks of a host fetch it once. A read waits only for the shard it reads (up to
+//! temporary name, checked against the manifest, renamed; no fsync, see [`super::cache`]),
+//! under the `.bin`'s lock so the ranks of a host fetch it once (a shard already stamped as
+//! checked is taken under its lease alone). A read waits only for the shard it reads (up to
 //! [`StreamConfig::wait`], then an error naming the shard and its object); a shard not there
 //! is never mapped. Training therefore starts once the first step's shards are in.
 //!
@@ -36,6 +38,7 @@
 
 mod bring;
 mod dir;
+mod index_pack;
 mod ranged;
 
 pub use dir::{StreamDir, fetch_block_sums, prepare_stream};
@@ -45,10 +48,12 @@ use super::cache::{self, Evictable};
 use super::plan::{Held, Plan, PlanConfig, PlanError};
 use super::{RemoteError, RemoteOptions, open_store};
 use crate::gpt::{DatasetError, ShardBytes, ShardSource, Shards, shards_of};
-use crate::indexed::IndexedDataset;
+use crate::indexed::{IndexedDataset, IndexedIndex};
 use gantry_checkpoint::Store;
+use index_pack::IndexPack;
 use serde::Serialize;
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -140,6 +145,9 @@ const RANGE_GETS_PER_FETCHER: usize = 4;
 pub struct Streamer {
     engine: Engine,
     workers: Vec<JoinHandle<()>>,
+    /// What [`Self::shards`] hands out (one, so that its copies compare equal): the engine,
+    /// with every shard's `.idx` from one mapping of the cached index pack.
+    source: Shards,
 }
 
 /// Whole shards into the cache directory, or byte ranges into memory.
@@ -150,6 +158,7 @@ enum Engine {
 
 struct Inner {
     dir: StreamDir,
+    pack: Arc<IndexPack>,
     /// Bytes of the directory's files the budget never evicts, and the largest shard's cost
     /// (what a budget too small for a step is told it needs).
     fixed: u64,
@@ -196,21 +205,27 @@ impl Streamer {
     /// shards streamed whole), every shard has its `.bin` in the object store, and the
     /// manifest records each shard's largest token id (so no whole shard is ever scanned).
     pub fn start(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
+        let pack = Arc::new(IndexPack::open(&dir.dir, &dir.manifest)?);
         let ranged = cfg.ranges
             && cfg.budget.is_some_and(|b| b < dir.footprint())
             && dir.origins.iter().all(|o| *o == dir::Origin::Bin)
             && dir.manifest.shards.iter().all(|s| s.max_token_id.is_some());
         if ranged {
             match fetch_block_sums(&dir, &opts) {
-                Ok(Some(sums)) => return Self::start_ranged(dir, sums, opts, cfg),
+                Ok(Some(sums)) => return Self::start_ranged(dir, sums, opts, cfg, pack),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "streaming whole shards instead"),
             }
         }
-        Self::start_shards(dir, opts, cfg)
+        Self::start_shards(dir, opts, cfg, pack)
     }
 
-    fn start_shards(dir: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> Result<Streamer, RemoteError> {
+    fn start_shards(
+        dir: StreamDir,
+        opts: RemoteOptions,
+        cfg: StreamConfig,
+        pack: Arc<IndexPack>,
+    ) -> Result<Streamer, RemoteError> {
         let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s)).collect();
         // Besides the manifest and the .idx files, the directory may hold other files the
         // budget cannot evict (a host check's verdict): they count as fixed too.
@@ -250,6 +265,7 @@ impl Streamer {
         let workers = cfg.fetchers.max(1);
         let inner = Arc::new(Inner {
             dir,
+            pack: pack.clone(),
             fixed,
             largest,
             store,
@@ -269,10 +285,7 @@ impl Streamer {
             counters: Counters::default(),
         });
         let workers = spawn(&dir_path, workers, &inner, |i| i.work())?;
-        Ok(Streamer {
-            engine: Engine::Shards(inner),
-            workers,
-        })
+        Ok(Streamer::assemble(Engine::Shards(inner), workers, pack))
     }
 
     /// Range mode: shard data an earlier run left in the directory is evicted first (what no
@@ -282,6 +295,7 @@ impl Streamer {
         sums: block_sums::BlockSums,
         opts: RemoteOptions,
         cfg: StreamConfig,
+        pack: Arc<IndexPack>,
     ) -> Result<Streamer, RemoteError> {
         for s in 0..dir.shards() {
             let bin = dir.bin(s);
@@ -303,17 +317,24 @@ impl Streamer {
         let ranged = ranged::Ranged::new(dir, sums, store, opts, cfg, (budget, fixed), workers)?;
         let ranged = Arc::new(ranged);
         let workers = spawn(&dir_path, workers, &ranged, |r| r.work())?;
-        Ok(Streamer {
-            engine: Engine::Ranges(ranged),
-            workers,
-        })
+        Ok(Streamer::assemble(Engine::Ranges(ranged), workers, pack))
     }
 
     /// The source to open the dataset with ([`crate::gpt::OpenOptions::shards`]).
     pub fn shards(&self) -> Shards {
-        match &self.engine {
-            Engine::Shards(inner) => Shards(inner.clone()),
-            Engine::Ranges(ranged) => Shards(ranged.clone()),
+        self.source.clone()
+    }
+
+    fn assemble(engine: Engine, workers: Vec<JoinHandle<()>>, pack: Arc<IndexPack>) -> Streamer {
+        let inner: Arc<dyn ShardSource> = match &engine {
+            Engine::Shards(inner) => inner.clone(),
+            Engine::Ranges(ranged) => ranged.clone(),
+        };
+        let source = Shards(Arc::new(WithIndex { engine: inner, pack }));
+        Streamer {
+            engine,
+            workers,
+            source,
         }
     }
 
@@ -376,6 +397,35 @@ impl Streamer {
             Engine::Shards(inner) => inner.lock().plan.held(shard) == Held::Present,
             Engine::Ranges(_) => false,
         }
+    }
+}
+
+/// A stream's engine as the dataset's [`ShardSource`], with the `.idx` files from the cached
+/// index pack (one mapping for every shard, no `.idx` file per shard).
+struct WithIndex {
+    engine: Arc<dyn ShardSource>,
+    pack: Arc<IndexPack>,
+}
+
+impl ShardSource for WithIndex {
+    fn shard(&self, shard: usize) -> Result<Arc<IndexedDataset>, DatasetError> {
+        self.engine.shard(shard)
+    }
+
+    fn reading(&self, step: u64) {
+        self.engine.reading(step)
+    }
+
+    fn index(&self, shard: usize, bin: &Path, bin_len: u64) -> Option<Result<IndexedIndex, DatasetError>> {
+        Some(self.pack.index(shard, bin, bin_len).map_err(DatasetError::from))
+    }
+
+    fn ranged(&self) -> bool {
+        self.engine.ranged()
+    }
+
+    fn read(&self, shard: usize, bytes: std::ops::Range<u64>, each: &mut dyn FnMut(&[u8])) -> Result<(), DatasetError> {
+        self.engine.read(shard, bytes, each)
     }
 }
 

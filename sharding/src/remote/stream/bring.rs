@@ -1,5 +1,6 @@
 //! Bringing one shard into the cache for this rank: lease it, and unless a checked copy is
-//! there, reserve its room, fetch it, check it, rename it into place; then map it.
+//! there, reserve its room, fetch it, check it, rename it into place (fsynced only where
+//! stamps cannot tell an earlier boot's, [`cache::durable`]); then map it.
 
 use super::super::cache::{self, Partial, Space};
 use super::super::fetch::{Wanted, download_to, write_error};
@@ -23,7 +24,12 @@ impl Inner {
         let bin = self.dir.bin(shard);
         // The lease first: once held, no other rank of the host evicts the shard.
         let lease = cache::lease(&bin)?;
-        {
+        // A stamped copy needs no lock (another open and flock per shard on a warm cache):
+        // the lease keeps it from eviction, and a stamp matches only the file it was made
+        // for (a copy renamed into its place since is another inode with a later change time).
+        if cache::stamped(&bin, info.bin_bytes, &info.bin_xxh3) {
+            self.counters.reused.fetch_add(1, Ordering::Relaxed);
+        } else {
             let _lock = lock_cache_entry(&bin)?;
             let present = cache::stamped(&bin, info.bin_bytes, &info.bin_xxh3)
                 || match check_existing(&bin, info.bin_bytes, &info.bin_xxh3)? {
@@ -47,10 +53,12 @@ impl Inner {
                 self.fetch_shard(shard, &bin)?;
             }
         }
-        let map = IndexedDataset::open_files(&self.dir.idx(shard), &bin).map_err(|e| RemoteError::Shard {
-            object: self.dir.object(shard),
-            message: e.to_string(),
-        })?;
+        let map = (self.pack.index(shard, &bin, info.bin_bytes))
+            .and_then(|index| IndexedDataset::with_index(index, &bin))
+            .map_err(|e| RemoteError::Shard {
+                object: self.dir.object(shard),
+                message: e.to_string(),
+            })?;
         Ok((lease, Arc::new(map)))
     }
 
@@ -90,6 +98,11 @@ impl Inner {
                     xxh3: &info.bin_xxh3,
                 };
                 download_to(&self.store, &self.opts, &w, &out.file, &out.path, Some(&self.stop))?;
+                if cache::durable() {
+                    out.file
+                        .sync_all()
+                        .map_err(|e| write_error(&out.path, &object, info.bin_bytes, e))?;
+                }
             }
             Origin::Frames {
                 zst,
@@ -158,9 +171,11 @@ impl Inner {
                 .write_all_at(bytes, at)
                 .map_err(|e| write_error(&out.path, &object, info.bin_bytes, e))?;
         }
-        out.file
-            .sync_all()
-            .map_err(|e| write_error(&out.path, &object, info.bin_bytes, e))?;
+        if cache::durable() {
+            out.file
+                .sync_all()
+                .map_err(|e| write_error(&out.path, &object, info.bin_bytes, e))?;
+        }
         let actual = format!("{:016x}", hasher.digest());
         if actual != info.bin_xxh3 {
             return Err(RemoteError::Checksum {

@@ -1,15 +1,16 @@
-//! A dataset's cache directory made ready for streaming: the manifest, every `.idx` and the
-//! tokenizer in place (what opening the dataset and planning its reads need), the shards'
-//! `.bin` left to the [`super::Streamer`].
+//! A dataset's cache directory made ready for streaming: the manifest, every `.idx` (back to
+//! back in one file, [`super::index_pack`]) and the tokenizer in place (what opening the
+//! dataset and planning its reads need), the shards' `.bin` left to the [`super::Streamer`].
 
 use super::super::block_sums::{BLOCK_SUMS, BlockSums};
 use super::super::cache;
 use super::super::fetch::{check_listed, get_manifest, replace_if_different, write_error};
 use super::super::retry::with_retry;
 use super::super::upload::INDEX_PACK;
-use super::super::{RemoteError, RemoteOptions, io_err, open_store};
+use super::super::{RemoteError, RemoteOptions, open_store};
+use super::index_pack;
 use crate::manifest::{MANIFEST, Manifest, TokenizerInfo};
-use crate::materialize::{check_existing, dataset_cache_dir, lock_cache_entry};
+use crate::materialize::{dataset_cache_dir, lock_cache_entry};
 use bytes::Bytes;
 use gantry_checkpoint::Store;
 use gantry_checkpoint::location::StorageLocation;
@@ -66,10 +67,6 @@ impl StreamDir {
         self.dir.join(format!("{}.bin", self.manifest.shards[shard].prefix))
     }
 
-    pub(super) fn idx(&self, shard: usize) -> PathBuf {
-        self.dir.join(format!("{}.idx", self.manifest.shards[shard].prefix))
-    }
-
     /// The object shard `shard`'s bytes are fetched from (its `.bin`, or its `.bin.zst`).
     pub fn object(&self, shard: usize) -> String {
         match &self.origins[shard] {
@@ -111,11 +108,15 @@ impl StreamDir {
 }
 
 /// Make `CACHE/<fingerprint>/` (under `cache_root`) ready to stream the dataset at the S3
-/// `location`: one GET of the manifest, one listing of the prefix (every object the manifest
-/// names must be there with its size), then, holding the entry's `fetch.lock` (the one a
-/// complete fetch holds, so the ranks of a host do this once), the temporary files of killed
-/// fetches removed, each `.idx` that is missing or does not match the manifest fetched and
-/// checked as [`super::super::fetch`] does, the tokenizer, and `manifest.json` last.
+/// `location`: one GET of the manifest; a listing of the prefix only when a shard may come
+/// from its zstd frames (which objects are there decides; every object the manifest names
+/// must then be there with its size), else a HEAD of the index pack when an `.idx` is to be
+/// fetched and one of the block checksums (listing a prefix of many shards took longer than
+/// the rest of this; a missing `.bin` fails its own fetch instead, naming it). Then, holding
+/// the entry's `fetch.lock` (the one a complete fetch holds, so the ranks of a host do this
+/// once), the temporary files of killed fetches removed, each `.idx` that is missing or does
+/// not match the manifest fetched and checked as [`super::super::fetch`] does, the tokenizer,
+/// and `manifest.json` last.
 pub fn prepare_stream(
     location: &StorageLocation,
     cache_root: &Path,
@@ -133,43 +134,28 @@ pub fn prepare_stream(
     let _lock = lock_cache_entry(&dir.join("fetch"))?;
     // What killed fetches left behind goes now, before the budget counts it.
     super::super::cache::sweep_partials(&dir)?;
-    let listed: HashMap<String, u64> = with_retry(&opts.retry, &location.to_string(), || store.list(""))?
-        .into_iter()
-        .collect();
     let manifest = remote.manifest;
-    let mut origins = Vec::with_capacity(manifest.shards.len());
-    let mut fixed = remote.raw.len() as u64;
-    for s in &manifest.shards {
-        let bin = format!("{}.bin", s.prefix);
-        let idx = format!("{}.idx", s.prefix);
-        check_listed(location, &listed, &idx, s.idx_bytes)?;
-        origins.push(match (&s.zstd, listed.contains_key(&bin)) {
-            (_, true) => {
-                check_listed(location, &listed, &bin, s.bin_bytes)?;
-                Origin::Bin
-            }
-            (Some(z), false) => {
-                check_listed(location, &listed, &z.file, z.bytes)?;
-                check_listed(location, &listed, &z.index, z.index_bytes)?;
-                Origin::Frames {
-                    zst: z.file.clone(),
-                    zst_bytes: z.bytes,
-                    zst_xxh3: z.xxh3.clone(),
-                    zidx: z.index.clone(),
-                    zidx_bytes: z.index_bytes,
-                    zidx_xxh3: z.index_xxh3.clone(),
-                }
-            }
-            (None, false) => {
-                return Err(RemoteError::MissingObject {
-                    object: location.child(&bin),
-                });
-            }
-        });
-        fixed += s.idx_bytes;
-    }
-    let pack = listed.get(INDEX_PACK) == Some(&manifest.shards.iter().map(|s| s.idx_bytes).sum::<u64>());
-    let mut fetched = index_files(opts, location, &dir, &manifest, pack)?;
+    let idx_total: u64 = manifest.shards.iter().map(|s| s.idx_bytes).sum();
+    let mut fixed = remote.raw.len() as u64 + idx_total;
+    let (origins, listed) = match manifest.shards.iter().all(|s| s.zstd.is_none()) {
+        // Every shard is read from its `.bin`: nothing a listing says is needed before the
+        // first step (a missing or short object fails its own fetch, naming it).
+        true => (vec![Origin::Bin; manifest.shards.len()], None),
+        false => {
+            let listed = list(&store, location, opts)?;
+            (origins_listed(location, &manifest, &listed)?, Some(listed))
+        }
+    };
+    // The pack's and the block sums' sizes: from the listing, else by a HEAD each, the
+    // pack's only when an `.idx` is to be fetched.
+    let size_of = |key: &str| -> Result<Option<u64>, RemoteError> {
+        match &listed {
+            Some(l) => Ok(l.get(key).copied()),
+            None => with_retry(&opts.retry, &location.child(key), || store.size(key)),
+        }
+    };
+    let pack = || Ok(size_of(INDEX_PACK)? == Some(idx_total));
+    let mut fetched = index_files(opts, location, &dir, &manifest, &pack)?;
     if let TokenizerInfo::File { path } = &manifest.tokenizer {
         let object = location.child(path);
         let bytes = with_retry(&opts.retry, &object, || store.get(path))?
@@ -189,9 +175,56 @@ pub fn prepare_stream(
         origins,
         fixed_bytes: fixed,
         fetched,
-        block_sums: listed.get(BLOCK_SUMS).copied(),
+        block_sums: size_of(BLOCK_SUMS)?,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Every object under the dataset's prefix, and its size.
+fn list(store: &Store, location: &StorageLocation, opts: &RemoteOptions) -> Result<HashMap<String, u64>, RemoteError> {
+    Ok(with_retry(&opts.retry, &location.to_string(), || store.list(""))?
+        .into_iter()
+        .collect())
+}
+
+/// Where each shard's `.bin` comes from, by the listing `listed` of the prefix (a shard with
+/// zstd frames may have been uploaded with or without its `.bin`); every object the manifest
+/// names for it must be there with its size.
+fn origins_listed(
+    location: &StorageLocation,
+    manifest: &Manifest,
+    listed: &HashMap<String, u64>,
+) -> Result<Vec<Origin>, RemoteError> {
+    let mut origins = Vec::with_capacity(manifest.shards.len());
+    for s in &manifest.shards {
+        let bin = format!("{}.bin", s.prefix);
+        let idx = format!("{}.idx", s.prefix);
+        check_listed(location, listed, &idx, s.idx_bytes)?;
+        origins.push(match (&s.zstd, listed.contains_key(&bin)) {
+            (_, true) => {
+                check_listed(location, listed, &bin, s.bin_bytes)?;
+                Origin::Bin
+            }
+            (Some(z), false) => {
+                check_listed(location, listed, &z.file, z.bytes)?;
+                check_listed(location, listed, &z.index, z.index_bytes)?;
+                Origin::Frames {
+                    zst: z.file.clone(),
+                    zst_bytes: z.bytes,
+                    zst_xxh3: z.xxh3.clone(),
+                    zidx: z.index.clone(),
+                    zidx_bytes: z.index_bytes,
+                    zidx_xxh3: z.index_xxh3.clone(),
+                }
+            }
+            (None, false) => {
+                return Err(RemoteError::MissingObject {
+                    object: location.child(&bin),
+                });
+            }
+        });
+    }
+    Ok(origins)
 }
 
 /// The block checksums of the dataset `dir` streams, when its prefix has them: one GET,
@@ -226,50 +259,42 @@ struct Unit {
     shards: Vec<usize>,
 }
 
-/// Make every shard's `.idx` in `dir` match the manifest: each checked, and those missing or
-/// not matching fetched, each hashed and compared with the manifest before it is written.
-/// With the upload's index pack (`pack`: listed with the size the manifest implies)
-/// runs of them come as ranged GETs of the pack, a few GETs for the lot; a file the pack
-/// does not hold as the manifest says (a pack that is not this dataset's) and every file of a
-/// prefix without a pack is fetched from its own object, many GETs in flight. The names
-/// fetched, in shard order.
-///
-/// The `.idx` files are written in place, without a temporary name, a rename or an fsync
-/// (file system round trips, for hundreds of small files before the first step): nothing
-/// opens one without hashing it first, since every `prepare_stream` checks each against the
-/// manifest before the dataset opens (so one a crash cut short is fetched again), and only
-/// the holder of the entry's `fetch.lock` writes them.
+/// Make every shard's `.idx` in the cached index pack of `dir` ([`index_pack`]) match the
+/// manifest: each piece checked, and those missing or not matching fetched, each hashed and
+/// compared with the manifest before it is written. With the upload's index pack (`pack`
+/// says whether the prefix has it, asked only when something is to be fetched) runs of them
+/// come as ranged GETs of the pack, a few GETs for the lot; a piece the pack does not hold as
+/// the manifest says (a pack that is not this dataset's) and every piece of a prefix without a
+/// pack is fetched from its own `.idx` object, many GETs in flight. The names fetched, in
+/// shard order. Written without an fsync: see [`index_pack`] for why that is safe.
 fn index_files(
     opts: &RemoteOptions,
     location: &StorageLocation,
     dir: &Path,
     manifest: &Manifest,
-    pack: bool,
+    pack: &dyn Fn() -> Result<bool, RemoteError>,
 ) -> Result<Vec<String>, RemoteError> {
-    let mut missing = Vec::new();
-    for (i, s) in manifest.shards.iter().enumerate() {
-        let dest = dir.join(format!("{}.idx", s.prefix));
-        let Some(why) = check_existing(&dest, s.idx_bytes, &s.idx_xxh3)? else {
-            continue;
-        };
-        if why != "missing" {
-            tracing::warn!(file = %dest.display(), why, "cached copy does not match the manifest; fetching it again");
-            std::fs::remove_file(&dest).map_err(io_err(&dest))?;
-        }
-        missing.push(i);
-    }
+    let cached = dir.join(INDEX_PACK);
+    let missing = index_pack::damaged(&cached, manifest)?;
     if missing.is_empty() {
         return Ok(Vec::new());
     }
+    let offsets = index_pack::offsets(manifest);
+    let target = index_pack::Target::open(&cached, offsets[manifest.shards.len()])?;
     let wide = RemoteOptions {
         concurrency: opts.concurrency.max(IDX_IN_FLIGHT),
         ..opts.clone()
     };
     let store = open_store(location, &wide)?;
+    let to = Dest {
+        file: &target.file,
+        path: &cached,
+        offsets: &offsets,
+    };
     let fetch =
-        |units: Vec<Unit>, from_pack: bool| fetch_units(&store, opts, location, dir, manifest, units, from_pack);
+        |units: Vec<Unit>, from_pack: bool| fetch_units(&store, opts, location, &to, manifest, units, from_pack);
     let mut fetched = Vec::with_capacity(missing.len());
-    let rest = if pack {
+    let rest = if pack()? {
         let sizes: Vec<u64> = manifest.shards.iter().map(|s| s.idx_bytes).collect();
         let (got, rest) = fetch(pack_units(&sizes, &missing, opts.range_bytes), true)?;
         fetched = got;
@@ -288,8 +313,17 @@ fn index_files(
             .collect();
         fetched.extend(fetch(units, false)?.0);
     }
+    target.finish()?;
     fetched.sort_unstable();
     Ok(fetched.into_iter().map(|i| idx_name(manifest, i)).collect())
+}
+
+/// Where checked `.idx` pieces go: `file` (the cached pack, `path`), shard `s` at
+/// `offsets[s]`.
+struct Dest<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+    offsets: &'a [u64],
 }
 
 fn idx_name(manifest: &Manifest, shard: usize) -> String {
@@ -333,7 +367,7 @@ fn fetch_units(
     store: &Store,
     opts: &RemoteOptions,
     location: &StorageLocation,
-    dir: &Path,
+    to: &Dest<'_>,
     manifest: &Manifest,
     units: Vec<Unit>,
     from_pack: bool,
@@ -380,7 +414,7 @@ fn fetch_units(
                 })
             })
             .collect();
-        for (i, ok) in write_checked(location, dir, manifest, &pieces, from_pack)? {
+        for (i, ok) in write_checked(location, to, manifest, &pieces, from_pack)? {
             match ok {
                 true => written.push(i),
                 false => mismatched.push(i),
@@ -390,17 +424,16 @@ fn fetch_units(
     Ok((written, mismatched))
 }
 
-/// Threads writing `.idx` files: creating a file is a round trip through the file system's
-/// journal, and hundreds of them wait for the first step.
+/// Threads hashing and writing `.idx` pieces.
 const WRITERS: usize = 8;
 
 /// Check each fetched `.idx` piece (shard, bytes) against the manifest and write those that
-/// match, on up to [`WRITERS`] threads; per piece, whether it was written. A piece that does not
+/// match into the cached pack, on up to [`WRITERS`] threads; per piece, whether it was written. A piece that does not
 /// match is an error unless it came from the pack (`from_pack`: then it is fetched again from
 /// its own object).
 fn write_checked(
     location: &StorageLocation,
-    dir: &Path,
+    to: &Dest<'_>,
     manifest: &Manifest,
     pieces: &[(usize, Bytes)],
     from_pack: bool,
@@ -417,7 +450,9 @@ fn write_checked(
             }
             Err(e) => return Err(e),
         }
-        write_unsynced(&dir.join(&name), &object, piece)?;
+        to.file
+            .write_all_at(piece, to.offsets[i])
+            .map_err(|e| write_error(to.path, &object, piece.len() as u64, e))?;
         Ok((i, true))
     };
     let per = pieces.len().div_ceil(WRITERS).max(1);
@@ -450,19 +485,6 @@ fn check_bytes(object: &str, got: &[u8], bytes: u64, xxh3: &str) -> Result<(), R
             expected: xxh3.to_string(),
             actual,
         });
-    }
-    Ok(())
-}
-
-/// Write `bytes` (checked against the manifest) to `dest` in place: no temporary file and
-/// rename, no fsync (see [`index_files`] for why that is safe for the `.idx` files: nothing
-/// opens one it has not hashed, and only the holder of the entry's `fetch.lock` writes them).
-/// A failed write removes what it wrote.
-fn write_unsynced(dest: &Path, object: &str, bytes: &[u8]) -> Result<(), RemoteError> {
-    let written = std::fs::File::create(dest).and_then(|f| f.write_all_at(bytes, 0));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(dest);
-        return Err(write_error(dest, object, bytes.len() as u64, e));
     }
     Ok(())
 }
