@@ -45,7 +45,9 @@
 # with the OMP_WAIT_POLICY gantry's rank 0 logged for that case (unset when it kept libgomp's
 # default). Prints per case: medians of tokens/s (gantry, peer), gantry/peer at the medians,
 # the median of the per-round ratios, and the first/last loss of the last round of each.
-# Steps default to 30 (tiny) and 8 (20m) here: about 10 minutes on 2 cores.
+# Steps default to 30 (tiny) and 8 (20m) here: about 10 minutes on 2 cores. gantry runs its
+# fused operators (GANTRY_FUSED_OPS, default on; train/src/fused_ops.rs) unless the caller's
+# environment says off; the header line prints which.
 # Needs a Python where `import torch` works: TORCH_PYTHON, or .tools/torch-peer (made on first
 # use, scripts/bench-lib.sh: torch_peer_python). Runs go to runs/bench-train-cpu/peer/.
 set -euo pipefail
@@ -131,9 +133,10 @@ if [[ $PEER -eq 1 ]]; then
         die "PEER_DDP_LAUNCH=$PEER_DDP_LAUNCH: expected spawn or torchrun"
     PEER_OUT="$OUT/peer"
     mkdir -p "$PEER_OUT"
-    printf '# %s, %s cores, %s, load average %s; gantry %s; peer %s (torch %s), DDP ranks by %s\n' \
+    printf '# %s, %s cores, %s, load average %s; gantry %s (GANTRY_FUSED_OPS=%s); peer %s (torch %s), DDP ranks by %s\n' \
         "$(uname -n)" "$CORES" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$GANTRY" \
-        "$TORCH_PY" "$("$TORCH_PY" -c 'import torch; print(torch.__version__)')" "$PEER_DDP_LAUNCH"
+        "${GANTRY_FUSED_OPS:-default}" "$TORCH_PY" "$("$TORCH_PY" -c 'import torch; print(torch.__version__)')" \
+        "$PEER_DDP_LAUNCH"
 
     # gantry_round CASE ROUND STEPS DP overrides...: gantry's run of the case; keeps its
     # summary, metrics and resolved spec, and the OMP_WAIT_POLICY its rank 0 logged.

@@ -3,7 +3,8 @@
 //    the build used.
 // 2. Compile the C shims (csrc/): `at::_fused_adamw_`, backward with a given gradient,
 //    setting a parameter's `.grad`, CUDA autocast with a dtype, the current CUDA device
-//    (tch 0.24 binds none of them), against the same libtorch
+//    (tch 0.24 binds none of them), and the fused operators (csrc/fused_ops.cpp, with the AVX2
+//    GELU kernel of csrc/gelu_avx2.cpp) against the same libtorch
 //    headers, with the same C++ ABI choice as torch-sys (LIBTORCH_CXX11_ABI, default 1;
 //    PyTorch 2.11 wheels use the CXX11 ABI).
 use std::path::{Path, PathBuf};
@@ -51,5 +52,20 @@ fn compile_shim(include: &Path, abi: &str) {
         .file("csrc/autograd.cpp")
         .file("csrc/autocast.cpp")
         .file("csrc/device.cpp")
+        .file("csrc/fused_ops.cpp")
         .compile("gantry_shims");
+    // The GELU kernel of the fused operators, with AVX2 and FMA (the caller checks the CPU at
+    // run time) and optimized whatever the profile: a loop of intrinsics at -O0/-O1 keeps
+    // every vector on the stack. Its own library, so no libtorch header sees these flags.
+    let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
+    let mut avx2 = cc::Build::new();
+    avx2.cpp(true)
+        .pic(true)
+        .std("c++17")
+        .opt_level(3)
+        .file("csrc/gelu_avx2.cpp");
+    if x86 {
+        avx2.flag("-mavx2").flag("-mfma");
+    }
+    avx2.compile("gantry_gelu_avx2");
 }

@@ -16,6 +16,8 @@ pub enum TrainError {
     #[error(transparent)]
     FusedAdam(#[from] crate::fused::FusedAdamError),
     #[error(transparent)]
+    FusedOps(#[from] crate::fused_ops::FusedOpsError),
+    #[error(transparent)]
     Autograd(#[from] crate::autograd::AutogradError),
     #[error(transparent)]
     Checkpoint(#[from] gantry_checkpoint::CheckpointError),

@@ -13,7 +13,8 @@
 //!   clipping, the AdamW update and ZeRO-1, behind `finish_step`).
 //! - [`optim`]: AdamW (fused or manual), LR schedule, the clip coefficient and sum of squares;
 //!   [`fused`], [`autograd`] and [`autocast`] (bf16 CUDA autocast): the libtorch calls tch
-//!   lacks (through `train/csrc/`).
+//!   lacks (through `train/csrc/`); [`fused_ops`]: fused operators with their own backward
+//!   (GPT-2's linear + bias + GELU on the CPU), chosen by the run context.
 //! - [`place`]: [`place::RankPlace`], where a rank sits (layout, coordinates, device), built
 //!   once by the binary; [`run_context`]: what the launcher said (job id, AdamW choice,
 //!   samples log, progress file), read from the environment by the binary, not here.
@@ -50,6 +51,7 @@ pub mod error;
 pub mod eval;
 pub mod feed;
 pub mod fused;
+pub mod fused_ops;
 pub mod generate;
 pub mod hf;
 pub mod infer;

@@ -10,6 +10,7 @@
 //! QKV is `[3, d, d]` (which, out, in), gate/up `[2, ffn, d]`.
 
 use crate::error::TrainError;
+use crate::fused_ops::{FusedOps, linear_gelu_tanh};
 use crate::param::{Init, NewParam, ParamId, ParamStore};
 use crate::spec::{Arch, ModelSpec};
 use crate::tensor_parallel::{Fwd, VocabShard, vocab_parallel_cross_entropy, vocab_parallel_embedding};
@@ -117,6 +118,9 @@ pub struct Model {
     pub units: Vec<Unit>,
     pub params: ParamStore,
     pub plan: StagePlan,
+    /// Whether GPT-2's MLP runs the fused linear + bias + GELU ([`crate::fused_ops`]) where it
+    /// applies (CPU, f32/f64); the trainer sets it from the run context.
+    pub fused: FusedOps,
 }
 
 /// A TP slice: (dimension, parts, part).
@@ -387,6 +391,7 @@ impl Model {
             units,
             params: ps,
             plan,
+            fused: FusedOps::default(),
         })
     }
 
@@ -474,6 +479,9 @@ impl Model {
                 let n = m.norm.apply(ps, x, eps);
                 let n = cx.enter_tp(&n);
                 let hidden = match m.arch {
+                    Arch::Gpt2 if self.fused.applies(&n) => {
+                        linear_gelu_tanh(&n, ps.get(m.up), m.up_bias.map(|id| ps.get(id)))?
+                    }
                     Arch::Gpt2 => n.linear(ps.get(m.up), m.up_bias.map(|id| ps.get(id))).gelu("tanh"),
                     Arch::Llama => {
                         let w = ps.get(m.up);

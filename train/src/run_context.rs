@@ -5,6 +5,7 @@
 //! environment. The variable names are an interface: the worker daemon and the tests set them.
 
 use crate::error::TrainError;
+use crate::fused_ops::FusedOps;
 use crate::optim::AdamImpl;
 use gantry_checkpoint::S3Options;
 use gantry_sharding::gpt::OpenOptions;
@@ -18,6 +19,8 @@ pub const JOB_ID_ENV: &str = "GANTRY_JOB_ID";
 pub const ATTEMPT_ENV: &str = gantry_collectives::rank_env::ATTEMPT;
 /// `fused` (the default) or `manual`: see [`AdamImpl`].
 pub const ADAMW_ENV: &str = "GANTRY_ADAMW";
+/// `on` (the default) or `off`: the fused operators, see [`FusedOps`].
+pub const FUSED_OPS_ENV: &str = "GANTRY_FUSED_OPS";
 /// Set (to anything): the first stage's TP rank 0 writes `samples-rank-<r>.jsonl`, which
 /// sample of which epoch it trained on at each step.
 pub const LOG_SAMPLES_ENV: &str = "GANTRY_LOG_SAMPLES";
@@ -36,6 +39,8 @@ pub struct RunContext {
     pub attempt: Option<u32>,
     /// `GANTRY_ADAMW`.
     pub adamw: AdamImpl,
+    /// `GANTRY_FUSED_OPS`.
+    pub fused_ops: FusedOps,
     /// `GANTRY_LOG_SAMPLES` is set.
     pub log_samples: bool,
     /// `GANTRY_PROGRESS_FILE`, when set and not empty.
@@ -54,6 +59,7 @@ impl RunContext {
     pub fn from_vars(lookup: impl Fn(&str) -> Option<OsString>) -> Result<RunContext, TrainError> {
         let text = |name: &str| lookup(name).and_then(|v| v.into_string().ok());
         let forced = AdamImpl::parse(text(ADAMW_ENV).as_deref()).map_err(TrainError::Device)?;
+        let fused_ops = FusedOps::parse(text(FUSED_OPS_ENV).as_deref()).map_err(TrainError::Device)?;
         let attempt = text(ATTEMPT_ENV)
             .map(|a| {
                 a.trim()
@@ -65,6 +71,7 @@ impl RunContext {
             job_id: text(JOB_ID_ENV),
             attempt,
             adamw: AdamImpl::choose(forced),
+            fused_ops: fused_ops.unwrap_or_default(),
             log_samples: lookup(LOG_SAMPLES_ENV).is_some(),
             progress_file: lookup(PROGRESS_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
             data_cache: lookup(DATA_CACHE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from),
@@ -120,6 +127,7 @@ mod tests {
         let c = context(&[]).unwrap();
         assert_eq!(c, RunContext::default());
         assert_eq!(c.adamw, AdamImpl::Fused);
+        assert_eq!(c.fused_ops, FusedOps::On);
         assert_eq!(c.job_id_or_dir(Path::new("runs/quickstart-7")), "quickstart-7");
     }
 
@@ -129,6 +137,7 @@ mod tests {
             (JOB_ID_ENV, "12"),
             (ATTEMPT_ENV, "3"),
             (ADAMW_ENV, "manual"),
+            (FUSED_OPS_ENV, "off"),
             (LOG_SAMPLES_ENV, ""),
             (PROGRESS_FILE_ENV, "/state/rank-3.progress.json"),
             (DATA_CACHE_ENV, "/scratch/cache"),
@@ -149,6 +158,7 @@ mod tests {
         let e = context(&[(ATTEMPT_ENV, "x")]).unwrap_err().to_string();
         assert!(e.contains("GANTRY_ATTEMPT=`x`"), "{e}");
         assert_eq!(c.adamw, AdamImpl::Manual);
+        assert_eq!(c.fused_ops, FusedOps::Off);
         // Set to anything, even empty, turns the samples log on.
         assert!(c.log_samples);
         assert_eq!(c.progress_file, Some(PathBuf::from("/state/rank-3.progress.json")));
@@ -164,5 +174,7 @@ mod tests {
     fn an_unknown_adamw_names_the_variable() {
         let e = context(&[(ADAMW_ENV, "apex")]).unwrap_err().to_string();
         assert!(e.contains("GANTRY_ADAMW=`apex`"), "{e}");
+        let e = context(&[(FUSED_OPS_ENV, "sometimes")]).unwrap_err().to_string();
+        assert!(e.contains("GANTRY_FUSED_OPS=`sometimes`"), "{e}");
     }
 }

@@ -260,7 +260,8 @@ impl<'a> Rank<'a> {
         }
         let clock = CommClock::default();
         let (comms, dp_grads, embed) = build_comms(fabric, place, spec.model.tie_embeddings, &clock)?;
-        let model = build_stage(spec, place)?;
+        let mut model = build_stage(spec, place)?;
+        model.fused = context.fused_ops;
         let config = DataParallelConfig {
             zero1: spec.parallel.zero1,
             bucket_bytes: (spec.parallel.bucket_mb * 1024.0 * 1024.0) as usize,

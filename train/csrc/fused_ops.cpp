@@ -1,0 +1,160 @@
+// Fused operators with their own autograd functions (`torch::autograd::Function`), so the
+// existing autograd engine, `gantry_backward_with` and the flat gradient buffers work on them
+// unchanged.
+//
+// - `gantry_linear_gelu_tanh`: GPT-2's MLP input projection, gelu_tanh(x·wᵀ + b). ATen runs
+//   addmm, then GELU (a tanh per element), and in backward gelu_backward (a tanh per element
+//   again) before the matmuls. Here the forward computes GELU in place over the addmm output
+//   and, in the same pass and with one exponential, its derivative, which is all backward
+//   needs from the activation: backward is one multiply, the bias column sum and the two
+//   matmuls. Saved: x, w and the derivative (eager saves x, w and the pre-activation).
+//
+// Tensors arrive as tch handles (`at::Tensor*`); the result is handed back as a new handle
+// that tch owns (`at_free` deletes it). Errors come back through the caller's buffer.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "shim_report.h"
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+// gelu_avx2.cpp, built with -mavx2 -mfma where the target is x86-64 (else a stub that says so).
+extern "C" void gantry_gelu_tanh_avx2(const float *in, float *out, float *deriv, int64_t n);
+extern "C" int gantry_gelu_avx2_built();
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool has_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok =
+      gantry_gelu_avx2_built() != 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The same formula as gelu_avx2.cpp, element by element (float64, and float32 on a CPU
+// without AVX2/FMA).
+template <typename T>
+void gelu_tanh_scalar(const T *in, T *out, T *deriv, int64_t n) {
+  const T beta = T(0.7978845608028654), c = T(0.044715);
+  for (int64_t i = 0; i < n; ++i) {
+    T x = in[i], x2 = x * x;
+    T z = std::exp(-T(2) * beta * x * (T(1) + c * x2));
+    T s = T(1) / (T(1) + z);
+    T xs = x * s;
+    deriv[i] = s + xs * (z * s) * T(2) * beta * (T(1) + T(3) * c * x2);
+    out[i] = xs;
+  }
+}
+
+// GELU of `pre` in place, its derivative into a new tensor (returned). `pre` is contiguous.
+at::Tensor gelu_tanh_inplace(at::Tensor &pre) {
+  at::Tensor deriv = at::empty_like(pre);
+  const int64_t n = pre.numel();
+  // Chunks of at least 16K elements: below that a thread costs more than it saves.
+  constexpr int64_t grain = 1 << 14;
+  if (pre.scalar_type() == at::kFloat) {
+    float *p = pre.data_ptr<float>(), *d = deriv.data_ptr<float>();
+    const bool avx2 = has_avx2_fma();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+      if (avx2) {
+        gantry_gelu_tanh_avx2(p + b, p + b, d + b, e - b);
+      } else {
+        gelu_tanh_scalar<float>(p + b, p + b, d + b, e - b);
+      }
+    });
+  } else {
+    double *p = pre.data_ptr<double>(), *d = deriv.data_ptr<double>();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { gelu_tanh_scalar<double>(p + b, p + b, d + b, e - b); });
+  }
+  return deriv;
+}
+
+struct LinearGeluTanh : public torch::autograd::Function<LinearGeluTanh> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
+                            const std::optional<at::Tensor> &bias) {
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    const int64_t in = x.size(-1), out = w.size(0);
+    at::Tensor x2 = x.reshape({-1, in});
+    at::Tensor pre = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    at::Tensor deriv = gelu_tanh_inplace(pre);
+    ctx->save_for_backward({x, w, deriv});
+    ctx->saved_data["bias"] = b.defined();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out;
+    return pre.view(shape);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &deriv = saved[2];
+    at::Tensor g = grads[0].reshape({-1, w.size(0)}).mul(deriv);
+    at::Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) gx = g.mm(w).view(x.sizes());
+    if (ctx->needs_input_grad(1)) gw = g.t().mm(x.reshape({-1, x.size(-1)}));
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
+    return {gx, gw, gb};
+  }
+};
+
+std::string describe(const at::Tensor &t) {
+  std::ostringstream s;
+  s << t.toString() << t.sizes() << " on " << t.device();
+  return s.str();
+}
+
+// Why the fused op cannot take these tensors, or an empty string.
+std::string refusal(const at::Tensor &x, const at::Tensor &w, const at::Tensor &b) {
+  if (!x.defined() || !w.defined()) return "input or weight is undefined";
+  if (x.device().type() != at::kCPU || w.device().type() != at::kCPU ||
+      (b.defined() && b.device().type() != at::kCPU))
+    return "the fused operators run on the CPU; got input " + describe(x) + ", weight " + describe(w);
+  auto k = x.scalar_type();
+  if ((k != at::kFloat && k != at::kDouble) || w.scalar_type() != k || (b.defined() && b.scalar_type() != k))
+    return "expected one kind, f32 or f64; got input " + describe(x) + ", weight " + describe(w) +
+           (b.defined() ? ", bias " + describe(b) : "");
+  if (x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1))
+    return "input " + describe(x) + " does not match weight " + describe(w) + " ([out, in])";
+  if (b.defined() && (b.dim() != 1 || b.size(0) != w.size(0)))
+    return "bias " + describe(b) + " does not match weight " + describe(w);
+  return "";
+}
+
+}  // namespace
+
+using gantry_shim::guarded;
+using gantry_shim::report;
+
+extern "C" {
+
+// *out = gelu_tanh(x·wᵀ + bias) with the fused backward; `bias` may be null. `x` is
+// `[..., in]`, `w` `[out, in]`, `bias` `[out]`, all f32 or all f64 on the CPU. Returns 0 with a
+// new handle in *out, or 1 with a message in `err` (*out untouched).
+int gantry_linear_gelu_tanh(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bias, at::Tensor **out,
+                            char *err, size_t err_len) {
+  return guarded(err, err_len, "unknown C++ exception in the fused linear + GELU", [&] {
+    at::Tensor b = bias ? *bias : at::Tensor();
+    std::string why = refusal(*x, *w, b);
+    if (!why.empty()) {
+      report(err, err_len, why.c_str());
+      return 1;
+    }
+    *out = new at::Tensor(LinearGeluTanh::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt));
+    return 0;
+  });
+}
+
+}  // extern "C"
