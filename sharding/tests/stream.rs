@@ -598,3 +598,85 @@ fn a_damaged_block_on_the_server_is_fetched_again_then_named() {
     drop(ds);
     drop(streamer);
 }
+
+/// Whether no rank holds the lease of the shard whose `.bin` is `bin` (what eviction needs:
+/// its exclusive lock taken without waiting, here let go at once).
+fn lease_free(bin: &Path) -> bool {
+    let mut name = bin.as_os_str().to_os_string();
+    name.push(".lease");
+    let lease = std::fs::File::options().write(true).open(&name).unwrap();
+    match lease.try_lock() {
+        Ok(()) => true,
+        Err(std::fs::TryLockError::WouldBlock) => false,
+        Err(e) => panic!("{}: {e}", Path::new(&name).display()),
+    }
+}
+
+#[test]
+fn a_shard_the_plan_releases_is_evictable_while_the_stream_runs_and_a_held_one_is_not() {
+    let up = Uploaded::new("released");
+    let here = up.here();
+    let prepared = prepare_stream(&up.loc, &up.dir.join("cache"), &up.opts).unwrap();
+    let cached = prepared.dir.clone();
+    // Every shard fits, but with a budget the plan lets go of what the reader is past; two
+    // steps ahead at most, so the shards of the first steps leave the window soon.
+    let cfg = StreamConfig {
+        budget: Some(prepared.footprint()),
+        ranges: false,
+        horizon: 2,
+        fetchers: 2,
+        ..StreamConfig::default()
+    };
+    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let sampler = Sampler::new(ds.num_samples(), 3, 4).unwrap();
+    follow(&streamer, &ds, &sampler, 0, 1);
+    let step_shards = |step: u64| {
+        let mut c = sampler.start(ds.data().fingerprint());
+        c.advance(step).unwrap();
+        shards_of(&ds.step_shards(&sampler, &c, 0, 1, 1).unwrap())
+    };
+    let k = 8;
+    // Read (each read of a held shard from its slot, without the stream's lock) …
+    let got = read_steps(&ds, &sampler, 0, 1, k, |_| {});
+    assert_eq!(got, read_steps(&here, &sampler, 0, 1, k, |_| {}));
+    // … then move on: what only the steps before `k` read leaves the window.
+    ds.data().reading(k);
+    let coming: Vec<usize> = (k..k + 5).flat_map(step_shards).collect();
+    let mut past: Vec<usize> = (0..k).flat_map(step_shards).filter(|s| !coming.contains(s)).collect();
+    past.sort_unstable();
+    past.dedup();
+    assert!(past.len() >= 2, "the first steps read shards the next do not: {past:?}");
+    for &s in &past {
+        assert_eq!(
+            streamer.is_held(s),
+            !lease_free(&streamer.dir().bin(s)),
+            "shard {s}: held by the plan exactly while its lease is"
+        );
+    }
+    // All released but the reader's last demand, which the plan keeps until the next one.
+    let released = past.iter().filter(|&&s| !streamer.is_held(s)).count();
+    assert!(released + 1 >= past.len(), "{released} of {past:?} released");
+    // The step being read holds its shards, leases and all; reads go on, equal to the copy.
+    let mut c = sampler.start(ds.data().fingerprint());
+    c.advance(k).unwrap();
+    let step = ds.micro_batch(&sampler, &c, 0, 1, 1, 0).unwrap().tokens;
+    assert_eq!(step, here.micro_batch(&sampler, &c, 0, 1, 1, 0).unwrap().tokens);
+    for s in step_shards(k) {
+        assert!(streamer.is_held(s) && !lease_free(&streamer.dir().bin(s)), "shard {s}");
+    }
+    // A released shard read again is fetched (here: leased) again, and held while read.
+    let again = past.iter().copied().find(|&s| !streamer.is_held(s)).unwrap();
+    let map = streamer.shards().0.shard(again).unwrap();
+    assert!(
+        streamer.is_held(again) && !lease_free(&streamer.dir().bin(again)),
+        "shard {again} read again is leased"
+    );
+    drop(map);
+    drop(ds);
+    drop(streamer);
+}

@@ -13,7 +13,10 @@
 //! under the `.bin`'s lock so the ranks of a host fetch it once (a shard already stamped as
 //! checked is taken under its lease alone). A read waits only for the shard it reads (up to
 //! [`StreamConfig::wait`], then an error naming the shard and its object); a shard not there
-//! is never mapped. Training therefore starts once the first step's shards are in.
+//! is never mapped. Training therefore starts once the first step's shards are in. A shard
+//! this rank holds is read from its own slot ([`Inner::ready`]) without the stream's lock: a
+//! warm pass reads as a local dataset does once each shard's lease is taken; the slot is
+//! emptied, under the lock, when the plan lets the shard go (its lease with it).
 //!
 //! With a budget ([`StreamConfig::budget`], bytes for this dataset's cache directory on this
 //! host) a rank keeps at most its share, `(budget − manifest and .idx files) / sharers`, and
@@ -55,7 +58,7 @@ use serde::Serialize;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -167,7 +170,15 @@ struct Inner {
     opts: RemoteOptions,
     cfg: StreamConfig,
     state: Mutex<State>,
+    /// Per shard: its mapped `.bin` while this rank holds it (leased, present). Set and
+    /// emptied under [`Self::state`]'s lock, read without it: a read of a held shard takes
+    /// only this slot's (uncontended) read lock.
+    ready: Vec<RwLock<Option<Arc<IndexedDataset>>>>,
+    /// The fetchers' wake-up (work to take, a stop; the last fetcher's exit for `Drop`) and the
+    /// readers' (a shard in, an error, the fetchers gone): apart, so that a step's progress
+    /// does not wake every fetcher and a shard's arrival wakes no idle fetcher.
     changed: Condvar,
+    arrived: Condvar,
     stop: AtomicBool,
     counters: Counters,
 }
@@ -189,8 +200,7 @@ struct State {
     /// The reader's steps are known: fetch by the plan (before: only what reads demand).
     following: bool,
     step_shards: Option<StepShards>,
-    /// Per shard: its mapped `.bin` and this rank's lease, while held and present.
-    maps: Vec<Option<Arc<IndexedDataset>>>,
+    /// Per shard: this rank's lease, while held and present (its map is in [`Inner::ready`]).
     leases: Vec<Option<File>>,
     /// What ended the streaming: every waiting read returns it.
     fatal: Option<Arc<RemoteError>>,
@@ -275,12 +285,13 @@ impl Streamer {
                 plan,
                 following: false,
                 step_shards: None,
-                maps: vec![None; n],
                 leases: (0..n).map(|_| None).collect(),
                 fatal: None,
                 workers_left: workers,
             }),
+            ready: (0..n).map(|_| RwLock::new(None)).collect(),
             changed: Condvar::new(),
+            arrived: Condvar::new(),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
         });
@@ -459,6 +470,7 @@ impl Drop for Streamer {
             Engine::Shards(inner) => {
                 inner.stop.store(true, Ordering::Relaxed);
                 inner.changed.notify_all();
+                inner.arrived.notify_all();
                 let mut st = inner.lock();
                 while st.workers_left > 0 {
                     let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -532,12 +544,13 @@ impl Inner {
                     tracing::error!(error = %e, "cannot plan the data stream");
                     st.fatal = Some(Arc::new(e));
                     self.changed.notify_all();
+                    self.arrived.notify_all();
                     break;
                 }
             }
         }
         for s in st.plan.to_release() {
-            st.maps[s] = None;
+            self.set_ready(s, None);
             st.leases[s] = None;
             st.plan.released(s);
         }
@@ -602,6 +615,7 @@ impl Inner {
                     if self.stopped() || st.fatal.is_some() {
                         st.workers_left -= 1;
                         self.changed.notify_all();
+                        self.arrived.notify_all();
                         return;
                     }
                     self.settle(&mut st);
@@ -611,6 +625,10 @@ impl Inner {
                     };
                     if let Some(s) = next {
                         st.plan.started(s);
+                        // Only this fetcher was woken (or none): hand on what is left to take.
+                        if st.following && st.plan.next_fetch().is_some() {
+                            self.changed.notify_one();
+                        }
                         break s;
                     }
                     st = self.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -621,7 +639,7 @@ impl Inner {
             match result {
                 Ok((lease, map)) => {
                     st.leases[shard] = Some(lease);
-                    st.maps[shard] = Some(map);
+                    self.set_ready(shard, Some(map));
                     st.plan.finished(shard, true);
                 }
                 Err(RemoteError::Stopped { .. }) => st.plan.finished(shard, false),
@@ -629,10 +647,24 @@ impl Inner {
                     tracing::error!(shard, object = %self.dir.object(shard), error = %e, "cannot fetch a shard");
                     st.plan.finished(shard, false);
                     st.fatal.get_or_insert_with(|| Arc::new(e));
+                    self.changed.notify_all();
                 }
             }
-            self.changed.notify_all();
+            // The fetcher takes its next shard itself (and wakes another if there is more).
+            self.arrived.notify_all();
         }
+    }
+
+    /// Shard `shard`'s slot, set or emptied (the state's lock held, so a read that finds it
+    /// empty under that lock waits for the fetcher's notice).
+    fn set_ready(&self, shard: usize, map: Option<Arc<IndexedDataset>>) {
+        *self.ready[shard].write().unwrap_or_else(PoisonError::into_inner) = map;
+    }
+
+    /// Shard `shard`'s map if this rank holds it now.
+    fn ready_map(&self, shard: usize) -> Option<Arc<IndexedDataset>> {
+        let slot = self.ready.get(shard)?;
+        slot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -645,24 +677,27 @@ fn min_budget(fixed: u64, sharers: usize, step_bytes: u64, largest: u64) -> u64 
 
 impl ShardSource for Inner {
     fn shard(&self, shard: usize) -> Result<Arc<IndexedDataset>, DatasetError> {
+        if let Some(map) = self.ready_map(shard) {
+            return Ok(map);
+        }
         let started = Instant::now();
         let object = || self.dir.object(shard);
         let mut st = self.lock();
         let mut waited = false;
         loop {
-            if let Some(map) = st.maps.get(shard).and_then(Option::as_ref) {
+            if let Some(map) = self.ready_map(shard) {
                 if waited {
                     let c = &self.counters;
                     c.waits.fetch_add(1, Ordering::Relaxed);
                     c.wait_ns
                         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                return Ok(map.clone());
+                return Ok(map);
             }
             if let Some(e) = &st.fatal {
                 return Err(DatasetError::Remote(e.clone()));
             }
-            if shard >= st.maps.len() || st.workers_left == 0 || self.stopped() {
+            if shard >= self.ready.len() || st.workers_left == 0 || self.stopped() {
                 return Err(DatasetError::Remote(Arc::new(RemoteError::Stopped {
                     object: object(),
                 })));
@@ -679,7 +714,7 @@ impl ShardSource for Inner {
                 })));
             };
             st = self
-                .changed
+                .arrived
                 .wait_timeout(st, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
@@ -692,7 +727,11 @@ impl ShardSource for Inner {
         if st.following {
             st.plan.reading(step);
             self.settle(&mut st);
-            self.changed.notify_all();
+            // Most steps give the fetchers nothing new to take: wake one only when there is
+            // (it wakes the next, see `work`).
+            if st.plan.next_fetch().is_some() {
+                self.changed.notify_one();
+            }
         }
     }
 }
