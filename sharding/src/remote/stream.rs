@@ -529,17 +529,11 @@ impl Inner {
                 let Some(step_shards) = st.step_shards.as_mut() else {
                     break;
                 };
-                let added = step_shards(step)
-                    .map_err(|message| RemoteError::Needs {
-                        location: self.dir.location.to_string(),
-                        step,
-                        message,
-                    })
-                    .and_then(|reads| {
-                        st.plan
-                            .add_step(step, shards_of(&reads))
-                            .map_err(|cause| self.plan_error(cause))
-                    });
+                let added = plan_step(&self.dir, step, step_shards, |reads| {
+                    st.plan
+                        .add_step(step, shards_of(&reads))
+                        .map_err(|cause| self.plan_error(cause))
+                });
                 if let Err(e) = added {
                     tracing::error!(error = %e, "cannot plan the data stream");
                     st.fatal = Some(Arc::new(e));
@@ -559,26 +553,9 @@ impl Inner {
     /// What a plan's refusal means to the user: a step larger than this rank's share of the
     /// budget names the smallest budget that holds it.
     fn plan_error(&self, cause: PlanError) -> RemoteError {
-        match (cause, self.cfg.budget) {
-            (
-                PlanError::StepTooLarge {
-                    step, shards, bytes, ..
-                },
-                Some(budget),
-            ) => RemoteError::BudgetBelowStep {
-                dir: self.dir.dir.clone(),
-                budget,
-                step,
-                shards,
-                bytes,
-                sharers: self.cfg.sharers,
-                min_budget: min_budget(self.fixed, self.cfg.sharers, bytes, self.largest),
-            },
-            (cause, _) => RemoteError::Plan {
-                location: self.dir.location.to_string(),
-                cause,
-            },
-        }
+        plan_refusal(&self.dir, &self.cfg, cause, |bytes| {
+            min_budget(self.fixed, self.cfg.sharers, bytes, self.largest)
+        })
     }
 
     /// Shards this rank does not hold, the ones it needs latest (or not at all) first: the
@@ -665,6 +642,53 @@ impl Inner {
     fn ready_map(&self, shard: usize) -> Option<Arc<IndexedDataset>> {
         let slot = self.ready.get(shard)?;
         slot.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// What the reader reads in step `step` (`step_shards`), handed to `add` (the plan of either
+/// shell); a reader that cannot say is an error naming the dataset and the step.
+pub(super) fn plan_step(
+    dir: &StreamDir,
+    step: u64,
+    step_shards: &mut StepShards,
+    add: impl FnOnce(Vec<ShardBytes>) -> Result<(), RemoteError>,
+) -> Result<(), RemoteError> {
+    let reads = step_shards(step).map_err(|message| RemoteError::Needs {
+        location: dir.location.to_string(),
+        step,
+        message,
+    })?;
+    add(reads)
+}
+
+/// What a plan's refusal means to the user, for either shell: a step larger than this rank's
+/// share of the budget names the smallest budget that holds it (`min_budget` of the step's
+/// bytes, which depends on how the shell's plan sets its limit).
+pub(super) fn plan_refusal(
+    dir: &StreamDir,
+    cfg: &StreamConfig,
+    cause: PlanError,
+    min_budget: impl FnOnce(u64) -> u64,
+) -> RemoteError {
+    match (cause, cfg.budget) {
+        (
+            PlanError::StepTooLarge {
+                step, shards, bytes, ..
+            },
+            Some(budget),
+        ) => RemoteError::BudgetBelowStep {
+            dir: dir.dir.clone(),
+            budget,
+            step,
+            shards,
+            bytes,
+            sharers: cfg.sharers,
+            min_budget: min_budget(bytes),
+        },
+        (cause, _) => RemoteError::Plan {
+            location: dir.location.to_string(),
+            cause,
+        },
     }
 }
 

@@ -16,7 +16,7 @@ use super::super::plan::{Held, PlanError};
 use super::super::ranges::{Get, RangeConfig, RangePlan};
 use super::super::retry::with_retry_unless;
 use super::super::{RemoteError, RemoteOptions};
-use super::{Counters, StepShards, StreamConfig, StreamDir};
+use super::{Counters, StepShards, StreamConfig, StreamDir, plan_refusal, plan_step};
 use crate::gpt::{DatasetError, ShardSource};
 use crate::indexed::IndexedDataset;
 use gantry_checkpoint::Store;
@@ -204,16 +204,10 @@ impl Ranged {
                 let Some(step_shards) = st.step_shards.as_mut() else {
                     break;
                 };
-                let added = step_shards(step)
-                    .map_err(|message| RemoteError::Needs {
-                        location: self.dir.location.to_string(),
-                        step,
-                        message,
-                    })
-                    .and_then(|reads| {
-                        let reads: Vec<(usize, Range<u64>)> = reads.into_iter().map(|r| (r.shard, r.bytes)).collect();
-                        st.plan.add_step(step, &reads).map_err(|cause| self.plan_error(cause))
-                    });
+                let added = plan_step(&self.dir, step, step_shards, |reads| {
+                    let reads: Vec<(usize, Range<u64>)> = reads.into_iter().map(|r| (r.shard, r.bytes)).collect();
+                    st.plan.add_step(step, &reads).map_err(|cause| self.plan_error(cause))
+                });
                 if let Err(e) = added {
                     tracing::error!(error = %e, "cannot plan the data stream");
                     st.fatal = Some(Arc::new(e));
@@ -231,28 +225,11 @@ impl Ranged {
     /// A step larger than this rank's share of the budget names the smallest budget that
     /// holds it.
     fn plan_error(&self, cause: PlanError) -> RemoteError {
-        match (cause, self.cfg.budget) {
-            (
-                PlanError::StepTooLarge {
-                    step, shards, bytes, ..
-                },
-                Some(budget),
-            ) => RemoteError::BudgetBelowStep {
-                dir: self.dir.dir.clone(),
-                budget,
-                step,
-                shards,
-                bytes,
-                sharers: self.cfg.sharers,
-                min_budget: self.fixed.saturating_add(
-                    (self.cfg.sharers.max(1) as u64).saturating_mul(least_limit(bytes, self.sums.block_bytes())),
-                ),
-            },
-            (cause, _) => RemoteError::Plan {
-                location: self.dir.location.to_string(),
-                cause,
-            },
-        }
+        plan_refusal(&self.dir, &self.cfg, cause, |bytes| {
+            self.fixed.saturating_add(
+                (self.cfg.sharers.max(1) as u64).saturating_mul(least_limit(bytes, self.sums.block_bytes())),
+            )
+        })
     }
 
     /// A fetcher thread: take the next GET from the plan, make it, record its blocks.
