@@ -13,7 +13,7 @@ use gantry_collectives::{DType, ReduceOp};
 use serde::Serialize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What to measure.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,7 +116,8 @@ fn bf16_bits(x: f32) -> u16 {
 pub fn run(cfg: &NcclBenchConfig) -> NcclResult<Vec<NcclRow>> {
     cfg.validate()?;
     nccl_available()?;
-    let comm = NcclCommunicator::new(0, 0, 1, &NcclUniqueId::new()?)?;
+    // World size 1: nothing to wait for, so a minute is only a guard against a stuck driver.
+    let comm = NcclCommunicator::new(0, 0, 1, &NcclUniqueId::new()?, Duration::from_secs(60))?;
     let version = nccl_version().ok();
     let device = guard("cuDeviceGetName", || {
         CudaContext::new(comm.device_ordinal())

@@ -542,6 +542,7 @@ impl Fabric {
     /// `device`. The first member creates the NCCL unique id and shares it through the
     /// rendezvous store; if it cannot (no GPU, no `libnccl.so`), it shares the reason instead,
     /// so every member fails at once with the same typed error rather than waiting.
+    /// Initialization, and every later call, is bounded by the fabric's `join_timeout`.
     pub fn nccl_communicator(
         &self,
         key: &str,
@@ -554,7 +555,15 @@ impl Fabric {
                 self.inner.rank
             ))
         })?;
-        let store_key = format!("gantry/nccl/{key}");
+        // Numbered like `group`'s keys: a second communicator of the same name gets an id
+        // of its own instead of the first one's.
+        let instance = {
+            let mut seen = self.inner.instances.lock().unwrap_or_else(|p| p.into_inner());
+            let n = seen.entry(format!("nccl/{key}")).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let store_key = format!("gantry/nccl/{key}#{instance}");
         let published = if me == 0 {
             let (record, result) = match NcclUniqueId::new() {
                 Ok(id) => ([b"I".as_slice(), &id.to_bytes()].concat(), Ok(())),
@@ -572,6 +581,7 @@ impl Fabric {
                 me,
                 members.len(),
                 &NcclUniqueId::from_bytes(id)?,
+                self.inner.config.join_timeout,
             )?),
             Some((b'E', why)) => Err(NcclError::Unavailable(format!(
                 "rank {} could not create the NCCL unique id: {}",

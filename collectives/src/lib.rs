@@ -65,6 +65,7 @@ pub mod auth;
 pub mod comm;
 #[doc(hidden)]
 pub mod conformance;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod fabric;

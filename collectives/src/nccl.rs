@@ -26,7 +26,7 @@ use std::ffi::{CStr, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::null_mut;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NcclError {
@@ -44,6 +44,16 @@ pub enum NcclError {
     Cuda { op: &'static str, code: String },
     #[error("invalid argument to {op}: {message}")]
     InvalidArgument { op: &'static str, message: String },
+    /// A call did not finish in time: a peer never joined, died, or is stuck.
+    #[error(
+        "{op} did not complete within {waited:?} on NCCL rank {rank} of {world} (a peer has not joined, has died or is stuck)"
+    )]
+    Timeout {
+        op: &'static str,
+        rank: usize,
+        world: usize,
+        waited: std::time::Duration,
+    },
     /// cudarc panicked (e.g. a symbol missing from an old library); caught at the boundary.
     #[error("the CUDA/NCCL bindings panicked during {op}: {message}")]
     Panicked { op: &'static str, message: String },
@@ -59,7 +69,7 @@ pub type NcclResult<T = ()> = Result<T, NcclError>;
 type Status = Result<nres::NcclStatus, nres::NcclError>;
 
 /// Runs `f`, turning a panic inside cudarc into [`NcclError::Panicked`].
-fn guard<T>(op: &'static str, f: impl FnOnce() -> NcclResult<T>) -> NcclResult<T> {
+pub(crate) fn guard<T>(op: &'static str, f: impl FnOnce() -> NcclResult<T>) -> NcclResult<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let message = (payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .or_else(|| payload.downcast_ref::<String>().cloned())
@@ -68,18 +78,18 @@ fn guard<T>(op: &'static str, f: impl FnOnce() -> NcclResult<T>) -> NcclResult<T
     })
 }
 
-fn cuda_err(op: &'static str) -> impl FnOnce(DriverError) -> NcclError {
+pub(crate) fn cuda_err(op: &'static str) -> impl FnOnce(DriverError) -> NcclError {
     move |e| NcclError::Cuda {
         op,
         code: format!("{:?}", e.0),
     }
 }
 
-fn bind(ctx: &CudaContext) -> NcclResult {
+pub(crate) fn bind(ctx: &CudaContext) -> NcclResult {
     ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))
 }
 
-fn invalid(op: &'static str, message: impl Into<String>) -> NcclError {
+pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> NcclError {
     NcclError::InvalidArgument {
         op,
         message: message.into(),
@@ -123,35 +133,22 @@ fn dl_loadable(name: &CStr) -> bool {
 /// Checks, without panicking, that the CUDA driver and `libnccl.so` load and that there is at
 /// least one CUDA device; the error names what is missing.
 pub fn nccl_available() -> NcclResult {
+    crate::cuda::cuda_available()?;
     guard("nccl_available", || {
-        // SAFETY: dlopens (and closes) the names cudarc's driver loader would try.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(NcclError::Unavailable(
-                "no CUDA driver: libcuda.so / libcuda.so.1 could not be loaded (no NVIDIA \
-                 driver on this machine, or it is not in the library path)"
-                    .into(),
-            ));
+        // SAFETY: dlopens (and closes) cudarc's NCCL names (libnccl.so, libnccl.so.13, ...;
+        // not .so.2).
+        if unsafe { sys::is_culib_present() } {
+            return Ok(());
         }
-        // SAFETY: as above, for cudarc's NCCL names (libnccl.so, libnccl.so.13, ...; not .so.2).
-        if !unsafe { sys::is_culib_present() } {
-            let hint = if dl_loadable(c"libnccl.so.2") {
-                "; libnccl.so.2 loads but cudarc opens libnccl.so: add a symlink libnccl.so -> \
-                 libnccl.so.2 in a directory on LD_LIBRARY_PATH"
-            } else {
-                " (set LD_LIBRARY_PATH to the directory holding libnccl.so, e.g. torch's \
-                 nvidia/nccl/lib, or install NCCL)"
-            };
-            let msg = format!("libnccl.so not found in the library path{hint}");
-            return Err(NcclError::Unavailable(msg));
-        }
-        match CudaContext::device_count() {
-            Ok(n) if n > 0 => Ok(()),
-            Ok(_) => Err(NcclError::Unavailable("no CUDA device".into())),
-            Err(e) => Err(NcclError::Unavailable(format!(
-                "no CUDA device: the CUDA driver failed to initialize ({:?})",
-                e.0
-            ))),
-        }
+        let hint = if dl_loadable(c"libnccl.so.2") {
+            "; libnccl.so.2 loads but cudarc opens libnccl.so: add a symlink libnccl.so -> \
+             libnccl.so.2 in a directory on LD_LIBRARY_PATH"
+        } else {
+            " (set LD_LIBRARY_PATH to the directory holding libnccl.so, e.g. torch's \
+             nvidia/nccl/lib, or install NCCL)"
+        };
+        let msg = format!("libnccl.so not found in the library path{hint}");
+        Err(NcclError::Unavailable(msg))
     })
 }
 
@@ -250,6 +247,9 @@ enum Coll {
 
 /// One rank's NCCL communicator on one device, plus the stream its work is enqueued on.
 ///
+/// Created non-blocking, so no call can hang: initialization and every operation that NCCL
+/// reports as still in progress are polled until done or until the communicator's deadline,
+/// then aborted with [`NcclError::Timeout`] naming the operation and the rank.
 /// Dropping it calls `ncclCommAbort`, which is local and cannot hang on a dead peer (a failure
 /// is logged, never panicked on). [`NcclCommunicator::destroy`] is the graceful, collective way.
 #[derive(Debug)]
@@ -259,39 +259,139 @@ pub struct NcclCommunicator {
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
+    deadline: Duration,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one at a time; each call binds the
 // CUDA context first. The type is not `Sync`, so calls cannot overlap.
 unsafe impl Send for NcclCommunicator {}
 
+/// `NCCL_CONFIG_UNDEF_INT`: "NCCL chooses".
+const CONFIG_UNDEF: c_int = c_int::MIN;
+
+/// `NCCL_CONFIG_INITIALIZER` (nccl.h 2.28) with `blocking = 0`: every field NCCL's default,
+/// stamped with the struct's size, magic and version so the library knows which fields exist.
+fn nonblocking_config() -> sys::ncclConfig_t {
+    sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        // NCCL_VERSION(2, 28, 0): the header version these bindings (and this struct) are from.
+        version: 22800,
+        blocking: 0,
+        cgaClusterSize: CONFIG_UNDEF,
+        minCTAs: CONFIG_UNDEF,
+        maxCTAs: CONFIG_UNDEF,
+        netName: std::ptr::null(),
+        splitShare: CONFIG_UNDEF,
+        trafficClass: CONFIG_UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: CONFIG_UNDEF,
+        CTAPolicy: CONFIG_UNDEF,
+        shrinkShare: CONFIG_UNDEF,
+        nvlsCTAs: CONFIG_UNDEF,
+        nChannelsPerNetPeer: CONFIG_UNDEF,
+        nvlinkCentricSched: CONFIG_UNDEF,
+    }
+}
+
+/// Polls a non-blocking communicator until the call in progress on it has finished, failed,
+/// or run past `deadline` (counted from `started`).
+fn settle(
+    op: &'static str,
+    comm: sys::ncclComm_t,
+    started: Instant,
+    deadline: Duration,
+    who: (usize, usize),
+) -> NcclResult {
+    loop {
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` is live and `state` a valid out-pointer.
+        let r = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        check("ncclCommGetAsyncError", comm, r.result())?;
+        if state != sys::ncclResult_t::ncclInProgress {
+            return check(op, comm, state.result());
+        }
+        if started.elapsed() >= deadline {
+            let (rank, world) = who;
+            return Err(NcclError::Timeout {
+                op,
+                rank,
+                world,
+                waited: started.elapsed(),
+            });
+        }
+        std::thread::yield_now();
+    }
+}
+
 impl NcclCommunicator {
-    /// `ncclCommInitRank` for `rank` of `world` on CUDA device `device_ordinal` (its primary
-    /// context, which torch shares). Blocks until all `world` ranks have called it with `id`.
-    pub fn new(device_ordinal: usize, rank: usize, world: usize, id: &NcclUniqueId) -> NcclResult<Self> {
-        const OP: &str = "ncclCommInitRank";
+    /// `ncclCommInitRankConfig` (non-blocking) for `rank` of `world` on CUDA device
+    /// `device_ordinal` (its primary context, which torch shares). Returns once all `world`
+    /// ranks have called it with `id`, or fails with [`NcclError::Timeout`] after `deadline`
+    /// (the communicator is aborted). `deadline` also bounds every later call.
+    pub fn new(
+        device_ordinal: usize,
+        rank: usize,
+        world: usize,
+        id: &NcclUniqueId,
+        deadline: Duration,
+    ) -> NcclResult<Self> {
+        const OP: &str = "ncclCommInitRankConfig";
         let nranks = c_int::try_from(world).map_err(|_| invalid(OP, "world size too large"))?;
         if rank >= world {
             return Err(invalid(OP, format!("rank {rank} >= world size {world}")));
         }
         nccl_available()?;
+        let ctx = crate::cuda::primary_context(device_ordinal)?;
         guard(OP, || {
-            // Retains the primary context and makes it current: NCCL takes the device from it.
-            let ctx = CudaContext::new(device_ordinal).map_err(cuda_err("cuDeviceGet/cuDevicePrimaryCtxRetain"))?;
+            // NCCL takes the device from the current context.
+            bind(&ctx)?;
             let stream = ctx.default_stream();
             let mut comm: sys::ncclComm_t = null_mut();
-            // SAFETY: `comm` is a valid out-pointer, the id plain bytes. On failure NCCL frees
-            // what it allocated, so a failed `comm` is never touched.
-            let status = unsafe { nres::comm_init_rank(&mut comm, nranks, id.to_sys(), rank as c_int) };
-            check(OP, null_mut(), status)?;
-            Ok(NcclCommunicator {
+            let mut config = nonblocking_config();
+            let started = Instant::now();
+            // SAFETY: `comm` and `config` are valid pointers, the id plain bytes.
+            let status =
+                unsafe { nres::comm_init_rank_config(&mut comm, nranks, id.to_sys(), rank as c_int, &mut config) };
+            let made = NcclCommunicator {
                 comm,
-                ctx,
+                ctx: ctx.clone(),
                 stream,
                 rank,
                 world,
-            })
+                deadline,
+            };
+            if comm.is_null() {
+                check(OP, null_mut(), status)?;
+                return Err(invalid(OP, "NCCL returned no communicator"));
+            }
+            // From here `made` owns `comm`: an error drops it, which aborts the communicator.
+            check(OP, comm, status)?;
+            settle(OP, comm, started, deadline, (rank, world))?;
+            Ok(made)
         })
+    }
+
+    /// Enqueue this communicator's work on `side` (a stream of the same device) instead of the
+    /// compute stream, so it overlaps compute; order it with the side stream's events.
+    pub fn use_stream(&mut self, side: &crate::cuda::SideStream) -> NcclResult {
+        if side.device_ordinal() != self.device_ordinal() {
+            let (theirs, ours) = (side.device_ordinal(), self.device_ordinal());
+            return Err(invalid(
+                "use_stream",
+                format!("a stream of device {theirs} for a communicator of device {ours}"),
+            ));
+        }
+        self.stream = side.stream().clone();
+        Ok(())
+    }
+
+    /// Maps a call's status: an error as [`check`] does, "in progress" polled to the end.
+    fn complete(&self, op: &'static str, status: Status, started: Instant) -> NcclResult {
+        match status {
+            Ok(nres::NcclStatus::InProgress) => settle(op, self.comm, started, self.deadline, (self.rank, self.world)),
+            other => check(op, self.comm, other),
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -306,7 +406,8 @@ impl NcclCommunicator {
         self.ctx.ordinal()
     }
 
-    /// The stream operations are enqueued on (the device's legacy default stream).
+    /// The stream operations are enqueued on (the device's legacy default stream unless
+    /// [`Self::use_stream`] chose another).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -338,6 +439,7 @@ impl NcclCommunicator {
         }
         let (s, r) = (send as *const c_void, recv as *mut c_void);
         let t = nccl_dtype(dtype);
+        let started = Instant::now();
         guard(op, || {
             bind(&self.ctx)?;
             let (c, st) = (self.comm, self.stream.cu_stream() as sys::cudaStream_t);
@@ -354,7 +456,7 @@ impl NcclCommunicator {
                     Coll::Recv(peer) => nres::recv(r, count, t, peer as c_int, c, st),
                 }
             };
-            check(op, c, status)
+            self.complete(op, status, started)
         })
     }
 
@@ -434,21 +536,44 @@ impl NcclCommunicator {
         let (start, end) = ("ncclGroupStart", "ncclGroupEnd");
         guard(start, || check(start, self.comm, nres::group_start()))?;
         let r = f(self);
-        let ended = guard(end, || check(end, self.comm, nres::group_end()));
+        let started = Instant::now();
+        let ended = guard(end, || self.complete(end, nres::group_end(), started));
         r.and_then(|r| ended.map(|_| r))
     }
 
-    /// Waits for all enqueued work, then reports any asynchronous NCCL error.
+    /// Waits for all enqueued work, then reports any asynchronous NCCL error. Polls rather
+    /// than blocks in the driver, so a peer that died mid-collective (its kernels would spin
+    /// forever) ends in [`NcclError::Timeout`] after the communicator's deadline.
     pub fn synchronize(&self) -> NcclResult {
-        guard("synchronize", || {
+        const OP: &str = "synchronize";
+        let started = Instant::now();
+        guard(OP, || {
             bind(&self.ctx)?;
-            let synced = self.stream.synchronize();
-            synced.map_err(cuda_err("cuStreamSynchronize"))?;
-            let mut state = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: `self.comm` is live and `state` a valid out-pointer.
-            let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
-            check("ncclCommGetAsyncError", self.comm, r.result())?;
-            check("asynchronous NCCL operation", self.comm, state.result())
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+            let event = self.stream.record_event(flags).map_err(cuda_err("cuEventRecord"))?;
+            loop {
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: `self.comm` is live and `state` a valid out-pointer.
+                let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+                check("ncclCommGetAsyncError", self.comm, r.result())?;
+                check("asynchronous NCCL operation", self.comm, state.result())?;
+                // SAFETY: the event is live until the end of this function.
+                match unsafe { cudarc::driver::result::event::query(event.cu_event()) } {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                    Err(e) => return Err(cuda_err("cuEventQuery")(e)),
+                }
+                if started.elapsed() >= self.deadline {
+                    let (rank, world, waited) = (self.rank, self.world, started.elapsed());
+                    return Err(NcclError::Timeout {
+                        op: OP,
+                        rank,
+                        world,
+                        waited,
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
         })
     }
 
@@ -459,8 +584,9 @@ impl NcclCommunicator {
         guard("ncclCommDestroy", || {
             bind(&self.ctx)?;
             // SAFETY: `comm` is live. If finalizing fails it stays set and `Drop` aborts it.
+            let started = Instant::now();
             let status = unsafe { nres::comm_finalize(comm) };
-            check("ncclCommFinalize", comm, status)?;
+            self.complete("ncclCommFinalize", status, started)?;
             self.comm = null_mut();
             // SAFETY: finalized above and never used again (`Drop` skips a NULL handle).
             let status = unsafe { nres::comm_destroy(comm) };
@@ -503,6 +629,8 @@ pub struct SelfTestReport {
 }
 
 const SELF_TEST_ITERATIONS: usize = 20;
+/// World size 1 has no peer to wait for: anything this slow is a broken driver.
+const SELF_TEST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// World-size-1 check of the whole path on device 0: upload `count` f32, all_reduce them in
 /// place with every [`ReduceOp`], download and compare, then time `SELF_TEST_ITERATIONS` (20)
@@ -513,7 +641,7 @@ pub fn device_all_reduce_self_test(count: usize) -> NcclResult<SelfTestReport> {
         return Err(invalid(OP, "count must be positive"));
     }
     nccl_available()?;
-    let comm = NcclCommunicator::new(0, 0, 1, &NcclUniqueId::new()?)?;
+    let comm = NcclCommunicator::new(0, 0, 1, &NcclUniqueId::new()?, SELF_TEST_DEADLINE)?;
     let stream = comm.stream().clone();
     // Small integers: exact in f32 and unchanged by sum/avg/max/min/product over one rank.
     let host: Vec<f32> = (0..count).map(|i| (i % 251) as f32 - 125.0).collect();
@@ -584,6 +712,32 @@ mod tests {
         }
     }
 
+    /// `NCCL_CONFIG_INITIALIZER` as nccl.h 2.28 spells it, with `blocking = 0`.
+    #[test]
+    fn the_config_is_nccls_initializer_made_non_blocking() {
+        let c = nonblocking_config();
+        assert_eq!(
+            (c.size, c.magic, c.version),
+            (std::mem::size_of::<sys::ncclConfig_t>(), 0xcafe_beef, 22800)
+        );
+        assert_eq!(c.blocking, 0);
+        let undefined = [
+            c.cgaClusterSize,
+            c.minCTAs,
+            c.maxCTAs,
+            c.splitShare,
+            c.trafficClass,
+            c.collnetEnable,
+            c.CTAPolicy,
+            c.shrinkShare,
+            c.nvlsCTAs,
+            c.nChannelsPerNetPeer,
+            c.nvlinkCentricSched,
+        ];
+        assert!(undefined.iter().all(|&v| v == i32::MIN), "{undefined:?}");
+        assert!(c.netName.is_null() && c.commName.is_null());
+    }
+
     #[test]
     fn unique_id_round_trips_through_bytes() {
         let id = NcclUniqueId(std::array::from_fn(|i| (i * 7) as u8));
@@ -596,7 +750,7 @@ mod tests {
     #[test]
     fn bad_arguments_are_rejected_before_loading_anything() {
         let id = NcclUniqueId([0; NcclUniqueId::LEN]);
-        let err = NcclCommunicator::new(0, 2, 2, &id).unwrap_err();
+        let err = NcclCommunicator::new(0, 2, 2, &id, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, NcclError::InvalidArgument { .. }), "{err}");
         let err = device_all_reduce_self_test(0).unwrap_err();
         assert!(matches!(err, NcclError::InvalidArgument { .. }), "{err}");
@@ -612,7 +766,7 @@ mod tests {
                 let id = NcclUniqueId([0; NcclUniqueId::LEN]);
                 let unavailable = |e: NcclError| assert!(e.is_unavailable(), "{e}");
                 unavailable(NcclUniqueId::new().unwrap_err());
-                unavailable(NcclCommunicator::new(0, 0, 1, &id).unwrap_err());
+                unavailable(NcclCommunicator::new(0, 0, 1, &id, Duration::from_secs(1)).unwrap_err());
                 unavailable(device_all_reduce_self_test(1024).unwrap_err());
                 unavailable(nccl_version().unwrap_err());
             }

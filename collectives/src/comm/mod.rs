@@ -145,6 +145,21 @@ impl Communicator {
         &self.name
     }
 
+    /// An NCCL communicator over the same members, in the same rank order, on CUDA device
+    /// `device`: the device-memory twin of this group (its store key is this group's name,
+    /// unique per instance). Collective over the members, like every call here; bounded by the
+    /// fabric's join timeout. Fails with a setup error for a communicator made without a
+    /// fabric (in-process tests).
+    pub fn nccl_peer(&self, device: usize) -> Result<crate::nccl::NcclCommunicator> {
+        let fabric = self.fabric.as_ref().ok_or_else(|| {
+            let name = &self.name;
+            CommError::Setup(format!(
+                "group `{name}` has no fabric to rendezvous an NCCL communicator through"
+            ))
+        })?;
+        fabric.nccl_communicator(&self.name, &self.members, device)
+    }
+
     /// The last sequence number used by a collective.
     pub fn seq(&self) -> u64 {
         self.seq
