@@ -11,10 +11,12 @@
 //! Rates are the dataset's tokens over the seconds each took. Prints one JSON object.
 //!
 //! ```sh
-//! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25] [--shards-too 1]
+//! stream_bench s3://bucket/corpus WORK_DIR [--seq-len 1023] [--batch 64] [--budget-frac 0.25] [--shards-too 1] [--warm-more N]
 //! ```
 //!
-//! `--budget-frac 0` leaves the budgeted pass out (`"budget": null`). The budgeted pass
+//! `--warm-more N` runs N more rounds of a warm pass and a local one, alternating, after the
+//! local pass (`"more_s"` of each: their seconds), to profile or average them; the cache
+//! directory then holds the `.idx` files too. `--budget-frac 0` leaves the budgeted pass out (`"budget": null`). The budgeted pass
 //! streams in range mode (byte ranges of shards, checked against the upload's block
 //! checksums, held in memory) when the dataset does not fit; `--shards-too` runs it a second
 //! time streaming whole shards (`"budget_shards"`), the mode before range mode, for the
@@ -41,11 +43,13 @@ struct Args {
     batch: usize,
     budget_frac: f64,
     shards_too: bool,
+    /// Extra warm passes after the report's (for profiling a warm pass): their seconds.
+    warm_more: usize,
 }
 
 fn args() -> Res<Args> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F] [--shards-too 0|1]";
+    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F] [--shards-too 0|1] [--warm-more N]";
     let (url, work) = (it.next().ok_or(usage)?, it.next().ok_or(usage)?);
     let mut a = Args {
         url,
@@ -54,6 +58,7 @@ fn args() -> Res<Args> {
         batch: 64,
         budget_frac: 0.25,
         shards_too: false,
+        warm_more: 0,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(usage)?;
@@ -62,6 +67,7 @@ fn args() -> Res<Args> {
             "--batch" => a.batch = value.parse()?,
             "--budget-frac" => a.budget_frac = value.parse()?,
             "--shards-too" => a.shards_too = value == "1",
+            "--warm-more" => a.warm_more = value.parse()?,
             _ => return Err(usage.into()),
         }
     }
@@ -95,6 +101,9 @@ struct Pass {
     ranged: bool,
     gets: u64,
     peak_held: u64,
+    /// Reads that waited for their shard (or blocks), and the seconds they waited.
+    waits: u64,
+    wait_s: f64,
 }
 
 /// Stream the dataset into `cache` (within `budget`), read one pass over it; `first` gets the
@@ -165,6 +174,8 @@ fn stream_pass(
         ranged: stats.ranged,
         gets: stats.fetched,
         peak_held: stats.peak_held,
+        waits: stats.waits,
+        wait_s: stats.wait_s,
     })
 }
 
@@ -240,6 +251,13 @@ fn main() -> Res<()> {
     let copy = work.join("cold").join(format!("{:016x}", remote.fingerprint));
     unpack_indexes(&copy, m)?;
     let local_s = local_pass(&a, &copy)?;
+    // More rounds of a warm pass and a local one, alternating.
+    let more = (0..a.warm_more)
+        .map(|_| {
+            let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?.seconds;
+            Ok((warm, local_pass(&a, &copy)?))
+        })
+        .collect::<Res<Vec<(f64, f64)>>>()?;
     // A fraction of what the whole dataset may take in the cache: 1.0 holds every shard at once.
     let budget = (footprint as f64 * a.budget_frac) as u64;
     let tight = match a.budget_frac > 0.0 {
@@ -277,12 +295,18 @@ fn main() -> Res<()> {
         },
         "pass": {
             "raw_get": {"s": raw_all_s, "bytes": raw_bytes, "tokens_per_s": rate(raw_all_s)},
-            "cold_stream": {"s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds)},
-            "warm_stream": {
-                "s": warm.seconds, "prepared_s": warm.prepare_s, "opened_s": warm.open_s,
-                "tokens_per_s": rate(warm.seconds),
+            "cold_stream": {
+                "s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds),
+                "waits": cold.waits, "wait_s": cold.wait_s,
             },
-            "local": {"s": local_s, "tokens_per_s": rate(local_s)},
+            "warm_stream": {
+                "s": warm.seconds, "prepared_s": warm.prepare_s, "opened_s": warm.open_s, "first_step_s": warm.first_step_s,
+                "tokens_per_s": rate(warm.seconds), "waits": warm.waits, "wait_s": warm.wait_s, "more_s": more.iter().map(|m| m.0).collect::<Vec<_>>(),
+            },
+            "local": {
+                "s": local_s, "tokens_per_s": rate(local_s),
+                "more_s": more.iter().map(|m| m.1).collect::<Vec<_>>(),
+            },
             "budget": tight.map(budgeted),
             "budget_shards": whole.map(budgeted),
         },

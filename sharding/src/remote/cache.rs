@@ -8,10 +8,13 @@
 //!   locks of a killed process, and the lease files are never removed, so there is no race
 //!   between a lock and the file it locks.
 //! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets a stamp,
-//!   written into its lock file `P.bin.lock` (which every fetched shard has anyway: creating
-//!   a file is what a streamed shard costs most on a busy file system): its size, xxh3, device, inode, modification and change times, and the
-//!   kernel's boot id. A later lease whose file still stats the same, in the same boot, skips
-//!   the hash; anything else re-hashes it.
+//!   written into its lease file `P.bin.lease` (which every shard a stream reads has anyway:
+//!   creating a file is what a streamed shard costs most on a busy file system, and the lease
+//!   is open already when the stamp is read, so a warm shard costs no other open): its size,
+//!   xxh3, device, inode, modification and change times, and the kernel's boot id. A later
+//!   lease whose file still stats the same, in the same boot, skips the hash; anything else
+//!   re-hashes it. (Stamps once lived in `P.bin.lock`: those are not read, so such a shard is
+//!   hashed once more.)
 //! - **No fsync.** A streamed shard is written, checked and renamed into place without an
 //!   fsync of the file or the directory (on Linux, where the boot id is known): a killed
 //!   process cannot tear a file the kernel holds, and what a host crash can tear (a renamed
@@ -41,7 +44,7 @@ use std::time::{Duration, Instant};
 /// The lock file that serializes reservations of one dataset's cache directory.
 pub(super) const SPACE_LOCK: &str = "space.lock";
 /// Room reserved with each shard for the small files that come with it: its stamp (at most
-/// [`Stamp::MAX_BYTES`], in its `.lock` file; its `.lease` file is empty).
+/// [`Stamp::MAX_BYTES`], in its `.lease` file; its `.lock` file is empty).
 pub(super) const SMALL_FILES: u64 = 512;
 
 /// Bytes one shard's entry takes in a dataset's cache directory at most: `sizes`, the files
@@ -58,9 +61,10 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Open (creating) the lock or lease file `path`.
+/// Open (creating) the lock or lease file `path`; readable, for the stamp a lease holds.
 fn lock_file(path: &Path) -> Result<File, RemoteError> {
     File::options()
+        .read(true)
         .create(true)
         .truncate(false)
         .write(true)
@@ -87,8 +91,9 @@ pub(super) fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, Remote
         Err(TryLockError::WouldBlock) => return Ok(None),
         Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
     }
-    // The stamp first: it goes with the shard (its lock file stays, empty).
-    let mut freed = clear_stamp(bin)?;
+    // The stamp first: it goes with the shard (its lease file stays, empty); and one an
+    // earlier version left in the lock file.
+    let mut freed = clear_stamp(bin, STAMP)? + clear_stamp(bin, ".lock")?;
     // `P.bin.ok`: where stamps were kept before they moved into the lock file.
     for f in files.iter().chain([&with_suffix(bin, ".ok")]) {
         if let Ok(meta) = std::fs::metadata(f) {
@@ -155,12 +160,15 @@ fn stamp_of(path: &Path, xxh3: &str) -> Option<Stamp> {
     })
 }
 
-/// Whether `bin` was checked against `bytes` / `xxh3` and has not changed since.
-pub(super) fn stamped(bin: &Path, bytes: u64, xxh3: &str) -> bool {
-    let Ok(raw) = std::fs::read(with_suffix(bin, STAMP)) else {
+/// Whether `bin` was checked against `bytes` / `xxh3` and has not changed since, by the
+/// stamp in `lease` (its lease file, open: [`lease`]).
+pub(super) fn stamped(lease: &File, bin: &Path, bytes: u64, xxh3: &str) -> bool {
+    // One read: a stamp is never longer than this, so a longer file is no stamp.
+    let mut raw = [0u8; SMALL_FILES as usize + 1];
+    let Ok(n) = lease.read_at(&mut raw, 0) else {
         return false;
     };
-    let Ok(recorded) = serde_json::from_slice::<Stamp>(&raw) else {
+    let Ok(recorded) = serde_json::from_slice::<Stamp>(&raw[..n]) else {
         return false;
     };
     recorded.bytes == bytes && stamp_of(bin, xxh3).is_some_and(|now| now == recorded)
@@ -186,9 +194,9 @@ fn stamp(bin: &Path, xxh3: &str) {
     }
 }
 
-/// Remove `bin`'s stamp (empty its lock file); the bytes it took.
-fn clear_stamp(bin: &Path) -> Result<u64, RemoteError> {
-    let path = with_suffix(bin, STAMP);
+/// Remove `bin`'s stamp from its file `bin` + `suffix` (emptied, kept); the bytes it took.
+fn clear_stamp(bin: &Path, suffix: &str) -> Result<u64, RemoteError> {
+    let path = with_suffix(bin, suffix);
     let Ok(meta) = std::fs::metadata(&path) else {
         return Ok(0);
     };
@@ -198,9 +206,9 @@ fn clear_stamp(bin: &Path) -> Result<u64, RemoteError> {
     Ok(meta.len())
 }
 
-/// Where a shard's stamp is kept: its lock file (`P.bin.lock`, which every fetched shard has
-/// anyway), so a stamp costs no file of its own.
-const STAMP: &str = ".lock";
+/// Where a shard's stamp is kept: its lease file (`P.bin.lease`, which every streamed shard
+/// has anyway), so a stamp costs no file of its own and is read through the open lease.
+const STAMP: &str = ".lease";
 
 /// Bytes of the files in `dir` (not recursive: a dataset's cache directory is flat).
 pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
@@ -217,10 +225,10 @@ pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
 }
 
 /// Whether a file of a dataset's cache directory is shard data the budget may evict (a
-/// `.bin`, the frames of one, its stamp) or a temporary file.
+/// `.bin`, the frames of one, its stamp in the lease or lock file) or a temporary file.
 fn shard_data(name: &str) -> bool {
     name.contains(".partial-")
-        || [".bin", ".bin.zst", ".zidx", ".bin.lock", ".bin.ok"]
+        || [".bin", ".bin.zst", ".zidx", ".bin.lease", ".bin.lock", ".bin.ok"]
             .iter()
             .any(|s| name.ends_with(s))
 }
@@ -553,6 +561,8 @@ mod tests {
         let bin = dir.join("s.bin");
         std::fs::write(&bin, b"tokens").unwrap();
         stamp(&bin, "abc");
+        let held = lease(&bin).unwrap();
+        let stamped = |bin: &Path, bytes, xxh3| stamped(&held, bin, bytes, xxh3);
         assert!(stamped(&bin, 6, "abc"));
         assert_eq!(durable(), boot_id().is_none());
         let ok = with_suffix(&bin, STAMP);
@@ -577,6 +587,8 @@ mod tests {
         let dir = tempdir("stamp");
         let bin = dir.join("s.bin");
         std::fs::write(&bin, b"tokens").unwrap();
+        let held = lease(&bin).unwrap();
+        let stamped = |bin: &Path, bytes, xxh3| stamped(&held, bin, bytes, xxh3);
         assert!(!stamped(&bin, 6, "abc"));
         stamp(&bin, "abc");
         assert!(stamped(&bin, 6, "abc"));

@@ -103,6 +103,10 @@ pub struct Plan {
     /// `steps[i]`: the shards step `reading + i` reads, sorted, each once.
     steps: VecDeque<Vec<usize>>,
     held: Vec<Held>,
+    /// Shards not held ([`Held::No`]): without a limit, none left means there is nothing to
+    /// fetch, order or release, so steps are no longer planned (a warm cache's pass asked the
+    /// reader's sampler for every step and walked the window on every step for nothing).
+    unheld: usize,
     fetching: usize,
     demand: Option<usize>,
     /// [`Self::window_and_set`], kept until the steps or the demand change: every fetcher
@@ -125,6 +129,7 @@ impl Plan {
             }
         };
         let held = vec![Held::No; cfg.costs.len()];
+        let unheld = held.len();
         Ok(Plan {
             cfg,
             window_limit,
@@ -132,6 +137,7 @@ impl Plan {
             reading: start,
             steps: VecDeque::new(),
             held,
+            unheld,
             fetching: 0,
             demand: None,
             window: OnceLock::new(),
@@ -149,16 +155,25 @@ impl Plan {
     }
 
     /// The next step to plan, when the plan wants one: before the end, within the horizon,
-    /// and (with a limit) while every planned step fits in the window.
+    /// and (with a limit) while every planned step fits in the window; without a limit, only
+    /// while some shard is not held yet.
     pub fn wants_step(&self) -> Option<u64> {
         let next = self.planned_until();
-        if self.cfg.end.is_some_and(|end| next >= end) || self.steps.len() as u64 >= self.cfg.horizon.max(1) {
+        if self.cfg.end.is_some_and(|end| next >= end)
+            || self.steps.len() as u64 >= self.cfg.horizon.max(1)
+            || self.all_held_unlimited()
+        {
             return None;
         }
         match self.window_limit {
             Some(limit) if self.walk_cost(self.steps.len()) > limit => None,
             _ => Some(next),
         }
+    }
+
+    /// No limit and every shard held: nothing left to fetch or release.
+    fn all_held_unlimited(&self) -> bool {
+        self.window_limit.is_none() && self.unheld == 0
     }
 
     /// The bytes of the distinct shards of the first `steps` planned steps.
@@ -282,7 +297,7 @@ impl Plan {
     /// demand when it is not held and fits the reserve, else the first shard of the window
     /// not held; none while `in_flight` fetches are running.
     pub fn next_fetch(&self) -> Option<usize> {
-        if self.fetching >= self.cfg.in_flight.max(1) {
+        if self.fetching >= self.cfg.in_flight.max(1) || self.all_held_unlimited() {
             return None;
         }
         let (window, in_window) = self.window_and_set();
@@ -331,6 +346,7 @@ impl Plan {
         if self.held[shard] == Held::No {
             self.held[shard] = Held::Fetching;
             self.fetching += 1;
+            self.unheld -= 1;
         }
     }
 
@@ -339,6 +355,7 @@ impl Plan {
         if self.held[shard] == Held::Fetching {
             self.fetching -= 1;
             self.held[shard] = if ok { Held::Present } else { Held::No };
+            self.unheld += usize::from(!ok);
         }
     }
 
@@ -359,6 +376,7 @@ impl Plan {
     pub fn released(&mut self, shard: usize) {
         if self.held[shard] == Held::Present {
             self.held[shard] = Held::No;
+            self.unheld += 1;
         }
     }
 

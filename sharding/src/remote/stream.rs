@@ -238,8 +238,13 @@ impl Streamer {
     ) -> Result<Streamer, RemoteError> {
         let costs: Vec<u64> = (0..dir.shards()).map(|s| dir.cost(s)).collect();
         // Besides the manifest and the .idx files, the directory may hold other files the
-        // budget cannot evict (a host check's verdict): they count as fixed too.
-        let fixed = dir.fixed_bytes.max(cache::kept_files(&dir.dir)?);
+        // budget cannot evict (a host check's verdict): they count as fixed too. Only a
+        // budget needs the figure (a listing and a stat per file: a warm start's largest
+        // cost but one).
+        let fixed = match cfg.budget {
+            Some(_) => dir.fixed_bytes.max(cache::kept_files(&dir.dir)?),
+            None => dir.fixed_bytes,
+        };
         let sharers = cfg.sharers.max(1) as u64;
         let largest = costs.iter().copied().max().unwrap_or(0);
         let limit = match cfg.budget {
@@ -692,6 +697,24 @@ pub(super) fn plan_refusal(
     }
 }
 
+/// How much longer a read of shard `shard` (its object named by `object`) that began at
+/// `started` may wait within `wait`; past it, the error naming the shard, for either shell.
+pub(super) fn wait_left(
+    wait: Duration,
+    started: Instant,
+    shard: usize,
+    object: impl FnOnce() -> String,
+) -> Result<Duration, DatasetError> {
+    let waited = started.elapsed();
+    wait.checked_sub(waited).filter(|d| !d.is_zero()).ok_or_else(|| {
+        DatasetError::Remote(Arc::new(RemoteError::WaitTimeout {
+            shard,
+            object: object(),
+            waited_s: waited.as_secs_f64(),
+        }))
+    })
+}
+
 /// The smallest budget under which each of `sharers` ranks can hold a step whose shards cost
 /// `step_bytes`, beside the fixed files (`fixed`) and its demand reserve (one largest shard,
 /// `largest`): the inverse of the plan's limit, `(budget − fixed) / sharers − largest`.
@@ -730,13 +753,7 @@ impl ShardSource for Inner {
                 st.plan.demand(shard);
                 self.changed.notify_all();
             }
-            let Some(left) = self.cfg.wait.checked_sub(started.elapsed()).filter(|d| !d.is_zero()) else {
-                return Err(DatasetError::Remote(Arc::new(RemoteError::WaitTimeout {
-                    shard,
-                    object: object(),
-                    waited_s: started.elapsed().as_secs_f64(),
-                })));
-            };
+            let left = wait_left(self.cfg.wait, started, shard, object)?;
             st = self
                 .arrived
                 .wait_timeout(st, left)

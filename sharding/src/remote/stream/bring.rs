@@ -27,11 +27,12 @@ impl Inner {
         // A stamped copy needs no lock (another open and flock per shard on a warm cache):
         // the lease keeps it from eviction, and a stamp matches only the file it was made
         // for (a copy renamed into its place since is another inode with a later change time).
-        if cache::stamped(&bin, info.bin_bytes, &info.bin_xxh3) {
+        // The stamp is in the lease file itself: no other open either.
+        if cache::stamped(&lease, &bin, info.bin_bytes, &info.bin_xxh3) {
             self.counters.reused.fetch_add(1, Ordering::Relaxed);
         } else {
             let _lock = lock_cache_entry(&bin)?;
-            let present = cache::stamped(&bin, info.bin_bytes, &info.bin_xxh3)
+            let present = cache::stamped(&lease, &bin, info.bin_bytes, &info.bin_xxh3)
                 || match check_existing(&bin, info.bin_bytes, &info.bin_xxh3)? {
                     None => {
                         self.space().stamp(&bin, &info.bin_xxh3)?;

@@ -16,7 +16,7 @@ use super::super::plan::{Held, PlanError};
 use super::super::ranges::{Get, RangeConfig, RangePlan};
 use super::super::retry::with_retry_unless;
 use super::super::{RemoteError, RemoteOptions};
-use super::{Counters, StepShards, StreamConfig, StreamDir, plan_refusal, plan_step};
+use super::{Counters, StepShards, StreamConfig, StreamDir, plan_refusal, plan_step, wait_left};
 use crate::gpt::{DatasetError, ShardSource};
 use crate::indexed::IndexedDataset;
 use gantry_checkpoint::Store;
@@ -368,13 +368,7 @@ impl Ranged {
                 st.plan.demand(ids.clone());
                 self.fetchable.notify_one();
             }
-            let Some(left) = self.cfg.wait.checked_sub(started.elapsed()).filter(|d| !d.is_zero()) else {
-                return Err(DatasetError::Remote(Arc::new(RemoteError::WaitTimeout {
-                    shard,
-                    object: self.dir.object(shard),
-                    waited_s: started.elapsed().as_secs_f64(),
-                })));
-            };
+            let left = wait_left(self.cfg.wait, started, shard, || self.dir.object(shard))?;
             st = self
                 .changed
                 .wait_timeout(st, left)
