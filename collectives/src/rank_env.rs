@@ -279,12 +279,19 @@ pub enum RankProgram {
     Foreign,
 }
 
-/// Defaults for OpenMP's variables; the rank's own environment always wins over them.
+/// Defaults for the variables that decide how a rank's threads and device queues run
+/// (OpenMP's, CUDA's); the rank's own environment always wins over them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadDefaults {
     pub omp_num_threads: Option<usize>,
     /// `OMP_WAIT_POLICY`; `None` leaves libgomp's default (spin a while, then sleep).
     pub omp_wait_policy: Option<&'static str>,
+    /// `CUDA_DEVICE_MAX_CONNECTIONS`. A gantry rank on a GPU runs NCCL on two streams at once
+    /// (data parallelism's side stream, tensor/pipeline parallelism on the compute stream);
+    /// with one hardware queue the GPU starts kernels in the order the rank issued them, the
+    /// same order on every rank, so two communicators' kernels cannot each wait for the other
+    /// on different ranks (Megatron-LM sets 1 for the same reason). Ignored without a GPU.
+    pub cuda_device_max_connections: Option<u32>,
 }
 
 /// The cores of this host as the ranks will find them: how many this process may run on, and
@@ -355,11 +362,13 @@ pub fn thread_defaults(program: RankProgram, ranks_here: usize, host: HostCores)
             ThreadDefaults {
                 omp_num_threads: None,
                 omp_wait_policy,
+                cuda_device_max_connections: Some(1),
             }
         }
         RankProgram::Foreign => ThreadDefaults {
             omp_num_threads: (ranks_here > 1).then_some(1),
             omp_wait_policy: None,
+            cuda_device_max_connections: None,
         },
     }
 }
@@ -455,6 +464,9 @@ impl RankEnv {
             }
             if let Some(policy) = t.omp_wait_policy {
                 defaults.push(("OMP_WAIT_POLICY", policy.into()));
+            }
+            if let Some(n) = t.cuda_device_max_connections {
+                defaults.push(("CUDA_DEVICE_MAX_CONNECTIONS", n.to_string()));
             }
         }
         defaults
@@ -693,6 +705,13 @@ mod tests {
         let foreign = thread_defaults(RankProgram::Foreign, 2, HostCores::idle(64));
         assert_eq!(foreign.omp_num_threads, Some(1));
         assert_eq!(foreign.omp_wait_policy, None);
+        // One hardware queue per GPU for gantry's ranks (NCCL on two streams); a foreign
+        // program's queues are its own business.
+        assert_eq!(
+            thread_defaults(gantry(1), 2, HostCores::idle(8)).cuda_device_max_connections,
+            Some(1)
+        );
+        assert_eq!(foreign.cuda_device_max_connections, None);
         assert_eq!(
             thread_defaults(RankProgram::Foreign, 1, HostCores::idle(64)),
             ThreadDefaults::default()
