@@ -70,7 +70,7 @@ fn write_artifact(root: &Path, mib: u64) -> Result<String> {
         step: 1,
         tensors: vec![TensorData {
             slice: SliceSpec::full("artifact", DType::U8, &[mib << 20]),
-            bytes,
+            bytes: bytes.into(),
         }],
         rank_state: json!({}),
         job: JobState::default(),

@@ -72,6 +72,8 @@ pub enum CheckpointError {
     },
     #[error("checkpoint model mismatch: {0}")]
     ModelMismatch(String),
+    #[error("step {step}: the snapshot of tensor {tensor} did not complete: {message}; not saved")]
+    SnapshotFailed { step: u64, tensor: String, message: String },
     #[error("the checkpoint writer thread stopped")]
     WriterGone,
     #[error("{0}")]

@@ -26,6 +26,9 @@
 //! - **Fencing** ([`fence`]): a save may carry its job's attempt; rank 0 claims the directory
 //!   for it at start, and a commit of an attempt a later one has claimed is refused, so the
 //!   ranks of an attempt the coordinator replaced (a partition) cannot commit over the new one.
+//! - **Snapshot memory** ([`snapshot`]): a save's bytes may be ranges of one reused host
+//!   buffer (pinned, on a GPU) that a device copy is still filling; the writer waits for it
+//!   before reading and hands the buffer back to its pool once written.
 //! - [`export`]: a whole model as one safetensors file.
 //! - [`plain`]: opening a local checkpoint's file without following symlinks (what a server
 //!   that hands out checkpoint files uses).
@@ -43,6 +46,7 @@ pub mod plain;
 pub mod planner;
 pub mod reader;
 pub mod retention;
+pub mod snapshot;
 pub mod store;
 pub mod writer;
 
@@ -52,5 +56,6 @@ pub use format::{DType, JobState, Lineage, Manifest, ParamLayout, SliceSpec, tp_
 pub use location::{LocationError, Role, StorageLocation};
 pub use reader::{Checkpoint, SkippedStep, Which, committed_steps};
 pub use retention::Retention;
+pub use snapshot::{BufferPool, HostBuffer, Recycled, SnapshotBytes};
 pub use store::{S3Options, Store, StoreConfig};
 pub use writer::{SaveReport, SaveRequest, Saver, SaverConfig, TensorData};

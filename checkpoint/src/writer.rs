@@ -1,11 +1,13 @@
 //! The save pipeline of one rank. The training loop hands a [`SaveRequest`] (its slices,
-//! already copied into host memory) to [`Saver::save`] and goes on training; a background
+//! in host memory or on their way there) to [`Saver::save`] and goes on training; a background
 //! thread packs the slices into chunk objects, checksums and uploads them, then writes the
 //! rank's index. The committing rank (rank 0) waits for every rank's index of this attempt,
 //! checks that the slices tile every tensor, and creates `manifest.json` if absent: the commit.
 //! Then it moves `latest`, removes a crashed attempt's leftovers under the step and applies
-//! retention. A new save first waits for the previous one to be committed, so at most one
-//! snapshot per rank is ever held in memory. A fenced save ([`SaverConfig::fence`]) is
+//! retention. The slices may still be filling when they arrive (a device copy on a side
+//! stream, [`crate::snapshot`]): the thread waits for them before it reads a byte. A new save
+//! first waits for the previous one to be committed, so at most two snapshots per rank exist:
+//! the one being written and the next one. A fenced save ([`SaverConfig::fence`]) is
 //! refused its commit once a later attempt of its job claimed the directory, and replaces a
 //! commit an older attempt slipped in ([`crate::fence`]). A `Saver` dropped with a save in
 //! flight (its rank failed) cancels that save: its waits for the other ranks end at once and
@@ -19,6 +21,7 @@ use crate::format::{
 };
 use crate::planner::check_complete;
 use crate::retention::{Retention, doomed};
+use crate::snapshot::SnapshotBytes;
 use crate::store::Store;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -27,10 +30,12 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A slice of a tensor and its bytes (row-major, little-endian), snapshotted off the device.
+/// A slice of a tensor and its bytes (row-major, little-endian), snapshotted off the device:
+/// owned (`Vec<u8>`/`Bytes` `.into()`), or a range of a reused buffer that may still be filling
+/// ([`crate::snapshot`]).
 pub struct TensorData {
     pub slice: SliceSpec,
-    pub bytes: Vec<u8>,
+    pub bytes: SnapshotBytes,
 }
 
 pub struct SaveRequest {
@@ -188,7 +193,8 @@ impl Drop for Saver {
 }
 
 /// Group tensors into chunk objects of about `chunk_bytes`, recording each slice's place. A
-/// chunk is the list of its slices' own buffers: nothing is copied to pack it.
+/// chunk is the list of its slices' own buffers: nothing is copied to pack it. Every tensor
+/// must be ready ([`SnapshotBytes::wait_ready`]).
 fn pack(
     rank: usize,
     attempt: &str,
@@ -208,11 +214,11 @@ fn pack(
             object: chunk_name(rank, attempt, objects.len()),
             offset: filled as u64,
             len: t.bytes.len() as u64,
-            xxh3: xxh3_hex(&t.bytes),
+            xxh3: xxh3_hex(t.bytes.ready_slice()),
             slice: t.slice,
         });
         filled += t.bytes.len();
-        open.push(Bytes::from(t.bytes));
+        open.push(t.bytes.into_bytes());
     }
     if filled > 0 {
         objects.push((chunk_name(rank, attempt, objects.len()), open));
@@ -255,6 +261,17 @@ fn write_and_commit(
                 t.slice.nbytes()
             )));
         }
+    }
+    // The snapshot's copies may still be running (a device→host copy on a side stream):
+    // nothing is read before they are done.
+    for t in &req.tensors {
+        t.bytes
+            .wait_ready()
+            .map_err(|message| CheckpointError::SnapshotFailed {
+                step,
+                tensor: t.slice.name.clone(),
+                message,
+            })?;
     }
     let (objects, entries) = pack(config.rank, &config.attempt, req.tensors, config.chunk_bytes);
     let size = |parts: &[Bytes]| parts.iter().map(|b| b.len() as u64).sum::<u64>();

@@ -115,7 +115,7 @@ fn saves(id: &str, fence: Option<&Fence>, step: u64, timeout: Duration) -> Vec<R
                 tensors: crash_rank_slices(rank)
                     .into_iter()
                     .map(|s| TensorData {
-                        bytes: slice_bytes(seed, &s),
+                        bytes: slice_bytes(seed, &s).into(),
                         slice: s,
                     })
                     .collect(),

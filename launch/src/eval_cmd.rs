@@ -413,7 +413,9 @@ fn rank(args: &EvalArgs, api: &Api, dir: &Path) -> anyhow::Result<ExitCode> {
     // The launching eval resolved the dataset and passes its local directory down.
     let data = crate::dataset_location::dataset_on_host(&args.data, true)?;
     let cfg = config(args, &v, data);
-    let comm = TensorComm::new(Some(fabric.world()), CommClock::default());
+    // On a GPU the tensor-parallel all-reduces run through the group's NCCL twin.
+    let comm = TensorComm::for_device(Some(fabric.world()), CommClock::default(), device.device)
+        .with_context(|| format!("rank {rank}"))?;
     let result = eval_rank(api, &v, &cfg, tp, rank, comm, &device).with_context(|| format!("rank {rank}"))?;
     let path = dir.join(format!("result-{rank}.json"));
     std::fs::write(&path, serde_json::to_vec(&result)?).with_context(|| format!("cannot write {}", path.display()))?;

@@ -12,6 +12,12 @@
 //! ZeRO-1 moment of a TP-replicated parameter is written by TP rank 0 (other TP ranks may cut
 //! their buckets differently); the last stage's copy of a tied embedding is never written.
 //! Every rank loads everything it holds.
+//!
+//! A save copies this rank's slices into one host buffer reused from save to save
+//! ([`snapshot`]); on a GPU the copies run on a side stream and the save returns once they
+//! are queued.
+
+mod snapshot;
 
 use crate::comm::TensorComm;
 use crate::data_parallel::DataParallel;
@@ -23,14 +29,15 @@ use crate::spec::JobSpec;
 use gantry_checkpoint::boxes::flat_range_to_regions;
 use gantry_checkpoint::{
     Checkpoint, CheckpointError, DType, Fence, JobState, Lineage, ParamLayout, Retention, S3Options, SaveReport,
-    SaveRequest, Saver, SaverConfig, SliceSpec, Store, TensorData, Which,
+    SaveRequest, Saver, SaverConfig, SliceSpec, SnapshotBytes, Store, TensorData, Which,
 };
 use gantry_collectives::ReduceOp;
 use gantry_sharding::manifest::TokenizerInfo;
 use gantry_sharding::sampler::Cursor;
+use snapshot::Snapshotter;
 use std::ops::Range;
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// A contiguous flat range of a local tensor that is one saved rectangle.
 struct Piece {
@@ -119,18 +126,6 @@ fn flat_view(t: &Tensor, r: &Range<i64>) -> Tensor {
     t.view([-1]).narrow(0, r.start, r.end - r.start)
 }
 
-/// Copy a piece off the device into host bytes (the only part of a save the loop waits for).
-fn snapshot(piece: &Piece) -> Vec<u8> {
-    let host = flat_view(&piece.tensor, &piece.flat)
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous();
-    let n = host.numel();
-    let mut bytes = vec![0u8; n * 4];
-    host.copy_data_u8(&mut bytes, n);
-    bytes
-}
-
 fn restore(piece: &Piece, bytes: &[u8]) {
     let n = (piece.flat.end - piece.flat.start) as usize;
     let src = Tensor::from_data_size(bytes, &[n as i64], Kind::Float).to_device(piece.tensor.device());
@@ -155,7 +150,9 @@ pub struct Checkpointing {
     every: u64,
     at_end: bool,
     /// Files saved beside the tensors by this rank (rank 0: the dataset's tokenizer).
-    assets: Vec<(String, Vec<u8>)>,
+    assets: Vec<(String, SnapshotBytes)>,
+    /// The host memory (and, on a GPU, the copy stream) of the saves' snapshots.
+    snapshots: Snapshotter,
     /// The manifest's `params` and `data`, the same for every save of the run.
     params: Vec<ParamLayout>,
     data: serde_json::Value,
@@ -243,11 +240,11 @@ impl Checkpointing {
             && let Some(path) = tokenizer
         {
             let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-            assets.push((TOKENIZER_ASSET.to_string(), bytes));
+            assets.push((TOKENIZER_ASSET.to_string(), bytes.into()));
             let config = path.with_file_name(gantry_sharding::prepare::TOKENIZER_CONFIG_FILE);
             if config.is_file() {
                 let bytes = std::fs::read(&config).map_err(|e| TrainError::io(&config, e))?;
-                assets.push((TOKENIZER_CONFIG_ASSET.to_string(), bytes));
+                assets.push((TOKENIZER_CONFIG_ASSET.to_string(), bytes.into()));
             }
         }
         Ok(Some(Checkpointing {
@@ -256,6 +253,7 @@ impl Checkpointing {
             every: c.every,
             at_end: c.at_end,
             assets,
+            snapshots: Snapshotter::new(),
             params,
             data,
         }))
@@ -339,7 +337,8 @@ impl Checkpointing {
     }
 
     /// Snapshot this rank's share and hand it to the writer. Returns how long the loop was
-    /// paused and the previous save's report, if it finished meanwhile.
+    /// paused (on a GPU: queueing the copies, not running them) and the previous save's
+    /// report, if it finished meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub fn save(
         &mut self,
@@ -352,12 +351,15 @@ impl Checkpointing {
         rank_state: serde_json::Value,
     ) -> Result<(f64, Option<SaveReport>), TrainError> {
         let started = Instant::now();
-        let mut tensors: Vec<TensorData> = pieces(model, dp, states, place)
-            .into_iter()
-            .filter(|p| p.write)
-            .map(|p| TensorData {
-                bytes: snapshot(&p),
-                slice: p.slice,
+        let all = pieces(model, dp, states, place);
+        let mine: Vec<&Piece> = all.iter().filter(|p| p.write).collect();
+        let bytes = self.snapshots.take(&mine)?;
+        let mut tensors: Vec<TensorData> = mine
+            .iter()
+            .zip(bytes)
+            .map(|(p, bytes)| TensorData {
+                slice: p.slice.clone(),
+                bytes,
             })
             .collect();
         tensors.extend(self.assets.iter().map(|(name, bytes)| TensorData {
@@ -376,6 +378,21 @@ impl Checkpointing {
             job,
         })?;
         Ok((started.elapsed().as_secs_f64(), previous))
+    }
+
+    /// Make the next optimizer updates wait for a save's device copies only where
+    /// [`Checkpointing::before_update`] is called, instead of stopping the compute stream at
+    /// once until they are done. Only for a loop that calls `before_update` before every
+    /// update of the weights or moments.
+    pub fn defer_update_fence(&mut self) {
+        self.snapshots.defer_update_fence();
+    }
+
+    /// Order the compute stream after the last save's device copies, so the update about to
+    /// be queued cannot overwrite weights they have not read yet. Free when nothing is pending
+    /// (CPU, no save since the last call).
+    pub fn before_update(&mut self) -> Result<(), TrainError> {
+        self.snapshots.before_update()
     }
 
     /// A finished save's report, without waiting.

@@ -2,6 +2,7 @@
 
 use crate::spec::SpecError;
 use gantry_collectives::CommError;
+use gantry_collectives::nccl::NcclError;
 use gantry_sharding::gpt::DatasetError;
 use std::path::PathBuf;
 
@@ -42,6 +43,31 @@ pub enum TrainError {
     NonFiniteLoss { rank: usize, step: u64, loss: f64 },
     #[error("rank {rank}: the data-parallel gradient thread failed: {message}")]
     GradientThread { rank: usize, message: String },
+    /// A group's NCCL communicator could not be made: no GPU or `libnccl.so`, or the
+    /// rendezvous of its unique id failed.
+    #[error("rank {rank}: cannot make the NCCL communicator of group `{group}` for its CUDA tensors: {source}")]
+    NcclSetup {
+        rank: usize,
+        group: String,
+        source: CommError,
+    },
+    /// An NCCL operation on a group's device communicator failed or ran past its deadline.
+    #[error("rank {rank}: NCCL {op} on group `{group}` failed: {source}")]
+    Nccl {
+        rank: usize,
+        group: String,
+        op: &'static str,
+        source: NcclError,
+    },
+    /// An operation NCCL cannot run as asked (a CUDA tensor on a group without NCCL, a dtype
+    /// NCCL lacks, another device's tensor).
+    #[error("rank {rank}: {op} on group `{group}`: {why}")]
+    NcclMisuse {
+        rank: usize,
+        group: String,
+        op: &'static str,
+        why: String,
+    },
     #[error("bootstrap: {0}")]
     Bootstrap(String),
     #[error("{0}")]
@@ -53,6 +79,18 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// Whether this is NCCL (or CUDA) missing on this machine, as opposed to a failure of it.
+    pub fn is_nccl_unavailable(&self) -> bool {
+        match self {
+            TrainError::NcclSetup {
+                source: CommError::Nccl(e),
+                ..
+            }
+            | TrainError::Nccl { source: e, .. } => e.is_unavailable(),
+            _ => false,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> TrainError {
         TrainError::Io {
             path: path.into(),

@@ -1,5 +1,7 @@
-//! ATen's fused AdamW kernel (`at::_fused_adamw_`), which tch 0.24 does not bind, through the
-//! C shim in `csrc/fused_adamw.cpp` (compiled by `build.rs`).
+//! ATen's fused AdamW kernel (`at::_fused_adamw_`) and the multi-tensor norm, scale and zero
+//! (`_foreach_norm`, `_foreach_mul_`, `_foreach_zero_`), which tch 0.24 does not bind, through
+//! the C shim in `csrc/fused_adamw.cpp` (compiled by `build.rs`). The step after backward uses
+//! them so that its cost on CUDA is a handful of launches whatever the number of buckets.
 //!
 //! One call updates any number of tensors in place with a single multi-tensor kernel on CUDA
 //! (one vectorized, threaded loop per tensor on CPU). Semantics (PyTorch's `AdamW`, with
@@ -17,7 +19,7 @@
 //! the caller advances it (PyTorch's optimizer does `step += 1` before the call).
 
 use std::ffi::{c_char, c_int, c_void};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 /// Why a fused AdamW step was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,22 @@ unsafe extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    // `out` receives `n` new handles, owned by the caller, when the result is zero.
+    fn gantry_foreach_norm(
+        tensors: *const *const c_void,
+        n: usize,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn gantry_foreach_mul_(
+        tensors: *const *const c_void,
+        n: usize,
+        factor: *const c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn gantry_foreach_zero_(tensors: *const *const c_void, n: usize, err: *mut c_char, err_len: usize) -> c_int;
 }
 
 fn check(index: usize, it: &FusedAdamItem<'_>) -> Result<(), FusedAdamError> {
@@ -141,6 +159,73 @@ pub fn adamw_step(items: &mut [FusedAdamItem<'_>], h: &AdamWHyper) -> Result<(),
         )
     })
     .map_err(FusedAdamError::Torch)
+}
+
+fn handles(tensors: &[&Tensor]) -> Vec<*const c_void> {
+    tensors.iter().map(|t| t.as_ptr().cast()).collect()
+}
+
+fn torch_error(op: &str) -> impl FnOnce(String) -> TchError + '_ {
+    move |message| TchError::Torch(format!("{op}: {message}"))
+}
+
+/// The 2-norm of each tensor, as 0-dimensional tensors of its kind on its device, without a
+/// host synchronization (`_foreach_norm`: on CUDA one multi-tensor kernel for all of them).
+/// The tensors must share a device and be floating point; none may be undefined.
+pub fn foreach_norm(tensors: &[&Tensor]) -> Result<Vec<Tensor>, TchError> {
+    if tensors.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = tensors.iter().position(|t| !t.defined()) {
+        return Err(TchError::Torch(format!("_foreach_norm: tensor {i} is undefined")));
+    }
+    let ins = handles(tensors);
+    let mut outs: Vec<*mut c_void> = vec![std::ptr::null_mut(); tensors.len()];
+    // SAFETY: `ins` holds `n` live handles borrowed for the call and `outs` has room for `n`;
+    // on success the shim stored `n` fresh `at::Tensor*` there, which tch's `Tensor` owns and
+    // frees (tch's handles are `at::Tensor*` made with `new`). On failure it stored none.
+    crate::autograd::call_shim(|err, err_len| unsafe {
+        gantry_foreach_norm(ins.as_ptr(), ins.len(), outs.as_mut_ptr(), err, err_len)
+    })
+    .map_err(torch_error("_foreach_norm"))?;
+    // SAFETY: see above: each pointer is a new handle that nothing else owns.
+    Ok(outs
+        .into_iter()
+        .map(|p| unsafe { Tensor::from_ptr(p.cast()) })
+        .collect())
+}
+
+/// Multiply every tensor in place by `factor`, a 0-dimensional tensor on their device (read
+/// there: no host synchronization). `_foreach_mul_`: on CUDA one multi-tensor kernel; on the
+/// CPU one `mul_` per tensor, which is what a scalar multiply computes (the factor is
+/// rounded to the tensors' kind either way).
+pub fn foreach_mul_(tensors: &[&Tensor], factor: &Tensor) -> Result<(), TchError> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    if !factor.defined() || factor.dim() != 0 {
+        return Err(TchError::Torch(
+            "_foreach_mul_: the factor must be a 0-dimensional tensor".into(),
+        ));
+    }
+    let ins = handles(tensors);
+    // SAFETY: `n` live handles and one live factor, borrowed for the call; the shim catches
+    // every C++ exception (wrong devices or kinds among them).
+    crate::autograd::call_shim(|err, err_len| unsafe {
+        gantry_foreach_mul_(ins.as_ptr(), ins.len(), factor.as_ptr().cast(), err, err_len)
+    })
+    .map_err(torch_error("_foreach_mul_"))
+}
+
+/// Zero every tensor in place (`_foreach_zero_`: on CUDA one multi-tensor kernel).
+pub fn foreach_zero_(tensors: &[&Tensor]) -> Result<(), TchError> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let ins = handles(tensors);
+    // SAFETY: `n` live handles borrowed for the call; the shim catches every C++ exception.
+    crate::autograd::call_shim(|err, err_len| unsafe { gantry_foreach_zero_(ins.as_ptr(), ins.len(), err, err_len) })
+        .map_err(torch_error("_foreach_zero_"))
 }
 
 #[cfg(test)]
@@ -239,5 +324,51 @@ mod tests {
         // Truncated to the buffer, NUL-terminated.
         let end = err.iter().position(|&b| b == 0).unwrap();
         assert!(end > 0 && end < err.len(), "{:?}", String::from_utf8_lossy(&err[..end]));
+    }
+
+    #[test]
+    fn foreach_norm_mul_and_zero_match_their_single_tensor_forms() {
+        tch::manual_seed(5);
+        let ts: Vec<Tensor> = [1i64, 7, 1000, 4099]
+            .iter()
+            .map(|&n| Tensor::randn([n], (Kind::Float, Device::Cpu)))
+            .collect();
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let norms = foreach_norm(&refs).unwrap();
+        assert_eq!(norms.len(), ts.len());
+        for (t, n) in ts.iter().zip(&norms) {
+            assert_eq!(n.dim(), 0);
+            let exact = t
+                .to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .sqrt()
+                .double_value(&[]);
+            let got = n.double_value(&[]);
+            assert!(((got - exact) / exact).abs() < 1e-6, "{got} vs {exact}");
+        }
+
+        let expected: Vec<Tensor> = ts.iter().map(|t| t * 0.37f64).collect();
+        let factor = Tensor::from(0.37f64).to_kind(Kind::Float);
+        foreach_mul_(&refs, &factor).unwrap();
+        for (t, e) in ts.iter().zip(&expected) {
+            assert!(t.equal(e), "a scaled tensor differs from the scalar multiply");
+        }
+        let wrong = Tensor::from_slice(&[1f32, 2.0]);
+        assert!(foreach_mul_(&refs, &wrong).is_err());
+
+        foreach_zero_(&refs).unwrap();
+        assert!(ts.iter().all(|t| t.abs().sum(Kind::Double).double_value(&[]) == 0.0));
+        assert!(foreach_norm(&[]).unwrap().is_empty());
+        assert!(foreach_zero_(&[]).is_ok());
+    }
+
+    #[test]
+    fn foreach_refusals_are_errors() {
+        let ints = Tensor::from_slice(&[1i64, 2]);
+        let e = foreach_norm(&[&ints]).unwrap_err();
+        assert!(e.to_string().contains("_foreach_norm"), "{e}");
+        let undefined = Tensor::new();
+        assert!(foreach_norm(&[&undefined]).is_err());
     }
 }

@@ -5,10 +5,15 @@
 //! The update runs ATen's fused AdamW kernel ([`crate::fused`]) on every device; the
 //! hand-written elementwise update is kept as a reference (`GANTRY_ADAMW=manual`, read by the
 //! binary into [`crate::run_context::RunContext::adamw`]; see [`AdamImpl`]).
+//!
+//! Everything the step after backward computes stays on the device: the norm
+//! ([`total_sum_of_squares`]), the clip coefficient ([`clip_coefficient_tensor`]), the scaling
+//! and the update of all buckets at once ([`update_all`]); the trainer reads the norm with the
+//! loss once, after the update is queued.
 
 use crate::fused::{self, AdamWHyper, FusedAdamError, FusedAdamItem};
 use crate::spec::OptimSpec;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to `min_lr` at
 /// `total` steps (and `min_lr` after). `step` counts from 0.
@@ -30,6 +35,56 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     } else {
         1.0
     }
+}
+
+/// [`clip_coefficient`] of a 0-dimensional f64 norm on the device, computed there (so
+/// clipping needs no host synchronization), as a 0-dimensional f64 tensor: the same formula
+/// and the same f64 operations, so the same value.
+pub fn clip_coefficient_tensor(norm: &Tensor, max_norm: f64) -> Tensor {
+    if max_norm <= 0.0 {
+        return norm.ones_like();
+    }
+    let shrink = norm.full_like(max_norm) / (norm + 1e-6);
+    shrink.where_scalarother(&norm.gt(max_norm), 1.0)
+}
+
+/// How [`total_sum_of_squares`] measures the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormMethod {
+    /// One `_foreach_norm` over all tensors (on CUDA a multi-tensor kernel whose tree
+    /// reduction is accurate), the norms squared and summed in f64.
+    Foreach,
+    /// [`sum_of_squares`] per tensor: accurate on the CPU, whose norm kernel is not.
+    RowWise,
+}
+
+/// The norm method for gradients on `device`: the multi-tensor kernel on CUDA, the row-wise
+/// f64 sums elsewhere.
+pub fn norm_method(device: Device) -> NormMethod {
+    if device.is_cuda() {
+        NormMethod::Foreach
+    } else {
+        NormMethod::RowWise
+    }
+}
+
+/// The sum of the squares of every element of `grads` (f32 tensors on `device`), as a
+/// 0-dimensional f64 tensor there, without a host synchronization.
+pub fn total_sum_of_squares(grads: &[&Tensor], method: NormMethod, device: Device) -> Result<Tensor, TchError> {
+    if grads.is_empty() {
+        return Ok(Tensor::zeros([], (Kind::Double, device)));
+    }
+    let parts = match method {
+        NormMethod::Foreach => {
+            let norms = fused::foreach_norm(grads)?;
+            Tensor::f_stack(&norms, 0)?.f_to_kind(Kind::Double)?.f_square()?
+        }
+        NormMethod::RowWise => {
+            let sums: Vec<Tensor> = grads.iter().map(|g| sum_of_squares(g)).collect();
+            Tensor::f_stack(&sums, 0)?
+        }
+    };
+    parts.f_sum(Kind::Double)
 }
 
 /// Row length for [`sum_of_squares`].
@@ -58,7 +113,7 @@ pub fn sum_of_squares(flat: &Tensor) -> Tensor {
         parts.push(flat.narrow(0, whole, n - whole).norm().to_kind(Kind::Double).square());
     }
     match parts.len() {
-        0 => Tensor::from(0f64).to_device(flat.device()),
+        0 => Tensor::zeros([], (Kind::Double, flat.device())),
         1 => parts.pop().expect("one part"),
         _ => &parts[0] + &parts[1],
     }
@@ -103,7 +158,8 @@ pub struct AdamState {
     pub exp_avg_sq: Tensor,
     pub decay: bool,
     /// The fused kernel's step counter: one f32 on the master's device. The kernel reads it
-    /// for bias correction and does not advance it; each fused update sets it to `step`.
+    /// for bias correction and does not advance it; each fused update sets it to `step`
+    /// ([`update_all`] sets the first fused state's and hands it to all of them).
     pub step: Tensor,
     pub imp: AdamImpl,
 }
@@ -155,22 +211,9 @@ impl AdamState {
 
     fn update_fused(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) -> Result<(), FusedAdamError> {
         tch::no_grad(|| {
-            // The kernel wants the gradient in the master's kind, contiguous (its own
-            // `grad_scale` is AMP's unscaling, not clipping, and is not used).
-            let g = if grad.kind() == self.master.kind() {
-                grad.shallow_clone()
-            } else {
-                grad.to_kind(self.master.kind())
-            };
-            let g = g.contiguous();
+            let g = kernel_grad(grad, &self.master);
             let _ = self.step.fill_(step as f64);
-            let hyper = AdamWHyper {
-                lr,
-                beta1: o.beta1,
-                beta2: o.beta2,
-                weight_decay: if self.decay { o.weight_decay } else { 0.0 },
-                eps: o.eps,
-            };
+            let hyper = self.hyper(o, lr);
             let mut items = [FusedAdamItem {
                 param: &mut self.master,
                 grad: &g,
@@ -180,6 +223,16 @@ impl AdamState {
             }];
             fused::adamw_step(&mut items, &hyper)
         })
+    }
+
+    fn hyper(&self, o: &OptimSpec, lr: f64) -> AdamWHyper {
+        AdamWHyper {
+            lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            weight_decay: if self.decay { o.weight_decay } else { 0.0 },
+            eps: o.eps,
+        }
     }
 
     fn update_manual(&mut self, grad: &Tensor, o: &OptimSpec, lr: f64, step: u64) {
@@ -197,6 +250,72 @@ impl AdamState {
             let _ = self.master.g_sub_(&(&self.exp_avg / &denom * (lr / bc1)));
         });
     }
+}
+
+/// `grad` in the kernel's form for `master`: its kind, contiguous (the kernel's own
+/// `grad_scale` is AMP's unscaling, not clipping, and is not used).
+fn kernel_grad(grad: &Tensor, master: &Tensor) -> Tensor {
+    let g = if grad.kind() == master.kind() {
+        grad.shallow_clone()
+    } else {
+        grad.to_kind(master.kind())
+    };
+    g.contiguous()
+}
+
+/// One AdamW step of every state, `grads[i]` being `states[i]`'s gradient (as in
+/// [`AdamState::update`]). The fused states run as one kernel call per weight-decay group
+/// (on CUDA one multi-tensor launch each, whatever the number of buckets) sharing one step
+/// counter, filled once; manual states run their elementwise update. The update is
+/// elementwise, so the result is the same, bit for bit, as one call per state.
+pub fn update_all(
+    states: &mut [AdamState],
+    grads: &[&Tensor],
+    o: &OptimSpec,
+    lr: f64,
+    step: u64,
+) -> Result<(), FusedAdamError> {
+    if states.len() != grads.len() {
+        return Err(FusedAdamError::Invalid {
+            index: states.len().min(grads.len()),
+            what: format!("{} AdamW states but {} gradients", states.len(), grads.len()),
+        });
+    }
+    tch::no_grad(|| {
+        let mut fused_states = Vec::new();
+        for (s, g) in states.iter_mut().zip(grads) {
+            match s.imp {
+                AdamImpl::Fused => {
+                    let g = kernel_grad(g, &s.master);
+                    fused_states.push((s, g));
+                }
+                AdamImpl::Manual => s.update_manual(g, o, lr, step),
+            }
+        }
+        let Some((first, _)) = fused_states.first_mut() else {
+            return Ok(());
+        };
+        let _ = first.step.fill_(step as f64);
+        let shared_step = first.step.shallow_clone();
+        for decay in [false, true] {
+            let group: Vec<_> = fused_states.iter_mut().filter(|(s, _)| s.decay == decay).collect();
+            let Some(hyper) = group.first().map(|(s, _)| s.hyper(o, lr)) else {
+                continue;
+            };
+            let mut items: Vec<FusedAdamItem<'_>> = group
+                .into_iter()
+                .map(|(s, g)| FusedAdamItem {
+                    param: &mut s.master,
+                    grad: g,
+                    exp_avg: &mut s.exp_avg,
+                    exp_avg_sq: &mut s.exp_avg_sq,
+                    step: &shared_step,
+                })
+                .collect();
+            fused::adamw_step(&mut items, &hyper)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -246,6 +365,109 @@ mod tests {
         assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
         assert!((clip_coefficient(4.0, 1.0) - 0.25).abs() < 1e-6);
         assert_eq!(clip_coefficient(100.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn the_device_clip_coefficient_is_the_host_one() {
+        for max_norm in [0.0, -1.0, 1.0, 0.25] {
+            for norm in [
+                0.0,
+                0.1,
+                0.25,
+                0.2500001,
+                1.0,
+                1.0 + 1e-12,
+                4.0,
+                1e6,
+                f64::NAN,
+                f64::INFINITY,
+            ] {
+                let t = Tensor::from(norm);
+                let got = clip_coefficient_tensor(&t, max_norm);
+                assert_eq!((got.dim(), got.kind()), (0, Kind::Double));
+                let (got, want) = (got.double_value(&[]), clip_coefficient(norm, max_norm));
+                assert!(
+                    got == want || (got.is_nan() && want.is_nan()),
+                    "{norm} {max_norm}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn both_norm_methods_agree_on_the_cpu() {
+        assert_eq!(norm_method(tch::Device::Cpu), NormMethod::RowWise);
+        assert_eq!(norm_method(tch::Device::Cuda(0)), NormMethod::Foreach);
+        tch::manual_seed(13);
+        let cpu = tch::Device::Cpu;
+        // Small enough for the CPU's `_foreach_norm` to be exact to f32 rounding.
+        let grads: Vec<Tensor> = [3i64, 1024, 1500, 5000]
+            .iter()
+            .map(|&n| Tensor::randn([n], (Kind::Float, cpu)) * 1e-2)
+            .collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let exact: f64 = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]))
+            .sum();
+        for method in [NormMethod::Foreach, NormMethod::RowWise] {
+            let t = total_sum_of_squares(&refs, method, cpu).unwrap();
+            assert_eq!((t.dim(), t.kind()), (0, Kind::Double));
+            let got = t.double_value(&[]);
+            assert!(((got - exact) / exact).abs() < 1e-6, "{method:?}: {got} vs {exact}");
+        }
+        for method in [NormMethod::Foreach, NormMethod::RowWise] {
+            let none = total_sum_of_squares(&[], method, cpu).unwrap();
+            assert_eq!(none.double_value(&[]), 0.0);
+        }
+    }
+
+    #[test]
+    fn update_all_is_bit_identical_to_one_update_per_state() {
+        tch::manual_seed(17);
+        let o = OptimSpec {
+            weight_decay: 0.1,
+            ..OptimSpec::default()
+        };
+        let cpu = tch::Device::Cpu;
+        // Buckets of uneven sizes, both decay groups interleaved, as data parallelism makes them.
+        let layout = [(640i64, true), (129, false), (4096, true), (77, false), (1000, true)];
+        for imp in [AdamImpl::Fused, AdamImpl::Manual] {
+            let start: Vec<Tensor> = layout
+                .iter()
+                .map(|&(n, _)| Tensor::randn([n], (Kind::Float, cpu)))
+                .collect();
+            let make = || -> Vec<AdamState> {
+                (start.iter().zip(layout))
+                    .map(|(p, (_, decay))| AdamState::with_impl(p.copy(), decay, imp))
+                    .collect()
+            };
+            let (mut each, mut all) = (make(), make());
+            for step in 1..=4u64 {
+                let grads: Vec<Tensor> = layout
+                    .iter()
+                    .map(|&(n, _)| Tensor::randn([n], (Kind::Float, cpu)) * 0.1)
+                    .collect();
+                let refs: Vec<&Tensor> = grads.iter().collect();
+                let lr = 0.01 / step as f64;
+                for (s, g) in each.iter_mut().zip(&grads) {
+                    s.try_update(g, &o, lr, step).unwrap();
+                }
+                update_all(&mut all, &refs, &o, lr, step).unwrap();
+            }
+            for (i, (a, b)) in all.iter().zip(&each).enumerate() {
+                assert!(!a.master.equal(&start[i]), "{imp:?} state {i} did not move");
+                for (name, x, y) in [
+                    ("master", &a.master, &b.master),
+                    ("exp_avg", &a.exp_avg, &b.exp_avg),
+                    ("exp_avg_sq", &a.exp_avg_sq, &b.exp_avg_sq),
+                ] {
+                    assert!(x.equal(y), "{imp:?} state {i} {name}: relative {:e}", rel_diff(x, y));
+                }
+            }
+        }
+        let mut one = vec![AdamState::new(Tensor::zeros([4], (Kind::Float, cpu)), true)];
+        assert!(update_all(&mut one, &[], &o, 0.1, 1).is_err());
     }
 
     #[test]

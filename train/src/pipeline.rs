@@ -121,13 +121,15 @@ pub struct StepIo<'a> {
 }
 
 /// Run one step's program on this stage. Returns the sum of the micro-batch losses (last
-/// stage; zero elsewhere). `unit_done(mb, unit)` is called as units finish backward.
+/// stage; zero elsewhere) as a 0-dimensional f64 tensor on the stage's device, not read: the
+/// trainer reads it with the gradient norm, once per step. `unit_done(mb, unit)` is called as
+/// units finish backward.
 pub fn run_schedule(
     io: &mut StepIo<'_>,
     ops: &[Op],
     grad: bool,
     unit_done: &mut dyn FnMut(usize, usize) -> Result<(), TrainError>,
-) -> Result<f64, TrainError> {
+) -> Result<Tensor, TrainError> {
     let pp_rank = io.pp.rank();
     let (prev, next) = (pp_rank.wrapping_sub(1), pp_rank + 1);
     let mut inputs: HashMap<usize, Tensor> = HashMap::new();
@@ -193,5 +195,5 @@ pub fn run_schedule(
             }
         }
     }
-    Ok(loss_sum.map_or(0.0, |s| s.double_value(&[])))
+    Ok(loss_sum.unwrap_or_else(|| Tensor::zeros([], (Kind::Double, io.device))))
 }

@@ -58,13 +58,6 @@ impl RankPlace {
     pub fn on_gpu(&self) -> bool {
         self.device != Device::Cpu
     }
-
-    /// Wait for the work queued on this rank's GPU (nothing to wait for on the CPU).
-    pub fn synchronize(&self) {
-        if let Device::Cuda(index) = self.device {
-            tch::Cuda::synchronize(index as i64);
-        }
-    }
 }
 
 /// The rank that writes `metrics.jsonl` and `summary.json`: the last pipeline stage (where the

@@ -4,7 +4,8 @@
 //! ([`crate::reporter`]). Then per step: micro-batches through the pipeline schedule (the DP
 //! buckets start as units finish backward), `finish_step` (tied embedding, global norm,
 //! clipping, AdamW, ZeRO-1 gather), the step's loss, validation every K steps, a checkpoint
-//! when due, metrics. Where the rank sits ([`RankPlace`]) and what its launcher said
+//! when due, metrics. The loss and the norm stay on the device until `finish_step` has queued
+//! the update, and are then read together: one host synchronization per step. Where the rank sits ([`RankPlace`]) and what its launcher said
 //! ([`RunContext`]) come in as arguments: nothing here reads the environment.
 
 use crate::checkpointing::{Checkpointing, Resumed, job_state, rank_state};
@@ -26,6 +27,7 @@ use gantry_collectives::layout::Dim;
 use gantry_collectives::{Communicator, Fabric, ReduceOp};
 use std::path::Path;
 use std::time::Instant;
+use tch::{Kind, Tensor};
 
 /// Train per `spec` as `place` (which must be this rank of `fabric`), writing metrics under
 /// `run_dir` when this rank reports. Returns the run summary (meaningful on the reporting rank).
@@ -53,6 +55,11 @@ pub fn train_observed(
     spec.validate(place.layout.world())?;
     let mut rank = Rank::build(spec, fabric, place, context)?;
     let mut ckpt = Checkpointing::start_agreed(spec, place, &context.s3, context.fence(), &mut rank.comms.world)?;
+    if let Some(c) = ckpt.as_mut() {
+        // The trainer calls `before_update` each step, so a snapshot's copy off the GPU may
+        // overlap the next step's forward and backward.
+        c.defer_update_fence();
+    }
     let resumed = match &ckpt {
         Some(c) => rank.resume(c)?,
         None => None,
@@ -70,7 +77,7 @@ pub fn train_observed(
     let job_id = context.job_id_or_dir(run_dir);
     let run_start = Instant::now();
     for step in start_step..end_step {
-        let mut metrics = rank.step(step, &feed, &mut reporter)?;
+        let mut metrics = rank.step(step, &feed, &mut reporter, ckpt.as_mut())?;
         feed.step_done()?;
         if let Some(c) = ckpt.as_mut() {
             let done = step + 1;
@@ -205,21 +212,26 @@ fn build_comms(
 ) -> Result<(Comms, Communicator, TensorComm), TrainError> {
     let l = &place.layout;
     let r = place.rank;
+    // Groups that carry tensors get an NCCL communicator on a CUDA device (made collectively,
+    // in the same order on every rank); `dp-main` carries host values only.
+    let device = place.device;
     let group = |dim: Dim, name: &str| -> Result<TensorComm, TrainError> {
         let members = l.group(dim, r);
         let c = fabric.group(&format!("{name}/{}", l.color(dim, r)), members)?;
-        Ok(TensorComm::new(Some(c), clock.clone()))
+        TensorComm::for_device(Some(c), clock.clone(), device)
     };
     let tp = group(Dim::Tp, "tp")?;
     let pp = group(Dim::Pp, "pp")?;
-    let dp_main = group(Dim::Dp, "dp-main")?;
+    let dp_main = fabric.group(&format!("dp-main/{}", l.color(Dim::Dp, r)), l.group(Dim::Dp, r))?;
+    let dp_main = TensorComm::new(Some(dp_main), clock.clone());
     let dp_grads = fabric.group(&format!("dp-grads/{}", l.color(Dim::Dp, r)), l.group(Dim::Dp, r))?;
-    let world = TensorComm::new(Some(fabric.world()), clock.clone());
+    // The global norm's sum of squares is a device tensor.
+    let world = TensorComm::for_device(Some(fabric.world()), clock.clone(), device)?;
     let embed = if tied && l.pp() > 1 && (place.first_stage() || place.last_stage()) {
         let pp_members = l.group(Dim::Pp, r);
         let members = vec![pp_members[0], pp_members[l.pp() - 1]];
         let key = format!("embed/{}", l.color(Dim::Pp, r));
-        TensorComm::new(Some(fabric.group(&key, members)?), clock.clone())
+        TensorComm::for_device(Some(fabric.group(&key, members)?), clock.clone(), device)?
     } else {
         TensorComm::new(None, clock.clone())
     };
@@ -297,7 +309,13 @@ impl<'a> Rank<'a> {
 
     /// One training step (`step` counts from 0): forward and backward, the update, the loss,
     /// validation when due. The checkpoint fields of the metrics are the caller's.
-    fn step(&mut self, step: u64, feed: &DataFeed, reporter: &mut Reporter) -> Result<StepMetrics, TrainError> {
+    fn step(
+        &mut self,
+        step: u64,
+        feed: &DataFeed,
+        reporter: &mut Reporter,
+        ckpt: Option<&mut Checkpointing>,
+    ) -> Result<StepMetrics, TrainError> {
         let spec = self.spec;
         let t0 = Instant::now();
         self.clock.take();
@@ -305,11 +323,23 @@ impl<'a> Rank<'a> {
         let loss_sum = self.forward_backward(&batches)?;
         let update_start = Instant::now();
         let lr = learning_rate(&spec.optim, step, spec.train.steps);
-        let stats = self
-            .dp
-            .finish_step(&mut self.states, &mut self.comms.world, &spec.optim, lr, step)?;
-        let loss = self.step_loss(loss_sum, step)?;
-        self.place.synchronize();
+        if let Some(c) = ckpt {
+            // A GPU snapshot still copying the weights on its side stream must finish before
+            // the update overwrites them (forward and backward above overlapped it).
+            c.before_update()?;
+        }
+        let stats = self.dp.finish_step(
+            &mut self.states,
+            &mut self.comms.world,
+            &spec.optim,
+            lr,
+            step,
+            &loss_sum,
+        )?;
+        // No device synchronize: `finish_step`'s one read of the loss and norm came after the
+        // update in the compute stream's order, so the step's time is complete without a
+        // second host wait.
+        let loss = self.step_loss(stats.loss_sum, step)?;
         let step_s = t0.elapsed().as_secs_f64();
         let update_s = update_start.elapsed().as_secs_f64();
         let comm_s = self.clock.take();
@@ -338,9 +368,10 @@ impl<'a> Rank<'a> {
     }
 
     /// Run the step's pipeline program; the last micro-batch's finished units hand their
-    /// buckets to data parallelism. Returns the sum of the micro-batch losses.
-    fn forward_backward(&mut self, batches: &[MicroBatch]) -> Result<f64, TrainError> {
-        self.dp.reset();
+    /// buckets to data parallelism. Returns the sum of the micro-batch losses, on the device
+    /// and not read (see [`run_schedule`]).
+    fn forward_backward(&mut self, batches: &[MicroBatch]) -> Result<Tensor, TrainError> {
+        self.dp.reset()?;
         let micro = self.micro;
         let mut io = StepIo {
             model: &self.model,
@@ -361,8 +392,9 @@ impl<'a> Rank<'a> {
         })
     }
 
-    /// The step's loss: mean over micro-batches, then over data-parallel ranks (known on the
-    /// last stage only; a non-finite loss stops the run there).
+    /// The step's loss from this rank's micro-batch loss sum as read after the update: mean
+    /// over micro-batches, then over data-parallel ranks (known on the last stage only; a
+    /// non-finite loss stops the run there).
     fn step_loss(&mut self, loss_sum: f64, step: u64) -> Result<f64, TrainError> {
         let mut loss = [loss_sum / self.micro as f64];
         if self.place.last_stage() {
@@ -387,7 +419,8 @@ impl<'a> Rank<'a> {
         }
         let ops = forward_schedule(self.place.stage, self.place.layout.pp(), self.micro);
         let mut pass = feed.valid_pass();
-        let mut total = 0.0;
+        // Summed on the device and read once, at the end.
+        let mut total = Tensor::zeros([], (Kind::Double, self.place.device));
         for _ in 0..spec.train.eval_batches {
             let batches = pass.next_step()?;
             let mut io = StepIo {
@@ -406,7 +439,7 @@ impl<'a> Rank<'a> {
         if !self.model.plan.last {
             return Ok(None);
         }
-        let mut mean = [total / spec.train.eval_batches.max(1) as f64];
+        let mut mean = [total.f_double_value(&[])? / spec.train.eval_batches.max(1) as f64];
         self.comms.dp_main.all_reduce_f64(&mut mean, ReduceOp::Avg)?;
         Ok(Some(mean[0]))
     }

@@ -65,7 +65,7 @@ fn save_rank(
         .zip(slices)
         .map(|(p, b)| TensorData {
             slice: p.slice(r, ranks),
-            bytes: b.clone(),
+            bytes: b.clone().into(),
         })
         .collect();
     let snapshot_s = t.elapsed().as_secs_f64();

@@ -146,7 +146,7 @@ fn main() {
                 .iter()
                 .map(|s| TensorData {
                     slice: s.clone(),
-                    bytes: pattern::slice_bytes(seed, s),
+                    bytes: pattern::slice_bytes(seed, s).into(),
                 })
                 .collect(),
             rank_state: pattern::crash_rank_state(step, rank),

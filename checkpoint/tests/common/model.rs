@@ -87,7 +87,7 @@ pub fn request(big: bool, rank: usize, step: u64, seed: u64) -> SaveRequest {
         tensors: save_slices(big, rank)
             .into_iter()
             .map(|s| TensorData {
-                bytes: slice_bytes(seed, &s),
+                bytes: slice_bytes(seed, &s).into(),
                 slice: s,
             })
             .collect(),

@@ -73,7 +73,7 @@ fn request(rank: usize, step: u64) -> SaveRequest {
         tensors: slices
             .into_iter()
             .map(|s| TensorData {
-                bytes: slice_bytes(step, &s),
+                bytes: slice_bytes(step, &s).into(),
                 slice: s,
             })
             .collect(),

@@ -6,42 +6,46 @@
 //! Each bucket's parameters and gradients live in flat buffers ([`buckets`]): backward
 //! accumulates into the bucket's gradient buffer directly. During the last micro-batch's
 //! backward, when the last unit touching every parameter of a bucket has finished
-//! ([`DataParallel::unit_done`]), the bucket's gradients are handed to a dedicated thread that
-//! owns the data-parallel communicator ([`thread`]): it all-reduces (average) them — or, with
-//! ZeRO-1, reduce-scatters them so each rank keeps only its shard — while the main thread
-//! continues backward. [`DataParallel::finish_step`] waits for every bucket, then does the
-//! rest of the step's update. Without data parallelism the buffer itself is the reduced
-//! gradient.
+//! ([`DataParallel::unit_done`]), the bucket's gradients are handed to the gradient exchange
+//! ([`exchange`]: NCCL on a side stream on CUDA, the gantry communicator on its own thread,
+//! [`thread`], on the CPU): it averages them — or, with ZeRO-1, reduce-scatters them so each
+//! rank keeps only its shard — while backward continues. [`DataParallel::finish_step`] waits
+//! for every bucket, then queues the rest of the step's update on the device and reads the
+//! loss and the norm once. Without data parallelism the buffer itself is the reduced gradient.
 //!
 //! Data flow of a step: `reset` → backward with `unit_done` per finished unit →
-//! `finish_step(states, world, optim, lr, step)` → [`StepStats`]. Checkpointing asks
+//! `finish_step(states, world, optim, lr, step, loss_sum)` → [`StepStats`]. Checkpointing asks
 //! [`DataParallel::optimizer_slices`] which flat range of which parameters each AdamW state
 //! holds; the degree and this rank's coordinate come from the [`RankPlace`] only.
 
 mod buckets;
+mod exchange;
 mod thread;
 
 use crate::comm::{CommClock, TensorComm};
 use crate::error::TrainError;
+use crate::fused::foreach_mul_;
 use crate::model::Model;
-use crate::optim::{AdamImpl, AdamState, clip_coefficient, sum_of_squares};
+use crate::optim::{AdamImpl, AdamState, clip_coefficient_tensor, norm_method, total_sum_of_squares, update_all};
 use crate::param::ParamId;
 use crate::place::RankPlace;
 use crate::spec::OptimSpec;
 use buckets::{Bucket, FlatBuckets, plan_buckets};
+use exchange::{DpCoords, GradientExchange};
 use gantry_collectives::{Communicator, ReduceOp};
 use std::ops::Range;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use thread::{DpThread, Job};
 
 pub use buckets::ALIGN;
 
-/// What a step's update measured.
+/// What a step's update measured, read from the device together once the update is queued.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
+    /// This rank's sum of its micro-batch losses (zero off the last pipeline stage).
+    pub loss_sum: f64,
 }
 
 /// One bucket's parameters and this rank's flat range of it, as an AdamW state holds them.
@@ -62,12 +66,13 @@ pub struct DataParallel {
     uses: Vec<usize>,
     uses_left: Vec<usize>,
     params_left: Vec<usize>,
-    thread: Option<DpThread>,
+    /// Averages complete buckets over the data-parallel ranks (`None`: only one rank).
+    exchange: Option<Box<dyn GradientExchange>>,
     /// ZeRO-1 (only with more than one data-parallel rank).
     zero: bool,
     dp_rank: usize,
     dp: usize,
-    rank: usize,
+    /// Buckets launched and not yet waited for.
     in_flight: usize,
     device: Device,
     /// Synchronized gradients per bucket (the shard under ZeRO-1), after the wait.
@@ -76,7 +81,7 @@ pub struct DataParallel {
     flat: FlatBuckets,
     /// First and last pipeline stage of the same (dp, tp) coordinates: the tied embedding.
     embed: TensorComm,
-    /// Where the waits for the thread are counted as communication.
+    /// Where the waits for the exchange are counted as communication.
     clock: CommClock,
 }
 
@@ -87,9 +92,11 @@ pub struct DataParallelConfig {
 }
 
 impl DataParallel {
-    /// Bucket `model`'s parameters (making them views of flat buffers) and start the thread
-    /// that owns `dp_grads`, the data-parallel communicator, when there is more than one
-    /// data-parallel rank. `embed` sums the tied embedding between the pipeline's ends.
+    /// Bucket `model`'s parameters (making them views of flat buffers) and start the gradient
+    /// exchange over `dp_grads`, the data-parallel communicator, when there is more than one
+    /// data-parallel rank: NCCL on a side stream for a CUDA `place.device`, the gantry
+    /// collectives on their own thread otherwise ([`exchange`]). `embed` sums the tied
+    /// embedding between the pipeline's ends.
     pub fn new(
         model: &Model,
         place: &RankPlace,
@@ -116,17 +123,24 @@ impl DataParallel {
             }
         }
         let nb = buckets.len();
+        let zero = config.zero1 && dp > 1;
+        let at = DpCoords {
+            dp,
+            dp_rank,
+            zero,
+            rank: place.rank,
+        };
+        let exchange = exchange::start(dp_grads, place.device, at)?;
         Ok(DataParallel {
             params_left: buckets.iter().map(|b| b.params.len()).collect(),
             buckets,
             bucket_of,
             uses_left: uses.clone(),
             uses,
-            thread: (dp > 1).then(|| DpThread::spawn(dp_grads, dp, dp_rank)),
-            zero: config.zero1 && dp > 1,
+            exchange,
+            zero,
             dp_rank,
             dp,
-            rank: place.rank,
             in_flight: 0,
             device: model.params.device(),
             reduced: (0..nb).map(|_| None).collect(),
@@ -169,13 +183,14 @@ impl DataParallel {
     }
 
     /// Start of a step: zero the gradients and expect every bucket again.
-    pub fn reset(&mut self) {
-        self.flat.zero_grads();
+    pub fn reset(&mut self) -> Result<(), TrainError> {
+        self.flat.zero_grads()?;
         self.uses_left.clone_from(&self.uses);
         for (b, bucket) in self.buckets.iter().enumerate() {
             self.params_left[b] = bucket.params.len();
         }
         self.reduced.iter_mut().for_each(|r| *r = None);
+        Ok(())
     }
 
     /// Unit `unit` finished its last backward of the step: launch the buckets it completes.
@@ -195,34 +210,23 @@ impl DataParallel {
 
     fn launch(&mut self, b: usize) -> Result<(), TrainError> {
         let flat = &self.flat.grads[b];
-        match &self.thread {
+        match &mut self.exchange {
             None => self.reduced[b] = Some(flat.shallow_clone()),
-            Some(t) => {
-                let host = Vec::<f32>::try_from(&flat.to_device(Device::Cpu))?;
-                let job = if self.zero {
-                    Job::ReduceScatter(b, host)
-                } else {
-                    Job::AllReduce(b, host)
-                };
-                if !t.send(job) {
-                    return Err(self.thread_failed("the thread has stopped"));
-                }
+            Some(x) => {
+                x.launch(b, flat)?;
                 self.in_flight += 1;
             }
         }
         Ok(())
     }
 
-    fn thread_failed(&self, message: &str) -> TrainError {
-        TrainError::GradientThread {
-            rank: self.rank,
-            message: message.into(),
-        }
-    }
-
     /// The rest of a step after backward: wait for every bucket, sum the tied embedding
     /// between the pipeline's ends, measure the global norm over `world`, clip, run AdamW
-    /// (`step` counts from 0) and, under ZeRO-1, gather the updated shards.
+    /// (`step` counts from 0), read the norm with `loss_sum` (this rank's micro-batch loss
+    /// sum, a 0-dimensional f64 tensor on the device) and, under ZeRO-1, gather the updated
+    /// shards. Norm, clip coefficient, scaling and update are queued on the device without a
+    /// read; the read after them is the step's one host synchronization (a `world` of more
+    /// than one rank adds its all-reduce of the norm).
     pub fn finish_step(
         &mut self,
         states: &mut [AdamState],
@@ -230,38 +234,51 @@ impl DataParallel {
         optim: &OptimSpec,
         lr: f64,
         step: u64,
+        loss_sum: &Tensor,
     ) -> Result<StepStats, TrainError> {
         let wait = Instant::now();
         self.wait_for_buckets()?;
         self.clock.add(wait.elapsed().as_secs_f64());
         self.sum_tied_embedding()?;
         let grad_norm = self.global_norm(world)?;
-        let coef = clip_coefficient(grad_norm, optim.grad_clip);
-        for (g, state) in self.reduced.iter_mut().zip(states.iter_mut()) {
-            let g = g.as_mut().expect("finished");
-            if coef != 1.0 {
-                // In place: the gradient buffer is ours and rewritten next step.
-                let _ = g.g_mul_scalar_(coef);
-            }
-            state.try_update(g, optim, lr, step + 1)?;
+        let grads: Vec<&Tensor> = self.reduced.iter().map(|g| g.as_ref().expect("finished")).collect();
+        if optim.grad_clip > 0.0 {
+            // In place, one multi-tensor multiply: the gradient buffers are ours and rewritten
+            // next step. The factor is rounded to f32 as a scalar multiply would round it.
+            let coef = clip_coefficient_tensor(&grad_norm, optim.grad_clip).f_to_kind(Kind::Float)?;
+            foreach_mul_(&grads, &coef)?;
         }
+        update_all(states, &grads, optim, lr, step + 1)?;
+        if let Some(x) = self.exchange.as_mut() {
+            x.settle()?;
+        }
+        let read = Tensor::f_stack(&[loss_sum.f_to_kind(Kind::Double)?, grad_norm], 0)?.f_to_device(Device::Cpu)?;
+        let read = Vec::<f64>::try_from(&read)?;
+        let stats = StepStats {
+            loss_sum: read[0],
+            grad_norm: read[1],
+        };
         if self.zero {
             let shards = states.iter().map(|s| s.master.shallow_clone()).collect();
             let wait = Instant::now();
             self.all_gather(shards)?;
             self.clock.add(wait.elapsed().as_secs_f64());
         }
-        Ok(StepStats { grad_norm })
+        Ok(stats)
     }
 
     /// Wait for every bucket of the step.
     fn wait_for_buckets(&mut self) -> Result<(), TrainError> {
         while self.in_flight > 0 {
-            let t = self.thread.as_ref().expect("in flight implies a thread");
-            let (b, r) = t.recv().ok_or_else(|| self.thread_failed("the thread exited"))?;
+            let Some(x) = self.exchange.as_mut() else {
+                return Err(TrainError::Internal("buckets in flight without an exchange".into()));
+            };
+            let (b, g) = x.next_done()?;
             self.in_flight -= 1;
-            let v = r?;
-            self.reduced[b] = Some(Tensor::from_slice(&v).to_device(self.device));
+            let slot = self.reduced.get_mut(b).ok_or_else(|| {
+                TrainError::Internal(format!("the exchange finished bucket {b}, which does not exist"))
+            })?;
+            *slot = Some(g);
         }
         if let Some(b) = self.reduced.iter().position(Option::is_none) {
             return Err(TrainError::Internal(format!(
@@ -282,43 +299,33 @@ impl DataParallel {
         Ok(())
     }
 
-    /// The global gradient norm over distinct gradient values: each bucket's sum of squares
-    /// stays on the device; their total is read once (one synchronization per step).
-    fn global_norm(&self, world: &mut TensorComm) -> Result<f64, TrainError> {
-        let mut sumsq = [0f64];
+    /// The global gradient norm over distinct gradient values, as a 0-dimensional f64 tensor
+    /// on the device, not read: the counted buckets' squares summed there (one multi-tensor
+    /// norm on CUDA, see [`norm_method`]), then over `world` (no call at all for a world of
+    /// one, so a single-device run does not synchronize here).
+    fn global_norm(&self, world: &mut TensorComm) -> Result<Tensor, TrainError> {
         // Without ZeRO-1 every data-parallel replica holds the same gradients: one counts.
-        if self.zero || self.dp_rank == 0 {
-            let per_bucket: Vec<Tensor> = self
-                .buckets
-                .iter()
-                .zip(&self.reduced)
+        let counted: Vec<&Tensor> = if self.zero || self.dp_rank == 0 {
+            (self.buckets.iter().zip(&self.reduced))
                 .filter(|(bucket, _)| bucket.counts_in_norm)
-                .map(|(_, g)| sum_of_squares(g.as_ref().expect("finished")))
-                .collect();
-            if !per_bucket.is_empty() {
-                sumsq[0] = Tensor::stack(&per_bucket, 0).sum(Kind::Double).double_value(&[]);
-            }
+                .map(|(_, g)| g.as_ref().expect("finished"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut sumsq = total_sum_of_squares(&counted, norm_method(self.device), self.device)?;
+        if !world.is_trivial() {
+            world.all_reduce_(&mut sumsq, ReduceOp::Sum)?;
         }
-        world.all_reduce_f64(&mut sumsq, ReduceOp::Sum)?;
-        Ok(sumsq[0].sqrt())
+        Ok(sumsq.f_sqrt()?)
     }
 
     /// ZeRO-1: gather every rank's updated shard of each bucket into the parameters' flat
     /// buffers (without ZeRO-1 the update already happened in place).
     fn all_gather(&mut self, shards: Vec<Tensor>) -> Result<(), TrainError> {
-        let Some(t) = &self.thread else { return Ok(()) };
-        let n = shards.len();
-        for (b, s) in shards.into_iter().enumerate() {
-            let host = Vec::<f32>::try_from(&s.to_device(Device::Cpu))?;
-            if !t.send(Job::AllGather(b, host)) {
-                return Err(self.thread_failed("the thread has stopped"));
-            }
+        match &mut self.exchange {
+            Some(x) => x.all_gather(&shards, &self.flat.params),
+            None => Ok(()),
         }
-        for _ in 0..n {
-            let (b, r) = t.recv().ok_or_else(|| self.thread_failed("the thread exited"))?;
-            let full = Tensor::from_slice(&r?).to_device(self.device);
-            tch::no_grad(|| self.flat.params[b].copy_(&full));
-        }
-        Ok(())
     }
 }

@@ -21,8 +21,9 @@ pub(crate) struct DpThread {
 }
 
 impl DpThread {
-    /// Run `comm`'s collectives for `dp` data-parallel ranks, this one being `dp_rank`.
-    pub fn spawn(mut comm: Communicator, dp: usize, dp_rank: usize) -> DpThread {
+    /// Run `comm`'s collectives for `dp` data-parallel ranks, this one being `dp_rank`; fails
+    /// only where the OS refuses a thread.
+    pub fn spawn(mut comm: Communicator, dp: usize, dp_rank: usize) -> std::io::Result<DpThread> {
         let (jobs, rx) = channel::<Job>();
         let (tx, results) = channel::<JobResult>();
         let handle = std::thread::Builder::new()
@@ -54,13 +55,12 @@ impl DpThread {
                         break;
                     }
                 }
-            })
-            .expect("spawn the data-parallel gradient thread");
-        DpThread {
+            })?;
+        Ok(DpThread {
             jobs: Some(jobs),
             results,
             handle: Some(handle),
-        }
+        })
     }
 
     /// Hand `job` to the thread; `false` when it has stopped.
