@@ -446,20 +446,23 @@ impl TensorComm {
     }
 }
 
+/// Run `f(rank, world communicator)` on each rank of an in-process world of `n` (tests here
+/// and in data parallelism).
+#[cfg(test)]
+pub(crate) fn on_ranks<R: Send + 'static>(n: usize, f: fn(usize, Communicator) -> R) -> Vec<R> {
+    use gantry_collectives::{Fabric, FabricConfig};
+    let ranks: Vec<_> = Fabric::local_world(n, FabricConfig::default(), 1 << 16)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, fabric)| std::thread::spawn(move || f(rank, fabric.world())))
+        .collect();
+    ranks.into_iter().map(|h| h.join().expect("rank thread")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gantry_collectives::{Fabric, FabricConfig};
-
-    /// Run `f(rank, world communicator)` on each rank of an in-process world of `n`.
-    fn on_ranks<R: Send + 'static>(n: usize, f: fn(usize, Communicator) -> R) -> Vec<R> {
-        let ranks: Vec<_> = Fabric::local_world(n, FabricConfig::default(), 1 << 16)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, fabric)| std::thread::spawn(move || f(rank, fabric.world())))
-            .collect();
-        ranks.into_iter().map(|h| h.join().expect("rank thread")).collect()
-    }
+    use gantry_collectives::FabricConfig;
 
     #[test]
     fn the_backend_follows_the_device_and_the_group_size() {

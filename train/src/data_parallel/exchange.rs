@@ -313,19 +313,9 @@ mod tests {
     use super::super::buckets::Bucket;
     use super::super::{DataParallel, DataParallelConfig};
     use super::*;
-    use crate::comm::{CommClock, TensorComm};
+    use crate::comm::{CommClock, TensorComm, on_ranks};
     use crate::place::RankPlace;
-    use gantry_collectives::{Fabric, FabricConfig, ParallelLayout};
-
-    /// Run `f(rank, world communicator)` on each rank of an in-process world of `n`.
-    fn on_ranks<R: Send + 'static>(n: usize, f: fn(usize, Communicator) -> R) -> Vec<R> {
-        let ranks: Vec<_> = Fabric::local_world(n, FabricConfig::default(), 1 << 16)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, fabric)| std::thread::spawn(move || f(rank, fabric.world())))
-            .collect();
-        ranks.into_iter().map(|h| h.join().expect("rank thread")).collect()
-    }
+    use gantry_collectives::ParallelLayout;
 
     fn coords(rank: usize, zero: bool) -> DpCoords {
         DpCoords {
