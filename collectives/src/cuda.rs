@@ -18,6 +18,7 @@ use crate::nccl::{NcclError, NcclResult, bind, cuda_err, guard, invalid};
 use cudarc::driver::sys::{CUevent_flags, CUresult};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Checks, without panicking, that the CUDA driver loads and sees at least one device.
 pub fn cuda_available() -> NcclResult {
@@ -148,6 +149,37 @@ impl SideStream {
     }
 }
 
+/// Blocks until the work queued so far on device `ordinal`'s compute stream has run, polling
+/// rather than blocking in the driver: a kernel that never ends (an NCCL collective whose peer
+/// died or stalled) becomes [`NcclError::DeviceTimeout`] after `deadline` instead of a hang.
+pub fn wait_for_compute(ordinal: usize, deadline: Duration) -> NcclResult {
+    const OP: &str = "the compute stream's queued work";
+    let ctx = primary_context(ordinal)?;
+    guard("wait_for_compute", || {
+        let event = record(&ctx.default_stream())?;
+        let started = Instant::now();
+        while !event_done(&event)? {
+            if started.elapsed() >= deadline {
+                let waited = started.elapsed();
+                return Err(NcclError::DeviceTimeout { op: OP, waited });
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Ok(())
+    })
+}
+
+/// Whether the work before `event` has run (never blocks).
+fn event_done(event: &CudaEvent) -> NcclResult<bool> {
+    bind(event.context())?;
+    // SAFETY: the event is live for the borrow.
+    match unsafe { result::event::query(event.cu_event()) } {
+        Ok(()) => Ok(true),
+        Err(e) if e.0 == CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        Err(e) => Err(cuda_err("cuEventQuery")(e)),
+    }
+}
+
 fn record(stream: &CudaStream) -> NcclResult<CudaEvent> {
     let flags = Some(CUevent_flags::CU_EVENT_DISABLE_TIMING);
     stream.record_event(flags).map_err(cuda_err("cuEventRecord"))
@@ -166,15 +198,7 @@ unsafe impl Send for DeviceEvent {}
 impl DeviceEvent {
     /// Whether the work before the event has run (never blocks).
     pub fn is_done(&self) -> NcclResult<bool> {
-        guard("cuEventQuery", || {
-            bind(self.event.context())?;
-            // SAFETY: the event is live and owned by `self`.
-            match unsafe { result::event::query(self.event.cu_event()) } {
-                Ok(()) => Ok(true),
-                Err(e) if e.0 == CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-                Err(e) => Err(cuda_err("cuEventQuery")(e)),
-            }
-        })
+        guard("cuEventQuery", || event_done(&self.event))
     }
 
     /// Blocks the calling thread until the work before the event has run.
@@ -267,6 +291,7 @@ mod tests {
                 let unavailable = |e: NcclError| assert!(e.is_unavailable(), "{e}");
                 unavailable(SideStream::new(0).unwrap_err());
                 unavailable(PinnedBuffer::new(0, 16).unwrap_err());
+                unavailable(wait_for_compute(0, Duration::from_secs(1)).unwrap_err());
             }
             Err(e) => panic!("the availability check may only fail with Unavailable: {e}"),
             Ok(()) => {
@@ -282,6 +307,7 @@ mod tests {
                 done.wait().expect("wait");
                 assert!(done.is_done().unwrap());
                 assert_eq!(&pinned.as_slice()[256..], host.as_slice());
+                wait_for_compute(0, Duration::from_secs(60)).expect("an idle compute stream");
                 // SAFETY: as above; the range check runs before anything is queued.
                 let e = unsafe { side.copy_to_host(ptr, &mut pinned, 400, 256) }.unwrap_err();
                 assert!(matches!(e, NcclError::InvalidArgument { .. }), "{e}");

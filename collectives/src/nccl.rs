@@ -54,6 +54,15 @@ pub enum NcclError {
         world: usize,
         waited: std::time::Duration,
     },
+    /// Device work did not finish in time: a kernel that never ends, typically an NCCL
+    /// collective whose peer died or stalled.
+    #[error(
+        "{op} did not finish within {waited:?} (a kernel never ended: an NCCL collective whose peer died or is stuck?)"
+    )]
+    DeviceTimeout {
+        op: &'static str,
+        waited: std::time::Duration,
+    },
     /// cudarc panicked (e.g. a symbol missing from an old library); caught at the boundary.
     #[error("the CUDA/NCCL bindings panicked during {op}: {message}")]
     Panicked { op: &'static str, message: String },

@@ -163,6 +163,11 @@ impl TensorComm {
         self.comm.is_none()
     }
 
+    /// The group's per-call deadline; `None` for a group of one (no peer to wait for).
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.comm.as_ref().map(Communicator::timeout)
+    }
+
     /// Whether CUDA tensors of this group go through NCCL.
     pub fn has_nccl(&self) -> bool {
         self.nccl.is_some()

@@ -32,6 +32,7 @@ use crate::place::RankPlace;
 use crate::spec::OptimSpec;
 use buckets::{Bucket, FlatBuckets, plan_buckets};
 use exchange::{DpCoords, GradientExchange};
+use gantry_collectives::cuda::wait_for_compute;
 use gantry_collectives::{Communicator, ReduceOp};
 use std::ops::Range;
 use std::time::Instant;
@@ -251,6 +252,16 @@ impl DataParallel {
         update_all(states, &grads, optim, lr, step + 1)?;
         if let Some(x) = self.exchange.as_mut() {
             x.settle()?;
+        }
+        if let (Device::Cuda(ordinal), Some(deadline)) = (self.device, world.timeout()) {
+            // The read below is libtorch's blocking copy: a TP or PP collective on the compute
+            // stream whose peer died would hang it. Poll the stream within the deadline first.
+            wait_for_compute(ordinal, deadline).map_err(|source| TrainError::Nccl {
+                rank: world.rank(),
+                group: "the compute stream".into(),
+                op: "step",
+                source,
+            })?;
         }
         let read = Tensor::f_stack(&[loss_sum.f_to_kind(Kind::Double)?, grad_norm], 0)?.f_to_device(Device::Cpu)?;
         let read = Vec::<f64>::try_from(&read)?;
