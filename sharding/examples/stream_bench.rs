@@ -208,6 +208,24 @@ fn local_pass(a: &Args, dir: &Path) -> Res<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// The shards step 0 reads, from the `.idx` files alone (nothing else is fetched), and the
+/// dataset's cache footprint.
+fn first_step_shards(a: &Args, loc: &StorageLocation, opts: &RemoteOptions, cache: &Path) -> Res<(Vec<usize>, u64)> {
+    let prepared = prepare_stream(loc, cache, opts)?;
+    let dir = prepared.dir.clone();
+    let footprint = prepared.footprint();
+    let streamer = Streamer::start(prepared, opts.clone(), StreamConfig::default())?;
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = GptDataset::open_with(&dir, a.seq_len, Split::All, &open)?;
+    let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
+    let first = ds.step_shards(&sampler, &sampler.start(ds.data().fingerprint()), 0, 1, 1)?;
+    drop((ds, streamer));
+    Ok((shards_of(&first), footprint))
+}
+
 fn main() -> Res<()> {
     let a = args()?;
     let loc = StorageLocation::parse_as(&a.url, Role::Dataset)?;
@@ -226,21 +244,7 @@ fn main() -> Res<()> {
     let tokens = total as f64 / token_bytes;
     let store = Store::open_location(&loc, &s3, StoreConfig::default())?;
 
-    // The shards of step 0, from the .idx files alone (nothing else is fetched).
-    let plan_cache = work.join("plan-cache");
-    let prepared = prepare_stream(&loc, &plan_cache, &opts)?;
-    let dir = prepared.dir.clone();
-    let footprint = prepared.footprint();
-    let streamer = Streamer::start(prepared, opts.clone(), StreamConfig::default())?;
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = GptDataset::open_with(&dir, a.seq_len, Split::All, &open)?;
-    let sampler = Sampler::new(ds.num_samples(), 1, a.batch)?;
-    let first = ds.step_shards(&sampler, &sampler.start(ds.data().fingerprint()), 0, 1, 1)?;
-    drop((ds, streamer));
-    let first = shards_of(&first);
+    let (first, footprint) = first_step_shards(&a, &loc, &opts, &work.join("plan-cache"))?;
     let first_objects: Vec<(String, u64)> = first.iter().map(|&s| bins[s].clone()).collect();
 
     // Raw GETs first (the server's page cache is then warm for every case alike).

@@ -21,9 +21,8 @@ use gantry_sharding::remote::{
 };
 use gantry_sharding::sampler::Sampler;
 use s3_server::S3Server;
-use setup::{SEQ, Uploaded, follow, options, read_steps, sum_of_files, synth, tempdir};
+use setup::{SEQ, Uploaded, follow, open_streamed, options, read_steps, sum_of_files, synth, tempdir};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[test]
@@ -50,16 +49,11 @@ fn a_stream_within_a_quarter_budget_reads_what_the_local_copy_holds() {
         fetchers: 2,
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    let (streamer, ds) = open_streamed(prepared, up.opts.clone(), cfg);
     assert!(
         streamer.is_ranged(),
         "a dataset 4× its budget, with block checksums: range mode"
     );
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
     let sampler = Sampler::new(ds.num_samples(), 9, 4).unwrap();
     // Rank 1 of 2, 2 samples a step, over more shards than the budget holds several times.
     let steps = 300;
@@ -111,13 +105,8 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
         budget: Some(budget),
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, opts, cfg).unwrap();
+    let (streamer, ds) = open_streamed(prepared, opts, cfg);
     assert!(!streamer.is_ranged());
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
     assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
     let names: Vec<String> = std::fs::read_dir(&cached)
         .unwrap()
@@ -147,12 +136,7 @@ fn a_read_waits_for_its_shard_and_a_server_gone_for_good_is_named() {
         ..StreamConfig::default()
     };
     // Not following any reader: only what a read asks for is fetched, when it asks.
-    let streamer = Streamer::start(prepared, opts, cfg).unwrap();
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
+    let (streamer, ds) = open_streamed(prepared, opts, cfg);
     let here = up.here();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     ds.sample_into(0, &mut a).unwrap();
@@ -317,12 +301,7 @@ fn budgeted_pass(
         room_wait: Duration::from_secs(10),
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let (streamer, ds) = open_streamed(prepared, opts.clone(), cfg);
     let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
     follow(&streamer, &ds, &sampler, 0, 1);
     let steps = steps.unwrap_or(ds.num_samples() / batch as u64);
@@ -394,7 +373,6 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
     // Step 0 of a 16-sample batch reads many shards; a budget of the fixed files and two
     // shards holds one but not that step.
     let prepared = prepare_stream(loc, &cache, opts).unwrap();
-    let cached = prepared.dir.clone();
     let largest = (0..prepared.shards()).map(|s| prepared.cost(s)).max().unwrap();
     let budget = prepared.fixed_bytes + 2 * largest;
     // Far below: refused when the stream starts, naming the least any step needs.
@@ -426,12 +404,7 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
         ranges: false,
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, opts.clone(), cfg).unwrap();
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let (streamer, ds) = open_streamed(prepared, opts.clone(), cfg);
     let batch = 16;
     let sampler = Sampler::new(ds.num_samples(), 1, batch).unwrap();
     let start = sampler.start(ds.data().fingerprint());
@@ -470,17 +443,11 @@ fn a_budget_below_one_steps_need_fails_at_once_naming_the_smallest_that_works() 
 /// Rank 0 of 1 reads `steps` steps of 4 samples through a stream of `prepared` within
 /// `budget`, checked against the local copy; whether the stream went by byte ranges.
 fn stream_steps(up: &Uploaded, prepared: StreamDir, budget: u64, steps: u64) -> bool {
-    let cached = prepared.dir.clone();
     let cfg = StreamConfig {
         budget: Some(budget),
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let (streamer, ds) = open_streamed(prepared, up.opts.clone(), cfg);
     let sampler = Sampler::new(ds.num_samples(), 2, 4).unwrap();
     follow(&streamer, &ds, &sampler, 0, 1);
     let got = read_steps(&ds, &sampler, 0, 1, steps, |_| {});
@@ -548,7 +515,6 @@ fn a_damaged_block_on_the_server_is_fetched_again_then_named() {
     let up = Uploaded::new("damaged");
     let store = up.store();
     let prepared = prepare_stream(&up.loc, &up.dir.join("cache"), &up.opts).unwrap();
-    let cached = prepared.dir.clone();
     // Shard 0's .bin with one byte of its second block flipped (same size).
     let name = format!("{}.bin", prepared.manifest.shards[0].prefix);
     let mut bin = std::fs::read(up.local.join(&name)).unwrap();
@@ -558,13 +524,8 @@ fn a_damaged_block_on_the_server_is_fetched_again_then_named() {
         budget: Some(prepared.total_bytes() / 4),
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
+    let (streamer, ds) = open_streamed(prepared, up.opts.clone(), cfg);
     assert!(streamer.is_ranged());
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap();
     // Sample 0 reads shard 0's first 64 bytes: block 0, undamaged.
     let (mut a, mut b) = (Vec::new(), Vec::new());
     ds.sample_into(0, &mut a).unwrap();
@@ -617,7 +578,6 @@ fn a_shard_the_plan_releases_is_evictable_while_the_stream_runs_and_a_held_one_i
     let up = Uploaded::new("released");
     let here = up.here();
     let prepared = prepare_stream(&up.loc, &up.dir.join("cache"), &up.opts).unwrap();
-    let cached = prepared.dir.clone();
     // Every shard fits, but with a budget the plan lets go of what the reader is past; two
     // steps ahead at most, so the shards of the first steps leave the window soon.
     let cfg = StreamConfig {
@@ -627,12 +587,7 @@ fn a_shard_the_plan_releases_is_evictable_while_the_stream_runs_and_a_held_one_i
         fetchers: 2,
         ..StreamConfig::default()
     };
-    let streamer = Streamer::start(prepared, up.opts.clone(), cfg).unwrap();
-    let open = OpenOptions {
-        shards: Some(streamer.shards()),
-        ..OpenOptions::default()
-    };
-    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    let (streamer, ds) = open_streamed(prepared, up.opts.clone(), cfg);
     let sampler = Sampler::new(ds.num_samples(), 3, 4).unwrap();
     follow(&streamer, &ds, &sampler, 0, 1);
     let step_shards = |step: u64| {

@@ -6,7 +6,7 @@ use gantry_checkpoint::location::{Role, StorageLocation};
 use gantry_checkpoint::{S3Options, Store, StoreConfig};
 use gantry_sharding::frames::ZstdOptions;
 use gantry_sharding::gpt::{GptDataset, OpenOptions, Split};
-use gantry_sharding::remote::{RemoteOptions, Retry, Streamer, upload};
+use gantry_sharding::remote::{RemoteOptions, Retry, StreamConfig, StreamDir, Streamer, upload};
 use gantry_sharding::sampler::Sampler;
 use gantry_sharding::synth::{SynthConfig, synthesize_with};
 use std::path::{Path, PathBuf};
@@ -133,6 +133,19 @@ pub fn read_steps(
         cursor.advance(1).unwrap();
     }
     out
+}
+
+/// Start streaming `prepared` with `cfg` and open its dataset (samples of [`SEQ`] tokens)
+/// through the stream's shards, as a rank does.
+pub fn open_streamed(prepared: StreamDir, opts: RemoteOptions, cfg: StreamConfig) -> (Streamer, Arc<GptDataset>) {
+    let cached = prepared.dir.clone();
+    let streamer = Streamer::start(prepared, opts, cfg).unwrap();
+    let open = OpenOptions {
+        shards: Some(streamer.shards()),
+        ..OpenOptions::default()
+    };
+    let ds = Arc::new(GptDataset::open_with(&cached, SEQ, Split::All, &open).unwrap());
+    (streamer, ds)
 }
 
 /// Make `streamer` follow rank `rank` of `dp` reading `ds` with `sampler` from step 0, as
