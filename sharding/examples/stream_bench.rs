@@ -76,6 +76,18 @@ fn args() -> Res<Args> {
 
 /// Raw ranged GETs (8 MiB, 8 in flight, as the fetcher makes them) of whole objects; seconds
 /// and bytes.
+/// CPU seconds this process has used so far, every thread, user and system (from
+/// `/proc/self/stat`, in clock ticks of 10 ms): on a machine the server shares, what a pass
+/// leaves the server is what its client does not use.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which ends at the last ')': utime and stime are the
+    // 14th and 15th fields of the line, the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    (ticks.get(11).copied().unwrap_or(0) + ticks.get(12).copied().unwrap_or(0)) as f64 / 100.0
+}
+
 fn raw_get(store: &Store, objects: &[(String, u64)]) -> Res<(f64, u64)> {
     let step = 8u64 << 20;
     let ranges: Vec<(String, std::ops::Range<u64>)> = objects
@@ -248,9 +260,13 @@ fn main() -> Res<()> {
     let first_objects: Vec<(String, u64)> = first.iter().map(|&s| bins[s].clone()).collect();
 
     // Raw GETs first (the server's page cache is then warm for every case alike).
+    let cpu_before = cpu_s();
     let (raw_all_s, raw_bytes) = raw_get(&store, &bins)?;
+    let raw_cpu_s = cpu_s() - cpu_before;
     let (raw_first_s, raw_first_bytes) = raw_get(&store, &first_objects)?;
+    let cpu_before = cpu_s();
     let cold = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
+    let cold_cpu_s = cpu_s() - cpu_before;
     let warm = stream_pass(&a, &loc, &opts, &work.join("cold"), None, true)?;
     let copy = work.join("cold").join(format!("{:016x}", remote.fingerprint));
     unpack_indexes(&copy, m)?;
@@ -298,9 +314,9 @@ fn main() -> Res<()> {
             "cold_prepared_s": cold.prepare_s, "cold_opened_s": cold.open_s,
         },
         "pass": {
-            "raw_get": {"s": raw_all_s, "bytes": raw_bytes, "tokens_per_s": rate(raw_all_s)},
+            "raw_get": {"s": raw_all_s, "cpu_s": raw_cpu_s, "bytes": raw_bytes, "tokens_per_s": rate(raw_all_s)},
             "cold_stream": {
-                "s": cold.seconds, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds),
+                "s": cold.seconds, "cpu_s": cold_cpu_s, "bytes_fetched": cold.bytes_fetched, "tokens_per_s": rate(cold.seconds),
                 "waits": cold.waits, "wait_s": cold.wait_s,
             },
             "warm_stream": {

@@ -50,6 +50,7 @@
 
 mod cache_hint;
 pub mod codec;
+pub mod entry_lock;
 pub mod frames;
 pub mod gpt;
 mod index_header;

@@ -10,11 +10,12 @@
 //! fsynced, checked, and only then renamed to `PREFIX.bin` (and the directory fsynced), so a
 //! file under the final name is always complete. A complete file is still re-checked (size
 //! and xxh3) on every open before it is used; a damaged one is rebuilt. Processes opening the
-//! same dataset at once (several ranks on one host) take an advisory lock on
-//! `PREFIX.bin.lock` around the check-and-build, so one of them builds and the others reuse;
-//! the lock is released by the kernel if the holder dies. Partial files found while holding
+//! same dataset at once (several ranks on one host) take the copy's build lock (a byte of the
+//! directory's one lock file, [`crate::entry_lock`]) around the check-and-build, so one of
+//! them builds and the others reuse; the lock is released by the kernel if the holder dies. Partial files found while holding
 //! the lock belong to an interrupted run and are removed.
 
+use crate::entry_lock::{self, Lock, Mode};
 use crate::frames::{FrameDecoder, FrameError, FramedBin};
 use crate::indexed::with_suffix;
 use memmap2::Mmap;
@@ -201,8 +202,8 @@ pub fn materialize(
     })
 }
 
-/// Create `dest`'s directory and take the advisory lock on `PREFIX.bin.lock`, held until the
-/// returned file is dropped (or the process dies), so one process per host builds the copy.
+/// Create `dest`'s directory and take `dest`'s build lock ([`crate::entry_lock`]), held until
+/// the returned file is dropped (or the process dies), so one process per host builds the copy.
 pub(crate) fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
     if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| MaterializeError::CacheDir {
@@ -210,15 +211,7 @@ pub(crate) fn lock_cache_entry(dest: &Path) -> Result<File, MaterializeError> {
             source,
         })?;
     }
-    let lock_path = with_suffix(dest, ".lock");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
-    Ok(lock)
+    entry_lock::lock(dest, Lock::Build, Mode::Exclusive).map_err(io_err(&entry_lock::locks_file(dest)))
 }
 
 /// A new `PREFIX.bin.partial-PID-N` next to `dest`, removed when the guard drops unless the

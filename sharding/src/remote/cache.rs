@@ -1,20 +1,20 @@
 //! The host's data cache as several streaming ranks share it: leases on shards, a stamp that
 //! spares re-hashing a checked shard, and the space budget.
 //!
-//! - **Leases.** A rank that needs shard `P` holds a shared `flock` on `P.bin.lease` (taken
-//!   before it looks whether `P.bin` is there, kept while it may read it). Evicting `P.bin`
-//!   takes an exclusive `flock` on the lease without waiting: it fails while any rank of the
-//!   host (this process included, through another descriptor) holds it. The kernel drops the
-//!   locks of a killed process, and the lease files are never removed, so there is no race
-//!   between a lock and the file it locks.
-//! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets a stamp,
-//!   written into its lease file `P.bin.lease` (which every shard a stream reads has anyway:
-//!   creating a file is what a streamed shard costs most on a busy file system, and the lease
-//!   is open already when the stamp is read, so a warm shard costs no other open): its size,
-//!   xxh3, device, inode, modification and change times, and the kernel's boot id. A later
-//!   lease whose file still stats the same, in the same boot, skips the hash; anything else
-//!   re-hashes it. (Stamps once lived in `P.bin.lock`: those are not read, so such a shard is
-//!   hashed once more.)
+//! - **Leases.** A rank that needs shard `P` holds `P.bin`'s lease shared (taken before it
+//!   looks whether `P.bin` is there, kept while it may read it). Evicting `P.bin` takes the
+//!   lease exclusively without waiting: it fails while any rank of the host (this process
+//!   included, through another open) holds it. Leases and the build locks that make one rank
+//!   of the host fetch a shard are byte-range locks on the directory's one lock file
+//!   ([`crate::entry_lock`]): the kernel drops them when their holder dies, and no file is
+//!   created per shard for them (creating files was most of what a cold shard cost).
+//! - **Stamps.** A `.bin` that was fetched or hashed and matched the manifest gets a stamp:
+//!   its size, xxh3, device, inode, modification and change times, and the kernel's boot id,
+//!   in a fixed 64-byte record (sealed by its own xxh3) at the shard's slot of the directory's
+//!   [`STAMPS`] file. A later lease whose file still stats the same, in the same boot, skips
+//!   the hash; anything else re-hashes it. A record torn by a concurrent write does not match
+//!   its seal and counts as no stamp. (Stamps once lived in `P.bin.lease` or `P.bin.lock`:
+//!   those are not read, so such a shard is hashed once more; eviction removes those files.)
 //! - **No fsync.** A streamed shard is written, checked and renamed into place without an
 //!   fsync of the file or the directory (on Linux, where the boot id is known): a killed
 //!   process cannot tear a file the kernel holds, and what a host crash can tear (a renamed
@@ -28,14 +28,14 @@
 //!   sizes of the files there (the temporary files are created at their full size when they
 //!   are reserved, so what is being fetched counts too), and while the reservation does not
 //!   fit, shards no rank holds are evicted, least soon needed by this rank first, and
-//!   temporary files whose writer is gone (its `P.bin.lock` is free) are removed. When
+//!   temporary files whose writer is gone (their build lock is free) are removed. When
 //!   nothing more can go the reservation waits for the other ranks to let go, up to a
 //!   deadline.
 
 use super::{RemoteError, io_err};
+use crate::entry_lock::{self, Lock, Mode};
 use crate::materialize::{RemoveOnDrop, create_partial};
-use serde::{Deserialize, Serialize};
-use std::fs::{File, TryLockError};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,16 +43,20 @@ use std::time::{Duration, Instant};
 
 /// The lock file that serializes reservations of one dataset's cache directory.
 pub(super) const SPACE_LOCK: &str = "space.lock";
-/// Room reserved with each shard for the small files that come with it: its stamp (at most
-/// [`Stamp::MAX_BYTES`], in its `.lease` file; its `.lock` file is empty).
-pub(super) const SMALL_FILES: u64 = 512;
+/// The file of a dataset's cache directory that holds every shard's stamp, one
+/// [`STAMP_BYTES`] record per shard (created at its full size with the directory: a fixed
+/// file, like the manifest).
+pub(super) const STAMPS: &str = ".gantry-stamps";
+/// Bytes of one stamp record.
+pub(super) const STAMP_BYTES: u64 = 64;
 
 /// Bytes one shard's entry takes in a dataset's cache directory at most: `sizes`, the files
 /// its fetch writes (the `.bin`; for a compressed-only shard also its frames and frame index,
-/// there until it is decompressed), and its small files. The one figure the plan holds a rank
-/// to and a reservation makes room for, so the two agree by construction.
+/// there until it is decompressed). Its locks and stamp take no room of their own (a byte
+/// range of the lock file, a slot of [`STAMPS`]). The one figure the plan holds a rank to and
+/// a reservation makes room for, so the two agree by construction.
 pub(super) fn entry_cost(sizes: &[u64]) -> u64 {
-    sizes.iter().sum::<u64>() + SMALL_FILES
+    sizes.iter().sum::<u64>()
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -61,10 +65,9 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Open (creating) the lock or lease file `path`; readable, for the stamp a lease holds.
+/// Open (creating) the lock file `path`.
 fn lock_file(path: &Path) -> Result<File, RemoteError> {
     File::options()
-        .read(true)
         .create(true)
         .truncate(false)
         .write(true)
@@ -75,27 +78,22 @@ fn lock_file(path: &Path) -> Result<File, RemoteError> {
 /// This rank's lease on the shard whose `.bin` is `bin`: shared, waits while the shard is
 /// being evicted.
 pub(super) fn lease(bin: &Path) -> Result<File, RemoteError> {
-    let path = with_suffix(bin, ".lease");
-    let file = lock_file(&path)?;
-    file.lock_shared().map_err(io_err(&path))?;
-    Ok(file)
+    entry_lock::lock(bin, Lock::Lease, Mode::Shared).map_err(io_err(&entry_lock::locks_file(bin)))
 }
 
-/// Remove the shard files `files` (its `.bin` is `bin`) when no rank of the host holds the
-/// shard; the bytes removed, `None` when it is held.
-pub(super) fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, RemoteError> {
-    let path = with_suffix(bin, ".lease");
-    let lease = lock_file(&path)?;
-    match lease.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Ok(None),
-        Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+/// Remove the files of the evictable shard `entry` when no rank of the host holds it; the
+/// bytes removed, `None` when it is held. Its stamp goes with it.
+pub(super) fn evict(entry: &Evictable, stamps: &Stamps) -> Result<Option<u64>, RemoteError> {
+    match entry_lock::lock(&entry.bin, Lock::Lease, Mode::TryExclusive) {
+        Ok(_held) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(io_err(&entry_lock::locks_file(&entry.bin))(e)),
     }
-    // The stamp first: it goes with the shard (its lease file stays, empty); and one an
-    // earlier version left in the lock file.
-    let mut freed = clear_stamp(bin, STAMP)? + clear_stamp(bin, ".lock")?;
-    // `P.bin.ok`: where stamps were kept before they moved into the lock file.
-    for f in files.iter().chain([&with_suffix(bin, ".ok")]) {
+    stamps.clear(entry.shard)?;
+    let mut freed = 0;
+    // Where earlier versions kept a shard's locks and stamps: no longer used, so they go too.
+    let legacy = [".lease", ".lock", ".ok"].map(|s| with_suffix(&entry.bin, s));
+    for f in entry.files.iter().chain(&legacy) {
         if let Ok(meta) = std::fs::metadata(f) {
             std::fs::remove_file(f).map_err(io_err(f))?;
             freed += meta.len();
@@ -104,26 +102,57 @@ pub(super) fn evict(bin: &Path, files: &[PathBuf]) -> Result<Option<u64>, Remote
     Ok(Some(freed))
 }
 
-/// What a stamp records of a checked `.bin`.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a stamp records of a checked `.bin`: everything that changes when the file is
+/// replaced or rewritten, and the boot it was checked in (0 where unknown: a stamp of an
+/// earlier boot may describe a file whose unsynced pages a crash lost).
+#[derive(Debug, PartialEq, Eq)]
 struct Stamp {
     bytes: u64,
-    xxh3: String,
+    xxh3: u64,
     dev: u64,
     ino: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-    /// The boot the check was made in (empty where unknown): a stamp of an earlier boot may
-    /// describe a file whose unsynced pages a crash lost.
-    #[serde(default)]
-    boot: String,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    boot: u64,
 }
 
 impl Stamp {
-    /// The longest a stamp's JSON can be (every number at its widest, the xxh3 as the
-    /// manifest writes it: 16 hex digits, the boot id a 36-character UUID): what
-    /// [`SMALL_FILES`] must cover.
-    const MAX_BYTES: u64 = 280;
+    /// The record: the fields in order, little-endian, then the xxh3 of those 56 bytes.
+    fn encode(&self) -> [u8; STAMP_BYTES as usize] {
+        let mut raw = [0u8; STAMP_BYTES as usize];
+        let fields = [
+            self.bytes,
+            self.xxh3,
+            self.dev,
+            self.ino,
+            self.mtime_ns as u64,
+            self.ctime_ns as u64,
+            self.boot,
+        ];
+        for (at, v) in fields.into_iter().enumerate() {
+            raw[at * 8..at * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let seal = xxhash_rust::xxh3::xxh3_64(&raw[..56]);
+        raw[56..].copy_from_slice(&seal.to_le_bytes());
+        raw
+    }
+
+    /// The stamp a record holds; `None` for an empty, cleared or torn one.
+    fn decode(raw: &[u8; STAMP_BYTES as usize]) -> Option<Stamp> {
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        if word(7) != xxhash_rust::xxh3::xxh3_64(&raw[..56]) {
+            return None;
+        }
+        Some(Stamp {
+            bytes: word(0),
+            xxh3: word(1),
+            dev: word(2),
+            ino: word(3),
+            mtime_ns: word(4) as i64,
+            ctime_ns: word(5) as i64,
+            boot: word(6),
+        })
+    }
 }
 
 /// The kernel's id of this boot, read once; `None` where there is none to read.
@@ -144,71 +173,79 @@ pub(super) fn durable() -> bool {
     boot_id().is_none()
 }
 
-const _: () = assert!(Stamp::MAX_BYTES <= SMALL_FILES);
-
+/// The stamp `path` would get now as matching the manifest's `xxh3` (hex, as the manifest
+/// writes it); `None` when it cannot be stat'ed or the checksum is not hex.
 fn stamp_of(path: &Path, xxh3: &str) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
     Some(Stamp {
         bytes: m.len(),
-        xxh3: xxh3.to_string(),
+        xxh3: u64::from_str_radix(xxh3, 16).ok()?,
         dev: m.dev(),
         ino: m.ino(),
         mtime_ns: ns(m.mtime(), m.mtime_nsec()),
         ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        boot: boot_id().unwrap_or_default().to_string(),
+        boot: boot_id().map_or(0, |b| xxhash_rust::xxh3::xxh3_64(b.as_bytes()).max(1)),
     })
 }
 
-/// Whether `bin` was checked against `bytes` / `xxh3` and has not changed since, by the
-/// stamp in `lease` (its lease file, open: [`lease`]).
-pub(super) fn stamped(lease: &File, bin: &Path, bytes: u64, xxh3: &str) -> bool {
-    // One read: a stamp is never longer than this, so a longer file is no stamp.
-    let mut raw = [0u8; SMALL_FILES as usize + 1];
-    let Ok(n) = lease.read_at(&mut raw, 0) else {
-        return false;
-    };
-    let Ok(recorded) = serde_json::from_slice::<Stamp>(&raw[..n]) else {
-        return false;
-    };
-    recorded.bytes == bytes && stamp_of(bin, xxh3).is_some_and(|now| now == recorded)
+/// A dataset cache directory's stamps ([`STAMPS`]), open.
+pub(super) struct Stamps {
+    file: File,
+    path: PathBuf,
 }
 
-/// Record that `bin` matches the manifest's `xxh3` now. Not fatal when it cannot be written
-/// (the next lease hashes the file again).
-fn stamp(bin: &Path, xxh3: &str) {
-    let path = with_suffix(bin, STAMP);
-    let written = stamp_of(bin, xxh3)
-        .and_then(|s| serde_json::to_vec(&s).ok())
-        .map(|raw| {
-            // Not truncated first: a reader sees the old stamp, the new one, or bytes that
-            // parse as neither (then it hashes the file), never an empty file it would have
-            // to tell from a missing stamp.
-            let file = lock_file(&path)?;
-            file.write_all_at(&raw, 0)
-                .and_then(|()| file.set_len(raw.len() as u64))
-                .map_err(io_err(&path))
-        });
-    if let Some(Err(e)) = written {
-        tracing::debug!(path = %path.display(), error = %e, "cannot write a shard stamp");
+impl Stamps {
+    /// Open `dir`'s stamps file, creating it or growing it to hold `shards` records.
+    pub(super) fn open(dir: &Path, shards: usize) -> Result<Stamps, RemoteError> {
+        let path = dir.join(STAMPS);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let want = shards as u64 * STAMP_BYTES;
+        if file.metadata().map_err(io_err(&path))?.len() < want {
+            file.set_len(want).map_err(io_err(&path))?;
+        }
+        Ok(Stamps { file, path })
+    }
+
+    fn at(shard: usize) -> u64 {
+        shard as u64 * STAMP_BYTES
+    }
+
+    /// Whether `bin` (shard `shard`) was checked against `bytes` / `xxh3` and has not changed
+    /// since. Call holding its lease: the lease keeps the file from eviction, and a stamp
+    /// matches only the inode and change time it was made for.
+    pub(super) fn matches(&self, shard: usize, bin: &Path, bytes: u64, xxh3: &str) -> bool {
+        let mut raw = [0u8; STAMP_BYTES as usize];
+        if self.file.read_exact_at(&mut raw, Self::at(shard)).is_err() {
+            return false;
+        }
+        Stamp::decode(&raw)
+            .is_some_and(|recorded| recorded.bytes == bytes && stamp_of(bin, xxh3).is_some_and(|now| now == recorded))
+    }
+
+    /// Record that `bin` (shard `shard`) matches the manifest's `xxh3` now. Not fatal when it
+    /// cannot be written (the next lease hashes the file again).
+    fn record(&self, shard: usize, bin: &Path, xxh3: &str) {
+        let Some(stamp) = stamp_of(bin, xxh3) else { return };
+        if let Err(e) = self.file.write_all_at(&stamp.encode(), Self::at(shard)) {
+            tracing::debug!(path = %self.path.display(), shard, error = %e, "cannot write a shard stamp");
+        }
+    }
+
+    /// Forget shard `shard`'s stamp (its files are being removed).
+    fn clear(&self, shard: usize) -> Result<(), RemoteError> {
+        let zero = [0u8; STAMP_BYTES as usize];
+        self.file
+            .write_all_at(&zero, Self::at(shard))
+            .map_err(io_err(&self.path))
     }
 }
-
-/// Remove `bin`'s stamp from its file `bin` + `suffix` (emptied, kept); the bytes it took.
-fn clear_stamp(bin: &Path, suffix: &str) -> Result<u64, RemoteError> {
-    let path = with_suffix(bin, suffix);
-    let Ok(meta) = std::fs::metadata(&path) else {
-        return Ok(0);
-    };
-    if meta.len() > 0 {
-        lock_file(&path)?.set_len(0).map_err(io_err(&path))?;
-    }
-    Ok(meta.len())
-}
-
-/// Where a shard's stamp is kept: its lease file (`P.bin.lease`, which every streamed shard
-/// has anyway), so a stamp costs no file of its own and is read through the open lease.
-const STAMP: &str = ".lease";
 
 /// Bytes of the files in `dir` (not recursive: a dataset's cache directory is flat).
 pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
@@ -225,7 +262,8 @@ pub(super) fn usage(dir: &Path) -> Result<u64, RemoteError> {
 }
 
 /// Whether a file of a dataset's cache directory is shard data the budget may evict (a
-/// `.bin`, the frames of one, its stamp in the lease or lock file) or a temporary file.
+/// `.bin`, the frames of one, an earlier version's lease, lock or stamp file) or a temporary
+/// file.
 fn shard_data(name: &str) -> bool {
     name.contains(".partial-")
         || [".bin", ".bin.zst", ".zidx", ".bin.lease", ".bin.lock", ".bin.ok"]
@@ -249,17 +287,22 @@ pub(super) fn kept_files(dir: &Path) -> Result<u64, RemoteError> {
     Ok(sum)
 }
 
-/// Remove the temporary files in `dir` whose writer is gone: their `NAME.lock` (NAME being
-/// what is before `.partial-`) is free. Every writer holds that lock while its temporary file
-/// exists, this process's other threads included (another descriptor conflicts).
+/// Remove the temporary files in `dir` whose writer is gone: the build lock of NAME (what is
+/// before `.partial-`) is free. Every writer holds that lock while its temporary file exists,
+/// this process's other threads included (another open conflicts).
 pub(super) fn sweep_partials(dir: &Path) -> Result<u64, RemoteError> {
     let mut freed = 0;
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(at) = name.find(".partial-") else { continue };
-        let lock = lock_file(&dir.join(format!("{}.lock", &name[..at])))?;
-        if lock.try_lock().is_ok() {
+        let entry_path = dir.join(&name[..at]);
+        let free = match entry_lock::lock(&entry_path, Lock::Build, Mode::TryExclusive) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => return Err(io_err(&entry_lock::locks_file(&entry_path))(e)),
+        };
+        if free {
             let size = entry.metadata().map_or(0, |m| m.len());
             if std::fs::remove_file(entry.path()).is_ok() {
                 tracing::info!(file = %entry.path().display(), "removed the temporary file of a fetch that was interrupted");
@@ -289,7 +332,7 @@ impl Partial {
     }
 }
 
-/// Create the temporary files for `sizes` bytes next to `bin` (whose `.lock` the caller
+/// Create the temporary files for `sizes` bytes next to `bin` (whose build lock the caller
 /// holds), each at its full size.
 fn create(bin: &Path, sizes: &[u64]) -> Result<Vec<Partial>, RemoteError> {
     sizes
@@ -305,6 +348,7 @@ fn create(bin: &Path, sizes: &[u64]) -> Result<Vec<Partial>, RemoteError> {
 /// One shard the cache may evict: its `.bin` and every file of it that takes room.
 #[derive(Clone, Debug)]
 pub(super) struct Evictable {
+    pub shard: usize,
     pub bin: PathBuf,
     pub files: Vec<PathBuf>,
 }
@@ -317,6 +361,7 @@ pub(super) struct Space<'a> {
     /// How long a reservation may wait for room.
     pub deadline: Duration,
     pub stop: &'a AtomicBool,
+    pub stamps: &'a Stamps,
 }
 
 /// What a reservation did.
@@ -342,24 +387,24 @@ impl Space<'_> {
         Ok(Some(lock))
     }
 
-    /// Rename the checked temporary file `partial` into place at `bin` and stamp it as
-    /// matching `xxh3`.
-    pub(super) fn commit(&self, partial: Partial, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
+    /// Rename the checked temporary file `partial` into place at `bin` (shard `shard`) and
+    /// stamp it as matching `xxh3`.
+    pub(super) fn commit(&self, partial: Partial, shard: usize, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
         let _lock = self.lock()?;
         partial.commit(bin)?;
-        stamp(bin, xxh3);
+        self.stamps.record(shard, bin, xxh3);
         Ok(())
     }
 
-    /// Stamp `bin`, found in place and hashed, as matching `xxh3`.
-    pub(super) fn stamp(&self, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
+    /// Stamp `bin` (shard `shard`), found in place and hashed, as matching `xxh3`.
+    pub(super) fn stamp(&self, shard: usize, bin: &Path, xxh3: &str) -> Result<(), RemoteError> {
         let _lock = self.lock()?;
-        stamp(bin, xxh3);
+        self.stamps.record(shard, bin, xxh3);
         Ok(())
     }
 
-    /// Reserve temporary files of `sizes` bytes (and room for the shard's small files: its
-    /// [`entry_cost`]) for the shard whose `.bin` is `bin` (its `.lock` held by the caller),
+    /// Reserve temporary files of `sizes` bytes (its [`entry_cost`]) for the shard whose
+    /// `.bin` is `bin` (its build lock held by the caller),
     /// evicting from `candidates()` (in that order) what no rank holds, as the module
     /// documentation says. The candidates are asked for again on every try: a shard this
     /// rank lets go of while the reservation waits (its reader moved on) is one it may evict.
@@ -387,7 +432,7 @@ impl Space<'_> {
                 if usage + need <= budget {
                     break;
                 }
-                if let Some(freed) = evict(&c.bin, &c.files)? {
+                if let Some(freed) = evict(c, self.stamps)? {
                     if freed > 0 {
                         evicted += 1;
                         tracing::debug!(file = %c.bin.display(), freed, "evicted from the data cache");
@@ -436,31 +481,33 @@ mod tests {
         d
     }
 
+    fn evictable(shard: usize, bin: &Path) -> Evictable {
+        Evictable {
+            shard,
+            bin: bin.to_path_buf(),
+            files: vec![bin.to_path_buf()],
+        }
+    }
+
     #[test]
     fn a_held_shard_is_never_evicted_and_a_free_one_is() {
         let dir = tempdir("lease");
         let (a, b) = (dir.join("a.bin"), dir.join("b.bin"));
         std::fs::write(&a, vec![1u8; 1000]).unwrap();
         std::fs::write(&b, vec![2u8; 1000]).unwrap();
+        let stamps = Stamps::open(&dir, 4).unwrap();
+        let fixed = 4 * STAMP_BYTES;
         let held = lease(&a).unwrap();
         let stop = AtomicBool::new(false);
         let space = Space {
             dir: &dir,
-            budget: Some(1500 + SMALL_FILES),
+            budget: Some(1500 + fixed),
             deadline: Duration::from_millis(100),
             stop: &stop,
+            stamps: &stamps,
         };
-        let candidates = [
-            Evictable {
-                bin: a.clone(),
-                files: vec![a.clone()],
-            },
-            Evictable {
-                bin: b.clone(),
-                files: vec![b.clone()],
-            },
-        ];
-        // Reservations are made holding the shard's lock (what tells a live temporary file).
+        let candidates = [evictable(0, &a), evictable(1, &b)];
+        // Reservations are made holding the shard's build lock (what tells a live temporary file).
         let c_lock = crate::materialize::lock_cache_entry(&dir.join("c.bin")).unwrap();
         let candidates = || candidates.to_vec();
         let (partials, done) = space.reserve(&dir.join("c.bin"), &[500], &candidates).unwrap();
@@ -471,7 +518,7 @@ mod tests {
             500,
             "reserved at full size"
         );
-        assert_eq!(usage(&dir).unwrap(), 1500);
+        assert_eq!(usage(&dir).unwrap(), 1500 + fixed, "no file per shard besides its own");
         // Nothing else can go: the next reservation waits, then says why.
         let e = space
             .reserve(&dir.join("d.bin"), &[500], &candidates)
@@ -479,7 +526,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            e.contains("no room in the data cache budget") && e.contains("d.bin (1012 bytes)"),
+            e.contains("no room in the data cache budget") && e.contains("d.bin (500 bytes)"),
             "{e}"
         );
         drop((partials, c_lock, held));
@@ -501,6 +548,7 @@ mod tests {
         assert!(dir.join("live.bin.partial-1-0").exists());
         assert!(!dir.join("dead.bin.partial-999999-0").exists());
         drop(held);
+        assert_eq!(sweep_partials(&dir).unwrap(), 10, "its writer let go");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -509,12 +557,14 @@ mod tests {
         let dir = tempdir("late");
         let a = dir.join("a.bin");
         std::fs::write(&a, vec![1u8; 1000]).unwrap();
+        let stamps = Stamps::open(&dir, 2).unwrap();
         let stop = AtomicBool::new(false);
         let space = Space {
             dir: &dir,
-            budget: Some(1500 + SMALL_FILES),
+            budget: Some(1500 + 2 * STAMP_BYTES),
             deadline: Duration::from_secs(30),
             stop: &stop,
+            stamps: &stamps,
         };
         // The first try finds nothing to evict (the shard is still held then); by the next one
         // the rank has let go of it.
@@ -523,10 +573,7 @@ mod tests {
             tries.set(tries.get() + 1);
             match tries.get() {
                 1 => Vec::new(),
-                _ => vec![Evictable {
-                    bin: a.clone(),
-                    files: vec![a.clone()],
-                }],
+                _ => vec![evictable(0, &a)],
             }
         };
         let _lock = crate::materialize::lock_cache_entry(&dir.join("b.bin")).unwrap();
@@ -538,44 +585,51 @@ mod tests {
     }
 
     #[test]
-    fn the_widest_stamp_fits_the_room_reserved_for_it() {
-        let widest = Stamp {
-            bytes: u64::MAX,
-            xxh3: "f".repeat(16),
-            dev: u64::MAX,
-            ino: u64::MAX,
-            mtime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
-            ctime_ns: i128::from(i64::MIN) * 1_000_000_000 - 999_999_999,
-            boot: "ffffffff-ffff-ffff-ffff-ffffffffffff".into(),
-        };
-        let len = serde_json::to_vec(&widest).unwrap().len() as u64;
-        assert!(len <= Stamp::MAX_BYTES && Stamp::MAX_BYTES <= SMALL_FILES, "{len}");
+    fn an_evicted_shard_loses_its_stamp_and_an_earlier_versions_small_files() {
+        let dir = tempdir("evict");
+        let a = dir.join("a.bin");
+        std::fs::write(&a, b"tokens").unwrap();
+        for legacy in ["a.bin.lease", "a.bin.lock", "a.bin.ok"] {
+            std::fs::write(dir.join(legacy), b"{}").unwrap();
+        }
+        let stamps = Stamps::open(&dir, 3).unwrap();
+        stamps.record(2, &a, "00000000000000ab");
+        assert!(stamps.matches(2, &a, 6, "00000000000000ab"));
+        assert_eq!(evict(&evictable(2, &a), &stamps).unwrap(), Some(6 + 3 * 2));
+        std::fs::write(&a, b"tokens").unwrap();
+        assert!(!stamps.matches(2, &a, 6, "00000000000000ab"), "the stamp went with it");
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".gantry-locks", STAMPS, "a.bin"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A shard written without an fsync may have lost its pages in a host crash while its
-    /// stamp survived: a stamp made in another boot (or before stamps named the boot) is not
-    /// taken, so the shard is hashed again.
+    /// stamp survived: a stamp made in another boot (or one that names no boot, where this
+    /// one is known) is not taken, so the shard is hashed again.
     #[test]
     fn a_stamp_from_another_boot_is_not_taken() {
         let dir = tempdir("boot");
         let bin = dir.join("s.bin");
         std::fs::write(&bin, b"tokens").unwrap();
-        stamp(&bin, "abc");
-        let held = lease(&bin).unwrap();
-        let stamped = |bin: &Path, bytes, xxh3| stamped(&held, bin, bytes, xxh3);
-        assert!(stamped(&bin, 6, "abc"));
+        let stamps = Stamps::open(&dir, 1).unwrap();
+        stamps.record(0, &bin, "abc");
+        let _held = lease(&bin).unwrap();
+        assert!(stamps.matches(0, &bin, 6, "abc"));
         assert_eq!(durable(), boot_id().is_none());
-        let ok = with_suffix(&bin, STAMP);
-        let mut recorded: Stamp = serde_json::from_slice(&std::fs::read(&ok).unwrap()).unwrap();
-        assert_eq!(recorded.boot, boot_id().unwrap_or_default());
-        recorded.boot = "00000000-0000-0000-0000-000000000000".into();
-        std::fs::write(&ok, serde_json::to_vec(&recorded).unwrap()).unwrap();
-        assert!(!stamped(&bin, 6, "abc"), "another boot's stamp");
-        let mut old = serde_json::to_value(&recorded).unwrap();
-        old.as_object_mut().unwrap().remove("boot");
-        std::fs::write(&ok, serde_json::to_vec(&old).unwrap()).unwrap();
+        let rewrite = |boot: u64| {
+            let mut s = stamp_of(&bin, "abc").unwrap();
+            s.boot = boot;
+            std::fs::write(dir.join(STAMPS), s.encode()).unwrap();
+        };
+        rewrite(12345);
+        assert!(!stamps.matches(0, &bin, 6, "abc"), "another boot's stamp");
+        rewrite(0);
         assert_eq!(
-            stamped(&bin, 6, "abc"),
+            stamps.matches(0, &bin, 6, "abc"),
             boot_id().is_none(),
             "a stamp that names no boot"
         );
@@ -583,19 +637,38 @@ mod tests {
     }
 
     #[test]
-    fn a_stamp_holds_until_the_file_changes() {
+    fn a_stamp_holds_until_the_file_changes_and_a_torn_one_never() {
         let dir = tempdir("stamp");
-        let bin = dir.join("s.bin");
-        std::fs::write(&bin, b"tokens").unwrap();
-        let held = lease(&bin).unwrap();
-        let stamped = |bin: &Path, bytes, xxh3| stamped(&held, bin, bytes, xxh3);
-        assert!(!stamped(&bin, 6, "abc"));
-        stamp(&bin, "abc");
-        assert!(stamped(&bin, 6, "abc"));
-        assert!(!stamped(&bin, 6, "abd"), "another checksum");
+        let (s0, s1) = (dir.join("s0.bin"), dir.join("s1.bin"));
+        std::fs::write(&s0, b"tokens").unwrap();
+        std::fs::write(&s1, b"tokens").unwrap();
+        let stamps = Stamps::open(&dir, 2).unwrap();
+        assert!(!stamps.matches(0, &s0, 6, "abc"), "a fresh file holds no stamp");
+        stamps.record(0, &s0, "abc");
+        assert!(stamps.matches(0, &s0, 6, "abc"));
+        assert!(!stamps.matches(1, &s1, 6, "abc"), "slots are the shards'");
+        assert!(!stamps.matches(0, &s1, 6, "abc"), "another file in the slot");
+        assert!(!stamps.matches(0, &s0, 6, "abd"), "another checksum");
+        assert!(!stamps.matches(0, &s0, 7, "abc"), "another size");
+        // Half of a record written over another's (a concurrent write): no stamp, so a hash.
+        let mut torn = stamp_of(&s0, "abc").unwrap().encode();
+        torn[8] ^= 1;
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(STAMPS))
+            .unwrap()
+            .write_all_at(&torn, 0)
+            .unwrap();
+        assert!(!stamps.matches(0, &s0, 6, "abc"), "a torn record");
+        stamps.record(0, &s0, "abc");
         std::thread::sleep(Duration::from_millis(10));
-        std::fs::write(&bin, b"tokenz").unwrap();
-        assert!(!stamped(&bin, 6, "abc"), "rewritten: hashed again");
+        std::fs::write(&s0, b"tokenz").unwrap();
+        assert!(!stamps.matches(0, &s0, 6, "abc"), "rewritten: hashed again");
+        // Reopening with more shards grows the file and keeps what it holds.
+        stamps.record(1, &s1, "abc");
+        let more = Stamps::open(&dir, 5).unwrap();
+        assert!(more.matches(1, &s1, 6, "abc"));
+        assert_eq!(std::fs::metadata(dir.join(STAMPS)).unwrap().len(), 5 * STAMP_BYTES);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

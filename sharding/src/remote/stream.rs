@@ -10,8 +10,8 @@
 //! step reads), `fetchers` threads bring shards into the cache in the order the steps need them, a bounded number in
 //! flight, each as [`super::fetch`] does (ranged GETs, hashed in order, written under a
 //! temporary name, checked against the manifest, renamed; no fsync, see [`super::cache`]),
-//! under the `.bin`'s lock so the ranks of a host fetch it once (a shard already stamped as
-//! checked is taken under its lease alone). A read waits only for the shard it reads (up to
+//! under the `.bin`'s build lock so the ranks of a host fetch it once (a shard already stamped
+//! as checked is taken under its lease alone; locks and stamps take no file per shard). A read waits only for the shard it reads (up to
 //! [`StreamConfig::wait`], then an error naming the shard and its object); a shard not there
 //! is never mapped. Training therefore starts once the first step's shards are in. A shard
 //! this rank holds is read from its own slot ([`Inner::ready`]) without the stream's lock: a
@@ -162,6 +162,8 @@ enum Engine {
 struct Inner {
     dir: StreamDir,
     pack: Arc<IndexPack>,
+    /// The directory's shard stamps ([`cache::Stamps`]).
+    stamps: cache::Stamps,
     /// Bytes of the directory's files the budget never evicts, and the largest shard's cost
     /// (what a budget too small for a step is told it needs).
     fixed: u64,
@@ -278,9 +280,11 @@ impl Streamer {
         let n = dir.shards();
         let dir_path = dir.dir.clone();
         let workers = cfg.fetchers.max(1);
+        let stamps = cache::Stamps::open(&dir.dir, n)?;
         let inner = Arc::new(Inner {
             dir,
             pack: pack.clone(),
+            stamps,
             fixed,
             largest,
             store,
@@ -313,14 +317,15 @@ impl Streamer {
         cfg: StreamConfig,
         pack: Arc<IndexPack>,
     ) -> Result<Streamer, RemoteError> {
-        for s in 0..dir.shards() {
-            let bin = dir.bin(s);
+        let stamps = cache::Stamps::open(&dir.dir, dir.shards())?;
+        for shard in 0..dir.shards() {
+            let bin = dir.bin(shard);
             let mut files = vec![bin.clone()];
-            if let Some(z) = &dir.manifest.shards[s].zstd {
+            if let Some(z) = &dir.manifest.shards[shard].zstd {
                 files.extend([dir.dir.join(&z.file), dir.dir.join(&z.index)]);
             }
             if files.iter().any(|f| f.exists()) {
-                cache::evict(&bin, &files)?;
+                cache::evict(&Evictable { shard, bin, files }, &stamps)?;
             }
         }
         cache::sweep_partials(&dir.dir)?;
@@ -583,7 +588,7 @@ impl Inner {
                     files.push(self.dir.dir.join(&z.file));
                     files.push(self.dir.dir.join(&z.index));
                 }
-                Evictable { bin, files }
+                Evictable { shard: s, bin, files }
             })
             .collect()
     }

@@ -24,18 +24,18 @@ impl Inner {
         let bin = self.dir.bin(shard);
         // The lease first: once held, no other rank of the host evicts the shard.
         let lease = cache::lease(&bin)?;
-        // A stamped copy needs no lock (another open and flock per shard on a warm cache):
-        // the lease keeps it from eviction, and a stamp matches only the file it was made
-        // for (a copy renamed into its place since is another inode with a later change time).
-        // The stamp is in the lease file itself: no other open either.
-        if cache::stamped(&lease, &bin, info.bin_bytes, &info.bin_xxh3) {
+        // A stamped copy needs no build lock (another open and lock per shard on a warm
+        // cache): the lease keeps it from eviction, and a stamp matches only the file it was
+        // made for (a copy renamed into its place since is another inode with a later change
+        // time).
+        if self.stamps.matches(shard, &bin, info.bin_bytes, &info.bin_xxh3) {
             self.counters.reused.fetch_add(1, Ordering::Relaxed);
         } else {
             let _lock = lock_cache_entry(&bin)?;
-            let present = cache::stamped(&lease, &bin, info.bin_bytes, &info.bin_xxh3)
+            let present = self.stamps.matches(shard, &bin, info.bin_bytes, &info.bin_xxh3)
                 || match check_existing(&bin, info.bin_bytes, &info.bin_xxh3)? {
                     None => {
-                        self.space().stamp(&bin, &info.bin_xxh3)?;
+                        self.space().stamp(shard, &bin, &info.bin_xxh3)?;
                         true
                     }
                     Some(why) if why == "missing" => false,
@@ -70,6 +70,7 @@ impl Inner {
             budget: self.cfg.budget,
             deadline: self.cfg.room_wait,
             stop: &self.stop,
+            stamps: &self.stamps,
         }
     }
 
@@ -131,7 +132,7 @@ impl Inner {
                 self.decompress(shard, &z, &zi, &out)?;
             }
         }
-        space.commit(out, bin, &info.bin_xxh3)?;
+        space.commit(out, shard, bin, &info.bin_xxh3)?;
         c.fetched.fetch_add(1, Ordering::Relaxed);
         c.bytes_fetched.fetch_add(fetched, Ordering::Relaxed);
         Ok(())

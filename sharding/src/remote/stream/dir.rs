@@ -46,8 +46,8 @@ pub struct StreamDir {
     pub fingerprint: u64,
     pub manifest: Manifest,
     pub(super) origins: Vec<Origin>,
-    /// Bytes of the files kept whatever the budget: the manifest, the `.idx` files and the
-    /// tokenizer.
+    /// Bytes of the files kept whatever the budget: the manifest, the `.idx` files, the
+    /// tokenizer and the shards' stamps.
     pub fixed_bytes: u64,
     /// Files this call fetched (the `.idx` files missing or damaged in the cache).
     pub fetched: Vec<String>,
@@ -136,7 +136,10 @@ pub fn prepare_stream(
     super::super::cache::sweep_partials(&dir)?;
     let manifest = remote.manifest;
     let idx_total: u64 = manifest.shards.iter().map(|s| s.idx_bytes).sum();
-    let mut fixed = remote.raw.len() as u64 + idx_total;
+    // The shards' stamps: one file, at its full size from the start (a fixed file).
+    cache::Stamps::open(&dir, manifest.shards.len())?;
+    let stamps = manifest.shards.len() as u64 * cache::STAMP_BYTES;
+    let mut fixed = remote.raw.len() as u64 + idx_total + stamps;
     let (origins, listed) = match manifest.shards.iter().all(|s| s.zstd.is_none()) {
         // Every shard is read from its `.bin`: nothing a listing says is needed before the
         // first step (a missing or short object fails its own fetch, naming it).
