@@ -55,6 +55,7 @@
 //! This crate reads no environment: S3 settings come in as [`S3Options`] and the cache root
 //! as a path, from the binary.
 
+mod ahead;
 mod block_sums;
 mod cache;
 mod fetch;

@@ -35,7 +35,7 @@
 //! - Shards are started in the order of their first need; a demand goes first.
 //! - A reader that waits for its step's shards always gets them (no step is starved).
 
-use std::collections::VecDeque;
+use super::ahead::Ahead;
 use std::sync::OnceLock;
 
 /// Why a plan cannot be made.
@@ -98,10 +98,8 @@ pub struct Plan {
     window_limit: Option<u64>,
     /// The demand reserve: one largest shard.
     reserve: u64,
-    /// The step the reader is on.
-    reading: u64,
-    /// `steps[i]`: the shards step `reading + i` reads, sorted, each once.
-    steps: VecDeque<Vec<usize>>,
+    /// The reader's step and the shards each planned step after it reads.
+    ahead: Ahead,
     held: Vec<Held>,
     /// Shards not held ([`Held::No`]): without a limit, none left means there is nothing to
     /// fetch, order or release, so steps are no longer planned (a warm cache's pass asked the
@@ -131,11 +129,10 @@ impl Plan {
         let held = vec![Held::No; cfg.costs.len()];
         let unheld = held.len();
         Ok(Plan {
+            ahead: Ahead::new(start, cfg.horizon, cfg.end),
             cfg,
             window_limit,
             reserve,
-            reading: start,
-            steps: VecDeque::new(),
             held,
             unheld,
             fetching: 0,
@@ -146,27 +143,21 @@ impl Plan {
 
     /// The step the reader is on.
     pub fn reading_step(&self) -> u64 {
-        self.reading
+        self.ahead.reading()
     }
 
     /// The first step not planned yet.
     pub fn planned_until(&self) -> u64 {
-        self.reading + self.steps.len() as u64
+        self.ahead.planned_until()
     }
 
     /// The next step to plan, when the plan wants one: before the end, within the horizon,
     /// and (with a limit) while every planned step fits in the window; without a limit, only
     /// while some shard is not held yet.
     pub fn wants_step(&self) -> Option<u64> {
-        let next = self.planned_until();
-        if self.cfg.end.is_some_and(|end| next >= end)
-            || self.steps.len() as u64 >= self.cfg.horizon.max(1)
-            || self.all_held_unlimited()
-        {
-            return None;
-        }
+        let next = self.ahead.next().filter(|_| !self.all_held_unlimited())?;
         match self.window_limit {
-            Some(limit) if self.walk_cost(self.steps.len()) > limit => None,
+            Some(limit) if self.walk_cost() > limit => None,
             _ => Some(next),
         }
     }
@@ -176,11 +167,11 @@ impl Plan {
         self.window_limit.is_none() && self.unheld == 0
     }
 
-    /// The bytes of the distinct shards of the first `steps` planned steps.
-    fn walk_cost(&self, steps: usize) -> u64 {
+    /// The bytes of the distinct shards of the planned steps.
+    fn walk_cost(&self) -> u64 {
         let mut seen = vec![false; self.held.len()];
         let mut sum = 0;
-        for s in self.steps.iter().take(steps).flatten() {
+        for s in self.ahead.iter().flat_map(|(_, shards)| shards) {
             if !std::mem::replace(&mut seen[*s], true) {
                 sum += self.cfg.costs[*s];
             }
@@ -190,10 +181,7 @@ impl Plan {
 
     /// Plan step `step` (the one [`Self::wants_step`] named), which reads `shards`.
     pub fn add_step(&mut self, step: u64, mut shards: Vec<usize>) -> Result<(), PlanError> {
-        let expected = self.planned_until();
-        if step != expected {
-            return Err(PlanError::OutOfOrder { expected, got: step });
-        }
+        self.ahead.check_next(step)?;
         shards.sort_unstable();
         shards.dedup();
         if let Some(&shard) = shards.iter().find(|&&s| s >= self.held.len()) {
@@ -214,7 +202,7 @@ impl Plan {
                 });
             }
         }
-        self.steps.push_back(shards);
+        self.ahead.push(shards);
         self.window.take();
         Ok(())
     }
@@ -222,15 +210,8 @@ impl Plan {
     /// The reader moved on to step `step`: the steps before it are done. (A step before the
     /// current one is ignored: readers only move forward.)
     pub fn reading(&mut self, step: u64) {
-        if self.reading < step {
+        if self.ahead.advance(step) {
             self.window.take();
-        }
-        while self.reading < step {
-            if self.steps.pop_front().is_none() {
-                self.reading = step;
-                break;
-            }
-            self.reading += 1;
         }
     }
 
@@ -258,7 +239,7 @@ impl Plan {
         let mut seen = vec![false; n];
         let mut out = Vec::new();
         let mut sum = 0u64;
-        'walk: for shards in &self.steps {
+        'walk: for (_, shards) in self.ahead.iter() {
             for &s in shards {
                 if seen[s] {
                     continue;
@@ -333,9 +314,9 @@ impl Plan {
     /// Per shard, the first planned step (from the reader's on) that reads it.
     pub fn next_needs(&self) -> Vec<Option<u64>> {
         let mut out = vec![None; self.held.len()];
-        for (i, shards) in self.steps.iter().enumerate().rev() {
+        for (step, shards) in self.ahead.iter().rev() {
             for &s in shards {
-                out[s] = Some(self.reading + i as u64);
+                out[s] = Some(step);
             }
         }
         out
@@ -395,16 +376,16 @@ impl Plan {
     /// The first planned step, from the reader's on, that reads `shard`: what eviction ranks
     /// cached shards by (the latest need, or none planned, goes first).
     pub fn next_need(&self, shard: usize) -> Option<u64> {
-        self.steps
+        self.ahead
             .iter()
-            .position(|shards| shards.binary_search(&shard).is_ok())
-            .map(|i| self.reading + i as u64)
+            .find(|(_, shards)| shards.binary_search(&shard).is_ok())
+            .map(|(step, _)| step)
     }
 
     /// Whether every shard step `step` reads is present (a planned step only).
     pub fn step_ready(&self, step: u64) -> bool {
-        step.checked_sub(self.reading)
-            .and_then(|i| self.steps.get(i as usize))
+        self.ahead
+            .get(step)
             .is_some_and(|shards| shards.iter().all(|&s| self.held[s] == Held::Present))
     }
 

@@ -35,8 +35,9 @@
 //! - Each GET holds the first block of the window not held (or of the demand).
 //! - A reader that waits for its step's blocks (or its demand) always gets them.
 
+use super::ahead::Ahead;
 use super::plan::{Held, PlanError};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 /// What a range plan is made with.
@@ -74,9 +75,8 @@ pub struct RangePlan {
     cfg: RangeConfig,
     base: Vec<usize>,
     window_limit: u64,
-    reading: u64,
-    /// `steps[i]`: the blocks step `reading + i` reads, sorted, each once.
-    steps: VecDeque<Vec<usize>>,
+    /// The reader's step and the blocks each planned step after it reads.
+    ahead: Ahead,
     /// The window (it depends on the planned steps alone, so it is kept rather than walked
     /// for every question): its blocks in order of first need, as a set, their bytes, and
     /// whether the walk stopped short of the planned steps' last block.
@@ -110,6 +110,7 @@ impl RangePlan {
         }
         Ok(RangePlan {
             window_limit: cfg.limit - reserve,
+            ahead: Ahead::new(start, cfg.horizon, cfg.end),
             cfg: RangeConfig {
                 reserve,
                 block_bytes: bb,
@@ -119,8 +120,6 @@ impl RangePlan {
                 ..cfg
             },
             base,
-            reading: start,
-            steps: VecDeque::new(),
             window: Vec::new(),
             in_window: HashSet::new(),
             window_bytes: 0,
@@ -164,30 +163,23 @@ impl RangePlan {
     }
 
     pub fn reading_step(&self) -> u64 {
-        self.reading
+        self.ahead.reading()
     }
 
     pub fn planned_until(&self) -> u64 {
-        self.reading + self.steps.len() as u64
+        self.ahead.planned_until()
     }
 
     /// The next step to plan, when the plan wants one: before the end, within the horizon,
     /// and while every planned step fits in the window.
     pub fn wants_step(&self) -> Option<u64> {
-        let next = self.planned_until();
-        if self.cfg.end.is_some_and(|end| next >= end) || self.steps.len() as u64 >= self.cfg.horizon {
-            return None;
-        }
-        (!self.truncated).then_some(next)
+        self.ahead.next().filter(|_| !self.truncated)
     }
 
     /// Plan step `step` (the one [`Self::wants_step`] named), which reads `reads`: byte
     /// ranges of shards.
     pub fn add_step(&mut self, step: u64, reads: &[(usize, Range<u64>)]) -> Result<(), PlanError> {
-        let expected = self.planned_until();
-        if step != expected {
-            return Err(PlanError::OutOfOrder { expected, got: step });
-        }
+        self.ahead.check_next(step)?;
         let mut blocks = Vec::new();
         for (shard, bytes) in reads {
             let Some(ids) = self.blocks_of(*shard, bytes) else {
@@ -214,7 +206,7 @@ impl RangePlan {
             });
         }
         self.walk(&blocks);
-        self.steps.push_back(blocks);
+        self.ahead.push(blocks);
         Ok(())
     }
 
@@ -240,23 +232,15 @@ impl RangePlan {
 
     /// The reader moved on to step `step` (an earlier one is ignored).
     pub fn reading(&mut self, step: u64) {
-        let before = self.reading;
-        while self.reading < step {
-            if self.steps.pop_front().is_none() {
-                self.reading = step;
-                break;
-            }
-            self.reading += 1;
-        }
-        if self.reading != before {
+        if self.ahead.advance(step) {
             self.window.clear();
             self.in_window.clear();
             (self.window_bytes, self.truncated) = (0, false);
-            let steps = std::mem::take(&mut self.steps);
-            for blocks in &steps {
+            let ahead = std::mem::take(&mut self.ahead);
+            for (_, blocks) in ahead.iter() {
                 self.walk(blocks);
             }
-            self.steps = steps;
+            self.ahead = ahead;
         }
     }
 
