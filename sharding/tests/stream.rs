@@ -17,7 +17,7 @@ use gantry_checkpoint::location::{Role, StorageLocation};
 use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split, shards_of};
 use gantry_sharding::remote::{
     BLOCK_SUMS, BlockSums, INDEX_PACK, RemoteError, RemoteOptions, StreamConfig, StreamDir, StreamStats, Streamer,
-    fetch_block_sums, prepare_stream, upload,
+    fetch, fetch_block_sums, prepare_stream, upload,
 };
 use gantry_sharding::sampler::Sampler;
 use s3_server::S3Server;
@@ -626,4 +626,41 @@ fn a_shard_the_plan_releases_is_evictable_while_the_stream_runs_and_a_held_one_i
     drop(map);
     drop(ds);
     drop(streamer);
+}
+
+/// `fetch` into a cache a stream prepared takes every `.idx` from the cached index pack: no
+/// `.idx` object is read (here each is damaged on the server, so reading one would fail),
+/// and the copy opens as a local dataset equal to the original.
+#[test]
+fn a_fetch_after_a_stream_takes_every_idx_from_the_cached_pack() {
+    let up = Uploaded::new("fetch-after");
+    let store = up.store();
+    let cache = up.dir.join("cache");
+    let prepared = prepare_stream(&up.loc, &cache, &up.opts).unwrap();
+    let manifest = prepared.manifest.clone();
+    for s in &manifest.shards {
+        let key = format!("{}.idx", s.prefix);
+        let mut bad = store.get(&key).unwrap().unwrap().to_vec();
+        *bad.last_mut().unwrap() ^= 0xff;
+        store.put(&key, bad.into()).unwrap();
+    }
+    let done = fetch(&up.loc, &cache, &up.opts).unwrap();
+    assert!(
+        !done.fetched.iter().any(|f| f.ends_with(".idx")),
+        "no .idx fetched: {:?}",
+        done.fetched
+    );
+    assert_eq!(
+        done.fetched.len(),
+        manifest.shards.len(),
+        "every .bin, once: {:?}",
+        done.fetched
+    );
+    let copy = GptDataset::open_with(&done.dir, SEQ, Split::All, &OpenOptions::default()).unwrap();
+    let here = up.here();
+    let sampler = Sampler::new(here.num_samples(), 3, 4).unwrap();
+    assert_eq!(
+        read_steps(&copy, &sampler, 0, 1, 3, |_| {}),
+        read_steps(&here, &sampler, 0, 1, 3, |_| {})
+    );
 }

@@ -23,6 +23,7 @@
 //! directory (`CACHE/<fingerprint>/PREFIX.bin` is where materialization puts it).
 
 use super::retry::{no_bucket, with_retry, with_retry_unless};
+use super::upload::INDEX_PACK;
 use super::{RemoteError, RemoteOptions, bucket_of, io_err, open_store};
 use crate::manifest::{MANIFEST, Manifest, ManifestError, TokenizerInfo, fingerprint_of};
 use crate::materialize::{
@@ -186,8 +187,19 @@ pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions
     let listed: HashMap<String, u64> = with_retry(&opts.retry, &location.to_string(), || store.list(""))?
         .into_iter()
         .collect();
-    let wants = plan(&remote.manifest, location, &listed, &dir, &mut done)?;
-    for w in &wants {
+    // The `.idx` files through the index pack: none fetched when a stream left the pack in
+    // the cache, a few GETs when the upload has one (not one GET after another per shard).
+    let m = &remote.manifest;
+    let wants = plan(m, location, &listed, &dir, &mut done)?;
+    let idx_total: u64 = m.shards.iter().map(|s| s.idx_bytes).sum();
+    let has_pack = listed.get(INDEX_PACK) == Some(&idx_total);
+    let (pieces, _) = super::stream::unpacked_index_files(opts, location, &dir, m, has_pack)?;
+    done.bytes_fetched += (m.shards.iter())
+        .filter(|s| pieces.contains(&format!("{}.idx", s.prefix)))
+        .map(|s| s.idx_bytes)
+        .sum::<u64>();
+    done.fetched.extend(pieces);
+    for w in wants.iter().filter(|w| !w.name.ends_with(".idx")) {
         let dest = dir.join(&w.name);
         let _bin_lock = if w.bin { Some(lock_cache_entry(&dest)?) } else { None };
         match check_existing(&dest, w.bytes, &w.xxh3)? {
@@ -236,7 +248,8 @@ pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions
     Ok(done)
 }
 
-/// The files to bring into `dir`, `.idx` files first, each checked against the listing
+/// The files to bring into `dir`, `.idx` files first (those come through the index pack),
+/// each checked against the listing
 /// (present, with the manifest's size). A compressed-only shard whose materialized `.bin` is
 /// already in `dir` and checks out needs no frames (counted as kept); one that does not is
 /// removed (the dataset open materializes it again from the frames).

@@ -44,6 +44,7 @@ mod dir;
 mod index_pack;
 mod ranged;
 
+pub(super) use dir::unpacked_index_files;
 pub use dir::{StreamDir, fetch_block_sums, prepare_stream};
 
 use super::block_sums;

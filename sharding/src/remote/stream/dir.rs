@@ -333,6 +333,23 @@ fn idx_name(manifest: &Manifest, shard: usize) -> String {
     format!("{}.idx", manifest.shards[shard].prefix)
 }
 
+/// Every shard's `.idx` as a file of its own in `dir` (a fetched copy is read as a local
+/// dataset), taken from the index pack: the one in the cache when a stream left it there (no
+/// GET), else fetched as a stream's start fetches it (`has_pack`: the upload's pack, in a few
+/// GETs; otherwise each `.idx`, many in flight). The pieces fetched and the `.idx` files
+/// written.
+pub(in crate::remote) fn unpacked_index_files(
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+    has_pack: bool,
+) -> Result<(Vec<String>, Vec<String>), RemoteError> {
+    let fetched = index_files(opts, location, dir, manifest, &|| Ok(has_pack))?;
+    let written = index_pack::unpack(&dir.join(INDEX_PACK), dir, manifest)?;
+    Ok((fetched, written))
+}
+
 /// The GETs of the index pack that cover the `.idx` files of `missing` (shard numbers, in
 /// order; `sizes`: every shard's `.idx` bytes): runs of consecutive shards, each GET up to
 /// `range_bytes` (a larger `.idx` is a GET of its own).

@@ -55,6 +55,46 @@ pub(super) fn damaged(path: &Path, manifest: &Manifest) -> Result<Vec<usize>, Re
     Ok(out)
 }
 
+/// Write every shard's `.idx` into `dir` as a file of its own from the checked pack at
+/// `path` (what a fetched copy, read as a local dataset, needs): each one missing or not
+/// matching the manifest, under a temporary name, fsynced (a host's verdict, which outlives a
+/// reboot, will vouch for it) and renamed. The names written.
+pub(super) fn unpack(path: &Path, dir: &Path, manifest: &Manifest) -> Result<Vec<String>, RemoteError> {
+    let at = offsets(manifest);
+    let map = map_sized(path, at[manifest.shards.len()])?.ok_or_else(|| RemoteError::Shard {
+        object: path.display().to_string(),
+        message: "the index pack is missing or not the size the manifest gives".into(),
+    })?;
+    let mut written = Vec::new();
+    for (i, s) in manifest.shards.iter().enumerate() {
+        let name = format!("{}.idx", s.prefix);
+        let dest = dir.join(&name);
+        if crate::materialize::check_existing(&dest, s.idx_bytes, &s.idx_xxh3)?.is_none() {
+            continue;
+        }
+        let piece = &map[at[i] as usize..at[i + 1] as usize];
+        let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(piece));
+        if actual != s.idx_xxh3 {
+            return Err(RemoteError::Checksum {
+                object: format!("{} ({name})", path.display()),
+                expected: s.idx_xxh3.clone(),
+                actual,
+            });
+        }
+        let (tmp, file, mut guard) = create_partial(&dest)?;
+        std::io::Write::write_all(&mut &file, piece)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        guard.0 = None;
+        written.push(name);
+    }
+    if let Some(first) = written.first() {
+        crate::materialize::sync_parent(&dir.join(first))?;
+    }
+    Ok(written)
+}
+
 /// The file at `path` mapped, when it is there with `bytes` bytes; `None` otherwise.
 fn map_sized(path: &Path, bytes: u64) -> Result<Option<Mmap>, RemoteError> {
     let file = match File::open(path) {
