@@ -6,9 +6,11 @@
 //! 1. `manifest.json` is read (one GET); its xxh3 is the fingerprint, hence the directory.
 //! 2. If a copy there was checked before ([`crate::verify::recorded`]: the same manifest and
 //!    a verdict whose files still stat the same), nothing else is read or sent.
-//! 3. Otherwise, holding the lock `CACHE/<fingerprint>/fetch.lock` (the other ranks of the
-//!    host wait, then find step 2 true): the prefix is listed once; each shard's `.idx` comes
-//!    first, then its `.bin` (under the `.bin`'s own lock, the one materialization takes), or
+//! 3. Otherwise, holding the build lock of the entry `CACHE/<fingerprint>/fetch` (the other
+//!    ranks of the host wait, then find step 2 true): the prefix is listed once; the `.idx`
+//!    files come first, through the index pack (the one a stream left in the cache, else the
+//!    upload's, in a few GETs), then each `.bin` (under its own build lock, the one
+//!    materialization takes), or
 //!    for a compressed-only dataset its `.bin.zst` and `.zidx` (unless a checked `.bin`
 //!    materialized from them is already there); the tokenizer file; `manifest.json` last. A
 //!    file already in the cache with the manifest's size and xxh3 is kept, a damaged one is

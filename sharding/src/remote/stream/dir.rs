@@ -113,7 +113,7 @@ impl StreamDir {
 /// must then be there with its size), else a HEAD of the index pack when an `.idx` is to be
 /// fetched and one of the block checksums (listing a prefix of many shards took longer than
 /// the rest of this; a missing `.bin` fails its own fetch instead, naming it). Then, holding
-/// the entry's `fetch.lock` (the one a complete fetch holds, so the ranks of a host do this
+/// the entry's `fetch` build lock (the one a complete fetch holds, so the ranks of a host do this
 /// once), the temporary files of killed fetches removed, each `.idx` that is missing or does
 /// not match the manifest fetched and checked as [`super::super::fetch`] does, the tokenizer,
 /// and `manifest.json` last.

@@ -7,7 +7,7 @@
 //!
 //! The file is written without an fsync, pieces in place: every [`super::prepare_stream`]
 //! hashes each piece against the manifest before the dataset opens (a piece a crash cut short
-//! is fetched again), only the holder of the entry's `fetch.lock` writes it, and a file of the
+//! is fetched again), only the holder of the entry's `fetch` build lock writes it, and a file of the
 //! wrong size is replaced by a rename (never truncated under a reader's mapping).
 
 use super::super::upload::INDEX_PACK;
