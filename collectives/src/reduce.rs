@@ -34,8 +34,8 @@ pub fn reduce_bytes(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
         return;
     }
     match dtype {
-        DType::F32 => float_op::<f32>(op, cast_mut(dst), cast(src)),
-        DType::F64 => float_op::<f64>(op, cast_mut(dst), cast(src)),
+        DType::F32 => f32_op(op, cast_mut(dst), cast(src)),
+        DType::F64 => f64_op(op, cast_mut(dst), cast(src)),
         DType::I32 => int_op!(i32, op, cast_mut(dst), cast(src)),
         DType::I64 => int_op!(i64, op, cast_mut(dst), cast(src)),
         DType::U8 => int_op!(u8, op, dst, src),
@@ -105,6 +105,93 @@ fn float_op<T: Float>(op: ReduceOp, dst: &mut [T], src: &[T]) {
     }
 }
 
+/// Sum and product of f32 in SSE lanes where the target has them; the rest element by element.
+/// The debug profile, which tests and benches build, compiles this crate at opt-level 1, where
+/// LLVM does not vectorize loops: a 1 KiB sum took ~60 ns scalar, a fair part of a 0.6 µs
+/// all_reduce over shared memory. Lane-wise IEEE add and multiply round exactly as the scalar
+/// ones, so results are bit-identical either way. Max and min keep the scalar path, whose NaN
+/// handling (`f32::max`) the SSE instructions do not share.
+fn f32_op(op: ReduceOp, dst: &mut [f32], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_add_ps, _mm_mul_ps};
+        // SAFETY (both closures): SSE is part of the x86_64 baseline.
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => return sse::f32s(dst, src, |a, b| unsafe { _mm_add_ps(a, b) }),
+            ReduceOp::Product => return sse::f32s(dst, src, |a, b| unsafe { _mm_mul_ps(a, b) }),
+            ReduceOp::Max | ReduceOp::Min => {}
+        }
+    }
+    float_op::<f32>(op, dst, src)
+}
+
+/// [`f32_op`] for f64.
+fn f64_op(op: ReduceOp, dst: &mut [f64], src: &[f64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_add_pd, _mm_mul_pd};
+        // SAFETY (both closures): SSE2 is part of the x86_64 baseline.
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => return sse::f64s(dst, src, |a, b| unsafe { _mm_add_pd(a, b) }),
+            ReduceOp::Product => return sse::f64s(dst, src, |a, b| unsafe { _mm_mul_pd(a, b) }),
+            ReduceOp::Max | ReduceOp::Min => {}
+        }
+    }
+    float_op::<f64>(op, dst, src)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod sse {
+    use std::arch::x86_64::{__m128, __m128d};
+
+    /// Sixteen bytes at any alignment: reading and writing it through a pointer is one unaligned
+    /// load or store. (`_mm_loadu_ps` does the same but, with debug assertions on, goes through
+    /// a checked `copy_nonoverlapping` that made the loop slower than the scalar one.)
+    #[repr(C, packed)]
+    #[derive(Clone, Copy)]
+    struct Unaligned<V>(V);
+
+    /// `dst[i] = f(dst[i], src[i])` over whole vectors of `V` (`N` elements of `T` each); the
+    /// tail goes through one zero-padded vector. `V` is `__m128` or `__m128d` and `N * size_of::<T>()`
+    /// its size.
+    #[inline(always)]
+    fn lanes<T: Copy + Default, V: Copy, const N: usize>(dst: &mut [T], src: &[T], f: impl Fn(V, V) -> V) {
+        const { assert!(size_of::<V>() == 16) };
+        assert_eq!(dst.len(), src.len());
+        assert_eq!(N * size_of::<T>(), size_of::<V>());
+        let whole = dst.len() / N;
+        let (d, s) = (
+            dst.as_mut_ptr() as *mut Unaligned<V>,
+            src.as_ptr() as *const Unaligned<V>,
+        );
+        for i in 0..whole {
+            // SAFETY: vector i covers elements N*i .. N*i + N <= len of both slices; `Unaligned`
+            // has alignment 1, and any bit pattern is a valid float vector.
+            unsafe { *d.wrapping_add(i) = Unaligned(f((*d.wrapping_add(i)).0, (*s.wrapping_add(i)).0)) };
+        }
+        let tail = dst.len() - whole * N;
+        if tail > 0 {
+            let (mut a, mut b) = ([T::default(); N], [T::default(); N]);
+            a[..tail].copy_from_slice(&dst[whole * N..]);
+            b[..tail].copy_from_slice(&src[whole * N..]);
+            let (pa, pb) = (a.as_mut_ptr() as *mut Unaligned<V>, b.as_ptr() as *const Unaligned<V>);
+            // SAFETY: `a` and `b` are N elements of T each: one vector.
+            unsafe { *pa = Unaligned(f((*pa).0, (*pb).0)) };
+            dst[whole * N..].copy_from_slice(&a[..tail]);
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn f32s(dst: &mut [f32], src: &[f32], f: impl Fn(__m128, __m128) -> __m128) {
+        lanes::<f32, __m128, 4>(dst, src, f)
+    }
+
+    #[inline(always)]
+    pub(super) fn f64s(dst: &mut [f64], src: &[f64], f: impl Fn(__m128d, __m128d) -> __m128d) {
+        lanes::<f64, __m128d, 2>(dst, src, f)
+    }
+}
+
 macro_rules! int_op {
     ($t:ty, $op:expr, $dst:expr, $src:expr) => {{
         let (dst, src): (&mut [$t], &[$t]) = ($dst, $src);
@@ -130,7 +217,7 @@ where
         let n = d.len();
         d.convert_to_f32_slice(&mut a[..n]);
         s.convert_to_f32_slice(&mut b[..n]);
-        float_op::<f32>(op, &mut a[..n], &b[..n]);
+        f32_op(op, &mut a[..n], &b[..n]);
         d.convert_from_f32_slice(&a[..n]);
     }
 }
@@ -191,6 +278,46 @@ mod tests {
         let mut d = bytes(&[9i32, -9]);
         finish_avg(DType::I32, &mut d, 2);
         assert_eq!(bytemuck::cast_slice::<u8, i32>(&d), &[4, -4]);
+    }
+
+    #[test]
+    fn lane_sums_and_products_equal_the_scalar_ones_bit_for_bit() {
+        // Values whose sums and products round, overflow, cancel and carry NaN and -0.
+        let pool = [
+            1.1f64,
+            -3.7e-3,
+            1e308,
+            -1e308,
+            7.0,
+            f64::NAN,
+            -0.0,
+            0.1,
+            f64::INFINITY,
+            3e-310,
+        ];
+        for len in 0..12 {
+            let a: Vec<f64> = (0..len).map(|i| pool[(i * 3) % pool.len()]).collect();
+            let b: Vec<f64> = (0..len).map(|i| pool[(i * 7 + 1) % pool.len()]).collect();
+            for op in [ReduceOp::Sum, ReduceOp::Product, ReduceOp::Avg] {
+                let mut lanes = a.clone();
+                f64_op(op, &mut lanes, &b);
+                let mut scalar = a.clone();
+                float_op::<f64>(op, &mut scalar, &b);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&lanes), bits(&scalar), "f64 {op:?}, {len} elements");
+
+                let (a32, b32): (Vec<f32>, Vec<f32>) = (
+                    a.iter().map(|&x| x as f32).collect(),
+                    b.iter().map(|&x| x as f32).collect(),
+                );
+                let mut lanes = a32.clone();
+                f32_op(op, &mut lanes, &b32);
+                let mut scalar = a32.clone();
+                float_op::<f32>(op, &mut scalar, &b32);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&lanes), bits(&scalar), "f32 {op:?}, {len} elements");
+            }
+        }
     }
 
     #[test]

@@ -7,15 +7,23 @@
 //! ```text
 //! offset 0      header page (4096 bytes), all fields atomics
 //!   +0          meta: magic+version, capacity, writer/reader pid, aborted, closed, culprit
-//!   +128        producer line: write_pos (total bytes written), data_seq, writer_waiting
-//!   +256        consumer line: read_pos (total bytes consumed), space_seq, reader_waiting
-//!   +384        abort reason (256 bytes)
+//!   +128        producer line: write_pos (total bytes written), data_seq
+//!   +256        consumer line: read_pos (total bytes consumed), space_seq
+//!   +384        reader_waiting (its own line)
+//!   +512        writer_waiting (its own line)
+//!   +640        abort reason (256 bytes)
 //! offset 4096   data region, `capacity` bytes (a power of two), indexed by pos & (capacity-1)
 //! ```
 //!
 //! Why this shape:
 //! - Producer- and consumer-written fields sit on separate cache lines (128 bytes apart, so the
 //!   adjacent-line prefetcher does not pair them either): no false sharing between processes.
+//!   The `*_waiting` flags have lines of their own, written only by a side about to sleep: the
+//!   other side reads its flag after every publish, and finds it in its own cache instead of
+//!   fetching the line the sleeper's position moves in (a cross-core miss per message).
+//! - Each side keeps the last position it read of the other: a writer rereads `read_pos` only
+//!   when what it knows of the free space is too little, a reader rereads `write_pos` only when
+//!   it has consumed all it knew of, so a message moves no cache line it does not need.
 //! - Positions are monotonic 64-bit counters, so "full" and "empty" are never ambiguous and
 //!   wrapping is a mask. Each side keeps its own position locally and only *reads* the other's;
 //!   a peer value that breaks `0 <= write_pos - read_pos <= capacity` is a
@@ -61,7 +69,7 @@ pub const MIN_RING_BYTES: usize = 64 << 10;
 
 const HEADER_BYTES: usize = 4096;
 /// Magic and layout version in one word.
-const MAGIC: u64 = u64::from_le_bytes(*b"GNTSHM01");
+const MAGIC: u64 = u64::from_le_bytes(*b"GNTSHM02");
 const REASON_BYTES: usize = 256;
 /// With both read and write interest we can only sleep on one futex; cap the sleep.
 const BOTH_SLICE: Duration = Duration::from_micros(200);
@@ -92,7 +100,6 @@ struct Meta {
 struct Producer {
     write_pos: AtomicU64,
     data_seq: AtomicU32,
-    writer_waiting: AtomicU32,
 }
 
 /// Written only by the consumer (plus `space_seq` bumps on abort/close).
@@ -100,7 +107,12 @@ struct Producer {
 struct Consumer {
     read_pos: AtomicU64,
     space_seq: AtomicU32,
-    reader_waiting: AtomicU32,
+}
+
+/// A side's "I am about to sleep" flag, alone on its line (see the module docs).
+#[repr(C, align(128))]
+struct Waiting {
+    flag: AtomicU32,
 }
 
 #[repr(C)]
@@ -108,6 +120,8 @@ struct Header {
     meta: Meta,
     prod: Producer,
     cons: Consumer,
+    reader_waiting: Waiting,
+    writer_waiting: Waiting,
     reason: [AtomicU8; REASON_BYTES],
 }
 
@@ -377,6 +391,10 @@ pub struct ShmLink {
     /// Our own positions: total bytes written to `out` / consumed from `inc`.
     out_pos: u64,
     in_pos: u64,
+    /// The peer's positions as last read (and checked): `read_pos` of `out`, `write_pos` of
+    /// `inc`. Both only grow, so what they promise (free space, readable bytes) stays true.
+    seen_read: u64,
+    seen_write: u64,
     /// The peer has mapped both files and they have been unlinked.
     attached: bool,
 }
@@ -425,6 +443,8 @@ impl ShmLink {
             inc,
             out_pos,
             in_pos,
+            seen_read: out_pos,
+            seen_write: in_pos,
             attached: false,
         };
         link.poll_attach();
@@ -447,8 +467,19 @@ impl ShmLink {
         self.out.cap
     }
 
-    /// An abort the peer posted on either ring.
+    /// An abort the peer posted on either ring. Checked on every call, so the common case (no
+    /// abort anywhere: two loads of lines nobody writes) stays inline.
+    #[inline(always)]
     fn peer_abort(&self) -> Result<(), LinkError> {
+        let posted = |r: &Ring| r.hdr().meta.aborted.load(Relaxed) != 0;
+        if !posted(&self.inc) && !posted(&self.out) {
+            return Ok(());
+        }
+        self.posted_abort()
+    }
+
+    #[cold]
+    fn posted_abort(&self) -> Result<(), LinkError> {
         let abort = self.inc.abort_by(ABORT_BY_WRITER);
         abort.or_else(|| self.out.abort_by(ABORT_BY_READER)).map_or(Ok(()), Err)
     }
@@ -458,11 +489,34 @@ impl ShmLink {
         self.inc.used(self.inc.hdr().prod.write_pos.load(Acquire), self.in_pos)
     }
 
+    /// [`Self::readable`], reading `write_pos` only when all we knew of is consumed.
+    fn readable_now(&mut self) -> Result<usize, LinkError> {
+        if self.seen_write == self.in_pos {
+            let wp = self.inc.hdr().prod.write_pos.load(Acquire);
+            self.inc.used(wp, self.in_pos)?;
+            self.seen_write = wp;
+        }
+        Ok(self.seen_write.wrapping_sub(self.in_pos) as usize)
+    }
+
     /// Free bytes in `out`.
     fn writable(&self) -> Result<usize, LinkError> {
         let used = self
             .out
             .used(self.out_pos, self.out.hdr().cons.read_pos.load(Acquire))?;
+        Ok(self.out.cap - used)
+    }
+
+    /// Free bytes in `out`, at least `want` if there are; reads `read_pos` only when what we
+    /// knew of is less than `want`.
+    fn writable_for(&mut self, want: usize) -> Result<usize, LinkError> {
+        let known = self.out.cap - self.out_pos.wrapping_sub(self.seen_read) as usize;
+        if known >= want {
+            return Ok(known);
+        }
+        let rp = self.out.hdr().cons.read_pos.load(Acquire);
+        let used = self.out.used(self.out_pos, rp)?;
+        self.seen_read = rp;
         Ok(self.out.cap - used)
     }
 
@@ -494,7 +548,7 @@ impl ShmLink {
 
     fn wait_readable(&self, timeout: Duration) {
         let h = self.inc.hdr();
-        self.sleep_on(&h.cons.reader_waiting, &h.prod.data_seq, Self::ready_to_read, timeout);
+        self.sleep_on(&h.reader_waiting.flag, &h.prod.data_seq, Self::ready_to_read, timeout);
     }
 }
 
@@ -511,7 +565,7 @@ impl Link for ShmLink {
         if self.out.closed(CLOSED_READER) {
             return Err(LinkError::Closed);
         }
-        let n = data.len().min(self.writable()?);
+        let n = data.len().min(self.writable_for(data.len())?);
         if n == 0 {
             return Ok(0);
         }
@@ -528,7 +582,7 @@ impl Link for ShmLink {
         self.out_pos += n as u64;
         let h = self.out.hdr();
         h.prod.write_pos.store(self.out_pos, SeqCst); // see sleep_on
-        if h.cons.reader_waiting.load(SeqCst) != 0 {
+        if h.reader_waiting.flag.load(SeqCst) != 0 {
             h.prod.data_seq.fetch_add(1, Release);
             futex_wake(&h.prod.data_seq);
         }
@@ -548,10 +602,10 @@ impl Link for ShmLink {
             self.poll_attach();
         }
         self.peer_abort()?;
-        let mut avail = self.readable()?;
+        let mut avail = self.readable_now()?;
         // The writer marks `closed` after its last publish, so re-check before reporting EOF.
         if avail == 0 && self.inc.closed(CLOSED_WRITER) {
-            avail = self.readable()?;
+            avail = self.readable_now()?;
             if avail == 0 {
                 return Err(LinkError::Closed);
             }
@@ -574,7 +628,7 @@ impl Link for ShmLink {
         self.in_pos += n as u64;
         let h = self.inc.hdr();
         h.cons.read_pos.store(self.in_pos, SeqCst); // see sleep_on
-        if h.prod.writer_waiting.load(SeqCst) != 0 {
+        if h.writer_waiting.flag.load(SeqCst) != 0 {
             h.cons.space_seq.fetch_add(1, Release);
             futex_wake(&h.cons.space_seq);
         }
@@ -586,7 +640,7 @@ impl Link for ShmLink {
             (true, false) => self.wait_readable(timeout),
             (false, true) => {
                 let h = self.out.hdr();
-                self.sleep_on(&h.prod.writer_waiting, &h.cons.space_seq, Self::ready_to_write, timeout);
+                self.sleep_on(&h.writer_waiting.flag, &h.cons.space_seq, Self::ready_to_write, timeout);
             }
             (true, true) if self.ready_to_write() => {}
             (true, true) => self.wait_readable(timeout.min(BOTH_SLICE)),
