@@ -14,6 +14,7 @@ mod s3_server;
 mod setup;
 
 use gantry_checkpoint::location::{Role, StorageLocation};
+use gantry_sharding::frames::FrameIndex;
 use gantry_sharding::gpt::{DatasetError, GptDataset, OpenOptions, Split, shards_of};
 use gantry_sharding::remote::{
     BLOCK_SUMS, BlockSums, INDEX_PACK, RemoteError, RemoteOptions, StreamConfig, StreamDir, StreamStats, Streamer,
@@ -80,7 +81,7 @@ fn a_stream_within_a_quarter_budget_reads_what_the_local_copy_holds() {
 }
 
 #[test]
-fn compressed_only_shards_are_decompressed_on_arrival() {
+fn compressed_only_shards_stream_by_frames_within_a_budget_or_whole_and_a_damaged_frame_is_named() {
     let server = S3Server::start();
     let dir = tempdir("zstd");
     let full = synth(&dir, true);
@@ -96,16 +97,39 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
     let opts = options(&server);
     let loc = StorageLocation::parse_as(&format!("s3://{}/z", server.bucket), Role::Dataset).unwrap();
     upload(&full, &loc, &opts).unwrap();
-    let prepared = prepare_stream(&loc, &dir.join("cache"), &opts).unwrap();
-    let cached = prepared.dir.clone();
-    // A quarter budget: compressed-only shards have no block checksums, so they stream
-    // whole, decompressed on arrival.
-    let budget = prepared.footprint() / 4;
-    let cfg = StreamConfig {
-        budget: Some(budget),
-        ..StreamConfig::default()
+    let stream = |tag: &str, ranges: bool| {
+        let prepared = prepare_stream(&loc, &dir.join(tag), &opts).unwrap();
+        let cached = prepared.dir.clone();
+        let budget = prepared.footprint() / 4;
+        let cfg = StreamConfig {
+            budget: Some(budget),
+            ranges,
+            ..StreamConfig::default()
+        };
+        let (streamer, ds) = open_streamed(prepared, opts.clone(), cfg);
+        (streamer, ds, cached, budget)
     };
-    let (streamer, ds) = open_streamed(prepared, opts, cfg);
+    // A quarter budget: the frames each step reads (1 KiB each here), decompressed and checked
+    // in memory; nothing of a shard is written to disk.
+    let (streamer, ds, cached, budget) = stream("frames", true);
+    assert!(streamer.is_ranged());
+    assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
+    let stats = streamer.stats();
+    assert!(stats.peak_usage <= budget && stats.fetched > 0, "{stats:?}");
+    let names: Vec<String> = std::fs::read_dir(&cached)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.ends_with(".bin") && !n.ends_with(".zst") && !n.contains(".partial-")),
+        "no shard file in range mode: {names:?}"
+    );
+    assert!(sum_of_files(&cached) <= budget);
+    drop((ds, streamer));
+    // Ranges off: whole shards, decompressed on arrival; only the `.bin` stays.
+    let (streamer, ds, cached, budget) = stream("whole", false);
     assert!(!streamer.is_ranged());
     assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
     let names: Vec<String> = std::fs::read_dir(&cached)
@@ -120,8 +144,32 @@ fn compressed_only_shards_are_decompressed_on_arrival() {
         "only the decompressed .bin stays: {names:?}"
     );
     assert!(sum_of_files(&cached) <= budget);
-    drop(ds);
-    drop(streamer);
+    drop((ds, streamer));
+    // One byte of every frame damaged on the server (sizes unchanged): fetched twice, then the
+    // error names the object and the frame.
+    for e in std::fs::read_dir(&full).unwrap() {
+        let p = e.unwrap().path();
+        if !p.to_string_lossy().ends_with(".zidx") {
+            continue;
+        }
+        let index = FrameIndex::parse(&std::fs::read(&p).unwrap(), &p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().replace(".zidx", ".bin.zst");
+        let object = server.object_path(&format!("z/{name}"));
+        let mut zst = std::fs::read(&object).unwrap();
+        for f in &index.frames {
+            zst[(f.compressed_offset + u64::from(f.compressed_len) / 2) as usize] ^= 0x5a;
+        }
+        std::fs::write(&object, zst).unwrap();
+    }
+    let (streamer, ds, _, _) = stream("damaged", true);
+    let mut c = sampler.start(ds.data().fingerprint());
+    c.advance(0).unwrap();
+    let e = ds.micro_batch(&sampler, &c, 0, 1, 1, 0).unwrap_err().to_string();
+    assert!(
+        e.contains(".bin.zst") && e.contains("frame ") && e.contains("fetched twice"),
+        "{e}"
+    );
+    drop((ds, streamer));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

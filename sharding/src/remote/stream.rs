@@ -39,6 +39,7 @@
 //! object. A fetch interrupted by a kill leaves only a temporary file, never a `.bin`; the
 //! next fetch of that shard (or a reservation that needs the room) removes it.
 
+mod blocks;
 mod bring;
 mod dir;
 mod index_pack;
@@ -47,12 +48,12 @@ mod ranged;
 pub(super) use dir::unpacked_index_files;
 pub use dir::{StreamDir, fetch_block_sums, prepare_stream};
 
-use super::block_sums;
 use super::cache::{self, Evictable};
 use super::plan::{Held, Plan, PlanConfig, PlanError};
 use super::{RemoteError, RemoteOptions, open_store};
 use crate::gpt::{DatasetError, ShardBytes, ShardSource, Shards, shards_of};
 use crate::indexed::{IndexedDataset, IndexedIndex};
+use blocks::Layout;
 use gantry_checkpoint::Store;
 use index_pack::IndexPack;
 use serde::Serialize;
@@ -221,11 +222,16 @@ impl Streamer {
         let pack = Arc::new(IndexPack::open(&dir.dir, &dir.manifest)?);
         let ranged = cfg.ranges
             && cfg.budget.is_some_and(|b| b < dir.footprint())
-            && dir.origins.iter().all(|o| *o == dir::Origin::Bin)
             && dir.manifest.shards.iter().all(|s| s.max_token_id.is_some());
         if ranged {
-            match fetch_block_sums(&dir, &opts) {
-                Ok(Some(sums)) => return Self::start_ranged(dir, sums, opts, cfg, pack),
+            // Blocks of the `.bin` objects with their checksums; or, for a compressed-only
+            // dataset, its frames.
+            let layout = match dir.origins.iter().all(|o| *o == dir::Origin::Bin) {
+                true => fetch_block_sums(&dir, &opts).map(|s| s.map(Layout::Sums)),
+                false => blocks::fetch_frames(&dir, &opts).map(|f| f.map(Layout::Frames)),
+            };
+            match layout {
+                Ok(Some(layout)) => return Self::start_ranged(dir, layout, opts, cfg, pack),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "streaming whole shards instead"),
             }
@@ -313,7 +319,7 @@ impl Streamer {
     /// rank of the host holds), so the directory and the blocks held stay within the budget.
     fn start_ranged(
         dir: StreamDir,
-        sums: block_sums::BlockSums,
+        layout: Layout,
         opts: RemoteOptions,
         cfg: StreamConfig,
         pack: Arc<IndexPack>,
@@ -336,7 +342,7 @@ impl Streamer {
         let dir_path = dir.dir.clone();
         // GETs of a few blocks wait on the round trip, not the bandwidth: more in flight.
         let workers = cfg.fetchers.max(1) * RANGE_GETS_PER_FETCHER;
-        let ranged = ranged::Ranged::new(dir, sums, store, opts, cfg, (budget, fixed), workers)?;
+        let ranged = ranged::Ranged::new(dir, layout, store, opts, cfg, (budget, fixed), workers)?;
         let ranged = Arc::new(ranged);
         let workers = spawn(&dir_path, workers, &ranged, |r| r.work())?;
         Ok(Streamer::assemble(Engine::Ranges(ranged), workers, pack))

@@ -1,21 +1,23 @@
 //! Range mode: the thin shell around the pure [`RangePlan`], for a dataset larger than its
-//! cache budget whose upload left block checksums ([`BlockSums`]).
+//! cache budget whose upload left block checksums ([`super::super::BlockSums`]), or whose
+//! shards are compressed-only in frames of one size ([`Layout`]: what a block is, where its
+//! bytes are, how it is checked).
 //!
 //! Nothing of a shard is written to disk: `fetchers` threads GET the blocks the coming steps
 //! read, neighbouring ones in one ranged GET, a bounded number in flight, and hold them in
 //! memory (a rank's share of the budget bounds them: the budget is what the dataset may take
 //! on this host, and besides the held blocks it takes only the manifest and the `.idx`
-//! files). Each block is hashed against its checksum before anything can read it; a GET
-//! whose blocks do not match is made once more, then the error names the shard, the block
-//! and the object. A read ([`ShardSource::read`]) waits only for the blocks its own bytes
+//! files). Each block is checked (hashed against its checksum, or decompressed and checked as
+//! a zstd frame) before anything can read it; a GET whose blocks are not right is made once
+//! more, then the error names the shard, the block and the object. A read ([`ShardSource::read`]) waits only for the blocks its own bytes
 //! fall in, with the deadline and errors of a whole-shard read. The ranks of a host read
 //! disjoint samples, so they share nothing here: each holds its own share.
 
-use super::super::block_sums::BlockSums;
 use super::super::plan::{Held, PlanError};
 use super::super::ranges::{Get, RangeConfig, RangePlan};
 use super::super::retry::with_retry_unless;
 use super::super::{RemoteError, RemoteOptions};
+use super::blocks::Layout;
 use super::{Counters, StepShards, StreamConfig, StreamDir, plan_refusal, plan_step, wait_left};
 use crate::gpt::{DatasetError, ShardSource};
 use crate::indexed::IndexedDataset;
@@ -76,7 +78,7 @@ impl Block {
 
 pub(super) struct Ranged {
     pub(super) dir: StreamDir,
-    sums: BlockSums,
+    layout: Layout,
     /// Bytes of the directory's files (the manifest, the `.idx` files).
     fixed: u64,
     store: Store,
@@ -106,7 +108,7 @@ impl Ranged {
     /// directory's files; `workers` threads will run [`Self::work`].
     pub(super) fn new(
         dir: StreamDir,
-        sums: BlockSums,
+        layout: Layout,
         store: Store,
         opts: RemoteOptions,
         cfg: StreamConfig,
@@ -114,7 +116,7 @@ impl Ranged {
         workers: usize,
     ) -> Result<Ranged, RemoteError> {
         let sharers = cfg.sharers.max(1) as u64;
-        let block = sums.block_bytes();
+        let block = layout.block_bytes();
         let least = fixed.saturating_add(sharers.saturating_mul(least_limit(block, block)));
         if budget < least {
             return Err(RemoteError::BudgetTooSmall {
@@ -127,7 +129,7 @@ impl Ranged {
         }
         let limit = (budget - fixed) / sharers;
         let plan_cfg = RangeConfig {
-            sizes: sums.sizes().to_vec(),
+            sizes: layout.sizes().to_vec(),
             block_bytes: block,
             limit,
             reserve: reserve_for(limit, block),
@@ -140,7 +142,7 @@ impl Ranged {
         let plan = RangePlan::new(plan_cfg, 0).map_err(|cause| RemoteError::Plan { location, cause })?;
         Ok(Ranged {
             dir,
-            sums,
+            layout,
             fixed,
             store,
             opts,
@@ -227,7 +229,7 @@ impl Ranged {
     fn plan_error(&self, cause: PlanError) -> RemoteError {
         plan_refusal(&self.dir, &self.cfg, cause, |bytes| {
             self.fixed.saturating_add(
-                (self.cfg.sharers.max(1) as u64).saturating_mul(least_limit(bytes, self.sums.block_bytes())),
+                (self.cfg.sharers.max(1) as u64).saturating_mul(least_limit(bytes, self.layout.block_bytes())),
             )
         })
     }
@@ -280,13 +282,11 @@ impl Ranged {
         }
     }
 
-    /// GET the blocks of `get` as one ranged GET and check each against its checksum; a
-    /// mismatch is fetched once more, then named.
+    /// GET the blocks of `get` as one ranged GET and check each; a block that is not right
+    /// is fetched once more, then named.
     fn fetch(&self, get: &Get) -> Result<Vec<Block>, RemoteError> {
         let object = self.dir.object(get.shard);
-        let key = format!("{}.bin", self.dir.manifest.shards[get.shard].prefix);
-        let range =
-            self.sums.range(get.shard, get.blocks.start).start..self.sums.range(get.shard, get.blocks.end - 1).end;
+        let (key, range) = self.layout.request(&self.dir, get.shard, &get.blocks);
         let mut tries = 0;
         loop {
             tries += 1;
@@ -299,44 +299,22 @@ impl Ranged {
             let c = &self.counters;
             c.fetched.fetch_add(1, Ordering::Relaxed);
             c.bytes_fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
-            match self.check(get, &range, &body) {
-                Ok(blocks) => return Ok(blocks),
-                Err(block) if tries < 2 => {
+            let mut blocks = Vec::with_capacity(get.blocks.len());
+            let made = (self.layout).blocks(get.shard, &get.blocks, &range, &body, |b| blocks.push(Block::new(b)));
+            match made {
+                Ok(()) => return Ok(blocks),
+                Err(bad) if tries < 2 => {
                     tracing::warn!(
                         object,
                         shard = get.shard,
-                        block,
-                        "a fetched block does not match its checksum; fetching it again"
+                        block = bad.block,
+                        why = bad.why,
+                        "a fetched block is not right; fetching it again"
                     );
                 }
-                Err(block) => {
-                    let r = self.sums.range(get.shard, block);
-                    return Err(RemoteError::BlockChecksum {
-                        object,
-                        shard: get.shard,
-                        block,
-                        start: r.start,
-                        end: r.end,
-                        sums: self.dir.location.child(super::super::BLOCK_SUMS),
-                    });
-                }
+                Err(bad) => return Err(self.layout.error(&self.dir, get.shard, bad)),
             }
         }
-    }
-
-    /// The blocks of `get` cut from `body` (bytes `range` of the shard), each matching its
-    /// checksum; else the first block that does not (or is cut short).
-    fn check(&self, get: &Get, range: &Range<u64>, body: &[u8]) -> Result<Vec<Block>, usize> {
-        let mut out = Vec::with_capacity(get.blocks.len());
-        for block in get.blocks.clone() {
-            let r = self.sums.range(get.shard, block);
-            let (from, to) = ((r.start - range.start) as usize, (r.end - range.start) as usize);
-            match body.get(from..to) {
-                Some(bytes) if self.sums.matches(get.shard, block, bytes) => out.push(Block::new(bytes)),
-                _ => return Err(block),
-            }
-        }
-        Ok(out)
     }
 
     /// Blocks `ids` (of shard `shard`) once present: waits for them, demanding those no
@@ -420,7 +398,7 @@ impl ShardSource for Ranged {
         })?;
         let (first, piece) = {
             let st = self.lock();
-            let piece = st.plan.reserve() / self.sums.block_bytes();
+            let piece = st.plan.reserve() / self.layout.block_bytes();
             (ids.start - st.plan.id(shard, 0), piece.max(1) as usize)
         };
         // A read outside the plan is demanded in pieces the reserve holds.
@@ -429,7 +407,7 @@ impl ShardSource for Ranged {
             let end = (at + piece).min(ids.end);
             let blocks = self.wait_blocks(shard, at..end)?;
             for (i, block) in blocks.iter().enumerate() {
-                let r = self.sums.range(shard, first + (at - ids.start) + i);
+                let r = self.layout.range(shard, first + (at - ids.start) + i);
                 let from = bytes.start.max(r.start) - r.start;
                 let to = bytes.end.min(r.end) - r.start;
                 each(&block.bytes()[from as usize..to as usize]);
