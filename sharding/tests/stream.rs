@@ -116,10 +116,13 @@ fn compressed_only_shards_stream_by_frames_within_a_budget_or_whole_and_a_damage
     assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
     let stats = streamer.stats();
     assert!(stats.peak_usage <= budget && stats.fetched > 0, "{stats:?}");
-    let names: Vec<String> = std::fs::read_dir(&cached)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let listing = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let names = listing(&cached);
     assert!(
         names
             .iter()
@@ -132,10 +135,7 @@ fn compressed_only_shards_stream_by_frames_within_a_budget_or_whole_and_a_damage
     let (streamer, ds, cached, budget) = stream("whole", false);
     assert!(!streamer.is_ranged());
     assert_eq!(read_steps(&ds, &sampler, 0, 1, 6, |_| {}), expected);
-    let names: Vec<String> = std::fs::read_dir(&cached)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = listing(&cached);
     assert!(names.iter().any(|n| n.ends_with(".bin")), "{names:?}");
     assert!(
         names
