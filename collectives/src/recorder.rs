@@ -5,26 +5,132 @@
 //! [`FabricConfig::flight_keep`](crate::FabricConfig::flight_keep) dumps: every dump prunes
 //! the older ones, so a host that fails often does not fill its disk.
 //!
-//! Recording sits on the path of every call, so it costs no clock of its own and no heap
-//! allocation: the communicator passes the [`Instant`]s it read anyway (one at the start of an
-//! operation, one at its end) and a shared list of peers, and the ring of records stops growing
-//! once full. Instants become Unix times only when a dump is taken, against a clock reading
-//! taken then, so a wall clock stepped since an operation ran moves its times with it.
+//! Recording sits on the path of every call (a 1 KiB all_reduce over shared memory is about
+//! half a microsecond), so the common path takes no lock, allocates nothing and reads no
+//! precise clock of its own:
+//! - The ring is written by one [`FlightWriter`], owned by the communicator, and read by
+//!   dumps on other threads. Each slot is a seqlock: the writer makes its version odd, stores
+//!   the fields, makes it even again; a reader keeps a copy only if the version was the same
+//!   even number before and after. Every field is an atomic integer, so a read that races a
+//!   write is a retry, never undefined behaviour.
+//! - What is not a plain number stays out of the slot: the group's member list is given once
+//!   (a slot says "the group" or holds up to two send/recv peers), algorithm names are an
+//!   enum, and an error message goes to a small locked list (errors are rare and end the
+//!   communicator).
+//! - The start is the communicator's own [`Instant`] (its deadline is counted from it). A
+//!   successful end is read from the kernel's coarse monotonic clock (a few ns; it advances
+//!   once per scheduler tick, so an end time may be early by a tick, 1 to 10 ms, and is never
+//!   put before its start). Nothing compares end times finer than that: they say when an op
+//!   was last seen to finish. A failed op's end is precise (that path is slow anyway).
+//!
+//! Times become Unix times only when a dump is taken, against a clock reading taken then, so
+//! a wall clock stepped since an operation ran moves its times with it.
 
 use crate::dtype::DType;
 use crate::header::OpKind;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicI64, AtomicU64, fence};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum OpState {
-    Started,
-    Completed,
-    Failed,
+    Started = 1,
+    Completed = 2,
+    Failed = 3,
+}
+
+impl OpState {
+    fn from_code(code: u8) -> Option<OpState> {
+        [OpState::Started, OpState::Completed, OpState::Failed]
+            .into_iter()
+            .find(|s| *s as u8 == code)
+    }
+}
+
+/// The schedule an operation ran, as its record names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AlgoName {
+    Dissemination = 1,
+    RecursiveDoubling = 2,
+    Ring = 3,
+    BinomialTree = 4,
+    Chain = 5,
+    Pairwise = 6,
+    P2p = 7,
+}
+
+impl AlgoName {
+    const ALL: [AlgoName; 7] = [
+        AlgoName::Dissemination,
+        AlgoName::RecursiveDoubling,
+        AlgoName::Ring,
+        AlgoName::BinomialTree,
+        AlgoName::Chain,
+        AlgoName::Pairwise,
+        AlgoName::P2p,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            AlgoName::Dissemination => "dissemination",
+            AlgoName::RecursiveDoubling => "recursive_doubling",
+            AlgoName::Ring => "ring",
+            AlgoName::BinomialTree => "binomial_tree",
+            AlgoName::Chain => "chain",
+            AlgoName::Pairwise => "pairwise",
+            AlgoName::P2p => "p2p",
+        }
+    }
+
+    fn from_code(code: u8) -> Option<AlgoName> {
+        AlgoName::ALL.into_iter().find(|a| *a as u8 == code)
+    }
+}
+
+/// Every [`OpKind`], to read one back from its code (`OpKind`'s own decoder is private to the
+/// header). The exhaustive match below stops the build when a kind is added and not listed.
+const OP_KINDS: [OpKind; 9] = [
+    OpKind::AllReduce,
+    OpKind::Broadcast,
+    OpKind::Reduce,
+    OpKind::AllGather,
+    OpKind::ReduceScatter,
+    OpKind::AllToAll,
+    OpKind::SendRecv,
+    OpKind::Barrier,
+    OpKind::Split,
+];
+
+const _: () = match OpKind::AllReduce {
+    OpKind::AllReduce
+    | OpKind::Broadcast
+    | OpKind::Reduce
+    | OpKind::AllGather
+    | OpKind::ReduceScatter
+    | OpKind::AllToAll
+    | OpKind::SendRecv
+    | OpKind::Barrier
+    | OpKind::Split => (),
+};
+
+fn op_kind(code: u8) -> Option<OpKind> {
+    OP_KINDS.into_iter().find(|k| *k as u8 == code)
+}
+
+/// Whom an operation talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// The whole group (the member list given to [`FlightWriter::new`]).
+    Group,
+    /// A send and/or receive, each with the peer's global rank.
+    P2p { send: Option<usize>, recv: Option<usize> },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -54,80 +160,335 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// One operation as kept in the ring: times as the communicator's own [`Instant`]s.
-struct Entry {
-    seq: u64,
-    op: OpKind,
-    dtype: DType,
-    bytes: u64,
-    peers: Arc<[usize]>,
-    algorithm: &'static str,
-    state: OpState,
-    started: Instant,
-    ended: Option<Instant>,
-    error: Option<String>,
+/// Reads `clock` through clock_gettime(2); `None` if the kernel refuses it.
+#[cfg(target_os = "linux")]
+fn clock_ns(clock: libc::clockid_t) -> Option<i64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a live, writable timespec for the whole call, and a timespec is all
+    // clock_gettime(2) writes through the pointer; it keeps no reference after returning.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    // Both fields are i64 on the 64-bit Linux targets gantry builds for.
+    (rc == 0).then_some(ts.tv_sec * 1_000_000_000 + ts.tv_nsec)
 }
 
-/// A wall-clock reading and a monotonic one taken together, to turn [`Instant`]s into Unix
-/// microseconds.
-#[derive(Clone, Copy)]
+/// The recorder's time base: signed nanoseconds since the recorder was made.
+struct Clock {
+    epoch: Instant,
+    /// CLOCK_MONOTONIC at `epoch` (std's `Instant` is CLOCK_MONOTONIC on Linux), to place the
+    /// coarse clock's readings on the same base; `None` where there is no coarse clock.
+    epoch_mono_ns: Option<i64>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let epoch = Instant::now();
+        #[cfg(target_os = "linux")]
+        let epoch_mono_ns = clock_ns(libc::CLOCK_MONOTONIC);
+        #[cfg(not(target_os = "linux"))]
+        let epoch_mono_ns = None;
+        Clock { epoch, epoch_mono_ns }
+    }
+
+    fn at(&self, t: Instant) -> i64 {
+        match t.checked_duration_since(self.epoch) {
+            Some(after) => after.as_nanos() as i64,
+            None => -(self.epoch.duration_since(t).as_nanos() as i64),
+        }
+    }
+
+    /// Now, up to a scheduler tick early: the coarse clock is the precise one as of the last
+    /// tick.
+    fn coarse_now(&self) -> i64 {
+        #[cfg(target_os = "linux")]
+        if let (Some(epoch), Some(now)) = (self.epoch_mono_ns, clock_ns(libc::CLOCK_MONOTONIC_COARSE)) {
+            return now - epoch;
+        }
+        self.at(Instant::now())
+    }
+}
+
+/// A wall-clock reading and the recorder's clock taken together, to turn the recorder's
+/// times into Unix microseconds.
 struct Anchor {
     unix_us: u64,
-    instant: Instant,
+    ns: i64,
 }
 
 impl Anchor {
-    fn now() -> Anchor {
+    fn now(clock: &Clock) -> Anchor {
         Anchor {
             unix_us: now_us(),
-            instant: Instant::now(),
+            ns: clock.at(Instant::now()),
         }
     }
 
-    fn unix_us(&self, t: Instant) -> u64 {
-        match self.instant.checked_duration_since(t) {
-            Some(ago) => self.unix_us.saturating_sub(ago.as_micros() as u64),
-            None => self.unix_us + t.duration_since(self.instant).as_micros() as u64,
-        }
+    fn unix_us(&self, t: i64) -> u64 {
+        let ago_us = (self.ns - t).div_euclid(1000);
+        (self.unix_us as i64).saturating_sub(ago_us).max(0) as u64
     }
 }
 
-impl Entry {
-    fn record(&self, anchor: &Anchor) -> OpRecord {
-        OpRecord {
+/// `meta` bits: kind, dtype, algorithm and state codes in the low four bytes, then whom the
+/// operation talks to.
+const META_P2P: u64 = 1 << 32;
+const META_SEND: u64 = 1 << 33;
+const META_RECV: u64 = 1 << 34;
+/// Copies a reader gives up after, when the writer keeps rewriting the slot; the slot is then
+/// left out of that dump (the writer only rewrites it while the communicator makes progress).
+const READ_TRIES: usize = 1000;
+
+/// One ring entry, a seqlock: `version` is odd while the writer changes the slot, 0 for a slot
+/// never written.
+#[derive(Default)]
+struct Slot {
+    version: AtomicU64,
+    /// How many operations the writer started before this one: orders the records and keys
+    /// the error list.
+    pos: AtomicU64,
+    seq: AtomicU64,
+    bytes: AtomicU64,
+    meta: AtomicU64,
+    send: AtomicU64,
+    recv: AtomicU64,
+    started: AtomicI64,
+    /// Meaningful once `meta`'s state is not `Started`.
+    ended: AtomicI64,
+}
+
+/// A consistent copy of a [`Slot`].
+struct Raw {
+    pos: u64,
+    seq: u64,
+    bytes: u64,
+    meta: u64,
+    send: u64,
+    recv: u64,
+    started: i64,
+    ended: i64,
+}
+
+impl Slot {
+    /// Change the slot under its seqlock. Only the slot's one writer calls this.
+    fn write(&self, f: impl FnOnce(&Slot)) {
+        let v = self.version.load(Relaxed);
+        self.version.store(v.wrapping_add(1), Relaxed);
+        // Orders the odd version before the field stores: a reader that sees any new field
+        // value and then fences (Acquire) sees at least the odd version on its re-check.
+        fence(Release);
+        f(self);
+        self.version.store(v.wrapping_add(2), Release);
+    }
+
+    /// A consistent copy, or `None` for a slot never written (or one the writer kept busy).
+    fn read(&self) -> Option<Raw> {
+        for _ in 0..READ_TRIES {
+            let before = self.version.load(Acquire);
+            if before == 0 {
+                return None;
+            }
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let raw = Raw {
+                pos: self.pos.load(Relaxed),
+                seq: self.seq.load(Relaxed),
+                bytes: self.bytes.load(Relaxed),
+                meta: self.meta.load(Relaxed),
+                send: self.send.load(Relaxed),
+                recv: self.recv.load(Relaxed),
+                started: self.started.load(Relaxed),
+                ended: self.ended.load(Relaxed),
+            };
+            // Keeps the field loads before the re-check (pairs with `write`'s Release fence).
+            fence(Acquire);
+            if self.version.load(Relaxed) == before {
+                return Some(raw);
+            }
+        }
+        None
+    }
+}
+
+fn meta_state(meta: u64) -> u8 {
+    (meta >> 24) as u8
+}
+
+fn with_state(meta: u64, state: OpState) -> u64 {
+    (meta & !(0xff << 24)) | (state as u64) << 24
+}
+
+impl Raw {
+    /// The record this copy describes, given the error listed for its position. `None` for a
+    /// failed op whose error is no longer listed: the writer went round the ring while the
+    /// dump read it, so the op is not in the ring any more. `None` too if a code does not
+    /// decode (not written by [`FlightWriter`], which cannot happen).
+    fn record(&self, rec: &FlightRecorder, anchor: &Anchor, error: Option<String>) -> Option<OpRecord> {
+        let byte = |shift: u32| (self.meta >> shift) as u8;
+        let state = OpState::from_code(meta_state(self.meta))?;
+        let error = if state == OpState::Failed { Some(error?) } else { None };
+        let peers: Arc<[usize]> = if self.meta & META_P2P == 0 {
+            rec.group.clone()
+        } else {
+            let send = (self.meta & META_SEND != 0).then_some(self.send as usize);
+            let recv = (self.meta & META_RECV != 0).then_some(self.recv as usize);
+            send.into_iter().chain(recv).collect()
+        };
+        Some(OpRecord {
             seq: self.seq,
-            op: self.op,
-            dtype: self.dtype,
+            op: op_kind(byte(0))?,
+            dtype: DType::from_code(byte(8))?,
             bytes: self.bytes,
-            peers: self.peers.clone(),
-            algorithm: self.algorithm,
-            state: self.state,
+            peers,
+            algorithm: AlgoName::from_code(byte(16))?.name(),
+            state,
             start_unix_us: anchor.unix_us(self.started),
-            end_unix_us: self.ended.map(|t| anchor.unix_us(t)),
-            error: self.error.clone(),
-        }
+            end_unix_us: (state != OpState::Started).then(|| anchor.unix_us(self.ended)),
+            error,
+        })
     }
 }
 
-/// What an operation is, for [`FlightRecorder::start`].
-pub struct OpStart<'a> {
+/// What an operation is, for [`FlightWriter::start`].
+pub struct OpStart {
     pub seq: u64,
     pub op: OpKind,
     pub dtype: DType,
     pub bytes: u64,
-    /// Cloned only when the record it replaces does not already hold this very list.
-    pub peers: &'a Arc<[usize]>,
-    pub algorithm: &'static str,
+    pub peers: Peers,
+    pub algorithm: AlgoName,
     /// When the operation started (the instant its deadline is counted from).
     pub started: Instant,
 }
 
-/// One communicator's recent history.
+/// One communicator's recent history, as dumps read it. Written through its [`FlightWriter`].
 pub struct FlightRecorder {
     comm: String,
     rank: usize,
-    capacity: usize,
-    records: Mutex<VecDeque<Entry>>,
+    /// Global ranks of the communicator's members: the peers of every [`Peers::Group`] op.
+    group: Arc<[usize]>,
+    clock: Clock,
+    slots: Box<[Slot]>,
+    /// Messages of failed operations still in the ring, by ring position.
+    errors: Mutex<VecDeque<(u64, String)>>,
+}
+
+/// The one writer of a [`FlightRecorder`]: `&mut` on every call, which is what makes the
+/// seqlock's single-writer rule hold.
+pub struct FlightWriter {
+    rec: Arc<FlightRecorder>,
+    /// Operations started so far.
+    next: u64,
+    /// The slot the next operation takes: `next % capacity`, kept rather than divided for on
+    /// every call.
+    slot: usize,
+}
+
+impl FlightWriter {
+    /// A recorder keeping the last `capacity` operations of communicator `comm`, whose member
+    /// of global rank `rank` records them and whose members are `group`.
+    pub fn new(comm: String, rank: usize, capacity: usize, group: Arc<[usize]>) -> FlightWriter {
+        let slots = (0..capacity.max(1)).map(|_| Slot::default()).collect();
+        FlightWriter {
+            rec: Arc::new(FlightRecorder {
+                comm,
+                rank,
+                group,
+                clock: Clock::new(),
+                slots,
+                errors: Mutex::new(VecDeque::new()),
+            }),
+            next: 0,
+            slot: 0,
+        }
+    }
+
+    /// The read side, for dumps.
+    pub fn recorder(&self) -> &Arc<FlightRecorder> {
+        &self.rec
+    }
+
+    /// Record an operation as started; it takes the oldest record's slot once the ring is full.
+    pub fn start(&mut self, op: OpStart) {
+        let (pos, idx) = (self.next, self.slot);
+        self.next += 1;
+        self.slot = if idx + 1 == self.rec.slots.len() { 0 } else { idx + 1 };
+        let (p2p, send, recv) = match op.peers {
+            Peers::Group => (0, None, None),
+            Peers::P2p { send, recv } => (META_P2P, send, recv),
+        };
+        let meta = u64::from(op.op as u8)
+            | u64::from(op.dtype as u8) << 8
+            | u64::from(op.algorithm as u8) << 16
+            | (OpState::Started as u64) << 24
+            | p2p
+            | if send.is_some() { META_SEND } else { 0 }
+            | if recv.is_some() { META_RECV } else { 0 };
+        let started = self.rec.clock.at(op.started);
+        self.rec.slots[idx].write(|s| {
+            s.pos.store(pos, Relaxed);
+            s.seq.store(op.seq, Relaxed);
+            s.bytes.store(op.bytes, Relaxed);
+            s.meta.store(meta, Relaxed);
+            s.send.store(send.unwrap_or(0) as u64, Relaxed);
+            s.recv.store(recv.unwrap_or(0) as u64, Relaxed);
+            s.started.store(started, Relaxed);
+        });
+    }
+
+    /// Mark the started operation `seq`/`op` as ended now (by the coarse clock), failed when
+    /// `error` is set.
+    pub fn finish(&mut self, seq: u64, op: OpKind, error: Option<String>) {
+        let ended = self.rec.clock.coarse_now();
+        self.conclude(seq, op, ended, error);
+    }
+
+    /// [`finish`](Self::finish) at the instant `ended`.
+    pub fn finish_at(&mut self, seq: u64, op: OpKind, ended: Instant, error: Option<String>) {
+        let ended = self.rec.clock.at(ended);
+        self.conclude(seq, op, ended, error);
+    }
+
+    fn conclude(&mut self, seq: u64, op: OpKind, ended: i64, error: Option<String>) {
+        let Some((pos, slot)) = self.in_flight(seq, op) else {
+            return;
+        };
+        let state = if let Some(message) = error {
+            let oldest = self.next.saturating_sub(self.rec.slots.len() as u64);
+            let mut errors = self.rec.errors.lock().unwrap_or_else(|p| p.into_inner());
+            errors.retain(|&(p, _)| p >= oldest);
+            errors.push_back((pos, message));
+            OpState::Failed
+        } else {
+            OpState::Completed
+        };
+        // Only this writer stores to its slots, so its own relaxed loads see its last stores.
+        let started = slot.started.load(Relaxed);
+        let meta = with_state(slot.meta.load(Relaxed), state);
+        slot.write(|s| {
+            s.ended.store(ended.max(started), Relaxed);
+            s.meta.store(meta, Relaxed);
+        });
+    }
+
+    /// The ring position and slot of the started, unfinished operation `seq`/`op`, newest
+    /// first (the communicator finishes the op it started last).
+    fn in_flight(&self, seq: u64, op: OpKind) -> Option<(u64, &Slot)> {
+        let cap = self.rec.slots.len();
+        let live = self.next.min(cap as u64) as usize;
+        (1..=live).find_map(|back| {
+            let idx = if self.slot >= back {
+                self.slot - back
+            } else {
+                self.slot + cap - back
+            };
+            let slot = &self.rec.slots[idx];
+            let meta = slot.meta.load(Relaxed);
+            let open =
+                slot.seq.load(Relaxed) == seq && meta as u8 == op as u8 && meta_state(meta) == OpState::Started as u8;
+            open.then_some((self.next - back as u64, slot))
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -145,64 +506,18 @@ pub struct FlightDump {
 }
 
 impl FlightRecorder {
-    pub fn new(comm: String, rank: usize, capacity: usize) -> FlightRecorder {
-        FlightRecorder {
-            comm,
-            rank,
-            capacity: capacity.max(1),
-            records: Mutex::new(VecDeque::new()),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Record an operation as started; the oldest record makes room once the ring is full.
-    pub fn start(&self, op: OpStart<'_>) {
-        let mut r = self.lock();
-        let evicted = if r.len() == self.capacity { r.pop_front() } else { None };
-        // A communicator's collectives all name the same members: hand the evicted record's
-        // reference on, rather than one more count up and one down per call.
-        let peers = match evicted {
-            Some(old) if Arc::ptr_eq(&old.peers, op.peers) => old.peers,
-            _ => op.peers.clone(),
-        };
-        r.push_back(Entry {
-            seq: op.seq,
-            op: op.op,
-            dtype: op.dtype,
-            bytes: op.bytes,
-            peers,
-            algorithm: op.algorithm,
-            state: OpState::Started,
-            started: op.started,
-            ended: None,
-            error: None,
-        });
-    }
-
-    /// Mark the started operation `seq`/`op` as ended at `ended`, failed when `error` is set.
-    pub fn finish(&self, seq: u64, op: OpKind, ended: Instant, error: Option<String>) {
-        let mut r = self.lock();
-        if let Some(rec) = r
-            .iter_mut()
-            .rev()
-            .find(|x| x.seq == seq && x.op == op && x.state == OpState::Started)
-        {
-            rec.state = if error.is_some() {
-                OpState::Failed
-            } else {
-                OpState::Completed
-            };
-            rec.ended = Some(ended);
-            rec.error = error;
-        }
-    }
-
+    /// Every record in the ring, oldest first. Safe from any thread while the writer runs.
     pub fn snapshot(&self) -> FlightDump {
-        let anchor = Anchor::now();
-        let records: Vec<OpRecord> = self.lock().iter().map(|e| e.record(&anchor)).collect();
+        let anchor = Anchor::now(&self.clock);
+        let mut raws: Vec<Raw> = self.slots.iter().filter_map(Slot::read).collect();
+        raws.sort_unstable_by_key(|r| r.pos);
+        // After the slots: an error is listed before its slot says `Failed`.
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let error = |pos: u64| errors.iter().find(|(p, _)| *p == pos).map(|(_, m)| m.clone());
+        let records: Vec<OpRecord> = raws
+            .iter()
+            .filter_map(|r| r.record(self, &anchor, error(r.pos)))
+            .collect();
         FlightDump {
             comm: self.comm.clone(),
             rank: self.rank,
@@ -353,124 +668,4 @@ impl RecorderSet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn scratch(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("gantry-recorder-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    /// Dumps named `flight-{i}.json`, the higher `i` the newer.
-    fn dumps(dir: &Path, n: u64) {
-        let base = SystemTime::now() - Duration::from_secs(3600);
-        for i in 0..n {
-            let path = dir.join(format!("flight-{i}.json"));
-            std::fs::write(&path, "{}").unwrap();
-            let f = std::fs::File::options().write(true).open(&path).unwrap();
-            f.set_modified(base + Duration::from_secs(i)).unwrap();
-        }
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn op(seq: u64, peers: &Arc<[usize]>, started: Instant) -> OpStart<'_> {
-        OpStart {
-            seq,
-            op: OpKind::AllReduce,
-            dtype: DType::F32,
-            bytes: 1024,
-            peers,
-            algorithm: "recursive_doubling",
-            started,
-        }
-    }
-
-    #[test]
-    fn records_keep_the_callers_instants_as_unix_times_and_the_newest_ops() {
-        let rec = FlightRecorder::new("world".into(), 3, 2);
-        let peers: Arc<[usize]> = Arc::from([2, 3]);
-        let t0 = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
-        rec.start(op(1, &peers, t0));
-        rec.finish(1, OpKind::AllReduce, t0 + Duration::from_millis(5), None);
-        rec.start(op(2, &peers, t0 + Duration::from_millis(7)));
-        rec.finish(
-            2,
-            OpKind::AllReduce,
-            t0 + Duration::from_millis(9),
-            Some("rank 2 vanished".into()),
-        );
-        // Only `capacity` records stay: seq 1 makes room for seq 3, which never finishes.
-        rec.start(op(3, &peers, t0 + Duration::from_millis(10)));
-        // A finish for an op that is not in flight changes nothing.
-        rec.finish(7, OpKind::AllReduce, t0, None);
-
-        let before_us = now_us();
-        let dump = rec.snapshot();
-        let seqs: Vec<u64> = dump.records.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [2, 3]);
-        let (failed, stuck) = (&dump.records[0], &dump.records[1]);
-        assert_eq!(failed.state, OpState::Failed);
-        assert_eq!(failed.error.as_deref(), Some("rank 2 vanished"));
-        assert_eq!(failed.end_unix_us.unwrap() - failed.start_unix_us, 2000);
-        assert_eq!(stuck.start_unix_us - failed.start_unix_us, 3000);
-        assert_eq!((stuck.state, stuck.end_unix_us), (OpState::Started, None));
-        assert_eq!(dump.in_flight.len(), 1);
-        assert_eq!(dump.last_completed, None);
-        // The instants were taken before the dump: their Unix times are too (±1 µs rounding).
-        assert!(failed.start_unix_us <= dump.dumped_unix_us && dump.dumped_unix_us + 1 >= before_us);
-        assert!(
-            stuck.start_unix_us <= before_us + 1,
-            "{} vs {before_us}",
-            stuck.start_unix_us
-        );
-        let json = serde_json::to_value(failed).unwrap();
-        assert_eq!(json["peers"], serde_json::json!([2, 3]));
-        assert_eq!(json["algorithm"], "recursive_doubling");
-    }
-
-    #[test]
-    fn pruning_keeps_the_newest_dumps_and_nothing_else_is_touched() {
-        let dir = scratch("prune");
-        dumps(&dir, 6);
-        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
-        std::fs::write(dir.join("flight-9.json.tmp"), "half").unwrap();
-        let deleted = prune_dumps(&dir, 2).unwrap();
-        assert_eq!(deleted.len(), 4);
-        assert_eq!(
-            names(&dir),
-            ["flight-4.json", "flight-5.json", "flight-9.json.tmp", "notes.txt"]
-        );
-        // keep = 0 keeps everything; keeping more than there are deletes nothing.
-        assert!(prune_dumps(&dir, 0).unwrap().is_empty());
-        assert!(prune_dumps(&dir, 10).unwrap().is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn every_dump_prunes_the_directory_to_keep() {
-        let dir = scratch("dump");
-        dumps(&dir, 5);
-        let set = RecorderSet::new(dir.clone(), 3);
-        let rec = Arc::new(FlightRecorder::new("world".into(), 1, 4));
-        set.register(&rec);
-        let path = set.dump(&rec).unwrap();
-        let left = names(&dir);
-        assert_eq!(left.len(), 3, "{left:?}");
-        assert!(path.exists(), "the new dump is the newest: never pruned");
-        assert!(left.contains(&"flight-4.json".to_string()) && left.contains(&"flight-3.json".to_string()));
-        assert_eq!(set.dump_all(), vec![path.clone()]);
-        assert_eq!(names(&dir).len(), 3);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

@@ -7,10 +7,11 @@
 //! the rendezvous store, so that every rank of a broken ring blames the same, real culprit.
 //! After an error the communicator is broken (its peers have given up too); make a new one.
 //!
-//! A small all_reduce is a few microseconds over shared memory, so the bookkeeping of a call
-//! is kept to what it needs: two clock reads (start, end: the deadline and the flight record
-//! reuse them), the member list shared with the recorder rather than copied, and the
-//! recursive-doubling scratch buffer kept here between calls.
+//! A small all_reduce is about half a microsecond over shared memory, so the bookkeeping of a
+//! call is kept to what it needs: one precise clock read (the start: the deadline and the
+//! flight record reuse it), a flight record written without a lock (the end stamped by the
+//! coarse clock; see [`crate::recorder`]), the member list given to the recorder once rather
+//! than per record, and the recursive-doubling scratch buffer kept here between calls.
 
 mod blame;
 
@@ -20,7 +21,7 @@ use crate::error::{CommError, Result};
 use crate::fabric::Fabric;
 use crate::header::{OpDesc, OpKind};
 use crate::link::LinkKind;
-use crate::recorder::{FlightRecorder, OpStart};
+use crate::recorder::{AlgoName, FlightRecorder, FlightWriter, OpStart, Peers};
 use crate::reduce::finish_avg;
 use crate::transport::{ExchangeError, OpCtx, RecvSink, SendPart, Transport};
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct Communicator {
     name: String,
-    /// Shared with every flight record of a collective.
+    /// Shared with the flight recorder: the peers of every collective's record.
     members: Arc<[usize]>,
     rank: usize,
     transport: Box<dyn Transport>,
@@ -77,7 +78,7 @@ pub struct Communicator {
     algorithm: Algorithm,
     small_message_bytes: usize,
     segment_bytes: usize,
-    recorder: Arc<FlightRecorder>,
+    recorder: FlightWriter,
     broken: Option<String>,
     splits: u64,
     /// Recursive doubling's receive buffer, kept between calls up to `small_message_bytes`.
@@ -103,13 +104,14 @@ impl Communicator {
         let size = transport.size();
         assert_eq!(members.len(), size, "members must list every rank of the transport");
         let config = fabric.as_ref().map(|f| f.config().clone()).unwrap_or_default();
-        let recorder = Arc::new(FlightRecorder::new(name.clone(), members[rank], config.flight_records));
+        let members: Arc<[usize]> = members.into();
+        let recorder = FlightWriter::new(name.clone(), members[rank], config.flight_records, members.clone());
         if let Some(f) = &fabric {
-            f.recorders().register(&recorder);
+            f.recorders().register(recorder.recorder());
         }
         Communicator {
             name,
-            members: members.into(),
+            members,
             rank,
             transport,
             fabric,
@@ -179,7 +181,7 @@ impl Communicator {
     }
 
     pub fn flight_recorder(&self) -> &Arc<FlightRecorder> {
-        &self.recorder
+        self.recorder.recorder()
     }
 
     /// Link kind used to reach group rank `peer`, once connected.
@@ -326,7 +328,9 @@ impl Communicator {
             count: 0,
             root: 0,
         };
-        self.run(desc, 0, "dissemination", |t, ctx| algo::doubling::barrier(t, ctx))
+        self.run(desc, 0, AlgoName::Dissemination, |t, ctx| {
+            algo::doubling::barrier(t, ctx)
+        })
     }
 
     // ----- byte-level API (for tensors whose dtype is only known at run time) ------------------
@@ -346,7 +350,7 @@ impl Communicator {
         if tree {
             // Out of `self` for the call (`run` borrows it whole); back afterwards, even on error.
             let mut scratch = std::mem::take(&mut self.scratch);
-            let result = self.run(desc, buf.len(), "recursive_doubling", |t, ctx| {
+            let result = self.run(desc, buf.len(), AlgoName::RecursiveDoubling, |t, ctx| {
                 algo::doubling::all_reduce(t, ctx, buf, dtype, op, &mut scratch)
             });
             // A forced tree on a large buffer must not pin that much memory for good.
@@ -355,7 +359,7 @@ impl Communicator {
             }
             result?;
         } else {
-            self.run(desc, buf.len(), "ring", |t, ctx| {
+            self.run(desc, buf.len(), AlgoName::Ring, |t, ctx| {
                 algo::ring::all_reduce(t, ctx, buf, chunking, op)
             })?;
         }
@@ -377,11 +381,11 @@ impl Communicator {
         };
         let seg = self.segment_bytes;
         if self.pick_tree(buf.len()) {
-            self.run(desc, buf.len(), "binomial_tree", |t, ctx| {
+            self.run(desc, buf.len(), AlgoName::BinomialTree, |t, ctx| {
                 algo::tree::broadcast_binomial(t, ctx, buf, root)
             })
         } else {
-            self.run(desc, buf.len(), "chain", |t, ctx| {
+            self.run(desc, buf.len(), AlgoName::Chain, |t, ctx| {
                 algo::tree::broadcast_chain(t, ctx, buf, root, seg)
             })
         }
@@ -411,11 +415,11 @@ impl Communicator {
             w
         };
         if tree {
-            self.run(desc, work.len(), "binomial_tree", |t, ctx| {
+            self.run(desc, work.len(), AlgoName::BinomialTree, |t, ctx| {
                 algo::tree::reduce_binomial(t, ctx, work, dtype, op, root)
             })?;
         } else {
-            self.run(desc, work.len(), "ring", |t, ctx| {
+            self.run(desc, work.len(), AlgoName::Ring, |t, ctx| {
                 algo::tree::reduce_ring(t, ctx, work, chunking, op, root)
             })?;
         }
@@ -436,7 +440,7 @@ impl Communicator {
             root: 0,
         };
         let chunking = self.chunking(total, dtype);
-        self.run(desc, buf.len(), "ring", |t, ctx| {
+        self.run(desc, buf.len(), AlgoName::Ring, |t, ctx| {
             algo::ring::all_gather_phase(t, ctx, buf, chunking)
         })
     }
@@ -453,7 +457,7 @@ impl Communicator {
         };
         let chunking = self.chunking(total, dtype);
         let n = self.size();
-        self.run(desc, buf.len(), "ring", |t, ctx| {
+        self.run(desc, buf.len(), AlgoName::Ring, |t, ctx| {
             algo::ring::reduce_scatter_phase(t, ctx, buf, chunking, op)
         })?;
         if op == ReduceOp::Avg {
@@ -480,7 +484,7 @@ impl Communicator {
             root: 0,
         };
         let block = per_rank * dtype.size();
-        self.run(desc, send.len(), "pairwise", |t, ctx| {
+        self.run(desc, send.len(), AlgoName::Pairwise, |t, ctx| {
             algo::alltoall::all_to_all(t, ctx, send, recv, block)
         })
     }
@@ -557,7 +561,7 @@ impl Communicator {
         &mut self,
         desc: OpDesc,
         bytes: usize,
-        algorithm: &'static str,
+        algorithm: AlgoName,
         f: impl FnOnce(&mut dyn Transport, &OpCtx) -> std::result::Result<(), ExchangeError>,
     ) -> Result<()> {
         if let Some(why) = &self.broken {
@@ -576,7 +580,7 @@ impl Communicator {
             op: desc.kind,
             dtype: desc.dtype,
             bytes: bytes as u64,
-            peers: &self.members,
+            peers: Peers::Group,
             algorithm,
             started,
         });
@@ -635,12 +639,10 @@ impl Communicator {
                 sink: RecvSink::Copy(data),
             }
         });
-        let peers: Arc<[usize]> = send_part
-            .iter()
-            .map(|s| s.peer)
-            .chain(recv_part.iter().map(|r| r.peer))
-            .map(|p| self.members[p])
-            .collect();
+        let peers = Peers::P2p {
+            send: send_part.as_ref().map(|s| self.members[s.peer]),
+            recv: recv_part.as_ref().map(|r| self.members[r.peer]),
+        };
         let bytes = send_part.as_ref().map_or(0, |s| s.data.len())
             + recv_part.as_ref().map_or(0, |r| r.desc.count as usize * dtype.size());
         let seq = send_part
@@ -665,8 +667,8 @@ impl Communicator {
             op: OpKind::SendRecv,
             dtype,
             bytes: bytes as u64,
-            peers: &peers,
-            algorithm: "p2p",
+            peers,
+            algorithm: AlgoName::P2p,
             started,
         });
         let result = self.transport.exchange(&ctx, send_part, recv_part);
@@ -674,19 +676,19 @@ impl Communicator {
     }
 
     fn conclude(&mut self, ctx: &OpCtx, result: std::result::Result<(), ExchangeError>) -> Result<()> {
-        let ended = Instant::now();
         match result {
             Ok(()) => {
-                self.recorder.finish(ctx.seq, ctx.desc.kind, ended, None);
+                self.recorder.finish(ctx.seq, ctx.desc.kind, None);
                 Ok(())
             }
             Err(e) => {
+                let ended = Instant::now();
                 let err = self.attribute(ctx, e);
                 self.recorder
-                    .finish(ctx.seq, ctx.desc.kind, ended, Some(err.to_string()));
+                    .finish_at(ctx.seq, ctx.desc.kind, ended, Some(err.to_string()));
                 self.broken = Some(err.to_string());
                 if let Some(f) = &self.fabric {
-                    match f.recorders().dump(&self.recorder) {
+                    match f.recorders().dump(self.recorder.recorder()) {
                         Ok(path) => tracing::error!(
                             rank = self.members[self.rank],
                             "{err}; flight recorder dumped to {}",
