@@ -45,11 +45,13 @@ struct Args {
     shards_too: bool,
     /// Extra warm passes after the report's (for profiling a warm pass): their seconds.
     warm_more: usize,
+    /// Fetcher threads of each stream ([`StreamConfig::fetchers`]; 0: the default).
+    fetchers: usize,
 }
 
 fn args() -> Res<Args> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F] [--shards-too 0|1] [--warm-more N]";
+    let usage = "usage: stream_bench s3://bucket/prefix WORK_DIR [--seq-len N] [--batch N] [--budget-frac F] [--shards-too 0|1] [--warm-more N] [--fetchers N]";
     let (url, work) = (it.next().ok_or(usage)?, it.next().ok_or(usage)?);
     let mut a = Args {
         url,
@@ -59,6 +61,7 @@ fn args() -> Res<Args> {
         budget_frac: 0.25,
         shards_too: false,
         warm_more: 0,
+        fetchers: 0,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(usage)?;
@@ -68,14 +71,16 @@ fn args() -> Res<Args> {
             "--budget-frac" => a.budget_frac = value.parse()?,
             "--shards-too" => a.shards_too = value == "1",
             "--warm-more" => a.warm_more = value.parse()?,
+            "--fetchers" => a.fetchers = value.parse()?,
             _ => return Err(usage.into()),
         }
+    }
+    if a.fetchers == 0 {
+        a.fetchers = StreamConfig::default().fetchers;
     }
     Ok(a)
 }
 
-/// Raw ranged GETs (8 MiB, 8 in flight, as the fetcher makes them) of whole objects; seconds
-/// and bytes.
 /// CPU seconds this process has used so far, every thread, user and system (from
 /// `/proc/self/stat`, in clock ticks of 10 ms): on a machine the server shares, what a pass
 /// leaves the server is what its client does not use.
@@ -88,6 +93,9 @@ fn cpu_s() -> f64 {
     (ticks.get(11).copied().unwrap_or(0) + ticks.get(12).copied().unwrap_or(0)) as f64 / 100.0
 }
 
+/// Raw ranged GETs of whole objects (8 MiB ranges, as many in flight as the stream has
+/// fetchers: the same parallelism, so the two differ only in what a stream does besides its
+/// GETs); seconds and bytes.
 fn raw_get(store: &Store, objects: &[(String, u64)]) -> Res<(f64, u64)> {
     let step = 8u64 << 20;
     let ranges: Vec<(String, std::ops::Range<u64>)> = objects
@@ -138,6 +146,7 @@ fn stream_pass(
         StreamConfig {
             budget,
             ranges,
+            fetchers: a.fetchers,
             ..StreamConfig::default()
         },
     )?;
@@ -254,7 +263,11 @@ fn main() -> Res<()> {
         .collect();
     let total: u64 = bins.iter().map(|b| b.1).sum();
     let tokens = total as f64 / token_bytes;
-    let store = Store::open_location(&loc, &s3, StoreConfig::default())?;
+    let raw = StoreConfig {
+        concurrency: a.fetchers,
+        ..StoreConfig::default()
+    };
+    let store = Store::open_location(&loc, &s3, raw)?;
 
     let (first, footprint) = first_step_shards(&a, &loc, &opts, &work.join("plan-cache"))?;
     let first_objects: Vec<(String, u64)> = first.iter().map(|&s| bins[s].clone()).collect();

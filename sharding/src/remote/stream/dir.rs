@@ -51,9 +51,6 @@ pub struct StreamDir {
     pub fixed_bytes: u64,
     /// Files this call fetched (the `.idx` files missing or damaged in the cache).
     pub fetched: Vec<String>,
-    /// The size of the upload's block checksums ([`BLOCK_SUMS`]) when the prefix has them:
-    /// fetched only for range mode ([`fetch_block_sums`]).
-    pub block_sums: Option<u64>,
     pub seconds: f64,
 }
 
@@ -111,8 +108,9 @@ impl StreamDir {
 /// `location`: one GET of the manifest; a listing of the prefix only when a shard may come
 /// from its zstd frames (which objects are there decides; every object the manifest names
 /// must then be there with its size), else a HEAD of the index pack when an `.idx` is to be
-/// fetched and one of the block checksums (listing a prefix of many shards took longer than
-/// the rest of this; a missing `.bin` fails its own fetch instead, naming it). Then, holding
+/// fetched (listing a prefix of many shards took longer than the rest of this; a missing
+/// `.bin` fails its own fetch instead, naming it). A warm cache costs the manifest's GET
+/// alone: the block checksums are asked for only by range mode ([`fetch_block_sums`]). Then, holding
 /// the entry's `fetch` build lock (the one a complete fetch holds, so the ranks of a host do this
 /// once), the temporary files of killed fetches removed, each `.idx` that is missing or does
 /// not match the manifest fetched and checked as [`super::super::fetch`] does, the tokenizer,
@@ -149,8 +147,8 @@ pub fn prepare_stream(
             (origins_listed(location, &manifest, &listed)?, Some(listed))
         }
     };
-    // The pack's and the block sums' sizes: from the listing, else by a HEAD each, the
-    // pack's only when an `.idx` is to be fetched.
+    // The pack's size: from the listing, else by a HEAD, only when an `.idx` is to be
+    // fetched.
     let size_of = |key: &str| -> Result<Option<u64>, RemoteError> {
         match &listed {
             Some(l) => Ok(l.get(key).copied()),
@@ -178,7 +176,6 @@ pub fn prepare_stream(
         origins,
         fixed_bytes: fixed,
         fetched,
-        block_sums: size_of(BLOCK_SUMS)?,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -230,13 +227,10 @@ fn origins_listed(
     Ok(origins)
 }
 
-/// The block checksums of the dataset `dir` streams, when its prefix has them: one GET,
+/// The block checksums of the dataset `dir` streams, when its prefix has them (none: `None`): one GET,
 /// taken only when undamaged and written for this very manifest ([`BlockSums::parse`]);
 /// otherwise the error names the object and what is wrong with it.
 pub fn fetch_block_sums(dir: &StreamDir, opts: &RemoteOptions) -> Result<Option<BlockSums>, RemoteError> {
-    if dir.block_sums.is_none() {
-        return Ok(None);
-    }
     let store = open_store(&dir.location, opts)?;
     let object = dir.location.child(BLOCK_SUMS);
     let Some(raw) = with_retry(&opts.retry, &object, || store.get(BLOCK_SUMS))? else {
