@@ -10,22 +10,28 @@
 //! They used to be `flock`s on two files per entry (`NAME.lock`, `NAME.lease`). On a cold
 //! stream of many small shards, creating those two files per shard was most of the fetchers'
 //! CPU (ext4's inode allocation). Here they are open-file-description byte-range locks (Linux
-//! `F_OFD_SETLK`) on two bytes of one file per directory, [`LOCKS_FILE`], at an offset taken
-//! from a hash of the entry's name; the file stays empty (a lock may lie past its end). Like
+//! `F_OFD_SETLK`) on two bytes of a lock file of the directory, at an offset taken from a hash
+//! of the entry's name; the file stays empty (a lock may lie past its end). The kernel keeps an
+//! inode's record locks in a list it walks on every lock taken, and a stream holds a lease on
+//! every shard it has read: the entries are spread over [`STRIPES`] files
+//! (`.gantry-locks.00` …), picked by the same hash, so a dataset of 100,000 shards walks lists
+//! of about 1,600 rather than one of 100,000. Like
 //! `flock` and unlike classic POSIX record locks, they belong to the open file: two opens in
 //! one process conflict, closing the file (dropping the returned [`File`]) releases them, and
 //! the kernel drops them when the holder dies. Two names whose hashes meet share their locks:
 //! a build waits for an unrelated one, or an eviction skips a shard; never a wrong read.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// The one file per cache directory whose bytes the entries' locks lie on.
+/// The name the lock files of a cache directory start with: `.gantry-locks.` and the stripe
+/// in two hex digits.
 pub const LOCKS_FILE: &str = ".gantry-locks";
+/// Lock files per cache directory.
+pub const STRIPES: u64 = 64;
 
 /// Which of an entry's two locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,24 +50,30 @@ pub(crate) enum Mode {
     TryExclusive,
 }
 
-/// The byte of [`LOCKS_FILE`] that `which` lock of the entry named `name` lies on: two
-/// neighbouring bytes per name, below `i64::MAX` (`off_t`).
-fn offset(name: &OsStr, which: Lock) -> i64 {
-    let key = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) & ((1 << 62) - 1) & !1;
-    (key + u64::from(which == Lock::Lease)) as i64
+fn key(path: &Path) -> u64 {
+    let name = path.file_name().unwrap_or(path.as_os_str());
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes())
 }
 
-/// Where the locks of the entry at `path` are kept: its directory's [`LOCKS_FILE`].
+/// The byte of its lock file that `which` lock of the entry at `path` lies on: two
+/// neighbouring bytes per name, below `i64::MAX` (`off_t`).
+fn offset(path: &Path, which: Lock) -> i64 {
+    let at = key(path) & ((1 << 58) - 1) & !1;
+    (at + u64::from(which == Lock::Lease)) as i64
+}
+
+/// Where the locks of the entry at `path` are kept: one of its directory's [`STRIPES`] lock
+/// files (the hash's top bits pick it; its low bits, the offset).
 pub(crate) fn locks_file(path: &Path) -> PathBuf {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    dir.unwrap_or(Path::new(".")).join(LOCKS_FILE)
+    let stripe = (key(path) >> 58) & (STRIPES - 1);
+    dir.unwrap_or(Path::new(".")).join(format!("{LOCKS_FILE}.{stripe:02x}"))
 }
 
 /// Take `which` lock of the entry at `path` in `mode`. The lock lives as long as the returned
 /// file (its own open of [`LOCKS_FILE`], so it conflicts with every other, this process's
 /// included). `Mode::TryExclusive` fails with [`io::ErrorKind::WouldBlock`] while it is held.
 pub(crate) fn lock(path: &Path, which: Lock, mode: Mode) -> io::Result<File> {
-    let name = path.file_name().unwrap_or(path.as_os_str());
     let file = File::options()
         .read(true)
         .write(true)
@@ -76,7 +88,7 @@ pub(crate) fn lock(path: &Path, which: Lock, mode: Mode) -> io::Result<File> {
         libc::F_WRLCK
     } as libc::c_short;
     range.l_whence = libc::SEEK_SET as libc::c_short;
-    range.l_start = offset(name, which);
+    range.l_start = offset(path, which);
     range.l_len = 1;
     let cmd = if mode == Mode::TryExclusive {
         libc::F_OFD_SETLK
@@ -134,12 +146,9 @@ mod tests {
         assert!(held(&a, Lock::Lease).unwrap(), "one reader still holds it");
         drop(_r2);
         assert!(!held(&a, Lock::Lease).unwrap());
-        assert_eq!(
-            std::fs::metadata(d.join(LOCKS_FILE)).unwrap().len(),
-            0,
-            "nothing written"
-        );
-        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "one file for every entry");
+        assert_eq!(std::fs::metadata(locks_file(&a)).unwrap().len(), 0, "nothing written");
+        let files = std::fs::read_dir(&d).unwrap().count();
+        assert!(files <= 2, "no file per entry: {files} lock files for 2 entries");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -179,8 +188,8 @@ mod tests {
                  fd=os.open({:?},os.O_RDWR|os.O_CREAT)\n\
                  fcntl.fcntl(fd,fcntl.F_OFD_SETLK,struct.pack('hhqqi4x',fcntl.F_RDLCK,0,{},1,0))\n\
                  print('held',flush=True)\ntime.sleep(60)",
-                d.join(LOCKS_FILE),
-                offset(OsStr::new("a.bin"), Lock::Lease)
+                locks_file(&a),
+                offset(&a, Lock::Lease)
             ))
             .stdout(std::process::Stdio::piped())
             .spawn()
