@@ -226,7 +226,9 @@ fn quarter_budget_run(tag: &str, zstd: bool) {
     // A cache of its own: a compressed-only local copy materializes its `.bin` files there,
     // under the same fingerprint as the streamed copy's.
     let local_cache = dir.join("local-cache");
-    ok(launch(&server, &local_cache, &local_spec, &from_local, &[]).output().unwrap());
+    ok(launch(&server, &local_cache, &local_spec, &from_local, &[])
+        .output()
+        .unwrap());
 
     // Sample the cache directory's size all along the streamed run.
     let done = Arc::new(AtomicBool::new(false));

@@ -9,11 +9,23 @@
 //   needs from the activation: backward is one multiply, the bias column sum and the two
 //   matmuls. Saved: x, w and the derivative (eager saves x, w and the pre-activation).
 //
+// - `gantry_linear`: x·wᵀ + b for every other linear layer of the model, autograd like
+//   `at::linear`'s. What differs is the kernel: in f32 the forward and the input gradient run
+//   on oneDNN (`mkldnn::_linear_pointwise`, the op TorchInductor emits for CPU linears) instead
+//   of MKL's sgemm, which libtorch uses for `at::linear` and `mm`. On AMD CPUs MKL takes its
+//   AVX2 "zen" path; oneDNN's kernels were 5-10% faster on this project's Zen 4 VM for the
+//   model's shapes, and matmuls are 60-85% of a CPU training step. The weight gradient stays on
+//   MKL: oneDNN would first copy the transposed gradient and was no faster. f64 (tests) and
+//   libtorch builds without oneDNN run ATen's addmm/mm.
+//   `gantry_linear_gelu_tanh` uses the same two kernels.
+//
 // Tensors arrive as tch handles (`at::Tensor*`); the result is handed back as a new handle
 // that tch owns (`at_free` deletes it). Errors come back through the caller's buffer.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "shim_report.h"
@@ -83,28 +95,95 @@ at::Tensor gelu_tanh_inplace(at::Tensor &pre) {
   return deriv;
 }
 
+// oneDNN's linear, `mkldnn::_linear_pointwise(X, W, B, attr, scalars, algorithm)`: X·Wᵀ + B
+// for a 2-d X and a [out, in] W of any strides (X is made contiguous inside). Looked up once;
+// absent where libtorch was built without oneDNN.
+using DnnLinearFn = at::Tensor(const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &,
+                               c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                               std::optional<c10::string_view>);
+
+const std::optional<c10::TypedOperatorHandle<DnnLinearFn>> &dnn_linear() {
+  static const std::optional<c10::TypedOperatorHandle<DnnLinearFn>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<DnnLinearFn>> {
+    if (!at::hasMKLDNN()) return std::nullopt;
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!handle.has_value()) return std::nullopt;
+    try {
+      return handle->typed<DnnLinearFn>();
+    } catch (const std::exception &) {
+      return std::nullopt;  // another signature in this libtorch: ATen's matmul it is
+    }
+  }();
+  return op;
+}
+
+// x2 [M, in] · wᵀ (+ b) for w [out, in], any strides: oneDNN in f32 where there is one.
+at::Tensor mm_nt(const at::Tensor &x2, const at::Tensor &w, const at::Tensor &b) {
+  const auto &dnn = dnn_linear();
+  // Empty operands stay with ATen, which defines them (zeros for an empty inner dimension).
+  if (dnn.has_value() && x2.scalar_type() == at::kFloat && x2.numel() > 0 && w.numel() > 0) {
+    const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
+    return dnn->call(x2, w, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  return b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+}
+
+// g [M, out] · w for w [out, in]: the input gradient of a linear layer.
+at::Tensor mm_nn(const at::Tensor &g, const at::Tensor &w) { return mm_nt(g, w.t(), at::Tensor()); }
+
+// `x` [..., n] as [rows, n]; explicit rows, since `reshape({-1, 0})` of an empty tensor is
+// ambiguous to ATen.
+at::Tensor as_rows(const at::Tensor &x, int64_t n) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return x.reshape({rows, n});
+}
+
+std::vector<int64_t> out_shape(const at::Tensor &x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return shape;
+}
+
+struct Linear : public torch::autograd::Function<Linear> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
+                            const std::optional<at::Tensor> &bias) {
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["bias"] = b.defined();
+    return mm_nt(as_rows(x, x.size(-1)), w, b).view(out_shape(x, w.size(0)));
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    at::Tensor g = as_rows(grads[0], w.size(0));
+    at::Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
+    if (ctx->needs_input_grad(1)) gw = g.t().mm(as_rows(x, x.size(-1)));
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
+    return {gx, gw, gb};
+  }
+};
+
 struct LinearGeluTanh : public torch::autograd::Function<LinearGeluTanh> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
                             const std::optional<at::Tensor> &bias) {
     const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
     const int64_t in = x.size(-1), out = w.size(0);
-    at::Tensor x2 = x.reshape({-1, in});
-    at::Tensor pre = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    at::Tensor pre = mm_nt(as_rows(x, in), w, b);
     at::Tensor deriv = gelu_tanh_inplace(pre);
     ctx->save_for_backward({x, w, deriv});
     ctx->saved_data["bias"] = b.defined();
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = out;
-    return pre.view(shape);
+    return pre.view(out_shape(x, out));
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &deriv = saved[2];
-    at::Tensor g = grads[0].reshape({-1, w.size(0)}).mul(deriv);
+    at::Tensor g = as_rows(grads[0], w.size(0)).mul(deriv);
     at::Tensor gx, gw, gb;
-    if (ctx->needs_input_grad(0)) gx = g.mm(w).view(x.sizes());
-    if (ctx->needs_input_grad(1)) gw = g.t().mm(x.reshape({-1, x.size(-1)}));
+    if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
+    if (ctx->needs_input_grad(1)) gw = g.t().mm(as_rows(x, x.size(-1)));
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
     return {gx, gw, gb};
   }
@@ -139,6 +218,25 @@ using gantry_shim::guarded;
 using gantry_shim::report;
 
 extern "C" {
+
+// 1 when f32 linears run on oneDNN (libtorch has it and its `_linear_pointwise`), else 0.
+int gantry_linear_uses_onednn() { return dnn_linear().has_value() ? 1 : 0; }
+
+// *out = x·wᵀ + bias (oneDNN in f32, see the top of this file); `bias` may be null. Shapes,
+// kinds and the result as for `gantry_linear_gelu_tanh`.
+int gantry_linear(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bias, at::Tensor **out, char *err,
+                  size_t err_len) {
+  return guarded(err, err_len, "unknown C++ exception in the linear layer", [&] {
+    at::Tensor b = bias ? *bias : at::Tensor();
+    std::string why = refusal(*x, *w, b);
+    if (!why.empty()) {
+      report(err, err_len, why.c_str());
+      return 1;
+    }
+    *out = new at::Tensor(Linear::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt));
+    return 0;
+  });
+}
 
 // *out = gelu_tanh(x·wᵀ + bias) with the fused backward; `bias` may be null. `x` is
 // `[..., in]`, `w` `[out, in]`, `bias` `[out]`, all f32 or all f64 on the CPU. Returns 0 with a

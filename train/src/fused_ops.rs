@@ -6,6 +6,11 @@
 //! GELU's forward and again in its backward; the fused forward writes GELU in place over the
 //! addmm output and its derivative in the same pass (one exponential), and backward is a
 //! multiply, the bias column sum and the two matmuls.
+//!
+//! [`linear`] is every other linear layer (attention in and out, MLP out, the head): the same
+//! graph as `at::linear`, but in f32 its forward and input gradient run on oneDNN instead of
+//! MKL's sgemm (faster on AMD CPUs, where MKL takes a generic AVX2 path; see the C++ file), and
+//! [`linear_gelu_tanh`] runs its matmuls the same way.
 
 use std::ffi::{c_char, c_int, c_void};
 use tch::{Device, Kind, Tensor};
@@ -21,7 +26,22 @@ unsafe extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    // The same contract: `out` = x·wᵀ + bias.
+    fn gantry_linear(
+        x: *const c_void,
+        w: *const c_void,
+        bias: *const c_void,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    // 1 when f32 linears run on oneDNN, else 0; never fails.
+    fn gantry_linear_uses_onednn() -> c_int;
 }
+
+/// A shim of the shape `(x, w, bias, out, err, err_len)`.
+type LinearShim =
+    unsafe extern "C" fn(*const c_void, *const c_void, *const c_void, *mut *mut c_void, *mut c_char, usize) -> c_int;
 
 /// Why a fused operator refused its inputs or failed: libtorch's or the shim's message.
 #[derive(Debug, thiserror::Error)]
@@ -63,18 +83,36 @@ impl FusedOps {
 /// `gelu_tanh(x · wᵀ + bias)` with the fused backward. `x` is `[…, in]`, `w` `[out, in]`, `bias`
 /// `[out]`; all f32 or all f64 on the CPU (anything else is refused with the shapes named).
 pub fn linear_gelu_tanh(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, FusedOpsError> {
+    call_linear(gantry_linear_gelu_tanh, "linear + GELU", x, w, bias)
+}
+
+/// `x · wᵀ + bias` with `at::linear`'s gradients, on oneDNN in f32. Shapes and kinds as for
+/// [`linear_gelu_tanh`].
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, FusedOpsError> {
+    call_linear(gantry_linear, "linear", x, w, bias)
+}
+
+/// Whether [`linear`] and [`linear_gelu_tanh`] run their f32 matmuls on oneDNN: libtorch was
+/// built with it (x86-64 and aarch64 builds of PyTorch are). Otherwise they use ATen's.
+pub fn linear_uses_onednn() -> bool {
+    // SAFETY: no arguments; the shim looks the operator up once and catches what it throws.
+    unsafe { gantry_linear_uses_onednn() != 0 }
+}
+
+fn call_linear(
+    shim: LinearShim,
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, FusedOpsError> {
     let mut out: *mut c_void = std::ptr::null_mut();
     let b = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
     // SAFETY: the handles are live tch tensors borrowed for the call (`b` null or live); the
     // shim catches every C++ exception, writes at most `len` bytes into `err`, and sets `out`
     // only when it returns 0.
-    crate::autograd::call_shim(|err, len| unsafe {
-        gantry_linear_gelu_tanh(x.as_ptr().cast(), w.as_ptr().cast(), b, &mut out, err, len)
-    })
-    .map_err(|message| FusedOpsError {
-        op: "linear + GELU",
-        message,
-    })?;
+    crate::autograd::call_shim(|err, len| unsafe { shim(x.as_ptr().cast(), w.as_ptr().cast(), b, &mut out, err, len) })
+        .map_err(|message| FusedOpsError { op, message })?;
     // SAFETY: on success `out` is a new `at::Tensor*` nobody else holds; tch frees it on drop.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
@@ -96,6 +134,15 @@ mod tests {
         );
     }
 
+    /// The speed of the f32 linears rests on this: the libtorch this project builds against
+    /// (the x86-64 PyTorch wheel) has oneDNN and its linear operator under the name and
+    /// signature the shim expects.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn f32_linears_run_on_onednn() {
+        assert!(linear_uses_onednn());
+    }
+
     #[test]
     fn mismatched_inputs_are_refused_with_their_shapes() {
         let x = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
@@ -109,5 +156,7 @@ mod tests {
         assert!(e.message.contains("one kind"), "{e}");
         let e = linear_gelu_tanh(&x.to_kind(Kind::Int64), &w.to_kind(Kind::Int64), None).unwrap_err();
         assert!(e.message.contains("f32 or f64"), "{e}");
+        let e = linear(&x, &Tensor::zeros([4, 5], (Kind::Float, Device::Cpu)), None).unwrap_err();
+        assert!(e.op == "linear" && e.message.contains("[4, 5]"), "{e}");
     }
 }

@@ -10,7 +10,7 @@
 //! QKV is `[3, d, d]` (which, out, in), gate/up `[2, ffn, d]`.
 
 use crate::error::TrainError;
-use crate::fused_ops::{FusedOps, linear_gelu_tanh};
+use crate::fused_ops::{self, FusedOps, linear_gelu_tanh};
 use crate::param::{Init, NewParam, ParamId, ParamStore};
 use crate::spec::{Arch, ModelSpec};
 use crate::tensor_parallel::{Fwd, VocabShard, vocab_parallel_cross_entropy, vocab_parallel_embedding};
@@ -460,18 +460,23 @@ impl Model {
                 let n = cx.enter_tp(&n);
                 let w = ps.get(a.qkv).view([3 * local, -1]);
                 let bias = a.qkv_bias.map(|id| ps.get(id).view([3 * local]));
-                let qkv = n
-                    .linear(&w, bias.as_ref())
+                let qkv = self
+                    .linear(&n, &w, bias.as_ref())?
                     .view([b, t, 3, h, hd])
                     .permute([2, 0, 3, 1, 4]);
-                let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+                // unbind (backward: one stack), not three selects (each backward zero-fills a
+                // gradient of the whole QKV tensor, then the three are summed).
+                let [mut q, mut k, v]: [Tensor; 3] = qkv
+                    .unbind(0)
+                    .try_into()
+                    .map_err(|_| TrainError::Internal("QKV does not split into three".into()))?;
                 if let Some((cos, sin)) = &a.rope {
                     q = apply_rope(&q, cos, sin, t);
                     k = apply_rope(&k, cos, sin, t);
                 }
                 let y = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false);
                 let y = y.transpose(1, 2).reshape([b, t, local]);
-                let o = cx.row_parallel_linear(&y, ps.get(a.out), a.out_bias.map(|id| ps.get(id)))?;
+                let o = self.row_parallel_linear(cx, &y, ps.get(a.out), a.out_bias.map(|id| ps.get(id)))?;
                 Ok(x + o)
             }
             Unit::Mlp(m) => {
@@ -491,7 +496,7 @@ impl Model {
                         parts[0].silu() * &parts[1]
                     }
                 };
-                let o = cx.row_parallel_linear(&hidden, ps.get(m.down), m.down_bias.map(|id| ps.get(id)))?;
+                let o = self.row_parallel_linear(cx, &hidden, ps.get(m.down), m.down_bias.map(|id| ps.get(id)))?;
                 Ok(x + o)
             }
             Unit::Head(hd) => {
@@ -502,10 +507,34 @@ impl Model {
                     let last = n.select(1, n.size()[1] - 1);
                     return Ok(last.linear::<Tensor>(ps.get(hd.weight), None));
                 }
-                let logits = n.linear::<Tensor>(ps.get(hd.weight), None);
+                let logits = self.linear(&n, ps.get(hd.weight), None)?;
                 let vl = logits.size()[2];
                 vocab_parallel_cross_entropy(cx, &logits.view([-1, vl]), &batch.targets.view([-1]), hd.shard)
             }
+        }
+    }
+
+    /// `x · wᵀ + bias`: the fused operators' linear where they apply (same gradients, faster
+    /// matmul kernels in f32), ATen's elsewhere.
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, TrainError> {
+        match self.fused.applies(x) {
+            true => Ok(fused_ops::linear(x, w, bias)?),
+            false => Ok(x.linear(w, bias)),
+        }
+    }
+
+    /// [`Fwd::row_parallel_linear`], through [`Model::linear`] when there is no tensor
+    /// parallelism (then it is one linear layer with its bias).
+    fn row_parallel_linear(
+        &self,
+        cx: &mut Fwd<'_>,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor, TrainError> {
+        match cx.tp.is_trivial() {
+            true => self.linear(x, w, bias),
+            false => cx.row_parallel_linear(x, w, bias),
         }
     }
 

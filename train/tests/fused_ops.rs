@@ -1,10 +1,11 @@
 //! The fused operators against ATen's unfused ones: outputs and gradients on random inputs
-//! (f64 to 1e-10; f32, which runs the AVX2 kernel where the CPU has it, to 1e-5 of ATen in
-//! f64), and the loss curve of 20 training steps of the tiny GPT-2 with and without them.
+//! (f64 to 1e-10; f32, which runs the AVX2 kernel where the CPU has it and oneDNN's matmuls
+//! where libtorch has oneDNN, to 1e-5 of ATen in f64), and the loss curve of 20 training
+//! steps of the tiny GPT-2 with and without them.
 
 use gantry_train::autograd::backward_with;
 use gantry_train::comm::{CommClock, TensorComm};
-use gantry_train::fused_ops::{FusedOps, linear_gelu_tanh};
+use gantry_train::fused_ops::{FusedOps, linear, linear_gelu_tanh};
 use gantry_train::model::{MicroBatch, Model, StagePlan};
 use gantry_train::spec::{Arch, ModelSpec};
 use gantry_train::tensor_parallel::Fwd;
@@ -45,7 +46,26 @@ fn run(
     }
 }
 
-fn compare(kind: Kind, shape: &[i64], inner: i64, outer: i64, bias: bool, tol: f64) {
+/// One operator under test and the ATen ops it replaces.
+struct Op {
+    name: &'static str,
+    fused: fn(&Tensor, &Tensor, Option<&Tensor>) -> Tensor,
+    aten: fn(&Tensor, &Tensor, Option<&Tensor>) -> Tensor,
+}
+
+const LINEAR_GELU: Op = Op {
+    name: "linear + GELU",
+    fused: |x, w, b| linear_gelu_tanh(x, w, b).unwrap(),
+    aten: |x, w, b| x.linear(w, b).gelu("tanh"),
+};
+
+const LINEAR: Op = Op {
+    name: "linear",
+    fused: |x, w, b| linear(x, w, b).unwrap(),
+    aten: |x, w, b| x.linear(w, b),
+};
+
+fn compare(op: &Op, kind: Kind, shape: &[i64], inner: i64, outer: i64, bias: bool, tol: f64) {
     let opts = (kind, Device::Cpu);
     let mut x_shape = shape.to_vec();
     x_shape.push(inner);
@@ -56,8 +76,8 @@ fn compare(kind: Kind, shape: &[i64], inner: i64, outer: i64, bias: bool, tol: f
     let mut out_shape = shape.to_vec();
     out_shape.push(outer);
     let g = Tensor::randn(out_shape.as_slice(), opts);
-    let fused = run(|x, w, b| linear_gelu_tanh(x, w, b).unwrap(), &x, &w, b.as_ref(), &g);
-    let unfused = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| x.linear(w, b).gelu("tanh");
+    let fused = run(op.fused, &x, &w, b.as_ref(), &g);
+    let unfused = op.aten;
     let aten = run(unfused, &x, &w, b.as_ref(), &g);
     // The reference is ATen's unfused ops in f64 on the same values. In f32 ATen itself is off
     // by more than 1e-5 from it where a gradient sums hundreds of rows (its GELU derivative
@@ -66,7 +86,7 @@ fn compare(kind: Kind, shape: &[i64], inner: i64, outer: i64, bias: bool, tol: f
     let f64 = |t: &Tensor| t.to_kind(Kind::Double);
     let (xd, wd, bd, gd) = (f64(&x), f64(&w), b.as_ref().map(f64), f64(&g));
     let exact = run(unfused, &xd, &wd, bd.as_ref(), &gd);
-    let what = format!("{kind:?} {shape:?}×{inner}→{outer} bias {bias}");
+    let what = format!("{} {kind:?} {shape:?}×{inner}→{outer} bias {bias}", op.name);
     let mut pairs = vec![
         ("output", &fused.out, &aten.out, &exact.out),
         ("grad x", &fused.x, &aten.x, &exact.x),
@@ -98,7 +118,7 @@ fn linear_gelu_matches_aten_in_f64() {
         (&[300][..], 64, 257),
     ] {
         for bias in [true, false] {
-            compare(Kind::Double, shape, inner, outer, bias, 1e-10);
+            compare(&LINEAR_GELU, Kind::Double, shape, inner, outer, bias, 1e-10);
         }
     }
 }
@@ -108,9 +128,55 @@ fn linear_gelu_matches_aten_in_f32() {
     tch::manual_seed(2);
     for (shape, inner, outer) in [(&[4, 16][..], 32, 128), (&[3, 7][..], 5, 13), (&[300][..], 64, 257)] {
         for bias in [true, false] {
-            compare(Kind::Float, shape, inner, outer, bias, 1e-5);
+            compare(&LINEAR_GELU, Kind::Float, shape, inner, outer, bias, 1e-5);
         }
     }
+}
+
+#[test]
+fn linear_matches_aten_in_f64() {
+    tch::manual_seed(3);
+    for (shape, inner, outer) in [(&[4, 16][..], 32, 128), (&[3, 7][..], 5, 13), (&[1][..], 3, 1)] {
+        for bias in [true, false] {
+            compare(&LINEAR, Kind::Double, shape, inner, outer, bias, 1e-10);
+        }
+    }
+}
+
+#[test]
+fn linear_matches_aten_in_f32() {
+    tch::manual_seed(4);
+    // The model's own shapes (tiny: 1,024 rows, d 128) among odd ones, and an input that is
+    // not contiguous (a transposed view, as attention's output is before its projection).
+    for (shape, inner, outer) in [
+        (&[8, 128][..], 128, 384),
+        (&[4, 16][..], 32, 128),
+        (&[3, 7][..], 5, 13),
+        (&[300][..], 64, 257),
+    ] {
+        for bias in [true, false] {
+            compare(&LINEAR, Kind::Float, shape, inner, outer, bias, 1e-5);
+        }
+    }
+    let x = Tensor::randn([6, 5, 4], (Kind::Float, Device::Cpu)).transpose(0, 2);
+    let w = Tensor::randn([3, 6], (Kind::Float, Device::Cpu));
+    let got = linear(&x, &w, None).unwrap();
+    assert!(
+        max_rel(
+            &got,
+            &x.to_kind(Kind::Double).linear::<Tensor>(&w.to_kind(Kind::Double), None)
+        ) <= 1e-5
+    );
+    // An empty inner dimension: zeros plus the bias, as ATen defines it.
+    let (x, w) = (
+        Tensor::zeros([2, 0], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([3, 0], (Kind::Float, Device::Cpu)),
+    );
+    let b = Tensor::ones([3], (Kind::Float, Device::Cpu));
+    assert_eq!(
+        linear(&x, &w, Some(&b)).unwrap(),
+        Tensor::ones([2, 3], (Kind::Float, Device::Cpu))
+    );
 }
 
 #[test]
@@ -121,7 +187,7 @@ fn extreme_inputs_stay_finite_and_right() {
     .view([12, 1]);
     let w = Tensor::ones([1, 1], (Kind::Float, Device::Cpu));
     let g = Tensor::ones([12, 1], (Kind::Float, Device::Cpu));
-    let fused = run(|x, w, b| linear_gelu_tanh(x, w, b).unwrap(), &x, &w, None, &g);
+    let fused = run(LINEAR_GELU.fused, &x, &w, None, &g);
     let f64 = |t: &Tensor| t.to_kind(Kind::Double);
     let aten = run(
         |x, w, b| x.linear(w, b).gelu("tanh"),
