@@ -217,6 +217,23 @@ std::string refusal(const at::Tensor &x, const at::Tensor &w, const at::Tensor &
 using gantry_shim::guarded;
 using gantry_shim::report;
 
+// The shims' one body: refuse what `refusal` names, else *out = a new handle of Op applied to
+// x, w and the optional bias; C++ exceptions reported through `err` (`what` when unnamed).
+template <class Op>
+int apply_checked(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bias, at::Tensor **out, char *err,
+                  size_t err_len, const char *what) {
+  return guarded(err, err_len, what, [&] {
+    at::Tensor b = bias ? *bias : at::Tensor();
+    std::string why = refusal(*x, *w, b);
+    if (!why.empty()) {
+      report(err, err_len, why.c_str());
+      return 1;
+    }
+    *out = new at::Tensor(Op::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt));
+    return 0;
+  });
+}
+
 extern "C" {
 
 // 1 when f32 linears run on oneDNN (libtorch has it and its `_linear_pointwise`), else 0.
@@ -226,16 +243,7 @@ int gantry_linear_uses_onednn() { return dnn_linear().has_value() ? 1 : 0; }
 // kinds and the result as for `gantry_linear_gelu_tanh`.
 int gantry_linear(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bias, at::Tensor **out, char *err,
                   size_t err_len) {
-  return guarded(err, err_len, "unknown C++ exception in the linear layer", [&] {
-    at::Tensor b = bias ? *bias : at::Tensor();
-    std::string why = refusal(*x, *w, b);
-    if (!why.empty()) {
-      report(err, err_len, why.c_str());
-      return 1;
-    }
-    *out = new at::Tensor(Linear::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt));
-    return 0;
-  });
+  return apply_checked<Linear>(x, w, bias, out, err, err_len, "unknown C++ exception in the linear layer");
 }
 
 // *out = gelu_tanh(x·wᵀ + bias) with the fused backward; `bias` may be null. `x` is
@@ -243,16 +251,8 @@ int gantry_linear(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bi
 // new handle in *out, or 1 with a message in `err` (*out untouched).
 int gantry_linear_gelu_tanh(const at::Tensor *x, const at::Tensor *w, const at::Tensor *bias, at::Tensor **out,
                             char *err, size_t err_len) {
-  return guarded(err, err_len, "unknown C++ exception in the fused linear + GELU", [&] {
-    at::Tensor b = bias ? *bias : at::Tensor();
-    std::string why = refusal(*x, *w, b);
-    if (!why.empty()) {
-      report(err, err_len, why.c_str());
-      return 1;
-    }
-    *out = new at::Tensor(LinearGeluTanh::apply(*x, *w, bias ? std::optional<at::Tensor>(*bias) : std::nullopt));
-    return 0;
-  });
+  return apply_checked<LinearGeluTanh>(x, w, bias, out, err, err_len,
+                                       "unknown C++ exception in the fused linear + GELU");
 }
 
 }  // extern "C"
