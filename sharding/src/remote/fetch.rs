@@ -201,6 +201,58 @@ pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions
         .map(|s| s.idx_bytes)
         .sum::<u64>();
     done.fetched.extend(pieces);
+    bring_files(&store, opts, location, &dir, &wants, &mut done)?;
+    if let Some((path, bytes, written)) = get_tokenizer(&store, opts, location, &dir, m)?
+        && written
+    {
+        done.fetched.push(path);
+        done.bytes_fetched += bytes;
+    }
+    // Last: with the manifest in place the directory is a dataset.
+    replace_if_different(&dir.join(MANIFEST), &remote.raw)?;
+    done.check = check_on_host(&dir, cache_root, opts.threads)?;
+    done.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        location = %location,
+        dir = %dir.display(),
+        fetched = done.fetched.len(),
+        bytes = done.bytes_fetched,
+        kept = done.kept,
+        seconds = done.seconds,
+        "dataset fetched into the data cache"
+    );
+    Ok(done)
+}
+
+/// The dataset's tokenizer file, when its manifest names one: GET and written into `dir`
+/// unless the same bytes are there. Its path, its bytes, and whether it was written.
+pub(super) fn get_tokenizer(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Option<(String, u64, bool)>, RemoteError> {
+    let TokenizerInfo::File { path } = &manifest.tokenizer else {
+        return Ok(None);
+    };
+    let object = location.child(path);
+    let bytes = with_retry(&opts.retry, &object, || store.get(path))?
+        .ok_or_else(|| RemoteError::MissingObject { object: object.clone() })?;
+    let written = replace_if_different(&dir.join(path), &bytes)?;
+    Ok(Some((path.clone(), bytes.len() as u64, written)))
+}
+
+/// Bring every file of `wants` but the `.idx` files (which come through the index pack) into
+/// `dir`: one that checks out is kept (and synced), a damaged one fetched again.
+fn bring_files(
+    store: &Store,
+    opts: &RemoteOptions,
+    location: &StorageLocation,
+    dir: &Path,
+    wants: &[Want],
+    done: &mut Fetched,
+) -> Result<(), RemoteError> {
     for w in wants.iter().filter(|w| !w.name.ends_with(".idx")) {
         let dest = dir.join(&w.name);
         let _bin_lock = if w.bin { Some(lock_cache_entry(&dest)?) } else { None };
@@ -221,33 +273,11 @@ pub fn fetch(location: &StorageLocation, cache_root: &Path, opts: &RemoteOptions
             }
         }
         remove_leftovers(&dest)?;
-        download(&store, opts, &location.child(&w.name), &w.name, &dest, w.bytes, &w.xxh3)?;
+        download(store, opts, &location.child(&w.name), &w.name, &dest, w.bytes, &w.xxh3)?;
         done.fetched.push(w.name.clone());
         done.bytes_fetched += w.bytes;
     }
-    if let TokenizerInfo::File { path } = &remote.manifest.tokenizer {
-        let object = location.child(path);
-        let bytes = with_retry(&opts.retry, &object, || store.get(path))?
-            .ok_or_else(|| RemoteError::MissingObject { object: object.clone() })?;
-        if replace_if_different(&dir.join(path), &bytes)? {
-            done.fetched.push(path.clone());
-            done.bytes_fetched += bytes.len() as u64;
-        }
-    }
-    // Last: with the manifest in place the directory is a dataset.
-    replace_if_different(&dir.join(MANIFEST), &remote.raw)?;
-    done.check = check_on_host(&dir, cache_root, opts.threads)?;
-    done.seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        location = %location,
-        dir = %dir.display(),
-        fetched = done.fetched.len(),
-        bytes = done.bytes_fetched,
-        kept = done.kept,
-        seconds = done.seconds,
-        "dataset fetched into the data cache"
-    );
-    Ok(done)
+    Ok(())
 }
 
 /// The files to bring into `dir`, `.idx` files first (those come through the index pack),

@@ -4,12 +4,12 @@
 
 use super::super::block_sums::{BLOCK_SUMS, BlockSums};
 use super::super::cache;
-use super::super::fetch::{check_listed, get_manifest, replace_if_different, write_error};
+use super::super::fetch::{check_listed, get_manifest, get_tokenizer, replace_if_different, write_error};
 use super::super::retry::with_retry;
 use super::super::upload::INDEX_PACK;
 use super::super::{RemoteError, RemoteOptions, open_store};
 use super::index_pack;
-use crate::manifest::{MANIFEST, Manifest, TokenizerInfo};
+use crate::manifest::{MANIFEST, Manifest};
 use crate::materialize::{dataset_cache_dir, lock_cache_entry};
 use bytes::Bytes;
 use gantry_checkpoint::Store;
@@ -157,14 +157,11 @@ pub fn prepare_stream(
     };
     let pack = || Ok(size_of(INDEX_PACK)? == Some(idx_total));
     let mut fetched = index_files(opts, location, &dir, &manifest, &pack)?;
-    if let TokenizerInfo::File { path } = &manifest.tokenizer {
-        let object = location.child(path);
-        let bytes = with_retry(&opts.retry, &object, || store.get(path))?
-            .ok_or_else(|| RemoteError::MissingObject { object: object.clone() })?;
-        if replace_if_different(&dir.join(path), &bytes)? {
-            fetched.push(path.clone());
+    if let Some((path, bytes, written)) = get_tokenizer(&store, opts, location, &dir, &manifest)? {
+        if written {
+            fetched.push(path);
         }
-        fixed += bytes.len() as u64;
+        fixed += bytes;
     }
     // Last: with the manifest in place the directory opens as a dataset.
     replace_if_different(&dir.join(MANIFEST), &remote.raw)?;
