@@ -14,9 +14,11 @@
 //   on oneDNN (`mkldnn::_linear_pointwise`, the op TorchInductor emits for CPU linears) instead
 //   of MKL's sgemm, which libtorch uses for `at::linear` and `mm`. On AMD CPUs MKL takes its
 //   AVX2 "zen" path; oneDNN's kernels were 5-10% faster on this project's Zen 4 VM for the
-//   model's shapes, and matmuls are 60-85% of a CPU training step. The weight gradient stays on
-//   MKL: oneDNN would first copy the transposed gradient and was no faster. f64 (tests) and
-//   libtorch builds without oneDNN run ATen's addmm/mm.
+//   model's shapes, and matmuls are 60-85% of a CPU training step. The weight gradient runs on
+//   oneDNN's matmul (ATen's `mkldnn_matmul`, which reads the transposed gradient in place) and
+//   is added by the matmul itself into the parameter's `.grad` where the trainer's flat buffers
+//   already hold one (`weight_grad`). f64 (tests) and libtorch builds without oneDNN run ATen's
+//   addmm/mm.
 //   `gantry_linear_gelu_tanh` uses the same two kernels.
 //
 // Tensors arrive as tch handles (`at::Tensor*`); the result is handed back as a new handle
@@ -30,6 +32,7 @@
 
 #include "shim_report.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -41,6 +44,15 @@
 // gelu_avx2.cpp, built with -mavx2 -mfma where the target is x86-64 (else a stub that says so).
 extern "C" void gantry_gelu_tanh_avx2(const float *in, float *out, float *deriv, int64_t n);
 extern "C" int gantry_gelu_avx2_built();
+
+// ATen's oneDNN matmul: result = beta·result + alpha·(mat1·mat2), reading a transposed operand
+// in place and adding into `result` by oneDNN's sum post-op. Exported by libtorch (TORCH_API)
+// but its header (ATen/native/mkldnn/Matmul.h) is not shipped, hence the declaration. Without
+// oneDNN in libtorch it throws, so it is only called where `at::hasMKLDNN()`.
+namespace at::native {
+TORCH_API void mkldnn_matmul(const Tensor &mat1, const Tensor &mat2, const Tensor &result, float beta,
+                             float alpha);
+}
 
 namespace {
 
@@ -144,6 +156,43 @@ std::vector<int64_t> out_shape(const at::Tensor &x, int64_t out) {
   return shape;
 }
 
+// result = beta·result + a·b: oneDNN in f32 (5-8% faster than MKL's sgemm for the weight
+// gradients' shapes on the Zen 4 VM, 2 threads, with the transposed gradient read in place),
+// ATen's addmm (MKL) for f64 and empty operands.
+void matmul_into(const at::Tensor &result, const at::Tensor &a, const at::Tensor &b, float beta) {
+  if (at::hasMKLDNN() && result.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+      b.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0) {
+    at::native::mkldnn_matmul(a, b, result, beta, 1.f);
+  } else if (beta == 0.f) {
+    at::mm_out(const_cast<at::Tensor &>(result), a, b);
+  } else {
+    result.addmm_(a, b);
+  }
+}
+
+// The weight gradient gᵀ·x for w [out, in] (g [M, out], x2 [M, in]). Where autograd would add
+// it into a `.grad` the parameter already has (the trainer's flat gradient buffers, zeroed once
+// per step), the matmul adds it there itself and nothing is returned, so autograd skips the
+// accumulate node for it: no [out, in] temporary per micro-batch and no separate pass adding it
+// in (Megatron's gradient-accumulation fusion). Elsewhere (no `.grad` yet, another kind or
+// shape, grad mode on for a double backward) the gradient is returned for autograd to place.
+std::atomic<uint64_t> accumulated_in_place{0};  // for tests: the fusion really happens
+
+at::Tensor weight_grad(const at::Tensor &w, const at::Tensor &g, const at::Tensor &x2) {
+  if (w.is_leaf() && !at::GradMode::is_enabled()) {
+    const at::Tensor &acc = w.grad();
+    if (acc.defined() && acc.scalar_type() == g.scalar_type() && acc.device() == g.device() &&
+        acc.sizes() == w.sizes() && !acc.requires_grad()) {
+      matmul_into(acc, g.t(), x2, 1.f);
+      accumulated_in_place.fetch_add(1, std::memory_order_relaxed);
+      return at::Tensor();
+    }
+  }
+  at::Tensor gw = at::empty({g.size(1), x2.size(1)}, g.options());
+  matmul_into(gw, g.t(), x2, 0.f);
+  return gw;
+}
+
 struct Linear : public torch::autograd::Function<Linear> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
                             const std::optional<at::Tensor> &bias) {
@@ -159,7 +208,7 @@ struct Linear : public torch::autograd::Function<Linear> {
     at::Tensor g = as_rows(grads[0], w.size(0));
     at::Tensor gx, gw, gb;
     if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
-    if (ctx->needs_input_grad(1)) gw = g.t().mm(as_rows(x, x.size(-1)));
+    if (ctx->needs_input_grad(1)) gw = weight_grad(w, g, as_rows(x, x.size(-1)));
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
     return {gx, gw, gb};
   }
@@ -183,7 +232,7 @@ struct LinearGeluTanh : public torch::autograd::Function<LinearGeluTanh> {
     at::Tensor g = as_rows(grads[0], w.size(0)).mul(deriv);
     at::Tensor gx, gw, gb;
     if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
-    if (ctx->needs_input_grad(1)) gw = g.t().mm(as_rows(x, x.size(-1)));
+    if (ctx->needs_input_grad(1)) gw = weight_grad(w, g, as_rows(x, x.size(-1)));
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
     return {gx, gw, gb};
   }
@@ -238,6 +287,12 @@ extern "C" {
 
 // 1 when f32 linears run on oneDNN (libtorch has it and its `_linear_pointwise`), else 0.
 int gantry_linear_uses_onednn() { return dnn_linear().has_value() ? 1 : 0; }
+
+// How many weight gradients the linears' backward added straight into an existing `.grad`
+// (see `weight_grad`) since the process started.
+uint64_t gantry_linear_grads_accumulated_in_place() {
+  return accumulated_in_place.load(std::memory_order_relaxed);
+}
 
 // *out = x·wᵀ + bias (oneDNN in f32, see the top of this file); `bias` may be null. Shapes,
 // kinds and the result as for `gantry_linear_gelu_tanh`.

@@ -10,7 +10,8 @@
 //! [`linear`] is every other linear layer (attention in and out, MLP out, the head): the same
 //! graph as `at::linear`, but in f32 its forward and input gradient run on oneDNN instead of
 //! MKL's sgemm (faster on AMD CPUs, where MKL takes a generic AVX2 path; see the C++ file), and
-//! [`linear_gelu_tanh`] runs its matmuls the same way.
+//! [`linear_gelu_tanh`] runs its matmuls the same way. Both add their weight gradient straight
+//! into a `.grad` the weight already has ([`weight_grads_accumulated_in_place`]).
 
 use std::ffi::{c_char, c_int, c_void};
 use tch::{Device, Kind, Tensor};
@@ -37,6 +38,8 @@ unsafe extern "C" {
     ) -> c_int;
     // 1 when f32 linears run on oneDNN, else 0; never fails.
     fn gantry_linear_uses_onednn() -> c_int;
+    // A counter; never fails.
+    fn gantry_linear_grads_accumulated_in_place() -> u64;
 }
 
 /// A shim of the shape `(x, w, bias, out, err, err_len)`.
@@ -97,6 +100,17 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, F
 pub fn linear_uses_onednn() -> bool {
     // SAFETY: no arguments; the shim looks the operator up once and catches what it throws.
     unsafe { gantry_linear_uses_onednn() != 0 }
+}
+
+/// How many weight gradients the backward of [`linear`] and [`linear_gelu_tanh`] has added
+/// straight into a `.grad` the weight already had (the trainer's flat gradient buffers), in
+/// this process so far. There the matmul accumulates into the buffer itself and autograd gets
+/// no weight gradient: no temporary the size of the weight and no separate pass adding it in,
+/// per micro-batch (Megatron's gradient-accumulation fusion). Weights without a `.grad` get it
+/// the usual way.
+pub fn weight_grads_accumulated_in_place() -> u64 {
+    // SAFETY: no arguments; the shim reads an atomic.
+    unsafe { gantry_linear_grads_accumulated_in_place() }
 }
 
 fn call_linear(

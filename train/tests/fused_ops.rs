@@ -3,9 +3,9 @@
 //! where libtorch has oneDNN, to 1e-5 of ATen in f64), and the loss curve of 20 training
 //! steps of the tiny GPT-2 with and without them.
 
-use gantry_train::autograd::backward_with;
+use gantry_train::autograd::{backward_with, set_grad};
 use gantry_train::comm::{CommClock, TensorComm};
-use gantry_train::fused_ops::{FusedOps, linear, linear_gelu_tanh};
+use gantry_train::fused_ops::{FusedOps, linear, linear_gelu_tanh, weight_grads_accumulated_in_place};
 use gantry_train::model::{MicroBatch, Model, StagePlan};
 use gantry_train::spec::{Arch, ModelSpec};
 use gantry_train::tensor_parallel::Fwd;
@@ -177,6 +177,64 @@ fn linear_matches_aten_in_f32() {
         linear(&x, &w, Some(&b)).unwrap(),
         Tensor::ones([2, 3], (Kind::Float, Device::Cpu))
     );
+}
+
+/// A weight whose `.grad` is already a view into a flat buffer (as the trainer's gradient
+/// buckets make it) gets each backward's gradient added there in place by both linears (the
+/// matmul accumulates; autograd gets no weight gradient to add), in f32 and f64, with the
+/// bias beside it still placed by autograd; the buffer around the view is left alone.
+#[test]
+fn weight_gradients_accumulate_in_place_into_an_existing_grad() {
+    tch::manual_seed(5);
+    let (m, inner, outer) = (300i64, 64i64, 257i64);
+    let n = outer * inner;
+    for (kind, tol) in [(Kind::Double, 1e-10f64), (Kind::Float, 1e-5)] {
+        for op in [&LINEAR, &LINEAR_GELU] {
+            let opts = (kind, Device::Cpu);
+            let x = Tensor::randn([m, inner], opts);
+            let w = Tensor::randn([outer, inner], opts) / 8.0;
+            let b = Tensor::randn([outer], opts);
+            let gs = [Tensor::randn([m, outer], opts), Tensor::randn([m, outer], opts)];
+            let start = Tensor::randn([outer, inner], opts);
+            // Expected, in f64 with ATen's ops: the start value plus both passes' gradients.
+            let f64 = |t: &Tensor| t.to_kind(Kind::Double);
+            let mut expected = f64(&start).copy(); // to_kind of a Double aliases it
+            let mut expected_b = Tensor::zeros([outer], (Kind::Double, Device::Cpu));
+            // ATen's own result in this kind, which sets the tolerance as in `compare`.
+            let mut aten = start.copy();
+            for g in &gs {
+                let exact = run(op.aten, &f64(&x), &f64(&w), Some(&f64(&b)), &f64(g));
+                expected += exact.w;
+                expected_b += exact.b.unwrap();
+                aten += run(op.aten, &x, &w, Some(&b), g).w;
+            }
+            let tol = tol.max(2.0 * max_rel(&aten, &expected));
+            let flat = Tensor::zeros([n + 128], opts);
+            let mut view = flat.narrow(0, 64, n).view([outer, inner]);
+            view.copy_(&start);
+            let (wl, bl) = (w.copy().set_requires_grad(true), b.copy().set_requires_grad(true));
+            set_grad(&wl, &view).unwrap();
+            let before = weight_grads_accumulated_in_place();
+            for g in &gs {
+                let out = (op.fused)(&x, &wl, Some(&bl));
+                backward_with(&out, g).unwrap();
+            }
+            let what = format!("{} {kind:?}", op.name);
+            // At least: tests in other threads of this process may add their own.
+            assert!(
+                weight_grads_accumulated_in_place() >= before + 2,
+                "{what}: the matmul did not accumulate into .grad"
+            );
+            assert_eq!(wl.grad().data_ptr(), view.data_ptr(), "{what}: .grad was replaced");
+            let err = max_rel(&view, &expected);
+            assert!(err <= tol, "{what}: accumulated weight gradient off by {err:e}");
+            let err_b = max_rel(&bl.grad(), &expected_b);
+            assert!(err_b <= tol, "{what}: bias gradient off by {err_b:e}");
+            let outside = flat.narrow(0, 0, 64).abs().sum(Kind::Double).double_value(&[])
+                + flat.narrow(0, 64 + n, 64).abs().sum(Kind::Double).double_value(&[]);
+            assert_eq!(outside, 0.0, "{what}: wrote outside the parameter's view");
+        }
+    }
 }
 
 #[test]
