@@ -46,6 +46,22 @@ pub trait Link: Send {
     /// Write as much of `data` as fits without blocking; `Ok(0)` means "would block".
     fn try_write(&mut self, data: &[u8]) -> Result<usize, LinkError>;
 
+    /// Write as much as fits of `parts` one after another (a message's header, payload and
+    /// padding) without blocking; returns the bytes written, a prefix of the concatenation. The
+    /// default writes part after part; a shared-memory ring copies them all and publishes once,
+    /// which spares a small message its copy into a coalescing buffer.
+    fn try_write_parts(&mut self, parts: &[&[u8]]) -> Result<usize, LinkError> {
+        let mut total = 0;
+        for part in parts.iter().filter(|p| !p.is_empty()) {
+            let n = self.try_write(part)?;
+            total += n;
+            if n < part.len() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     /// Read up to `buf.len()` bytes without blocking; `Ok(0)` means "nothing yet".
     /// End of stream is `Err(LinkError::Closed)`, never `Ok(0)`.
     fn try_read_into(&mut self, buf: &mut [u8]) -> Result<usize, LinkError>;

@@ -143,9 +143,11 @@ fn pad_len(len: usize) -> usize {
     (STREAM_ALIGN - len % STREAM_ALIGN) % STREAM_ALIGN
 }
 
-/// Messages up to this size are written header and payload in one call, and read whole from
-/// links whose `try_read_with` lends their own memory (shared memory, TCP's read buffer; the
-/// default implementation would stage every read through a 64 KiB stack buffer).
+/// Messages up to this size are written header and payload in one call (copied into a
+/// coalescing buffer first, except on shared memory, whose ring takes the parts in one publish
+/// through `try_write_parts`), and read whole from links whose `try_read_with` lends their own
+/// memory (shared memory, TCP's read buffer; the default implementation would stage every read
+/// through a 64 KiB stack buffer).
 const COALESCE_BYTES: usize = 16 * 1024;
 /// The spin rung reads the clock (for the ladder and the deadline) once per this many spins:
 /// a clock read costs about as much as a spin (22 ns against a 25 ns `pause` on the project's
@@ -211,7 +213,8 @@ struct TxState<'a> {
 
 impl<'a> TxState<'a> {
     /// Messages up to [`COALESCE_BYTES`] are marked to go out in one write from the
-    /// coalescing buffer; larger ones are written in place, header then payload.
+    /// coalescing buffer (the exchange unmarks them for shared memory); the rest are written
+    /// in place, header, payload and padding handed to the link together.
     fn new(s: SendPart<'a>) -> TxState<'a> {
         let header = Header {
             desc: s.desc,
@@ -230,6 +233,18 @@ impl<'a> TxState<'a> {
     }
     fn total(&self) -> usize {
         HEADER_LEN + self.data.len() + pad_len(self.data.len())
+    }
+
+    /// What is left to write of header ++ data ++ padding, as three parts (some empty).
+    fn remaining(&self) -> [&[u8]; 3] {
+        let (h, d) = (HEADER_LEN, self.data.len());
+        let pad = &ZERO_PAD[..pad_len(d)];
+        let header = &self.header[self.pos.min(h)..];
+        [
+            header,
+            &self.data[self.pos.clamp(h, h + d) - h..],
+            &pad[self.pos.max(h + d) - h - d..],
+        ]
     }
     fn done(&self) -> bool {
         self.pos == self.total()
@@ -389,7 +404,11 @@ impl Transport for MeshTransport {
         if let Some(r) = &recv {
             self.ensure_link(r.peer, ctx.deadline)?;
         }
-        let tx = send.map(TxState::new);
+        let mut tx = send.map(TxState::new);
+        if let Some(t) = tx.as_mut().filter(|t| t.coalesced) {
+            // A shared-memory ring takes the parts in one publish without the copy.
+            t.coalesced = self.links[t.peer].as_ref().is_some_and(|l| l.kind() != LinkKind::Shm);
+        }
         if let Some(t) = tx.as_ref().filter(|t| t.coalesced) {
             self.coalesce.clear();
             self.coalesce.extend_from_slice(&t.header);
@@ -610,12 +629,8 @@ fn progress_tx(link: &mut dyn Link, t: &mut TxState<'_>, coalesce: &[u8]) -> Res
     while !t.done() {
         let n = if t.coalesced {
             link.try_write(&coalesce[t.pos..])
-        } else if t.pos < HEADER_LEN {
-            link.try_write(&t.header[t.pos..])
-        } else if t.pos < HEADER_LEN + t.data.len() {
-            link.try_write(&t.data[t.pos - HEADER_LEN..])
         } else {
-            link.try_write(&ZERO_PAD[..t.total() - t.pos])
+            link.try_write_parts(&t.remaining())
         }
         .map_err(link_err(t.peer))?;
         if n == 0 {

@@ -546,6 +546,23 @@ impl ShmLink {
         flag.store(0, Relaxed);
     }
 
+    /// Copy `data` into `out` at ring position `pos`, wrapping at the end of the data region.
+    /// The caller has checked that it fits in the free part (`writable_for`).
+    #[inline(always)]
+    fn copy_in(&mut self, pos: u64, data: &[u8]) {
+        let off = (pos as usize) & (self.out.cap - 1);
+        let first = data.len().min(self.out.cap - off);
+        // SAFETY: `off + first <= cap` and `data.len() - first <= off` (it fits in the free
+        // part, at most `cap` bytes), so both copies stay inside the data region and only touch
+        // its free part, which the reader does not access until we publish it. `data` cannot
+        // alias that part: our own `try_read_with` slices come from the other ring, and the
+        // peer never hands out free space.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.out.data().add(off), first);
+            std::ptr::copy_nonoverlapping(data.as_ptr().add(first), self.out.data(), data.len() - first);
+        }
+    }
+
     fn wait_readable(&self, timeout: Duration) {
         let h = self.inc.hdr();
         self.sleep_on(&h.reader_waiting.flag, &h.prod.data_seq, Self::ready_to_read, timeout);
@@ -558,6 +575,10 @@ impl Link for ShmLink {
     }
 
     fn try_write(&mut self, data: &[u8]) -> Result<usize, LinkError> {
+        self.try_write_parts(&[data])
+    }
+
+    fn try_write_parts(&mut self, parts: &[&[u8]]) -> Result<usize, LinkError> {
         if !self.attached {
             self.poll_attach();
         }
@@ -565,21 +586,20 @@ impl Link for ShmLink {
         if self.out.closed(CLOSED_READER) {
             return Err(LinkError::Closed);
         }
-        let n = data.len().min(self.writable_for(data.len())?);
+        let want: usize = parts.iter().map(|p| p.len()).sum();
+        let n = want.min(self.writable_for(want)?);
         if n == 0 {
             return Ok(0);
         }
-        let off = (self.out_pos as usize) & (self.out.cap - 1);
-        let first = n.min(self.out.cap - off);
-        // SAFETY: `off + first <= cap` and `n - first <= off`, so both copies stay inside the
-        // data region and only touch its free part, which the reader does not access until we
-        // publish it below. `data` cannot alias that part: our own `try_read_with` slices come
-        // from the other ring, and the peer never hands out free space.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.out.data().add(off), first);
-            std::ptr::copy_nonoverlapping(data.as_ptr().add(first), self.out.data(), n - first);
+        let mut pos = self.out_pos;
+        let mut left = n;
+        for part in parts {
+            let take = part.len().min(left);
+            self.copy_in(pos, &part[..take]);
+            pos += take as u64;
+            left -= take;
         }
-        self.out_pos += n as u64;
+        self.out_pos = pos;
         let h = self.out.hdr();
         h.prod.write_pos.store(self.out_pos, SeqCst); // see sleep_on
         if h.reader_waiting.flag.load(SeqCst) != 0 {
