@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 ///
 /// The default is for ranks that share cores (measured on 2 cores with 4 ranks, 1 KiB
 /// all_reduce): no spinning (a spinning rank holds the core its peer needs to answer: 2–10×
-/// slower), and TCP goes straight to `poll(2)` (yielding there, with other work on the host,
-/// gave medians up to 2.8 ms, in four runs of five over 0.5 ms, where `poll(2)` gave 0.13–0.17:
-/// a yield can hand the core to a busy process for a time slice, while a sleeper the kernel
-/// wakes on data runs at once).
+/// slower; even 1 µs cost a third), then yield, TCP too: on an idle host 4 ranks over TCP took
+/// 53–81 µs yielding against 72–97 µs sleeping in `poll(2)` at once (Open MPI, which yields,
+/// 61–81). Yielding beside busy processes costs a time slice per yield (medians up to 2.8 ms
+/// once, for TCP); [`YieldGuard`] sees that and sends the waits to sleep (`poll(2)`, where the
+/// kernel wakes the rank on data) for a while: 58–102 µs with two CPU hogs beside, like
+/// `poll(2)`'s 73–117, where Open MPI took 4–12 ms.
 /// [`WaitPolicy::for_host`] picks the policy for ranks that have cores of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaitPolicy {
@@ -32,7 +34,7 @@ impl Default for WaitPolicy {
             spin_iters: 0,
             spin_for: Duration::ZERO,
             yield_for: Duration::from_millis(5),
-            yield_pollable: false,
+            yield_pollable: true,
         }
     }
 }
@@ -50,14 +52,13 @@ pub const OWN_CORE_SPIN: Duration = Duration::from_millis(1);
 
 impl WaitPolicy {
     /// The policy for `ranks_here` ranks on a host of `cores` cores. When every rank has a core
-    /// of its own, spin for [`OWN_CORE_SPIN`], then yield (TCP too), then sleep: a sleeping rank
-    /// costs a context switch per message, ~30 µs on a VM (Open MPI busy-polls for the same
-    /// reason). When ranks share cores, the [default](WaitPolicy::default).
+    /// of its own, spin for [`OWN_CORE_SPIN`], then yield, then sleep: a sleeping rank costs a
+    /// context switch per message, ~30 µs on a VM (Open MPI busy-polls for the same reason).
+    /// When ranks share cores, the [default](WaitPolicy::default): no spin.
     pub fn for_host(ranks_here: usize, cores: usize) -> WaitPolicy {
         if ranks_here <= cores {
             WaitPolicy {
                 spin_for: OWN_CORE_SPIN,
-                yield_pollable: true,
                 ..WaitPolicy::default()
             }
         } else {
@@ -190,7 +191,7 @@ mod tests {
         spin_iters: 0,
         spin_for: Duration::ZERO,
         yield_for: Duration::from_millis(5),
-        yield_pollable: false,
+        yield_pollable: true,
     };
 
     #[test]
@@ -204,7 +205,7 @@ mod tests {
             );
             assert!(p.yield_for > p.spin_for, "the yield rung must outlast the spin rung");
         }
-        // Sharing cores, a spinning rank holds the core its peer needs: no spin, and TCP sleeps.
+        // Sharing cores, a spinning rank holds the core its peer needs: no spin.
         for (ranks, cores) in [(3, 2), (4, 2), (65, 64)] {
             assert_eq!(
                 WaitPolicy::for_host(ranks, cores),
@@ -225,11 +226,17 @@ mod tests {
             assert_eq!(rung(own, OWN_CORE_SPIN - Duration::from_nanos(1), 1000), Rung::Spin);
             assert_eq!(rung(own, OWN_CORE_SPIN, 1000), Rung::Yield);
             assert_eq!(rung(own, ms(5), 1000), Rung::Sleep);
-            // Shared cores: no spin; shared memory yields first, TCP sleeps in poll(2) at once.
-            let shared_first = if pollable { Rung::Sleep } else { Rung::Yield };
-            assert_eq!(rung(SHARED, Duration::ZERO, 0), shared_first);
-            assert_eq!(rung(SHARED, ms(4), 0), shared_first);
+            // Shared cores: no spin; every link yields first.
+            assert_eq!(rung(SHARED, Duration::ZERO, 0), Rung::Yield);
+            assert_eq!(rung(SHARED, ms(4), 0), Rung::Yield);
             assert_eq!(rung(SHARED, ms(5), 0), Rung::Sleep);
+            // A policy that keeps file-descriptor links off the yield rung sends them to sleep.
+            let no_poll_yield = WaitPolicy {
+                yield_pollable: false,
+                ..SHARED
+            };
+            let first = if pollable { Rung::Sleep } else { Rung::Yield };
+            assert_eq!(rung(no_poll_yield, Duration::ZERO, 0), first);
             // A spin count is a floor, whatever the clock says.
             let counted = WaitPolicy {
                 spin_iters: 3,
