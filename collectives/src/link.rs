@@ -62,6 +62,15 @@ pub trait Link: Send {
         Ok(total)
     }
 
+    /// [`Link::try_write_parts`] for part of a frame (header, payload and padding) of `frame`
+    /// bytes in all. A shared-memory link sends small frames through a ring of their own and
+    /// picks it by `frame`, which the reader knows too ([`Link::try_read_frame`]); the default
+    /// ignores it.
+    fn try_write_frame(&mut self, frame: usize, parts: &[&[u8]]) -> Result<usize, LinkError> {
+        let _ = frame;
+        self.try_write_parts(parts)
+    }
+
     /// Read up to `buf.len()` bytes without blocking; `Ok(0)` means "nothing yet".
     /// End of stream is `Err(LinkError::Closed)`, never `Ok(0)`.
     fn try_read_into(&mut self, buf: &mut [u8]) -> Result<usize, LinkError>;
@@ -79,6 +88,13 @@ pub trait Link: Send {
             sink(&bytes[..got]);
         }
         Ok(got)
+    }
+
+    /// [`Link::try_read_with`] for part of an expected frame of `frame` bytes in all; see
+    /// [`Link::try_write_frame`]. The default ignores `frame`.
+    fn try_read_frame(&mut self, frame: usize, max: usize, sink: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
+        let _ = frame;
+        self.try_read_with(max, sink)
     }
 
     /// Block until the link may make progress for `interest`, or `timeout` passes. Spurious

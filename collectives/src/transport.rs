@@ -299,6 +299,11 @@ impl<'a> RxState<'a> {
         matches!(self.sink, RecvSink::Reduce { .. })
     }
 
+    /// Bytes of the whole frame: header, payload and padding.
+    fn frame(&self) -> usize {
+        HEADER_LEN + self.sink.len() + pad_len(self.sink.len())
+    }
+
     /// Bytes of header, payload and padding still to come.
     fn left(&self) -> usize {
         (HEADER_LEN - self.hdr_got) + (self.sink.len() - self.off - self.carry_len) + self.pad_left
@@ -630,7 +635,7 @@ fn progress_tx(link: &mut dyn Link, t: &mut TxState<'_>, coalesce: &[u8]) -> Res
         let n = if t.coalesced {
             link.try_write(&coalesce[t.pos..])
         } else {
-            link.try_write_parts(&t.remaining())
+            link.try_write_frame(t.total(), &t.remaining())
         }
         .map_err(link_err(t.peer))?;
         if n == 0 {
@@ -653,8 +658,13 @@ fn progress_rx(link: &mut dyn Link, r: &mut RxState<'_>) -> Result<bool, Exchang
     while !r.done() {
         let n = if r.whole || (r.hdr_got == HEADER_LEN && r.off < r.sink.len() && r.is_reduce()) {
             // Whole: everything left; a reduction: the payload only (the header is in).
-            let max = if r.whole { r.left() } else { r.left() - r.pad_left };
-            let n = link.try_read_with(max, &mut |b| r.absorb(b)).map_err(link_err(peer))?;
+            let n = if r.whole {
+                let (frame, max) = (r.frame(), r.left());
+                link.try_read_frame(frame, max, &mut |b| r.absorb(b))
+            } else {
+                link.try_read_with(r.left() - r.pad_left, &mut |b| r.absorb(b))
+            }
+            .map_err(link_err(peer))?;
             if let Some(e) = r.failed.take() {
                 return Err(e);
             }

@@ -1,6 +1,8 @@
 //! Tests of the shared-memory ring link.
+use super::ring::SMALL_LANE_BYTES;
 use super::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 
 const READ: Interest = Interest {
@@ -194,6 +196,125 @@ fn write_parts_is_the_concatenation_wrapping_and_cut_short() {
     assert_eq!(a.try_write(&vec![1u8; room]).unwrap(), room);
     assert_eq!(Plain(&mut a).try_write_parts(&[&h, &[], &d, &p]).unwrap(), 30);
     assert_eq!(&read_all(&mut b)[room..], &whole[..30]);
+}
+
+/// Frames up to `SMALL_FRAME_MAX` bytes travel in the small lane and larger ones in the stream
+/// lane, each lane in order, so interleaved frames of both sizes arrive intact when the reader
+/// asks for the sizes the writer sent; the small lane wraps like the stream does.
+#[test]
+fn frames_take_the_lane_of_their_size_and_keep_their_order() {
+    let dir = TempDir::new(false);
+    let (mut a, mut b) = pair(&dir.0, MIN_RING_BYTES);
+    let sizes = [64, SMALL_FRAME_MAX, SMALL_FRAME_MAX + 64, 1088, 20_000, 64, 3008, 1088];
+    let mut sent = 0u64;
+    // Enough rounds for the small lane to wrap many times.
+    for round in 0..40 {
+        let frames: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&n| {
+                let f: Vec<u8> = (sent..sent + n as u64).map(pattern).collect();
+                sent += n as u64;
+                f
+            })
+            .collect();
+        for f in &frames {
+            let (h, rest) = f.split_at(16);
+            assert_eq!(
+                a.try_write_frame(f.len(), &[h, rest]).unwrap(),
+                f.len(),
+                "round {round}"
+            );
+            // The reader takes each frame right away, so neither lane fills up.
+            let mut got = Vec::new();
+            while got.len() < f.len() {
+                let want = f.len() - got.len();
+                b.try_read_frame(f.len(), want, &mut |s| got.extend_from_slice(s))
+                    .unwrap();
+            }
+            assert_eq!(&got, f, "round {round}, a {}-byte frame", f.len());
+        }
+    }
+    assert!(sent > 40 * SMALL_LANE_BYTES as u64);
+}
+
+/// A reader that expects a frame of another size than the one sent (the lanes differ) gets a
+/// protocol error naming both lanes at once, in either direction, instead of waiting for a
+/// frame that never comes; a frame published in its own lane meanwhile is not a mismatch.
+#[test]
+fn a_frame_in_the_other_lane_is_named_not_waited_for() {
+    let dir = TempDir::new(false);
+    let (mut a, mut b) = pair(&dir.0, MIN_RING_BYTES);
+    let (small, large) = (vec![1u8; 1088], vec![2u8; SMALL_FRAME_MAX + 64]);
+    let mut sink = |_: &[u8]| {};
+    // Nothing sent: an empty read, no error.
+    assert_eq!(b.try_read_frame(small.len(), small.len(), &mut sink).unwrap(), 0);
+    a.try_write_frame(small.len(), &[&small]).unwrap();
+    let err = b.try_read_frame(large.len(), large.len(), &mut sink).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("small lane while this rank waits for one in the stream lane"),
+        "{msg}"
+    );
+    // The other way round, on the other direction of the link.
+    b.try_write_frame(large.len(), &[&large]).unwrap();
+    let err = a.try_read_frame(small.len(), small.len(), &mut sink).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("stream lane while this rank waits for one in the small lane"),
+        "{err}"
+    );
+    // Both lanes holding data is no mismatch: the reader takes its own lane's frame.
+    a.try_write_frame(large.len(), &[&large]).unwrap();
+    let mut got = 0;
+    b.try_read_frame(large.len(), large.len(), &mut |s| got += s.len())
+        .unwrap();
+    assert_eq!(got, large.len());
+    b.try_read_frame(small.len(), small.len(), &mut |s| got += s.len())
+        .unwrap();
+    assert_eq!(got, large.len() + small.len());
+}
+
+/// A reader asleep is woken by a small-lane frame, and a writer that filled the small lane
+/// sleeps until the reader drains it, not until its timeout.
+#[test]
+fn small_lane_frames_wake_sleepers_on_both_sides() {
+    let dir = TempDir::new(true);
+    let (mut a, mut b) = pair(&dir.0, MIN_RING_BYTES);
+    let frame = vec![5u8; SMALL_FRAME_MAX];
+    let long = Duration::from_secs(20);
+    let reader = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut got = 0;
+        while got < 3 * SMALL_FRAME_MAX {
+            match b
+                .try_read_frame(SMALL_FRAME_MAX, SMALL_FRAME_MAX, &mut |s| got += s.len())
+                .unwrap()
+            {
+                0 => b.wait(READ, long),
+                _ => std::thread::sleep(Duration::from_millis(50)), // let the writer fill the lane
+            }
+        }
+        t0.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(100)); // the reader is asleep by now
+    let t0 = Instant::now();
+    let mut waits = 0;
+    // The lane holds two such frames: the third waits for the reader.
+    for _ in 0..3 {
+        let mut off = 0;
+        while off < SMALL_FRAME_MAX {
+            match a.try_write_frame(SMALL_FRAME_MAX, &[&frame[off..]]).unwrap() {
+                0 => {
+                    waits += 1;
+                    a.wait(WRITE, long)
+                }
+                n => off += n,
+            }
+        }
+    }
+    assert!(waits > 0, "the small lane never filled up");
+    assert!(t0.elapsed() < long / 2, "the writer slept out its timeout");
+    assert!(reader.join().unwrap() < long / 2, "the reader slept out its timeout");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// slower; even 1 µs cost a third), then yield, TCP too: on an idle host 4 ranks over TCP took
 /// 53–81 µs yielding against 72–97 µs sleeping in `poll(2)` at once (Open MPI, which yields,
 /// 61–81). Yielding beside busy processes costs a time slice per yield (medians up to 2.8 ms
-/// once, for TCP); [`YieldGuard`] sees that and sends the waits to sleep (`poll(2)`, where the
+/// once, for TCP); the `YieldGuard` sees that and sends the waits to sleep (`poll(2)`, where the
 /// kernel wakes the rank on data) for a while: 58–102 µs with two CPU hogs beside, like
 /// `poll(2)`'s 73–117, where Open MPI took 4–12 ms.
 /// [`WaitPolicy::for_host`] picks the policy for ranks that have cores of their own.
