@@ -282,39 +282,46 @@ fn small_lane_frames_wake_sleepers_on_both_sides() {
     let (mut a, mut b) = pair(&dir.0, MIN_RING_BYTES);
     let frame = vec![5u8; SMALL_FRAME_MAX];
     let long = Duration::from_secs(20);
-    let reader = std::thread::spawn(move || {
-        let t0 = Instant::now();
+    let read_one = |b: &mut ShmLink| {
         let mut got = 0;
-        while got < 3 * SMALL_FRAME_MAX {
-            match b
-                .try_read_frame(SMALL_FRAME_MAX, SMALL_FRAME_MAX, &mut |s| got += s.len())
-                .unwrap()
-            {
-                0 => b.wait(READ, long),
-                _ => std::thread::sleep(Duration::from_millis(50)), // let the writer fill the lane
+        while got < SMALL_FRAME_MAX {
+            match b.try_read_frame(SMALL_FRAME_MAX, SMALL_FRAME_MAX - got, &mut |s| got += s.len()) {
+                Ok(0) => b.wait(READ, long),
+                r => assert!(r.is_ok(), "{r:?}"),
             }
         }
-        t0.elapsed()
+    };
+    std::thread::scope(|scope| {
+        // The reader sleeps on an empty lane; one frame wakes it.
+        let reader = scope.spawn(|| {
+            let t0 = Instant::now();
+            read_one(&mut b);
+            t0.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(a.try_write_frame(SMALL_FRAME_MAX, &[&frame]).unwrap(), SMALL_FRAME_MAX);
+        assert!(reader.join().unwrap() < long / 2, "the reader slept out its timeout");
     });
-    std::thread::sleep(Duration::from_millis(100)); // the reader is asleep by now
-    let t0 = Instant::now();
-    let mut waits = 0;
-    // The lane holds two such frames: the third waits for the reader.
-    for _ in 0..3 {
-        let mut off = 0;
-        while off < SMALL_FRAME_MAX {
-            match a.try_write_frame(SMALL_FRAME_MAX, &[&frame[off..]]).unwrap() {
-                0 => {
-                    waits += 1;
-                    a.wait(WRITE, long)
-                }
-                n => off += n,
-            }
-        }
+    // Two frames fill the lane, so the third finds no room until the reader takes one.
+    for _ in 0..2 {
+        assert_eq!(a.try_write_frame(SMALL_FRAME_MAX, &[&frame]).unwrap(), SMALL_FRAME_MAX);
     }
-    assert!(waits > 0, "the small lane never filled up");
-    assert!(t0.elapsed() < long / 2, "the writer slept out its timeout");
-    assert!(reader.join().unwrap() < long / 2, "the reader slept out its timeout");
+    assert_eq!(
+        a.try_write_frame(SMALL_FRAME_MAX, &[&frame]).unwrap(),
+        0,
+        "the lane is full"
+    );
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            read_one(&mut b);
+        });
+        let t0 = Instant::now();
+        while a.try_write_frame(SMALL_FRAME_MAX, &[&frame]).unwrap() == 0 {
+            a.wait(WRITE, long);
+        }
+        assert!(t0.elapsed() < long / 2, "the writer slept out its timeout");
+    });
 }
 
 #[test]
