@@ -591,67 +591,6 @@ pub(crate) fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], last)
 }
 
-/// Split `n_layers` over `pp` stages: explicit counts, or balanced so the largest stage's
-/// parameter count is as small as possible (the first stage also holds the embedding, the last
-/// the head). Pure; every stage gets at least one layer.
-pub fn partition_layers(spec: &ModelSpec, pp: usize, explicit: &[usize]) -> Vec<std::ops::Range<usize>> {
-    let counts: Vec<usize> = if !explicit.is_empty() {
-        explicit.to_vec()
-    } else {
-        let edge = (spec.vocab_size as u64).saturating_mul(spec.d_model as u64);
-        let layer = spec.num_params().saturating_sub(edge).max(1) / spec.n_layers.max(1) as u64;
-        balance(spec.n_layers, pp, layer.max(1), edge)
-    };
-    let mut start = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let r = start..start + c;
-            start += c;
-            r
-        })
-        .collect()
-}
-
-/// Layer counts per stage minimizing the maximum of `layers·layer_cost (+ edge_cost on the
-/// first and last stage)`.
-pub fn balance(n_layers: usize, pp: usize, layer_cost: u64, edge_cost: u64) -> Vec<usize> {
-    if pp == 1 {
-        return vec![n_layers];
-    }
-    let layer_cost = layer_cost.max(1);
-    let edge = |stage: usize| if stage == 0 || stage == pp - 1 { edge_cost } else { 0 };
-    let cost = |stage: usize, layers: usize| (layers as u64).saturating_mul(layer_cost).saturating_add(edge(stage));
-    // Smallest feasible bound by binary search over the answer; then fill greedily.
-    let (mut lo, mut hi) = (0u64, cost(0, n_layers).saturating_add(edge_cost));
-    let fits = |bound: u64| -> Option<Vec<usize>> {
-        let mut left = n_layers;
-        let mut out = Vec::with_capacity(pp);
-        for s in 0..pp {
-            let stages_after = pp - s - 1;
-            // The most layers this stage can take within `bound` (computed, not counted up:
-            // a model with many layers must not make this linear in them).
-            let most = bound.checked_sub(edge(s)).map_or(0, |b| b / layer_cost);
-            let take = usize::try_from(most).unwrap_or(usize::MAX).min(left - stages_after);
-            if take == 0 {
-                return None;
-            }
-            out.push(take);
-            left -= take;
-        }
-        (left == 0).then_some(out)
-    };
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid).is_some() {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    fits(lo).expect("the upper bound always fits")
-}
-
 /// A whole 2-layer model (vocabulary 64, d 32, 4 heads, sequence 16) on the CPU, for tests.
 #[cfg(test)]
 pub(crate) fn tiny_test_model(arch: Arch) -> Model {
@@ -675,70 +614,9 @@ pub(crate) fn tiny_test_model(arch: Arch) -> Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::partition_layers;
     use crate::spec::JobSpec;
     use proptest::prelude::*;
-
-    #[test]
-    fn balance_gives_every_stage_a_layer_and_sums() {
-        for n in 1..12 {
-            for pp in 1..=n {
-                for edge in [0, 3, 50] {
-                    let c = balance(n, pp, 10, edge);
-                    assert_eq!(c.len(), pp);
-                    assert_eq!(c.iter().sum::<usize>(), n);
-                    assert!(c.iter().all(|&x| x >= 1), "{n} {pp} {edge}: {c:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn balance_is_optimal_against_brute_force() {
-        fn max_cost(c: &[usize], layer: u64, edge: u64) -> u64 {
-            let pp = c.len();
-            c.iter()
-                .enumerate()
-                .map(|(s, &l)| l as u64 * layer + if s == 0 || s == pp - 1 { edge } else { 0 })
-                .max()
-                .unwrap()
-        }
-        fn best(n: usize, pp: usize, layer: u64, edge: u64, prefix: &mut Vec<usize>) -> u64 {
-            if prefix.len() == pp - 1 {
-                let used: usize = prefix.iter().sum();
-                if used >= n {
-                    return u64::MAX;
-                }
-                prefix.push(n - used);
-                let c = max_cost(prefix, layer, edge);
-                prefix.pop();
-                return c;
-            }
-            let used: usize = prefix.iter().sum();
-            let mut b = u64::MAX;
-            for take in 1..n.saturating_sub(used) {
-                prefix.push(take);
-                b = b.min(best(n, pp, layer, edge, prefix));
-                prefix.pop();
-            }
-            b
-        }
-        for n in 2..10 {
-            for pp in 2..=n.min(5) {
-                for edge in [0, 5, 10, 40] {
-                    let c = balance(n, pp, 10, edge);
-                    assert_eq!(
-                        max_cost(&c, 10, edge),
-                        best(n, pp, 10, edge, &mut Vec::new()),
-                        "{n} {pp} {edge} {c:?}"
-                    );
-                }
-            }
-        }
-        assert_eq!(balance(4, 2, 10, 0), vec![2, 2]);
-        // Many layers: computed per stage, not counted one by one.
-        let big = balance(1 << 40, 3, 1 << 20, u64::MAX / 2);
-        assert_eq!(big.iter().sum::<usize>(), 1 << 40);
-    }
 
     /// One size of a generated spec: mostly small, sometimes absurd.
     fn size() -> impl Strategy<Value = usize> {
