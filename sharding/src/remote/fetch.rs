@@ -253,7 +253,7 @@ fn bring_files(
     wants: &[Want],
     done: &mut Fetched,
 ) -> Result<(), RemoteError> {
-    for w in wants.iter().filter(|w| !w.name.ends_with(".idx")) {
+    for w in wants {
         let dest = dir.join(&w.name);
         let _bin_lock = if w.bin { Some(lock_cache_entry(&dest)?) } else { None };
         match check_existing(&dest, w.bytes, &w.xxh3)? {
@@ -280,11 +280,11 @@ fn bring_files(
     Ok(())
 }
 
-/// The files to bring into `dir`, `.idx` files first (those come through the index pack),
-/// each checked against the listing
-/// (present, with the manifest's size). A compressed-only shard whose materialized `.bin` is
-/// already in `dir` and checks out needs no frames (counted as kept); one that does not is
-/// removed (the dataset open materializes it again from the frames).
+/// The files [`bring_files`] fetches into `dir` (`.bin`, or a compressed-only shard's frames
+/// and frame index), each checked against the listing (present, with the manifest's size), as
+/// is every `.idx` (those come through the index pack). A compressed-only shard whose
+/// materialized `.bin` is already in `dir` and checks out needs no frames (counted as kept);
+/// one that does not is removed (the dataset open materializes it again from the frames).
 fn plan(
     manifest: &Manifest,
     location: &StorageLocation,
@@ -292,16 +292,12 @@ fn plan(
     dir: &Path,
     done: &mut Fetched,
 ) -> Result<Vec<Want>, RemoteError> {
-    let mut idx = Vec::new();
     let mut data = Vec::new();
     for s in &manifest.shards {
+        // The `.idx` files come through the index pack, but one missing from the upload (or of
+        // another size) is named here, before anything is fetched.
+        check_listed(location, listed, &format!("{}.idx", s.prefix), s.idx_bytes)?;
         let bin = format!("{}.bin", s.prefix);
-        idx.push(Want {
-            name: format!("{}.idx", s.prefix),
-            bytes: s.idx_bytes,
-            xxh3: s.idx_xxh3.clone(),
-            bin: false,
-        });
         if listed.contains_key(&bin) {
             data.push(Want {
                 name: bin,
@@ -345,11 +341,10 @@ fn plan(
             bin: false,
         });
     }
-    idx.extend(data);
-    for w in &idx {
+    for w in &data {
         check_listed(location, listed, &w.name, w.bytes)?;
     }
-    Ok(idx)
+    Ok(data)
 }
 
 /// The listing has `name` with the manifest's size, or the error naming the object.
