@@ -46,11 +46,14 @@ pub trait Link: Send {
     /// Write as much of `data` as fits without blocking; `Ok(0)` means "would block".
     fn try_write(&mut self, data: &[u8]) -> Result<usize, LinkError>;
 
-    /// Write as much as fits of `parts` one after another (a message's header, payload and
-    /// padding) without blocking; returns the bytes written, a prefix of the concatenation. The
-    /// default writes part after part; a shared-memory ring copies them all and publishes once,
-    /// which spares a small message its copy into a coalescing buffer.
-    fn try_write_parts(&mut self, parts: &[&[u8]]) -> Result<usize, LinkError> {
+    /// Write as much as fits of `parts` one after another (what is left of a frame: header,
+    /// payload and padding, `frame` bytes in all) without blocking; returns the bytes written,
+    /// a prefix of the concatenation. The default writes part after part. A shared-memory link
+    /// copies them all and publishes once (a small message needs no coalescing copy), into a
+    /// ring of their own for small frames, picked by `frame`, which the reader knows too
+    /// ([`Link::try_read_frame`]).
+    fn try_write_frame(&mut self, frame: usize, parts: &[&[u8]]) -> Result<usize, LinkError> {
+        let _ = frame;
         let mut total = 0;
         for part in parts.iter().filter(|p| !p.is_empty()) {
             let n = self.try_write(part)?;
@@ -60,15 +63,6 @@ pub trait Link: Send {
             }
         }
         Ok(total)
-    }
-
-    /// [`Link::try_write_parts`] for part of a frame (header, payload and padding) of `frame`
-    /// bytes in all. A shared-memory link sends small frames through a ring of their own and
-    /// picks it by `frame`, which the reader knows too ([`Link::try_read_frame`]); the default
-    /// ignores it.
-    fn try_write_frame(&mut self, frame: usize, parts: &[&[u8]]) -> Result<usize, LinkError> {
-        let _ = frame;
-        self.try_write_parts(parts)
     }
 
     /// Read up to `buf.len()` bytes without blocking; `Ok(0)` means "nothing yet".

@@ -145,7 +145,7 @@ fn pad_len(len: usize) -> usize {
 
 /// Messages up to this size are written header and payload in one call (copied into a
 /// coalescing buffer first, except on shared memory, whose ring takes the parts in one publish
-/// through `try_write_parts`), and read whole from links whose `try_read_with` lends their own
+/// through `try_write_frame`), and read whole from links whose `try_read_with` lends their own
 /// memory (shared memory, TCP's read buffer; the default implementation would stage every read
 /// through a 64 KiB stack buffer).
 const COALESCE_BYTES: usize = 16 * 1024;

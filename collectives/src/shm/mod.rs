@@ -483,10 +483,6 @@ impl Link for ShmLink {
         self.write_lane(Lane::Stream, &[data])
     }
 
-    fn try_write_parts(&mut self, parts: &[&[u8]]) -> Result<usize, LinkError> {
-        self.write_lane(Lane::Stream, parts)
-    }
-
     fn try_write_frame(&mut self, frame: usize, parts: &[&[u8]]) -> Result<usize, LinkError> {
         self.write_lane(Lane::for_frame(frame), parts)
     }

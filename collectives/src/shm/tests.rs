@@ -142,11 +142,13 @@ fn read_with_delivers_exactly_the_written_bytes() {
     assert_eq!(b.try_write(&big).unwrap(), 0);
 }
 
-/// Parts go out as their concatenation in one publish: across the ring's end, and as a
-/// prefix (ending inside any part) when the ring has less room; empty parts are skipped. The
+/// A frame's parts go out as their concatenation in one publish: across the ring's end, and as
+/// a prefix (ending inside any part) when the ring has less room; empty parts are skipped. The
 /// trait's default (part after part) gives the same bytes.
 #[test]
-fn write_parts_is_the_concatenation_wrapping_and_cut_short() {
+fn frame_parts_are_the_concatenation_wrapping_and_cut_short() {
+    // A frame length that takes the stream lane, which `try_read_with` reads.
+    const STREAM: usize = SMALL_FRAME_MAX + 1;
     let dir = TempDir::new(false);
     let (mut a, mut b) = pair(&dir.0, MIN_RING_BYTES);
     let read_all = |b: &mut ShmLink| {
@@ -160,21 +162,21 @@ fn write_parts_is_the_concatenation_wrapping_and_cut_short() {
     let (h, d, p): (Vec<u8>, Vec<u8>, Vec<u8>) = ((0..16).collect(), (100..150).collect(), vec![0; 6]);
     let whole = [&h[..], &[], &d[..], &p[..]].concat();
     // Wraps 20 bytes in, inside the payload.
-    assert_eq!(a.try_write_parts(&[&h, &[], &d, &p]).unwrap(), whole.len());
+    assert_eq!(a.try_write_frame(STREAM, &[&h, &[], &d, &p]).unwrap(), whole.len());
     assert_eq!(read_all(&mut b), whole);
     // Room for only 30 bytes: the header and 14 bytes of the payload, nothing of the padding.
     let room = MIN_RING_BYTES - 30;
     assert_eq!(a.try_write(&vec![1u8; room]).unwrap(), room);
-    assert_eq!(a.try_write_parts(&[&h, &d, &p]).unwrap(), 30);
+    assert_eq!(a.try_write_frame(STREAM, &[&h, &d, &p]).unwrap(), 30);
     assert_eq!(
-        a.try_write_parts(&[&h, &d, &p]).unwrap(),
+        a.try_write_frame(STREAM, &[&h, &d, &p]).unwrap(),
         0,
         "a full ring writes nothing"
     );
     let got = read_all(&mut b);
     assert_eq!(&got[room..], &whole[..30]);
 
-    /// Only `try_write`, so the trait's default `try_write_parts` runs.
+    /// Only `try_write`, so the trait's default `try_write_frame` runs.
     struct Plain<'a>(&'a mut ShmLink);
     impl Link for Plain<'_> {
         fn kind(&self) -> LinkKind {
@@ -194,7 +196,7 @@ fn write_parts_is_the_concatenation_wrapping_and_cut_short() {
         }
     }
     assert_eq!(a.try_write(&vec![1u8; room]).unwrap(), room);
-    assert_eq!(Plain(&mut a).try_write_parts(&[&h, &[], &d, &p]).unwrap(), 30);
+    assert_eq!(Plain(&mut a).try_write_frame(STREAM, &[&h, &[], &d, &p]).unwrap(), 30);
     assert_eq!(&read_all(&mut b)[room..], &whole[..30]);
 }
 
