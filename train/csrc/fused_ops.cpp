@@ -175,14 +175,16 @@ void matmul_into(const at::Tensor &result, const at::Tensor &a, const at::Tensor
 // per step), the matmul adds it there itself and nothing is returned, so autograd skips the
 // accumulate node for it: no [out, in] temporary per micro-batch and no separate pass adding it
 // in (Megatron's gradient-accumulation fusion). Elsewhere (no `.grad` yet, another kind or
-// shape, grad mode on for a double backward) the gradient is returned for autograd to place.
+// shape, a strided `.grad`, grad mode on for a double backward) the gradient is returned for
+// autograd to place.
 std::atomic<uint64_t> accumulated_in_place{0};  // for tests: the fusion really happens
 
 at::Tensor weight_grad(const at::Tensor &w, const at::Tensor &g, const at::Tensor &x2) {
   if (w.is_leaf() && !at::GradMode::is_enabled()) {
     const at::Tensor &acc = w.grad();
+    // Contiguous, as the flat buckets' views are: oneDNN then writes the buffer in place.
     if (acc.defined() && acc.scalar_type() == g.scalar_type() && acc.device() == g.device() &&
-        acc.sizes() == w.sizes() && !acc.requires_grad()) {
+        acc.sizes() == w.sizes() && acc.is_contiguous() && !acc.requires_grad()) {
       matmul_into(acc, g.t(), x2, 1.f);
       accumulated_in_place.fetch_add(1, std::memory_order_relaxed);
       return at::Tensor();

@@ -233,6 +233,16 @@ fn weight_gradients_accumulate_in_place_into_an_existing_grad() {
             let outside = flat.narrow(0, 0, 64).abs().sum(Kind::Double).double_value(&[])
                 + flat.narrow(0, 64 + n, 64).abs().sum(Kind::Double).double_value(&[]);
             assert_eq!(outside, 0.0, "{what}: wrote outside the parameter's view");
+            // A strided `.grad` (a transposed buffer) is left to autograd, which adds in place.
+            let mut strided = Tensor::zeros([inner, outer], opts).tr();
+            strided.copy_(&start);
+            let wl = w.copy().set_requires_grad(true);
+            set_grad(&wl, &strided).unwrap();
+            for g in &gs {
+                backward_with(&(op.fused)(&x, &wl, Some(&bl)), g).unwrap();
+            }
+            let err = max_rel(&strided, &expected);
+            assert!(err <= tol, "{what}: strided .grad off by {err:e}");
         }
     }
 }
