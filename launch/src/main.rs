@@ -173,7 +173,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("gantry: error: {e:#}");
+            // One write: local ranks share their launcher's stderr, and `eprintln!` writes each
+            // formatted piece on its own, so two ranks' messages interleaved mid-line. A pipe
+            // keeps a write of up to 4 KiB whole.
+            let line = format!("gantry: error: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::FAILURE
         }
     }
