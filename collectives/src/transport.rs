@@ -212,10 +212,10 @@ struct TxState<'a> {
 }
 
 impl<'a> TxState<'a> {
-    /// Messages up to [`COALESCE_BYTES`] are marked to go out in one write from the
-    /// coalescing buffer (the exchange unmarks them for shared memory); the rest are written
-    /// in place, header, payload and padding handed to the link together.
-    fn new(s: SendPart<'a>) -> TxState<'a> {
+    /// Messages up to [`COALESCE_BYTES`] go out in one write from the coalescing buffer where
+    /// `coalesce` (every link but shared memory, whose ring takes the parts in one publish);
+    /// the rest are written in place, header, payload and padding handed to the link together.
+    fn new(s: SendPart<'a>, coalesce: bool) -> TxState<'a> {
         let header = Header {
             desc: s.desc,
             seq: s.seq,
@@ -228,7 +228,7 @@ impl<'a> TxState<'a> {
             header,
             data: s.data,
             pos: 0,
-            coalesced: s.data.len() <= COALESCE_BYTES,
+            coalesced: coalesce && s.data.len() <= COALESCE_BYTES,
         }
     }
     fn total(&self) -> usize {
@@ -409,11 +409,10 @@ impl Transport for MeshTransport {
         if let Some(r) = &recv {
             self.ensure_link(r.peer, ctx.deadline)?;
         }
-        let mut tx = send.map(TxState::new);
-        if let Some(t) = tx.as_mut().filter(|t| t.coalesced) {
-            // A shared-memory ring takes the parts in one publish without the copy.
-            t.coalesced = self.links[t.peer].as_ref().is_some_and(|l| l.kind() != LinkKind::Shm);
-        }
+        let tx = send.map(|s| {
+            let coalesce = self.link_kind(s.peer) != Some(LinkKind::Shm);
+            TxState::new(s, coalesce)
+        });
         if let Some(t) = tx.as_ref().filter(|t| t.coalesced) {
             self.coalesce.clear();
             self.coalesce.extend_from_slice(&t.header);
@@ -523,8 +522,7 @@ impl MeshTransport {
         let idle_start = *idle.since.get_or_insert(now);
         let policy = self.wait;
         let spin_for = self.spin.now;
-        let pollable = || self.pending_pollable(tx_peer, rx_peer);
-        let rung = policy.rung(spin_for, now.duration_since(idle_start), idle.spins, pollable);
+        let rung = policy.rung(spin_for, now.duration_since(idle_start), idle.spins);
         idle.climbed |= rung != Rung::Spin;
         match rung {
             Rung::Spin => {
@@ -560,13 +558,6 @@ impl MeshTransport {
             }
         }
         Ok(())
-    }
-
-    fn pending_pollable(&mut self, tx_peer: Option<usize>, rx_peer: Option<usize>) -> bool {
-        [tx_peer, rx_peer]
-            .into_iter()
-            .flatten()
-            .all(|p| self.link(p).poll_fd().is_some())
     }
 
     /// Sleep until one of the pending links may progress. Links with file descriptors are polled

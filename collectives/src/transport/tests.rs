@@ -23,7 +23,7 @@ fn ctx(count: u64) -> OpCtx {
 
 /// What a sender puts in the stream for `payload`: header, payload, zero padding.
 fn framed(c: &OpCtx, step: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = TxState::new(c.send(1, step, payload)).header.to_vec();
+    let mut out = TxState::new(c.send(1, step, payload), true).header.to_vec();
     out.extend_from_slice(payload);
     out.extend_from_slice(&ZERO_PAD[..pad_len(payload.len())]);
     out

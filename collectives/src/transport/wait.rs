@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// `spin_for` (and at least `spin_iters` times), then yield the core until `yield_for` has
 /// passed (a yield returns at once when nobody else wants the core, and hands it over when a
 /// peer sharing it needs to run), then sleep on the link (futex or `poll(2)`) until woken.
-/// Links with a file descriptor skip the yield rung unless `yield_pollable`.
+/// Every link yields, TCP included.
 ///
 /// The default is for ranks that share cores (measured on 2 cores with 4 ranks, 1 KiB
 /// all_reduce): no spinning (a spinning rank holds the core its peer needs to answer: 2–10×
@@ -25,7 +25,6 @@ pub struct WaitPolicy {
     pub spin_iters: u32,
     pub spin_for: Duration,
     pub yield_for: Duration,
-    pub yield_pollable: bool,
 }
 
 impl Default for WaitPolicy {
@@ -34,7 +33,6 @@ impl Default for WaitPolicy {
             spin_iters: 0,
             spin_for: Duration::ZERO,
             yield_for: Duration::from_millis(5),
-            yield_pollable: true,
         }
     }
 }
@@ -67,19 +65,11 @@ impl WaitPolicy {
     }
 
     /// The rung of the ladder for a wait that has gone `waited` (and `spins` busy-waits)
-    /// without progress, spinning for `spin_for` (the [`SpinBudget`], at most the policy's);
-    /// `pollable` says whether every pending link has a file descriptor (asked only past the
-    /// spin rung, which stays free of virtual calls).
-    pub(super) fn rung(
-        &self,
-        spin_for: Duration,
-        waited: Duration,
-        spins: u32,
-        pollable: impl FnOnce() -> bool,
-    ) -> Rung {
+    /// without progress, spinning for `spin_for` (the [`SpinBudget`], at most the policy's).
+    pub(super) fn rung(&self, spin_for: Duration, waited: Duration, spins: u32) -> Rung {
         if spins < self.spin_iters || waited < spin_for {
             Rung::Spin
-        } else if waited < self.yield_for && (self.yield_pollable || !pollable()) {
+        } else if waited < self.yield_for {
             Rung::Yield
         } else {
             Rung::Sleep
@@ -191,18 +181,13 @@ mod tests {
         spin_iters: 0,
         spin_for: Duration::ZERO,
         yield_for: Duration::from_millis(5),
-        yield_pollable: true,
     };
 
     #[test]
     fn ranks_with_cores_of_their_own_spin_then_yield_on_every_link() {
         for (ranks, cores) in [(1, 1), (2, 2), (1, 64), (64, 64)] {
             let p = WaitPolicy::for_host(ranks, cores);
-            assert_eq!(
-                (p.spin_for, p.yield_pollable),
-                (OWN_CORE_SPIN, true),
-                "{ranks} ranks, {cores} cores"
-            );
+            assert_eq!(p.spin_for, OWN_CORE_SPIN, "{ranks} ranks, {cores} cores");
             assert!(p.yield_for > p.spin_for, "the yield rung must outlast the spin rung");
         }
         // Sharing cores, a spinning rank holds the core its peer needs: no spin.
@@ -220,31 +205,22 @@ mod tests {
     fn the_ladder_climbs_spin_yield_sleep() {
         let ms = Duration::from_millis;
         let own = WaitPolicy::for_host(2, 2);
-        for pollable in [false, true] {
-            let rung = |p: WaitPolicy, waited, spins| p.rung(p.spin_for, waited, spins, || pollable);
-            assert_eq!(rung(own, Duration::ZERO, 0), Rung::Spin);
-            assert_eq!(rung(own, OWN_CORE_SPIN - Duration::from_nanos(1), 1000), Rung::Spin);
-            assert_eq!(rung(own, OWN_CORE_SPIN, 1000), Rung::Yield);
-            assert_eq!(rung(own, ms(5), 1000), Rung::Sleep);
-            // Shared cores: no spin; every link yields first.
-            assert_eq!(rung(SHARED, Duration::ZERO, 0), Rung::Yield);
-            assert_eq!(rung(SHARED, ms(4), 0), Rung::Yield);
-            assert_eq!(rung(SHARED, ms(5), 0), Rung::Sleep);
-            // A policy that keeps file-descriptor links off the yield rung sends them to sleep.
-            let no_poll_yield = WaitPolicy {
-                yield_pollable: false,
-                ..SHARED
-            };
-            let first = if pollable { Rung::Sleep } else { Rung::Yield };
-            assert_eq!(rung(no_poll_yield, Duration::ZERO, 0), first);
-            // A spin count is a floor, whatever the clock says.
-            let counted = WaitPolicy {
-                spin_iters: 3,
-                ..SHARED
-            };
-            assert_eq!(rung(counted, ms(9), 2), Rung::Spin);
-            assert_eq!(rung(counted, ms(9), 3), Rung::Sleep);
-        }
+        let rung = |p: WaitPolicy, waited, spins| p.rung(p.spin_for, waited, spins);
+        assert_eq!(rung(own, Duration::ZERO, 0), Rung::Spin);
+        assert_eq!(rung(own, OWN_CORE_SPIN - Duration::from_nanos(1), 1000), Rung::Spin);
+        assert_eq!(rung(own, OWN_CORE_SPIN, 1000), Rung::Yield);
+        assert_eq!(rung(own, ms(5), 1000), Rung::Sleep);
+        // Shared cores: no spin; every link yields first.
+        assert_eq!(rung(SHARED, Duration::ZERO, 0), Rung::Yield);
+        assert_eq!(rung(SHARED, ms(4), 0), Rung::Yield);
+        assert_eq!(rung(SHARED, ms(5), 0), Rung::Sleep);
+        // A spin count is a floor, whatever the clock says.
+        let counted = WaitPolicy {
+            spin_iters: 3,
+            ..SHARED
+        };
+        assert_eq!(rung(counted, ms(9), 2), Rung::Spin);
+        assert_eq!(rung(counted, ms(9), 3), Rung::Sleep);
     }
 
     #[test]
@@ -312,15 +288,6 @@ mod tests {
         }
         // The spin rung follows the budget, not the policy's maximum.
         let own = WaitPolicy::for_host(2, 2);
-        assert_eq!(own.rung(SPIN_FLOOR, SPIN_FLOOR, 9, || true), Rung::Yield);
-    }
-
-    #[test]
-    fn the_spin_rung_never_asks_the_links() {
-        let own = WaitPolicy::for_host(2, 2);
-        let rung = own.rung(own.spin_for, Duration::ZERO, 0, || {
-            panic!("pollable asked while spinning")
-        });
-        assert_eq!(rung, Rung::Spin);
+        assert_eq!(own.rung(SPIN_FLOOR, SPIN_FLOOR, 9), Rung::Yield);
     }
 }
