@@ -195,6 +195,16 @@ at::Tensor weight_grad(const at::Tensor &w, const at::Tensor &g, const at::Tenso
   return gw;
 }
 
+// The gradients of x·wᵀ + b for the output gradient `g` [M, out] (past any activation):
+// input, weight (see `weight_grad`) and bias, each only where autograd needs it.
+variable_list linear_grads(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w, const at::Tensor &g) {
+  at::Tensor gx, gw, gb;
+  if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
+  if (ctx->needs_input_grad(1)) gw = weight_grad(w, g, as_rows(x, x.size(-1)));
+  if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
+  return {gx, gw, gb};
+}
+
 struct Linear : public torch::autograd::Function<Linear> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
                             const std::optional<at::Tensor> &bias) {
@@ -207,12 +217,7 @@ struct Linear : public torch::autograd::Function<Linear> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
-    at::Tensor g = as_rows(grads[0], w.size(0));
-    at::Tensor gx, gw, gb;
-    if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
-    if (ctx->needs_input_grad(1)) gw = weight_grad(w, g, as_rows(x, x.size(-1)));
-    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
-    return {gx, gw, gb};
+    return linear_grads(ctx, x, w, as_rows(grads[0], w.size(0)));
   }
 };
 
@@ -231,12 +236,7 @@ struct LinearGeluTanh : public torch::autograd::Function<LinearGeluTanh> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &deriv = saved[2];
-    at::Tensor g = as_rows(grads[0], w.size(0)).mul(deriv);
-    at::Tensor gx, gw, gb;
-    if (ctx->needs_input_grad(0)) gx = mm_nn(g, w).view(x.sizes());
-    if (ctx->needs_input_grad(1)) gw = weight_grad(w, g, as_rows(x, x.size(-1)));
-    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gb = g.sum(0);
-    return {gx, gw, gb};
+    return linear_grads(ctx, x, w, as_rows(grads[0], w.size(0)).mul(deriv));
   }
 };
 
