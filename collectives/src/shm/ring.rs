@@ -91,7 +91,7 @@ pub(super) struct Consumer {
 /// The small lane's positions, each on a line of its own like the stream lane's.
 #[repr(C, align(128))]
 struct Position {
-    pub(super) pos: AtomicU64,
+    pos: AtomicU64,
 }
 
 /// A side's "I am about to sleep" flag, alone on its line (see the module docs).

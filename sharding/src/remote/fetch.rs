@@ -243,8 +243,8 @@ pub(super) fn get_tokenizer(
     Ok(Some((path.clone(), bytes.len() as u64, written)))
 }
 
-/// Bring every file of `wants` but the `.idx` files (which come through the index pack) into
-/// `dir`: one that checks out is kept (and synced), a damaged one fetched again.
+/// Bring every file of `wants` (from [`plan`]) into `dir`: one that checks out is kept (and
+/// synced), a damaged one fetched again.
 fn bring_files(
     store: &Store,
     opts: &RemoteOptions,
