@@ -21,7 +21,7 @@ use crate::quic::QuicEndpoint;
 pub use crate::rank_env::Bootstrap;
 use crate::rank_env::EnvError;
 use crate::recorder::RecorderSet;
-use crate::shm::ShmLink;
+use crate::shm::{GroupSegment, ShmLink};
 use crate::store::{MemStore, Store, StoreServer, TcpStore, serve_or_connect};
 use crate::tcp::{self, Acceptor, Incoming, TcpLink};
 use crate::tls::{self, Role, TlsIdentity};
@@ -153,6 +153,10 @@ pub struct FabricConfig {
     pub advertise_host: Option<String>,
     pub shm_dir: PathBuf,
     pub shm_ring_bytes: usize,
+    /// All_reduces of up to this many bytes in a group whose members are all on this host
+    /// over shared memory go through the group's shared segment (one round: every rank posts,
+    /// then reduces all posts in rank order) instead of recursive doubling. 0 turns it off.
+    pub shm_group_bytes: usize,
     /// Bytes at or below which all_reduce, broadcast and reduce use the latency-optimal
     /// algorithms (recursive doubling, binomial trees) instead of rings and chains.
     pub small_message_bytes: usize,
@@ -185,6 +189,7 @@ impl Default for FabricConfig {
             advertise_host: None,
             shm_dir: PathBuf::from("/dev/shm"),
             shm_ring_bytes: crate::shm::DEFAULT_RING_BYTES,
+            shm_group_bytes: crate::shm::DEFAULT_GROUP_BYTES,
             small_message_bytes: 64 * 1024,
             segment_bytes: 256 << 10,
             flight_records: 256,
@@ -213,13 +218,21 @@ impl FabricConfig {
                 self.shm_ring_bytes
             ));
         }
+        if self.shm_group_bytes > crate::shm::MAX_GROUP_BYTES {
+            return Err(format!(
+                "shm_group_bytes must be at most {}, got {}",
+                crate::shm::MAX_GROUP_BYTES,
+                self.shm_group_bytes
+            ));
+        }
         if self.flight_records == 0 {
             return Err("flight_records must be at least 1".into());
         }
         Ok(())
     }
 
-    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_INTER_HOST`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`, `GANTRY_SEGMENT_BYTES`,
+    /// Overrides from `GANTRY_TRANSPORT`, `GANTRY_INTER_HOST`, `GANTRY_TIMEOUT_MS`, `GANTRY_SHM_RING_BYTES`,
+    /// `GANTRY_SHM_GROUP_BYTES`, `GANTRY_SEGMENT_BYTES`,
     /// `GANTRY_YIELD_US`, `GANTRY_SPIN_ITERS`, `GANTRY_SPIN_US`, `GANTRY_ADVERTISE_HOST`, `GANTRY_FLIGHT_DIR`, looked up
     /// through `get` (the binary passes `|k| std::env::var(k).ok()`); empty values are ignored.
     pub fn with_lookup(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
@@ -239,6 +252,9 @@ impl FabricConfig {
         }
         if let Some(b) = var("GANTRY_SHM_RING_BYTES") {
             self.shm_ring_bytes = number("GANTRY_SHM_RING_BYTES", b)?;
+        }
+        if let Some(b) = var("GANTRY_SHM_GROUP_BYTES") {
+            self.shm_group_bytes = number("GANTRY_SHM_GROUP_BYTES", b)?;
         }
         if let Some(b) = var("GANTRY_SEGMENT_BYTES") {
             self.segment_bytes = number("GANTRY_SEGMENT_BYTES", b)?;
@@ -648,6 +664,22 @@ impl FabricInner {
 }
 
 impl LinkConnector for FabricConnector {
+    fn connect_group(&mut self, deadline: Instant) -> Result<Option<GroupSegment>, LinkError> {
+        let f = &self.fabric;
+        let shm = f.config.transport.wire(f.config.inter_host, true) == Some(Wire::Shm);
+        if f.local.is_some() || !shm || f.config.shm_group_bytes == 0 || self.members.len() < 2 {
+            return Ok(None);
+        }
+        for &peer in self.members.iter().filter(|&&m| m != f.rank) {
+            if f.peer_info(peer, deadline)?.host != f.host {
+                return Ok(None);
+            }
+        }
+        let me = self.members.iter().position(|&m| m == f.rank).expect("a member");
+        let (dir, ranks) = (&f.config.shm_dir, self.members.len());
+        GroupSegment::open(dir, &f.session, &self.key, me, ranks, f.config.shm_group_bytes).map(Some)
+    }
+
     fn connect(&mut self, peer_index: usize, deadline: Instant) -> Result<Box<dyn Link>, LinkError> {
         let f = &self.fabric;
         let (me, peer) = (f.rank, self.members[peer_index]);

@@ -64,10 +64,11 @@ pub enum AlgoName {
     Chain = 5,
     Pairwise = 6,
     P2p = 7,
+    SharedSegment = 8,
 }
 
 impl AlgoName {
-    const ALL: [AlgoName; 7] = [
+    const ALL: [AlgoName; 8] = [
         AlgoName::Dissemination,
         AlgoName::RecursiveDoubling,
         AlgoName::Ring,
@@ -75,6 +76,7 @@ impl AlgoName {
         AlgoName::Chain,
         AlgoName::Pairwise,
         AlgoName::P2p,
+        AlgoName::SharedSegment,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -86,6 +88,7 @@ impl AlgoName {
             AlgoName::Chain => "chain",
             AlgoName::Pairwise => "pairwise",
             AlgoName::P2p => "p2p",
+            AlgoName::SharedSegment => "shared_segment",
         }
     }
 

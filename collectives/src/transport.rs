@@ -12,10 +12,14 @@ use crate::error::LinkError;
 use crate::header::{HEADER_LEN, Header, OpDesc};
 use crate::link::{Interest, Link, LinkKind};
 use crate::reduce::reduce_bytes;
+use crate::shm::GroupSegment;
+use idle::{Idle, MAX_SLEEP, Waiter};
+use shared::GroupState;
 use std::time::{Duration, Instant};
 pub use wait::{OWN_CORE_SPIN, WaitPolicy};
-use wait::{Rung, SpinBudget, YieldGuard};
 
+mod idle;
+mod shared;
 mod wait;
 
 /// Deadline and identity of the operation an exchange belongs to (for errors).
@@ -110,6 +114,9 @@ pub enum ExchangeErrorKind {
     Connect(LinkError),
 }
 
+/// What [`Transport::post_shared`] hands each member's post to: `(buf, rank, post)`.
+pub type Combine<'a> = dyn FnMut(&mut [u8], usize, &[u8]) + 'a;
+
 /// The primitive the algorithms use. `rank`/`size` are positions within the group.
 pub trait Transport: Send {
     fn rank(&self) -> usize;
@@ -125,12 +132,43 @@ pub trait Transport: Send {
     fn abort(&mut self, culprit: Option<usize>, reason: &str);
     /// The kind of link used to reach `peer`, if connected (for reports).
     fn link_kind(&self, peer: usize) -> Option<LinkKind>;
+    /// This rank enters the collective `ctx`: tell the peers that can see it (the group
+    /// segment's announcement), so that ranks stuck in different collectives find out. The
+    /// first call maps the group segment, if the group has one.
+    fn begin(&mut self, _ctx: &OpCtx) -> Result<(), ExchangeError> {
+        Ok(())
+    }
+    /// The most bytes one [`post_shared`](Transport::post_shared) takes: the slot size of the
+    /// group's shared segment, 0 when it has none (members on several hosts, or not over
+    /// shared memory). Every member gets the same answer. The first call maps the segment.
+    fn shared_slot_bytes(&mut self, _deadline: Instant) -> Result<usize, ExchangeError> {
+        Ok(0)
+    }
+    /// Post `buf` (at most [`shared_slot_bytes`](Transport::shared_slot_bytes)) into the
+    /// group's shared segment, wait until every member has posted, then hand each member's
+    /// post to `combine(buf, rank, post)` in rank order (this rank's own included).
+    fn post_shared(&mut self, ctx: &OpCtx, buf: &mut [u8], _combine: &mut Combine<'_>) -> Result<(), ExchangeError> {
+        Err(ExchangeError {
+            peer: self.rank(),
+            kind: ExchangeErrorKind::Protocol(format!(
+                "{} seq {}: this transport has no shared segment for {} bytes",
+                ctx.desc.kind,
+                ctx.seq,
+                buf.len()
+            )),
+        })
+    }
 }
 
 /// Makes the link to a peer the first time an exchange needs it. Both sides of a pair reach
 /// for the link at the same point of the same collective, so lazy connection is symmetric.
 pub trait LinkConnector: Send {
     fn connect(&mut self, peer: usize, deadline: Instant) -> Result<Box<dyn Link>, LinkError>;
+    /// Map the group segment every member shares, if they are all on this host and talk over
+    /// shared memory; `None` otherwise (the same answer on every member). Called once.
+    fn connect_group(&mut self, _deadline: Instant) -> Result<Option<GroupSegment>, LinkError> {
+        Ok(None)
+    }
 }
 
 /// Payloads are padded to a multiple of this in the stream, so every header and payload
@@ -149,13 +187,6 @@ fn pad_len(len: usize) -> usize {
 /// memory (shared memory, TCP's read buffer; the default implementation would stage every read
 /// through a 64 KiB stack buffer).
 const COALESCE_BYTES: usize = 16 * 1024;
-/// The spin rung reads the clock (for the ladder and the deadline) once per this many spins:
-/// a clock read costs about as much as a spin (22 ns against a 25 ns `pause` on the project's
-/// VM), so reading it every time doubled the spin period and with it the time from the peer's
-/// publish to our noticing it. 16 spins are well under a microsecond.
-const SPINS_PER_CLOCK: u32 = 16;
-const LIVENESS_EVERY: Duration = Duration::from_millis(20);
-const MAX_SLEEP: Duration = Duration::from_millis(10);
 
 pub struct MeshTransport {
     rank: usize,
@@ -163,9 +194,8 @@ pub struct MeshTransport {
     links: Vec<Option<Box<dyn Link>>>,
     connector: Box<dyn LinkConnector>,
     coalesce: Vec<u8>,
-    wait: WaitPolicy,
-    yields: YieldGuard,
-    spin: SpinBudget,
+    waiter: Waiter,
+    group: GroupState,
 }
 
 impl MeshTransport {
@@ -176,9 +206,8 @@ impl MeshTransport {
             links: (0..size).map(|_| None).collect(),
             connector,
             coalesce: Vec::new(),
-            wait,
-            yields: YieldGuard::default(),
-            spin: SpinBudget::new(wait.spin_for),
+            waiter: Waiter::new(wait),
+            group: GroupState::Unknown,
         }
     }
 
@@ -395,6 +424,23 @@ impl Transport for MeshTransport {
         for link in self.links.iter_mut().flatten() {
             link.abort(culprit, reason);
         }
+        if let GroupState::Mapped(segment) = &self.group {
+            segment.abort(culprit, reason);
+        }
+    }
+
+    fn begin(&mut self, ctx: &OpCtx) -> Result<(), ExchangeError> {
+        self.group_slot_bytes(ctx.deadline)?;
+        self.announce(ctx);
+        Ok(())
+    }
+
+    fn shared_slot_bytes(&mut self, deadline: Instant) -> Result<usize, ExchangeError> {
+        self.group_slot_bytes(deadline)
+    }
+
+    fn post_shared(&mut self, ctx: &OpCtx, buf: &mut [u8], combine: &mut Combine<'_>) -> Result<(), ExchangeError> {
+        self.post_to_group(ctx, buf, combine)
     }
 
     fn exchange(
@@ -450,16 +496,10 @@ impl MeshTransport {
                 return Ok(());
             }
             if progressed {
-                if idle.since.is_some() {
-                    self.spin.after_wait(!idle.climbed);
-                }
-                idle.reset();
+                self.waiter.progressed(&mut idle);
                 continue;
             }
-            if idle.unclocked > 0 {
-                idle.unclocked -= 1;
-                idle.spins += 1;
-                std::hint::spin_loop();
+            if idle.spin_unclocked() {
                 continue;
             }
             let now = Instant::now();
@@ -469,41 +509,6 @@ impl MeshTransport {
             let (tx_peer, rx_peer) = (tx_pending.map(|t| t.peer), rx_pending.map(|r| r.peer));
             self.back_off(ctx, now, &mut idle, tx_peer, rx_peer)?;
         }
-    }
-}
-
-/// How long an exchange has gone without progress, which picks the rung of the
-/// [`WaitPolicy`] ladder, and when the peers' liveness was last checked.
-struct Idle {
-    since: Option<Instant>,
-    spins: u32,
-    /// Spins left before the clock is read again (see [`SPINS_PER_CLOCK`]).
-    unclocked: u32,
-    /// Went past the spin rung.
-    climbed: bool,
-    /// Set on the first wait: an exchange that never waits reads no clock for it (one clock
-    /// read is a noticeable part of a 1 µs exchange).
-    last_liveness: Option<Instant>,
-}
-
-impl Idle {
-    fn new() -> Idle {
-        Idle {
-            since: None,
-            spins: 0,
-            unclocked: 0,
-            climbed: false,
-            last_liveness: None,
-        }
-    }
-
-    /// Progress restarts the ladder; the liveness clock keeps running, so a peer that
-    /// trickles bytes is still checked every [`LIVENESS_EVERY`].
-    fn reset(&mut self) {
-        self.since = None;
-        self.spins = 0;
-        self.unclocked = 0;
-        self.climbed = false;
     }
 }
 
@@ -519,28 +524,14 @@ impl MeshTransport {
         tx_peer: Option<usize>,
         rx_peer: Option<usize>,
     ) -> Result<(), ExchangeError> {
-        let idle_start = *idle.since.get_or_insert(now);
-        let policy = self.wait;
-        let spin_for = self.spin.now;
-        let rung = policy.rung(spin_for, now.duration_since(idle_start), idle.spins);
-        idle.climbed |= rung != Rung::Spin;
-        match rung {
-            Rung::Spin => {
-                idle.spins += 1;
-                idle.unclocked = SPINS_PER_CLOCK - 1;
-                std::hint::spin_loop();
-                return Ok(());
-            }
-            Rung::Yield if self.yields.allows(now) => {
-                std::thread::yield_now();
-                self.yields.record(now, Instant::now());
-                return Ok(());
-            }
-            Rung::Yield | Rung::Sleep => {}
+        if !self.waiter.climb(now, idle) {
+            return Ok(());
         }
-        if now.duration_since(*idle.last_liveness.get_or_insert(idle_start)) >= LIVENESS_EVERY {
-            idle.last_liveness = Some(now);
+        if idle.liveness_due(now) {
             self.check_alive(tx_peer, rx_peer)?;
+            for peer in [tx_peer, rx_peer].into_iter().flatten() {
+                self.check_announced(ctx, peer)?;
+            }
         }
         let sleep = (ctx.deadline - now).min(MAX_SLEEP);
         self.wait_for(tx_peer, rx_peer, sleep);

@@ -169,12 +169,12 @@ fn wait_for_line(lines: &mpsc::Receiver<(usize, String)>, rank: usize, prefix: &
     }
 }
 
-fn kill_mid_operation(transport: &str) {
+fn kill_mid_operation(transport: &str, bytes: usize) {
     let victim = 2;
     let timeout_ms = 20_000u64;
-    let flight = temp_dir(&format!("kill-{transport}"));
+    let flight = temp_dir(&format!("kill-{transport}-{bytes}"));
     let mut world = spawn(
-        &["loop", "1000000", &(8 << 20).to_string()],
+        &["loop", "1000000", &bytes.to_string()],
         4,
         &[
             ("GANTRY_TRANSPORT", transport.into()),
@@ -184,7 +184,7 @@ fn kill_mid_operation(transport: &str) {
     );
     let lines = collect_lines(&mut world);
     wait_for_line(&lines, 0, "iter 3", Duration::from_secs(60));
-    // Mid-operation: the ranks are continuously inside 8 MiB all_reduces.
+    // Mid-operation: the ranks are continuously inside all_reduces.
     world.children[victim].kill().unwrap();
     let killed_at = Instant::now();
     let errors = wait_errors(&lines, &[0, 1, 3], Duration::from_millis(timeout_ms + 5_000));
@@ -224,17 +224,18 @@ fn kill_mid_operation(transport: &str) {
 
 #[test]
 fn killed_peer_is_named_tcp() {
-    kill_mid_operation("tcp");
+    kill_mid_operation("tcp", 8 << 20);
 }
 
 #[test]
 fn killed_peer_is_named_tls() {
-    kill_mid_operation("tls");
+    kill_mid_operation("tls", 8 << 20);
 }
 
 #[test]
 fn killed_peer_is_named_shm() {
-    kill_mid_operation("shm");
+    kill_mid_operation("shm", 8 << 20); // pipelined ring
+    kill_mid_operation("shm", 1 << 10); // the group segment
 }
 
 fn read_dump(dir: &Path, rank: usize) -> Value {
@@ -344,6 +345,7 @@ fn stalled_peer_is_named_tcp() {
 
 #[test]
 fn stalled_peer_is_named_shm() {
+    stalled_peer("shm", 1 << 10); // the group segment
     stalled_peer("shm", 64 << 10);
     stalled_peer("shm", 1 << 20);
 }
@@ -401,5 +403,9 @@ fn mismatched_calls_are_reported_tcp() {
 
 #[test]
 fn mismatched_calls_are_reported_shm() {
-    mismatch("count", "shm");
+    // 4 KiB all_reduces go through the group segment; the odd rank's call takes it too
+    // ("op") or not (a larger count or dtype, a broadcast), and is still named.
+    for kind in ["count", "dtype", "op", "kind"] {
+        mismatch(kind, "shm");
+    }
 }

@@ -9,6 +9,8 @@
 //! - [`tree`]: binomial-tree broadcast and reduce for small messages, a pipelined chain
 //!   broadcast and ring-based reduce for large ones.
 //! - [`alltoall`]: pairwise exchange.
+//! - [`shared`]: small all_reduce among ranks of one host through their shared segment (one
+//!   round: every rank posts, then reduces every post in rank order).
 //!
 //! Buffers are raw bytes of a known dtype; element counts and chunk boundaries are computed
 //! identically on every rank, which is what keeps the steps of all ranks in lockstep.
@@ -16,6 +18,7 @@
 pub mod alltoall;
 pub mod doubling;
 pub mod ring;
+pub mod shared;
 pub mod tree;
 
 use crate::transport::{ExchangeError, Transport};

@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
-    /// By size: `Tree` up to `small_message_bytes`, `Ring` above.
+    /// By size: `Tree` up to `small_message_bytes` (for an all_reduce among ranks of one host
+    /// over shared memory, their shared segment up to `shm_group_bytes`), `Ring` above.
     #[default]
     Auto,
     /// Pipelined ring (all_reduce, reduce) or chain (broadcast): bandwidth-optimal.
@@ -347,6 +348,22 @@ impl Communicator {
         let tree = self.pick_tree(buf.len());
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
+        if tree && self.algorithm == Algorithm::Auto && self.broken.is_none() {
+            match self.transport.shared_slot_bytes(Instant::now() + self.timeout) {
+                Ok(slot) if slot > 0 && buf.len() <= slot => {
+                    self.run(desc, buf.len(), AlgoName::SharedSegment, |t, ctx| {
+                        algo::shared::all_reduce(t, ctx, buf, dtype, op)
+                    })?;
+                    if op == ReduceOp::Avg {
+                        finish_avg(dtype, buf, n);
+                    }
+                    return Ok(());
+                }
+                Ok(_) => {}
+                // Blamed and recorded like any failure of the operation.
+                Err(e) => return self.run(desc, buf.len(), AlgoName::SharedSegment, |_, _| Err(e)),
+            }
+        }
         if tree {
             // Out of `self` for the call (`run` borrows it whole); back afterwards, even on error.
             let mut scratch = std::mem::take(&mut self.scratch);
@@ -584,7 +601,7 @@ impl Communicator {
             algorithm,
             started,
         });
-        let result = f(&mut *self.transport, &ctx);
+        let result = self.transport.begin(&ctx).and_then(|()| f(&mut *self.transport, &ctx));
         self.conclude(&ctx, result)
     }
 

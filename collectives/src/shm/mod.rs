@@ -73,22 +73,30 @@ use std::time::{Duration, Instant};
 
 /// Default ring size per direction.
 pub const DEFAULT_RING_BYTES: usize = 256 << 10;
+/// Largest all_reduce, in bytes, that goes through a group segment by default
+/// (`FabricConfig::shm_group_bytes`).
+pub const DEFAULT_GROUP_BYTES: usize = 4 << 10;
+/// Largest slot a group segment may have: each rank reads every rank's post, so the segment
+/// pays off only while messages are small.
+pub const MAX_GROUP_BYTES: usize = 1 << 20;
 /// Smallest ring size; requested capacities are rounded up to a power of two at least this.
 pub const MIN_RING_BYTES: usize = 64 << 10;
 
 /// With both read and write interest we can only sleep on one futex; cap the sleep.
 const BOTH_SLICE: Duration = Duration::from_micros(200);
 
-// `aborted` states. The aborting side claims the slot, fills in culprit and reason, then
-// publishes which end of the ring wrote it (so a side never reports its own abort to itself).
-const ABORT_CLAIMED: u32 = 1;
+// `aborted` states (0: none, 1: being posted, see `file::AbortNote`): which end of the ring
+// wrote it, so a side never reports its own abort to itself.
 const ABORT_BY_WRITER: u32 = 2;
 const ABORT_BY_READER: u32 = 3;
 // `closed` bits, set when a side drops its link.
 const CLOSED_WRITER: u32 = 1;
 const CLOSED_READER: u32 = 2;
 
+mod file;
+mod group;
 mod ring;
+pub use group::{GroupSegment, group_file_name};
 use ring::{Lane, Ring, SMALL_FRAME_MAX};
 
 /// 64-bit FNV-1a: stable across processes and builds, unlike std's `RandomState`.
@@ -103,8 +111,8 @@ pub fn ring_file_name(session: &str, comm_key: &str, from: usize, to: usize) -> 
     format!("gantry-{session}-{:016x}-{from}-{to}", fnv1a(comm_key))
 }
 
-/// Remove the ring files of `session` left in `dir` by links whose peer never attached (for
-/// example because it crashed). Call when the job is over; returns how many were removed.
+/// Remove the ring files and group segments of `session` left in `dir` by links and groups
+/// whose peers never attached (for example because one crashed). Call when the job is over; returns how many were removed.
 pub fn remove_session_files(dir: &Path, session: &str) -> io::Result<usize> {
     let prefix = format!("gantry-{session}-");
     let mut removed = 0;
@@ -113,19 +121,18 @@ pub fn remove_session_files(dir: &Path, session: &str) -> io::Result<usize> {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
             continue;
         };
-        // `{key_hash:016x}-{from}-{to}`, so that session "a" leaves session "a-b" alone.
+        // `{key_hash:016x}-{from}-{to}` (a ring) or `{key_hash:016x}-group` (a group segment),
+        // so that session "a" leaves session "a-b" alone.
         let parts: Vec<&str> = rest.split('-').collect();
         let digits = |p: &str, hex: bool| {
             !p.is_empty()
                 && p.bytes()
                     .all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
         };
-        if parts.len() == 3
-            && parts[0].len() == 16
-            && digits(parts[0], true)
-            && digits(parts[1], false)
-            && digits(parts[2], false)
-        {
+        let key = parts[0].len() == 16 && digits(parts[0], true);
+        let ring = parts.len() == 3 && digits(parts[1], false) && digits(parts[2], false);
+        let group = parts.len() == 2 && parts[1] == "group";
+        if key && (ring || group) {
             match fs::remove_file(dir.join(&name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => removed += 1,

@@ -2,22 +2,16 @@
 //! rings after it, the stream lane (the link's capacity) and the small lane. See the parent
 //! module for the layout and the protocol; this file maps, claims and names the parts.
 
-use super::{ABORT_CLAIMED, futex_wake, io_err};
+use super::file::{AbortNote, REASON_BYTES, SharedFile};
+use super::futex_wake;
 use crate::error::LinkError;
-use memmap2::MmapMut;
-use std::fs::{self, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64, fence};
 
 const HEADER_BYTES: usize = 4096;
 /// Magic and layout version in one word.
 const MAGIC: u64 = u64::from_le_bytes(*b"GNTSHM03");
-const REASON_BYTES: usize = 256;
 
 /// Bytes of the small lane. Small enough that its lines stay in both cores' first-level caches
 /// between messages: a 1 KiB all_reduce over 2 ranks took 0.45-0.47 us through a 4-8 KiB ring
@@ -122,56 +116,17 @@ const _: () = assert!(std::mem::offset_of!(Header, small_read_pos) == 1024);
 
 /// One mapped ring file.
 pub(super) struct Ring {
-    path: PathBuf,
-    /// (device, inode) of the file, so we never unlink a newer file with the same name.
-    id: (u64, u64),
-    base: NonNull<u8>,
+    file: SharedFile,
     pub(super) cap: usize,
-    _map: MmapMut,
 }
-
-// SAFETY: `base` points into `_map`, which this struct owns and which stays mapped until drop;
-// a mapping is not tied to a thread, and shared state is only touched through atomics or raw
-// copies of the ranges the ring protocol gives to this side.
-unsafe impl Send for Ring {}
 
 impl Ring {
     fn open(path: PathBuf, cap: usize) -> Result<Ring, LinkError> {
-        let total = HEADER_BYTES + cap + SMALL_LANE_BYTES;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| io_err(e, "opening", &path))?;
-        // SAFETY: the fd is valid while `file` lives. posix_fallocate returns the error number.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
-        if rc != 0 {
-            return Err(io_err(io::Error::from_raw_os_error(rc), "allocating", &path));
-        }
-        let meta = file.metadata().map_err(|e| io_err(e, "stat of", &path))?;
-        let (len, id) = (meta.len(), (meta.dev(), meta.ino()));
-        if len != total as u64 {
-            let msg = format!("{} has {len} bytes, expected {total}", path.display());
-            return Err(LinkError::Protocol(msg));
-        }
-        // SAFETY: mapping is unsafe because others may modify or truncate the file. Modification
-        // is the point (all shared access goes through atomics or protocol-owned ranges); the
-        // file has its full size, and only the peer, which never truncates, has it open.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err(e, "mapping", &path))?;
-        let base = NonNull::new(map.as_mut_ptr()).expect("mmap returned null");
-        let ring = Ring {
-            path,
-            id,
-            base,
-            cap,
-            _map: map,
-        };
+        let file = SharedFile::open(path, HEADER_BYTES + cap + SMALL_LANE_BYTES)?;
+        let ring = Ring { file, cap };
         let m = &ring.hdr().meta;
-        ring.claim(&m.magic, MAGIC, "magic")?;
-        ring.claim(&m.capacity, cap as u64, "capacity")?;
+        ring.file.claim(&m.magic, MAGIC, "magic")?;
+        ring.file.claim(&m.capacity, cap as u64, "capacity")?;
         Ok(ring)
     }
 
@@ -194,31 +149,13 @@ impl Ring {
 
     /// Remove our file from the directory, if it is still there (the peer may have been first).
     pub(super) fn unlink(&self) {
-        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if ours
-            && let Err(e) = fs::remove_file(&self.path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!("could not unlink {}: {e}", self.path.display());
-        }
-    }
-
-    /// Set a zero (fresh) header word to `want`, or check that it already holds `want`.
-    fn claim(&self, field: &AtomicU64, want: u64, what: &str) -> Result<(), LinkError> {
-        match field.compare_exchange(0, want, AcqRel, Acquire) {
-            Ok(_) => Ok(()),
-            Err(have) if have == want => Ok(()),
-            Err(have) => Err(LinkError::Protocol(format!(
-                "{}: {what} is {have:#x}, expected {want:#x}",
-                self.path.display()
-            ))),
-        }
+        self.file.unlink();
     }
 
     pub(super) fn hdr(&self) -> &Header {
         // SAFETY: the mapping is page-aligned, at least HEADER_BYTES long and outlives `&self`;
         // Header holds only atomics, which are valid for any bit pattern and shared mutation.
-        unsafe { &*(self.base.as_ptr() as *const Header) }
+        unsafe { &*(self.file.base() as *const Header) }
     }
 
     /// Bytes of `lane`'s data region.
@@ -237,7 +174,7 @@ impl Ring {
             Lane::Small => HEADER_BYTES + self.cap,
         };
         // SAFETY: the mapping is HEADER_BYTES + cap + SMALL_LANE_BYTES long.
-        unsafe { self.base.as_ptr().add(off) }
+        unsafe { self.file.base().add(off) }
     }
 
     /// `lane`'s write position (the producer's).
@@ -260,40 +197,25 @@ impl Ring {
         self.hdr().meta.closed.load(Acquire) & bit != 0
     }
 
+    fn abort_note(&self) -> AbortNote<'_> {
+        let h = self.hdr();
+        AbortNote {
+            state: &h.meta.aborted,
+            reason_len: &h.meta.reason_len,
+            culprit: &h.meta.culprit,
+            reason: &h.reason,
+        }
+    }
+
     /// The abort posted on this ring by the side tagged `by`, if any.
     pub(super) fn abort_by(&self, by: u32) -> Option<LinkError> {
-        let h = self.hdr();
-        if h.meta.aborted.load(Acquire) != by {
-            return None;
-        }
-        let len = (h.meta.reason_len.load(Relaxed) as usize).min(REASON_BYTES);
-        let reason: Vec<u8> = h.reason[..len].iter().map(|b| b.load(Relaxed)).collect();
-        Some(LinkError::Aborted {
-            culprit: usize::try_from(h.meta.culprit.load(Relaxed)).ok(),
-            reason: String::from_utf8_lossy(&reason).into_owned(),
-        })
+        let note = self.abort_note();
+        (note.state.load(Acquire) == by).then(|| note.read())
     }
 
     /// Post an abort unless one is already posted (the first one wins), and wake the peer.
     pub(super) fn post_abort(&self, by: u32, culprit: Option<usize>, reason: &str) {
-        let h = self.hdr();
-        if h.meta
-            .aborted
-            .compare_exchange(0, ABORT_CLAIMED, Acquire, Relaxed)
-            .is_ok()
-        {
-            let mut len = reason.len().min(REASON_BYTES);
-            while !reason.is_char_boundary(len) {
-                len -= 1;
-            }
-            for (slot, &b) in h.reason.iter().zip(&reason.as_bytes()[..len]) {
-                slot.store(b, Relaxed);
-            }
-            h.meta.reason_len.store(len as u32, Relaxed);
-            let culprit = culprit.and_then(|c| i64::try_from(c).ok()).unwrap_or(-1);
-            h.meta.culprit.store(culprit, Relaxed);
-            h.meta.aborted.store(by, Release); // publishes culprit and reason
-        }
+        self.abort_note().post(by, culprit, reason);
         self.wake_all();
     }
 
@@ -314,13 +236,13 @@ impl Ring {
             n if n <= cap as u64 => Ok(n as usize),
             _ => Err(LinkError::Protocol(format!(
                 "{}: {} lane corrupted (write_pos {wp}, read_pos {rp}, capacity {cap})",
-                self.path.display(),
+                self.path().display(),
                 lane.name()
             ))),
         }
     }
 
     pub(super) fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }

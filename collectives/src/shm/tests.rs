@@ -15,11 +15,11 @@ const WRITE: Interest = Interest {
 };
 
 /// A unique scratch directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
     /// Under `/dev/shm` (tmpfs, as in production) if `shm` and it exists, else under TMPDIR.
-    fn new(shm: bool) -> TempDir {
+    pub(crate) fn new(shm: bool) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Relaxed);
         let dev_shm = Path::new("/dev/shm");
@@ -35,7 +35,7 @@ impl TempDir {
         TempDir(dir)
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         fs::read_dir(&self.0).unwrap().next().is_none()
     }
 }
