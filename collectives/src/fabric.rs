@@ -667,7 +667,9 @@ impl LinkConnector for FabricConnector {
     fn connect_group(&mut self, deadline: Instant) -> Result<Option<GroupSegment>, LinkError> {
         let f = &self.fabric;
         let shm = f.config.transport.wire(f.config.inter_host, true) == Some(Wire::Shm);
-        if f.local.is_some() || !shm || f.config.shm_group_bytes == 0 || self.members.len() < 2 {
+        // Two ranks exchange in one round over their link anyway, and a little faster
+        // (1 KiB all_reduce 0.49 against 0.53 µs): the segment saves rounds from three on.
+        if f.local.is_some() || !shm || f.config.shm_group_bytes == 0 || self.members.len() < 3 {
             return Ok(None);
         }
         for &peer in self.members.iter().filter(|&&m| m != f.rank) {

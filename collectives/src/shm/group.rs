@@ -8,7 +8,7 @@
 //! offset 0      meta: magic+version, ranks, slot bytes                        (its own line)
 //!   +128        wake: `arrivals` (futex word), `sleepers`                     (its own line)
 //!   +256        abort note: state, reason length, culprit, reason (256 bytes)
-//!   +640        one control line per rank (128 bytes): pid, closed, posted generation,
+//!   +640        two control lines per rank (256 bytes): pid, closed, posted generation;
 //!               the announced collective (sequence number, header)
 //! page-aligned  slots, 2 × ranks of them (generation parity major, rank minor), each a
 //!               128-byte slot header (the transport header of the post) then `slot bytes`
@@ -81,21 +81,30 @@ struct Header {
     abort: Abort,
 }
 
-/// One rank's line: written only by that rank.
+/// One rank's lines: written only by that rank.
 #[repr(C, align(128))]
 struct Control {
     pid: AtomicI32,
     closed: AtomicU32,
     posted: AtomicU64,
-    /// The collective the rank is in (its sequence number; 0 while `op` is being written) and
-    /// its encoded header: a seqlock, read by peers that wait on this rank too long.
+    announced: Announcement,
+}
+
+/// The collective a rank is in (its sequence number; 0 while `op` is being written) and its
+/// encoded header: a seqlock, read only by peers that have waited on this rank for long. On
+/// a line of its own: written every collective, it would otherwise take `posted`'s line away
+/// from the peers polling it.
+#[repr(C, align(128))]
+struct Announcement {
     op_seq: AtomicU64,
     op: [AtomicU8; HEADER_LEN],
 }
 
 const CONTROL_OFFSET: usize = size_of::<Header>();
+/// Bytes of one rank's control lines.
+const CONTROL: usize = 2 * LINE;
 const _: () = assert!(CONTROL_OFFSET == 640);
-const _: () = assert!(size_of::<Control>() == LINE);
+const _: () = assert!(size_of::<Control>() == CONTROL);
 const _: () = assert!(HEADER_LEN <= SLOT_HEADER);
 
 /// Name of the group segment file of communicator `comm_key`.
@@ -134,7 +143,7 @@ impl GroupSegment {
         }
         let layout = || -> Option<(usize, usize, usize)> {
             let slot = slot_bytes.checked_next_multiple_of(LINE)?;
-            let data = (CONTROL_OFFSET.checked_add(ranks.checked_mul(LINE)?)?).checked_next_multiple_of(PAGE)?;
+            let data = (CONTROL_OFFSET.checked_add(ranks.checked_mul(CONTROL)?)?).checked_next_multiple_of(PAGE)?;
             let slots = ranks.checked_mul(2)?.checked_mul(slot.checked_add(SLOT_HEADER)?)?;
             Some((slot, data, data.checked_add(slots)?.checked_add(PAGE)?))
         };
@@ -186,7 +195,7 @@ impl GroupSegment {
     fn control(&self, rank: usize) -> &Control {
         assert!(rank < self.ranks);
         // SAFETY: as `header`; control lines lie between the header and `data_offset`.
-        unsafe { &*(self.file.base().add(CONTROL_OFFSET + rank * LINE) as *const Control) }
+        unsafe { &*(self.file.base().add(CONTROL_OFFSET + rank * CONTROL) as *const Control) }
     }
 
     /// Start of slot `[generation % 2][rank]`: its header, then its data.
@@ -296,7 +305,7 @@ impl GroupSegment {
 
     /// Announce that this rank entered collective `seq`, described by `header`.
     pub fn announce(&self, seq: u64, header: &[u8; HEADER_LEN]) {
-        let c = self.control(self.me);
+        let c = &self.control(self.me).announced;
         c.op_seq.store(0, Relaxed);
         fence(Release);
         for (slot, &b) in c.op.iter().zip(header) {
@@ -307,7 +316,7 @@ impl GroupSegment {
 
     /// The collective `rank` last announced, unless it is announcing one right now.
     pub fn announced(&self, rank: usize) -> Option<(u64, [u8; HEADER_LEN])> {
-        let c = self.control(rank);
+        let c = &self.control(rank).announced;
         let seq = c.op_seq.load(Acquire);
         let mut header = [0u8; HEADER_LEN];
         for (b, slot) in header.iter_mut().zip(&c.op) {
