@@ -527,14 +527,19 @@ mod tests {
             signal: libc::SIGTERM,
             grace: Duration::from_secs(5),
         };
-        let outcome = LocalRanks::spawn(commands, None)
-            .unwrap()
-            .supervise(policy, Some(Duration::from_secs(60)), || {});
+        let outcome =
+            LocalRanks::spawn(commands, None)
+                .unwrap()
+                .supervise(policy, Some(Duration::from_secs(60)), || {});
         assert!(outcome.unsuccessful().is_empty());
         for r in 0..ranks {
             let text = std::fs::read_to_string(dir.join(format!("rank{r}"))).unwrap();
             let want = cpus[r % cpus.len()];
-            assert_eq!(text.split_whitespace().last(), Some(want.to_string().as_str()), "rank {r}: {text}");
+            assert_eq!(
+                text.split_whitespace().last(),
+                Some(want.to_string().as_str()),
+                "rank {r}: {text}"
+            );
         }
         let _ = std::fs::remove_dir_all(dir);
     }
