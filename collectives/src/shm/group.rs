@@ -97,7 +97,8 @@ struct Control {
 #[repr(C, align(128))]
 struct Announcement {
     op_seq: AtomicU64,
-    op: [AtomicU8; HEADER_LEN],
+    /// The header's bytes, eight to a word (little-endian).
+    op: [AtomicU64; HEADER_LEN / 8],
 }
 
 const CONTROL_OFFSET: usize = size_of::<Header>();
@@ -105,7 +106,7 @@ const CONTROL_OFFSET: usize = size_of::<Header>();
 const CONTROL: usize = 2 * LINE;
 const _: () = assert!(CONTROL_OFFSET == 640);
 const _: () = assert!(size_of::<Control>() == CONTROL);
-const _: () = assert!(HEADER_LEN <= SLOT_HEADER);
+const _: () = assert!(HEADER_LEN <= SLOT_HEADER && HEADER_LEN.is_multiple_of(8));
 
 /// Name of the group segment file of communicator `comm_key`.
 pub fn group_file_name(session: &str, comm_key: &str) -> String {
@@ -308,8 +309,8 @@ impl GroupSegment {
         let c = &self.control(self.me).announced;
         c.op_seq.store(0, Relaxed);
         fence(Release);
-        for (slot, &b) in c.op.iter().zip(header) {
-            slot.store(b, Relaxed);
+        for (word, bytes) in c.op.iter().zip(header.chunks_exact(8)) {
+            word.store(u64::from_le_bytes(bytes.try_into().expect("8 bytes")), Relaxed);
         }
         c.op_seq.store(seq, Release);
     }
@@ -319,8 +320,8 @@ impl GroupSegment {
         let c = &self.control(rank).announced;
         let seq = c.op_seq.load(Acquire);
         let mut header = [0u8; HEADER_LEN];
-        for (b, slot) in header.iter_mut().zip(&c.op) {
-            *b = slot.load(Relaxed);
+        for (bytes, word) in header.chunks_exact_mut(8).zip(&c.op) {
+            bytes.copy_from_slice(&word.load(Relaxed).to_le_bytes());
         }
         fence(Acquire);
         (seq != 0 && c.op_seq.load(Relaxed) == seq).then_some((seq, header))
