@@ -140,8 +140,9 @@ pub trait Transport: Send {
     }
     /// The most bytes one [`post_shared`](Transport::post_shared) takes: the slot size of the
     /// group's shared segment, 0 when it has none (members on several hosts, or not over
-    /// shared memory). Every member gets the same answer. The first call maps the segment.
-    fn shared_slot_bytes(&mut self, _deadline: Instant) -> Result<usize, ExchangeError> {
+    /// shared memory). Every member gets the same answer. The first call maps the segment,
+    /// within `timeout` (later calls read no clock: they are on every small all_reduce's path).
+    fn shared_slot_bytes(&mut self, _timeout: Duration) -> Result<usize, ExchangeError> {
         Ok(0)
     }
     /// Post `buf` (at most [`shared_slot_bytes`](Transport::shared_slot_bytes)) into the
@@ -430,13 +431,13 @@ impl Transport for MeshTransport {
     }
 
     fn begin(&mut self, ctx: &OpCtx) -> Result<(), ExchangeError> {
-        self.group_slot_bytes(ctx.deadline)?;
+        self.group_slot_bytes(|| ctx.deadline)?;
         self.announce(ctx);
         Ok(())
     }
 
-    fn shared_slot_bytes(&mut self, deadline: Instant) -> Result<usize, ExchangeError> {
-        self.group_slot_bytes(deadline)
+    fn shared_slot_bytes(&mut self, timeout: Duration) -> Result<usize, ExchangeError> {
+        self.group_slot_bytes(|| Instant::now() + timeout)
     }
 
     fn post_shared(&mut self, ctx: &OpCtx, buf: &mut [u8], combine: &mut Combine<'_>) -> Result<(), ExchangeError> {

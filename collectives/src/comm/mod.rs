@@ -349,7 +349,7 @@ impl Communicator {
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
         if tree && self.algorithm == Algorithm::Auto && self.broken.is_none() {
-            match self.transport.shared_slot_bytes(Instant::now() + self.timeout) {
+            match self.transport.shared_slot_bytes(self.timeout) {
                 Ok(slot) if slot > 0 && buf.len() <= slot => {
                     self.run(desc, buf.len(), AlgoName::SharedSegment, |t, ctx| {
                         algo::shared::all_reduce(t, ctx, buf, dtype, op)

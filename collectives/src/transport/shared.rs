@@ -18,10 +18,11 @@ pub(super) enum GroupState {
 }
 
 impl MeshTransport {
-    /// The segment's slot size, mapping it on the first call (0: the group has none).
-    pub(super) fn group_slot_bytes(&mut self, deadline: Instant) -> Result<usize, ExchangeError> {
+    /// The segment's slot size, mapping it on the first call, by `deadline()` (0: the group
+    /// has none).
+    pub(super) fn group_slot_bytes(&mut self, deadline: impl FnOnce() -> Instant) -> Result<usize, ExchangeError> {
         if let GroupState::Unknown = self.group {
-            self.group = match self.connector.connect_group(deadline) {
+            self.group = match self.connector.connect_group(deadline()) {
                 Ok(Some(segment)) => GroupState::Mapped(segment),
                 Ok(None) => GroupState::Absent,
                 // Mapping the file failed here: no peer is at fault.
