@@ -130,11 +130,12 @@ fn register(spec: &RegistrySpec, checkpoint: &str, token: Option<String>, step: 
             json!({ "step": step, "model": spec.model, "version": v["version"], "alias": spec.alias })
         }
         Err(e) => {
+            let error = crate::error_chain(&*e);
             tracing::error!(
-                model = %spec.model, step, error = %format!("{e:#}"),
+                model = %spec.model, step, error = %error,
                 "registering the checkpoint failed; `gantry models register` can register it later"
             );
-            json!({ "step": step, "model": spec.model, "error": format!("{e:#}") })
+            json!({ "step": step, "model": spec.model, "error": error })
         }
     }
 }

@@ -455,7 +455,11 @@ fn checkpoint(args: CheckpointBenchArgs) -> Result<ExitCode> {
     let measured = bench.measure();
     if !args.keep {
         if let Err(e) = bench.clean_up() {
-            eprintln!("gantry bench checkpoint: could not remove {}: {e:#}", bench.url());
+            eprintln!(
+                "gantry bench checkpoint: could not remove {}: {}",
+                bench.url(),
+                crate::error_chain(&e)
+            );
         }
     } else if !args.json {
         println!("# kept {}", bench.url());

@@ -176,26 +176,28 @@ fn main() -> ExitCode {
             // One write: local ranks share their launcher's stderr, and `eprintln!` writes each
             // formatted piece on its own, so two ranks' messages interleaved mid-line. A pipe
             // keeps a write of up to 4 KiB whole.
-            let line = format!("gantry: error: {}\n", error_chain(&e));
+            let line = format!("gantry: error: {}\n", error_chain(&*e));
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::FAILURE
         }
     }
 }
 
-/// An error and its causes, `: `-separated like anyhow's `{:#}`, but without a cause whose text
+/// An error (anyhow's or a library's own) and its causes, `: `-separated like anyhow's `{:#}`, but without a cause whose text
 /// the message so far already ends with: many of the libraries' errors name their source in
 /// their own message (`{path}: {source}`) and also hand it on as the cause, which `{:#}` printed
 /// twice (`…/manifest.json: No such file or directory (os error 2): No such file or directory
 /// (os error 2)`).
-fn error_chain(e: &anyhow::Error) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
         if !out.ends_with(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
+        cause = c.source();
     }
     out
 }
@@ -230,13 +232,13 @@ mod tests {
             path: "/d/manifest.json".into(),
             source: io(),
         });
-        assert_eq!(error_chain(&e), "/d/manifest.json: no such file");
+        assert_eq!(error_chain(&*e), "/d/manifest.json: no such file");
         // Context above it keeps every level that adds something.
         let e = e.context("opening the dataset");
-        assert_eq!(error_chain(&e), "opening the dataset: /d/manifest.json: no such file");
+        assert_eq!(error_chain(&*e), "opening the dataset: /d/manifest.json: no such file");
         // A cause the message does not end with is printed, as `{:#}` does.
         let plain = anyhow::Error::new(io()).context("reading the spec");
-        assert_eq!(error_chain(&plain), format!("{plain:#}"));
-        assert_eq!(error_chain(&plain), "reading the spec: no such file");
+        assert_eq!(error_chain(&*plain), format!("{plain:#}"));
+        assert_eq!(error_chain(&*plain), "reading the spec: no such file");
     }
 }
