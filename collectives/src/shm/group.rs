@@ -124,6 +124,9 @@ pub struct GroupSegment {
     generation: u64,
     /// Every rank has mapped the file, and it has been unlinked.
     attached: bool,
+    /// This rank recorded its pid: only then does dropping mark it closed (a file refused at
+    /// open, of another shape or stale, is left as it was).
+    joined: bool,
 }
 
 impl GroupSegment {
@@ -165,6 +168,7 @@ impl GroupSegment {
                 data_offset,
                 generation: 0,
                 attached: false,
+                joined: false,
             };
             let m = &seg.header().meta;
             seg.file.claim(&m.magic, MAGIC, "magic")?;
@@ -176,6 +180,7 @@ impl GroupSegment {
             }
             // SAFETY: getpid has no preconditions.
             seg.control(me).pid.store(unsafe { libc::getpid() }, Release);
+            seg.joined = true;
             // With every rank doing the same, the last to get here sees all pids.
             fence(SeqCst);
             seg.poll_attach();
@@ -371,8 +376,10 @@ impl GroupSegment {
 
 impl Drop for GroupSegment {
     fn drop(&mut self) {
-        self.control(self.me).closed.store(1, Release);
-        self.wake_all();
+        if self.joined {
+            self.control(self.me).closed.store(1, Release);
+            self.wake_all();
+        }
     }
 }
 
