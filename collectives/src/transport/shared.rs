@@ -98,9 +98,7 @@ impl MeshTransport {
         }
         Ok(())
     }
-}
 
-impl MeshTransport {
     /// Announce `ctx` in the group segment, if the group has one.
     pub(super) fn announce(&self, ctx: &OpCtx) {
         if let GroupState::Mapped(segment) = &self.group {
