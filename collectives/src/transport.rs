@@ -149,15 +149,7 @@ pub trait Transport: Send {
     /// group's shared segment, wait until every member has posted, then hand each member's
     /// post to `combine(buf, rank, post)` in rank order (this rank's own included).
     fn post_shared(&mut self, ctx: &OpCtx, buf: &mut [u8], _combine: &mut Combine<'_>) -> Result<(), ExchangeError> {
-        Err(ExchangeError {
-            peer: self.rank(),
-            kind: ExchangeErrorKind::Protocol(format!(
-                "{} seq {}: this transport has no shared segment for {} bytes",
-                ctx.desc.kind,
-                ctx.seq,
-                buf.len()
-            )),
-        })
+        Err(shared::no_segment(self.rank(), ctx, buf.len()))
     }
 }
 

@@ -176,13 +176,14 @@ impl LocalRanks {
             ranks: Vec::with_capacity(commands.len()),
             store,
         };
-        let cores = pinning(commands.len(), &allowed_cpus());
+        let cpus = allowed_cpus();
+        let cores = pinning(commands.len(), &cpus);
         if let Some(cores) = &cores {
             tracing::warn!(
                 "{} ranks on {} CPUs: each rank is pinned to one CPU, round robin (ranks 0.. on CPUs {:?}; \
                  GANTRY_PIN_RANKS=0 leaves them to the kernel)",
                 commands.len(),
-                cores.iter().collect::<std::collections::BTreeSet<_>>().len(),
+                cpus.len(),
                 cores
             );
         }

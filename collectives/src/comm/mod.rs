@@ -348,23 +348,20 @@ impl Communicator {
         let tree = self.pick_tree(buf.len());
         let chunking = self.chunking(count as usize, dtype);
         let n = self.size();
-        if tree && self.algorithm == Algorithm::Auto && self.broken.is_none() {
+        let shared = if tree && self.algorithm == Algorithm::Auto && self.broken.is_none() {
             match self.transport.shared_slot_bytes(self.timeout) {
-                Ok(slot) if slot > 0 && buf.len() <= slot => {
-                    self.run(desc, buf.len(), AlgoName::SharedSegment, |t, ctx| {
-                        algo::shared::all_reduce(t, ctx, buf, dtype, op)
-                    })?;
-                    if op == ReduceOp::Avg {
-                        finish_avg(dtype, buf, n);
-                    }
-                    return Ok(());
-                }
-                Ok(_) => {}
+                Ok(slot) => slot > 0 && buf.len() <= slot,
                 // Blamed and recorded like any failure of the operation.
                 Err(e) => return self.run(desc, buf.len(), AlgoName::SharedSegment, |_, _| Err(e)),
             }
-        }
-        if tree {
+        } else {
+            false
+        };
+        if shared {
+            self.run(desc, buf.len(), AlgoName::SharedSegment, |t, ctx| {
+                algo::shared::all_reduce(t, ctx, buf, dtype, op)
+            })?;
+        } else if tree {
             // Out of `self` for the call (`run` borrows it whole); back afterwards, even on error.
             let mut scratch = std::mem::take(&mut self.scratch);
             let result = self.run(desc, buf.len(), AlgoName::RecursiveDoubling, |t, ctx| {

@@ -141,7 +141,8 @@ fn in_same_op(segment: &GroupSegment, ctx: &OpCtx, peer: usize) -> Result<(), Ex
     }
 }
 
-fn no_segment(rank: usize, ctx: &OpCtx, bytes: usize) -> ExchangeError {
+/// The error for a post the group has no segment slot for.
+pub(super) fn no_segment(rank: usize, ctx: &OpCtx, bytes: usize) -> ExchangeError {
     ExchangeError {
         peer: rank,
         kind: ExchangeErrorKind::Protocol(format!(
